@@ -1,0 +1,35 @@
+"""losswire's loss engine: MMDetection's losses and loss pipeline in plain PyTorch.
+
+    from losswire.server.losses import build_loss
+    loss = build_loss(dict(type='FocalLoss', gamma=2.0, alpha=0.25))(pred, target)
+
+Nothing here knows about gRPC. ``LOSSES`` is the registry, ``build_loss`` builds a module from an
+mmdet config dict, and ``LOSSES.describe(name)`` gives a loss's machine-readable description.
+Each loss family lives in its own file; the shared weight/reduction steps live in ``pipeline``.
+"""
+
+from . import balanced_l1, cross_entropy, focal, gfocal, iou, mse, smooth_l1  # noqa: F401 - registers
+from .errors import DuplicateLossError, LossConfigError, LossError, LossInputError, UnknownLossError
+from .pipeline import AVG_FACTOR_EPS, REDUCTIONS, WeightedLoss, reduce_loss, weight_reduce_loss
+from .registry import LOSSES, Registry, build_loss
+from .schema import InputSpec, LossDescription, OutputKind, ParamSpec
+
+__all__ = [
+    "AVG_FACTOR_EPS",
+    "LOSSES",
+    "REDUCTIONS",
+    "DuplicateLossError",
+    "InputSpec",
+    "LossConfigError",
+    "LossDescription",
+    "LossError",
+    "LossInputError",
+    "OutputKind",
+    "ParamSpec",
+    "Registry",
+    "UnknownLossError",
+    "WeightedLoss",
+    "build_loss",
+    "reduce_loss",
+    "weight_reduce_loss",
+]

@@ -1,0 +1,136 @@
+"""Sigmoid focal loss (RetinaNet).
+
+Focal Loss for Dense Object Detection, Lin et al. 2017, https://arxiv.org/abs/1708.02002.
+
+Shapes: ``pred`` [N, C] logits (probabilities with ``activated=True``); ``target`` either [N]
+class indices in [0, C] where C means background, or [N, C] one-hot / soft float targets;
+``weight`` [N] (per sample), [N, C], or [N * C] flattened. Output per element ([N, C]) for
+``reduction='none'``.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import checks
+from .errors import LossConfigError, LossInputError
+from .pipeline import AvgFactor, Reduction, ReductionOverride, WeightedLoss
+from .registry import LOSSES
+
+
+def _focal_term(prob: Tensor, target: Tensor, gamma: float, alpha: float) -> Tensor:
+    """``alpha_t (1 - p_t)^gamma``, differentiable in both arguments."""
+    p_wrong = (1 - prob) * target + prob * (1 - target)  # 1 - p_t
+    alpha_t = alpha * target + (1 - alpha) * (1 - target)
+    return alpha_t * p_wrong.pow(gamma)
+
+
+def sigmoid_focal_loss(logits: Tensor, target: Tensor, gamma: float, alpha: float) -> Tensor:
+    """``-alpha_t (1 - p_t)^gamma log(p_t)`` with ``p = sigmoid(logits)``; element-wise.
+
+    ``target`` is a float tensor of the logits' shape (0/1 or soft).
+    """
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return bce * _focal_term(logits.sigmoid(), target, gamma, alpha)
+
+
+def focal_loss_with_prob(prob: Tensor, target: Tensor, gamma: float, alpha: float) -> Tensor:
+    """Focal loss on probabilities (``activated=True``); ``log`` is clamped at -100 like BCE."""
+    bce = F.binary_cross_entropy(prob, target, reduction="none")
+    return bce * _focal_term(prob, target, gamma, alpha)
+
+
+def one_hot_targets(pred: Tensor, target: Tensor) -> Tensor:
+    """[N] indices in [0, C] (C = background) -> [N, C] 0/1 targets in pred's dtype."""
+    labels = checks.index_tensor("target", target)
+    checks.ndim("pred", pred, 2, "[N, C] scores when target holds class indices")
+    if labels.shape != pred.shape[:1]:
+        raise LossInputError(
+            f"target of class indices must have shape [N] = [{pred.shape[0]}] for pred "
+            f"{list(pred.shape)}, got {list(labels.shape)}",
+            field="target",
+        )
+    num_classes = pred.shape[1]
+    checks.index_range("target", labels, 0, num_classes, f"class indices, {num_classes} = background")
+    return F.one_hot(labels, num_classes + 1)[:, :num_classes].to(pred.dtype)
+
+
+def reshape_focal_weight(weight: Tensor, loss: Tensor) -> Tensor:
+    """mmdet's weight rule for focal losses: [N] -> [N, 1]; [N * C] -> [N, C]."""
+    checks.tensor("weight", weight)
+    if weight.shape == loss.shape:
+        return weight
+    if weight.dim() >= 1 and weight.shape[0] == loss.shape[0]:
+        weight = weight.reshape(-1, 1)
+    elif weight.numel() == loss.numel():
+        weight = weight.reshape(loss.shape[0], -1)
+    else:
+        raise LossInputError(
+            f"weight must have shape [N], [N, C] or [N * C] for a loss of shape {list(loss.shape)}, "
+            f"got {list(weight.shape)}",
+            field="weight",
+        )
+    checks.broadcasts_to("weight", weight, "the element-wise loss", loss)
+    return weight
+
+
+@LOSSES.register_module()
+class FocalLoss(WeightedLoss):
+    """Sigmoid focal loss: binary cross-entropy down-weighted by ``alpha_t (1 - p_t)^gamma``.
+
+    Args:
+        use_sigmoid: must be True; only the sigmoid form exists (default True).
+        gamma: focusing exponent; 0 gives alpha-balanced BCE (default 2.0).
+        alpha: weight of positives, ``1 - alpha`` for negatives (default 0.25).
+        reduction: "none", "mean" (default) or "sum".
+        loss_weight: multiplier of the reduced loss (default 1.0).
+        activated: ``pred`` already holds probabilities, not logits (default False).
+    """
+
+    differentiable = ("pred", "target")
+
+    def __init__(
+        self,
+        use_sigmoid: bool = True,
+        gamma: float = 2.0,
+        alpha: float = 0.25,
+        reduction: Reduction = "mean",
+        loss_weight: float = 1.0,
+        activated: bool = False,
+    ) -> None:
+        super().__init__(reduction, loss_weight)
+        if use_sigmoid is not True:
+            raise LossConfigError(
+                "FocalLoss.use_sigmoid must be True: only sigmoid focal loss exists", field="use_sigmoid"
+            )
+        self.use_sigmoid = use_sigmoid
+        self.gamma = gamma
+        self.alpha = alpha
+        self.activated = activated
+
+    def forward(
+        self,
+        pred: Tensor,
+        target: Tensor,
+        weight: Tensor | None = None,
+        avg_factor: AvgFactor = None,
+        reduction_override: ReductionOverride = None,
+    ) -> Tensor:
+        reduction = self.resolve_reduction(reduction_override)
+        checks.float_tensor("pred", pred)
+        checks.tensor("target", target)
+        if pred.dim() != target.dim():
+            target = one_hot_targets(pred, target)
+        else:
+            checks.same_shape("target", target, "pred", pred)
+            target = target.to(pred.dtype)
+        if self.activated:
+            if pred.numel() and not bool(((pred >= 0) & (pred <= 1)).all()):
+                raise LossInputError("pred must hold probabilities in [0, 1] when activated=True", field="pred")
+            loss = focal_loss_with_prob(pred, target, self.gamma, self.alpha)
+        else:
+            loss = sigmoid_focal_loss(pred, target, self.gamma, self.alpha)
+        if weight is not None:
+            weight = reshape_focal_weight(weight, loss)
+        return self.finish(loss, weight, reduction, avg_factor)

@@ -1,0 +1,114 @@
+"""The loss registry: names -> classes, and ``build_loss`` from mmdet-style config dicts."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
+
+from torch import nn
+
+from .errors import DuplicateLossError, LossConfigError, UnknownLossError
+from .schema import LossDescription, describe_class, validate_config
+
+ModuleClass = TypeVar("ModuleClass", bound=type)
+
+
+class Registry:
+    """Maps a loss name to its ``nn.Module`` class and its description.
+
+    Mirrors mmengine's ``Registry.register_module``: usable as ``@LOSSES.register_module()``,
+    ``@LOSSES.register_module(name='Alias')`` or ``LOSSES.register_module(module=Cls)``.
+    Registering a taken name fails unless ``force=True``.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._classes: dict[str, type] = {}
+        self._descriptions: dict[str, LossDescription] = {}
+
+    def register_module(
+        self, name: str | None = None, force: bool = False, module: type | None = None
+    ) -> Callable[[ModuleClass], ModuleClass] | type:
+        def register(cls: ModuleClass) -> ModuleClass:
+            if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+                raise TypeError(f"{self.name} registers nn.Module subclasses, got {cls!r}")
+            key = name or cls.__name__
+            if key in self._classes and not force:
+                taken = self._classes[key]
+                raise DuplicateLossError(
+                    f"{key!r} is already registered in {self.name} by "
+                    f"{taken.__module__}.{taken.__qualname__}; pass force=True to replace it",
+                    field="type",
+                )
+            # Describe at registration time: a class whose signature cannot be described fails
+            # here, at import, not later on a caller's request.
+            self._descriptions[key] = describe_class(key, cls)
+            self._classes[key] = cls
+            return cls
+
+        if module is not None:
+            return register(module)
+        return register
+
+    def get(self, name: str) -> type:
+        try:
+            return self._classes[name]
+        except KeyError:
+            raise UnknownLossError(self._unknown_message(name), field="type") from None
+
+    def describe(self, name: str) -> LossDescription:
+        self.get(name)
+        return self._descriptions[name]
+
+    def descriptions(self) -> list[LossDescription]:
+        return [self._descriptions[n] for n in sorted(self._classes)]
+
+    def names(self) -> list[str]:
+        return sorted(self._classes)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._classes
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._classes)
+
+    def _unknown_message(self, name: str) -> str:
+        close = difflib.get_close_matches(str(name), self._classes, n=3, cutoff=0.5)
+        lowered = {n.lower(): n for n in self._classes}
+        if str(name).lower() in lowered and lowered[str(name).lower()] not in close:
+            close.insert(0, lowered[str(name).lower()])
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        return f"unknown loss type {name!r}{hint} (registered: {', '.join(self.names())})"
+
+    def build(self, cfg: Mapping[str, Any]) -> nn.Module:
+        """Build a module from ``dict(type='Name', **params)``; the dict is not modified."""
+        if not isinstance(cfg, Mapping):
+            raise LossConfigError(
+                f"a loss config must be a dict with a 'type' key, got {type(cfg).__name__}", field="type"
+            )
+        if "type" not in cfg:
+            raise LossConfigError(
+                f"the loss config has no 'type' key (keys: {sorted(cfg)}); expected one of {', '.join(self.names())}",
+                field="type",
+            )
+        loss_type = cfg["type"]
+        if not isinstance(loss_type, str):
+            raise LossConfigError(
+                f"the config's 'type' must be a loss name (str), got {type(loss_type).__name__}",
+                field="type",
+            )
+        cls = self.get(loss_type)
+        params = {k: v for k, v in cfg.items() if k != "type"}
+        return cls(**validate_config(self._descriptions[loss_type], params))
+
+
+LOSSES = Registry("losses")
+
+
+def build_loss(cfg: Mapping[str, Any]) -> nn.Module:
+    """Build a registered loss from an mmdet config dict, e.g. ``dict(type='FocalLoss', gamma=2.0)``."""
+    return LOSSES.build(cfg)
