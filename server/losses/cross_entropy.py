@@ -193,7 +193,7 @@ class CrossEntropyLoss(WeightedLoss):
             )
         label = _check_softmax_labels(cls_score, label, ignore_index)
         if class_weight is not None and class_weight.numel() != cls_score.shape[1]:
-            raise LossConfigError(
+            raise LossInputError(
                 f"CrossEntropyLoss.class_weight must have one entry per class ({cls_score.shape[1]}), "
                 f"got {class_weight.numel()}",
                 field="class_weight",

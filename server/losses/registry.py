@@ -79,8 +79,9 @@ class Registry:
     def _unknown_message(self, name: str) -> str:
         close = difflib.get_close_matches(str(name), self._classes, n=3, cutoff=0.5)
         lowered = {n.lower(): n for n in self._classes}
-        if str(name).lower() in lowered and lowered[str(name).lower()] not in close:
-            close.insert(0, lowered[str(name).lower()])
+        same_but_case = lowered.get(str(name).lower())
+        if same_but_case is not None:  # the likeliest slip: put it first
+            close = [same_but_case] + [c for c in close if c != same_but_case]
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         return f"unknown loss type {name!r}{hint} (registered: {', '.join(self.names())})"
 
