@@ -88,7 +88,16 @@ def _cross_entropy(dtype: torch.dtype, seed: int) -> list[Sample]:
             "CE/softmax/class_weight", {**ce, "class_weight": [0.5, 1.0, 1.5, 2.0, 0.8]}, (logits, labels), w_sample
         ),
         Sample("CE/sigmoid/index", {**ce, "use_sigmoid": True}, (logits, sig_labels), w_sample),
-        Sample("CE/sigmoid/soft", {**ce, "use_sigmoid": True}, (logits, soft), soft + 0.2, float_target=True),
+        # mmdet rounds sigmoid-mode labels to float32 (and so do we): finite differences of 1e-6
+        # in the label drown in that rounding, so gradcheck checks pred only.
+        Sample(
+            "CE/sigmoid/soft",
+            {**ce, "use_sigmoid": True},
+            (logits, soft),
+            soft + 0.2,
+            float_target=True,
+            gradcheck_target=False,
+        ),
         Sample(
             "CE/mask",
             {**ce, "use_mask": True},

@@ -54,6 +54,12 @@ def binary_cross_entropy(logits: Tensor, targets: Tensor, pos_weight: Tensor | N
     return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=pos_weight, reduction="none")
 
 
+def float32_rounded(values: Tensor, dtype: torch.dtype) -> Tensor:
+    """MMDetection casts cross-entropy weights (and sigmoid-mode labels) to float32; round the same
+    way so float64 results agree bit for bit, but keep the loss in ``dtype``."""
+    return values.float().to(dtype)
+
+
 def _check_softmax_labels(cls_score: Tensor, label: Tensor, ignore_index: int) -> Tensor:
     if label.is_floating_point():
         checks.same_shape("label", label, "cls_score", cls_score)
@@ -199,6 +205,8 @@ class CrossEntropyLoss(WeightedLoss):
                 field="class_weight",
             )
         loss = softmax_cross_entropy(cls_score, label, class_weight, ignore_index)
+        if weight is not None:
+            weight = float32_rounded(checks.tensor("weight", weight), loss.dtype)
         avg_factor = self._averaging_count(reduction, avg_factor, label.numel() - (label == ignore_index).sum())
         return self.finish(loss, weight, reduction, avg_factor)
 
@@ -210,10 +218,11 @@ class CrossEntropyLoss(WeightedLoss):
             checks.same_shape("label", label, "cls_score", cls_score)
             valid_mask = ((label >= 0) & (label != ignore_index)).to(cls_score.dtype)
             weight = valid_mask if weight is None else apply_weight(valid_mask, weight)
-            targets = label.to(cls_score.dtype)
+            targets = float32_rounded(label, cls_score.dtype)
         if class_weight is not None:
             checks.broadcasts_to("class_weight", class_weight, "cls_score", cls_score)
         loss = binary_cross_entropy(cls_score, targets, class_weight)
+        weight = float32_rounded(weight, loss.dtype)
         avg_factor = self._averaging_count(reduction, avg_factor, valid_mask.sum())
         return self.finish(loss, weight, reduction, avg_factor)
 

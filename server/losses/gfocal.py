@@ -30,6 +30,8 @@ def quality_focal_loss(pred: Tensor, soft_target: Tensor, positive: Tensor, beta
 
     Negatives (``positive`` False, ``y_c = 0``) reduce to ``BCE(p, 0) p^beta``.
     """
+    # Negatives learn towards 0 whatever the target holds there: no gradient reaches the target.
+    soft_target = torch.where(positive, soft_target, torch.zeros_like(soft_target))
     if activated:
         prob = pred
         bce = F.binary_cross_entropy(pred, soft_target, reduction="none")
@@ -165,7 +167,7 @@ class DistributionFocalLoss(WeightedLoss):
         if target.numel() and bool(((left < 0) | (left + 1 > top)).any()):
             raise LossInputError(
                 f"target distances must lie in [0, {top}) for {top + 1} bins (pred has {top + 1} "
-                f"columns), got values in [{float(target.min())}, {float(target.max())}]",
+                f"columns), got values in [{float(target.detach().min())}, {float(target.detach().max())}]",
                 field="target",
             )
         return self.finish(distribution_focal_loss(pred, target), weight, reduction, avg_factor)
