@@ -1,1 +1,14 @@
-"""losswire's thin client: ``RemoteLoss``, a torch.nn.Module whose forward and backward cross the wire."""
+"""losswire's thin client: ``RemoteLoss``, a torch.nn.Module whose forward and backward cross the wire.
+
+It needs torch, grpcio and protobuf only; it never imports the loss engine.
+
+    from losswire.client import RemoteLoss
+    loss = RemoteLoss(dict(type='FocalLoss', gamma=2.0), target='localhost:50051')(pred, target)
+    loss.backward()
+"""
+
+from .channel import DEFAULT_TARGET, LossClient
+from .errors import RemoteLossError
+from .remote import BoundTerm, RemoteLoss, build_loss, evaluate_terms
+
+__all__ = ["DEFAULT_TARGET", "BoundTerm", "LossClient", "RemoteLoss", "RemoteLossError", "build_loss", "evaluate_terms"]

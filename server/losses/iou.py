@@ -113,6 +113,7 @@ class IoULoss(WeightedLoss):
     """
 
     output_kind = OutputKind.SAMPLE
+    sample_axis = -1  # one loss per box: the 4 coordinates are reduced
     differentiable = ("pred", "target")
 
     def __init__(
@@ -165,6 +166,7 @@ class GIoULoss(WeightedLoss):
     """
 
     output_kind = OutputKind.SAMPLE
+    sample_axis = -1  # one loss per box: the 4 coordinates are reduced
     differentiable = ("pred", "target")
 
     def __init__(self, eps: float = 1e-6, reduction: Reduction = "mean", loss_weight: float = 1.0) -> None:

@@ -126,6 +126,9 @@ class WeightedLoss(nn.Module):
     output_kind: ClassVar[OutputKind] = OutputKind.ELEMENT
     output_variants: ClassVar[dict[str, OutputKind]] = {}
     differentiable: ClassVar[tuple[str, ...]] = ("pred",)
+    # Every built-in kernel is row-separable: loss element i depends on row/element i alone.
+    separable: ClassVar[bool] = True
+    sample_axis: ClassVar[int] = 1
 
     def __init__(self, reduction: Reduction = "mean", loss_weight: float = 1.0) -> None:
         super().__init__()

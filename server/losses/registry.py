@@ -87,6 +87,17 @@ class Registry:
 
     def build(self, cfg: Mapping[str, Any]) -> nn.Module:
         """Build a module from ``dict(type='Name', **params)``; the dict is not modified."""
+        name, params = self.check_config(cfg)
+        return self._classes[name](**params)
+
+    def normalise(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """The config with every parameter present: defaults filled in, values normalised."""
+        name, params = self.check_config(cfg)
+        defaults = {spec.name: spec.default for spec in self._descriptions[name].params}
+        return {"type": name, **defaults, **params}
+
+    def check_config(self, cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Validate a config dict; return (type, normalised keyword arguments)."""
         if not isinstance(cfg, Mapping):
             raise LossConfigError(
                 f"a loss config must be a dict with a 'type' key, got {type(cfg).__name__}", field="type"
@@ -102,9 +113,9 @@ class Registry:
                 f"the config's 'type' must be a loss name (str), got {type(loss_type).__name__}",
                 field="type",
             )
-        cls = self.get(loss_type)
+        self.get(loss_type)
         params = {k: v for k, v in cfg.items() if k != "type"}
-        return cls(**validate_config(self._descriptions[loss_type], params))
+        return loss_type, validate_config(self._descriptions[loss_type], params)
 
 
 LOSSES = Registry("losses")

@@ -65,6 +65,11 @@ class LossDescription:
     output_variants: Mapping[str, OutputKind]
     # forward inputs whose gradient the loss can return (pred always; float targets where defined)
     differentiable: tuple[str, ...]
+    # each loss element depends only on its own element / row of each input, so the gradient for
+    # any upstream gradient follows from the one for all-ones (see the protocol's TermResult)
+    separable: bool = False
+    # for "sample" outputs: the input axis the loss reduces over (1 = classes, -1 = box coordinates)
+    sample_axis: int = 1
 
     def param(self, name: str) -> ParamSpec:
         for spec in self.params:
@@ -186,6 +191,8 @@ def describe_class(name: str, cls: type) -> LossDescription:
         output=OutputKind(output),
         output_variants={k: OutputKind(v) for k, v in variants.items()},
         differentiable=differentiable,
+        separable=bool(getattr(cls, "separable", False)),
+        sample_axis=int(getattr(cls, "sample_axis", 1)),
     )
 
 

@@ -1,0 +1,35 @@
+"""The client's exception: a failed call, with the server's status code, message and field."""
+
+from __future__ import annotations
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+
+class RemoteLossError(RuntimeError):
+    """A losswire call failed. ``code`` is the gRPC status code, ``details`` the server's message,
+    ``field`` the offending request field when the server named one (e.g. ``terms[0].target``)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, field: str | None = None) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+        self.field = field
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError) -> RemoteLossError:
+        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+        details = error.details() if hasattr(error, "details") else str(error)
+        field = None
+        try:
+            status = rpc_status.from_call(error)
+        except (ValueError, AttributeError):
+            status = None
+        for detail in status.details if status is not None else ():
+            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad_request = error_details_pb2.BadRequest()
+                detail.Unpack(bad_request)
+                if bad_request.field_violations:
+                    field = bad_request.field_violations[0].field
+        return cls(code, details or "", field)

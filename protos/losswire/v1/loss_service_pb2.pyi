@@ -1,0 +1,235 @@
+from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    FLOAT16: _ClassVar[DType]
+    BFLOAT16: _ClassVar[DType]
+    FLOAT32: _ClassVar[DType]
+    FLOAT64: _ClassVar[DType]
+    INT8: _ClassVar[DType]
+    INT16: _ClassVar[DType]
+    INT32: _ClassVar[DType]
+    INT64: _ClassVar[DType]
+    UINT8: _ClassVar[DType]
+    BOOL: _ClassVar[DType]
+DTYPE_UNSPECIFIED: DType
+FLOAT16: DType
+BFLOAT16: DType
+FLOAT32: DType
+FLOAT64: DType
+INT8: DType
+INT16: DType
+INT32: DType
+INT64: DType
+UINT8: DType
+BOOL: DType
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class TensorList(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[Tensor]
+    def __init__(self, items: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+
+class Value(_message.Message):
+    __slots__ = ("tensor", "tensors", "number", "integer", "text", "flag", "json")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    INTEGER_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    FLAG_FIELD_NUMBER: _ClassVar[int]
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    tensor: Tensor
+    tensors: TensorList
+    number: float
+    integer: int
+    text: str
+    flag: bool
+    json: _struct_pb2.Value
+    def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., tensors: _Optional[_Union[TensorList, _Mapping]] = ..., number: _Optional[float] = ..., integer: _Optional[int] = ..., text: _Optional[str] = ..., flag: _Optional[bool] = ..., json: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ...) -> None: ...
+
+class LossTerm(_message.Message):
+    __slots__ = ("name", "config", "pred", "target", "weight", "avg_factor", "reduction_override", "inputs", "gradients", "grad_output")
+    class InputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    PRED_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    AVG_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    REDUCTION_OVERRIDE_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    config: _struct_pb2.Struct
+    pred: Tensor
+    target: Value
+    weight: Tensor
+    avg_factor: float
+    reduction_override: str
+    inputs: _containers.MessageMap[str, Value]
+    gradients: _containers.RepeatedScalarFieldContainer[str]
+    grad_output: Tensor
+    def __init__(self, name: _Optional[str] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., pred: _Optional[_Union[Tensor, _Mapping]] = ..., target: _Optional[_Union[Value, _Mapping]] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., avg_factor: _Optional[float] = ..., reduction_override: _Optional[str] = ..., inputs: _Optional[_Mapping[str, Value]] = ..., gradients: _Optional[_Iterable[str]] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class EvaluateRequest(_message.Message):
+    __slots__ = ("terms",)
+    TERMS_FIELD_NUMBER: _ClassVar[int]
+    terms: _containers.RepeatedCompositeFieldContainer[LossTerm]
+    def __init__(self, terms: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ...) -> None: ...
+
+class Timings(_message.Message):
+    __slots__ = ("decode_ms", "compute_ms", "encode_ms")
+    DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
+    decode_ms: float
+    compute_ms: float
+    encode_ms: float
+    def __init__(self, decode_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ...) -> None: ...
+
+class TermResult(_message.Message):
+    __slots__ = ("name", "loss", "gradients", "output", "separable", "sample_axis")
+    class GradientsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    SEPARABLE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_AXIS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    loss: Tensor
+    gradients: _containers.MessageMap[str, Tensor]
+    output: str
+    separable: bool
+    sample_axis: int
+    def __init__(self, name: _Optional[str] = ..., loss: _Optional[_Union[Tensor, _Mapping]] = ..., gradients: _Optional[_Mapping[str, Tensor]] = ..., output: _Optional[str] = ..., separable: _Optional[bool] = ..., sample_axis: _Optional[int] = ...) -> None: ...
+
+class EvaluateResponse(_message.Message):
+    __slots__ = ("results", "timings", "device")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[TermResult]
+    timings: Timings
+    device: str
+    def __init__(self, results: _Optional[_Iterable[_Union[TermResult, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., device: _Optional[str] = ...) -> None: ...
+
+class ListLossesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ParamInfo(_message.Message):
+    __slots__ = ("name", "type", "default", "nullable", "choices")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    NULLABLE_FIELD_NUMBER: _ClassVar[int]
+    CHOICES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    type: str
+    default: _struct_pb2.Value
+    nullable: bool
+    choices: _containers.RepeatedCompositeFieldContainer[_struct_pb2.Value]
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., default: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., nullable: _Optional[bool] = ..., choices: _Optional[_Iterable[_Union[_struct_pb2.Value, _Mapping]]] = ...) -> None: ...
+
+class InputInfo(_message.Message):
+    __slots__ = ("name", "kind", "optional", "default", "choices")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    OPTIONAL_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    CHOICES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    optional: bool
+    default: _struct_pb2.Value
+    choices: _containers.RepeatedCompositeFieldContainer[_struct_pb2.Value]
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., optional: _Optional[bool] = ..., default: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., choices: _Optional[_Iterable[_Union[_struct_pb2.Value, _Mapping]]] = ...) -> None: ...
+
+class LossInfo(_message.Message):
+    __slots__ = ("name", "summary", "params", "inputs", "output", "output_variants", "differentiable", "separable", "sample_axis")
+    class OutputVariantsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    DIFFERENTIABLE_FIELD_NUMBER: _ClassVar[int]
+    SEPARABLE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_AXIS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    summary: str
+    params: _containers.RepeatedCompositeFieldContainer[ParamInfo]
+    inputs: _containers.RepeatedCompositeFieldContainer[InputInfo]
+    output: str
+    output_variants: _containers.ScalarMap[str, str]
+    differentiable: _containers.RepeatedScalarFieldContainer[str]
+    separable: bool
+    sample_axis: int
+    def __init__(self, name: _Optional[str] = ..., summary: _Optional[str] = ..., params: _Optional[_Iterable[_Union[ParamInfo, _Mapping]]] = ..., inputs: _Optional[_Iterable[_Union[InputInfo, _Mapping]]] = ..., output: _Optional[str] = ..., output_variants: _Optional[_Mapping[str, str]] = ..., differentiable: _Optional[_Iterable[str]] = ..., separable: _Optional[bool] = ..., sample_axis: _Optional[int] = ...) -> None: ...
+
+class ListLossesResponse(_message.Message):
+    __slots__ = ("losses", "server_version", "device")
+    LOSSES_FIELD_NUMBER: _ClassVar[int]
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    losses: _containers.RepeatedCompositeFieldContainer[LossInfo]
+    server_version: str
+    device: str
+    def __init__(self, losses: _Optional[_Iterable[_Union[LossInfo, _Mapping]]] = ..., server_version: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+
+class DescribeRequest(_message.Message):
+    __slots__ = ("config",)
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    config: _struct_pb2.Struct
+    def __init__(self, config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class DescribeResponse(_message.Message):
+    __slots__ = ("loss", "config", "output")
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    loss: LossInfo
+    config: _struct_pb2.Struct
+    output: str
+    def __init__(self, loss: _Optional[_Union[LossInfo, _Mapping]] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., output: _Optional[str] = ...) -> None: ...

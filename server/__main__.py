@@ -1,0 +1,5 @@
+"""``python -m losswire.server`` is ``losswire serve``."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,118 @@
+"""Assembles the gRPC server: LossService, standard health checking and server reflection,
+message-size limits, concurrency, and a graceful stop."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+from concurrent import futures
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from losswire.v1 import loss_service_pb2 as pb
+from losswire.v1 import loss_service_pb2_grpc as pb_grpc
+
+from . import __version__
+from .losses import LOSSES
+from .service import LossService
+
+log = logging.getLogger("losswire.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name  # "losswire.v1.LossService"
+MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC's ceiling; holds a 1 GiB tensor plus its target
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 50051
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    max_workers: int = 8  # threads serving RPCs
+    max_concurrent_rpcs: int | None = None  # beyond this, RESOURCE_EXHAUSTED at once
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_elements: int | None = None  # per tensor; larger tensors are refused before allocation
+    torch_threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    grace_seconds: float = 30.0  # how long in-flight calls may run on after a stop request
+    plugins: tuple[str, ...] = ()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def load_plugins(modules: tuple[str, ...]) -> None:
+    """Import modules that register extra losses. Only from the server's own configuration."""
+    for module in modules:
+        before = set(LOSSES.names())
+        importlib.import_module(module)
+        added = sorted(set(LOSSES.names()) - before)
+        log.info("plugin %s registered %s", module, ", ".join(added) or "no new losses")
+
+
+class LosswireServer:
+    """A running losswire server. ``start()`` binds and returns the port; ``stop()`` drains."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        load_plugins(config.plugins)
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        self.device = resolve_device(config.device)
+        options = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ]
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="losswire"),
+            options=options,
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        )
+        self.service = LossService(self.device, LOSSES, config.max_elements)
+        pb_grpc.add_LossServiceServicer_to_server(self.service, self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.port: int | None = None
+
+    def start(self) -> int:
+        address = f"{self.config.host}:{self.config.port}"
+        if ":" in self.config.host and not self.config.host.startswith("["):
+            address = f"[{self.config.host}]:{self.config.port}"
+        self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"could not bind {address}")
+        self.server.start()
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "losswire %s listening on %s:%d, device %s, %d losses: %s",
+            __version__,
+            self.config.host,
+            self.port,
+            self.device,
+            len(LOSSES),
+            ", ".join(LOSSES.names()),
+        )
+        return self.port
+
+    def stop(self, grace: float | None = None) -> None:
+        """Health turns NOT_SERVING, new calls are refused, in-flight calls finish (up to grace)."""
+        grace = self.config.grace_seconds if grace is None else grace
+        log.info("stopping: health NOT_SERVING, draining in-flight calls for up to %.0f s", grace)
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        log.info("stopped")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.server.wait_for_termination(timeout)

@@ -1,0 +1,66 @@
+"""The one place where errors become gRPC status codes.
+
+Each status carries a human message naming the field, plus a ``google.rpc.BadRequest`` detail
+with the field path, so callers in any language can point at the offending field.
+"""
+
+from __future__ import annotations
+
+import grpc
+import torch
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from losswire.client.codec import CodecError, CodecLimitError
+
+from .losses import LossError, UnknownLossError
+
+
+class RequestError(ValueError):
+    """A request that is malformed as a whole (no terms, duplicate names...)."""
+
+    def __init__(
+        self, message: str, field: str | None = None, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT
+    ):
+        super().__init__(message)
+        self.field = field
+        self.code = code
+
+
+def code_for(error: BaseException) -> grpc.StatusCode:
+    if isinstance(error, RequestError):
+        return error.code
+    if isinstance(error, UnknownLossError):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(error, (CodecLimitError, torch.cuda.OutOfMemoryError, MemoryError)):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(error, (LossError, CodecError)):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.INTERNAL
+
+
+def to_status(error: BaseException, where: str = "", term_path: str = "") -> grpc.Status:
+    """An exception -> a rich gRPC status (code, message, BadRequest field violation).
+
+    ``where`` prefixes the message (``"terms[1] (loss_bbox)"``); ``term_path`` prefixes an engine
+    error's field (``"terms[1]."`` + ``"target"``). Codec and request errors carry full paths.
+    """
+    code = code_for(error)
+    message = str(error) or type(error).__name__
+    if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)):
+        message = f"out of memory on the server while evaluating: {message.splitlines()[0]}"
+    elif code == grpc.StatusCode.INTERNAL:
+        message = f"internal error ({type(error).__name__}); the server log has the details"
+    if where:
+        message = f"{where}: {message}"
+    details = []
+    field = getattr(error, "field", None)
+    if field:
+        if isinstance(error, LossError):
+            field = term_path + field
+        violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=message)
+        packed = any_pb2.Any()
+        packed.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+        details.append(packed)
+    return rpc_status.to_status(status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details))
