@@ -153,7 +153,7 @@ class LossService(pb_grpc.LossServiceServicer):
             describe(description, response.loss)
             codec.encode_config(config, response.config)
         except Exception as error:
-            self._abort(context, error, "config", "config.")
+            self._abort(context, error, "config", "")
         return response
 
     def ListLosses(self, request: pb.ListLossesRequest, context: grpc.ServicerContext) -> pb.ListLossesResponse:  # noqa: N802

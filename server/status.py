@@ -14,7 +14,7 @@ from grpc_status import rpc_status
 
 from losswire.client.codec import CodecError, CodecLimitError
 
-from .losses import LossError, UnknownLossError
+from .losses import LossConfigError, LossError, UnknownLossError
 
 
 class RequestError(ValueError):
@@ -44,7 +44,8 @@ def to_status(error: BaseException, where: str = "", term_path: str = "") -> grp
     """An exception -> a rich gRPC status (code, message, BadRequest field violation).
 
     ``where`` prefixes the message (``"terms[1] (loss_bbox)"``); ``term_path`` prefixes an engine
-    error's field (``"terms[1]."`` + ``"target"``). Codec and request errors carry full paths.
+    error's field (``"terms[1]."`` + ``"target"``, or + ``"config.gamma"`` for a config error).
+    Codec and request errors carry full paths already.
     """
     code = code_for(error)
     message = str(error) or type(error).__name__
@@ -57,7 +58,9 @@ def to_status(error: BaseException, where: str = "", term_path: str = "") -> grp
     details = []
     field = getattr(error, "field", None)
     if field:
-        if isinstance(error, LossError):
+        if isinstance(error, (LossConfigError, UnknownLossError)):
+            field = f"{term_path}config.{field}"
+        elif isinstance(error, LossError):
             field = term_path + field
         violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=message)
         packed = any_pb2.Any()

@@ -1,0 +1,26 @@
+"""Shared fixtures: a real losswire server on an ephemeral loopback port, in this process."""
+
+from __future__ import annotations
+
+import pytest
+
+from losswire.client import LossClient
+from losswire.server.app import LosswireServer, ServerConfig
+
+
+@pytest.fixture(scope="session")
+def server():
+    instance = LosswireServer(ServerConfig(host="127.0.0.1", port=0, device="cpu", max_workers=4))
+    instance.start()
+    yield instance
+    instance.stop(grace=1)
+
+
+@pytest.fixture(scope="session")
+def target(server) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+@pytest.fixture(scope="session")
+def client(target) -> LossClient:
+    return LossClient(target, timeout=30)
