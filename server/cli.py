@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("losses", help="list the registered losses (with --plugin modules)")
     listing.add_argument("--plugin", action="append", default=[], help="import this module first")
     listing.add_argument("--json", action="store_true", help="print the full descriptions as JSON")
+    listing.add_argument("--markdown", action="store_true", help="print the README's catalogue table")
     return parser
 
 
@@ -137,6 +138,11 @@ def list_losses(args: argparse.Namespace) -> None:
     load_plugins(tuple(args.plugin))
     if args.json:
         print(json.dumps([d.to_dict() for d in LOSSES.descriptions()], indent=2))
+        return
+    if args.markdown:
+        from .losses.catalogue import render_markdown
+
+        print(render_markdown())
         return
     for description in LOSSES.descriptions():
         print(f"{description.name:24s} {description.summary}")
