@@ -9,6 +9,7 @@ upstream gradient. Where mmdet raised, we must raise a typed LossError instead.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,18 @@ def _tolerance(case: dict) -> dict:
     return dict(rtol=1e-5, atol=1e-6)
 
 
+# LOSSWIRE_TEST_DEVICE=cuda replays the fixtures on the GPU (CI has none).
+DEVICE = torch.device(os.environ.get("LOSSWIRE_TEST_DEVICE", "cpu"))
+
+
+def _to_device(value):
+    if isinstance(value, torch.Tensor):
+        return value.to(DEVICE)
+    if isinstance(value, list):
+        return [_to_device(v) for v in value]
+    return value
+
+
 def _get(args: list, path: list[int]):
     value = args
     for index in path:
@@ -56,13 +69,14 @@ def _prepare(case: dict) -> tuple[list, dict, list[torch.Tensor]]:
         return value
 
     args = clone(case["args"])
+    args = _to_device(args)
     leaves = []
     for path in case["grad_paths"]:
         parent = _get(args, path[:-1])
         parent[path[-1]] = parent[path[-1]].requires_grad_()
         leaves.append(parent[path[-1]])
     args = [tuple(a) if isinstance(a, list) else a for a in args]
-    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in case["kwargs"].items()}
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in _to_device(case["kwargs"]).items()}
     return args, kwargs, leaves
 
 
@@ -101,13 +115,13 @@ def test_matches_mmdet(case):
     expected = case["output"]
     tol = _tolerance(case)
     assert out.shape == expected.shape
-    torch.testing.assert_close(out.detach(), expected.to(out.dtype), **tol)
+    torch.testing.assert_close(out.detach().cpu(), expected.to(out.dtype), **tol)
     if not leaves:
         return
-    grads = torch.autograd.grad(out, leaves, case["grad_output"].to(out.dtype), allow_unused=True)
+    grads = torch.autograd.grad(out, leaves, case["grad_output"].to(out.dtype).to(DEVICE), allow_unused=True)
     for path, got, want in zip(case["grad_paths"], grads, case["grads"], strict=True):
         if want is None:
             assert got is None or not got.any(), f"mmdet has no gradient for args{path}"
             continue
         assert got is not None, f"no gradient for args{path}"
-        torch.testing.assert_close(got, want.to(got.dtype), **tol, msg=lambda m, p=path: f"grad args{p}: {m}")
+        torch.testing.assert_close(got.cpu(), want.to(got.dtype), **tol, msg=lambda m, p=path: f"grad args{p}: {m}")

@@ -146,7 +146,7 @@ def test_no_grad_requests_no_gradients(target: str, client):
     assert not loss(eval_pred, torch.tensor([0, 1, 2, 3])).requires_grad
 
 
-def test_server_reports_timings_and_device(client):
+def test_server_reports_timings_and_device(client, server):
     from losswire.client import codec
     from losswire.v1 import loss_service_pb2 as pb
 
@@ -156,9 +156,23 @@ def test_server_reports_timings_and_device(client):
     codec.encode_tensor(torch.ones(3, 4), term.pred)
     codec.encode_value(torch.zeros(3, 4), term.target)
     response = client.evaluate(request)
-    assert response.device == "cpu"
+    assert response.device == str(server.device)
     assert response.timings.compute_ms > 0 and response.timings.decode_ms >= 0 and response.timings.encode_ms >= 0
     result = response.results[0]
     assert result.name == "loss" and result.output == "scalar" and result.separable
     assert codec.decode_tensor(result.loss, "loss").item() == 1.0
     torch.testing.assert_close(codec.decode_tensor(result.gradients["pred"], "g"), torch.full((3, 4), 1 / 12))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_on_the_caller_side(target: str):
+    pred = torch.randn(6, 4, device="cuda", requires_grad=True)
+    labels = torch.randint(0, 5, (6,), device="cuda")
+    out = RemoteLoss(dict(type="FocalLoss", reduction="none"), target=target)(pred, labels)
+    assert out.is_cuda and out.shape == (6, 4)
+    upstream = torch.randn_like(out)
+    out.backward(upstream)
+    assert pred.grad.is_cuda
+    ref = pred.detach().clone().requires_grad_()
+    build_loss(dict(type="FocalLoss", reduction="none"))(ref, labels).backward(upstream)
+    torch.testing.assert_close(pred.grad, ref.grad)
