@@ -70,6 +70,21 @@ class RemoteLoss(nn.Module):
         if validate:
             self.info  # noqa: B018 - the Describe call validates the config
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Channels do not pickle or deep-copy (mmengine deep-copies configs and modules): keep the
+        # target and reconnect through the shared client on the other side.
+        state = self.__dict__.copy()
+        state["client"] = self.client.target
+        state["_info"] = None if self._info is None else self._info.SerializeToString()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        target, info = state["client"], state["_info"]
+        state = {**state, "client": LossClient.shared(target), "_info": None}
+        self.__dict__.update(state)
+        if info is not None:
+            self._info = pb.LossInfo.FromString(info)
+
     @property
     def info(self) -> pb.LossInfo:
         """The server's description of this loss (fetched once, with config validation)."""

@@ -176,3 +176,14 @@ def test_cuda_tensors_on_the_caller_side(target: str):
     ref = pred.detach().clone().requires_grad_()
     build_loss(dict(type="FocalLoss", reduction="none"))(ref, labels).backward(upstream)
     torch.testing.assert_close(pred.grad, ref.grad)
+
+
+def test_remote_loss_pickles_and_deep_copies(target: str):
+    import copy
+    import pickle
+
+    loss = RemoteLoss(dict(type="SmoothL1Loss", beta=0.5), target=target)
+    pred, goal = torch.randn(3, 4), torch.randn(3, 4)
+    for clone in (copy.deepcopy(loss), pickle.loads(pickle.dumps(loss))):
+        assert clone.cfg == loss.cfg and clone.client.target == target
+        torch.testing.assert_close(clone(pred, goal), loss(pred, goal))
