@@ -77,3 +77,13 @@ def index_range(name: str, value: Tensor, low: int, high: int, meaning: str) -> 
             f"{name} values must lie in [{low}, {high}] ({meaning}), got values in [{lo}, {hi}]",
             field=name,
         )
+
+
+def probabilities(name: str, value: Tensor) -> None:
+    """Values in [0, 1] (``activated=True`` losses take probabilities, not logits)."""
+    if value.numel() and not bool(((value >= 0) & (value <= 1)).all()):
+        lo, hi = float(value.detach().min()), float(value.detach().max())
+        raise LossInputError(
+            f"{name} must hold probabilities in [0, 1] when activated=True, got values in [{lo:g}, {hi:g}]",
+            field=name,
+        )

@@ -126,8 +126,7 @@ class FocalLoss(WeightedLoss):
             checks.same_shape("target", target, "pred", pred)
             target = target.to(pred.dtype)
         if self.activated:
-            if pred.numel() and not bool(((pred >= 0) & (pred <= 1)).all()):
-                raise LossInputError("pred must hold probabilities in [0, 1] when activated=True", field="pred")
+            checks.probabilities("pred", pred)
             loss = focal_loss_with_prob(pred, target, self.gamma, self.alpha)
         else:
             loss = sigmoid_focal_loss(pred, target, self.gamma, self.alpha)

@@ -111,8 +111,8 @@ class QualityFocalLoss(WeightedLoss):
             raise LossInputError(
                 f"target must be a tensor or a (label, score) tuple, got {checks.describe(target)}", field="target"
             )
-        if self.activated and pred.numel() and not bool(((pred >= 0) & (pred <= 1)).all()):
-            raise LossInputError("pred must hold probabilities in [0, 1] when activated=True", field="pred")
+        if self.activated:
+            checks.probabilities("pred", pred)
         loss = quality_focal_loss(pred, soft_target, positive, self.beta, self.activated)
         return self.finish(loss, weight, reduction, avg_factor)
 
