@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -196,7 +196,3 @@ def json_value(value: Any) -> struct_pb2.Value:
 
 def python_value(message: struct_pb2.Value) -> Any:
     return json_format.MessageToDict(message)
-
-
-def as_sequence(value: Any) -> Sequence[Any]:
-    return value if isinstance(value, (tuple, list)) else (value,)

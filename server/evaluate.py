@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .losses import LOSSES, LossDescription, LossInputError, OutputKind, Registry
+from .losses import LOSSES, LossDescription, LossInputError, OutputKind, Registry, output_kind_of
 
 PRED, TARGET = "pred", "target"
 
@@ -145,7 +145,7 @@ class Evaluator:
         leaves = _gradient_leaves(description, kwargs, term.gradients)
         loss = self._forward(module, description, kwargs)
         gradients = self._backward(loss, leaves, term.grad_output)
-        output = getattr(module, "current_output_kind", description.output)
+        output = output_kind_of(module, description)
         return TermOutcome(
             name=term.name,
             loss=loss.detach(),

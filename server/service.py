@@ -19,7 +19,7 @@ from losswire.v1 import loss_service_pb2_grpc as pb_grpc
 
 from . import __version__
 from .evaluate import Evaluator, TermOutcome, TermRequest
-from .losses import LOSSES, LossDescription, Registry
+from .losses import LOSSES, LossDescription, Registry, output_kind_of
 from .status import RequestError, to_status
 
 log = logging.getLogger("losswire.server")
@@ -149,7 +149,7 @@ class LossService(pb_grpc.LossServiceServicer):
             config = self.registry.normalise(codec.decode_config(request.config))
             module = self.registry.build(config)
             description = self.registry.describe(config["type"])
-            response = pb.DescribeResponse(output=getattr(module, "current_output_kind", description.output).value)
+            response = pb.DescribeResponse(output=output_kind_of(module, description).value)
             describe(description, response.loss)
             codec.encode_config(config, response.config)
         except Exception as error:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from loss_cases import Sample, samples
 
-from losswire.server.losses import build_loss
+from losswire.server.losses import LOSSES, build_loss, output_kind_of
 
 SAMPLES = list(samples(torch.float64))
 IDS = [s.id for s in SAMPLES]
@@ -73,7 +73,7 @@ def test_outputs_follow_the_reduction(sample: Sample):
         assert _call(sample, module, pred, target, "mean").shape == (1,)
         return
     none = _call(sample, module, pred, target, "none")
-    kind = module.current_output_kind if hasattr(module, "current_output_kind") else module.output_kind
+    kind = output_kind_of(module, LOSSES.describe(sample.cfg["type"]))
     expected = {"element": pred.shape, "sample": pred.shape[:1]}[kind.value]
     assert none.shape == expected
     assert _call(sample, module, pred, target, "sum").shape == ()

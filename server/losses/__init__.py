@@ -12,7 +12,7 @@ from . import balanced_l1, cross_entropy, focal, gfocal, iou, mse, smooth_l1  # 
 from .errors import DuplicateLossError, LossConfigError, LossError, LossInputError, UnknownLossError
 from .pipeline import AVG_FACTOR_EPS, REDUCTIONS, WeightedLoss, reduce_loss, weight_reduce_loss
 from .registry import LOSSES, Registry, build_loss
-from .schema import InputSpec, LossDescription, OutputKind, ParamSpec
+from .schema import InputSpec, LossDescription, OutputKind, ParamSpec, output_kind_of
 
 __all__ = [
     "AVG_FACTOR_EPS",
@@ -30,6 +30,7 @@ __all__ = [
     "UnknownLossError",
     "WeightedLoss",
     "build_loss",
+    "output_kind_of",
     "reduce_loss",
     "weight_reduce_loss",
 ]

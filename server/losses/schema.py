@@ -196,6 +196,11 @@ def describe_class(name: str, cls: type) -> LossDescription:
     )
 
 
+def output_kind_of(module: Any, description: LossDescription) -> OutputKind:
+    """The output kind of a built module: its config may change the class's (CrossEntropyLoss)."""
+    return OutputKind(getattr(module, "current_output_kind", description.output))
+
+
 # -- config validation -----------------------------------------------------------------------------
 
 
