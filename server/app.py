@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import time
 from concurrent import futures
 
 import grpc
@@ -37,6 +38,9 @@ class ServerConfig:
     max_elements: int | None = None  # per tensor; larger tensors are refused before allocation
     torch_threads: int | None = None  # torch intra-op threads; None keeps torch's default
     grace_seconds: float = 30.0  # how long in-flight calls may run on after a stop request
+    # after a stop request, keep serving this long while health already says NOT_SERVING, so that
+    # health-checking balancers and probes stop sending calls before the port closes
+    shutdown_notice_seconds: float = 0.0
     plugins: tuple[str, ...] = ()
 
 
@@ -109,8 +113,12 @@ class LosswireServer:
     def stop(self, grace: float | None = None) -> None:
         """Health turns NOT_SERVING, new calls are refused, in-flight calls finish (up to grace)."""
         grace = self.config.grace_seconds if grace is None else grace
-        log.info("stopping: health NOT_SERVING, draining in-flight calls for up to %.0f s", grace)
+        notice = self.config.shutdown_notice_seconds
         self.health.enter_graceful_shutdown()
+        if notice > 0:
+            log.info("stopping: health NOT_SERVING; still serving for %.1f s of notice", notice)
+            time.sleep(notice)
+        log.info("stopping: health NOT_SERVING, draining in-flight calls for up to %.0f s", grace)
         self.server.stop(grace).wait()
         log.info("stopped")
 

@@ -66,7 +66,8 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
         "--max-concurrent-rpcs",
         type=_optional_int,
         default=_env("MAX_CONCURRENT_RPCS", None),
-        help="calls accepted at once; beyond it RESOURCE_EXHAUSTED (default: unbounded) [LOSSWIRE_MAX_CONCURRENT_RPCS]",
+        help="calls accepted at once; beyond it RESOURCE_EXHAUSTED (0 or none: unbounded) "
+        "[LOSSWIRE_MAX_CONCURRENT_RPCS]",
     )
     parser.add_argument(
         "--max-message-bytes",
@@ -78,19 +79,26 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
         "--max-elements",
         type=_optional_int,
         default=_env("MAX_ELEMENTS", None),
-        help="largest tensor in elements (default: unbounded) [LOSSWIRE_MAX_ELEMENTS]",
+        help="largest tensor in elements (0 or none: unbounded) [LOSSWIRE_MAX_ELEMENTS]",
     )
     parser.add_argument(
         "--torch-threads",
         type=_optional_int,
         default=_env("TORCH_THREADS", None),
-        help="torch intra-op threads (default: torch's) [LOSSWIRE_TORCH_THREADS]",
+        help="torch intra-op threads (0 or none: torch's default) [LOSSWIRE_TORCH_THREADS]",
     )
     parser.add_argument(
         "--grace",
         type=float,
         default=_env("GRACE", default.grace_seconds),
         help="seconds in-flight calls may finish after SIGTERM/SIGINT [LOSSWIRE_GRACE]",
+    )
+    parser.add_argument(
+        "--shutdown-notice",
+        type=float,
+        default=_env("SHUTDOWN_NOTICE", default.shutdown_notice_seconds),
+        help="seconds health reports NOT_SERVING while calls are still served, before the drain "
+        "(e.g. a readiness probe's period) [LOSSWIRE_SHUTDOWN_NOTICE]",
     )
     parser.add_argument(
         "--plugin",
@@ -116,6 +124,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_elements=args.max_elements,
         torch_threads=args.torch_threads,
         grace_seconds=float(args.grace),
+        shutdown_notice_seconds=float(args.shutdown_notice),
         plugins=tuple(plugins),
     )
 
@@ -127,7 +136,8 @@ def serve(config: ServerConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server.start()
-    stop.wait()
+    while not stop.wait(0.5):  # a timed wait: the main thread wakes to run signal handlers
+        pass
     server.stop()
 
 

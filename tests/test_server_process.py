@@ -369,6 +369,7 @@ def test_serve_help_documents_every_flag_and_its_variable():
         "--max-elements": "LOSSWIRE_MAX_ELEMENTS",
         "--torch-threads": "LOSSWIRE_TORCH_THREADS",
         "--grace": "LOSSWIRE_GRACE",
+        "--shutdown-notice": "LOSSWIRE_SHUTDOWN_NOTICE",
         "--plugin": "LOSSWIRE_PLUGINS",
         "--log-level": "LOSSWIRE_LOG_LEVEL",
     }
@@ -461,21 +462,18 @@ def test_sigterm_drains_the_call_in_flight_and_refuses_new_ones(spawn):
         watch.cancel()  # the watch is an open call too: let the drain wait only for the slow one
 
         # New calls until one is refused with UNAVAILABLE. A call can still succeed in the moment
-        # between SIGTERM and the server's stop(), and the one call that races with stop() itself
-        # is CANCELLED by gRPC core (it reached the transport, but the server no longer takes calls).
+        # between SIGTERM and the server's stop(), and a call that races with stop() itself reaches
+        # the transport but is CANCELLED by gRPC core (the server no longer takes calls).
         refused: grpc.RpcError | None = None
-        raced: list[grpc.StatusCode] = []
         in_flight = False
-        while caller.is_alive() and refused is None:
+        while caller.is_alive():
             try:
                 probe.ListLosses(pb.ListLossesRequest(), timeout=CALL_TIMEOUT)
             except grpc.RpcError as error:
-                if error.code() == grpc.StatusCode.CANCELLED and not raced:
-                    raced.append(error.code())
-                    continue
-                refused, in_flight = error, caller.is_alive()
-            else:
-                caller.join(0.02)  # between SIGTERM and the server's stop(): poll again shortly
+                if error.code() != grpc.StatusCode.CANCELLED:
+                    refused, in_flight = error, caller.is_alive()
+                    break
+            caller.join(0.02)  # not refused yet: poll again shortly
         assert refused is not None, "the slow call ended before the server refused a new call"
         assert refused.code() == grpc.StatusCode.UNAVAILABLE, refused
         assert in_flight, "the new call was refused only after the slow call had finished"
@@ -493,6 +491,26 @@ def test_sigterm_drains_the_call_in_flight_and_refuses_new_ones(spawn):
     log = server.log()
     assert "stopping: health NOT_SERVING, draining in-flight calls for up to 10 s" in log
     assert log.rstrip().endswith("stopped"), log
+
+
+def test_shutdown_notice_lets_health_checks_see_not_serving(spawn):
+    argv = module_cmd("--host", "127.0.0.1", "--port", "0", "--device", "cpu", "--shutdown-notice", "1.5")
+    server = spawn(argv, server_env()).wait_started()
+    with plain_channel(server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        check = health_pb2.HealthCheckRequest(service=SERVICE)
+        assert health.Check(check, timeout=CALL_TIMEOUT).status == health_pb2.HealthCheckResponse.SERVING
+        server.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 1.2
+        status = health_pb2.HealthCheckResponse.SERVING
+        while status == health_pb2.HealthCheckResponse.SERVING and time.monotonic() < deadline:
+            status = health.Check(check, timeout=CALL_TIMEOUT).status  # a polling probe, not a Watch
+            time.sleep(0.02)
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        # still serving calls during the notice
+        assert pb_grpc.LossServiceStub(channel).ListLosses(pb.ListLossesRequest(), timeout=CALL_TIMEOUT).losses
+    assert server.wait_exit() == 0, server.log()
+    assert "still serving for 1.5 s of notice" in server.log()
 
 
 def test_sigint_stops_gracefully(spawn):
