@@ -67,6 +67,7 @@ class RemoteLoss(nn.Module):
         self.client = client or LossClient.shared(target)
         self.timeout = timeout
         self._info: pb.LossInfo | None = None
+        self._forward_signature: inspect.Signature | None = None
         if validate:
             self.info  # noqa: B018 - the Describe call validates the config
 
@@ -76,6 +77,7 @@ class RemoteLoss(nn.Module):
         state = self.__dict__.copy()
         state["client"] = self.client.target
         state["_info"] = None if self._info is None else self._info.SerializeToString()
+        state["_forward_signature"] = None  # rebuilt from _info on first use
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -105,8 +107,9 @@ class RemoteLoss(nn.Module):
 
     def bind(self, *args: Any, **kwargs: Any) -> BoundTerm:
         """Bind forward arguments as mmdet's module would (a TypeError for a wrong call)."""
-        info = self.info
-        bound = _signature(info).bind(*args, **kwargs)
+        if self._forward_signature is None:  # built once, not on every forward
+            self._forward_signature = _signature(self.info)
+        bound = self._forward_signature.bind(*args, **kwargs)
         return BoundTerm(self, dict(bound.arguments))
 
 

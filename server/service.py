@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import grpc
 import torch
@@ -104,23 +105,25 @@ class LossService(pb_grpc.LossServiceServicer):
             raise RequestError(
                 f"{field}.pred is missing; every term needs its prediction tensor", field=f"{field}.pred"
             )
+
+        def optional(name: str, decode: Callable[..., Any] | None = None) -> Any:
+            """The decoded field, or None when the caller did not send it."""
+            if not message.HasField(name):
+                return None
+            value = getattr(message, name)
+            return value if decode is None else decode(value, f"{field}.{name}", device, limit)
+
         return TermRequest(
             name=name,
             config=config,
             pred=codec.decode_tensor(message.pred, f"{field}.pred", device, limit),
-            target=codec.decode_value(message.target, f"{field}.target", device, limit)
-            if message.HasField("target")
-            else None,
-            weight=codec.decode_tensor(message.weight, f"{field}.weight", device, limit)
-            if message.HasField("weight")
-            else None,
-            avg_factor=message.avg_factor if message.HasField("avg_factor") else None,
-            reduction_override=message.reduction_override if message.HasField("reduction_override") else None,
+            target=optional("target", codec.decode_value),
+            weight=optional("weight", codec.decode_tensor),
+            avg_factor=optional("avg_factor"),
+            reduction_override=optional("reduction_override"),
             inputs={k: codec.decode_value(v, f"{field}.inputs[{k}]", device, limit) for k, v in message.inputs.items()},
             gradients=list(message.gradients) or ["pred"],
-            grad_output=codec.decode_tensor(message.grad_output, f"{field}.grad_output", device, limit)
-            if message.HasField("grad_output")
-            else None,
+            grad_output=optional("grad_output", codec.decode_tensor),
         )
 
     @staticmethod
