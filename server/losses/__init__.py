@@ -8,7 +8,27 @@ mmdet config dict, and ``LOSSES.describe(name)`` gives a loss's machine-readable
 Each loss family lives in its own file; the shared weight/reduction steps live in ``pipeline``.
 """
 
-from . import balanced_l1, cross_entropy, focal, gfocal, iou, mse, smooth_l1  # noqa: F401 - registers
+from . import (  # noqa: F401 - importing a loss file registers its losses
+    ae,
+    balanced_l1,
+    cross_entropy,
+    dice,
+    eqlv2,
+    focal,
+    gaussian_focal,
+    gfocal,
+    ghm,
+    iou,
+    kd,
+    l2,
+    margin,
+    mse,
+    multipos_cross_entropy,
+    seesaw,
+    smooth_l1,
+    triplet,
+    varifocal,
+)
 from .errors import DuplicateLossError, LossConfigError, LossError, LossInputError, UnknownLossError
 from .pipeline import AVG_FACTOR_EPS, REDUCTIONS, WeightedLoss, reduce_loss, weight_reduce_loss
 from .registry import LOSSES, Registry, build_loss

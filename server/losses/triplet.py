@@ -1,0 +1,1 @@
+"""Placeholder: filled in by the loss-zoo work (issue 4)."""
