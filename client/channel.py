@@ -16,10 +16,12 @@ from . import codec
 from .errors import RemoteLossError
 
 DEFAULT_TARGET = "localhost:50051"
+SESSION_HEADER = "x-losswire-session"
 MAX_MESSAGE_BYTES = 2**31 - 1
 
-# gRPC's own retry policy: every losswire call is stateless and idempotent, so a call that met an
-# UNAVAILABLE server (restarting, overloaded, a replica going away) is tried again with backoff.
+# gRPC's own retry policy: a call that met an UNAVAILABLE server (restarting, overloaded, a replica
+# going away) is tried again with backoff. Every call is idempotent: stateless terms trivially, and a
+# session term carries a forward_id, so a retried forward is answered without updating state twice.
 SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
@@ -74,20 +76,37 @@ class LossClient:
                 cls._shared[target] = cls(target)
             return cls._shared[target]
 
-    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+    def _call(self, method: Any, request: Any, timeout: float | None, metadata: Any = None) -> Any:
         try:
-            return method(request, timeout=self.timeout if timeout is None else timeout)
+            return method(request, timeout=self.timeout if timeout is None else timeout, metadata=metadata)
         except grpc.RpcError as error:
             raise RemoteLossError.from_rpc_error(error) from None
 
     def evaluate(self, request: pb.EvaluateRequest, timeout: float | None = None) -> pb.EvaluateResponse:
-        return self._call(self.stub.Evaluate, request, timeout)
+        # A session's state lives on one replica: the header lets a proxy route by session
+        # (consistent hashing on x-losswire-session), see the README's "Sessions and replicas".
+        sessions = sorted({term.session for term in request.terms if term.session})
+        metadata = [(SESSION_HEADER, ",".join(sessions))] if sessions else None
+        return self._call(self.stub.Evaluate, request, timeout, metadata)
 
     def describe(self, config: Mapping[str, Any], timeout: float | None = None) -> pb.DescribeResponse:
         return self._call(self.stub.Describe, pb.DescribeRequest(config=codec.encode_config(config)), timeout)
 
     def list_losses(self, timeout: float | None = None) -> pb.ListLossesResponse:
         return self._call(self.stub.ListLosses, pb.ListLossesRequest(), timeout)
+
+    def get_session(self, session: str, timeout: float | None = None) -> pb.SessionInfo:
+        return self._call(
+            self.stub.GetSession, pb.SessionRequest(session=session), timeout, [(SESSION_HEADER, session)]
+        )
+
+    def reset_session(self, session: str, timeout: float | None = None) -> pb.SessionInfo:
+        return self._call(
+            self.stub.ResetSession, pb.SessionRequest(session=session), timeout, [(SESSION_HEADER, session)]
+        )
+
+    def list_sessions(self, timeout: float | None = None) -> pb.ListSessionsResponse:
+        return self._call(self.stub.ListSessions, pb.ListSessionsRequest(), timeout)
 
     def close(self) -> None:
         self.channel.close()

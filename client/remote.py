@@ -5,15 +5,22 @@
     loss.backward()                      # pred.grad arrives from the server
 
 The forward takes exactly the arguments of the MMDetection module for ``cfg['type']`` (the
-server's description of that loss defines the signature). One round trip returns the loss and
+server's description of that loss defines the signature) and returns what it returns: a tensor,
+a tuple (AssociativeEmbeddingLoss) or a dict (SeesawLoss). One round trip returns the loss and
 its gradient; ``backward`` applies the upstream gradient locally when the loss is separable
 (every built-in loss is) and otherwise sends it back for an exact recompute.
+
+Stateful losses keep their state on the server in a named session shared by every worker:
+
+    seesaw = RemoteLoss(dict(type='SeesawLoss', num_classes=1203), session='exp42/roi_head')
+    seesaw.session_state()['cum_samples']     # read it; seesaw.reset_session() drops it
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,7 +37,10 @@ from .errors import RemoteLossError
 _NAMED_FIELDS = ("weight", "avg_factor", "reduction_override")
 
 
-def _signature(info: pb.LossInfo) -> inspect.Signature:
+SAMPLE_LABELS = "sample_labels"
+
+
+def _signature(info: pb.LossInfo, sampled: bool) -> inspect.Signature:
     parameters = [
         inspect.Parameter(
             item.name,
@@ -39,6 +49,8 @@ def _signature(info: pb.LossInfo) -> inspect.Signature:
         )
         for item in info.inputs
     ]
+    if sampled:  # a config with a sampler also takes the labels to sample by (default: the target)
+        parameters.append(inspect.Parameter(SAMPLE_LABELS, inspect.Parameter.KEYWORD_ONLY, default=None))
     return inspect.Signature(parameters)
 
 
@@ -51,6 +63,10 @@ class RemoteLoss(nn.Module):
         timeout: deadline of each call in seconds (None: the client's default).
         client: an existing ``LossClient`` to share (default: one shared client per target).
         validate: check the config with the server now, so mistakes surface at construction.
+        session: keep the loss's state (SeesawLoss, EQLV2Loss, GHM with momentum) on the server
+            under this name, shared with every module naming it; None: state lives for one call.
+        seed: the seed of ``cfg['sampler']`` for every call; None draws one per call from torch's
+            global generator, so ``torch.manual_seed`` makes a run reproducible.
     """
 
     def __init__(
@@ -61,11 +77,17 @@ class RemoteLoss(nn.Module):
         timeout: float | None = None,
         client: LossClient | None = None,
         validate: bool = True,
+        session: str | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         self.cfg = dict(cfg)
         self.client = client or LossClient.shared(target)
         self.timeout = timeout
+        self.session = session
+        self.seed = seed
+        # the session step of this module's latest forward: the order the server applied it in
+        self.last_session_step = 0
         self._info: pb.LossInfo | None = None
         self._forward_signature: inspect.Signature | None = None
         if validate:
@@ -99,18 +121,36 @@ class RemoteLoss(nn.Module):
         return [item.name for item in self.info.inputs]
 
     def extra_repr(self) -> str:
-        return f"cfg={self.cfg!r}, target={self.client.target!r}"
+        session = f", session={self.session!r}" if self.session else ""
+        return f"cfg={self.cfg!r}, target={self.client.target!r}{session}"
 
-    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         term = self.bind(*args, **kwargs)
         return evaluate_terms({"": term}, client=self.client, timeout=self.timeout)[""]
 
     def bind(self, *args: Any, **kwargs: Any) -> BoundTerm:
         """Bind forward arguments as mmdet's module would (a TypeError for a wrong call)."""
         if self._forward_signature is None:  # built once, not on every forward
-            self._forward_signature = _signature(self.info)
+            self._forward_signature = _signature(self.info, "sampler" in self.cfg)
         bound = self._forward_signature.bind(*args, **kwargs)
         return BoundTerm(self, dict(bound.arguments))
+
+    # -- server-held state ---------------------------------------------------------------------
+
+    def session_state(self) -> dict[str, Tensor]:
+        """The session's state tensors by name (e.g. ``cum_samples``), as the server holds them now."""
+        info = self.client.get_session(self._session_name(), self.timeout)
+        return {k: codec.decode_tensor(v, f"state[{k}]") for k, v in info.state.items()}
+
+    def reset_session(self) -> dict[str, Tensor]:
+        """Drop the session's state (the next forward starts afresh); returns the state it had."""
+        info = self.client.reset_session(self._session_name(), self.timeout)
+        return {k: codec.decode_tensor(v, f"state[{k}]") for k, v in info.state.items()}
+
+    def _session_name(self) -> str:
+        if not self.session:
+            raise ValueError("this RemoteLoss has no session: pass session='name' to keep state on the server")
+        return self.session
 
 
 @dataclasses.dataclass
@@ -136,12 +176,19 @@ def _leaf_tensors(name: str, value: Any) -> list[tuple[str, Tensor]]:
     return []
 
 
+@dataclasses.dataclass
+class _Output:
+    term: int  # index of the term
+    key: str  # the part's key ("" for a single-tensor loss)
+
+
 class _Plan:
     """One Evaluate round trip for several terms, and what backward needs afterwards."""
 
     def __init__(self, terms: Sequence[tuple[str, BoundTerm]], client: LossClient, timeout: float | None):
         self.client, self.timeout = client, timeout
         self.names = [name for name, _ in terms]
+        self.terms = list(terms)
         self.request = pb.EvaluateRequest()
         self.leaves: list[_Leaf] = []
         self.devices: list[torch.device] = []
@@ -151,20 +198,19 @@ class _Plan:
             self.devices.append(self._encode_term(bound, message, index, grad_enabled))
 
     def _encode_term(self, bound: BoundTerm, message: pb.LossTerm, index: int, grad_enabled: bool) -> torch.device:
-        info, arguments = bound.loss.info, bound.arguments
+        module, info, arguments = bound.loss, bound.loss.info, bound.arguments
         names = [item.name for item in info.inputs]
-        codec.encode_config(bound.loss.cfg, message.config)
+        codec.encode_config(module.cfg, message.config)
         pred = arguments.get(names[0])
         if not isinstance(pred, Tensor):
             raise TypeError(f"{info.name}: {names[0]} must be a tensor, got {type(pred).__name__}")
         codec.encode_tensor(pred, message.pred)
-        requested = []
         for position, name in enumerate(names):
             value = arguments.get(name)
             if value is None or position == 0:
                 continue
             if position == 1:
-                codec.encode_value(tuple(value) if isinstance(value, list) else value, message.target)
+                codec.encode_value(tuple(value) if _is_tensor_list(value) else value, message.target)
             elif name == "weight":
                 codec.encode_tensor(value, message.weight)
             elif name == "avg_factor":
@@ -173,6 +219,8 @@ class _Plan:
                 message.reduction_override = value
             else:
                 codec.encode_value(value, message.inputs[name])
+        self._encode_extras(module, arguments, message)
+        requested = []
         if grad_enabled:
             for position, alias in ((0, "pred"), (1, "target")):
                 if position >= len(names) or names[position] not in info.differentiable:
@@ -184,53 +232,102 @@ class _Plan:
         message.gradients.extend(requested or ["none"])
         return pred.device
 
+    @staticmethod
+    def _encode_extras(module: RemoteLoss, arguments: Mapping[str, Any], message: pb.LossTerm) -> None:
+        """Session, sampler seed and labels: what the term needs beyond mmdet's forward arguments."""
+        if module.session:
+            message.session = module.session
+            message.forward_id = uuid.uuid4().hex  # a retried call is recognised, not applied twice
+        if "sampler" in module.cfg:
+            seed = module.seed
+            if seed is None:  # from the caller's global generator: torch.manual_seed reproduces a run
+                seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+            message.seed = seed
+            if arguments.get(SAMPLE_LABELS) is not None:
+                codec.encode_tensor(arguments[SAMPLE_LABELS], message.sample_labels)
+
     def run(self) -> list[Tensor]:
+        """Evaluate; returns every output tensor, term by term and part by part (see ``outputs``)."""
         response = self.client.evaluate(self.request, self.timeout)
         self.results = list(response.results)
         self.timings = response.timings
-        losses = [
-            codec.decode_tensor(result.loss, f"results[{i}].loss").to(self.devices[i])
-            for i, result in enumerate(self.results)
-        ]
-        self.loss_shapes = [loss.shape for loss in losses]
+        self.outputs: list[_Output] = []
+        self.structures: list[str] = []
+        tensors = []
+        for index, result in enumerate(self.results):
+            self.structures.append(result.structure or "tensor")
+            if result.structure in ("", "tensor"):
+                items = [("", result.loss)]
+            else:
+                items = [(part.key, part.loss) for part in result.parts]
+            for key, message in items:
+                self.outputs.append(_Output(index, key))
+                tensors.append(codec.decode_tensor(message, f"results[{index}].loss").to(self.devices[index]))
+        for (_, bound), result in zip(self.terms, self.results, strict=True):
+            if result.session_step:
+                bound.loss.last_session_step = result.session_step
         if all(r.separable for r in self.results):
             self.request = None  # backward needs no resend: free the encoded inputs
-        return losses
+        return tensors
 
-    def _gradient(self, result: pb.TermResult, leaf: _Leaf, field: str) -> Tensor:
-        if leaf.key not in result.gradients:
+    def regroup(self, tensors: Sequence[Tensor]) -> list[Any]:
+        """The flat outputs back into one value per term: a tensor, a tuple or a dict."""
+        grouped: list[list[tuple[str, Tensor]]] = [[] for _ in self.results]
+        for output, tensor in zip(self.outputs, tensors, strict=True):
+            grouped[output.term].append((output.key, tensor))
+        values = []
+        for structure, items in zip(self.structures, grouped, strict=True):
+            if structure == "tuple":
+                values.append(tuple(t for _, t in items))
+            elif structure == "dict":
+                values.append(dict(items))
+            else:
+                values.append(items[0][1])
+        return values
+
+    def _gradient(self, gradients: Mapping[str, pb.Tensor], leaf: _Leaf, where: str) -> Tensor:
+        if leaf.key not in gradients:
             raise RemoteLossError(
-                grpc.StatusCode.INTERNAL, f"the server returned no gradient for {leaf.key!r} of term {result.name!r}"
+                grpc.StatusCode.INTERNAL, f"the server returned no gradient for {leaf.key!r} of {where}"
             )
-        return codec.decode_tensor(result.gradients[leaf.key], field).to(leaf.tensor.device)
+        return codec.decode_tensor(gradients[leaf.key], f"{where}.gradients[{leaf.key}]").to(leaf.tensor.device)
+
+    def _part_gradients(self, output: _Output) -> Mapping[str, pb.Tensor]:
+        result = self.results[output.term]
+        if self.structures[output.term] == "tensor":
+            return result.gradients
+        return next(p.gradients for p in result.parts if p.key == output.key)
 
     def vjp(self, grad_outputs: Sequence[Tensor | None]) -> list[Tensor | None]:
-        """Gradients of every leaf for the upstream gradients of every term's loss."""
+        """Gradients of every leaf for the upstream gradients of every output tensor."""
         resent = self._resend(grad_outputs)
-        grads: list[Tensor | None] = []
-        for leaf in self.leaves:
-            upstream = grad_outputs[leaf.term]
-            if upstream is None:
-                grads.append(None)
-                continue
+        grads: list[Tensor | None] = [None] * len(self.leaves)
+        for i, leaf in enumerate(self.leaves):
             if leaf.term in resent:
                 result = resent[leaf.term]
-                grads.append(self._gradient(result, leaf, f"{result.name}.gradients[{leaf.key}]"))
+                grads[i] = self._gradient(result.gradients, leaf, f"term {result.name!r}")
                 continue
             result = self.results[leaf.term]
-            local = self._gradient(result, leaf, f"{result.name}.gradients[{leaf.key}]")
-            upstream = upstream.to(local.dtype)
-            if upstream.dim() and local.shape != upstream.shape:
-                upstream = upstream.unsqueeze(result.sample_axis)
-            grads.append((upstream * local).to(leaf.tensor.dtype))
+            for output, upstream in zip(self.outputs, grad_outputs, strict=True):
+                if output.term != leaf.term or upstream is None:
+                    continue
+                local = self._gradient(self._part_gradients(output), leaf, f"term {result.name!r} part {output.key!r}")
+                upstream = upstream.to(local.dtype)
+                if upstream.dim() and local.shape != upstream.shape:
+                    upstream = upstream.unsqueeze(result.sample_axis)
+                contribution = (upstream * local).to(leaf.tensor.dtype)
+                grads[i] = contribution if grads[i] is None else grads[i] + contribution
         return grads
 
     def _resend(self, grad_outputs: Sequence[Tensor | None]) -> dict[int, pb.TermResult]:
-        """Non-separable terms: evaluate again with the upstream gradient (an exact VJP)."""
+        """Non-separable terms: evaluate again with the upstream gradients (an exact VJP). A session
+        term replays the state its forward saw (``replay_step``), so the state is not updated twice."""
         todo = [
             i
             for i, result in enumerate(self.results)
-            if not result.separable and grad_outputs[i] is not None and any(leaf.term == i for leaf in self.leaves)
+            if not result.separable
+            and any(leaf.term == i for leaf in self.leaves)
+            and any(g is not None for o, g in zip(self.outputs, grad_outputs, strict=True) if o.term == i)
         ]
         if not todo:
             return {}
@@ -238,9 +335,20 @@ class _Plan:
         for i in todo:
             term = request.terms.add()
             term.CopyFrom(self.request.terms[i])
-            codec.encode_tensor(grad_outputs[i], term.grad_output)
+            term.ClearField("forward_id")
+            if self.results[i].session_step:
+                term.replay_step = self.results[i].session_step
+            for output, upstream in zip(self.outputs, grad_outputs, strict=True):
+                if output.term != i or upstream is None:
+                    continue
+                target = term.grad_output if self.structures[i] == "tensor" else term.grad_outputs[output.key]
+                codec.encode_tensor(upstream, target)
         response = self.client.evaluate(request, self.timeout)
         return dict(zip(todo, response.results, strict=True))
+
+
+def _is_tensor_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, Tensor) for v in value)
 
 
 class _RemoteEvaluate(torch.autograd.Function):
@@ -259,7 +367,7 @@ def evaluate_terms(
     *,
     client: LossClient | None = None,
     timeout: float | None = None,
-) -> dict[str, Tensor]:
+) -> dict[str, Any]:
     """Evaluate several named loss terms in one round trip; returns {name: differentiable loss}.
 
     losses = evaluate_terms({
@@ -267,6 +375,8 @@ def evaluate_terms(
         "loss_bbox": (loss_bbox, (bbox_pred, bbox_targets, bbox_weights), {}),
     })
     sum(losses.values()).backward()
+
+    A term whose loss returns a tuple or a dict gives a tuple or dict of tensors.
     """
     bound_terms = []
     for name, term in terms.items():
@@ -280,8 +390,8 @@ def evaluate_terms(
             raise ValueError("evaluate_terms: every RemoteLoss of one call must share one client (target)")
         client = next(iter(clients.values()))
     plan = _Plan(bound_terms, client, timeout)
-    losses = _RemoteEvaluate.apply(plan, *(leaf.tensor for leaf in plan.leaves))
-    return dict(zip(plan.names, losses, strict=True))
+    tensors = _RemoteEvaluate.apply(plan, *(leaf.tensor for leaf in plan.leaves))
+    return dict(zip(plan.names, plan.regroup(tensors), strict=True))
 
 
 def build_loss(cfg: Mapping[str, Any], target: str = DEFAULT_TARGET, **kwargs: Any) -> RemoteLoss:

@@ -18,8 +18,9 @@ from losswire.v1 import loss_service_pb2 as pb
 from losswire.v1 import loss_service_pb2_grpc as pb_grpc
 
 from . import __version__
-from .losses import LOSSES
+from .losses import LOSSES, Registry
 from .service import LossService
+from .sessions import SessionStore
 
 log = logging.getLogger("losswire.server")
 
@@ -42,6 +43,9 @@ class ServerConfig:
     # health-checking balancers and probes stop sending calls before the port closes
     shutdown_notice_seconds: float = 0.0
     plugins: tuple[str, ...] = ()
+    session_ttl_seconds: float = 3600.0  # an idle session's state is dropped after this long
+    max_sessions: int = 1024  # live sessions at once; beyond, RESOURCE_EXHAUSTED
+    session_replay_depth: int = 4  # forwards per session whose prior state is kept for recomputes
 
 
 def resolve_device(name: str) -> torch.device:
@@ -67,8 +71,9 @@ def load_plugins(modules: tuple[str, ...]) -> None:
 class LosswireServer:
     """A running losswire server. ``start()`` binds and returns the port; ``stop()`` drains."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, registry: Registry = LOSSES) -> None:
         self.config = config
+        self.registry = registry
         load_plugins(config.plugins)
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
@@ -82,7 +87,14 @@ class LosswireServer:
             options=options,
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
-        self.service = LossService(self.device, LOSSES, config.max_elements)
+        self.sessions = SessionStore(
+            registry,
+            self.device,
+            ttl_seconds=config.session_ttl_seconds,
+            max_sessions=config.max_sessions,
+            replay_depth=config.session_replay_depth,
+        )
+        self.service = LossService(self.device, registry, config.max_elements, self.sessions)
         pb_grpc.add_LossServiceServicer_to_server(self.service, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -105,8 +117,8 @@ class LosswireServer:
             self.config.host,
             self.port,
             self.device,
-            len(LOSSES),
-            ", ".join(LOSSES.names()),
+            len(self.registry),
+            ", ".join(self.registry.names()),
         )
         return self.port
 

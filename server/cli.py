@@ -101,6 +101,25 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
         "(e.g. a readiness probe's period) [LOSSWIRE_SHUTDOWN_NOTICE]",
     )
     parser.add_argument(
+        "--session-ttl",
+        type=float,
+        default=_env("SESSION_TTL", default.session_ttl_seconds),
+        help="seconds an idle session (server-held loss state) lives on [LOSSWIRE_SESSION_TTL]",
+    )
+    parser.add_argument(
+        "--max-sessions",
+        type=int,
+        default=_env("MAX_SESSIONS", default.max_sessions),
+        help="live sessions at once; a new one beyond it gets RESOURCE_EXHAUSTED [LOSSWIRE_MAX_SESSIONS]",
+    )
+    parser.add_argument(
+        "--session-replay-depth",
+        type=int,
+        default=_env("SESSION_REPLAY_DEPTH", default.session_replay_depth),
+        help="recent forwards per session whose prior state is kept for exact backward recomputes "
+        "[LOSSWIRE_SESSION_REPLAY_DEPTH]",
+    )
+    parser.add_argument(
         "--plugin",
         action="append",
         default=None,
@@ -126,6 +145,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         grace_seconds=float(args.grace),
         shutdown_notice_seconds=float(args.shutdown_notice),
         plugins=tuple(plugins),
+        session_ttl_seconds=float(args.session_ttl),
+        max_sessions=int(args.max_sessions),
+        session_replay_depth=int(args.session_replay_depth),
     )
 
 

@@ -1,20 +1,27 @@
-"""Where the loss runs and the gradient is made: bind a term's inputs, forward, backward.
+"""Where the loss runs and the gradient is made: bind a term's inputs, sample, forward, backward.
 
 Plain torch, no gRPC: the service decodes a request into ``TermRequest`` objects, hands them here
-and encodes the ``TermOutcome`` objects it gets back. Engine errors (``LossError``) pass through
-untouched for the service to map to status codes.
+and encodes the ``TermOutcome`` objects it gets back. Engine errors (``LossError``), session errors
+and sampler errors pass through untouched for the service to map to status codes.
+
+A loss may return one tensor, a tuple (AssociativeEmbeddingLoss) or a dict (SeesawLoss): each
+tensor is one *part* with its own gradients, so a caller can apply a different upstream gradient
+to each part without a second round trip.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .losses import LOSSES, LossDescription, LossInputError, OutputKind, Registry, output_kind_of
+from .losses import LOSSES, LossConfigError, LossDescription, LossInputError, OutputKind, Registry, output_kind_of
+from .sampling import Sample, apply_sample, build_sampler, default_labels
+from .sessions import SessionStore
 
 PRED, TARGET = "pred", "target"
 
@@ -33,16 +40,39 @@ class TermRequest:
     inputs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     gradients: Sequence[str] = (PRED,)
     grad_output: Tensor | None = None
+    grad_outputs: Mapping[str, Tensor] = dataclasses.field(default_factory=dict)  # per part, for recomputes
+    session: str = ""
+    replay_step: int | None = None
+    forward_id: str = ""
+    seed: int | None = None
+    sample_labels: Tensor | None = None
+
+
+@dataclasses.dataclass
+class PartOutcome:
+    key: str  # "" for a plain tensor output, "0", "1"... for a tuple, the dict key for a dict
+    loss: Tensor
+    gradients: dict[str, Tensor]
+    output: OutputKind
 
 
 @dataclasses.dataclass
 class TermOutcome:
     name: str
-    loss: Tensor
+    structure: str  # "tensor", "tuple" or "dict"
+    parts: list[PartOutcome]
+    # with an upstream gradient sent (a recompute): d(sum_k G_k * part_k)/d(input), over every part
     gradients: dict[str, Tensor]
-    output: OutputKind
     separable: bool
     sample_axis: int
+    session_step: int = 0
+    sampled: Sample | None = None
+
+    @property
+    def loss(self) -> Tensor:
+        """The loss of a single-tensor output."""
+        (part,) = self.parts
+        return part.loss
 
 
 class LossFailedError(LossInputError):
@@ -132,58 +162,175 @@ def _gradient_leaves(
     return leaves
 
 
-class Evaluator:
-    """Evaluates decoded loss terms on one device with the losses of one registry."""
+WEIGHT_INPUTS = ("weight", "label_weights", "label_weight")  # where a sampler's zeros go
 
-    def __init__(self, registry: Registry = LOSSES) -> None:
+
+def split_sampler(config: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
+    """The loss config without its ``sampler`` entry, and that entry (None when absent)."""
+    config = dict(config)
+    return config, config.pop("sampler", None)
+
+
+def _parts(output: Any, loss_name: str) -> tuple[str, list[tuple[str, Tensor]]]:
+    if isinstance(output, Tensor):
+        return "tensor", [("", output)]
+    if isinstance(output, tuple) and output and all(isinstance(t, Tensor) for t in output):
+        return "tuple", [(str(i), t) for i, t in enumerate(output)]
+    if isinstance(output, Mapping) and output and all(isinstance(t, Tensor) for t in output.values()):
+        return "dict", [(str(k), t) for k, t in output.items()]
+    raise LossFailedError(f"{loss_name} returned a {type(output).__name__}, not a tensor, tuple or dict of tensors")
+
+
+class Evaluator:
+    """Evaluates decoded loss terms on one device with the losses of one registry.
+
+    ``sessions`` holds the state of stateful losses across calls (terms naming a session);
+    without a session every term gets a freshly built module.
+    """
+
+    def __init__(self, registry: Registry = LOSSES, sessions: SessionStore | None = None) -> None:
         self.registry = registry
+        self.sessions = sessions if sessions is not None else SessionStore(registry)
 
     def evaluate(self, term: TermRequest) -> TermOutcome:
-        module = self.registry.build(term.config)
-        description = self.registry.describe(term.config["type"])
+        config, sampler_config = split_sampler(term.config)
+        loss_type, _ = self.registry.check_config(config)
+        description = self.registry.describe(loss_type)
         kwargs = bind_inputs(description, term)
-        leaves = _gradient_leaves(description, kwargs, term.gradients)
-        loss = self._forward(module, description, kwargs)
-        gradients = self._backward(loss, leaves, term.grad_output)
-        output = output_kind_of(module, description)
+        with self._module(term, config) as (module, step):
+            sampled = None
+            if sampler_config is not None:
+                sampled = self._sample(sampler_config, module, description, kwargs, term)
+            leaves = _gradient_leaves(description, kwargs, term.gradients)
+            output = self._forward(module, description, kwargs)
+            structure, parts = _parts(output, description.name)
+            recompute = term.grad_output is not None or bool(term.grad_outputs)
+            if recompute:
+                gradients = self._backward(parts, leaves, self._upstream(structure, parts, term))
+                per_part: list[dict[str, Tensor]] = [{} for _ in parts]
+            else:
+                gradients = {}
+                per_part = [self._backward([part], leaves, None, keep_graph=len(parts) > 1) for part in parts]
+        kind = output_kind_of(module, description)
         return TermOutcome(
             name=term.name,
-            loss=loss.detach(),
+            structure=structure,
+            parts=[
+                PartOutcome(key, tensor.detach(), grads, OutputKind.SCALAR if tensor.dim() == 0 else kind)
+                for (key, tensor), grads in zip(parts, per_part, strict=True)
+            ],
             gradients=gradients,
-            output=OutputKind.SCALAR if loss.dim() == 0 else output,
             separable=description.separable,
             sample_axis=description.sample_axis,
+            session_step=step,
+            sampled=sampled,
         )
 
+    @contextlib.contextmanager
+    def _module(self, term: TermRequest, config: dict[str, Any]) -> Iterator[tuple[nn.Module, int]]:
+        """The module that evaluates this term, and its session step (0 without a session)."""
+        device = term.pred.device
+        if not term.session:
+            if term.replay_step is not None:
+                raise LossInputError("replay_step needs a session", field="replay_step")
+            yield self.registry.build(config).to(device), 0
+            return
+        with self.sessions.open(term.session, config, term.replay_step, term.forward_id) as (module, step):
+            yield module.to(device), step
+
+    def _sample(
+        self,
+        sampler_config: Any,
+        module: nn.Module,
+        description: LossDescription,
+        kwargs: dict[str, Any],
+        term: TermRequest,
+    ) -> Sample:
+        """Zero the weight of every sample the sampler does not keep (in ``kwargs``)."""
+        sampler = build_sampler(sampler_config)
+        names = [i.name for i in description.inputs]
+        slot = next((n for n in WEIGHT_INPUTS if n in names), None)
+        if slot is None:
+            raise LossConfigError(
+                f"{description.name} takes no per-sample weight ({', '.join(WEIGHT_INPUTS)}), so it cannot be sampled",
+                field="sampler",
+            )
+        pred = kwargs[names[0]]
+        labels = term.sample_labels if term.sample_labels is not None else default_labels(kwargs.get(names[1]))
+        background = sampler.background_label
+        if background is None:
+            background = int(getattr(module, "background_label", lambda p: p.shape[1])(pred)) if pred.dim() > 1 else 1
+        weight, sample = apply_sample(sampler, labels, pred, kwargs.get(slot), term.seed, background)
+        if kwargs.get(slot) is None and output_kind_of(module, description) is OutputKind.ELEMENT and pred.dim() > 1:
+            weight = weight.view(-1, *([1] * (pred.dim() - 1))).expand_as(pred).contiguous()
+        kwargs[slot] = weight
+        return sample
+
     @staticmethod
-    def _forward(module: nn.Module, description: LossDescription, kwargs: dict[str, Any]) -> Tensor:
+    def _forward(module: nn.Module, description: LossDescription, kwargs: dict[str, Any]) -> Any:
         try:
             with torch.enable_grad():
-                loss = module(**kwargs)
+                return module(**kwargs)
         except LossInputError:
             raise
         except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as error:
-            if isinstance(error, torch.cuda.OutOfMemoryError):
+            if isinstance(error, (torch.cuda.OutOfMemoryError, LossConfigError)):
                 raise
             message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise LossFailedError(f"{description.name} failed on these inputs: {message}") from error
-        if not isinstance(loss, Tensor):
-            raise LossFailedError(f"{description.name} returned a {type(loss).__name__}, not a tensor")
-        return loss
 
     @staticmethod
-    def _backward(loss: Tensor, leaves: dict[str, Tensor], grad_output: Tensor | None) -> dict[str, Tensor]:
+    def _upstream(structure: str, parts: list[tuple[str, Tensor]], term: TermRequest) -> list[Tensor]:
+        """The sent upstream gradient of each part (zeros for parts not named)."""
+        if structure == "tensor":
+            if term.grad_outputs:
+                raise LossInputError(
+                    "send grad_output, not grad_outputs, for a single-tensor loss", field="grad_outputs"
+                )
+            sent = {"": term.grad_output}
+        else:
+            if term.grad_output is not None:
+                raise LossInputError(
+                    f"this loss returns a {structure} of {[k for k, _ in parts]}: send grad_outputs by part key",
+                    field="grad_output",
+                )
+            unknown = sorted(set(term.grad_outputs) - {k for k, _ in parts})
+            if unknown:
+                raise LossInputError(
+                    f"grad_outputs names parts {unknown}; this loss's parts are {[k for k, _ in parts]}",
+                    field="grad_outputs",
+                )
+            sent = dict(term.grad_outputs)
+        upstream = []
+        for key, tensor in parts:
+            grad = sent.get(key)
+            if grad is None:
+                upstream.append(torch.zeros_like(tensor))
+                continue
+            if grad.shape != tensor.shape:
+                field = "grad_output" if structure == "tensor" else f"grad_outputs[{key}]"
+                raise LossInputError(
+                    f"{field} must have the loss's shape {list(tensor.shape)}, got {list(grad.shape)}", field=field
+                )
+            upstream.append(grad.to(tensor.dtype))
+        return upstream
+
+    @staticmethod
+    def _backward(
+        parts: list[tuple[str, Tensor]],
+        leaves: dict[str, Tensor],
+        upstream: list[Tensor] | None,
+        keep_graph: bool = False,
+    ) -> dict[str, Tensor]:
         if not leaves:
             return {}
-        if grad_output is None:
-            grad_output = torch.ones_like(loss)
-        elif grad_output.shape != loss.shape:
-            raise LossInputError(
-                f"grad_output must have the loss's shape {list(loss.shape)}, got {list(grad_output.shape)}",
-                field="grad_output",
-            )
-        tensors = list(leaves.values())
-        if not loss.requires_grad:
+        if upstream is None:
+            upstream = [torch.ones_like(t) for _, t in parts]
+        live = [(t, g) for (_, t), g in zip(parts, upstream, strict=True) if t.requires_grad]
+        if not live:
             return {key: torch.zeros_like(t) for key, t in leaves.items()}
-        grads = torch.autograd.grad(loss, tensors, grad_output.to(loss.dtype), allow_unused=True)
+        tensors = list(leaves.values())
+        grads = torch.autograd.grad(
+            [t for t, _ in live], tensors, [g for _, g in live], allow_unused=True, retain_graph=keep_graph
+        )
         return {key: torch.zeros_like(t) if g is None else g for (key, t), g in zip(leaves.items(), grads, strict=True)}

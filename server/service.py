@@ -19,8 +19,10 @@ from losswire.v1 import loss_service_pb2 as pb
 from losswire.v1 import loss_service_pb2_grpc as pb_grpc
 
 from . import __version__
-from .evaluate import Evaluator, TermOutcome, TermRequest
+from .evaluate import Evaluator, TermOutcome, TermRequest, split_sampler
 from .losses import LOSSES, LossDescription, Registry, output_kind_of
+from .sampling import build_sampler, sampler_config
+from .sessions import Session, SessionStore
 from .status import RequestError, to_status
 
 log = logging.getLogger("losswire.server")
@@ -33,11 +35,18 @@ def _term_label(index: int, name: str) -> str:
 class LossService(pb_grpc.LossServiceServicer):
     """Evaluates loss terms on ``device`` with the losses of ``registry``."""
 
-    def __init__(self, device: torch.device, registry: Registry = LOSSES, max_elements: int | None = None) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        registry: Registry = LOSSES,
+        max_elements: int | None = None,
+        sessions: SessionStore | None = None,
+    ) -> None:
         self.device = device
         self.registry = registry
         self.max_elements = max_elements
-        self.evaluator = Evaluator(registry)
+        self.sessions = sessions if sessions is not None else SessionStore(registry, device)
+        self.evaluator = Evaluator(registry, self.sessions)
 
     # -- Evaluate --------------------------------------------------------------------------------
 
@@ -124,17 +133,41 @@ class LossService(pb_grpc.LossServiceServicer):
             inputs={k: codec.decode_value(v, f"{field}.inputs[{k}]", device, limit) for k, v in message.inputs.items()},
             gradients=list(message.gradients) or ["pred"],
             grad_output=optional("grad_output", codec.decode_tensor),
+            grad_outputs={
+                k: codec.decode_tensor(v, f"{field}.grad_outputs[{k}]", device, limit)
+                for k, v in message.grad_outputs.items()
+            },
+            session=message.session,
+            replay_step=optional("replay_step"),
+            forward_id=message.forward_id,
+            seed=optional("seed"),
+            sample_labels=optional("sample_labels", codec.decode_tensor),
         )
 
     @staticmethod
     def _encode_outcome(outcome: TermOutcome, out: pb.TermResult) -> None:
         out.name = outcome.name
-        codec.encode_tensor(outcome.loss, out.loss)
-        for key, grad in outcome.gradients.items():
-            codec.encode_tensor(grad, out.gradients[key])
-        out.output = outcome.output.value
+        out.structure = outcome.structure
+        if outcome.structure == "tensor":
+            (part,) = outcome.parts
+            codec.encode_tensor(part.loss, out.loss)
+            for key, grad in {**part.gradients, **outcome.gradients}.items():
+                codec.encode_tensor(grad, out.gradients[key])
+        else:
+            for part in outcome.parts:
+                encoded = out.parts.add(key=part.key, output=part.output.value)
+                codec.encode_tensor(part.loss, encoded.loss)
+                for key, grad in part.gradients.items():
+                    codec.encode_tensor(grad, encoded.gradients[key])
+            for key, grad in outcome.gradients.items():
+                codec.encode_tensor(grad, out.gradients[key])
+        out.output = outcome.parts[0].output.value
         out.separable = outcome.separable
         out.sample_axis = outcome.sample_axis
+        out.session_step = outcome.session_step
+        if outcome.sampled is not None:
+            out.sampled.positives = outcome.sampled.positives.numel()
+            out.sampled.negatives = outcome.sampled.negatives.numel()
 
     @staticmethod
     def _abort(context: grpc.ServicerContext, error: Exception, where: str, term_path: str) -> None:
@@ -149,15 +182,57 @@ class LossService(pb_grpc.LossServiceServicer):
 
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.DescribeResponse:  # noqa: N802
         try:
-            config = self.registry.normalise(codec.decode_config(request.config))
+            config, sampler = split_sampler(codec.decode_config(request.config))
+            config = self.registry.normalise(config)
             module = self.registry.build(config)
             description = self.registry.describe(config["type"])
             response = pb.DescribeResponse(output=output_kind_of(module, description).value)
             describe(description, response.loss)
+            if sampler is not None:
+                config["sampler"] = sampler_config(build_sampler(sampler))
             codec.encode_config(config, response.config)
         except Exception as error:
             self._abort(context, error, "config", "")
         return response
+
+    # -- sessions ---------------------------------------------------------------------------------
+
+    def GetSession(self, request: pb.SessionRequest, context: grpc.ServicerContext) -> pb.SessionInfo:  # noqa: N802
+        try:
+            session = self.sessions.get(request.session)
+            with session.lock:  # a consistent state, between two forwards
+                return self._session_info(session, with_state=True)
+        except Exception as error:
+            self._abort(context, error, "session", "")
+
+    def ResetSession(self, request: pb.SessionRequest, context: grpc.ServicerContext) -> pb.SessionInfo:  # noqa: N802
+        try:
+            session = self.sessions.reset(request.session)
+            log.info("session %s reset after %d steps", session.name, session.steps)
+            return self._session_info(session, with_state=True)
+        except Exception as error:
+            self._abort(context, error, "session", "")
+
+    def ListSessions(  # noqa: N802
+        self, request: pb.ListSessionsRequest, context: grpc.ServicerContext
+    ) -> pb.ListSessionsResponse:
+        response = pb.ListSessionsResponse()
+        for session in self.sessions.sessions():
+            response.sessions.append(self._session_info(session, with_state=False))
+        return response
+
+    def _session_info(self, session: Session, with_state: bool) -> pb.SessionInfo:
+        info = pb.SessionInfo(
+            session=session.name,
+            steps=session.steps,
+            idle_seconds=self.sessions.idle(session),
+            expires_in_seconds=self.sessions.expires_in(session),
+        )
+        codec.encode_config(session.config, info.config)
+        if with_state:
+            for key, value in session.state().items():
+                codec.encode_tensor(value, info.state[key])
+        return info
 
     def ListLosses(self, request: pb.ListLossesRequest, context: grpc.ServicerContext) -> pb.ListLossesResponse:  # noqa: N802
         response = pb.ListLossesResponse(server_version=__version__, device=str(self.device))

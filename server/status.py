@@ -15,6 +15,7 @@ from grpc_status import rpc_status
 from losswire.client.codec import CodecError, CodecLimitError
 
 from .losses import LossConfigError, LossError, UnknownLossError
+from .sessions import ReplayUnavailableError, SessionConflictError, SessionError, SessionLimitError, UnknownSessionError
 
 
 class RequestError(ValueError):
@@ -31,11 +32,13 @@ class RequestError(ValueError):
 def code_for(error: BaseException) -> grpc.StatusCode:
     if isinstance(error, RequestError):
         return error.code
-    if isinstance(error, UnknownLossError):
+    if isinstance(error, (UnknownLossError, UnknownSessionError)):
         return grpc.StatusCode.NOT_FOUND
-    if isinstance(error, (CodecLimitError, torch.cuda.OutOfMemoryError, MemoryError)):
+    if isinstance(error, (CodecLimitError, SessionLimitError, torch.cuda.OutOfMemoryError, MemoryError)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if isinstance(error, (LossError, CodecError)):
+    if isinstance(error, (SessionConflictError, ReplayUnavailableError)):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(error, (LossError, CodecError, SessionError)):
         return grpc.StatusCode.INVALID_ARGUMENT
     return grpc.StatusCode.INTERNAL
 
@@ -60,7 +63,7 @@ def to_status(error: BaseException, where: str = "", term_path: str = "") -> grp
     if field:
         if isinstance(error, (LossConfigError, UnknownLossError)):
             field = f"{term_path}config.{field}"
-        elif isinstance(error, LossError):
+        elif isinstance(error, (LossError, SessionError)):
             field = term_path + field
         violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=message)
         packed = any_pb2.Any()

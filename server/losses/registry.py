@@ -51,6 +51,13 @@ class Registry:
             return register(module)
         return register
 
+    def copy(self, name: str) -> Registry:
+        """A new registry holding this one's losses (extra registrations stay in the copy)."""
+        clone = Registry(name)
+        clone._classes = dict(self._classes)
+        clone._descriptions = dict(self._descriptions)
+        return clone
+
     def get(self, name: str) -> type:
         try:
             return self._classes[name]

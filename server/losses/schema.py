@@ -162,18 +162,24 @@ def _summary(cls: type) -> str:
     return doc.split("\n\n", 1)[0].replace("\n", " ").strip()
 
 
-def describe_class(name: str, cls: type) -> LossDescription:
-    """Build the description of one registered loss class from its signatures."""
+def describe_params(cls: type) -> tuple[ParamSpec, ...]:
+    """The config parameters of a class, from its typed ``__init__``."""
     params = []
     for parameter, annotation in _signature_items(cls.__init__):
         inner, nullable = _strip_optional(annotation)
         type_name, choices = _param_type(inner)
         default = None if parameter.default is inspect.Parameter.empty else parameter.default
         params.append(ParamSpec(parameter.name, type_name, default, nullable, choices))
+    return tuple(params)
+
+
+def describe_class(name: str, cls: type) -> LossDescription:
+    """Build the description of one registered loss class from its signatures."""
+    params = describe_params(cls)
 
     inputs = []
     for parameter, annotation in _signature_items(cls.forward):
-        inner, nullable = _strip_optional(annotation)
+        inner, _ = _strip_optional(annotation)
         kind, choices = _input_kind(inner)
         optional = parameter.default is not inspect.Parameter.empty
         default = parameter.default if optional else None
@@ -186,7 +192,7 @@ def describe_class(name: str, cls: type) -> LossDescription:
     return LossDescription(
         name=name,
         summary=_summary(cls),
-        params=tuple(params),
+        params=params,
         inputs=tuple(inputs),
         output=OutputKind(output),
         output_variants={k: OutputKind(v) for k, v in variants.items()},
@@ -246,14 +252,19 @@ def _coerce(loss: str, spec: ParamSpec, value: Any) -> Any:
 
 def validate_config(description: LossDescription, params: Mapping[str, Any]) -> dict[str, Any]:
     """Check config keys and value types against the description; return normalised kwargs."""
-    known = {spec.name: spec for spec in description.params}
+    return validate_params(description.name, description.params, params)
+
+
+def validate_params(owner: str, specs: tuple[ParamSpec, ...], params: Mapping[str, Any]) -> dict[str, Any]:
+    """Check keys and value types against ``specs`` (``owner`` names the class in messages)."""
+    known = {spec.name: spec for spec in specs}
     checked = {}
     for key, value in params.items():
         if key not in known:
             raise LossConfigError(
-                f"{description.name} has no parameter {key!r}; valid parameters: "
-                + ", ".join(f"{s.name} ({s.type}, default {s.default!r})" for s in description.params),
+                f"{owner} has no parameter {key!r}; valid parameters: "
+                + ", ".join(f"{s.name} ({s.type}, default {s.default!r})" for s in specs),
                 field=key,
             )
-        checked[key] = _coerce(description.name, known[key], value)
+        checked[key] = _coerce(owner, known[key], value)
     return checked

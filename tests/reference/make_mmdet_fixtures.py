@@ -51,7 +51,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mmdet_harness
 
-FAMILIES = ("core", "iou", "cls", "misc", "stateful")
+FAMILIES = ("core", "iou", "cls", "misc", "stateful", "sessions", "samplers")
 
 
 def main(argv: list[str]) -> None:
@@ -60,7 +60,8 @@ def main(argv: list[str]) -> None:
         mmdet_harness.reset()
         torch.manual_seed(0)
         module.cases()
-        mmdet_harness.save(family)
+        # loss families replay as loss cases; others (samplers) name their own file
+        mmdet_harness.save(family, getattr(module, "FIXTURE", None))
 
 
 if __name__ == "__main__":

@@ -248,9 +248,9 @@ def reset():
     _IDS.clear()
 
 
-def save(family):
-    """Write the collected cases to ``fixtures/mmdet_<family>.pt`` and print a summary."""
-    path = os.path.join(FIXTURE_DIR, f"mmdet_{family}.pt")
+def save(family, file_name=None):
+    """Write the collected cases to ``fixtures/mmdet_<family>.pt`` (or ``file_name``) and print a summary."""
+    path = os.path.join(FIXTURE_DIR, file_name or f"mmdet_{family}.pt")
     data = {"mmdet_version": str(MMDET_VERSION), "torch_version": str(torch.__version__), "cases": list(CASES)}
     os.makedirs(FIXTURE_DIR, exist_ok=True)
     torch.save(data, path)
@@ -261,7 +261,7 @@ def save(family):
         k = c["id"].split("/")[0]
         counts.setdefault(k, [0, 0])
         counts[k][0] += 1
-        counts[k][1] += c["error"] is not None
+        counts[k][1] += c.get("error") is not None
     for k, (n, e) in counts.items():
         print(f"{k:32s} {n:4d} cases ({e} errors)")
     print(f"{family}: {len(CASES)} cases, {os.path.getsize(path)} bytes -> {path}")

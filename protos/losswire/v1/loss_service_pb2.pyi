@@ -68,7 +68,7 @@ class Value(_message.Message):
     def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., tensors: _Optional[_Union[TensorList, _Mapping]] = ..., number: _Optional[float] = ..., integer: _Optional[int] = ..., text: _Optional[str] = ..., flag: _Optional[bool] = ..., json: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ...) -> None: ...
 
 class LossTerm(_message.Message):
-    __slots__ = ("name", "config", "pred", "target", "weight", "avg_factor", "reduction_override", "inputs", "gradients", "grad_output")
+    __slots__ = ("name", "config", "pred", "target", "weight", "avg_factor", "reduction_override", "inputs", "gradients", "grad_output", "session", "replay_step", "seed", "sample_labels", "grad_outputs", "forward_id")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,13 @@ class LossTerm(_message.Message):
         key: str
         value: Value
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
+    class GradOutputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     PRED_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +93,12 @@ class LossTerm(_message.Message):
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     GRAD_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_STEP_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_LABELS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     config: _struct_pb2.Struct
     pred: Tensor
@@ -96,7 +109,13 @@ class LossTerm(_message.Message):
     inputs: _containers.MessageMap[str, Value]
     gradients: _containers.RepeatedScalarFieldContainer[str]
     grad_output: Tensor
-    def __init__(self, name: _Optional[str] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., pred: _Optional[_Union[Tensor, _Mapping]] = ..., target: _Optional[_Union[Value, _Mapping]] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., avg_factor: _Optional[float] = ..., reduction_override: _Optional[str] = ..., inputs: _Optional[_Mapping[str, Value]] = ..., gradients: _Optional[_Iterable[str]] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    session: str
+    replay_step: int
+    seed: int
+    sample_labels: Tensor
+    grad_outputs: _containers.MessageMap[str, Tensor]
+    forward_id: str
+    def __init__(self, name: _Optional[str] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., pred: _Optional[_Union[Tensor, _Mapping]] = ..., target: _Optional[_Union[Value, _Mapping]] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., avg_factor: _Optional[float] = ..., reduction_override: _Optional[str] = ..., inputs: _Optional[_Mapping[str, Value]] = ..., gradients: _Optional[_Iterable[str]] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ..., session: _Optional[str] = ..., replay_step: _Optional[int] = ..., seed: _Optional[int] = ..., sample_labels: _Optional[_Union[Tensor, _Mapping]] = ..., grad_outputs: _Optional[_Mapping[str, Tensor]] = ..., forward_id: _Optional[str] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
     __slots__ = ("terms",)
@@ -115,7 +134,7 @@ class Timings(_message.Message):
     def __init__(self, decode_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ...) -> None: ...
 
 class TermResult(_message.Message):
-    __slots__ = ("name", "loss", "gradients", "output", "separable", "sample_axis")
+    __slots__ = ("name", "loss", "gradients", "output", "separable", "sample_axis", "structure", "parts", "session_step", "sampled")
     class GradientsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -129,13 +148,48 @@ class TermResult(_message.Message):
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     SEPARABLE_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_AXIS_FIELD_NUMBER: _ClassVar[int]
+    STRUCTURE_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_STEP_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_FIELD_NUMBER: _ClassVar[int]
     name: str
     loss: Tensor
     gradients: _containers.MessageMap[str, Tensor]
     output: str
     separable: bool
     sample_axis: int
-    def __init__(self, name: _Optional[str] = ..., loss: _Optional[_Union[Tensor, _Mapping]] = ..., gradients: _Optional[_Mapping[str, Tensor]] = ..., output: _Optional[str] = ..., separable: _Optional[bool] = ..., sample_axis: _Optional[int] = ...) -> None: ...
+    structure: str
+    parts: _containers.RepeatedCompositeFieldContainer[LossPart]
+    session_step: int
+    sampled: SampleCounts
+    def __init__(self, name: _Optional[str] = ..., loss: _Optional[_Union[Tensor, _Mapping]] = ..., gradients: _Optional[_Mapping[str, Tensor]] = ..., output: _Optional[str] = ..., separable: _Optional[bool] = ..., sample_axis: _Optional[int] = ..., structure: _Optional[str] = ..., parts: _Optional[_Iterable[_Union[LossPart, _Mapping]]] = ..., session_step: _Optional[int] = ..., sampled: _Optional[_Union[SampleCounts, _Mapping]] = ...) -> None: ...
+
+class LossPart(_message.Message):
+    __slots__ = ("key", "loss", "gradients", "output")
+    class GradientsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    loss: Tensor
+    gradients: _containers.MessageMap[str, Tensor]
+    output: str
+    def __init__(self, key: _Optional[str] = ..., loss: _Optional[_Union[Tensor, _Mapping]] = ..., gradients: _Optional[_Mapping[str, Tensor]] = ..., output: _Optional[str] = ...) -> None: ...
+
+class SampleCounts(_message.Message):
+    __slots__ = ("positives", "negatives")
+    POSITIVES_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVES_FIELD_NUMBER: _ClassVar[int]
+    positives: int
+    negatives: int
+    def __init__(self, positives: _Optional[int] = ..., negatives: _Optional[int] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
     __slots__ = ("results", "timings", "device")
@@ -217,6 +271,45 @@ class ListLossesResponse(_message.Message):
     server_version: str
     device: str
     def __init__(self, losses: _Optional[_Iterable[_Union[LossInfo, _Mapping]]] = ..., server_version: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+
+class SessionRequest(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    def __init__(self, session: _Optional[str] = ...) -> None: ...
+
+class SessionInfo(_message.Message):
+    __slots__ = ("session", "config", "steps", "idle_seconds", "expires_in_seconds", "state")
+    class StateEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    config: _struct_pb2.Struct
+    steps: int
+    idle_seconds: float
+    expires_in_seconds: float
+    state: _containers.MessageMap[str, Tensor]
+    def __init__(self, session: _Optional[str] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., steps: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., expires_in_seconds: _Optional[float] = ..., state: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
+
+class ListSessionsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListSessionsResponse(_message.Message):
+    __slots__ = ("sessions",)
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionInfo]
+    def __init__(self, sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ("config",)

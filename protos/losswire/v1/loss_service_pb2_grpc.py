@@ -49,6 +49,21 @@ class LossServiceStub:
                 request_serializer=losswire_dot_v1_dot_loss__service__pb2.DescribeRequest.SerializeToString,
                 response_deserializer=losswire_dot_v1_dot_loss__service__pb2.DescribeResponse.FromString,
                 _registered_method=True)
+        self.GetSession = channel.unary_unary(
+                '/losswire.v1.LossService/GetSession',
+                request_serializer=losswire_dot_v1_dot_loss__service__pb2.SessionRequest.SerializeToString,
+                response_deserializer=losswire_dot_v1_dot_loss__service__pb2.SessionInfo.FromString,
+                _registered_method=True)
+        self.ResetSession = channel.unary_unary(
+                '/losswire.v1.LossService/ResetSession',
+                request_serializer=losswire_dot_v1_dot_loss__service__pb2.SessionRequest.SerializeToString,
+                response_deserializer=losswire_dot_v1_dot_loss__service__pb2.SessionInfo.FromString,
+                _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/losswire.v1.LossService/ListSessions',
+                request_serializer=losswire_dot_v1_dot_loss__service__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=losswire_dot_v1_dot_loss__service__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
 
 
 class LossServiceServicer:
@@ -63,7 +78,10 @@ class LossServiceServicer:
         disagrees with dtype x shape, a shape/dtype the loss cannot take, a missing
         input, a bad reduction, avg_factor with reduction "sum"... The message names
         the term and the field, what was expected and what arrived.
-        RESOURCE_EXHAUSTED  the request exceeds the server's size limits, or the device ran out of memory.
+        RESOURCE_EXHAUSTED  the request exceeds the server's size limits, the device ran out of memory,
+        or a new session would exceed the server's --max-sessions.
+        FAILED_PRECONDITION a term names a session created with another config, or a replay_step the
+        session no longer keeps.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -80,6 +98,30 @@ class LossServiceServicer:
         """Validates one loss config without evaluating anything, and returns its description and the
         config as the server normalised it. Same errors as Evaluate (NOT_FOUND, INVALID_ARGUMENT).
         Clients call it when a loss object is built, so config mistakes surface before training.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSession(self, request, context):
+        """Stateful losses (SeesawLoss's cum_samples, EQLV2Loss's gradient statistics, GHMC/GHMR with
+        momentum) keep their state in a named session on the server; see LossTerm.session.
+        GetSession reads a session's state; NOT_FOUND when no such session exists (or it expired).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetSession(self, request, context):
+        """Drops a session: the next term naming it starts from a fresh module. Returns the state it had.
+        NOT_FOUND when no such session exists.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSessions(self, request, context):
+        """Every live session, without its state tensors.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -102,6 +144,21 @@ def add_LossServiceServicer_to_server(servicer, server):
                     servicer.Describe,
                     request_deserializer=losswire_dot_v1_dot_loss__service__pb2.DescribeRequest.FromString,
                     response_serializer=losswire_dot_v1_dot_loss__service__pb2.DescribeResponse.SerializeToString,
+            ),
+            'GetSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSession,
+                    request_deserializer=losswire_dot_v1_dot_loss__service__pb2.SessionRequest.FromString,
+                    response_serializer=losswire_dot_v1_dot_loss__service__pb2.SessionInfo.SerializeToString,
+            ),
+            'ResetSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetSession,
+                    request_deserializer=losswire_dot_v1_dot_loss__service__pb2.SessionRequest.FromString,
+                    response_serializer=losswire_dot_v1_dot_loss__service__pb2.SessionInfo.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=losswire_dot_v1_dot_loss__service__pb2.ListSessionsRequest.FromString,
+                    response_serializer=losswire_dot_v1_dot_loss__service__pb2.ListSessionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -185,6 +242,87 @@ class LossService:
             '/losswire.v1.LossService/Describe',
             losswire_dot_v1_dot_loss__service__pb2.DescribeRequest.SerializeToString,
             losswire_dot_v1_dot_loss__service__pb2.DescribeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/losswire.v1.LossService/GetSession',
+            losswire_dot_v1_dot_loss__service__pb2.SessionRequest.SerializeToString,
+            losswire_dot_v1_dot_loss__service__pb2.SessionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/losswire.v1.LossService/ResetSession',
+            losswire_dot_v1_dot_loss__service__pb2.SessionRequest.SerializeToString,
+            losswire_dot_v1_dot_loss__service__pb2.SessionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/losswire.v1.LossService/ListSessions',
+            losswire_dot_v1_dot_loss__service__pb2.ListSessionsRequest.SerializeToString,
+            losswire_dot_v1_dot_loss__service__pb2.ListSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

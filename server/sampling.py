@@ -1,0 +1,199 @@
+"""The sampling step (MMDetection's step 1): choose which samples a loss sees, by zeroing weights.
+
+A loss config may carry ``sampler=dict(type='RandomSampler', num=256, pos_fraction=0.5,
+neg_pos_ub=-1)`` or ``sampler=dict(type='PseudoSampler')``. Given one label per sample (class
+indices, ``background_label`` meaning background), the sampler keeps
+
+* positives: ``0 <= label < background_label``, at most ``int(num * pos_fraction)`` of them;
+* negatives: ``label == background_label``, at most ``num - kept positives`` (and at most
+  ``neg_pos_ub * max(1, kept positives)`` when ``neg_pos_ub >= 0``);
+
+and every other sample (not kept, or a label outside both sets such as -1) gets weight 0.
+The draws are mmdet's: a ``randperm`` over the positive indices, then one over the negative
+indices, from a CPU generator seeded with the request's seed -- the same indices mmdet's
+``RandomSampler`` picks after ``torch.manual_seed(seed)``. ``PseudoSampler`` keeps every positive
+and negative. See docs/semantics.md for how this differs from sampling inside a detection head.
+
+Plain torch, no gRPC.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .losses import LossConfigError, LossInputError
+from .losses.checks import index_tensor
+from .losses.schema import describe_params, validate_params
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """The kept positive and negative indices (sorted), and the [N] 0/1 keep mask."""
+
+    positives: Tensor
+    negatives: Tensor
+    keep: Tensor
+
+
+class PseudoSampler:
+    """Keeps every positive and every negative (mmdet's PseudoSampler): only ignored labels drop."""
+
+    random = False
+
+    def __init__(self, background_label: int | None = None) -> None:
+        self.background_label = background_label
+
+    def choose(self, indices: Tensor, count: int, generator: torch.Generator | None) -> Tensor:
+        return indices
+
+    def sample(self, labels: Tensor, background_label: int, generator: torch.Generator | None = None) -> Sample:
+        positives = torch.nonzero((labels >= 0) & (labels < background_label)).flatten()
+        negatives = torch.nonzero(labels == background_label).flatten()
+        positives = self.choose(positives, self.positive_quota(), generator).unique()
+        negatives = self.choose(negatives, self.negative_quota(positives.numel()), generator).unique()
+        keep = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+        keep[positives] = True
+        keep[negatives] = True
+        return Sample(positives, negatives, keep)
+
+    def positive_quota(self) -> int:
+        return -1
+
+    def negative_quota(self, kept_positives: int) -> int:
+        return -1
+
+
+class RandomSampler(PseudoSampler):
+    """Random sampling of positives and negatives with a fixed budget (mmdet's RandomSampler).
+
+    Args:
+        num: total number of samples to keep (positives first).
+        pos_fraction: at most ``int(num * pos_fraction)`` positives.
+        neg_pos_ub: at most ``neg_pos_ub * max(1, positives)`` negatives; -1 for no bound (default -1).
+        add_gt_as_proposals: must be False: there are no boxes here to add (default False).
+        background_label: the background label; None: the loss's class count (default None).
+    """
+
+    random = True
+
+    def __init__(
+        self,
+        num: int,
+        pos_fraction: float,
+        neg_pos_ub: int = -1,
+        add_gt_as_proposals: bool = False,
+        background_label: int | None = None,
+    ) -> None:
+        super().__init__(background_label)
+        if num < 0 or not 0.0 <= pos_fraction <= 1.0:
+            raise LossConfigError(
+                f"RandomSampler needs num >= 0 and 0 <= pos_fraction <= 1, got num={num}, pos_fraction={pos_fraction}",
+                field="sampler",
+            )
+        if add_gt_as_proposals:
+            raise LossConfigError(
+                "RandomSampler.add_gt_as_proposals must be False: a loss term carries no ground-truth boxes to add "
+                "as proposals (add them to pred/target before sending)",
+                field="sampler.add_gt_as_proposals",
+            )
+        self.num, self.pos_fraction, self.neg_pos_ub = num, pos_fraction, neg_pos_ub
+        self.add_gt_as_proposals = add_gt_as_proposals
+
+    def choose(self, indices: Tensor, count: int, generator: torch.Generator | None) -> Tensor:
+        if indices.numel() <= count:
+            return indices
+        # mmdet draws the permutation on the CPU generator whatever the device: so do we.
+        order = torch.randperm(indices.numel(), generator=generator)[:count].to(indices.device)
+        return indices[order]
+
+    def positive_quota(self) -> int:
+        return int(self.num * self.pos_fraction)
+
+    def negative_quota(self, kept_positives: int) -> int:
+        quota = self.num - kept_positives
+        if self.neg_pos_ub >= 0:
+            quota = min(quota, int(self.neg_pos_ub * max(1, kept_positives)))
+        return quota
+
+
+SAMPLERS: dict[str, type[PseudoSampler]] = {"RandomSampler": RandomSampler, "PseudoSampler": PseudoSampler}
+
+
+def build_sampler(config: Any) -> PseudoSampler:
+    """``dict(type='RandomSampler', num=..., ...)`` -> a sampler; every error names ``sampler.<key>``."""
+    if not isinstance(config, Mapping) or not isinstance(config.get("type"), str):
+        raise LossConfigError(
+            f"sampler must be a dict with a 'type' of {sorted(SAMPLERS)}, got {config!r}", field="sampler"
+        )
+    kind = config["type"]
+    if kind not in SAMPLERS:
+        raise LossConfigError(f"sampler.type must be one of {sorted(SAMPLERS)}, got {kind!r}", field="sampler.type")
+    cls = SAMPLERS[kind]
+    try:
+        return cls(**validate_params(kind, describe_params(cls), {k: v for k, v in config.items() if k != "type"}))
+    except LossConfigError as error:
+        if error.field and not error.field.startswith("sampler"):
+            error.field = f"sampler.{error.field}"
+        raise
+    except TypeError as error:  # a required parameter is missing
+        raise LossConfigError(f"sampler {kind}: {error}", field="sampler") from None
+
+
+def sampler_config(sampler: PseudoSampler) -> dict[str, Any]:
+    names = [p.name for p in describe_params(type(sampler))]
+    return {"type": type(sampler).__name__, **{n: getattr(sampler, n) for n in names}}
+
+
+def default_labels(target: Any) -> Tensor | None:
+    """The class indices a sampler splits by default: an integer target, or target[0] of a tuple."""
+    if isinstance(target, (tuple, list)) and target:
+        target = target[0]
+    if isinstance(target, Tensor) and not target.is_floating_point():
+        return target
+    return None
+
+
+def apply_sample(
+    sampler: PseudoSampler,
+    labels: Any,
+    pred: Tensor,
+    weight: Tensor | None,
+    seed: int | None,
+    background_label: int,
+) -> tuple[Tensor, Sample]:
+    """Sample, and return the weight with every unkept sample zeroed (a new tensor) and the sample."""
+    if labels is None:
+        raise LossInputError(
+            "the config has a sampler but the term has no class-index labels to sample by: send sample_labels "
+            "(int, shape [N]) or an integer target",
+            field="sample_labels",
+        )
+    labels = index_tensor("sample_labels", labels)
+    if labels.dim() != 1 or pred.dim() == 0 or labels.shape[0] != pred.shape[0]:
+        raise LossInputError(
+            f"sample_labels must have shape [N] with N = pred's first dimension {list(pred.shape)[:1]}, got "
+            f"{list(labels.shape)}",
+            field="sample_labels",
+        )
+    if sampler.random and seed is None:
+        raise LossInputError(
+            "RandomSampler needs a seed in the request, so that the samples are reproducible", field="seed"
+        )
+    generator = None
+    if sampler.random:
+        generator = torch.Generator().manual_seed(int(seed))
+    sample = sampler.sample(labels, background_label, generator)
+    keep = sample.keep.to(pred.dtype)
+    if weight is None:
+        # one weight per sample, or one per element where the loss is element-wise ([N, 4] boxes...)
+        return keep, sample
+    if weight.dim() == 0 or weight.shape[0] != labels.shape[0]:
+        raise LossInputError(
+            f"weight must have N = {labels.shape[0]} rows to be sampled, got {list(weight.shape)}", field="weight"
+        )
+    return weight * keep.view(-1, *([1] * (weight.dim() - 1))).to(weight.dtype), sample
