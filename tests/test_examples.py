@@ -1,14 +1,19 @@
-"""examples/toy_training.py trains with RemoteLoss exactly as with the in-process losses."""
+"""The examples: toy_training.py trains with RemoteLoss exactly as with the in-process losses, and
+plugins/poly_loss.py is served by ``losswire serve --plugin poly_loss``."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
+import torch
+import torch.nn.functional as F
 
-from losswire.client import LossClient, RemoteLoss
+from losswire.client import LossClient, RemoteLoss, RemoteLossError
 from losswire.server.app import LosswireServer, ServerConfig
 from losswire.server.losses import build_loss
 
@@ -59,3 +64,61 @@ def test_toy_training_is_reproducible(toy):
     first = toy.train(build_loss, 20, 3)
     assert toy.train(build_loss, 20, 3) == first
     assert toy.train(build_loss, 20, 4) != first
+
+
+# -- examples/plugins/poly_loss.py: a documented plugin, served by a real `losswire serve` ----------------
+
+PLUGIN_DIR = Path(__file__).resolve().parents[1] / "examples" / "plugins"
+
+
+@pytest.fixture(scope="module")
+def poly_server():
+    from test_server_process import ServerProcess, serve_cmd, server_env
+
+    env = server_env(PYTHONPATH=os.pathsep.join(p for p in (str(PLUGIN_DIR), os.environ.get("PYTHONPATH", "")) if p))
+    process = ServerProcess(serve_cmd("--host", "127.0.0.1", "--port", "0", "--plugin", "poly_loss"), env)
+    try:
+        yield process.wait_started()
+    finally:
+        process.close()
+
+
+def test_the_example_plugin_is_listed_with_its_parameters(poly_server):
+    client = LossClient(poly_server.target, timeout=30)
+    info = {loss.name: loss for loss in client.list_losses().losses}["PolyLoss"]
+    assert [(p.name, p.type) for p in info.params] == [
+        ("epsilon", "float"),
+        ("reduction", "str"),
+        ("loss_weight", "float"),
+    ]
+    assert [i.name for i in info.inputs] == ["pred", "target", "weight", "avg_factor", "reduction_override"]
+    assert info.output == "sample" and "Poly-1" in info.summary
+    assert "plugin poly_loss registered PolyLoss" in poly_server.log()
+
+
+def test_the_example_plugin_computes_poly1_remotely(poly_server):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 4, generator=g, requires_grad=True)
+    labels = torch.randint(0, 4, (6,), generator=g)
+    weight = torch.rand(6, generator=g)
+    loss = RemoteLoss(dict(type="PolyLoss", epsilon=2.0), poly_server.target)(logits, labels, weight, avg_factor=3.0)
+    loss.backward()
+    # Poly-1 from its definition, with torch's own cross-entropy and softmax
+    ref_logits = logits.detach().clone().requires_grad_()
+    per_sample = F.cross_entropy(ref_logits, labels, reduction="none") + 2.0 * (
+        1 - ref_logits.softmax(1)[torch.arange(6), labels]
+    )
+    ref = (per_sample * weight).sum() / (3.0 + torch.finfo(torch.float32).eps)
+    ref.backward()
+    torch.testing.assert_close(loss.detach(), ref.detach())
+    torch.testing.assert_close(logits.grad, ref_logits.grad)
+
+
+def test_a_request_never_imports_code(remote_client):
+    """Only --plugin imports modules: a type naming a module, dotted path or file is just an unknown loss."""
+    for name in ("poly_loss.PolyLoss", "poly_loss", "os.system", "examples/plugins/poly_loss.py", "__import__"):
+        with pytest.raises(RemoteLossError) as caught:
+            remote_client.describe({"type": name})
+        assert caught.value.code == grpc.StatusCode.NOT_FOUND
+        assert "unknown loss type" in caught.value.details
+    assert "poly_loss" not in sys.modules
