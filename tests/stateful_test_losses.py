@@ -5,6 +5,7 @@
 * ``CountingBatchSoftmaxLoss``: ``calls * softmax(pred over all elements) * target``; *not*
   separable, so the client's backward resends the upstream gradient and the server must replay the
   state the forward saw, without counting the replay as another forward.
+* ``CountingSoftmaxPairLoss``: the same with a dict output of two parts.
 """
 
 from __future__ import annotations
@@ -65,7 +66,25 @@ class CountingBatchSoftmaxLoss(nn.Module):
         return self.calls * pred.flatten().softmax(0).view_as(pred) * target
 
 
+class CountingSoftmaxPairLoss(nn.Module):
+    """``{'spread': calls * softmax(pred) * target, 'peak': softmax(pred).max()}``: a non-separable
+    dict output, so the client's backward resends one upstream gradient per part (``grad_outputs``).
+    """
+
+    separable = False
+    differentiable = ("pred",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, pred: Tensor, target: Tensor) -> dict[str, Tensor]:
+        self.calls += 1
+        prob = pred.flatten().softmax(0).view_as(pred)
+        return {"spread": self.calls * prob * target, "peak": prob.max()}
+
+
 def register(registry: Registry) -> Registry:
-    for cls in (CountingL1Loss, CountingBatchSoftmaxLoss):
+    for cls in (CountingL1Loss, CountingBatchSoftmaxLoss, CountingSoftmaxPairLoss):
         registry.register_module(module=cls)
     return registry

@@ -15,7 +15,7 @@ import grpc
 import pytest
 import torch
 from mmdet_fixtures import FAMILIES, parts
-from stateful_test_losses import CountingBatchSoftmaxLoss, register
+from stateful_test_losses import CountingBatchSoftmaxLoss, CountingSoftmaxPairLoss, register
 
 from losswire.client import LossClient, RemoteLoss, RemoteLossError, codec
 from losswire.server.app import LosswireServer, ServerConfig
@@ -102,6 +102,26 @@ def test_non_separable_backward_replays_the_forwards_state_without_updating_it(t
     state = remote.session_state()
     assert state["calls"].item() == 2  # two forwards; the two recomputes did not count
     assert LossClient.shared(target).get_session("softmax").steps == 2
+
+
+@pytest.mark.parametrize("session", [None, "pair"])
+def test_non_separable_dict_output_resends_one_upstream_gradient_per_part(target, session):
+    remote = RemoteLoss(dict(type="CountingSoftmaxPairLoss"), target, session=session)
+    local = CountingSoftmaxPairLoss()
+    g = torch.Generator().manual_seed(4)
+    pred = torch.randn(3, 4, generator=g, requires_grad=True)
+    tgt = torch.rand(3, 4, generator=g)
+    upstream = torch.randn(3, 4, generator=g)
+    out = remote(pred, tgt)
+    (out["spread"] * upstream).sum().add(3.0 * out["peak"]).backward()
+    ref_pred = pred.detach().clone().requires_grad_()
+    ref = local(ref_pred, tgt)
+    (ref["spread"] * upstream).sum().add(3.0 * ref["peak"]).backward()
+    assert set(out) == {"spread", "peak"}
+    torch.testing.assert_close(out["spread"].detach(), ref["spread"].detach())
+    torch.testing.assert_close(pred.grad, ref_pred.grad)
+    if session:
+        assert remote.session_state()["calls"].item() == 1
 
 
 def _raw_term(session: str, pred: torch.Tensor, tgt: torch.Tensor, forward_id: str = "") -> pb.EvaluateRequest:
