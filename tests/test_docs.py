@@ -1,11 +1,23 @@
-"""The README's catalogue is generated from the losses' descriptions and must stay in sync."""
+"""The README's catalogue is generated from the losses' descriptions and must stay in sync, and the
+catalogue, the registry and ListLosses cover every loss MMDetection 3.3 computes from tensors."""
 
 from pathlib import Path
 
+from losswire.client import LossClient
 from losswire.server.losses import LOSSES
 from losswire.server.losses.catalogue import END, START, render_markdown
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+
+# The 30 loss modules of mmdet.models.losses that take tensors (Accuracy is a metric and DDQAuxLoss
+# works at head level: neither is a loss module). See ../shared/reference/mmdet-as-reference.md.
+MMDET_33_LOSSES = {
+    "AssociativeEmbeddingLoss", "BalancedL1Loss", "BoundedIoULoss", "CIoULoss", "CrossEntropyCustomLoss",
+    "CrossEntropyLoss", "DIoULoss", "DiceLoss", "DistributionFocalLoss", "EIoULoss", "EQLV2Loss",
+    "FocalCustomLoss", "FocalLoss", "GHMC", "GHMR", "GIoULoss", "GaussianFocalLoss", "IoULoss",
+    "KnowledgeDistillationKLDivLoss", "L1Loss", "L2Loss", "MSELoss", "MarginL2Loss", "MultiPosCrossEntropyLoss",
+    "QualityFocalLoss", "SIoULoss", "SeesawLoss", "SmoothL1Loss", "TripletLoss", "VarifocalLoss",
+}  # fmt: skip
 
 
 def test_readme_catalogue_is_current():
@@ -14,3 +26,15 @@ def test_readme_catalogue_is_current():
     assert section == render_markdown(), "regenerate the README catalogue: losswire losses --markdown"
     for name in LOSSES.names():
         assert f"| **{name}** |" in section
+
+
+def test_every_mmdet_loss_is_registered_and_listed(client: LossClient):
+    assert len(MMDET_33_LOSSES) == 30
+    missing = MMDET_33_LOSSES - set(LOSSES.names())
+    assert not missing, f"not registered: {sorted(missing)}"
+    listed = {info.name: info for info in client.list_losses().losses}
+    assert MMDET_33_LOSSES <= set(listed)
+    for name in MMDET_33_LOSSES:
+        info = listed[name]
+        assert info.summary and info.inputs, name
+        assert info.output in ("element", "sample", "scalar"), name
