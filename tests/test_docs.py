@@ -33,7 +33,7 @@ def test_every_mmdet_loss_is_registered_and_listed(client: LossClient):
     missing = MMDET_33_LOSSES - set(LOSSES.names())
     assert not missing, f"not registered: {sorted(missing)}"
     listed = {info.name: info for info in client.list_losses().losses}
-    assert MMDET_33_LOSSES <= set(listed)
+    assert set(listed) >= MMDET_33_LOSSES
     for name in MMDET_33_LOSSES:
         info = listed[name]
         assert info.summary and info.inputs, name
