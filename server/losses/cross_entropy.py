@@ -14,6 +14,10 @@ Modes and shapes:
 * ``use_mask=True``: ``cls_score`` [N, C, H, W] mask logits, ``label`` [N, H, W] mask targets in
   [0, 1], and -- in the ``weight`` slot, as MMDetection passes it -- [N] int64 class indices that
   pick each RoI's mask channel. Only ``reduction='mean'`` without ``avg_factor``; output [1].
+
+CrossEntropyCustomLoss (V3Det, Wang et al. 2023, https://arxiv.org/abs/2304.03752) computes the same
+loss in the same three modes; its ``num_classes`` sizes the classifier: ``cls_score`` [N, C + 1] with the
+last column background for softmax, [N, C] for sigmoid.
 """
 
 from __future__ import annotations
@@ -258,3 +262,112 @@ class CrossEntropyLoss(WeightedLoss):
             checks.broadcasts_to("class_weight", class_weight, "the mask logits", logits)
         loss = F.binary_cross_entropy_with_logits(logits, label.to(cls_score.dtype), reduction="none")
         return self.loss_weight * reduce_loss(apply_weight(loss, class_weight), "mean", None)[None]
+
+
+def check_num_classes(owner: str, num_classes: int) -> int:
+    """mmdet's custom losses default ``num_classes`` to -1 and refuse to be built with it."""
+    if num_classes == -1:
+        raise LossConfigError(
+            f"{owner}.num_classes must be set to the number of classes (the default -1 is a placeholder "
+            "mmdet refuses), got -1",
+            field="num_classes",
+        )
+    return num_classes
+
+
+def class_accuracy(cls_score: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """Top-1 accuracy in percent over the samples with a foreground label (``label < num_classes``).
+
+    Scores beyond the first ``num_classes`` columns (a background column) are ignored. Without
+    foreground samples the accuracy is a 0-d zero; otherwise a one-element tensor.
+    """
+    checks.tensor("cls_score", cls_score)
+    labels = checks.index_tensor("labels", labels)
+    checks.ndim("cls_score", cls_score, 2, "[N, C] scores")
+    if labels.shape != cls_score.shape[:1]:
+        raise LossInputError(
+            f"labels must have shape [N] = [{cls_score.shape[0]}], got {list(labels.shape)}", field="labels"
+        )
+    foreground = labels < num_classes
+    scores, wanted = cls_score[:, :num_classes][foreground], labels[foreground]
+    if scores.shape[0] == 0:
+        return cls_score.new_tensor(0.0)
+    hits = (scores.argmax(dim=1) == wanted).float().sum(dim=0, keepdim=True)
+    return hits * (100.0 / scores.shape[0])
+
+
+class CustomClassifierMixin:
+    """The V3Det-style classifier hooks of mmdet's ``*CustomLoss`` losses.
+
+    A head whose loss sets ``custom_cls_channels`` asks it for its classifier's width
+    (``get_cls_channels``), turns raw scores into class scores with ``get_activation`` and logs
+    ``get_accuracy``. None of them enters the loss value.
+    """
+
+    custom_cls_channels = True
+    custom_activation = True
+    custom_accuracy = True
+    num_classes: int
+
+    def _check_cls_channels_request(self, num_classes: int) -> None:
+        if num_classes != self.num_classes:
+            raise LossInputError(
+                f"{type(self).__name__} was configured for num_classes={self.num_classes}, asked for {num_classes}",
+                field="num_classes",
+            )
+
+    def get_accuracy(self, cls_score: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """``{'acc_classes': top-1 accuracy in percent over the foreground samples}``."""
+        return {"acc_classes": class_accuracy(cls_score, labels, self.num_classes)}
+
+
+@LOSSES.register_module()
+class CrossEntropyCustomLoss(CustomClassifierMixin, CrossEntropyLoss):
+    """Cross-entropy for classifiers with a custom number of output channels (V3Det's large vocabularies).
+
+    The loss is CrossEntropyLoss's, for the same config; ``num_classes`` sizes the classifier (``C + 1``
+    channels, the last one background, for softmax; ``C`` for sigmoid) and drives the hooks
+    ``get_cls_channels``, ``get_activation`` and ``get_accuracy``, not the loss value.
+
+    Args:
+        use_sigmoid: binary cross-entropy per class instead of softmax (default False).
+        use_mask: mask cross-entropy of each RoI's own class channel (default False).
+        reduction: "none", "mean" (default) or "sum".
+        num_classes: number of foreground classes; required (default -1, which is refused).
+        class_weight: per-class weights, one per channel (softmax: class weight; sigmoid: positive weight).
+        ignore_index: label value whose samples contribute nothing (default None = -100).
+        loss_weight: multiplier of the reduced loss (default 1.0).
+        avg_non_ignore: with "mean", average over non-ignored labels only (default False).
+    """
+
+    def __init__(
+        self,
+        use_sigmoid: bool = False,
+        use_mask: bool = False,
+        reduction: Reduction = "mean",
+        num_classes: int = -1,
+        class_weight: list[float] | None = None,
+        ignore_index: int | None = None,
+        loss_weight: float = 1.0,
+        avg_non_ignore: bool = False,
+    ) -> None:
+        super().__init__(use_sigmoid, use_mask, reduction, class_weight, ignore_index, loss_weight, avg_non_ignore)
+        self.num_classes = check_num_classes("CrossEntropyCustomLoss", num_classes)
+
+    def get_cls_channels(self, num_classes: int) -> int:
+        """The classifier's output width: one background channel more for softmax."""
+        self._check_cls_channels_request(num_classes)
+        return num_classes if self.use_sigmoid else num_classes + 1
+
+    def get_activation(self, cls_score: Tensor) -> Tensor:
+        """[N, C + 1] class scores, the last column background.
+
+        Softmax: a softmax over the first C columns and the last one. Sigmoid: the C sigmoids, then
+        ``1 - sum`` of them clamped to [0, 1] as the background score.
+        """
+        foreground = cls_score[:, : self.num_classes]
+        if not self.use_sigmoid:
+            return torch.cat([foreground, cls_score[:, -1:]], dim=-1).softmax(dim=-1)
+        prob = foreground.sigmoid()
+        background = (1 - prob.sum(dim=1, keepdim=True)).clamp(0, 1)
+        return torch.cat([prob, background], dim=1)

@@ -6,6 +6,9 @@ Shapes: ``pred`` [N, C] logits (probabilities with ``activated=True``); ``target
 class indices in [0, C] where C means background, or [N, C] one-hot / soft float targets;
 ``weight`` [N] (per sample), [N, C], or [N * C] flattened. Output per element ([N, C]) for
 ``reduction='none'``.
+
+FocalCustomLoss (V3Det, Wang et al. 2023, https://arxiv.org/abs/2304.03752): ``pred`` [N, C] logits
+(always logits), ``target`` [N] class indices in [0, C] only; ``weight`` as above. Output per element.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import checks
+from .cross_entropy import CustomClassifierMixin, check_num_classes
 from .errors import LossConfigError, LossInputError
 from .pipeline import AvgFactor, Reduction, ReductionOverride, WeightedLoss
 from .registry import LOSSES
@@ -130,6 +134,72 @@ class FocalLoss(WeightedLoss):
             loss = focal_loss_with_prob(pred, target, self.gamma, self.alpha)
         else:
             loss = sigmoid_focal_loss(pred, target, self.gamma, self.alpha)
+        if weight is not None:
+            weight = reshape_focal_weight(weight, loss)
+        return self.finish(loss, weight, reduction, avg_factor)
+
+
+@LOSSES.register_module()
+class FocalCustomLoss(CustomClassifierMixin, WeightedLoss):
+    """Sigmoid focal loss for classifiers with a custom number of output channels (V3Det).
+
+    The loss is FocalLoss's on logits with class-index targets; ``num_classes`` sizes the classifier
+    (``C`` channels) and drives the hooks ``get_cls_channels``, ``get_activation`` and
+    ``get_accuracy``, not the loss value.
+
+    Args:
+        use_sigmoid: must be True; only the sigmoid form exists (default True).
+        num_classes: number of foreground classes; required (default -1, which is refused).
+        gamma: focusing exponent; 0 gives alpha-balanced BCE (default 2.0).
+        alpha: weight of positives, ``1 - alpha`` for negatives (default 0.25).
+        reduction: "none", "mean" (default) or "sum".
+        loss_weight: multiplier of the reduced loss (default 1.0).
+        activated: accepted and stored but without effect, as in mmdet 3.3: ``pred`` is always taken
+            as logits (default False).
+    """
+
+    def __init__(
+        self,
+        use_sigmoid: bool = True,
+        num_classes: int = -1,
+        gamma: float = 2.0,
+        alpha: float = 0.25,
+        reduction: Reduction = "mean",
+        loss_weight: float = 1.0,
+        activated: bool = False,
+    ) -> None:
+        super().__init__(reduction, loss_weight)
+        if use_sigmoid is not True:
+            raise LossConfigError(
+                "FocalCustomLoss.use_sigmoid must be True: only sigmoid focal loss exists", field="use_sigmoid"
+            )
+        self.use_sigmoid = use_sigmoid
+        self.num_classes = check_num_classes("FocalCustomLoss", num_classes)
+        self.gamma = gamma
+        self.alpha = alpha
+        self.activated = activated
+
+    def get_cls_channels(self, num_classes: int) -> int:
+        """The classifier's output width: one channel per foreground class, no background channel."""
+        self._check_cls_channels_request(num_classes)
+        return num_classes
+
+    def get_activation(self, cls_score: Tensor) -> Tensor:
+        """[N, C] per-class sigmoid scores of the first ``num_classes`` columns."""
+        return cls_score[:, : self.num_classes].sigmoid()
+
+    def forward(
+        self,
+        pred: Tensor,
+        target: Tensor,
+        weight: Tensor | None = None,
+        avg_factor: AvgFactor = None,
+        reduction_override: ReductionOverride = None,
+    ) -> Tensor:
+        reduction = self.resolve_reduction(reduction_override)
+        checks.float_tensor("pred", pred)
+        checks.tensor("target", target)
+        loss = sigmoid_focal_loss(pred, one_hot_targets(pred, target), self.gamma, self.alpha)
         if weight is not None:
             weight = reshape_focal_weight(weight, loss)
         return self.finish(loss, weight, reduction, avg_factor)

@@ -1,1 +1,72 @@
-"""Placeholder: filled in by the loss-zoo work (issue 4)."""
+"""Knowledge-distillation loss: the KL divergence from a teacher's softened class distribution.
+
+Hinton, Vinyals & Dean 2015, Distilling the Knowledge in a Neural Network, https://arxiv.org/abs/1503.02531
+(used on the box-side distributions of LD, Zheng et al. 2022, https://arxiv.org/abs/2102.12252).
+
+Shapes: ``pred`` [N, C] student logits (or [N, C, d1, ...]: classes on axis 1); ``soft_label`` the
+teacher's logits, ``pred``'s shape; ``weight`` [N] (broadcastable to the per-sample loss without
+enlarging it). Output per sample ([N], or [N, d1, ...]) for ``reduction='none'``.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from . import checks
+from .errors import LossConfigError, LossInputError
+from .pipeline import AvgFactor, Reduction, ReductionOverride, WeightedLoss
+from .registry import LOSSES
+from .schema import OutputKind
+
+
+def distillation_kl_div(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """``T^2 * mean_c q_c (log q_c - log p_c)`` with ``q = softmax(teacher / T)``, ``p = softmax(student / T)``.
+
+    The mean runs over the C classes (axis 1), not a sum: mmdet's scale. ``q`` is a constant: the
+    teacher receives no gradient.
+    """
+    teacher_log_prob = (teacher.detach() / temperature).log_softmax(dim=1)
+    teacher_prob = teacher_log_prob.exp()
+    student_log_prob = (student / temperature).log_softmax(dim=1)
+    divergence = teacher_prob * (teacher_log_prob - student_log_prob)
+    return divergence.mean(dim=1) * (temperature * temperature)
+
+
+@LOSSES.register_module()
+class KnowledgeDistillationKLDivLoss(WeightedLoss):
+    """Knowledge distillation: temperature-scaled KL divergence from the teacher's soft labels.
+
+    Args:
+        reduction: "none", "mean" (default) or "sum".
+        loss_weight: multiplier of the reduced loss (default 1.0).
+        T: distillation temperature, >= 1; logits are divided by T and the loss is scaled by T^2
+            (default 10).
+    """
+
+    output_kind = OutputKind.SAMPLE
+    differentiable = ("pred",)
+
+    def __init__(self, reduction: Reduction = "mean", loss_weight: float = 1.0, T: float = 10) -> None:  # noqa: N803
+        super().__init__(reduction, loss_weight)
+        if not T >= 1:
+            raise LossConfigError(f"KnowledgeDistillationKLDivLoss.T must be >= 1, got {T!r}", field="T")
+        self.T = T
+
+    def forward(
+        self,
+        pred: Tensor,
+        soft_label: Tensor,
+        weight: Tensor | None = None,
+        avg_factor: AvgFactor = None,
+        reduction_override: ReductionOverride = None,
+    ) -> Tensor:
+        reduction = self.resolve_reduction(reduction_override)
+        checks.float_tensor("pred", pred)
+        checks.tensor("soft_label", soft_label)
+        checks.same_shape("soft_label", soft_label, "pred", pred)
+        if pred.dim() < 2:
+            raise LossInputError(
+                f"pred must be [N, C] logits (classes on axis 1), got shape {list(pred.shape)}", field="pred"
+            )
+        loss = distillation_kl_div(pred, soft_label.to(pred.dtype), self.T)
+        return self.finish(loss, weight, reduction, avg_factor)
