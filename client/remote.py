@@ -65,8 +65,9 @@ class RemoteLoss(nn.Module):
         validate: check the config with the server now, so mistakes surface at construction.
         session: keep the loss's state (SeesawLoss, EQLV2Loss, GHM with momentum) on the server
             under this name, shared with every module naming it; None: state lives for one call.
-        seed: the seed of ``cfg['sampler']`` for every call; None draws one per call from torch's
-            global generator, so ``torch.manual_seed`` makes a run reproducible.
+        seed: the seed of ``cfg['sampler']`` and of stochastic losses (L2Loss's random mining) for
+            every call; None draws one per call from torch's global generator, so
+            ``torch.manual_seed`` makes a run reproducible.
     """
 
     def __init__(
@@ -238,7 +239,7 @@ class _Plan:
         if module.session:
             message.session = module.session
             message.forward_id = uuid.uuid4().hex  # a retried call is recognised, not applied twice
-        if "sampler" in module.cfg:
+        if "sampler" in module.cfg or module.info.stochastic:
             seed = module.seed
             if seed is None:  # from the caller's global generator: torch.manual_seed reproduces a run
                 seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))

@@ -16,6 +16,7 @@ import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -198,6 +199,8 @@ class Evaluator:
         description = self.registry.describe(loss_type)
         kwargs = bind_inputs(description, term)
         with self._module(term, config) as (module, step):
+            if description.stochastic and term.seed is not None:
+                module.rng = np.random.RandomState(term.seed % 2**32)  # numpy seeds are 32-bit
             sampled = None
             if sampler_config is not None:
                 sampled = self._sample(sampler_config, module, description, kwargs, term)
@@ -258,8 +261,13 @@ class Evaluator:
         pred = kwargs[names[0]]
         labels = term.sample_labels if term.sample_labels is not None else default_labels(kwargs.get(names[1]))
         background = sampler.background_label
-        if background is None:
-            background = int(getattr(module, "background_label", lambda p: p.shape[1])(pred)) if pred.dim() > 1 else 1
+        if background is None and pred.dim() < 2:
+            raise LossConfigError(
+                f"sampler.background_label is needed: pred {list(pred.shape)} has no class axis to infer it from",
+                field="sampler.background_label",
+            )
+        if background is None:  # the loss knows its layout (softmax CE: C + 1 columns); else C columns
+            background = int(getattr(module, "background_label", lambda p: p.shape[1])(pred))
         weight, sample = apply_sample(sampler, labels, pred, kwargs.get(slot), term.seed, background)
         if kwargs.get(slot) is None and output_kind_of(module, description) is OutputKind.ELEMENT and pred.dim() > 1:
             weight = weight.view(-1, *([1] * (pred.dim() - 1))).expand_as(pred).contiguous()

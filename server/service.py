@@ -258,3 +258,4 @@ def describe(description: LossDescription, out: pb.LossInfo) -> None:
     out.differentiable.extend(description.differentiable)
     out.separable = description.separable
     out.sample_axis = description.sample_axis
+    out.stochastic = description.stochastic

@@ -157,3 +157,16 @@ def test_describe_validates_and_normalises_the_sampler(client: LossClient):
     }
     with pytest.raises(LossConfigError):
         build_sampler({"type": "RandomSampler", "num": 8})  # pos_fraction is required
+
+
+def test_softmax_cross_entropy_samples_with_its_background_column(target: str):
+    """Softmax scores have C + 1 columns with background C; the default background follows."""
+    g = torch.Generator().manual_seed(2)
+    scores = torch.randn(120, 5, generator=g)  # 4 classes + background
+    labels = torch.where(torch.rand(120, generator=g) < 0.2, torch.randint(0, 4, (120,), generator=g), 4)
+    cfg = {"type": "CrossEntropyLoss", "reduction": "sum"}
+    sampler = {"type": "RandomSampler", "num": 32, "pos_fraction": 0.25}
+    out = RemoteLoss({**cfg, "sampler": sampler}, target, seed=9)(scores, labels)
+    sample = build_sampler(sampler).sample(labels, 4, torch.Generator().manual_seed(9))
+    assert sample.negatives.numel() == 32 - sample.positives.numel() > 0
+    torch.testing.assert_close(out, build_loss(cfg)(scores, labels, sample.keep.float()))

@@ -56,3 +56,15 @@ def test_remote_stateful_sequence_matches_mmdet(case, target):
     state = module.reset_session()
     for name, want in case["steps"][-1]["state"].items():
         torch.testing.assert_close(state[name].cpu().to(want.dtype), want, rtol=1e-6, atol=1e-8, msg=name)
+
+
+SEEDED = [r for c in SINGLE_CASES for r in c.get("numpy_seeded", ())]
+
+
+@pytest.mark.parametrize("record", SEEDED, ids=[f"{r['id']}/numpy-seed-{r['numpy_seed']}" for r in SEEDED])
+def test_remote_random_mining_is_mmdets_under_the_request_seed(record, target):
+    """L2Loss's random negative mining: the request's seed gives mmdet's draw after np.random.seed(seed)."""
+    args, kwargs, leaves = prepare(record)
+    module = RemoteLoss(record["cfg"], target, seed=record["numpy_seed"])
+    assert module.info.stochastic
+    check_output(record, record, module(*args, **kwargs), leaves)

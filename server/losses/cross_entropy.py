@@ -159,6 +159,13 @@ class CrossEntropyLoss(WeightedLoss):
         self.ignore_index = ignore_index
         self.avg_non_ignore = avg_non_ignore
 
+    def background_label(self, cls_score: Tensor) -> int:
+        """The background class index a sampler splits by: softmax scores carry a background column
+        (C + 1 columns, background = C); sigmoid scores do not (C columns, background = C)."""
+        if self.use_sigmoid or self.use_mask:
+            return cls_score.shape[1]
+        return cls_score.shape[1] - 1
+
     @property
     def current_output_kind(self) -> OutputKind:
         if self.use_mask:

@@ -68,8 +68,10 @@ class MinedSquaredLoss(WeightedLoss):
 
     # MarginL2Loss computes its loss against float32 copies of target and weight.
     float32_terms = False
-    # None: draw random negatives from NumPy's global generator, as mmdet does.
+    # None: draw random negatives from NumPy's global generator, as mmdet does. The server seeds it
+    # from the request's seed, so remote mining is reproducible.
     rng: np.random.RandomState | None = None
+    stochastic = True
 
     def __init__(
         self,

@@ -70,6 +70,8 @@ class LossDescription:
     separable: bool = False
     # for "sample" outputs: the input axis the loss reduces over (1 = classes, -1 = box coordinates)
     sample_axis: int = 1
+    # draws random numbers (L2Loss's negative mining): a request's seed makes it reproducible
+    stochastic: bool = False
 
     def param(self, name: str) -> ParamSpec:
         for spec in self.params:
@@ -199,6 +201,7 @@ def describe_class(name: str, cls: type) -> LossDescription:
         differentiable=differentiable,
         separable=bool(getattr(cls, "separable", False)),
         sample_axis=int(getattr(cls, "sample_axis", 1)),
+        stochastic=bool(getattr(cls, "stochastic", False)),
     )
 
 

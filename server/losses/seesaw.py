@@ -137,6 +137,10 @@ class SeesawLoss(WeightedLoss):
 
     # -- MMDetection's head hooks --------------------------------------------------------------------
 
+    def background_label(self, cls_score: Tensor) -> int:
+        """The background class index a sampler splits by: ``num_classes``."""
+        return self.num_classes
+
     def get_cls_channels(self, num_classes: int) -> int:
         """The classifier's output channels for ``num_classes`` classes: C + 2."""
         if num_classes != self.num_classes:

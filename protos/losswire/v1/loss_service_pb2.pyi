@@ -234,7 +234,7 @@ class InputInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., optional: _Optional[bool] = ..., default: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., choices: _Optional[_Iterable[_Union[_struct_pb2.Value, _Mapping]]] = ...) -> None: ...
 
 class LossInfo(_message.Message):
-    __slots__ = ("name", "summary", "params", "inputs", "output", "output_variants", "differentiable", "separable", "sample_axis")
+    __slots__ = ("name", "summary", "params", "inputs", "output", "output_variants", "differentiable", "separable", "sample_axis", "stochastic")
     class OutputVariantsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -251,6 +251,7 @@ class LossInfo(_message.Message):
     DIFFERENTIABLE_FIELD_NUMBER: _ClassVar[int]
     SEPARABLE_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_AXIS_FIELD_NUMBER: _ClassVar[int]
+    STOCHASTIC_FIELD_NUMBER: _ClassVar[int]
     name: str
     summary: str
     params: _containers.RepeatedCompositeFieldContainer[ParamInfo]
@@ -260,7 +261,8 @@ class LossInfo(_message.Message):
     differentiable: _containers.RepeatedScalarFieldContainer[str]
     separable: bool
     sample_axis: int
-    def __init__(self, name: _Optional[str] = ..., summary: _Optional[str] = ..., params: _Optional[_Iterable[_Union[ParamInfo, _Mapping]]] = ..., inputs: _Optional[_Iterable[_Union[InputInfo, _Mapping]]] = ..., output: _Optional[str] = ..., output_variants: _Optional[_Mapping[str, str]] = ..., differentiable: _Optional[_Iterable[str]] = ..., separable: _Optional[bool] = ..., sample_axis: _Optional[int] = ...) -> None: ...
+    stochastic: bool
+    def __init__(self, name: _Optional[str] = ..., summary: _Optional[str] = ..., params: _Optional[_Iterable[_Union[ParamInfo, _Mapping]]] = ..., inputs: _Optional[_Iterable[_Union[InputInfo, _Mapping]]] = ..., output: _Optional[str] = ..., output_variants: _Optional[_Mapping[str, str]] = ..., differentiable: _Optional[_Iterable[str]] = ..., separable: _Optional[bool] = ..., sample_axis: _Optional[int] = ..., stochastic: _Optional[bool] = ...) -> None: ...
 
 class ListLossesResponse(_message.Message):
     __slots__ = ("losses", "server_version", "device")
