@@ -79,6 +79,19 @@ def index_range(name: str, value: Tensor, low: int, high: int, meaning: str) -> 
         )
 
 
+def row_labels(name: str, labels: Any, scores: Tensor, num_classes: int) -> Tensor:
+    """One class index per row of ``scores``, in [0, num_classes] (``num_classes`` = background)."""
+    labels = index_tensor(name, labels)
+    if labels.shape != scores.shape[:1]:
+        raise LossInputError(
+            f"{name} must hold one class index per row of the scores, shape [{scores.shape[0]}], "
+            f"got {list(labels.shape)}",
+            field=name,
+        )
+    index_range(name, labels, 0, num_classes, f"class indices, {num_classes} = background")
+    return labels
+
+
 def probabilities(name: str, value: Tensor) -> None:
     """Values in [0, 1] (``activated=True`` losses take probabilities, not logits)."""
     if value.numel() and not bool(((value >= 0) & (value <= 1)).all()):

@@ -156,12 +156,4 @@ class EQLV2Loss(WeightedLoss):
                 f"got shape {list(cls_score.shape)}",
                 field="cls_score",
             )
-        label = checks.index_tensor("label", label)
-        if label.shape != cls_score.shape[:1]:
-            raise LossInputError(
-                f"label must hold one class index per row of cls_score, shape [{cls_score.shape[0]}], "
-                f"got {list(label.shape)}",
-                field="label",
-            )
-        checks.index_range("label", label, 0, self.num_classes, f"class indices, {self.num_classes} = background")
-        return label
+        return checks.row_labels("label", label, cls_score, self.num_classes)

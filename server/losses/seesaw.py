@@ -233,14 +233,7 @@ class SeesawLoss(WeightedLoss):
                 f"objectness), got shape {list(cls_score.shape)}",
                 field="cls_score",
             )
-        labels = checks.index_tensor("labels", labels)
-        if labels.shape != cls_score.shape[:1]:
-            raise LossInputError(
-                f"labels must hold one class index per row of cls_score, shape [{cls_score.shape[0]}], "
-                f"got {list(labels.shape)}",
-                field="labels",
-            )
-        checks.index_range("labels", labels, 0, self.num_classes, f"class indices, {self.num_classes} = background")
+        labels = checks.row_labels("labels", labels, cls_score, self.num_classes)
         if label_weights is not None:
             checks.tensor("label_weights", label_weights)
             if label_weights.shape != labels.shape:
