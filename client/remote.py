@@ -314,7 +314,9 @@ class _Plan:
                     continue
                 local = self._gradient(self._part_gradients(output), leaf, f"term {result.name!r} part {output.key!r}")
                 upstream = upstream.to(local.dtype)
-                if upstream.dim() and local.shape != upstream.shape:
+                # a per-sample loss reduced one axis or several ([N, H, W] masks -> [N]): size-1 axes
+                # at sample_axis until the ranks match, so the upstream gradient broadcasts per sample
+                while upstream.dim() and upstream.dim() < local.dim():
                     upstream = upstream.unsqueeze(result.sample_axis)
                 contribution = (upstream * local).to(leaf.tensor.dtype)
                 grads[i] = contribution if grads[i] is None else grads[i] + contribution

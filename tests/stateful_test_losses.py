@@ -1,4 +1,4 @@
-"""Two small stateful losses for the session tests (registered into a test server's own registry).
+"""Small test losses for the session and protocol tests (registered into a test server's own registry).
 
 * ``CountingL1Loss``: ``calls * |pred - target|`` where the buffer ``calls`` counts forwards, so
   every value shows which state it saw. Separable: one round trip serves backward.
@@ -6,6 +6,7 @@
   separable, so the client's backward resends the upstream gradient and the server must replay the
   state the forward saw, without counting the replay as another forward.
 * ``CountingSoftmaxPairLoss``: the same with a dict output of two parts.
+* ``MaskMeanSquareLoss``: stateless, separable, one loss per [H, W] mask (several axes reduced).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 
 from losswire.server.losses import Registry, WeightedLoss
 from losswire.server.losses.pipeline import AvgFactor, Reduction, ReductionOverride
+from losswire.server.losses.schema import OutputKind
 
 
 class CountingL1Loss(WeightedLoss):
@@ -84,7 +86,33 @@ class CountingSoftmaxPairLoss(nn.Module):
         return {"spread": self.calls * prob * target, "peak": prob.max()}
 
 
+class MaskMeanSquareLoss(WeightedLoss):
+    """Stateless and separable: the mean over each sample's mask of ``(pred - target)^2``.
+
+    ``pred`` [N, H, W] -> loss [N]: several axes reduced, so the client inserts two size-1 axes into
+    an upstream gradient of shape [N] (the protocol's rule for ``sample_axis``).
+
+    Args:
+        reduction: "none", "mean" (default) or "sum".
+        loss_weight: multiplier of the reduced loss (default 1.0).
+    """
+
+    output_kind = OutputKind.SAMPLE
+    differentiable = ("pred", "target")
+
+    def forward(
+        self,
+        pred: Tensor,
+        target: Tensor,
+        weight: Tensor | None = None,
+        avg_factor: AvgFactor = None,
+        reduction_override: ReductionOverride = None,
+    ) -> Tensor:
+        loss = (pred - target).square().flatten(1).mean(1)
+        return self.finish(loss, weight, self.resolve_reduction(reduction_override), avg_factor)
+
+
 def register(registry: Registry) -> Registry:
-    for cls in (CountingL1Loss, CountingBatchSoftmaxLoss, CountingSoftmaxPairLoss):
+    for cls in (CountingL1Loss, CountingBatchSoftmaxLoss, CountingSoftmaxPairLoss, MaskMeanSquareLoss):
         registry.register_module(module=cls)
     return registry

@@ -124,6 +124,19 @@ def test_non_separable_dict_output_resends_one_upstream_gradient_per_part(target
         assert remote.session_state()["calls"].item() == 1
 
 
+def test_a_loss_reducing_several_axes_broadcasts_the_upstream_gradient_per_sample(target):
+    """Separable [N, H, W] -> [N]: one round trip, size-1 axes inserted until the ranks match."""
+    g = torch.Generator().manual_seed(6)
+    pred, tgt = torch.randn(5, 3, 4, generator=g, requires_grad=True), torch.randn(5, 3, 4, generator=g)
+    upstream = torch.randn(5, generator=g)
+    cfg = dict(type="MaskMeanSquareLoss", reduction="none")
+    out = RemoteLoss(cfg, target)(pred, tgt)
+    out.backward(upstream)
+    ref_pred = pred.detach().clone().requires_grad_()
+    ((ref_pred - tgt).square().mean((1, 2)) * upstream).sum().backward()
+    torch.testing.assert_close(pred.grad, ref_pred.grad)
+
+
 def _raw_term(session: str, pred: torch.Tensor, tgt: torch.Tensor, forward_id: str = "") -> pb.EvaluateRequest:
     request = pb.EvaluateRequest()
     term = request.terms.add(session=session, forward_id=forward_id)
