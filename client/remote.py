@@ -37,7 +37,7 @@ from .errors import RemoteLossError
 _NAMED_FIELDS = ("weight", "avg_factor", "reduction_override")
 
 
-SAMPLE_LABELS = "sample_labels"
+SAMPLE_LABELS, SAMPLE_GROUPS = "sample_labels", "sample_groups"
 
 
 def _signature(info: pb.LossInfo, sampled: bool) -> inspect.Signature:
@@ -49,8 +49,9 @@ def _signature(info: pb.LossInfo, sampled: bool) -> inspect.Signature:
         )
         for item in info.inputs
     ]
-    if sampled:  # a config with a sampler also takes the labels to sample by (default: the target)
-        parameters.append(inspect.Parameter(SAMPLE_LABELS, inspect.Parameter.KEYWORD_ONLY, default=None))
+    if sampled:  # a sampler also takes the labels to sample by (default: the target) and image indices
+        for name in (SAMPLE_LABELS, SAMPLE_GROUPS):
+            parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None))
     return inspect.Signature(parameters)
 
 
@@ -246,6 +247,8 @@ class _Plan:
             message.seed = seed
             if arguments.get(SAMPLE_LABELS) is not None:
                 codec.encode_tensor(arguments[SAMPLE_LABELS], message.sample_labels)
+            if arguments.get(SAMPLE_GROUPS) is not None:
+                codec.encode_tensor(arguments[SAMPLE_GROUPS], message.sample_groups)
 
     def run(self) -> list[Tensor]:
         """Evaluate; returns every output tensor, term by term and part by part (see ``outputs``)."""

@@ -47,6 +47,7 @@ class TermRequest:
     forward_id: str = ""
     seed: int | None = None
     sample_labels: Tensor | None = None
+    sample_groups: Tensor | None = None
 
 
 @dataclasses.dataclass
@@ -268,7 +269,9 @@ class Evaluator:
             )
         if background is None:  # the loss knows its layout (softmax CE: C + 1 columns); else C columns
             background = int(getattr(module, "background_label", lambda p: p.shape[1])(pred))
-        weight, sample = apply_sample(sampler, labels, pred, kwargs.get(slot), term.seed, background)
+        weight, sample = apply_sample(
+            sampler, labels, pred, kwargs.get(slot), term.seed, background, term.sample_groups
+        )
         if kwargs.get(slot) is None and output_kind_of(module, description) is OutputKind.ELEMENT and pred.dim() > 1:
             weight = weight.view(-1, *([1] * (pred.dim() - 1))).expand_as(pred).contiguous()
         kwargs[slot] = weight

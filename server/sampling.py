@@ -8,7 +8,9 @@ indices, ``background_label`` meaning background), the sampler keeps
 * negatives: ``label == background_label``, at most ``num - kept positives`` (and at most
   ``neg_pos_ub * max(1, kept positives)`` when ``neg_pos_ub >= 0``);
 
-and every other sample (not kept, or a label outside both sets such as -1) gets weight 0.
+and every other sample (not kept, or a label outside both sets such as -1) gets weight 0. With
+``sample_groups`` (one image index per sample) each image is sampled on its own, with its own budget,
+in increasing image order -- a head's per-image loop.
 The draws are mmdet's: a ``randperm`` over the positive indices, then one over the negative
 indices, from a CPU generator seeded with the request's seed -- the same indices mmdet's
 ``RandomSampler`` picks after ``torch.manual_seed(seed)``. ``PseudoSampler`` keeps every positive
@@ -121,6 +123,31 @@ class RandomSampler(PseudoSampler):
         return quota
 
 
+def sample_by_group(
+    sampler: PseudoSampler,
+    labels: Tensor,
+    groups: Tensor | None,
+    background_label: int,
+    generator: torch.Generator | None,
+) -> Sample:
+    """Sample each group (image) on its own, in increasing group order, from one generator: what a
+    head's per-image loop draws after one ``torch.manual_seed``. Without groups, one group."""
+    if groups is None:
+        return sampler.sample(labels, background_label, generator)
+    positives, negatives = [], []
+    for group in torch.unique(groups):  # sorted
+        rows = torch.nonzero(groups == group).flatten()
+        sample = sampler.sample(labels[rows], background_label, generator)
+        positives.append(rows[sample.positives])
+        negatives.append(rows[sample.negatives])
+    keep = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    positives_all = torch.cat(positives).sort().values if positives else labels.new_zeros(0)
+    negatives_all = torch.cat(negatives).sort().values if negatives else labels.new_zeros(0)
+    keep[positives_all] = True
+    keep[negatives_all] = True
+    return Sample(positives_all, negatives_all, keep)
+
+
 SAMPLERS: dict[str, type[PseudoSampler]] = {"RandomSampler": RandomSampler, "PseudoSampler": PseudoSampler}
 
 
@@ -165,8 +192,10 @@ def apply_sample(
     weight: Tensor | None,
     seed: int | None,
     background_label: int,
+    groups: Tensor | None = None,
 ) -> tuple[Tensor, Sample]:
-    """Sample, and return the weight with every unkept sample zeroed (a new tensor) and the sample."""
+    """Sample (per group of ``groups``, e.g. per image), and return the weight with every unkept
+    sample zeroed (a new tensor) and the sample."""
     if labels is None:
         raise LossInputError(
             "the config has a sampler but the term has no class-index labels to sample by: send sample_labels "
@@ -184,10 +213,18 @@ def apply_sample(
         raise LossInputError(
             "RandomSampler needs a seed in the request, so that the samples are reproducible", field="seed"
         )
+    if groups is not None:
+        groups = index_tensor("sample_groups", groups)
+        if groups.shape != labels.shape:
+            raise LossInputError(
+                f"sample_groups must hold one group (image) index per sample, shape {list(labels.shape)}, "
+                f"got {list(groups.shape)}",
+                field="sample_groups",
+            )
     generator = None
     if sampler.random:
         generator = torch.Generator().manual_seed(int(seed))
-    sample = sampler.sample(labels, background_label, generator)
+    sample = sample_by_group(sampler, labels, groups, background_label, generator)
     keep = sample.keep.to(pred.dtype)
     if weight is None:
         # one weight per sample, or one per element where the loss is element-wise ([N, 4] boxes...)

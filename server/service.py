@@ -142,6 +142,7 @@ class LossService(pb_grpc.LossServiceServicer):
             forward_id=message.forward_id,
             seed=optional("seed"),
             sample_labels=optional("sample_labels", codec.decode_tensor),
+            sample_groups=optional("sample_groups", codec.decode_tensor),
         )
 
     @staticmethod

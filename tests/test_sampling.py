@@ -15,7 +15,7 @@ import torch
 
 from losswire.client import LossClient, RemoteLoss, RemoteLossError, codec
 from losswire.server.losses import LossConfigError, build_loss
-from losswire.server.sampling import build_sampler
+from losswire.server.sampling import build_sampler, sample_by_group
 from losswire.v1 import loss_service_pb2 as pb
 
 RECORDS = torch.load(Path(__file__).parent / "reference" / "fixtures" / "samplers.pt", weights_only=True)["cases"]
@@ -25,7 +25,7 @@ RECORDS = torch.load(Path(__file__).parent / "reference" / "fixtures" / "sampler
 def test_samples_the_indices_mmdet_samples(record):
     sampler = build_sampler(record["sampler"])
     generator = torch.Generator().manual_seed(record["seed"])
-    sample = sampler.sample(record["labels"], record["background"], generator)
+    sample = sample_by_group(sampler, record["labels"], record["groups"], record["background"], generator)
     assert torch.equal(sample.positives.sort().values, record["positives"])
     assert torch.equal(sample.negatives.sort().values, record["negatives"])
     keep = torch.zeros(len(record["labels"]), dtype=torch.bool)
@@ -170,3 +170,18 @@ def test_softmax_cross_entropy_samples_with_its_background_column(target: str):
     sample = build_sampler(sampler).sample(labels, 4, torch.Generator().manual_seed(9))
     assert sample.negatives.numel() == 32 - sample.positives.numel() > 0
     torch.testing.assert_close(out, build_loss(cfg)(scores, labels, sample.keep.float()))
+
+
+def test_per_image_sampling_through_remote_loss_is_the_heads_loop(target: str):
+    """sample_groups: each image sampled with its own budget, as mmdet's per-image loop (fixture)."""
+    record = next(r for r in RECORDS if r["groups"] is not None)
+    labels, groups = record["labels"], record["groups"]
+    scores = torch.randn(len(labels), record["background"], generator=torch.Generator().manual_seed(0))
+    cfg = {"type": "FocalLoss", "reduction": "sum"}
+    remote = RemoteLoss({**cfg, "sampler": record["sampler"]}, target, seed=record["seed"])
+    out = remote(scores, labels.clamp(min=0), sample_labels=labels, sample_groups=groups)
+    keep = torch.zeros(len(labels))
+    keep[record["positives"]] = 1.0
+    keep[record["negatives"]] = 1.0
+    assert keep.sum() > record["sampler"]["num"]  # three budgets, not one
+    torch.testing.assert_close(out, build_loss(cfg)(scores, labels.clamp(min=0), keep))

@@ -29,14 +29,17 @@ def labels_for(key: str, n: int, background: int, positive_rate: float, ignored:
     return labels
 
 
-def mmdet_sample(cfg: dict, labels: torch.Tensor, background: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def mmdet_sample(
+    cfg: dict, labels: torch.Tensor, background: int, seed: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     gt_inds = torch.where(labels == background, 0, torch.where(labels < 0, -1, 1))
     assign = AssignResult(num_gts=1, gt_inds=gt_inds, max_overlaps=torch.zeros(len(labels)), labels=labels)
     params = {k: v for k, v in cfg.items() if k != "type"}
     sampler = RandomSampler(**params, add_gt_as_proposals=False) if cfg["type"] == "RandomSampler" else PseudoSampler()
     pred = InstanceData(priors=torch.zeros(len(labels), 4))
     gt = InstanceData(bboxes=torch.zeros(1, 4), labels=torch.zeros(1, dtype=torch.long))
-    torch.manual_seed(seed)
+    if seed is not None:  # None: the caller seeded once before a loop over images
+        torch.manual_seed(seed)
     result = sampler.sample(assign, pred, gt)
     return result.pos_inds.sort().values, result.neg_inds.sort().values
 
@@ -60,6 +63,7 @@ def cases() -> None:
             CASES.append(
                 {
                     "id": f"{cfg['type']}/grid-{i}/seed-{seed}",
+                    "groups": None,
                     "sampler": cfg,
                     "labels": labels,
                     "background": background,
@@ -68,3 +72,34 @@ def cases() -> None:
                     "negatives": neg,
                 }
             )
+    per_image_cases()
+
+
+def per_image_cases() -> None:
+    """A batch of three images sampled image by image, as a head does: one ``torch.manual_seed`` before
+    the loop, then each image's sampler call in image order (each with its own ``num`` budget)."""
+    cfg = {"type": "RandomSampler", "num": 32, "pos_fraction": 0.25}
+    sizes, background = (90, 60, 120), 3
+    images = [labels_for(f"samplers/image-{i}", n, background, 0.3, 4) for i, n in enumerate(sizes)]
+    labels = torch.cat(images)
+    groups = torch.cat([torch.full((n,), i, dtype=torch.int64) for i, n in enumerate(sizes)])
+    for seed in (1, 99):
+        torch.manual_seed(seed)
+        positives, negatives, offset = [], [], 0
+        for image in images:
+            pos, neg = mmdet_sample(cfg, image, background, seed=None)
+            positives.append(pos + offset)
+            negatives.append(neg + offset)
+            offset += len(image)
+        CASES.append(
+            {
+                "id": f"RandomSampler/per-image/seed-{seed}",
+                "groups": groups,
+                "sampler": cfg,
+                "labels": labels,
+                "background": background,
+                "seed": seed,
+                "positives": torch.cat(positives).sort().values,
+                "negatives": torch.cat(negatives).sort().values,
+            }
+        )
