@@ -34,9 +34,6 @@ from . import codec
 from .channel import DEFAULT_TARGET, LossClient
 from .errors import RemoteLossError
 
-_NAMED_FIELDS = ("weight", "avg_factor", "reduction_override")
-
-
 SAMPLE_LABELS, SAMPLE_GROUPS = "sample_labels", "sample_groups"
 
 
@@ -141,18 +138,20 @@ class RemoteLoss(nn.Module):
 
     def session_state(self) -> dict[str, Tensor]:
         """The session's state tensors by name (e.g. ``cum_samples``), as the server holds them now."""
-        info = self.client.get_session(self._session_name(), self.timeout)
-        return {k: codec.decode_tensor(v, f"state[{k}]") for k, v in info.state.items()}
+        return _decode_state(self.client.get_session(self._session_name(), self.timeout))
 
     def reset_session(self) -> dict[str, Tensor]:
         """Drop the session's state (the next forward starts afresh); returns the state it had."""
-        info = self.client.reset_session(self._session_name(), self.timeout)
-        return {k: codec.decode_tensor(v, f"state[{k}]") for k, v in info.state.items()}
+        return _decode_state(self.client.reset_session(self._session_name(), self.timeout))
 
     def _session_name(self) -> str:
         if not self.session:
             raise ValueError("this RemoteLoss has no session: pass session='name' to keep state on the server")
         return self.session
+
+
+def _decode_state(info: pb.SessionInfo) -> dict[str, Tensor]:
+    return {k: codec.decode_tensor(v, f"state[{k}]") for k, v in info.state.items()}
 
 
 @dataclasses.dataclass
@@ -260,7 +259,7 @@ class _Plan:
         tensors = []
         for index, result in enumerate(self.results):
             self.structures.append(result.structure or "tensor")
-            if result.structure in ("", "tensor"):
+            if self.structures[-1] == "tensor":
                 items = [("", result.loss)]
             else:
                 items = [(part.key, part.loss) for part in result.parts]

@@ -69,6 +69,10 @@ def check_name(name: str) -> str:
     return name
 
 
+def _unknown(name: str) -> UnknownSessionError:
+    return UnknownSessionError(f"no session {name!r} (never created, reset, or expired)")
+
+
 def _state(module: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -165,15 +169,19 @@ class SessionStore:
         module.load_state_dict(snapshot)
         return module
 
+    def _live(self, name: str) -> Session | None:
+        """The live session of that name, after dropping expired ones. The caller holds ``_lock``."""
+        self._sweep()
+        return self._sessions.get(name)
+
     def _session_for(self, name: str, config: Mapping[str, Any], create: bool = True) -> Session:
         check_name(name)
         normalised = self.registry.normalise(config)
         with self._lock:
-            self._sweep()
-            session = self._sessions.get(name)
+            session = self._live(name)
             if session is None:
                 if not create:
-                    raise UnknownSessionError(f"no session {name!r} (never created, reset, or expired)")
+                    raise _unknown(name)
                 if len(self._sessions) >= self.max_sessions:
                     raise SessionLimitError(
                         f"{len(self._sessions)} sessions are live, the server's limit (--max-sessions); reset "
@@ -197,10 +205,9 @@ class SessionStore:
     def get(self, name: str) -> Session:
         check_name(name)
         with self._lock:
-            self._sweep()
-            session = self._sessions.get(name)
+            session = self._live(name)
         if session is None:
-            raise UnknownSessionError(f"no session {name!r} (never created, reset, or expired)")
+            raise _unknown(name)
         return session
 
     def reset(self, name: str) -> Session:
