@@ -269,12 +269,10 @@ class Evaluator:
             )
         if background is None:  # the loss knows its layout (softmax CE: C + 1 columns); else C columns
             background = int(getattr(module, "background_label", lambda p: p.shape[1])(pred))
-        weight, sample = apply_sample(
-            sampler, labels, pred, kwargs.get(slot), term.seed, background, term.sample_groups
+        elementwise = output_kind_of(module, description) is OutputKind.ELEMENT and pred.dim() > 1
+        kwargs[slot], sample = apply_sample(
+            sampler, labels, pred, kwargs.get(slot), term.seed, background, term.sample_groups, elementwise
         )
-        if kwargs.get(slot) is None and output_kind_of(module, description) is OutputKind.ELEMENT and pred.dim() > 1:
-            weight = weight.view(-1, *([1] * (pred.dim() - 1))).expand_as(pred).contiguous()
-        kwargs[slot] = weight
         return sample
 
     @staticmethod

@@ -41,6 +41,13 @@ class Sample:
     negatives: Tensor
     keep: Tensor
 
+    @classmethod
+    def of(cls, positives: Tensor, negatives: Tensor, labels: Tensor) -> Sample:
+        keep = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+        keep[positives] = True
+        keep[negatives] = True
+        return cls(positives, negatives, keep)
+
 
 class PseudoSampler:
     """Keeps every positive and every negative (mmdet's PseudoSampler): only ignored labels drop."""
@@ -58,10 +65,7 @@ class PseudoSampler:
         negatives = torch.nonzero(labels == background_label).flatten()
         positives = self.choose(positives, self.positive_quota(), generator).unique()
         negatives = self.choose(negatives, self.negative_quota(positives.numel()), generator).unique()
-        keep = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
-        keep[positives] = True
-        keep[negatives] = True
-        return Sample(positives, negatives, keep)
+        return Sample.of(positives, negatives, labels)
 
     def positive_quota(self) -> int:
         return -1
@@ -140,12 +144,12 @@ def sample_by_group(
         sample = sampler.sample(labels[rows], background_label, generator)
         positives.append(rows[sample.positives])
         negatives.append(rows[sample.negatives])
-    keep = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
-    positives_all = torch.cat(positives).sort().values if positives else labels.new_zeros(0)
-    negatives_all = torch.cat(negatives).sort().values if negatives else labels.new_zeros(0)
-    keep[positives_all] = True
-    keep[negatives_all] = True
-    return Sample(positives_all, negatives_all, keep)
+    empty = labels.new_zeros(0)
+    return Sample.of(
+        torch.cat(positives).sort().values if positives else empty,
+        torch.cat(negatives).sort().values if negatives else empty,
+        labels,
+    )
 
 
 SAMPLERS: dict[str, type[PseudoSampler]] = {"RandomSampler": RandomSampler, "PseudoSampler": PseudoSampler}
@@ -193,9 +197,11 @@ def apply_sample(
     seed: int | None,
     background_label: int,
     groups: Tensor | None = None,
+    elementwise: bool = False,
 ) -> tuple[Tensor, Sample]:
     """Sample (per group of ``groups``, e.g. per image), and return the weight with every unkept
-    sample zeroed (a new tensor) and the sample."""
+    sample zeroed (a new tensor) and the sample. Without a weight the new one has one entry per
+    sample, or pred's shape when the loss is ``elementwise`` ([N, 4] boxes...)."""
     if labels is None:
         raise LossInputError(
             "the config has a sampler but the term has no class-index labels to sample by: send sample_labels "
@@ -227,10 +233,14 @@ def apply_sample(
     sample = sample_by_group(sampler, labels, groups, background_label, generator)
     keep = sample.keep.to(pred.dtype)
     if weight is None:
-        # one weight per sample, or one per element where the loss is element-wise ([N, 4] boxes...)
-        return keep, sample
+        return (_per_row(keep, pred).expand_as(pred).contiguous() if elementwise else keep), sample
     if weight.dim() == 0 or weight.shape[0] != labels.shape[0]:
         raise LossInputError(
             f"weight must have N = {labels.shape[0]} rows to be sampled, got {list(weight.shape)}", field="weight"
         )
-    return weight * keep.view(-1, *([1] * (weight.dim() - 1))).to(weight.dtype), sample
+    return weight * _per_row(keep, weight).to(weight.dtype), sample
+
+
+def _per_row(mask: Tensor, like: Tensor) -> Tensor:
+    """An [N] mask as [N, 1, ...] with ``like``'s rank, to broadcast over each row."""
+    return mask.view(-1, *([1] * (like.dim() - 1)))
