@@ -381,6 +381,10 @@ class _BoxPairLoss(WeightedLoss):
     sample_axis = -1  # one loss per box: the 4 coordinates are reduced
     differentiable = ("pred", "target")
 
+    def __init__(self, eps: float = 1e-6, reduction: Reduction = "mean", loss_weight: float = 1.0) -> None:
+        super().__init__(reduction, loss_weight)
+        self.eps = eps
+
     def forward(
         self,
         pred: Tensor,
@@ -471,10 +475,6 @@ class DIoULoss(_BoxPairLoss):
     reduction, as MMDetection does.
     """
 
-    def __init__(self, eps: float = 1e-6, reduction: Reduction = "mean", loss_weight: float = 1.0) -> None:
-        super().__init__(reduction, loss_weight)
-        self.eps = eps
-
     def box_loss(self, pred: Tensor, target: Tensor) -> Tensor:
         return diou_loss(pred, target, self.eps)
 
@@ -494,10 +494,6 @@ class CIoULoss(_BoxPairLoss):
     With a ``weight`` that has no positive entry, returns ``(pred * weight).sum()`` whatever the
     reduction, as MMDetection does.
     """
-
-    def __init__(self, eps: float = 1e-6, reduction: Reduction = "mean", loss_weight: float = 1.0) -> None:
-        super().__init__(reduction, loss_weight)
-        self.eps = eps
 
     def box_loss(self, pred: Tensor, target: Tensor) -> Tensor:
         return ciou_loss(pred, target, self.eps)
@@ -523,13 +519,12 @@ class EIoULoss(_BoxPairLoss):
     def __init__(
         self, eps: float = 1e-6, reduction: Reduction = "mean", loss_weight: float = 1.0, smooth_point: float = 0.1
     ) -> None:
-        super().__init__(reduction, loss_weight)
+        super().__init__(eps, reduction, loss_weight)
         if not smooth_point > 0:
             raise LossConfigError(
                 f"EIoULoss.smooth_point must be > 0 (the quadratic part divides by it), got {smooth_point!r}",
                 field="smooth_point",
             )
-        self.eps = eps
         self.smooth_point = smooth_point
 
     def box_loss(self, pred: Tensor, target: Tensor) -> Tensor:
@@ -559,8 +554,7 @@ class SIoULoss(_BoxPairLoss):
     def __init__(
         self, eps: float = 1e-6, reduction: Reduction = "mean", loss_weight: float = 1.0, neg_gamma: bool = False
     ) -> None:
-        super().__init__(reduction, loss_weight)
-        self.eps = eps
+        super().__init__(eps, reduction, loss_weight)
         self.neg_gamma = neg_gamma
 
     def box_loss(self, pred: Tensor, target: Tensor) -> Tensor:
