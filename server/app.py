@@ -19,6 +19,7 @@ from losswire.v1 import loss_service_pb2_grpc as pb_grpc
 
 from . import __version__
 from .losses import LOSSES, Registry
+from .metrics import ServerMetrics
 from .service import LossService
 from .sessions import SessionStore
 
@@ -46,6 +47,8 @@ class ServerConfig:
     session_ttl_seconds: float = 3600.0  # an idle session's state is dropped after this long
     max_sessions: int = 1024  # live sessions at once; beyond, RESOURCE_EXHAUSTED
     session_replay_depth: int = 4  # forwards per session whose prior state is kept for recomputes
+    metrics_port: int | None = None  # Prometheus /metrics on this port (0 picks one); None: no endpoint
+    metrics_host: str | None = None  # None: the gRPC host
 
 
 def resolve_device(name: str) -> torch.device:
@@ -82,11 +85,6 @@ class LosswireServer:
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
         ]
-        self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="losswire"),
-            options=options,
-            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-        )
         self.sessions = SessionStore(
             registry,
             self.device,
@@ -94,12 +92,21 @@ class LosswireServer:
             max_sessions=config.max_sessions,
             replay_depth=config.session_replay_depth,
         )
+        # counted whether or not the endpoint is served: tests and embedders read .metrics.registry
+        self.metrics = ServerMetrics(self.device, __version__, registry.names, lambda: len(self.sessions))
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="losswire"),
+            options=options,
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+            interceptors=[self.metrics.interceptor()],
+        )
         self.service = LossService(self.device, registry, config.max_elements, self.sessions)
         pb_grpc.add_LossServiceServicer_to_server(self.service, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.port: int | None = None
+        self.metrics_port: int | None = None
 
     def start(self) -> int:
         address = f"{self.config.host}:{self.config.port}"
@@ -109,6 +116,10 @@ class LosswireServer:
         if self.port == 0:
             raise OSError(f"could not bind {address}")
         self.server.start()
+        if self.config.metrics_port is not None:
+            host = self.config.metrics_host or self.config.host
+            self.metrics_port = self.metrics.serve(host, self.config.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -132,6 +143,7 @@ class LosswireServer:
             time.sleep(notice)
         log.info("stopping: health NOT_SERVING, draining in-flight calls for up to %.0f s", grace)
         self.server.stop(grace).wait()
+        self.metrics.stop()
         log.info("stopped")
 
     def wait(self, timeout: float | None = None) -> bool:

@@ -1,41 +1,220 @@
-"""``losswire serve``: the server's command line. Every flag has an environment variable."""
+"""``losswire serve``: the server's command line.
+
+Every knob of the server is one ``Knob`` below, and each can be set three ways. The first that is
+given wins: the command-line flag (``--session-ttl 600``), the environment variable
+(``LOSSWIRE_SESSION_TTL=600``), the key in the optional TOML config file named by ``--config`` or
+``LOSSWIRE_CONFIG`` (``session_ttl = 600``), then the built-in default. ``losswire serve --help``
+lists them all, generated from the same table.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 from . import __version__
 from .app import MAX_MESSAGE_BYTES, LosswireServer, ServerConfig
 
+ENV_PREFIX = "LOSSWIRE_"
+NONE_WORDS = ("", "none", "None", "off")
 
-def _env(name: str, default: object) -> object:
-    return os.environ.get(f"LOSSWIRE_{name}", default)
+
+class KnobError(ValueError):
+    """A knob's value (from a flag, the environment or the config file) is not what it must be."""
 
 
-def _optional_int(value: str) -> int | None:
-    return None if value in ("", "none", "None", "0") else int(value)
+# -- value parsers: each takes the text a flag or variable carries, returns the typed value ---------
+
+
+def _int_at_least(floor: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < floor:
+            raise ValueError(f"must be at least {floor}")
+        return value
+
+    parse.__name__ = f"integer >= {floor}"
+    return parse
+
+
+def _optional_limit(text: str) -> int | None:
+    """A limit where 0 or none means unbounded."""
+    value = None if text in NONE_WORDS else int(text)
+    if value is not None and value < 0:
+        raise ValueError("must be >= 0 (0 or none: unbounded)")
+    return value or None
+
+
+_optional_limit.__name__ = "integer (0 or none: unbounded)"
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be in 0..65535")
+    return value
+
+
+_port.__name__ = "port 0..65535"
+
+
+def _optional_port(text: str) -> int | None:
+    return None if text in NONE_WORDS else _port(text)
+
+
+_optional_port.__name__ = "port 0..65535 or none"
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise ValueError("must be >= 0 seconds")
+    return value
+
+
+_seconds.__name__ = "seconds >= 0"
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text.lower() not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return text.lower()
+
+    parse.__name__ = " | ".join(choices)
+    return parse
+
+
+def _modules(text: str) -> tuple[str, ...]:
+    return tuple(m.strip() for m in text.split(",") if m.strip())
+
+
+_modules.__name__ = "module names, comma-separated"
+
+
+@dataclasses.dataclass(frozen=True)
+class Knob:
+    """One setting of the server: its flag, environment variable and config-file key derive from ``name``."""
+
+    name: str  # config-file key; flag --name-with-dashes; env LOSSWIRE_NAME_UPPER
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+    field: str | None = None  # ServerConfig field (default: name); "" for knobs the CLI itself uses
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    def from_text(self, text: str, where: str) -> Any:
+        try:
+            return self.parse(text)
+        except ValueError as error:
+            expected = getattr(self.parse, "__name__", "a valid value")
+            raise KnobError(f"{where}: expected {expected}, got {text!r} ({error})") from None
+
+
+_DEFAULT = ServerConfig()
+
+KNOBS: tuple[Knob, ...] = (
+    Knob("host", str, _DEFAULT.host, "address to bind (0.0.0.0: every interface; :: for IPv6 too)"),
+    Knob("port", _port, _DEFAULT.port, "gRPC port; 0 picks a free one (the start-up log line names it)"),
+    Knob("device", str, _DEFAULT.device, "where losses run: auto (cuda when available, else cpu), cpu, cuda, cuda:1"),
+    Knob("max_workers", _int_at_least(1), _DEFAULT.max_workers, "threads serving calls concurrently"),
+    Knob(
+        "max_concurrent_rpcs",
+        _optional_limit,
+        None,
+        "calls accepted at once; beyond it RESOURCE_EXHAUSTED at once (0 or none: unbounded)",
+    ),
+    Knob("max_message_bytes", _int_at_least(1024), MAX_MESSAGE_BYTES, "largest request/response message in bytes"),
+    Knob("max_elements", _optional_limit, None, "largest tensor in elements, refused before allocation (0: unbounded)"),
+    Knob("torch_threads", _optional_limit, None, "torch intra-op threads (0 or none: torch's default)"),
+    Knob(
+        "grace",
+        _seconds,
+        _DEFAULT.grace_seconds,
+        "seconds in-flight calls may finish after SIGTERM/SIGINT",
+        "grace_seconds",
+    ),
+    Knob(
+        "shutdown_notice",
+        _seconds,
+        _DEFAULT.shutdown_notice_seconds,
+        "seconds health reports NOT_SERVING while calls are still served, before the drain "
+        "(set it to the readiness probe's period)",
+        "shutdown_notice_seconds",
+    ),
+    Knob(
+        "session_ttl",
+        _seconds,
+        _DEFAULT.session_ttl_seconds,
+        "seconds an idle session (server-held loss state) lives on",
+        "session_ttl_seconds",
+    ),
+    Knob("max_sessions", _int_at_least(1), _DEFAULT.max_sessions, "live sessions at once; beyond, RESOURCE_EXHAUSTED"),
+    Knob(
+        "session_replay_depth",
+        _int_at_least(1),
+        _DEFAULT.session_replay_depth,
+        "recent forwards per session whose prior state is kept for exact recomputes and retries",
+    ),
+    Knob(
+        "plugins",
+        _modules,
+        (),
+        "modules imported at start-up to register extra losses (flag repeatable as --plugin; env comma-separated; "
+        "file: a list)",
+    ),
+    Knob(
+        "metrics_port",
+        _optional_port,
+        None,
+        "serve Prometheus metrics on http://METRICS_HOST:PORT/metrics (0 picks a free port; none: off)",
+    ),
+    Knob("metrics_host", str, None, "address the metrics endpoint binds (default: --host)"),
+    Knob("log_level", _choice("debug", "info", "warning", "error"), "info", "debug adds one line per request", ""),
+    Knob("log_format", _choice("text", "json"), "text", "json: one JSON object per line, for log collectors", ""),
+)
+KNOBS_BY_NAME = {knob.name: knob for knob in KNOBS}
+
+
+# -- the command line -------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="losswire",
         description="losswire: a gRPC service that evaluates MMDetection-style losses and their gradients.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"losswire {__version__}")
     commands = parser.add_subparsers(dest="command")
     serve = commands.add_parser(
         "serve",
         help="run the server",
-        description="Run the loss server. Each flag can also be set by the environment variable in brackets.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Run the loss server. Every setting is a flag, an environment variable, or a key of the TOML "
+        "file given by --config; the first of those that is set wins, then the default.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog='Example config file (TOML):\n  port = 50051\n  metrics_port = 9464\n  plugins = ["poly_loss"]\n'
+        '  log_format = "json"',
     )
     add_serve_flags(serve)
     listing = commands.add_parser("losses", help="list the registered losses (with --plugin modules)")
@@ -46,109 +225,106 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_serve_flags(parser: argparse.ArgumentParser) -> None:
-    default = ServerConfig()
-    parser.add_argument("--host", default=_env("HOST", default.host), help="address to bind [LOSSWIRE_HOST]")
     parser.add_argument(
-        "--port", type=int, default=_env("PORT", default.port), help="port to bind; 0 picks a free one [LOSSWIRE_PORT]"
+        "--config", metavar="FILE", default=None, help=f"a TOML file of the settings below [env {ENV_PREFIX}CONFIG]"
     )
-    parser.add_argument(
-        "--device",
-        default=_env("DEVICE", default.device),
-        help="where losses run: auto (cuda when available, else cpu), cpu, cuda, cuda:1 [LOSSWIRE_DEVICE]",
-    )
-    parser.add_argument(
-        "--max-workers",
-        type=int,
-        default=_env("MAX_WORKERS", default.max_workers),
-        help="threads serving calls concurrently [LOSSWIRE_MAX_WORKERS]",
-    )
-    parser.add_argument(
-        "--max-concurrent-rpcs",
-        type=_optional_int,
-        default=_env("MAX_CONCURRENT_RPCS", None),
-        help="calls accepted at once; beyond it RESOURCE_EXHAUSTED (0 or none: unbounded) "
-        "[LOSSWIRE_MAX_CONCURRENT_RPCS]",
-    )
-    parser.add_argument(
-        "--max-message-bytes",
-        type=int,
-        default=_env("MAX_MESSAGE_BYTES", MAX_MESSAGE_BYTES),
-        help="largest request/response message [LOSSWIRE_MAX_MESSAGE_BYTES]",
-    )
-    parser.add_argument(
-        "--max-elements",
-        type=_optional_int,
-        default=_env("MAX_ELEMENTS", None),
-        help="largest tensor in elements (0 or none: unbounded) [LOSSWIRE_MAX_ELEMENTS]",
-    )
-    parser.add_argument(
-        "--torch-threads",
-        type=_optional_int,
-        default=_env("TORCH_THREADS", None),
-        help="torch intra-op threads (0 or none: torch's default) [LOSSWIRE_TORCH_THREADS]",
-    )
-    parser.add_argument(
-        "--grace",
-        type=float,
-        default=_env("GRACE", default.grace_seconds),
-        help="seconds in-flight calls may finish after SIGTERM/SIGINT [LOSSWIRE_GRACE]",
-    )
-    parser.add_argument(
-        "--shutdown-notice",
-        type=float,
-        default=_env("SHUTDOWN_NOTICE", default.shutdown_notice_seconds),
-        help="seconds health reports NOT_SERVING while calls are still served, before the drain "
-        "(e.g. a readiness probe's period) [LOSSWIRE_SHUTDOWN_NOTICE]",
-    )
-    parser.add_argument(
-        "--session-ttl",
-        type=float,
-        default=_env("SESSION_TTL", default.session_ttl_seconds),
-        help="seconds an idle session (server-held loss state) lives on [LOSSWIRE_SESSION_TTL]",
-    )
-    parser.add_argument(
-        "--max-sessions",
-        type=int,
-        default=_env("MAX_SESSIONS", default.max_sessions),
-        help="live sessions at once; a new one beyond it gets RESOURCE_EXHAUSTED [LOSSWIRE_MAX_SESSIONS]",
-    )
-    parser.add_argument(
-        "--session-replay-depth",
-        type=int,
-        default=_env("SESSION_REPLAY_DEPTH", default.session_replay_depth),
-        help="recent forwards per session whose prior state is kept for exact backward recomputes "
-        "[LOSSWIRE_SESSION_REPLAY_DEPTH]",
-    )
-    parser.add_argument(
-        "--plugin",
-        action="append",
-        default=None,
-        help="import MODULE at start-up to register extra losses; repeatable [LOSSWIRE_PLUGINS, comma-separated]",
-    )
-    parser.add_argument(
-        "--log-level", default=_env("LOG_LEVEL", "INFO"), help="DEBUG logs one line per request [LOSSWIRE_LOG_LEVEL]"
-    )
+    for knob in KNOBS:
+        where = f"[env {knob.env}; file key {knob.name}; default {_show(knob.default)}]"
+        if knob.name == "plugins":
+            parser.add_argument(
+                "--plugin", dest="plugins", action="append", metavar="MODULE", help=f"{knob.help} {where}"
+            )
+        else:
+            parser.add_argument(knob.flag, dest=knob.name, metavar=knob.name.upper(), help=f"{knob.help} {where}")
 
 
-def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    plugins = args.plugin if args.plugin is not None else [p for p in str(_env("PLUGINS", "")).split(",") if p]
-    return ServerConfig(
-        host=args.host,
-        port=int(args.port),
-        device=args.device,
-        max_workers=int(args.max_workers),
-        # argparse runs `type` on string defaults too, so environment values arrive converted
-        max_concurrent_rpcs=args.max_concurrent_rpcs,
-        max_message_bytes=int(args.max_message_bytes),
-        max_elements=args.max_elements,
-        torch_threads=args.torch_threads,
-        grace_seconds=float(args.grace),
-        shutdown_notice_seconds=float(args.shutdown_notice),
-        plugins=tuple(plugins),
-        session_ttl_seconds=float(args.session_ttl),
-        max_sessions=int(args.max_sessions),
-        session_replay_depth=int(args.session_replay_depth),
-    )
+def _show(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, tuple):
+        return ",".join(value) or "none"
+    return str(value)
+
+
+# -- resolving the settings: flag, then environment, then file, then default -----------------------
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The TOML file's settings, every key checked against the knobs."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as error:
+        raise KnobError(f"--config {path}: cannot read it ({error.strerror})") from None
+    except tomllib.TOMLDecodeError as error:
+        raise KnobError(f"--config {path}: not valid TOML ({error})") from None
+    unknown = sorted(set(data) - set(KNOBS_BY_NAME))
+    if unknown:
+        raise KnobError(f"--config {path}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(KNOBS_BY_NAME)}")
+    return data
+
+
+def _from_file(knob: Knob, value: Any, path: str) -> Any:
+    where = f"--config {path}: key {knob.name}"
+    if knob.name == "plugins":
+        if not (isinstance(value, list) and all(isinstance(m, str) for m in value)):
+            raise KnobError(f"{where}: expected a list of module names, got {value!r}")
+        return tuple(value)
+    if isinstance(value, (bool, list, dict)):
+        raise KnobError(f"{where}: expected {getattr(knob.parse, '__name__', 'a value')}, got {value!r}")
+    return knob.from_text(str(value), where)
+
+
+def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """Every knob's value: the flag, else the environment, else the config file, else the default."""
+    config_path = args.config or environ.get(f"{ENV_PREFIX}CONFIG") or None
+    file_values = read_config_file(config_path) if config_path else {}
+    settings: dict[str, Any] = {}
+    for knob in KNOBS:
+        flag_value = getattr(args, knob.name)
+        if flag_value is not None:
+            if knob.name == "plugins":  # repeated --plugin, each possibly comma-separated
+                settings[knob.name] = tuple(m for text in flag_value for m in _modules(text))
+            else:
+                settings[knob.name] = knob.from_text(flag_value, knob.flag)
+        elif knob.env in environ:
+            settings[knob.name] = knob.from_text(environ[knob.env], knob.env)
+        elif knob.name in file_values:
+            settings[knob.name] = _from_file(knob, file_values[knob.name], config_path)
+        else:
+            settings[knob.name] = knob.default
+    return settings
+
+
+def config_from_settings(settings: Mapping[str, Any]) -> ServerConfig:
+    fields = {(k.field or k.name): settings[k.name] for k in KNOBS if k.field != ""}
+    return ServerConfig(**fields)
+
+
+def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> ServerConfig:
+    return config_from_settings(resolve_settings(args, environ))
+
+
+# -- logging ------------------------------------------------------------------------------------------
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(
+            JsonFormatter(
+                "{asctime}{levelname}{name}{message}",
+                style="{",
+                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            )
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+# -- commands -------------------------------------------------------------------------------------------
 
 
 def serve(config: ServerConfig) -> None:
@@ -188,14 +364,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "losses":
         list_losses(args)
         return
-    logging.basicConfig(
-        level=str(args.log_level).upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
     try:
-        config = config_from_args(args)
-        serve(config)
+        settings = resolve_settings(args)
+    except KnobError as error:
+        print(f"losswire serve: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(settings["log_level"], settings["log_format"])
+    try:
+        serve(config_from_settings(settings))
     except (ValueError, ImportError, OSError) as error:
         logging.getLogger("losswire.server").error("cannot start: %s", error)
         raise SystemExit(2) from error

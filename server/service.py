@@ -26,6 +26,7 @@ from .sessions import Session, SessionStore
 from .status import RequestError, to_status
 
 log = logging.getLogger("losswire.server")
+STAGES = ("decode", "compute", "encode")
 
 
 def _term_label(index: int, name: str) -> str:
@@ -78,13 +79,17 @@ class LossService(pb_grpc.LossServiceServicer):
         timings.decode_ms = (decoded - started) * 1e3
         timings.compute_ms = (computed - decoded) * 1e3
         timings.encode_ms = (encoded - computed) * 1e3
-        log.debug(
-            "Evaluate %s: decode %.2f ms, compute %.2f ms, encode %.2f ms",
-            ",".join(t.config.get("type", "?") for t in terms),
-            timings.decode_ms,
-            timings.compute_ms,
-            timings.encode_ms,
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            losses = [t.config.get("type", "?") for t in terms]
+            log.debug(
+                "Evaluate %s: decode %.2f ms, compute %.2f ms, encode %.2f ms",
+                ",".join(losses),
+                timings.decode_ms,
+                timings.compute_ms,
+                timings.encode_ms,
+                # fields of their own in --log-format json
+                extra={"rpc": "Evaluate", "losses": losses, **{f"{k}_ms": getattr(timings, f"{k}_ms") for k in STAGES}},
+            )
         return response
 
     @staticmethod

@@ -2,7 +2,7 @@
 
 Each server binds an ephemeral loopback port (``--port 0``); the tests read the bound port from the
 start-up log line. Covers health checking, reflection, graceful stop on SIGTERM/SIGINT with a call in
-flight, configuration from the environment, ``--help``, plugins (with the client's recompute path
+flight, configuration from the environment, plugins (with the client's recompute path
 for a non-separable loss) and the per-request DEBUG log.
 
 Every subprocess has a watchdog that kills it after ``HARD_LIMIT`` seconds, and is killed in the
@@ -351,34 +351,6 @@ def test_debug_log_has_one_line_per_request(plugin_server: ServerProcess, client
 
 
 # -- configuration -------------------------------------------------------------------------------------
-
-
-def test_serve_help_documents_every_flag_and_its_variable():
-    result = subprocess.run(
-        serve_cmd("--help"), env=server_env(COLUMNS="100"), capture_output=True, text=True, timeout=START_TIMEOUT
-    )
-    assert result.returncode == 0, result.stderr
-    text = result.stdout
-    flags = {
-        "--host": "LOSSWIRE_HOST",
-        "--port": "LOSSWIRE_PORT",
-        "--device": "LOSSWIRE_DEVICE",
-        "--max-workers": "LOSSWIRE_MAX_WORKERS",
-        "--max-concurrent-rpcs": "LOSSWIRE_MAX_CONCURRENT_RPCS",
-        "--max-message-bytes": "LOSSWIRE_MAX_MESSAGE_BYTES",
-        "--max-elements": "LOSSWIRE_MAX_ELEMENTS",
-        "--torch-threads": "LOSSWIRE_TORCH_THREADS",
-        "--grace": "LOSSWIRE_GRACE",
-        "--shutdown-notice": "LOSSWIRE_SHUTDOWN_NOTICE",
-        "--plugin": "LOSSWIRE_PLUGINS",
-        "--log-level": "LOSSWIRE_LOG_LEVEL",
-    }
-    options = text[text.index("options:") :] if "options:" in text else text
-    # each option's entry runs from its "  --flag" line to the next option's
-    entries = {m.group(1): m.group(0) for m in re.finditer(r"(?ms)^  (--[a-z-]+)\b.*?(?=^  -|\Z)", options)}
-    for flag, variable in flags.items():
-        assert flag in entries, f"{flag} missing from `losswire serve --help`:\n{text}"
-        assert variable in entries[flag], f"{flag}'s help does not name {variable}:\n{entries[flag]}"
 
 
 def test_environment_configures_the_server(spawn):

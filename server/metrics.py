@@ -1,0 +1,191 @@
+"""Prometheus metrics: what operators scrape from ``--metrics-port``.
+
+One ``ServerMetrics`` per server, on its own ``CollectorRegistry`` (two servers in one process, as
+in the tests, never share counters). The numbers come from a gRPC server interceptor, so the
+servicers stay free of bookkeeping:
+
+- ``losswire_requests_total{method, code}``: every unary call by method and gRPC status code;
+- ``losswire_loss_terms_total{loss, code}``: every ``Evaluate`` term by loss type and status
+  (a type that is not registered counts as ``loss="unregistered"``: labels never take arbitrary
+  client strings, so a fuzzer cannot blow up the series count);
+- ``losswire_request_duration_seconds{method}`` and
+  ``losswire_evaluate_stage_seconds{stage=decode|compute|encode}``: latency histograms;
+- ``losswire_received_bytes_total`` / ``losswire_sent_bytes_total{method}``: protobuf bytes;
+- ``losswire_in_flight_requests{method}``, ``losswire_sessions`` (live sessions);
+- ``losswire_device_memory_bytes{device, kind}``: CUDA allocated / reserved / peak, or on the CPU
+  the process's resident memory (host memory is where the CPU's losses live);
+- the standard ``process_*`` and ``python_*`` collectors, and ``losswire_build_info``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import grpc
+import torch
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger("losswire.server")
+
+# 0.5 ms (a tiny call's floor on loopback) up to a minute (a 1 GiB tensor on a loaded CPU)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+UNREGISTERED = "unregistered"
+
+
+class DeviceMemoryCollector(Collector):
+    """Reads the device's memory at scrape time (nothing to update on the request path)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "losswire_device_memory_bytes",
+            "Memory of the device the losses run on (CUDA: allocated/reserved/peak; CPU: process resident)",
+            labels=["device", "kind"],
+        )
+        name = str(self.device)
+        if self.device.type == "cuda":
+            family.add_metric([name, "allocated"], torch.cuda.memory_allocated(self.device))
+            family.add_metric([name, "reserved"], torch.cuda.memory_reserved(self.device))
+            family.add_metric([name, "peak_allocated"], torch.cuda.max_memory_allocated(self.device))
+        else:
+            family.add_metric([name, "resident"], _resident_bytes())
+        yield family
+
+
+def _resident_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class ServerMetrics:
+    """The server's metrics and the HTTP endpoint that exposes them."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        version: str,
+        known_losses: Callable[[], Iterable[str]],
+        live_sessions: Callable[[], int],
+    ) -> None:
+        self.registry = CollectorRegistry()
+        self.known_losses = known_losses
+        r = self.registry
+        self.requests = Counter("losswire_requests", "gRPC calls by method and status", ["method", "code"], registry=r)
+        self.terms = Counter(
+            "losswire_loss_terms", "Evaluate terms by loss type and status", ["loss", "code"], registry=r
+        )
+        self.duration = Histogram(
+            "losswire_request_duration_seconds", "Whole-call latency", ["method"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.stages = Histogram(
+            "losswire_evaluate_stage_seconds",
+            "Evaluate latency by stage: decode (bytes to tensors), compute (loss and gradients), encode",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.received = Counter("losswire_received_bytes", "Request bytes (protobuf)", ["method"], registry=r)
+        self.sent = Counter("losswire_sent_bytes", "Response bytes (protobuf)", ["method"], registry=r)
+        self.in_flight = Gauge("losswire_in_flight_requests", "Calls being served now", ["method"], registry=r)
+        sessions = Gauge("losswire_sessions", "Live sessions (server-held loss state)", registry=r)
+        sessions.set_function(live_sessions)
+        Info("losswire_build", "losswire version and device", registry=r).info(
+            {"version": version, "device": str(device)}
+        )
+        r.register(DeviceMemoryCollector(device))
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self._http: Any = None
+
+    def interceptor(self) -> MetricsInterceptor:
+        return MetricsInterceptor(self)
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the HTTP endpoint (``/metrics``); returns the bound port (``0`` picks a free one)."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self._http.server_port
+
+    def stop(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+    def loss_label(self, loss_type: str) -> str:
+        return loss_type if loss_type in self.known_losses() else UNREGISTERED
+
+
+class MetricsInterceptor(grpc.ServerInterceptor):
+    """Counts and times every unary-unary call; streaming calls (health Watch, reflection) pass untouched."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+
+    def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        behaviour = handler.unary_unary
+
+        def observed(request: Any, context: grpc.ServicerContext) -> Any:
+            return self._observe(method, behaviour, request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            observed,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _observe(self, method: str, behaviour: Callable, request: Any, context: grpc.ServicerContext) -> Any:
+        m = self.metrics
+        started = time.perf_counter()
+        m.in_flight.labels(method).inc()
+        m.received.labels(method).inc(request.ByteSize())
+        code = grpc.StatusCode.OK
+        try:
+            response = behaviour(request, context)
+            m.sent.labels(method).inc(response.ByteSize())
+            if method == "Evaluate":
+                self._observe_stages(response)
+            return response
+        except Exception:
+            # abort() raises after setting the status; anything else is gRPC's UNKNOWN
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            m.in_flight.labels(method).dec()
+            m.duration.labels(method).observe(time.perf_counter() - started)
+            m.requests.labels(method, code.name).inc()
+            if method == "Evaluate":
+                for term in request.terms:
+                    m.terms.labels(m.loss_label(_term_type(term)), code.name).inc()
+
+    def _observe_stages(self, response: Any) -> None:
+        for stage in ("decode", "compute", "encode"):
+            self.metrics.stages.labels(stage).observe(getattr(response.timings, f"{stage}_ms") / 1e3)
+
+
+def _term_type(term: Any) -> str:
+    field = term.config.fields.get("type")
+    return field.string_value if field is not None else ""
