@@ -4,6 +4,7 @@ catalogue, the registry and ListLosses cover every loss MMDetection 3.3 computes
 from pathlib import Path
 
 from losswire.client import LossClient
+from losswire.server.cli import KNOBS
 from losswire.server.losses import LOSSES
 from losswire.server.losses.catalogue import END, START, render_markdown
 
@@ -38,3 +39,13 @@ def test_every_mmdet_loss_is_registered_and_listed(client: LossClient):
         info = listed[name]
         assert info.summary and info.inputs, name
         assert info.output in ("element", "sample", "scalar"), name
+
+
+def test_readme_server_table_lists_every_setting():
+    text = README.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| `--")]
+    for knob in KNOBS:
+        flag = "--plugin" if knob.name == "plugins" else knob.flag
+        row = next((r for r in rows if f"`{flag}`" in r or f"`{flag} " in r), None)
+        assert row is not None, f"README's server table has no row for {flag}"
+        assert f"`{knob.env}`" in row, f"README's row for {flag} does not name {knob.env}: {row}"
