@@ -18,6 +18,7 @@ from losswire.v1 import loss_service_pb2 as pb
 from losswire.v1 import loss_service_pb2_grpc as pb_grpc
 
 from . import __version__
+from .inference import add_inference_service
 from .losses import LOSSES, Registry
 from .metrics import ServerMetrics
 from .service import LossService
@@ -102,9 +103,13 @@ class LosswireServer:
         )
         self.service = LossService(self.device, registry, config.max_elements, self.sessions)
         pb_grpc.add_LossServiceServicer_to_server(self.service, self.server)
+        # the Open Inference Protocol (KServe v2 / Triton) over the same evaluator, on the same port
+        inference = add_inference_service(self.server, self.service)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, inference, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
         self.port: int | None = None
         self.metrics_port: int | None = None
 

@@ -5,7 +5,8 @@ in the tests, never share counters). The numbers come from a gRPC server interce
 servicers stay free of bookkeeping:
 
 - ``losswire_requests_total{method, code}``: every unary call by method and gRPC status code;
-- ``losswire_loss_terms_total{loss, code}``: every ``Evaluate`` term by loss type and status
+- ``losswire_loss_terms_total{loss, code}``: every ``Evaluate`` term (and ``ModelInfer`` call) by loss
+  type and status
   (a type that is not registered counts as ``loss="unregistered"``: labels never take arbitrary
   client strings, so a fuzzer cannot blow up the series count);
 - ``losswire_request_duration_seconds{method}`` and
@@ -177,15 +178,18 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             m.in_flight.labels(method).dec()
             m.duration.labels(method).observe(time.perf_counter() - started)
             m.requests.labels(method, code.name).inc()
-            if method == "Evaluate":
-                for term in request.terms:
-                    m.terms.labels(m.loss_label(_term_type(term)), code.name).inc()
+            for loss in _loss_types(method, request):
+                m.terms.labels(m.loss_label(loss), code.name).inc()
 
     def _observe_stages(self, response: Any) -> None:
         for stage in ("decode", "compute", "encode"):
             self.metrics.stages.labels(stage).observe(getattr(response.timings, f"{stage}_ms") / 1e3)
 
 
-def _term_type(term: Any) -> str:
-    field = term.config.fields.get("type")
-    return field.string_value if field is not None else ""
+def _loss_types(method: str, request: Any) -> list[str]:
+    """The loss of each term: LossService's Evaluate terms, or the Open Inference Protocol's model."""
+    if method == "Evaluate":
+        return [t.config.fields["type"].string_value if "type" in t.config.fields else "" for t in request.terms]
+    if method == "ModelInfer":
+        return [request.model_name]
+    return []
