@@ -104,7 +104,8 @@ class LosswireServer:
         self.service = LossService(self.device, registry, config.max_elements, self.sessions)
         pb_grpc.add_LossServiceServicer_to_server(self.service, self.server)
         # the Open Inference Protocol (KServe v2 / Triton) over the same evaluator, on the same port
-        inference = add_inference_service(self.server, self.service)
+        self.draining = False  # set by stop(): readiness answers (health, OIP ServerReady) turn false
+        inference = add_inference_service(self.server, self.service, ready=lambda: not self.draining)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -142,6 +143,7 @@ class LosswireServer:
         """Health turns NOT_SERVING, new calls are refused, in-flight calls finish (up to grace)."""
         grace = self.config.grace_seconds if grace is None else grace
         notice = self.config.shutdown_notice_seconds
+        self.draining = True
         self.health.enter_graceful_shutdown()
         if notice > 0:
             log.info("stopping: health NOT_SERVING; still serving for %.1f s of notice", notice)

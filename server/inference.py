@@ -57,7 +57,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -388,8 +388,15 @@ def _encode(selected: list[tuple[str, Tensor]], response: oip.ModelInferResponse
 class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
     """``inference.GRPCInferenceService`` over the Evaluator that LossService uses."""
 
-    def __init__(self, evaluator: Evaluator, device: torch.device, max_elements: int | None = None) -> None:
+    def __init__(
+        self,
+        evaluator: Evaluator,
+        device: torch.device,
+        max_elements: int | None = None,
+        ready: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.evaluator = evaluator
+        self.ready = ready
         self.registry = evaluator.registry
         self.device = device
         self.max_elements = max_elements
@@ -398,7 +405,7 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         return oip.ServerLiveResponse(live=True)
 
     def ServerReady(self, request: oip.ServerReadyRequest, context: grpc.ServicerContext) -> oip.ServerReadyResponse:  # noqa: N802
-        return oip.ServerReadyResponse(ready=True)
+        return oip.ServerReadyResponse(ready=self.ready())
 
     def ServerMetadata(  # noqa: N802
         self, request: oip.ServerMetadataRequest, context: grpc.ServicerContext
@@ -473,11 +480,13 @@ def _abort(context: grpc.ServicerContext, error: Exception, where: str) -> None:
     context.abort_with_status(status)
 
 
-def add_inference_service(server: grpc.Server, loss_service: LossService) -> str:
+def add_inference_service(
+    server: grpc.Server, loss_service: LossService, ready: Callable[[], bool] = lambda: True
+) -> str:
     """Serve the Open Inference Protocol on ``server`` with ``loss_service``'s evaluator, device and limits.
 
-    Returns the full service name, for reflection.
+    ``ready`` answers ServerReady (false once the server drains). Returns the full service name, for reflection.
     """
-    service = InferenceService(loss_service.evaluator, loss_service.device, loss_service.max_elements)
+    service = InferenceService(loss_service.evaluator, loss_service.device, loss_service.max_elements, ready)
     oip_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
     return SERVICE_NAME

@@ -35,6 +35,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 import losswire.server.losses as engine
 from losswire.client import LossClient, RemoteLoss, evaluate_terms
 from losswire.client.errors import RemoteLossError
+from losswire.inference import grpc_predict_v2_pb2 as oip
+from losswire.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from losswire.server.losses import Registry
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.v1 import loss_service_pb2_grpc as pb_grpc
@@ -479,8 +481,11 @@ def test_shutdown_notice_lets_health_checks_see_not_serving(spawn):
             status = health.Check(check, timeout=CALL_TIMEOUT).status  # a polling probe, not a Watch
             time.sleep(0.02)
         assert status == health_pb2.HealthCheckResponse.NOT_SERVING
-        # still serving calls during the notice
+        # still serving calls during the notice, and the Open Inference Protocol's readiness agrees
         assert pb_grpc.LossServiceStub(channel).ListLosses(pb.ListLossesRequest(), timeout=CALL_TIMEOUT).losses
+        inference = oip_grpc.GRPCInferenceServiceStub(channel)
+        assert not inference.ServerReady(oip.ServerReadyRequest(), timeout=CALL_TIMEOUT).ready
+        assert inference.ServerLive(oip.ServerLiveRequest(), timeout=CALL_TIMEOUT).live
     assert server.wait_exit() == 0, server.log()
     assert "still serving for 1.5 s of notice" in server.log()
 
