@@ -217,6 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
         '  log_format = "json"',
     )
     add_serve_flags(serve)
+    health = commands.add_parser(
+        "health",
+        help="ask a running server's gRPC health service; exit 0 when SERVING (a container HEALTHCHECK)",
+        description="Ask the gRPC health service of the server that `losswire serve` with the same settings "
+        "(flags, LOSSWIRE_* variables, config file) started on this host; exit 0 when SERVING, 1 otherwise.",
+    )
+    health.add_argument("--service", default="losswire.v1.LossService", help="health service name ('' = server)")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
+    add_serve_flags(health)
     listing = commands.add_parser("losses", help="list the registered losses (with --plugin modules)")
     listing.add_argument("--plugin", action="append", default=[], help="import this module first")
     listing.add_argument("--json", action="store_true", help="print the full descriptions as JSON")
@@ -339,6 +348,32 @@ def serve(config: ServerConfig) -> None:
     server.stop()
 
 
+def check_health(settings: Mapping[str, Any], service: str, timeout: float) -> int:
+    """0 when the local server's health service says SERVING for ``service``, else 1 (the status is printed)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    host, port = settings["host"], settings["port"]
+    if port == 0:
+        print("losswire health: the port is 0 (picked at start-up); give the server's port", file=sys.stderr)
+        return 2
+    if host in ("0.0.0.0", "::", "[::]", ""):  # a wildcard bind: the server answers on loopback
+        host = "127.0.0.1"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError as error:
+            print(f"{host}:{port} {service or '(server)'}: {error.code().name} {error.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+    print(f"{host}:{port} {service or '(server)'}: {status}")
+    return 0 if answer.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def list_losses(args: argparse.Namespace) -> None:
     from .app import load_plugins
     from .losses import LOSSES
@@ -367,8 +402,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         settings = resolve_settings(args)
     except KnobError as error:
-        print(f"losswire serve: {error}", file=sys.stderr)
+        print(f"losswire {args.command}: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    if args.command == "health":
+        raise SystemExit(check_health(settings, args.service, args.timeout))
     configure_logging(settings["log_level"], settings["log_format"])
     try:
         serve(config_from_settings(settings))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -232,3 +233,25 @@ def test_every_knob_is_in_serve_help():
         flag = "--plugin" if knob.name == "plugins" else knob.flag
         assert flag in entries, f"{flag} missing from `losswire serve --help`:\n{text}"
         assert f"[env {knob.env}; file key {knob.name}; default " in entries[flag], entries[flag]
+
+
+def test_health_command_finds_the_server_by_the_same_settings(metered_server: ServerProcess, tmp_path):
+    """``losswire health`` (the image's HEALTHCHECK) resolves host and port as ``serve`` does."""
+    config = tmp_path / "losswire.toml"
+    config.write_text(f'host = "0.0.0.0"\nport = {metered_server.port}\n')
+
+    def health(*args: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [losswire_script(), "health", *args], env=server_env(**env), capture_output=True, text=True, timeout=60
+        )
+
+    by_env = health(LOSSWIRE_PORT=str(metered_server.port), LOSSWIRE_HOST="127.0.0.1")
+    assert by_env.returncode == 0, by_env.stderr
+    assert by_env.stdout.strip() == f"127.0.0.1:{metered_server.port} losswire.v1.LossService: SERVING"
+    assert health("--config", str(config), "--service", "").returncode == 0  # wildcard host: loopback
+    unknown = health("--config", str(config), "--service", "no.such.Service")
+    assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr
+    with socket.socket() as free:  # a port nobody listens on
+        free.bind(("127.0.0.1", 0))
+        closed = health("--port", str(free.getsockname()[1]), "--host", "127.0.0.1", "--timeout", "2")
+    assert closed.returncode == 1 and "UNAVAILABLE" in closed.stderr
