@@ -7,8 +7,18 @@ It needs torch, grpcio and protobuf only; it never imports the loss engine.
     loss.backward()
 """
 
-from .channel import DEFAULT_TARGET, LossClient
+from .channel import DEFAULT_TARGET, LossClient, SessionRestartedError, Target
 from .errors import RemoteLossError
 from .remote import BoundTerm, RemoteLoss, build_loss, evaluate_terms
 
-__all__ = ["DEFAULT_TARGET", "BoundTerm", "LossClient", "RemoteLoss", "RemoteLossError", "build_loss", "evaluate_terms"]
+__all__ = [
+    "DEFAULT_TARGET",
+    "BoundTerm",
+    "LossClient",
+    "RemoteLoss",
+    "RemoteLossError",
+    "SessionRestartedError",
+    "Target",
+    "build_loss",
+    "evaluate_terms",
+]

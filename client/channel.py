@@ -1,11 +1,45 @@
-"""Channels and stubs: one channel per target, shared by every RemoteLoss that talks to it."""
+"""Channels and stubs: one client per target, shared by every RemoteLoss that talks to it.
+
+A target is one of
+
+* one server, ``"host:port"``: one channel with gRPC's default policy (pick_first);
+* a gRPC URI, ``"dns:///losswire-headless.ml.svc.cluster.local:50051"`` (or ``ipv4:``, ``ipv6:``, ``xds:``...):
+  one channel balanced ``round_robin`` over every address the name resolves to. gRPC's default,
+  pick_first, would send every call of a worker to the first pod of a headless Service;
+* several servers, ``["gpu1:50051", "gpu2:50051"]`` or ``"gpu1:50051,gpu2:50051"``: one channel balanced
+  ``round_robin`` over all of them.
+
+Balanced channels also check health on the client side (``grpc.health.v1`` Watch on
+``losswire.v1.LossService``): a replica whose health says NOT_SERVING, as a stopping server's does for
+its ``--shutdown-notice``, gets no new calls while it drains. The retry policy covers the rest: a call
+that meets an UNAVAILABLE replica is tried again and the balancer picks a live one.
+
+**Sessions** (server-held state of stateful losses) live in one server process, so every call of a
+session must reach the same replica from every worker. A balanced client pins each session by
+rendezvous hashing (:func:`rendezvous_rank`) of its name over the replica addresses: the listed
+servers, the addresses of an ``ipv4:``/``ipv6:`` URI, or what a ``dns:///`` name resolves to now
+(a headless Service: one address per ready pod; re-resolved every ``REPLICA_REFRESH_SECONDS``). Every
+process ranks the same set the same way, so workers meet on one replica without talking to each
+other. A session's calls (Evaluate terms, GetSession, ResetSession) go to a channel for that one
+replica; everything else stays round_robin. When the replica set changes, only the sessions of the
+changed replica move, and a moved session starts from a fresh state on its new replica: the client
+notices (``session_step`` goes backwards) and warns, or raises with ``on_session_restart="raise"``.
+Targets the client cannot enumerate (``xds:``, a ``dns://server/`` name) send sessions over the
+balanced channel with the ``x-losswire-session`` header, for a proxy that hashes on it.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import json
+import logging
+import re
+import socket
 import threading
-from collections.abc import Mapping
-from typing import Any
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 import grpc
 
@@ -15,66 +49,324 @@ from losswire.v1 import loss_service_pb2_grpc as pb_grpc
 from . import codec
 from .errors import RemoteLossError
 
+log = logging.getLogger("losswire.client")
+
 DEFAULT_TARGET = "localhost:50051"
 SESSION_HEADER = "x-losswire-session"
+SERVICE_NAME = "losswire.v1.LossService"
 MAX_MESSAGE_BYTES = 2**31 - 1
+# A DNS name's replica set is resolved again after this long (and at once after a replica failed), so
+# workers that started at different times agree on it again within this window.
+REPLICA_REFRESH_SECONDS = 30.0
+# A replica that answered a session call UNAVAILABLE is ranked last for this long: its sessions go to
+# their next replica at once instead of waiting out the retry backoff on every call.
+REPLICA_DOWN_SECONDS = 30.0
+# Schemes gRPC resolves itself; anything else with a port ("gpu1:50051") is a host.
+URI_SCHEMES = frozenset({"dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds", "google-c2p"})
+
+Target = str | Sequence[str]  # "host:port", a gRPC URI, or several "host:port" (a list or "h1:p1,h2:p2")
 
 # gRPC's own retry policy: a call that met an UNAVAILABLE server (restarting, overloaded, a replica
-# going away) is tried again with backoff. Every call is idempotent: stateless terms trivially, and a
-# session term carries a forward_id, so a retried forward is answered without updating state twice.
-SERVICE_CONFIG = json.dumps(
-    {
-        "methodConfig": [
-            {
-                "name": [{"service": "losswire.v1.LossService"}],
-                "retryPolicy": {
-                    "maxAttempts": 4,
-                    "initialBackoff": "0.1s",
-                    "maxBackoff": "2s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ]
-    }
-)
+# going away) is tried again with backoff; on a balanced channel the retry picks a replica again. Every
+# call is idempotent: stateless terms trivially, and a session term carries a forward_id, so a retried
+# forward is answered without updating state twice.
+RETRY_POLICY = {
+    "maxAttempts": 4,
+    "initialBackoff": "0.1s",
+    "maxBackoff": "2s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
 
 
-def make_channel(target: str, options: Mapping[str, Any] | None = None) -> grpc.Channel:
+def service_config(balanced: bool) -> str:
+    """The channel's service config: the retry policy, plus round_robin and health checks if ``balanced``."""
+    config: dict[str, Any] = {"methodConfig": [{"name": [{"service": SERVICE_NAME}], "retryPolicy": RETRY_POLICY}]}
+    if balanced:
+        config["loadBalancingConfig"] = [{"round_robin": {}}]
+        config["healthCheckConfig"] = {"serviceName": SERVICE_NAME}
+    return json.dumps(config)
+
+
+SERVICE_CONFIG = service_config(balanced=False)
+
+
+# -- targets -----------------------------------------------------------------------------------------
+
+
+def is_uri(target: str) -> bool:
+    """``dns:///name:port``, ``ipv4:...`` and the like, as opposed to ``host:port``."""
+    scheme, colon, _ = target.partition(":")
+    return "://" in target or (bool(colon) and scheme.lower() in URI_SCHEMES)
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[ipv6]:port"`` -> (host, port)."""
+    host, colon, port = address.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    if not colon or not host or not port.isdigit() or (":" in host and not bracketed):
+        raise ValueError(f"expected 'host:port' (IPv6: '[address]:port'), got {address!r}")
+    return host, int(port)
+
+
+def join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def normalise_target(target: Target) -> str | tuple[str, ...]:
+    """One server or a URI stays a string; several servers become a tuple of ``host:port``.
+
+    ``"h1:p1,h2:p2"``, ``["h1:p1", "h2:p2"]`` and ``("h1:p1", "h2:p2")`` give the same tuple (so the
+    same shared client); one listed server gives its string.
+    """
+    if isinstance(target, str):
+        target = target.strip()
+        if is_uri(target):
+            if target.lower().startswith("dns:") and "," in target:
+                raise ValueError(f"{target!r}: a dns: URI names one host; list several servers as 'h1:p1,h2:p2'")
+            return target
+        parts: Sequence[Any] = target.split(",")
+    else:
+        parts = list(target)
+    addresses = tuple(dict.fromkeys(str(part).strip() for part in parts if str(part).strip()))
+    if not addresses:
+        raise ValueError("target names no server: expected 'host:port', several of them, or a gRPC URI")
+    for address in addresses:
+        if is_uri(address) and len(addresses) > 1:
+            raise ValueError(f"{address!r} in a list of servers: list host:port addresses, or pass one gRPC URI alone")
+        if not is_uri(address):
+            split_host_port(address)
+    return addresses[0] if len(addresses) == 1 else addresses
+
+
+def _ips(host: str, port: int) -> list[str]:
+    """``host`` as IP addresses: itself if it is one, else what the system resolver says."""
+    try:
+        return [str(ipaddress.ip_address(host))]
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as error:
+        raise ValueError(f"cannot resolve {host!r}: {error}") from None
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def address_list_uri(addresses: Sequence[str]) -> str:
+    """One ``ipv4:``/``ipv6:`` URI for several ``host:port``: the channel target that balances over them.
+
+    Why a URI of resolved addresses: gRPC's round_robin then does the balancing, the health checks,
+    the reconnects and the retry onto another replica, all in its core. grpcio has no static resolver
+    for several host names, and a round robin of our own over one channel per server would have to
+    track each channel's health and retry across channels itself (a channel's retry policy only
+    retries on that channel, i.e. on the same dead server). The price: host names are resolved once,
+    when the client is made. For a replica set that changes (pods), use a ``dns:///`` name.
+
+    A host with IPv4 addresses contributes those, else its IPv6 ones; one URI holds one family only.
+    """
+    by_family: dict[int, list[str]] = {4: [], 6: []}
+    for address in addresses:
+        host, port = split_host_port(address)
+        ips = [ipaddress.ip_address(ip.split("%")[0]) for ip in _ips(host, port)]
+        family = 4 if any(ip.version == 4 for ip in ips) else 6
+        by_family[family] += [join_host_port(str(ip), port) for ip in ips if ip.version == family]
+    if by_family[4] and by_family[6]:
+        raise ValueError(
+            f"servers {list(addresses)} resolve to IPv4 and IPv6-only addresses ({by_family[4]}, {by_family[6]}); "
+            "one balanced gRPC channel takes one family: name them by addresses of one family, or use a dns:/// name"
+        )
+    family = 4 if by_family[4] else 6
+    return f"ipv{family}:" + ",".join(dict.fromkeys(by_family[family]))
+
+
+def make_channel(target: Target, options: Mapping[str, Any] | None = None) -> grpc.Channel:
+    """A channel for ``target`` with the retry policy; balanced (round_robin) for URIs and lists."""
+    target = normalise_target(target)
+    if isinstance(target, tuple):
+        address, balanced = address_list_uri(target), True
+    else:
+        address, balanced = target, is_uri(target)
     settings = {
         "grpc.max_receive_message_length": MAX_MESSAGE_BYTES,
         "grpc.max_send_message_length": MAX_MESSAGE_BYTES,
-        "grpc.service_config": SERVICE_CONFIG,
+        "grpc.service_config": service_config(balanced),
         "grpc.enable_retries": 1,
         **(options or {}),
     }
-    return grpc.insecure_channel(target, options=list(settings.items()))
+    return grpc.insecure_channel(address, options=list(settings.items()))
+
+
+# -- replicas and sessions ---------------------------------------------------------------------------
+
+
+def rendezvous_rank(key: str, replicas: Sequence[str]) -> list[str]:
+    """``replicas`` in order of preference for ``key``: highest random weight (rendezvous) hashing.
+
+    The weight is a hash of (replica, key) with blake2b, not Python's per-process salted ``hash``, so
+    every process ranks the same set the same way, whatever the order it lists them in. Removing a
+    replica moves only the keys it ranked first for, each to its second choice; adding one takes
+    about 1/n of the keys and moves no others.
+    """
+
+    def weight(replica: str) -> bytes:
+        return hashlib.blake2b(f"{replica}\n{key}".encode(), digest_size=8).digest()
+
+    return sorted(dict.fromkeys(replicas), key=lambda replica: (weight(replica), replica), reverse=True)
+
+
+class ReplicaSet:
+    """The replica addresses of a balanced target, resolved again every ``refresh_seconds`` (None: fixed)."""
+
+    def __init__(
+        self,
+        lookup: Callable[[], Sequence[str]],
+        refresh_seconds: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._lookup = lookup
+        self.refresh_seconds = refresh_seconds
+        self._clock = clock
+        self._addresses: tuple[str, ...] = ()
+        self._resolved_at: float | None = None
+        self._lock = threading.Lock()
+
+    def addresses(self) -> tuple[str, ...]:
+        """The replicas, sorted. A failed lookup keeps the last set it had (and raises without one)."""
+        with self._lock:
+            now = self._clock()
+            stale = self._resolved_at is None or (
+                self.refresh_seconds is not None and now - self._resolved_at >= self.refresh_seconds
+            )
+            if stale:
+                try:
+                    found = tuple(sorted(dict.fromkeys(self._lookup())))
+                except ValueError as error:
+                    if not self._addresses:
+                        raise RemoteLossError(grpc.StatusCode.UNAVAILABLE, str(error)) from None
+                    log.warning("keeping replicas %s: %s", ", ".join(self._addresses), error)
+                else:
+                    if not found:
+                        raise RemoteLossError(grpc.StatusCode.UNAVAILABLE, "the target resolves to no address")
+                    self._addresses = found
+                self._resolved_at = now
+            return self._addresses
+
+    def invalidate(self) -> None:
+        """Resolve again on the next call (a replica failed: the set may have changed)."""
+        if self.refresh_seconds is not None:
+            with self._lock:
+                self._resolved_at = None
+
+
+def _resolve_dns_name(host: str, port: int) -> list[str]:
+    return [join_host_port(ip, port) for ip in _ips(host, port)]
+
+
+def _dns_replicas(uri: str) -> ReplicaSet:
+    """The replicas of ``dns:[//authority/]host[:port]``, resolved with the system resolver, as gRPC's is."""
+    rest = uri[len("dns:") :]
+    authority = ""
+    if rest.startswith("//"):
+        authority, _, rest = rest[2:].partition("/")
+    host, port = split_host_port(rest if re.search(r":\d+$", rest) else f"{rest}:443")  # gRPC's default port
+    if authority:
+        return _UnresolvableReplicas(
+            f"{uri!r} names its own DNS server ({authority}); the client pins sessions by resolving the name "
+            "with the system resolver, which cannot ask that server. Use dns:///name:port for sessions, or route "
+            f"them by the {SESSION_HEADER} header in a proxy"
+        )
+    return ReplicaSet(lambda: _resolve_dns_name(host, port), REPLICA_REFRESH_SECONDS)
+
+
+class _UnresolvableReplicas(ReplicaSet):
+    """A balanced target whose replicas the client cannot list: session calls fail with the reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(lambda: ())
+        self.reason = reason
+
+    def addresses(self) -> tuple[str, ...]:
+        raise ValueError(self.reason)
+
+
+def replica_set(target: str | tuple[str, ...]) -> ReplicaSet | None:
+    """Where sessions of ``target`` can be pinned; None when the client cannot enumerate its servers
+    (one ``host:port``: one server; ``xds:``, ``unix:``...: the proxy or control plane routes)."""
+    if isinstance(target, tuple):
+        return ReplicaSet(lambda: target)
+    scheme, _, rest = target.partition(":")
+    scheme = scheme.lower()
+    if scheme in ("ipv4", "ipv6"):
+        addresses = [a.strip() for a in rest.split(",") if a.strip()]
+        return ReplicaSet(lambda: addresses) if len(addresses) > 1 else None
+    if scheme == "dns":
+        return _dns_replicas(target)
+    return None
+
+
+class SessionRestartedError(RemoteLossError):
+    """A session's state started afresh behind this client's back: its ``session_step`` went backwards.
+
+    The session was reset by another client, expired after the server's ``--session-ttl``, or its
+    replica restarted or changed (the replica set of a balanced target changed). The call that found
+    out was evaluated with the fresh state.
+    """
+
+    def __init__(self, session: str, last_step: int, step: int) -> None:
+        super().__init__(
+            grpc.StatusCode.DATA_LOSS,
+            f"session {session!r} restarted: this client last saw step {last_step}, the server answered step {step}. "
+            "Its state (e.g. SeesawLoss's cum_samples) started afresh: it was reset by another client, expired "
+            "(--session-ttl), or its replica restarted or changed",
+            "session",
+        )
+        self.session, self.last_step, self.step = session, last_step, step
 
 
 class LossClient:
-    """A connection to one losswire server (or one load-balanced name).
+    """A connection to one losswire server, or to several replicas behind one balanced target.
 
-    ``LossClient.shared(target)`` returns the same client for the same target, so every module
-    reuses one channel. Each call has a deadline of ``timeout`` seconds (None: no deadline).
+    ``LossClient.shared(target)`` returns the same client for the same target (a list and its
+    comma-separated string are the same target), so every module reuses one channel. Each call has a
+    deadline of ``timeout`` seconds (None: no deadline). ``on_session_restart``: what to do when a
+    session's state started afresh behind this client's back (see :class:`SessionRestartedError`):
+    ``"warn"`` logs a warning on ``losswire.client`` and carries on, ``"raise"`` raises.
     """
 
-    _shared: dict[str, LossClient] = {}
+    _shared: dict[str | tuple[str, ...], LossClient] = {}
     _lock = threading.Lock()
 
     def __init__(
-        self, target: str = DEFAULT_TARGET, timeout: float | None = 300.0, channel: grpc.Channel | None = None
+        self,
+        target: Target = DEFAULT_TARGET,
+        timeout: float | None = 300.0,
+        channel: grpc.Channel | None = None,
+        *,
+        on_session_restart: Literal["warn", "raise"] = "warn",
     ):
-        self.target = target
+        if on_session_restart not in ("warn", "raise"):
+            raise ValueError(f"on_session_restart must be 'warn' or 'raise', got {on_session_restart!r}")
+        self.target = normalise_target(target)
         self.timeout = timeout
-        self.channel = channel if channel is not None else make_channel(target)
+        self.on_session_restart = on_session_restart
+        self.channel = channel if channel is not None else make_channel(self.target)
         self.stub = pb_grpc.LossServiceStub(self.channel)
+        # with a channel of the caller's, sessions ride on it (header only): its servers are unknown here
+        self.replicas = replica_set(self.target) if channel is None else None
+        self._pinned: dict[str, tuple[grpc.Channel, pb_grpc.LossServiceStub]] = {}
+        self._down_until: dict[str, float] = {}
+        # session -> (highest step this client saw answered, that term's forward_id)
+        self._steps: dict[str, tuple[int, str]] = {}
+        self._state_lock = threading.Lock()
 
     @classmethod
-    def shared(cls, target: str = DEFAULT_TARGET) -> LossClient:
+    def shared(cls, target: Target = DEFAULT_TARGET) -> LossClient:
+        key = normalise_target(target)
         with cls._lock:
-            if target not in cls._shared:
-                cls._shared[target] = cls(target)
-            return cls._shared[target]
+            if key not in cls._shared:
+                cls._shared[key] = cls(key)
+            return cls._shared[key]
 
     def _call(self, method: Any, request: Any, timeout: float | None, metadata: Any = None) -> Any:
         try:
@@ -82,12 +374,125 @@ class LossClient:
         except grpc.RpcError as error:
             raise RemoteLossError.from_rpc_error(error) from None
 
+    # -- pinning -----------------------------------------------------------------------------------
+
+    def replica_for(self, session: str) -> str | None:
+        """The replica address this client sends ``session``'s calls to now (None: not pinned here)."""
+        if self.replicas is None:
+            return None
+        return self._ranked(session)[0]
+
+    def _ranked(self, session: str) -> list[str]:
+        """The session's rendezvous order, replicas that failed recently last."""
+        ranking = rendezvous_rank(session, self.replicas.addresses())
+        now = time.monotonic()
+        with self._state_lock:
+            down = {a for a in ranking if self._down_until.get(a, 0.0) > now}
+        return [a for a in ranking if a not in down] + [a for a in ranking if a in down]
+
+    def _replica_stub(self, address: str) -> pb_grpc.LossServiceStub:
+        with self._state_lock:
+            if address not in self._pinned:
+                channel = make_channel(address)
+                self._pinned[address] = (channel, pb_grpc.LossServiceStub(channel))
+            return self._pinned[address][1]
+
+    def _session_call(self, session: str, method: str, request: Any, timeout: float | None, metadata: Any) -> Any:
+        """Call ``method`` on the session's replica; if it is UNAVAILABLE (gone), on its next one."""
+        if self.replicas is None:
+            return self._call(getattr(self.stub, method), request, timeout, metadata)
+        failure: RemoteLossError | None = None
+        for address in self._ranked(session):
+            try:
+                return self._call(getattr(self._replica_stub(address), method), request, timeout, metadata)
+            except RemoteLossError as error:
+                if error.code != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                failure = error
+                self._mark_down(address, session, error)
+        assert failure is not None
+        raise failure
+
+    def _mark_down(self, address: str, session: str, error: RemoteLossError) -> None:
+        with self._state_lock:
+            self._down_until[address] = time.monotonic() + REPLICA_DOWN_SECONDS
+        self.replicas.invalidate()
+        log.warning(
+            "losswire replica %s is unavailable (%s); session %r and the others it held move to their next "
+            "replica (rendezvous order) for %.0f s",
+            address,
+            error.details,
+            session,
+            REPLICA_DOWN_SECONDS,
+        )
+
+    # -- calls ---------------------------------------------------------------------------------------
+
     def evaluate(self, request: pb.EvaluateRequest, timeout: float | None = None) -> pb.EvaluateResponse:
-        # A session's state lives on one replica: the header lets a proxy route by session
-        # (consistent hashing on x-losswire-session), see the README's "Sessions and replicas".
-        sessions = sorted({term.session for term in request.terms if term.session})
-        metadata = [(SESSION_HEADER, ",".join(sessions))] if sessions else None
-        return self._call(self.stub.Evaluate, request, timeout, metadata)
+        sessions = list(dict.fromkeys(term.session for term in request.terms if term.session))
+        baselines = self._baselines(sessions)
+        if not sessions:
+            response = self._call(self.stub.Evaluate, request, timeout)
+        elif len(sessions) == 1 or self.replicas is None:
+            # the header lets a proxy route by session (consistent hashing on x-losswire-session)
+            metadata = [(SESSION_HEADER, ",".join(sorted(sessions)))]
+            response = self._session_call(sessions[0], "Evaluate", request, timeout, metadata)
+        else:
+            response = self._evaluate_per_session(request, sessions, timeout)
+        self._check_restarts(request, response, baselines)
+        return response
+
+    def _evaluate_per_session(
+        self, request: pb.EvaluateRequest, sessions: list[str], timeout: float | None
+    ) -> pb.EvaluateResponse:
+        """Terms of several sessions, which may live on different replicas: one request per session
+        (stateless terms ride with the first), answered in the original order."""
+        groups: dict[str, list[int]] = {session: [] for session in sessions}
+        for index, term in enumerate(request.terms):
+            groups[term.session or sessions[0]].append(index)
+        merged = pb.EvaluateResponse()
+        results: dict[int, pb.TermResult] = {}
+        for session, indices in groups.items():
+            part = pb.EvaluateRequest(terms=[request.terms[i] for i in indices])
+            try:
+                answer = self._session_call(session, "Evaluate", part, timeout, [(SESSION_HEADER, session)])
+            except RemoteLossError as error:
+                raise _renumbered(error, indices) from None
+            results.update(zip(indices, answer.results, strict=True))
+            merged.device = merged.device or answer.device
+            merged.timings.decode_ms += answer.timings.decode_ms
+            merged.timings.compute_ms += answer.timings.compute_ms
+            merged.timings.encode_ms += answer.timings.encode_ms
+        merged.results.extend(results[i] for i in range(len(request.terms)))
+        return merged
+
+    def _baselines(self, sessions: Sequence[str]) -> dict[str, tuple[int, str]]:
+        """What this client had seen of each session when the request left: a call in flight at the
+        same time may be answered an earlier step, which is no restart."""
+        with self._state_lock:
+            return {session: self._steps[session] for session in sessions if session in self._steps}
+
+    def _check_restarts(
+        self, request: pb.EvaluateRequest, response: pb.EvaluateResponse, baselines: Mapping[str, tuple[int, str]]
+    ) -> None:
+        restarts: dict[str, tuple[int, int]] = {}
+        with self._state_lock:
+            for term, result in zip(request.terms, response.results, strict=True):
+                if not term.session or term.HasField("replay_step") or not result.session_step:
+                    continue  # a recompute answers the step it replays
+                step = result.session_step
+                last_step, last_id = baselines.get(term.session, (0, ""))
+                # the same step again is a retry of that very forward (same forward_id), nothing else
+                restarted = step < last_step or (step == last_step and term.forward_id != last_id)
+                if restarted:
+                    restarts.setdefault(term.session, (last_step, step))
+                if restarted or step >= self._steps.get(term.session, (0, ""))[0]:
+                    self._steps[term.session] = (step, term.forward_id)
+        for session, (last_step, step) in restarts.items():
+            error = SessionRestartedError(session, last_step, step)
+            if self.on_session_restart == "raise":
+                raise error
+            log.warning("losswire %s", error.details)
 
     def describe(self, config: Mapping[str, Any], timeout: float | None = None) -> pb.DescribeResponse:
         return self._call(self.stub.Describe, pb.DescribeRequest(config=codec.encode_config(config)), timeout)
@@ -96,17 +501,51 @@ class LossClient:
         return self._call(self.stub.ListLosses, pb.ListLossesRequest(), timeout)
 
     def get_session(self, session: str, timeout: float | None = None) -> pb.SessionInfo:
-        return self._call(
-            self.stub.GetSession, pb.SessionRequest(session=session), timeout, [(SESSION_HEADER, session)]
-        )
+        request = pb.SessionRequest(session=session)
+        return self._session_call(session, "GetSession", request, timeout, [(SESSION_HEADER, session)])
 
     def reset_session(self, session: str, timeout: float | None = None) -> pb.SessionInfo:
-        return self._call(
-            self.stub.ResetSession, pb.SessionRequest(session=session), timeout, [(SESSION_HEADER, session)]
-        )
+        request = pb.SessionRequest(session=session)
+        try:
+            return self._session_call(session, "ResetSession", request, timeout, [(SESSION_HEADER, session)])
+        finally:
+            with self._state_lock:  # a reset of our own is no restart
+                self._steps.pop(session, None)
 
     def list_sessions(self, timeout: float | None = None) -> pb.ListSessionsResponse:
-        return self._call(self.stub.ListSessions, pb.ListSessionsRequest(), timeout)
+        """Every live session; with several replicas, of every replica that answers (sorted by name)."""
+        if self.replicas is None:
+            return self._call(self.stub.ListSessions, pb.ListSessionsRequest(), timeout)
+        found: list[pb.SessionInfo] = []
+        for address in self.replicas.addresses():
+            try:
+                answer = self._call(self._replica_stub(address).ListSessions, pb.ListSessionsRequest(), timeout)
+            except RemoteLossError as error:
+                if error.code != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                log.warning("losswire replica %s is unavailable (%s): its sessions are not listed", address, error)
+                continue
+            found.extend(answer.sessions)
+        return pb.ListSessionsResponse(sessions=sorted(found, key=lambda info: info.session))
 
     def close(self) -> None:
         self.channel.close()
+        with self._state_lock:
+            pinned, self._pinned = list(self._pinned.values()), {}
+        for channel, _ in pinned:
+            channel.close()
+
+
+def _renumbered(error: RemoteLossError, indices: Sequence[int]) -> RemoteLossError:
+    """An error about ``terms[i]`` of a per-session request, about the caller's ``terms[indices[i]]``
+    (in the field path and in the message)."""
+
+    def renumber(text: str) -> str:
+        return re.sub(
+            r"\bterms\[(\d+)\]",
+            lambda m: f"terms[{indices[int(m[1])]}]" if int(m[1]) < len(indices) else m[0],
+            text,
+        )
+
+    field = None if error.field is None else renumber(error.field)
+    return RemoteLossError(error.code, renumber(error.details), field)

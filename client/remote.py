@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from losswire.v1 import loss_service_pb2 as pb
 
 from . import codec
-from .channel import DEFAULT_TARGET, LossClient
+from .channel import DEFAULT_TARGET, LossClient, Target
 from .errors import RemoteLossError
 
 SAMPLE_LABELS, SAMPLE_GROUPS = "sample_labels", "sample_groups"
@@ -57,7 +57,10 @@ class RemoteLoss(nn.Module):
 
     Args:
         cfg: the mmdet config dict, e.g. ``dict(type='GIoULoss', loss_weight=2.0)``.
-        target: the server address (``host:port``, or a gRPC name such as ``dns:///losswire:50051``).
+        target: the server address (``host:port``); a gRPC name such as ``dns:///losswire:50051``, or
+            several servers (``["gpu1:50051", "gpu2:50051"]`` or ``"gpu1:50051,gpu2:50051"``): calls are
+            balanced round_robin over the replicas and a session's calls go to one replica (see
+            ``losswire.client.channel``).
         timeout: deadline of each call in seconds (None: the client's default).
         client: an existing ``LossClient`` to share (default: one shared client per target).
         validate: check the config with the server now, so mistakes surface at construction.
@@ -71,7 +74,7 @@ class RemoteLoss(nn.Module):
     def __init__(
         self,
         cfg: Mapping[str, Any],
-        target: str = DEFAULT_TARGET,
+        target: Target = DEFAULT_TARGET,
         *,
         timeout: float | None = None,
         client: LossClient | None = None,
@@ -399,6 +402,6 @@ def evaluate_terms(
     return dict(zip(plan.names, plan.regroup(tensors), strict=True))
 
 
-def build_loss(cfg: Mapping[str, Any], target: str = DEFAULT_TARGET, **kwargs: Any) -> RemoteLoss:
+def build_loss(cfg: Mapping[str, Any], target: Target = DEFAULT_TARGET, **kwargs: Any) -> RemoteLoss:
     """Mirror of mmdet's ``build_loss``: a RemoteLoss for ``cfg`` served by ``target``."""
     return RemoteLoss(cfg, target, **kwargs)
