@@ -5,7 +5,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -31,3 +36,16 @@ def target(server) -> str:
 @pytest.fixture(scope="session")
 def client(target) -> LossClient:
     return LossClient(target, timeout=30)
+
+
+def import_example(path: Path, name: str) -> Iterator[ModuleType]:
+    """Imports a script of examples/ as module ``name`` for a fixture's lifetime (``yield from`` it)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(name, None)

@@ -3,7 +3,6 @@ plugins/poly_loss.py is served by ``losswire serve --plugin poly_loss``."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import grpc
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import import_example
 
 from losswire.client import LossClient, RemoteLoss, RemoteLossError
 from losswire.server.app import LosswireServer, ServerConfig
@@ -22,15 +22,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "toy_training.py"
 
 @pytest.fixture(scope="module")
 def toy():
-    spec = importlib.util.spec_from_file_location("losswire_example_toy_training", EXAMPLE)
-    assert spec is not None and spec.loader is not None, EXAMPLE
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+    yield from import_example(EXAMPLE, "losswire_example_toy_training")
 
 
 @pytest.fixture(scope="module")

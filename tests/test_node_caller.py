@@ -13,18 +13,17 @@ are skipped otherwise.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
 
 import pytest
 import torch
+from conftest import import_example
 
 NODE_EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "node"
 EVALUATE_JS = NODE_EXAMPLE / "evaluate.js"
@@ -60,15 +59,7 @@ def node() -> str:
 
 @pytest.fixture(scope="module")
 def make_cases() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("losswire_example_node_make_cases", NODE_EXAMPLE / "make_cases.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+    yield from import_example(NODE_EXAMPLE / "make_cases.py", "losswire_example_node_make_cases")
 
 
 def run_node(node: str, target: str, cases: dict[str, Any], directory: Path) -> NodeRun:
