@@ -10,10 +10,12 @@ It needs torch, grpcio and protobuf only; it never imports the loss engine.
 from .channel import DEFAULT_TARGET, LossClient, SessionRestartedError, Target
 from .errors import RemoteLossError
 from .remote import BoundTerm, RemoteLoss, build_loss, evaluate_terms
+from .security import Credentials
 
 __all__ = [
     "DEFAULT_TARGET",
     "BoundTerm",
+    "Credentials",
     "LossClient",
     "RemoteLoss",
     "RemoteLossError",

@@ -48,6 +48,7 @@ from losswire.v1 import loss_service_pb2_grpc as pb_grpc
 
 from . import codec
 from .errors import RemoteLossError
+from .security import Credentials
 
 log = logging.getLogger("losswire.client")
 
@@ -66,17 +67,23 @@ URI_SCHEMES = frozenset({"dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock"
 
 Target = str | Sequence[str]  # "host:port", a gRPC URI, or several "host:port" (a list or "h1:p1,h2:p2")
 
-# gRPC's own retry policy: a call that met an UNAVAILABLE server (restarting, overloaded, a replica
-# going away) is tried again with backoff; on a balanced channel the retry picks a replica again. Every
-# call is idempotent: stateless terms trivially, and a session term carries a forward_id, so a retried
-# forward is answered without updating state twice.
+# gRPC's own retry policy: a call that met an UNAVAILABLE server (restarting, a replica going away)
+# or an overloaded one (RESOURCE_EXHAUSTED: beyond its --max-concurrent-rpcs, or out of device memory
+# for now) is tried again with exponential backoff and jitter; on a balanced channel the retry picks a
+# replica again. A RESOURCE_EXHAUSTED that no retry can cure (a request over a size limit, the session
+# limit) carries the server's pushback "-1", which tells gRPC not to retry it. Every call is
+# idempotent: stateless terms trivially, and a session term carries a forward_id, so a retried forward
+# is answered without updating state twice.
 RETRY_POLICY = {
-    "maxAttempts": 4,
+    "maxAttempts": 5,  # gRPC's ceiling
     "initialBackoff": "0.1s",
     "maxBackoff": "2s",
     "backoffMultiplier": 2,
-    "retryableStatusCodes": ["UNAVAILABLE"],
+    "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
 }
+# gRPC keeps a call's request to send it again only while it fits this buffer (its default, 256 KiB,
+# would leave every call of a realistic detection batch unretried); bigger calls are sent once.
+RETRY_BUFFER_BYTES = 64 << 20
 
 
 def service_config(balanced: bool) -> str:
@@ -180,9 +187,17 @@ def address_list_uri(addresses: Sequence[str]) -> str:
     return f"ipv{family}:" + ",".join(dict.fromkeys(by_family[family]))
 
 
-def make_channel(target: Target, options: Mapping[str, Any] | None = None) -> grpc.Channel:
-    """A channel for ``target`` with the retry policy; balanced (round_robin) for URIs and lists."""
+def make_channel(
+    target: Target, options: Mapping[str, Any] | None = None, credentials: Credentials | None = None
+) -> grpc.Channel:
+    """A channel for ``target`` with the retry policy; balanced (round_robin) for URIs and lists.
+
+    ``credentials`` (None: from the ``LOSSWIRE_TLS_*``/``LOSSWIRE_TOKEN*`` variables) make it a TLS
+    channel and/or add the bearer token to every call.
+    """
     target = normalise_target(target)
+    credentials = Credentials.from_env() if credentials is None else credentials
+    transport = credentials.channel_credentials(loopback=_all_loopback(target), uds=_scheme(target) == "unix")
     if isinstance(target, tuple):
         address, balanced = address_list_uri(target), True
     else:
@@ -192,9 +207,83 @@ def make_channel(target: Target, options: Mapping[str, Any] | None = None) -> gr
         "grpc.max_send_message_length": MAX_MESSAGE_BYTES,
         "grpc.service_config": service_config(balanced),
         "grpc.enable_retries": 1,
+        "grpc.per_rpc_retry_buffer_size": RETRY_BUFFER_BYTES,
+        **_tls_name_option(credentials, lambda: tls_server_name(target)),
         **(options or {}),
     }
-    return grpc.insecure_channel(address, options=list(settings.items()))
+    if transport is None:
+        channel = grpc.insecure_channel(address, options=list(settings.items()))
+    else:
+        channel = grpc.secure_channel(address, transport, options=list(settings.items()))
+    return credentials.secure(channel)
+
+
+# -- TLS names and loopback ----------------------------------------------------------------------------
+
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+
+
+def _scheme(target: str | tuple[str, ...]) -> str:
+    return "" if isinstance(target, tuple) or not is_uri(target) else target.partition(":")[0].lower()
+
+
+def target_hosts(target: str | tuple[str, ...]) -> list[str] | None:
+    """The hosts a (normalised) target names; None when the client cannot tell (``xds:``, ``unix:``...)."""
+    if isinstance(target, tuple):
+        return [split_host_port(address)[0] for address in target]
+    scheme, _, rest = target.partition(":")
+    if not is_uri(target):
+        return [split_host_port(target)[0]]
+    if scheme.lower() in ("ipv4", "ipv6"):
+        return [split_host_port(address.strip())[0] for address in rest.split(",") if address.strip()]
+    if scheme.lower() == "dns":
+        name = rest[2:].partition("/")[2] if rest.startswith("//") else rest
+        return [split_host_port(name)[0] if re.search(r":\d+$", name) else name.strip("[]")]
+    return None
+
+
+def _all_loopback(target: str | tuple[str, ...]) -> bool:
+    """Every address is this machine's (by name or literal, never by a DNS answer that could change)."""
+    if _scheme(target) == "unix":
+        return True
+    hosts = target_hosts(target)
+    return bool(hosts) and all(_is_loopback(host) for host in hosts)  # type: ignore[union-attr]
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def tls_server_name(target: str | tuple[str, ...]) -> str | None:
+    """The name a TLS channel checks the server's certificate against, where gRPC's default does not do.
+
+    gRPC checks the target's host; but a balanced channel over listed servers or an ``ipv4:``/``ipv6:``
+    URI has the address list as its authority, so the name must be given: the one host they all share,
+    else ``Credentials(server_name=...)`` (``LOSSWIRE_TLS_SERVER_NAME``), a name every replica's
+    certificate carries. None: gRPC's default (one ``host:port``, a ``dns:///`` name).
+    """
+    if not (isinstance(target, tuple) or _scheme(target) in ("ipv4", "ipv6")):
+        return None
+    hosts = sorted(set(target_hosts(target) or ()))
+    if len(hosts) == 1:
+        return hosts[0]
+    raise ValueError(
+        f"TLS to several servers ({', '.join(hosts)}) over one balanced channel checks every certificate against one "
+        "name: give Credentials(server_name=...) or LOSSWIRE_TLS_SERVER_NAME, a name each server's certificate carries"
+    )
+
+
+def _tls_name_option(credentials: Credentials, default: Callable[[], str | None]) -> dict[str, str]:
+    """gRPC's name override for a TLS channel: the credentials' ``server_name``, else ``default()``."""
+    if not credentials.tls:
+        return {}
+    name = credentials.server_name or default()
+    return {"grpc.ssl_target_name_override": name} if name else {}
 
 
 # -- replicas and sessions ---------------------------------------------------------------------------
@@ -332,9 +421,12 @@ class LossClient:
     deadline of ``timeout`` seconds (None: no deadline). ``on_session_restart``: what to do when a
     session's state started afresh behind this client's back (see :class:`SessionRestartedError`):
     ``"warn"`` logs a warning on ``losswire.client`` and carries on, ``"raise"`` raises.
+    ``credentials`` (TLS, mutual TLS, a bearer token: :class:`~losswire.client.security.Credentials`)
+    apply to every channel the client opens, the per-replica ones included; None reads them from the
+    ``LOSSWIRE_TLS_*`` / ``LOSSWIRE_TOKEN*`` environment variables.
     """
 
-    _shared: dict[str | tuple[str, ...], LossClient] = {}
+    _shared: dict[tuple[str | tuple[str, ...], Credentials], LossClient] = {}
     _lock = threading.Lock()
 
     def __init__(
@@ -344,13 +436,17 @@ class LossClient:
         channel: grpc.Channel | None = None,
         *,
         on_session_restart: Literal["warn", "raise"] = "warn",
+        credentials: Credentials | None = None,
     ):
         if on_session_restart not in ("warn", "raise"):
             raise ValueError(f"on_session_restart must be 'warn' or 'raise', got {on_session_restart!r}")
         self.target = normalise_target(target)
         self.timeout = timeout
         self.on_session_restart = on_session_restart
-        self.channel = channel if channel is not None else make_channel(self.target)
+        # given ones travel with a pickled RemoteLoss; the environment's are read again where it lands
+        self.credentials_from_env = credentials is None
+        self.credentials = Credentials.from_env() if credentials is None else credentials
+        self.channel = channel if channel is not None else make_channel(self.target, credentials=self.credentials)
         self.stub = pb_grpc.LossServiceStub(self.channel)
         # with a channel of the caller's, sessions ride on it (header only): its servers are unknown here
         self.replicas = replica_set(self.target) if channel is None else None
@@ -361,11 +457,13 @@ class LossClient:
         self._state_lock = threading.Lock()
 
     @classmethod
-    def shared(cls, target: Target = DEFAULT_TARGET) -> LossClient:
-        key = normalise_target(target)
+    def shared(cls, target: Target = DEFAULT_TARGET, credentials: Credentials | None = None) -> LossClient:
+        """The one client for ``target`` and these credentials (None: the environment's)."""
+        target = normalise_target(target)
+        key = (target, Credentials.from_env() if credentials is None else credentials)
         with cls._lock:
             if key not in cls._shared:
-                cls._shared[key] = cls(key)
+                cls._shared[key] = cls(target, credentials=credentials)
             return cls._shared[key]
 
     def _call(self, method: Any, request: Any, timeout: float | None, metadata: Any = None) -> Any:
@@ -393,9 +491,20 @@ class LossClient:
     def _replica_stub(self, address: str) -> pb_grpc.LossServiceStub:
         with self._state_lock:
             if address not in self._pinned:
-                channel = make_channel(address)
+                channel = make_channel(address, self._replica_tls_options(), credentials=self.credentials)
                 self._pinned[address] = (channel, pb_grpc.LossServiceStub(channel))
             return self._pinned[address][1]
+
+    def _replica_tls_options(self) -> dict[str, str]:
+        """A replica is dialled by its address; TLS checks the certificate against the target's name."""
+
+        def default() -> str | None:
+            scheme = _scheme(self.target)
+            if scheme == "dns":
+                return (target_hosts(self.target) or [None])[0]
+            return tls_server_name(self.target) if scheme in ("ipv4", "ipv6") else None
+
+        return _tls_name_option(self.credentials, default)
 
     def _session_call(self, session: str, method: str, request: Any, timeout: float | None, metadata: Any) -> Any:
         """Call ``method`` on the session's replica; if it is UNAVAILABLE (gone), on its next one."""

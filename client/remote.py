@@ -97,16 +97,18 @@ class RemoteLoss(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         # Channels do not pickle or deep-copy (mmengine deep-copies configs and modules): keep the
-        # target and reconnect through the shared client on the other side.
+        # target and reconnect through the shared client on the other side. Credentials given in code
+        # travel along (a pickle then holds the token); the environment's are read again over there.
         state = self.__dict__.copy()
-        state["client"] = self.client.target
+        credentials = None if self.client.credentials_from_env else self.client.credentials
+        state["client"] = (self.client.target, credentials)
         state["_info"] = None if self._info is None else self._info.SerializeToString()
         state["_forward_signature"] = None  # rebuilt from _info on first use
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        target, info = state["client"], state["_info"]
-        state = {**state, "client": LossClient.shared(target), "_info": None}
+        (target, credentials), info = state["client"], state["_info"]
+        state = {**state, "client": LossClient.shared(target, credentials), "_info": None}
         self.__dict__.update(state)
         if info is not None:
             self._info = pb.LossInfo.FromString(info)

@@ -18,11 +18,15 @@ from losswire.v1 import loss_service_pb2 as pb
 from losswire.v1 import loss_service_pb2_grpc as pb_grpc
 
 from . import __version__
+from .auth import TokenAuthInterceptor, TokenSet
 from .inference import add_inference_service
+from .limits import RequestLimits
 from .losses import LOSSES, Registry
+from .malformed import MalformedRequestInterceptor
 from .metrics import ServerMetrics
 from .service import LossService
 from .sessions import SessionStore
+from .tls import ServerTLS, tls_files
 
 log = logging.getLogger("losswire.server")
 
@@ -36,9 +40,16 @@ class ServerConfig:
     port: int = 50051
     device: str = "auto"  # "auto": cuda when available, else cpu
     max_workers: int = 8  # threads serving RPCs
-    max_concurrent_rpcs: int | None = None  # beyond this, RESOURCE_EXHAUSTED at once
+    # calls admitted at once, running or waiting for a worker; beyond, RESOURCE_EXHAUSTED at once rather
+    # than a queue without bound (each queued call holds its request in memory). 8 per default worker.
+    max_concurrent_rpcs: int | None = 64
     max_message_bytes: int = MAX_MESSAGE_BYTES
     max_elements: int | None = None  # per tensor; larger tensors are refused before allocation
+    # summed over every tensor of a request; None: bounded by max_message_bytes alone (every element
+    # of a well-formed tensor takes at least one byte of the message)
+    max_request_elements: int | None = None
+    max_terms: int | None = 256  # terms per request: DETR-style heads send ~40, one per loss and layer
+    max_dims: int = 8  # tensor rank; detection tensors have at most 5 ([N, C, D, H, W])
     torch_threads: int | None = None  # torch intra-op threads; None keeps torch's default
     grace_seconds: float = 30.0  # how long in-flight calls may run on after a stop request
     # after a stop request, keep serving this long while health already says NOT_SERVING, so that
@@ -50,6 +61,16 @@ class ServerConfig:
     session_replay_depth: int = 4  # forwards per session whose prior state is kept for recomputes
     metrics_port: int | None = None  # Prometheus /metrics on this port (0 picks one); None: no endpoint
     metrics_host: str | None = None  # None: the gRPC host
+    # TLS (PEM files): the server's certificate and key; with a client CA, mutual TLS
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    # bearer tokens every call but health must carry: a file (re-read when it changes) and/or tokens
+    # given directly (LOSSWIRE_AUTH_TOKENS); neither: no authentication. Never printed (repr=False).
+    auth_tokens_file: str | None = None
+    auth_tokens: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+    # a second, plaintext port serving only grpc.health.v1, for probes that cannot speak TLS
+    health_port: int | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -78,6 +99,11 @@ class LosswireServer:
     def __init__(self, config: ServerConfig, registry: Registry = LOSSES) -> None:
         self.config = config
         self.registry = registry
+        # checked first: a TLS or token mistake stops the server before anything else happens
+        tls = tls_files(config.tls_cert, config.tls_key, config.tls_client_ca)
+        self.tls = ServerTLS(tls) if tls else None
+        tokens = config.auth_tokens_file is not None or bool(config.auth_tokens)
+        self.tokens = TokenSet(config.auth_tokens, config.auth_tokens_file) if tokens else None
         load_plugins(config.plugins)
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
@@ -99,9 +125,16 @@ class LosswireServer:
             futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="losswire"),
             options=options,
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-            interceptors=[self.metrics.interceptor()],
+            # outermost first: unparsable bytes get INVALID_ARGUMENT (not grpcio's INTERNAL), counted as such
+            # token checks after metrics, so that refused calls are counted as UNAUTHENTICATED
+            interceptors=[
+                MalformedRequestInterceptor(self._count_malformed),
+                self.metrics.interceptor(),
+                *([TokenAuthInterceptor(self.tokens)] if self.tokens else []),
+            ],
         )
-        self.service = LossService(self.device, registry, config.max_elements, self.sessions)
+        limits = RequestLimits(config.max_elements, config.max_request_elements, config.max_terms, config.max_dims)
+        self.service = LossService(self.device, registry, config.max_elements, self.sessions, limits)
         pb_grpc.add_LossServiceServicer_to_server(self.service, self.server)
         # the Open Inference Protocol (KServe v2 / Triton) over the same evaluator, on the same port
         self.draining = False  # set by stop(): readiness answers (health, OIP ServerReady) turn false
@@ -113,15 +146,29 @@ class LosswireServer:
         )
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.health_port: int | None = None
+        self._health_server: grpc.Server | None = None
+
+    def _count_malformed(self, method: str) -> None:
+        self.metrics.requests.labels(method, grpc.StatusCode.INVALID_ARGUMENT.name).inc()
+
+    def _address(self, port: int) -> str:
+        if ":" in self.config.host and not self.config.host.startswith("["):
+            return f"[{self.config.host}]:{port}"
+        return f"{self.config.host}:{port}"
 
     def start(self) -> int:
-        address = f"{self.config.host}:{self.config.port}"
-        if ":" in self.config.host and not self.config.host.startswith("["):
-            address = f"[{self.config.host}]:{self.config.port}"
-        self.port = self.server.add_insecure_port(address)
+        address = self._address(self.config.port)
+        if self.tls is not None:
+            self.port = self.server.add_secure_port(address, self.tls.credentials())
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"could not bind {address}")
         self.server.start()
+        self._log_security()
+        if self.config.health_port is not None:
+            self._start_health_port()
         if self.config.metrics_port is not None:
             host = self.config.metrics_host or self.config.host
             self.metrics_port = self.metrics.serve(host, self.config.metrics_port)
@@ -150,8 +197,33 @@ class LosswireServer:
             time.sleep(notice)
         log.info("stopping: health NOT_SERVING, draining in-flight calls for up to %.0f s", grace)
         self.server.stop(grace).wait()
+        if self._health_server is not None:  # probes see NOT_SERVING until the very end
+            self._health_server.stop(0).wait()
         self.metrics.stop()
         log.info("stopped")
 
     def wait(self, timeout: float | None = None) -> bool:
         return self.server.wait_for_termination(timeout)
+
+    def _log_security(self) -> None:
+        transport = self.tls.describe() if self.tls is not None else "plaintext (no TLS)"
+        who = f"bearer tokens required ({len(self.tokens)} configured)" if self.tokens else "no authentication"
+        log.info("security: %s, %s; grpc.health.v1 open to probes", transport, who)
+        if self.tokens and self.tls is None:
+            log.warning(
+                "bearer tokens travel in plaintext without TLS: anyone on the network path can read and reuse "
+                "them; give --tls-cert and --tls-key"
+            )
+
+    def _start_health_port(self) -> None:
+        """A plaintext port with only the health service (the same servicer: it drains with the server),
+        for probes that cannot do TLS or present client certificates (Kubernetes gRPC probes)."""
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="losswire-health"))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        address = self._address(self.config.health_port or 0)
+        self.health_port = server.add_insecure_port(address)
+        if self.health_port == 0:
+            raise OSError(f"could not bind the health port {address}")
+        server.start()
+        self._health_server = server
+        log.info("health (grpc.health.v1 only, plaintext) on %s:%d", self.config.host, self.health_port)

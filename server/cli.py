@@ -26,8 +26,11 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from losswire.client.codec import MAX_DIMS
+
 from . import __version__
 from .app import MAX_MESSAGE_BYTES, LosswireServer, ServerConfig
+from .auth import TOKENS_ENV, TokenConfigError, parse_token_list
 
 ENV_PREFIX = "LOSSWIRE_"
 NONE_WORDS = ("", "none", "None", "off")
@@ -48,6 +51,17 @@ def _int_at_least(floor: int) -> Callable[[str], int]:
         return value
 
     parse.__name__ = f"integer >= {floor}"
+    return parse
+
+
+def _int_between(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise ValueError(f"must be in {low}..{high}")
+        return value
+
+    parse.__name__ = f"integer {low}..{high}"
     return parse
 
 
@@ -106,6 +120,13 @@ def _modules(text: str) -> tuple[str, ...]:
 _modules.__name__ = "module names, comma-separated"
 
 
+def _optional_path(text: str) -> str | None:
+    return None if text in NONE_WORDS else text
+
+
+_optional_path.__name__ = "a file path or none"
+
+
 @dataclasses.dataclass(frozen=True)
 class Knob:
     """One setting of the server: its flag, environment variable and config-file key derive from ``name``."""
@@ -142,11 +163,31 @@ KNOBS: tuple[Knob, ...] = (
     Knob(
         "max_concurrent_rpcs",
         _optional_limit,
-        None,
-        "calls accepted at once; beyond it RESOURCE_EXHAUSTED at once (0 or none: unbounded)",
+        _DEFAULT.max_concurrent_rpcs,
+        "calls accepted at once (running or queued for a worker); beyond, RESOURCE_EXHAUSTED at once, which "
+        "losswire's client retries with backoff (0 or none: unbounded)",
     ),
     Knob("max_message_bytes", _int_at_least(1024), MAX_MESSAGE_BYTES, "largest request/response message in bytes"),
     Knob("max_elements", _optional_limit, None, "largest tensor in elements, refused before allocation (0: unbounded)"),
+    Knob(
+        "max_request_elements",
+        _optional_limit,
+        None,
+        "elements summed over every tensor of a request, refused before allocation with RESOURCE_EXHAUSTED "
+        "(0: unbounded, --max-message-bytes bounds it)",
+    ),
+    Knob(
+        "max_terms",
+        _optional_limit,
+        _DEFAULT.max_terms,
+        "loss terms per request; beyond, RESOURCE_EXHAUSTED (0: unbounded)",
+    ),
+    Knob(
+        "max_dims",
+        _int_between(1, MAX_DIMS),
+        _DEFAULT.max_dims,
+        "largest tensor rank; beyond, INVALID_ARGUMENT naming the tensor",
+    ),
     Knob("torch_threads", _optional_limit, None, "torch intra-op threads (0 or none: torch's default)"),
     Knob(
         "grace",
@@ -191,6 +232,27 @@ KNOBS: tuple[Knob, ...] = (
         "serve Prometheus metrics on http://METRICS_HOST:PORT/metrics (0 picks a free port; none: off)",
     ),
     Knob("metrics_host", str, None, "address the metrics endpoint binds (default: --host)"),
+    Knob("tls_cert", _optional_path, None, "the server's TLS certificate chain (PEM); with --tls-key, turns on TLS"),
+    Knob("tls_key", _optional_path, None, "the private key of --tls-cert (PEM, unencrypted)"),
+    Knob(
+        "tls_client_ca",
+        _optional_path,
+        None,
+        "CA certificate(s) (PEM) that sign client certificates: mutual TLS, a client without one is refused",
+    ),
+    Knob(
+        "auth_tokens_file",
+        _optional_path,
+        None,
+        f"bearer tokens every call but health must carry, one per line (# comments), re-read when the file "
+        f"changes; tokens can also come in {TOKENS_ENV} (comma- or space-separated; env only, never a flag)",
+    ),
+    Knob(
+        "health_port",
+        _optional_port,
+        None,
+        "also serve grpc.health.v1 alone on this plaintext port, for probes that cannot do TLS (none: off)",
+    ),
     Knob("log_level", _choice("debug", "info", "warning", "error"), "info", "debug adds one line per request", ""),
     Knob("log_format", _choice("text", "json"), "text", "json: one JSON object per line, for log collectors", ""),
 )
@@ -301,12 +363,26 @@ def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str] = os.e
             settings[knob.name] = _from_file(knob, file_values[knob.name], config_path)
         else:
             settings[knob.name] = knob.default
+    settings["auth_tokens"] = _tokens_from_env(environ)
     return settings
+
+
+def _tokens_from_env(environ: Mapping[str, str]) -> tuple[str, ...]:
+    """``LOSSWIRE_AUTH_TOKENS``: an environment variable only (a flag would show the tokens in ``ps``)."""
+    if TOKENS_ENV not in environ:
+        return ()
+    try:
+        tokens = tuple(parse_token_list(environ[TOKENS_ENV]))
+    except TokenConfigError as error:
+        raise KnobError(str(error)) from None
+    if not tokens:  # an empty secret must not turn authentication off unnoticed
+        raise KnobError(f"{TOKENS_ENV} is set but holds no token (unset it to run without authentication)")
+    return tokens
 
 
 def config_from_settings(settings: Mapping[str, Any]) -> ServerConfig:
     fields = {(k.field or k.name): settings[k.name] for k in KNOBS if k.field != ""}
-    return ServerConfig(**fields)
+    return ServerConfig(**fields, auth_tokens=settings.get("auth_tokens", ()))
 
 
 def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> ServerConfig:
@@ -354,6 +430,15 @@ def check_health(settings: Mapping[str, Any], service: str, timeout: float) -> i
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     host, port = settings["host"], settings["port"]
+    if settings["health_port"] is not None:  # the plaintext health-only port
+        port = settings["health_port"]
+    elif settings["tls_cert"]:
+        print(
+            "losswire health: the server speaks TLS; give it --health-port (a plaintext port that serves only "
+            "health) and this command asks that port",
+            file=sys.stderr,
+        )
+        return 2
     if port == 0:
         print("losswire health: the port is 0 (picked at start-up); give the server's port", file=sys.stderr)
         return 2

@@ -1,0 +1,206 @@
+"""Bearer-token authentication: a gRPC server interceptor in front of every service but health.
+
+With tokens configured, every call must carry the metadata ``authorization: Bearer <token>`` with one
+of them; anything else is answered UNAUTHENTICATED before the request is parsed or reaches a
+servicer. ``grpc.health.v1.Health`` stays open, because probes (Kubernetes, Docker's HEALTHCHECK,
+load balancers) carry no credentials and learn nothing but SERVING / NOT_SERVING; LossService, the
+Open Inference Protocol and server reflection all need a token.
+
+Tokens come from a file (``--auth-tokens-file``: one token per line, ``#`` comments and blank lines
+ignored; re-read when the file changes, so tokens rotate without a restart) and/or from the
+environment variable ``LOSSWIRE_AUTH_TOKENS`` (separated by commas or whitespace: a Kubernetes secret
+mounted as a variable). Several tokens may be valid at once: one per caller, or old and new during a
+rotation. A token is 16 to 4096 visible ASCII characters (what an HTTP/2 header value can carry);
+``openssl rand -hex 32`` makes a good one.
+
+Comparison is constant-time (``hmac.compare_digest`` on SHA-256 digests, against every configured
+token), and no message or log line ever contains a token: errors name the source and line instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import grpc
+
+log = logging.getLogger("losswire.server")
+
+TOKENS_ENV = "LOSSWIRE_AUTH_TOKENS"
+OPEN_SERVICES = frozenset({"grpc.health.v1.Health"})  # reachable without a token: probes have none
+MIN_TOKEN_LENGTH = 16
+MAX_TOKEN_LENGTH = 4096
+_TOKEN = re.compile(r"[\x21-\x7e]+")  # visible ASCII: a valid HTTP/2 header value, no whitespace
+_BEARER = re.compile(r"bearer[ \t]+(\S+)[ \t]*", re.IGNORECASE)
+
+
+class TokenConfigError(ValueError):
+    """The configured tokens cannot be used (the message names the source and line, never the token)."""
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def _checked(token: str, where: str) -> str:
+    if not _TOKEN.fullmatch(token):
+        raise TokenConfigError(f"{where}: a token must be visible ASCII characters without spaces")
+    if not MIN_TOKEN_LENGTH <= len(token) <= MAX_TOKEN_LENGTH:
+        raise TokenConfigError(
+            f"{where}: a token must be {MIN_TOKEN_LENGTH} to {MAX_TOKEN_LENGTH} characters, this one has {len(token)} "
+            "(make one with: openssl rand -hex 32)"
+        )
+    return token
+
+
+def parse_token_file(text: str, path: str) -> list[str]:
+    """One token per line; ``#`` starts a comment line; blank lines are skipped."""
+    tokens = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            tokens.append(_checked(line, f"--auth-tokens-file {path}, line {number}"))
+    return tokens
+
+
+def parse_token_list(text: str, source: str = TOKENS_ENV) -> list[str]:
+    """Tokens separated by commas or whitespace (an environment variable)."""
+    words = [word for word in re.split(r"[,\s]+", text) if word]
+    return [_checked(word, f"{source}, token {index}") for index, word in enumerate(words, 1)]
+
+
+def read_token_file(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except OSError as error:
+        raise TokenConfigError(f"--auth-tokens-file {path}: cannot read it ({error.strerror})") from None
+    except UnicodeDecodeError:
+        raise TokenConfigError(f"--auth-tokens-file {path}: not a UTF-8 text file") from None
+    return parse_token_file(text, path)
+
+
+class TokenSet:
+    """The valid tokens (as digests): fixed ones plus a file's, the file re-read whenever it changes.
+
+    A file that becomes unreadable or empty keeps its previous tokens (a rotation in progress, or a
+    mistake: locking every caller out is never what an edit means); revoking a token is editing it
+    out of the file.
+    """
+
+    def __init__(self, fixed: Iterable[str] = (), path: str | None = None) -> None:
+        self.path = path
+        self._fixed = [_digest(_checked(token, f"auth token {index}")) for index, token in enumerate(fixed, 1)]
+        self._from_file: list[bytes] = []
+        self._stamp: tuple[int, int, int] | None = None
+        self._lock = threading.Lock()
+        if path is not None:
+            self._from_file = [_digest(token) for token in read_token_file(path)]
+            self._stamp = self._file_stamp()
+            if not self._from_file:
+                raise TokenConfigError(f"--auth-tokens-file {path}: holds no token (one per line)")
+        if not self._fixed and not self._from_file:
+            raise TokenConfigError(f"{TOKENS_ENV}: holds no token")
+
+    def __len__(self) -> int:
+        return len(self._fixed) + len(self._from_file)
+
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            stat = os.stat(self.path)  # type: ignore[arg-type]
+        except OSError:
+            return None
+        return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+    def _refresh(self) -> list[bytes]:
+        if self.path is None:
+            return []
+        with self._lock:
+            stamp = self._file_stamp()
+            if stamp is not None and stamp != self._stamp:
+                self._stamp = stamp
+                self._reload()
+            return self._from_file
+
+    def _reload(self) -> None:
+        try:
+            tokens = read_token_file(self.path)  # type: ignore[arg-type]
+        except TokenConfigError as error:
+            log.warning("keeping the previous tokens: %s", error)
+            return
+        if not tokens:
+            log.warning("keeping the previous tokens: --auth-tokens-file %s now holds none", self.path)
+            return
+        self._from_file = [_digest(token) for token in tokens]
+        log.info("auth tokens reloaded from %s: %d token(s)", self.path, len(tokens))
+
+    def accepts(self, token: str) -> bool:
+        """Constant-time in the token: every configured digest is compared, with no early exit."""
+        presented = _digest(token)
+        match = False
+        for valid in (*self._fixed, *self._refresh()):
+            match |= hmac.compare_digest(presented, valid)
+        return match
+
+
+def _credential(metadata: Iterable[tuple[str, Any]] | None) -> tuple[str | None, str]:
+    """(the bearer token, or None with the reason it is missing)."""
+    values = [value for key, value in (metadata or ()) if key == "authorization"]
+    if not values:
+        return None, "this server requires a token: send the metadata 'authorization: Bearer <token>'"
+    if len(values) > 1:
+        return None, "several 'authorization' metadata entries: send exactly one"
+    value = values[0].decode("latin-1") if isinstance(values[0], bytes) else values[0]
+    match = _BEARER.fullmatch(value)
+    if not match:
+        return None, "the 'authorization' metadata is not of the form 'Bearer <token>'"
+    return match[1], ""
+
+
+class TokenAuthInterceptor(grpc.ServerInterceptor):
+    """UNAUTHENTICATED for every call outside ``OPEN_SERVICES`` without a valid bearer token.
+
+    Placed after the metrics interceptor, so refused calls are counted (``code="UNAUTHENTICATED"``).
+    A refused call's request is never parsed: its handler reads an empty message of the method's type.
+    """
+
+    def __init__(self, tokens: TokenSet) -> None:
+        self.tokens = tokens
+
+    def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        service = handler_call_details.method.lstrip("/").rsplit("/", 1)[0]
+        if service in OPEN_SERVICES:
+            return continuation(handler_call_details)
+        token, reason = _credential(handler_call_details.invocation_metadata)
+        if token is not None and self.tokens.accepts(token):
+            return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+        if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED itself
+            return None
+        return _refusal(handler, handler_call_details.method, reason or "invalid token")
+
+
+def _refusal(handler: grpc.RpcMethodHandler, method: str, reason: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` that aborts UNAUTHENTICATED without reading the request."""
+
+    def refuse(request: Any, context: grpc.ServicerContext) -> Any:
+        log.debug("refused %s from %s: %s", method, context.peer(), reason)
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+
+    streaming = (handler.request_streaming, handler.response_streaming)
+    factory = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[streaming]
+    if handler.request_streaming or handler.request_deserializer is None:
+        return factory(refuse, request_deserializer=None, response_serializer=handler.response_serializer)
+    empty = handler.request_deserializer(b"")  # an empty message of the method's request type
+    return factory(refuse, request_deserializer=lambda _data: empty, response_serializer=handler.response_serializer)
