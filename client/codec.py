@@ -42,6 +42,7 @@ DTYPE_TO_TORCH: dict[int, torch.dtype] = {
 }
 TORCH_TO_DTYPE: dict[torch.dtype, int] = {v: k for k, v in DTYPE_TO_TORCH.items()}
 MAX_DIMS = 16
+INT64_MAX = 2**63 - 1  # torch sizes, strides and element counts are int64
 
 
 class CodecError(ValueError):
@@ -73,6 +74,35 @@ def encode_tensor(tensor: Tensor, out: pb.Tensor | None = None) -> pb.Tensor:
     return message
 
 
+def check_shape(shape: list[int], field: str, max_dims: int = MAX_DIMS, max_elements: int | None = None) -> int:
+    """The element count of a declared ``shape``, refused before anything is allocated.
+
+    A rank over ``max_dims``, a negative size, or a shape whose strides overflow int64 is an
+    INVALID_ARGUMENT CodecError (torch cannot make even an empty tensor of ``[0, 2**62, 2**62]``);
+    more than ``max_elements`` elements is a CodecLimitError. Only the shape is read, never ``data``.
+    """
+    if len(shape) > max_dims:
+        raise CodecError(
+            f"{field}.shape has {len(shape)} dimensions, at most {max_dims} are allowed", field=f"{field}.shape"
+        )
+    if any(d < 0 for d in shape):
+        raise CodecError(f"{field}.shape must hold non-negative sizes, got {shape}", field=f"{field}.shape")
+    span = math.prod(max(d, 1) for d in shape)  # what torch's strides multiply up, zero sizes or not
+    if span > INT64_MAX:
+        raise CodecError(
+            f"{field}.shape {shape} is too large: the product of its non-zero sizes must be at most 2**63 - 1, "
+            f"got {span}",
+            field=f"{field}.shape",
+        )
+    numel = math.prod(shape)
+    if max_elements is not None and numel > max_elements:
+        raise CodecLimitError(
+            f"{field} has {numel} elements (shape {shape}); this server accepts at most {max_elements} per tensor",
+            field=f"{field}.shape",
+        )
+    return numel
+
+
 def decode_tensor(
     message: pb.Tensor,
     field: str,
@@ -86,16 +116,7 @@ def decode_tensor(
         raise CodecError(f"{field}.dtype must be one of {names}, got {got}", field=f"{field}.dtype")
     dtype = DTYPE_TO_TORCH[message.dtype]
     shape = list(message.shape)
-    if len(shape) > MAX_DIMS:
-        raise CodecError(f"{field}.shape has {len(shape)} dimensions, at most {MAX_DIMS} are allowed", f"{field}.shape")
-    if any(d < 0 for d in shape):
-        raise CodecError(f"{field}.shape must hold non-negative sizes, got {shape}", field=f"{field}.shape")
-    numel = math.prod(shape)
-    if max_elements is not None and numel > max_elements:
-        raise CodecLimitError(
-            f"{field} has {numel} elements (shape {shape}); this server accepts at most {max_elements} per tensor",
-            field=f"{field}.shape",
-        )
+    numel = check_shape(shape, field, max_elements=max_elements)
     itemsize = torch.empty((), dtype=dtype).element_size()
     data = message.data  # read once: every read of a bytes field copies it
     if len(data) != numel * itemsize:
@@ -153,7 +174,7 @@ def decode_value(
             for i, t in enumerate(message.tensors.items)
         )
     if kind == "json":
-        return json_format.MessageToDict(message.json)
+        return python_value(message.json)
     if kind is None:
         return None
     return getattr(message, kind)
@@ -184,7 +205,7 @@ def encode_config(config: Mapping[str, Any], out: struct_pb2.Struct | None = Non
 
 def decode_config(message: struct_pb2.Struct) -> dict[str, Any]:
     """``google.protobuf.Struct`` -> dict; numbers arrive as floats (the engine normalises ints)."""
-    return json_format.MessageToDict(message)
+    return {key: python_value(value) for key, value in message.fields.items()}
 
 
 def json_value(value: Any) -> struct_pb2.Value:
@@ -195,4 +216,16 @@ def json_value(value: Any) -> struct_pb2.Value:
 
 
 def python_value(message: struct_pb2.Value) -> Any:
-    return json_format.MessageToDict(message)
+    """``google.protobuf.Value`` -> a plain Python value, read as sent.
+
+    Not ``json_format.MessageToDict``: it refuses NaN and infinite numbers (JSON has none), which a
+    binary message carries faithfully, so the loss's own checks decide about them.
+    """
+    kind = message.WhichOneof("kind")
+    if kind == "struct_value":
+        return {key: python_value(value) for key, value in message.struct_value.fields.items()}
+    if kind == "list_value":
+        return [python_value(value) for value in message.list_value.values]
+    if kind is None or kind == "null_value":
+        return None
+    return getattr(message, kind)

@@ -43,6 +43,21 @@ def code_for(error: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+# gRPC's retry design (A6): a server pushback that is negative tells a retrying client not to retry
+NO_RETRY = ("grpc-retry-pushback-ms", "-1")
+
+
+def is_permanent(error: BaseException) -> bool:
+    """A RESOURCE_EXHAUSTED that a retry cannot cure: a request over a size limit, the session limit.
+
+    Named one by one: running out of device memory may pass once other calls finish, and an
+    overloaded server (``--max-concurrent-rpcs``) answers RESOURCE_EXHAUSTED that a retry should cure.
+    """
+    if isinstance(error, RequestError):  # the request-size limits (server/limits.py)
+        return error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    return isinstance(error, (CodecLimitError, SessionLimitError))
+
+
 def to_status(error: BaseException, where: str = "", term_path: str = "") -> grpc.Status:
     """An exception -> a rich gRPC status (code, message, BadRequest field violation).
 
@@ -60,13 +75,17 @@ def to_status(error: BaseException, where: str = "", term_path: str = "") -> grp
         message = f"{where}: {message}"
     details = []
     field = getattr(error, "field", None)
-    if field:
+    if field is not None:  # "" too: a config key or an input named "" is still a field to point at
         if isinstance(error, (LossConfigError, UnknownLossError)):
-            field = f"{term_path}config.{field}"
+            field = f"{term_path}config.{field}" if field else f'{term_path}config[""]'
         elif isinstance(error, (LossError, SessionError)):
-            field = term_path + field
+            field = term_path + field if field else f'{term_path}inputs[""]'
         violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=message)
         packed = any_pb2.Any()
         packed.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
         details.append(packed)
-    return rpc_status.to_status(status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details))
+    rich = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
+    status = rpc_status.to_status(rich)
+    if is_permanent(error):  # clients whose retry policy covers RESOURCE_EXHAUSTED send it once
+        status = status._replace(trailing_metadata=(*status.trailing_metadata, NO_RETRY))
+    return status
