@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -79,6 +79,46 @@ class TermOutcome:
 
 class LossFailedError(LossInputError):
     """A loss raised something other than a LossError on these inputs (e.g. a plugin's torch error)."""
+
+
+class CallCancelledError(Exception):
+    """The caller is gone (it cancelled, or its deadline passed), so the rest of the work is skipped.
+
+    Raised between stages, never inside a kernel: a forward that has begun runs to its end. A session
+    term rolls its state back, as after any failed forward, so a forward whose answer nobody receives
+    is not applied.
+    """
+
+
+class HostOutOfMemoryError(MemoryError):
+    """The host allocator refused memory.
+
+    On the CPU torch raises a bare ``RuntimeError`` for that (CUDA has ``torch.OutOfMemoryError``);
+    as a ``MemoryError`` it is answered RESOURCE_EXHAUSTED, like a device out-of-memory, instead of
+    passing for a loss that failed on its inputs.
+    """
+
+
+CPU_ALLOCATOR_REFUSED = "can't allocate memory"  # DefaultCPUAllocator's message; no exception class of its own
+
+
+def as_memory_error(error: BaseException) -> BaseException:
+    """``error`` itself, or a HostOutOfMemoryError when it is the CPU allocator's out-of-memory error."""
+    text = str(error)
+    if type(error) is RuntimeError and CPU_ALLOCATOR_REFUSED in text:
+        detail = text[text.index(CPU_ALLOCATOR_REFUSED) :].splitlines()[0]
+        return HostOutOfMemoryError(f"host memory: {detail}")
+    return error
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError))
+
+
+def check_cancelled(cancelled: Callable[[], bool] | None, stage: str) -> None:
+    """Raise CallCancelledError when the caller is gone; ``stage`` names the work that is skipped."""
+    if cancelled is not None and cancelled():
+        raise CallCancelledError(f"the caller is gone; skipped {stage}")
 
 
 def _check_kind(description: LossDescription, name: str, value: Any) -> Any:
@@ -194,12 +234,24 @@ class Evaluator:
         self.registry = registry
         self.sessions = sessions if sessions is not None else SessionStore(registry)
 
-    def evaluate(self, term: TermRequest) -> TermOutcome:
+    def evaluate(self, term: TermRequest, cancelled: Callable[[], bool] | None = None) -> TermOutcome:
+        """One term's loss and gradients. ``cancelled`` says whether the caller is gone: it is asked
+        before the forward (after waiting for the session, if any) and before the backward."""
+        try:
+            return self._evaluate(term, cancelled)
+        except RuntimeError as error:
+            memory_error = as_memory_error(error)
+            if memory_error is error:
+                raise
+            raise memory_error from None
+
+    def _evaluate(self, term: TermRequest, cancelled: Callable[[], bool] | None) -> TermOutcome:
         config, sampler_config = split_sampler(term.config)
         loss_type, _ = self.registry.check_config(config)
         description = self.registry.describe(loss_type)
         kwargs = bind_inputs(description, term)
         with self._module(term, config) as (module, step):
+            check_cancelled(cancelled, "the forward")
             if description.stochastic and term.seed is not None:
                 module.rng = np.random.RandomState(term.seed % 2**32)  # numpy seeds are 32-bit
             sampled = None
@@ -208,6 +260,7 @@ class Evaluator:
             leaves = _gradient_leaves(description, kwargs, term.gradients)
             output = self._forward(module, description, kwargs)
             structure, parts = _parts(output, description.name)
+            check_cancelled(cancelled, "the backward")
             recompute = term.grad_output is not None or bool(term.grad_outputs)
             if recompute:
                 gradients = self._backward(parts, leaves, self._upstream(structure, parts, term))
@@ -283,8 +336,8 @@ class Evaluator:
         except LossInputError:
             raise
         except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as error:
-            if isinstance(error, (torch.cuda.OutOfMemoryError, LossConfigError)):
-                raise
+            if isinstance(error, (torch.OutOfMemoryError, LossConfigError)) or as_memory_error(error) is not error:
+                raise  # out of memory is the server's condition, not the inputs' fault
             message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise LossFailedError(f"{description.name} failed on these inputs: {message}") from error
 

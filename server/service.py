@@ -7,6 +7,7 @@ encode. Every failure leaves through ``status.to_status``; no exception escapes 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -19,7 +20,17 @@ from losswire.v1 import loss_service_pb2 as pb
 from losswire.v1 import loss_service_pb2_grpc as pb_grpc
 
 from . import __version__
-from .evaluate import Evaluator, TermOutcome, TermRequest, split_sampler
+from .evaluate import (
+    CallCancelledError,
+    Evaluator,
+    TermOutcome,
+    TermRequest,
+    as_memory_error,
+    check_cancelled,
+    is_out_of_memory,
+    split_sampler,
+)
+from .limits import RequestLimits, check_request
 from .losses import LOSSES, LossDescription, Registry, output_kind_of
 from .sampling import build_sampler, sampler_config
 from .sessions import Session, SessionStore
@@ -27,14 +38,69 @@ from .status import RequestError, to_status
 
 log = logging.getLogger("losswire.server")
 STAGES = ("decode", "compute", "encode")
+# A caller whose deadline passes cancels the call itself (RST_STREAM), a little before the server's own
+# copy of the deadline (it started counting when the request arrived): a call that ends this close to
+# its deadline is counted DEADLINE_EXCEEDED, not CANCELLED.
+DEADLINE_SLACK_SECONDS = 0.25
 
 
 def _term_label(index: int, name: str) -> str:
     return f"terms[{index}]" + (f" ({name})" if name else "")
 
 
+class CallWatch:
+    """Turns true once the caller is gone: it cancelled, its deadline passed, or the connection dropped.
+
+    gRPC runs ``add_callback`` callbacks when a call ends; one that ends while its handler still works
+    was ended by the caller's side, and the work left is wasted. The handler asks this flag between
+    stages (a plain callable, so the evaluator stays free of gRPC) and stops at the next one.
+    """
+
+    def __init__(self, context: grpc.ServicerContext, method: str) -> None:
+        self.method = method
+        self.started = time.perf_counter()
+        self.handled = False  # set once the handler has its answer (or error): the call then ends normally
+        self._gone = threading.Event()
+        if not context.add_callback(self._ended):
+            self._gone.set()  # over before the handler even started (cancelled while queued)
+
+    def _ended(self) -> None:
+        if not self.handled:
+            elapsed_ms = (time.perf_counter() - self.started) * 1e3
+            log.debug(
+                "%s: the caller cancelled or its deadline passed after %.1f ms; the call stops at its next stage",
+                self.method,
+                elapsed_ms,
+            )
+        self._gone.set()
+
+    def __call__(self) -> bool:
+        return self._gone.is_set()
+
+
+def _attempt(context: grpc.ServicerContext) -> int:
+    """Which attempt of the caller's call this is: a gRPC retry (after UNAVAILABLE or an overload
+    answer) carries ``grpc-previous-rpc-attempts``, the number of attempts before it."""
+    previous = dict(context.invocation_metadata() or ()).get("grpc-previous-rpc-attempts", "0")
+    return 1 + int(previous) if str(previous).isdigit() else 1
+
+
+def _release_memory(error: BaseException, where: str) -> None:
+    """After an out-of-memory: free the failed call's intermediates (the traceback's frames hold the
+    autograd graph) and, on CUDA, hand the allocator's cached blocks back to the driver, so the next
+    call, or another process on the GPU, starts from the memory really in use."""
+    error.__traceback__ = None
+    error.__context__ = error.__cause__ = None
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    log.warning("%s: out of memory, answered RESOURCE_EXHAUSTED: %s", where or "call", str(error).splitlines()[0])
+
+
 class LossService(pb_grpc.LossServiceServicer):
-    """Evaluates loss terms on ``device`` with the losses of ``registry``."""
+    """Evaluates loss terms on ``device`` with the losses of ``registry``.
+
+    ``limits`` bound what one request may hold (its ``max_elements`` overrides ``max_elements``).
+    """
 
     def __init__(
         self,
@@ -42,10 +108,12 @@ class LossService(pb_grpc.LossServiceServicer):
         registry: Registry = LOSSES,
         max_elements: int | None = None,
         sessions: SessionStore | None = None,
+        limits: RequestLimits | None = None,
     ) -> None:
         self.device = device
         self.registry = registry
-        self.max_elements = max_elements
+        self.limits = limits if limits is not None else RequestLimits(max_elements=max_elements)
+        self.max_elements = self.limits.max_elements
         self.sessions = sessions if sessions is not None else SessionStore(registry, device)
         self.evaluator = Evaluator(registry, self.sessions)
 
@@ -53,8 +121,11 @@ class LossService(pb_grpc.LossServiceServicer):
 
     def Evaluate(self, request: pb.EvaluateRequest, context: grpc.ServicerContext) -> pb.EvaluateResponse:  # noqa: N802
         started = time.perf_counter()
+        caller_gone = CallWatch(context, "Evaluate")
         where, term_path = "", ""
         try:
+            check_cancelled(caller_gone, "the whole call")  # it waited in the queue while its caller gave up
+            check_request(request, self.limits)  # sizes from the declared shapes, before any decoding
             names = self._check_terms(request.terms)
             terms = []
             for index, (message, name) in enumerate(zip(request.terms, names, strict=True)):
@@ -64,31 +135,42 @@ class LossService(pb_grpc.LossServiceServicer):
             outcomes = []
             for index, term in enumerate(terms):
                 where, term_path = _term_label(index, term.name), f"terms[{index}]."
-                outcomes.append(self.evaluator.evaluate(term))
+                outcomes.append(self.evaluator.evaluate(term, caller_gone))
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             computed = time.perf_counter()
             where, term_path = "", ""
+            check_cancelled(caller_gone, "encoding the answer")
             response = pb.EvaluateResponse(device=str(self.device))
             for outcome in outcomes:
                 self._encode_outcome(outcome, response.results.add())
             encoded = time.perf_counter()
         except Exception as error:
+            caller_gone.handled = True
+            terms = outcomes = []  # the request's tensors go before an out-of-memory answer empties the cache
             self._abort(context, error, where, term_path)
+        caller_gone.handled = True
         timings = response.timings
         timings.decode_ms = (decoded - started) * 1e3
         timings.compute_ms = (computed - decoded) * 1e3
         timings.encode_ms = (encoded - computed) * 1e3
         if log.isEnabledFor(logging.DEBUG):
             losses = [t.config.get("type", "?") for t in terms]
+            attempt = _attempt(context)
             log.debug(
-                "Evaluate %s: decode %.2f ms, compute %.2f ms, encode %.2f ms",
+                "Evaluate %s: decode %.2f ms, compute %.2f ms, encode %.2f ms%s",
                 ",".join(losses),
                 timings.decode_ms,
                 timings.compute_ms,
                 timings.encode_ms,
+                f", attempt {attempt}" if attempt > 1 else "",
                 # fields of their own in --log-format json
-                extra={"rpc": "Evaluate", "losses": losses, **{f"{k}_ms": getattr(timings, f"{k}_ms") for k in STAGES}},
+                extra={
+                    "rpc": "Evaluate",
+                    "losses": losses,
+                    "attempt": attempt,
+                    **{f"{k}_ms": getattr(timings, f"{k}_ms") for k in STAGES},
+                },
             )
         return response
 
@@ -177,6 +259,16 @@ class LossService(pb_grpc.LossServiceServicer):
 
     @staticmethod
     def _abort(context: grpc.ServicerContext, error: Exception, where: str, term_path: str) -> None:
+        if isinstance(error, CallCancelledError):
+            # nobody reads this answer; the status is for the server's metrics and logs
+            expired = context.time_remaining() <= DEADLINE_SLACK_SECONDS
+            gone = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            message = f"{where}: {error}" if where else str(error)
+            log.debug("Evaluate stopped (%s): %s", gone.name, message)
+            context.abort(gone, message)
+        error = as_memory_error(error)
+        if is_out_of_memory(error):
+            _release_memory(error, where)
         status = to_status(error, where, term_path)
         if status.code == grpc.StatusCode.INTERNAL:
             log.exception("internal error in %s", where or "Evaluate")

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
+import grpc
 import pytest
 
 from losswire.client import LossClient
@@ -49,3 +51,14 @@ def import_example(path: Path, name: str) -> Iterator[ModuleType]:
         yield module
     finally:
         sys.modules.pop(name, None)
+
+
+@contextlib.contextmanager
+def plain_channel(target: str) -> Iterator[grpc.Channel]:
+    """A channel without losswire's retry policy (nor gRPC's transparent retries): each call is one
+    attempt, answered as the server answered it."""
+    channel = grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)])
+    try:
+        yield channel
+    finally:
+        channel.close()

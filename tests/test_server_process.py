@@ -11,7 +11,6 @@ fixture's teardown if a test left it running.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import re
@@ -28,6 +27,7 @@ from types import ModuleType
 import grpc
 import pytest
 import torch
+from conftest import plain_channel
 from google.protobuf import descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
@@ -197,16 +197,6 @@ def client(plugin_server: ServerProcess) -> Iterator[LossClient]:
     instance = LossClient(plugin_server.target, timeout=CALL_TIMEOUT)
     yield instance
     instance.close()
-
-
-@contextlib.contextmanager
-def plain_channel(target: str) -> Iterator[grpc.Channel]:
-    """A channel without losswire's retry policy (and without transparent retries)."""
-    channel = grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)])
-    try:
-        yield channel
-    finally:
-        channel.close()
 
 
 @pytest.fixture(scope="module")
