@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -21,10 +22,13 @@ import torch
 from torch import Tensor, nn
 
 from .losses import LOSSES, LossConfigError, LossDescription, LossInputError, OutputKind, Registry, output_kind_of
+from .losses import fused as fused_kernels
 from .sampling import Sample, apply_sample, build_sampler, default_labels
 from .sessions import SessionStore
 
 PRED, TARGET = "pred", "target"
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -69,6 +73,7 @@ class TermOutcome:
     sample_axis: int
     session_step: int = 0
     sampled: Sample | None = None
+    fused: str = ""  # the fused kernel that computed this term (losses/fused.py); "" under autograd
 
     @property
     def loss(self) -> Tensor:
@@ -228,11 +233,15 @@ class Evaluator:
 
     ``sessions`` holds the state of stateful losses across calls (terms naming a session);
     without a session every term gets a freshly built module.
+
+    ``fused``: answer the terms a fused kernel supports (``losses.fused``) without autograd
+    (``losswire serve --fused-kernels off`` turns it off: every term then runs under autograd).
     """
 
-    def __init__(self, registry: Registry = LOSSES, sessions: SessionStore | None = None) -> None:
+    def __init__(self, registry: Registry = LOSSES, sessions: SessionStore | None = None, fused: bool = True) -> None:
         self.registry = registry
         self.sessions = sessions if sessions is not None else SessionStore(registry)
+        self.fused = fused
 
     def evaluate(self, term: TermRequest, cancelled: Callable[[], bool] | None = None) -> TermOutcome:
         """One term's loss and gradients. ``cancelled`` says whether the caller is gone: it is asked
@@ -252,6 +261,9 @@ class Evaluator:
         kwargs = bind_inputs(description, term)
         with self._module(term, config) as (module, step):
             check_cancelled(cancelled, "the forward")
+            kernel = self._fused_kernel(term, sampler_config, module, kwargs)
+            if kernel is not None:
+                return self._evaluate_fused(kernel, term, module, description, kwargs, cancelled)
             if description.stochastic and term.seed is not None:
                 module.rng = np.random.RandomState(term.seed % 2**32)  # numpy seeds are 32-bit
             sampled = None
@@ -281,6 +293,50 @@ class Evaluator:
             sample_axis=description.sample_axis,
             session_step=step,
             sampled=sampled,
+        )
+
+    def _fused_kernel(
+        self, term: TermRequest, sampler_config: Any, module: nn.Module, kwargs: dict[str, Any]
+    ) -> fused_kernels.FusedKernel | None:
+        """The fused kernel for this term, or None where autograd's path must run: a session or a
+        sampler, gradients other than pred's alone, or inputs/config the kernel does not cover."""
+        if not self.fused or term.session or sampler_config is not None or list(term.gradients) != [PRED]:
+            return None
+        return fused_kernels.select(module, kwargs)
+
+    def _evaluate_fused(
+        self,
+        kernel: fused_kernels.FusedKernel,
+        term: TermRequest,
+        module: nn.Module,
+        description: LossDescription,
+        kwargs: dict[str, Any],
+        cancelled: Callable[[], bool] | None,
+    ) -> TermOutcome:
+        """The autograd path's TermOutcome, from a kernel that gives loss and gradient in one pass.
+
+        With an upstream gradient (a recompute) the gradient is ``upstream * local derivative``,
+        exact for the element-wise ('none') and scalar outputs these losses have."""
+        result = kernel.run(module, kwargs)
+        fused_kernels.count_call(kernel.name)
+        log.debug("term %r: %s answered by its fused kernel", term.name, kernel.name)
+        check_cancelled(cancelled, "the backward")
+        parts = [("", result.loss)]
+        if term.grad_output is not None or term.grad_outputs:
+            (upstream,) = self._upstream("tensor", parts, term)
+            gradients, per_part = {PRED: result.gradient(upstream)}, {}
+        else:
+            gradients, per_part = {}, {PRED: result.gradient(None)}
+        loss = result.loss
+        kind = OutputKind.SCALAR if loss.dim() == 0 else output_kind_of(module, description)
+        return TermOutcome(
+            name=term.name,
+            structure="tensor",
+            parts=[PartOutcome("", loss, per_part, kind)],
+            gradients=gradients,
+            separable=description.separable,
+            sample_axis=description.sample_axis,
+            fused=kernel.name,
         )
 
     @contextlib.contextmanager
