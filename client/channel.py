@@ -34,6 +34,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import random
 import re
 import socket
 import threading
@@ -42,6 +43,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import grpc
+from torch import Tensor
 
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.v1 import loss_service_pb2_grpc as pb_grpc
@@ -81,14 +83,31 @@ RETRY_POLICY = {
     "backoffMultiplier": 2,
     "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
 }
+# A request whose tensors hold at least this many bytes goes by EvaluateStream, its big tensors in
+# chunks (``LossClient(stream_threshold=...)``; None: never). On a 2-core loopback a unary call moves
+# ~0.2-0.4 GB/s and a stream ~1-2 GB/s; below a few MiB the stream's extra messages cost more than
+# they save (see the report in tests/test_streaming.py's module docstring).
+STREAM_THRESHOLD_BYTES = 8 << 20
+STREAM_METHOD = f"/{SERVICE_NAME}/EvaluateStream"
 # gRPC keeps a call's request to send it again only while it fits this buffer (its default, 256 KiB,
 # would leave every call of a realistic detection batch unretried); bigger calls are sent once.
 RETRY_BUFFER_BYTES = 64 << 20
+# A streamed (big) call that the server refuses as busy (all its --max-stream-calls slots taken) is
+# sent again until its deadline, or for this long without one: big calls wait their turn in the
+# clients, not in server threads that small calls need.
+BUSY_PATIENCE_SECONDS = 300.0
 
 
 def service_config(balanced: bool) -> str:
     """The channel's service config: the retry policy, plus round_robin and health checks if ``balanced``."""
-    config: dict[str, Any] = {"methodConfig": [{"name": [{"service": SERVICE_NAME}], "retryPolicy": RETRY_POLICY}]}
+    config: dict[str, Any] = {
+        "methodConfig": [
+            {"name": [{"service": SERVICE_NAME}], "retryPolicy": RETRY_POLICY},
+            # a stream is retried by LossClient itself (it still has the tensors; gRPC would buffer
+            # up to RETRY_BUFFER_BYTES of chunks and give up beyond), so gRPC does not retry it too
+            {"name": [{"service": SERVICE_NAME, "method": "EvaluateStream"}]},
+        ]
+    }
     if balanced:
         config["loadBalancingConfig"] = [{"round_robin": {}}]
         config["healthCheckConfig"] = {"serviceName": SERVICE_NAME}
@@ -424,6 +443,14 @@ class LossClient:
     ``credentials`` (TLS, mutual TLS, a bearer token: :class:`~losswire.client.security.Credentials`)
     apply to every channel the client opens, the per-replica ones included; None reads them from the
     ``LOSSWIRE_TLS_*`` / ``LOSSWIRE_TOKEN*`` environment variables.
+
+    Big requests: one whose tensors hold at least ``stream_threshold`` bytes (default
+    ``STREAM_THRESHOLD_BYTES``; None: never) goes by ``EvaluateStream``, tensors in chunks, and its
+    response comes back the same way. A stream is retried by the client (not by gRPC's policy) on
+    UNAVAILABLE and on a RESOURCE_EXHAUSTED that may pass (the server's streamed calls are all busy),
+    up to ``RETRY_POLICY``'s attempts and backoff, within the deadline, as long as no answer has
+    arrived: the tensors are sent again. ``transfer_dtype`` (``'float16'``/``'bfloat16'``): the
+    default of every ``RemoteLoss`` on this client (see ``RemoteLoss``).
     """
 
     _shared: dict[tuple[str | tuple[str, ...], Credentials], LossClient] = {}
@@ -437,12 +464,17 @@ class LossClient:
         *,
         on_session_restart: Literal["warn", "raise"] = "warn",
         credentials: Credentials | None = None,
+        stream_threshold: int | None = STREAM_THRESHOLD_BYTES,
+        transfer_dtype: str | None = None,
     ):
         if on_session_restart not in ("warn", "raise"):
             raise ValueError(f"on_session_restart must be 'warn' or 'raise', got {on_session_restart!r}")
         self.target = normalise_target(target)
         self.timeout = timeout
         self.on_session_restart = on_session_restart
+        self.stream_threshold = stream_threshold
+        codec.transfer_dtype_of(transfer_dtype)  # a ValueError now for a bad name
+        self.transfer_dtype = transfer_dtype
         # given ones travel with a pickled RemoteLoss; the environment's are read again where it lands
         self.credentials_from_env = credentials is None
         self.credentials = Credentials.from_env() if credentials is None else credentials
@@ -488,12 +520,15 @@ class LossClient:
             down = {a for a in ranking if self._down_until.get(a, 0.0) > now}
         return [a for a in ranking if a not in down] + [a for a in ranking if a in down]
 
-    def _replica_stub(self, address: str) -> pb_grpc.LossServiceStub:
+    def _replica(self, address: str) -> tuple[grpc.Channel, pb_grpc.LossServiceStub]:
         with self._state_lock:
             if address not in self._pinned:
                 channel = make_channel(address, self._replica_tls_options(), credentials=self.credentials)
                 self._pinned[address] = (channel, pb_grpc.LossServiceStub(channel))
-            return self._pinned[address][1]
+            return self._pinned[address]
+
+    def _replica_stub(self, address: str) -> pb_grpc.LossServiceStub:
+        return self._replica(address)[1]
 
     def _replica_tls_options(self) -> dict[str, str]:
         """A replica is dialled by its address; TLS checks the certificate against the target's name."""
@@ -506,14 +541,19 @@ class LossClient:
 
         return _tls_name_option(self.credentials, default)
 
-    def _session_call(self, session: str, method: str, request: Any, timeout: float | None, metadata: Any) -> Any:
-        """Call ``method`` on the session's replica; if it is UNAVAILABLE (gone), on its next one."""
+    def _session_call(
+        self, session: str, method: str | Callable[..., Any], request: Any, timeout: float | None, metadata: Any
+    ) -> Any:
+        """Call ``method`` on the session's replica; if it is UNAVAILABLE (gone), on its next one.
+
+        ``method``: a stub method's name, or ``method(channel, request, timeout, metadata)``."""
         if self.replicas is None:
-            return self._call(getattr(self.stub, method), request, timeout, metadata)
+            return self._invoke(self.channel, self.stub, method, request, timeout, metadata)
         failure: RemoteLossError | None = None
         for address in self._ranked(session):
             try:
-                return self._call(getattr(self._replica_stub(address), method), request, timeout, metadata)
+                channel, stub = self._replica(address)
+                return self._invoke(channel, stub, method, request, timeout, metadata)
             except RemoteLossError as error:
                 if error.code != grpc.StatusCode.UNAVAILABLE:
                     raise
@@ -521,6 +561,19 @@ class LossClient:
                 self._mark_down(address, session, error)
         assert failure is not None
         raise failure
+
+    def _invoke(
+        self,
+        channel: grpc.Channel,
+        stub: pb_grpc.LossServiceStub,
+        method: str | Callable[..., Any],
+        request: Any,
+        timeout: float | None,
+        metadata: Any,
+    ) -> Any:
+        if callable(method):
+            return method(channel, request, timeout, metadata)
+        return self._call(getattr(stub, method), request, timeout, metadata)
 
     def _mark_down(self, address: str, session: str, error: RemoteLossError) -> None:
         with self._state_lock:
@@ -538,6 +591,46 @@ class LossClient:
     # -- calls ---------------------------------------------------------------------------------------
 
     def evaluate(self, request: pb.EvaluateRequest, timeout: float | None = None) -> pb.EvaluateResponse:
+        """One Evaluate round trip; by EvaluateStream when the request's tensors reach ``stream_threshold``.
+
+        The response is complete either way (streamed tensors' bytes are put back into it, one copy
+        each); :meth:`evaluate_tensors` saves that copy.
+        """
+        response, streamed = self.evaluate_tensors(request, timeout)
+        codec.fill_streamed(response, streamed)
+        return response
+
+    def evaluate_tensors(
+        self,
+        request: pb.EvaluateRequest,
+        timeout: float | None = None,
+        *,
+        sink: codec.StreamSink | None = None,
+    ) -> tuple[pb.EvaluateResponse, dict[str, Tensor]]:
+        """Evaluate, streaming when the request is big; returns (response, streamed tensors).
+
+        ``sink``: the big tensors ``request`` was encoded without (``codec.encode_tensor(...,
+        sink=sink)``: no copy of theirs is made before the wire); without one, a request over the
+        threshold has its big tensors' bytes moved out of it for the call (and back afterwards).
+        The second value maps the field paths of the response tensors that came in chunks
+        (``results[0].gradients[pred]``) to their tensors (in their data dtype); their messages have
+        no data: decode them with ``codec.decode_tensor(message, path, streamed=...)``.
+        """
+        threshold = self.stream_threshold
+        taken = False
+        if sink is None and threshold is not None and request.ByteSize() >= threshold:
+            sink, taken = codec.StreamSink.take(request), True
+        try:
+            if sink is not None and (threshold is None or sink.nbytes < threshold):
+                sink.inline()  # small after all: one unary call
+            if sink is None or not sink.entries:
+                return self._evaluate_unary(request, timeout), {}
+            return self._evaluate_stream(request, sink, timeout)
+        finally:
+            if taken:
+                sink.inline()  # the caller's request as it was
+
+    def _evaluate_unary(self, request: pb.EvaluateRequest, timeout: float | None) -> pb.EvaluateResponse:
         sessions = list(dict.fromkeys(term.session for term in request.terms if term.session))
         baselines = self._baselines(sessions)
         if not sessions:
@@ -550,6 +643,70 @@ class LossClient:
             response = self._evaluate_per_session(request, sessions, timeout)
         self._check_restarts(request, response, baselines)
         return response
+
+    def _evaluate_stream(
+        self, request: pb.EvaluateRequest, sink: codec.StreamSink, timeout: float | None
+    ) -> tuple[pb.EvaluateResponse, dict[str, Tensor]]:
+        sessions = list(dict.fromkeys(term.session for term in request.terms if term.session))
+        if len(sessions) > 1 and self.replicas is not None:
+            # terms of several sessions may live on several replicas: split, as unary calls
+            sink.inline()
+            return self._evaluate_unary(request, timeout), {}
+        baselines = self._baselines(sessions)
+
+        def call(channel: grpc.Channel, request: Any, timeout: float | None, metadata: Any) -> Any:
+            return self._stream_call(channel, request, sink, timeout, metadata)
+
+        if not sessions:
+            response, streamed = call(self.channel, request, timeout, None)
+        else:
+            metadata = [(SESSION_HEADER, ",".join(sorted(sessions)))]
+            response, streamed = self._session_call(sessions[0], call, request, timeout, metadata)
+        self._check_restarts(request, response, baselines)
+        return response, streamed
+
+    def _stream_call(
+        self,
+        channel: grpc.Channel,
+        request: pb.EvaluateRequest,
+        sink: codec.StreamSink,
+        timeout: float | None,
+        metadata: Any,
+    ) -> tuple[pb.EvaluateResponse, dict[str, Tensor]]:
+        """One EvaluateStream, sent again (fresh chunks from the same tensors) after UNAVAILABLE or a
+        passing RESOURCE_EXHAUSTED, with RETRY_POLICY's backoff, while no answer has arrived."""
+        method = channel.stream_stream(
+            STREAM_METHOD, request_serializer=codec.serialize_chunk, response_deserializer=pb.EvaluateChunk.FromString
+        )
+        timeout = self.timeout if timeout is None else timeout
+        started = time.monotonic()
+        deadline = started + (BUSY_PATIENCE_SECONDS if timeout is None else timeout)
+        backoff = float(RETRY_POLICY["initialBackoff"].rstrip("s"))
+        failures = 0  # UNAVAILABLE answers: RETRY_POLICY's attempts; a busy server is waited out instead
+        while True:
+            remaining = None if timeout is None else max(deadline - time.monotonic(), 0.0)
+            answered = False
+            try:
+                responses = method(codec.stream_chunks(request, sink), timeout=remaining, metadata=metadata)
+                first = next(responses)
+                answered = True
+                return _receive_stream(first, responses)
+            except grpc.RpcError as error:
+                pause = random.uniform(0, backoff)  # gRPC's jitter: anywhere up to the current backoff
+                failures += error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED
+                retry = (
+                    not answered
+                    and _passing(error)
+                    and failures < RETRY_POLICY["maxAttempts"]
+                    and time.monotonic() + pause < deadline
+                )
+                if not retry:
+                    raise RemoteLossError.from_rpc_error(error) from None
+                log.debug("EvaluateStream: %s; again in %.2f s", error.code().name, pause)
+                time.sleep(pause)
+                backoff = min(
+                    backoff * RETRY_POLICY["backoffMultiplier"], float(RETRY_POLICY["maxBackoff"].rstrip("s"))
+                )
 
     def _evaluate_per_session(
         self, request: pb.EvaluateRequest, sessions: list[str], timeout: float | None
@@ -643,6 +800,34 @@ class LossClient:
             pinned, self._pinned = list(self._pinned.values()), {}
         for channel, _ in pinned:
             channel.close()
+
+
+def _passing(error: grpc.RpcError) -> bool:
+    """A failure a later attempt may not meet: UNAVAILABLE, or RESOURCE_EXHAUSTED without the server's
+    "do not retry" pushback (a size limit carries it; a busy server does not)."""
+    code = error.code() if hasattr(error, "code") else None
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return True
+    if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return False
+    trailers = dict(error.trailing_metadata() or ()) if hasattr(error, "trailing_metadata") else {}
+    return trailers.get("grpc-retry-pushback-ms") != "-1"
+
+
+def _receive_stream(first: pb.EvaluateChunk, responses: Any) -> tuple[pb.EvaluateResponse, dict[str, Tensor]]:
+    """The response of an EvaluateStream: its first message, then the chunks of its big tensors."""
+    try:
+        if first.WhichOneof("kind") != "response":
+            raise codec.CodecError(f"the first message carries {first.WhichOneof('kind')}, not the response")
+        assembler = codec.StreamAssembler(first.response)
+        for message in responses:
+            if message.WhichOneof("kind") != "chunk":
+                raise codec.CodecError(f"a later message carries {message.WhichOneof('kind')}, not a chunk")
+            assembler.add(message.chunk)
+        return first.response, assembler.finish()
+    except codec.CodecError as error:
+        responses.cancel()
+        raise RemoteLossError(grpc.StatusCode.DATA_LOSS, f"a malformed EvaluateStream answer: {error}") from None
 
 
 def _renumbered(error: RemoteLossError, indices: Sequence[int]) -> RemoteLossError:

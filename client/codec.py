@@ -6,6 +6,17 @@ numpy and protobuf only (never on the loss engine), so the thin client stays thi
 Wire format of a tensor (``losswire.v1.Tensor``): dtype, shape, and the elements as raw
 little-endian, C-contiguous bytes. Decoding reads the ``bytes`` field once (protobuf copies a
 bytes field on every read) and wraps it with ``torch.frombuffer`` without another copy.
+
+Big tensors travel in chunks (``EvaluateStream``): the sender encodes its message with a
+:class:`StreamSink`, which keeps every big tensor's bytes out of the message (dtype and shape
+declared, ``data`` empty), and :func:`stream_chunks` sends the message and then those bytes in
+``TensorChunk``s straight from the tensor's memory. The receiver's :class:`StreamAssembler`
+allocates each declared tensor once and copies each chunk into it once; ``decode_tensor(...,
+streamed=assembler.tensors)`` then takes the assembled tensor for that field path.
+
+``transfer_dtype`` (opt-in, lossy): floating tensors wider than float16/bfloat16 travel as that
+dtype (``Tensor.data_dtype``) at half the bytes of float32 and are cast back to their declared dtype
+on arrival. The receiver computes in the declared dtype: only the values' precision is lost.
 """
 
 from __future__ import annotations
@@ -13,11 +24,12 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from google.protobuf import json_format, struct_pb2
+from google.protobuf.message import Message
 from torch import Tensor
 
 from losswire.v1 import loss_service_pb2 as pb
@@ -60,17 +72,59 @@ class CodecLimitError(CodecError):
 # -- tensors ------------------------------------------------------------------------------------
 
 
-def encode_tensor(tensor: Tensor, out: pb.Tensor | None = None) -> pb.Tensor:
-    """A torch tensor (any device, layout or stride) -> ``losswire.v1.Tensor``."""
+TRANSFER_DTYPES: dict[str, int] = {"float16": pb.FLOAT16, "bfloat16": pb.BFLOAT16}
+
+
+def transfer_dtype_of(name: str | int | None) -> int:
+    """``'float16'`` / ``'bfloat16'`` / a DType value / None -> the wire DType (0: none)."""
+    if name is None or name == 0:
+        return pb.DTYPE_UNSPECIFIED
+    if isinstance(name, str) and name.removeprefix("torch.") in TRANSFER_DTYPES:
+        return TRANSFER_DTYPES[name.removeprefix("torch.")]
+    if name in TRANSFER_DTYPES.values():
+        return int(name)  # type: ignore[arg-type]
+    raise ValueError(f"transfer_dtype must be None, 'float16' or 'bfloat16', got {name!r}")
+
+
+# Tensors under this many elements keep their precision under a transfer_dtype: halving a scalar loss
+# or a few boxes saves nothing worth its rounding.
+NARROW_MIN_ELEMENTS = 4096
+
+
+def _narrows(dtype: torch.dtype, transfer: int) -> bool:
+    """Whether a ``dtype`` tensor may travel as the ``transfer`` DType: floating and wider than it."""
+    return bool(transfer) and dtype.is_floating_point and dtype.itemsize > 2
+
+
+def encode_tensor(
+    tensor: Tensor,
+    out: pb.Tensor | None = None,
+    *,
+    transfer_dtype: int = 0,
+    sink: StreamSink | None = None,
+) -> pb.Tensor:
+    """A torch tensor (any device, layout or stride) -> ``losswire.v1.Tensor``.
+
+    ``transfer_dtype`` (a DType, see :func:`transfer_dtype_of`): a float32/float64 tensor of at
+    least ``NARROW_MIN_ELEMENTS`` elements travels in that dtype. ``sink``: a tensor of at least
+    ``sink.min_bytes`` keeps its data out of the message (dtype and shape declared) and is recorded
+    in the sink, to be streamed.
+    """
     if tensor.dtype not in TORCH_TO_DTYPE:
         supported = ", ".join(str(d).removeprefix("torch.") for d in TORCH_TO_DTYPE)
         raise CodecError(f"cannot send a {tensor.dtype} tensor; supported dtypes: {supported}")
     message = pb.Tensor() if out is None else out
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     message.dtype = TORCH_TO_DTYPE[tensor.dtype]
     message.shape[:] = list(tensor.shape)
-    # view as bytes: works for every dtype, bfloat16 included (which numpy lacks)
-    message.data = flat.view(torch.uint8).numpy().tobytes()
+    flat = tensor.detach()
+    if _narrows(tensor.dtype, transfer_dtype) and tensor.numel() >= NARROW_MIN_ELEMENTS:
+        flat = flat.to(DTYPE_TO_TORCH[transfer_dtype])
+        message.data_dtype = transfer_dtype
+    flat = flat.to("cpu").contiguous().reshape(-1).view(torch.uint8)  # bytes: bfloat16 too (numpy lacks it)
+    if sink is not None and flat.numel() >= sink.min_bytes:
+        sink.add(message, flat)
+    else:
+        message.data = flat.numpy().tobytes()
     return message
 
 
@@ -103,49 +157,76 @@ def check_shape(shape: list[int], field: str, max_dims: int = MAX_DIMS, max_elem
     return numel
 
 
-def decode_tensor(
-    message: pb.Tensor,
-    field: str,
-    device: torch.device | str | None = None,
-    max_elements: int | None = None,
-) -> Tensor:
-    """``losswire.v1.Tensor`` -> torch tensor on ``device``; every inconsistency is a CodecError."""
+def _wire_dtypes(message: pb.Tensor, field: str) -> tuple[torch.dtype, torch.dtype]:
+    """(declared dtype, dtype of ``data``): they differ under a ``data_dtype``; CodecError if invalid."""
     if message.dtype not in DTYPE_TO_TORCH:
         names = ", ".join(pb.DType.Name(d) for d in DTYPE_TO_TORCH)
         got = pb.DType.Name(message.dtype) if message.dtype in pb.DType.values() else str(message.dtype)
         raise CodecError(f"{field}.dtype must be one of {names}, got {got}", field=f"{field}.dtype")
     dtype = DTYPE_TO_TORCH[message.dtype]
+    if message.data_dtype == pb.DTYPE_UNSPECIFIED:
+        return dtype, dtype
+    if message.data_dtype not in TRANSFER_DTYPES.values() or not _narrows(dtype, message.data_dtype):
+        got = pb.DType.Name(message.data_dtype) if message.data_dtype in pb.DType.values() else str(message.data_dtype)
+        raise CodecError(
+            f"{field}.data_dtype must be unset, or FLOAT16 or BFLOAT16 for a FLOAT32/FLOAT64 dtype; got {got} "
+            f"for dtype {pb.DType.Name(message.dtype)}",
+            field=f"{field}.data_dtype",
+        )
+    return dtype, DTYPE_TO_TORCH[message.data_dtype]
+
+
+def decode_tensor(
+    message: pb.Tensor,
+    field: str,
+    device: torch.device | str | None = None,
+    max_elements: int | None = None,
+    streamed: Mapping[str, Tensor] | None = None,
+) -> Tensor:
+    """``losswire.v1.Tensor`` -> torch tensor on ``device``; every inconsistency is a CodecError.
+
+    ``streamed`` (a :class:`StreamAssembler`'s ``tensors``): a tensor whose ``field`` path is in it
+    was streamed, and is taken from there instead of ``data``.
+    """
+    dtype, data_dtype = _wire_dtypes(message, field)
     shape = list(message.shape)
     numel = check_shape(shape, field, max_elements=max_elements)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    data = message.data  # read once: every read of a bytes field copies it
-    if len(data) != numel * itemsize:
-        raise CodecError(
-            f"{field}.data must hold {numel} x {itemsize} = {numel * itemsize} bytes for dtype "
-            f"{pb.DType.Name(message.dtype)} and shape {shape}, got {len(data)} bytes",
-            field=f"{field}.data",
-        )
-    if numel == 0:
-        tensor = torch.empty(shape, dtype=dtype)
+    if streamed is not None and field in streamed:
+        tensor = streamed[field]
     else:
-        tensor = torch.frombuffer(data, dtype=dtype).reshape(shape)
+        itemsize = data_dtype.itemsize
+        data = message.data  # read once: every read of a bytes field copies it
+        if len(data) != numel * itemsize:
+            raise CodecError(
+                f"{field}.data must hold {numel} x {itemsize} = {numel * itemsize} bytes for dtype "
+                f"{pb.DType.Name(message.data_dtype or message.dtype)} and shape {shape}, got {len(data)} bytes",
+                field=f"{field}.data",
+            )
+        if numel == 0:
+            tensor = torch.empty(shape, dtype=data_dtype)
+        else:
+            tensor = torch.frombuffer(data, dtype=data_dtype).reshape(shape)
     if device is not None and torch.device(device) != tensor.device:
         tensor = tensor.to(device)
-    return tensor
+    return tensor.to(dtype)  # a no-op unless the data travelled narrowed (data_dtype)
 
 
 # -- values (forward inputs) ----------------------------------------------------------------------
 
 
-def encode_value(value: Any, out: pb.Value | None = None) -> pb.Value:
-    """A forward argument -> ``losswire.v1.Value``: tensor, tuple/list of tensors, or a plain value."""
+def encode_value(
+    value: Any, out: pb.Value | None = None, *, transfer_dtype: int = 0, sink: StreamSink | None = None
+) -> pb.Value:
+    """A forward argument -> ``losswire.v1.Value``: tensor, tuple/list of tensors, or a plain value.
+
+    ``transfer_dtype`` and ``sink``: as :func:`encode_tensor`, for its tensors."""
     message = pb.Value() if out is None else out
     if isinstance(value, Tensor):
-        encode_tensor(value, message.tensor)
+        encode_tensor(value, message.tensor, transfer_dtype=transfer_dtype, sink=sink)
     elif isinstance(value, (tuple, list)) and value and all(isinstance(v, Tensor) for v in value):
         message.tensors.SetInParent()
         for item in value:
-            encode_tensor(item, message.tensors.items.add())
+            encode_tensor(item, message.tensors.items.add(), transfer_dtype=transfer_dtype, sink=sink)
     elif isinstance(value, bool):
         message.flag = value
     elif isinstance(value, int):
@@ -163,14 +244,18 @@ def encode_value(value: Any, out: pb.Value | None = None) -> pb.Value:
 
 
 def decode_value(
-    message: pb.Value, field: str, device: torch.device | str | None = None, max_elements: int | None = None
+    message: pb.Value,
+    field: str,
+    device: torch.device | str | None = None,
+    max_elements: int | None = None,
+    streamed: Mapping[str, Tensor] | None = None,
 ) -> Any:
     kind = message.WhichOneof("kind")
     if kind == "tensor":
-        return decode_tensor(message.tensor, field, device, max_elements)
+        return decode_tensor(message.tensor, field, device, max_elements, streamed)
     if kind == "tensors":
         return tuple(
-            decode_tensor(t, f"{field}.tensors.items[{i}]", device, max_elements)
+            decode_tensor(t, f"{field}.tensors.items[{i}]", device, max_elements, streamed)
             for i, t in enumerate(message.tensors.items)
         )
     if kind == "json":
@@ -229,3 +314,238 @@ def python_value(message: struct_pb2.Value) -> Any:
     if kind is None or kind == "null_value":
         return None
     return getattr(message, kind)
+
+
+# -- streaming big tensors (EvaluateStream) --------------------------------------------------------
+
+# Tensors of at least this many bytes leave the first message of a stream and follow in chunks;
+# smaller ones ride inline (a chunk per tiny tensor would cost more than it saves).
+STREAM_MIN_TENSOR_BYTES = 64 << 10
+# Bytes per TensorChunk. gRPC moves a stream of messages of a few MiB far faster than one huge
+# message (it reassembles a big message in slices and copies it whole); 4 MiB measured best here.
+STREAM_CHUNK_BYTES = 4 << 20
+PACKAGE = pb.DESCRIPTOR.package  # "losswire.v1": the only messages that can hold tensors
+
+
+def tensors_of(message: Message, path: str = "") -> Iterator[tuple[str, pb.Tensor]]:
+    """Every ``losswire.v1.Tensor`` inside ``message``, with the field path the codec names it by.
+
+    Walks the message by its descriptor (a tensor field added to the contract later is found
+    without touching this code). A ``Value``'s ``tensor`` is named by the Value's own path
+    (``terms[0].target``), as :func:`decode_value` names it; map entries as ``gradients[pred]``.
+    The same walk as ``losswire.server.limits.tensors_of``; these paths name streamed tensors.
+    """
+    if isinstance(message, pb.Tensor):
+        yield path, message
+        return
+    for field, value in message.ListFields():
+        kind = field.message_type
+        if kind is None or not kind.full_name.startswith(PACKAGE + "."):
+            continue  # scalars, and google.protobuf's Struct/Value (configs, JSON inputs): no tensors
+        if isinstance(message, pb.Value) and field.name == "tensor":
+            child = path
+        else:
+            child = f"{path}.{field.name}" if path else field.name
+        if kind.GetOptions().map_entry:
+            for key, item in value.items():
+                if isinstance(item, Message):
+                    yield from tensors_of(item, f"{child}[{key}]")
+        elif field.is_repeated:
+            for index, item in enumerate(value):
+                yield from tensors_of(item, f"{child}[{index}]")
+        else:
+            yield from tensors_of(value, child)
+
+
+class StreamSink:
+    """The big tensors of a message being encoded, whose bytes are streamed rather than embedded.
+
+    :func:`encode_tensor` records here every tensor of at least ``min_bytes`` (its message gets dtype
+    and shape, no data) with a flat uint8 view of its bytes: nothing is copied until a chunk is cut.
+    """
+
+    def __init__(self, min_bytes: int = STREAM_MIN_TENSOR_BYTES) -> None:
+        self.min_bytes = min_bytes
+        self.entries: list[tuple[pb.Tensor, Any]] = []  # (message, bytes-like: uint8 tensor, bytes...)
+
+    def add(self, message: pb.Tensor, data: Any) -> None:
+        self.entries.append((message, data))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held back for streaming."""
+        return sum(_byte_view(data).nbytes for _, data in self.entries)
+
+    def inline(self) -> None:
+        """Put every held-back tensor's bytes into its message after all (a unary call); empties the sink."""
+        for message, data in self.entries:
+            message.data = _byte_view(data).tobytes()
+        self.entries.clear()
+
+    @classmethod
+    def take(cls, message: Message, min_bytes: int = STREAM_MIN_TENSOR_BYTES) -> StreamSink:
+        """Move the data of every tensor of ``message`` with at least ``min_bytes`` into a new sink
+        (for a message encoded without one; one copy per tensor). ``inline()`` puts them back."""
+        sink = cls(min_bytes)
+        for _, tensor in tensors_of(message):
+            if tensor.ByteSize() >= min_bytes:  # ByteSize does not copy the data
+                data = tensor.data
+                if len(data) >= min_bytes:
+                    tensor.ClearField("data")
+                    sink.add(tensor, data)
+        return sink
+
+    def paths(self, root: Message) -> list[tuple[str, Any]]:
+        """(field path in ``root``, bytes) of every held-back tensor, in ``root``'s order."""
+        # the protobuf runtime hands out one Python object per sub-message while it is referenced
+        # (the sink holds them), so identity finds each recorded message in the walk
+        held = {id(message): data for message, data in self.entries}
+        found = [(path, held.pop(id(tensor))) for path, tensor in tensors_of(root) if id(tensor) in held]
+        if held:
+            raise CodecError(f"{len(held)} streamed tensor(s) are not inside the message being sent")
+        return found
+
+
+def _byte_view(data: Any) -> memoryview:
+    if isinstance(data, Tensor):
+        data = data.numpy()
+    return memoryview(data).cast("B")
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def chunk_wire_bytes(path: str, offset: int, data: Any) -> bytes:
+    """The serialized ``EvaluateChunk{chunk: TensorChunk{tensor, offset, data}}``, built directly.
+
+    The same bytes protobuf would produce, but ``data`` (a bytes-like slice of the tensor's memory)
+    is copied once, into the result, instead of into a message and again by its serialization.
+    """
+    name = path.encode()
+    size = memoryview(data).nbytes
+    inner = b"\x0a" + _varint(len(name)) + name + b"\x10" + _varint(offset) + b"\x1a" + _varint(size)
+    return b"".join((b"\x1a", _varint(len(inner) + size), inner, data))
+
+
+def serialize_chunk(message: pb.EvaluateChunk | bytes) -> bytes:
+    """Request serializer of a stream: a message, or bytes already serialized (:func:`chunk_wire_bytes`)."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def stream_chunks(
+    root: pb.EvaluateRequest | pb.EvaluateResponse,
+    sink: StreamSink,
+    raw: bool = True,
+    chunk_bytes: int = STREAM_CHUNK_BYTES,
+) -> Iterator[pb.EvaluateChunk | bytes]:
+    """The messages of a stream: ``root`` (whose tensors recorded in ``sink`` have no data) as the
+    first ``EvaluateChunk``, then every held-back tensor in chunks of ``chunk_bytes``: serialized
+    bytes when ``raw`` (for a :func:`serialize_chunk` serializer), else ``EvaluateChunk`` messages."""
+    paths = sink.paths(root)
+    kind = "request" if isinstance(root, pb.EvaluateRequest) else "response"
+    yield pb.EvaluateChunk(**{kind: root})  # a copy of a message without its big data: small
+    for path, data in paths:
+        view = _byte_view(data)
+        for offset in range(0, view.nbytes, chunk_bytes):
+            piece = view[offset : offset + chunk_bytes]
+            if raw:
+                yield chunk_wire_bytes(path, offset, piece)
+            else:
+                yield pb.EvaluateChunk(chunk=pb.TensorChunk(tensor=path, offset=offset, data=piece.tobytes()))
+
+
+def fill_streamed(root: Message, streamed: Mapping[str, Tensor]) -> None:
+    """Put the bytes of assembled tensors (by path) back into ``root``'s messages (one copy each)."""
+    if streamed:
+        for path, message in tensors_of(root):
+            if path in streamed:
+                message.data = streamed[path].reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+class _Pending:
+    __slots__ = ("buffer", "dtype", "nbytes", "received", "shape")
+
+    def __init__(self, buffer: Tensor, dtype: torch.dtype, shape: list[int]) -> None:
+        self.buffer, self.dtype, self.shape = buffer, dtype, shape
+        self.nbytes = buffer.numel()
+        self.received = 0
+
+
+class StreamAssembler:
+    """Reassembles the streamed tensors of a stream's first message from its ``TensorChunk``s.
+
+    Every tensor of ``header`` whose data is empty though its shape has elements is streamed: its
+    buffer is allocated here once (in its ``data_dtype`` when narrowed) and each chunk's bytes are
+    copied into it once. Check limits on the declared shapes *before* making the assembler: this
+    allocates. A chunk naming no streamed tensor, out of order (its offset is not the bytes received
+    so far: a gap or an overlap) or past the tensor's end, and a stream that ends before a tensor is
+    complete, are CodecErrors naming the field. ``tensors`` maps each path to its tensor (declared
+    shape, data dtype) for ``decode_tensor(..., streamed=...)``.
+    """
+
+    def __init__(self, header: Message, max_elements: int | None = None) -> None:
+        self._pending: dict[str, _Pending] = {}
+        for path, message in tensors_of(header):
+            _, data_dtype = _wire_dtypes(message, path)
+            shape = list(message.shape)
+            numel = check_shape(shape, path, max_elements=max_elements)
+            if numel == 0 or len(message.data) > 0:
+                continue  # inline (decode_tensor checks its length) or empty
+            buffer = torch.empty(numel * data_dtype.itemsize, dtype=torch.uint8)
+            self._pending[path] = _Pending(buffer, data_dtype, shape)
+        self.tensors: dict[str, Tensor] = {}
+        self.chunks = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the stream must still deliver, in all."""
+        return sum(p.nbytes - p.received for p in self._pending.values())
+
+    def add(self, chunk: pb.TensorChunk) -> None:
+        """Copy one chunk into its tensor."""
+        self.chunks += 1
+        where = f"chunk {self.chunks}"
+        pending = self._pending.get(chunk.tensor)
+        if pending is None:
+            done = " (it is complete already)" if chunk.tensor in self.tensors else ""
+            expected = ", ".join(sorted(self._pending)) or "none: every streamed tensor is complete"
+            raise CodecError(
+                f"{where}.tensor {chunk.tensor!r} names no tensor being streamed{done}; expected one of: {expected}",
+                field="chunk.tensor",
+            )
+        data = chunk.data  # read once: every read of a bytes field copies it
+        offset, size = chunk.offset, len(data)
+        if offset != pending.received:
+            problem = "overlaps bytes already received" if offset < pending.received else "leaves a gap"
+            raise CodecError(
+                f"{where} for {chunk.tensor} starts at offset {offset} but {pending.received} of its {pending.nbytes} "
+                f"bytes have arrived ({problem}): a tensor's chunks come in order, without gaps or overlaps",
+                field=f"{chunk.tensor}.data",
+            )
+        if offset + size > pending.nbytes:
+            raise CodecError(
+                f"{where} for {chunk.tensor} holds bytes [{offset}, {offset + size}) but the tensor has only "
+                f"{pending.nbytes} bytes (dtype and shape as declared)",
+                field=f"{chunk.tensor}.data",
+            )
+        if size:
+            pending.buffer[offset : offset + size] = torch.frombuffer(data, dtype=torch.uint8)
+        pending.received += size
+        if pending.received == pending.nbytes:
+            del self._pending[chunk.tensor]
+            self.tensors[chunk.tensor] = pending.buffer.view(pending.dtype).reshape(pending.shape)
+
+    def finish(self) -> dict[str, Tensor]:
+        """The assembled tensors, once the stream has ended; a CodecError if one is incomplete."""
+        for path, pending in self._pending.items():
+            raise CodecError(
+                f"the stream ended with {path} incomplete: {pending.received} of its {pending.nbytes} bytes arrived",
+                field=f"{path}.data",
+            )
+        return self.tensors

@@ -69,6 +69,16 @@ class RemoteLoss(nn.Module):
         seed: the seed of ``cfg['sampler']`` and of stochastic losses (L2Loss's random mining) for
             every call; None draws one per call from torch's global generator, so
             ``torch.manual_seed`` makes a run reproducible.
+        transfer_dtype: ``'float16'`` or ``'bfloat16'`` (None: the client's, by default none): float32
+            and float64 tensors travel at that precision, both ways (inputs, loss, gradients), at half
+            the bytes of float32. Lossy: the server casts the inputs back to their own dtype and
+            computes in it, so the loss is that of the rounded inputs; gradients (and an element-wise
+            loss) are rounded again on the way back, then cast to pred's dtype. Tensors under 4096
+            elements (a scalar loss, avg_factor-sized things) keep full precision. float16 keeps ~3 significant
+            digits and flushes magnitudes below 6e-8 to zero (gradients of a mean over millions of
+            elements are that small: prefer bfloat16, or reduction 'sum'); bfloat16 keeps float32's
+            range but only ~2-3 significant digits (box coordinates of 1000 px round to 4 px). Integer
+            and bool tensors (labels) are sent as they are.
     """
 
     def __init__(
@@ -81,8 +91,11 @@ class RemoteLoss(nn.Module):
         validate: bool = True,
         session: str | None = None,
         seed: int | None = None,
+        transfer_dtype: str | None = None,
     ) -> None:
         super().__init__()
+        codec.transfer_dtype_of(transfer_dtype)  # a ValueError now for a bad name
+        self.transfer_dtype = transfer_dtype
         self.cfg = dict(cfg)
         self.client = client or LossClient.shared(target)
         self.timeout = timeout
@@ -198,33 +211,43 @@ class _Plan:
         self.request = pb.EvaluateRequest()
         self.leaves: list[_Leaf] = []
         self.devices: list[torch.device] = []
+        # big tensors are not copied into the request: if it is big enough to stream, their chunks
+        # are cut straight from their memory
+        self.sink = codec.StreamSink() if client.stream_threshold is not None else None
+        self.streamed: dict[str, Tensor] = {}
+        transfers = [codec.transfer_dtype_of(bound.loss.transfer_dtype or client.transfer_dtype) for _, bound in terms]
+        if transfers and all(t == transfers[0] for t in transfers):
+            self.request.transfer_dtype = transfers[0]  # the answer travels narrowed too
         grad_enabled = torch.is_grad_enabled()
         for index, (name, bound) in enumerate(terms):
             message = self.request.terms.add(name=name)
-            self.devices.append(self._encode_term(bound, message, index, grad_enabled))
+            self.devices.append(self._encode_term(bound, message, index, grad_enabled, transfers[index]))
 
-    def _encode_term(self, bound: BoundTerm, message: pb.LossTerm, index: int, grad_enabled: bool) -> torch.device:
+    def _encode_term(
+        self, bound: BoundTerm, message: pb.LossTerm, index: int, grad_enabled: bool, transfer: int
+    ) -> torch.device:
         module, info, arguments = bound.loss, bound.loss.info, bound.arguments
+        options = {"transfer_dtype": transfer, "sink": self.sink}
         names = [item.name for item in info.inputs]
         codec.encode_config(module.cfg, message.config)
         pred = arguments.get(names[0])
         if not isinstance(pred, Tensor):
             raise TypeError(f"{info.name}: {names[0]} must be a tensor, got {type(pred).__name__}")
-        codec.encode_tensor(pred, message.pred)
+        codec.encode_tensor(pred, message.pred, **options)
         for position, name in enumerate(names):
             value = arguments.get(name)
             if value is None or position == 0:
                 continue
             if position == 1:
-                codec.encode_value(tuple(value) if _is_tensor_list(value) else value, message.target)
+                codec.encode_value(tuple(value) if _is_tensor_list(value) else value, message.target, **options)
             elif name == "weight":
-                codec.encode_tensor(value, message.weight)
+                codec.encode_tensor(value, message.weight, **options)
             elif name == "avg_factor":
                 message.avg_factor = float(value)
             elif name == "reduction_override":
                 message.reduction_override = value
             else:
-                codec.encode_value(value, message.inputs[name])
+                codec.encode_value(value, message.inputs[name], **options)
         self._encode_extras(module, arguments, message)
         requested = []
         if grad_enabled:
@@ -256,7 +279,7 @@ class _Plan:
 
     def run(self) -> list[Tensor]:
         """Evaluate; returns every output tensor, term by term and part by part (see ``outputs``)."""
-        response = self.client.evaluate(self.request, self.timeout)
+        response, self.streamed = self.client.evaluate_tensors(self.request, self.timeout, sink=self.sink)
         self.results = list(response.results)
         self.timings = response.timings
         self.outputs: list[_Output] = []
@@ -265,17 +288,22 @@ class _Plan:
         for index, result in enumerate(self.results):
             self.structures.append(result.structure or "tensor")
             if self.structures[-1] == "tensor":
-                items = [("", result.loss)]
+                items = [("", result.loss, f"results[{index}].loss")]
             else:
-                items = [(part.key, part.loss) for part in result.parts]
-            for key, message in items:
+                items = [
+                    (part.key, part.loss, f"results[{index}].parts[{j}].loss") for j, part in enumerate(result.parts)
+                ]
+            for key, message, path in items:
                 self.outputs.append(_Output(index, key))
-                tensors.append(codec.decode_tensor(message, f"results[{index}].loss").to(self.devices[index]))
+                loss = codec.decode_tensor(message, path, streamed=self.streamed)
+                tensors.append(loss.to(self.devices[index]))
         for (_, bound), result in zip(self.terms, self.results, strict=True):
             if result.session_step:
                 bound.loss.last_session_step = result.session_step
         if all(r.separable for r in self.results):
-            self.request = None  # backward needs no resend: free the encoded inputs
+            self.request = self.sink = None  # backward needs no resend: free the encoded inputs
+        elif self.sink is not None:
+            self.sink.inline()  # a resend copies the request's terms: they need their data
         return tensors
 
     def regroup(self, tensors: Sequence[Tensor]) -> list[Any]:
@@ -293,18 +321,23 @@ class _Plan:
                 values.append(items[0][1])
         return values
 
-    def _gradient(self, gradients: Mapping[str, pb.Tensor], leaf: _Leaf, where: str) -> Tensor:
+    def _gradient(
+        self, gradients: Mapping[str, pb.Tensor], leaf: _Leaf, where: str, path: str, streamed: Mapping[str, Tensor]
+    ) -> Tensor:
         if leaf.key not in gradients:
             raise RemoteLossError(
                 grpc.StatusCode.INTERNAL, f"the server returned no gradient for {leaf.key!r} of {where}"
             )
-        return codec.decode_tensor(gradients[leaf.key], f"{where}.gradients[{leaf.key}]").to(leaf.tensor.device)
+        field = f"{path}.gradients[{leaf.key}]"
+        return codec.decode_tensor(gradients[leaf.key], field, streamed=streamed).to(leaf.tensor.device)
 
-    def _part_gradients(self, output: _Output) -> Mapping[str, pb.Tensor]:
+    def _part_gradients(self, output: _Output) -> tuple[Mapping[str, pb.Tensor], str]:
+        """The gradients of one output and their path in the response (for streamed tensors)."""
         result = self.results[output.term]
         if self.structures[output.term] == "tensor":
-            return result.gradients
-        return next(p.gradients for p in result.parts if p.key == output.key)
+            return result.gradients, f"results[{output.term}]"
+        j, part = next((j, p) for j, p in enumerate(result.parts) if p.key == output.key)
+        return part.gradients, f"results[{output.term}].parts[{j}]"
 
     def vjp(self, grad_outputs: Sequence[Tensor | None]) -> list[Tensor | None]:
         """Gradients of every leaf for the upstream gradients of every output tensor."""
@@ -313,13 +346,15 @@ class _Plan:
         for i, leaf in enumerate(self.leaves):
             if leaf.term in resent:
                 result = resent[leaf.term]
-                grads[i] = self._gradient(result.gradients, leaf, f"term {result.name!r}")
+                grads[i] = self._gradient(result.gradients, leaf, f"term {result.name!r}", "", {})
                 continue
             result = self.results[leaf.term]
             for output, upstream in zip(self.outputs, grad_outputs, strict=True):
                 if output.term != leaf.term or upstream is None:
                     continue
-                local = self._gradient(self._part_gradients(output), leaf, f"term {result.name!r} part {output.key!r}")
+                gradients, path = self._part_gradients(output)
+                where = f"term {result.name!r} part {output.key!r}"
+                local = self._gradient(gradients, leaf, where, path, self.streamed)
                 upstream = upstream.to(local.dtype)
                 # a per-sample loss reduced one axis or several ([N, H, W] masks -> [N]): size-1 axes
                 # at sample_axis until the ranks match, so the upstream gradient broadcasts per sample
@@ -379,6 +414,10 @@ def evaluate_terms(
     timeout: float | None = None,
 ) -> dict[str, Any]:
     """Evaluate several named loss terms in one round trip; returns {name: differentiable loss}.
+
+    A round trip whose tensors reach the client's ``stream_threshold`` goes by EvaluateStream, big
+    tensors in chunks, without copying them into the request first. Each term's tensors travel at
+    its module's ``transfer_dtype`` (else the client's); the answer too when every term agrees.
 
     losses = evaluate_terms({
         "loss_cls": (loss_cls, (cls_score, labels), {"avg_factor": num_pos}),

@@ -43,6 +43,11 @@ class ServerConfig:
     # calls admitted at once, running or waiting for a worker; beyond, RESOURCE_EXHAUSTED at once rather
     # than a queue without bound (each queued call holds its request in memory). 8 per default worker.
     max_concurrent_rpcs: int | None = 64
+    # EvaluateStream calls (big tensors) served at once; more are refused RESOURCE_EXHAUSTED (retryable)
+    # rather than queued, so they never hold more than this many workers: small calls keep the rest.
+    # Capped at max_workers - 1.
+    max_stream_calls: int = 2  # EvaluateStream calls served at once (capped at max_workers - 1)
+    fused_kernels: bool = True  # loss and gradient in one analytic pass where a kernel exists (losses/fused.py)
     max_message_bytes: int = MAX_MESSAGE_BYTES
     max_elements: int | None = None  # per tensor; larger tensors are refused before allocation
     # summed over every tensor of a request; None: bounded by max_message_bytes alone (every element
@@ -134,7 +139,10 @@ class LosswireServer:
             ],
         )
         limits = RequestLimits(config.max_elements, config.max_request_elements, config.max_terms, config.max_dims)
-        self.service = LossService(self.device, registry, config.max_elements, self.sessions, limits)
+        stream_calls = max(1, min(config.max_stream_calls, config.max_workers - 1))
+        self.service = LossService(
+            self.device, registry, config.max_elements, self.sessions, limits, stream_calls, config.fused_kernels
+        )
         pb_grpc.add_LossServiceServicer_to_server(self.service, self.server)
         # the Open Inference Protocol (KServe v2 / Triton) over the same evaluator, on the same port
         self.draining = False  # set by stop(): readiness answers (health, OIP ServerReady) turn false

@@ -127,6 +127,15 @@ def _optional_path(text: str) -> str | None:
 _optional_path.__name__ = "a file path or none"
 
 
+def _on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise ValueError("must be on or off")
+    return text == "on"
+
+
+_on_off.__name__ = "on or off"
+
+
 @dataclasses.dataclass(frozen=True)
 class Knob:
     """One setting of the server: its flag, environment variable and config-file key derive from ``name``."""
@@ -187,6 +196,19 @@ KNOBS: tuple[Knob, ...] = (
         _int_between(1, MAX_DIMS),
         _DEFAULT.max_dims,
         "largest tensor rank; beyond, INVALID_ARGUMENT naming the tensor",
+    ),
+    Knob(
+        "max_stream_calls",
+        _int_at_least(1),
+        _DEFAULT.max_stream_calls,
+        "EvaluateStream (big) calls served at once, at most --max-workers - 1 so small calls keep a worker; "
+        "beyond, RESOURCE_EXHAUSTED that the client waits out",
+    ),
+    Knob(
+        "fused_kernels",
+        _on_off,
+        _DEFAULT.fused_kernels,
+        "on: Focal, QFL, CE, SmoothL1, L1 and GIoU terms get loss and gradient in one analytic pass; off: autograd",
     ),
     Knob("torch_threads", _optional_limit, None, "torch intra-op threads (0 or none: torch's default)"),
     Knob(

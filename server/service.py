@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -42,6 +42,15 @@ STAGES = ("decode", "compute", "encode")
 # copy of the deadline (it started counting when the request arrived): a call that ends this close to
 # its deadline is counted DEADLINE_EXCEEDED, not CANCELLED.
 DEADLINE_SLACK_SECONDS = 0.25
+
+
+class _Position:
+    """Where a call is: the term being decoded or evaluated, for the error's message and field."""
+
+    __slots__ = ("term_path", "where")
+
+    def __init__(self) -> None:
+        self.where, self.term_path = "", ""
 
 
 def _term_label(index: int, name: str) -> str:
@@ -99,7 +108,9 @@ def _release_memory(error: BaseException, where: str) -> None:
 class LossService(pb_grpc.LossServiceServicer):
     """Evaluates loss terms on ``device`` with the losses of ``registry``.
 
-    ``limits`` bound what one request may hold (its ``max_elements`` overrides ``max_elements``).
+    ``limits`` bound what one request may hold (its ``max_elements`` overrides ``max_elements``);
+    ``max_stream_calls`` bounds the EvaluateStream calls served at once (keep it below the server's
+    worker threads, so that small calls always find one).
     """
 
     def __init__(
@@ -109,70 +120,185 @@ class LossService(pb_grpc.LossServiceServicer):
         max_elements: int | None = None,
         sessions: SessionStore | None = None,
         limits: RequestLimits | None = None,
+        max_stream_calls: int = 2,
+        fused: bool = True,
     ) -> None:
         self.device = device
         self.registry = registry
         self.limits = limits if limits is not None else RequestLimits(max_elements=max_elements)
         self.max_elements = self.limits.max_elements
         self.sessions = sessions if sessions is not None else SessionStore(registry, device)
-        self.evaluator = Evaluator(registry, self.sessions)
+        self.evaluator = Evaluator(registry, self.sessions, fused)
+        # Streamed (big) calls admitted at once, receiving, evaluating or sending. One beyond is refused
+        # at once (RESOURCE_EXHAUSTED, retryable) rather than queued: a queued stream would hold a worker
+        # thread, and with max_stream_calls below the server's worker count, small unary calls always
+        # find a worker however many big ones arrive. It also bounds the memory big calls hold.
+        self.max_stream_calls = max_stream_calls
+        self._stream_slots = threading.BoundedSemaphore(max_stream_calls)
+        self._stream_count, self._stream_count_lock = 0, threading.Lock()
 
     # -- Evaluate --------------------------------------------------------------------------------
 
     def Evaluate(self, request: pb.EvaluateRequest, context: grpc.ServicerContext) -> pb.EvaluateResponse:  # noqa: N802
         started = time.perf_counter()
         caller_gone = CallWatch(context, "Evaluate")
-        where, term_path = "", ""
+        at = _Position()
         try:
             check_cancelled(caller_gone, "the whole call")  # it waited in the queue while its caller gave up
             check_request(request, self.limits)  # sizes from the declared shapes, before any decoding
-            names = self._check_terms(request.terms)
-            terms = []
-            for index, (message, name) in enumerate(zip(request.terms, names, strict=True)):
-                where, term_path = _term_label(index, message.name), f"terms[{index}]."
-                terms.append(self._decode_term(message, name, f"terms[{index}]"))
-            decoded = time.perf_counter()
-            outcomes = []
-            for index, term in enumerate(terms):
-                where, term_path = _term_label(index, term.name), f"terms[{index}]."
-                outcomes.append(self.evaluator.evaluate(term, caller_gone))
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            computed = time.perf_counter()
-            where, term_path = "", ""
-            check_cancelled(caller_gone, "encoding the answer")
-            response = pb.EvaluateResponse(device=str(self.device))
-            for outcome in outcomes:
-                self._encode_outcome(outcome, response.results.add())
-            encoded = time.perf_counter()
+            response = self._evaluate(request, caller_gone, started, at)
         except Exception as error:
             caller_gone.handled = True
-            terms = outcomes = []  # the request's tensors go before an out-of-memory answer empties the cache
-            self._abort(context, error, where, term_path)
+            self._abort(context, error, at.where, at.term_path)
         caller_gone.handled = True
+        self._log_call("Evaluate", request, response, context)
+        return response
+
+    def EvaluateStream(  # noqa: N802
+        self, request_iterator: Iterator[pb.EvaluateChunk], context: grpc.ServicerContext
+    ) -> Iterator[pb.EvaluateChunk]:
+        """Evaluate with big tensors in chunks (see the .proto): the request, then its tensors' chunks,
+        in; the response, then its tensors' chunks, out. Admitted ``max_stream_calls`` at a time."""
+        started = time.perf_counter()
+        caller_gone = CallWatch(context, "EvaluateStream")
+        at = _Position()
+        admitted = False
+        try:
+            try:
+                check_cancelled(caller_gone, "the whole call")
+                request = self._stream_header(request_iterator)
+                check_request(request, self.limits)  # declared shapes, before the assembler allocates
+                admitted = self._admit_stream()
+                if not admitted:
+                    raise RequestError(
+                        f"the server is serving its maximum of {self.max_stream_calls} streamed calls "
+                        "(losswire serve --max-stream-calls); retry later",
+                        code=grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        retryable=True,
+                    )
+                assembler = codec.StreamAssembler(request, self.max_elements)
+                for message in request_iterator:
+                    kind = message.WhichOneof("kind")
+                    if kind != "chunk":
+                        raise RequestError(
+                            f"message {assembler.chunks + 2} of the stream carries {kind or 'nothing'}; only the first "
+                            "carries the request, every later one a chunk",
+                            field="chunk",
+                        )
+                    assembler.add(message.chunk)
+                check_cancelled(caller_gone, "receiving the stream")
+                streamed = assembler.finish()
+                del assembler
+                sink = codec.StreamSink()
+                response = self._evaluate(request, caller_gone, started, at, streamed, sink)
+                del streamed  # the request's tensors go before the response is sent
+            except Exception as error:
+                caller_gone.handled = True
+                if caller_gone() and not isinstance(error, CallCancelledError):
+                    # reading a cancelled call's stream fails with gRPC's own error: the caller is gone
+                    error = CallCancelledError(f"the caller went away while streaming ({type(error).__name__})")
+                self._abort(context, error, at.where, at.term_path)
+            caller_gone.handled = True
+            self._log_call("EvaluateStream", request, response, context)
+            yield from codec.stream_chunks(response, sink, raw=False)
+        finally:
+            if admitted:
+                self._release_stream()
+
+    def stream_calls_in_flight(self) -> int:
+        """EvaluateStream calls admitted now (receiving, evaluating or sending)."""
+        with self._stream_count_lock:
+            return self._stream_count
+
+    def _admit_stream(self) -> bool:
+        if not self._stream_slots.acquire(blocking=False):
+            return False
+        with self._stream_count_lock:
+            self._stream_count += 1
+        return True
+
+    def _release_stream(self) -> None:
+        with self._stream_count_lock:
+            self._stream_count -= 1
+        self._stream_slots.release()
+
+    @staticmethod
+    def _stream_header(request_iterator: Iterator[pb.EvaluateChunk]) -> pb.EvaluateRequest:
+        first = next(request_iterator, None)
+        kind = None if first is None else first.WhichOneof("kind")
+        if kind != "request":
+            got = "the stream ended without a message" if first is None else f"it carries {kind or 'nothing'}"
+            raise RequestError(
+                f"the stream's first message must carry the request (EvaluateChunk.request); {got}", field="request"
+            )
+        return first.request
+
+    def _evaluate(
+        self,
+        request: pb.EvaluateRequest,
+        caller_gone: CallWatch,
+        started: float,
+        at: _Position,
+        streamed: Mapping[str, torch.Tensor] | None = None,
+        sink: codec.StreamSink | None = None,
+    ) -> pb.EvaluateResponse:
+        """decode -> evaluate -> encode, for Evaluate and EvaluateStream alike; raises on failure
+        (``at`` says which term). ``streamed``: tensors that arrived in chunks, by field path;
+        ``sink``: where the response's big tensors go to be streamed (None: inline)."""
+        transfer = request.transfer_dtype
+        if transfer not in (pb.DTYPE_UNSPECIFIED, *codec.TRANSFER_DTYPES.values()):
+            got = pb.DType.Name(transfer) if transfer in pb.DType.values() else str(transfer)
+            raise RequestError(f"transfer_dtype must be unset, FLOAT16 or BFLOAT16, got {got}", field="transfer_dtype")
+        names = self._check_terms(request.terms)
+        terms = []
+        for index, (message, name) in enumerate(zip(request.terms, names, strict=True)):
+            at.where, at.term_path = _term_label(index, message.name), f"terms[{index}]."
+            terms.append(self._decode_term(message, name, f"terms[{index}]", streamed))
+        decoded = time.perf_counter()
+        outcomes = []
+        for index, term in enumerate(terms):
+            at.where, at.term_path = _term_label(index, term.name), f"terms[{index}]."
+            outcomes.append(self.evaluator.evaluate(term, caller_gone))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        computed = time.perf_counter()
+        at.where, at.term_path = "", ""
+        check_cancelled(caller_gone, "encoding the answer")
+        response = pb.EvaluateResponse(device=str(self.device))
+        for outcome in outcomes:
+            self._encode_outcome(outcome, response.results.add(), transfer, sink)
+        encoded = time.perf_counter()
         timings = response.timings
         timings.decode_ms = (decoded - started) * 1e3
         timings.compute_ms = (computed - decoded) * 1e3
         timings.encode_ms = (encoded - computed) * 1e3
-        if log.isEnabledFor(logging.DEBUG):
-            losses = [t.config.get("type", "?") for t in terms]
-            attempt = _attempt(context)
-            log.debug(
-                "Evaluate %s: decode %.2f ms, compute %.2f ms, encode %.2f ms%s",
-                ",".join(losses),
-                timings.decode_ms,
-                timings.compute_ms,
-                timings.encode_ms,
-                f", attempt {attempt}" if attempt > 1 else "",
-                # fields of their own in --log-format json
-                extra={
-                    "rpc": "Evaluate",
-                    "losses": losses,
-                    "attempt": attempt,
-                    **{f"{k}_ms": getattr(timings, f"{k}_ms") for k in STAGES},
-                },
-            )
         return response
+
+    @staticmethod
+    def _log_call(
+        method: str, request: pb.EvaluateRequest, response: pb.EvaluateResponse, context: grpc.ServicerContext
+    ) -> None:
+        if not log.isEnabledFor(logging.DEBUG):
+            return
+        timings = response.timings
+        losses = [t.config.fields["type"].string_value if "type" in t.config.fields else "?" for t in request.terms]
+        attempt = _attempt(context)
+        log.debug(
+            "%s %s: decode %.2f ms, compute %.2f ms, encode %.2f ms%s",
+            method,
+            ",".join(losses),
+            timings.decode_ms,
+            timings.compute_ms,
+            timings.encode_ms,
+            f", attempt {attempt}" if attempt > 1 else "",
+            # fields of their own in --log-format json
+            extra={
+                "rpc": method,
+                "losses": losses,
+                "attempt": attempt,
+                **{f"{k}_ms": getattr(timings, f"{k}_ms") for k in STAGES},
+            },
+        )
 
     @staticmethod
     def _check_terms(terms: Iterable[pb.LossTerm]) -> list[str]:
@@ -192,7 +318,9 @@ class LossService(pb_grpc.LossServiceServicer):
                     )
         return names
 
-    def _decode_term(self, message: pb.LossTerm, name: str, field: str) -> TermRequest:
+    def _decode_term(
+        self, message: pb.LossTerm, name: str, field: str, streamed: Mapping[str, torch.Tensor] | None = None
+    ) -> TermRequest:
         device, limit = self.device, self.max_elements
         config = codec.decode_config(message.config)
         if not config:
@@ -207,21 +335,24 @@ class LossService(pb_grpc.LossServiceServicer):
             if not message.HasField(name):
                 return None
             value = getattr(message, name)
-            return value if decode is None else decode(value, f"{field}.{name}", device, limit)
+            return value if decode is None else decode(value, f"{field}.{name}", device, limit, streamed)
 
         return TermRequest(
             name=name,
             config=config,
-            pred=codec.decode_tensor(message.pred, f"{field}.pred", device, limit),
+            pred=codec.decode_tensor(message.pred, f"{field}.pred", device, limit, streamed),
             target=optional("target", codec.decode_value),
             weight=optional("weight", codec.decode_tensor),
             avg_factor=optional("avg_factor"),
             reduction_override=optional("reduction_override"),
-            inputs={k: codec.decode_value(v, f"{field}.inputs[{k}]", device, limit) for k, v in message.inputs.items()},
+            inputs={
+                k: codec.decode_value(v, f"{field}.inputs[{k}]", device, limit, streamed)
+                for k, v in message.inputs.items()
+            },
             gradients=list(message.gradients) or ["pred"],
             grad_output=optional("grad_output", codec.decode_tensor),
             grad_outputs={
-                k: codec.decode_tensor(v, f"{field}.grad_outputs[{k}]", device, limit)
+                k: codec.decode_tensor(v, f"{field}.grad_outputs[{k}]", device, limit, streamed)
                 for k, v in message.grad_outputs.items()
             },
             session=message.session,
@@ -233,22 +364,27 @@ class LossService(pb_grpc.LossServiceServicer):
         )
 
     @staticmethod
-    def _encode_outcome(outcome: TermOutcome, out: pb.TermResult) -> None:
+    def _encode_outcome(
+        outcome: TermOutcome, out: pb.TermResult, transfer: int = 0, sink: codec.StreamSink | None = None
+    ) -> None:
+        def encode(tensor: torch.Tensor, message: pb.Tensor) -> None:
+            codec.encode_tensor(tensor, message, transfer_dtype=transfer, sink=sink)
+
         out.name = outcome.name
         out.structure = outcome.structure
         if outcome.structure == "tensor":
             (part,) = outcome.parts
-            codec.encode_tensor(part.loss, out.loss)
+            encode(part.loss, out.loss)
             for key, grad in {**part.gradients, **outcome.gradients}.items():
-                codec.encode_tensor(grad, out.gradients[key])
+                encode(grad, out.gradients[key])
         else:
             for part in outcome.parts:
                 encoded = out.parts.add(key=part.key, output=part.output.value)
-                codec.encode_tensor(part.loss, encoded.loss)
+                encode(part.loss, encoded.loss)
                 for key, grad in part.gradients.items():
-                    codec.encode_tensor(grad, encoded.gradients[key])
+                    encode(grad, encoded.gradients[key])
             for key, grad in outcome.gradients.items():
-                codec.encode_tensor(grad, out.gradients[key])
+                encode(grad, out.gradients[key])
         out.output = outcome.parts[0].output.value
         out.separable = outcome.separable
         out.sample_axis = outcome.sample_axis

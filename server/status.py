@@ -22,11 +22,16 @@ class RequestError(ValueError):
     """A request that is malformed as a whole (no terms, duplicate names...)."""
 
     def __init__(
-        self, message: str, field: str | None = None, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT
+        self,
+        message: str,
+        field: str | None = None,
+        code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT,
+        retryable: bool = False,
     ):
         super().__init__(message)
         self.field = field
         self.code = code
+        self.retryable = retryable  # a RESOURCE_EXHAUSTED that passes (the server is busy), not a size limit
 
 
 def code_for(error: BaseException) -> grpc.StatusCode:
@@ -54,7 +59,7 @@ def is_permanent(error: BaseException) -> bool:
     overloaded server (``--max-concurrent-rpcs``) answers RESOURCE_EXHAUSTED that a retry should cure.
     """
     if isinstance(error, RequestError):  # the request-size limits (server/limits.py)
-        return error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        return error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and not error.retryable
     return isinstance(error, (CodecLimitError, SessionLimitError))
 
 

@@ -34,14 +34,16 @@ UINT8: DType
 BOOL: DType
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data")
+    __slots__ = ("dtype", "shape", "data", "data_dtype")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    DATA_DTYPE_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    data_dtype: DType
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., data_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class TensorList(_message.Message):
     __slots__ = ("items",)
@@ -120,10 +122,32 @@ class LossTerm(_message.Message):
     def __init__(self, name: _Optional[str] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., pred: _Optional[_Union[Tensor, _Mapping]] = ..., target: _Optional[_Union[Value, _Mapping]] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., avg_factor: _Optional[float] = ..., reduction_override: _Optional[str] = ..., inputs: _Optional[_Mapping[str, Value]] = ..., gradients: _Optional[_Iterable[str]] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ..., session: _Optional[str] = ..., replay_step: _Optional[int] = ..., seed: _Optional[int] = ..., sample_labels: _Optional[_Union[Tensor, _Mapping]] = ..., grad_outputs: _Optional[_Mapping[str, Tensor]] = ..., forward_id: _Optional[str] = ..., sample_groups: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("terms",)
+    __slots__ = ("terms", "transfer_dtype")
     TERMS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_DTYPE_FIELD_NUMBER: _ClassVar[int]
     terms: _containers.RepeatedCompositeFieldContainer[LossTerm]
-    def __init__(self, terms: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ...) -> None: ...
+    transfer_dtype: DType
+    def __init__(self, terms: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., transfer_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
+class EvaluateChunk(_message.Message):
+    __slots__ = ("request", "response", "chunk")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    request: EvaluateRequest
+    response: EvaluateResponse
+    chunk: TensorChunk
+    def __init__(self, request: _Optional[_Union[EvaluateRequest, _Mapping]] = ..., response: _Optional[_Union[EvaluateResponse, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+
+class TensorChunk(_message.Message):
+    __slots__ = ("tensor", "offset", "data")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    tensor: str
+    offset: int
+    data: bytes
+    def __init__(self, tensor: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("decode_ms", "compute_ms", "encode_ms")

@@ -39,6 +39,11 @@ class LossServiceStub:
                 request_serializer=losswire_dot_v1_dot_loss__service__pb2.EvaluateRequest.SerializeToString,
                 response_deserializer=losswire_dot_v1_dot_loss__service__pb2.EvaluateResponse.FromString,
                 _registered_method=True)
+        self.EvaluateStream = channel.stream_stream(
+                '/losswire.v1.LossService/EvaluateStream',
+                request_serializer=losswire_dot_v1_dot_loss__service__pb2.EvaluateChunk.SerializeToString,
+                response_deserializer=losswire_dot_v1_dot_loss__service__pb2.EvaluateChunk.FromString,
+                _registered_method=True)
         self.ListLosses = channel.unary_unary(
                 '/losswire.v1.LossService/ListLosses',
                 request_serializer=losswire_dot_v1_dot_loss__service__pb2.ListLossesRequest.SerializeToString,
@@ -82,6 +87,33 @@ class LossServiceServicer:
         or a new session would exceed the server's --max-sessions.
         FAILED_PRECONDITION a term names a session created with another config, or a replay_step the
         session no longer keeps.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EvaluateStream(self, request_iterator, context):
+        """Evaluate for big tensors: the same request and response, with their big tensors' bytes sent in
+        chunks instead of inside one message (gRPC moves one huge message several times slower than a
+        stream of ~4 MiB messages). The Python client switches to it on its own above a size threshold.
+
+        The caller sends one EvaluateChunk with `request` first: the EvaluateRequest with every streamed
+        tensor's `data` left empty but its `dtype` and `shape` declared (small tensors may keep their
+        data inline). The server checks its limits on those declared shapes, allocates each streamed
+        tensor, then reads `chunk` messages: each names one streamed tensor by its field path in the
+        request ("terms[0].pred", "terms[0].target", "terms[0].target.tensors.items[1]",
+        "terms[0].inputs[label_weight]") and carries the bytes at `offset` of its data. A tensor's
+        chunks come in order, without gaps or overlaps (each offset is the sum of the tensor's earlier
+        chunk sizes); tensors may be sent one after the other or interleaved. The caller then half-closes.
+
+        The server answers the same way: one EvaluateChunk with `response` (big tensors' data empty),
+        then `chunk`s naming tensors by their path in the response ("results[0].loss",
+        "results[0].gradients[pred]", "results[0].parts[1].gradients[pred]"), then the status.
+
+        Errors: those of Evaluate, plus INVALID_ARGUMENT (field named) for a malformed stream: no request
+        first, a chunk for a tensor that is not streamed, a chunk out of order or beyond the tensor's
+        size, or a stream that ends before every streamed tensor is complete. RESOURCE_EXHAUSTED (to be
+        retried later) when the server is already serving its maximum of streamed calls.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -134,6 +166,11 @@ def add_LossServiceServicer_to_server(servicer, server):
                     servicer.Evaluate,
                     request_deserializer=losswire_dot_v1_dot_loss__service__pb2.EvaluateRequest.FromString,
                     response_serializer=losswire_dot_v1_dot_loss__service__pb2.EvaluateResponse.SerializeToString,
+            ),
+            'EvaluateStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.EvaluateStream,
+                    request_deserializer=losswire_dot_v1_dot_loss__service__pb2.EvaluateChunk.FromString,
+                    response_serializer=losswire_dot_v1_dot_loss__service__pb2.EvaluateChunk.SerializeToString,
             ),
             'ListLosses': grpc.unary_unary_rpc_method_handler(
                     servicer.ListLosses,
@@ -188,6 +225,33 @@ class LossService:
             '/losswire.v1.LossService/Evaluate',
             losswire_dot_v1_dot_loss__service__pb2.EvaluateRequest.SerializeToString,
             losswire_dot_v1_dot_loss__service__pb2.EvaluateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvaluateStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/losswire.v1.LossService/EvaluateStream',
+            losswire_dot_v1_dot_loss__service__pb2.EvaluateChunk.SerializeToString,
+            losswire_dot_v1_dot_loss__service__pb2.EvaluateChunk.FromString,
             options,
             channel_credentials,
             insecure,
