@@ -1,0 +1,548 @@
+"""By-hand performance benchmark: every figure is a ratio against a baseline measured in the same run.
+
+    .venv/bin/python bench/run.py                          # everything, against a server it starts
+    .venv/bin/python bench/run.py --max-mib 256 --repeats 100 --big-repeats 2
+    .venv/bin/python bench/run.py --target host:50051      # a running server
+    .venv/bin/python bench/run.py --device cuda --sections gpu
+    .venv/bin/python bench/run.py --transport stream       # a transport the client offers
+
+Sections (``--sections``, all by default; docs/performance.md explains every column):
+
+* ``small``: FocalLoss pred [256, 80], forward + backward through ``RemoteLoss``, against a bare
+  grpcio echo of the same request/response sizes (the transport floor) and the in-process engine.
+* ``big``: FocalLoss and GIoULoss at 1 MiB ... 1 GiB of pred (``--max-mib``): effective GB/s = bytes
+  of pred / round-trip time (forward + backward), against a raw loopback TCP socket that sends the
+  same bytes and gets the same amount back (4 MiB chunks) under the same definition.
+* ``peers``: the same FocalLoss loss + gradient through torch.distributed.rpc (TensorPipe) and a
+  plain grpcio unary call carrying pickled ``.numpy().tobytes()`` tensors.
+* ``concurrency``: 1, 4, 16 client threads (one shared LossClient, as in one training process)
+  making small calls: throughput and p99, against the echo with as many threads; then the same while
+  another process keeps a 256 MiB call in flight.
+* ``gpu``: with ``--device cuda``: the server's compute time for loss + gradient (its reported
+  ``timings.compute_ms``) against the HBM roofline and torch eager autograd on the same GPU.
+
+Prints markdown tables, writes JSON (``--out``, default bench/results/latest.json) and a PNG beside
+it when matplotlib is importable. The servers it starts: ``losswire serve`` (CPU unless ``--device``)
+and each baseline, every one in its own process on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCH), str(BENCH.parent / "tests")]
+
+import grpc  # noqa: E402
+import torch  # noqa: E402
+from baselines import (  # noqa: E402
+    ECHO_METHOD,
+    LOSS_METHOD,
+    Peer,
+    echo_request,
+    free_port,
+    grpc_channel,
+    grpc_echo,
+    plain_grpc_call,
+    plain_grpc_loss,
+    rpc_callee,
+    rpc_options,
+    tcp_echo,
+    tcp_roundtrip,
+)
+from test_server_process import LISTENING, serve_cmd, server_env  # noqa: E402
+from timing import (  # noqa: E402
+    CONFIGS,
+    FOCAL,
+    MiB,
+    autograd_loss_grad,
+    big_call_loop,
+    client_features,
+    engine_loss_grad,
+    make_client,
+    percentile,
+    remote_step,
+    small_workload,
+    summary,
+    synchronized,
+    timed,
+    workload,
+)
+
+from losswire.client import RemoteLoss, codec  # noqa: E402
+from losswire.v1 import loss_service_pb2 as pb  # noqa: E402
+
+SIZES_MIB = (1, 16, 64, 256, 1024)
+SECTIONS = ("small", "big", "peers", "concurrency", "gpu")
+IN_FLIGHT_MIB = 256
+
+
+# -- the server under test and the shared state of a run ---------------------------------------------
+
+
+@contextlib.contextmanager
+def losswire_server(device: str) -> Iterator[str]:
+    """``losswire serve`` on an ephemeral loopback port; yields its ``host:port``."""
+    argv = serve_cmd("--host=127.0.0.1", "--port=0", f"--device={device}")
+    proc = subprocess.Popen(argv, env=server_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if match := LISTENING.search(line):
+                break
+        else:
+            raise SystemExit(f"losswire serve exited (rc {proc.wait()}) before listening")
+        threading.Thread(target=proc.stderr.read, daemon=True).start()  # a full pipe would block it
+        yield f"127.0.0.1:{match['port']}"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+class Run:
+    """What the sections share: the client under test, baseline processes, memoised losswire timings."""
+
+    def __init__(self, args: argparse.Namespace, target: str, stack: contextlib.ExitStack) -> None:
+        self.args, self.target, self.stack = args, target, stack
+        self.client = make_client(target, args.transport)
+        self.sizes = [mib * MiB for mib in SIZES_MIB if mib <= args.max_mib]
+        self._peers: dict[str, Peer] = {}
+        self._losswire: dict[tuple[str, int], list[float]] = {}
+
+    def peer(self, serve: Callable[..., None], *args: Any) -> Peer:
+        """A baseline server, started once per run."""
+        if serve.__name__ not in self._peers:
+            self._peers[serve.__name__] = peer = Peer(serve, *args)
+            self.stack.callback(peer.stop)
+        return self._peers[serve.__name__]
+
+    def repeats(self, pred_bytes: int) -> int:
+        return self.args.repeats if pred_bytes < MiB else self.args.big_repeats
+
+    def losswire(self, loss: str, pred_bytes: int) -> list[float]:
+        """Round-trip seconds of ``loss`` through RemoteLoss (measured once per run, shared by sections)."""
+        key = (loss, pred_bytes)
+        if key not in self._losswire:
+            pred, target = small_workload() if pred_bytes == 0 else workload(loss, pred_bytes)
+            step = remote_step(RemoteLoss(CONFIGS[loss], client=self.client), pred, target)
+            self._losswire[key] = timed(step, self.repeats(pred.nbytes))
+        return self._losswire[key]
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else float("nan")
+
+
+def gbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9
+
+
+def median(samples: list[float]) -> float:
+    return summary(samples)["median_ms"] / 1e3
+
+
+def size_label(nbytes: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", MiB), ("KiB", 1 << 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{nbytes} B"
+
+
+def wire_sizes(run: Run, pred: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
+    """Bytes of the Evaluate request and response for FocalLoss(pred, target) with pred's gradient."""
+    request = pb.EvaluateRequest()
+    term = request.terms.add()
+    codec.encode_config(FOCAL, term.config)
+    codec.encode_tensor(pred, term.pred)
+    codec.encode_value(target, term.target)
+    term.gradients.append("pred")
+    return request.ByteSize(), run.client.evaluate(request).ByteSize()
+
+
+# -- sections: each returns {"title", "rows", "notes"} ------------------------------------------------
+
+
+def section_small(run: Run) -> dict[str, Any]:
+    pred, target = small_workload()
+    request_bytes, response_bytes = wire_sizes(run, pred, target)
+    echo = grpc_channel(run.peer(grpc_echo).port).unary_unary(ECHO_METHOD)
+    payload = echo_request(request_bytes, response_bytes)
+    samples = {
+        "losswire RemoteLoss": run.losswire("FocalLoss", 0),
+        "bare grpcio echo": timed(lambda: echo(payload), run.args.repeats, warmup=10),
+        "in-process autograd": timed(lambda: autograd_loss_grad(FOCAL, pred, target), run.args.repeats, warmup=10),
+        "in-process server engine": timed(lambda: engine_loss_grad(FOCAL, pred, target), run.args.repeats, warmup=10),
+    }
+    stats = {name: summary(values) for name, values in samples.items()}
+    echo_stats, local_stats = stats["bare grpcio echo"], stats["in-process autograd"]
+    rows = [
+        {
+            "path": name,
+            "median ms": s["median_ms"],
+            "p99 ms": s["p99_ms"],
+            "median / echo": ratio(s["median_ms"], echo_stats["median_ms"]),
+            "p99 / echo": ratio(s["p99_ms"], echo_stats["p99_ms"]),
+            "median / autograd": ratio(s["median_ms"], local_stats["median_ms"]),
+        }
+        for name, s in stats.items()
+    ]
+    notes = (
+        f"request {request_bytes} B, response {response_bytes} B; {run.args.repeats} calls each. Target: ≤ 1.3x echo."
+    )
+    return {"title": "Small calls: FocalLoss [256, 80], forward + backward", "rows": rows, "notes": notes}
+
+
+def section_big(run: Run) -> dict[str, Any]:
+    connection = socket.create_connection(("127.0.0.1", run.peer(tcp_echo).port))
+    run.stack.callback(connection.close)
+    rows = [_big_cell(run, connection, loss, size) for loss in ("FocalLoss", "GIoULoss") for size in run.sizes]
+    notes = (
+        "GB/s = bytes of pred / round-trip seconds (1 GB = 1e9 B): losswire sends pred (+ target) and gets "
+        "pred's gradient back; the socket sends pred's bytes and gets as many back. 'losswire / socket' is "
+        "the ratio of those GB/s (target ≥ 0.5). 'in-process ms' is the server's evaluator called in process "
+        "(loss + gradient, no gRPC): the compute inside every losswire round trip; 'GB/s less compute' = "
+        f"pred bytes / (losswire - in-process), an estimate of the wire alone. {run.args.big_repeats} round "
+        "trips per cell (median)."
+    )
+    return {"title": "Big tensors: effective throughput against a raw loopback socket", "rows": rows, "notes": notes}
+
+
+def _socket_and_local(run: Run, connection: socket.socket, loss: str, size: int) -> tuple[int, float, float]:
+    """(pred bytes, raw socket round trip, in-process loss + gradient); the tensors are freed on return
+    (at 1 GiB every copy counts)."""
+    pred, target = workload(loss, size)
+    raw = pred.numpy().view("uint8").reshape(-1).data
+    socket_s = median(timed(lambda: tcp_roundtrip(connection, raw), run.repeats(pred.nbytes)))
+    local_s = median(timed(lambda: engine_loss_grad(CONFIGS[loss], pred, target), run.repeats(pred.nbytes)))
+    return pred.nbytes, socket_s, local_s
+
+
+def _big_cell(run: Run, connection: socket.socket, loss: str, size: int) -> dict[str, Any]:
+    nbytes, socket_s, local_s = _socket_and_local(run, connection, loss, size)
+    row = {"loss": loss, "pred": size_label(nbytes)}
+    try:
+        losswire_s = median(run.losswire(loss, size))
+    except Exception as error:  # e.g. a message over gRPC's 2 GiB: report it, measure the rest
+        return {**row, "error": f"{type(error).__name__}: {str(error)[:120]}"}
+    return {
+        **row,
+        "losswire ms": losswire_s * 1e3,
+        "losswire GB/s": gbps(nbytes, losswire_s),
+        "socket GB/s": gbps(nbytes, socket_s),
+        "losswire / socket": ratio(socket_s, losswire_s),
+        "in-process ms": local_s * 1e3,
+        "GB/s less compute": gbps(nbytes, losswire_s - local_s) if losswire_s > local_s else float("nan"),
+    }
+
+
+def section_peers(run: Run) -> dict[str, Any]:
+    from torch.distributed import rpc
+
+    transports = None if run.args.rpc_transport == "auto" else [run.args.rpc_transport]
+    port = free_port()
+    run.peer(rpc_callee, port, transports)
+    rpc.init_rpc("caller", rank=0, world_size=2, rpc_backend_options=rpc_options(port, transports))
+    plain = grpc_channel(run.peer(plain_grpc_loss).port).unary_unary(LOSS_METHOD)
+    rows = []
+    try:
+        for size in [0, *run.sizes]:
+            pred, target = small_workload() if size == 0 else workload("FocalLoss", size)
+            repeats, row = run.repeats(pred.nbytes), {"pred": size_label(pred.nbytes)}
+            args = (FOCAL, pred, target)
+            rpc_s = median(timed(lambda args=args: rpc.rpc_sync("callee", engine_loss_grad, args=args), repeats))
+            plain_s = median(timed(lambda args=args: plain_grpc_call(plain, *args), repeats))
+            del pred, target, args
+            try:
+                losswire_s = median(run.losswire("FocalLoss", size))
+            except Exception as error:
+                rows.append({**row, "error": f"{type(error).__name__}: {str(error)[:120]}"})
+                continue
+            row.update(
+                {
+                    "losswire ms": losswire_s * 1e3,
+                    "torch rpc ms": rpc_s * 1e3,
+                    "plain grpcio ms": plain_s * 1e3,
+                    "losswire / rpc": ratio(losswire_s, rpc_s),
+                    "losswire / plain": ratio(losswire_s, plain_s),
+                }
+            )
+            rows.append(row)
+    finally:
+        rpc.shutdown()
+    notes = (
+        f"FocalLoss, median round trip; ratios are time ratios (< 1: losswire faster; target: < 1 at every size). "
+        f"TensorPipe transports: {transports or 'its own choice'}."
+    )
+    return {"title": "Peers doing the same work (FocalLoss loss + gradient)", "rows": rows, "notes": notes}
+
+
+def _threads(clients: int, seconds: float, make_step: Callable[[], Callable[[], Any]]) -> tuple[float, float]:
+    """``clients`` threads calling their own step for ``seconds``: (calls per second, p99 seconds)."""
+    steps = [make_step() for _ in range(clients)]
+    for step in steps:
+        step()  # warm up, outside the window
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+
+    def loop(step: Callable[[], Any]) -> None:
+        while time.perf_counter() < deadline:
+            latencies.extend(timed(step, 1, warmup=0))  # list.extend is atomic under the GIL
+
+    threads = [threading.Thread(target=loop, args=(step,)) for step in steps]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return len(latencies) / (time.perf_counter() - start), percentile(latencies, 99)
+
+
+def section_concurrency(run: Run) -> dict[str, Any]:
+    pred, target = small_workload()
+    payload = echo_request(*wire_sizes(run, pred, target))
+    echo_call = grpc_channel(run.peer(grpc_echo).port).unary_unary(ECHO_METHOD)
+    seconds = run.args.duration
+
+    def losswire_step() -> Callable[[], None]:
+        return remote_step(RemoteLoss(FOCAL, client=run.client), pred, target)
+
+    in_flight = min(IN_FLIGHT_MIB, run.args.max_mib) * MiB
+    rows = []
+    for clients in run.args.clients:
+        echo_rate, echo_p99 = _threads(clients, seconds, lambda: lambda: echo_call(payload))
+        idle_rate, idle_p99 = _threads(clients, seconds, losswire_step)
+        big = Peer(big_call_loop, run.target, run.args.transport, in_flight)
+        try:
+            busy_rate, busy_p99 = _threads(clients, seconds, losswire_step)
+            big_done = big_calls_finished(big)
+        finally:
+            big.stop()
+        rows.append(
+            {
+                "clients": clients,
+                "losswire calls/s": idle_rate,
+                "echo calls/s": echo_rate,
+                "calls/s vs echo": ratio(idle_rate, echo_rate),
+                "p99 ms": idle_p99 * 1e3,
+                "echo p99 ms": echo_p99 * 1e3,
+                f"calls/s, {size_label(in_flight)} in flight": busy_rate,
+                "p99 ms, in flight": busy_p99 * 1e3,
+                "p99 in flight / idle": ratio(busy_p99, idle_p99),
+                "big calls done": big_done,
+            }
+        )
+    notes = (
+        f"Threads in one process sharing one LossClient (one channel), {seconds:g} s per cell; small calls = "
+        f"FocalLoss [256, 80] forward + backward. 'in flight': another process sends {size_label(in_flight)} "
+        "FocalLoss calls back to back to the same server meanwhile ('big calls done': how many finished in the window)."
+    )
+    return {"title": "Concurrency: small calls from N client threads", "rows": rows, "notes": notes}
+
+
+def big_calls_finished(peer: Peer) -> int:
+    """How many calls the big-call process has finished since it said it was ready."""
+    done = 0
+    while not peer.queue.empty():
+        peer.queue.get()
+        done += 1
+    return done
+
+
+def section_gpu(run: Run) -> dict[str, Any]:
+    title = "GPU: server compute for loss + gradient against the HBM roofline and torch eager"
+    if not run.args.device.startswith("cuda") or not torch.cuda.is_available():
+        return {"title": title, "rows": [], "notes": "skipped: needs --device cuda and a GPU in this process"}
+    device = torch.device(run.args.device)
+    rows = [_gpu_cell(run, device, loss, size) for loss in ("FocalLoss", "GIoULoss") for size in run.sizes]
+    notes = (
+        "server compute = the server's own timings.compute_ms (forward + backward, synchronised). Roofline = "
+        "(pred + target + gradient bytes) / the GPU's device-to-device copy bandwidth measured now."
+    )
+    return {"title": title, "rows": rows, "notes": notes}
+
+
+def _gpu_cell(run: Run, device: torch.device, loss: str, size: int) -> dict[str, Any]:
+    pred, target = workload(loss, size)
+    request = pb.EvaluateRequest()
+    term = request.terms.add()
+    codec.encode_config(CONFIGS[loss], term.config)
+    codec.encode_tensor(pred, term.pred)
+    codec.encode_value(target, term.target)
+    term.gradients.append("pred")
+    # the server's own compute time (synchronised there); the first call warms up
+    server_ms = [run.client.evaluate(request).timings.compute_ms for _ in range(run.repeats(size) + 1)][1:]
+    del request, term
+    pred, target = pred.to(device), target.to(device)
+    eager_s = median(timed(synchronized(lambda: autograd_loss_grad(CONFIGS[loss], pred, target), device), 5))
+    copy = torch.empty_like(pred)
+    copy_s = median(timed(synchronized(lambda: copy.copy_(pred), device), 5))  # reads + writes pred's bytes
+    hbm_bytes_per_s = 2 * pred.nbytes / copy_s
+    moved = pred.nbytes + target.nbytes + pred.nbytes  # the least traffic: read pred and target, write the gradient
+    compute_s = percentile(server_ms, 50) / 1e3
+    return {
+        "loss": loss,
+        "pred": size_label(pred.nbytes),
+        "server compute ms": compute_s * 1e3,
+        "eager ms": eager_s * 1e3,
+        "server / eager": ratio(compute_s, eager_s),
+        "roofline ms": moved / hbm_bytes_per_s * 1e3,
+        "fraction of roofline": ratio(moved / hbm_bytes_per_s, compute_s),
+        "copy GB/s": hbm_bytes_per_s / 1e9,
+    }
+
+
+SECTION_FUNCTIONS = {
+    "small": section_small,
+    "big": section_big,
+    "peers": section_peers,
+    "concurrency": section_concurrency,
+    "gpu": section_gpu,
+}
+
+
+# -- report --------------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model = re.search(r"Model name:\s*(.+)", lscpu)
+    memory = re.search(r"MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text())
+    return {
+        "cpu": model[1].strip() if model else platform.processor(),
+        "nproc": os.cpu_count(),
+        "memory_gib": round(int(memory[1]) / (1 << 20), 1) if memory else None,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "grpcio": grpc.__version__,
+    }
+
+
+def markdown(section: dict[str, Any]) -> str:
+    lines = [f"### {section['title']}", ""]
+    columns = list(dict.fromkeys(key for row in section["rows"] for key in row))
+    if columns:
+        lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in section["rows"]]
+    return "\n".join([*lines, "", section["notes"], ""])
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def plot(results: dict[str, Any], path: Path) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no plot: matplotlib is not installed (pip install matplotlib)"
+    figure, (left, middle, right) = plt.subplots(1, 3, figsize=(17, 4.5))
+    if "small" in results:
+        rows = results["small"]["rows"]
+        names = [r["path"].replace(" ", "\n", 1) for r in rows]
+        left.bar(names, [r["median ms"] for r in rows], label="median")
+        left.scatter(names, [r["p99 ms"] for r in rows], color="black", label="p99", zorder=3)
+        left.set(title="small call: FocalLoss [256, 80]", ylabel="ms")
+        left.legend()
+    for loss in ("FocalLoss", "GIoULoss"):
+        rows = [r for r in results.get("big", {}).get("rows", []) if r.get("loss") == loss and "error" not in r]
+        middle.plot([r["pred"] for r in rows], [r["losswire GB/s"] for r in rows], marker="o", label=f"losswire {loss}")
+        middle.plot([r["pred"] for r in rows], [r["socket GB/s"] for r in rows], ls=":", label=f"socket ({loss} size)")
+    middle.set(title="big tensors: pred bytes / round trip", ylabel="GB/s", xlabel="pred", yscale="log")
+    middle.legend()
+    rows = [r for r in results.get("peers", {}).get("rows", []) if "error" not in r]
+    for column in ("losswire ms", "torch rpc ms", "plain grpcio ms"):
+        right.plot([r["pred"] for r in rows], [r[column] for r in rows], marker="o", label=column[:-3])
+    right.set(title="peers: FocalLoss loss + gradient", ylabel="ms (median round trip)", xlabel="pred", yscale="log")
+    right.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    return f"plot: {path}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--target", help="host:port of a running server (default: start one)")
+    parser.add_argument("--device", default="cpu", help="device of the server it starts (cpu, cuda, cuda:1)")
+    parser.add_argument(
+        "--transport",
+        default="default",
+        help="how the client sends tensors: default (LossClient's choice), unary, stream, or a LossClient(transport=)",
+    )
+    parser.add_argument(
+        "--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ", ".join(SECTIONS)
+    )
+    parser.add_argument("--max-mib", type=int, default=1024, help="largest pred in MiB (of 1, 16, 64, 256, 1024)")
+    parser.add_argument("--repeats", type=int, default=300, help="round trips per small-call cell")
+    parser.add_argument("--big-repeats", type=int, default=3, help="round trips per big-tensor cell")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        help="torch threads of every process of the run (OMP_NUM_THREADS; the server it starts, the peers, "
+        "in-process baselines); default: torch's own (all cores)",
+    )
+    parser.add_argument("--clients", default="1,4,16", help="client thread counts for the concurrency section")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per concurrency cell")
+    parser.add_argument(
+        "--rpc-transport",
+        default="uv",
+        choices=["uv", "auto"],
+        help="TensorPipe: uv = TCP loopback, auto = its choice (shared memory)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=BENCH / "results" / "latest.json", help="JSON results (a PNG goes beside it)"
+    )
+    args = parser.parse_args(argv)
+    args.sections = [s for s in args.sections.split(",") if s]
+    args.clients = [int(n) for n in args.clients.split(",")]
+    unknown = set(args.sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.torch_threads:  # before any child starts: they read it when torch loads
+        os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)
+        torch.set_num_threads(args.torch_threads)
+    results: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        target = args.target or stack.enter_context(losswire_server(args.device))
+        run = Run(args, target, stack)
+        for name in args.sections:
+            started = time.perf_counter()
+            results[name] = SECTION_FUNCTIONS[name](run)
+            print(markdown(results[name]), flush=True)
+            print(f"({name}: {time.perf_counter() - started:.0f} s)\n", file=sys.stderr, flush=True)
+    report = {
+        "machine": machine(),
+        "client": client_features(),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "target": args.target or f"losswire serve --device {args.device} (started by the benchmark)",
+        "sections": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"results: {args.out}\n{plot(results, args.out.with_suffix('.png'))}")
+
+
+if __name__ == "__main__":
+    main()
