@@ -333,7 +333,8 @@ def tensors_of(message: Message, path: str = "") -> Iterator[tuple[str, pb.Tenso
     Walks the message by its descriptor (a tensor field added to the contract later is found
     without touching this code). A ``Value``'s ``tensor`` is named by the Value's own path
     (``terms[0].target``), as :func:`decode_value` names it; map entries as ``gradients[pred]``.
-    The same walk as ``losswire.server.limits.tensors_of``; these paths name streamed tensors.
+    These paths name streamed tensors, and the server's limits (``server/limits.py``) name the
+    tensors they refuse by them.
     """
     if isinstance(message, pb.Tensor):
         yield path, message

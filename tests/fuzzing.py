@@ -32,7 +32,6 @@ from hypothesis import strategies as st
 from mmdet_fixtures import SINGLE_CASES, difference, parts, prepare
 
 from losswire.client import codec
-from losswire.server.limits import tensors_of
 from losswire.server.losses import LOSSES
 from losswire.v1 import loss_service_pb2 as pb
 
@@ -226,7 +225,7 @@ def _fits(shape: list[int]) -> bool:
 
 
 def _pick_tensor(draw: Callable, term: pb.LossTerm) -> tuple[str, pb.Tensor] | None:
-    found = list(tensors_of(term))
+    found = list(codec.tensors_of(term))
     return draw(st.sampled_from(found)) if found else None
 
 
