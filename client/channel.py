@@ -34,6 +34,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import os
 import random
 import re
 import socket
@@ -49,6 +50,7 @@ from losswire.v1 import loss_service_pb2 as pb
 from losswire.v1 import loss_service_pb2_grpc as pb_grpc
 
 from . import codec
+from . import shared_memory as shm
 from .errors import RemoteLossError
 from .security import Credentials
 
@@ -89,6 +91,12 @@ RETRY_POLICY = {
 # they save (see the report in tests/test_streaming.py's module docstring).
 STREAM_THRESHOLD_BYTES = 8 << 20
 STREAM_METHOD = f"/{SERVICE_NAME}/EvaluateStream"
+# A request whose held-back (big) tensors hold at least this many bytes goes through shared memory
+# when the client uses it (LossClient(shared_memory=...)): below, one unary call costs less than the
+# registration bookkeeping saves.
+SHARED_MEMORY_THRESHOLD_BYTES = 1 << 20
+SHARED_MEMORY_MODES = ("auto", "on", "off")
+SHARED_MEMORY_ENV = "LOSSWIRE_CLIENT_SHARED_MEMORY"  # the server's LOSSWIRE_SHARED_MEMORY is on/off
 # gRPC keeps a call's request to send it again only while it fits this buffer (its default, 256 KiB,
 # would leave every call of a realistic detection batch unretried); bigger calls are sent once.
 RETRY_BUFFER_BYTES = 64 << 20
@@ -451,6 +459,15 @@ class LossClient:
     up to ``RETRY_POLICY``'s attempts and backoff, within the deadline, as long as no answer has
     arrived: the tensors are sent again. ``transfer_dtype`` (``'float16'``/``'bfloat16'``): the
     default of every ``RemoteLoss`` on this client (see ``RemoteLoss``).
+
+    Same host: with ``shared_memory`` ``"auto"`` (the default; None reads ``LOSSWIRE_CLIENT_SHARED_MEMORY``) and a
+    target on this machine (a loopback address, ``localhost`` or ``unix:``), a request whose big
+    tensors hold at least ``SHARED_MEMORY_THRESHOLD_BYTES`` travels through shared memory
+    (``RegisterSharedMemory``): its tensors are copied once into a segment both processes map, and
+    the answer's big tensors are read where the server wrote them. ``"on"``: for any target (one
+    that resolves to this machine); ``"off"``: never. A server that cannot share memory with this
+    process (another host or container, another user, ``--shared-memory off``, an older server)
+    is noticed on the first try, logged, and the client sends tensors over gRPC from then on.
     """
 
     _shared: dict[tuple[str | tuple[str, ...], Credentials], LossClient] = {}
@@ -466,6 +483,7 @@ class LossClient:
         credentials: Credentials | None = None,
         stream_threshold: int | None = STREAM_THRESHOLD_BYTES,
         transfer_dtype: str | None = None,
+        shared_memory: Literal["auto", "on", "off"] | None = None,
     ):
         if on_session_restart not in ("warn", "raise"):
             raise ValueError(f"on_session_restart must be 'warn' or 'raise', got {on_session_restart!r}")
@@ -487,6 +505,14 @@ class LossClient:
         # session -> (highest step this client saw answered, that term's forward_id)
         self._steps: dict[str, tuple[int, str]] = {}
         self._state_lock = threading.Lock()
+        mode = shared_memory if shared_memory is not None else os.environ.get(SHARED_MEMORY_ENV, "auto")
+        if mode not in SHARED_MEMORY_MODES:
+            raise ValueError(f"shared_memory ({SHARED_MEMORY_ENV}) must be auto, on or off, got {mode!r}")
+        self.shared_memory = mode
+        usable = mode == "on" or (mode == "auto" and channel is None and _all_loopback(self.target))
+        # lazily made on the first big call; None once shared memory turned out not to work here
+        self._shared_memory_usable = usable and self.replicas is None and shm.supported()
+        self._pool: shm.SharedMemoryPool | None = None
 
     @classmethod
     def shared(cls, target: Target = DEFAULT_TARGET, credentials: Credentials | None = None) -> LossClient:
@@ -617,10 +643,16 @@ class LossClient:
         no data: decode them with ``codec.decode_tensor(message, path, streamed=...)``.
         """
         threshold = self.stream_threshold
+        held_back = [t for t in (threshold, self.shared_memory_threshold) if t is not None]
         taken = False
-        if sink is None and threshold is not None and request.ByteSize() >= threshold:
+        if sink is None and held_back and request.ByteSize() >= min(held_back):
             sink, taken = codec.StreamSink.take(request), True
         try:
+            shared = self.shared_memory_threshold
+            if sink is not None and sink.entries and shared is not None and sink.nbytes >= shared:
+                answer = self._evaluate_shared(request, sink, timeout)
+                if answer is not None:
+                    return answer
             if sink is not None and (threshold is None or sink.nbytes < threshold):
                 sink.inline()  # small after all: one unary call
             if sink is None or not sink.entries:
@@ -629,6 +661,74 @@ class LossClient:
         finally:
             if taken:
                 sink.inline()  # the caller's request as it was
+
+    @property
+    def shared_memory_threshold(self) -> int | None:
+        """Bytes of big tensors from which a call goes through shared memory; None: it does not."""
+        return SHARED_MEMORY_THRESHOLD_BYTES if self._shared_memory_usable else None
+
+    def _shared_memory_pool(self) -> shm.SharedMemoryPool:
+        with self._state_lock:
+            if self._pool is None:
+
+                def register(name: str, byte_size: int, nonce: bytes) -> str:
+                    request = pb.RegisterSharedMemoryRequest(name=name, byte_size=byte_size, nonce=nonce)
+                    return self._call(self.stub.RegisterSharedMemory, request, None).region
+
+                def unregister(region: str) -> None:
+                    self._call(self.stub.UnregisterSharedMemory, pb.UnregisterSharedMemoryRequest(region=region), 5.0)
+
+                self._pool = shm.SharedMemoryPool(register, unregister)
+            return self._pool
+
+    def _evaluate_shared(
+        self, request: pb.EvaluateRequest, sink: codec.StreamSink, timeout: float | None
+    ) -> tuple[pb.EvaluateResponse, dict[str, Tensor]] | None:
+        """Evaluate with the sink's tensors in a shared segment; None when shared memory does not work
+        with this server (then it is off for this client, and the caller sends them over gRPC).
+
+        The segment holds the inputs, then an output range as large as them (gradients have their
+        inputs' sizes); answers that do not fit come inline. The answer's tensors are views of the
+        segment, which returns to the pool once they are all freed."""
+        inputs = sum(shm.align(codec.byte_count(data)) for _, data in sink.entries)
+        for attempt in (1, 2):
+            try:
+                lease = self._shared_memory_pool().lease(shm.align(shm.NONCE_BYTES) + 2 * inputs)
+            except (RemoteLossError, OSError) as error:
+                self._shared_memory_failed(error)
+                return None
+            try:
+                sink.place(lease.reserve)
+                offset, size = lease.reserve_outputs()
+                request.output_shm.region, request.output_shm.offset, request.output_shm.byte_size = (
+                    lease.region,
+                    offset,
+                    size,
+                )
+                response = self._evaluate_unary(request, timeout)
+                try:
+                    views = codec.shared_memory_tensors(response, lease.output_bytes)
+                except (codec.CodecError, ValueError) as error:
+                    message = f"a malformed shared-memory answer: {error}"
+                    raise RemoteLossError(grpc.StatusCode.DATA_LOSS, message) from None
+                return response, views
+            except RemoteLossError as error:
+                if not _region_forgotten(error) or attempt == 2:
+                    raise
+                # the server no longer knows our segments (it restarted): register new ones, once
+                log.info("losswire server forgot this client's shared memory (%s); registering again", error.details)
+                self._pool.reset()
+                sink.entries[:0] = sink.placed
+                sink.placed.clear()
+            finally:
+                request.ClearField("output_shm")
+                lease.done()
+        return None  # unreachable: the second attempt returns or raises
+
+    def _shared_memory_failed(self, error: BaseException) -> None:
+        self._shared_memory_usable = False
+        detail = error.details if isinstance(error, RemoteLossError) else str(error)
+        log.info("losswire: shared memory with %s does not work (%s); tensors go over gRPC", self.target, detail)
 
     def _evaluate_unary(self, request: pb.EvaluateRequest, timeout: float | None) -> pb.EvaluateResponse:
         sessions = list(dict.fromkeys(term.session for term in request.terms if term.session))
@@ -795,6 +895,8 @@ class LossClient:
         return pb.ListSessionsResponse(sessions=sorted(found, key=lambda info: info.session))
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()  # unregister while the channel is open
         self.channel.close()
         with self._state_lock:
             pinned, self._pinned = list(self._pinned.values()), {}
@@ -812,6 +914,11 @@ def _passing(error: grpc.RpcError) -> bool:
         return False
     trailers = dict(error.trailing_metadata() or ()) if hasattr(error, "trailing_metadata") else {}
     return trailers.get("grpc-retry-pushback-ms") != "-1"
+
+
+def _region_forgotten(error: RemoteLossError) -> bool:
+    """The server answered that a shared-memory region it was given is not registered there."""
+    return error.code == grpc.StatusCode.NOT_FOUND and (error.field or "").endswith("shm.region")
 
 
 def _receive_stream(first: pb.EvaluateChunk, responses: Any) -> tuple[pb.EvaluateResponse, dict[str, Tensor]]:

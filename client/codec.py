@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -368,6 +368,7 @@ class StreamSink:
     def __init__(self, min_bytes: int = STREAM_MIN_TENSOR_BYTES) -> None:
         self.min_bytes = min_bytes
         self.entries: list[tuple[pb.Tensor, Any]] = []  # (message, bytes-like: uint8 tensor, bytes...)
+        self.placed: list[tuple[pb.Tensor, Any]] = []  # moved into shared memory by place()
 
     def add(self, message: pb.Tensor, data: Any) -> None:
         self.entries.append((message, data))
@@ -377,11 +378,32 @@ class StreamSink:
         """Bytes held back for streaming."""
         return sum(_byte_view(data).nbytes for _, data in self.entries)
 
-    def inline(self) -> None:
-        """Put every held-back tensor's bytes into its message after all (a unary call); empties the sink."""
-        for message, data in self.entries:
+    def inline(self, placed: bool = True) -> None:
+        """Put every held-back tensor's bytes into its message after all (a unary call, a resend),
+        and, with ``placed``, those placed in shared memory too; empties the sink (of those)."""
+        for message, data in (*self.entries, *(self.placed if placed else ())):
             message.data = _byte_view(data).tobytes()
+            message.ClearField("shm")
         self.entries.clear()
+        if placed:
+            self.placed.clear()
+
+    def place(self, reserve: Reserve) -> None:
+        """Move held-back tensors into shared memory: ``reserve(nbytes)`` gives (region, offset, a
+        uint8 destination of nbytes) or None when there is no room (the tensor stays held back).
+        Each placed tensor's bytes are copied once and its message names them (``Tensor.shm``)."""
+        kept = []
+        for message, data in self.entries:
+            flat = data if isinstance(data, Tensor) else torch.frombuffer(_byte_view(data), dtype=torch.uint8)
+            spot = reserve(flat.numel())
+            if spot is None:
+                kept.append((message, data))
+                continue
+            region, offset, destination = spot
+            destination.copy_(flat)
+            message.shm.region, message.shm.offset, message.shm.byte_size = region, offset, flat.numel()
+            self.placed.append((message, data))
+        self.entries[:] = kept
 
     @classmethod
     def take(cls, message: Message, min_bytes: int = STREAM_MIN_TENSOR_BYTES) -> StreamSink:
@@ -405,6 +427,11 @@ class StreamSink:
         if held:
             raise CodecError(f"{len(held)} streamed tensor(s) are not inside the message being sent")
         return found
+
+
+def byte_count(data: Any) -> int:
+    """Bytes of a held-back tensor's data (a uint8 tensor or any bytes-like)."""
+    return data.numel() if isinstance(data, Tensor) else memoryview(data).nbytes
 
 
 def _byte_view(data: Any) -> memoryview:
@@ -461,6 +488,46 @@ def stream_chunks(
                 yield pb.EvaluateChunk(chunk=pb.TensorChunk(tensor=path, offset=offset, data=piece.tobytes()))
 
 
+# reserve(nbytes) -> (region, offset, uint8 destination tensor of nbytes) or None: see StreamSink.place
+Reserve = Callable[[int], "tuple[str, int, Tensor] | None"]
+# resolve(ref, field) -> a uint8 tensor viewing ref's bytes (checked against the region's bounds)
+Resolve = Callable[[pb.SharedMemoryRef, str], Tensor]
+
+
+def shared_memory_tensors(root: Message, resolve: Resolve, max_elements: int | None = None) -> dict[str, Tensor]:
+    """Every tensor of ``root`` that lies in shared memory (``Tensor.shm``), by field path, viewed in
+    place (declared shape, data dtype) for ``decode_tensor(..., streamed=...)``.
+
+    The reference must agree with the declared dtype and shape: ``byte_size`` the tensor's bytes,
+    the offset a multiple of the item size, and ``data`` empty; otherwise a CodecError names it.
+    """
+    found: dict[str, Tensor] = {}
+    for path, message in tensors_of(root):
+        if not message.HasField("shm"):
+            continue
+        ref, field = message.shm, f"{path}.shm"
+        _, data_dtype = _wire_dtypes(message, path)
+        shape = list(message.shape)
+        numel = check_shape(shape, path, max_elements=max_elements)
+        if message.data:
+            raise CodecError(f"{path} has both data and shm; send its bytes one way", field=f"{path}.data")
+        expected = numel * data_dtype.itemsize
+        if ref.byte_size != expected:
+            raise CodecError(
+                f"{field}.byte_size must be {numel} x {data_dtype.itemsize} = {expected} for shape {shape}, "
+                f"got {ref.byte_size}",
+                field=f"{field}.byte_size",
+            )
+        if ref.offset % data_dtype.itemsize:
+            raise CodecError(
+                f"{field}.offset must be a multiple of {data_dtype.itemsize} (the item size), got {ref.offset}",
+                field=f"{field}.offset",
+            )
+        data = resolve(ref, field)
+        found[path] = data.view(data_dtype).reshape(shape) if numel else torch.empty(shape, dtype=data_dtype)
+    return found
+
+
 def fill_streamed(root: Message, streamed: Mapping[str, Tensor]) -> None:
     """Put the bytes of assembled tensors (by path) back into ``root``'s messages (one copy each)."""
     if streamed:
@@ -496,8 +563,8 @@ class StreamAssembler:
             _, data_dtype = _wire_dtypes(message, path)
             shape = list(message.shape)
             numel = check_shape(shape, path, max_elements=max_elements)
-            if numel == 0 or len(message.data) > 0:
-                continue  # inline (decode_tensor checks its length) or empty
+            if numel == 0 or len(message.data) > 0 or message.HasField("shm"):
+                continue  # inline (decode_tensor checks its length), in shared memory, or empty
             buffer = torch.empty(numel * data_dtype.itemsize, dtype=torch.uint8)
             self._pending[path] = _Pending(buffer, data_dtype, shape)
         self.tensors: dict[str, Tensor] = {}

@@ -103,6 +103,8 @@ class RemoteLoss(nn.Module):
         self.seed = seed
         # the session step of this module's latest forward: the order the server applied it in
         self.last_session_step = 0
+        # the server's decode / compute / encode milliseconds of this module's latest forward
+        self.last_timings: pb.Timings | None = None
         self._info: pb.LossInfo | None = None
         self._forward_signature: inspect.Signature | None = None
         if validate:
@@ -117,6 +119,7 @@ class RemoteLoss(nn.Module):
         state["client"] = (self.client.target, credentials)
         state["_info"] = None if self._info is None else self._info.SerializeToString()
         state["_forward_signature"] = None  # rebuilt from _info on first use
+        state["last_timings"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -213,8 +216,10 @@ class _Plan:
         self.devices: list[torch.device] = []
         # big tensors are not copied into the request: if it is big enough to stream, their chunks
         # are cut straight from their memory
-        self.sink = codec.StreamSink() if client.stream_threshold is not None else None
+        holds_back = client.stream_threshold is not None or client.shared_memory_threshold is not None
+        self.sink = codec.StreamSink() if holds_back else None
         self.streamed: dict[str, Tensor] = {}
+        self.lent: dict[str, tuple[Tensor, int]] = {}  # gradients handed to autograd as they are (see _lend)
         transfers = [codec.transfer_dtype_of(bound.loss.transfer_dtype or client.transfer_dtype) for _, bound in terms]
         if transfers and all(t == transfers[0] for t in transfers):
             self.request.transfer_dtype = transfers[0]  # the answer travels narrowed too
@@ -298,6 +303,7 @@ class _Plan:
                 loss = codec.decode_tensor(message, path, streamed=self.streamed)
                 tensors.append(loss.to(self.devices[index]))
         for (_, bound), result in zip(self.terms, self.results, strict=True):
+            bound.loss.last_timings = self.timings
             if result.session_step:
                 bound.loss.last_session_step = result.session_step
         if all(r.separable for r in self.results):
@@ -323,13 +329,43 @@ class _Plan:
 
     def _gradient(
         self, gradients: Mapping[str, pb.Tensor], leaf: _Leaf, where: str, path: str, streamed: Mapping[str, Tensor]
-    ) -> Tensor:
+    ) -> tuple[Tensor, str | None]:
+        """The gradient the server sent for ``leaf``, and its field path when its memory is this
+        plan's alone and writable (it came in chunks or through shared memory), else None (a view
+        of the response's immutable bytes)."""
         if leaf.key not in gradients:
             raise RemoteLossError(
                 grpc.StatusCode.INTERNAL, f"the server returned no gradient for {leaf.key!r} of {where}"
             )
         field = f"{path}.gradients[{leaf.key}]"
-        return codec.decode_tensor(gradients[leaf.key], field, streamed=streamed).to(leaf.tensor.device)
+        tensor = codec.decode_tensor(gradients[leaf.key], field, streamed=streamed)
+        owned = field in streamed or tensor.device != leaf.tensor.device
+        return tensor.to(leaf.tensor.device), field if owned else None
+
+    def _lend(self, local: Tensor, field: str | None, upstream: Tensor, leaf: Tensor) -> Tensor | None:
+        """``local`` itself as the leaf's gradient when the upstream gradient is exactly 1 (the usual
+        ``loss.backward()``) and its memory is ours: no pass over a gradient of hundreds of MiB, no
+        fresh pages. Autograd may keep it as ``.grad`` and add to it in place, so it is lent once;
+        a later backward through the same forward (retain_graph=True) multiplies a copy, and refuses
+        if the lent tensor was changed meanwhile (its values are gone)."""
+        if field is None or local.dtype != leaf.dtype:
+            return None
+        lent = self.lent.get(field)
+        if lent is not None:
+            if lent[0]._version != lent[1]:
+                raise RuntimeError(
+                    f"losswire: a second backward through one RemoteLoss forward (retain_graph=True) needs "
+                    f"{field}, which the first backward handed to autograd without a copy and which was changed "
+                    "since (accumulated into .grad); use LossClient(stream_threshold=None, shared_memory='off') "
+                    "for repeated backward passes"
+                )
+            return None
+        if upstream.dim() != 0 or upstream.device.type != "cpu" or upstream.item() != 1.0:
+            return None
+        self.lent[field] = (local, local._version)
+        # a tensor object of its own (same memory, same version counter): autograd keeps a gradient
+        # as .grad without copying it only when nothing else references that object
+        return local.detach()
 
     def _part_gradients(self, output: _Output) -> tuple[Mapping[str, pb.Tensor], str]:
         """The gradients of one output and their path in the response (for streamed tensors)."""
@@ -346,7 +382,7 @@ class _Plan:
         for i, leaf in enumerate(self.leaves):
             if leaf.term in resent:
                 result = resent[leaf.term]
-                grads[i] = self._gradient(result.gradients, leaf, f"term {result.name!r}", "", {})
+                grads[i] = self._gradient(result.gradients, leaf, f"term {result.name!r}", "", {})[0]
                 continue
             result = self.results[leaf.term]
             for output, upstream in zip(self.outputs, grad_outputs, strict=True):
@@ -354,13 +390,15 @@ class _Plan:
                     continue
                 gradients, path = self._part_gradients(output)
                 where = f"term {result.name!r} part {output.key!r}"
-                local = self._gradient(gradients, leaf, where, path, self.streamed)
-                upstream = upstream.to(local.dtype)
-                # a per-sample loss reduced one axis or several ([N, H, W] masks -> [N]): size-1 axes
-                # at sample_axis until the ranks match, so the upstream gradient broadcasts per sample
-                while upstream.dim() and upstream.dim() < local.dim():
-                    upstream = upstream.unsqueeze(result.sample_axis)
-                contribution = (upstream * local).to(leaf.tensor.dtype)
+                local, field = self._gradient(gradients, leaf, where, path, self.streamed)
+                contribution = self._lend(local, field, upstream, leaf.tensor)
+                if contribution is None:
+                    upstream = upstream.to(local.dtype)
+                    # a per-sample loss reduced one axis or several ([N, H, W] masks -> [N]): size-1 axes
+                    # at sample_axis until the ranks match, so the upstream gradient broadcasts per sample
+                    while upstream.dim() and upstream.dim() < local.dim():
+                        upstream = upstream.unsqueeze(result.sample_axis)
+                    contribution = (upstream * local).to(leaf.tensor.dtype)
                 grads[i] = contribution if grads[i] is None else grads[i] + contribution
         return grads
 

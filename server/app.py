@@ -26,6 +26,7 @@ from .malformed import MalformedRequestInterceptor
 from .metrics import ServerMetrics
 from .service import LossService
 from .sessions import SessionStore
+from .shared_memory import SharedMemoryRegistry
 from .tls import ServerTLS, tls_files
 
 log = logging.getLogger("losswire.server")
@@ -48,6 +49,9 @@ class ServerConfig:
     # Capped at max_workers - 1.
     max_stream_calls: int = 2  # EvaluateStream calls served at once (capped at max_workers - 1)
     fused_kernels: bool = True  # loss and gradient in one analytic pass where a kernel exists (losses/fused.py)
+    # same-host callers may register shared-memory segments and pass tensors by reference
+    shared_memory: bool = True
+    max_shared_memory: int | None = 64 << 30  # bytes mapped for all callers together; None: unbounded
     max_message_bytes: int = MAX_MESSAGE_BYTES
     max_elements: int | None = None  # per tensor; larger tensors are refused before allocation
     # summed over every tensor of a request; None: bounded by max_message_bytes alone (every element
@@ -140,8 +144,16 @@ class LosswireServer:
         )
         limits = RequestLimits(config.max_elements, config.max_request_elements, config.max_terms, config.max_dims)
         stream_calls = max(1, min(config.max_stream_calls, config.max_workers - 1))
+        self.shared_memory = SharedMemoryRegistry(config.shared_memory, config.max_shared_memory)
         self.service = LossService(
-            self.device, registry, config.max_elements, self.sessions, limits, stream_calls, config.fused_kernels
+            self.device,
+            registry,
+            config.max_elements,
+            self.sessions,
+            limits,
+            stream_calls,
+            config.fused_kernels,
+            self.shared_memory,
         )
         pb_grpc.add_LossServiceServicer_to_server(self.service, self.server)
         # the Open Inference Protocol (KServe v2 / Triton) over the same evaluator, on the same port
@@ -174,6 +186,7 @@ class LosswireServer:
         if self.port == 0:
             raise OSError(f"could not bind {address}")
         self.server.start()
+        self.shared_memory.start()
         self._log_security()
         if self.config.health_port is not None:
             self._start_health_port()
@@ -208,6 +221,7 @@ class LosswireServer:
         if self._health_server is not None:  # probes see NOT_SERVING until the very end
             self._health_server.stop(0).wait()
         self.metrics.stop()
+        self.shared_memory.stop()
         log.info("stopped")
 
     def wait(self, timeout: float | None = None) -> bool:

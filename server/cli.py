@@ -210,6 +210,19 @@ KNOBS: tuple[Knob, ...] = (
         _DEFAULT.fused_kernels,
         "on: Focal, QFL, CE, SmoothL1, L1 and GIoU terms get loss and gradient in one analytic pass; off: autograd",
     ),
+    Knob(
+        "shared_memory",
+        _on_off,
+        _DEFAULT.shared_memory,
+        "on: callers on this host may register shared-memory segments and pass tensors by reference "
+        "(RegisterSharedMemory); off: FAILED_PRECONDITION",
+    ),
+    Knob(
+        "max_shared_memory",
+        _optional_limit,
+        _DEFAULT.max_shared_memory,
+        "bytes of shared memory mapped for all callers together; beyond, RESOURCE_EXHAUSTED (0: unbounded)",
+    ),
     Knob("torch_threads", _optional_limit, None, "torch intra-op threads (0 or none: torch's default)"),
     Knob(
         "grace",

@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -34,6 +35,7 @@ from .limits import RequestLimits, check_request
 from .losses import LOSSES, LossDescription, Registry, output_kind_of
 from .sampling import build_sampler, sampler_config
 from .sessions import Session, SessionStore
+from .shared_memory import SharedMemoryRegistry
 from .status import RequestError, to_status
 
 log = logging.getLogger("losswire.server")
@@ -42,6 +44,23 @@ STAGES = ("decode", "compute", "encode")
 # copy of the deadline (it started counting when the request arrived): a call that ends this close to
 # its deadline is counted DEADLINE_EXCEEDED, not CANCELLED.
 DEADLINE_SLACK_SECONDS = 0.25
+# an answer's tensors of at least this many bytes go into the caller's output_shm range; smaller ones
+# cost less inline than a reference does
+SHARED_MEMORY_MIN_OUTPUT_BYTES = 4096
+
+
+# frees big calls' tensors after their answers have left (see release_after): one thread, in order
+_RELEASER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="losswire-release")
+
+
+def release_after(context: grpc.ServicerContext, objects: list[Any]) -> None:
+    """Free ``objects`` (a call's big tensors) once its answer has been sent, in another thread.
+
+    Freeing hundreds of MiB of tensors returns their pages to the system (munmap), which takes
+    milliseconds per 100 MiB: done before the handler returns, the caller would wait for it.
+    """
+    if objects and not context.add_callback(lambda: _RELEASER.submit(objects.clear)):
+        objects.clear()  # the call is over already
 
 
 class _Position:
@@ -122,6 +141,7 @@ class LossService(pb_grpc.LossServiceServicer):
         limits: RequestLimits | None = None,
         max_stream_calls: int = 2,
         fused: bool = True,
+        shared_memory: SharedMemoryRegistry | None = None,
     ) -> None:
         self.device = device
         self.registry = registry
@@ -129,6 +149,7 @@ class LossService(pb_grpc.LossServiceServicer):
         self.max_elements = self.limits.max_elements
         self.sessions = sessions if sessions is not None else SessionStore(registry, device)
         self.evaluator = Evaluator(registry, self.sessions, fused)
+        self.shared_memory = shared_memory if shared_memory is not None else SharedMemoryRegistry(enabled=False)
         # Streamed (big) calls admitted at once, receiving, evaluating or sending. One beyond is refused
         # at once (RESOURCE_EXHAUSTED, retryable) rather than queued: a queued stream would hold a worker
         # thread, and with max_stream_calls below the server's worker count, small unary calls always
@@ -146,12 +167,14 @@ class LossService(pb_grpc.LossServiceServicer):
         try:
             check_cancelled(caller_gone, "the whole call")  # it waited in the queue while its caller gave up
             check_request(request, self.limits)  # sizes from the declared shapes, before any decoding
-            response = self._evaluate(request, caller_gone, started, at)
+            big: list[Any] = []
+            response = self._evaluate(request, caller_gone, started, at, keep=big)
         except Exception as error:
             caller_gone.handled = True
             self._abort(context, error, at.where, at.term_path)
         caller_gone.handled = True
         self._log_call("Evaluate", request, response, context)
+        release_after(context, big)
         return response
 
     def EvaluateStream(  # noqa: N802
@@ -241,15 +264,26 @@ class LossService(pb_grpc.LossServiceServicer):
         at: _Position,
         streamed: Mapping[str, torch.Tensor] | None = None,
         sink: codec.StreamSink | None = None,
+        keep: list[Any] | None = None,
     ) -> pb.EvaluateResponse:
         """decode -> evaluate -> encode, for Evaluate and EvaluateStream alike; raises on failure
         (``at`` says which term). ``streamed``: tensors that arrived in chunks, by field path;
-        ``sink``: where the response's big tensors go to be streamed (None: inline)."""
+        ``sink``: where the response's big tensors go to be streamed (None: inline). ``keep``: a call
+        whose tensors are big (streamed or in shared memory) appends its tensors there, for the
+        caller to free after the answer has left (see ``release_after``)."""
         transfer = request.transfer_dtype
         if transfer not in (pb.DTYPE_UNSPECIFIED, *codec.TRANSFER_DTYPES.values()):
             got = pb.DType.Name(transfer) if transfer in pb.DType.values() else str(transfer)
             raise RequestError(f"transfer_dtype must be unset, FLOAT16 or BFLOAT16, got {got}", field="transfer_dtype")
         names = self._check_terms(request.terms)
+        shared = self.shared_memory.inputs(request, self.max_elements)  # views: no copy
+        if shared:
+            streamed = {**(streamed or {}), **shared}
+        output_range, own_sink = None, False
+        if request.HasField("output_shm"):
+            output_range = self.shared_memory.output_range(request.output_shm)  # checked before computing
+            if sink is None:  # a unary answer: what does not go to shared memory goes inline
+                sink, own_sink = codec.StreamSink(SHARED_MEMORY_MIN_OUTPUT_BYTES), True
         terms = []
         for index, (message, name) in enumerate(zip(request.terms, names, strict=True)):
             at.where, at.term_path = _term_label(index, message.name), f"terms[{index}]."
@@ -267,7 +301,13 @@ class LossService(pb_grpc.LossServiceServicer):
         response = pb.EvaluateResponse(device=str(self.device))
         for outcome in outcomes:
             self._encode_outcome(outcome, response.results.add(), transfer, sink)
+        if output_range is not None:
+            sink.place(output_range)  # the big answers into the caller's output range: one copy each
+            if own_sink:
+                sink.inline(placed=False)  # those that did not fit
         encoded = time.perf_counter()
+        if keep is not None and (streamed or output_range is not None):
+            keep.extend((terms, outcomes, streamed))
         timings = response.timings
         timings.decode_ms = (decoded - started) * 1e3
         timings.compute_ms = (computed - decoded) * 1e3
@@ -454,6 +494,26 @@ class LossService(pb_grpc.LossServiceServicer):
         for session in self.sessions.sessions():
             response.sessions.append(self._session_info(session, with_state=False))
         return response
+
+    # -- shared memory -----------------------------------------------------------------------------
+
+    def RegisterSharedMemory(  # noqa: N802
+        self, request: pb.RegisterSharedMemoryRequest, context: grpc.ServicerContext
+    ) -> pb.RegisterSharedMemoryResponse:
+        try:
+            region = self.shared_memory.register(request.name, request.byte_size, request.nonce)
+        except Exception as error:
+            self._abort(context, error, "shared memory", "")
+        return pb.RegisterSharedMemoryResponse(region=region)
+
+    def UnregisterSharedMemory(  # noqa: N802
+        self, request: pb.UnregisterSharedMemoryRequest, context: grpc.ServicerContext
+    ) -> pb.UnregisterSharedMemoryResponse:
+        try:
+            self.shared_memory.unregister(request.region)
+        except Exception as error:
+            self._abort(context, error, "shared memory", "")
+        return pb.UnregisterSharedMemoryResponse()
 
     def _session_info(self, session: Session, with_state: bool) -> pb.SessionInfo:
         info = pb.SessionInfo(

@@ -1,9 +1,9 @@
 """EvaluateStream: big tensors in chunks, against unary Evaluate and the engine, on a real server.
 
 The client switches to the stream above ``LossClient.stream_threshold``; these tests lower it (the
-default, 8 MiB, is exercised once) so that CI moves a few MiB, not hundreds. Malformed streams are
-sent by hand over a plain channel. Back-pressure is checked by ordering (a stream held open by an
-event), never by timing.
+default, 8 MiB, is exercised once) so that CI moves a few MiB, not hundreds, and turn shared memory
+off (on loopback it would carry these calls). Malformed streams are sent by hand over a plain
+channel. Back-pressure is checked by ordering (a stream held open by an event), never by timing.
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ SMALL_THRESHOLD = 256 << 10
 
 @pytest.fixture(scope="module")
 def streaming(target) -> LossClient:
-    client = LossClient(target, timeout=60, stream_threshold=SMALL_THRESHOLD)
+    client = LossClient(target, timeout=60, stream_threshold=SMALL_THRESHOLD, shared_memory="off")
     yield client
     client.close()
 
 
 @pytest.fixture(scope="module")
 def unary(target) -> LossClient:
-    client = LossClient(target, timeout=60, stream_threshold=None)
+    client = LossClient(target, timeout=60, stream_threshold=None, shared_memory="off")
     yield client
     client.close()
 
@@ -91,7 +91,8 @@ def test_focal_loss_stream_equals_unary_and_engine(streaming, unary, reduction):
 
 
 def test_default_threshold_streams_a_request_above_it(target, unary):
-    client = LossClient(target, timeout=60)  # the default threshold
+    # the default threshold (shared memory off: on loopback it would carry this call instead)
+    client = LossClient(target, timeout=60, shared_memory="off")
     pred, labels = _focal_inputs(STREAM_THRESHOLD_BYTES // (80 * 4) + 1024, seed=1)  # just above 8 MiB
     request = pb.EvaluateRequest()
     term = request.terms.add(config=codec.encode_config(dict(type="FocalLoss")), gradients=["pred"])

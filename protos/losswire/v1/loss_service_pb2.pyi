@@ -34,16 +34,28 @@ UINT8: DType
 BOOL: DType
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data", "data_dtype")
+    __slots__ = ("dtype", "shape", "data", "data_dtype", "shm")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     DATA_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHM_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     data_dtype: DType
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., data_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    shm: SharedMemoryRef
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., data_dtype: _Optional[_Union[DType, str]] = ..., shm: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
+
+class SharedMemoryRef(_message.Message):
+    __slots__ = ("region", "offset", "byte_size")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    offset: int
+    byte_size: int
+    def __init__(self, region: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ...) -> None: ...
 
 class TensorList(_message.Message):
     __slots__ = ("items",)
@@ -122,12 +134,14 @@ class LossTerm(_message.Message):
     def __init__(self, name: _Optional[str] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., pred: _Optional[_Union[Tensor, _Mapping]] = ..., target: _Optional[_Union[Value, _Mapping]] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., avg_factor: _Optional[float] = ..., reduction_override: _Optional[str] = ..., inputs: _Optional[_Mapping[str, Value]] = ..., gradients: _Optional[_Iterable[str]] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ..., session: _Optional[str] = ..., replay_step: _Optional[int] = ..., seed: _Optional[int] = ..., sample_labels: _Optional[_Union[Tensor, _Mapping]] = ..., grad_outputs: _Optional[_Mapping[str, Tensor]] = ..., forward_id: _Optional[str] = ..., sample_groups: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("terms", "transfer_dtype")
+    __slots__ = ("terms", "transfer_dtype", "output_shm")
     TERMS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SHM_FIELD_NUMBER: _ClassVar[int]
     terms: _containers.RepeatedCompositeFieldContainer[LossTerm]
     transfer_dtype: DType
-    def __init__(self, terms: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., transfer_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    output_shm: SharedMemoryRef
+    def __init__(self, terms: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., transfer_dtype: _Optional[_Union[DType, str]] = ..., output_shm: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
 
 class EvaluateChunk(_message.Message):
     __slots__ = ("request", "response", "chunk")
@@ -226,6 +240,32 @@ class EvaluateResponse(_message.Message):
     timings: Timings
     device: str
     def __init__(self, results: _Optional[_Iterable[_Union[TermResult, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., device: _Optional[str] = ...) -> None: ...
+
+class RegisterSharedMemoryRequest(_message.Message):
+    __slots__ = ("name", "byte_size", "nonce")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    byte_size: int
+    nonce: bytes
+    def __init__(self, name: _Optional[str] = ..., byte_size: _Optional[int] = ..., nonce: _Optional[bytes] = ...) -> None: ...
+
+class RegisterSharedMemoryResponse(_message.Message):
+    __slots__ = ("region",)
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    def __init__(self, region: _Optional[str] = ...) -> None: ...
+
+class UnregisterSharedMemoryRequest(_message.Message):
+    __slots__ = ("region",)
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    def __init__(self, region: _Optional[str] = ...) -> None: ...
+
+class UnregisterSharedMemoryResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class ListLossesRequest(_message.Message):
     __slots__ = ()

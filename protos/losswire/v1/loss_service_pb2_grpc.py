@@ -69,6 +69,16 @@ class LossServiceStub:
                 request_serializer=losswire_dot_v1_dot_loss__service__pb2.ListSessionsRequest.SerializeToString,
                 response_deserializer=losswire_dot_v1_dot_loss__service__pb2.ListSessionsResponse.FromString,
                 _registered_method=True)
+        self.RegisterSharedMemory = channel.unary_unary(
+                '/losswire.v1.LossService/RegisterSharedMemory',
+                request_serializer=losswire_dot_v1_dot_loss__service__pb2.RegisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=losswire_dot_v1_dot_loss__service__pb2.RegisterSharedMemoryResponse.FromString,
+                _registered_method=True)
+        self.UnregisterSharedMemory = channel.unary_unary(
+                '/losswire.v1.LossService/UnregisterSharedMemory',
+                request_serializer=losswire_dot_v1_dot_loss__service__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=losswire_dot_v1_dot_loss__service__pb2.UnregisterSharedMemoryResponse.FromString,
+                _registered_method=True)
 
 
 class LossServiceServicer:
@@ -159,6 +169,33 @@ class LossServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterSharedMemory(self, request, context):
+        """Shared memory, for callers on the server's host (as Triton's system shared-memory extension):
+        the caller creates a POSIX shared-memory segment (shm_open, name "losswire_" + letters, digits
+        or "_"), writes `nonce` at its start, and registers it; the server maps it, checks the nonce
+        (proof that both see the same memory, not two segments of one name on two hosts) and removes
+        the name, so no segment outlives the processes that map it. Tensors of an Evaluate then travel
+        as Tensor.shm references into registered regions, and EvaluateRequest.output_shm tells the
+        server where to write the answer's big tensors. Only handles cross gRPC.
+
+        The caller holds a shared flock(2) on the segment while it lives; the server drops a region
+        whose caller has gone (the lock is free), on UnregisterSharedMemory, and when it stops.
+        Errors: NOT_FOUND (no segment of that name on the server's host: the caller is elsewhere, or in
+        another container without a shared /dev/shm), INVALID_ARGUMENT (a bad name, a size the segment
+        does not have, a nonce that differs), RESOURCE_EXHAUSTED (over --max-shared-memory),
+        FAILED_PRECONDITION (shared memory is off: losswire serve --shared-memory off).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnregisterSharedMemory(self, request, context):
+        """Drops a region now. NOT_FOUND when the server has no such region.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LossServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -196,6 +233,16 @@ def add_LossServiceServicer_to_server(servicer, server):
                     servicer.ListSessions,
                     request_deserializer=losswire_dot_v1_dot_loss__service__pb2.ListSessionsRequest.FromString,
                     response_serializer=losswire_dot_v1_dot_loss__service__pb2.ListSessionsResponse.SerializeToString,
+            ),
+            'RegisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterSharedMemory,
+                    request_deserializer=losswire_dot_v1_dot_loss__service__pb2.RegisterSharedMemoryRequest.FromString,
+                    response_serializer=losswire_dot_v1_dot_loss__service__pb2.RegisterSharedMemoryResponse.SerializeToString,
+            ),
+            'UnregisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnregisterSharedMemory,
+                    request_deserializer=losswire_dot_v1_dot_loss__service__pb2.UnregisterSharedMemoryRequest.FromString,
+                    response_serializer=losswire_dot_v1_dot_loss__service__pb2.UnregisterSharedMemoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -387,6 +434,60 @@ class LossService:
             '/losswire.v1.LossService/ListSessions',
             losswire_dot_v1_dot_loss__service__pb2.ListSessionsRequest.SerializeToString,
             losswire_dot_v1_dot_loss__service__pb2.ListSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/losswire.v1.LossService/RegisterSharedMemory',
+            losswire_dot_v1_dot_loss__service__pb2.RegisterSharedMemoryRequest.SerializeToString,
+            losswire_dot_v1_dot_loss__service__pb2.RegisterSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnregisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/losswire.v1.LossService/UnregisterSharedMemory',
+            losswire_dot_v1_dot_loss__service__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+            losswire_dot_v1_dot_loss__service__pb2.UnregisterSharedMemoryResponse.FromString,
             options,
             channel_credentials,
             insecure,
