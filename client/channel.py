@@ -776,7 +776,7 @@ class LossClient:
         """One EvaluateStream, sent again (fresh chunks from the same tensors) after UNAVAILABLE or a
         passing RESOURCE_EXHAUSTED, with RETRY_POLICY's backoff, while no answer has arrived."""
         method = channel.stream_stream(
-            STREAM_METHOD, request_serializer=codec.serialize_chunk, response_deserializer=pb.EvaluateChunk.FromString
+            STREAM_METHOD, request_serializer=codec.serialize_chunk, response_deserializer=codec.parse_chunk
         )
         timeout = self.timeout if timeout is None else timeout
         started = time.monotonic()

@@ -461,6 +461,74 @@ def chunk_wire_bytes(path: str, offset: int, data: Any) -> bytes:
     return b"".join((b"\x1a", _varint(len(inner) + size), inner, data))
 
 
+class RawChunk:
+    """A ``TensorChunk`` read straight from the bytes of its ``EvaluateChunk``: ``data`` is a
+    memoryview of those bytes (no copy). Answers ``WhichOneof`` and ``chunk`` as the message does."""
+
+    __slots__ = ("data", "offset", "tensor")
+
+    def __init__(self, tensor: str, offset: int, data: memoryview) -> None:
+        self.tensor, self.offset, self.data = tensor, offset, data
+
+    def WhichOneof(self, group: str) -> str:  # noqa: N802 - protobuf's name
+        return "chunk"
+
+    @property
+    def chunk(self) -> RawChunk:
+        return self
+
+
+def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = view[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _raw_chunk(view: memoryview) -> RawChunk | None:
+    """The chunk in ``view`` when it is an ``EvaluateChunk.chunk`` holding only TensorChunk's three
+    fields (as every protobuf serializer writes them); None for anything else."""
+    if len(view) < 2 or view[0] != 0x1A:
+        return None
+    size, pos = _read_varint(view, 1)
+    if pos + size != len(view):
+        return None
+    tensor, offset, data = "", 0, view[0:0]
+    while pos < len(view):
+        tag = view[pos]
+        if tag == 0x10:
+            offset, pos = _read_varint(view, pos + 1)
+        elif tag in (0x0A, 0x1A):
+            length, start = _read_varint(view, pos + 1)
+            pos = start + length
+            if pos > len(view):
+                return None
+            if tag == 0x0A:
+                tensor = bytes(view[start:pos]).decode()
+            else:
+                data = view[start:pos]
+        else:
+            return None
+    return RawChunk(tensor, offset, data)
+
+
+def parse_chunk(data: bytes) -> pb.EvaluateChunk | RawChunk:
+    """Deserializer of EvaluateStream's messages: a chunk without copying its data (protobuf's
+    parser copies a bytes field into the message and again on every read: two copies of each 4 MiB);
+    the first message, and anything that is not a plain chunk, through protobuf."""
+    try:
+        chunk = _raw_chunk(memoryview(data))
+    except (IndexError, ValueError):  # truncated or odd bytes: protobuf says what is wrong with them
+        chunk = None
+    return chunk if chunk is not None else pb.EvaluateChunk.FromString(data)
+
+
 def serialize_chunk(message: pb.EvaluateChunk | bytes) -> bytes:
     """Request serializer of a stream: a message, or bytes already serialized (:func:`chunk_wire_bytes`)."""
     return message if isinstance(message, bytes) else message.SerializeToString()

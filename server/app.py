@@ -15,7 +15,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from losswire.v1 import loss_service_pb2 as pb
-from losswire.v1 import loss_service_pb2_grpc as pb_grpc
 
 from . import __version__
 from .auth import TokenAuthInterceptor, TokenSet
@@ -24,7 +23,7 @@ from .limits import RequestLimits
 from .losses import LOSSES, Registry
 from .malformed import MalformedRequestInterceptor
 from .metrics import ServerMetrics
-from .service import LossService
+from .service import LossService, add_to_server
 from .sessions import SessionStore
 from .shared_memory import SharedMemoryRegistry
 from .tls import ServerTLS, tls_files
@@ -155,7 +154,7 @@ class LosswireServer:
             config.fused_kernels,
             self.shared_memory,
         )
-        pb_grpc.add_LossServiceServicer_to_server(self.service, self.server)
+        add_to_server(self.service, self.server)
         # the Open Inference Protocol (KServe v2 / Triton) over the same evaluator, on the same port
         self.draining = False  # set by stop(): readiness answers (health, OIP ServerReady) turn false
         inference = add_inference_service(self.server, self.service, ready=lambda: not self.draining)

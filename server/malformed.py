@@ -4,7 +4,8 @@ grpcio parses a request before any servicer or interceptor sees it, and a parse 
 INTERNAL "Exception deserializing request!", which reads as a server bug and tells the caller
 nothing. This server interceptor swaps every unary method's request deserializer for one that never
 fails: unparsable bytes become a ``MalformedRequest``, which the wrapped method answers with
-INVALID_ARGUMENT naming the message type it expected and the byte count it got.
+INVALID_ARGUMENT naming the message type it expected and the byte count it got. A streaming method
+gets ``stream_deserializer`` at registration instead (server/app.py) and refuses such a message itself.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ def _type_name(deserializer: Callable[[bytes], Any]) -> str:
     return getattr(descriptor, "full_name", "request message")
 
 
-def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    expected = _type_name(deserializer)
+def _tolerant(deserializer: Callable[[bytes], Any], expected: str | None = None) -> Callable[[bytes], Any]:
+    expected = expected or _type_name(deserializer)
 
     def deserialize(data: bytes) -> Any:
         try:
@@ -43,6 +44,20 @@ def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
             return MalformedRequest(expected, len(data), str(error) or type(error).__name__)
 
     return deserialize
+
+
+def stream_deserializer(deserializer: Callable[[bytes], Any], expected: str) -> Callable[[bytes], Any]:
+    """For a streaming method, whose messages this interceptor cannot see one by one: a deserializer
+    that hands the method a ``MalformedRequest`` for unparsable bytes (see :func:`malformed_error`)."""
+    return _tolerant(deserializer, expected)
+
+
+def malformed_error(message: MalformedRequest, where: str, field: str | None = None) -> RequestError:
+    return RequestError(
+        f"{where} is not a valid {message.expected}: its {message.size} bytes do not parse as that protobuf "
+        f"message ({message.reason})",
+        field=field,
+    )
 
 
 class MalformedRequestInterceptor(grpc.ServerInterceptor):
@@ -76,8 +91,4 @@ class MalformedRequestInterceptor(grpc.ServerInterceptor):
     def _refuse(self, method: str, request: MalformedRequest, context: grpc.ServicerContext) -> None:
         if self.on_refused is not None:
             self.on_refused(method)
-        error = RequestError(
-            f"the request is not a valid {request.expected}: its {request.size} bytes do not parse as that "
-            f"protobuf message ({request.reason})"
-        )
-        context.abort_with_status(to_status(error))
+        context.abort_with_status(to_status(malformed_error(request, "the request")))

@@ -33,6 +33,7 @@ from .evaluate import (
 )
 from .limits import RequestLimits, check_request
 from .losses import LOSSES, LossDescription, Registry, output_kind_of
+from .malformed import MalformedRequest, malformed_error, stream_deserializer
 from .sampling import build_sampler, sampler_config
 from .sessions import Session, SessionStore
 from .shared_memory import SharedMemoryRegistry
@@ -40,6 +41,7 @@ from .status import RequestError, to_status
 
 log = logging.getLogger("losswire.server")
 STAGES = ("decode", "compute", "encode")
+SERVICE = pb.DESCRIPTOR.services_by_name["LossService"].full_name
 # A caller whose deadline passes cancels the call itself (RST_STREAM), a little before the server's own
 # copy of the deadline (it started counting when the request arrived): a call that ends this close to
 # its deadline is counted DEADLINE_EXCEEDED, not CANCELLED.
@@ -124,6 +126,20 @@ def _release_memory(error: BaseException, where: str) -> None:
     log.warning("%s: out of memory, answered RESOURCE_EXHAUSTED: %s", where or "call", str(error).splitlines()[0])
 
 
+def add_to_server(service: LossService, server: grpc.Server) -> None:
+    """Register ``service``: the generated handlers, with EvaluateStream's messages read and written
+    without protobuf copies of their chunks' bytes (``codec.parse_chunk``, ``codec.serialize_chunk``:
+    a chunk the servicer yields is already serialized) and unparsable ones handed to it to refuse."""
+    pb_grpc.add_LossServiceServicer_to_server(service, server)
+    stream = grpc.stream_stream_rpc_method_handler(
+        service.EvaluateStream,
+        request_deserializer=stream_deserializer(codec.parse_chunk, pb.EvaluateChunk.DESCRIPTOR.full_name),
+        response_serializer=codec.serialize_chunk,
+    )
+    # registered methods are looked up before generic handlers: this one replaces the generated one
+    server.add_registered_method_handlers(SERVICE, {"EvaluateStream": stream})
+
+
 class LossService(pb_grpc.LossServiceServicer):
     """Evaluates loss terms on ``device`` with the losses of ``registry``.
 
@@ -201,6 +217,8 @@ class LossService(pb_grpc.LossServiceServicer):
                     )
                 assembler = codec.StreamAssembler(request, self.max_elements)
                 for message in request_iterator:
+                    if isinstance(message, MalformedRequest):
+                        raise malformed_error(message, f"message {assembler.chunks + 2} of the stream", "chunk")
                     kind = message.WhichOneof("kind")
                     if kind != "chunk":
                         raise RequestError(
@@ -223,7 +241,7 @@ class LossService(pb_grpc.LossServiceServicer):
                 self._abort(context, error, at.where, at.term_path)
             caller_gone.handled = True
             self._log_call("EvaluateStream", request, response, context)
-            yield from codec.stream_chunks(response, sink, raw=False)
+            yield from codec.stream_chunks(response, sink)  # chunks as serialized bytes (STREAM_HANDLER)
         finally:
             if admitted:
                 self._release_stream()
@@ -248,6 +266,8 @@ class LossService(pb_grpc.LossServiceServicer):
     @staticmethod
     def _stream_header(request_iterator: Iterator[pb.EvaluateChunk]) -> pb.EvaluateRequest:
         first = next(request_iterator, None)
+        if isinstance(first, MalformedRequest):
+            raise malformed_error(first, "the stream's first message", "request")
         kind = None if first is None else first.WhichOneof("kind")
         if kind != "request":
             got = "the stream ended without a message" if first is None else f"it carries {kind or 'nothing'}"

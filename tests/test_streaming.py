@@ -265,6 +265,8 @@ def _malformed_cases() -> dict[str, tuple[list, str]]:
         "chunk_first": ([_chunk("terms[0].pred", 0, data)], "request"),
         "empty_stream": ([], "request"),
         "second_request": ([first, first], "chunk"),
+        "unparsable_first": ([b"\x1a\x05\x0a\x10abc"], "request"),  # INVALID_ARGUMENT, not grpcio's INTERNAL
+        "unparsable_chunk": ([first, b"\x1a\x03\x0a\x01\xff"], "chunk"),  # a tensor name of bad UTF-8
         "bad_inline_size": (
             [pb.EvaluateChunk(request=_with_short_target(request)), _chunk("terms[0].pred", 0, data)],
             "terms[0].target.data",
