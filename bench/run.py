@@ -73,6 +73,7 @@ from timing import (  # noqa: E402
     client_features,
     engine_loss_grad,
     make_client,
+    memcpy_roundtrip,
     percentile,
     remote_step,
     small_workload,
@@ -82,7 +83,7 @@ from timing import (  # noqa: E402
     workload,
 )
 
-from losswire.client import RemoteLoss, codec  # noqa: E402
+from losswire.client import LossClient, RemoteLoss, codec  # noqa: E402
 from losswire.v1 import loss_service_pb2 as pb  # noqa: E402
 
 SIZES_MIB = (1, 16, 64, 256, 1024)
@@ -112,14 +113,15 @@ def losswire_server(device: str) -> Iterator[str]:
 
 
 class Run:
-    """What the sections share: the client under test, baseline processes, memoised losswire timings."""
+    """What the sections share: the clients under test, baseline processes, memoised losswire timings."""
 
     def __init__(self, args: argparse.Namespace, target: str, stack: contextlib.ExitStack) -> None:
         self.args, self.target, self.stack = args, target, stack
         self.client = make_client(target, args.transport)
+        self._clients = {args.transport: self.client}
         self.sizes = [mib * MiB for mib in SIZES_MIB if mib <= args.max_mib]
         self._peers: dict[str, Peer] = {}
-        self._losswire: dict[tuple[str, int], list[float]] = {}
+        self._losswire: dict[tuple[str, int, str], tuple[list[float], list[float]]] = {}
 
     def peer(self, serve: Callable[..., None], *args: Any) -> Peer:
         """A baseline server, started once per run."""
@@ -131,13 +133,28 @@ class Run:
     def repeats(self, pred_bytes: int) -> int:
         return self.args.repeats if pred_bytes < MiB else self.args.big_repeats
 
-    def losswire(self, loss: str, pred_bytes: int) -> list[float]:
+    def client_for(self, transport: str | None) -> LossClient:
+        transport = transport or self.args.transport
+        if transport not in self._clients:
+            self._clients[transport] = make_client(self.target, transport)
+        return self._clients[transport]
+
+    def losswire(self, loss: str, pred_bytes: int, transport: str | None = None) -> list[float]:
         """Round-trip seconds of ``loss`` through RemoteLoss (measured once per run, shared by sections)."""
-        key = (loss, pred_bytes)
+        return self.losswire_and_compute(loss, pred_bytes, transport)[0]
+
+    def losswire_and_compute(
+        self, loss: str, pred_bytes: int, transport: str | None = None
+    ) -> tuple[list[float], list[float]]:
+        """(round-trip seconds, the server's compute seconds of each of those calls)."""
+        transport = transport or self.args.transport
+        key = (loss, pred_bytes, transport)
         if key not in self._losswire:
             pred, target = small_workload() if pred_bytes == 0 else workload(loss, pred_bytes)
-            step = remote_step(RemoteLoss(CONFIGS[loss], client=self.client), pred, target)
-            self._losswire[key] = timed(step, self.repeats(pred.nbytes))
+            compute: list[float] = []
+            module = RemoteLoss(CONFIGS[loss], client=self.client_for(transport))
+            rounds = timed(remote_step(module, pred, target, compute), self.repeats(pred.nbytes))
+            self._losswire[key] = (rounds, compute[-len(rounds) :])  # the warm-up call's compute dropped
         return self._losswire[key]
 
 
@@ -204,47 +221,53 @@ def section_small(run: Run) -> dict[str, Any]:
     return {"title": "Small calls: FocalLoss [256, 80], forward + backward", "rows": rows, "notes": notes}
 
 
+BIG_TRANSPORTS = {"gRPC": "stream", "shm": "shm"}  # column label -> bench transport
+
+
 def section_big(run: Run) -> dict[str, Any]:
     connection = socket.create_connection(("127.0.0.1", run.peer(tcp_echo).port))
     run.stack.callback(connection.close)
     rows = [_big_cell(run, connection, loss, size) for loss in ("FocalLoss", "GIoULoss") for size in run.sizes]
     notes = (
-        "GB/s = bytes of pred / round-trip seconds (1 GB = 1e9 B): losswire sends pred (+ target) and gets "
-        "pred's gradient back; the socket sends pred's bytes and gets as many back. 'losswire / socket' is "
-        "the ratio of those GB/s (target ≥ 0.5). 'in-process ms' is the server's evaluator called in process "
-        "(loss + gradient, no gRPC): the compute inside every losswire round trip; 'GB/s less compute' = "
-        f"pred bytes / (losswire - in-process), an estimate of the wire alone. {run.args.big_repeats} round "
-        "trips per cell (median)."
+        "Two losswire transports: gRPC (EvaluateStream, 4 MiB chunks) and shm (shared memory: tensors copied "
+        "once into a segment both processes map, the gradient written there by the server and read in place). "
+        "'ms': the whole round trip (forward + backward). 'wire GB/s' = bytes of pred / (round trip - the "
+        "server's own compute time of that call, timings.compute_ms): the transport alone. Baselines moving "
+        "pred's bytes there and back in the same run: a raw loopback TCP socket (4 MiB chunks) and two libc "
+        "memcpy calls into preallocated buffers. Targets: gRPC wire / socket ≥ 0.5, shm wire / memcpy ≥ 0.8. "
+        f"{run.args.big_repeats} round trips per cell (median); 1 GB = 1e9 B."
     )
-    return {"title": "Big tensors: effective throughput against a raw loopback socket", "rows": rows, "notes": notes}
+    return {"title": "Big tensors: transport throughput against a raw socket and memcpy", "rows": rows, "notes": notes}
 
 
-def _socket_and_local(run: Run, connection: socket.socket, loss: str, size: int) -> tuple[int, float, float]:
-    """(pred bytes, raw socket round trip, in-process loss + gradient); the tensors are freed on return
+def _baselines_of(run: Run, connection: socket.socket, loss: str, size: int) -> tuple[int, float, float]:
+    """(pred bytes, raw socket round trip, memcpy there and back); the tensors are freed on return
     (at 1 GiB every copy counts)."""
-    pred, target = workload(loss, size)
+    pred, _ = workload(loss, size)
     raw = pred.numpy().view("uint8").reshape(-1).data
     socket_s = median(timed(lambda: tcp_roundtrip(connection, raw), run.repeats(pred.nbytes)))
-    local_s = median(timed(lambda: engine_loss_grad(CONFIGS[loss], pred, target), run.repeats(pred.nbytes)))
-    return pred.nbytes, socket_s, local_s
+    memcpy_s = median(timed(memcpy_roundtrip(pred), max(run.repeats(pred.nbytes), 5)))
+    return pred.nbytes, socket_s, memcpy_s
 
 
 def _big_cell(run: Run, connection: socket.socket, loss: str, size: int) -> dict[str, Any]:
-    nbytes, socket_s, local_s = _socket_and_local(run, connection, loss, size)
-    row = {"loss": loss, "pred": size_label(nbytes)}
-    try:
-        losswire_s = median(run.losswire(loss, size))
-    except Exception as error:  # e.g. a message over gRPC's 2 GiB: report it, measure the rest
-        return {**row, "error": f"{type(error).__name__}: {str(error)[:120]}"}
-    return {
-        **row,
-        "losswire ms": losswire_s * 1e3,
-        "losswire GB/s": gbps(nbytes, losswire_s),
-        "socket GB/s": gbps(nbytes, socket_s),
-        "losswire / socket": ratio(socket_s, losswire_s),
-        "in-process ms": local_s * 1e3,
-        "GB/s less compute": gbps(nbytes, losswire_s - local_s) if losswire_s > local_s else float("nan"),
-    }
+    nbytes, socket_s, memcpy_s = _baselines_of(run, connection, loss, size)
+    row: dict[str, Any] = {"loss": loss, "pred": size_label(nbytes)}
+    floors = {"gRPC": ("socket", socket_s), "shm": ("memcpy", memcpy_s)}
+    for label, transport in BIG_TRANSPORTS.items():
+        try:
+            rounds, compute = run.losswire_and_compute(loss, size, transport)
+        except Exception as error:  # e.g. a message over gRPC's 2 GiB: report it, measure the rest
+            row[f"{label} error"] = f"{type(error).__name__}: {str(error)[:120]}"
+            continue
+        round_s, wire_s = median(rounds), median([r - c for r, c in zip(rounds, compute, strict=True)])
+        floor, floor_s = floors[label]
+        row[f"{label} ms"] = round_s * 1e3
+        row[f"{label} wire GB/s"] = gbps(nbytes, wire_s)
+        row[f"{floor} GB/s"] = gbps(nbytes, floor_s)
+        row[f"{label} wire / {floor}"] = ratio(floor_s, wire_s)
+        row["server compute ms"] = median(compute) * 1e3
+    return row
 
 
 def section_peers(run: Run) -> dict[str, Any]:
@@ -264,26 +287,26 @@ def section_peers(run: Run) -> dict[str, Any]:
             rpc_s = median(timed(lambda args=args: rpc.rpc_sync("callee", engine_loss_grad, args=args), repeats))
             plain_s = median(timed(lambda args=args: plain_grpc_call(plain, *args), repeats))
             del pred, target, args
-            try:
-                losswire_s = median(run.losswire("FocalLoss", size))
-            except Exception as error:
-                rows.append({**row, "error": f"{type(error).__name__}: {str(error)[:120]}"})
-                continue
-            row.update(
-                {
-                    "losswire ms": losswire_s * 1e3,
-                    "torch rpc ms": rpc_s * 1e3,
-                    "plain grpcio ms": plain_s * 1e3,
-                    "losswire / rpc": ratio(losswire_s, rpc_s),
-                    "losswire / plain": ratio(losswire_s, plain_s),
-                }
-            )
+            timings = {}
+            for label, transport in BIG_TRANSPORTS.items():
+                try:
+                    timings[label] = median(run.losswire("FocalLoss", size, transport))
+                except Exception as error:
+                    row[f"{label} error"] = f"{type(error).__name__}: {str(error)[:120]}"
+            row["torch rpc ms"] = rpc_s * 1e3
+            row["plain grpcio ms"] = plain_s * 1e3
+            for label, seconds in timings.items():
+                row[f"losswire {label} ms"] = seconds * 1e3
+                row[f"{label} / rpc"] = ratio(seconds, rpc_s)
+                row[f"{label} / plain"] = ratio(seconds, plain_s)
             rows.append(row)
     finally:
         rpc.shutdown()
     notes = (
-        f"FocalLoss, median round trip; ratios are time ratios (< 1: losswire faster; target: < 1 at every size). "
-        f"TensorPipe transports: {transports or 'its own choice'}."
+        "FocalLoss, median round trip; ratios are time ratios (< 1: losswire faster; target: < 1 at every size). "
+        "losswire gRPC: EvaluateStream above 8 MiB, unary below; shm: shared memory above 1 MiB of tensors "
+        f"(the 80 KiB call goes unary either way). TensorPipe transports: {transports or 'its own choice'} "
+        "(uv: TCP loopback, comparable to gRPC; --rpc-transport auto lets it use shared memory, comparable to shm)."
     )
     return {"title": "Peers doing the same work (FocalLoss loss + gradient)", "rows": rows, "notes": notes}
 

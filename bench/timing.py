@@ -8,6 +8,7 @@ work with its engine; ``autograd_loss_grad`` is plain torch eager (module forwar
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 import math
 import multiprocessing
@@ -120,9 +121,10 @@ def synchronized(fn: Callable[[], Any], device: torch.device) -> Callable[[], An
 
 # ``--transport`` names -> LossClient keyword arguments; a name not listed is passed as ``transport=``.
 TRANSPORTS: dict[str, dict[str, Any]] = {
-    "default": {},  # whatever LossClient(target) does
-    "unary": {"stream_threshold": None},  # one unary Evaluate per call, whatever its size
-    "stream": {"stream_threshold": 0},  # EvaluateStream (big tensors in chunks) for every call
+    "default": {},  # whatever LossClient(target) does (on loopback: shared memory above 1 MiB)
+    "unary": {"stream_threshold": None, "shared_memory": "off"},  # one unary Evaluate per call
+    "stream": {"stream_threshold": 0, "shared_memory": "off"},  # EvaluateStream (tensors in chunks)
+    "shm": {"shared_memory": "on"},  # shared memory (same host) above 1 MiB of tensors
 }
 
 
@@ -146,13 +148,33 @@ def client_features() -> dict[str, Any]:
     return {"transports": usable, "transport_option": "transport" in parameters}
 
 
-def remote_step(loss: RemoteLoss, pred: Tensor, target: Tensor) -> Callable[[], None]:
-    """One round trip as training does it: forward through ``loss``, then ``backward`` to pred."""
+def remote_step(
+    loss: RemoteLoss, pred: Tensor, target: Tensor, compute: list[float] | None = None
+) -> Callable[[], None]:
+    """One round trip as training does it: forward through ``loss``, then ``backward`` to pred.
+    ``compute``: each call's server compute seconds (its ``timings.compute_ms``) are appended."""
     pred = pred.detach().requires_grad_()
 
     def step() -> None:
         pred.grad = None  # a fresh gradient each time, as after optimizer.zero_grad(set_to_none=True)
         loss(pred, target).backward()
+        if compute is not None:
+            compute.append(loss.last_timings.compute_ms / 1e3)
+
+    return step
+
+
+def memcpy_roundtrip(source: Tensor) -> Callable[[], None]:
+    """Copy ``source``'s bytes to another buffer and as many back (the shared-memory floor: the
+    same bytes there and back, as the socket baseline moves them), with libc memcpy (one thread)."""
+    flat = source.detach().reshape(-1).view(torch.uint8)
+    there, back = torch.empty_like(flat), torch.empty_like(flat)
+    there.fill_(0), back.fill_(0)  # touch every page now, as the server's segment is
+    size = flat.numel()
+
+    def step() -> None:
+        ctypes.memmove(there.data_ptr(), flat.data_ptr(), size)
+        ctypes.memmove(back.data_ptr(), there.data_ptr(), size)
 
     return step
 
