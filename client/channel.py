@@ -705,7 +705,7 @@ class LossClient:
                     offset,
                     size,
                 )
-                response = self._evaluate_unary(request, timeout)
+                response = self._waiting_out_busy(lambda remaining: self._evaluate_unary(request, remaining), timeout)
                 try:
                     views = codec.shared_memory_tensors(response, lease.output_bytes)
                 except (codec.CodecError, ValueError) as error:
@@ -724,6 +724,27 @@ class LossClient:
                 request.ClearField("output_shm")
                 lease.done()
         return None  # unreachable: the second attempt returns or raises
+
+    def _waiting_out_busy(self, call: Callable[[float | None], Any], timeout: float | None) -> Any:
+        """``call(timeout)``, again after a busy answer (a RESOURCE_EXHAUSTED that passes: the server's
+        big-call slots are taken) with RETRY_POLICY's backoff, until the deadline (or
+        ``BUSY_PATIENCE_SECONDS`` without one): big calls wait their turn here, not in server threads."""
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + (BUSY_PATIENCE_SECONDS if timeout is None else timeout)
+        backoff = float(RETRY_POLICY["initialBackoff"].rstrip("s"))
+        while True:
+            remaining = None if timeout is None else max(deadline - time.monotonic(), 0.0)
+            try:
+                return call(remaining)
+            except RemoteLossError as error:
+                pause = random.uniform(0, backoff)
+                if not error.busy or time.monotonic() + pause >= deadline:
+                    raise
+                log.debug("busy server (%s); again in %.2f s", error.details, pause)
+                time.sleep(pause)
+                backoff = min(
+                    backoff * RETRY_POLICY["backoffMultiplier"], float(RETRY_POLICY["maxBackoff"].rstrip("s"))
+                )
 
     def _shared_memory_failed(self, error: BaseException) -> None:
         self._shared_memory_usable = False

@@ -11,11 +11,14 @@ class RemoteLossError(RuntimeError):
     """A losswire call failed. ``code`` is the gRPC status code, ``details`` the server's message,
     ``field`` the offending request field when the server named one (e.g. ``terms[0].target``)."""
 
-    def __init__(self, code: grpc.StatusCode, details: str, field: str | None = None) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, field: str | None = None, busy: bool = False) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
         self.field = field
+        # RESOURCE_EXHAUSTED that passes (the server is busy), not a limit: the server sent no
+        # "do not retry" pushback (grpc-retry-pushback-ms: -1)
+        self.busy = busy
 
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError) -> RemoteLossError:
@@ -32,4 +35,6 @@ class RemoteLossError(RuntimeError):
                 detail.Unpack(bad_request)
                 if bad_request.field_violations:
                     field = bad_request.field_violations[0].field
-        return cls(code, details or "", field)
+        trailers = dict(error.trailing_metadata() or ()) if hasattr(error, "trailing_metadata") else {}
+        busy = code == grpc.StatusCode.RESOURCE_EXHAUSTED and trailers.get("grpc-retry-pushback-ms") != "-1"
+        return cls(code, details or "", field, busy)

@@ -46,7 +46,7 @@ class ServerConfig:
     # EvaluateStream calls (big tensors) served at once; more are refused RESOURCE_EXHAUSTED (retryable)
     # rather than queued, so they never hold more than this many workers: small calls keep the rest.
     # Capped at max_workers - 1.
-    max_stream_calls: int = 2  # EvaluateStream calls served at once (capped at max_workers - 1)
+    max_stream_calls: int = 2  # big calls (streamed or shared memory) at once (capped at max_workers - 1)
     fused_kernels: bool = True  # loss and gradient in one analytic pass where a kernel exists (losses/fused.py)
     # same-host callers may register shared-memory segments and pass tensors by reference
     shared_memory: bool = True

@@ -201,8 +201,8 @@ KNOBS: tuple[Knob, ...] = (
         "max_stream_calls",
         _int_at_least(1),
         _DEFAULT.max_stream_calls,
-        "EvaluateStream (big) calls served at once, at most --max-workers - 1 so small calls keep a worker; "
-        "beyond, RESOURCE_EXHAUSTED that the client waits out",
+        "big calls (EvaluateStream, or tensors in shared memory) served at once, at most --max-workers - 1 so "
+        "small calls keep a worker; beyond, RESOURCE_EXHAUSTED that the client waits out",
     ),
     Knob(
         "fused_kernels",

@@ -183,8 +183,18 @@ class LossService(pb_grpc.LossServiceServicer):
         try:
             check_cancelled(caller_gone, "the whole call")  # it waited in the queue while its caller gave up
             check_request(request, self.limits)  # sizes from the declared shapes, before any decoding
+            shared = self.shared_memory.inputs(request, self.max_elements)  # views of the caller's pages
+            # a call with tensors in shared memory is a big call: it takes one of the streams' slots
+            admitted = bool(shared) or request.HasField("output_shm")
+            if admitted and not self._admit_stream():
+                admitted = False
+                raise self._busy()
             big: list[Any] = []
-            response = self._evaluate(request, caller_gone, started, at, keep=big)
+            try:
+                response = self._evaluate(request, caller_gone, started, at, shared or None, keep=big)
+            finally:
+                if admitted:
+                    self._release_stream()
         except Exception as error:
             caller_gone.handled = True
             self._abort(context, error, at.where, at.term_path)
@@ -209,12 +219,8 @@ class LossService(pb_grpc.LossServiceServicer):
                 check_request(request, self.limits)  # declared shapes, before the assembler allocates
                 admitted = self._admit_stream()
                 if not admitted:
-                    raise RequestError(
-                        f"the server is serving its maximum of {self.max_stream_calls} streamed calls "
-                        "(losswire serve --max-stream-calls); retry later",
-                        code=grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        retryable=True,
-                    )
+                    raise self._busy()
+                shared = self.shared_memory.inputs(request, self.max_elements)  # a header may name some too
                 assembler = codec.StreamAssembler(request, self.max_elements)
                 for message in request_iterator:
                     if isinstance(message, MalformedRequest):
@@ -228,8 +234,8 @@ class LossService(pb_grpc.LossServiceServicer):
                         )
                     assembler.add(message.chunk)
                 check_cancelled(caller_gone, "receiving the stream")
-                streamed = assembler.finish()
-                del assembler
+                streamed = {**assembler.finish(), **shared}
+                del assembler, shared
                 sink = codec.StreamSink()
                 response = self._evaluate(request, caller_gone, started, at, streamed, sink)
                 del streamed  # the request's tensors go before the response is sent
@@ -245,6 +251,14 @@ class LossService(pb_grpc.LossServiceServicer):
         finally:
             if admitted:
                 self._release_stream()
+
+    def _busy(self) -> RequestError:
+        return RequestError(
+            f"the server is serving its maximum of {self.max_stream_calls} big calls (streamed, or with tensors in "
+            "shared memory) (losswire serve --max-stream-calls); retry later",
+            code=grpc.StatusCode.RESOURCE_EXHAUSTED,
+            retryable=True,
+        )
 
     def stream_calls_in_flight(self) -> int:
         """EvaluateStream calls admitted now (receiving, evaluating or sending)."""
@@ -288,6 +302,7 @@ class LossService(pb_grpc.LossServiceServicer):
     ) -> pb.EvaluateResponse:
         """decode -> evaluate -> encode, for Evaluate and EvaluateStream alike; raises on failure
         (``at`` says which term). ``streamed``: tensors that arrived in chunks, by field path;
+        ``streamed`` holds those in shared memory too (views of the caller's pages).
         ``sink``: where the response's big tensors go to be streamed (None: inline). ``keep``: a call
         whose tensors are big (streamed or in shared memory) appends its tensors there, for the
         caller to free after the answer has left (see ``release_after``)."""
@@ -296,9 +311,6 @@ class LossService(pb_grpc.LossServiceServicer):
             got = pb.DType.Name(transfer) if transfer in pb.DType.values() else str(transfer)
             raise RequestError(f"transfer_dtype must be unset, FLOAT16 or BFLOAT16, got {got}", field="transfer_dtype")
         names = self._check_terms(request.terms)
-        shared = self.shared_memory.inputs(request, self.max_elements)  # views: no copy
-        if shared:
-            streamed = {**(streamed or {}), **shared}
         output_range, own_sink = None, False
         if request.HasField("output_shm"):
             output_range = self.shared_memory.output_range(request.output_shm)  # checked before computing

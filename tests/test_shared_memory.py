@@ -217,7 +217,8 @@ def test_threads_sharing_one_client_each_get_their_own_answer(shared, wire):
 
 
 def fresh_server(port: int = 0, **config) -> LosswireServer:
-    instance = LosswireServer(ServerConfig(host="127.0.0.1", port=port, device="cpu", max_workers=4, **config))
+    config = {"max_workers": 4, **config}
+    instance = LosswireServer(ServerConfig(host="127.0.0.1", port=port, device="cpu", **config))
     instance.start()
     return instance
 
@@ -293,6 +294,68 @@ def test_closing_the_client_unregisters_its_regions(target, server):
     assert regions and all(region in server.shared_memory for region in regions)
     client.close()
     assert not any(region in server.shared_memory for region in regions)
+
+
+def test_shared_memory_calls_take_a_big_call_slot_and_wait_for_one(wire):
+    """With the one big-call slot held by a stream, a shared-memory call is refused as busy (retryable:
+    no "do not retry" pushback); the client waits it out and is answered once the stream ends."""
+    server = fresh_server(max_workers=3, max_stream_calls=1)
+    target = f"127.0.0.1:{server.port}"
+    client = LossClient(target, timeout=60, shared_memory="on")
+    pred, labels = focal_inputs(seed=33)
+    header = pb.EvaluateRequest()
+    term = header.terms.add(config=codec.encode_config(FOCAL), gradients=["pred"])
+    term.pred.dtype, term.pred.shape[:] = pb.FLOAT32, list(pred.shape)
+    codec.encode_value(labels, term.target)
+    data = pred.numpy().tobytes()
+    release, answers = threading.Event(), []
+
+    def held_open() -> Iterator[pb.EvaluateChunk | bytes]:
+        yield pb.EvaluateChunk(request=header)
+        release.wait(60)  # admitted and receiving until the test says
+        yield codec.chunk_wire_bytes("terms[0].pred", 0, data)
+
+    try:
+        with plain_channel(target) as channel:
+            method = channel.stream_stream(
+                "/losswire.v1.LossService/EvaluateStream",
+                request_serializer=codec.serialize_chunk,
+                response_deserializer=pb.EvaluateChunk.FromString,
+            )
+            big = threading.Thread(target=lambda: answers.extend(method(held_open(), timeout=60)))
+            big.start()
+            deadline = time.monotonic() + 30
+            while server.service.stream_calls_in_flight() < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert server.service.stream_calls_in_flight() == 1
+            # by hand: refused at once, busy
+            segment = shm.Segment.create(1 << 22)
+            try:
+                stub = pb_grpc.LossServiceStub(channel)
+                request = shm_request(register(stub, segment))
+                request.output_shm.region, request.output_shm.offset = request.terms[0].pred.shm.region, 2 << 20
+                request.output_shm.byte_size = 1 << 20
+                with pytest.raises(grpc.RpcError) as caught:
+                    stub.Evaluate(request, timeout=30)
+                assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "--max-stream-calls" in caught.value.details()
+                assert ("grpc-retry-pushback-ms", "-1") not in tuple(caught.value.trailing_metadata() or ())
+            finally:
+                segment.unlink()
+                segment.close()
+            # through the client: it waits; the stream ends; the call is answered
+            done: dict[str, torch.Tensor] = {}
+            caller = threading.Thread(target=lambda: done.update(remote(FOCAL, client, pred, labels)[1]))
+            caller.start()
+            release.set()
+            big.join(60)
+            caller.join(60)
+        assert answers and answers[0].WhichOneof("kind") == "response"
+        assert torch.equal(done["pred"], remote(FOCAL, wire, pred, labels)[1]["pred"])
+    finally:
+        release.set()
+        client.close()
+        server.stop(grace=1)
 
 
 # -- bad registrations and references -----------------------------------------------------------------
