@@ -248,9 +248,12 @@ class SharedMemoryPool:
         self._idle: list[Segment] = []
         self._segments: dict[str, Segment] = {}  # every live segment, lent or idle
         self._swept = False
+        self._pid = os.getpid()
 
     def lease(self, nbytes: int) -> Lease:
         """A segment of at least ``nbytes`` bytes, registered (raises what ``register`` raises)."""
+        if os.getpid() != self._pid:  # a forked child shares the parent's pages: never lend them twice
+            self._after_fork()
         with self._lock:
             fitting = [s for s in self._idle if s.size >= nbytes]
             if fitting:
@@ -272,6 +275,12 @@ class SharedMemoryPool:
             self._regions[segment.name] = region
             self._segments[segment.name] = segment
         return Lease(self, segment, region)
+
+    def _after_fork(self) -> None:
+        """In a child: forget the parent's segments (theirs to use and unregister) and start afresh."""
+        self._lock = threading.Lock()
+        self._regions, self._idle, self._segments = {}, [], {}
+        self._pid = os.getpid()
 
     def give_back(self, segment: Segment) -> None:
         with self._lock:

@@ -536,3 +536,31 @@ def test_segments_of_callers_that_died_before_registering_are_swept():
 )
 def test_segment_sizes_round_up_to_a_size_class(nbytes, size):
     assert shm.segment_size(nbytes) == size
+
+
+def test_a_forked_child_never_leases_its_parents_segments():
+    """A pool used in a forked child (a DataLoader worker, say) would share the parent's pages: it
+    starts afresh there instead. The registration callables stand in for the RPCs."""
+    registered: list[str] = []
+    pool = shm.SharedMemoryPool(lambda name, size, nonce: registered.append(name) or name, lambda region: None)
+    lease = pool.lease(1 << 20)
+    parents = lease.segment.name
+    lease.done()  # idle in the parent
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        try:
+            other = pool.lease(1 << 20)
+            os.write(write, other.segment.name.encode())
+            other.done()
+        finally:
+            os._exit(0)
+    os.close(write)
+    childs = os.read(read, 200).decode()
+    os.close(read)
+    os.waitpid(child, 0)
+    assert childs and childs != parents
+    again = pool.lease(1 << 20)  # the parent still lends its own
+    assert again.segment.name == parents
+    again.done()
+    pool.close()
