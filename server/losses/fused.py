@@ -176,6 +176,8 @@ def _supported_exponent(value: float) -> bool:
 
 def _pow_grad(base: Tensor, exponent: float) -> Tensor:
     """d(base^e)/d(base) = ``e * base^(e-1)``, the way ``pow``'s backward computes it."""
+    if exponent == 2:  # base.pow(1) is an exact copy of base: one op fewer, the same bits
+        return exponent * base
     return exponent * base.pow(exponent - 1)
 
 
@@ -275,7 +277,8 @@ def focal_run(module: FocalLoss, kwargs: Mapping[str, Any]) -> Fused:
         # ((g BCE a_t) (gamma q^(gamma-1)) (dq/dp)) (1 - p) p
         g = _output_factor(module.loss_weight, reduction, weight, upstream, loss)
         grad = torch.mul(focal, g).mul_(prob)
-        g_p = g.expand(loss.shape)[rows, cols]
+        # an unweighted mean or sum has one factor for every element: no gather for the positives
+        g_p = g.expand(rows.shape) if g.dim() == 0 else g.expand(loss.shape)[rows, cols]
         grad_p = (p - 1) * (focal_p * g_p)
         if gamma != 0:  # pow's backward is zero for a zero exponent
             grad.add_(torch.mul(bce, g).mul_(1 - alpha).mul_(_pow_grad(prob, gamma)).mul_(1 - prob).mul_(prob))
