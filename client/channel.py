@@ -762,7 +762,8 @@ class LossClient:
             response = self._session_call(sessions[0], "Evaluate", request, timeout, metadata)
         else:
             response = self._evaluate_per_session(request, sessions, timeout)
-        self._check_restarts(request, response, baselines)
+        if sessions:  # only session terms can have restarted
+            self._check_restarts(request, response, baselines)
         return response
 
     def _evaluate_stream(

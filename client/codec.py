@@ -340,22 +340,41 @@ def tensors_of(message: Message, path: str = "") -> Iterator[tuple[str, pb.Tenso
         yield path, message
         return
     for field, value in message.ListFields():
-        kind = field.message_type
-        if kind is None or not kind.full_name.startswith(PACKAGE + "."):
+        walk = _WALKS.get(field)
+        if walk is None:
+            walk = _WALKS[field] = _walk_of(field, message)
+        if walk == _SKIP:
             continue  # scalars, and google.protobuf's Struct/Value (configs, JSON inputs): no tensors
-        if isinstance(message, pb.Value) and field.name == "tensor":
+        if walk == _ALIAS:
             child = path
         else:
             child = f"{path}.{field.name}" if path else field.name
-        if kind.GetOptions().map_entry:
+        if walk == _MAP:
             for key, item in value.items():
                 if isinstance(item, Message):
                     yield from tensors_of(item, f"{child}[{key}]")
-        elif field.is_repeated:
+        elif walk == _REPEATED:
             for index, item in enumerate(value):
                 yield from tensors_of(item, f"{child}[{index}]")
         else:
             yield from tensors_of(value, child)
+
+
+# How tensors_of walks each field, decided once per field descriptor (reading descriptors and their
+# options on every call cost more than the walk itself on a small request).
+_SKIP, _ALIAS, _MAP, _REPEATED, _SINGLE = range(5)
+_WALKS: dict[Any, int] = {}
+
+
+def _walk_of(field: Any, message: Message) -> int:
+    kind = field.message_type
+    if kind is None or not kind.full_name.startswith(PACKAGE + "."):
+        return _SKIP
+    if isinstance(message, pb.Value) and field.name == "tensor":
+        return _ALIAS  # a Value's tensor is named by the Value's own path
+    if kind.GetOptions().map_entry:
+        return _MAP
+    return _REPEATED if field.is_repeated else _SINGLE
 
 
 class StreamSink:

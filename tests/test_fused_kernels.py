@@ -479,3 +479,37 @@ def test_bit_identical_to_autograd_except_cross_entropy(dtype):
             assert fast.fused == cfg["type"]
             assert torch.equal(fast.loss, auto.loss), cfg
             assert torch.equal(_gradient(fast), _gradient(auto)), (cfg, reduction, avg_factor)
+
+
+def test_shared_modules_follow_the_config():
+    """The evaluator shares one module per config for the stateless classes: a changed config (a
+    value, a type: 2 and 2.0 differ, as do True and 1) gets a module of its own, never the cached one."""
+    evaluator = Evaluator()
+    pred, labels = _logits(torch.float64), _labels()
+    configs = [
+        {"type": "FocalLoss", "gamma": 2.0},
+        {"type": "FocalLoss", "gamma": 2.0, "loss_weight": 3.0},
+        {"type": "FocalLoss", "gamma": 0.0},
+        {"type": "FocalLoss", "gamma": 2.0},
+    ]
+    for cfg in configs * 2:
+        shared = evaluator.evaluate(_term(cfg, pred, labels))
+        fresh = Evaluator().evaluate(_term(cfg, pred, labels))
+        assert torch.equal(shared.loss, fresh.loss) and torch.equal(_gradient(shared), _gradient(fresh))
+    cached = {type(module).__name__ for module in evaluator._modules.values()}
+    assert len(evaluator._modules) == 3 and cached == {"FocalLoss"}
+    # a plugin's class under a built-in name is built for every call, never shared
+    registry = LOSSES.copy("test-shared")
+
+    class Counting(FocalLoss):
+        built = 0
+
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            Counting.built += 1
+
+    registry.register_module(name="FocalLoss", force=True, module=Counting)
+    plugin = Evaluator(registry)
+    for _ in range(3):
+        plugin.evaluate(_term({"type": "FocalLoss"}, pred, labels))
+    assert Counting.built == 3 and not plugin._modules

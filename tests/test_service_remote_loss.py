@@ -187,3 +187,35 @@ def test_remote_loss_pickles_and_deep_copies(target: str):
     for clone in (copy.deepcopy(loss), pickle.loads(pickle.dumps(loss))):
         assert clone.cfg == loss.cfg and clone.client.target == target
         torch.testing.assert_close(clone(pred, goal), loss(pred, goal))
+
+
+def test_a_changed_config_is_sent_changed(target: str):
+    """The encoded config is cached per module: editing ``cfg`` in place, or a value of another type
+    (1.0 -> 2.0, a nested list), is what the next call sends."""
+    cfg = dict(type="CrossEntropyLoss", class_weight=[1.0, 1.0, 1.0, 1.0])
+    loss = RemoteLoss(cfg, target=target)
+    logits, labels = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 2, 1])
+    first = loss(logits, labels)
+    torch.testing.assert_close(first, build_loss(cfg)(logits, labels))
+    loss.cfg["loss_weight"] = 2.0
+    torch.testing.assert_close(loss(logits, labels), 2 * first)
+    loss.cfg["class_weight"][0] = 3.0  # nested, in place
+    expected = build_loss(dict(loss.cfg))(logits, labels)
+    torch.testing.assert_close(loss(logits, labels), expected)
+    assert not torch.allclose(expected, 2 * first)
+
+
+def test_binding_errors_are_mmdets(target: str):
+    """The quick binding of common calls refuses what Signature.bind refuses, with its TypeError."""
+    focal = RemoteLoss(dict(type="FocalLoss"), target=target)
+    pred, labels = torch.randn(4, 3), torch.tensor([0, 1, 2, 3])
+    torch.testing.assert_close(focal(pred, labels, None, 2.0), focal(pred, labels, avg_factor=2.0))
+    torch.testing.assert_close(focal(pred, target=labels), focal(pred, labels))
+    with pytest.raises(TypeError, match="multiple values"):
+        focal(pred, labels, target=labels)
+    with pytest.raises(TypeError, match="missing"):
+        focal(pred, weight=None)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        focal(pred, labels, sample_labels=labels)  # a sampler's argument, without a sampler
+    with pytest.raises(TypeError, match="too many"):
+        focal(pred, labels, None, None, None, None)
