@@ -36,7 +36,9 @@ def target():
             device=DEVICE,
             max_workers=8,
             max_sessions=MAX_SESSIONS,
-            session_replay_depth=2,
+            # each of two concurrent workers may run all three of its forwards between the other's
+            # forward and its backward's replay (test_two_concurrent_workers...): 4 keeps that replayable
+            session_replay_depth=4,
         ),
         registry=register(LOSSES.copy("session-tests")),
     )
@@ -209,16 +211,16 @@ def test_bad_session_names_are_refused(target):
 def test_a_step_older_than_the_replay_depth_cannot_be_replayed(target):
     client = LossClient.shared(target)
     pred, tgt = _pair()
-    for _ in range(3):  # the test server keeps the state before the last 2 steps
+    for _ in range(5):  # the test server keeps the state before the last 4 steps
         client.evaluate(_raw_term("deep", pred, tgt))
     request = _raw_term("deep", pred, tgt)
     request.terms[0].replay_step = 1
     with _expect(grpc.StatusCode.FAILED_PRECONDITION, "terms[0].replay_step") as check:
         client.evaluate(request)
-    assert "steps [2, 3]" in check.error.details
-    request.terms[0].replay_step = 3
+    assert "steps [2, 3, 4, 5]" in check.error.details
+    request.terms[0].replay_step = 5
     replayed = client.evaluate(request).results[0]
-    assert replayed.session_step == 3 and client.get_session("deep").steps == 3
+    assert replayed.session_step == 5 and client.get_session("deep").steps == 5
 
 
 def test_a_refused_forward_leaves_the_state_as_it_was(target):
