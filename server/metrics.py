@@ -4,14 +4,16 @@ One ``ServerMetrics`` per server, on its own ``CollectorRegistry`` (two servers 
 in the tests, never share counters). The numbers come from a gRPC server interceptor, so the
 servicers stay free of bookkeeping:
 
-- ``losswire_requests_total{method, code}``: every unary call by method and gRPC status code;
-- ``losswire_loss_terms_total{loss, code}``: every ``Evaluate`` term (and ``ModelInfer`` call) by loss
-  type and status
-  (a type that is not registered counts as ``loss="unregistered"``: labels never take arbitrary
-  client strings, so a fuzzer cannot blow up the series count);
+- ``losswire_requests_total{method, code}``: every unary call and EvaluateStream by method and gRPC
+  status code;
+- ``losswire_loss_terms_total{loss, code}``: every ``Evaluate``/``EvaluateStream`` term (and
+  ``ModelInfer`` call) by loss type and status (a type that is not registered counts as
+  ``loss="unregistered"``: labels never take arbitrary client strings, so a fuzzer cannot blow up
+  the series count);
 - ``losswire_request_duration_seconds{method}`` and
   ``losswire_evaluate_stage_seconds{stage=decode|compute|encode}``: latency histograms;
-- ``losswire_received_bytes_total`` / ``losswire_sent_bytes_total{method}``: protobuf bytes;
+- ``losswire_received_bytes_total`` / ``losswire_sent_bytes_total{method}``: protobuf bytes (a
+  stream's chunks by their data);
 - ``losswire_in_flight_requests{method}``, ``losswire_sessions`` (live sessions);
 - ``losswire_device_memory_bytes{device, kind}``: CUDA allocated / reserved / peak, or on the CPU
   the process's resident memory (host memory is where the CPU's losses live);
@@ -23,11 +25,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import grpc
 import torch
+from google.protobuf.message import Message
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -137,7 +140,8 @@ class ServerMetrics:
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):
-    """Counts and times every unary-unary call; streaming calls (health Watch, reflection) pass untouched."""
+    """Counts and times every unary-unary call and EvaluateStream; the other streaming calls (health
+    Watch, reflection) pass untouched."""
 
     def __init__(self, metrics: ServerMetrics) -> None:
         self.metrics = metrics
@@ -167,9 +171,22 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
+        if handler.stream_stream is not None and method == "EvaluateStream":
+            streaming = handler.stream_stream
+
+            def observed_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+                return self._observe_stream(method, streaming, requests, context)
+
+            return grpc.stream_stream_rpc_method_handler(
+                observed_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_unary is None:
+            return handler
         behaviour = handler.unary_unary
 
         def observed(request: Any, context: grpc.ServicerContext) -> Any:
@@ -204,6 +221,35 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             for loss in _loss_types(method, request):
                 self._term_counter(loss, code.name).inc()
 
+    def _observe_stream(
+        self, method: str, behaviour: Callable, requests: Iterator[Any], context: grpc.ServicerContext
+    ) -> Iterator[Any]:
+        """EvaluateStream as one call: its messages' bytes both ways, its terms (from the first
+        message's request), the stages of its answer, its status and duration."""
+        series = self._series(method)
+        started = time.perf_counter()
+        series.in_flight.inc()
+        tally = _StreamTally(requests, series.received)
+        code = grpc.StatusCode.OK
+        try:
+            for message in behaviour(tally, context):
+                series.sent.inc(_message_bytes(message))
+                if isinstance(message, Message) and message.WhichOneof("kind") == "response":
+                    self._observe_stages(message.response)
+                yield message
+        except GeneratorExit:  # the caller went away while the answer was being sent
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            series.in_flight.dec()
+            series.duration.observe(time.perf_counter() - started)
+            series.requests(code.name).inc()
+            for loss in tally.losses:
+                self._term_counter(loss, code.name).inc()
+
     def _observe_stages(self, response: Any) -> None:
         timings = response.timings
         for field, histogram in self._stages:
@@ -227,6 +273,38 @@ class _MethodSeries:
         if counter is None:
             counter = self._codes[code] = self._requests.labels(self._method, code)
         return counter
+
+
+class _StreamTally:
+    """The request messages of a stream, passed through: counts their bytes, and reads the loss
+    types of the first one's request."""
+
+    def __init__(self, messages: Iterator[Any], received: Any) -> None:
+        self._messages, self._received = messages, received
+        self.losses: list[str] = []
+        self._first = True
+
+    def __iter__(self) -> _StreamTally:
+        return self
+
+    def __next__(self) -> Any:
+        message = next(self._messages)
+        self._received.inc(_message_bytes(message))
+        if self._first:
+            self._first = False
+            if isinstance(message, Message) and message.WhichOneof("kind") == "request":
+                self.losses = _loss_types("Evaluate", message.request)
+        return message
+
+
+def _message_bytes(message: Any) -> int:
+    """Bytes of a stream message: a serialized chunk, a chunk read in place, or a message."""
+    if isinstance(message, (bytes, bytearray)):
+        return len(message)
+    if isinstance(message, Message):
+        return message.ByteSize()
+    data = getattr(message, "data", None)  # codec.RawChunk: its data (the small header not counted)
+    return memoryview(data).nbytes if data is not None else getattr(message, "size", 0)
 
 
 def _loss_types(method: str, request: Any) -> list[str]:

@@ -115,6 +115,38 @@ def test_metrics_count_requests_losses_statuses_and_bytes(metered_server: Server
     assert value(after, "losswire_build_info", version=_version(), device="cpu") == 1
 
 
+def test_metrics_count_streamed_calls(metered_server: ServerProcess):
+    """EvaluateStream is one call: its status, its terms, its chunks' bytes, its answer's stages."""
+    client = LossClient(metered_server.target, timeout=CALL_TIMEOUT, stream_threshold=0, shared_memory="off")
+    before = scrape(metered_server.metrics_port)
+    request = focal_request(20_000)  # pred 400 KB: streamed in chunks, and so is its gradient
+    try:
+        response = client.evaluate(request)
+        bad = focal_request(20_000)
+        codec.encode_config({"type": "NoSuchLoss"}, bad.terms[0].config)
+        with pytest.raises(RemoteLossError) as raised:
+            client.evaluate(bad)
+        assert raised.value.code == grpc.StatusCode.NOT_FOUND
+    finally:
+        client.close()
+    after = scrape(metered_server.metrics_port)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved("losswire_requests_total", method="EvaluateStream", code="OK") == 1
+    assert moved("losswire_requests_total", method="EvaluateStream", code="NOT_FOUND") == 1
+    assert moved("losswire_loss_terms_total", loss="FocalLoss", code="OK") == 1
+    assert moved("losswire_loss_terms_total", loss="unregistered", code="NOT_FOUND") == 1
+    pred_bytes = len(request.terms[0].pred.data)
+    assert moved("losswire_received_bytes_total", method="EvaluateStream") >= 2 * pred_bytes  # both calls
+    gradient_bytes = len(response.results[0].gradients["pred"].data)
+    assert moved("losswire_sent_bytes_total", method="EvaluateStream") >= gradient_bytes
+    assert moved("losswire_request_duration_seconds_count", method="EvaluateStream") == 2
+    assert moved("losswire_evaluate_stage_seconds_count", stage="compute") == 1
+    assert value(after, "losswire_in_flight_requests", method="EvaluateStream") == 0
+
+
 def _version() -> str:
     from losswire.server import __version__
 
