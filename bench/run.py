@@ -231,9 +231,10 @@ def section_big(run: Run) -> dict[str, Any]:
     notes = (
         "Two losswire transports: gRPC (EvaluateStream, 4 MiB chunks) and shm (shared memory: tensors copied "
         "once into a segment both processes map, the gradient written there by the server and read in place). "
-        "'ms': the whole round trip (forward + backward). 'wire GB/s' = bytes of pred / (round trip - the "
-        "server's own compute time of that call, timings.compute_ms): the transport alone. Baselines moving "
-        "pred's bytes there and back in the same run: a raw loopback TCP socket (4 MiB chunks) and two libc "
+        "'ms': the whole round trip (forward + backward); 'compute ms': the server's own loss + gradient time "
+        "(timings.compute_ms). 'wire GB/s' = bytes of pred / (round trip - that call's compute): the transport "
+        "alone. Baselines moving pred's bytes there and back in the same run: a raw loopback TCP socket (4 MiB "
+        "chunks) and two libc "
         "memcpy calls into preallocated buffers. Targets: gRPC wire / socket ≥ 0.5, shm wire / memcpy ≥ 0.8. "
         f"{run.args.big_repeats} round trips per cell (median); 1 GB = 1e9 B."
     )
@@ -266,7 +267,7 @@ def _big_cell(run: Run, connection: socket.socket, loss: str, size: int) -> dict
         row[f"{label} wire GB/s"] = gbps(nbytes, wire_s)
         row[f"{floor} GB/s"] = gbps(nbytes, floor_s)
         row[f"{label} wire / {floor}"] = ratio(floor_s, wire_s)
-        row["server compute ms"] = median(compute) * 1e3
+        row[f"{label} compute ms"] = median(compute) * 1e3
     return row
 
 
@@ -281,34 +282,54 @@ def section_peers(run: Run) -> dict[str, Any]:
     rows = []
     try:
         for size in [0, *run.sizes]:
-            pred, target = small_workload() if size == 0 else workload("FocalLoss", size)
-            repeats, row = run.repeats(pred.nbytes), {"pred": size_label(pred.nbytes)}
-            args = (FOCAL, pred, target)
-            rpc_s = median(timed(lambda args=args: rpc.rpc_sync("callee", engine_loss_grad, args=args), repeats))
-            plain_s = median(timed(lambda args=args: plain_grpc_call(plain, *args), repeats))
-            del pred, target, args
-            timings = {}
-            for label, transport in BIG_TRANSPORTS.items():
-                try:
-                    timings[label] = median(run.losswire("FocalLoss", size, transport))
-                except Exception as error:
-                    row[f"{label} error"] = f"{type(error).__name__}: {str(error)[:120]}"
-            row["torch rpc ms"] = rpc_s * 1e3
-            row["plain grpcio ms"] = plain_s * 1e3
-            for label, seconds in timings.items():
-                row[f"losswire {label} ms"] = seconds * 1e3
-                row[f"{label} / rpc"] = ratio(seconds, rpc_s)
-                row[f"{label} / plain"] = ratio(seconds, plain_s)
-            rows.append(row)
+            rows.append(_peers_row(run, rpc, plain, size))
     finally:
         rpc.shutdown()
     notes = (
-        "FocalLoss, median round trip; ratios are time ratios (< 1: losswire faster; target: < 1 at every size). "
-        "losswire gRPC: EvaluateStream above 8 MiB, unary below; shm: shared memory above 1 MiB of tensors "
-        f"(the 80 KiB call goes unary either way). TensorPipe transports: {transports or 'its own choice'} "
+        "FocalLoss, median round trip, the paths timed in turn round after round; ratios are time ratios (< 1: "
+        "losswire faster; target: < 1 at every size). "
+        "losswire gRPC: --transport stream, EvaluateStream for every call, the 80 KiB one too (LossClient's "
+        "default streams from 8 MiB only); shm: shared memory from 1 MiB of tensors, the 80 KiB call one unary "
+        "Evaluate (what LossClient does on loopback by default). "
+        f"TensorPipe transports: {transports or 'its own choice'} "
         "(uv: TCP loopback, comparable to gRPC; --rpc-transport auto lets it use shared memory, comparable to shm)."
     )
     return {"title": "Peers doing the same work (FocalLoss loss + gradient)", "rows": rows, "notes": notes}
+
+
+def _peers_row(run: Run, rpc: Any, plain: Any, size: int) -> dict[str, Any]:
+    """One size: every path timed in turn, round after round (rotating which goes first), so a slow
+    spell of a shared machine (the loss itself takes seconds on a CPU at 256 MiB) hits them alike."""
+    pred, target = small_workload() if size == 0 else workload("FocalLoss", size)
+    row: dict[str, Any] = {"pred": size_label(pred.nbytes)}
+    args = (FOCAL, pred, target)
+    paths: dict[str, Callable[[], Any]] = {
+        "torch rpc": lambda: rpc.rpc_sync("callee", engine_loss_grad, args=args),
+        "plain grpcio": lambda: plain_grpc_call(plain, *args),
+    }
+    for label, transport in BIG_TRANSPORTS.items():
+        module = RemoteLoss(FOCAL, client=run.client_for(transport))
+        paths[f"losswire {label}"] = remote_step(module, pred, target)
+    samples: dict[str, list[float]] = {name: [] for name in paths}
+    names = list(paths)
+    for round_ in range(run.repeats(pred.nbytes) + 1):  # round 0 warms every path up
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            try:
+                seconds = timed(paths[name], 1, warmup=0)[0]
+            except Exception as error:  # e.g. a message over gRPC's 2 GiB: report it, measure the rest
+                row[f"{name} error"] = f"{type(error).__name__}: {str(error)[:120]}"
+                names.remove(name)
+                continue
+            if round_:
+                samples[name].append(seconds)
+    times = {name: median(values) for name, values in samples.items() if values}
+    for name, seconds in times.items():
+        row[f"{name} ms"] = seconds * 1e3
+    for label in BIG_TRANSPORTS:
+        for peer, short in (("torch rpc", "rpc"), ("plain grpcio", "plain")):
+            if f"losswire {label}" in times and peer in times:
+                row[f"{label} / {short}"] = ratio(times[f"losswire {label}"], times[peer])
+    return row
 
 
 def _threads(clients: int, seconds: float, make_step: Callable[[], Callable[[], Any]]) -> tuple[float, float]:
