@@ -212,6 +212,14 @@ def _gradient_leaves(
 
 WEIGHT_INPUTS = ("weight", "label_weights", "label_weight")  # where a sampler's zeros go
 
+# Terms whose pred has fewer elements run on one intra-op thread: torch's element-wise kernels stay
+# serial below this size anyway (its grain size, 32768), but a few split any size across every thread
+# (log_sigmoid, FocalLoss's heaviest op, uses a grain of 1). Waking the other threads for 20k elements
+# costs more than they save, and when another process keeps a core busy (the trainer beside a CPU
+# server) each such op waits for a descheduled thread: FocalLoss [256, 80] measured 0.18 ms on one
+# thread and ~8 ms on two on a 2-core machine with one core taken.
+SERIAL_MAX_ELEMENTS = 32768
+
 # Loss classes whose modules keep nothing between calls (no state, no random generator, no buffers a
 # forward updates): the evaluator shares one built module per config among calls. The fused kernels'
 # classes, whose forward only reads the module's config.
@@ -266,10 +274,21 @@ class Evaluator:
         # (building one costs ~30-50 us per call, a tenth of a small call's compute); see _module
         self._modules: dict[tuple[Any, str], nn.Module] = {}
         self._modules_lock = threading.Lock()
+        # the intra-op threads of big terms: torch's count when the evaluator is made (the server sets
+        # --torch-threads first); small terms run on one, see SERIAL_MAX_ELEMENTS
+        self.threads = torch.get_num_threads()
 
     def evaluate(self, term: TermRequest, cancelled: Callable[[], bool] | None = None) -> TermOutcome:
         """One term's loss and gradients. ``cancelled`` says whether the caller is gone: it is asked
         before the forward (after waiting for the session, if any) and before the backward."""
+        wanted = self.threads
+        if term.pred.device.type == "cpu" and term.pred.numel() < SERIAL_MAX_ELEMENTS:
+            wanted = 1
+        # per calling thread (OpenMP's thread count is per thread) and put back afterwards, so the
+        # caller's own torch work, and the next term in this thread, keep their setting
+        previous = torch.get_num_threads()
+        if previous != wanted:
+            torch.set_num_threads(wanted)
         try:
             return self._evaluate(term, cancelled)
         except RuntimeError as error:
@@ -277,6 +296,9 @@ class Evaluator:
             if memory_error is error:
                 raise
             raise memory_error from None
+        finally:
+            if previous != wanted:
+                torch.set_num_threads(previous)
 
     def _evaluate(self, term: TermRequest, cancelled: Callable[[], bool] | None) -> TermOutcome:
         config, sampler_config = split_sampler(term.config)

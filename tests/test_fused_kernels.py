@@ -513,3 +513,33 @@ def test_shared_modules_follow_the_config():
     for _ in range(3):
         plugin.evaluate(_term({"type": "FocalLoss"}, pred, labels))
     assert Counting.built == 3 and not plugin._modules
+
+
+def test_small_terms_run_on_one_intra_op_thread():
+    """A term under SERIAL_MAX_ELEMENTS computes on one intra-op thread, a big one on the evaluator's
+    count; the calling thread's own setting is back afterwards either way."""
+    from losswire.server.evaluate import SERIAL_MAX_ELEMENTS
+    from losswire.server.losses.smooth_l1 import L1Loss
+
+    seen = []
+
+    class ThreadRecorder(L1Loss):
+        def forward(self, pred, target, weight=None, avg_factor=None, reduction_override=None):
+            seen.append(torch.get_num_threads())
+            return super().forward(pred, target, weight, avg_factor, reduction_override)
+
+    registry = LOSSES.copy("test-threads")
+    registry.register_module(name="ThreadRecorder", module=ThreadRecorder)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        evaluator = Evaluator(registry)
+        assert evaluator.threads == 2
+        torch.set_num_threads(3)  # the caller's own setting, which the evaluator must leave alone
+        for numel in (8, SERIAL_MAX_ELEMENTS):
+            pred = torch.randn(numel, dtype=torch.float64)
+            evaluator.evaluate(_term({"type": "ThreadRecorder"}, pred, torch.zeros_like(pred)))
+            assert torch.get_num_threads() == 3
+        assert seen == [1, 2]
+    finally:
+        torch.set_num_threads(before)
