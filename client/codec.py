@@ -128,6 +128,15 @@ def encode_tensor(
     return message
 
 
+def encode_shared(tensor: Tensor, out: pb.Tensor, region: str, offset: int) -> pb.Tensor:
+    """A contiguous CPU tensor that already lies at ``offset`` of shared region ``region`` (an
+    answer written in place) -> its dtype, shape and reference, no bytes copied."""
+    out.dtype = TORCH_TO_DTYPE[tensor.dtype]
+    out.shape[:] = list(tensor.shape)
+    out.shm.region, out.shm.offset, out.shm.byte_size = region, offset, tensor.numel() * tensor.element_size()
+    return out
+
+
 def check_shape(shape: list[int], field: str, max_dims: int = MAX_DIMS, max_elements: int | None = None) -> int:
     """The element count of a declared ``shape``, refused before anything is allocated.
 

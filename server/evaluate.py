@@ -53,6 +53,9 @@ class TermRequest:
     seed: int | None = None
     sample_labels: Tensor | None = None
     sample_groups: Tensor | None = None
+    # where a fused kernel may write pred's gradient: (shape, dtype) -> a tensor of them on pred's
+    # device, or None (the caller's shared memory, so the answer needs no copy); None: a fresh tensor
+    gradient_out: Callable[[torch.Size, torch.dtype], Tensor | None] | None = None
 
 
 @dataclasses.dataclass
@@ -368,11 +371,16 @@ class Evaluator:
         log.debug("term %r: %s answered by its fused kernel", term.name, kernel.name)
         check_cancelled(cancelled, "the backward")
         parts = [("", result.loss)]
+        out = None
+        if kernel.writes_into and term.gradient_out is not None:
+            out = term.gradient_out(term.pred.shape, term.pred.dtype)
+            if out is not None and (out.shape != term.pred.shape or out.device != term.pred.device):
+                out = None
         if term.grad_output is not None or term.grad_outputs:
             (upstream,) = self._upstream("tensor", parts, term)
-            gradients, per_part = {PRED: result.gradient(upstream)}, {}
+            gradients, per_part = {PRED: result.gradient(upstream, out)}, {}
         else:
-            gradients, per_part = {}, {PRED: result.gradient(None)}
+            gradients, per_part = {}, {PRED: result.gradient(None, out)}
         loss = result.loss
         kind = OutputKind.SCALAR if loss.dim() == 0 else output_kind_of(module, description)
         return TermOutcome(

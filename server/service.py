@@ -6,7 +6,9 @@ encode. Every failure leaves through ``status.to_status``; no exception escapes 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -124,6 +126,24 @@ def _release_memory(error: BaseException, where: str) -> None:
     if torch.cuda.is_initialized():
         torch.cuda.empty_cache()
     log.warning("%s: out of memory, answered RESOURCE_EXHAUSTED: %s", where or "call", str(error).splitlines()[0])
+
+
+def _gradient_writer(
+    reserve: codec.Reserve, written: dict[int, tuple[str, int]]
+) -> Callable[[torch.Size, torch.dtype], torch.Tensor | None]:
+    """A ``TermRequest.gradient_out`` that gives fused kernels room in the caller's output range, so
+    their gradient is the answer as it lies (``written`` maps its address to region and offset)."""
+
+    def writer(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor | None:
+        nbytes = math.prod(shape) * dtype.itemsize
+        spot = reserve(nbytes) if nbytes else None
+        if spot is None:
+            return None
+        region, offset, destination = spot
+        written[destination.data_ptr()] = (region, offset)
+        return destination.view(dtype).reshape(shape)
+
+    return writer
 
 
 def add_to_server(service: LossService, server: grpc.Server) -> None:
@@ -320,6 +340,10 @@ class LossService(pb_grpc.LossServiceServicer):
         for index, (message, name) in enumerate(zip(request.terms, names, strict=True)):
             at.where, at.term_path = _term_label(index, message.name), f"terms[{index}]."
             terms.append(self._decode_term(message, name, f"terms[{index}]", streamed))
+        in_place: dict[int, tuple[str, int]] = {}  # gradients a kernel wrote into the output range
+        if output_range is not None and not transfer and self.device.type == "cpu":
+            writer = _gradient_writer(output_range, in_place)
+            terms = [dataclasses.replace(term, gradient_out=writer) for term in terms]
         decoded = time.perf_counter()
         outcomes = []
         for index, term in enumerate(terms):
@@ -332,7 +356,7 @@ class LossService(pb_grpc.LossServiceServicer):
         check_cancelled(caller_gone, "encoding the answer")
         response = pb.EvaluateResponse(device=str(self.device))
         for outcome in outcomes:
-            self._encode_outcome(outcome, response.results.add(), transfer, sink)
+            self._encode_outcome(outcome, response.results.add(), transfer, sink, in_place)
         if output_range is not None:
             sink.place(output_range)  # the big answers into the caller's output range: one copy each
             if own_sink:
@@ -437,10 +461,18 @@ class LossService(pb_grpc.LossServiceServicer):
 
     @staticmethod
     def _encode_outcome(
-        outcome: TermOutcome, out: pb.TermResult, transfer: int = 0, sink: codec.StreamSink | None = None
+        outcome: TermOutcome,
+        out: pb.TermResult,
+        transfer: int = 0,
+        sink: codec.StreamSink | None = None,
+        in_place: Mapping[int, tuple[str, int]] | None = None,
     ) -> None:
         def encode(tensor: torch.Tensor, message: pb.Tensor) -> None:
-            codec.encode_tensor(tensor, message, transfer_dtype=transfer, sink=sink)
+            spot = in_place.get(tensor.data_ptr()) if in_place else None
+            if spot is not None and tensor.is_contiguous():
+                codec.encode_shared(tensor, message, *spot)  # written where the caller reads it: no copy
+            else:
+                codec.encode_tensor(tensor, message, transfer_dtype=transfer, sink=sink)
 
         out.name = outcome.name
         out.structure = outcome.structure

@@ -80,9 +80,10 @@ def own_names() -> set[str]:
     [
         (FOCAL, ("pred",)),
         ({**FOCAL, "reduction": "none"}, ("pred",)),
+        (dict(type="GIoULoss", loss_weight=2.0), ("pred",)),
         (dict(type="GIoULoss", loss_weight=2.0), ("pred", "target")),
     ],
-    ids=["focal-mean", "focal-none", "giou-pred-and-target"],
+    ids=["focal-mean", "focal-none", "giou-pred", "giou-pred-and-target"],
 )
 def test_answers_equal_the_wire_bit_for_bit(shared, wire, server, cfg, grads):
     if cfg["type"] == "GIoULoss":
@@ -485,6 +486,28 @@ def test_a_hand_made_reference_is_answered_and_the_gradient_written_where_asked(
     assert answer.HasField("shm") and not answer.data and answer.shm.offset >= out_offset
     gradient = segment.bytes_at(answer.shm.offset, answer.shm.byte_size).view(torch.float32).reshape(1024, 80)
     assert torch.equal(gradient, remote(FOCAL, wire, pred, labels)[1]["pred"])
+
+
+def test_the_focal_kernel_writes_its_gradient_into_the_callers_range(stub, segment, wire):
+    """Reduction 'none': the answer holds a loss and a gradient of pred's size. Placed after the
+    compute, the loss would come first (it is encoded first); the gradient comes first because the
+    kernel wrote it into the range while computing, and the answer names it where it lies."""
+    pred, labels = focal_inputs(1024, seed=42)
+    region = register(stub, segment)
+    segment.bytes_at(64, pred.nbytes).copy_(pred.reshape(-1).view(torch.uint8))
+    request = shm_request(region)
+    request.terms[0].config.CopyFrom(codec.encode_config({**FOCAL, "reduction": "none"}))
+    codec.encode_value(labels, request.terms[0].target)
+    out_offset = shm.align(64 + pred.nbytes)
+    request.output_shm.region, request.output_shm.offset = region, out_offset
+    request.output_shm.byte_size = segment.size - out_offset
+    result = stub.Evaluate(request, timeout=30).results[0]
+    gradient_ref, loss_ref = result.gradients["pred"].shm, result.loss.shm
+    assert gradient_ref.offset == out_offset < loss_ref.offset
+    expected_loss, expected = remote({**FOCAL, "reduction": "none"}, wire, pred, labels)
+    gradient = segment.bytes_at(gradient_ref.offset, gradient_ref.byte_size).view(torch.float32).reshape(1024, 80)
+    loss = segment.bytes_at(loss_ref.offset, loss_ref.byte_size).view(torch.float32).reshape(1024, 80)
+    assert torch.equal(gradient, expected["pred"]) and torch.equal(loss, expected_loss)
 
 
 def test_a_stream_may_carry_references_too(target, segment, wire):

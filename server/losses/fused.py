@@ -55,7 +55,8 @@ from .smooth_l1 import L1Loss, SmoothL1Loss
 
 FLOATS = (torch.float32, torch.float64)  # half precision keeps autograd's own rounding
 
-Gradient = Callable[[Tensor | None], Tensor]
+# gradient(upstream, out=None): see Fused
+Gradient = Callable[..., Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,9 +64,11 @@ class Fused:
     """A fused kernel's answer.
 
     ``loss``: exactly what the module returns (its shape and dtype), detached.
-    ``gradient(upstream)``: d(sum(upstream * loss))/d(pred), pred's shape and dtype; ``upstream`` is
-    None for an upstream of ones (what the evaluator's default backward uses), else a tensor of
-    ``loss``'s shape in its dtype (a recompute's ``grad_output``).
+    ``gradient(upstream, out=None)``: d(sum(upstream * loss))/d(pred), pred's shape and dtype;
+    ``upstream`` is None for an upstream of ones (what the evaluator's default backward uses), else a
+    tensor of ``loss``'s shape in its dtype (a recompute's ``grad_output``). ``out``: a tensor of
+    pred's shape, dtype and device to write the gradient into (the caller's shared memory, say);
+    kernels whose ``FusedKernel.writes_into`` is True return it, the others ignore it.
     """
 
     loss: Tensor
@@ -79,6 +82,7 @@ class FusedKernel:
     name: str
     supports: Callable[[nn.Module, Mapping[str, Any]], bool]
     run: Callable[[nn.Module, Mapping[str, Any]], Fused]
+    writes_into: bool = False  # its gradient() writes into a given ``out`` (see Fused)
 
 
 # How many terms each kernel answered in this process (tests and operators read it; the service's
@@ -271,12 +275,12 @@ def focal_run(module: FocalLoss, kwargs: Mapping[str, Any]) -> Fused:
     reduction = _reduction(module, kwargs, loss.numel())
     value = module.finish(loss, weight, reduction.mode, reduction.avg_factor)
 
-    def gradient(upstream: Tensor | None) -> Tensor:
+    def gradient(upstream: Tensor | None, out: Tensor | None = None) -> Tensor:
         # g: d(output)/d(L); then the two paths from x, each product in autograd's order so the result
         # is autograd's bit for bit: BCE's (p - t) (g a_t q^gamma), and the focal term's
         # ((g BCE a_t) (gamma q^(gamma-1)) (dq/dp)) (1 - p) p
         g = _output_factor(module.loss_weight, reduction, weight, upstream, loss)
-        grad = torch.mul(focal, g).mul_(prob)
+        grad = (torch.mul(focal, g) if out is None else torch.mul(focal, g, out=out)).mul_(prob)
         # an unweighted mean or sum has one factor for every element: no gather for the positives
         g_p = g.expand(rows.shape) if g.dim() == 0 else g.expand(loss.shape)[rows, cols]
         grad_p = (p - 1) * (focal_p * g_p)
@@ -371,12 +375,12 @@ def qfl_run(module: QualityFocalLoss, kwargs: Mapping[str, Any]) -> Fused:
     reduction = _reduction(module, kwargs, sample_loss.numel())
     value = module.finish(sample_loss, weight, reduction.mode, reduction.avg_factor)
 
-    def gradient(upstream: Tensor | None) -> Tensor:
+    def gradient(upstream: Tensor | None, out: Tensor | None = None) -> Tensor:
         # as focal_run: the BCE path (p - y) (g m^beta) plus the modulator's
         # ((g BCE) (beta m^(beta-1)) dm/dp) (1 - p) p, in autograd's order
         g = _output_factor(module.loss_weight, reduction, weight, upstream, sample_loss).expand(sample_loss.shape)
         g_rows = g.unsqueeze(1)  # the sum's backward: each row's factor on its C columns
-        grad = torch.mul(prob_beta, g_rows).mul_(prob)
+        grad = (torch.mul(prob_beta, g_rows) if out is None else torch.mul(prob_beta, g_rows, out=out)).mul_(prob)
         g_p = g[rows]
         grad_p = (p - y) * (modulator_beta * g_p)
         if beta != 0:  # pow's backward is zero for a zero exponent
@@ -470,7 +474,7 @@ def ce_run(module: CrossEntropyLoss, kwargs: Mapping[str, Any]) -> Fused:
         reduction = Reduction(reduction.mode, avg_factor, float(avg_factor) + AVG_FACTOR_EPS)
     value = module.finish(loss, weight, reduction.mode, reduction.avg_factor)
 
-    def gradient(upstream: Tensor | None) -> Tensor:
+    def gradient(upstream: Tensor | None, out: Tensor | None = None) -> Tensor:
         # the module's backward order: masked_fill, then the class weight
         scale = _output_factor(module.loss_weight, reduction, weight, upstream, loss).expand(loss.shape)
         scale = scale.masked_fill(~valid, 0)
@@ -527,7 +531,7 @@ def regression_run(module: L1Loss | SmoothL1Loss, kwargs: Mapping[str, Any]) -> 
     reduction = _reduction(module, kwargs, loss.numel())
     value = module.finish(loss, weight, reduction.mode, reduction.avg_factor)
 
-    def gradient(upstream: Tensor | None) -> Tensor:
+    def gradient(upstream: Tensor | None, out: Tensor | None = None) -> Tensor:
         return grad.mul_(_output_factor(module.loss_weight, reduction, weight, upstream, loss))
 
     return Fused(value, gradient)
@@ -616,7 +620,7 @@ def giou_run(module: GIoULoss, kwargs: Mapping[str, Any]) -> Fused:
     reduction = _reduction(module, kwargs, loss.numel())
     value = module.finish(loss, weight, reduction.mode, reduction.avg_factor)
 
-    def gradient(upstream: Tensor | None) -> Tensor:
+    def gradient(upstream: Tensor | None, out: Tensor | None = None) -> Tensor:
         # Each backward step below is the module graph's, in its order (see the docstring), so the
         # rounding is autograd's bit for bit: chaotic training loops (examples/toy_training.py)
         # amplify even one-ulp differences in the box gradient.
@@ -634,7 +638,9 @@ def giou_run(module: GIoULoss, kwargs: Mapping[str, Any]) -> Fused:
         grad_area = grad_union.unsqueeze(-1) * pred_wh.flip(-1)
         grad_p2 = _routed(grad_o, p2, t2, minimum=True) + _routed(grad_e, p2, t2, minimum=False) + grad_area
         grad_p1 = _routed(-grad_o, p1, t1, minimum=False) + _routed(-grad_e, p1, t1, minimum=True) - grad_area
-        return torch.cat([grad_p1, grad_p2], dim=-1)
+        if out is None:
+            return torch.cat([grad_p1, grad_p2], dim=-1)
+        return torch.cat([grad_p1, grad_p2], dim=-1, out=out)
 
     return Fused(value, gradient)
 
@@ -642,12 +648,12 @@ def giou_run(module: GIoULoss, kwargs: Mapping[str, Any]) -> Fused:
 # -- the selection table -------------------------------------------------------------------------------
 
 FUSED_KERNELS: dict[type, FusedKernel] = {
-    FocalLoss: FusedKernel("FocalLoss", focal_supports, focal_run),
-    QualityFocalLoss: FusedKernel("QualityFocalLoss", qfl_supports, qfl_run),
+    FocalLoss: FusedKernel("FocalLoss", focal_supports, focal_run, writes_into=True),
+    QualityFocalLoss: FusedKernel("QualityFocalLoss", qfl_supports, qfl_run, writes_into=True),
     CrossEntropyLoss: FusedKernel("CrossEntropyLoss", ce_supports, ce_run),
     SmoothL1Loss: FusedKernel("SmoothL1Loss", regression_supports, regression_run),
     L1Loss: FusedKernel("L1Loss", regression_supports, regression_run),
-    GIoULoss: FusedKernel("GIoULoss", giou_supports, giou_run),
+    GIoULoss: FusedKernel("GIoULoss", giou_supports, giou_run, writes_into=True),
 }
 
 
