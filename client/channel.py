@@ -51,7 +51,7 @@ from losswire.v1 import loss_service_pb2_grpc as pb_grpc
 
 from . import codec
 from . import shared_memory as shm
-from .errors import RemoteLossError
+from .errors import RemoteLossError, is_busy
 from .security import Credentials
 
 log = logging.getLogger("losswire.client")
@@ -729,22 +729,16 @@ class LossClient:
         """``call(timeout)``, again after a busy answer (a RESOURCE_EXHAUSTED that passes: the server's
         big-call slots are taken) with RETRY_POLICY's backoff, until the deadline (or
         ``BUSY_PATIENCE_SECONDS`` without one): big calls wait their turn here, not in server threads."""
-        timeout = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + (BUSY_PATIENCE_SECONDS if timeout is None else timeout)
-        backoff = float(RETRY_POLICY["initialBackoff"].rstrip("s"))
+        patience = _Patience(self.timeout if timeout is None else timeout)
         while True:
-            remaining = None if timeout is None else max(deadline - time.monotonic(), 0.0)
             try:
-                return call(remaining)
+                return call(patience.remaining())
             except RemoteLossError as error:
-                pause = random.uniform(0, backoff)
-                if not error.busy or time.monotonic() + pause >= deadline:
+                pause = patience.next_pause() if error.busy else None
+                if pause is None:
                     raise
                 log.debug("busy server (%s); again in %.2f s", error.details, pause)
                 time.sleep(pause)
-                backoff = min(
-                    backoff * RETRY_POLICY["backoffMultiplier"], float(RETRY_POLICY["maxBackoff"].rstrip("s"))
-                )
 
     def _shared_memory_failed(self, error: BaseException) -> None:
         self._shared_memory_usable = False
@@ -800,35 +794,23 @@ class LossClient:
         method = channel.stream_stream(
             STREAM_METHOD, request_serializer=codec.serialize_chunk, response_deserializer=codec.parse_chunk
         )
-        timeout = self.timeout if timeout is None else timeout
-        started = time.monotonic()
-        deadline = started + (BUSY_PATIENCE_SECONDS if timeout is None else timeout)
-        backoff = float(RETRY_POLICY["initialBackoff"].rstrip("s"))
+        patience = _Patience(self.timeout if timeout is None else timeout)
         failures = 0  # UNAVAILABLE answers: RETRY_POLICY's attempts; a busy server is waited out instead
         while True:
-            remaining = None if timeout is None else max(deadline - time.monotonic(), 0.0)
             answered = False
             try:
-                responses = method(codec.stream_chunks(request, sink), timeout=remaining, metadata=metadata)
+                responses = method(codec.stream_chunks(request, sink), timeout=patience.remaining(), metadata=metadata)
                 first = next(responses)
                 answered = True
                 return _receive_stream(first, responses)
             except grpc.RpcError as error:
-                pause = random.uniform(0, backoff)  # gRPC's jitter: anywhere up to the current backoff
                 failures += error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED
-                retry = (
-                    not answered
-                    and _passing(error)
-                    and failures < RETRY_POLICY["maxAttempts"]
-                    and time.monotonic() + pause < deadline
-                )
-                if not retry:
+                retry = not answered and _passing(error) and failures < RETRY_POLICY["maxAttempts"]
+                pause = patience.next_pause() if retry else None
+                if pause is None:
                     raise RemoteLossError.from_rpc_error(error) from None
                 log.debug("EvaluateStream: %s; again in %.2f s", error.code().name, pause)
                 time.sleep(pause)
-                backoff = min(
-                    backoff * RETRY_POLICY["backoffMultiplier"], float(RETRY_POLICY["maxBackoff"].rstrip("s"))
-                )
 
     def _evaluate_per_session(
         self, request: pb.EvaluateRequest, sessions: list[str], timeout: float | None
@@ -926,16 +908,38 @@ class LossClient:
             channel.close()
 
 
+class _Patience:
+    """The client's own retries (streams, busy answers): RETRY_POLICY's jittered, growing backoff,
+    within ``timeout`` seconds (``BUSY_PATIENCE_SECONDS`` without one)."""
+
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = timeout
+        self.deadline = time.monotonic() + (BUSY_PATIENCE_SECONDS if timeout is None else timeout)
+        self.backoff = _seconds(RETRY_POLICY["initialBackoff"])
+
+    def remaining(self) -> float | None:
+        """The next attempt's timeout: what is left of the deadline (None without one)."""
+        return None if self.timeout is None else max(self.deadline - time.monotonic(), 0.0)
+
+    def next_pause(self) -> float | None:
+        """How long to wait before the next attempt (gRPC's jitter: anywhere up to the current
+        backoff, which then grows), or None when that wait would end past the deadline."""
+        pause = random.uniform(0, self.backoff)
+        if time.monotonic() + pause >= self.deadline:
+            return None
+        self.backoff = min(self.backoff * RETRY_POLICY["backoffMultiplier"], _seconds(RETRY_POLICY["maxBackoff"]))
+        return pause
+
+
+def _seconds(duration: str) -> float:
+    """A gRPC service-config duration ("0.1s") in seconds."""
+    return float(duration.rstrip("s"))
+
+
 def _passing(error: grpc.RpcError) -> bool:
-    """A failure a later attempt may not meet: UNAVAILABLE, or RESOURCE_EXHAUSTED without the server's
-    "do not retry" pushback (a size limit carries it; a busy server does not)."""
+    """A failure a later attempt may not meet: UNAVAILABLE, or a busy server's RESOURCE_EXHAUSTED."""
     code = error.code() if hasattr(error, "code") else None
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return True
-    if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return False
-    trailers = dict(error.trailing_metadata() or ()) if hasattr(error, "trailing_metadata") else {}
-    return trailers.get("grpc-retry-pushback-ms") != "-1"
+    return code == grpc.StatusCode.UNAVAILABLE or is_busy(error)
 
 
 def _region_forgotten(error: RemoteLossError) -> bool:

@@ -35,6 +35,14 @@ class RemoteLossError(RuntimeError):
                 detail.Unpack(bad_request)
                 if bad_request.field_violations:
                     field = bad_request.field_violations[0].field
-        trailers = dict(error.trailing_metadata() or ()) if hasattr(error, "trailing_metadata") else {}
-        busy = code == grpc.StatusCode.RESOURCE_EXHAUSTED and trailers.get("grpc-retry-pushback-ms") != "-1"
-        return cls(code, details or "", field, busy)
+        return cls(code, details or "", field, is_busy(error))
+
+
+def is_busy(error: grpc.RpcError) -> bool:
+    """A RESOURCE_EXHAUSTED that passes (the server is busy): without the server's "do not retry"
+    pushback (grpc-retry-pushback-ms: -1), which a size limit carries."""
+    code = error.code() if hasattr(error, "code") else None
+    if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return False
+    trailers = dict(error.trailing_metadata() or ()) if hasattr(error, "trailing_metadata") else {}
+    return trailers.get("grpc-retry-pushback-ms") != "-1"
