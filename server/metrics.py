@@ -215,11 +215,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             code = context.code() or grpc.StatusCode.UNKNOWN
             raise
         finally:
-            series.in_flight.dec()
-            series.duration.observe(time.perf_counter() - started)
-            series.requests(code.name).inc()
-            for loss in _loss_types(method, request):
-                self._term_counter(loss, code.name).inc()
+            self._record(series, started, code, _loss_types(method, request))
 
     def _observe_stream(
         self, method: str, behaviour: Callable, requests: Iterator[Any], context: grpc.ServicerContext
@@ -244,11 +240,15 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             code = context.code() or grpc.StatusCode.UNKNOWN
             raise
         finally:
-            series.in_flight.dec()
-            series.duration.observe(time.perf_counter() - started)
-            series.requests(code.name).inc()
-            for loss in tally.losses:
-                self._term_counter(loss, code.name).inc()
+            self._record(series, started, code, tally.losses)
+
+    def _record(self, series: _MethodSeries, started: float, code: grpc.StatusCode, losses: list[str]) -> None:
+        """A call has ended with ``code``: out of flight, its duration, its status, its terms'."""
+        series.in_flight.dec()
+        series.duration.observe(time.perf_counter() - started)
+        series.requests(code.name).inc()
+        for loss in losses:
+            self._term_counter(loss, code.name).inc()
 
     def _observe_stages(self, response: Any) -> None:
         timings = response.timings
