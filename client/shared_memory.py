@@ -177,30 +177,42 @@ def sweep_stale(now: float | None = None) -> int:
     return removed
 
 
+class SegmentRange:
+    """Room in bytes [start, end) of a segment, handed out front to back, each piece 64-byte aligned:
+    ``range(nbytes)`` is (region, offset, a uint8 view of nbytes) or None when it does not fit (a
+    ``codec.StreamSink.place`` reserve). The caller's inputs and the server's answers use it alike."""
+
+    def __init__(self, segment: Segment, region: str, start: int, end: int) -> None:
+        self.segment, self.region, self.end = segment, region, end
+        self.cursor = align(start)
+
+    def __call__(self, nbytes: int) -> tuple[str, int, Tensor] | None:
+        offset = self.cursor
+        if offset + nbytes > self.end:
+            return None
+        self.cursor = align(offset + nbytes)
+        return self.region, offset, self.segment.bytes_at(offset, nbytes)
+
+
 class Lease:
-    """One call's use of one registered segment: inputs from offset ``NONCE_BYTES`` (aligned) up,
-    then an output range. ``put`` copies a tensor's bytes in; ``outputs`` views the output range."""
+    """One call's use of one registered segment: inputs from offset ``NONCE_BYTES`` (aligned) up
+    (``reserve``), then the rest as the output range (``reserve_outputs``, ``output_bytes``)."""
 
     def __init__(self, pool: SharedMemoryPool, segment: Segment, region: str) -> None:
         self.pool, self.segment, self.region = pool, segment, region
-        self.used = align(NONCE_BYTES)
+        self.inputs = SegmentRange(segment, region, NONCE_BYTES, segment.size)
         self.output_offset = self.output_size = 0
         self.outputs: np.ndarray | None = None
 
     def reserve(self, nbytes: int) -> tuple[str, int, Tensor] | None:
-        """Room for ``nbytes`` of input: (region, offset, a uint8 view to copy them into), or None
-        when the segment is full (``codec.StreamSink.place``'s ``reserve``)."""
-        offset = self.used
-        if self.outputs is not None or offset + nbytes > self.segment.size:
-            return None
-        self.used = align(offset + nbytes)
-        return self.region, offset, self.segment.bytes_at(offset, nbytes)
+        """Room for ``nbytes`` of input (see SegmentRange); None once the output range is taken."""
+        return None if self.outputs is not None else self.inputs(nbytes)
 
     def reserve_outputs(self) -> tuple[int, int]:
         """The rest of the segment as the output range; its views live on the array kept here,
         and the segment goes back to the pool once that array is freed (see ``done``)."""
-        self.output_offset = self.used
-        self.output_size = self.segment.size - self.used
+        self.output_offset = self.inputs.cursor
+        self.output_size = self.segment.size - self.output_offset
         # an array of its own over the mapping (not a slice of segment.array: numpy would make every
         # view's base segment.array, and the finalizer would fire while views still read the range)
         self.outputs = np.frombuffer(self.segment.memory, np.uint8, self.output_size, self.output_offset)

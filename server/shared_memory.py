@@ -17,13 +17,12 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-from collections.abc import Callable
 
 import grpc
 import torch
 
 from losswire.client import codec
-from losswire.client.shared_memory import NAME_PATTERN, NONCE_BYTES, Segment, align
+from losswire.client.shared_memory import NAME_PATTERN, NONCE_BYTES, Segment, SegmentRange
 from losswire.v1 import loss_service_pb2 as pb
 
 from .status import RequestError
@@ -182,20 +181,10 @@ class SharedMemoryRegistry:
         """The request's tensors that lie in shared memory, by field path, viewed in place."""
         return codec.shared_memory_tensors(request, self.resolve, max_elements)
 
-    def output_range(self, ref: pb.SharedMemoryRef) -> Callable[[int], tuple[str, int, torch.Tensor] | None]:
+    def output_range(self, ref: pb.SharedMemoryRef) -> SegmentRange:
         """A ``StreamSink.place`` reserve that fills ``ref``'s range front to back, 64-byte aligned."""
         segment = self._segment(ref, "output_shm")
-        end = ref.offset + ref.byte_size
-        cursor = align(ref.offset)
-
-        def reserve(nbytes: int) -> tuple[str, int, torch.Tensor] | None:
-            nonlocal cursor
-            if cursor + nbytes > end:
-                return None
-            offset, cursor = cursor, align(cursor + nbytes)
-            return ref.region, offset, segment.bytes_at(offset, nbytes)
-
-        return reserve
+        return SegmentRange(segment, ref.region, ref.offset, ref.offset + ref.byte_size)
 
     @property
     def regions(self) -> int:
