@@ -707,7 +707,7 @@ class LossClient:
                 )
                 response = self._waiting_out_busy(lambda remaining: self._evaluate_unary(request, remaining), timeout)
                 try:
-                    views = codec.shared_memory_tensors(response, lease.output_bytes)
+                    views = codec.shared_memory_tensors(codec.tensors_of(response), lease.output_bytes)
                 except (codec.CodecError, ValueError) as error:
                     message = f"a malformed shared-memory answer: {error}"
                     raise RemoteLossError(grpc.StatusCode.DATA_LOSS, message) from None

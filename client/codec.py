@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -590,15 +590,18 @@ Reserve = Callable[[int], "tuple[str, int, Tensor] | None"]
 Resolve = Callable[[pb.SharedMemoryRef, str], Tensor]
 
 
-def shared_memory_tensors(root: Message, resolve: Resolve, max_elements: int | None = None) -> dict[str, Tensor]:
-    """Every tensor of ``root`` that lies in shared memory (``Tensor.shm``), by field path, viewed in
-    place (declared shape, data dtype) for ``decode_tensor(..., streamed=...)``.
+def shared_memory_tensors(
+    tensors: Iterable[tuple[str, pb.Tensor]], resolve: Resolve, max_elements: int | None = None
+) -> dict[str, Tensor]:
+    """Those of ``tensors`` (a message's ``tensors_of``: field path, Tensor) that lie in shared memory
+    (``Tensor.shm``), by field path, viewed in place (declared shape, data dtype) for
+    ``decode_tensor(..., streamed=...)``.
 
     The reference must agree with the declared dtype and shape: ``byte_size`` the tensor's bytes,
     the offset a multiple of the item size, and ``data`` empty; otherwise a CodecError names it.
     """
     found: dict[str, Tensor] = {}
-    for path, message in tensors_of(root):
+    for path, message in tensors:
         if not message.HasField("shm"):
             continue
         ref, field = message.shm, f"{path}.shm"

@@ -33,8 +33,9 @@ class RequestLimits:
     max_dims: int = codec.MAX_DIMS
 
 
-def check_request(request: pb.EvaluateRequest, limits: RequestLimits) -> int:
-    """Refuse a request over a limit before it is decoded; returns its element count."""
+def check_request(request: pb.EvaluateRequest, limits: RequestLimits) -> list[tuple[str, pb.Tensor]]:
+    """Refuse a request over a limit before it is decoded; returns its tensors as walked (field
+    path, Tensor: ``codec.tensors_of``), so that the caller need not walk the request again."""
     terms = len(request.terms)
     if limits.max_terms is not None and terms > limits.max_terms:
         raise RequestError(
@@ -44,7 +45,8 @@ def check_request(request: pb.EvaluateRequest, limits: RequestLimits) -> int:
             code=grpc.StatusCode.RESOURCE_EXHAUSTED,
         )
     total, largest = 0, ("", 0)
-    for path, tensor in codec.tensors_of(request):
+    tensors = list(codec.tensors_of(request))
+    for path, tensor in tensors:
         numel = codec.check_shape(list(tensor.shape), path, limits.max_dims, limits.max_elements)
         total += numel
         if numel > largest[1]:
@@ -58,4 +60,4 @@ def check_request(request: pb.EvaluateRequest, limits: RequestLimits) -> int:
             field=f"{path}.shape",
             code=grpc.StatusCode.RESOURCE_EXHAUSTED,
         )
-    return total
+    return tensors

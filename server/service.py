@@ -202,8 +202,8 @@ class LossService(pb_grpc.LossServiceServicer):
         at = _Position()
         try:
             check_cancelled(caller_gone, "the whole call")  # it waited in the queue while its caller gave up
-            check_request(request, self.limits)  # sizes from the declared shapes, before any decoding
-            shared = self.shared_memory.inputs(request, self.max_elements)  # views of the caller's pages
+            tensors = check_request(request, self.limits)  # sizes from the declared shapes, before decoding
+            shared = self.shared_memory.inputs(tensors, self.max_elements)  # views of the caller's pages
             # a call with tensors in shared memory is a big call: it takes one of the streams' slots
             admitted = bool(shared) or request.HasField("output_shm")
             if admitted and not self._admit_stream():
@@ -236,11 +236,11 @@ class LossService(pb_grpc.LossServiceServicer):
             try:
                 check_cancelled(caller_gone, "the whole call")
                 request = self._stream_header(request_iterator)
-                check_request(request, self.limits)  # declared shapes, before the assembler allocates
+                tensors = check_request(request, self.limits)  # declared shapes, before the assembler allocates
                 admitted = self._admit_stream()
                 if not admitted:
                     raise self._busy()
-                shared = self.shared_memory.inputs(request, self.max_elements)  # a header may name some too
+                shared = self.shared_memory.inputs(tensors, self.max_elements)  # a header may name some too
                 assembler = codec.StreamAssembler(request, self.max_elements)
                 for message in request_iterator:
                     if isinstance(message, MalformedRequest):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+from collections.abc import Iterable
 
 import grpc
 import torch
@@ -177,9 +178,12 @@ class SharedMemoryRegistry:
         """A uint8 view of the referenced bytes (``codec.shared_memory_tensors``'s ``resolve``)."""
         return self._segment(ref, field).bytes_at(ref.offset, ref.byte_size)
 
-    def inputs(self, request: pb.EvaluateRequest, max_elements: int | None = None) -> dict[str, torch.Tensor]:
-        """The request's tensors that lie in shared memory, by field path, viewed in place."""
-        return codec.shared_memory_tensors(request, self.resolve, max_elements)
+    def inputs(
+        self, tensors: Iterable[tuple[str, pb.Tensor]], max_elements: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Those of a request's tensors (``codec.tensors_of``) that lie in shared memory, by field
+        path, viewed in place."""
+        return codec.shared_memory_tensors(tensors, self.resolve, max_elements)
 
     def output_range(self, ref: pb.SharedMemoryRef) -> SegmentRange:
         """A ``StreamSink.place`` reserve that fills ``ref``'s range front to back, 64-byte aligned."""
