@@ -164,8 +164,9 @@ class LossService(pb_grpc.LossServiceServicer):
     """Evaluates loss terms on ``device`` with the losses of ``registry``.
 
     ``limits`` bound what one request may hold (its ``max_elements`` overrides ``max_elements``);
-    ``max_stream_calls`` bounds the EvaluateStream calls served at once (keep it below the server's
-    worker threads, so that small calls always find one).
+    ``max_stream_calls`` bounds the big calls (EvaluateStream, or Evaluate with tensors in shared
+    memory) served at once (keep it below the server's worker threads, so that small calls always
+    find one).
     """
 
     def __init__(
@@ -186,10 +187,11 @@ class LossService(pb_grpc.LossServiceServicer):
         self.sessions = sessions if sessions is not None else SessionStore(registry, device)
         self.evaluator = Evaluator(registry, self.sessions, fused)
         self.shared_memory = shared_memory if shared_memory is not None else SharedMemoryRegistry(enabled=False)
-        # Streamed (big) calls admitted at once, receiving, evaluating or sending. One beyond is refused
-        # at once (RESOURCE_EXHAUSTED, retryable) rather than queued: a queued stream would hold a worker
-        # thread, and with max_stream_calls below the server's worker count, small unary calls always
-        # find a worker however many big ones arrive. It also bounds the memory big calls hold.
+        # Big calls (streamed, or with tensors in shared memory) admitted at once, receiving, evaluating
+        # or sending. One beyond is refused at once (RESOURCE_EXHAUSTED, retryable) rather than queued:
+        # a queued one would hold a worker thread, and with max_stream_calls below the server's worker
+        # count, small unary calls always find a worker however many big ones arrive. It also bounds
+        # the memory big calls hold.
         self.max_stream_calls = max_stream_calls
         self._stream_slots = threading.BoundedSemaphore(max_stream_calls)
         self._stream_count, self._stream_count_lock = 0, threading.Lock()
