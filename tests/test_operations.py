@@ -7,6 +7,7 @@ Every count they assert is computed from the requests the test itself sent.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -51,6 +52,11 @@ def value(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def change(before: dict, after: dict, name: str, **labels: str) -> float:
+    """How far a sample moved between two scrapes."""
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
 def focal_request(n: int = 8) -> pb.EvaluateRequest:
     request = pb.EvaluateRequest()
     term = request.terms.add()
@@ -92,8 +98,7 @@ def test_metrics_count_requests_losses_statuses_and_bytes(metered_server: Server
         client.close()
     after = scrape(metered_server.metrics_port)
 
-    def moved(name: str, **labels: str) -> float:
-        return value(after, name, **labels) - value(before, name, **labels)
+    moved = functools.partial(change, before, after)
 
     assert moved("losswire_requests_total", method="Evaluate", code="OK") == 3
     assert moved("losswire_requests_total", method="Evaluate", code="NOT_FOUND") == 1
@@ -131,8 +136,7 @@ def test_metrics_count_streamed_calls(metered_server: ServerProcess):
         client.close()
     after = scrape(metered_server.metrics_port)
 
-    def moved(name: str, **labels: str) -> float:
-        return value(after, name, **labels) - value(before, name, **labels)
+    moved = functools.partial(change, before, after)
 
     assert moved("losswire_requests_total", method="EvaluateStream", code="OK") == 1
     assert moved("losswire_requests_total", method="EvaluateStream", code="NOT_FOUND") == 1
