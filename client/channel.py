@@ -51,6 +51,7 @@ from losswire.v1 import loss_service_pb2_grpc as pb_grpc
 
 from . import codec
 from . import shared_memory as shm
+from .buffers import DEFAULT_IDLE_BYTES, BufferPool
 from .errors import RemoteLossError, is_busy
 from .security import Credentials
 
@@ -97,6 +98,7 @@ STREAM_METHOD = f"/{SERVICE_NAME}/EvaluateStream"
 SHARED_MEMORY_THRESHOLD_BYTES = 1 << 20
 SHARED_MEMORY_MODES = ("auto", "on", "off")
 SHARED_MEMORY_ENV = "LOSSWIRE_CLIENT_SHARED_MEMORY"  # the server's LOSSWIRE_SHARED_MEMORY is on/off
+BUFFER_POOL_ENV = "LOSSWIRE_CLIENT_BUFFER_POOL"  # bytes of idle receive buffers kept (0: none)
 # gRPC keeps a call's request to send it again only while it fits this buffer (its default, 256 KiB,
 # would leave every call of a realistic detection batch unretried); bigger calls are sent once.
 RETRY_BUFFER_BYTES = 64 << 20
@@ -468,6 +470,10 @@ class LossClient:
     that resolves to this machine); ``"off"``: never. A server that cannot share memory with this
     process (another host or container, another user, ``--shared-memory off``, an older server)
     is noticed on the first try, logged, and the client sends tensors over gRPC from then on.
+
+    ``buffer_pool_bytes`` (None reads ``LOSSWIRE_CLIENT_BUFFER_POOL``, default 1 GiB): idle receive
+    buffers kept so that a streamed answer lands in memory a freed earlier answer used (see
+    :mod:`losswire.client.buffers`); 0: fresh memory every call.
     """
 
     _shared: dict[tuple[str | tuple[str, ...], Credentials], LossClient] = {}
@@ -484,6 +490,7 @@ class LossClient:
         stream_threshold: int | None = STREAM_THRESHOLD_BYTES,
         transfer_dtype: str | None = None,
         shared_memory: Literal["auto", "on", "off"] | None = None,
+        buffer_pool_bytes: int | None = None,
     ):
         if on_session_restart not in ("warn", "raise"):
             raise ValueError(f"on_session_restart must be 'warn' or 'raise', got {on_session_restart!r}")
@@ -513,6 +520,10 @@ class LossClient:
         # lazily made on the first big call; None once shared memory turned out not to work here
         self._shared_memory_usable = usable and self.replicas is None and shm.supported()
         self._pool: shm.SharedMemoryPool | None = None
+        if buffer_pool_bytes is None:
+            buffer_pool_bytes = _env_bytes(BUFFER_POOL_ENV, DEFAULT_IDLE_BYTES)
+        # streamed answers are reassembled into buffers reused once the last call's are freed
+        self.buffers = BufferPool(buffer_pool_bytes)
 
     @classmethod
     def shared(cls, target: Target = DEFAULT_TARGET, credentials: Credentials | None = None) -> LossClient:
@@ -802,7 +813,7 @@ class LossClient:
                 responses = method(codec.stream_chunks(request, sink), timeout=patience.remaining(), metadata=metadata)
                 first = next(responses)
                 answered = True
-                return _receive_stream(first, responses)
+                return _receive_stream(first, responses, self.buffers)
             except grpc.RpcError as error:
                 failures += error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED
                 retry = not answered and _passing(error) and failures < RETRY_POLICY["maxAttempts"]
@@ -947,12 +958,24 @@ def _region_forgotten(error: RemoteLossError) -> bool:
     return error.code == grpc.StatusCode.NOT_FOUND and (error.field or "").endswith("shm.region")
 
 
-def _receive_stream(first: pb.EvaluateChunk, responses: Any) -> tuple[pb.EvaluateResponse, dict[str, Tensor]]:
+def _env_bytes(name: str, default: int) -> int:
+    """A byte count from the environment variable ``name`` (unset or empty: ``default``)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    if not text.isdigit():
+        raise ValueError(f"{name} must be a number of bytes (0 or more), got {text!r}")
+    return int(text)
+
+
+def _receive_stream(
+    first: pb.EvaluateChunk, responses: Any, buffers: BufferPool
+) -> tuple[pb.EvaluateResponse, dict[str, Tensor]]:
     """The response of an EvaluateStream: its first message, then the chunks of its big tensors."""
     try:
         if first.WhichOneof("kind") != "response":
             raise codec.CodecError(f"the first message carries {first.WhichOneof('kind')}, not the response")
-        assembler = codec.StreamAssembler(first.response)
+        assembler = codec.StreamAssembler(first.response, allocate=buffers.take)
         for message in responses:
             if message.WhichOneof("kind") != "chunk":
                 raise codec.CodecError(f"a later message carries {message.WhichOneof('kind')}, not a chunk")

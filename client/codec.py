@@ -635,6 +635,10 @@ def fill_streamed(root: Message, streamed: Mapping[str, Tensor]) -> None:
                 message.data = streamed[path].reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+def _empty_bytes(nbytes: int) -> Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8)
+
+
 class _Pending:
     __slots__ = ("buffer", "dtype", "nbytes", "received", "shape")
 
@@ -653,10 +657,14 @@ class StreamAssembler:
     allocates. A chunk naming no streamed tensor, out of order (its offset is not the bytes received
     so far: a gap or an overlap) or past the tensor's end, and a stream that ends before a tensor is
     complete, are CodecErrors naming the field. ``tensors`` maps each path to its tensor (declared
-    shape, data dtype) for ``decode_tensor(..., streamed=...)``.
+    shape, data dtype) for ``decode_tensor(..., streamed=...)``. ``allocate(nbytes)`` gives each
+    buffer, a uint8 tensor (default: fresh memory; ``BufferPool.take``: reused memory).
     """
 
-    def __init__(self, header: Message, max_elements: int | None = None) -> None:
+    def __init__(
+        self, header: Message, max_elements: int | None = None, allocate: Callable[[int], Tensor] | None = None
+    ) -> None:
+        allocate = allocate or _empty_bytes
         self._pending: dict[str, _Pending] = {}
         for path, message in tensors_of(header):
             _, data_dtype = _wire_dtypes(message, path)
@@ -664,7 +672,7 @@ class StreamAssembler:
             numel = check_shape(shape, path, max_elements=max_elements)
             if numel == 0 or len(message.data) > 0 or message.HasField("shm"):
                 continue  # inline (decode_tensor checks its length), in shared memory, or empty
-            buffer = torch.empty(numel * data_dtype.itemsize, dtype=torch.uint8)
+            buffer = allocate(numel * data_dtype.itemsize)
             self._pending[path] = _Pending(buffer, data_dtype, shape)
         self.tensors: dict[str, Tensor] = {}
         self.chunks = 0

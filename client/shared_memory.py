@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .buffers import size_class
+
 SEGMENT_DIR = "/dev/shm"
 NAME_PREFIX = "losswire_"
 NAME_PATTERN = re.compile(r"losswire_[A-Za-z0-9_]{1,200}")
@@ -49,9 +51,7 @@ STALE_SECONDS = 60.0  # an unlocked, unregistered segment this old was left by a
 def segment_size(nbytes: int) -> int:
     """The size of a new segment for ``nbytes``: at least 1 MiB, rounded up to a size class (a
     power of two times 1, 1.25, 1.5 or 1.75: at most 25 % unused, and reusable by similar calls)."""
-    nbytes = max(nbytes, MIN_SEGMENT_BYTES)
-    step = 1 << max(nbytes.bit_length() - 3, 0)  # a quarter of the power of two below nbytes
-    return -(-nbytes // step) * step
+    return size_class(max(nbytes, MIN_SEGMENT_BYTES))
 
 
 def supported() -> bool:

@@ -14,6 +14,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from losswire.client.buffers import DEFAULT_IDLE_BYTES, BufferPool
 from losswire.v1 import loss_service_pb2 as pb
 
 from . import __version__
@@ -51,6 +52,8 @@ class ServerConfig:
     # same-host callers may register shared-memory segments and pass tensors by reference
     shared_memory: bool = True
     max_shared_memory: int | None = 64 << 30  # bytes mapped for all callers together; None: unbounded
+    # idle buffers kept for reuse by big calls (streamed tensors, their answers); 0: fresh memory each call
+    buffer_pool_bytes: int = DEFAULT_IDLE_BYTES
     max_message_bytes: int = MAX_MESSAGE_BYTES
     max_elements: int | None = None  # per tensor; larger tensors are refused before allocation
     # summed over every tensor of a request; None: bounded by max_message_bytes alone (every element
@@ -153,6 +156,7 @@ class LosswireServer:
             stream_calls,
             config.fused_kernels,
             self.shared_memory,
+            BufferPool(config.buffer_pool_bytes),
         )
         add_to_server(self.service, self.server)
         # the Open Inference Protocol (KServe v2 / Triton) over the same evaluator, on the same port

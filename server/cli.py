@@ -223,6 +223,14 @@ KNOBS: tuple[Knob, ...] = (
         _DEFAULT.max_shared_memory,
         "bytes of shared memory mapped for all callers together; beyond, RESOURCE_EXHAUSTED (0: unbounded)",
     ),
+    Knob(
+        "buffer_pool",
+        _int_at_least(0),
+        _DEFAULT.buffer_pool_bytes,
+        "bytes of idle buffers kept to receive and answer the next big streamed call into memory already "
+        "written once (0: fresh memory every call)",
+        "buffer_pool_bytes",
+    ),
     Knob("torch_threads", _optional_limit, None, "torch intra-op threads (0 or none: torch's default)"),
     Knob(
         "grace",

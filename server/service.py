@@ -19,6 +19,7 @@ import grpc
 import torch
 
 from losswire.client import codec
+from losswire.client.buffers import BufferPool
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.v1 import loss_service_pb2_grpc as pb_grpc
 
@@ -146,6 +147,15 @@ def _gradient_writer(
     return writer
 
 
+def _pooled(buffers: BufferPool) -> Callable[[torch.Size, torch.dtype], torch.Tensor | None]:
+    """A ``TermRequest.gradient_out`` that gives fused kernels a buffer from ``buffers``."""
+
+    def writer(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        return buffers.take(math.prod(shape) * dtype.itemsize).view(dtype).reshape(shape)
+
+    return writer
+
+
 def add_to_server(service: LossService, server: grpc.Server) -> None:
     """Register ``service``: the generated handlers, with EvaluateStream's messages read and written
     without protobuf copies of their chunks' bytes (``codec.parse_chunk``, ``codec.serialize_chunk``:
@@ -179,6 +189,7 @@ class LossService(pb_grpc.LossServiceServicer):
         max_stream_calls: int = 2,
         fused: bool = True,
         shared_memory: SharedMemoryRegistry | None = None,
+        buffers: BufferPool | None = None,
     ) -> None:
         self.device = device
         self.registry = registry
@@ -187,6 +198,9 @@ class LossService(pb_grpc.LossServiceServicer):
         self.sessions = sessions if sessions is not None else SessionStore(registry, device)
         self.evaluator = Evaluator(registry, self.sessions, fused)
         self.shared_memory = shared_memory if shared_memory is not None else SharedMemoryRegistry(enabled=False)
+        # streamed tensors are reassembled into, and fused kernels write streamed answers into,
+        # buffers reused call after call: fresh memory costs a page fault per 4 KiB on first write
+        self.buffers = buffers if buffers is not None else BufferPool(0)
         # Big calls (streamed, or with tensors in shared memory) admitted at once, receiving, evaluating
         # or sending. One beyond is refused at once (RESOURCE_EXHAUSTED, retryable) rather than queued:
         # a queued one would hold a worker thread, and with max_stream_calls below the server's worker
@@ -243,7 +257,7 @@ class LossService(pb_grpc.LossServiceServicer):
                 if not admitted:
                     raise self._busy()
                 shared = self.shared_memory.inputs(tensors, self.max_elements)  # a header may name some too
-                assembler = codec.StreamAssembler(request, self.max_elements)
+                assembler = codec.StreamAssembler(request, self.max_elements, self.buffers.take)
                 for message in request_iterator:
                     if isinstance(message, MalformedRequest):
                         raise malformed_error(message, f"message {assembler.chunks + 2} of the stream", "chunk")
@@ -346,6 +360,8 @@ class LossService(pb_grpc.LossServiceServicer):
         if output_range is not None and not transfer and self.device.type == "cpu":
             writer = _gradient_writer(output_range, in_place)
             terms = [dataclasses.replace(term, gradient_out=writer) for term in terms]
+        elif sink is not None and self.device.type == "cpu":  # streamed back: into a reused buffer
+            terms = [dataclasses.replace(term, gradient_out=_pooled(self.buffers)) for term in terms]
         decoded = time.perf_counter()
         outcomes = []
         for index, term in enumerate(terms):
