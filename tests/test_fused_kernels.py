@@ -543,3 +543,66 @@ def test_small_terms_run_on_one_intra_op_thread():
         assert seen == [1, 2]
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_focal_loss_in_row_blocks_is_the_whole_tensor_pass_bit_for_bit(dtype, monkeypatch):
+    """Above BLOCKED_MIN_ELEMENTS FocalLoss works through cache-sized row blocks (each a multiple of
+    64 elements, so no vector loop ends inside the tensor): on one thread, autograd's bits exactly,
+    for every reduction, weight shape and an upstream gradient. Small block sizes stand in for the
+    real ones; C = 7 makes blocks of rows whose element counts need the alignment."""
+    monkeypatch.setattr(fused, "BLOCK_ELEMENTS", 1000)
+    monkeypatch.setattr(fused, "BLOCKED_MIN_ELEMENTS", 2000)
+    n = 1003  # 7021 elements: 8 blocks of 128 rows (896 elements) and the rest
+    blocks = fused.row_blocks(n, C)
+    assert len(blocks) == 8 and all((b.stop - b.start) * C % 64 == 0 for b in blocks[:-1])
+    pred, labels = _logits(dtype, n=n), _labels(n=n)
+    weights = (None, torch.rand(n, generator=_gen(5), dtype=dtype), torch.rand(n, C, generator=_gen(6), dtype=dtype))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for cfg in ({"type": "FocalLoss"}, {"type": "FocalLoss", "gamma": 1.5, "alpha": 0.4, "loss_weight": 2.0}):
+            for (reduction, avg_factor), weight in itertools.product(
+                (("mean", None), ("mean", 7.0), ("sum", None), ("none", None)), weights
+            ):
+                fields = {"weight": weight, "reduction_override": reduction, "avg_factor": avg_factor}
+                auto, fast = (e.evaluate(_term(cfg, pred, labels, **fields)) for e in (AUTOGRAD, FUSED))
+                assert fast.fused == "FocalLoss"
+                assert torch.equal(fast.loss, auto.loss), (cfg, reduction, avg_factor)
+                assert torch.equal(_gradient(fast), _gradient(auto)), (cfg, reduction, avg_factor, weight is None)
+            upstream = torch.rand(n, C, generator=_gen(8), dtype=dtype)
+            fields = {"reduction_override": "none", "grad_output": upstream}
+            auto, fast = (e.evaluate(_term(cfg, pred, labels, **fields)) for e in (AUTOGRAD, FUSED))
+            assert torch.equal(_gradient(fast), _gradient(auto))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_giou_loss_in_row_blocks_is_autograd_bit_for_bit(dtype, monkeypatch):
+    """GIoULoss over blocks of boxes (flat and batched boxes, every reduction, [N] and [N, 4] weights,
+    an upstream gradient): autograd's bits, its arithmetic being exact-rounded element-wise steps."""
+    monkeypatch.setattr(fused, "BLOCK_ELEMENTS", 1000)
+    monkeypatch.setattr(fused, "BLOCKED_MIN_ELEMENTS", 2000)
+    n = 1001
+    cfg = {"type": "GIoULoss", "loss_weight": 2.0}
+    for pred, target in (
+        (_boxes(dtype, n=n), _boxes(dtype, n=n, seed=7)),
+        (_boxes(dtype, n=2 * n).view(2, n, 4), _boxes(dtype, n=2 * n, seed=7).view(2, n, 4)),
+    ):
+        boxes = pred.shape[:-1]
+        assert len(fused.row_blocks(pred[..., 0].numel(), 4)) > 1
+        weights = [None, torch.rand(pred.shape, generator=_gen(6), dtype=dtype)]
+        if pred.dim() == 2:  # a per-box weight is mmdet's for [N, 4] boxes only
+            weights.append(torch.rand(boxes, generator=_gen(5), dtype=dtype))
+        for (reduction, avg_factor), weight in itertools.product(
+            (("mean", None), ("mean", 7.0), ("sum", None), ("none", None)), weights
+        ):
+            fields = {"weight": weight, "reduction_override": reduction, "avg_factor": avg_factor}
+            auto, fast = (e.evaluate(_term(cfg, pred, target, **fields)) for e in (AUTOGRAD, FUSED))
+            assert fast.fused == "GIoULoss"
+            assert torch.equal(fast.loss, auto.loss), (reduction, avg_factor)
+            assert torch.equal(_gradient(fast), _gradient(auto)), (reduction, avg_factor, pred.dim())
+        fields = {"reduction_override": "none", "grad_output": torch.rand(boxes, generator=_gen(8), dtype=dtype)}
+        auto, fast = (e.evaluate(_term(cfg, pred, target, **fields)) for e in (AUTOGRAD, FUSED))
+        assert torch.equal(_gradient(fast), _gradient(auto))

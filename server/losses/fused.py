@@ -13,8 +13,9 @@ set the rounding: ``x - logsigmoid(x)`` for BCE with a zero target, ``log_softma
 ``1 - p`` for the focal ``1 - p_t``...) and hands its element-wise loss to the module's own
 ``finish`` (weight, reduction, ``avg_factor``, ``loss_weight``), so the loss value is the module's.
 The gradient's closed form is evaluated with autograd's products in autograd's order (the derivation
-is in each docstring), which on the CPU makes FocalLoss, QualityFocalLoss, L1/SmoothL1 and GIoU
-gradients autograd's bit for bit; CE's differs in the last bit on some elements (torch.exp vs
+is in each docstring), which on the CPU (one intra-op thread, as small terms run; see
+``row_blocks`` for several) makes FocalLoss, QualityFocalLoss, L1/SmoothL1 and GIoU gradients
+autograd's bit for bit; CE's differs in the last bit on some elements (torch.exp vs
 log_softmax's backward kernel). tests/test_fused_kernels.py checks both. The saving is the graph:
 no saved intermediates, no zero-filled gradient buffers, no one-hot targets, in-place products.
 
@@ -185,6 +186,33 @@ def _pow_grad(base: Tensor, exponent: float) -> Tensor:
     return exponent * base.pow(exponent - 1)
 
 
+# -- cache-sized blocks --------------------------------------------------------------------------------
+
+# A big tensor's element-wise steps, each a pass over the whole tensor into a fresh one, are bound by
+# memory: fresh intermediates of tens of MiB cost page faults and never stay in cache. Above
+# BLOCKED_MIN_ELEMENTS a kernel works through blocks of about BLOCK_ELEMENTS (512 KiB per float32
+# intermediate): FocalLoss [209715, 80] (64 MiB) loss + gradient on one thread took 380-405 ms whole
+# and 88-97 ms in blocks of 2048 rows. Every block holds a multiple of 64 elements, so torch's vector
+# loops run to its end without a scalar tail inside the tensor: on one thread each element takes the
+# path it takes in a whole-tensor op, and the result is autograd's bit for bit (tested). With several
+# intra-op threads torch splits each op among them at other places than autograd's whole-tensor op,
+# and an element at such a split may round differently in the last bit: FocalLoss [60001, 80] on two
+# threads differed from autograd in 1-2 of 4.8M gradient elements, blocked or not (whole: 0-1).
+BLOCK_ELEMENTS = 1 << 17
+BLOCKED_MIN_ELEMENTS = 1 << 22
+
+
+def row_blocks(rows: int, per_row: int) -> list[slice]:
+    """Slices of ``rows`` rows of ``per_row`` elements, each about :data:`BLOCK_ELEMENTS` elements and
+    a multiple of 64 of them (the last takes the rest); one slice of everything below
+    :data:`BLOCKED_MIN_ELEMENTS`."""
+    if rows * per_row < BLOCKED_MIN_ELEMENTS:
+        return [slice(0, rows)]
+    align = 64 // math.gcd(per_row, 64)  # rows per 64-element multiple
+    step = max(align, BLOCK_ELEMENTS // per_row // align * align)
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
 # -- FocalLoss ---------------------------------------------------------------------------------------
 
 
@@ -251,22 +279,36 @@ def focal_run(module: FocalLoss, kwargs: Mapping[str, Any]) -> Fused:
     gamma, alpha = float(module.gamma), float(module.alpha)
     x = pred.detach()
     num_classes = x.shape[1]
+    blocks = row_blocks(x.shape[0], num_classes)
 
-    # negatives everywhere (t = 0: q = p, a_t = 1 - alpha, BCE = x - log sigmoid(x))
-    prob = torch.sigmoid(x)
-    log_sigmoid = F.logsigmoid(x)
-    bce = x - log_sigmoid  # BCE(x, 0) exactly as binary_cross_entropy_with_logits computes it
-    focal = torch.mul(prob.pow(gamma), 1 - alpha)  # a_t q^gamma
-    loss = bce * focal
+    def negatives(block: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """t = 0 everywhere: p, log sigmoid(x), BCE = x - log sigmoid(x) (exactly as
+        binary_cross_entropy_with_logits computes it for a zero target) and a_t q^gamma."""
+        prob = torch.sigmoid(block)
+        log_sigmoid = F.logsigmoid(block)
+        return prob, log_sigmoid, block - log_sigmoid, torch.mul(prob.pow(gamma), 1 - alpha)
 
     # the positive entry of each foreground row (t = 1: q = 1 - p, a_t = alpha, BCE = -log sigmoid(x));
-    # sigmoid and log-sigmoid are read from the [N, C] results, not recomputed on the gathered
+    # sigmoid and log-sigmoid are read from the [rows, C] results, not recomputed on the gathered
     # vector: torch's vectorised and scalar transcendental paths can differ in the last bit
     rows = torch.nonzero(labels < num_classes).squeeze(1)
     cols = labels[rows]
-    p = prob[rows, cols]
+    if len(blocks) == 1:
+        prob, log_sigmoid, bce, focal = negatives(x)
+        loss = bce * focal
+        p, bce_p = prob[rows, cols], -log_sigmoid[rows, cols]
+    else:  # block by block: only the loss is kept whole; the gradient recomputes each block's parts
+        loss = torch.empty_like(x)
+        p_parts, bce_parts = [], []
+        for block in blocks:
+            prob, log_sigmoid, bce, focal = negatives(x[block])
+            torch.mul(bce, focal, out=loss[block])
+            block_rows = torch.nonzero(labels[block] < num_classes).squeeze(1)
+            block_cols = labels[block][block_rows]
+            p_parts.append(prob[block_rows, block_cols])
+            bce_parts.append(-log_sigmoid[block_rows, block_cols])
+        p, bce_p = torch.cat(p_parts), torch.cat(bce_parts)
     q = 1 - p
-    bce_p = -log_sigmoid[rows, cols]
     focal_p = alpha * q.pow(gamma)
     loss[rows, cols] = bce_p * focal_p
 
@@ -275,17 +317,29 @@ def focal_run(module: FocalLoss, kwargs: Mapping[str, Any]) -> Fused:
     reduction = _reduction(module, kwargs, loss.numel())
     value = module.finish(loss, weight, reduction.mode, reduction.avg_factor)
 
-    def gradient(upstream: Tensor | None, out: Tensor | None = None) -> Tensor:
+    def negatives_gradient(parts: tuple[Tensor, Tensor, Tensor, Tensor], g: Tensor, out: Tensor | None) -> Tensor:
         # g: d(output)/d(L); then the two paths from x, each product in autograd's order so the result
         # is autograd's bit for bit: BCE's (p - t) (g a_t q^gamma), and the focal term's
         # ((g BCE a_t) (gamma q^(gamma-1)) (dq/dp)) (1 - p) p
-        g = _output_factor(module.loss_weight, reduction, weight, upstream, loss)
+        prob, _, bce, focal = parts
         grad = (torch.mul(focal, g) if out is None else torch.mul(focal, g, out=out)).mul_(prob)
+        if gamma != 0:  # pow's backward is zero for a zero exponent
+            grad.add_(torch.mul(bce, g).mul_(1 - alpha).mul_(_pow_grad(prob, gamma)).mul_(1 - prob).mul_(prob))
+        return grad
+
+    def gradient(upstream: Tensor | None, out: Tensor | None = None) -> Tensor:
+        g = _output_factor(module.loss_weight, reduction, weight, upstream, loss)
+        if len(blocks) == 1:
+            grad = negatives_gradient((prob, log_sigmoid, bce, focal), g, out)
+        else:
+            grad = torch.empty_like(x) if out is None else out
+            whole = g if g.dim() == 0 else g.expand(loss.shape)
+            for block in blocks:
+                negatives_gradient(negatives(x[block]), whole if g.dim() == 0 else whole[block], grad[block])
         # an unweighted mean or sum has one factor for every element: no gather for the positives
         g_p = g.expand(rows.shape) if g.dim() == 0 else g.expand(loss.shape)[rows, cols]
         grad_p = (p - 1) * (focal_p * g_p)
-        if gamma != 0:  # pow's backward is zero for a zero exponent
-            grad.add_(torch.mul(bce, g).mul_(1 - alpha).mul_(_pow_grad(prob, gamma)).mul_(1 - prob).mul_(prob))
+        if gamma != 0:
             grad_p = grad_p + (-((g_p * bce_p) * alpha * _pow_grad(q, gamma))) * (1 - p) * p
         grad[rows, cols] = grad_p
         return grad
@@ -599,8 +653,38 @@ def giou_run(module: GIoULoss, kwargs: Mapping[str, Any]) -> Fused:
     pred, target, weight = kwargs["pred"], kwargs["target"], kwargs.get("weight")
     eps = float(module.eps)
     p, t = pred.detach(), target.detach()
-    p1, p2, t1, t2 = p[..., :2], p[..., 2:], t[..., :2], t[..., 2:]
+    blocks = row_blocks(p[..., 0].numel(), 4)
+    if len(blocks) == 1:
+        parts = _giou_forward(p, t, eps)
+        loss = parts[-1]
+    else:  # block by block over the boxes: only the loss is kept whole; the gradient recomputes
+        p, t = p.reshape(-1, 4), t.reshape(-1, 4)
+        loss = torch.empty(p.shape[0], dtype=p.dtype, device=p.device)
+        for block in blocks:
+            loss[block] = _giou_forward(p[block], t[block], eps)[-1]
+        loss = loss.view(pred.shape[:-1])
 
+    weight = box_weight(weight, pred)
+    reduction = _reduction(module, kwargs, loss.numel())
+    value = module.finish(loss, weight, reduction.mode, reduction.avg_factor)
+
+    def gradient(upstream: Tensor | None, out: Tensor | None = None) -> Tensor:
+        grad_giou = -_output_factor(module.loss_weight, reduction, weight, upstream, loss).expand(loss.shape)
+        if len(blocks) == 1:
+            return _giou_backward(p, t, eps, parts, grad_giou, out)
+        grad = torch.empty_like(p) if out is None else out.view(-1, 4)
+        grad_giou = grad_giou.reshape(-1)
+        for block in blocks:
+            pb, tb = p[block], t[block]
+            _giou_backward(pb, tb, eps, _giou_forward(pb, tb, eps), grad_giou[block], grad[block])
+        return grad.view(pred.shape) if out is None else out
+
+    return Fused(value, gradient)
+
+
+def _giou_forward(p: Tensor, t: Tensor, eps: float) -> tuple[Tensor, ...]:
+    """The forward's intermediates (see giou_run), the element-wise loss last."""
+    p1, p2, t1, t2 = p[..., :2], p[..., 2:], t[..., :2], t[..., 2:]
     inner_lo, inner_hi = torch.maximum(p1, t1), torch.minimum(p2, t2)
     outer_lo, outer_hi = torch.minimum(p1, t1), torch.maximum(p2, t2)
     overlap_raw = inner_hi - inner_lo
@@ -615,34 +699,48 @@ def giou_run(module: GIoULoss, kwargs: Mapping[str, Any]) -> Fused:
     enclose_raw = enclose_wh[..., 0] * enclose_wh[..., 1]
     enclose = enclose_raw.clamp(min=eps)
     loss = 1 - (overlap / union - (enclose - union) / enclose)
+    return (
+        overlap_raw,
+        overlap_wh,
+        enclose_raw_wh,
+        enclose_wh,
+        pred_wh,
+        overlap,
+        union_raw,
+        union,
+        enclose_raw,
+        enclose,
+        loss,
+    )
 
-    weight = box_weight(weight, pred)
-    reduction = _reduction(module, kwargs, loss.numel())
-    value = module.finish(loss, weight, reduction.mode, reduction.avg_factor)
 
-    def gradient(upstream: Tensor | None, out: Tensor | None = None) -> Tensor:
-        # Each backward step below is the module graph's, in its order (see the docstring), so the
-        # rounding is autograd's bit for bit: chaotic training loops (examples/toy_training.py)
-        # amplify even one-ulp differences in the box gradient.
-        grad_giou = -_output_factor(module.loss_weight, reduction, weight, upstream, loss).expand(loss.shape)
-        grad_overlap = grad_giou / union
-        grad_union = -grad_giou * ((overlap / union) / union)
-        grad_num = -grad_giou / enclose
-        grad_enclose = (grad_giou * (((enclose - union) / enclose) / enclose)).add_(grad_num)
-        grad_union = (grad_union - grad_num).masked_fill_(union_raw < eps, 0)
-        grad_enclose = grad_enclose.masked_fill_(enclose_raw < eps, 0)
-        grad_overlap = grad_overlap - grad_union
-        # per axis [..., N, 2]: d L / d (side) is d L / d (area) times the other axis's side
-        grad_o = (grad_overlap.unsqueeze(-1) * overlap_wh.flip(-1)).masked_fill_(overlap_raw < 0, 0)
-        grad_e = (grad_enclose.unsqueeze(-1) * enclose_wh.flip(-1)).masked_fill_(enclose_raw_wh < 0, 0)
-        grad_area = grad_union.unsqueeze(-1) * pred_wh.flip(-1)
-        grad_p2 = _routed(grad_o, p2, t2, minimum=True) + _routed(grad_e, p2, t2, minimum=False) + grad_area
-        grad_p1 = _routed(-grad_o, p1, t1, minimum=False) + _routed(-grad_e, p1, t1, minimum=True) - grad_area
-        if out is None:
-            return torch.cat([grad_p1, grad_p2], dim=-1)
-        return torch.cat([grad_p1, grad_p2], dim=-1, out=out)
-
-    return Fused(value, gradient)
+def _giou_backward(
+    p: Tensor, t: Tensor, eps: float, parts: tuple[Tensor, ...], grad_giou: Tensor, out: Tensor | None
+) -> Tensor:
+    """d(output)/d(p) from ``grad_giou`` = -d(output)/d(L) of each box (see giou_run)."""
+    overlap_raw, overlap_wh, enclose_raw_wh, enclose_wh, pred_wh, overlap, union_raw, union, enclose_raw, enclose, _ = (
+        parts
+    )
+    p1, p2, t1, t2 = p[..., :2], p[..., 2:], t[..., :2], t[..., 2:]
+    # Each backward step below is the module graph's, in its order (see giou_run), so the rounding
+    # is autograd's bit for bit: chaotic training loops (examples/toy_training.py) amplify even
+    # one-ulp differences in the box gradient.
+    grad_overlap = grad_giou / union
+    grad_union = -grad_giou * ((overlap / union) / union)
+    grad_num = -grad_giou / enclose
+    grad_enclose = (grad_giou * (((enclose - union) / enclose) / enclose)).add_(grad_num)
+    grad_union = (grad_union - grad_num).masked_fill_(union_raw < eps, 0)
+    grad_enclose = grad_enclose.masked_fill_(enclose_raw < eps, 0)
+    grad_overlap = grad_overlap - grad_union
+    # per axis [..., N, 2]: d L / d (side) is d L / d (area) times the other axis's side
+    grad_o = (grad_overlap.unsqueeze(-1) * overlap_wh.flip(-1)).masked_fill_(overlap_raw < 0, 0)
+    grad_e = (grad_enclose.unsqueeze(-1) * enclose_wh.flip(-1)).masked_fill_(enclose_raw_wh < 0, 0)
+    grad_area = grad_union.unsqueeze(-1) * pred_wh.flip(-1)
+    grad_p2 = _routed(grad_o, p2, t2, minimum=True) + _routed(grad_e, p2, t2, minimum=False) + grad_area
+    grad_p1 = _routed(-grad_o, p1, t1, minimum=False) + _routed(-grad_e, p1, t1, minimum=True) - grad_area
+    if out is None:
+        return torch.cat([grad_p1, grad_p2], dim=-1)
+    return torch.cat([grad_p1, grad_p2], dim=-1, out=out)
 
 
 # -- the selection table -------------------------------------------------------------------------------
