@@ -554,8 +554,9 @@ def test_focal_loss_in_row_blocks_is_the_whole_tensor_pass_bit_for_bit(dtype, mo
     monkeypatch.setattr(fused, "BLOCK_ELEMENTS", 1000)
     monkeypatch.setattr(fused, "BLOCKED_MIN_ELEMENTS", 2000)
     n = 1003  # 7021 elements: 8 blocks of 128 rows (896 elements) and the rest
-    blocks = fused.row_blocks(n, C)
+    blocks = fused.row_blocks(n, C, torch.device("cpu"))
     assert len(blocks) == 8 and all((b.stop - b.start) * C % 64 == 0 for b in blocks[:-1])
+    assert fused.row_blocks(n, C, torch.device("meta")) == [slice(0, n)]  # blocks on the CPU only
     pred, labels = _logits(dtype, n=n), _labels(n=n)
     weights = (None, torch.rand(n, generator=_gen(5), dtype=dtype), torch.rand(n, C, generator=_gen(6), dtype=dtype))
     threads = torch.get_num_threads()
@@ -591,7 +592,7 @@ def test_giou_loss_in_row_blocks_is_autograd_bit_for_bit(dtype, monkeypatch):
         (_boxes(dtype, n=2 * n).view(2, n, 4), _boxes(dtype, n=2 * n, seed=7).view(2, n, 4)),
     ):
         boxes = pred.shape[:-1]
-        assert len(fused.row_blocks(pred[..., 0].numel(), 4)) > 1
+        assert len(fused.row_blocks(pred[..., 0].numel(), 4, pred.device)) > 1
         weights = [None, torch.rand(pred.shape, generator=_gen(6), dtype=dtype)]
         if pred.dim() == 2:  # a per-box weight is mmdet's for [N, 4] boxes only
             weights.append(torch.rand(boxes, generator=_gen(5), dtype=dtype))

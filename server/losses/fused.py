@@ -202,11 +202,12 @@ BLOCK_ELEMENTS = 1 << 17
 BLOCKED_MIN_ELEMENTS = 1 << 22
 
 
-def row_blocks(rows: int, per_row: int) -> list[slice]:
+def row_blocks(rows: int, per_row: int, device: torch.device) -> list[slice]:
     """Slices of ``rows`` rows of ``per_row`` elements, each about :data:`BLOCK_ELEMENTS` elements and
     a multiple of 64 of them (the last takes the rest); one slice of everything below
-    :data:`BLOCKED_MIN_ELEMENTS`."""
-    if rows * per_row < BLOCKED_MIN_ELEMENTS:
+    :data:`BLOCKED_MIN_ELEMENTS`, and off the CPU (a GPU's caches are not the point there, and every
+    block would launch each kernel again: not measured on a GPU yet)."""
+    if rows * per_row < BLOCKED_MIN_ELEMENTS or device.type != "cpu":
         return [slice(0, rows)]
     align = 64 // math.gcd(per_row, 64)  # rows per 64-element multiple
     step = max(align, BLOCK_ELEMENTS // per_row // align * align)
@@ -279,7 +280,7 @@ def focal_run(module: FocalLoss, kwargs: Mapping[str, Any]) -> Fused:
     gamma, alpha = float(module.gamma), float(module.alpha)
     x = pred.detach()
     num_classes = x.shape[1]
-    blocks = row_blocks(x.shape[0], num_classes)
+    blocks = row_blocks(x.shape[0], num_classes, x.device)
 
     def negatives(block: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """t = 0 everywhere: p, log sigmoid(x), BCE = x - log sigmoid(x) (exactly as
@@ -653,7 +654,7 @@ def giou_run(module: GIoULoss, kwargs: Mapping[str, Any]) -> Fused:
     pred, target, weight = kwargs["pred"], kwargs["target"], kwargs.get("weight")
     eps = float(module.eps)
     p, t = pred.detach(), target.detach()
-    blocks = row_blocks(p[..., 0].numel(), 4)
+    blocks = row_blocks(p[..., 0].numel(), 4, p.device)
     if len(blocks) == 1:
         parts = _giou_forward(p, t, eps)
         loss = parts[-1]
