@@ -357,11 +357,13 @@ class LossService(pb_grpc.LossServiceServicer):
             at.where, at.term_path = _term_label(index, message.name), f"terms[{index}]."
             terms.append(self._decode_term(message, name, f"terms[{index}]", streamed))
         in_place: dict[int, tuple[str, int]] = {}  # gradients a kernel wrote into the output range
+        writer = None  # where fused kernels write pred's gradient (None: memory of their own)
         if output_range is not None and not transfer and self.device.type == "cpu":
             writer = _gradient_writer(output_range, in_place)
-            terms = [dataclasses.replace(term, gradient_out=writer) for term in terms]
         elif sink is not None and self.device.type == "cpu":  # streamed back: into a reused buffer
-            terms = [dataclasses.replace(term, gradient_out=_pooled(self.buffers)) for term in terms]
+            writer = _pooled(self.buffers)
+        if writer is not None:
+            terms = [dataclasses.replace(term, gradient_out=writer) for term in terms]
         decoded = time.perf_counter()
         outcomes = []
         for index, term in enumerate(terms):

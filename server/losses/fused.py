@@ -39,7 +39,7 @@ import math
 import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -334,9 +334,9 @@ def focal_run(module: FocalLoss, kwargs: Mapping[str, Any]) -> Fused:
             grad = negatives_gradient((prob, log_sigmoid, bce, focal), g, out)
         else:
             grad = torch.empty_like(x) if out is None else out
-            whole = g if g.dim() == 0 else g.expand(loss.shape)
             for block in blocks:
-                negatives_gradient(negatives(x[block]), whole if g.dim() == 0 else whole[block], grad[block])
+                g_block = g if g.dim() == 0 else g.expand(loss.shape)[block]
+                negatives_gradient(negatives(x[block]), g_block, grad[block])
         # an unweighted mean or sum has one factor for every element: no gather for the positives
         g_p = g.expand(rows.shape) if g.dim() == 0 else g.expand(loss.shape)[rows, cols]
         grad_p = (p - 1) * (focal_p * g_p)
@@ -657,12 +657,12 @@ def giou_run(module: GIoULoss, kwargs: Mapping[str, Any]) -> Fused:
     blocks = row_blocks(p[..., 0].numel(), 4, p.device)
     if len(blocks) == 1:
         parts = _giou_forward(p, t, eps)
-        loss = parts[-1]
+        loss = parts.loss
     else:  # block by block over the boxes: only the loss is kept whole; the gradient recomputes
         p, t = p.reshape(-1, 4), t.reshape(-1, 4)
         loss = torch.empty(p.shape[0], dtype=p.dtype, device=p.device)
         for block in blocks:
-            loss[block] = _giou_forward(p[block], t[block], eps)[-1]
+            loss[block] = _giou_forward(p[block], t[block], eps).loss
         loss = loss.view(pred.shape[:-1])
 
     weight = box_weight(weight, pred)
@@ -683,8 +683,24 @@ def giou_run(module: GIoULoss, kwargs: Mapping[str, Any]) -> Fused:
     return Fused(value, gradient)
 
 
-def _giou_forward(p: Tensor, t: Tensor, eps: float) -> tuple[Tensor, ...]:
-    """The forward's intermediates (see giou_run), the element-wise loss last."""
+class _GIoUParts(NamedTuple):
+    """The forward's intermediates the backward reads (see giou_run), and the element-wise loss."""
+
+    overlap_raw: Tensor
+    overlap_wh: Tensor
+    enclose_raw_wh: Tensor
+    enclose_wh: Tensor
+    pred_wh: Tensor
+    overlap: Tensor
+    union_raw: Tensor
+    union: Tensor
+    enclose_raw: Tensor
+    enclose: Tensor
+    loss: Tensor
+
+
+def _giou_forward(p: Tensor, t: Tensor, eps: float) -> _GIoUParts:
+    """The forward of giou_run for boxes ``p`` and targets ``t``."""
     p1, p2, t1, t2 = p[..., :2], p[..., 2:], t[..., :2], t[..., 2:]
     inner_lo, inner_hi = torch.maximum(p1, t1), torch.minimum(p2, t2)
     outer_lo, outer_hi = torch.minimum(p1, t1), torch.maximum(p2, t2)
@@ -700,7 +716,7 @@ def _giou_forward(p: Tensor, t: Tensor, eps: float) -> tuple[Tensor, ...]:
     enclose_raw = enclose_wh[..., 0] * enclose_wh[..., 1]
     enclose = enclose_raw.clamp(min=eps)
     loss = 1 - (overlap / union - (enclose - union) / enclose)
-    return (
+    return _GIoUParts(
         overlap_raw,
         overlap_wh,
         enclose_raw_wh,
@@ -716,7 +732,7 @@ def _giou_forward(p: Tensor, t: Tensor, eps: float) -> tuple[Tensor, ...]:
 
 
 def _giou_backward(
-    p: Tensor, t: Tensor, eps: float, parts: tuple[Tensor, ...], grad_giou: Tensor, out: Tensor | None
+    p: Tensor, t: Tensor, eps: float, parts: _GIoUParts, grad_giou: Tensor, out: Tensor | None
 ) -> Tensor:
     """d(output)/d(p) from ``grad_giou`` = -d(output)/d(L) of each box (see giou_run)."""
     overlap_raw, overlap_wh, enclose_raw_wh, enclose_wh, pred_wh, overlap, union_raw, union, enclose_raw, enclose, _ = (
