@@ -15,8 +15,9 @@ from types import ModuleType
 
 import grpc
 import pytest
+import torch
 
-from losswire.client import LossClient
+from losswire.client import LossClient, RemoteLoss
 from losswire.server.app import LosswireServer, ServerConfig
 
 
@@ -62,3 +63,23 @@ def plain_channel(target: str) -> Iterator[grpc.Channel]:
         yield channel
     finally:
         channel.close()
+
+
+def dice_recompute_gradients(clients: tuple[LossClient, ...], seed: int) -> list[torch.Tensor]:
+    """pred's gradient of a DiceLoss 'none' term [64, 64, 64] (1 MiB) through each of ``clients``.
+
+    An element-wise output with an upstream gradient makes the client recompute with ``grad_output``
+    in backward, a second request that needs the tensors again: a transport that kept them out of
+    the first message (a stream, shared memory) must send them once more.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    pred = torch.randn(64, 64, 64, generator=generator)
+    target = (torch.rand(64, 64, 64, generator=generator) > 0.5).float()
+    upstream = torch.rand(64, generator=generator)
+    grads = []
+    for client in clients:
+        p = pred.clone().requires_grad_()
+        loss = RemoteLoss(dict(type="DiceLoss", reduction="none"), client=client)(p, target)
+        (loss * upstream).sum().backward()
+        grads.append(p.grad)
+    return grads

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 import torch
-from conftest import plain_channel
+from conftest import dice_recompute_gradients, plain_channel
 
 from losswire.client import LossClient, RemoteLoss, codec, evaluate_terms
 from losswire.client import shared_memory as shm
@@ -178,16 +178,7 @@ def test_several_terms_in_one_request(shared, wire):
 def test_a_non_separable_loss_resends_with_its_tensors(shared, wire):
     """DiceLoss 'none' is recomputed with the upstream gradient: the resend carries the tensors
     inline (the segment's inputs may be reused by then)."""
-    generator = torch.Generator().manual_seed(11)
-    pred = torch.randn(64, 64, 64, generator=generator)
-    target = (torch.rand(64, 64, 64, generator=generator) > 0.5).float()
-    upstream = torch.rand(64, generator=generator)
-    grads = []
-    for client in (shared, wire):
-        p = pred.clone().requires_grad_()
-        loss = RemoteLoss(dict(type="DiceLoss", reduction="none"), client=client)(p, target)
-        (loss * upstream).sum().backward()
-        grads.append(p.grad)
+    grads = dice_recompute_gradients((shared, wire), seed=11)
     assert torch.equal(grads[0], grads[1])
 
 

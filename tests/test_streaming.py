@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 import torch
-from conftest import plain_channel
+from conftest import dice_recompute_gradients, plain_channel
 
 from losswire.client import LossClient, RemoteLoss, RemoteLossError, codec, evaluate_terms
 from losswire.client.channel import STREAM_METHOD, STREAM_THRESHOLD_BYTES
@@ -147,16 +147,7 @@ def test_multi_term_request_streams_every_big_tensor(streaming, unary):
 def test_non_separable_loss_resends_after_a_stream(streaming, unary):
     """DiceLoss under reduction 'none' is recomputed with the upstream gradient: the resend needs the
     request's tensors, which the stream kept out of the message."""
-    generator = torch.Generator().manual_seed(6)
-    pred = torch.randn(64, 64, 64, generator=generator)  # 1 MiB
-    target = (torch.rand(64, 64, 64, generator=generator) > 0.5).float()
-    upstream = torch.rand(64, generator=generator)
-    grads = []
-    for client in (streaming, unary):
-        p = pred.clone().requires_grad_()
-        loss = RemoteLoss(dict(type="DiceLoss", reduction="none"), client=client)(p, target)
-        (loss * upstream).sum().backward()
-        grads.append(p.grad)
+    grads = dice_recompute_gradients((streaming, unary), seed=6)
     assert torch.equal(grads[0], grads[1])
 
 
