@@ -83,8 +83,9 @@ from timing import (  # noqa: E402
     workload,
 )
 
-from losswire.client import LossClient, RemoteLoss, codec  # noqa: E402
+from losswire.client import LossClient, RemoteLoss  # noqa: E402
 from losswire.v1 import loss_service_pb2 as pb  # noqa: E402
+from losswire.wire import codec  # noqa: E402
 
 SIZES_MIB = (1, 16, 64, 256, 1024)
 SECTIONS = ("small", "big", "peers", "concurrency", "gpu")

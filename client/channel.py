@@ -48,19 +48,24 @@ from torch import Tensor
 
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.v1 import loss_service_pb2_grpc as pb_grpc
+from losswire.wire import chunks, codec
+from losswire.wire import shared_memory as wire_memory
+from losswire.wire.buffers import DEFAULT_IDLE_BYTES, BufferPool
+from losswire.wire.protocol import (
+    DEFAULT_PORT,
+    EVALUATE_STREAM_METHOD,
+    MAX_MESSAGE_BYTES,
+    SERVICE_NAME,
+    SESSION_HEADER,
+)
 
-from . import codec
 from . import shared_memory as shm
-from .buffers import DEFAULT_IDLE_BYTES, BufferPool
 from .errors import RemoteLossError, is_busy
 from .security import Credentials
 
 log = logging.getLogger("losswire.client")
 
-DEFAULT_TARGET = "localhost:50051"
-SESSION_HEADER = "x-losswire-session"
-SERVICE_NAME = "losswire.v1.LossService"
-MAX_MESSAGE_BYTES = 2**31 - 1
+DEFAULT_TARGET = f"localhost:{DEFAULT_PORT}"
 # A DNS name's replica set is resolved again after this long (and at once after a replica failed), so
 # workers that started at different times agree on it again within this window.
 REPLICA_REFRESH_SECONDS = 30.0
@@ -91,7 +96,6 @@ RETRY_POLICY = {
 # ~0.2-0.4 GB/s and a stream ~1-2 GB/s; below a few MiB the stream's extra messages cost more than
 # they save (see the report in tests/test_streaming.py's module docstring).
 STREAM_THRESHOLD_BYTES = 8 << 20
-STREAM_METHOD = f"/{SERVICE_NAME}/EvaluateStream"
 # A request whose held-back (big) tensors hold at least this many bytes goes through shared memory
 # when the client uses it (LossClient(shared_memory=...)): below, one unary call costs less than the
 # registration bookkeeping saves.
@@ -518,7 +522,7 @@ class LossClient:
         self.shared_memory = mode
         usable = mode == "on" or (mode == "auto" and channel is None and _all_loopback(self.target))
         # lazily made on the first big call; None once shared memory turned out not to work here
-        self._shared_memory_usable = usable and self.replicas is None and shm.supported()
+        self._shared_memory_usable = usable and self.replicas is None and wire_memory.supported()
         self._pool: shm.SharedMemoryPool | None = None
         if buffer_pool_bytes is None:
             buffer_pool_bytes = _env_bytes(BUFFER_POOL_ENV, DEFAULT_IDLE_BYTES)
@@ -634,7 +638,7 @@ class LossClient:
         each); :meth:`evaluate_tensors` saves that copy.
         """
         response, streamed = self.evaluate_tensors(request, timeout)
-        codec.fill_streamed(response, streamed)
+        chunks.fill_streamed(response, streamed)
         return response
 
     def evaluate_tensors(
@@ -642,7 +646,7 @@ class LossClient:
         request: pb.EvaluateRequest,
         timeout: float | None = None,
         *,
-        sink: codec.StreamSink | None = None,
+        sink: chunks.StreamSink | None = None,
     ) -> tuple[pb.EvaluateResponse, dict[str, Tensor]]:
         """Evaluate, streaming when the request is big; returns (response, streamed tensors).
 
@@ -657,7 +661,7 @@ class LossClient:
         held_back = [t for t in (threshold, self.shared_memory_threshold) if t is not None]
         taken = False
         if sink is None and held_back and request.ByteSize() >= min(held_back):
-            sink, taken = codec.StreamSink.take(request), True
+            sink, taken = chunks.StreamSink.take(request), True
         try:
             shared = self.shared_memory_threshold
             if sink is not None and sink.entries and shared is not None and sink.nbytes >= shared:
@@ -693,7 +697,7 @@ class LossClient:
             return self._pool
 
     def _evaluate_shared(
-        self, request: pb.EvaluateRequest, sink: codec.StreamSink, timeout: float | None
+        self, request: pb.EvaluateRequest, sink: chunks.StreamSink, timeout: float | None
     ) -> tuple[pb.EvaluateResponse, dict[str, Tensor]] | None:
         """Evaluate with the sink's tensors in a shared segment; None when shared memory does not work
         with this server (then it is off for this client, and the caller sends them over gRPC).
@@ -701,10 +705,10 @@ class LossClient:
         The segment holds the inputs, then an output range as large as them (gradients have their
         inputs' sizes); answers that do not fit come inline. The answer's tensors are views of the
         segment, which returns to the pool once they are all freed."""
-        inputs = sum(shm.align(codec.byte_count(data)) for _, data in sink.entries)
+        inputs = sum(wire_memory.align(chunks.byte_count(data)) for _, data in sink.entries)
         for attempt in (1, 2):
             try:
-                lease = self._shared_memory_pool().lease(shm.align(shm.NONCE_BYTES) + 2 * inputs)
+                lease = self._shared_memory_pool().lease(wire_memory.align(wire_memory.NONCE_BYTES) + 2 * inputs)
             except (RemoteLossError, OSError) as error:
                 self._shared_memory_failed(error)
                 return None
@@ -718,7 +722,7 @@ class LossClient:
                 )
                 response = self._waiting_out_busy(lambda remaining: self._evaluate_unary(request, remaining), timeout)
                 try:
-                    views = codec.shared_memory_tensors(codec.tensors_of(response), lease.output_bytes)
+                    views = wire_memory.shared_memory_tensors(codec.tensors_of(response), lease.output_bytes)
                 except (codec.CodecError, ValueError) as error:
                     message = f"a malformed shared-memory answer: {error}"
                     raise RemoteLossError(grpc.StatusCode.DATA_LOSS, message) from None
@@ -772,7 +776,7 @@ class LossClient:
         return response
 
     def _evaluate_stream(
-        self, request: pb.EvaluateRequest, sink: codec.StreamSink, timeout: float | None
+        self, request: pb.EvaluateRequest, sink: chunks.StreamSink, timeout: float | None
     ) -> tuple[pb.EvaluateResponse, dict[str, Tensor]]:
         sessions = list(dict.fromkeys(term.session for term in request.terms if term.session))
         if len(sessions) > 1 and self.replicas is not None:
@@ -796,21 +800,21 @@ class LossClient:
         self,
         channel: grpc.Channel,
         request: pb.EvaluateRequest,
-        sink: codec.StreamSink,
+        sink: chunks.StreamSink,
         timeout: float | None,
         metadata: Any,
     ) -> tuple[pb.EvaluateResponse, dict[str, Tensor]]:
         """One EvaluateStream, sent again (fresh chunks from the same tensors) after UNAVAILABLE or a
         passing RESOURCE_EXHAUSTED, with RETRY_POLICY's backoff, while no answer has arrived."""
         method = channel.stream_stream(
-            STREAM_METHOD, request_serializer=codec.serialize_chunk, response_deserializer=codec.parse_chunk
+            EVALUATE_STREAM_METHOD, request_serializer=chunks.serialize_chunk, response_deserializer=chunks.parse_chunk
         )
         patience = _Patience(self.timeout if timeout is None else timeout)
         failures = 0  # UNAVAILABLE answers: RETRY_POLICY's attempts; a busy server is waited out instead
         while True:
             answered = False
             try:
-                responses = method(codec.stream_chunks(request, sink), timeout=patience.remaining(), metadata=metadata)
+                responses = method(chunks.stream_chunks(request, sink), timeout=patience.remaining(), metadata=metadata)
                 first = next(responses)
                 answered = True
                 return _receive_stream(first, responses, self.buffers)
@@ -975,7 +979,7 @@ def _receive_stream(
     try:
         if first.WhichOneof("kind") != "response":
             raise codec.CodecError(f"the first message carries {first.WhichOneof('kind')}, not the response")
-        assembler = codec.StreamAssembler(first.response, allocate=buffers.take)
+        assembler = chunks.StreamAssembler(first.response, allocate=buffers.take)
         for message in responses:
             if message.WhichOneof("kind") != "chunk":
                 raise codec.CodecError(f"a later message carries {message.WhichOneof('kind')}, not a chunk")

@@ -6,6 +6,8 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from losswire.wire.protocol import NO_RETRY
+
 
 class RemoteLossError(RuntimeError):
     """A losswire call failed. ``code`` is the gRPC status code, ``details`` the server's message,
@@ -45,4 +47,4 @@ def is_busy(error: grpc.RpcError) -> bool:
     if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
         return False
     trailers = dict(error.trailing_metadata() or ()) if hasattr(error, "trailing_metadata") else {}
-    return trailers.get("grpc-retry-pushback-ms") != "-1"
+    return trailers.get(NO_RETRY[0]) != NO_RETRY[1]

@@ -56,8 +56,8 @@ except ImportError as error:
     ) from error
 
 from losswire.v1 import loss_service_pb2 as pb
+from losswire.wire import codec
 
-from . import codec
 from .channel import DEFAULT_TARGET
 from .remote import RemoteLoss
 

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from losswire.v1 import loss_service_pb2 as pb
+from losswire.wire import chunks, codec
 
-from . import codec
 from .channel import DEFAULT_TARGET, LossClient, Target
 from .errors import RemoteLossError
 
@@ -277,7 +277,7 @@ class _Plan:
         # big tensors are not copied into the request: if it is big enough to stream, their chunks
         # are cut straight from their memory
         holds_back = client.stream_threshold is not None or client.shared_memory_threshold is not None
-        self.sink = codec.StreamSink() if holds_back else None
+        self.sink = chunks.StreamSink() if holds_back else None
         self.streamed: dict[str, Tensor] = {}
         self.lent: dict[str, tuple[Tensor, int]] = {}  # gradients handed to autograd as they are (see _lend)
         transfers = [codec.transfer_dtype_of(bound.loss.transfer_dtype or client.transfer_dtype) for _, bound in terms]

@@ -37,6 +37,8 @@ from typing import Any
 
 import grpc
 
+from losswire.wire.protocol import AUTHORIZATION_HEADER
+
 ENV = {
     "ca": "LOSSWIRE_TLS_CA",
     "tls": "LOSSWIRE_TLS",
@@ -176,13 +178,13 @@ class BearerToken(
     """Adds ``authorization: Bearer <token>`` to the metadata of every call on a channel."""
 
     def __init__(self, token: str) -> None:
-        self._entry = ("authorization", f"Bearer {token}")
+        self._entry = (AUTHORIZATION_HEADER, f"Bearer {token}")
 
     def __repr__(self) -> str:
         return "BearerToken(<set>)"
 
     def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
-        metadata = [entry for entry in (details.metadata or ()) if entry[0] != "authorization"]
+        metadata = [entry for entry in (details.metadata or ()) if entry[0] != AUTHORIZATION_HEADER]
         return _CallDetails(
             details.method,
             details.timeout,

@@ -14,8 +14,8 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from losswire.client.buffers import DEFAULT_IDLE_BYTES, BufferPool
 from losswire.v1 import loss_service_pb2 as pb
+from losswire.wire.buffers import DEFAULT_IDLE_BYTES, BufferPool
 
 from . import __version__
 from .auth import TokenAuthInterceptor, TokenSet

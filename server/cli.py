@@ -26,7 +26,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from losswire.client.codec import MAX_DIMS
+from losswire.wire.codec import MAX_DIMS
 
 from . import __version__
 from .app import MAX_MESSAGE_BYTES, LosswireServer, ServerConfig

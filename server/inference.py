@@ -65,10 +65,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from losswire.client import codec
 from losswire.inference import grpc_predict_v2_pb2 as oip
 from losswire.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from losswire.v1 import loss_service_pb2 as pb
+from losswire.wire import codec
 
 from . import __version__
 from .evaluate import PRED, TARGET, Evaluator, TermOutcome, TermRequest

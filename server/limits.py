@@ -17,8 +17,8 @@ import dataclasses
 
 import grpc
 
-from losswire.client import codec
 from losswire.v1 import loss_service_pb2 as pb
+from losswire.wire import codec, protocol
 
 from .status import RequestError
 
@@ -30,7 +30,7 @@ class RequestLimits:
     max_elements: int | None = None  # per tensor
     max_request_elements: int | None = None  # summed over every tensor of the request
     max_terms: int | None = None
-    max_dims: int = codec.MAX_DIMS
+    max_dims: int = protocol.MAX_DIMS
 
 
 def check_request(request: pb.EvaluateRequest, limits: RequestLimits) -> list[tuple[str, pb.Tensor]]:

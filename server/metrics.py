@@ -303,7 +303,7 @@ def _message_bytes(message: Any) -> int:
         return len(message)
     if isinstance(message, Message):
         return message.ByteSize()
-    data = getattr(message, "data", None)  # codec.RawChunk: its data (the small header not counted)
+    data = getattr(message, "data", None)  # chunks.RawChunk: its data (the small header not counted)
     return memoryview(data).nbytes if data is not None else getattr(message, "size", 0)
 
 

@@ -18,10 +18,10 @@ from typing import Any
 import grpc
 import torch
 
-from losswire.client import codec
-from losswire.client.buffers import BufferPool
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.v1 import loss_service_pb2_grpc as pb_grpc
+from losswire.wire import chunks, codec
+from losswire.wire.buffers import BufferPool
 
 from . import __version__
 from .evaluate import (
@@ -130,7 +130,7 @@ def _release_memory(error: BaseException, where: str) -> None:
 
 
 def _gradient_writer(
-    reserve: codec.Reserve, written: dict[int, tuple[str, int]]
+    reserve: chunks.Reserve, written: dict[int, tuple[str, int]]
 ) -> Callable[[torch.Size, torch.dtype], torch.Tensor | None]:
     """A ``TermRequest.gradient_out`` that gives fused kernels room in the caller's output range, so
     their gradient is the answer as it lies (``written`` maps its address to region and offset)."""
@@ -158,13 +158,13 @@ def _pooled(buffers: BufferPool) -> Callable[[torch.Size, torch.dtype], torch.Te
 
 def add_to_server(service: LossService, server: grpc.Server) -> None:
     """Register ``service``: the generated handlers, with EvaluateStream's messages read and written
-    without protobuf copies of their chunks' bytes (``codec.parse_chunk``, ``codec.serialize_chunk``:
+    without protobuf copies of their chunks' bytes (``chunks.parse_chunk``, ``chunks.serialize_chunk``:
     a chunk the servicer yields is already serialized) and unparsable ones handed to it to refuse."""
     pb_grpc.add_LossServiceServicer_to_server(service, server)
     stream = grpc.stream_stream_rpc_method_handler(
         service.EvaluateStream,
-        request_deserializer=stream_deserializer(codec.parse_chunk, pb.EvaluateChunk.DESCRIPTOR.full_name),
-        response_serializer=codec.serialize_chunk,
+        request_deserializer=stream_deserializer(chunks.parse_chunk, pb.EvaluateChunk.DESCRIPTOR.full_name),
+        response_serializer=chunks.serialize_chunk,
     )
     # registered methods are looked up before generic handlers: this one replaces the generated one
     server.add_registered_method_handlers(SERVICE, {"EvaluateStream": stream})
@@ -257,7 +257,7 @@ class LossService(pb_grpc.LossServiceServicer):
                 if not admitted:
                     raise self._busy()
                 shared = self.shared_memory.inputs(tensors, self.max_elements)  # a header may name some too
-                assembler = codec.StreamAssembler(request, self.max_elements, self.buffers.take)
+                assembler = chunks.StreamAssembler(request, self.max_elements, self.buffers.take)
                 for message in request_iterator:
                     if isinstance(message, MalformedRequest):
                         raise malformed_error(message, f"message {assembler.chunks + 2} of the stream", "chunk")
@@ -272,7 +272,7 @@ class LossService(pb_grpc.LossServiceServicer):
                 check_cancelled(caller_gone, "receiving the stream")
                 streamed = {**assembler.finish(), **shared}
                 del assembler, shared
-                sink = codec.StreamSink()
+                sink = chunks.StreamSink()
                 response = self._evaluate(request, caller_gone, started, at, streamed, sink)
                 del streamed  # the request's tensors go before the response is sent
             except Exception as error:
@@ -283,7 +283,7 @@ class LossService(pb_grpc.LossServiceServicer):
                 self._abort(context, error, at.where, at.term_path)
             caller_gone.handled = True
             self._log_call("EvaluateStream", request, response, context)
-            yield from codec.stream_chunks(response, sink)  # chunks as serialized bytes (STREAM_HANDLER)
+            yield from chunks.stream_chunks(response, sink)  # chunks as serialized bytes (STREAM_HANDLER)
         finally:
             if admitted:
                 self._release_stream()
@@ -333,7 +333,7 @@ class LossService(pb_grpc.LossServiceServicer):
         started: float,
         at: _Position,
         streamed: Mapping[str, torch.Tensor] | None = None,
-        sink: codec.StreamSink | None = None,
+        sink: chunks.StreamSink | None = None,
         keep: list[Any] | None = None,
     ) -> pb.EvaluateResponse:
         """decode -> evaluate -> encode, for Evaluate and EvaluateStream alike; raises on failure
@@ -351,7 +351,7 @@ class LossService(pb_grpc.LossServiceServicer):
         if request.HasField("output_shm"):
             output_range = self.shared_memory.output_range(request.output_shm)  # checked before computing
             if sink is None:  # a unary answer: what does not go to shared memory goes inline
-                sink, own_sink = codec.StreamSink(SHARED_MEMORY_MIN_OUTPUT_BYTES), True
+                sink, own_sink = chunks.StreamSink(SHARED_MEMORY_MIN_OUTPUT_BYTES), True
         terms = []
         for index, (message, name) in enumerate(zip(request.terms, names, strict=True)):
             at.where, at.term_path = _term_label(index, message.name), f"terms[{index}]."
@@ -484,7 +484,7 @@ class LossService(pb_grpc.LossServiceServicer):
         outcome: TermOutcome,
         out: pb.TermResult,
         transfer: int = 0,
-        sink: codec.StreamSink | None = None,
+        sink: chunks.StreamSink | None = None,
         in_place: Mapping[int, tuple[str, int]] | None = None,
     ) -> None:
         def encode(tensor: torch.Tensor, message: pb.Tensor) -> None:

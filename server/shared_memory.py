@@ -22,9 +22,9 @@ from collections.abc import Iterable
 import grpc
 import torch
 
-from losswire.client import codec
-from losswire.client.shared_memory import NAME_PATTERN, NONCE_BYTES, Segment, SegmentRange
 from losswire.v1 import loss_service_pb2 as pb
+from losswire.wire import shared_memory as wire_memory
+from losswire.wire.shared_memory import NAME_PATTERN, NONCE_BYTES, Segment, SegmentRange
 
 from .status import RequestError
 
@@ -175,7 +175,7 @@ class SharedMemoryRegistry:
         return segment
 
     def resolve(self, ref: pb.SharedMemoryRef, field: str) -> torch.Tensor:
-        """A uint8 view of the referenced bytes (``codec.shared_memory_tensors``'s ``resolve``)."""
+        """A uint8 view of the referenced bytes (``wire_memory.shared_memory_tensors``'s ``resolve``)."""
         return self._segment(ref, field).bytes_at(ref.offset, ref.byte_size)
 
     def inputs(
@@ -183,7 +183,7 @@ class SharedMemoryRegistry:
     ) -> dict[str, torch.Tensor]:
         """Those of a request's tensors (``codec.tensors_of``) that lie in shared memory, by field
         path, viewed in place."""
-        return codec.shared_memory_tensors(tensors, self.resolve, max_elements)
+        return wire_memory.shared_memory_tensors(tensors, self.resolve, max_elements)
 
     def output_range(self, ref: pb.SharedMemoryRef) -> SegmentRange:
         """A ``StreamSink.place`` reserve that fills ``ref``'s range front to back, 64-byte aligned."""

@@ -12,7 +12,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from losswire.client.codec import CodecError, CodecLimitError
+from losswire.wire.codec import CodecError, CodecLimitError
 
 from .losses import LossConfigError, LossError, UnknownLossError
 from .sessions import ReplayUnavailableError, SessionConflictError, SessionError, SessionLimitError, UnknownSessionError

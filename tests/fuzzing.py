@@ -31,9 +31,9 @@ from grpc_status import rpc_status
 from hypothesis import strategies as st
 from mmdet_fixtures import SINGLE_CASES, difference, parts, prepare
 
-from losswire.client import codec
 from losswire.server.losses import LOSSES
 from losswire.v1 import loss_service_pb2 as pb
+from losswire.wire import codec, protocol
 
 EVALUATE = "/losswire.v1.LossService/Evaluate"
 NEVER = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
@@ -220,7 +220,7 @@ def _fits(shape: list[int]) -> bool:
     Written out rather than asking the codec, so that a codec that lets a bad shape through still
     meets generated requests that have it.
     """
-    sane = len(shape) <= codec.MAX_DIMS and all(d >= 0 for d in shape)
+    sane = len(shape) <= protocol.MAX_DIMS and all(d >= 0 for d in shape)
     return sane and math.prod(max(d, 1) for d in shape) < 2**63 and math.prod(shape) <= SAMPLE_LIMIT
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from losswire.client import LossClient, RemoteLoss
-from losswire.client.buffers import MIN_POOLED_BYTES, BufferPool, size_class
 from losswire.server.app import LosswireServer, ServerConfig
+from losswire.wire.buffers import MIN_POOLED_BYTES, BufferPool, size_class
 
 MiB = 1 << 20
 

@@ -45,11 +45,12 @@ from conftest import plain_channel
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import losswire.server.losses as engine
-from losswire.client import LossClient, RemoteLoss, RemoteLossError, codec, evaluate_terms
+from losswire.client import LossClient, RemoteLoss, RemoteLossError, evaluate_terms
 from losswire.server.app import LosswireServer, ServerConfig
 from losswire.server.losses import LOSSES, Registry
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.v1 import loss_service_pb2_grpc as pb_grpc
+from losswire.wire import codec
 
 DEVICE = os.environ.get("LOSSWIRE_TEST_DEVICE", "cpu")
 PLUGIN = Path(__file__).resolve().parent / "plugins" / "fault_losses.py"

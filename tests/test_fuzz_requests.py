@@ -32,10 +32,11 @@ from fuzzing import (
 )
 from hypothesis import HealthCheck, given, settings
 
-from losswire.client import LossClient, RemoteLoss, RemoteLossError, codec
+from losswire.client import LossClient, RemoteLoss, RemoteLossError
 from losswire.server.app import LosswireServer, ServerConfig
 from losswire.server.losses import LOSSES
 from losswire.v1 import loss_service_pb2 as pb
+from losswire.wire import codec
 
 EXAMPLES = int(os.environ.get("LOSSWIRE_FUZZ_EXAMPLES", "0"))
 FUZZ = settings(

@@ -22,10 +22,11 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 from test_server_process import CALL_TIMEOUT, ServerProcess, losswire_script, module_cmd, server_env
 
-from losswire.client import LossClient, RemoteLoss, codec
+from losswire.client import LossClient, RemoteLoss
 from losswire.client.errors import RemoteLossError
 from losswire.server.cli import KNOBS, KnobError, build_parser, resolve_settings
 from losswire.v1 import loss_service_pb2 as pb
+from losswire.wire import codec
 
 METRICS_AT = r"metrics on http://(?P<host>\S+):(?P<port>\d+)/metrics"
 

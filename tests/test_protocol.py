@@ -10,9 +10,10 @@ import pytest
 import torch
 from google.protobuf import descriptor_pb2
 
-from losswire.client import LossClient, codec
+from losswire.client import LossClient
 from losswire.server.losses import LOSSES
 from losswire.v1 import loss_service_pb2 as pb
+from losswire.wire import codec
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTO = ROOT / "protos" / "losswire" / "v1" / "loss_service.proto"

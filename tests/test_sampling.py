@@ -13,10 +13,11 @@ import grpc
 import pytest
 import torch
 
-from losswire.client import LossClient, RemoteLoss, RemoteLossError, codec
+from losswire.client import LossClient, RemoteLoss, RemoteLossError
 from losswire.server.losses import LossConfigError, build_loss
 from losswire.server.sampling import build_sampler, sample_by_group
 from losswire.v1 import loss_service_pb2 as pb
+from losswire.wire import codec
 
 RECORDS = torch.load(Path(__file__).parent / "reference" / "fixtures" / "samplers.pt", weights_only=True)["cases"]
 

@@ -42,9 +42,10 @@ import torch
 from test_server_process import CALL_TIMEOUT, START_TIMEOUT, ServerProcess, serve_cmd, server_env
 
 from losswire.client import LossClient, RemoteLoss, RemoteLossError, SessionRestartedError, evaluate_terms
-from losswire.client.channel import SERVICE_NAME, normalise_target, rendezvous_rank
+from losswire.client.channel import normalise_target, rendezvous_rank
 from losswire.server.cli import KNOBS, build_parser, config_from_args
 from losswire.server.losses import build_loss
+from losswire.wire.protocol import SERVICE_NAME
 
 K8S = Path(__file__).resolve().parents[1] / "deploy" / "k8s"
 SEESAW = dict(type="SeesawLoss", num_classes=4)

@@ -34,7 +34,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from test_inference_protocol import infer_request, outputs_of
 from test_server_process import ServerProcess, losswire_script, serve_cmd, server_env
 
-from losswire.client import LossClient, RemoteLoss, RemoteLossError, codec
+from losswire.client import LossClient, RemoteLoss, RemoteLossError
 from losswire.client.channel import make_channel
 from losswire.client.security import Credentials
 from losswire.inference import grpc_predict_v2_pb2_grpc as oip_grpc
@@ -43,6 +43,7 @@ from losswire.server.cli import KnobError, build_parser, resolve_settings
 from losswire.server.losses import build_loss
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.v1 import loss_service_pb2_grpc as pb_grpc
+from losswire.wire import codec
 
 CALL_TIMEOUT = 30.0
 REFUSED_TIMEOUT = 10.0  # a refused handshake fails at once; the deadline only bounds a hang

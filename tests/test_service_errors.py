@@ -9,9 +9,10 @@ import torch
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from losswire.client import LossClient, RemoteLoss, RemoteLossError, codec
+from losswire.client import LossClient, RemoteLoss, RemoteLossError
 from losswire.server.app import LosswireServer, ServerConfig
 from losswire.v1 import loss_service_pb2 as pb
+from losswire.wire import codec
 
 INVALID, NOT_FOUND, EXHAUSTED = (
     grpc.StatusCode.INVALID_ARGUMENT,

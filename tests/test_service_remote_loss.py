@@ -147,8 +147,8 @@ def test_no_grad_requests_no_gradients(target: str, client):
 
 
 def test_server_reports_timings_and_device(client, server):
-    from losswire.client import codec
     from losswire.v1 import loss_service_pb2 as pb
+    from losswire.wire import codec
 
     request = pb.EvaluateRequest()
     term = request.terms.add(name="loss")

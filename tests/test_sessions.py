@@ -17,11 +17,12 @@ import torch
 from mmdet_fixtures import FAMILIES, parts
 from stateful_test_losses import CountingBatchSoftmaxLoss, CountingSoftmaxPairLoss, register
 
-from losswire.client import LossClient, RemoteLoss, RemoteLossError, codec
+from losswire.client import LossClient, RemoteLoss, RemoteLossError
 from losswire.server.app import LosswireServer, ServerConfig
 from losswire.server.losses import LOSSES
 from losswire.server.sessions import SessionStore, UnknownSessionError
 from losswire.v1 import loss_service_pb2 as pb
+from losswire.wire import codec
 
 DEVICE = os.environ.get("LOSSWIRE_TEST_DEVICE", "cpu")
 MAX_SESSIONS = 12

@@ -22,11 +22,13 @@ import pytest
 import torch
 from conftest import dice_recompute_gradients, plain_channel
 
-from losswire.client import LossClient, RemoteLoss, codec, evaluate_terms
-from losswire.client import shared_memory as shm
+from losswire.client import LossClient, RemoteLoss, evaluate_terms
+from losswire.client.shared_memory import SharedMemoryPool
 from losswire.server.app import LosswireServer, ServerConfig
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.v1 import loss_service_pb2_grpc as pb_grpc
+from losswire.wire import chunks, codec
+from losswire.wire import shared_memory as shm
 
 pytestmark = pytest.mark.skipif(not shm.supported(), reason="needs POSIX shared memory under /dev/shm")
 
@@ -305,13 +307,13 @@ def test_shared_memory_calls_take_a_big_call_slot_and_wait_for_one(wire):
     def held_open() -> Iterator[pb.EvaluateChunk | bytes]:
         yield pb.EvaluateChunk(request=header)
         release.wait(60)  # admitted and receiving until the test says
-        yield codec.chunk_wire_bytes("terms[0].pred", 0, data)
+        yield chunks.chunk_wire_bytes("terms[0].pred", 0, data)
 
     try:
         with plain_channel(target) as channel:
             method = channel.stream_stream(
                 "/losswire.v1.LossService/EvaluateStream",
-                request_serializer=codec.serialize_chunk,
+                request_serializer=chunks.serialize_chunk,
                 response_deserializer=pb.EvaluateChunk.FromString,
             )
             big = threading.Thread(target=lambda: answers.extend(method(held_open(), timeout=60)))
@@ -525,7 +527,7 @@ def test_a_stream_may_carry_references_too(target, segment, wire):
 
 def test_segments_of_callers_that_died_before_registering_are_swept():
     made_by_the_dead = subprocess.run(
-        [sys.executable, "-c", "from losswire.client import shared_memory as s; print(s.Segment.create(1 << 20).name)"],
+        [sys.executable, "-c", "from losswire.wire import shared_memory as s; print(s.Segment.create(1 << 20).name)"],
         capture_output=True,
         text=True,
         check=True,
@@ -556,7 +558,7 @@ def test_a_forked_child_never_leases_its_parents_segments():
     """A pool used in a forked child (a DataLoader worker, say) would share the parent's pages: it
     starts afresh there instead. The registration callables stand in for the RPCs."""
     registered: list[str] = []
-    pool = shm.SharedMemoryPool(lambda name, size, nonce: registered.append(name) or name, lambda region: None)
+    pool = SharedMemoryPool(lambda name, size, nonce: registered.append(name) or name, lambda region: None)
     lease = pool.lease(1 << 20)
     parents = lease.segment.name
     lease.done()  # idle in the parent

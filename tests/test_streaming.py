@@ -17,11 +17,13 @@ import pytest
 import torch
 from conftest import dice_recompute_gradients, plain_channel
 
-from losswire.client import LossClient, RemoteLoss, RemoteLossError, codec, evaluate_terms
-from losswire.client.channel import STREAM_METHOD, STREAM_THRESHOLD_BYTES
+from losswire.client import LossClient, RemoteLoss, RemoteLossError, evaluate_terms
+from losswire.client.channel import STREAM_THRESHOLD_BYTES
 from losswire.server.app import LosswireServer, ServerConfig
 from losswire.server.losses import LOSSES
 from losswire.v1 import loss_service_pb2 as pb
+from losswire.wire import chunks, codec
+from losswire.wire.protocol import EVALUATE_STREAM_METHOD
 
 SMALL_THRESHOLD = 256 << 10
 
@@ -204,7 +206,9 @@ def _header(n: int = 1024) -> tuple[pb.EvaluateRequest, bytes]:
 def _send(target: str, messages: list[pb.EvaluateChunk | bytes]) -> list[pb.EvaluateChunk]:
     with plain_channel(target) as channel:
         method = channel.stream_stream(
-            STREAM_METHOD, request_serializer=codec.serialize_chunk, response_deserializer=pb.EvaluateChunk.FromString
+            EVALUATE_STREAM_METHOD,
+            request_serializer=chunks.serialize_chunk,
+            response_deserializer=pb.EvaluateChunk.FromString,
         )
         try:
             return list(method(iter(messages), timeout=30))
@@ -224,11 +228,11 @@ def test_a_hand_made_stream_is_answered(target):
         [
             pb.EvaluateChunk(request=request),
             _chunk("terms[0].pred", 0, data[:half]),
-            codec.chunk_wire_bytes("terms[0].pred", half, data[half:]),  # the hand-built wire form
+            chunks.chunk_wire_bytes("terms[0].pred", half, data[half:]),  # the hand-built wire form
         ],
     )
     assert answer[0].WhichOneof("kind") == "response"
-    assembler = codec.StreamAssembler(answer[0].response)
+    assembler = chunks.StreamAssembler(answer[0].response)
     for message in answer[1:]:
         assembler.add(message.chunk)
     streamed = assembler.finish()
@@ -312,14 +316,16 @@ def test_small_calls_are_answered_while_a_big_stream_is_in_flight(small_server):
 
     def held_open() -> Iterator[pb.EvaluateChunk | bytes]:
         yield pb.EvaluateChunk(request=request)
-        yield codec.chunk_wire_bytes("terms[0].pred", 0, data[:4096])
+        yield chunks.chunk_wire_bytes("terms[0].pred", 0, data[:4096])
         release.wait(60)  # the big call stays in flight (admitted, receiving) until the test says
-        yield codec.chunk_wire_bytes("terms[0].pred", 4096, data[4096:])
+        yield chunks.chunk_wire_bytes("terms[0].pred", 4096, data[4096:])
 
     answers: list = []
     with plain_channel(target) as channel:
         method = channel.stream_stream(
-            STREAM_METHOD, request_serializer=codec.serialize_chunk, response_deserializer=pb.EvaluateChunk.FromString
+            EVALUATE_STREAM_METHOD,
+            request_serializer=chunks.serialize_chunk,
+            response_deserializer=pb.EvaluateChunk.FromString,
         )
         big = threading.Thread(target=lambda: answers.extend(method(held_open(), timeout=60)))
         big.start()

@@ -22,10 +22,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from losswire.client import RemoteLoss
-from losswire.client.codec import decode_tensor, encode_config, encode_tensor, encode_value
 from losswire.server.losses import build_loss
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.v1 import loss_service_pb2_grpc as pb_grpc
+from losswire.wire.codec import decode_tensor, encode_config, encode_tensor, encode_value
 
 FOCAL = {"type": "FocalLoss", "gamma": 2.0, "alpha": 0.25}
 NUM_CLASSES = 80

@@ -1,0 +1,324 @@
+"""Big tensors in chunks (``EvaluateStream``): how a message's big tensors leave it and follow it.
+
+The sender encodes its message with a :class:`StreamSink`, which keeps every big tensor's bytes out
+of the message (dtype and shape declared, ``data`` empty), and :func:`stream_chunks` sends the
+message and then those bytes in ``TensorChunk``s straight from the tensor's memory. The receiver's
+:class:`StreamAssembler` allocates each declared tensor once and copies each chunk into it once;
+``codec.decode_tensor(..., streamed=assembler.tensors)`` then takes the assembled tensor for that
+field path. Chunks are read and written without protobuf's copies of their bytes
+(:func:`parse_chunk`, :func:`chunk_wire_bytes`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from google.protobuf.message import Message
+from torch import Tensor
+
+from losswire.v1 import loss_service_pb2 as pb
+
+from .codec import CodecError, check_shape, tensors_of, wire_dtypes
+from .protocol import STREAM_CHUNK_BYTES, STREAM_MIN_TENSOR_BYTES
+
+# reserve(nbytes) -> (region, offset, uint8 destination tensor of nbytes) or None: see StreamSink.place
+Reserve = Callable[[int], "tuple[str, int, Tensor] | None"]
+
+
+class StreamSink:
+    """The big tensors of a message being encoded, whose bytes are streamed rather than embedded.
+
+    :func:`encode_tensor` records here every tensor of at least ``min_bytes`` (its message gets dtype
+    and shape, no data) with a flat uint8 view of its bytes: nothing is copied until a chunk is cut.
+    """
+
+    def __init__(self, min_bytes: int = STREAM_MIN_TENSOR_BYTES) -> None:
+        self.min_bytes = min_bytes
+        self.entries: list[tuple[pb.Tensor, Any]] = []  # (message, bytes-like: uint8 tensor, bytes...)
+        self.placed: list[tuple[pb.Tensor, Any]] = []  # moved into shared memory by place()
+
+    def add(self, message: pb.Tensor, data: Any) -> None:
+        self.entries.append((message, data))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held back for streaming."""
+        return sum(_byte_view(data).nbytes for _, data in self.entries)
+
+    def inline(self, placed: bool = True) -> None:
+        """Put every held-back tensor's bytes into its message after all (a unary call, a resend),
+        and, with ``placed``, those placed in shared memory too; empties the sink (of those)."""
+        for message, data in (*self.entries, *(self.placed if placed else ())):
+            message.data = _byte_view(data).tobytes()
+            message.ClearField("shm")
+        self.entries.clear()
+        if placed:
+            self.placed.clear()
+
+    def place(self, reserve: Reserve) -> None:
+        """Move held-back tensors into shared memory: ``reserve(nbytes)`` gives (region, offset, a
+        uint8 destination of nbytes) or None when there is no room (the tensor stays held back).
+        Each placed tensor's bytes are copied once and its message names them (``Tensor.shm``)."""
+        kept = []
+        for message, data in self.entries:
+            flat = data if isinstance(data, Tensor) else torch.frombuffer(_byte_view(data), dtype=torch.uint8)
+            spot = reserve(flat.numel())
+            if spot is None:
+                kept.append((message, data))
+                continue
+            region, offset, destination = spot
+            destination.copy_(flat)
+            message.shm.region, message.shm.offset, message.shm.byte_size = region, offset, flat.numel()
+            self.placed.append((message, data))
+        self.entries[:] = kept
+
+    @classmethod
+    def take(cls, message: Message, min_bytes: int = STREAM_MIN_TENSOR_BYTES) -> StreamSink:
+        """Move the data of every tensor of ``message`` with at least ``min_bytes`` into a new sink
+        (for a message encoded without one; one copy per tensor). ``inline()`` puts them back."""
+        sink = cls(min_bytes)
+        for _, tensor in tensors_of(message):
+            if tensor.ByteSize() >= min_bytes:  # ByteSize does not copy the data
+                data = tensor.data
+                if len(data) >= min_bytes:
+                    tensor.ClearField("data")
+                    sink.add(tensor, data)
+        return sink
+
+    def paths(self, root: Message) -> list[tuple[str, Any]]:
+        """(field path in ``root``, bytes) of every held-back tensor, in ``root``'s order."""
+        # the protobuf runtime hands out one Python object per sub-message while it is referenced
+        # (the sink holds them), so identity finds each recorded message in the walk
+        held = {id(message): data for message, data in self.entries}
+        found = [(path, held.pop(id(tensor))) for path, tensor in tensors_of(root) if id(tensor) in held]
+        if held:
+            raise CodecError(f"{len(held)} streamed tensor(s) are not inside the message being sent")
+        return found
+
+
+def byte_count(data: Any) -> int:
+    """Bytes of a held-back tensor's data (a uint8 tensor or any bytes-like)."""
+    return data.numel() if isinstance(data, Tensor) else memoryview(data).nbytes
+
+
+def _byte_view(data: Any) -> memoryview:
+    if isinstance(data, Tensor):
+        data = data.numpy()
+    return memoryview(data).cast("B")
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def chunk_wire_bytes(path: str, offset: int, data: Any) -> bytes:
+    """The serialized ``EvaluateChunk{chunk: TensorChunk{tensor, offset, data}}``, built directly.
+
+    The same bytes protobuf would produce, but ``data`` (a bytes-like slice of the tensor's memory)
+    is copied once, into the result, instead of into a message and again by its serialization.
+    """
+    name = path.encode()
+    size = memoryview(data).nbytes
+    inner = b"\x0a" + _varint(len(name)) + name + b"\x10" + _varint(offset) + b"\x1a" + _varint(size)
+    return b"".join((b"\x1a", _varint(len(inner) + size), inner, data))
+
+
+class RawChunk:
+    """A ``TensorChunk`` read straight from the bytes of its ``EvaluateChunk``: ``data`` is a
+    memoryview of those bytes (no copy). Answers ``WhichOneof`` and ``chunk`` as the message does."""
+
+    __slots__ = ("data", "offset", "tensor")
+
+    def __init__(self, tensor: str, offset: int, data: memoryview) -> None:
+        self.tensor, self.offset, self.data = tensor, offset, data
+
+    def WhichOneof(self, group: str) -> str:  # noqa: N802 - protobuf's name
+        return "chunk"
+
+    @property
+    def chunk(self) -> RawChunk:
+        return self
+
+
+def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = view[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _raw_chunk(view: memoryview) -> RawChunk | None:
+    """The chunk in ``view`` when it is an ``EvaluateChunk.chunk`` holding only TensorChunk's three
+    fields (as every protobuf serializer writes them); None for anything else."""
+    if len(view) < 2 or view[0] != 0x1A:
+        return None
+    size, pos = _read_varint(view, 1)
+    if pos + size != len(view):
+        return None
+    tensor, offset, data = "", 0, view[0:0]
+    while pos < len(view):
+        tag = view[pos]
+        if tag == 0x10:
+            offset, pos = _read_varint(view, pos + 1)
+        elif tag in (0x0A, 0x1A):
+            length, start = _read_varint(view, pos + 1)
+            pos = start + length
+            if pos > len(view):
+                return None
+            if tag == 0x0A:
+                tensor = bytes(view[start:pos]).decode()
+            else:
+                data = view[start:pos]
+        else:
+            return None
+    return RawChunk(tensor, offset, data)
+
+
+def parse_chunk(data: bytes) -> pb.EvaluateChunk | RawChunk:
+    """Deserializer of EvaluateStream's messages: a chunk without copying its data (protobuf's
+    parser copies a bytes field into the message and again on every read: two copies of each 4 MiB);
+    the first message, and anything that is not a plain chunk, through protobuf."""
+    try:
+        chunk = _raw_chunk(memoryview(data))
+    except (IndexError, ValueError):  # truncated or odd bytes: protobuf says what is wrong with them
+        chunk = None
+    return chunk if chunk is not None else pb.EvaluateChunk.FromString(data)
+
+
+def serialize_chunk(message: pb.EvaluateChunk | bytes) -> bytes:
+    """Request serializer of a stream: a message, or bytes already serialized (:func:`chunk_wire_bytes`)."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def stream_chunks(
+    root: pb.EvaluateRequest | pb.EvaluateResponse,
+    sink: StreamSink,
+    raw: bool = True,
+    chunk_bytes: int = STREAM_CHUNK_BYTES,
+) -> Iterator[pb.EvaluateChunk | bytes]:
+    """The messages of a stream: ``root`` (whose tensors recorded in ``sink`` have no data) as the
+    first ``EvaluateChunk``, then every held-back tensor in chunks of ``chunk_bytes``: serialized
+    bytes when ``raw`` (for a :func:`serialize_chunk` serializer), else ``EvaluateChunk`` messages."""
+    paths = sink.paths(root)
+    kind = "request" if isinstance(root, pb.EvaluateRequest) else "response"
+    yield pb.EvaluateChunk(**{kind: root})  # a copy of a message without its big data: small
+    for path, data in paths:
+        view = _byte_view(data)
+        for offset in range(0, view.nbytes, chunk_bytes):
+            piece = view[offset : offset + chunk_bytes]
+            if raw:
+                yield chunk_wire_bytes(path, offset, piece)
+            else:
+                yield pb.EvaluateChunk(chunk=pb.TensorChunk(tensor=path, offset=offset, data=piece.tobytes()))
+
+
+def fill_streamed(root: Message, streamed: Mapping[str, Tensor]) -> None:
+    """Put the bytes of assembled tensors (by path) back into ``root``'s messages (one copy each)."""
+    if streamed:
+        for path, message in tensors_of(root):
+            if path in streamed:
+                message.data = streamed[path].reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _empty_bytes(nbytes: int) -> Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8)
+
+
+class _Pending:
+    __slots__ = ("buffer", "dtype", "nbytes", "received", "shape")
+
+    def __init__(self, buffer: Tensor, dtype: torch.dtype, shape: list[int]) -> None:
+        self.buffer, self.dtype, self.shape = buffer, dtype, shape
+        self.nbytes = buffer.numel()
+        self.received = 0
+
+
+class StreamAssembler:
+    """Reassembles the streamed tensors of a stream's first message from its ``TensorChunk``s.
+
+    Every tensor of ``header`` whose data is empty though its shape has elements is streamed: its
+    buffer is allocated here once (in its ``data_dtype`` when narrowed) and each chunk's bytes are
+    copied into it once. Check limits on the declared shapes *before* making the assembler: this
+    allocates. A chunk naming no streamed tensor, out of order (its offset is not the bytes received
+    so far: a gap or an overlap) or past the tensor's end, and a stream that ends before a tensor is
+    complete, are CodecErrors naming the field. ``tensors`` maps each path to its tensor (declared
+    shape, data dtype) for ``decode_tensor(..., streamed=...)``. ``allocate(nbytes)`` gives each
+    buffer, a uint8 tensor (default: fresh memory; ``BufferPool.take``: reused memory).
+    """
+
+    def __init__(
+        self, header: Message, max_elements: int | None = None, allocate: Callable[[int], Tensor] | None = None
+    ) -> None:
+        allocate = allocate or _empty_bytes
+        self._pending: dict[str, _Pending] = {}
+        for path, message in tensors_of(header):
+            _, data_dtype = wire_dtypes(message, path)
+            shape = list(message.shape)
+            numel = check_shape(shape, path, max_elements=max_elements)
+            if numel == 0 or len(message.data) > 0 or message.HasField("shm"):
+                continue  # inline (decode_tensor checks its length), in shared memory, or empty
+            buffer = allocate(numel * data_dtype.itemsize)
+            self._pending[path] = _Pending(buffer, data_dtype, shape)
+        self.tensors: dict[str, Tensor] = {}
+        self.chunks = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the stream must still deliver, in all."""
+        return sum(p.nbytes - p.received for p in self._pending.values())
+
+    def add(self, chunk: pb.TensorChunk) -> None:
+        """Copy one chunk into its tensor."""
+        self.chunks += 1
+        where = f"chunk {self.chunks}"
+        pending = self._pending.get(chunk.tensor)
+        if pending is None:
+            done = " (it is complete already)" if chunk.tensor in self.tensors else ""
+            expected = ", ".join(sorted(self._pending)) or "none: every streamed tensor is complete"
+            raise CodecError(
+                f"{where}.tensor {chunk.tensor!r} names no tensor being streamed{done}; expected one of: {expected}",
+                field="chunk.tensor",
+            )
+        data = chunk.data  # read once: every read of a bytes field copies it
+        offset, size = chunk.offset, len(data)
+        if offset != pending.received:
+            problem = "overlaps bytes already received" if offset < pending.received else "leaves a gap"
+            raise CodecError(
+                f"{where} for {chunk.tensor} starts at offset {offset} but {pending.received} of its {pending.nbytes} "
+                f"bytes have arrived ({problem}): a tensor's chunks come in order, without gaps or overlaps",
+                field=f"{chunk.tensor}.data",
+            )
+        if offset + size > pending.nbytes:
+            raise CodecError(
+                f"{where} for {chunk.tensor} holds bytes [{offset}, {offset + size}) but the tensor has only "
+                f"{pending.nbytes} bytes (dtype and shape as declared)",
+                field=f"{chunk.tensor}.data",
+            )
+        if size:
+            pending.buffer[offset : offset + size] = torch.frombuffer(data, dtype=torch.uint8)
+        pending.received += size
+        if pending.received == pending.nbytes:
+            del self._pending[chunk.tensor]
+            self.tensors[chunk.tensor] = pending.buffer.view(pending.dtype).reshape(pending.shape)
+
+    def finish(self) -> dict[str, Tensor]:
+        """The assembled tensors, once the stream has ended; a CodecError if one is incomplete."""
+        for path, pending in self._pending.items():
+            raise CodecError(
+                f"the stream ended with {path} incomplete: {pending.received} of its {pending.nbytes} bytes arrived",
+                field=f"{path}.data",
+            )
+        return self.tensors
