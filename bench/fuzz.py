@@ -4,7 +4,7 @@
     .venv/bin/python bench/fuzz.py -n 50000 --raw-share 0.5
     .venv/bin/python bench/fuzz.py --target host:50051  # a running server (no RSS check)
 
-Both generators of ``tests/fuzzing.py`` run mixed, randomly seeded: well-formed requests with bad
+Both generators of ``tests/support/fuzzing.py`` run mixed, randomly seeded: well-formed requests with bad
 contents and raw bytes that may not parse. Every answer must be OK (equal to the engine's answer
 where it can be recomputed) or a clear status that is neither INTERNAL nor UNKNOWN. Every
 ``--check-every`` requests, and at the end, a known-good request must still be answered correctly,
@@ -28,10 +28,10 @@ TESTS = Path(__file__).resolve().parent.parent / "tests"
 sys.path.insert(0, str(TESTS))
 
 import grpc  # noqa: E402
-from fuzzing import EVALUATE, assert_serves_correctly, call, evaluate_requests, raw_requests  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from test_server_process import LISTENING, serve_cmd, server_env  # noqa: E402
+from support.fuzzing import EVALUATE, assert_serves_correctly, call, evaluate_requests, raw_requests  # noqa: E402
+from support.servers import LISTENING, serve_cmd, server_env  # noqa: E402
 
 SERVE_FLAGS = [
     "--host=127.0.0.1",

@@ -63,7 +63,7 @@ from baselines import (  # noqa: E402
     tcp_echo,
     tcp_roundtrip,
 )
-from test_server_process import LISTENING, serve_cmd, server_env  # noqa: E402
+from support.servers import LISTENING, serve_cmd, server_env  # noqa: E402
 from timing import (  # noqa: E402
     CONFIGS,
     FOCAL,

@@ -94,7 +94,7 @@ RETRY_POLICY = {
 # A request whose tensors hold at least this many bytes goes by EvaluateStream, its big tensors in
 # chunks (``LossClient(stream_threshold=...)``; None: never). On a 2-core loopback a unary call moves
 # ~0.2-0.4 GB/s and a stream ~1-2 GB/s; below a few MiB the stream's extra messages cost more than
-# they save (see the report in tests/test_streaming.py's module docstring).
+# they save (see the report in tests/service/test_streaming.py's module docstring).
 STREAM_THRESHOLD_BYTES = 8 << 20
 # A request whose held-back (big) tensors hold at least this many bytes goes through shared memory
 # when the client uses it (LossClient(shared_memory=...)): below, one unary call costs less than the

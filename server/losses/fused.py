@@ -16,7 +16,7 @@ The gradient's closed form is evaluated with autograd's products in autograd's o
 is in each docstring), which on the CPU (one intra-op thread, as small terms run; see
 ``row_blocks`` for several) makes FocalLoss, QualityFocalLoss, L1/SmoothL1 and GIoU gradients
 autograd's bit for bit; CE's differs in the last bit on some elements (torch.exp vs
-log_softmax's backward kernel). tests/test_fused_kernels.py checks both. The saving is the graph:
+log_softmax's backward kernel). tests/engine/test_fused_kernels.py checks both. The saving is the graph:
 no saved intermediates, no zero-filled gradient buffers, no one-hot targets, in-place products.
 
 The selection table ``FUSED_KERNELS`` maps a loss *class* (an exact type: a plugin that replaces the

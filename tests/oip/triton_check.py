@@ -1,7 +1,7 @@
 """Checks a losswire server through Triton's own client, ``tritonclient.grpc``, against expected values.
 
 Runs in its own virtualenv (tritonclient needs protobuf < 7, losswire >= 7.35), with only
-tritonclient and numpy: it never imports losswire. tests/test_inference_protocol.py computes the
+tritonclient and numpy: it never imports losswire. tests/service/test_inference_protocol.py computes the
 expected values with the loss engine, writes them to a case file and runs:
 
     .venv-oip/bin/python tests/oip/triton_check.py --url 127.0.0.1:PORT --cases cases.json

@@ -1,6 +1,6 @@
 """Writes tritonclient's own ``grpc_service.proto`` descriptor (a serialized FileDescriptorProto) to a file.
 
-Runs in the tritonclient virtualenv; tests/test_inference_protocol.py compares its messages with
+Runs in the tritonclient virtualenv; tests/service/test_inference_protocol.py compares its messages with
 losswire's ``protos/inference/grpc_predict_v2.proto`` field by field (wire compatibility):
 
     .venv-oip/bin/python tests/oip/triton_descriptor.py OUT.pb

@@ -4,7 +4,7 @@ Labels follow mmdet's convention (``0 <= label < background`` positive, ``backgr
 -1 ignored) and become an ``AssignResult`` (gt_inds 1 / 0 / -1) for mmdet's own samplers, called
 with ``add_gt_as_proposals=False`` after ``torch.manual_seed(seed)``. Each record holds the sampler
 config, labels, background, seed and mmdet's sorted positive and negative indices; the test
-(``tests/test_sampling.py``) asks losswire's sampler for the same. Run through
+(``tests/service/test_sampling.py``) asks losswire's sampler for the same. Run through
 ``make_mmdet_fixtures.py samplers``.
 """
 

@@ -3,7 +3,7 @@
 Two clients each send three batches to one server-held session; the server serialises them in
 some order. For each of the C(6, 3) = 20 possible orders this records one mmdet SeesawLoss module
 fed the six batches in that order: every step's losses, gradients and ``cum_samples``. The test
-(``tests/test_sessions.py``) looks up the order the server actually chose and compares.
+(``tests/service/test_sessions.py``) looks up the order the server actually chose and compares.
 Run through ``make_mmdet_fixtures.py sessions``.
 """
 

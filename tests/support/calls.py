@@ -1,0 +1,54 @@
+"""Calls in tests: a channel without retries, the field a refusal names, a recompute through a client."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import grpc
+import torch
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from losswire.client import LossClient, RemoteLoss
+
+
+@contextlib.contextmanager
+def plain_channel(target: str) -> Iterator[grpc.Channel]:
+    """A channel without losswire's retry policy (nor gRPC's transparent retries): each call is one
+    attempt, answered as the server answered it."""
+    channel = grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)])
+    try:
+        yield channel
+    finally:
+        channel.close()
+
+
+def dice_recompute_gradients(clients: tuple[LossClient, ...], seed: int) -> list[torch.Tensor]:
+    """pred's gradient of a DiceLoss 'none' term [64, 64, 64] (1 MiB) through each of ``clients``.
+
+    An element-wise output with an upstream gradient makes the client recompute with ``grad_output``
+    in backward, a second request that needs the tensors again: a transport that kept them out of
+    the first message (a stream, shared memory) must send them once more.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    pred = torch.randn(64, 64, 64, generator=generator)
+    target = (torch.rand(64, 64, 64, generator=generator) > 0.5).float()
+    upstream = torch.rand(64, generator=generator)
+    grads = []
+    for client in clients:
+        p = pred.clone().requires_grad_()
+        loss = RemoteLoss(dict(type="DiceLoss", reduction="none"), client=client)(p, target)
+        (loss * upstream).sum().backward()
+        grads.append(p.grad)
+    return grads
+
+
+def field_of(error: grpc.RpcError) -> str | None:
+    """The field a refusal names (its ``google.rpc.BadRequest`` detail), or None."""
+    status = rpc_status.from_call(error)
+    for detail in status.details if status else ():
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad) and bad.field_violations:
+            return bad.field_violations[0].field
+    return None
