@@ -3,7 +3,6 @@ message-size limits, concurrency, and a graceful stop."""
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import logging
 import time
@@ -14,11 +13,12 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from losswire.v1 import loss_service_pb2 as pb
-from losswire.wire.buffers import DEFAULT_IDLE_BYTES, BufferPool
+from losswire.wire.buffers import BufferPool
+from losswire.wire.protocol import SERVICE_NAME
 
 from . import __version__
 from .auth import TokenAuthInterceptor, TokenSet
+from .config import ServerConfig
 from .inference import add_inference_service
 from .limits import RequestLimits
 from .losses import LOSSES, Registry
@@ -31,57 +31,6 @@ from .tls import ServerTLS, tls_files
 
 log = logging.getLogger("losswire.server")
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LossService"].full_name  # "losswire.v1.LossService"
-MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC's ceiling; holds a 1 GiB tensor plus its target
-
-
-@dataclasses.dataclass
-class ServerConfig:
-    host: str = "0.0.0.0"
-    port: int = 50051
-    device: str = "auto"  # "auto": cuda when available, else cpu
-    max_workers: int = 8  # threads serving RPCs
-    # calls admitted at once, running or waiting for a worker; beyond, RESOURCE_EXHAUSTED at once rather
-    # than a queue without bound (each queued call holds its request in memory). 8 per default worker.
-    max_concurrent_rpcs: int | None = 64
-    # EvaluateStream calls (big tensors) served at once; more are refused RESOURCE_EXHAUSTED (retryable)
-    # rather than queued, so they never hold more than this many workers: small calls keep the rest.
-    # Capped at max_workers - 1.
-    max_stream_calls: int = 2  # big calls (streamed or shared memory) at once (capped at max_workers - 1)
-    fused_kernels: bool = True  # loss and gradient in one analytic pass where a kernel exists (losses/fused.py)
-    # same-host callers may register shared-memory segments and pass tensors by reference
-    shared_memory: bool = True
-    max_shared_memory: int | None = 64 << 30  # bytes mapped for all callers together; None: unbounded
-    # idle buffers kept for reuse by big calls (streamed tensors, their answers); 0: fresh memory each call
-    buffer_pool_bytes: int = DEFAULT_IDLE_BYTES
-    max_message_bytes: int = MAX_MESSAGE_BYTES
-    max_elements: int | None = None  # per tensor; larger tensors are refused before allocation
-    # summed over every tensor of a request; None: bounded by max_message_bytes alone (every element
-    # of a well-formed tensor takes at least one byte of the message)
-    max_request_elements: int | None = None
-    max_terms: int | None = 256  # terms per request: DETR-style heads send ~40, one per loss and layer
-    max_dims: int = 8  # tensor rank; detection tensors have at most 5 ([N, C, D, H, W])
-    torch_threads: int | None = None  # torch intra-op threads; None keeps torch's default
-    grace_seconds: float = 30.0  # how long in-flight calls may run on after a stop request
-    # after a stop request, keep serving this long while health already says NOT_SERVING, so that
-    # health-checking balancers and probes stop sending calls before the port closes
-    shutdown_notice_seconds: float = 0.0
-    plugins: tuple[str, ...] = ()
-    session_ttl_seconds: float = 3600.0  # an idle session's state is dropped after this long
-    max_sessions: int = 1024  # live sessions at once; beyond, RESOURCE_EXHAUSTED
-    session_replay_depth: int = 4  # forwards per session whose prior state is kept for recomputes
-    metrics_port: int | None = None  # Prometheus /metrics on this port (0 picks one); None: no endpoint
-    metrics_host: str | None = None  # None: the gRPC host
-    # TLS (PEM files): the server's certificate and key; with a client CA, mutual TLS
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None
-    # bearer tokens every call but health must carry: a file (re-read when it changes) and/or tokens
-    # given directly (LOSSWIRE_AUTH_TOKENS); neither: no authentication. Never printed (repr=False).
-    auth_tokens_file: str | None = None
-    auth_tokens: tuple[str, ...] = dataclasses.field(default=(), repr=False)
-    # a second, plaintext port serving only grpc.health.v1, for probes that cannot speak TLS
-    health_port: int | None = None
 
 
 def resolve_device(name: str) -> torch.device:

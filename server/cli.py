@@ -26,11 +26,12 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from losswire.wire.codec import MAX_DIMS
+from losswire.wire.protocol import MAX_DIMS, MAX_MESSAGE_BYTES
 
 from . import __version__
-from .app import MAX_MESSAGE_BYTES, LosswireServer, ServerConfig
+from .app import LosswireServer
 from .auth import TOKENS_ENV, TokenConfigError, parse_token_list
+from .config import ServerConfig
 
 ENV_PREFIX = "LOSSWIRE_"
 NONE_WORDS = ("", "none", "None", "off")

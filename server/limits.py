@@ -30,7 +30,7 @@ class RequestLimits:
     max_elements: int | None = None  # per tensor
     max_request_elements: int | None = None  # summed over every tensor of the request
     max_terms: int | None = None
-    max_dims: int = protocol.MAX_DIMS
+    max_dims: int = protocol.DEFAULT_MAX_DIMS
 
 
 def check_request(request: pb.EvaluateRequest, limits: RequestLimits) -> list[tuple[str, pb.Tensor]]:

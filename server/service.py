@@ -36,6 +36,9 @@ from .evaluate import (
 )
 from .limits import RequestLimits, check_request
 from .losses import LOSSES, LossDescription, Registry, output_kind_of
+from .losses import fused as fused_kernels
+from .losses.provenance import implementation_digest
+from .losses.schema import keeps_state
 from .malformed import MalformedRequest, malformed_error, stream_deserializer
 from .sampling import build_sampler, sampler_config
 from .sessions import Session, SessionStore
@@ -209,6 +212,7 @@ class LossService(pb_grpc.LossServiceServicer):
         self.max_stream_calls = max_stream_calls
         self._stream_slots = threading.BoundedSemaphore(max_stream_calls)
         self._stream_count, self._stream_count_lock = 0, threading.Lock()
+        self._implementations: dict[str, str] = {}  # loss name -> provenance digest
 
     # -- Evaluate --------------------------------------------------------------------------------
 
@@ -374,9 +378,10 @@ class LossService(pb_grpc.LossServiceServicer):
         computed = time.perf_counter()
         at.where, at.term_path = "", ""
         check_cancelled(caller_gone, "encoding the answer")
-        response = pb.EvaluateResponse(device=str(self.device))
-        for outcome in outcomes:
-            self._encode_outcome(outcome, response.results.add(), transfer, sink, in_place)
+        response = pb.EvaluateResponse(device=str(self.device), server_version=__version__)
+        for term, outcome in zip(terms, outcomes, strict=True):
+            result = response.results.add(implementation=self.implementation(term.config["type"]))
+            self._encode_outcome(outcome, result, transfer, sink, in_place)
         if output_range is not None:
             sink.place(output_range)  # the big answers into the caller's output range: one copy each
             if own_sink:
@@ -544,8 +549,12 @@ class LossService(pb_grpc.LossServiceServicer):
             config = self.registry.normalise(config)
             module = self.registry.build(config)
             description = self.registry.describe(config["type"])
-            response = pb.DescribeResponse(output=output_kind_of(module, description).value)
-            describe(description, response.loss)
+            response = pb.DescribeResponse(
+                output=output_kind_of(module, description).value,
+                stateful=keeps_state(module),
+                server_version=__version__,
+            )
+            describe(description, response.loss, self.implementation(description.name))
             if sampler is not None:
                 config["sampler"] = sampler_config(build_sampler(sampler))
             codec.encode_config(config, response.config)
@@ -615,13 +624,24 @@ class LossService(pb_grpc.LossServiceServicer):
     def ListLosses(self, request: pb.ListLossesRequest, context: grpc.ServicerContext) -> pb.ListLossesResponse:  # noqa: N802
         response = pb.ListLossesResponse(server_version=__version__, device=str(self.device))
         for description in self.registry.descriptions():
-            describe(description, response.losses.add())
+            describe(description, response.losses.add(), self.implementation(description.name))
         return response
 
+    def implementation(self, name: str) -> str:
+        """The provenance digest of loss ``name`` on this server (``losses.provenance``), computed once."""
+        digest = self._implementations.get(name)
+        if digest is None:
+            fused_file = fused_kernels.kernel_source(self.registry.get(name)) if self.evaluator.fused else None
+            digest = implementation_digest(self.registry, name, fused_file=fused_file, device_type=self.device.type)
+            self._implementations[name] = digest
+        return digest
 
-def describe(description: LossDescription, out: pb.LossInfo) -> None:
+
+def describe(description: LossDescription, out: pb.LossInfo, implementation: str = "") -> None:
     """Engine description -> ``losswire.v1.LossInfo``."""
     out.name = description.name
+    out.implementation = implementation
+    out.stateful = description.stateful
     out.summary = description.summary
     for spec in description.params:
         param = out.params.add(name=spec.name, type=spec.type, nullable=spec.nullable)

@@ -14,7 +14,8 @@ import pytest
 from support.servers import ServerProcess
 
 from losswire.client import LossClient
-from losswire.server.app import LosswireServer, ServerConfig
+from losswire.server.app import LosswireServer
+from losswire.server.config import ServerConfig
 
 
 @pytest.fixture(scope="session")

@@ -61,6 +61,8 @@ class EQLV2Loss(WeightedLoss):
     MMDetection. Stateful: the buffers ``pos_grad``, ``neg_grad`` and ``pos_neg`` (module docstring).
     """
 
+    stateful = True
+
     output_kind = OutputKind.SCALAR
     differentiable = ("cls_score",)
 

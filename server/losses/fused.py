@@ -35,10 +35,12 @@ returns d(sum(upstream * loss))/d(pred)).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -785,3 +787,10 @@ def select(module: nn.Module, kwargs: Mapping[str, Any]) -> FusedKernel | None:
         return kernel if kernel.supports(module, kwargs) else None
     except LossError:
         return None
+
+
+def kernel_source(cls: type) -> Path | None:
+    """The file of the fused kernel for loss class ``cls`` (exact type), or None: part of a loss's
+    implementation digest (``provenance``) when fused kernels are on."""
+    kernel = FUSED_KERNELS.get(cls)
+    return None if kernel is None else Path(inspect.getsourcefile(kernel.run))

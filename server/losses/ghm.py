@@ -46,6 +46,11 @@ from .smooth_l1 import check_regression_pair
 class HarmonizedLoss(WeightedLoss):
     """Bins, momentum and the per-bin weights shared by GHMC and GHMR."""
 
+    stateful = True  # with momentum > 0: the moving average of the bin counts
+
+    def keeps_state(self) -> bool:
+        return self.momentum > 0
+
     def setup_bins(self, bins: int, momentum: float, top_edge: float, bump: bool) -> None:
         if bins < 1:
             raise LossConfigError(f"{type(self).__name__}.bins must be >= 1, got {bins!r}", field="bins")

@@ -129,11 +129,18 @@ class WeightedLoss(nn.Module):
     # Every built-in kernel is row-separable: loss element i depends on row/element i alone.
     separable: ClassVar[bool] = True
     sample_axis: ClassVar[int] = 1
+    # Whether some configs keep state across calls (buffers a forward updates); keeps_state() says
+    # whether this configured module does. A stateless module may be shared by concurrent calls.
+    stateful: ClassVar[bool] = False
 
     def __init__(self, reduction: Reduction = "mean", loss_weight: float = 1.0) -> None:
         super().__init__()
         self.reduction = check_reduction(reduction, "reduction")
         self.loss_weight = float(loss_weight)
+
+    def keeps_state(self) -> bool:
+        """Whether this module, as configured, carries state from one forward to the next."""
+        return self.stateful
 
     def resolve_reduction(self, reduction_override: str | None) -> str:
         # mmdet: `reduction_override if reduction_override else self.reduction`

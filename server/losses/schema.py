@@ -72,6 +72,8 @@ class LossDescription:
     sample_axis: int = 1
     # draws random numbers (L2Loss's negative mining): a request's seed makes it reproducible
     stochastic: bool = False
+    # some configs keep state across calls (buffers a forward updates): see keeps_state
+    stateful: bool = False
 
     def param(self, name: str) -> ParamSpec:
         for spec in self.params:
@@ -202,7 +204,17 @@ def describe_class(name: str, cls: type) -> LossDescription:
         separable=bool(getattr(cls, "separable", False)),
         sample_axis=int(getattr(cls, "sample_axis", 1)),
         stochastic=bool(getattr(cls, "stochastic", False)),
+        stateful=bool(getattr(cls, "stateful", False)),
     )
+
+
+def keeps_state(module: Any) -> bool:
+    """Whether a built module carries state from one forward to the next: its own answer
+    (``keeps_state()``), else, for a module that does not say (a plugin), whether it has buffers."""
+    declared = getattr(module, "keeps_state", None)
+    if callable(declared):
+        return bool(declared())
+    return any(True for _ in module.buffers())
 
 
 def output_kind_of(module: Any, description: LossDescription) -> OutputKind:

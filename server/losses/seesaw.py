@@ -99,6 +99,8 @@ class SeesawLoss(WeightedLoss):
     Stateful: the buffer ``cum_samples`` counts every label seen (see the module docstring).
     """
 
+    stateful = True
+
     output_kind = OutputKind.SAMPLE
     differentiable = ("cls_score",)
     # Under reduction 'none' the classes part holds only the foreground rows, so its row i is not

@@ -14,7 +14,8 @@ from support.examples import import_example
 from support.paths import EXAMPLES
 
 from losswire.client import LossClient, RemoteLoss, RemoteLossError
-from losswire.server.app import LosswireServer, ServerConfig
+from losswire.server.app import LosswireServer
+from losswire.server.config import ServerConfig
 from losswire.server.losses import build_loss
 
 pytestmark = pytest.mark.slow  # server subprocesses

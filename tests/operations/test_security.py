@@ -38,8 +38,9 @@ from losswire.client import LossClient, RemoteLoss, RemoteLossError
 from losswire.client.channel import make_channel
 from losswire.client.security import Credentials
 from losswire.inference import grpc_predict_v2_pb2_grpc as oip_grpc
-from losswire.server.app import LosswireServer, ServerConfig
+from losswire.server.app import LosswireServer
 from losswire.server.cli import KnobError, build_parser, resolve_settings
+from losswire.server.config import ServerConfig
 from losswire.server.losses import build_loss
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.v1 import loss_service_pb2_grpc as pb_grpc

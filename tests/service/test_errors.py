@@ -9,7 +9,8 @@ import torch
 from support.calls import field_of
 
 from losswire.client import LossClient, RemoteLoss, RemoteLossError
-from losswire.server.app import LosswireServer, ServerConfig
+from losswire.server.app import LosswireServer
+from losswire.server.config import ServerConfig
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.wire import codec
 

@@ -46,7 +46,8 @@ from support.paths import PLUGINS, with_tests_on_path
 
 import losswire.server.losses as engine
 from losswire.client import LossClient, RemoteLoss, RemoteLossError, evaluate_terms
-from losswire.server.app import LosswireServer, ServerConfig
+from losswire.server.app import LosswireServer
+from losswire.server.config import ServerConfig
 from losswire.server.losses import LOSSES, Registry
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.v1 import loss_service_pb2_grpc as pb_grpc

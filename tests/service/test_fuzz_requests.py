@@ -33,7 +33,8 @@ from support.fuzzing import (
 )
 
 from losswire.client import LossClient, RemoteLoss, RemoteLossError
-from losswire.server.app import LosswireServer, ServerConfig
+from losswire.server.app import LosswireServer
+from losswire.server.config import ServerConfig
 from losswire.server.losses import LOSSES
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.wire import codec

@@ -18,7 +18,8 @@ from support.mmdet_fixtures import FAMILIES, parts
 from support.stateful_losses import CountingBatchSoftmaxLoss, CountingSoftmaxPairLoss, register
 
 from losswire.client import LossClient, RemoteLoss, RemoteLossError
-from losswire.server.app import LosswireServer, ServerConfig
+from losswire.server.app import LosswireServer
+from losswire.server.config import ServerConfig
 from losswire.server.losses import LOSSES
 from losswire.server.sessions import SessionStore, UnknownSessionError
 from losswire.v1 import loss_service_pb2 as pb

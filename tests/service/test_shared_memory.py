@@ -24,7 +24,8 @@ from support.calls import dice_recompute_gradients, plain_channel
 
 from losswire.client import LossClient, RemoteLoss, evaluate_terms
 from losswire.client.shared_memory import SharedMemoryPool
-from losswire.server.app import LosswireServer, ServerConfig
+from losswire.server.app import LosswireServer
+from losswire.server.config import ServerConfig
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.v1 import loss_service_pb2_grpc as pb_grpc
 from losswire.wire import chunks, codec

@@ -19,7 +19,8 @@ from support.calls import dice_recompute_gradients, plain_channel
 
 from losswire.client import LossClient, RemoteLoss, RemoteLossError, evaluate_terms
 from losswire.client.channel import STREAM_THRESHOLD_BYTES
-from losswire.server.app import LosswireServer, ServerConfig
+from losswire.server.app import LosswireServer
+from losswire.server.config import ServerConfig
 from losswire.server.losses import LOSSES
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.wire import chunks, codec

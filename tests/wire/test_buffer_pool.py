@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from losswire.client import LossClient, RemoteLoss
-from losswire.server.app import LosswireServer, ServerConfig
+from losswire.server.app import LosswireServer
+from losswire.server.config import ServerConfig
 from losswire.wire.buffers import MIN_POOLED_BYTES, BufferPool, size_class
 
 MiB = 1 << 20

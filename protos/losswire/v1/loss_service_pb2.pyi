@@ -174,7 +174,7 @@ class Timings(_message.Message):
     def __init__(self, decode_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ...) -> None: ...
 
 class TermResult(_message.Message):
-    __slots__ = ("name", "loss", "gradients", "output", "separable", "sample_axis", "structure", "parts", "session_step", "sampled")
+    __slots__ = ("name", "loss", "gradients", "output", "separable", "sample_axis", "structure", "parts", "session_step", "sampled", "implementation")
     class GradientsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +192,7 @@ class TermResult(_message.Message):
     PARTS_FIELD_NUMBER: _ClassVar[int]
     SESSION_STEP_FIELD_NUMBER: _ClassVar[int]
     SAMPLED_FIELD_NUMBER: _ClassVar[int]
+    IMPLEMENTATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     loss: Tensor
     gradients: _containers.MessageMap[str, Tensor]
@@ -202,7 +203,8 @@ class TermResult(_message.Message):
     parts: _containers.RepeatedCompositeFieldContainer[LossPart]
     session_step: int
     sampled: SampleCounts
-    def __init__(self, name: _Optional[str] = ..., loss: _Optional[_Union[Tensor, _Mapping]] = ..., gradients: _Optional[_Mapping[str, Tensor]] = ..., output: _Optional[str] = ..., separable: _Optional[bool] = ..., sample_axis: _Optional[int] = ..., structure: _Optional[str] = ..., parts: _Optional[_Iterable[_Union[LossPart, _Mapping]]] = ..., session_step: _Optional[int] = ..., sampled: _Optional[_Union[SampleCounts, _Mapping]] = ...) -> None: ...
+    implementation: str
+    def __init__(self, name: _Optional[str] = ..., loss: _Optional[_Union[Tensor, _Mapping]] = ..., gradients: _Optional[_Mapping[str, Tensor]] = ..., output: _Optional[str] = ..., separable: _Optional[bool] = ..., sample_axis: _Optional[int] = ..., structure: _Optional[str] = ..., parts: _Optional[_Iterable[_Union[LossPart, _Mapping]]] = ..., session_step: _Optional[int] = ..., sampled: _Optional[_Union[SampleCounts, _Mapping]] = ..., implementation: _Optional[str] = ...) -> None: ...
 
 class LossPart(_message.Message):
     __slots__ = ("key", "loss", "gradients", "output")
@@ -232,14 +234,16 @@ class SampleCounts(_message.Message):
     def __init__(self, positives: _Optional[int] = ..., negatives: _Optional[int] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
-    __slots__ = ("results", "timings", "device")
+    __slots__ = ("results", "timings", "device", "server_version")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[TermResult]
     timings: Timings
     device: str
-    def __init__(self, results: _Optional[_Iterable[_Union[TermResult, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., device: _Optional[str] = ...) -> None: ...
+    server_version: str
+    def __init__(self, results: _Optional[_Iterable[_Union[TermResult, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., device: _Optional[str] = ..., server_version: _Optional[str] = ...) -> None: ...
 
 class RegisterSharedMemoryRequest(_message.Message):
     __slots__ = ("name", "byte_size", "nonce")
@@ -300,7 +304,7 @@ class InputInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., optional: _Optional[bool] = ..., default: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., choices: _Optional[_Iterable[_Union[_struct_pb2.Value, _Mapping]]] = ...) -> None: ...
 
 class LossInfo(_message.Message):
-    __slots__ = ("name", "summary", "params", "inputs", "output", "output_variants", "differentiable", "separable", "sample_axis", "stochastic")
+    __slots__ = ("name", "summary", "params", "inputs", "output", "output_variants", "differentiable", "separable", "sample_axis", "stochastic", "stateful", "implementation")
     class OutputVariantsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -318,6 +322,8 @@ class LossInfo(_message.Message):
     SEPARABLE_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_AXIS_FIELD_NUMBER: _ClassVar[int]
     STOCHASTIC_FIELD_NUMBER: _ClassVar[int]
+    STATEFUL_FIELD_NUMBER: _ClassVar[int]
+    IMPLEMENTATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     summary: str
     params: _containers.RepeatedCompositeFieldContainer[ParamInfo]
@@ -328,7 +334,9 @@ class LossInfo(_message.Message):
     separable: bool
     sample_axis: int
     stochastic: bool
-    def __init__(self, name: _Optional[str] = ..., summary: _Optional[str] = ..., params: _Optional[_Iterable[_Union[ParamInfo, _Mapping]]] = ..., inputs: _Optional[_Iterable[_Union[InputInfo, _Mapping]]] = ..., output: _Optional[str] = ..., output_variants: _Optional[_Mapping[str, str]] = ..., differentiable: _Optional[_Iterable[str]] = ..., separable: _Optional[bool] = ..., sample_axis: _Optional[int] = ..., stochastic: _Optional[bool] = ...) -> None: ...
+    stateful: bool
+    implementation: str
+    def __init__(self, name: _Optional[str] = ..., summary: _Optional[str] = ..., params: _Optional[_Iterable[_Union[ParamInfo, _Mapping]]] = ..., inputs: _Optional[_Iterable[_Union[InputInfo, _Mapping]]] = ..., output: _Optional[str] = ..., output_variants: _Optional[_Mapping[str, str]] = ..., differentiable: _Optional[_Iterable[str]] = ..., separable: _Optional[bool] = ..., sample_axis: _Optional[int] = ..., stochastic: _Optional[bool] = ..., stateful: _Optional[bool] = ..., implementation: _Optional[str] = ...) -> None: ...
 
 class ListLossesResponse(_message.Message):
     __slots__ = ("losses", "server_version", "device")
@@ -386,11 +394,15 @@ class DescribeRequest(_message.Message):
     def __init__(self, config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("loss", "config", "output")
+    __slots__ = ("loss", "config", "output", "stateful", "server_version")
     LOSS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    STATEFUL_FIELD_NUMBER: _ClassVar[int]
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     loss: LossInfo
     config: _struct_pb2.Struct
     output: str
-    def __init__(self, loss: _Optional[_Union[LossInfo, _Mapping]] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., output: _Optional[str] = ...) -> None: ...
+    stateful: bool
+    server_version: str
+    def __init__(self, loss: _Optional[_Union[LossInfo, _Mapping]] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., output: _Optional[str] = ..., stateful: _Optional[bool] = ..., server_version: _Optional[str] = ...) -> None: ...
