@@ -169,7 +169,7 @@ def bind_inputs(description: LossDescription, term: TermRequest) -> dict[str, An
     for name, value in [*named.items(), *term.inputs.items()]:
         if value is None:
             continue
-        if name not in names:
+        if name not in names and not description.extra_inputs:
             raise LossInputError(f"{description.name} has no input {name!r}; its inputs are: {valid}", field=name)
         if name in given:
             raise LossInputError(f"input {name!r} is given twice", field=name)
@@ -178,7 +178,7 @@ def bind_inputs(description: LossDescription, term: TermRequest) -> dict[str, An
         if spec.name not in given and not spec.optional:
             field = TARGET if spec.name == names[1] else spec.name
             raise LossInputError(f"{description.name} needs input {spec.name!r}; its inputs are: {valid}", field=field)
-    return {name: _check_kind(description, name, value) for name, value in given.items()}
+    return {name: _check_kind(description, name, value) if name in names else value for name, value in given.items()}
 
 
 def _gradient_leaves(

@@ -642,6 +642,7 @@ def describe(description: LossDescription, out: pb.LossInfo, implementation: str
     out.name = description.name
     out.implementation = implementation
     out.stateful = description.stateful
+    out.extra_inputs = description.extra_inputs
     out.summary = description.summary
     for spec in description.params:
         param = out.params.add(name=spec.name, type=spec.type, nullable=spec.nullable)

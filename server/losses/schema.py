@@ -74,6 +74,8 @@ class LossDescription:
     stochastic: bool = False
     # some configs keep state across calls (buffers a forward updates): see keeps_state
     stateful: bool = False
+    # the forward takes **kwargs: other named inputs are accepted and handed to it (GHMC ignores them)
+    extra_inputs: bool = False
 
     def param(self, name: str) -> ParamSpec:
         for spec in self.params:
@@ -205,6 +207,9 @@ def describe_class(name: str, cls: type) -> LossDescription:
         sample_axis=int(getattr(cls, "sample_axis", 1)),
         stochastic=bool(getattr(cls, "stochastic", False)),
         stateful=bool(getattr(cls, "stateful", False)),
+        extra_inputs=any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(cls.forward).parameters.values()
+        ),
     )
 
 

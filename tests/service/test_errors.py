@@ -157,10 +157,16 @@ CASES = {
         "holds no floating-point tensor (torch.int64)",
     ),
     "gradient of unknown input": (
+        term({"type": "FocalLoss"}, logits(), labels(), gradients=["avg_factor"]),
+        INVALID,
+        "terms[0].gradients",
+        "returns gradients for its floating-point tensor inputs ['pred', 'target', 'weight'] only",
+    ),
+    "gradient of a weight not sent": (
         term({"type": "FocalLoss"}, logits(), labels(), gradients=["weight"]),
         INVALID,
         "terms[0].gradients",
-        "returns gradients for ['pred', 'target'] only",
+        "gradient of 'weight' requested but that input was not sent",
     ),
     "grad_output of the wrong shape": (
         term({"type": "L1Loss", "reduction": "none"}, torch.ones(2, 3), torch.zeros(2, 3), grad_output=torch.ones(3)),
