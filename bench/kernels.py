@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from losswire.server.evaluate import Evaluator, TermRequest
+from losswire.server.evaluation import Evaluator, TermRequest
 
 
 def _boxes(n: int, device: str, gen: torch.Generator) -> Tensor:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from losswire.client import LossClient, RemoteLoss
-from losswire.server.evaluate import Evaluator, TermRequest
+from losswire.server.evaluation import Evaluator, TermRequest
 from losswire.server.losses import LOSSES
 
 MiB = 1 << 20

@@ -1,12 +1,21 @@
-"""Assembles the gRPC server: LossService, standard health checking and server reflection,
-message-size limits, concurrency, and a graceful stop."""
+"""Assembles the server: the dataplane, its gRPC front doors (LossService, the Open Inference Protocol),
+health checking, reflection, interceptors (malformed requests, metrics, tokens), TLS, and a graceful stop.
+
+The gRPC server is asyncio's (``grpc.aio``), on an event loop of its own in a background thread, so
+``LosswireServer`` is used like any blocking server: ``start()`` returns the bound port, ``stop()``
+drains. A call that waits for its caller is a suspended coroutine; losses run in ``max_workers``
+compute threads (``rpc.calls.Compute``).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
+import threading
 import time
-from concurrent import futures
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import grpc
 import torch
@@ -17,20 +26,21 @@ from losswire.wire.buffers import BufferPool
 from losswire.wire.protocol import SERVICE_NAME
 
 from . import __version__
-from .auth import TokenAuthInterceptor, TokenSet
+from .auth import TokenSet
 from .config import ServerConfig
-from .inference import add_inference_service
-from .limits import RequestLimits
+from .dataplane import Dataplane, RequestLimits, SharedMemoryRegistry
+from .evaluation import SessionStore
 from .losses import LOSSES, Registry
-from .malformed import MalformedRequestInterceptor
-from .metrics import ServerMetrics
-from .service import LossService, add_to_server
-from .sessions import SessionStore
-from .shared_memory import SharedMemoryRegistry
-from .tls import ServerTLS, tls_files
+from .rpc.authentication import TokenAuthInterceptor
+from .rpc.calls import Compute
+from .rpc.inference import InferenceService, add_inference_service
+from .rpc.loss_service import LossService, add_to_server
+from .rpc.malformed import MalformedRequestInterceptor
+from .rpc.metrics import ServerMetrics
+from .rpc.tls import ServerTLS, tls_files
 
 log = logging.getLogger("losswire.server")
-
+Result = TypeVar("Result")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -54,7 +64,7 @@ def load_plugins(modules: tuple[str, ...]) -> None:
 
 
 class LosswireServer:
-    """A running losswire server. ``start()`` binds and returns the port; ``stop()`` drains."""
+    """A losswire server. ``start()`` binds and returns the port; ``stop()`` drains."""
 
     def __init__(self, config: ServerConfig, registry: Registry = LOSSES) -> None:
         self.config = config
@@ -68,10 +78,6 @@ class LosswireServer:
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self.device = resolve_device(config.device)
-        options = [
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
-        ]
         self.sessions = SessionStore(
             registry,
             self.device,
@@ -79,13 +85,54 @@ class LosswireServer:
             max_sessions=config.max_sessions,
             replay_depth=config.session_replay_depth,
         )
+        self.shared_memory = SharedMemoryRegistry(config.shared_memory, config.max_shared_memory)
+        limits = RequestLimits(
+            config.max_elements,
+            config.max_request_elements,
+            config.max_terms,
+            config.max_dims,
+            config.max_message_bytes,
+        )
+        self.dataplane = Dataplane(
+            self.device,
+            registry,
+            self.sessions,
+            limits,
+            # big calls at once, below the compute threads so that small calls always find one
+            slots=max(1, min(config.max_stream_calls, config.max_workers - 1)),
+            shared_memory=self.shared_memory,
+            buffers=BufferPool(config.buffer_pool_bytes),
+            fused=config.fused_kernels,
+        )
         # counted whether or not the endpoint is served: tests and embedders read .metrics.registry
         self.metrics = ServerMetrics(self.device, __version__, registry.names, lambda: len(self.sessions))
-        self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="losswire"),
+        self.compute = Compute(config.max_workers)
+        self.draining = False  # set by stop(): readiness answers (health, OIP ServerReady) turn false
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self.health_port: int | None = None
+        self.server: grpc.aio.Server | None = None
+        self.health: Any = None
+        self._health_server: grpc.aio.Server | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="losswire-loop", daemon=True)
+
+    # -- the event loop ---------------------------------------------------------------------------
+
+    def _on_loop(self, work: Coroutine[Any, Any, Result], timeout: float | None = None) -> Result:
+        """Run ``work`` on the server's event loop and wait for its result here."""
+        return asyncio.run_coroutine_threadsafe(work, self._loop).result(timeout)
+
+    def _build(self) -> grpc.aio.Server:
+        """The gRPC server with every service; called on the event loop (grpc.aio binds to it)."""
+        options = [
+            ("grpc.max_receive_message_length", self.config.max_message_bytes),
+            ("grpc.max_send_message_length", self.config.max_message_bytes),
+        ]
+        server = grpc.aio.server(
             options=options,
-            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-            # outermost first: unparsable bytes get INVALID_ARGUMENT (not grpcio's INTERNAL), counted as such
+            maximum_concurrent_rpcs=self.config.max_concurrent_rpcs,
+            # outermost first: unparsable bytes get INVALID_ARGUMENT (not grpcio's INTERNAL), counted as such;
             # token checks after metrics, so that refused calls are counted as UNAUTHENTICATED
             interceptors=[
                 MalformedRequestInterceptor(self._count_malformed),
@@ -93,33 +140,17 @@ class LosswireServer:
                 *([TokenAuthInterceptor(self.tokens)] if self.tokens else []),
             ],
         )
-        limits = RequestLimits(config.max_elements, config.max_request_elements, config.max_terms, config.max_dims)
-        stream_calls = max(1, min(config.max_stream_calls, config.max_workers - 1))
-        self.shared_memory = SharedMemoryRegistry(config.shared_memory, config.max_shared_memory)
-        self.service = LossService(
-            self.device,
-            registry,
-            config.max_elements,
-            self.sessions,
-            limits,
-            stream_calls,
-            config.fused_kernels,
-            self.shared_memory,
-            BufferPool(config.buffer_pool_bytes),
-        )
-        add_to_server(self.service, self.server)
-        # the Open Inference Protocol (KServe v2 / Triton) over the same evaluator, on the same port
-        self.draining = False  # set by stop(): readiness answers (health, OIP ServerReady) turn false
-        inference = add_inference_service(self.server, self.service, ready=lambda: not self.draining)
-        self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        add_to_server(LossService(self.dataplane, self.compute), server)
+        inference = add_inference_service(server, InferenceService(self.dataplane, self.compute, self._ready))
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, inference, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            (SERVICE_NAME, inference, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        self.port: int | None = None
-        self.metrics_port: int | None = None
-        self.health_port: int | None = None
-        self._health_server: grpc.Server | None = None
+        return server
+
+    def _ready(self) -> bool:
+        return not self.draining
 
     def _count_malformed(self, method: str) -> None:
         self.metrics.requests.labels(method, grpc.StatusCode.INVALID_ARGUMENT.name).inc()
@@ -129,25 +160,21 @@ class LosswireServer:
             return f"[{self.config.host}]:{port}"
         return f"{self.config.host}:{port}"
 
+    # -- lifecycle --------------------------------------------------------------------------------
+
     def start(self) -> int:
-        address = self._address(self.config.port)
-        if self.tls is not None:
-            self.port = self.server.add_secure_port(address, self.tls.credentials())
-        else:
-            self.port = self.server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"could not bind {address}")
-        self.server.start()
+        self._thread.start()
+        try:
+            self.port = self._on_loop(self._start())
+        except BaseException:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            raise
         self.shared_memory.start()
         self._log_security()
-        if self.config.health_port is not None:
-            self._start_health_port()
         if self.config.metrics_port is not None:
             host = self.config.metrics_host or self.config.host
             self.metrics_port = self.metrics.serve(host, self.config.metrics_port)
             log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
-        for service in ("", SERVICE_NAME):
-            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "losswire %s listening on %s:%d, device %s, %d losses: %s",
             __version__,
@@ -159,25 +186,51 @@ class LosswireServer:
         )
         return self.port
 
+    async def _start(self) -> int:
+        self.server = self._build()
+        address = self._address(self.config.port)
+        if self.tls is not None:
+            port = self.server.add_secure_port(address, self.tls.credentials())
+        else:
+            port = self.server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"could not bind {address}")
+        await self.server.start()
+        if self.config.health_port is not None:
+            await self._start_health_port()
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        return port
+
     def stop(self, grace: float | None = None) -> None:
         """Health turns NOT_SERVING, new calls are refused, in-flight calls finish (up to grace)."""
         grace = self.config.grace_seconds if grace is None else grace
         notice = self.config.shutdown_notice_seconds
         self.draining = True
-        self.health.enter_graceful_shutdown()
-        if notice > 0:
-            log.info("stopping: health NOT_SERVING; still serving for %.1f s of notice", notice)
-            time.sleep(notice)
-        log.info("stopping: health NOT_SERVING, draining in-flight calls for up to %.0f s", grace)
-        self.server.stop(grace).wait()
-        if self._health_server is not None:  # probes see NOT_SERVING until the very end
-            self._health_server.stop(0).wait()
+        if self.server is not None:
+            self._on_loop(self.health.enter_graceful_shutdown())
+            if notice > 0:
+                log.info("stopping: health NOT_SERVING; still serving for %.1f s of notice", notice)
+                time.sleep(notice)
+            log.info("stopping: health NOT_SERVING, draining in-flight calls for up to %.0f s", grace)
+            self._on_loop(self._stop(grace))
         self.metrics.stop()
         self.shared_memory.stop()
+        self.compute.shutdown()
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
         log.info("stopped")
 
+    async def _stop(self, grace: float) -> None:
+        await self.server.stop(grace)
+        if self._health_server is not None:  # probes see NOT_SERVING until the very end
+            await self._health_server.stop(0)
+
     def wait(self, timeout: float | None = None) -> bool:
-        return self.server.wait_for_termination(timeout)
+        """Block until the server has stopped (True) or ``timeout`` seconds passed (False)."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _log_security(self) -> None:
         transport = self.tls.describe() if self.tls is not None else "plaintext (no TLS)"
@@ -189,15 +242,15 @@ class LosswireServer:
                 "them; give --tls-cert and --tls-key"
             )
 
-    def _start_health_port(self) -> None:
+    async def _start_health_port(self) -> None:
         """A plaintext port with only the health service (the same servicer: it drains with the server),
         for probes that cannot do TLS or present client certificates (Kubernetes gRPC probes)."""
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="losswire-health"))
+        server = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         address = self._address(self.config.health_port or 0)
         self.health_port = server.add_insecure_port(address)
         if self.health_port == 0:
             raise OSError(f"could not bind the health port {address}")
-        server.start()
+        await server.start()
         self._health_server = server
         log.info("health (grpc.health.v1 only, plaintext) on %s:%d", self.config.host, self.health_port)

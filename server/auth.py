@@ -1,4 +1,5 @@
-"""Bearer-token authentication: a gRPC server interceptor in front of every service but health.
+"""Bearer tokens: which are valid, read from the configuration; the gRPC interceptor that checks every
+call's token is ``rpc/authentication.py``.
 
 With tokens configured, every call must carry the metadata ``authorization: Bearer <token>`` with one
 of them; anything else is answered UNAUTHENTICATED before the request is parsed or reaches a
@@ -25,15 +26,14 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
-import grpc
+from losswire.wire.protocol import AUTHORIZATION_HEADER
 
 log = logging.getLogger("losswire.server")
 
 TOKENS_ENV = "LOSSWIRE_AUTH_TOKENS"
-OPEN_SERVICES = frozenset({"grpc.health.v1.Health"})  # reachable without a token: probes have none
 MIN_TOKEN_LENGTH = 16
 MAX_TOKEN_LENGTH = 4096
 _TOKEN = re.compile(r"[\x21-\x7e]+")  # visible ASCII: a valid HTTP/2 header value, no whitespace
@@ -149,9 +149,9 @@ class TokenSet:
         return match
 
 
-def _credential(metadata: Iterable[tuple[str, Any]] | None) -> tuple[str | None, str]:
+def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> tuple[str | None, str]:
     """(the bearer token, or None with the reason it is missing)."""
-    values = [value for key, value in (metadata or ()) if key == "authorization"]
+    values = [value for key, value in (metadata or ()) if key == AUTHORIZATION_HEADER]
     if not values:
         return None, "this server requires a token: send the metadata 'authorization: Bearer <token>'"
     if len(values) > 1:
@@ -161,46 +161,3 @@ def _credential(metadata: Iterable[tuple[str, Any]] | None) -> tuple[str | None,
     if not match:
         return None, "the 'authorization' metadata is not of the form 'Bearer <token>'"
     return match[1], ""
-
-
-class TokenAuthInterceptor(grpc.ServerInterceptor):
-    """UNAUTHENTICATED for every call outside ``OPEN_SERVICES`` without a valid bearer token.
-
-    Placed after the metrics interceptor, so refused calls are counted (``code="UNAUTHENTICATED"``).
-    A refused call's request is never parsed: its handler reads an empty message of the method's type.
-    """
-
-    def __init__(self, tokens: TokenSet) -> None:
-        self.tokens = tokens
-
-    def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
-        service = handler_call_details.method.lstrip("/").rsplit("/", 1)[0]
-        if service in OPEN_SERVICES:
-            return continuation(handler_call_details)
-        token, reason = _credential(handler_call_details.invocation_metadata)
-        if token is not None and self.tokens.accepts(token):
-            return continuation(handler_call_details)
-        handler = continuation(handler_call_details)
-        if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED itself
-            return None
-        return _refusal(handler, handler_call_details.method, reason or "invalid token")
-
-
-def _refusal(handler: grpc.RpcMethodHandler, method: str, reason: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as ``handler`` that aborts UNAUTHENTICATED without reading the request."""
-
-    def refuse(request: Any, context: grpc.ServicerContext) -> Any:
-        log.debug("refused %s from %s: %s", method, context.peer(), reason)
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
-
-    streaming = (handler.request_streaming, handler.response_streaming)
-    factory = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[streaming]
-    if handler.request_streaming or handler.request_deserializer is None:
-        return factory(refuse, request_deserializer=None, response_serializer=handler.response_serializer)
-    empty = handler.request_deserializer(b"")  # an empty message of the method's request type
-    return factory(refuse, request_deserializer=lambda _data: empty, response_serializer=handler.response_serializer)

@@ -185,6 +185,12 @@ def wire_dtypes(message: pb.Tensor, field: str) -> tuple[torch.dtype, torch.dtyp
     return dtype, DTYPE_TO_TORCH[message.data_dtype]
 
 
+def wire_itemsize(message: pb.Tensor, field: str) -> int:
+    """Bytes per element of ``message``'s data as it travels (its ``data_dtype`` when narrowed);
+    a CodecError naming the field for an invalid dtype."""
+    return wire_dtypes(message, field)[1].itemsize
+
+
 def decode_tensor(
     message: pb.Tensor,
     field: str,

@@ -12,16 +12,17 @@ import torch
 
 from losswire.client import LossClient, RemoteLoss, RemoteLossError
 from losswire.client.channel import RETRY_POLICY
-from losswire.server.service import LossService
+from losswire.server.dataplane import Dataplane
 from losswire.v1 import loss_service_pb2_grpc as pb_grpc
+from losswire.wire import codec
 
 
 class FlakyThenReal(pb_grpc.LossServiceServicer):
-    """The real LossService behind a front that answers UNAVAILABLE the first `failures` times
+    """The real dataplane behind a front that answers UNAVAILABLE the first `failures` times
     (as a restarting replica would), or that stalls Evaluate calls for `stall` seconds."""
 
     def __init__(self, failures: int = 0, stall: float = 0.0) -> None:
-        self.real = LossService(torch.device("cpu"))
+        self.real = Dataplane(torch.device("cpu"))
         self.failures, self.stall, self.calls = failures, stall, 0
         self.lock = threading.Lock()
 
@@ -35,10 +36,10 @@ class FlakyThenReal(pb_grpc.LossServiceServicer):
 
     def Evaluate(self, request, context):  # noqa: N802
         self._gate(context)
-        return self.real.Evaluate(request, context)
+        return self.real.evaluate(request, cancelled=lambda: False).response
 
     def Describe(self, request, context):  # noqa: N802
-        return self.real.Describe(request, context)
+        return self.real.describe(codec.decode_config(request.config))
 
 
 @pytest.fixture

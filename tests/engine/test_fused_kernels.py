@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from losswire.client import RemoteLoss
-from losswire.server.evaluate import Evaluator, TermOutcome, TermRequest
+from losswire.server.evaluation import Evaluator, TermOutcome, TermRequest
 from losswire.server.losses import LOSSES, build_loss, fused
 from losswire.server.losses.focal import FocalLoss
 
@@ -518,7 +518,7 @@ def test_shared_modules_follow_the_config():
 def test_small_terms_run_on_one_intra_op_thread():
     """A term under SERIAL_MAX_ELEMENTS computes on one intra-op thread, a big one on the evaluator's
     count; the calling thread's own setting is back afterwards either way."""
-    from losswire.server.evaluate import SERIAL_MAX_ELEMENTS
+    from losswire.server.evaluation.evaluator import SERIAL_MAX_ELEMENTS
     from losswire.server.losses.smooth_l1 import L1Loss
 
     seen = []

@@ -54,7 +54,7 @@ def test_describe_says_whether_a_config_keeps_state(client, config, stateful):
 def test_fused_kernels_off_is_another_implementation(client):
     server = LosswireServer(ServerConfig(host="127.0.0.1", port=0, device="cpu", fused_kernels=False))
     try:
-        off = server.service.implementation
+        off = server.dataplane.implementation
         on = {info.name: info.implementation for info in client.list_losses().losses}
         assert off("FocalLoss") != on["FocalLoss"]  # a fused kernel answers it when on
         assert off("L2Loss") == on["L2Loss"]  # no fused kernel: the same code either way

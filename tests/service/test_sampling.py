@@ -13,8 +13,8 @@ import torch
 from support.paths import FIXTURES
 
 from losswire.client import LossClient, RemoteLoss, RemoteLossError
+from losswire.server.evaluation.sampling import build_sampler, sample_by_group
 from losswire.server.losses import LossConfigError, build_loss
-from losswire.server.sampling import build_sampler, sample_by_group
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.wire import codec
 

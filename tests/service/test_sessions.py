@@ -20,8 +20,8 @@ from support.stateful_losses import CountingBatchSoftmaxLoss, CountingSoftmaxPai
 from losswire.client import LossClient, RemoteLoss, RemoteLossError
 from losswire.server.app import LosswireServer
 from losswire.server.config import ServerConfig
+from losswire.server.evaluation.sessions import SessionStore, UnknownSessionError
 from losswire.server.losses import LOSSES
-from losswire.server.sessions import SessionStore, UnknownSessionError
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.wire import codec
 

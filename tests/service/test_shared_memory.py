@@ -322,9 +322,9 @@ def test_shared_memory_calls_take_a_big_call_slot_and_wait_for_one(wire):
             big = threading.Thread(target=lambda: answers.extend(method(held_open(), timeout=60)))
             big.start()
             deadline = time.monotonic() + 30
-            while server.service.stream_calls_in_flight() < 1 and time.monotonic() < deadline:
+            while server.dataplane.slots.in_use < 1 and time.monotonic() < deadline:
                 time.sleep(0.01)
-            assert server.service.stream_calls_in_flight() == 1
+            assert server.dataplane.slots.in_use == 1
             # by hand: refused at once, busy
             segment = shm.Segment.create(1 << 22)
             try:

@@ -311,7 +311,7 @@ def test_declared_size_over_the_limit_is_refused_before_any_chunk(small_server):
 
 def test_small_calls_are_answered_while_a_big_stream_is_in_flight(small_server):
     target = f"127.0.0.1:{small_server.port}"
-    service = small_server.service
+    slots = small_server.dataplane.slots
     request, data = _header(2048)
     release = threading.Event()
 
@@ -332,10 +332,10 @@ def test_small_calls_are_answered_while_a_big_stream_is_in_flight(small_server):
         big.start()
         try:
             waited = 0.0
-            while service.stream_calls_in_flight() < 1 and waited < 30:  # admitted: a condition, not a timing
+            while slots.in_use < 1 and waited < 30:  # admitted: a condition, not a timing
                 time.sleep(0.01)
                 waited += 0.01
-            assert service.stream_calls_in_flight() == 1
+            assert slots.in_use == 1
             # a small unary call gets the other worker and its answer
             small = LossClient(target, timeout=30, stream_threshold=None)
             pred, labels = _focal_inputs(16, seed=9)
@@ -347,9 +347,9 @@ def test_small_calls_are_answered_while_a_big_stream_is_in_flight(small_server):
                 list(method(iter([pb.EvaluateChunk(request=request)]), timeout=30))
             assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert ("grpc-retry-pushback-ms", "-1") not in tuple(caught.value.trailing_metadata() or ())
-            assert service.stream_calls_in_flight() == 1
+            assert slots.in_use == 1
         finally:
             release.set()
             big.join(60)
     assert answers and answers[0].WhichOneof("kind") == "response"  # the big call completed
-    assert service.stream_calls_in_flight() == 0
+    assert slots.in_use == 0

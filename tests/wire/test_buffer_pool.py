@@ -122,7 +122,7 @@ def test_streamed_calls_reuse_buffers_on_both_sides_with_the_same_results(pooled
             assert torch.equal(gradient(streamed, seed), gradient(unary, seed))
         assert torch.equal(kept, kept_copy), "a buffer the caller holds was lent to a later call"
         assert streamed.buffers.reused >= 2
-        assert pooled_server.service.buffers.reused >= 2  # the server's receive and answer buffers
+        assert pooled_server.dataplane.buffers.reused >= 2  # the server's receive and answer buffers
     finally:
         streamed.close()
         unary.close()

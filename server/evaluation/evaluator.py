@@ -1,224 +1,32 @@
 """Where the loss runs and the gradient is made: bind a term's inputs, sample, forward, backward.
 
-Plain torch, no gRPC: the service decodes a request into ``TermRequest`` objects, hands them here
-and encodes the ``TermOutcome`` objects it gets back. Engine errors (``LossError``), session errors
-and sampler errors pass through untouched for the service to map to status codes.
-
-A loss may return one tensor, a tuple (AssociativeEmbeddingLoss) or a dict (SeesawLoss): each
-tensor is one *part* with its own gradients, so a caller can apply a different upstream gradient
-to each part without a second round trip.
+Plain torch, no gRPC and no protobuf: the dataplane decodes a request into ``TermRequest`` objects,
+hands them here and encodes the ``TermOutcome`` objects it gets back. Engine errors (``LossError``),
+session errors and sampler errors pass through untouched; the front doors map them to status codes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .losses import LOSSES, LossConfigError, LossDescription, LossInputError, OutputKind, Registry, output_kind_of
-from .losses import fused as fused_kernels
+from ..losses import LOSSES, LossConfigError, LossDescription, LossInputError, OutputKind, Registry, output_kind_of
+from ..losses import fused as fused_kernels
+from .binding import WEIGHT_INPUTS, bind_inputs, gradient_leaves
+from .errors import LossFailedError, as_memory_error, check_cancelled
 from .sampling import Sample, apply_sample, build_sampler, default_labels
 from .sessions import SessionStore
-
-PRED, TARGET = "pred", "target"
+from .terms import PRED, PartOutcome, TermOutcome, TermRequest
 
 log = logging.getLogger(__name__)
 
-
-@dataclasses.dataclass
-class TermRequest:
-    """One loss term, decoded: tensors already on the compute device."""
-
-    name: str
-    config: Mapping[str, Any]
-    pred: Tensor
-    target: Any = None
-    weight: Tensor | None = None
-    avg_factor: float | None = None
-    reduction_override: str | None = None
-    inputs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    gradients: Sequence[str] = (PRED,)
-    grad_output: Tensor | None = None
-    grad_outputs: Mapping[str, Tensor] = dataclasses.field(default_factory=dict)  # per part, for recomputes
-    session: str = ""
-    replay_step: int | None = None
-    forward_id: str = ""
-    seed: int | None = None
-    sample_labels: Tensor | None = None
-    sample_groups: Tensor | None = None
-    # where a fused kernel may write pred's gradient: (shape, dtype) -> a tensor of them on pred's
-    # device, or None (the caller's shared memory, so the answer needs no copy); None: a fresh tensor
-    gradient_out: Callable[[torch.Size, torch.dtype], Tensor | None] | None = None
-
-
-@dataclasses.dataclass
-class PartOutcome:
-    key: str  # "" for a plain tensor output, "0", "1"... for a tuple, the dict key for a dict
-    loss: Tensor
-    gradients: dict[str, Tensor]
-    output: OutputKind
-
-
-@dataclasses.dataclass
-class TermOutcome:
-    name: str
-    structure: str  # "tensor", "tuple" or "dict"
-    parts: list[PartOutcome]
-    # with an upstream gradient sent (a recompute): d(sum_k G_k * part_k)/d(input), over every part
-    gradients: dict[str, Tensor]
-    separable: bool
-    sample_axis: int
-    session_step: int = 0
-    sampled: Sample | None = None
-    fused: str = ""  # the fused kernel that computed this term (losses/fused.py); "" under autograd
-
-    @property
-    def loss(self) -> Tensor:
-        """The loss of a single-tensor output."""
-        (part,) = self.parts
-        return part.loss
-
-
-class LossFailedError(LossInputError):
-    """A loss raised something other than a LossError on these inputs (e.g. a plugin's torch error)."""
-
-
-class CallCancelledError(Exception):
-    """The caller is gone (it cancelled, or its deadline passed), so the rest of the work is skipped.
-
-    Raised between stages, never inside a kernel: a forward that has begun runs to its end. A session
-    term rolls its state back, as after any failed forward, so a forward whose answer nobody receives
-    is not applied.
-    """
-
-
-class HostOutOfMemoryError(MemoryError):
-    """The host allocator refused memory.
-
-    On the CPU torch raises a bare ``RuntimeError`` for that (CUDA has ``torch.OutOfMemoryError``);
-    as a ``MemoryError`` it is answered RESOURCE_EXHAUSTED, like a device out-of-memory, instead of
-    passing for a loss that failed on its inputs.
-    """
-
-
-CPU_ALLOCATOR_REFUSED = "can't allocate memory"  # DefaultCPUAllocator's message; no exception class of its own
-
-
-def as_memory_error(error: BaseException) -> BaseException:
-    """``error`` itself, or a HostOutOfMemoryError when it is the CPU allocator's out-of-memory error."""
-    text = str(error)
-    if type(error) is RuntimeError and CPU_ALLOCATOR_REFUSED in text:
-        detail = text[text.index(CPU_ALLOCATOR_REFUSED) :].splitlines()[0]
-        return HostOutOfMemoryError(f"host memory: {detail}")
-    return error
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, (torch.OutOfMemoryError, MemoryError))
-
-
-def check_cancelled(cancelled: Callable[[], bool] | None, stage: str) -> None:
-    """Raise CallCancelledError when the caller is gone; ``stage`` names the work that is skipped."""
-    if cancelled is not None and cancelled():
-        raise CallCancelledError(f"the caller is gone; skipped {stage}")
-
-
-def _check_kind(description: LossDescription, name: str, value: Any) -> Any:
-    spec = next(i for i in description.inputs if i.name == name)
-    where = f"{description.name} input {name!r}"
-    if spec.kind == "tensor" and not isinstance(value, Tensor):
-        raise LossInputError(f"{where} must be a tensor, got {type(value).__name__}", field=name)
-    if spec.kind == "tensor_or_tuple" and not isinstance(value, (Tensor, tuple)):
-        raise LossInputError(f"{where} must be a tensor or a tuple of tensors, got {type(value).__name__}", field=name)
-    if spec.kind == "int":
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise LossInputError(f"{where} must be an integer, got {type(value).__name__} {value!r}", field=name)
-    if spec.kind == "number" and (isinstance(value, bool) or not isinstance(value, (int, float, Tensor))):
-        raise LossInputError(f"{where} must be a number, got {type(value).__name__} {value!r}", field=name)
-    if spec.kind == "str":
-        if not isinstance(value, str):
-            raise LossInputError(f"{where} must be a string, got {type(value).__name__} {value!r}", field=name)
-        if spec.choices and value not in spec.choices:
-            raise LossInputError(f"{where} must be one of {list(spec.choices)}, got {value!r}", field=name)
-    return value
-
-
-def bind_inputs(description: LossDescription, term: TermRequest) -> dict[str, Any]:
-    """Map a term's fields onto the loss's forward inputs by name; refuse unknown or missing ones."""
-    names = [i.name for i in description.inputs]
-    valid = ", ".join(names)
-    given: dict[str, Any] = {names[0]: term.pred}
-    named = {
-        "weight": term.weight,
-        "avg_factor": term.avg_factor,
-        "reduction_override": term.reduction_override,
-    }
-    if term.target is not None:
-        if len(names) < 2:
-            raise LossInputError(f"{description.name} takes no target; its inputs are: {valid}", field=TARGET)
-        given[names[1]] = term.target
-    for name, value in [*named.items(), *term.inputs.items()]:
-        if value is None:
-            continue
-        if name not in names and not description.extra_inputs:
-            raise LossInputError(f"{description.name} has no input {name!r}; its inputs are: {valid}", field=name)
-        if name in given:
-            raise LossInputError(f"input {name!r} is given twice", field=name)
-        given[name] = value
-    for spec in description.inputs:
-        if spec.name not in given and not spec.optional:
-            field = TARGET if spec.name == names[1] else spec.name
-            raise LossInputError(f"{description.name} needs input {spec.name!r}; its inputs are: {valid}", field=field)
-    return {name: _check_kind(description, name, value) if name in names else value for name, value in given.items()}
-
-
-def _gradient_leaves(
-    description: LossDescription, kwargs: dict[str, Any], requested: Sequence[str]
-) -> dict[str, Tensor]:
-    """Mark the requested inputs as requiring grad; return {response key: leaf tensor}."""
-    names = [i.name for i in description.inputs]
-    aliases = {PRED: names[0], TARGET: names[1] if len(names) > 1 else TARGET}
-    # besides the declared ones, any tensor input (a weight that requires grad, as autograd gives it)
-    tensor_inputs = [i.name for i in description.inputs if i.kind in TENSOR_KINDS]
-    leaves: dict[str, Tensor] = {}
-    for key in requested:
-        if key == "none":
-            continue
-        name = aliases.get(key, key)
-        if name not in description.differentiable and name not in tensor_inputs:
-            accepted = [*description.differentiable, *(n for n in tensor_inputs if n not in description.differentiable)]
-            raise LossInputError(
-                f"{description.name} returns gradients for its floating-point tensor inputs {accepted} only, "
-                f"not {key!r}",
-                field="gradients",
-            )
-        value = kwargs.get(name)
-        if value is None:
-            raise LossInputError(f"gradient of {key!r} requested but that input was not sent", field="gradients")
-        members = [(key, value)] if isinstance(value, Tensor) else [(f"{key}[{i}]", v) for i, v in enumerate(value)]
-        floats = [(k, v) for k, v in members if v.is_floating_point()]
-        if not floats:
-            raise LossInputError(
-                f"gradient of {key!r} requested but it holds no floating-point tensor "
-                f"({', '.join(str(v.dtype) for _, v in members)})",
-                field="gradients",
-            )
-        for member_key, tensor in floats:
-            leaves[member_key] = tensor.requires_grad_()
-    return leaves
-
-
-TENSOR_KINDS = ("tensor", "tensor_or_tuple", "tensors")
-WEIGHT_INPUTS = ("weight", "label_weights", "label_weight")  # where a sampler's zeros go
 
 # Terms whose pred has fewer elements run on one intra-op thread: torch's element-wise kernels stay
 # serial below this size anyway (its grain size, 32768), but a few split any size across every thread
@@ -323,7 +131,7 @@ class Evaluator:
             sampled = None
             if sampler_config is not None:
                 sampled = self._sample(sampler_config, module, description, kwargs, term)
-            leaves = _gradient_leaves(description, kwargs, term.gradients)
+            leaves = gradient_leaves(description, kwargs, term.gradients)
             output = self._forward(module, description, kwargs)
             structure, parts = _parts(output, description.name)
             check_cancelled(cancelled, "the backward")

@@ -5,7 +5,8 @@ INTERNAL "Exception deserializing request!", which reads as a server bug and tel
 nothing. This server interceptor swaps every unary method's request deserializer for one that never
 fails: unparsable bytes become a ``MalformedRequest``, which the wrapped method answers with
 INVALID_ARGUMENT naming the message type it expected and the byte count it got. A streaming method
-gets ``stream_deserializer`` at registration instead (server/app.py) and refuses such a message itself.
+gets ``stream_deserializer`` at registration instead (``loss_service.add_to_server``) and refuses such a
+message itself.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 
 import grpc
 
-from .status import RequestError, to_status
+from ..errors import RequestError
+from .status import to_status
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +62,7 @@ def malformed_error(message: MalformedRequest, where: str, field: str | None = N
     )
 
 
-class MalformedRequestInterceptor(grpc.ServerInterceptor):
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
     """Answers unparsable unary requests with INVALID_ARGUMENT; ``on_refused(method)`` counts them.
 
     Install it first (outermost): the interceptors after it never see a malformed request, so the
@@ -70,17 +72,17 @@ class MalformedRequestInterceptor(grpc.ServerInterceptor):
     def __init__(self, on_refused: Callable[[str], None] | None = None) -> None:
         self.on_refused = on_refused
 
-    def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
-        handler = continuation(handler_call_details)
+    async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
         behaviour = handler.unary_unary
 
-        def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if isinstance(request, MalformedRequest):
-                self._refuse(method, request, context)
-            return behaviour(request, context)
+                await self._refuse(method, request, context)
+            return await behaviour(request, context)
 
         return grpc.unary_unary_rpc_method_handler(
             guarded,
@@ -88,7 +90,7 @@ class MalformedRequestInterceptor(grpc.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
-    def _refuse(self, method: str, request: MalformedRequest, context: grpc.ServicerContext) -> None:
+    async def _refuse(self, method: str, request: MalformedRequest, context: grpc.aio.ServicerContext) -> None:
         if self.on_refused is not None:
             self.on_refused(method)
-        context.abort_with_status(to_status(malformed_error(request, "the request")))
+        await context.abort_with_status(to_status(malformed_error(request, "the request")))

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .losses import LossConfigError, LossInputError
-from .losses.checks import index_tensor
-from .losses.schema import describe_params, validate_params
+from ..losses import LossConfigError, LossInputError
+from ..losses.checks import index_tensor
+from ..losses.schema import describe_params, validate_params
 
 
 @dataclasses.dataclass(frozen=True)

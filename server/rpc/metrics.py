@@ -22,10 +22,11 @@ servicers stay free of bookkeeping:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -139,7 +140,7 @@ class ServerMetrics:
         return loss_type if loss_type in self.known_losses() else UNREGISTERED
 
 
-class MetricsInterceptor(grpc.ServerInterceptor):
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts and times every unary-unary call and EvaluateStream; the other streaming calls (health
     Watch, reflection) pass untouched."""
 
@@ -169,15 +170,15 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             counter = self._terms[key] = m.terms.labels(label, code)
         return counter
 
-    def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
-        handler = continuation(handler_call_details)
+    async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
         if handler is None:
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
         if handler.stream_stream is not None and method == "EvaluateStream":
             streaming = handler.stream_stream
 
-            def observed_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+            def observed_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 return self._observe_stream(method, streaming, requests, context)
 
             return grpc.stream_stream_rpc_method_handler(
@@ -189,8 +190,8 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             return handler
         behaviour = handler.unary_unary
 
-        def observed(request: Any, context: grpc.ServicerContext) -> Any:
-            return self._observe(method, behaviour, request, context)
+        async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            return await self._observe(method, behaviour, request, context)
 
         return grpc.unary_unary_rpc_method_handler(
             observed,
@@ -198,28 +199,31 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
-    def _observe(self, method: str, behaviour: Callable, request: Any, context: grpc.ServicerContext) -> Any:
+    async def _observe(self, method: str, behaviour: Callable, request: Any, context: grpc.aio.ServicerContext) -> Any:
         series = self._series(method)
         started = time.perf_counter()
         series.in_flight.inc()
-        series.received.inc(request.ByteSize())
+        series.received.inc(_message_bytes(request))
         code = grpc.StatusCode.OK
         try:
-            response = behaviour(request, context)
+            response = await behaviour(request, context)
             series.sent.inc(response.ByteSize())
             if method == "Evaluate":
                 self._observe_stages(response)
             return response
+        except asyncio.CancelledError:  # the caller went away
+            code = grpc.StatusCode.CANCELLED
+            raise
         except Exception:
             # abort() raises after setting the status; anything else is gRPC's UNKNOWN
-            code = context.code() or grpc.StatusCode.UNKNOWN
+            code = _code(context)
             raise
         finally:
             self._record(series, started, code, _loss_types(method, request))
 
-    def _observe_stream(
-        self, method: str, behaviour: Callable, requests: Iterator[Any], context: grpc.ServicerContext
-    ) -> Iterator[Any]:
+    async def _observe_stream(
+        self, method: str, behaviour: Callable, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
         """EvaluateStream as one call: its messages' bytes both ways, its terms (from the first
         message's request), the stages of its answer, its status and duration."""
         series = self._series(method)
@@ -228,16 +232,16 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         tally = _StreamTally(requests, series.received)
         code = grpc.StatusCode.OK
         try:
-            for message in behaviour(tally, context):
+            async for message in behaviour(tally, context):
                 series.sent.inc(_message_bytes(message))
                 if isinstance(message, Message) and message.WhichOneof("kind") == "response":
                     self._observe_stages(message.response)
                 yield message
-        except GeneratorExit:  # the caller went away while the answer was being sent
+        except (GeneratorExit, asyncio.CancelledError):  # the caller went away while the answer was being sent
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception:
-            code = context.code() or grpc.StatusCode.UNKNOWN
+            code = _code(context)
             raise
         finally:
             self._record(series, started, code, tally.losses)
@@ -279,22 +283,30 @@ class _StreamTally:
     """The request messages of a stream, passed through: counts their bytes, and reads the loss
     types of the first one's request."""
 
-    def __init__(self, messages: Iterator[Any], received: Any) -> None:
-        self._messages, self._received = messages, received
+    def __init__(self, messages: AsyncIterator[Any], received: Any) -> None:
+        self._messages, self._received = aiter(messages), received
         self.losses: list[str] = []
         self._first = True
 
-    def __iter__(self) -> _StreamTally:
+    def __aiter__(self) -> _StreamTally:
         return self
 
-    def __next__(self) -> Any:
-        message = next(self._messages)
+    async def __anext__(self) -> Any:
+        message = await anext(self._messages)
         self._received.inc(_message_bytes(message))
         if self._first:
             self._first = False
             if isinstance(message, Message) and message.WhichOneof("kind") == "request":
                 self.losses = _loss_types("Evaluate", message.request)
         return message
+
+
+def _code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The status a failed handler ended its call with (abort sets it), else gRPC's UNKNOWN."""
+    code = context.code()
+    if isinstance(code, int):  # the aio context may hold the code as its number
+        code = next((c for c in grpc.StatusCode if c.value[0] == code), None)
+    return code or grpc.StatusCode.UNKNOWN
 
 
 def _message_bytes(message: Any) -> int:

@@ -19,14 +19,13 @@ import secrets
 import threading
 from collections.abc import Iterable
 
-import grpc
 import torch
 
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.wire import shared_memory as wire_memory
 from losswire.wire.shared_memory import NAME_PATTERN, NONCE_BYTES, Segment, SegmentRange
 
-from .status import RequestError
+from ..errors import AccessDeniedError, LimitExceededError, NotAvailableError, NotFoundError, RequestError
 
 log = logging.getLogger("losswire.server")
 SWEEP_SECONDS = 2.0
@@ -77,9 +76,8 @@ class SharedMemoryRegistry:
 
     def _check_enabled(self) -> None:
         if not self.enabled:
-            raise RequestError(
-                "shared memory is off on this server (losswire serve --shared-memory on); send tensors inline",
-                code=grpc.StatusCode.FAILED_PRECONDITION,
+            raise NotAvailableError(
+                "shared memory is off on this server (losswire serve --shared-memory on); send tensors inline"
             )
 
     def register(self, name: str, byte_size: int, nonce: bytes) -> str:
@@ -94,11 +92,10 @@ class SharedMemoryRegistry:
         with self._lock:
             mapped = sum(s.size for s in self._regions.values())
         if self.max_bytes is not None and mapped + byte_size > self.max_bytes:
-            raise RequestError(
+            raise LimitExceededError(
                 f"byte_size {byte_size} would map {mapped + byte_size} bytes of shared memory; this server maps at "
                 f"most {self.max_bytes} (losswire serve --max-shared-memory)",
                 field="byte_size",
-                code=grpc.StatusCode.RESOURCE_EXHAUSTED,
             )
         segment = self._open(name, byte_size)
         if segment.array[: len(nonce)].tobytes() != nonce:
@@ -120,18 +117,16 @@ class SharedMemoryRegistry:
         try:
             return Segment.open(name, byte_size)
         except FileNotFoundError:
-            raise RequestError(
+            raise NotFoundError(
                 f"no shared-memory segment {name!r} on the server's host: shared memory needs the caller on the same "
                 "host (and, across containers, a shared /dev/shm: docker run --ipc=host)",
                 field="name",
-                code=grpc.StatusCode.NOT_FOUND,
             ) from None
         except PermissionError:
-            raise RequestError(
+            raise AccessDeniedError(
                 f"the server may not open shared-memory segment {name!r}: it belongs to another user (mode 0600); "
                 "run the caller as the server's user",
                 field="name",
-                code=grpc.StatusCode.PERMISSION_DENIED,
             ) from None
         except (ValueError, OSError) as error:
             raise RequestError(f"cannot map shared-memory segment {name!r}: {error}", field="byte_size") from None
@@ -140,7 +135,7 @@ class SharedMemoryRegistry:
         with self._lock:
             segment = self._regions.pop(region, None)
         if segment is None:
-            raise RequestError(f"no shared-memory region {region!r} is registered", "region", grpc.StatusCode.NOT_FOUND)
+            raise NotFoundError(f"no shared-memory region {region!r} is registered", "region")
         segment.close()
 
     # -- requests --------------------------------------------------------------------------------
@@ -150,11 +145,10 @@ class SharedMemoryRegistry:
         with self._lock:
             segment = self._regions.get(ref.region)
         if segment is None:
-            raise RequestError(
+            raise NotFoundError(
                 f"{field}.region {ref.region!r} is not registered on this server (it restarted, or the region was "
                 "unregistered or its caller's lock released); register the segment again",
                 field=f"{field}.region",
-                code=grpc.StatusCode.NOT_FOUND,
             )
         if ref.offset + ref.byte_size > segment.size:
             raise RequestError(

@@ -1,0 +1,312 @@
+"""One call, whatever door it came through: the dataplane.
+
+Unary ``Evaluate``, ``EvaluateStream``, calls with tensors in shared memory and the Open Inference
+Protocol's ``ModelInfer`` all arrive here as a ``losswire.v1.EvaluateRequest`` (the front doors convert
+to it), so every limit and safeguard is written once and holds for every door:
+
+    limits on declared shapes -> admission of big calls -> decode into the engine's terms
+      -> evaluate (cancellation between stages) -> where outputs go -> encode -> timings
+
+Transport-free: no gRPC here. A caller that went away is a plain ``cancelled()`` flag; errors are typed
+(``server/errors.py``, the engine's, the codec's) and wrapped in ``TermError`` when a term raised them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from losswire.v1 import loss_service_pb2 as pb
+from losswire.wire import chunks, codec
+from losswire.wire.buffers import BufferPool
+from losswire.wire.protocol import SHARED_MEMORY_MIN_OUTPUT_BYTES
+
+from .. import __version__
+from ..errors import TermError
+from ..evaluation import Evaluator, SessionStore, TermRequest, split_sampler
+from ..evaluation.errors import check_cancelled
+from ..evaluation.sampling import build_sampler, sampler_config
+from ..losses import LOSSES, Registry, output_kind_of
+from ..losses import fused as fused_kernels
+from ..losses.provenance import implementation_digest
+from ..losses.schema import keeps_state
+from .admission import BigCallSlots
+from .decode import Arrived, check_transfer_dtype, decode_term, term_names
+from .descriptions import loss_info, session_info
+from .encode import InPlace, encode_outcome, into_output_range, into_pooled_buffers
+from .limits import RequestLimits, check_request
+from .memory import released_if_out_of_memory
+from .shared_memory import SharedMemoryRegistry
+
+Cancelled = Callable[[], bool]
+
+
+@dataclasses.dataclass
+class Answer:
+    """A call's answer: the response; for a streamed answer, the sink whose tensors follow it in
+    chunks; and what to free once it has been sent (a big call's tensors: see ``keep``)."""
+
+    response: pb.EvaluateResponse
+    sink: chunks.StreamSink | None = None
+    # big tensors (streamed, in shared memory) and their outcomes: freeing hundreds of MiB returns pages
+    # to the system (munmap, milliseconds per 100 MiB), so the front door frees them after sending
+    keep: list[Any] = dataclasses.field(default_factory=list)
+
+
+@contextlib.contextmanager
+def at_term(index: int, name: str) -> Iterator[None]:
+    """Errors raised inside name the term (``TermError``); an out-of-memory releases the call's memory."""
+    try:
+        yield
+    except Exception as error:
+        raise TermError(index, name, released_if_out_of_memory(error, f"terms[{index}]")) from None
+
+
+class Dataplane:
+    """Evaluates calls on ``device`` with the losses of ``registry``, within ``limits``.
+
+    ``slots`` bounds the big calls (streamed, or with tensors in shared memory) served at once;
+    ``shared_memory`` holds the callers' registered regions; ``buffers`` lends reused memory to
+    streamed tensors and their answers; ``fused``: answer terms a fused kernel covers without autograd.
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        registry: Registry = LOSSES,
+        sessions: SessionStore | None = None,
+        limits: RequestLimits | None = None,
+        slots: int = 2,
+        shared_memory: SharedMemoryRegistry | None = None,
+        buffers: BufferPool | None = None,
+        fused: bool = True,
+    ) -> None:
+        self.device = device
+        self.registry = registry
+        self.limits = limits if limits is not None else RequestLimits()
+        self.sessions = sessions if sessions is not None else SessionStore(registry, device)
+        self.evaluator = Evaluator(registry, self.sessions, fused)
+        self.slots = BigCallSlots(slots)
+        self.shared_memory = shared_memory if shared_memory is not None else SharedMemoryRegistry(enabled=False)
+        # streamed tensors are reassembled into, and fused kernels write streamed answers into, buffers
+        # reused call after call: fresh memory costs a page fault per 4 KiB on first write
+        self.buffers = buffers if buffers is not None else BufferPool(0)
+        self._implementations: dict[str, str] = {}  # loss name -> provenance digest
+
+    # -- evaluation -------------------------------------------------------------------------------
+
+    def evaluate(
+        self, request: pb.EvaluateRequest, cancelled: Cancelled, arrived: Callable[[], Arrived] | None = None
+    ) -> Answer:
+        """A call whose request came whole: tensors inline, in shared memory (then a big call), or
+        ``arrived()`` by field path (a front door's converter hands them over once the limits have
+        passed). The answer comes inline, or into the caller's shared-memory output range."""
+        started = time.perf_counter()
+        try:
+            check_cancelled(cancelled, "the whole call")  # it waited in a queue while its caller gave up
+            # sizes from the declared shapes, before decoding
+            walked = check_request(request, self.limits, elsewhere=arrived is not None)
+            shared = self.shared_memory.inputs(walked, self.limits.max_elements)  # views of the caller's pages
+            big = bool(shared) or request.HasField("output_shm")
+            if big:
+                self.slots.take()
+            try:
+                tensors = {**arrived(), **shared} if arrived is not None else shared
+                return self.run(request, cancelled, started, tensors or None)
+            finally:
+                if big:
+                    self.slots.give_back()
+        except TermError:
+            raise
+        except Exception as error:
+            raise released_if_out_of_memory(error, "the call") from None
+
+    def open_stream(self, header: pb.EvaluateRequest, cancelled: Cancelled) -> StreamIntake:
+        """A streamed call (``EvaluateStream``) once its first message arrived: checked against the limits
+        on its declared shapes and admitted before a byte of its chunks is allocated."""
+        started = time.perf_counter()
+        check_cancelled(cancelled, "the whole call")
+        walked = check_request(header, self.limits, elsewhere=True)
+        self.slots.take()
+        try:
+            shared = self.shared_memory.inputs(walked, self.limits.max_elements)  # a header may name some too
+            assembler = chunks.StreamAssembler(header, self.limits.max_elements, self.buffers.take)
+        except BaseException:
+            self.slots.give_back()
+            raise
+        return StreamIntake(self, header, assembler, shared, started)
+
+    def run(
+        self,
+        request: pb.EvaluateRequest,
+        cancelled: Cancelled,
+        started: float,
+        arrived: Arrived | None,
+        sink: chunks.StreamSink | None = None,
+    ) -> Answer:
+        """decode -> evaluate -> encode, for every kind of call; ``sink`` holds back a streamed answer's
+        big tensors."""
+        transfer = check_transfer_dtype(request)
+        term_names(request.terms)
+        output_range, own_sink = None, False
+        if request.HasField("output_shm"):
+            output_range = self.shared_memory.output_range(request.output_shm)  # checked before computing
+            if sink is None:  # what does not go to shared memory goes inline
+                sink, own_sink = chunks.StreamSink(SHARED_MEMORY_MIN_OUTPUT_BYTES), True
+        terms = []
+        for index, message in enumerate(request.terms):
+            with at_term(index, message.name):
+                terms.append(decode_term(message, f"terms[{index}]", self.device, self.limits.max_elements, arrived))
+        in_place: InPlace = {}  # gradients a kernel wrote into the output range
+        terms = self._place_gradients(terms, output_range, sink, transfer, in_place)
+        decoded = time.perf_counter()
+        outcomes = []
+        for index, term in enumerate(terms):
+            with at_term(index, term.name):
+                outcomes.append(self.evaluator.evaluate(term, cancelled))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        computed = time.perf_counter()
+        check_cancelled(cancelled, "encoding the answer")
+        response = pb.EvaluateResponse(device=str(self.device), server_version=__version__)
+        for term, outcome in zip(terms, outcomes, strict=True):
+            result = response.results.add(implementation=self.implementation(term.config["type"]))
+            encode_outcome(outcome, result, transfer, sink, in_place)
+        if output_range is not None:
+            sink.place(output_range)  # the big answers into the caller's output range: one copy each
+            if own_sink:
+                sink.inline(placed=False)  # those that did not fit
+        encoded = time.perf_counter()
+        timings = response.timings
+        timings.decode_ms = (decoded - started) * 1e3
+        timings.compute_ms = (computed - decoded) * 1e3
+        timings.encode_ms = (encoded - computed) * 1e3
+        keep = [terms, outcomes, arrived] if arrived or output_range is not None else []
+        return Answer(response, None if own_sink else sink, keep)
+
+    def _place_gradients(
+        self,
+        terms: list[TermRequest],
+        output_range: chunks.Reserve | None,
+        sink: chunks.StreamSink | None,
+        transfer: int,
+        in_place: InPlace,
+    ) -> list[TermRequest]:
+        """Where fused kernels write pred's gradient: the caller's output range (read there, no copy), a
+        reused buffer for a streamed answer, else memory of their own. CPU only: a GPU's answer is
+        copied to the host anyway."""
+        if self.device.type != "cpu":
+            return terms
+        if output_range is not None and not transfer:
+            writer = into_output_range(output_range, in_place)
+        elif sink is not None and output_range is None:
+            writer = into_pooled_buffers(self.buffers)
+        else:
+            return terms
+        return [dataclasses.replace(term, gradient_out=writer) for term in terms]
+
+    # -- descriptions -----------------------------------------------------------------------------
+
+    def implementation(self, name: str) -> str:
+        """The provenance digest of loss ``name`` on this server (``losses.provenance``), computed once."""
+        digest = self._implementations.get(name)
+        if digest is None:
+            fused_file = fused_kernels.kernel_source(self.registry.get(name)) if self.evaluator.fused else None
+            digest = implementation_digest(self.registry, name, fused_file=fused_file, device_type=self.device.type)
+            self._implementations[name] = digest
+        return digest
+
+    def describe(self, config: dict[str, Any]) -> pb.DescribeResponse:
+        """A loss config checked and described: every parameter filled in, the output kind, statefulness."""
+        config, sampler = split_sampler(config)
+        config = self.registry.normalise(config)
+        module = self.registry.build(config)
+        description = self.registry.describe(config["type"])
+        response = pb.DescribeResponse(
+            output=output_kind_of(module, description).value, stateful=keeps_state(module), server_version=__version__
+        )
+        loss_info(description, response.loss, self.implementation(description.name))
+        if sampler is not None:
+            config["sampler"] = sampler_config(build_sampler(sampler))
+        codec.encode_config(config, response.config)
+        return response
+
+    def list_losses(self) -> pb.ListLossesResponse:
+        response = pb.ListLossesResponse(server_version=__version__, device=str(self.device))
+        for description in self.registry.descriptions():
+            loss_info(description, response.losses.add(), self.implementation(description.name))
+        return response
+
+    # -- sessions ---------------------------------------------------------------------------------
+
+    def get_session(self, name: str) -> pb.SessionInfo:
+        session = self.sessions.get(name)
+        with session.lock:  # a consistent state, between two forwards
+            return session_info(self.sessions, session, with_state=True)
+
+    def reset_session(self, name: str) -> pb.SessionInfo:
+        return session_info(self.sessions, self.sessions.reset(name), with_state=True)
+
+    def list_sessions(self) -> pb.ListSessionsResponse:
+        infos = [session_info(self.sessions, s, with_state=False) for s in self.sessions.sessions()]
+        return pb.ListSessionsResponse(sessions=infos)
+
+    # -- shared memory ----------------------------------------------------------------------------
+
+    def register_shared_memory(self, request: pb.RegisterSharedMemoryRequest) -> pb.RegisterSharedMemoryResponse:
+        region = self.shared_memory.register(request.name, request.byte_size, request.nonce)
+        return pb.RegisterSharedMemoryResponse(region=region)
+
+    def unregister_shared_memory(self, request: pb.UnregisterSharedMemoryRequest) -> None:
+        self.shared_memory.unregister(request.region)
+
+
+class StreamIntake:
+    """A streamed call being received: its chunks copied once into buffers allocated from the declared
+    shapes; it holds a big-call slot until ``close()``, after its answer has been sent."""
+
+    def __init__(
+        self,
+        dataplane: Dataplane,
+        header: pb.EvaluateRequest,
+        assembler: chunks.StreamAssembler,
+        shared: Arrived,
+        started: float,
+    ) -> None:
+        self.dataplane, self.header, self.started = dataplane, header, started
+        self._assembler: chunks.StreamAssembler | None = assembler
+        self._shared = shared
+        self._open = True
+
+    @property
+    def chunks(self) -> int:
+        """Chunks received so far."""
+        return self._assembler.chunks if self._assembler is not None else 0
+
+    def add(self, chunk: Any) -> None:
+        """Copy one ``TensorChunk`` into its tensor (a CodecError for one out of place)."""
+        self._assembler.add(chunk)
+
+    def evaluate(self, cancelled: Cancelled) -> Answer:
+        """The stream has ended: evaluate; the answer's big tensors are held back to be streamed."""
+        check_cancelled(cancelled, "receiving the stream")
+        arrived = {**self._assembler.finish(), **self._shared}
+        self._assembler = self._shared = None  # the request's tensors go with the answer's keep list
+        try:
+            return self.dataplane.run(self.header, cancelled, self.started, arrived, chunks.StreamSink())
+        except TermError:
+            raise
+        except Exception as error:
+            raise released_if_out_of_memory(error, "the call") from None
+
+    def close(self) -> None:
+        """The call is over (answered, refused or abandoned): its slot is free again."""
+        if self._open:
+            self._open = False
+            self._assembler = self._shared = None
+            self.dataplane.slots.give_back()

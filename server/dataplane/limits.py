@@ -1,0 +1,85 @@
+"""Limits that protect the server, checked on a request's declared shapes before anything is decoded.
+
+A request names its tensors' shapes in a few bytes, so the checks here read only ``shape`` and
+``dtype`` fields (never ``data``, which protobuf copies on every read) and refuse a request before
+the codec wraps, copies, allocates or moves a single tensor:
+
+- a tensor's rank (``--max-dims``): a malformed tensor more than a big one, so INVALID_ARGUMENT;
+- a tensor's element count (``--max-elements``);
+- the element count summed over every tensor of the request (``--max-request-elements``);
+- the bytes its tensors declare that travel outside the message (in chunks, in shared memory, or
+  handed over by the Open Inference Protocol's converter): at most ``--max-message-bytes``, the bound
+  gRPC itself puts on one message and so on the tensors inside it, so one request-size limit holds
+  for every front door;
+- the number of terms (``--max-terms``).
+
+The size limits are ``LimitExceededError`` (RESOURCE_EXHAUSTED, marked not to be retried): the request
+may be fine for another server, it is too big for this one on every retry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from losswire.v1 import loss_service_pb2 as pb
+from losswire.wire import codec, protocol
+
+from ..errors import LimitExceededError
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestLimits:
+    """What one request may hold; None is unbounded."""
+
+    max_elements: int | None = None  # per tensor
+    max_request_elements: int | None = None  # summed over every tensor of the request
+    max_terms: int | None = None
+    max_dims: int = protocol.DEFAULT_MAX_DIMS
+    max_request_bytes: int | None = protocol.MAX_MESSAGE_BYTES  # bytes its tensors declare, all together
+
+
+Walked = list[tuple[str, pb.Tensor]]
+
+
+def check_request(request: pb.EvaluateRequest, limits: RequestLimits, elsewhere: bool = False) -> Walked:
+    """Refuse a request over a limit before it is decoded; returns its tensors as walked (field
+    path, Tensor: ``codec.tensors_of``), so that the caller need not walk the request again.
+
+    ``elsewhere``: tensors without their bytes in the message carry them elsewhere (a stream's chunks,
+    a converter's hand-over); tensors in shared memory always do."""
+    terms = len(request.terms)
+    if limits.max_terms is not None and terms > limits.max_terms:
+        raise LimitExceededError(
+            f"the request has {terms} terms; this server accepts at most {limits.max_terms} per request "
+            "(losswire serve --max-terms): split it into several calls",
+            field="terms",
+        )
+    tensors = list(codec.tensors_of(request))
+    total = nbytes = 0
+    largest = ("", 0)
+    for path, tensor in tensors:
+        numel = codec.check_shape(list(tensor.shape), path, limits.max_dims, limits.max_elements)
+        total += numel
+        declared = numel * codec.wire_itemsize(tensor, path)
+        # bytes that travel outside the message count here; gRPC bounds those inside it
+        if tensor.HasField("shm") or (elsewhere and tensor.ByteSize() < declared):
+            nbytes += declared
+        if numel > largest[1]:
+            largest = (path, numel)
+    path, numel = largest
+    limit = limits.max_request_elements
+    if limit is not None and total > limit:
+        raise LimitExceededError(
+            f"the request's tensors hold {total} elements in total (the largest, {path}, {numel}); this server "
+            f"accepts at most {limit} per request (losswire serve --max-request-elements)",
+            field=f"{path}.shape",
+        )
+    limit = limits.max_request_bytes
+    if limit is not None and nbytes > limit:
+        raise LimitExceededError(
+            f"the request's tensors declare {nbytes} bytes in total (the largest, {path}, {numel} elements); this "
+            f"server accepts at most {limit} bytes per request however they travel (losswire serve "
+            "--max-message-bytes)",
+            field=f"{path}.shape",
+        )
+    return tensors

@@ -1,0 +1,28 @@
+"""Evaluation: a decoded term's loss and gradients, in plain torch (no gRPC, no protobuf).
+
+``Evaluator`` binds a term's inputs to its loss's forward (``binding``), keeps the state of stateful
+losses across calls in named sessions (``sessions``), applies a config's sampler (``sampling``), and
+runs the forward and the gradient, by a fused kernel where one applies.
+"""
+
+from .errors import CallCancelledError, HostOutOfMemoryError, LossFailedError, as_memory_error, is_out_of_memory
+from .evaluator import Evaluator, split_sampler
+from .sessions import Session, SessionStore
+from .terms import PRED, TARGET, PartOutcome, TermOutcome, TermRequest
+
+__all__ = [
+    "PRED",
+    "TARGET",
+    "CallCancelledError",
+    "Evaluator",
+    "HostOutOfMemoryError",
+    "LossFailedError",
+    "PartOutcome",
+    "Session",
+    "SessionStore",
+    "TermOutcome",
+    "TermRequest",
+    "as_memory_error",
+    "is_out_of_memory",
+    "split_sampler",
+]

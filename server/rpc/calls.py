@@ -1,0 +1,117 @@
+"""What every front door does around the dataplane: run it off the event loop, notice a caller that went
+away, and answer failures through the one error mapping.
+
+The server is an asyncio gRPC server: a call that waits (for its caller's chunks, or its turn) is a
+suspended coroutine, never a thread. Work runs in a bounded pool of compute threads
+(:class:`Compute`), so the event loop keeps accepting, reading and answering calls, health checks
+included, whatever the losses are doing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import grpc
+
+from losswire.wire.protocol import PREVIOUS_ATTEMPTS_HEADER
+
+from .status import Where, refusal
+
+log = logging.getLogger("losswire.server")
+Result = TypeVar("Result")
+
+# frees big calls' tensors after their answers have left (see release_after): one thread, in order
+_RELEASER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="losswire-release")
+
+
+class Compute:
+    """The threads that run losses: at most ``threads`` calls compute at once; the rest wait their turn
+    as suspended coroutines (memory, not threads)."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="losswire-compute")
+
+    async def __call__(self, work: Callable[..., Result], *args: Any) -> Result:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(work, *args))
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class CallWatch:
+    """Turns true once the caller is gone: it cancelled, its deadline passed, or the connection dropped.
+
+    gRPC runs done-callbacks when a call ends; one that ends while its handler still works was ended by
+    the caller's side, and the work left is wasted. The dataplane asks this flag between stages (a plain
+    callable, read from a compute thread) and stops at the next one.
+    """
+
+    def __init__(self, context: grpc.aio.ServicerContext, method: str) -> None:
+        self.method = method
+        self.started = time.perf_counter()
+        self.handled = False  # set once the handler has its answer (or error): the call then ends normally
+        self._gone = threading.Event()
+        context.add_done_callback(self._ended)
+
+    def _ended(self, _context: Any = None) -> None:
+        if not self.handled:
+            elapsed_ms = (time.perf_counter() - self.started) * 1e3
+            log.debug(
+                "%s: the caller cancelled or its deadline passed after %.1f ms; the call stops at its next stage",
+                self.method,
+                elapsed_ms,
+            )
+        self._gone.set()
+
+    def __call__(self) -> bool:
+        return self._gone.is_set()
+
+
+async def answer_failure(
+    context: grpc.aio.ServicerContext, error: BaseException, method: str, where: Where | None = None
+) -> None:
+    """End the call with the status ``error`` maps to (``status.refusal``); raises, as ``abort`` does."""
+    remaining = context.time_remaining()
+    await context.abort_with_status(refusal(error, where, remaining, method))
+
+
+def unary(method: str, where: Where | None = None) -> Callable[[Callable[..., Awaitable[Any]]], Any]:
+    """A servicer method whose every failure leaves through the one error mapping."""
+
+    def decorate(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        @functools.wraps(handler)
+        async def guarded(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await handler(self, request, context)
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as error:
+                await answer_failure(context, error, method, where)
+
+        return guarded
+
+    return decorate
+
+
+def release_after(context: grpc.aio.ServicerContext, objects: list[Any]) -> None:
+    """Free ``objects`` (a call's big tensors) once its answer has been sent, in another thread.
+
+    Freeing hundreds of MiB of tensors returns their pages to the system (munmap), which takes
+    milliseconds per 100 MiB: done before the answer leaves, the caller would wait for it.
+    """
+    if objects:
+        context.add_done_callback(lambda _context: _RELEASER.submit(objects.clear))
+
+
+def attempt(context: grpc.aio.ServicerContext) -> int:
+    """Which attempt of the caller's call this is: a gRPC retry carries the number of attempts before it."""
+    previous = dict(context.invocation_metadata() or ()).get(PREVIOUS_ATTEMPTS_HEADER, "0")
+    return 1 + int(previous) if str(previous).isdigit() else 1

@@ -1,0 +1,192 @@
+"""``losswire.v1.LossService`` on gRPC: each RPC converts, hands the call to the dataplane, converts back.
+
+The contract's messages are the dataplane's own, so conversion here is about transport: reading a
+stream's first message and chunks, sending an answer's chunks, noticing a caller that went away, and
+freeing a big call's memory after its answer has left. Failures leave through ``calls.unary`` /
+``calls.answer_failure``, the one error mapping.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from losswire.v1 import loss_service_pb2 as pb
+from losswire.v1 import loss_service_pb2_grpc as pb_grpc
+from losswire.wire import chunks, codec
+from losswire.wire.protocol import SERVICE_NAME
+
+from ..dataplane import Answer, Dataplane, StreamIntake
+from ..errors import RequestError
+from ..evaluation import CallCancelledError
+from .calls import CallWatch, Compute, answer_failure, attempt, release_after, unary
+from .malformed import MalformedRequest, malformed_error, stream_deserializer
+
+log = logging.getLogger("losswire.server")
+STAGES = ("decode", "compute", "encode")
+
+
+class LossService(pb_grpc.LossServiceServicer):
+    """Serves ``dataplane`` over gRPC; losses run on ``compute``'s threads."""
+
+    def __init__(self, dataplane: Dataplane, compute: Compute) -> None:
+        self.dataplane = dataplane
+        self.compute = compute
+
+    # -- evaluation ---------------------------------------------------------------------------------
+
+    @unary("Evaluate")
+    async def Evaluate(self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext) -> pb.EvaluateResponse:
+        watch = CallWatch(context, "Evaluate")
+        try:
+            answer = await self.compute(self.dataplane.evaluate, request, watch)
+        finally:
+            watch.handled = True
+        _log_call("Evaluate", request, answer, context)
+        release_after(context, answer.keep)
+        return answer.response
+
+    async def EvaluateStream(
+        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes | pb.EvaluateChunk]:
+        """The request, then its tensors' chunks, in; the response, then its tensors' chunks, out (see the
+        .proto). Waiting for the caller's chunks holds no thread."""
+        watch = CallWatch(context, "EvaluateStream")
+        intake: StreamIntake | None = None
+        try:
+            try:
+                header = await _stream_header(requests)
+                intake = self.dataplane.open_stream(header, watch)
+                async for message in requests:
+                    intake.add(_chunk_of(message, intake.chunks + 2))
+                answer: Answer = await self.compute(intake.evaluate, watch)
+            except (grpc.aio.AbortError, Exception) as error:
+                watch.handled = True
+                if isinstance(error, grpc.aio.AbortError):
+                    raise
+                if watch() and not isinstance(error, CallCancelledError):
+                    # reading a cancelled call's stream fails with gRPC's own error: the caller is gone
+                    error = CallCancelledError(f"the caller went away while streaming ({type(error).__name__})")
+                await answer_failure(context, error, "EvaluateStream")
+            watch.handled = True
+            _log_call("EvaluateStream", header, answer, context)
+            release_after(context, answer.keep)
+            for message in chunks.stream_chunks(answer.response, answer.sink):
+                yield message  # chunks as serialized bytes (see add_to_server)
+        finally:
+            if intake is not None:
+                intake.close()
+
+    # -- descriptions ---------------------------------------------------------------------------------
+
+    @unary("Describe")
+    async def Describe(self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext) -> pb.DescribeResponse:
+        return await self.compute(self.dataplane.describe, codec.decode_config(request.config))
+
+    @unary("ListLosses")
+    async def ListLosses(
+        self, request: pb.ListLossesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListLossesResponse:
+        return await self.compute(self.dataplane.list_losses)
+
+    # -- sessions -------------------------------------------------------------------------------------
+
+    @unary("GetSession")
+    async def GetSession(self, request: pb.SessionRequest, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
+        return await self.compute(self.dataplane.get_session, request.session)
+
+    @unary("ResetSession")
+    async def ResetSession(self, request: pb.SessionRequest, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
+        info = await self.compute(self.dataplane.reset_session, request.session)
+        log.info("session %s reset after %d steps", info.session, info.steps)
+        return info
+
+    @unary("ListSessions")
+    async def ListSessions(
+        self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListSessionsResponse:
+        return await self.compute(self.dataplane.list_sessions)
+
+    # -- shared memory --------------------------------------------------------------------------------
+
+    @unary("RegisterSharedMemory")
+    async def RegisterSharedMemory(
+        self, request: pb.RegisterSharedMemoryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RegisterSharedMemoryResponse:
+        return await self.compute(self.dataplane.register_shared_memory, request)
+
+    @unary("UnregisterSharedMemory")
+    async def UnregisterSharedMemory(
+        self, request: pb.UnregisterSharedMemoryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnregisterSharedMemoryResponse:
+        await self.compute(self.dataplane.unregister_shared_memory, request)
+        return pb.UnregisterSharedMemoryResponse()
+
+
+async def _stream_header(requests: AsyncIterator[Any]) -> pb.EvaluateRequest:
+    """The stream's first message, which must carry the request."""
+    first = await anext(aiter(requests), None)
+    if isinstance(first, MalformedRequest):
+        raise malformed_error(first, "the stream's first message", "request")
+    kind = None if first is None else first.WhichOneof("kind")
+    if kind != "request":
+        got = "the stream ended without a message" if first is None else f"it carries {kind or 'nothing'}"
+        raise RequestError(
+            f"the stream's first message must carry the request (EvaluateChunk.request); {got}", field="request"
+        )
+    return first.request
+
+
+def _chunk_of(message: Any, number: int) -> Any:
+    """The ``TensorChunk`` of the stream's ``number``-th message (every message after the first is one)."""
+    if isinstance(message, MalformedRequest):
+        raise malformed_error(message, f"message {number} of the stream", "chunk")
+    kind = message.WhichOneof("kind")
+    if kind != "chunk":
+        raise RequestError(
+            f"message {number} of the stream carries {kind or 'nothing'}; only the first carries the request, "
+            "every later one a chunk",
+            field="chunk",
+        )
+    return message.chunk
+
+
+def _log_call(method: str, request: pb.EvaluateRequest, answer: Answer, context: grpc.aio.ServicerContext) -> None:
+    if not log.isEnabledFor(logging.DEBUG):
+        return
+    timings = answer.response.timings
+    losses = [t.config.fields["type"].string_value if "type" in t.config.fields else "?" for t in request.terms]
+    tries = attempt(context)
+    log.debug(
+        "%s %s: decode %.2f ms, compute %.2f ms, encode %.2f ms%s",
+        method,
+        ",".join(losses),
+        timings.decode_ms,
+        timings.compute_ms,
+        timings.encode_ms,
+        f", attempt {tries}" if tries > 1 else "",
+        # fields of their own in --log-format json
+        extra={
+            "rpc": method,
+            "losses": losses,
+            "attempt": tries,
+            **{f"{k}_ms": getattr(timings, f"{k}_ms") for k in STAGES},
+        },
+    )
+
+
+def add_to_server(service: LossService, server: grpc.aio.Server) -> None:
+    """Register ``service``: the generated handlers, with EvaluateStream's messages read and written
+    without protobuf copies of their chunks' bytes (``chunks.parse_chunk``, ``chunks.serialize_chunk``:
+    a chunk the servicer yields is already serialized) and unparsable ones handed to it to refuse."""
+    pb_grpc.add_LossServiceServicer_to_server(service, server)
+    stream = grpc.stream_stream_rpc_method_handler(
+        service.EvaluateStream,
+        request_deserializer=stream_deserializer(chunks.parse_chunk, pb.EvaluateChunk.DESCRIPTOR.full_name),
+        response_serializer=chunks.serialize_chunk,
+    )
+    # registered methods are looked up before generic handlers: this one replaces the generated one
+    server.add_registered_method_handlers(SERVICE_NAME, {"EvaluateStream": stream})
