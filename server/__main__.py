@@ -1,4 +1,5 @@
-"""``python -m losswire.server`` is ``losswire serve``."""
+"""``python -m losswire.server`` is the ``losswire`` command line: ``python -m losswire.server losses``,
+``python -m losswire.server serve --port 0``; with no command, or flags first, it serves."""
 
 from .cli import main
 

@@ -4,20 +4,25 @@ Every knob of the server is one ``Knob`` below, and each can be set three ways. 
 given wins: the command-line flag (``--session-ttl 600``), the environment variable
 (``LOSSWIRE_SESSION_TTL=600``), the key in the optional TOML config file named by ``--config`` or
 ``LOSSWIRE_CONFIG`` (``session_ttl = 600``), then the built-in default. ``losswire serve --help``
-lists them all, generated from the same table.
+and the table in docs/server.md (``knobs_markdown``) list them all, generated from the same table.
+
+Importing this module stays cheap (no torch, no gRPC, no server assembly): ``losswire --help`` and
+``losswire health`` start in a fraction of a second; ``serve`` and ``losses`` import torch when they run.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +34,6 @@ except ModuleNotFoundError:  # Python 3.10
 from losswire.wire.protocol import MAX_DIMS, MAX_MESSAGE_BYTES
 
 from . import __version__
-from .app import LosswireServer
 from .auth import TOKENS_ENV, TokenConfigError, parse_token_list
 from .config import ServerConfig
 
@@ -137,6 +141,23 @@ def _on_off(text: str) -> bool:
 _on_off.__name__ = "on or off"
 
 
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _device(text: str) -> str:
+    value = text.strip().lower()
+    if DEVICE_PATTERN.fullmatch(value):
+        return value
+    if value.startswith("cuda:"):
+        raise ValueError("N in cuda:N is a GPU's index, 0 for the first")
+    if value in ("gpu", "nvidia"):
+        raise ValueError("a GPU is cuda, or cuda:N for the GPU of index N")
+    raise ValueError("losswire computes on the CPU or on a CUDA GPU")
+
+
+_device.__name__ = "auto, cpu, cuda or cuda:N"
+
+
 @dataclasses.dataclass(frozen=True)
 class Knob:
     """One setting of the server: its flag, environment variable and config-file key derive from ``name``."""
@@ -146,6 +167,7 @@ class Knob:
     default: Any
     help: str
     field: str | None = None  # ServerConfig field (default: name); "" for knobs the CLI itself uses
+    shown: str | None = None  # how --help shows the default when it has no flag form (else _show(default))
 
     @property
     def flag(self) -> str:
@@ -154,6 +176,11 @@ class Knob:
     @property
     def env(self) -> str:
         return ENV_PREFIX + self.name.upper()
+
+    @property
+    def shown_default(self) -> str:
+        """The default as the flag would be written (``on``, ``none``, ``30.0``)."""
+        return self.shown if self.shown is not None else _show(self.default)
 
     def from_text(self, text: str, where: str) -> Any:
         try:
@@ -168,7 +195,9 @@ _DEFAULT = ServerConfig()
 KNOBS: tuple[Knob, ...] = (
     Knob("host", str, _DEFAULT.host, "address to bind (0.0.0.0: every interface; :: for IPv6 too)"),
     Knob("port", _port, _DEFAULT.port, "gRPC port; 0 picks a free one (the start-up log line names it)"),
-    Knob("device", str, _DEFAULT.device, "where losses run: auto (cuda when available, else cpu), cpu, cuda, cuda:1"),
+    Knob(
+        "device", _device, _DEFAULT.device, "where losses run: auto (cuda when available, else cpu), cpu, cuda, cuda:1"
+    ),
     Knob("max_workers", _int_at_least(1), _DEFAULT.max_workers, "threads serving calls concurrently"),
     Knob(
         "max_concurrent_rpcs",
@@ -268,6 +297,7 @@ KNOBS: tuple[Knob, ...] = (
         (),
         "modules imported at start-up to register extra losses (flag repeatable as --plugin; env comma-separated; "
         "file: a list)",
+        shown="none",
     ),
     Knob(
         "metrics_port",
@@ -275,7 +305,7 @@ KNOBS: tuple[Knob, ...] = (
         None,
         "serve Prometheus metrics on http://METRICS_HOST:PORT/metrics (0 picks a free port; none: off)",
     ),
-    Knob("metrics_host", str, None, "address the metrics endpoint binds (default: --host)"),
+    Knob("metrics_host", str, None, "address the metrics endpoint binds", shown="the --host address"),
     Knob("tls_cert", _optional_path, None, "the server's TLS certificate chain (PEM); with --tls-key, turns on TLS"),
     Knob("tls_key", _optional_path, None, "the private key of --tls-cert (PEM, unencrypted)"),
     Knob(
@@ -301,23 +331,75 @@ KNOBS: tuple[Knob, ...] = (
     Knob("log_format", _choice("text", "json"), "text", "json: one JSON object per line, for log collectors", ""),
 )
 KNOBS_BY_NAME = {knob.name: knob for knob in KNOBS}
+# `losswire health` finds the server that `serve` started with the same settings: these are the ones it reads
+HEALTH_KNOBS = tuple(KNOBS_BY_NAME[name] for name in ("host", "port", "health_port", "tls_cert"))
+HEALTH_HELP = {
+    "host": "the address the server binds (a wildcard, 0.0.0.0 or ::, is asked on loopback)",
+    "port": "the server's gRPC port",
+    "health_port": "the server's plaintext health-only port: asked instead of --port when set",
+    "tls_cert": "the server's TLS certificate: set, the server speaks TLS, which this command cannot "
+    "(it then needs --health-port)",
+}
+
+
+def knobs_markdown() -> str:
+    """The settings table of docs/server.md: every knob's flag, variable, file key, default and meaning."""
+    rows = [
+        "| flag | environment variable | TOML key | default | what it sets |",
+        "|---|---|---|---|---|",
+        f"| `--config FILE` | `{ENV_PREFIX}CONFIG` | | none | a TOML file of the settings below |",
+    ]
+    for knob in KNOBS:
+        flag = "`--plugin MODULE`" if knob.name == "plugins" else f"`{knob.flag}`"
+        text = knob.help.replace("|", "\\|")
+        rows.append(f"| {flag} | `{knob.env}` | `{knob.name}` | `{knob.shown_default}` | {text} |")
+    return "\n".join(rows)
 
 
 # -- the command line -------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose unknown options are reported by the subcommand they were given to, with the
+    subcommand's usage and its options closest to what was typed (argparse's own message names the top level)."""
+
+    commands: dict[str, argparse.ArgumentParser]
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(self, "commands", {}).get(getattr(parsed, "command", None) or "")
+            where = command or self
+            where.error(f"unrecognized arguments: {' '.join(extras)}{_close_matches(extras, where)}")
+        return parsed
+
+
+def _close_matches(extras: Iterable[str], parser: argparse.ArgumentParser) -> str:
+    known = sorted({s for action in parser._actions for s in action.option_strings if s.startswith("--")})
+    hints = []
+    for text in extras:
+        if text.startswith("--"):
+            name = text.split("=", 1)[0]
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+            if close:
+                hints.append(f"{name}: did you mean {' or '.join(close)}?")
+    return ("; " + "; ".join(hints)) if hints else ""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="losswire",
-        description="losswire: a gRPC service that evaluates MMDetection-style losses and their gradients.",
+        description="losswire: a gRPC service that evaluates MMDetection-style losses and their gradients. "
+        "Without a command (or with flags first) it serves.",
     )
     parser.add_argument("--version", action="version", version=f"losswire {__version__}")
-    commands = parser.add_subparsers(dest="command")
+    commands = parser.add_subparsers(dest="command", metavar="{serve,health,losses}")
     serve = commands.add_parser(
         "serve",
-        help="run the server",
-        description="Run the loss server. Every setting is a flag, an environment variable, or a key of the TOML "
-        "file given by --config; the first of those that is set wins, then the default.",
+        help="run the server in the foreground until SIGTERM or SIGINT (the default command)",
+        usage="losswire serve [-h] [--config FILE] [--SETTING VALUE ...]",
+        description="Run the loss server in the foreground. Every setting is a flag, an environment variable, or a "
+        "key of the TOML file given by --config; the first of those that is set wins, then the default.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog='Example config file (TOML):\n  port = 50051\n  metrics_port = 9464\n  plugins = ["poly_loss"]\n'
         '  log_format = "json"',
@@ -327,35 +409,43 @@ def build_parser() -> argparse.ArgumentParser:
         "health",
         help="ask a running server's gRPC health service; exit 0 when SERVING (a container HEALTHCHECK)",
         description="Ask the gRPC health service of the server that `losswire serve` with the same settings "
-        "(flags, LOSSWIRE_* variables, config file) started on this host; exit 0 when SERVING, 1 otherwise.",
+        "(flags, LOSSWIRE_* variables, config file) started on this host; exit 0 when SERVING, 1 otherwise, "
+        "2 when the settings do not say where to ask.",
     )
     health.add_argument("--service", default="losswire.v1.LossService", help="health service name ('' = server)")
-    health.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
-    add_serve_flags(health)
-    listing = commands.add_parser("losses", help="list the registered losses (with --plugin modules)")
-    listing.add_argument("--plugin", action="append", default=[], help="import this module first")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer [default 5.0]")
+    add_serve_flags(health, HEALTH_KNOBS)
+    listing = commands.add_parser(
+        "losses",
+        help="list the registered losses (with --plugin modules)",
+        description="List the losses this server would serve: the built-in ones and those --plugin modules register.",
+    )
+    listing.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="import this module first")
     listing.add_argument("--json", action="store_true", help="print the full descriptions as JSON")
-    listing.add_argument("--markdown", action="store_true", help="print the README's catalogue table")
+    listing.add_argument("--markdown", action="store_true", help="print the loss catalogue's table (docs/losses.md)")
+    parser.commands = {"serve": serve, "health": health, "losses": listing}
     return parser
 
 
-def add_serve_flags(parser: argparse.ArgumentParser) -> None:
+def add_serve_flags(parser: argparse.ArgumentParser, knobs: Iterable[Knob] = KNOBS) -> None:
     parser.add_argument(
         "--config", metavar="FILE", default=None, help=f"a TOML file of the settings below [env {ENV_PREFIX}CONFIG]"
     )
-    for knob in KNOBS:
-        where = f"[env {knob.env}; file key {knob.name}; default {_show(knob.default)}]"
+    for knob in knobs:
+        where = f"[env {knob.env}; file key {knob.name}; default {knob.shown_default}]"
+        text = HEALTH_HELP.get(knob.name, knob.help) if knobs is HEALTH_KNOBS else knob.help
         if knob.name == "plugins":
-            parser.add_argument(
-                "--plugin", dest="plugins", action="append", metavar="MODULE", help=f"{knob.help} {where}"
-            )
+            parser.add_argument("--plugin", dest="plugins", action="append", metavar="MODULE", help=f"{text} {where}")
         else:
-            parser.add_argument(knob.flag, dest=knob.name, metavar=knob.name.upper(), help=f"{knob.help} {where}")
+            parser.add_argument(knob.flag, dest=knob.name, metavar=knob.name.upper(), help=f"{text} {where}")
 
 
 def _show(value: Any) -> str:
+    """A value as a flag carries it: booleans as on/off, None as none, a tuple comma-separated."""
     if value is None:
         return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
     if isinstance(value, tuple):
         return ",".join(value) or "none"
     return str(value)
@@ -389,26 +479,62 @@ def _from_file(knob: Knob, value: Any, path: str) -> Any:
     return knob.from_text(str(value), where)
 
 
-def resolve_settings(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+def resolve_settings(
+    args: argparse.Namespace, environ: Mapping[str, str] = os.environ, knobs: Iterable[Knob] = KNOBS
+) -> dict[str, Any]:
     """Every knob's value: the flag, else the environment, else the config file, else the default."""
-    config_path = args.config or environ.get(f"{ENV_PREFIX}CONFIG") or None
+    return resolve_with_sources(args, environ, knobs)[0]
+
+
+def resolve_with_sources(
+    args: argparse.Namespace, environ: Mapping[str, str] = os.environ, knobs: Iterable[Knob] = KNOBS
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The settings, and where each came from as a message names it: ``--device``, ``LOSSWIRE_DEVICE``,
+    ``--config FILE: key device`` or ``default``."""
+    config_path = getattr(args, "config", None) or environ.get(f"{ENV_PREFIX}CONFIG") or None
     file_values = read_config_file(config_path) if config_path else {}
     settings: dict[str, Any] = {}
-    for knob in KNOBS:
-        flag_value = getattr(args, knob.name)
+    sources: dict[str, str] = {}
+    for knob in knobs:
+        flag_value = getattr(args, knob.name, None)
         if flag_value is not None:
+            sources[knob.name] = "--plugin" if knob.name == "plugins" else knob.flag
             if knob.name == "plugins":  # repeated --plugin, each possibly comma-separated
                 settings[knob.name] = tuple(m for text in flag_value for m in _modules(text))
             else:
                 settings[knob.name] = knob.from_text(flag_value, knob.flag)
         elif knob.env in environ:
+            sources[knob.name] = knob.env
             settings[knob.name] = knob.from_text(environ[knob.env], knob.env)
         elif knob.name in file_values:
+            sources[knob.name] = f"--config {config_path}: key {knob.name}"
             settings[knob.name] = _from_file(knob, file_values[knob.name], config_path)
         else:
+            sources[knob.name] = "default"
             settings[knob.name] = knob.default
     settings["auth_tokens"] = _tokens_from_env(environ)
-    return settings
+    return settings, sources
+
+
+def check_device(device: str, where: str) -> None:
+    """A CUDA device must exist here: otherwise a KnobError naming the setting it came from (``where``)."""
+    if not device.startswith("cuda"):
+        return
+    import torch  # serve imports it anyway; only a CUDA setting pays for it here
+
+    if where.startswith("--config"):
+        named = f'{where} = "{device}"'  # --config FILE: key device = "cuda"
+    elif where.startswith(ENV_PREFIX):
+        named = f"{where}={device}"  # LOSSWIRE_DEVICE=cuda
+    else:
+        named = f"--device {device}"
+    if not torch.cuda.is_available():
+        build = f" (torch {torch.__version__} is built without CUDA)" if not torch.version.cuda else ""
+        raise KnobError(f"{named}: CUDA is not available on this machine{build}; use cpu or auto")
+    index = int(device.partition(":")[2] or 0)
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise KnobError(f"{named}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
 
 
 def _tokens_from_env(environ: Mapping[str, str]) -> tuple[str, ...]:
@@ -458,6 +584,8 @@ def configure_logging(level: str, fmt: str) -> None:
 
 def serve(config: ServerConfig) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully."""
+    from .app import LosswireServer  # torch, gRPC and the whole server: imported only to serve
+
     server = LosswireServer(config)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -521,20 +649,36 @@ def list_losses(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """``losswire`` and ``python -m losswire.server``: with no command, or flags first, it serves."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
-        argv = ["serve", *argv]  # `python -m losswire.server --port 0` means serve
-    args = build_parser().parse_args(argv)
+        argv = ["serve", *argv]  # `losswire --port 0` and `python -m losswire.server --port 0` mean serve
+    # Output piped into `head` that stops reading ends the process quietly, as it does a Unix tool (Python
+    # itself ignores SIGPIPE and would print a BrokenPipeError); the server restores Python's handling.
+    sigpipe = getattr(signal, "SIGPIPE", None)
+    previous = signal.signal(sigpipe, signal.SIG_DFL) if sigpipe is not None else None
+    try:
+        _run(build_parser().parse_args(argv))
+    finally:
+        if sigpipe is not None:
+            signal.signal(sigpipe, previous)
+
+
+def _run(args: argparse.Namespace) -> None:
     if args.command == "losses":
         list_losses(args)
         return
     try:
-        settings = resolve_settings(args)
+        if args.command == "health":
+            settings = resolve_settings(args, knobs=HEALTH_KNOBS)
+            raise SystemExit(check_health(settings, args.service, args.timeout))
+        settings, sources = resolve_with_sources(args)
+        check_device(settings["device"], sources["device"])
     except KnobError as error:
         print(f"losswire {args.command}: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    if args.command == "health":
-        raise SystemExit(check_health(settings, args.service, args.timeout))
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a server never dies of a closed socket
     configure_logging(settings["log_level"], settings["log_format"])
     try:
         serve(config_from_settings(settings))

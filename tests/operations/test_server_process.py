@@ -1,4 +1,5 @@
-"""The server as it is deployed: ``python -m losswire.server`` / ``losswire serve`` in a subprocess.
+"""The server as it is deployed: ``losswire serve`` (or ``python -m losswire.server``, the same command line)
+in a subprocess.
 
 Each server binds an ephemeral loopback port (``--port 0``); the tests read the bound port from the
 start-up log line. Covers health checking, reflection, graceful stop on SIGTERM/SIGINT with a call in
@@ -251,8 +252,8 @@ def test_device_cuda_without_cuda_fails_clearly():
         text=True,
         timeout=START_TIMEOUT,
     )
-    assert result.returncode != 0
-    assert "cannot start: --device cuda: CUDA is not available" in result.stderr, result.stderr
+    assert result.returncode == 2
+    assert "losswire serve: --device cuda: CUDA is not available on this machine" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     assert "listening" not in result.stderr, result.stderr
 
