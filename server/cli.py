@@ -685,3 +685,11 @@ def _run(args: argparse.Namespace) -> None:
     except (ValueError, ImportError, OSError) as error:
         logging.getLogger("losswire.server").error("cannot start: %s", error)
         raise SystemExit(2) from error
+    except RuntimeError as error:  # gRPC's way to say the port is taken; anything else is a bug: its traceback
+        if not str(error).startswith("Failed to bind"):
+            raise
+        logging.getLogger("losswire.server").error(
+            "cannot start: %s (another process listens on that port: `ss -ltnp` names it; --port picks another)",
+            str(error).split(";")[0],
+        )
+        raise SystemExit(2) from error

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -114,6 +115,18 @@ def test_cuda_without_cuda_exits_2_naming_the_setting():
     assert by_env.returncode == 2, by_env.stderr
     assert by_env.stderr.startswith("losswire serve: LOSSWIRE_DEVICE=cuda:1: CUDA is not available on this machine")
     assert "Traceback" not in by_env.stderr and "listening" not in by_env.stderr, by_env.stderr
+
+
+@pytest.mark.slow  # a server subprocess
+def test_a_port_in_use_exits_2_naming_it():
+    with socket.socket() as taken:  # a listener without SO_REUSEPORT: gRPC cannot share its port
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu")
+    assert result.returncode == 2, result.stderr
+    assert f"cannot start: Failed to bind to address 127.0.0.1:{port} (another process listens" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
 
 
 # -- help: each subcommand its own flags, defaults as the flag takes them ----------------------------------

@@ -20,6 +20,7 @@ import grpc
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
+from support.paths import ROOT
 from support.servers import CALL_TIMEOUT, ServerProcess, losswire_script, module_cmd, server_env
 
 from losswire.client import LossClient, RemoteLoss
@@ -294,3 +295,20 @@ def test_health_command_finds_the_server_by_the_same_settings(metered_server: Se
         free.bind(("127.0.0.1", 0))
         closed = health("--port", str(free.getsockname()[1]), "--host", "127.0.0.1", "--timeout", "2")
     assert closed.returncode == 1 and "UNAVAILABLE" in closed.stderr
+
+
+def test_docs_metrics_table_names_every_metric(metered_server: ServerProcess):
+    """docs/server.md's metrics table lists exactly the losswire_* metrics a real server exposes."""
+    client = LossClient(metered_server.target, timeout=CALL_TIMEOUT)
+    try:
+        client.evaluate(focal_request())  # labelled metrics appear once a call has set their labels
+    finally:
+        client.close()
+    exposed = set()
+    for name, _labels in scrape(metered_server.metrics_port):
+        if name.startswith("losswire_") and not name.endswith("_created"):
+            exposed.add(re.sub(r"_(bucket|count|sum)$", "", name))
+    text = (ROOT / "docs" / "server.md").read_text()
+    table = text[text.index("| metric | labels | what |") :]
+    documented = set(re.findall(r"^\| `(losswire_\w+)`", table[: table.index("\n\n")], re.MULTILINE))
+    assert documented == exposed, f"documented only: {documented - exposed}; undocumented: {exposed - documented}"
