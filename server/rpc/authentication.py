@@ -9,7 +9,7 @@ SERVING / NOT_SERVING. No message or log line ever contains a token.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -45,12 +45,22 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _refusal(handler: grpc.RpcMethodHandler, method: str, reason: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as ``handler`` that aborts UNAUTHENTICATED without reading the request."""
+    """A handler of the same kind as ``handler`` that answers UNAUTHENTICATED without reading the request."""
 
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    def refuse(context: grpc.aio.ServicerContext) -> None:
         log.debug("refused %s from %s: %s", method, context.peer(), reason)
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+        context.set_code(grpc.StatusCode.UNAUTHENTICATED)
+        context.set_details(reason)
 
+    async def refuse_unary(request: Any, context: grpc.aio.ServicerContext) -> None:
+        refuse(context)
+
+    async def refuse_streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        refuse(context)
+        return
+        yield  # an async generator: grpc.aio answers a streaming method's handler by iterating it
+
+    behaviour = refuse_streaming if handler.response_streaming else refuse_unary
     streaming = (handler.request_streaming, handler.response_streaming)
     factory = {
         (False, False): grpc.unary_unary_rpc_method_handler,
@@ -59,6 +69,6 @@ def _refusal(handler: grpc.RpcMethodHandler, method: str, reason: str) -> grpc.R
         (True, True): grpc.stream_stream_rpc_method_handler,
     }[streaming]
     if handler.request_streaming or handler.request_deserializer is None:
-        return factory(refuse, request_deserializer=None, response_serializer=handler.response_serializer)
+        return factory(behaviour, request_deserializer=None, response_serializer=handler.response_serializer)
     empty = handler.request_deserializer(b"")  # an empty message of the method's request type
-    return factory(refuse, request_deserializer=lambda _data: empty, response_serializer=handler.response_serializer)
+    return factory(behaviour, request_deserializer=lambda _data: empty, response_serializer=handler.response_serializer)

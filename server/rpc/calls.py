@@ -10,11 +10,12 @@ included, whatever the losses are doing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -42,6 +43,20 @@ class Compute:
     async def __call__(self, work: Callable[..., Result], *args: Any) -> Result:
         return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(work, *args))
 
+    async def for_call(self, watch: CallWatch, work: Callable[..., Result], *args: Any) -> Result:
+        """``work(*args)`` for a call watched by ``watch``. When the caller goes away meanwhile, the work
+        reads ``watch`` and stops at its next stage; the call ends with it, not before, so that its memory,
+        slot and in-flight count are released when the work really is."""
+        future = asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(work, *args))
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:  # grpc.aio cancels the handler when its caller goes away
+            watch.caller_gone()
+            await asyncio.wait([future])
+            if not future.cancelled() and future.exception() is not None:
+                watch.stopped(future.exception())
+            raise
+
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -55,14 +70,30 @@ class CallWatch:
     """
 
     def __init__(self, context: grpc.aio.ServicerContext, method: str) -> None:
+        self.context = context
         self.method = method
         self.started = time.perf_counter()
         self.handled = False  # set once the handler has its answer (or error): the call then ends normally
         self._gone = threading.Event()
-        context.add_done_callback(self._ended)
+        context.add_done_callback(self.caller_gone)
 
-    def _ended(self, _context: Any = None) -> None:
-        if not self.handled:
+    @contextlib.contextmanager
+    def handling(self) -> Iterator[None]:
+        """The handler's own work: once it ends with an answer or an error of its own, the call ends
+        normally; cancelled (the caller went away), it does not, and the done-callback says so."""
+        try:
+            yield
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            self.handled = True
+            raise
+        self.handled = True
+
+    def caller_gone(self, _context: Any = None) -> None:
+        """The call ended (a done-callback) or its handler was cancelled: the caller is gone unless the
+        handler had its answer."""
+        if not self.handled and not self._gone.is_set():
             elapsed_ms = (time.perf_counter() - self.started) * 1e3
             log.debug(
                 "%s: the caller cancelled or its deadline passed after %.1f ms; the call stops at its next stage",
@@ -74,13 +105,24 @@ class CallWatch:
     def __call__(self) -> bool:
         return self._gone.is_set()
 
+    def stopped(self, error: BaseException) -> None:
+        """The work of a call whose caller went away ended with ``error`` (its stop at the next stage):
+        logged with the status the call counts as."""
+        refusal(error, None, self.context.time_remaining(), self.method)
 
-async def answer_failure(
-    context: grpc.aio.ServicerContext, error: BaseException, method: str, where: Where | None = None
-) -> None:
-    """End the call with the status ``error`` maps to (``status.refusal``); raises, as ``abort`` does."""
-    remaining = context.time_remaining()
-    await context.abort_with_status(refusal(error, where, remaining, method))
+
+def fail(context: grpc.aio.ServicerContext, error: BaseException, method: str, where: Where | None = None) -> None:
+    """Set the status ``error`` maps to (``status.refusal``) as the call's; the handler then returns
+    without an answer. (Not ``abort``: grpc.aio's abort sends the status at once, before the metrics
+    interceptor has counted the call.)"""
+    end_with(context, refusal(error, where, context.time_remaining(), method))
+
+
+def end_with(context: grpc.aio.ServicerContext, status: grpc.Status) -> None:
+    """Make ``status`` the call's (code, message, trailing metadata such as the BadRequest details)."""
+    context.set_code(status.code)
+    context.set_details(status.details)
+    context.set_trailing_metadata(tuple(status.trailing_metadata))
 
 
 def unary(method: str, where: Where | None = None) -> Callable[[Callable[..., Awaitable[Any]]], Any]:
@@ -91,10 +133,11 @@ def unary(method: str, where: Where | None = None) -> Callable[[Callable[..., Aw
         async def guarded(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
                 return await handler(self, request, context)
-            except (grpc.aio.AbortError, asyncio.CancelledError):
+            except asyncio.CancelledError:
                 raise
             except Exception as error:
-                await answer_failure(context, error, method, where)
+                fail(context, error, method, where)
+                return None
 
         return guarded
 

@@ -18,7 +18,7 @@ from losswire.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from .. import __version__
 from ..dataplane import Dataplane
 from . import oip_convert
-from .calls import CallWatch, Compute, answer_failure, release_after, unary
+from .calls import CallWatch, Compute, fail, release_after, unary
 from .oip_convert import GRAD, LOSS, MODEL_VERSION, Conversion, OipWhere
 
 log = logging.getLogger("losswire.server")
@@ -76,18 +76,18 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         watch = CallWatch(context, "ModelInfer")
         where = OipWhere(request.model_name)
         try:
-            description = oip_convert.model(
-                self.registry, request.model_name, request.model_version, "model_name", "model_version"
-            )
-            conversion = Conversion(request, description, where)
-            answer = await self.compute(self.dataplane.evaluate, conversion.request, watch, conversion.arrived)
-            response = oip_convert.infer_response(request, conversion, answer.response)
-        except (grpc.aio.AbortError, Exception) as error:
-            watch.handled = True
-            if isinstance(error, grpc.aio.AbortError):
-                raise
-            await answer_failure(context, error, "ModelInfer", where)
-        watch.handled = True
+            with watch.handling():
+                description = oip_convert.model(
+                    self.registry, request.model_name, request.model_version, "model_name", "model_version"
+                )
+                conversion = Conversion(request, description, where)
+                answer = await self.compute.for_call(
+                    watch, self.dataplane.evaluate, conversion.request, watch, conversion.arrived
+                )
+                response = oip_convert.infer_response(request, conversion, answer.response)
+        except Exception as error:
+            fail(context, error, "ModelInfer", where)
+            return None
         release_after(context, answer.keep)
         return response
 

@@ -3,7 +3,7 @@
 The contract's messages are the dataplane's own, so conversion here is about transport: reading a
 stream's first message and chunks, sending an answer's chunks, noticing a caller that went away, and
 freeing a big call's memory after its answer has left. Failures leave through ``calls.unary`` /
-``calls.answer_failure``, the one error mapping.
+``calls.fail``, the one error mapping.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from losswire.wire.protocol import SERVICE_NAME
 from ..dataplane import Answer, Dataplane, StreamIntake
 from ..errors import RequestError
 from ..evaluation import CallCancelledError
-from .calls import CallWatch, Compute, answer_failure, attempt, release_after, unary
+from .calls import CallWatch, Compute, attempt, fail, release_after, unary
 from .malformed import MalformedRequest, malformed_error, stream_deserializer
 
 log = logging.getLogger("losswire.server")
@@ -41,10 +41,8 @@ class LossService(pb_grpc.LossServiceServicer):
     @unary("Evaluate")
     async def Evaluate(self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext) -> pb.EvaluateResponse:
         watch = CallWatch(context, "Evaluate")
-        try:
-            answer = await self.compute(self.dataplane.evaluate, request, watch)
-        finally:
-            watch.handled = True
+        with watch.handling():
+            answer = await self.compute.for_call(watch, self.dataplane.evaluate, request, watch)
         _log_call("Evaluate", request, answer, context)
         release_after(context, answer.keep)
         return answer.response
@@ -58,20 +56,18 @@ class LossService(pb_grpc.LossServiceServicer):
         intake: StreamIntake | None = None
         try:
             try:
-                header = await _stream_header(requests)
-                intake = self.dataplane.open_stream(header, watch)
-                async for message in requests:
-                    intake.add(_chunk_of(message, intake.chunks + 2))
-                answer: Answer = await self.compute(intake.evaluate, watch)
-            except (grpc.aio.AbortError, Exception) as error:
-                watch.handled = True
-                if isinstance(error, grpc.aio.AbortError):
-                    raise
+                with watch.handling():
+                    header = await _stream_header(requests)
+                    intake = self.dataplane.open_stream(header, watch)
+                    async for message in requests:
+                        intake.add(_chunk_of(message, intake.chunks + 2))
+                    answer: Answer = await self.compute.for_call(watch, intake.evaluate, watch)
+            except Exception as error:
                 if watch() and not isinstance(error, CallCancelledError):
                     # reading a cancelled call's stream fails with gRPC's own error: the caller is gone
                     error = CallCancelledError(f"the caller went away while streaming ({type(error).__name__})")
-                await answer_failure(context, error, "EvaluateStream")
-            watch.handled = True
+                fail(context, error, "EvaluateStream")
+                return
             _log_call("EvaluateStream", header, answer, context)
             release_after(context, answer.keep)
             for message in chunks.stream_chunks(answer.response, answer.sink):

@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 
 from ..errors import RequestError
+from .calls import end_with
 from .status import to_status
 
 
@@ -81,7 +82,7 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if isinstance(request, MalformedRequest):
-                await self._refuse(method, request, context)
+                return self._refuse(method, request, context)
             return await behaviour(request, context)
 
         return grpc.unary_unary_rpc_method_handler(
@@ -90,7 +91,7 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
-    async def _refuse(self, method: str, request: MalformedRequest, context: grpc.aio.ServicerContext) -> None:
+    def _refuse(self, method: str, request: MalformedRequest, context: grpc.aio.ServicerContext) -> None:
         if self.on_refused is not None:
             self.on_refused(method)
-        await context.abort_with_status(to_status(malformed_error(request, "the request")))
+        end_with(context, to_status(malformed_error(request, "the request")))

@@ -23,6 +23,7 @@ servicers stay free of bookkeeping:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -44,6 +45,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from .status import DEADLINE_SLACK_SECONDS
 
 log = logging.getLogger("losswire.server")
 
@@ -176,11 +179,8 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
         if handler.stream_stream is not None and method == "EvaluateStream":
-            streaming = handler.stream_stream
-
-            def observed_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                return self._observe_stream(method, streaming, requests, context)
-
+            # an async generator function (a partial of one): grpc.aio tells streaming handlers by that
+            observed_stream = functools.partial(self._observe_stream, method, handler.stream_stream)
             return grpc.stream_stream_rpc_method_handler(
                 observed_stream,
                 request_deserializer=handler.request_deserializer,
@@ -207,12 +207,15 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         code = grpc.StatusCode.OK
         try:
             response = await behaviour(request, context)
+            if response is None:  # the handler set a failure's status (see calls.fail)
+                code = _code(context)
+                return response
             series.sent.inc(response.ByteSize())
             if method == "Evaluate":
                 self._observe_stages(response)
             return response
         except asyncio.CancelledError:  # the caller went away
-            code = grpc.StatusCode.CANCELLED
+            code = _gone(context)
             raise
         except Exception:
             # abort() raises after setting the status; anything else is gRPC's UNKNOWN
@@ -237,8 +240,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 if isinstance(message, Message) and message.WhichOneof("kind") == "response":
                     self._observe_stages(message.response)
                 yield message
-        except (GeneratorExit, asyncio.CancelledError):  # the caller went away while the answer was being sent
-            code = grpc.StatusCode.CANCELLED
+            code = _code(context, default=grpc.StatusCode.OK)
+        except (GeneratorExit, asyncio.CancelledError):  # the caller went away
+            code = _gone(context)
             raise
         except Exception:
             code = _code(context)
@@ -301,12 +305,18 @@ class _StreamTally:
         return message
 
 
-def _code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    """The status a failed handler ended its call with (abort sets it), else gRPC's UNKNOWN."""
+def _gone(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """How a call whose caller went away counts: DEADLINE_EXCEEDED near its deadline, else CANCELLED."""
+    expired = context.time_remaining() <= DEADLINE_SLACK_SECONDS
+    return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+
+
+def _code(context: grpc.aio.ServicerContext, default: grpc.StatusCode = grpc.StatusCode.UNKNOWN) -> grpc.StatusCode:
+    """The status the handler set for its call (a failure's: see ``calls.fail``), else ``default``."""
     code = context.code()
     if isinstance(code, int):  # the aio context may hold the code as its number
         code = next((c for c in grpc.StatusCode if c.value[0] == code), None)
-    return code or grpc.StatusCode.UNKNOWN
+    return code or default
 
 
 def _message_bytes(message: Any) -> int:

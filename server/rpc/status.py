@@ -143,7 +143,8 @@ def refusal(error: BaseException, where: Where | None, time_remaining: float | N
     if isinstance(cause, CallCancelledError):
         expired = time_remaining is not None and time_remaining <= DEADLINE_SLACK_SECONDS
         code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-        message = f"terms[{error.index}]: {cause}" if isinstance(error, TermError) else str(cause)
+        label = (where or Where()).term(error.index, error.name)[0] if isinstance(error, TermError) else ""
+        message = f"{label}: {cause}" if label else str(cause)
         log.debug("%s stopped (%s): %s", method, code.name, message)
         return rpc_status.to_status(status_pb2.Status(code=getattr(code_pb2, code.name), message=message))
     status = to_status(error, where)

@@ -137,7 +137,7 @@ def test_buffer_pool_zero_turns_reuse_off_on_the_server():
         for _ in range(2):
             pred.grad = None
             RemoteLoss(dict(type="FocalLoss"), client=client)(pred.requires_grad_(), target).backward()
-        assert (instance.service.buffers.created, instance.service.buffers.reused) == (0, 0)
+        assert (instance.dataplane.buffers.created, instance.dataplane.buffers.reused) == (0, 0)
         assert client.buffers.reused >= 1
     finally:
         client.close()
