@@ -37,6 +37,7 @@ from .rpc.inference import InferenceService, add_inference_service
 from .rpc.loss_service import LossService, add_to_server
 from .rpc.malformed import MalformedRequestInterceptor
 from .rpc.metrics import ServerMetrics
+from .rpc.streams import StreamGuardInterceptor
 from .rpc.tls import ServerTLS, tls_files
 
 log = logging.getLogger("losswire.server")
@@ -138,6 +139,7 @@ class LosswireServer:
                 MalformedRequestInterceptor(self._count_malformed),
                 self.metrics.interceptor(),
                 *([TokenAuthInterceptor(self.tokens)] if self.tokens else []),
+                StreamGuardInterceptor(self._open_streams_bound(), self.config.stream_idle_seconds),
             ],
         )
         add_to_server(LossService(self.dataplane, self.compute), server)
@@ -148,6 +150,11 @@ class LosswireServer:
             (SERVICE_NAME, inference, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         return server
+
+    def _open_streams_bound(self) -> int:
+        """``max_open_streams``, kept below the concurrent calls so that silent streams leave room."""
+        calls = self.config.max_concurrent_rpcs
+        return self.config.max_open_streams if calls is None else max(1, min(self.config.max_open_streams, calls // 2))
 
     def _ready(self) -> bool:
         return not self.draining

@@ -17,12 +17,15 @@ class ServerConfig:
     port: int = DEFAULT_PORT
     device: str = "auto"  # "auto": cuda when available, else cpu
     max_workers: int = 8  # threads serving RPCs
-    # calls admitted at once, running or waiting for a worker; beyond, RESOURCE_EXHAUSTED at once rather
-    # than a queue without bound (each queued call holds its request in memory). 8 per default worker.
-    max_concurrent_rpcs: int | None = 64
-    # EvaluateStream calls (big tensors) served at once; more are refused RESOURCE_EXHAUSTED (retryable)
-    # rather than queued, so they never hold more than this many workers: small calls keep the rest.
-    # Capped at max_workers - 1.
+    # calls admitted at once, computing, waiting for a compute thread or for their caller's bytes; beyond,
+    # RESOURCE_EXHAUSTED at once rather than a queue without bound. A waiting call is a coroutine, not a
+    # thread: the bound is on memory, and on callers that hold calls open (health Watch streams included)
+    max_concurrent_rpcs: int | None = 1024
+    # calls that stream their requests (EvaluateStream, reflection) open at once; beyond, RESOURCE_EXHAUSTED
+    # (a client waits it out). Below max_concurrent_rpcs, so silent streams never take every call's room.
+    max_open_streams: int = 32
+    # a request stream whose caller sends nothing for this long is ended (DEADLINE_EXCEEDED); None: never
+    stream_idle_seconds: float | None = 60.0
     max_stream_calls: int = 2  # big calls (streamed or shared memory) at once (capped at max_workers - 1)
     fused_kernels: bool = True  # loss and gradient in one analytic pass where a kernel exists (losses/fused.py)
     # same-host callers may register shared-memory segments and pass tensors by reference

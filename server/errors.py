@@ -36,6 +36,10 @@ class AccessDeniedError(RequestError):
     """The request names something that is not the caller's to use."""
 
 
+class StreamIdleError(RequestError):
+    """A caller kept a request stream open without sending anything for longer than the server allows."""
+
+
 class NotAvailableError(RequestError):
     """The request needs a feature this server has turned off (shared memory)."""
 

@@ -28,6 +28,7 @@ from ..errors import (
     NotFoundError,
     RequestError,
     ServerBusyError,
+    StreamIdleError,
     TermError,
 )
 from ..evaluation import CallCancelledError
@@ -55,6 +56,7 @@ CODES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], grpc.S
     ((torch.OutOfMemoryError, MemoryError), grpc.StatusCode.RESOURCE_EXHAUSTED),
     ((NotFoundError, UnknownLossError, UnknownSessionError), grpc.StatusCode.NOT_FOUND),
     (AccessDeniedError, grpc.StatusCode.PERMISSION_DENIED),
+    (StreamIdleError, grpc.StatusCode.DEADLINE_EXCEEDED),
     ((NotAvailableError, SessionConflictError, ReplayUnavailableError), grpc.StatusCode.FAILED_PRECONDITION),
     ((RequestError, LossError, CodecError, SessionError), grpc.StatusCode.INVALID_ARGUMENT),
 )

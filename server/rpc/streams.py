@@ -1,0 +1,96 @@
+"""Calls that stream their requests (EvaluateStream, reflection) are bounded in number and in idle time.
+
+A caller that opens a stream and sends nothing costs a suspended coroutine, not a thread; still, it holds
+one of the server's concurrent calls (``--max-concurrent-rpcs``) for as long as it likes. So at most
+``max_open`` request streams are open at once (beyond, RESOURCE_EXHAUSTED at once, which a client may wait
+out), always fewer than the concurrent calls, so small calls and health checks keep room; and a stream
+whose caller sends nothing for ``idle_seconds`` is ended (DEADLINE_EXCEEDED naming the setting).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from ..errors import ServerBusyError, StreamIdleError
+from .calls import fail
+
+
+class StreamGuardInterceptor(grpc.aio.ServerInterceptor):
+    """Bounds the request-streaming calls open at once and the time their callers may stay silent."""
+
+    def __init__(self, max_open: int, idle_seconds: float | None) -> None:
+        self.max_open = max_open
+        self.idle_seconds = idle_seconds
+        self.open = 0  # only touched on the event loop
+
+    async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler.request_streaming:
+            return handler
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        behaviour = handler.stream_stream or handler.stream_unary
+        if handler.response_streaming:
+            guarded = functools.partial(self._streaming, method, behaviour)
+            return grpc.stream_stream_rpc_method_handler(
+                guarded, handler.request_deserializer, handler.response_serializer
+            )
+        return grpc.stream_unary_rpc_method_handler(
+            functools.partial(self._unary, method, behaviour), handler.request_deserializer, handler.response_serializer
+        )
+
+    def _admit(self, method: str, context: grpc.aio.ServicerContext) -> bool:
+        if self.open >= self.max_open:
+            busy = ServerBusyError(
+                f"the server has {self.open} request streams open, its maximum (losswire serve --max-open-streams); "
+                "retry later"
+            )
+            fail(context, busy, method)
+            return False
+        self.open += 1
+        return True
+
+    async def _streaming(
+        self, method: str, behaviour: Callable, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        if not self._admit(method, context):
+            return
+        try:
+            async for message in behaviour(self._watched(requests), context):
+                yield message
+        except StreamIdleError as error:
+            fail(context, error, method)
+        finally:
+            self.open -= 1
+
+    async def _unary(
+        self, method: str, behaviour: Callable, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> Any:
+        if not self._admit(method, context):
+            return None
+        try:
+            return await behaviour(self._watched(requests), context)
+        except StreamIdleError as error:
+            fail(context, error, method)
+            return None
+        finally:
+            self.open -= 1
+
+    async def _watched(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """The caller's messages; a StreamIdleError once it sends nothing for ``idle_seconds``."""
+        source = aiter(requests)
+        while True:
+            try:
+                message = await asyncio.wait_for(anext(source), self.idle_seconds)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise StreamIdleError(
+                    f"the caller sent nothing for {self.idle_seconds:g} s; this server ends request streams idle "
+                    "that long (losswire serve --stream-idle-timeout)"
+                ) from None
+            yield message

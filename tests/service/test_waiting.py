@@ -1,0 +1,152 @@
+"""Waiting costs no worker: callers that open streams and send nothing delay neither small calls nor health.
+
+A stream that waits for its caller's bytes is a suspended coroutine on the server's event loop, not a
+thread; request streams are bounded in number (``--max-open-streams``, below ``--max-concurrent-rpcs``) and
+in idle time (``--stream-idle-timeout``). Each test holds silent streams open from threads of its own, then
+makes a small Evaluate and a health check with deadlines of a few seconds, which the old thread-pool server
+(8 workers) could not meet once 8 silent streams held every worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2_grpc
+from support.calls import plain_channel
+
+from losswire.client import LossClient, RemoteLoss, RemoteLossError
+from losswire.server.app import LosswireServer
+from losswire.server.config import ServerConfig
+from losswire.v1 import loss_service_pb2 as pb
+from losswire.wire import chunks, codec
+from losswire.wire.protocol import EVALUATE_STREAM_METHOD, NO_RETRY
+
+DEADLINE = 5.0  # a small call and a health check must be answered within this, silent streams or not
+
+
+@contextlib.contextmanager
+def running(**settings) -> Iterator[str]:
+    server = LosswireServer(ServerConfig(host="127.0.0.1", port=0, device="cpu", **settings))
+    server.start()
+    try:
+        yield f"127.0.0.1:{server.port}"
+    finally:
+        server.stop(grace=0)
+
+
+class SilentCallers:
+    """``count`` streams held open on ``target`` with nothing sent after ``first`` messages."""
+
+    def __init__(self, target: str, count: int, first: list | None = None, reflection: bool = False) -> None:
+        self.release = threading.Event()
+        self.channel = grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)])
+        self.calls = []
+        for _ in range(count):
+            if reflection:
+                method = reflection_pb2_grpc.ServerReflectionStub(self.channel).ServerReflectionInfo
+            else:
+                method = self.channel.stream_stream(
+                    EVALUATE_STREAM_METHOD,
+                    request_serializer=chunks.serialize_chunk,
+                    response_deserializer=pb.EvaluateChunk.FromString,
+                )
+            self.calls.append(method(self._requests(first or []), timeout=120))
+
+    def _requests(self, first: list) -> Iterator:
+        yield from first
+        self.release.wait()
+
+    def outcomes(self) -> list[grpc.StatusCode]:
+        """How each stream ended (waits for each)."""
+        codes = []
+        for call in self.calls:
+            try:
+                list(call)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as error:
+                codes.append(error.code())
+        return codes
+
+    def close(self) -> None:
+        self.release.set()
+        for call in self.calls:
+            call.cancel()
+        self.channel.close()
+
+
+def small_call_and_health_are_answered(target: str) -> None:
+    client = LossClient(target, timeout=DEADLINE, shared_memory="off")
+    try:
+        pred, labels = torch.randn(16, 4), torch.randint(0, 5, (16,))
+        loss = RemoteLoss(dict(type="FocalLoss"), client=client)(pred, labels)
+        assert torch.isfinite(loss)
+    finally:
+        client.close()
+    with plain_channel(target) as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=DEADLINE)
+    assert check.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("count", [8, 80])
+def test_silent_streams_delay_neither_a_small_call_nor_health(count):
+    with running(max_workers=2) as target:
+        silent = SilentCallers(target, count)
+        silent_reflection = SilentCallers(target, 8, reflection=True)
+        try:
+            small_call_and_health_are_answered(target)
+        finally:
+            silent.close()
+            silent_reflection.close()
+
+
+def test_streams_beyond_the_bound_are_told_to_come_back_and_the_rest_keep_room():
+    with running(max_workers=2, max_open_streams=4) as target:
+        silent = SilentCallers(target, 6)
+        try:
+            small_call_and_health_are_answered(target)
+            refused = [call for call in silent.calls if call.done()]
+            assert len(refused) >= 2
+            for call in refused:
+                assert call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, call.details()
+                assert "--max-open-streams" in call.details()
+                assert NO_RETRY not in tuple(call.trailing_metadata() or ())  # busy, not a limit: comes back
+        finally:
+            silent.close()
+
+
+def header(elements: int = 1 << 20) -> pb.EvaluateChunk:
+    """A valid stream header declaring a big pred and target whose chunks never come."""
+    request = pb.EvaluateRequest()
+    term = request.terms.add()
+    codec.encode_config({"type": "L1Loss"}, term.config)
+    for message in (term.pred, term.target.tensor):
+        message.dtype, message.shape[:] = pb.FLOAT32, [elements]
+    return pb.EvaluateChunk(request=request)
+
+
+def test_an_idle_stream_is_ended_and_leaves_its_big_call_slot():
+    with running(max_workers=2, max_stream_calls=1, stream_idle_seconds=0.5) as target:
+        silent = SilentCallers(target, 2, first=[header()])
+        try:
+            outcomes = silent.outcomes()
+        finally:
+            silent.close()
+        assert grpc.StatusCode.DEADLINE_EXCEEDED in outcomes, outcomes
+        ended = next(c for c in silent.calls if c.code() == grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert "--stream-idle-timeout" in ended.details()
+        # the slot is free again: a real streamed call goes through
+        client = LossClient(target, timeout=30, stream_threshold=0, shared_memory="off")
+        try:
+            pred, target_ = torch.randn(256, 4), torch.randn(256, 4)
+            loss = RemoteLoss(dict(type="L1Loss"), client=client)(pred, target_)
+            torch.testing.assert_close(loss, (pred - target_).abs().mean())
+        except RemoteLossError as error:  # pragma: no cover - the assertion's message
+            raise AssertionError(f"a stream after idle ones was refused: {error}") from None
+        finally:
+            client.close()
