@@ -10,6 +10,7 @@ compute threads (``rpc.calls.Compute``).
 from __future__ import annotations
 
 import asyncio
+import errno
 import importlib
 import logging
 import threading
@@ -129,6 +130,7 @@ class LosswireServer:
         options = [
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
             ("grpc.max_send_message_length", self.config.max_message_bytes),
+            ("grpc.so_reuseport", int(self.config.reuse_port)),
         ]
         server = grpc.aio.server(
             options=options,
@@ -196,12 +198,8 @@ class LosswireServer:
     async def _start(self) -> int:
         self.server = self._build()
         address = self._address(self.config.port)
-        if self.tls is not None:
-            port = self.server.add_secure_port(address, self.tls.credentials())
-        else:
-            port = self.server.add_insecure_port(address)
-        if port == 0:
-            raise OSError(f"could not bind {address}")
+        credentials = self.tls.credentials() if self.tls is not None else None
+        port = _bind(self.server, address, credentials, self.config.reuse_port)
         await self.server.start()
         if self.config.health_port is not None:
             await self._start_health_port()
@@ -252,12 +250,26 @@ class LosswireServer:
     async def _start_health_port(self) -> None:
         """A plaintext port with only the health service (the same servicer: it drains with the server),
         for probes that cannot do TLS or present client certificates (Kubernetes gRPC probes)."""
-        server = grpc.aio.server()
+        server = grpc.aio.server(options=[("grpc.so_reuseport", int(self.config.reuse_port))])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         address = self._address(self.config.health_port or 0)
-        self.health_port = server.add_insecure_port(address)
-        if self.health_port == 0:
-            raise OSError(f"could not bind the health port {address}")
+        self.health_port = _bind(server, address, None, self.config.reuse_port)
         await server.start()
         self._health_server = server
         log.info("health (grpc.health.v1 only, plaintext) on %s:%d", self.config.host, self.health_port)
+
+
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None, reuse: bool) -> int:
+    """Bind ``address``; an OSError naming it when another process holds the port (SO_REUSEPORT is off
+    unless ``--reuse-port``: two servers on one port would split its callers, and their sessions)."""
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:  # grpc.aio's way to say the bind failed
+        port = 0
+    if port == 0:
+        shared = "" if reuse else "; several servers on one port need --reuse-port on each"
+        raise OSError(
+            errno.EADDRINUSE,
+            f"cannot bind {address}: another process listens there (`ss -ltnp` names it); --port picks another{shared}",
+        )
+    return port

@@ -15,6 +15,9 @@ from losswire.wire.protocol import DEFAULT_MAX_DIMS, DEFAULT_PORT, MAX_MESSAGE_B
 class ServerConfig:
     host: str = "0.0.0.0"
     port: int = DEFAULT_PORT
+    # several servers on one port (SO_REUSEPORT: the kernel splits connections between them); off, a
+    # second server on a port in use fails to start instead of silently sharing it (and its sessions)
+    reuse_port: bool = False
     device: str = "auto"  # "auto": cuda when available, else cpu
     max_workers: int = 8  # threads serving RPCs
     # calls admitted at once, computing, waiting for a compute thread or for their caller's bytes; beyond,

@@ -41,20 +41,21 @@ class Compute:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="losswire-compute")
 
     async def __call__(self, work: Callable[..., Result], *args: Any) -> Result:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(work, *args))
+        return await asyncio.wrap_future(self._pool.submit(work, *args))
 
     async def for_call(self, watch: CallWatch, work: Callable[..., Result], *args: Any) -> Result:
         """``work(*args)`` for a call watched by ``watch``. When the caller goes away meanwhile, the work
         reads ``watch`` and stops at its next stage; the call ends with it, not before, so that its memory,
         slot and in-flight count are released when the work really is."""
-        future = asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(work, *args))
+        running = self._pool.submit(work, *args)
         try:
-            return await asyncio.shield(future)
+            return await asyncio.wrap_future(running)
         except asyncio.CancelledError:  # grpc.aio cancels the handler when its caller goes away
             watch.caller_gone()
-            await asyncio.wait([future])
-            if not future.cancelled() and future.exception() is not None:
-                watch.stopped(future.exception())
+            with contextlib.suppress(BaseException):
+                await asyncio.wrap_future(running)  # a new wrapper: the cancelled one cancelled only itself
+            if running.done() and not running.cancelled() and running.exception() is not None:
+                watch.stopped(running.exception())
             raise
 
     def shutdown(self) -> None:
