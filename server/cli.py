@@ -81,6 +81,14 @@ def _optional_limit(text: str) -> int | None:
 _optional_limit.__name__ = "integer (0 or none: unbounded)"
 
 
+def _optional_seconds(text: str) -> float | None:
+    """A duration where 0 or none means never."""
+    return None if text in NONE_WORDS else (_seconds(text) or None)
+
+
+_optional_seconds.__name__ = "seconds (0 or none: never)"
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -196,15 +204,41 @@ KNOBS: tuple[Knob, ...] = (
     Knob("host", str, _DEFAULT.host, "address to bind (0.0.0.0: every interface; :: for IPv6 too)"),
     Knob("port", _port, _DEFAULT.port, "gRPC port; 0 picks a free one (the start-up log line names it)"),
     Knob(
+        "reuse_port",
+        _on_off,
+        _DEFAULT.reuse_port,
+        "on: several servers may bind this port (SO_REUSEPORT: the kernel splits connections, and so sessions, "
+        "between them); off: a server on a port in use fails to start",
+    ),
+    Knob(
         "device", _device, _DEFAULT.device, "where losses run: auto (cuda when available, else cpu), cpu, cuda, cuda:1"
     ),
-    Knob("max_workers", _int_at_least(1), _DEFAULT.max_workers, "threads serving calls concurrently"),
+    Knob(
+        "max_workers",
+        _int_at_least(1),
+        _DEFAULT.max_workers,
+        "threads computing losses at once (a call waiting for one holds no thread)",
+    ),
     Knob(
         "max_concurrent_rpcs",
         _optional_limit,
         _DEFAULT.max_concurrent_rpcs,
-        "calls accepted at once (running or queued for a worker); beyond, RESOURCE_EXHAUSTED at once, which "
-        "losswire's client retries with backoff (0 or none: unbounded)",
+        "calls accepted at once (computing, or waiting for a worker or for their caller's bytes); beyond, "
+        "RESOURCE_EXHAUSTED at once, which losswire's client retries with backoff (0 or none: unbounded)",
+    ),
+    Knob(
+        "max_open_streams",
+        _int_at_least(1),
+        _DEFAULT.max_open_streams,
+        "calls that stream their requests (EvaluateStream, reflection) open at once, below "
+        "--max-concurrent-rpcs; beyond, RESOURCE_EXHAUSTED that the client waits out",
+    ),
+    Knob(
+        "stream_idle_timeout",
+        _optional_seconds,
+        _DEFAULT.stream_idle_seconds,
+        "seconds a request stream may stay silent before it is ended with DEADLINE_EXCEEDED (0 or none: never)",
+        "stream_idle_seconds",
     ),
     Knob("max_message_bytes", _int_at_least(1024), MAX_MESSAGE_BYTES, "largest request/response message in bytes"),
     Knob("max_elements", _optional_limit, None, "largest tensor in elements, refused before allocation (0: unbounded)"),

@@ -7,6 +7,7 @@ The in-process tests call the parser and the settings' resolution directly; the 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -15,10 +16,11 @@ import sys
 
 import pytest
 import torch
-from support.servers import losswire_script, module_cmd, server_env
+from support.servers import ServerProcess, losswire_script, module_cmd, serve_cmd, server_env
 
 from losswire.server import cli
 from losswire.server.cli import HEALTH_KNOBS, KNOBS, KnobError, build_parser, check_device, resolve_with_sources
+from losswire.server.config import ServerConfig
 
 TIMEOUT = 120.0  # a hang guard for commands that import torch on a loaded machine
 
@@ -125,8 +127,31 @@ def test_a_port_in_use_exits_2_naming_it():
         port = taken.getsockname()[1]
         result = run("serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu")
     assert result.returncode == 2, result.stderr
-    assert f"cannot start: Failed to bind to address 127.0.0.1:{port} (another process listens" in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if "cannot start: " in line]
+    assert f"127.0.0.1:{port}" in line and "another process listens" in line, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.slow  # server subprocesses
+def test_a_second_server_on_a_busy_port_fails_unless_both_reuse_it():
+    argv = serve_cmd("--host", "127.0.0.1", "--port", "0", "--device", "cpu", "--reuse-port", "on")
+    first = ServerProcess(argv, server_env()).wait_started()
+    try:
+        same_port = ["--host", "127.0.0.1", "--port", str(first.port), "--device", "cpu"]
+        alone = run("serve", *same_port)  # without --reuse-port: refused, naming the flag
+        assert alone.returncode == 2, alone.stderr
+        assert "cannot start: " in alone.stderr and "--reuse-port" in alone.stderr, alone.stderr
+        second = ServerProcess(serve_cmd(*same_port, "--reuse-port", "on"), server_env()).wait_started()
+        second.close()
+        assert second.port == first.port
+    finally:
+        first.close()
+
+
+def test_every_server_setting_has_a_flag():
+    """A ServerConfig field without a knob could only be set in code: every one is a flag, variable and key."""
+    fields = {f.name for f in dataclasses.fields(ServerConfig)} - {"auth_tokens"}  # tokens: env only
+    assert fields == {k.field or k.name for k in KNOBS if k.field != ""}
 
 
 # -- help: each subcommand its own flags, defaults as the flag takes them ----------------------------------
