@@ -24,15 +24,21 @@ An image without objects gives 0 for both (with a zero gradient). The outputs ar
 from __future__ import annotations
 
 import operator
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from . import checks
+from .cost import Estimate, Shapes, dim, elements, shape_of
 from .errors import LossInputError
 from .registry import LOSSES
 from .schema import OutputKind
+
+# The push term compares every embedding of an image with every other: about this many [K, K] tensors
+# of pred's dtype alive at once in a forward + backward (K = objects x channels of one image).
+PUSH_COPIES = 8
 
 CORNER_FORM = "[[tl_y, tl_x], [br_y, br_x]]"
 
@@ -132,6 +138,19 @@ class AssociativeEmbeddingLoss(nn.Module):
     differentiable = ("pred", "target")
     separable = True  # 0-d outputs
     sample_axis = 1
+    stateful = False
+    stochastic = False
+
+    @classmethod
+    def estimate(cls, params: Mapping[str, Any], shapes: Shapes | None, itemsize: int) -> Estimate:
+        """Quadratic in one image's embeddings K = objects x M: ``shapes['match']`` is the nesting of the
+        match lists, (images, the most corner pairs of one image, 2, 2); without it, one object."""
+        pred = shape_of(shapes, "pred")
+        objects = dim(shape_of(shapes, "match"), 1, default=1)
+        count = objects * dim(pred, 1)
+        push, maps = PUSH_COPIES * count * count * itemsize, 3 * elements(pred) * itemsize
+        driver = "match" if push > maps else "pred"
+        return Estimate(0, push + maps, 10 * count * count * dim(pred, 0) + 3 * elements(pred), driver, driver)
 
     def __init__(self, pull_weight: float = 0.25, push_weight: float = 0.25) -> None:
         super().__init__()

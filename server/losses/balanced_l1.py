@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from .errors import LossConfigError
-from .pipeline import AvgFactor, Reduction, ReductionOverride, WeightedLoss
+from .pipeline import PairwiseLoss, Reduction
 from .registry import LOSSES
-from .smooth_l1 import check_regression_pair
+from .schema import Positive
 
 
 def balanced_l1_loss(pred: Tensor, target: Tensor, alpha: float, gamma: float, beta: float) -> Tensor:
@@ -34,7 +34,7 @@ def balanced_l1_loss(pred: Tensor, target: Tensor, alpha: float, gamma: float, b
 
 
 @LOSSES.register_module()
-class BalancedL1Loss(WeightedLoss):
+class BalancedL1Loss(PairwiseLoss):
     """Balanced L1 loss: promotes the gradient of inliers (small errors) over outliers.
 
     Args:
@@ -46,34 +46,32 @@ class BalancedL1Loss(WeightedLoss):
     """
 
     differentiable = ("pred", "target")
+    working_copies = 13.0
 
     def __init__(
         self,
-        alpha: float = 0.5,
+        alpha: Positive = 0.5,
         gamma: float = 1.5,
-        beta: float = 1.0,
+        beta: Positive = 1.0,
         reduction: Reduction = "mean",
         loss_weight: float = 1.0,
     ) -> None:
         super().__init__(reduction, loss_weight)
-        for name, value in (("alpha", alpha), ("beta", beta)):
-            if not value > 0:
-                raise LossConfigError(f"BalancedL1Loss.{name} must be > 0, got {value!r}", field=name)
-        if math.exp(gamma / alpha) - 1 == 0:
+        try:
+            b = math.exp(gamma / alpha) - 1
+        except OverflowError:
+            b = math.inf
+        if not math.isfinite(b):  # the inlier branch would be inf / inf
+            raise LossConfigError(
+                f"BalancedL1Loss.gamma / alpha must be at most 709 (e^(gamma/alpha) overflows float64), "
+                f"got {gamma!r} / {alpha!r}",
+                field="gamma",
+            )
+        if b == 0:
             raise LossConfigError("BalancedL1Loss.gamma must be non-zero (b = e^(gamma/alpha) - 1 = 0)", field="gamma")
         self.alpha = alpha
         self.gamma = gamma
         self.beta = beta
 
-    def forward(
-        self,
-        pred: Tensor,
-        target: Tensor,
-        weight: Tensor | None = None,
-        avg_factor: AvgFactor = None,
-        reduction_override: ReductionOverride = None,
-    ) -> Tensor:
-        reduction = self.resolve_reduction(reduction_override)
-        check_regression_pair(pred, target)
-        loss = balanced_l1_loss(pred, target, self.alpha, self.gamma, self.beta)
-        return self.finish(loss, weight, reduction, avg_factor)
+    def kernel(self, pred: Tensor, target: Tensor) -> Tensor:
+        return balanced_l1_loss(pred, target, self.alpha, self.gamma, self.beta)

@@ -41,6 +41,14 @@ def index_tensor(name: str, value: Any) -> Tensor:
     return value.long()
 
 
+def real_tensor(name: str, value: Any) -> Tensor:
+    """Any real dtype (float, integer or bool): for inputs mmdet's arithmetic promotes to float."""
+    tensor(name, value)
+    if value.is_complex():
+        raise LossInputError(f"{name} must be real, got {describe(value)}", field=name)
+    return value
+
+
 def ndim(name: str, value: Tensor, expected: int, meaning: str) -> None:
     if value.dim() != expected:
         raise LossInputError(f"{name} must be {expected}-D {meaning}, got shape {list(value.shape)}", field=name)
@@ -52,6 +60,13 @@ def same_shape(name: str, value: Tensor, ref_name: str, ref: Tensor) -> None:
             f"{name} must have the shape of {ref_name} {list(ref.shape)}, got {list(value.shape)}",
             field=name,
         )
+
+
+def regression_pair(pred: Tensor, target: Any) -> None:
+    """A floating-point ``pred`` and a ``target`` tensor of its shape (the regression losses' inputs)."""
+    float_tensor("pred", pred)
+    tensor("target", target)
+    same_shape("target", target, "pred", pred)
 
 
 def broadcasts_to(name: str, value: Tensor, ref_name: str, ref: Tensor) -> None:
@@ -92,11 +107,13 @@ def row_labels(name: str, labels: Any, scores: Tensor, num_classes: int) -> Tens
     return labels
 
 
-def probabilities(name: str, value: Tensor) -> None:
-    """Values in [0, 1] (``activated=True`` losses take probabilities, not logits)."""
+def unit_interval(name: str, value: Tensor, expected: str) -> None:
+    """Values in [0, 1]; ``expected`` says what they are (``"probabilities in [0, 1] when activated=True"``)."""
     if value.numel() and not bool(((value >= 0) & (value <= 1)).all()):
         lo, hi = float(value.detach().min()), float(value.detach().max())
-        raise LossInputError(
-            f"{name} must hold probabilities in [0, 1] when activated=True, got values in [{lo:g}, {hi:g}]",
-            field=name,
-        )
+        raise LossInputError(f"{name} must hold {expected}, got values in [{lo:g}, {hi:g}]", field=name)
+
+
+def probabilities(name: str, value: Tensor) -> None:
+    """Values in [0, 1] (``activated=True`` losses take probabilities, not logits)."""
+    unit_interval(name, value, "probabilities in [0, 1] when activated=True")

@@ -22,17 +22,56 @@ last column background for softmax, [N, C] for sigmoid.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, ClassVar, NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import checks
+from . import checks, cost
+from .classifier import CustomClassifierMixin, check_num_classes
+from .cost import Estimate, Shapes
 from .errors import LossConfigError, LossInputError
-from .pipeline import AvgFactor, Reduction, ReductionOverride, WeightedLoss, apply_weight, reduce_loss
+from .pipeline import (
+    AvgFactor,
+    Reduction,
+    ReductionOverride,
+    WeightedLoss,
+    apply_weight,
+    float32_rounded,
+    reduce_loss,
+)
 from .registry import LOSSES
-from .schema import OutputKind
+from .schema import Count, OutputKind
 
 DEFAULT_IGNORE_INDEX = -100  # torch's default, which mmdet adopts when ignore_index is None
+
+
+class SoftmaxParts(NamedTuple):
+    """Softmax cross-entropy of class indices, step by step (its fused kernel reads them)."""
+
+    log_prob: Tensor  # log softmax over the classes (axis 1)
+    valid: Tensor  # labels != ignore_index
+    safe: Tensor  # the labels, ignored ones at 0 (gatherable)
+    class_weight: Tensor | None  # each sample's class weight w[y]
+    loss: Tensor  # -w[y] log softmax[y] per sample, 0 where ignored
+
+
+def softmax_cross_entropy_parts(
+    logits: Tensor, labels: Tensor, class_weight: Tensor | None, ignore_index: int
+) -> SoftmaxParts:
+    """``-w[y] log softmax(logits)[y]`` per sample for int64 indices ``labels`` ([N, ...]); 0 where
+    ``y == ignore_index``."""
+    log_prob = logits.log_softmax(dim=1)
+    valid = labels != ignore_index
+    safe = labels.masked_fill(~valid, 0)
+    loss = -log_prob.gather(1, safe.unsqueeze(1)).squeeze(1)
+    sample_weight = None
+    if class_weight is not None:
+        sample_weight = class_weight[safe]
+        loss = loss * sample_weight
+    return SoftmaxParts(log_prob, valid, safe, sample_weight, loss.masked_fill(~valid, 0))
 
 
 def softmax_cross_entropy(logits: Tensor, labels: Tensor, class_weight: Tensor | None, ignore_index: int) -> Tensor:
@@ -40,17 +79,23 @@ def softmax_cross_entropy(logits: Tensor, labels: Tensor, class_weight: Tensor |
 
     ``labels`` holds int64 indices ([N, ...]) or class probabilities (logits' shape, float).
     """
-    log_prob = logits.log_softmax(dim=1)
-    if labels.is_floating_point():  # class probabilities: -sum_c w_c y_c log p_c
-        if class_weight is not None:
-            log_prob = log_prob * class_weight.view(1, -1, *([1] * (logits.dim() - 2)))
-        return -(labels * log_prob).sum(dim=1)
-    valid = labels != ignore_index
-    safe = labels.masked_fill(~valid, 0)
-    loss = -log_prob.gather(1, safe.unsqueeze(1)).squeeze(1)
+    if not labels.is_floating_point():
+        return softmax_cross_entropy_parts(logits, labels, class_weight, ignore_index).loss
+    log_prob = logits.log_softmax(dim=1)  # class probabilities: -sum_c w_c y_c log p_c
     if class_weight is not None:
-        loss = loss * class_weight[safe]
-    return loss.masked_fill(~valid, 0)
+        log_prob = log_prob * class_weight.view(1, -1, *([1] * (logits.dim() - 2)))
+    return -(labels * log_prob).sum(dim=1)
+
+
+def non_ignored_count(labels: Tensor, ignore_index: int) -> Tensor:
+    """The labels that are not ``ignore_index`` (what ``avg_non_ignore`` averages over), as mmdet counts
+    them: every entry of ``labels``, class probabilities included."""
+    return labels.numel() - (labels == ignore_index).sum()
+
+
+def invalid_labels(labels: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+    """The labels that are neither a class index in [0, num_classes) nor ``ignore_index`` (softmax mode)."""
+    return (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
 
 
 def binary_cross_entropy(logits: Tensor, targets: Tensor, pos_weight: Tensor | None) -> Tensor:
@@ -58,18 +103,17 @@ def binary_cross_entropy(logits: Tensor, targets: Tensor, pos_weight: Tensor | N
     return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=pos_weight, reduction="none")
 
 
-def float32_rounded(values: Tensor, dtype: torch.dtype) -> Tensor:
-    """MMDetection casts cross-entropy weights (and sigmoid-mode labels) to float32; round the same
-    way so float64 results agree bit for bit, but keep the loss in ``dtype``."""
-    return values.float().to(dtype)
-
-
 def _check_softmax_labels(cls_score: Tensor, label: Tensor, ignore_index: int) -> Tensor:
+    expected = cls_score.shape[:1] + cls_score.shape[2:]
     if label.is_floating_point():
-        checks.same_shape("label", label, "cls_score", cls_score)
+        if label.shape != cls_score.shape:
+            raise LossInputError(
+                f"label must hold integer class indices (int64, int32...) of shape {list(expected)}, or class "
+                f"probabilities of the shape of cls_score {list(cls_score.shape)}; got a {checks.describe(label)}",
+                field="label",
+            )
         return label.to(cls_score.dtype)
     label = checks.index_tensor("label", label)
-    expected = cls_score.shape[:1] + cls_score.shape[2:]
     if label.shape != expected:
         raise LossInputError(
             f"label must hold one class index per sample, shape {list(expected)} for cls_score "
@@ -77,7 +121,7 @@ def _check_softmax_labels(cls_score: Tensor, label: Tensor, ignore_index: int) -
             field="label",
         )
     num_classes = cls_score.shape[1]
-    outside = (label != ignore_index) & ((label < 0) | (label >= num_classes))
+    outside = invalid_labels(label, num_classes, ignore_index)
     if bool(outside.any()):
         bad = int(label[outside][0])
         raise LossInputError(
@@ -137,6 +181,14 @@ class CrossEntropyLoss(WeightedLoss):
     output_kind = OutputKind.SAMPLE
     output_variants = {"use_sigmoid=True": OutputKind.ELEMENT, "use_mask=True": OutputKind.SCALAR}
     differentiable = ("cls_score", "label")
+    # copies of cls_score at a forward + backward's peak, per mode: the mask mode works on one channel
+    mode_working_copies: ClassVar[dict[str, float]] = {"softmax": 5.0, "sigmoid": 8.0, "mask": 2.0}
+
+    @classmethod
+    def estimate(cls, params: Mapping[str, Any], shapes: Shapes | None, itemsize: int) -> Estimate:
+        """A multiple of cls_score's bytes, by mode."""
+        mode = "mask" if params["use_mask"] else "sigmoid" if params["use_sigmoid"] else "softmax"
+        return cost.proportional("cls_score", shapes, itemsize, cls.mode_working_copies[mode])
 
     def __init__(
         self,
@@ -184,21 +236,25 @@ class CrossEntropyLoss(WeightedLoss):
         reduction = self.resolve_reduction(reduction_override)
         checks.float_tensor("cls_score", cls_score)
         checks.tensor("label", label)
-        if ignore_index is None:
-            ignore_index = self.ignore_index
         class_weight = None
         if self.class_weight is not None:
             class_weight = cls_score.new_tensor(self.class_weight)
         if self.use_mask:
-            return self._mask(cls_score, label, weight, class_weight, reduction, avg_factor, ignore_index)
-        if ignore_index is None:
-            ignore_index = DEFAULT_IGNORE_INDEX
+            call_ignore_index = self.ignore_index if ignore_index is None else ignore_index
+            return self._mask(cls_score, label, weight, class_weight, reduction, avg_factor, call_ignore_index)
+        ignore_index = self.resolve_ignore_index(ignore_index)
         if self.use_sigmoid:
             return self._sigmoid(cls_score, label, weight, class_weight, reduction, avg_factor, ignore_index)
         return self._softmax(cls_score, label, weight, class_weight, reduction, avg_factor, ignore_index)
 
-    def _averaging_count(self, reduction: str, avg_factor: AvgFactor, count: Tensor) -> AvgFactor:
-        """``avg_non_ignore`` replaces a missing avg_factor by the non-ignored count under 'mean'."""
+    def resolve_ignore_index(self, ignore_index: int | None) -> int:
+        """The call's ignore_index: the forward's, else the config's, else torch's -100."""
+        if ignore_index is None:
+            ignore_index = self.ignore_index
+        return DEFAULT_IGNORE_INDEX if ignore_index is None else ignore_index
+
+    def effective_avg_factor(self, reduction: str, avg_factor: AvgFactor, count: Tensor) -> AvgFactor:
+        """``avg_non_ignore`` replaces a missing avg_factor by the non-ignored ``count`` under 'mean'."""
         if avg_factor is None and self.avg_non_ignore and reduction == "mean":
             return float(count)
         return avg_factor
@@ -218,7 +274,7 @@ class CrossEntropyLoss(WeightedLoss):
         loss = softmax_cross_entropy(cls_score, label, class_weight, ignore_index)
         if weight is not None:
             weight = float32_rounded(checks.tensor("weight", weight), loss.dtype)
-        avg_factor = self._averaging_count(reduction, avg_factor, label.numel() - (label == ignore_index).sum())
+        avg_factor = self.effective_avg_factor(reduction, avg_factor, non_ignored_count(label, ignore_index))
         return self.finish(loss, weight, reduction, avg_factor)
 
     def _sigmoid(self, cls_score, label, weight, class_weight, reduction, avg_factor, ignore_index):
@@ -234,7 +290,7 @@ class CrossEntropyLoss(WeightedLoss):
             checks.broadcasts_to("class_weight", class_weight, "cls_score", cls_score)
         loss = binary_cross_entropy(cls_score, targets, class_weight)
         weight = float32_rounded(weight, loss.dtype)
-        avg_factor = self._averaging_count(reduction, avg_factor, valid_mask.sum())
+        avg_factor = self.effective_avg_factor(reduction, avg_factor, valid_mask.sum())
         return self.finish(loss, weight, reduction, avg_factor)
 
     def _mask(self, cls_score, label, weight, class_weight, reduction, avg_factor, ignore_index):
@@ -271,63 +327,6 @@ class CrossEntropyLoss(WeightedLoss):
         return self.loss_weight * reduce_loss(apply_weight(loss, class_weight), "mean", None)[None]
 
 
-def check_num_classes(owner: str, num_classes: int) -> int:
-    """mmdet's custom losses default ``num_classes`` to -1 and refuse to be built with it."""
-    if num_classes == -1:
-        raise LossConfigError(
-            f"{owner}.num_classes must be set to the number of classes (the default -1 is a placeholder "
-            "mmdet refuses), got -1",
-            field="num_classes",
-        )
-    return num_classes
-
-
-def class_accuracy(cls_score: Tensor, labels: Tensor, num_classes: int) -> Tensor:
-    """Top-1 accuracy in percent over the samples with a foreground label (``label < num_classes``).
-
-    Scores beyond the first ``num_classes`` columns (a background column) are ignored. Without
-    foreground samples the accuracy is a 0-d zero; otherwise a one-element tensor.
-    """
-    checks.tensor("cls_score", cls_score)
-    labels = checks.index_tensor("labels", labels)
-    checks.ndim("cls_score", cls_score, 2, "[N, C] scores")
-    if labels.shape != cls_score.shape[:1]:
-        raise LossInputError(
-            f"labels must have shape [N] = [{cls_score.shape[0]}], got {list(labels.shape)}", field="labels"
-        )
-    foreground = labels < num_classes
-    scores, wanted = cls_score[:, :num_classes][foreground], labels[foreground]
-    if scores.shape[0] == 0:
-        return cls_score.new_tensor(0.0)
-    hits = (scores.argmax(dim=1) == wanted).float().sum(dim=0, keepdim=True)
-    return hits * (100.0 / scores.shape[0])
-
-
-class CustomClassifierMixin:
-    """The V3Det-style classifier hooks of mmdet's ``*CustomLoss`` losses.
-
-    A head whose loss sets ``custom_cls_channels`` asks it for its classifier's width
-    (``get_cls_channels``), turns raw scores into class scores with ``get_activation`` and logs
-    ``get_accuracy``. None of them enters the loss value.
-    """
-
-    custom_cls_channels = True
-    custom_activation = True
-    custom_accuracy = True
-    num_classes: int
-
-    def _check_cls_channels_request(self, num_classes: int) -> None:
-        if num_classes != self.num_classes:
-            raise LossInputError(
-                f"{type(self).__name__} was configured for num_classes={self.num_classes}, asked for {num_classes}",
-                field="num_classes",
-            )
-
-    def get_accuracy(self, cls_score: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        """``{'acc_classes': top-1 accuracy in percent over the foreground samples}``."""
-        return {"acc_classes": class_accuracy(cls_score, labels, self.num_classes)}
-
-
 @LOSSES.register_module()
 class CrossEntropyCustomLoss(CustomClassifierMixin, CrossEntropyLoss):
     """Cross-entropy for classifiers with a custom number of output channels (V3Det's large vocabularies).
@@ -352,7 +351,7 @@ class CrossEntropyCustomLoss(CustomClassifierMixin, CrossEntropyLoss):
         use_sigmoid: bool = False,
         use_mask: bool = False,
         reduction: Reduction = "mean",
-        num_classes: int = -1,
+        num_classes: Count = -1,
         class_weight: list[float] | None = None,
         ignore_index: int | None = None,
         loss_weight: float = 1.0,

@@ -18,9 +18,9 @@ from torch import Tensor
 
 from . import checks
 from .errors import LossConfigError, LossInputError
-from .pipeline import AvgFactor, Reduction, ReductionOverride, WeightedLoss
+from .pipeline import AvgFactor, PairwiseLoss, Reduction, ReductionOverride
 from .registry import LOSSES
-from .schema import OutputKind
+from .schema import NonNegative, OutputKind
 
 
 def dice_loss(prob: Tensor, target: Tensor, eps: float, naive: bool) -> Tensor:
@@ -43,7 +43,7 @@ def dice_loss(prob: Tensor, target: Tensor, eps: float, naive: bool) -> Tensor:
 
 
 @LOSSES.register_module()
-class DiceLoss(WeightedLoss):
+class DiceLoss(PairwiseLoss):
     """Dice loss: ``1 - dice(sigmoid(pred), target)`` per sample, V-Net (squared) or naive form.
 
     Args:
@@ -63,6 +63,7 @@ class DiceLoss(WeightedLoss):
     # cast: for float64 inputs, scaling the float32-rounded gradient-for-ones by the upstream gradient
     # differs from mmdet's (rounded after the scaling) by ~1e-5 relative. The recompute is exact.
     separable = False
+    working_copies = 5.0
 
     def __init__(
         self,
@@ -71,7 +72,7 @@ class DiceLoss(WeightedLoss):
         reduction: Reduction = "mean",
         naive_dice: bool = False,
         loss_weight: float = 1.0,
-        eps: float = 1e-3,
+        eps: NonNegative = 1e-3,
     ) -> None:
         super().__init__(reduction, loss_weight)
         if activate and not use_sigmoid:
@@ -93,8 +94,10 @@ class DiceLoss(WeightedLoss):
         reduction_override: ReductionOverride = None,
         avg_factor: AvgFactor = None,
     ) -> Tensor:
-        reduction = self.resolve_reduction(reduction_override)
-        checks.float_tensor("pred", pred)
+        return self.evaluate(pred, target, weight, avg_factor, reduction_override)
+
+    def prepare(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """Each sample's entries flattened: [N, K] pred and a float32 [N, K] target (mmdet's rounding)."""
         checks.tensor("target", target)
         if pred.dim() < 2:
             raise LossInputError(
@@ -109,6 +112,13 @@ class DiceLoss(WeightedLoss):
                 f"flattened after the first axis (pred {list(pred.shape)}), got {list(target.shape)}",
                 field="target",
             )
+        return flat_pred, target.flatten(1).float()
+
+    def kernel(self, pred: Tensor, target: Tensor) -> Tensor:
+        prob = pred.sigmoid() if self.activate else pred
+        return dice_loss(prob, target, self.eps, self.naive_dice).to(pred.dtype)
+
+    def shape_weight(self, weight: Tensor | None, loss: Tensor, pred: Tensor) -> Tensor | None:
         if weight is not None:
             checks.tensor("weight", weight)
             if weight.shape != pred.shape[:1]:
@@ -116,6 +126,4 @@ class DiceLoss(WeightedLoss):
                     f"weight must have one entry per sample, shape [N] = [{pred.shape[0]}], got {list(weight.shape)}",
                     field="weight",
                 )
-        prob = flat_pred.sigmoid() if self.activate else flat_pred
-        loss = dice_loss(prob, target.flatten(1).float(), self.eps, self.naive_dice).to(pred.dtype)
-        return self.finish(loss, weight, reduction, avg_factor)
+        return weight

@@ -26,18 +26,25 @@ same statistics: there is no all-reduce, and ``use_distributed`` has no effect.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import checks
-from .errors import LossConfigError, LossInputError
+from . import checks, cost
+from .cost import Estimate, Shapes
+from .errors import LossInputError
 from .pipeline import AvgFactor, Reduction, ReductionOverride, WeightedLoss
 from .registry import LOSSES
-from .schema import OutputKind
+from .schema import Count, NonNegative, OutputKind
 
 INITIAL_RATIO = 100.0  # a ratio far above mu: every weight starts at 1
 RATIO_EPS = 1e-10  # keeps pos_grad / neg_grad finite before any negative gradient was seen
+# Bytes per class: three float32 buffers held; a forward's per-class temporaries (the weights' logistic,
+# the statistics' sums and their update) peak at about CLASS_FORWARD_BYTES on top of cls_score's copies.
+CLASS_BUFFER_BYTES, CLASS_FORWARD_BYTES = 12, 16
 
 
 @LOSSES.register_module()
@@ -65,6 +72,21 @@ class EQLV2Loss(WeightedLoss):
 
     output_kind = OutputKind.SCALAR
     differentiable = ("cls_score",)
+    working_copies = 10.0
+
+    @classmethod
+    def estimate(cls, params: Mapping[str, Any], shapes: Shapes | None, itemsize: int) -> Estimate:
+        """Three [C] float32 buffers when built; a forward adds per-class temporaries to its working set."""
+        num_classes = params["num_classes"]
+        base = super().estimate(params, shapes, itemsize)
+        return cost.with_config_terms(
+            base,
+            shapes,
+            num_classes * CLASS_BUFFER_BYTES,
+            num_classes * CLASS_FORWARD_BYTES,
+            10 * num_classes,
+            "num_classes",
+        )
 
     def __init__(
         self,
@@ -72,17 +94,15 @@ class EQLV2Loss(WeightedLoss):
         reduction: Reduction = "mean",
         class_weight: list[float] | None = None,
         loss_weight: float = 1.0,
-        num_classes: int = 1203,
+        num_classes: Count = 1203,
         use_distributed: bool = False,
         mu: float = 0.8,
-        alpha: float = 4.0,
+        alpha: NonNegative = 4.0,
         gamma: float = 12,
         vis_grad: bool = False,
         test_with_obj: bool = True,
     ) -> None:
         super().__init__(reduction, loss_weight)
-        if num_classes < 1:
-            raise LossConfigError(f"EQLV2Loss.num_classes must be >= 1, got {num_classes}", field="num_classes")
         self.use_sigmoid = True
         self.class_weight = None if class_weight is None else list(class_weight)
         self.num_classes = num_classes

@@ -17,17 +17,27 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import checks
-from .cross_entropy import CustomClassifierMixin, check_num_classes
+from .classifier import CustomClassifierMixin, check_num_classes
 from .errors import LossConfigError, LossInputError
-from .pipeline import AvgFactor, Reduction, ReductionOverride, WeightedLoss
+from .pipeline import PairwiseLoss, Reduction
 from .registry import LOSSES
+from .schema import Count, NonNegative, Probability
+
+
+def focal_factor(p_wrong: Tensor, alpha_t: Tensor | float, gamma: float) -> Tensor:
+    """The modulating factor ``alpha_t (1 - p_t)^gamma`` from ``1 - p_t``.
+
+    At a negative (t = 0) ``1 - p_t = p`` and ``alpha_t = 1 - alpha``; at a positive (t = 1)
+    ``1 - p_t = 1 - p`` and ``alpha_t = alpha``.
+    """
+    return alpha_t * p_wrong.pow(gamma)
 
 
 def _focal_term(prob: Tensor, target: Tensor, gamma: float, alpha: float) -> Tensor:
-    """``alpha_t (1 - p_t)^gamma``, differentiable in both arguments."""
+    """``alpha_t (1 - p_t)^gamma`` for any target in [0, 1], differentiable in both arguments."""
     p_wrong = (1 - prob) * target + prob * (1 - target)  # 1 - p_t
     alpha_t = alpha * target + (1 - alpha) * (1 - target)
-    return alpha_t * p_wrong.pow(gamma)
+    return focal_factor(p_wrong, alpha_t, gamma)
 
 
 def sigmoid_focal_loss(logits: Tensor, target: Tensor, gamma: float, alpha: float) -> Tensor:
@@ -60,6 +70,18 @@ def one_hot_targets(pred: Tensor, target: Tensor) -> Tensor:
     return F.one_hot(labels, num_classes + 1)[:, :num_classes].to(pred.dtype)
 
 
+def dense_targets(pred: Tensor, target: Tensor) -> Tensor:
+    """A target of pred's shape: one-hot or soft, in [0, 1] (class indices there would be nonsense)."""
+    checks.same_shape("target", target, "pred", pred)
+    checks.unit_interval(
+        "target",
+        target,
+        "one-hot or soft targets in [0, 1] when it has pred's shape (class indices take a target of shape "
+        "[N] for pred [N, C])",
+    )
+    return target.to(pred.dtype)
+
+
 def reshape_focal_weight(weight: Tensor, loss: Tensor) -> Tensor:
     """mmdet's weight rule for focal losses: [N] -> [N, 1]; [N * C] -> [N, C]."""
     checks.tensor("weight", weight)
@@ -79,8 +101,23 @@ def reshape_focal_weight(weight: Tensor, loss: Tensor) -> Tensor:
     return weight
 
 
+class _SigmoidFocal(PairwiseLoss):
+    """What FocalLoss and FocalCustomLoss share: the use_sigmoid rule and mmdet's focal weight rule."""
+
+    working_copies = 15.0
+
+    def check_sigmoid(self, use_sigmoid: bool) -> None:
+        if use_sigmoid is not True:
+            raise LossConfigError(
+                f"{type(self).__name__}.use_sigmoid must be True: only sigmoid focal loss exists", field="use_sigmoid"
+            )
+
+    def shape_weight(self, weight: Tensor | None, loss: Tensor, pred: Tensor) -> Tensor | None:
+        return None if weight is None else reshape_focal_weight(weight, loss)
+
+
 @LOSSES.register_module()
-class FocalLoss(WeightedLoss):
+class FocalLoss(_SigmoidFocal):
     """Sigmoid focal loss: binary cross-entropy down-weighted by ``alpha_t (1 - p_t)^gamma``.
 
     Args:
@@ -97,50 +134,34 @@ class FocalLoss(WeightedLoss):
     def __init__(
         self,
         use_sigmoid: bool = True,
-        gamma: float = 2.0,
-        alpha: float = 0.25,
+        gamma: NonNegative = 2.0,
+        alpha: Probability = 0.25,
         reduction: Reduction = "mean",
         loss_weight: float = 1.0,
         activated: bool = False,
     ) -> None:
         super().__init__(reduction, loss_weight)
-        if use_sigmoid is not True:
-            raise LossConfigError(
-                "FocalLoss.use_sigmoid must be True: only sigmoid focal loss exists", field="use_sigmoid"
-            )
+        self.check_sigmoid(use_sigmoid)
         self.use_sigmoid = use_sigmoid
         self.gamma = gamma
         self.alpha = alpha
         self.activated = activated
 
-    def forward(
-        self,
-        pred: Tensor,
-        target: Tensor,
-        weight: Tensor | None = None,
-        avg_factor: AvgFactor = None,
-        reduction_override: ReductionOverride = None,
-    ) -> Tensor:
-        reduction = self.resolve_reduction(reduction_override)
-        checks.float_tensor("pred", pred)
+    def prepare(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         checks.tensor("target", target)
-        if pred.dim() != target.dim():
-            target = one_hot_targets(pred, target)
-        else:
-            checks.same_shape("target", target, "pred", pred)
-            target = target.to(pred.dtype)
+        target = one_hot_targets(pred, target) if pred.dim() != target.dim() else dense_targets(pred, target)
         if self.activated:
             checks.probabilities("pred", pred)
-            loss = focal_loss_with_prob(pred, target, self.gamma, self.alpha)
-        else:
-            loss = sigmoid_focal_loss(pred, target, self.gamma, self.alpha)
-        if weight is not None:
-            weight = reshape_focal_weight(weight, loss)
-        return self.finish(loss, weight, reduction, avg_factor)
+        return pred, target
+
+    def kernel(self, pred: Tensor, target: Tensor) -> Tensor:
+        if self.activated:
+            return focal_loss_with_prob(pred, target, self.gamma, self.alpha)
+        return sigmoid_focal_loss(pred, target, self.gamma, self.alpha)
 
 
 @LOSSES.register_module()
-class FocalCustomLoss(CustomClassifierMixin, WeightedLoss):
+class FocalCustomLoss(CustomClassifierMixin, _SigmoidFocal):
     """Sigmoid focal loss for classifiers with a custom number of output channels (V3Det).
 
     The loss is FocalLoss's on logits with class-index targets; ``num_classes`` sizes the classifier
@@ -161,18 +182,15 @@ class FocalCustomLoss(CustomClassifierMixin, WeightedLoss):
     def __init__(
         self,
         use_sigmoid: bool = True,
-        num_classes: int = -1,
-        gamma: float = 2.0,
-        alpha: float = 0.25,
+        num_classes: Count = -1,
+        gamma: NonNegative = 2.0,
+        alpha: Probability = 0.25,
         reduction: Reduction = "mean",
         loss_weight: float = 1.0,
         activated: bool = False,
     ) -> None:
         super().__init__(reduction, loss_weight)
-        if use_sigmoid is not True:
-            raise LossConfigError(
-                "FocalCustomLoss.use_sigmoid must be True: only sigmoid focal loss exists", field="use_sigmoid"
-            )
+        self.check_sigmoid(use_sigmoid)
         self.use_sigmoid = use_sigmoid
         self.num_classes = check_num_classes("FocalCustomLoss", num_classes)
         self.gamma = gamma
@@ -188,18 +206,9 @@ class FocalCustomLoss(CustomClassifierMixin, WeightedLoss):
         """[N, C] per-class sigmoid scores of the first ``num_classes`` columns."""
         return cls_score[:, : self.num_classes].sigmoid()
 
-    def forward(
-        self,
-        pred: Tensor,
-        target: Tensor,
-        weight: Tensor | None = None,
-        avg_factor: AvgFactor = None,
-        reduction_override: ReductionOverride = None,
-    ) -> Tensor:
-        reduction = self.resolve_reduction(reduction_override)
-        checks.float_tensor("pred", pred)
+    def prepare(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         checks.tensor("target", target)
-        loss = sigmoid_focal_loss(pred, one_hot_targets(pred, target), self.gamma, self.alpha)
-        if weight is not None:
-            weight = reshape_focal_weight(weight, loss)
-        return self.finish(loss, weight, reduction, avg_factor)
+        return pred, one_hot_targets(pred, target)
+
+    def kernel(self, pred: Tensor, target: Tensor) -> Tensor:
+        return sigmoid_focal_loss(pred, target, self.gamma, self.alpha)

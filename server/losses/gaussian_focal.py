@@ -23,6 +23,7 @@ from . import checks
 from .errors import LossInputError
 from .pipeline import AvgFactor, Reduction, ReductionOverride, WeightedLoss, reduce_loss
 from .registry import LOSSES
+from .schema import NonNegative
 
 EPS = 1e-12  # inside both logarithms, as in mmdet
 
@@ -71,12 +72,7 @@ def _positive_rows(pred: Tensor, pos_inds: Tensor) -> Tensor:
 
 def check_heatmap(pred: Tensor) -> None:
     """Probabilities in [0, 1]: outside it mmdet's logarithms give NaN."""
-    if pred.numel() and not bool(((pred >= 0) & (pred <= 1)).all()):
-        lo, hi = float(pred.detach().min()), float(pred.detach().max())
-        raise LossInputError(
-            f"pred must hold heatmap probabilities in [0, 1] (after a sigmoid), got values in [{lo:g}, {hi:g}]",
-            field="pred",
-        )
+    checks.unit_interval("pred", pred, "heatmap probabilities in [0, 1] (after a sigmoid)")
 
 
 @LOSSES.register_module()
@@ -98,11 +94,12 @@ class GaussianFocalLoss(WeightedLoss):
     """
 
     differentiable = ("pred", "target")
+    working_copies = 17.0
 
     def __init__(
         self,
-        alpha: float = 2.0,
-        gamma: float = 4.0,
+        alpha: NonNegative = 2.0,
+        gamma: NonNegative = 4.0,
         reduction: Reduction = "mean",
         loss_weight: float = 1.0,
         pos_weight: float = 1.0,

@@ -20,9 +20,14 @@ from torch import Tensor
 
 from . import checks
 from .errors import LossConfigError, LossInputError
-from .pipeline import AvgFactor, Reduction, ReductionOverride, WeightedLoss
+from .pipeline import AvgFactor, PairwiseLoss, Reduction, ReductionOverride
 from .registry import LOSSES
-from .schema import OutputKind
+from .schema import NonNegative, OutputKind
+
+
+def quality_factor(modulator: Tensor, beta: float) -> Tensor:
+    """QFL's modulating factor ``m^beta``: ``m = |y - p|`` at a positive, ``m = p`` at a negative."""
+    return modulator.pow(beta)
 
 
 def quality_focal_loss(pred: Tensor, soft_target: Tensor, positive: Tensor, beta: float, activated: bool) -> Tensor:
@@ -39,7 +44,7 @@ def quality_focal_loss(pred: Tensor, soft_target: Tensor, positive: Tensor, beta
         prob = pred.sigmoid()
         bce = F.binary_cross_entropy_with_logits(pred, soft_target, reduction="none")
     scale = torch.where(positive, (soft_target - prob).abs(), prob)
-    return (bce * scale.pow(beta)).sum(dim=1)
+    return (bce * quality_factor(scale, beta)).sum(dim=1)
 
 
 def dense_quality_target(pred: Tensor, target: tuple[Tensor, ...] | list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -60,7 +65,7 @@ def dense_quality_target(pred: Tensor, target: tuple[Tensor, ...] | list[Tensor]
 
 
 @LOSSES.register_module()
-class QualityFocalLoss(WeightedLoss):
+class QualityFocalLoss(PairwiseLoss):
     """Quality Focal Loss: a joint classification-IoU score learned with a focal modulation.
 
     Args:
@@ -73,11 +78,12 @@ class QualityFocalLoss(WeightedLoss):
 
     output_kind = OutputKind.SAMPLE
     differentiable = ("pred", "target")
+    working_copies = 14.0
 
     def __init__(
         self,
         use_sigmoid: bool = True,
-        beta: float = 2.0,
+        beta: NonNegative = 2.0,
         reduction: Reduction = "mean",
         loss_weight: float = 1.0,
         activated: bool = False,
@@ -99,22 +105,26 @@ class QualityFocalLoss(WeightedLoss):
         avg_factor: AvgFactor = None,
         reduction_override: ReductionOverride = None,
     ) -> Tensor:
-        reduction = self.resolve_reduction(reduction_override)
-        checks.float_tensor("pred", pred)
+        return self.evaluate(pred, target, weight, avg_factor, reduction_override)
+
+    def prepare(self, pred: Tensor, target: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """(pred, (the dense soft target, the mask of its positive entries))."""
         if isinstance(target, Tensor):
             checks.same_shape("target", target, "pred", pred)
-            soft_target = target.to(pred.dtype)
-            positive = target != 0
+            dense = (target.to(pred.dtype), target != 0)
         elif isinstance(target, (tuple, list)):
-            soft_target, positive = dense_quality_target(pred, target)
+            dense = dense_quality_target(pred, target)
         else:
             raise LossInputError(
                 f"target must be a tensor or a (label, score) tuple, got {checks.describe(target)}", field="target"
             )
         if self.activated:
             checks.probabilities("pred", pred)
-        loss = quality_focal_loss(pred, soft_target, positive, self.beta, self.activated)
-        return self.finish(loss, weight, reduction, avg_factor)
+        return pred, dense
+
+    def kernel(self, pred: Tensor, target: tuple[Tensor, Tensor]) -> Tensor:
+        soft_target, positive = target
+        return quality_focal_loss(pred, soft_target, positive, self.beta, self.activated)
 
 
 def distribution_focal_loss(pred: Tensor, target: Tensor) -> Tensor:
@@ -131,7 +141,7 @@ def distribution_focal_loss(pred: Tensor, target: Tensor) -> Tensor:
 
 
 @LOSSES.register_module()
-class DistributionFocalLoss(WeightedLoss):
+class DistributionFocalLoss(PairwiseLoss):
     """Distribution Focal Loss: learns a discretised distribution of box-side distances.
 
     Args:
@@ -141,20 +151,12 @@ class DistributionFocalLoss(WeightedLoss):
 
     output_kind = OutputKind.SAMPLE
     differentiable = ("pred", "target")
+    working_copies = 6.0
 
     def __init__(self, reduction: Reduction = "mean", loss_weight: float = 1.0) -> None:
         super().__init__(reduction, loss_weight)
 
-    def forward(
-        self,
-        pred: Tensor,
-        target: Tensor,
-        weight: Tensor | None = None,
-        avg_factor: AvgFactor = None,
-        reduction_override: ReductionOverride = None,
-    ) -> Tensor:
-        reduction = self.resolve_reduction(reduction_override)
-        checks.float_tensor("pred", pred)
+    def prepare(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         checks.float_tensor("target", target)
         checks.ndim("pred", pred, 2, "[N, n + 1] logits over the distance bins")
         if target.shape != pred.shape[:1]:
@@ -170,4 +172,7 @@ class DistributionFocalLoss(WeightedLoss):
                 f"columns), got values in [{float(target.detach().min())}, {float(target.detach().max())}]",
                 field="target",
             )
-        return self.finish(distribution_focal_loss(pred, target), weight, reduction, avg_factor)
+        return pred, target
+
+    def kernel(self, pred: Tensor, target: Tensor) -> Tensor:
+        return distribution_focal_loss(pred, target)

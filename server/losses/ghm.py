@@ -30,30 +30,44 @@ float32-rounded (the weighted loss is float64 again); losswire keeps that.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import checks
+from . import checks, cost
+from .cost import Estimate, Shapes
 from .errors import LossConfigError, LossInputError
 from .pipeline import AvgFactor, Reduction, ReductionOverride, WeightedLoss
 from .registry import LOSSES
-from .smooth_l1 import check_regression_pair
+from .schema import Count, Momentum, Positive
+
+# Bytes per bin: building holds the float32 edges (and arange's float32 before the division, at the peak)
+# and, with momentum, the float32 acc_sum; a forward's per-bin temporaries (int64 counts, a float64 and two
+# float32 per-bin weights, the momentum update's) peak at about BIN_FORWARD_BYTES (26.5 measured, 25M bins).
+BIN_BUILD_BYTES, BIN_MOMENTUM_BYTES, BIN_FORWARD_BYTES = 8, 4, 36
 
 
 class HarmonizedLoss(WeightedLoss):
     """Bins, momentum and the per-bin weights shared by GHMC and GHMR."""
 
     stateful = True  # with momentum > 0: the moving average of the bin counts
+    working_copies = 18.0
+
+    @classmethod
+    def estimate(cls, params: Mapping[str, Any], shapes: Shapes | None, itemsize: int) -> Estimate:
+        """The bins' buffers (module) and temporaries (forward), besides the element-wise working set."""
+        bins = params["bins"]
+        module_bytes = (bins + 1) * BIN_BUILD_BYTES + (bins * BIN_MOMENTUM_BYTES if params["momentum"] > 0 else 0)
+        base = super().estimate(params, shapes, itemsize)
+        return cost.with_config_terms(base, shapes, module_bytes, bins * BIN_FORWARD_BYTES, 10 * bins, "bins")
 
     def keeps_state(self) -> bool:
         return self.momentum > 0
 
     def setup_bins(self, bins: int, momentum: float, top_edge: float, bump: bool) -> None:
-        if bins < 1:
-            raise LossConfigError(f"{type(self).__name__}.bins must be >= 1, got {bins!r}", field="bins")
         self.bins = bins
         self.momentum = momentum
         edges = torch.arange(bins + 1, dtype=torch.float32) / bins
@@ -136,8 +150,8 @@ class GHMC(HarmonizedLoss):
 
     def __init__(
         self,
-        bins: int = 10,
-        momentum: float = 0.0,
+        bins: Count = 10,
+        momentum: Momentum = 0.0,
         use_sigmoid: bool = True,
         loss_weight: float = 1.0,
         reduction: Reduction = "mean",
@@ -195,9 +209,9 @@ class GHMR(HarmonizedLoss):
 
     def __init__(
         self,
-        mu: float = 0.02,
-        bins: int = 10,
-        momentum: float = 0.0,
+        mu: Positive = 0.02,
+        bins: Count = 10,
+        momentum: Momentum = 0.0,
         loss_weight: float = 1.0,
         reduction: Reduction = "mean",
     ) -> None:
@@ -214,7 +228,7 @@ class GHMR(HarmonizedLoss):
         reduction_override: ReductionOverride = None,
     ) -> Tensor:
         reduction = self.resolve_reduction(reduction_override)
-        check_regression_pair(pred, target)
+        checks.regression_pair(pred, target)
         checks.tensor("label_weight", label_weight)
         checks.broadcasts_to("label_weight", label_weight, "pred", pred)
         self.refuse_sum(reduction, reduction_override)

@@ -24,65 +24,25 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from . import checks
-from .errors import LossConfigError, LossInputError
-from .pipeline import AvgFactor, Reduction, ReductionOverride, WeightedLoss, zero_weight_shortcut
+from .boxes import (
+    aligned_iou,
+    area,
+    box_weight,
+    check_box_rows,
+    check_boxes,
+    check_coordinate_weight,
+    clamp_min,
+    double_centre_offset,
+    enclosing_sides,
+    enclosing_wh,
+    iou_eps_union,
+    overlap_sides,
+    sizes,
+)
+from .errors import LossConfigError
+from .pipeline import PairwiseLoss, Reduction
 from .registry import LOSSES
-from .schema import OutputKind
-
-# The union's floor inside the overlap computation; IoULoss's own ``eps`` clamps the IoU instead.
-OVERLAP_EPS = 1e-6
-
-
-class BoxOverlap(NamedTuple):
-    overlap: Tensor  # intersection area
-    union: Tensor  # area1 + area2 - overlap, floored at eps
-
-
-def _area(boxes: Tensor) -> Tensor:
-    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
-
-
-def _clamp_min(x: Tensor, low: float) -> Tensor:
-    # float16 on CPU lacks some clamp kernels in older torch; clamping in float32 is exact.
-    if x.dtype == torch.float16 and not x.is_cuda:
-        return x.float().clamp(min=low).half()
-    return x.clamp(min=low)
-
-
-def _overlap_wh(pred: Tensor, target: Tensor) -> Tensor:
-    """Width and height of each pair's intersection, [..., N, 2]; zero where the boxes are apart."""
-    top_left = torch.maximum(pred[..., :2], target[..., :2])
-    bottom_right = torch.minimum(pred[..., 2:], target[..., 2:])
-    return _clamp_min(bottom_right - top_left, 0.0)
-
-
-def _enclosing_wh(pred: Tensor, target: Tensor, low: float) -> Tensor:
-    """Width and height of the smallest box enclosing each pair, [..., N, 2], at least ``low``."""
-    extent = torch.maximum(pred[..., 2:], target[..., 2:]) - torch.minimum(pred[..., :2], target[..., :2])
-    return _clamp_min(extent, low)
-
-
-def aligned_overlap(pred: Tensor, target: Tensor, eps: float) -> BoxOverlap:
-    """Intersection and union of each pair ``pred[i]``, ``target[i]``."""
-    wh = _overlap_wh(pred, target)
-    overlap = wh[..., 0] * wh[..., 1]
-    union = _area(pred) + _area(target) - overlap
-    return BoxOverlap(overlap, torch.clamp(union, min=eps))
-
-
-def aligned_iou(pred: Tensor, target: Tensor, eps: float = OVERLAP_EPS) -> Tensor:
-    """IoU of each pair, [..., N, 4] x [..., N, 4] -> [..., N]."""
-    overlap, union = aligned_overlap(pred, target, eps)
-    return overlap / union
-
-
-def aligned_giou(pred: Tensor, target: Tensor, eps: float) -> Tensor:
-    """GIoU = IoU - (|C| - |union|) / |C|, with C the smallest box enclosing both."""
-    overlap, union = aligned_overlap(pred, target, eps)
-    enclose_wh = _enclosing_wh(pred, target, 0.0)
-    enclose = torch.clamp(enclose_wh[..., 0] * enclose_wh[..., 1], min=eps)
-    return overlap / union - (enclose - union) / enclose
+from .schema import NonNegative, OutputKind, Positive
 
 
 def iou_loss(pred: Tensor, target: Tensor, mode: str, eps: float) -> Tensor:
@@ -95,9 +55,37 @@ def iou_loss(pred: Tensor, target: Tensor, mode: str, eps: float) -> Tensor:
     return -ious.log()
 
 
-def giou_loss(pred: Tensor, target: Tensor, eps: float) -> Tensor:
-    """Per box: ``1 - GIoU``, in [0, 2]."""
-    return 1 - aligned_giou(pred, target, eps)
+class GIoUParts(NamedTuple):
+    """GIoU's forward, step by step: what its fused kernel's backward reads, and the loss."""
+
+    overlap_raw: Tensor  # intersection sides before the clamp at 0, [..., N, 2]
+    overlap_wh: Tensor  # ... after it
+    overlap: Tensor  # intersection area I
+    union_raw: Tensor  # A_p + A_t - I
+    union: Tensor  # ... floored at eps: U
+    enclose_raw_wh: Tensor  # enclosing box's sides before the clamp at 0, [..., N, 2]
+    enclose_wh: Tensor  # ... after it
+    enclose_raw: Tensor  # enclosing area
+    enclose: Tensor  # ... floored at eps: E
+    loss: Tensor  # 1 - (I / U - (E - U) / E), per box
+
+
+def giou_parts(pred: Tensor, target: Tensor, eps: float) -> GIoUParts:
+    """``1 - GIoU`` per box, in [0, 2], with ``GIoU = IoU - (|C| - |union|) / |C|`` and C the smallest box
+    enclosing both; the union and ``|C|`` are floored at ``eps``."""
+    overlap_raw = overlap_sides(pred, target)
+    overlap_wh = clamp_min(overlap_raw, 0.0)
+    overlap = overlap_wh[..., 0] * overlap_wh[..., 1]
+    union_raw = area(pred) + area(target) - overlap
+    union = torch.clamp(union_raw, min=eps)
+    enclose_raw_wh = enclosing_sides(pred, target)
+    enclose_wh = clamp_min(enclose_raw_wh, 0.0)
+    enclose_raw = enclose_wh[..., 0] * enclose_wh[..., 1]
+    enclose = torch.clamp(enclose_raw, min=eps)
+    loss = 1 - (overlap / union - (enclose - union) / enclose)
+    return GIoUParts(
+        overlap_raw, overlap_wh, overlap, union_raw, union, enclose_raw_wh, enclose_wh, enclose_raw, enclose, loss
+    )
 
 
 # -- the distance/shape-aware family (Bounded IoU, DIoU, CIoU, EIoU, SIoU) --------------------------
@@ -110,29 +98,11 @@ ASPECT_SCALE = 4 / math.pi**2
 SIN_45 = math.sqrt(2) / 2
 
 
-def iou_eps_union(pred: Tensor, target: Tensor, eps: float) -> Tensor:
-    """IoU of each pair, [N, 4] x [N, 4] -> [N], as ``overlap / (union + eps)``."""
-    wh = _overlap_wh(pred, target)
-    overlap = wh[..., 0] * wh[..., 1]
-    return overlap / (_area(pred) + _area(target) - overlap + eps)
-
-
-def _double_centre_offset(pred: Tensor, target: Tensor) -> Tensor:
-    """Twice the offset from pred's centre to target's, (dx, dy) [N, 2]: ``(t1 + t2) - (p1 + p2)``."""
-    return (target[..., :2] + target[..., 2:]) - (pred[..., :2] + pred[..., 2:])
-
-
-def _sizes(boxes: Tensor, eps: float) -> Tensor:
-    """(w, h + eps) of each box, [N, 2]."""
-    wh = boxes[..., 2:] - boxes[..., :2]
-    return torch.stack([wh[..., 0], wh[..., 1] + eps], dim=-1)
-
-
 def centre_distance_penalty(pred: Tensor, target: Tensor, eps: float) -> Tensor:
     """``rho^2 / c^2``: squared distance of the centres over the squared diagonal of the enclosing box
     (plus ``eps``), [N]. Zero for concentric boxes, tends to 1 for centres far apart."""
-    rho2 = _double_centre_offset(pred, target).square().sum(dim=-1) / 4
-    c2 = _enclosing_wh(pred, target, 0.0).square().sum(dim=-1) + eps
+    rho2 = double_centre_offset(pred, target).square().sum(dim=-1) / 4
+    c2 = enclosing_wh(pred, target, 0.0).square().sum(dim=-1) + eps
     return rho2 / c2
 
 
@@ -168,7 +138,7 @@ def ciou_loss(pred: Tensor, target: Tensor, eps: float) -> Tensor:
     tensor, so half-precision boxes are finished in float32; the result is cast back to pred's dtype.
     """
     iou = iou_eps_union(pred, target, eps)
-    pred_size, target_size = _sizes(pred, eps), _sizes(target, eps)
+    pred_size, target_size = sizes(pred, eps), sizes(target, eps)
     angle_gap = torch.atan(target_size[..., 0] / target_size[..., 1]) - torch.atan(
         pred_size[..., 0] / pred_size[..., 1]
     )
@@ -199,7 +169,7 @@ def eiou_loss(pred: Tensor, target: Tensor, smooth_point: float, eps: float) -> 
         - near[..., 0] * high[..., 1]
         - high[..., 0] * near[..., 1]
     )
-    gap = 1 - extended / (_area(pred) + _area(target) - extended + eps)
+    gap = 1 - extended / (area(pred) + area(target) - extended + eps)
     quadratic = (gap < smooth_point).detach().to(torch.float32)
     loss = 0.5 * quadratic * gap.square() / smooth_point + (1 - quadratic) * (gap - 0.5 * smooth_point)
     return loss.to(pred.dtype)
@@ -215,8 +185,8 @@ def siou_loss(pred: Tensor, target: Tensor, eps: float, neg_gamma: bool) -> Tens
     width and height (+ eps).
     """
     iou = iou_eps_union(pred, target, eps)
-    enclose = _enclosing_wh(pred, target, eps)
-    offset = _double_centre_offset(pred, target) * 0.5 + eps
+    enclose = enclosing_wh(pred, target, eps)
+    offset = double_centre_offset(pred, target) * 0.5 + eps
     length = offset.square().sum(dim=-1).sqrt()
     sin_x, sin_y = offset[..., 0].abs() / length, offset[..., 1].abs() / length
     # sin(2a) is symmetric about 45 degrees: the switch changes no value, it keeps asin away from 1
@@ -225,62 +195,32 @@ def siou_loss(pred: Tensor, target: Tensor, eps: float, neg_gamma: bool) -> Tens
     gamma = angle_cost - 2 if neg_gamma else 2 - angle_cost
     rho = (offset / enclose).square()
     distance_cost = 2 - torch.exp(gamma * rho[..., 0]) - torch.exp(gamma * rho[..., 1])
-    pred_size, target_size = _sizes(pred, eps), _sizes(target, eps)
+    pred_size, target_size = sizes(pred, eps), sizes(target, eps)
     omega = (pred_size - target_size).abs() / torch.maximum(pred_size, target_size)
     shape_cost = (1 - torch.exp(-omega)).pow(4).sum(dim=-1)
     siou = iou - 0.5 * (distance_cost + shape_cost)
     return 1 - siou.clamp(min=-1.0, max=1.0)
 
 
-def check_boxes(pred: Tensor, target: Tensor) -> None:
-    checks.float_tensor("pred", pred)
-    checks.tensor("target", target)
-    if pred.dim() < 2 or pred.shape[-1] != 4:
-        raise LossInputError(f"pred must be [N, 4] boxes (x1, y1, x2, y2), got shape {list(pred.shape)}", field="pred")
-    checks.same_shape("target", target, "pred", pred)
+class _PerBoxLoss(PairwiseLoss):
+    """One loss per box: [N, 4] pairs (IoU and GIoU also [..., N, 4]), mmdet's zero-weight shortcut,
+    and an [N, 4] weight averaged over the coordinates."""
 
+    output_kind = OutputKind.SAMPLE
+    sample_axis = -1  # one loss per box: the 4 coordinates are reduced
+    differentiable = ("pred", "target")
+    weight_shortcut = "always"
 
-def box_weight(weight: Tensor | None, pred: Tensor) -> Tensor | None:
-    """[N] stays; [N, 4] (pred's shape) is averaged over the coordinates, as mmdet does."""
-    if weight is None or weight.dim() <= 1:
-        return weight
-    checks.same_shape("weight", weight, "pred", pred)
-    return weight.mean(dim=-1)
+    def prepare(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        check_box_rows(type(self).__name__, pred, target)
+        return pred, target
 
-
-def check_box_rows(loss: str, pred: Tensor, target: Tensor) -> None:
-    """[N, 4] boxes, exactly 2-D: mmdet indexes these losses' coordinates as columns of a matrix, so
-    batched [B, N, 4] boxes crash it or, for N = 4, silently mix coordinates of different boxes."""
-    checks.float_tensor("pred", pred)
-    checks.tensor("target", target)
-    if pred.dim() != 2 or pred.shape[-1] != 4:
-        raise LossInputError(
-            f"{loss} takes pred as 2-D [N, 4] boxes (x1, y1, x2, y2) (flatten batched boxes to [N, 4]), "
-            f"got shape {list(pred.shape)}",
-            field="pred",
-        )
-    checks.same_shape("target", target, "pred", pred)
-
-
-def check_coordinate_weight(loss: str, weight: Tensor | None, pred: Tensor) -> None:
-    """A weight for a per-coordinate [N, 4] loss: it must broadcast to pred's shape."""
-    if weight is None:
-        return
-    checks.tensor("weight", weight)
-    try:
-        shape = torch.broadcast_shapes(weight.shape, pred.shape)
-    except RuntimeError:
-        shape = None
-    if shape != pred.shape:
-        raise LossInputError(
-            f"{loss} returns one loss per coordinate {list(pred.shape)}: weight must be [N, 4] or [N, 1] "
-            f"(broadcastable to it), got shape {list(weight.shape)}",
-            field="weight",
-        )
+    def shape_weight(self, weight: Tensor | None, loss: Tensor, pred: Tensor) -> Tensor | None:
+        return box_weight(weight, pred)
 
 
 @LOSSES.register_module()
-class IoULoss(WeightedLoss):
+class IoULoss(_PerBoxLoss):
     """IoU loss between predicted and target boxes.
 
     Args:
@@ -294,14 +234,13 @@ class IoULoss(WeightedLoss):
     ``(pred * weight).sum()`` as MMDetection does.
     """
 
-    output_kind = OutputKind.SAMPLE
-    sample_axis = -1  # one loss per box: the 4 coordinates are reduced
-    differentiable = ("pred", "target")
+    weight_shortcut = "reduced"
+    working_copies = 6.0
 
     def __init__(
         self,
         linear: bool = False,
-        eps: float = 1e-6,
+        eps: Positive = 1e-6,
         reduction: Reduction = "mean",
         loss_weight: float = 1.0,
         mode: Literal["linear", "square", "log"] = "log",
@@ -315,27 +254,16 @@ class IoULoss(WeightedLoss):
         self.mode = "linear" if linear else mode
         self.eps = eps
 
-    def forward(
-        self,
-        pred: Tensor,
-        target: Tensor,
-        weight: Tensor | None = None,
-        avg_factor: AvgFactor = None,
-        reduction_override: ReductionOverride = None,
-    ) -> Tensor:
-        reduction = self.resolve_reduction(reduction_override)
-        checks.float_tensor("pred", pred)
-        if reduction != "none":
-            shortcut = zero_weight_shortcut(pred, weight)
-            if shortcut is not None:
-                return shortcut
+    def prepare(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         check_boxes(pred, target)
-        weight = box_weight(weight, pred)
-        return self.finish(iou_loss(pred, target, self.mode, self.eps), weight, reduction, avg_factor)
+        return pred, target
+
+    def kernel(self, pred: Tensor, target: Tensor) -> Tensor:
+        return iou_loss(pred, target, self.mode, self.eps)
 
 
 @LOSSES.register_module()
-class GIoULoss(WeightedLoss):
+class GIoULoss(_PerBoxLoss):
     """Generalized IoU loss ``1 - GIoU``: informative even for boxes that do not overlap.
 
     Args:
@@ -347,67 +275,32 @@ class GIoULoss(WeightedLoss):
     reduction, as MMDetection does.
     """
 
-    output_kind = OutputKind.SAMPLE
-    sample_axis = -1  # one loss per box: the 4 coordinates are reduced
-    differentiable = ("pred", "target")
+    working_copies = 8.0
 
-    def __init__(self, eps: float = 1e-6, reduction: Reduction = "mean", loss_weight: float = 1.0) -> None:
+    def __init__(self, eps: NonNegative = 1e-6, reduction: Reduction = "mean", loss_weight: float = 1.0) -> None:
         super().__init__(reduction, loss_weight)
         self.eps = eps
 
-    def forward(
-        self,
-        pred: Tensor,
-        target: Tensor,
-        weight: Tensor | None = None,
-        avg_factor: AvgFactor = None,
-        reduction_override: ReductionOverride = None,
-    ) -> Tensor:
-        reduction = self.resolve_reduction(reduction_override)
-        checks.float_tensor("pred", pred)
-        shortcut = zero_weight_shortcut(pred, weight)
-        if shortcut is not None:
-            return shortcut
+    def prepare(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         check_boxes(pred, target)
-        weight = box_weight(weight, pred)
-        return self.finish(giou_loss(pred, target, self.eps), weight, reduction, avg_factor)
+        return pred, target
+
+    def kernel(self, pred: Tensor, target: Tensor) -> Tensor:
+        return giou_parts(pred, target, self.eps).loss
 
 
-class _BoxPairLoss(WeightedLoss):
-    """The forward shared by the per-box losses below: mmdet's zero-weight shortcut (any reduction),
-    [N, 4] boxes, an [N, 4] weight averaged over the coordinates, then the pipeline."""
+class _EpsBoxLoss(_PerBoxLoss):
+    """The per-box losses whose ``eps`` is added to the union (DIoU, CIoU, EIoU, SIoU): 2-D [N, 4] boxes."""
 
-    output_kind = OutputKind.SAMPLE
-    sample_axis = -1  # one loss per box: the 4 coordinates are reduced
-    differentiable = ("pred", "target")
+    working_copies = 9.0
 
-    def __init__(self, eps: float = 1e-6, reduction: Reduction = "mean", loss_weight: float = 1.0) -> None:
+    def __init__(self, eps: NonNegative = 1e-6, reduction: Reduction = "mean", loss_weight: float = 1.0) -> None:
         super().__init__(reduction, loss_weight)
         self.eps = eps
-
-    def forward(
-        self,
-        pred: Tensor,
-        target: Tensor,
-        weight: Tensor | None = None,
-        avg_factor: AvgFactor = None,
-        reduction_override: ReductionOverride = None,
-    ) -> Tensor:
-        reduction = self.resolve_reduction(reduction_override)
-        checks.float_tensor("pred", pred)
-        shortcut = zero_weight_shortcut(pred, weight)
-        if shortcut is not None:
-            return shortcut
-        check_box_rows(type(self).__name__, pred, target)
-        weight = box_weight(weight, pred)
-        return self.finish(self.box_loss(pred, target), weight, reduction, avg_factor)
-
-    def box_loss(self, pred: Tensor, target: Tensor) -> Tensor:
-        raise NotImplementedError
 
 
 @LOSSES.register_module()
-class BoundedIoULoss(WeightedLoss):
+class BoundedIoULoss(PairwiseLoss):
     """Bounded IoU loss: smooth-L1 of four per-coordinate upper bounds of ``1 - IoU``.
 
     Each coordinate's cost is 1 minus the best IoU reachable when only that coordinate is wrong
@@ -428,39 +321,30 @@ class BoundedIoULoss(WeightedLoss):
     # A coordinate's loss depends on the box's other coordinates (x on x1 and x2): the gradient for
     # an arbitrary upstream gradient needs a recompute, not upstream x the all-ones gradient.
     separable = False
+    weight_shortcut = "always"
+    working_copies = 20.0
 
     def __init__(
-        self, beta: float = 0.2, eps: float = 1e-3, reduction: Reduction = "mean", loss_weight: float = 1.0
+        self, beta: Positive = 0.2, eps: NonNegative = 1e-3, reduction: Reduction = "mean", loss_weight: float = 1.0
     ) -> None:
         super().__init__(reduction, loss_weight)
-        if not beta > 0:
-            raise LossConfigError(
-                f"BoundedIoULoss.beta must be > 0 (the smooth-L1 divides by it), got {beta!r}", field="beta"
-            )
         self.beta = beta
         self.eps = eps
 
-    def forward(
-        self,
-        pred: Tensor,
-        target: Tensor,
-        weight: Tensor | None = None,
-        avg_factor: AvgFactor = None,
-        reduction_override: ReductionOverride = None,
-    ) -> Tensor:
-        reduction = self.resolve_reduction(reduction_override)
-        checks.float_tensor("pred", pred)
-        shortcut = zero_weight_shortcut(pred, weight)
-        if shortcut is not None:
-            return shortcut
+    def prepare(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         check_box_rows("BoundedIoULoss", pred, target)
+        return pred, target
+
+    def kernel(self, pred: Tensor, target: Tensor) -> Tensor:
+        return bounded_iou_loss(pred, target, self.beta, self.eps)
+
+    def shape_weight(self, weight: Tensor | None, loss: Tensor, pred: Tensor) -> Tensor | None:
         check_coordinate_weight("BoundedIoULoss", weight, pred)
-        loss = bounded_iou_loss(pred, target, self.beta, self.eps)
-        return self.finish(loss, weight, reduction, avg_factor)
+        return weight
 
 
 @LOSSES.register_module()
-class DIoULoss(_BoxPairLoss):
+class DIoULoss(_EpsBoxLoss):
     """Distance-IoU loss ``1 - IoU + rho^2 / c^2``: also pulls the centres together.
 
     ``rho`` is the distance between the box centres, ``c`` the diagonal of the smallest box
@@ -475,12 +359,12 @@ class DIoULoss(_BoxPairLoss):
     reduction, as MMDetection does.
     """
 
-    def box_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+    def kernel(self, pred: Tensor, target: Tensor) -> Tensor:
         return diou_loss(pred, target, self.eps)
 
 
 @LOSSES.register_module()
-class CIoULoss(_BoxPairLoss):
+class CIoULoss(_EpsBoxLoss):
     """Complete-IoU loss: DIoU plus an aspect-ratio term ``alpha v`` where IoU > 0.5.
 
     ``v = (4 / pi^2) (atan(w_t / h_t) - atan(w_p / h_p))^2``, ``alpha = v / (1 - IoU + v)`` taken
@@ -495,12 +379,14 @@ class CIoULoss(_BoxPairLoss):
     reduction, as MMDetection does.
     """
 
-    def box_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+    working_copies = 10.0
+
+    def kernel(self, pred: Tensor, target: Tensor) -> Tensor:
         return ciou_loss(pred, target, self.eps)
 
 
 @LOSSES.register_module()
-class EIoULoss(_BoxPairLoss):
+class EIoULoss(_EpsBoxLoss):
     """Extended-IoU loss: smooth-L1 of ``1 - IoU_e`` with an intersection that goes negative apart.
 
     ``IoU_e`` equals the IoU for overlapping boxes and keeps decreasing below 0 for separated
@@ -517,22 +403,21 @@ class EIoULoss(_BoxPairLoss):
     """
 
     def __init__(
-        self, eps: float = 1e-6, reduction: Reduction = "mean", loss_weight: float = 1.0, smooth_point: float = 0.1
+        self,
+        eps: NonNegative = 1e-6,
+        reduction: Reduction = "mean",
+        loss_weight: float = 1.0,
+        smooth_point: Positive = 0.1,
     ) -> None:
         super().__init__(eps, reduction, loss_weight)
-        if not smooth_point > 0:
-            raise LossConfigError(
-                f"EIoULoss.smooth_point must be > 0 (the quadratic part divides by it), got {smooth_point!r}",
-                field="smooth_point",
-            )
         self.smooth_point = smooth_point
 
-    def box_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+    def kernel(self, pred: Tensor, target: Tensor) -> Tensor:
         return eiou_loss(pred, target, self.smooth_point, self.eps)
 
 
 @LOSSES.register_module()
-class SIoULoss(_BoxPairLoss):
+class SIoULoss(_EpsBoxLoss):
     """SIoU loss: IoU with angle-aware distance and shape costs.
 
     ``1 - clamp(IoU - (distance + shape) / 2, -1, 1)``: the distance cost weighs the centre offset,
@@ -551,11 +436,13 @@ class SIoULoss(_BoxPairLoss):
     reduction, as MMDetection does.
     """
 
+    working_copies = 20.0
+
     def __init__(
-        self, eps: float = 1e-6, reduction: Reduction = "mean", loss_weight: float = 1.0, neg_gamma: bool = False
+        self, eps: NonNegative = 1e-6, reduction: Reduction = "mean", loss_weight: float = 1.0, neg_gamma: bool = False
     ) -> None:
         super().__init__(eps, reduction, loss_weight)
         self.neg_gamma = neg_gamma
 
-    def box_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+    def kernel(self, pred: Tensor, target: Tensor) -> Tensor:
         return siou_loss(pred, target, self.eps, self.neg_gamma)

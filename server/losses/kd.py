@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from . import checks
-from .errors import LossConfigError, LossInputError
-from .pipeline import AvgFactor, Reduction, ReductionOverride, WeightedLoss
+from .errors import LossInputError
+from .pipeline import AvgFactor, PairwiseLoss, Reduction, ReductionOverride
 from .registry import LOSSES
-from .schema import OutputKind
+from .schema import AtLeastOne, OutputKind
 
 
 def distillation_kl_div(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
@@ -33,7 +32,7 @@ def distillation_kl_div(student: Tensor, teacher: Tensor, temperature: float) ->
 
 
 @LOSSES.register_module()
-class KnowledgeDistillationKLDivLoss(WeightedLoss):
+class KnowledgeDistillationKLDivLoss(PairwiseLoss):
     """Knowledge distillation: temperature-scaled KL divergence from the teacher's soft labels.
 
     Args:
@@ -45,11 +44,10 @@ class KnowledgeDistillationKLDivLoss(WeightedLoss):
 
     output_kind = OutputKind.SAMPLE
     differentiable = ("pred",)
+    working_copies = 8.0
 
-    def __init__(self, reduction: Reduction = "mean", loss_weight: float = 1.0, T: float = 10) -> None:  # noqa: N803
+    def __init__(self, reduction: Reduction = "mean", loss_weight: float = 1.0, T: AtLeastOne = 10) -> None:  # noqa: N803
         super().__init__(reduction, loss_weight)
-        if not T >= 1:
-            raise LossConfigError(f"KnowledgeDistillationKLDivLoss.T must be >= 1, got {T!r}", field="T")
         self.T = T
 
     def forward(
@@ -60,13 +58,15 @@ class KnowledgeDistillationKLDivLoss(WeightedLoss):
         avg_factor: AvgFactor = None,
         reduction_override: ReductionOverride = None,
     ) -> Tensor:
-        reduction = self.resolve_reduction(reduction_override)
-        checks.float_tensor("pred", pred)
-        checks.tensor("soft_label", soft_label)
-        checks.same_shape("soft_label", soft_label, "pred", pred)
+        return self.evaluate(pred, soft_label, weight, avg_factor, reduction_override)
+
+    def prepare(self, pred: Tensor, soft_label: Tensor) -> tuple[Tensor, Tensor]:
+        pred, soft_label = super().prepare(pred, soft_label)
         if pred.dim() < 2:
             raise LossInputError(
                 f"pred must be [N, C] logits (classes on axis 1), got shape {list(pred.shape)}", field="pred"
             )
-        loss = distillation_kl_div(pred, soft_label.to(pred.dtype), self.T)
-        return self.finish(loss, weight, reduction, avg_factor)
+        return pred, soft_label.to(pred.dtype)
+
+    def kernel(self, pred: Tensor, soft_label: Tensor) -> Tensor:
+        return distillation_kl_div(pred, soft_label, self.T)

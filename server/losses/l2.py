@@ -1,4 +1,4 @@
-"""L2 loss on similarity scores with margins and negative mining (MMDetection's ``L2Loss``).
+"""L2 losses on similarity scores with margins and negative mining (MMDetection's ``L2Loss``, ``MarginL2Loss``).
 
 The auxiliary similarity loss of quasi-dense tracking: Pang et al. 2021, Quasi-Dense Similarity
 Learning for Multiple Object Tracking, https://arxiv.org/abs/2006.06664.
@@ -8,7 +8,7 @@ positive pair, 0 for a negative pair, any other value (e.g. -1) for neither; ``w
 shape. Any shape works while no negative mining runs; mining needs 2-D inputs. Output per element
 for ``reduction='none'``.
 
-The steps, MMDetection 3.3's (``MarginL2Loss`` in ``margin.py`` shares them):
+The steps, MMDetection 3.3's, for both:
 
 1. An entry whose ``weight <= 0`` is ignored: its target becomes -1, neither positive nor negative
    (it stays in the loss with its weight).
@@ -30,6 +30,10 @@ of the negatives (row-major order) whose first ``neg_pos_ub * positives`` entrie
 
 mmdet also writes into the caller's ``pred`` (margins), ``target`` and ``weight``; losswire never
 modifies its inputs.
+
+``MarginL2Loss`` differs in one step, as mmdet's does: the loss is taken against float32 copies of
+``target`` and ``weight``, so with float64 inputs their values are rounded to float32 first (the
+target's gradient too).
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ class MinedSquaredLoss(WeightedLoss):
     # from the request's seed, so remote mining is reproducible.
     rng: np.random.RandomState | None = None
     stochastic = True
+    working_copies = 16.0
 
     def __init__(
         self,
@@ -171,3 +176,24 @@ class L2Loss(MinedSquaredLoss):
     """
 
     differentiable = ("pred", "target")
+
+
+@LOSSES.register_module()
+class MarginL2Loss(MinedSquaredLoss):
+    """L2 loss on [0, 1]-clamped similarity scores with margins and negative mining; float32 targets.
+
+    Args:
+        neg_pos_ub: at most this many negatives per positive keep their weight; <= 0 keeps all
+            (default -1).
+        pos_margin: subtracted from pred at positives when > 0 (default -1).
+        neg_margin: subtracted from pred at negatives when > 0 (default -1).
+        hard_mining: keep the negatives with the largest loss instead of random ones (default False).
+        reduction: "none" or "mean" (default); "sum" is refused, as in mmdet.
+        loss_weight: multiplier of the reduced loss (default 1.0).
+
+    ``avg_factor`` is accepted and ignored: the mean always divides by the number of entries whose
+    weight is > 0 after mining. Random mining draws from ``np.random`` (see the module notes).
+    """
+
+    differentiable = ("pred", "target")
+    float32_terms = True

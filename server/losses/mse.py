@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .pipeline import AvgFactor, Reduction, ReductionOverride, WeightedLoss
+from .pipeline import PairwiseLoss, Reduction
 from .registry import LOSSES
-from .smooth_l1 import check_regression_pair
 
 
 def mse_loss(pred: Tensor, target: Tensor) -> Tensor:
@@ -19,7 +18,7 @@ def mse_loss(pred: Tensor, target: Tensor) -> Tensor:
 
 
 @LOSSES.register_module()
-class MSELoss(WeightedLoss):
+class MSELoss(PairwiseLoss):
     """Mean squared error: ``(pred - target)^2``.
 
     Args:
@@ -28,18 +27,10 @@ class MSELoss(WeightedLoss):
     """
 
     differentiable = ("pred", "target")
+    working_copies = 8.0
 
     def __init__(self, reduction: Reduction = "mean", loss_weight: float = 1.0) -> None:
         super().__init__(reduction, loss_weight)
 
-    def forward(
-        self,
-        pred: Tensor,
-        target: Tensor,
-        weight: Tensor | None = None,
-        avg_factor: AvgFactor = None,
-        reduction_override: ReductionOverride = None,
-    ) -> Tensor:
-        reduction = self.resolve_reduction(reduction_override)
-        check_regression_pair(pred, target)
-        return self.finish(mse_loss(pred, target), weight, reduction, avg_factor)
+    def kernel(self, pred: Tensor, target: Tensor) -> Tensor:
+        return mse_loss(pred, target)

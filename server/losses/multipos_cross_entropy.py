@@ -19,9 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import checks
-from .cross_entropy import float32_rounded
-from .errors import LossInputError
-from .pipeline import AvgFactor, Reduction, ReductionOverride, WeightedLoss
+from .pipeline import AvgFactor, PairwiseLoss, Reduction, ReductionOverride, float32_rounded
 from .registry import LOSSES
 from .schema import OutputKind
 
@@ -59,16 +57,20 @@ def multi_positive_cross_entropy(logits: Tensor, label: Tensor) -> Tensor:
 
 
 @LOSSES.register_module()
-class MultiPosCrossEntropyLoss(WeightedLoss):
+class MultiPosCrossEntropyLoss(PairwiseLoss):
     """Multi-positive cross-entropy: every positive key is pushed above every negative key of its row.
 
     Args:
         reduction: "none", "mean" (default) or "sum".
         loss_weight: multiplier of the reduced loss (default 1.0).
+
+    Integer (or boolean) ``cls_score`` is accepted, as mmdet's own test passes one, and computed in
+    float32, as mmdet's float32 masks promote it; it has no gradient.
     """
 
     output_kind = OutputKind.SAMPLE
     differentiable = ("cls_score",)
+    working_copies = 13.0
 
     def __init__(self, reduction: Reduction = "mean", loss_weight: float = 1.0) -> None:
         super().__init__(reduction, loss_weight)
@@ -81,14 +83,19 @@ class MultiPosCrossEntropyLoss(WeightedLoss):
         avg_factor: AvgFactor = None,
         reduction_override: ReductionOverride = None,
     ) -> Tensor:
-        reduction = self.resolve_reduction(reduction_override)
-        checks.float_tensor("cls_score", cls_score)
-        checks.tensor("label", label)
-        checks.same_shape("label", label, "cls_score", cls_score)
+        return self.evaluate(cls_score, label, weight, avg_factor, reduction_override)
+
+    def check_pred(self, cls_score: Tensor) -> Tensor:
+        checks.real_tensor("cls_score", cls_score)
+        return cls_score if cls_score.is_floating_point() else cls_score.float()
+
+    def prepare(self, cls_score: Tensor, label: Tensor) -> tuple[Tensor, Tensor]:
+        cls_score, label = super().prepare(cls_score, label)
         checks.ndim("cls_score", cls_score, 2, "[N, M] similarity logits")
-        if label.is_complex():
-            raise LossInputError(f"label must be real, got {checks.describe(label)}", field="label")
-        loss = multi_positive_cross_entropy(cls_score, label)
-        if weight is not None:
-            weight = float32_rounded(checks.tensor("weight", weight), loss.dtype)
-        return self.finish(loss, weight, reduction, avg_factor)
+        return cls_score, checks.real_tensor("label", label)
+
+    def kernel(self, cls_score: Tensor, label: Tensor) -> Tensor:
+        return multi_positive_cross_entropy(cls_score, label)
+
+    def shape_weight(self, weight: Tensor | None, loss: Tensor, cls_score: Tensor) -> Tensor | None:
+        return None if weight is None else float32_rounded(checks.tensor("weight", weight), loss.dtype)

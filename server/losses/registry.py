@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from . import cost
 from .errors import DuplicateLossError, LossConfigError, UnknownLossError
 from .schema import LossDescription, describe_class, validate_config
 
@@ -102,6 +103,25 @@ class Registry:
         name, params = self.check_config(cfg)
         defaults = {spec.name: spec.default for spec in self._descriptions[name].params}
         return {"type": name, **defaults, **params}
+
+    def estimate(
+        self, cfg: Mapping[str, Any], shapes: cost.Shapes | None = None, *, itemsize: int = 4
+    ) -> cost.Estimate:
+        """What building ``cfg`` and one forward + backward on inputs of ``shapes`` would cost, computed
+        from the numbers alone (nothing is built or allocated): see ``cost.Estimate``.
+
+        ``shapes`` maps forward input names to shapes (None: the module alone); ``itemsize`` is the
+        floating-point inputs' element size (4 for float32, 8 for float64). The config is validated
+        first (a ``LossConfigError`` for a bad one). A class that declares no ``estimate`` (a plugin's
+        ``nn.Module``) is costed by ``cost.proportional``'s default: no buffers, 16 copies of its first input.
+        """
+        params = self.normalise(cfg)
+        name = params["type"]
+        shapes = None if shapes is None else cost.check_shapes(shapes)
+        estimate = getattr(self._classes[name], "estimate", None)
+        if callable(estimate):
+            return estimate(params, shapes, itemsize)
+        return cost.proportional(self._descriptions[name].inputs[0].name, shapes, itemsize)
 
     def check_config(self, cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         """Validate a config dict; return (type, normalised keyword arguments)."""

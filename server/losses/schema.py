@@ -12,14 +12,18 @@ from __future__ import annotations
 import dataclasses
 import enum
 import inspect
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import torch
 
 from .errors import LossConfigError
+
+# An int parameter is an int64 whatever its bounds say: torch holds it in one (sizes, indices).
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class OutputKind(str, enum.Enum):
@@ -31,14 +35,62 @@ class OutputKind(str, enum.Enum):
 
 
 @dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The range a number must lie in: ``minimum <= value <= maximum``, each end open (``exclusive_*``) or
+    absent (None). A loss declares it on its ``__init__`` argument: ``bins: Annotated[int, Bounds(1)]``
+    (or one of the aliases below); validation refuses a value outside it, naming the range."""
+
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    exclusive_maximum: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if self.minimum is not None and (value <= self.minimum if self.exclusive_minimum else value < self.minimum):
+            return False
+        return self.maximum is None or (value < self.maximum if self.exclusive_maximum else value <= self.maximum)
+
+    def __str__(self) -> str:
+        if self.maximum is None:
+            return f"{'>' if self.exclusive_minimum else '>='} {self.minimum:g}"
+        if self.minimum is None:
+            return f"{'<' if self.exclusive_maximum else '<='} {self.maximum:g}"
+        low, high = "(" if self.exclusive_minimum else "[", ")" if self.exclusive_maximum else "]"
+        return f"in {low}{self.minimum:g}, {self.maximum:g}{high}"
+
+
+# The ranges the losses' math asks for, as annotations of their config arguments.
+Positive = Annotated[float, Bounds(0.0, exclusive_minimum=True)]  # eps, thresholds, divisors
+NonNegative = Annotated[float, Bounds(0.0)]  # exponents of a factor in [0, 1], extra weights
+Probability = Annotated[float, Bounds(0.0, 1.0)]
+Momentum = Annotated[float, Bounds(0.0, 1.0, exclusive_maximum=True)]  # a moving average's factor
+AtLeastOne = Annotated[float, Bounds(1.0)]  # a temperature that softens
+Count = Annotated[int, Bounds(1)]  # classes, bins
+
+
+@dataclasses.dataclass(frozen=True)
 class ParamSpec:
-    """One config key: ``dict(type=..., <name>=<value>)``."""
+    """One config key: ``dict(type=..., <name>=<value>)``.
+
+    ``minimum``/``maximum`` bound a number (None: unbounded), each end inclusive unless its
+    ``exclusive_*`` flag says otherwise. Beyond them every float must be finite and every int an int64.
+    """
 
     name: str
     type: str  # "float", "int", "bool", "str", "list[float]", "any"
     default: Any
     nullable: bool = False
     choices: tuple[Any, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    exclusive_maximum: bool = False
+
+    @property
+    def bounds(self) -> Bounds | None:
+        if self.minimum is None and self.maximum is None:
+            return None
+        return Bounds(self.minimum, self.maximum, self.exclusive_minimum, self.exclusive_maximum)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +156,14 @@ def _jsonable(value: Any) -> Any:
 _NONE = type(None)
 
 
+def _strip_bounds(annotation: Any) -> tuple[Any, Bounds | None]:
+    """``Annotated[X, Bounds(...)]`` -> (X, the bounds); anything else -> (annotation, None)."""
+    if typing.get_origin(annotation) is not Annotated:
+        return annotation, None
+    inner, *extras = typing.get_args(annotation)
+    return inner, next((e for e in extras if isinstance(e, Bounds)), None)
+
+
 def _strip_optional(annotation: Any) -> tuple[Any, bool]:
     """``Optional[X]`` -> (X, True); anything else -> (annotation, False)."""
     origin = typing.get_origin(annotation)
@@ -154,7 +214,7 @@ def _input_kind(annotation: Any) -> tuple[str, tuple[Any, ...] | None]:
 
 
 def _signature_items(func: Any) -> list[tuple[inspect.Parameter, Any]]:
-    hints = typing.get_type_hints(func)
+    hints = typing.get_type_hints(func, include_extras=True)
     items = []
     for parameter in list(inspect.signature(func).parameters.values())[1:]:  # skip self
         if parameter.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
@@ -173,9 +233,13 @@ def describe_params(cls: type) -> tuple[ParamSpec, ...]:
     params = []
     for parameter, annotation in _signature_items(cls.__init__):
         inner, nullable = _strip_optional(annotation)
+        inner, bounds = _strip_bounds(inner)
         type_name, choices = _param_type(inner)
         default = None if parameter.default is inspect.Parameter.empty else parameter.default
-        params.append(ParamSpec(parameter.name, type_name, default, nullable, choices))
+        spec = ParamSpec(parameter.name, type_name, default, nullable, choices)
+        if bounds is not None:
+            spec = dataclasses.replace(spec, **dataclasses.asdict(bounds))
+        params.append(spec)
     return tuple(params)
 
 
@@ -186,7 +250,7 @@ def describe_class(name: str, cls: type) -> LossDescription:
     inputs = []
     for parameter, annotation in _signature_items(cls.forward):
         inner, _ = _strip_optional(annotation)
-        kind, choices = _input_kind(inner)
+        kind, choices = _input_kind(_strip_bounds(inner)[0])
         optional = parameter.default is not inspect.Parameter.empty
         default = parameter.default if optional else None
         inputs.append(InputSpec(parameter.name, kind, optional, default, choices))
@@ -213,13 +277,45 @@ def describe_class(name: str, cls: type) -> LossDescription:
     )
 
 
+# The engine's own classes live under this package; a plugin's class lives anywhere else.
+ENGINE_PACKAGE = __name__.rpartition(".")[0]
+
+
+def is_engine_class(cls: type) -> bool:
+    """Whether ``cls`` is one of the engine's classes (not a plugin's, nor a plugin's subclass of one)."""
+    return cls.__module__ == ENGINE_PACKAGE or cls.__module__.startswith(ENGINE_PACKAGE + ".")
+
+
+def _declares(cls: type, name: str) -> bool:
+    """Whether ``cls`` says ``name`` itself: an engine class by any of its classes, a plugin's class only
+    by a class of its own (a default inherited from an engine base says nothing of the plugin's forward)."""
+    owner = next((klass for klass in cls.__mro__ if name in vars(klass)), None)
+    return owner is not None and (is_engine_class(cls) or not is_engine_class(owner))
+
+
 def keeps_state(module: Any) -> bool:
     """Whether a built module carries state from one forward to the next: its own answer
-    (``keeps_state()``), else, for a module that does not say (a plugin), whether it has buffers."""
-    declared = getattr(module, "keeps_state", None)
-    if callable(declared):
-        return bool(declared())
+    (``keeps_state()``, or ``stateful``) where its class declares one, else whether it has buffers."""
+    cls = type(module)
+    if _declares(cls, "keeps_state"):
+        return bool(module.keeps_state())
+    if _declares(cls, "stateful"):
+        return bool(module.stateful)
     return any(True for _ in module.buffers())
+
+
+def shareable(module: Any) -> bool:
+    """Whether one built module may serve concurrent calls with equal configs.
+
+    Only where its class declares itself stateless (``stateful = False`` and, per config,
+    ``keeps_state()`` False) and not stochastic (a caller seeds ``module.rng`` per call): the engine's
+    classes do (their defaults are checked by tests/engine/test_shareable.py); a plugin's class only
+    where a class of its own says ``stateful = False``, never by a default inherited from the engine.
+    """
+    cls = type(module)
+    if getattr(cls, "stochastic", False) or not _declares(cls, "stateful"):
+        return False
+    return not keeps_state(module)
 
 
 def output_kind_of(module: Any, description: LossDescription) -> OutputKind:
@@ -241,33 +337,60 @@ def _coerce(loss: str, spec: ParamSpec, value: Any) -> Any:
         if spec.nullable:
             return None
         raise LossConfigError(f"{where} must be a {spec.type}, got None", field=spec.name)
+    coerced = _typed(spec, value)
+    if coerced is _WRONG_TYPE:
+        expected = f"a {spec.type}" + (" or None" if spec.nullable else "")
+        raise LossConfigError(f"{where} must be {expected}, got {_describe_value(value)}", field=spec.name)
+    if spec.type == "str" and spec.choices is not None and coerced not in spec.choices:
+        raise LossConfigError(f"{where} must be one of {list(spec.choices)}, got {value!r}", field=spec.name)
+    _check_range(where, spec, value, coerced)
+    return coerced
+
+
+_WRONG_TYPE = object()
+
+
+def _typed(spec: ParamSpec, value: Any) -> Any:
+    """``value`` as ``spec.type`` (JSON and protobuf Struct carry every number as a double, so an integral
+    float is an int), or ``_WRONG_TYPE``."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if spec.type == "bool":
-        if isinstance(value, bool):
-            return value
-    elif spec.type == "int":
-        # JSON (and protobuf Struct) carry every number as a double: accept integral floats.
+        return value if isinstance(value, bool) else _WRONG_TYPE
+    if spec.type == "int":
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif spec.type == "float":
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif spec.type == "str":
-        if isinstance(value, str):
-            if spec.choices is None or value in spec.choices:
-                return value
-            raise LossConfigError(f"{where} must be one of {list(spec.choices)}, got {value!r}", field=spec.name)
-    elif spec.type.startswith("list["):
+        return int(value) if isinstance(value, float) and value.is_integer() else _WRONG_TYPE
+    if spec.type == "float":
+        return _float(value) if is_number else _WRONG_TYPE
+    if spec.type == "str":
+        return value if isinstance(value, str) else _WRONG_TYPE
+    if spec.type.startswith("list["):
         ok = isinstance(value, (list, tuple)) and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
         )
-        if ok:
-            return [float(v) for v in value]
-    else:
-        return value
-    expected = f"a {spec.type}" + (" or None" if spec.nullable else "")
-    raise LossConfigError(f"{where} must be {expected}, got {_describe_value(value)}", field=spec.name)
+        return [_float(v) for v in value] if ok else _WRONG_TYPE
+    return value
+
+
+def _float(value: float) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float's range: reported as not finite
+        return math.inf
+
+
+def _check_range(where: str, spec: ParamSpec, value: Any, coerced: Any) -> None:
+    """Floats finite, ints int64, numbers within the declared bounds."""
+    numbers = coerced if isinstance(coerced, list) else [coerced]
+    if spec.type in ("float", "list[float]") and not all(math.isfinite(v) for v in numbers):
+        raise LossConfigError(f"{where} must be finite, got {_describe_value(value)}", field=spec.name)
+    if spec.type == "int" and not INT64_MIN <= coerced <= INT64_MAX:
+        raise LossConfigError(
+            f"{where} must be an int64, in [-2**63, 2**63 - 1], got {_describe_value(value)}", field=spec.name
+        )
+    bounds = spec.bounds
+    if bounds is not None and spec.type in ("int", "float") and coerced not in bounds:
+        raise LossConfigError(f"{where} must be {bounds}, got {value!r}", field=spec.name)
 
 
 def validate_config(description: LossDescription, params: Mapping[str, Any]) -> dict[str, Any]:

@@ -27,18 +27,24 @@ forward that raises leaves the counts untouched.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import checks
-from .cross_entropy import float32_rounded
+from . import checks, cost
+from .classifier import top1_accuracy
+from .cost import Estimate, Shapes
 from .errors import LossConfigError, LossInputError
-from .pipeline import AvgFactor, Reduction, ReductionOverride, WeightedLoss, check_reduction
+from .pipeline import AvgFactor, Reduction, ReductionOverride, WeightedLoss, check_reduction, float32_rounded
 from .registry import LOSSES
-from .schema import OutputKind
+from .schema import Count, OutputKind, Positive
+
+# The mitigation factor's [C, C] table (float32, the counts' dtype): the ratios, their comparison, their
+# power, the ones and the chosen table are alive together at the peak: 16.2 bytes per entry measured.
+TABLE_BYTES_PER_ENTRY = 20
 
 
 def mitigation_factor(counts: Tensor, labels: Tensor, p: float) -> Tensor:
@@ -72,15 +78,6 @@ def seesaw_cross_entropy(logits: Tensor, labels: Tensor, counts: Tensor, p: floa
     return F.cross_entropy(logits + factor.log(), labels, reduction="none")
 
 
-def top1_accuracy(scores: Tensor, target: Tensor) -> Tensor:
-    """Percentage of rows whose highest score is at ``target``: [1] float32 (0-d zero for no rows)."""
-    if scores.shape[0] == 0:
-        return scores.new_tensor(0.0)
-    predicted = scores.topk(1, dim=1).indices[:, 0]
-    hits = (predicted == target).float().sum(0, keepdim=True)
-    return hits * (100.0 / scores.shape[0])
-
-
 @LOSSES.register_module()
 class SeesawLoss(WeightedLoss):
     """Seesaw loss: class cross-entropy rebalanced by label counts and scores, plus objectness.
@@ -110,14 +107,26 @@ class SeesawLoss(WeightedLoss):
     custom_cls_channels: ClassVar[bool] = True
     custom_activation: ClassVar[bool] = True
     custom_accuracy: ClassVar[bool] = True
+    working_copies = 11.0
+
+    @classmethod
+    def estimate(cls, params: Mapping[str, Any], shapes: Shapes | None, itemsize: int) -> Estimate:
+        """``cum_samples`` ([C + 1] float32) when built; a forward with ``p > 0`` builds the [C, C]
+        mitigation table, whatever the batch: quadratic in ``num_classes``."""
+        num_classes = params["num_classes"]
+        entries = num_classes**2 if params["p"] > 0 else 0
+        base = super().estimate(params, shapes, itemsize)
+        return cost.with_config_terms(
+            base, shapes, (num_classes + 1) * 4, TABLE_BYTES_PER_ENTRY * entries, 5 * entries, "num_classes"
+        )
 
     def __init__(
         self,
         use_sigmoid: bool = False,
         p: float = 0.8,
         q: float = 2.0,
-        num_classes: int = 1203,
-        eps: float = 1e-2,
+        num_classes: Count = 1203,
+        eps: Positive = 1e-2,
         reduction: Reduction = "mean",
         loss_weight: float = 1.0,
         return_dict: bool = True,
@@ -127,8 +136,6 @@ class SeesawLoss(WeightedLoss):
             raise LossConfigError(
                 "SeesawLoss.use_sigmoid must be False: only the softmax form exists", field="use_sigmoid"
             )
-        if num_classes < 1:
-            raise LossConfigError(f"SeesawLoss.num_classes must be >= 1, got {num_classes}", field="num_classes")
         self.use_sigmoid = use_sigmoid
         self.p = p
         self.q = q

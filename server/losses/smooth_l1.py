@@ -11,31 +11,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import checks
-from .errors import LossConfigError
-from .pipeline import AvgFactor, Reduction, ReductionOverride, WeightedLoss, zero_weight_shortcut
+from .pipeline import PairwiseLoss, Reduction
 from .registry import LOSSES
+from .schema import Positive
 
 
-def l1_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """``|pred - target|``, element-wise."""
-    return (pred - target).abs()
+def l1_loss(diff: Tensor) -> Tensor:
+    """``|d|`` of the differences ``d = pred - target``, element-wise."""
+    return diff.abs()
 
 
-def smooth_l1_loss(pred: Tensor, target: Tensor, beta: float) -> Tensor:
-    """``0.5 d^2 / beta`` where ``d = |pred - target| < beta``, else ``d - 0.5 beta``; element-wise."""
-    diff = (pred - target).abs()
+def smooth_l1_loss(diff: Tensor, beta: float) -> Tensor:
+    """``0.5 d^2 / beta`` where ``|d| < beta``, else ``|d| - 0.5 beta``, of ``d = pred - target``; element-wise."""
+    diff = diff.abs()
     return torch.where(diff < beta, 0.5 * diff * diff / beta, diff - 0.5 * beta)
 
 
-def check_regression_pair(pred: Tensor, target: Tensor) -> None:
-    checks.float_tensor("pred", pred)
-    checks.tensor("target", target)
-    checks.same_shape("target", target, "pred", pred)
-
-
 @LOSSES.register_module()
-class L1Loss(WeightedLoss):
+class L1Loss(PairwiseLoss):
     """L1 loss: the absolute error ``|pred - target|``.
 
     Args:
@@ -47,29 +40,18 @@ class L1Loss(WeightedLoss):
     """
 
     differentiable = ("pred", "target")
+    weight_shortcut = "always"
+    working_copies = 6.0
 
     def __init__(self, reduction: Reduction = "mean", loss_weight: float = 1.0) -> None:
         super().__init__(reduction, loss_weight)
 
-    def forward(
-        self,
-        pred: Tensor,
-        target: Tensor,
-        weight: Tensor | None = None,
-        avg_factor: AvgFactor = None,
-        reduction_override: ReductionOverride = None,
-    ) -> Tensor:
-        reduction = self.resolve_reduction(reduction_override)
-        checks.float_tensor("pred", pred)
-        shortcut = zero_weight_shortcut(pred, weight)
-        if shortcut is not None:
-            return shortcut
-        check_regression_pair(pred, target)
-        return self.finish(l1_loss(pred, target), weight, reduction, avg_factor)
+    def kernel(self, pred: Tensor, target: Tensor) -> Tensor:
+        return l1_loss(pred - target)
 
 
 @LOSSES.register_module()
-class SmoothL1Loss(WeightedLoss):
+class SmoothL1Loss(PairwiseLoss):
     """Smooth L1 (Huber) loss: quadratic below ``beta``, linear above.
 
     Args:
@@ -82,25 +64,12 @@ class SmoothL1Loss(WeightedLoss):
     """
 
     differentiable = ("pred", "target")
+    weight_shortcut = "always"
+    working_copies = 10.0
 
-    def __init__(self, beta: float = 1.0, reduction: Reduction = "mean", loss_weight: float = 1.0) -> None:
+    def __init__(self, beta: Positive = 1.0, reduction: Reduction = "mean", loss_weight: float = 1.0) -> None:
         super().__init__(reduction, loss_weight)
-        if not beta > 0:
-            raise LossConfigError(f"SmoothL1Loss.beta must be > 0, got {beta!r}", field="beta")
         self.beta = beta
 
-    def forward(
-        self,
-        pred: Tensor,
-        target: Tensor,
-        weight: Tensor | None = None,
-        avg_factor: AvgFactor = None,
-        reduction_override: ReductionOverride = None,
-    ) -> Tensor:
-        reduction = self.resolve_reduction(reduction_override)
-        checks.float_tensor("pred", pred)
-        shortcut = zero_weight_shortcut(pred, weight)
-        if shortcut is not None:
-            return shortcut
-        check_regression_pair(pred, target)
-        return self.finish(smooth_l1_loss(pred, target, self.beta), weight, reduction, avg_factor)
+    def kernel(self, pred: Tensor, target: Tensor) -> Tensor:
+        return smooth_l1_loss(pred - target, self.beta)

@@ -16,13 +16,21 @@ Where several samples tie for the hardest one, the gradient is split evenly betw
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from . import checks
+from .cost import Estimate, Shapes, dim, shape_of
 from .errors import LossConfigError, LossInputError
 from .registry import LOSSES
 from .schema import OutputKind
+
+# One forward + backward holds about this many [B, B] tensors of the inputs' dtype at its peak (the
+# distances, their square before the root, the masked copies and their gradients), and 1-byte masks.
+PAIRWISE_COPIES, PAIRWISE_MASK_BYTES = 9, 2
 
 
 def pairwise_distances(inputs: Tensor) -> Tensor:
@@ -81,6 +89,17 @@ class TripletLoss(nn.Module):
     differentiable = ("inputs",)
     separable = True  # a 0-d output
     sample_axis = 1
+    stateful = False
+    stochastic = False
+
+    @classmethod
+    def estimate(cls, params: Mapping[str, Any], shapes: Shapes | None, itemsize: int) -> Estimate:
+        """Quadratic in the batch: every anchor's distance to every sample, [B, B]."""
+        shape = shape_of(shapes, "inputs")
+        batch, features = dim(shape, 0), dim(shape, 1)
+        pairs = batch * batch
+        forward_bytes = pairs * (PAIRWISE_COPIES * itemsize + PAIRWISE_MASK_BYTES) + 4 * batch * features * itemsize
+        return Estimate(0, forward_bytes, 3 * pairs * features + 20 * pairs, "inputs", "inputs")
 
     def __init__(self, margin: float = 0.3, loss_weight: float = 1.0, hard_mining: bool = True) -> None:
         super().__init__()

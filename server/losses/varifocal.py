@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import checks
 from .errors import LossConfigError
-from .pipeline import AvgFactor, Reduction, ReductionOverride, WeightedLoss
+from .pipeline import PairwiseLoss, Reduction
 from .registry import LOSSES
+from .schema import NonNegative
 
 
 def varifocal_loss(logits: Tensor, target: Tensor, alpha: float, gamma: float, iou_weighted: bool) -> Tensor:
@@ -35,7 +35,7 @@ def varifocal_loss(logits: Tensor, target: Tensor, alpha: float, gamma: float, i
 
 
 @LOSSES.register_module()
-class VarifocalLoss(WeightedLoss):
+class VarifocalLoss(PairwiseLoss):
     """Varifocal loss: BCE weighted by the IoU target on positives and ``alpha |p - q|^gamma`` on negatives.
 
     Args:
@@ -48,12 +48,13 @@ class VarifocalLoss(WeightedLoss):
     """
 
     differentiable = ("pred", "target")
+    working_copies = 14.0
 
     def __init__(
         self,
         use_sigmoid: bool = True,
-        alpha: float = 0.75,
-        gamma: float = 2.0,
+        alpha: NonNegative = 0.75,
+        gamma: NonNegative = 2.0,
         iou_weighted: bool = True,
         reduction: Reduction = "mean",
         loss_weight: float = 1.0,
@@ -64,24 +65,14 @@ class VarifocalLoss(WeightedLoss):
                 f"VarifocalLoss.use_sigmoid must be True: only the sigmoid form exists, got {use_sigmoid!r}",
                 field="use_sigmoid",
             )
-        if not alpha >= 0:
-            raise LossConfigError(f"VarifocalLoss.alpha must be >= 0, got {alpha!r}", field="alpha")
         self.use_sigmoid = use_sigmoid
         self.alpha = alpha
         self.gamma = gamma
         self.iou_weighted = iou_weighted
 
-    def forward(
-        self,
-        pred: Tensor,
-        target: Tensor,
-        weight: Tensor | None = None,
-        avg_factor: AvgFactor = None,
-        reduction_override: ReductionOverride = None,
-    ) -> Tensor:
-        reduction = self.resolve_reduction(reduction_override)
-        checks.float_tensor("pred", pred)
-        checks.tensor("target", target)
-        checks.same_shape("target", target, "pred", pred)
-        loss = varifocal_loss(pred, target.to(pred.dtype), self.alpha, self.gamma, self.iou_weighted)
-        return self.finish(loss, weight, reduction, avg_factor)
+    def prepare(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        pred, target = super().prepare(pred, target)
+        return pred, target.to(pred.dtype)
+
+    def kernel(self, pred: Tensor, target: Tensor) -> Tensor:
+        return varifocal_loss(pred, target, self.alpha, self.gamma, self.iou_weighted)

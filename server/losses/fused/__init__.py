@@ -1,0 +1,248 @@
+"""Fused loss-and-gradient kernels for the hot losses: the loss and d(loss)/d(pred) in one pass.
+
+The evaluator's general path builds an autograd graph in the forward and walks it back with
+``torch.autograd.grad``: every intermediate of the forward is kept, and the backward re-reads it and
+writes as many gradient temporaries again. For the losses a detector calls on every step the
+derivative has a short closed form, so a kernel computes the element-wise loss with its family's own
+forward (``giou_parts``, ``softmax_cross_entropy_parts``, ``focal_factor``...), keeps the intermediates
+the derivative needs, and scales the local derivative by the pipeline's factor
+(``Reducer.gradient_scale``: weight, reduction, ``loss_weight``, upstream) at the end. Vectorised torch
+only, so the same code runs on CUDA tensors.
+
+This package is the shared mechanism: the table, ``select``, the answer types and the pieces every
+kernel uses. The kernels mirror the families, one module each (``focal``, ``gfocal``, ``cross_entropy``,
+``regression``, ``iou``), and register themselves for their loss class with ``register``; importing
+``losswire.server.losses`` imports them all.
+
+Each kernel hands its element-wise loss to the module's own ``finish`` (weight, reduction,
+``avg_factor``, ``loss_weight``), so the loss value is the module's. The gradient's closed form is
+evaluated with autograd's products in autograd's order (the derivation is in each kernel's docstring),
+which on the CPU (one intra-op thread, as small terms run; see ``row_blocks`` for several) makes
+FocalLoss, QualityFocalLoss, L1/SmoothL1 and GIoU gradients autograd's bit for bit; CE's differs in the
+last bit on some elements (torch.exp vs log_softmax's backward kernel).
+tests/engine/test_fused_kernels.py checks both. The saving is the graph: no saved intermediates, no
+zero-filled gradient buffers, no one-hot targets, in-place products.
+
+``FUSED_KERNELS`` maps a loss *class* (an exact type: a plugin that replaces the name or subclasses it
+is never fused) to its kernel and a ``supports(module, kwargs)`` predicate. ``supports`` is
+conservative: anything the module would refuse (bad shapes, out-of-range labels, a bad
+``reduction_override``, ``avg_factor`` with ``sum``), any input that is not finite, any dtype but
+float32/float64, and any config the kernel does not cover returns False, and the evaluator runs the
+module under autograd, which raises its own error or computes the answer. A kernel therefore never
+raises a ``LossError`` of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import sys
+import threading
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import checks
+from ..errors import LossError
+from ..pipeline import AVG_FACTOR_EPS, Reducer
+
+FLOATS = (torch.float32, torch.float64)  # half precision keeps autograd's own rounding
+
+# gradient(upstream, out=None): see Fused
+Gradient = Callable[..., Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class Fused:
+    """A fused kernel's answer.
+
+    ``loss``: exactly what the module returns (its shape and dtype), detached.
+    ``gradient(upstream, out=None)``: d(sum(upstream * loss))/d(pred), pred's shape and dtype;
+    ``upstream`` is None for an upstream of ones (what the evaluator's default backward uses), else a
+    tensor of ``loss``'s shape in its dtype (a recompute's ``grad_output``). ``out``: a tensor of
+    pred's shape, dtype and device to write the gradient into (the caller's shared memory, say);
+    kernels whose ``FusedKernel.writes_into`` is True return it, the others ignore it.
+    """
+
+    loss: Tensor
+    gradient: Gradient
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedKernel:
+    """One row of the selection table."""
+
+    name: str
+    supports: Callable[[nn.Module, Mapping[str, Any]], bool]
+    run: Callable[[nn.Module, Mapping[str, Any]], Fused]
+    writes_into: bool = False  # its gradient() writes into a given ``out`` (see Fused)
+
+
+# The selection table, filled by ``register`` as the kernel modules are imported.
+FUSED_KERNELS: dict[type, FusedKernel] = {}
+
+
+def register(cls: type, kernel: FusedKernel) -> FusedKernel:
+    """Make ``kernel`` answer the modules of exactly ``cls`` (a loss class registered as ``kernel.name``)."""
+    taken = FUSED_KERNELS.get(cls)
+    if taken is not None and taken is not kernel:
+        raise ValueError(f"{cls.__qualname__} already has the fused kernel {taken.name!r}")
+    FUSED_KERNELS[cls] = kernel
+    return kernel
+
+
+# How many terms each kernel answered in this process (tests and operators read it; the service's
+# thread pool calls kernels concurrently, hence the lock).
+CALLS: Counter[str] = Counter()
+_CALLS_LOCK = threading.Lock()
+
+
+def count_call(name: str) -> None:
+    with _CALLS_LOCK:
+        CALLS[name] += 1
+
+
+def select(module: nn.Module, kwargs: Mapping[str, Any]) -> FusedKernel | None:
+    """The fused kernel for this module and these bound inputs, or None (autograd's path).
+
+    Looked up by the module's exact class, so subclasses and plugins registered under a built-in
+    name keep their own forward.
+    """
+    kernel = FUSED_KERNELS.get(type(module))
+    if kernel is None:
+        return None
+    try:
+        return kernel if kernel.supports(module, kwargs) else None
+    except LossError:
+        return None
+
+
+def kernel_source(cls: type) -> tuple[Path, ...] | None:
+    """The files of the fused kernel for loss class ``cls`` (exact type), or None: its kernel module and
+    this shared mechanism. Part of a loss's implementation digest (``provenance``, which adds the engine
+    modules they import) when fused kernels are on."""
+    kernel = FUSED_KERNELS.get(cls)
+    if kernel is None:
+        return None
+    return (Path(inspect.getsourcefile(kernel.run)), Path(inspect.getsourcefile(sys.modules[__name__])))
+
+
+# -- what every kernel's ``supports`` asks -----------------------------------------------------------
+
+
+def finite(*tensors: Tensor | None) -> bool:
+    """No NaN or Inf in any of ``tensors``.
+
+    One summing pass each instead of an ``isfinite`` mask: a NaN or Inf element makes the sum
+    non-finite. A sum that overflows from finite values also reads as non-finite, which only sends
+    that (absurd) input to autograd.
+    """
+    # the sum's value checked in Python: one torch op per tensor instead of two (sum, isfinite)
+    return all(t is None or t.numel() == 0 or math.isfinite(t.sum().item()) for t in tensors)
+
+
+def same_float_dtype(pred: Tensor, *others: Tensor | None) -> bool:
+    """pred is float32/float64 and every other tensor has its dtype (no promotion of the loss)."""
+    return pred.dtype in FLOATS and all(o is None or o.dtype == pred.dtype for o in others)
+
+
+def broadcasts(weight: Tensor | None, shape: Sequence[int]) -> bool:
+    """No weight, or one that broadcasts to ``shape`` without enlarging it (the pipeline's rule)."""
+    if weight is None:
+        return True
+    try:
+        checks.broadcasts_to("weight", weight, "the loss", torch.empty(shape, device="meta"))
+    except LossError:
+        return False
+    return True
+
+
+def supported_exponent(value: float) -> bool:
+    """``|d|^e`` has a finite derivative at ``d = 0`` only for ``e = 0`` or ``e >= 1``; for ``0 < e < 1``
+    autograd's answer there is NaN (``inf * 0``), which the kernels would not reproduce."""
+    return value == 0 or value >= 1
+
+
+def plain_reducer(module: nn.Module, kwargs: Mapping[str, Any], avg_factor: Any = None) -> Reducer | None:
+    """The module's reduction of this call (``avg_factor``: the call's, unless given), or None where the
+    module would refuse it (a bad override, ``avg_factor`` with ``sum``) or where the divisor is not an
+    ordinary number (a tensor ``avg_factor``, dtype promotion with the loss: left to autograd; a
+    non-finite one, or one that makes the divisor zero)."""
+    try:
+        mode = module.resolve_reduction(kwargs.get("reduction_override"))
+        reducer = Reducer.resolve(mode, kwargs.get("avg_factor") if avg_factor is None else avg_factor)
+    except LossError:
+        return None
+    if reducer.avg_factor is None:
+        return reducer
+    if isinstance(reducer.avg_factor, Tensor):
+        return None
+    value = float(reducer.avg_factor)
+    if not math.isfinite(value) or value + AVG_FACTOR_EPS == 0:
+        return None
+    return Reducer(reducer.mode, value)
+
+
+# -- what every kernel's gradient uses ------------------------------------------------------------------
+
+
+def pow_grad(base: Tensor, exponent: float) -> Tensor:
+    """d(base^e)/d(base) = ``e * base^(e-1)``, the way ``pow``'s backward computes it."""
+    if exponent == 2:  # base.pow(1) is an exact copy of base: one op fewer, the same bits
+        return exponent * base
+    return exponent * base.pow(exponent - 1)
+
+
+def negatives_gradient(
+    factor: Tensor,
+    prob: Tensor,
+    bce: Tensor,
+    g: Tensor,
+    exponent: float,
+    scale: float | None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """``g`` times d/dx of ``L = BCE(x, 0) w p^e`` (the focal losses at a negative: ``factor = w p^e``,
+    ``scale = w``, None for 1), with ``p = sigmoid(x)``: BCE's path ``(p - 0) (g w p^e)`` plus the
+    factor's ``((g BCE w) (e p^(e-1))) (1 - p) p``, each product in autograd's order so that the result
+    is autograd's bit for bit. ``e = 0`` drops the factor's path, as ``pow``'s backward does."""
+    grad = (torch.mul(factor, g) if out is None else torch.mul(factor, g, out=out)).mul_(prob)
+    if exponent != 0:
+        path = torch.mul(bce, g)
+        if scale is not None:
+            path.mul_(scale)
+        grad.add_(path.mul_(pow_grad(prob, exponent)).mul_(1 - prob).mul_(prob))
+    return grad
+
+
+# -- cache-sized blocks --------------------------------------------------------------------------------
+
+# A big tensor's element-wise steps, each a pass over the whole tensor into a fresh one, are bound by
+# memory: fresh intermediates of tens of MiB cost page faults and never stay in cache. Above
+# BLOCKED_MIN_ELEMENTS a kernel works through blocks of about BLOCK_ELEMENTS (512 KiB per float32
+# intermediate): FocalLoss [209715, 80] (64 MiB) loss + gradient on one thread took 380-405 ms whole
+# and 88-97 ms in blocks of 2048 rows. Every block holds a multiple of 64 elements, so torch's vector
+# loops run to its end without a scalar tail inside the tensor: on one thread each element takes the
+# path it takes in a whole-tensor op, and the result is autograd's bit for bit (tested). With several
+# intra-op threads torch splits each op among them at other places than autograd's whole-tensor op,
+# and an element at such a split may round differently in the last bit: FocalLoss [60001, 80] on two
+# threads differed from autograd in 1-2 of 4.8M gradient elements, blocked or not (whole: 0-1).
+BLOCK_ELEMENTS = 1 << 17
+BLOCKED_MIN_ELEMENTS = 1 << 22
+
+
+def row_blocks(rows: int, per_row: int, device: torch.device) -> list[slice]:
+    """Slices of ``rows`` rows of ``per_row`` elements, each about :data:`BLOCK_ELEMENTS` elements and
+    a multiple of 64 of them (the last takes the rest); one slice of everything below
+    :data:`BLOCKED_MIN_ELEMENTS`, and off the CPU (a GPU's caches are not the point there, and every
+    block would launch each kernel again: not measured on a GPU yet)."""
+    if rows * per_row < BLOCKED_MIN_ELEMENTS or device.type != "cpu":
+        return [slice(0, rows)]
+    align = 64 // math.gcd(per_row, 64)  # rows per 64-element multiple
+    step = max(align, BLOCK_ELEMENTS // per_row // align * align)
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
