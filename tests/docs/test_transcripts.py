@@ -107,6 +107,22 @@ def test_readme_start_up_line(plain_server: ServerProcess):
     assert now.startswith(quoted.group(1) + ": "), f"README: `{quoted.group(1)}`; the server: {now}"
 
 
+def test_readme_example_runs(plain_server: ServerProcess, tmp_path):
+    """The README's example, as a user would run it against the server of the quick start."""
+    example = re.search(r"## An example.*?```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
+    assert example, "the README has no example"
+    script = tmp_path / "example.py"
+    script.write_text(example.group(1) + "\nassert cls_score.grad is not None and boxes.grad is not None\n")
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        env=server_env(LOSSWIRE_TARGET=f"localhost:{plain_server.port}"),
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT,
+    )
+    assert result.returncode == 0, result.stderr
+
+
 def test_help(transcript):
     transcript(DOCS / "server.md", "help", shell([".venv/bin/losswire --help"]))
 
