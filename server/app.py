@@ -32,7 +32,7 @@ from .config import ServerConfig
 from .dataplane import Dataplane, RequestLimits, SharedMemoryRegistry
 from .evaluation import SessionStore
 from .losses import LOSSES, Registry
-from .rpc.authentication import TokenAuthInterceptor
+from .rpc.authentication import SessionOwners, TokenAuthInterceptor
 from .rpc.calls import Compute
 from .rpc.inference import InferenceService, add_inference_service
 from .rpc.loss_service import LossService, add_to_server
@@ -86,6 +86,7 @@ class LosswireServer:
             ttl_seconds=config.session_ttl_seconds,
             max_sessions=config.max_sessions,
             replay_depth=config.session_replay_depth,
+            max_bytes=config.max_session_bytes,
         )
         self.shared_memory = SharedMemoryRegistry(config.shared_memory, config.max_shared_memory)
         limits = RequestLimits(
@@ -144,7 +145,8 @@ class LosswireServer:
                 StreamGuardInterceptor(self._open_streams_bound(), self.config.stream_idle_seconds),
             ],
         )
-        add_to_server(LossService(self.dataplane, self.compute), server)
+        owners = SessionOwners(private=self.tokens is not None and not self.config.share_sessions)
+        add_to_server(LossService(self.dataplane, self.compute, owners), server)
         inference = add_inference_service(server, InferenceService(self.dataplane, self.compute, self._ready))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -51,6 +51,10 @@ class ServerConfig:
     plugins: tuple[str, ...] = ()
     session_ttl_seconds: float = 3600.0  # an idle session's state is dropped after this long
     max_sessions: int = 1024  # live sessions at once; beyond, RESOURCE_EXHAUSTED
+    # bytes of state the live sessions hold together (each: its module's state and replay snapshots)
+    max_session_bytes: int | None = 4 << 30
+    # with tokens on, a token uses only its own sessions; True: every token shares every session
+    share_sessions: bool = False
     session_replay_depth: int = 4  # forwards per session whose prior state is kept for recomputes
     metrics_port: int | None = None  # Prometheus /metrics on this port (0 picks one); None: no endpoint
     metrics_host: str | None = None  # None: the gRPC host

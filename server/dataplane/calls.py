@@ -31,6 +31,7 @@ from ..errors import TermError
 from ..evaluation import Evaluator, SessionStore, TermRequest, split_sampler
 from ..evaluation.errors import check_cancelled
 from ..evaluation.sampling import build_sampler, sampler_config
+from ..evaluation.sessions import EnteringError, Transaction
 from ..losses import LOSSES, Registry, output_kind_of
 from ..losses import fused as fused_kernels
 from ..losses.provenance import implementation_digest
@@ -56,6 +57,11 @@ class Answer:
     # big tensors (streamed, in shared memory) and their outcomes: freeing hundreds of MiB returns pages
     # to the system (munmap, milliseconds per 100 MiB), so the front door frees them after sending
     keep: list[Any] = dataclasses.field(default_factory=list)
+
+
+def sessions_of(terms: list[TermRequest]) -> dict[str, dict[str, Any]]:
+    """The sessions a call's new forwards name, with their loss configs (replays only read a session)."""
+    return {term.session: split_sampler(term.config)[0] for term in terms if term.session and term.replay_step is None}
 
 
 @contextlib.contextmanager
@@ -101,11 +107,16 @@ class Dataplane:
     # -- evaluation -------------------------------------------------------------------------------
 
     def evaluate(
-        self, request: pb.EvaluateRequest, cancelled: Cancelled, arrived: Callable[[], Arrived] | None = None
+        self,
+        request: pb.EvaluateRequest,
+        cancelled: Cancelled,
+        arrived: Callable[[], Arrived] | None = None,
+        owner: str = "",
     ) -> Answer:
         """A call whose request came whole: tensors inline, in shared memory (then a big call), or
         ``arrived()`` by field path (a front door's converter hands them over once the limits have
-        passed). The answer comes inline, or into the caller's shared-memory output range."""
+        passed). The answer comes inline, or into the caller's shared-memory output range. ``owner``: whose
+        sessions the call may use (see ``evaluation.sessions``)."""
         started = time.perf_counter()
         try:
             check_cancelled(cancelled, "the whole call")  # it waited in a queue while its caller gave up
@@ -117,7 +128,7 @@ class Dataplane:
                 self.slots.take()
             try:
                 tensors = {**arrived(), **shared} if arrived is not None else shared
-                return self.run(request, cancelled, started, tensors or None)
+                return self.run(request, cancelled, started, tensors or None, owner=owner)
             finally:
                 if big:
                     self.slots.give_back()
@@ -126,7 +137,7 @@ class Dataplane:
         except Exception as error:
             raise released_if_out_of_memory(error, "the call") from None
 
-    def open_stream(self, header: pb.EvaluateRequest, cancelled: Cancelled) -> StreamIntake:
+    def open_stream(self, header: pb.EvaluateRequest, cancelled: Cancelled, owner: str = "") -> StreamIntake:
         """A streamed call (``EvaluateStream``) once its first message arrived: checked against the limits
         on its declared shapes and admitted before a byte of its chunks is allocated."""
         started = time.perf_counter()
@@ -139,7 +150,7 @@ class Dataplane:
         except BaseException:
             self.slots.give_back()
             raise
-        return StreamIntake(self, header, assembler, shared, started)
+        return StreamIntake(self, header, assembler, shared, started, owner)
 
     def run(
         self,
@@ -148,6 +159,7 @@ class Dataplane:
         started: float,
         arrived: Arrived | None,
         sink: chunks.StreamSink | None = None,
+        owner: str = "",
     ) -> Answer:
         """decode -> evaluate -> encode, for every kind of call; ``sink`` holds back a streamed answer's
         big tensors."""
@@ -166,9 +178,11 @@ class Dataplane:
         terms = self._place_gradients(terms, output_range, sink, transfer, in_place)
         decoded = time.perf_counter()
         outcomes = []
-        for index, term in enumerate(terms):
-            with at_term(index, term.name):
-                outcomes.append(self.evaluator.evaluate(term, cancelled))
+        # the call is atomic: its sessions change only if every term succeeds (evaluation.sessions)
+        with self._sessions(owner, terms) as sessions:
+            for index, term in enumerate(terms):
+                with at_term(index, term.name):
+                    outcomes.append(self.evaluator.evaluate(term, cancelled, sessions))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         computed = time.perf_counter()
@@ -188,6 +202,18 @@ class Dataplane:
         timings.encode_ms = (encoded - computed) * 1e3
         keep = [terms, outcomes, arrived] if arrived or output_range is not None else []
         return Answer(response, None if own_sink else sink, keep)
+
+    @contextlib.contextmanager
+    def _sessions(self, owner: str, terms: list[TermRequest]) -> Iterator[Transaction]:
+        """The sessions of the call's terms, entered together; a refusal names the first term naming it."""
+        stack = contextlib.ExitStack()
+        try:
+            sessions = stack.enter_context(self.sessions.transaction(owner, sessions_of(terms)))
+        except EnteringError as entering:
+            index = next((i for i, term in enumerate(terms) if term.session == entering.session), 0)
+            raise TermError(index, terms[index].name, released_if_out_of_memory(entering.error, "")) from None
+        with stack:
+            yield sessions
 
     def _place_gradients(
         self,
@@ -244,16 +270,16 @@ class Dataplane:
 
     # -- sessions ---------------------------------------------------------------------------------
 
-    def get_session(self, name: str) -> pb.SessionInfo:
-        session = self.sessions.get(name)
+    def get_session(self, name: str, owner: str = "") -> pb.SessionInfo:
+        session = self.sessions.get(name, owner)
         with session.lock:  # a consistent state, between two forwards
             return session_info(self.sessions, session, with_state=True)
 
-    def reset_session(self, name: str) -> pb.SessionInfo:
-        return session_info(self.sessions, self.sessions.reset(name), with_state=True)
+    def reset_session(self, name: str, owner: str = "") -> pb.SessionInfo:
+        return session_info(self.sessions, self.sessions.reset(name, owner), with_state=True)
 
-    def list_sessions(self) -> pb.ListSessionsResponse:
-        infos = [session_info(self.sessions, s, with_state=False) for s in self.sessions.sessions()]
+    def list_sessions(self, owner: str = "") -> pb.ListSessionsResponse:
+        infos = [session_info(self.sessions, s, with_state=False) for s in self.sessions.sessions(owner)]
         return pb.ListSessionsResponse(sessions=infos)
 
     # -- shared memory ----------------------------------------------------------------------------
@@ -277,8 +303,9 @@ class StreamIntake:
         assembler: chunks.StreamAssembler,
         shared: Arrived,
         started: float,
+        owner: str = "",
     ) -> None:
-        self.dataplane, self.header, self.started = dataplane, header, started
+        self.dataplane, self.header, self.started, self.owner = dataplane, header, started, owner
         self._assembler: chunks.StreamAssembler | None = assembler
         self._shared = shared
         self._open = True
@@ -298,7 +325,7 @@ class StreamIntake:
         arrived = {**self._assembler.finish(), **self._shared}
         self._assembler = self._shared = None  # the request's tensors go with the answer's keep list
         try:
-            return self.dataplane.run(self.header, cancelled, self.started, arrived, chunks.StreamSink())
+            return self.dataplane.run(self.header, cancelled, self.started, arrived, chunks.StreamSink(), self.owner)
         except TermError:
             raise
         except Exception as error:

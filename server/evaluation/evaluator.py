@@ -22,7 +22,7 @@ from ..losses import fused as fused_kernels
 from .binding import WEIGHT_INPUTS, bind_inputs, gradient_leaves
 from .errors import LossFailedError, as_memory_error, check_cancelled
 from .sampling import Sample, apply_sample, build_sampler, default_labels
-from .sessions import SessionStore
+from .sessions import SessionStore, Transaction
 from .terms import PRED, PartOutcome, TermOutcome, TermRequest
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,9 @@ class Evaluator:
         # --torch-threads first); small terms run on one, see SERIAL_MAX_ELEMENTS
         self.threads = torch.get_num_threads()
 
-    def evaluate(self, term: TermRequest, cancelled: Callable[[], bool] | None = None) -> TermOutcome:
+    def evaluate(
+        self, term: TermRequest, cancelled: Callable[[], bool] | None = None, sessions: Transaction | None = None
+    ) -> TermOutcome:
         """One term's loss and gradients. ``cancelled`` says whether the caller is gone: it is asked
         before the forward (after waiting for the session, if any) and before the backward."""
         wanted = self.threads
@@ -106,7 +108,7 @@ class Evaluator:
         if previous != wanted:
             torch.set_num_threads(wanted)
         try:
-            return self._evaluate(term, cancelled)
+            return self._evaluate(term, cancelled, sessions)
         except RuntimeError as error:
             memory_error = as_memory_error(error)
             if memory_error is error:
@@ -116,12 +118,14 @@ class Evaluator:
             if previous != wanted:
                 torch.set_num_threads(previous)
 
-    def _evaluate(self, term: TermRequest, cancelled: Callable[[], bool] | None) -> TermOutcome:
+    def _evaluate(
+        self, term: TermRequest, cancelled: Callable[[], bool] | None, sessions: Transaction | None
+    ) -> TermOutcome:
         config, sampler_config = split_sampler(term.config)
         loss_type, _ = self.registry.check_config(config)
         description = self.registry.describe(loss_type)
         kwargs = bind_inputs(description, term)
-        with self._module(term, config) as (module, step):
+        with self._module(term, config, sessions) as (module, step):
             check_cancelled(cancelled, "the forward")
             kernel = self._fused_kernel(term, sampler_config, module, kwargs)
             if kernel is not None:
@@ -207,7 +211,9 @@ class Evaluator:
         )
 
     @contextlib.contextmanager
-    def _module(self, term: TermRequest, config: dict[str, Any]) -> Iterator[tuple[nn.Module, int]]:
+    def _module(
+        self, term: TermRequest, config: dict[str, Any], sessions: Transaction | None
+    ) -> Iterator[tuple[nn.Module, int]]:
         """The module that evaluates this term, and its session step (0 without a session)."""
         device = term.pred.device
         if not term.session:
@@ -215,7 +221,12 @@ class Evaluator:
                 raise LossInputError("replay_step needs a session", field="replay_step")
             yield self._stateless_module(config, device), 0
             return
-        with self.sessions.open(term.session, config, term.replay_step, term.forward_id) as (module, step):
+        opened = (
+            sessions.open(term.session, config, term.replay_step, term.forward_id)
+            if sessions is not None
+            else self.sessions.open(term.session, config, term.replay_step, term.forward_id)
+        )
+        with opened as (module, step):
             yield module.to(device), step
 
     def _stateless_module(self, config: dict[str, Any], device: torch.device) -> nn.Module:

@@ -11,9 +11,16 @@ have after seeing every batch, in the order the server received them.
   recompute of a non-separable loss (``replay_step``) and a retried call (a ``forward_id`` seen
   before) run against the state their forward saw, on a throwaway copy: the state is never
   updated twice for one batch.
-* Idle sessions expire after ``ttl_seconds``; at most ``max_sessions`` live at once.
+* A call is atomic (:class:`Transaction`): every session its terms name is locked for the whole call,
+  in name order, and what the call did to them is kept only if every term succeeded. A refused or
+  failed call creates no session and changes no state, whichever of its terms failed.
+* Sessions belong to an owner (the caller's token when tokens are on; one shared owner otherwise, or
+  with sharing turned on): an owner sees, reads, feeds and resets only its own sessions, and two owners
+  may each have a session of the same name.
+* Idle sessions expire after ``ttl_seconds``; at most ``max_sessions`` live at once, holding at most
+  ``max_bytes`` of state (the module's state and its replay snapshots).
 
-Plain torch and threading, no gRPC: ``status.py`` maps the errors below to status codes.
+Plain torch and threading, no gRPC: the front doors map the errors below to status codes.
 """
 
 from __future__ import annotations
@@ -39,6 +46,14 @@ class SessionError(ValueError):
     field = "session"
 
 
+class EnteringError(Exception):
+    """``error`` arose while a call's session ``session`` was entered (before any term ran)."""
+
+    def __init__(self, session: str, error: Exception) -> None:
+        super().__init__(str(error))
+        self.session, self.error = session, error
+
+
 class InvalidSessionNameError(SessionError):
     """The name is empty, too long or uses characters outside ``[A-Za-z0-9._:/@+-]``."""
 
@@ -52,7 +67,7 @@ class SessionConflictError(SessionError):
 
 
 class SessionLimitError(SessionError):
-    """``max_sessions`` sessions are live already."""
+    """``max_sessions`` sessions are live already, or a new one would hold more state than is left."""
 
 
 class ReplayUnavailableError(SessionError):
@@ -77,12 +92,18 @@ def _state(module: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
+def _nbytes(state: Mapping[str, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
 @dataclasses.dataclass
 class Session:
     name: str
     config: dict[str, Any]  # normalised: every parameter present
     module: nn.Module
     last_used: float
+    owner: str = ""  # who may use it: a token's digest, or "" (every caller) without tokens
+    nbytes: int = 0  # its state's bytes, counted once for the module and once per replay snapshot
     steps: int = 0
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     # step number -> the module's state just before that forward
@@ -97,7 +118,7 @@ class Session:
 
 
 class SessionStore:
-    """The live sessions of one server. Thread-safe."""
+    """The live sessions of one server, by owner and name. Thread-safe."""
 
     def __init__(
         self,
@@ -107,55 +128,53 @@ class SessionStore:
         max_sessions: int = 1024,
         replay_depth: int = 4,
         clock: Callable[[], float] = time.monotonic,
+        max_bytes: int | None = None,
     ) -> None:
         self.registry = registry
         self.device = torch.device(device)
         self.ttl_seconds = ttl_seconds
         self.max_sessions = max_sessions
         self.replay_depth = replay_depth
+        self.max_bytes = max_bytes
         self.clock = clock
-        self._sessions: dict[str, Session] = {}
+        self._sessions: dict[tuple[str, str], Session] = {}
         self._lock = threading.Lock()  # guards the dict; each session has its own lock
 
     # -- evaluation ------------------------------------------------------------------------------
 
     @contextlib.contextmanager
+    def transaction(self, owner: str, sessions: Mapping[str, Mapping[str, Any]]) -> Iterator[Transaction]:
+        """The sessions a call names (name -> the config of its terms), locked for the whole call in name
+        order (two calls naming the same sessions never wait for each other crosswise). Those that do not
+        exist yet are created for the call and kept only if the call succeeds; on any failure every
+        session is put back as it was before the call."""
+        transaction = Transaction(self, owner)
+        try:
+            for name in sorted(sessions):
+                try:
+                    transaction.enter(name, sessions[name])
+                except Exception as error:  # the caller names the term that named it
+                    raise EnteringError(name, error) from None
+            yield transaction
+        except BaseException:
+            transaction.roll_back()
+            raise
+        else:
+            transaction.commit()
+        finally:
+            transaction.release()
+
+    @contextlib.contextmanager
     def open(
         self, name: str, config: Mapping[str, Any], replay_step: int | None = None, forward_id: str = ""
     ) -> Iterator[tuple[nn.Module, int]]:
-        """The module that evaluates one term of session ``name``, and its step number.
-
-        * A new forward: the session's own module, held under its lock; the state it leaves is kept
-          and the step counts only when the forward succeeds (a refused input leaves the session
-          as it was).
-        * ``replay_step``, or a ``forward_id`` the session has applied already (a retried call): a
-          throwaway module with the state as it was just before that step. The session is not
-          touched, so a recompute or a retry never updates the state twice.
-        """
-        session = self._session_for(name, config, create=replay_step is None)
-        with session.lock:
-            if replay_step is None and forward_id and forward_id in session.applied:
-                replay_step = session.applied[forward_id]
-            if replay_step is not None:
-                module = self._replay_module(session, replay_step)
-                session.last_used = self.clock()
-                yield module, replay_step
-                return
-            before = session.state()
-            step = session.steps + 1
-            try:
-                yield session.module, step
-            except BaseException:
-                session.module.load_state_dict(before)  # no half-updated state after a failure
-                raise
-            session.steps = step
-            session.snapshots[step] = before
-            if forward_id:
-                session.applied[forward_id] = step
-            while len(session.snapshots) > self.replay_depth:
-                dropped, _ = session.snapshots.popitem(last=False)
-                session.applied = {k: v for k, v in session.applied.items() if v != dropped}
-            session.last_used = self.clock()
+        """One term of session ``name`` in a call of its own (see :meth:`transaction`)."""
+        entered = {} if replay_step is not None else {name: config}
+        with (
+            self.transaction("", entered) as transaction,
+            transaction.open(name, config, replay_step, forward_id) as opened,
+        ):
+            yield opened
 
     def _replay_module(self, session: Session, step: int) -> nn.Module:
         snapshot = session.snapshots.get(step)
@@ -169,57 +188,75 @@ class SessionStore:
         module.load_state_dict(snapshot)
         return module
 
-    def _live(self, name: str) -> Session | None:
-        """The live session of that name, after dropping expired ones. The caller holds ``_lock``."""
+    def _live(self, owner: str, name: str) -> Session | None:
+        """The live session, after dropping expired ones. The caller holds ``_lock``."""
         self._sweep()
-        return self._sessions.get(name)
+        return self._sessions.get((owner, name))
 
-    def _session_for(self, name: str, config: Mapping[str, Any], create: bool = True) -> Session:
-        check_name(name)
-        normalised = self.registry.normalise(config)
+    def _existing(self, owner: str, name: str, normalised: Mapping[str, Any]) -> Session | None:
+        """The live session ``name`` of ``owner`` (None if there is none), refused if its config differs."""
         with self._lock:
-            session = self._live(name)
-            if session is None:
-                if not create:
-                    raise _unknown(name)
-                if len(self._sessions) >= self.max_sessions:
-                    raise SessionLimitError(
-                        f"{len(self._sessions)} sessions are live, the server's limit (--max-sessions); reset "
-                        f"finished ones or wait for idle ones to expire after {self.ttl_seconds:g} s"
-                    )
-                module = self.registry.build(normalised).to(self.device)
-                session = Session(name, normalised, module, last_used=self.clock())
-                self._sessions[name] = session
-            elif session.config != normalised:
-                keys = {*session.config, *normalised}
-                changed = sorted(k for k in keys if session.config.get(k) != normalised.get(k))
-                raise SessionConflictError(
-                    f"session {name!r} was created with {session.config['type']} config {session.config}; this term "
-                    f"sends a different one (differs in: {', '.join(changed)}). Use another session name, or reset it"
+            session = self._live(owner, name)
+        if session is not None and session.config != normalised:
+            keys = {*session.config, *normalised}
+            changed = sorted(k for k in keys if session.config.get(k) != normalised.get(k))
+            raise SessionConflictError(
+                f"session {name!r} was created with {session.config['type']} config {session.config}; this term "
+                f"sends a different one (differs in: {', '.join(changed)}). Use another session name, or reset it"
+            )
+        return session
+
+    def _new(self, owner: str, name: str, normalised: dict[str, Any]) -> Session:
+        """A session for the call that creates it: counted at once against the limits, kept by commit."""
+        with self._lock:
+            if len(self._sessions) >= self.max_sessions:
+                raise SessionLimitError(
+                    f"{len(self._sessions)} sessions are live, the server's limit (--max-sessions); reset "
+                    f"finished ones or wait for idle ones to expire after {self.ttl_seconds:g} s"
                 )
-            session.last_used = self.clock()
-            return session
+        module = self.registry.build(normalised).to(self.device)  # outside the store's lock: it allocates
+        nbytes = _nbytes(module.state_dict()) * (1 + self.replay_depth)
+        session = Session(name, normalised, module, last_used=self.clock(), owner=owner, nbytes=nbytes)
+        with self._lock:
+            held = sum(s.nbytes for s in self._sessions.values())
+            if self.max_bytes is not None and held + nbytes > self.max_bytes:
+                raise SessionLimitError(
+                    f"session {name!r} would hold {nbytes} bytes of state (its module and {self.replay_depth} "
+                    f"replay snapshots); the sessions hold {held} of the server's {self.max_bytes} "
+                    "(losswire serve --max-session-bytes)"
+                )
+            if (owner, name) in self._sessions or len(self._sessions) >= self.max_sessions:
+                raise SessionLimitError(f"session {name!r} was created meanwhile, or the session limit reached")
+            self._sessions[(owner, name)] = session
+        return session
+
+    def _forget(self, session: Session) -> None:
+        with self._lock:
+            if self._sessions.get((session.owner, session.name)) is session:
+                del self._sessions[(session.owner, session.name)]
 
     # -- reading and resetting -------------------------------------------------------------------
 
-    def get(self, name: str) -> Session:
+    def get(self, name: str, owner: str = "") -> Session:
         check_name(name)
         with self._lock:
-            session = self._live(name)
+            session = self._live(owner, name)
         if session is None:
             raise _unknown(name)
         return session
 
-    def reset(self, name: str) -> Session:
-        session = self.get(name)
-        with session.lock, self._lock:  # waits for a forward in progress on that session
-            self._sessions.pop(name, None)
+    def reset(self, name: str, owner: str = "") -> Session:
+        session = self.get(name, owner)
+        with session.lock:  # waits for a call in progress on that session
+            self._forget(session)
         return session
 
-    def sessions(self) -> list[Session]:
+    def sessions(self, owner: str | None = None) -> list[Session]:
+        """Every live session of ``owner`` (None: of every owner)."""
         with self._lock:
             self._sweep()
-            return sorted(self._sessions.values(), key=lambda s: s.name)
+            found = [s for s in self._sessions.values() if owner is None or s.owner == owner]
+        return sorted(found, key=lambda s: s.name)
 
     def expires_in(self, session: Session) -> float:
         return max(0.0, self.ttl_seconds - (self.clock() - session.last_used))
@@ -227,13 +264,124 @@ class SessionStore:
     def idle(self, session: Session) -> float:
         return self.clock() - session.last_used
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of state the live sessions hold (modules and replay snapshots)."""
+        with self._lock:
+            return sum(s.nbytes for s in self._sessions.values())
+
     def _sweep(self) -> None:
         now = self.clock()
-        for name in [n for n, s in self._sessions.items() if now - s.last_used > self.ttl_seconds]:
-            session = self._sessions[name]
-            if not session.lock.locked():  # never expire a session in the middle of a forward
-                del self._sessions[name]
+        for key in [k for k, s in self._sessions.items() if now - s.last_used > self.ttl_seconds]:
+            session = self._sessions[key]
+            if not session.lock.locked():  # never expire a session in the middle of a call
+                del self._sessions[key]
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._sessions)
+
+
+@dataclasses.dataclass
+class _Touched:
+    """A session as one call found it: what to put back if the call fails."""
+
+    session: Session
+    created: bool
+    state: dict[str, Tensor]
+    steps: int
+    snapshots: collections.OrderedDict[int, dict[str, Tensor]]
+    applied: dict[str, int]
+
+
+class Transaction:
+    """The sessions of one call (see ``SessionStore.transaction``): held locked until the call ends."""
+
+    def __init__(self, store: SessionStore, owner: str) -> None:
+        self.store, self.owner = store, owner
+        self._touched: dict[str, _Touched] = {}
+
+    def enter(self, name: str, config: Mapping[str, Any]) -> None:
+        """Lock session ``name`` for this call, creating it (for this call) when it does not exist."""
+        check_name(name)
+        normalised = self.store.registry.normalise(config)
+        session = self.store._existing(self.owner, name, normalised)
+        created = session is None
+        if created:
+            session = self.store._new(self.owner, name, normalised)
+        session.lock.acquire()
+        if not created and self.store._existing(self.owner, name, normalised) is not session:
+            session.lock.release()  # reset or expired while this call waited for it: take it afresh
+            return self.enter(name, config)
+        self._touched[name] = _Touched(
+            session, created, session.state(), session.steps, session.snapshots.copy(), dict(session.applied)
+        )
+        return None
+
+    @contextlib.contextmanager
+    def open(
+        self, name: str, config: Mapping[str, Any], replay_step: int | None = None, forward_id: str = ""
+    ) -> Iterator[tuple[nn.Module, int]]:
+        """The module that evaluates one term of session ``name``, and its step number.
+
+        * A new forward: the session's own module; the step counts when the forward succeeds, and the
+          state before it is kept for replays (a refused input leaves the session as it was).
+        * ``replay_step``, or a ``forward_id`` the session has applied already (a retried call): a
+          throwaway module with the state as it was just before that step. The session is not touched,
+          so a recompute or a retry never updates the state twice.
+        """
+        touched = self._touched.get(name)
+        if touched is None and replay_step is None:  # not entered up front: now (a call naming one session)
+            self.enter(name, config)
+            touched = self._touched[name]
+        if touched is None:  # a replay: the session must exist, and is read under its lock
+            session = self.store._existing(self.owner, check_name(name), self.store.registry.normalise(config))
+            if session is None:
+                raise _unknown(name)
+            with session.lock:
+                module = self.store._replay_module(session, replay_step)  # type: ignore[arg-type]
+                session.last_used = self.store.clock()
+            yield module, replay_step  # type: ignore[misc]
+            return
+        session = touched.session
+        if session.config != self.store.registry.normalise(config):  # two terms, one session, two configs
+            self.store._existing(self.owner, name, self.store.registry.normalise(config))  # raises the conflict
+        if replay_step is None and forward_id and forward_id in session.applied:
+            replay_step = session.applied[forward_id]
+        if replay_step is not None:
+            yield self.store._replay_module(session, replay_step), replay_step
+            return
+        before = session.state()
+        step = session.steps + 1
+        try:
+            yield session.module, step
+        except BaseException:
+            session.module.load_state_dict(before)  # no half-updated state after a failure
+            raise
+        session.steps = step
+        session.snapshots[step] = before
+        if forward_id:
+            session.applied[forward_id] = step
+        while len(session.snapshots) > self.store.replay_depth:
+            dropped, _ = session.snapshots.popitem(last=False)
+            session.applied = {k: v for k, v in session.applied.items() if v != dropped}
+
+    def commit(self) -> None:
+        now = self.store.clock()
+        for touched in self._touched.values():
+            touched.session.last_used = now
+
+    def roll_back(self) -> None:
+        """Every session as the call found it; those the call created are gone."""
+        for touched in self._touched.values():
+            session = touched.session
+            if touched.created:
+                self.store._forget(session)
+                continue
+            session.module.load_state_dict(touched.state)
+            session.steps, session.snapshots, session.applied = touched.steps, touched.snapshots, touched.applied
+
+    def release(self) -> None:
+        for touched in self._touched.values():
+            touched.session.lock.release()
+        self._touched.clear()

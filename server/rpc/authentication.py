@@ -8,6 +8,7 @@ SERVING / NOT_SERVING. No message or log line ever contains a token.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -19,6 +20,20 @@ from ..auth import TokenSet, bearer_token
 log = logging.getLogger("losswire.server")
 
 OPEN_SERVICES = frozenset({"grpc.health.v1.Health"})  # reachable without a token: probes have none
+
+
+class SessionOwners:
+    """Who owns the sessions a call names: with tokens on and sessions private (the default), the
+    caller's token (as a digest: never the token itself); otherwise everybody ("")."""
+
+    def __init__(self, private: bool) -> None:
+        self.private = private
+
+    def __call__(self, context: grpc.aio.ServicerContext) -> str:
+        if not self.private:
+            return ""
+        token, _ = bearer_token(context.invocation_metadata())
+        return "" if token is None else "token:" + hashlib.sha256(token.encode()).hexdigest()[:32]
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):

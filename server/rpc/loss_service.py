@@ -9,7 +9,7 @@ freeing a big call's memory after its answer has left. Failures leave through ``
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -30,11 +30,15 @@ STAGES = ("decode", "compute", "encode")
 
 
 class LossService(pb_grpc.LossServiceServicer):
-    """Serves ``dataplane`` over gRPC; losses run on ``compute``'s threads."""
+    """Serves ``dataplane`` over gRPC; losses run on ``compute``'s threads; ``owners`` says whose
+    sessions a call may use (``authentication.SessionOwners``; by default everybody's)."""
 
-    def __init__(self, dataplane: Dataplane, compute: Compute) -> None:
+    def __init__(
+        self, dataplane: Dataplane, compute: Compute, owners: Callable[[grpc.aio.ServicerContext], str] = lambda _: ""
+    ) -> None:
         self.dataplane = dataplane
         self.compute = compute
+        self.owners = owners
 
     # -- evaluation ---------------------------------------------------------------------------------
 
@@ -42,7 +46,9 @@ class LossService(pb_grpc.LossServiceServicer):
     async def Evaluate(self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext) -> pb.EvaluateResponse:
         watch = CallWatch(context, "Evaluate")
         with watch.handling():
-            answer = await self.compute.for_call(watch, self.dataplane.evaluate, request, watch)
+            answer = await self.compute.for_call(
+                watch, self.dataplane.evaluate, request, watch, None, self.owners(context)
+            )
         _log_call("Evaluate", request, answer, context)
         release_after(context, answer.keep)
         return answer.response
@@ -58,7 +64,7 @@ class LossService(pb_grpc.LossServiceServicer):
             try:
                 with watch.handling():
                     header = await _stream_header(requests)
-                    intake = self.dataplane.open_stream(header, watch)
+                    intake = self.dataplane.open_stream(header, watch, self.owners(context))
                     async for message in requests:
                         intake.add(_chunk_of(message, intake.chunks + 2))
                     answer: Answer = await self.compute.for_call(watch, intake.evaluate, watch)
@@ -92,11 +98,11 @@ class LossService(pb_grpc.LossServiceServicer):
 
     @unary("GetSession")
     async def GetSession(self, request: pb.SessionRequest, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
-        return await self.compute(self.dataplane.get_session, request.session)
+        return await self.compute(self.dataplane.get_session, request.session, self.owners(context))
 
     @unary("ResetSession")
     async def ResetSession(self, request: pb.SessionRequest, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
-        info = await self.compute(self.dataplane.reset_session, request.session)
+        info = await self.compute(self.dataplane.reset_session, request.session, self.owners(context))
         log.info("session %s reset after %d steps", info.session, info.steps)
         return info
 
@@ -104,7 +110,7 @@ class LossService(pb_grpc.LossServiceServicer):
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListSessionsResponse:
-        return await self.compute(self.dataplane.list_sessions)
+        return await self.compute(self.dataplane.list_sessions, self.owners(context))
 
     # -- shared memory --------------------------------------------------------------------------------
 

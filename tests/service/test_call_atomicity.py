@@ -1,0 +1,141 @@
+"""A call is atomic, and sessions belong to their owner.
+
+- A refused or failed call creates no session and changes no state, whichever of its terms failed.
+- Sessions hold at most ``--max-session-bytes`` of state; beyond, RESOURCE_EXHAUSTED naming the setting.
+- With tokens on, a token sees, reads, feeds and resets only its own sessions; ``--share-sessions``
+  shares them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import grpc
+import pytest
+import torch
+from support.calls import field_of, plain_channel
+
+from losswire.client import Credentials, LossClient, RemoteLoss, RemoteLossError, evaluate_terms
+from losswire.server.app import LosswireServer
+from losswire.server.config import ServerConfig
+from losswire.v1 import loss_service_pb2 as pb
+from losswire.v1 import loss_service_pb2_grpc as pb_grpc
+from losswire.wire import codec
+
+SEESAW = dict(type="SeesawLoss", num_classes=4)
+TOKENS = ("token-of-alice-0123456789", "token-of-bob-0123456789ab")
+
+
+@contextlib.contextmanager
+def running(**settings) -> Iterator[LosswireServer]:
+    server = LosswireServer(ServerConfig(host="127.0.0.1", port=0, device="cpu", max_workers=2, **settings))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(grace=0)
+
+
+def target_of(server: LosswireServer) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+def seesaw_batch(seed: int, rows: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, 6, generator=generator), torch.randint(0, 5, (rows,), generator=generator)
+
+
+def seesaw_term(name: str, session: str, score: torch.Tensor, labels: torch.Tensor) -> pb.LossTerm:
+    term = pb.LossTerm(name=name, session=session, forward_id=f"{name}-{session}")
+    codec.encode_config(SEESAW, term.config)
+    codec.encode_tensor(score, term.pred)
+    codec.encode_value(labels, term.target)
+    return term
+
+
+def evaluate(server: LosswireServer, *terms: pb.LossTerm) -> grpc.RpcError:
+    with plain_channel(target_of(server)) as channel, pytest.raises(grpc.RpcError) as refused:
+        pb_grpc.LossServiceStub(channel).Evaluate(pb.EvaluateRequest(terms=list(terms)), timeout=30)
+    return refused.value
+
+
+def test_a_refused_call_creates_no_session():
+    with running() as server:
+        score, _ = seesaw_batch(0)
+        error = evaluate(server, seesaw_term("", "new", score, torch.zeros(3, dtype=torch.long)))  # wrong shape
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert len(server.sessions) == 0
+
+
+@pytest.mark.parametrize("failing", ["decode", "forward"])
+def test_a_call_whose_later_term_fails_leaves_every_session_as_it_was(failing):
+    with running() as server:
+        client = LossClient(target_of(server), timeout=30)
+        first = RemoteLoss(SEESAW, client=client, session="kept")
+        first(*seesaw_batch(0))  # step 1
+        before = first.session_state()["cum_samples"].clone()
+        score, labels = seesaw_batch(1)
+        second = seesaw_term("b", "fresh", score, labels)
+        if failing == "decode":
+            second.pred.dtype = 99  # refused while decoding
+        else:
+            second.target.tensor.shape[:] = [3]  # the loss refuses it in its forward
+            codec.encode_tensor(torch.zeros(3, dtype=torch.long), second.target.tensor)
+        error = evaluate(server, seesaw_term("a", "kept", *seesaw_batch(2)), second)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field_of(error).startswith("terms[1]")
+        info = client.get_session("kept")
+        assert info.steps == 1, "the call's first term was applied though the call failed"
+        torch.testing.assert_close(codec.decode_tensor(info.state["cum_samples"], "state"), before)
+        assert [s.session for s in client.list_sessions().sessions] == ["kept"]
+        client.close()
+
+
+def test_session_state_is_budgeted():
+    with running(max_session_bytes=20_000) as server:
+        client = LossClient(target_of(server), timeout=30)
+        RemoteLoss(SEESAW, client=client, session="small")(*seesaw_batch(0))  # (4 + 1) floats x 5 copies
+        big = RemoteLoss(dict(type="SeesawLoss", num_classes=2000), client=client, session="big", validate=False)
+        with pytest.raises(RemoteLossError) as refused:
+            big(torch.randn(2, 2002), torch.randint(0, 2000, (2,)))
+        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-session-bytes" in refused.value.details and refused.value.field == "terms[0].session"
+        assert [s.session for s in client.list_sessions().sessions] == ["small"]
+        client.close()
+
+
+def clients(server: LosswireServer) -> tuple[LossClient, LossClient]:
+    return tuple(LossClient(target_of(server), timeout=30, credentials=Credentials(token=token)) for token in TOKENS)  # type: ignore[return-value]
+
+
+def test_with_tokens_each_token_has_sessions_of_its_own():
+    with running(auth_tokens=TOKENS) as server:
+        alice, bob = clients(server)
+        RemoteLoss(SEESAW, client=alice, session="exp")(*seesaw_batch(0))
+        RemoteLoss(SEESAW, client=alice, session="exp")(*seesaw_batch(1))
+        assert [s.session for s in bob.list_sessions().sessions] == []
+        with pytest.raises(RemoteLossError) as unseen:
+            bob.get_session("exp")
+        assert unseen.value.code == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(RemoteLossError):
+            bob.reset_session("exp")
+        bobs = RemoteLoss(SEESAW, client=bob, session="exp")
+        bobs(*seesaw_batch(2))  # bob's own "exp": a new state, step 1
+        assert bobs.last_session_step == 1
+        assert alice.get_session("exp").steps == 2 and bob.get_session("exp").steps == 1
+        bob.reset_session("exp")
+        assert alice.get_session("exp").steps == 2
+        alice.close()
+        bob.close()
+
+
+def test_shared_sessions_are_one_state_for_every_token():
+    with running(auth_tokens=TOKENS, share_sessions=True) as server:
+        alice, bob = clients(server)
+        RemoteLoss(SEESAW, client=alice, session="exp")(*seesaw_batch(0))
+        evaluate_terms({"s": (RemoteLoss(SEESAW, client=bob, session="exp"), seesaw_batch(1), {})})
+        assert alice.get_session("exp").steps == 2
+        assert [s.session for s in bob.list_sessions().sessions] == ["exp"]
+        alice.close()
+        bob.close()
