@@ -10,6 +10,7 @@ compute threads (``rpc.calls.Compute``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import importlib
 import logging
@@ -117,6 +118,7 @@ class LosswireServer:
         self.server: grpc.aio.Server | None = None
         self.health: Any = None
         self._health_server: grpc.aio.Server | None = None
+        self._health_watch: asyncio.Future | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="losswire-loop", daemon=True)
 
@@ -205,9 +207,35 @@ class LosswireServer:
         await self.server.start()
         if self.config.health_port is not None:
             await self._start_health_port()
-        for service in ("", SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(serving=True)
+        if self.config.health_bound_seconds is not None:
+            self._health_watch = asyncio.ensure_future(self._watch_compute(self.config.health_bound_seconds))
         return port
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    async def _watch_compute(self, bound: float) -> None:
+        """Health follows whether a small call would be served within ``bound`` seconds: a trivial task
+        through the compute threads every ``bound / 4`` seconds; NOT_SERVING while one waits longer
+        (every thread busy: balancers then send calls elsewhere), SERVING again once one gets through."""
+        serving = True
+        while not self.draining:
+            probe = asyncio.ensure_future(self.compute(time.perf_counter))
+            done, _ = await asyncio.wait([probe], timeout=bound)
+            if not done and serving and not self.draining:
+                serving = False
+                log.warning("health NOT_SERVING: a small call would wait more than %.1f s for a compute thread", bound)
+                await self._set_health(serving=False)
+            with contextlib.suppress(Exception):
+                await probe
+            if not serving and not self.draining:
+                serving = True
+                log.info("health SERVING again: compute threads answer within %.1f s", bound)
+                await self._set_health(serving=True)
+            await asyncio.sleep(bound / 4)
 
     def stop(self, grace: float | None = None) -> None:
         """Health turns NOT_SERVING, new calls are refused, in-flight calls finish (up to grace)."""
@@ -230,6 +258,8 @@ class LosswireServer:
         log.info("stopped")
 
     async def _stop(self, grace: float) -> None:
+        if self._health_watch is not None:
+            self._health_watch.cancel()
         await self.server.stop(grace)
         if self._health_server is not None:  # probes see NOT_SERVING until the very end
             await self._health_server.stop(0)

@@ -68,3 +68,6 @@ class ServerConfig:
     auth_tokens: tuple[str, ...] = dataclasses.field(default=(), repr=False)
     # a second, plaintext port serving only grpc.health.v1, for probes that cannot speak TLS
     health_port: int | None = None
+    # health (on every port) says NOT_SERVING while a small call would wait longer than this for a
+    # compute thread (every thread busy with long calls); None: health follows only start and stop
+    health_bound_seconds: float | None = 10.0

@@ -89,9 +89,8 @@ def faults(fault_losses) -> ModuleType:
 
 @contextlib.contextmanager
 def running_server(registry: Registry, **settings) -> Iterator[LosswireServer]:
-    server = LosswireServer(
-        ServerConfig(host="127.0.0.1", port=0, device=DEVICE, max_workers=8, **settings), registry=registry
-    )
+    settings = {"max_workers": 8, **settings}
+    server = LosswireServer(ServerConfig(host="127.0.0.1", port=0, device=DEVICE, **settings), registry=registry)
     server.start()
     try:
         yield server
@@ -327,6 +326,36 @@ def test_a_retrying_client_gets_through_once_the_server_has_room(busy_server, fa
     attempt = int(server_log.wait_for(r"Evaluate L1Loss: .*, attempt \d+$", mark).rsplit(" ", 1)[1])
     assert attempt >= 2, "the call was answered at its first attempt: it never met the full server"
     client.close()
+
+
+# -- health follows whether a small call can be served ----------------------------------------------
+
+
+def test_health_says_not_serving_while_every_compute_thread_is_held(fault_losses, faults, gate):
+    """One compute thread, held by a gated call: a small call would wait for it, so health (the main port's
+    and the health port's alike) says NOT_SERVING; once the gate opens it says SERVING again."""
+    with running_server(fault_losses[1], max_workers=1, health_bound_seconds=0.3, health_port=0) as server:
+        ports = (server.port, server.health_port)
+
+        def statuses() -> set[int]:
+            found = set()
+            for port in ports:
+                with plain_channel(f"127.0.0.1:{port}") as channel:
+                    stub = health_pb2_grpc.HealthStub(channel)
+                    found.add(stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=WAIT).status)
+            return found
+
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        assert statuses() == {serving}
+        with plain_channel(target_of(server)) as channel:
+            held = pb_grpc.LossServiceStub(channel).Evaluate.future(
+                pb.EvaluateRequest(terms=[gated(gate)]), timeout=WAIT
+            )
+            faults.wait_started(gate, 1)
+            wait_until(lambda: statuses() == {not_serving}, "health turns NOT_SERVING")
+            faults.open_gate(gate)
+            held.result()
+        wait_until(lambda: statuses() == {serving}, "health turns SERVING again")
 
 
 # -- out of memory ------------------------------------------------------------------------------------
