@@ -320,6 +320,19 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob("max_sessions", _int_at_least(1), _DEFAULT.max_sessions, "live sessions at once; beyond, RESOURCE_EXHAUSTED"),
     Knob(
+        "max_session_bytes",
+        _optional_limit,
+        _DEFAULT.max_session_bytes,
+        "bytes of state the live sessions hold together (each its loss module's state and replay snapshots); "
+        "beyond, RESOURCE_EXHAUSTED (0 or none: unbounded)",
+    ),
+    Knob(
+        "share_sessions",
+        _on_off,
+        _DEFAULT.share_sessions,
+        "with bearer tokens: on, every token may use every session; off, a token uses only the sessions it made",
+    ),
+    Knob(
         "session_replay_depth",
         _int_at_least(1),
         _DEFAULT.session_replay_depth,
@@ -360,6 +373,14 @@ KNOBS: tuple[Knob, ...] = (
         _optional_port,
         None,
         "also serve grpc.health.v1 alone on this plaintext port, for probes that cannot do TLS (none: off)",
+    ),
+    Knob(
+        "health_bound",
+        _optional_seconds,
+        _DEFAULT.health_bound_seconds,
+        "health says NOT_SERVING (on every port) while a small call would wait longer than this many seconds "
+        "for a compute thread (0 or none: health follows only start and stop)",
+        "health_bound_seconds",
     ),
     Knob("log_level", _choice("debug", "info", "warning", "error"), "info", "debug adds one line per request", ""),
     Knob("log_format", _choice("text", "json"), "text", "json: one JSON object per line, for log collectors", ""),
