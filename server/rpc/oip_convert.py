@@ -434,20 +434,35 @@ def _typed_count(tensor: oip.ModelInferRequest.InferInputTensor, index: int) -> 
     return len(getattr(tensor.contents, field))
 
 
+# the numpy type each typed ``contents`` field holds its values in (its protobuf scalar type)
+CONTENTS_TYPES = {
+    "bool_contents": np.bool_,
+    "int_contents": np.int32,
+    "int64_contents": np.int64,
+    "uint_contents": np.uint32,
+    "fp32_contents": np.float32,
+    "fp64_contents": np.float64,
+}
+
+
 def _typed_tensor(
     tensor: oip.ModelInferRequest.InferInputTensor, index: int, dtype: torch.dtype, shape: list[int]
 ) -> torch.Tensor:
-    """Typed ``contents`` -> a tensor of the declared datatype and shape."""
+    """Typed ``contents`` -> a tensor of the declared datatype and shape, converted value by value into one
+    array of the field's type (no list of Python numbers: 20 M int64 zeros take 160 MB, not 40x that)."""
     field, numpy_type = TYPED_CONTENTS[tensor.datatype]
-    values = np.asarray(getattr(tensor.contents, field))
-    array = values.astype(np.dtype(numpy_type).newbyteorder("<"))
-    if array.dtype.kind in "iu" and not np.array_equal(array, values):  # int_contents 300 for INT8 would wrap
-        raise RequestError(
-            f"input {_quoted(tensor.name)} (inputs[{index}]): contents.{field} holds values that do not fit "
-            f"{tensor.datatype}",
-            field=f"inputs[{index}].contents.{field}",
-        )
-    return torch.from_numpy(array).reshape(shape)
+    values = getattr(tensor.contents, field)
+    array = np.fromiter(values, dtype=CONTENTS_TYPES[field], count=len(values))
+    target = np.dtype(numpy_type)
+    if target.kind in "iu" and array.size and target.itemsize < array.dtype.itemsize:
+        info = np.iinfo(target)
+        if array.min() < info.min or array.max() > info.max:  # int_contents 300 for INT8 would wrap
+            raise RequestError(
+                f"input {_quoted(tensor.name)} (inputs[{index}]): contents.{field} holds values that do not fit "
+                f"{tensor.datatype}",
+                field=f"inputs[{index}].contents.{field}",
+            )
+    return torch.from_numpy(array.astype(target.newbyteorder("<"), copy=False)).reshape(shape)
 
 
 def _raw_tensor(raw: bytes, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:

@@ -1,0 +1,136 @@
+"""Hostile input gets a clear refusal, never INTERNAL or UNKNOWN, and never bloats the server.
+
+Each case is a request a careless or hostile caller sent a losswire server (by hand, as any language
+can): absurd declared sizes, megabytes of name, JSON built to break a parser, typed contents that expand
+in memory. The answer names the field and the limit; the server serves the next call.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import grpc
+import pytest
+import torch
+from support.calls import field_of, plain_channel
+from support.oip import infer_request, outputs_of
+from support.servers import ServerProcess, module_cmd, server_env
+
+from losswire.inference import grpc_predict_v2_pb2 as oip
+from losswire.inference import grpc_predict_v2_pb2_grpc as oip_grpc
+from losswire.v1 import loss_service_pb2 as pb
+from losswire.v1 import loss_service_pb2_grpc as pb_grpc
+from losswire.wire import chunks, codec
+from losswire.wire.protocol import EVALUATE_STREAM_METHOD
+
+BAD = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+
+
+def refused(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as error:
+        call()
+    assert error.value.code() not in BAD, error.value.details()
+    return error.value
+
+
+def good_call_is_answered(target: str) -> None:
+    with plain_channel(target) as channel:
+        answer = oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            infer_request("L1Loss", {"pred": torch.ones(3), "target": torch.zeros(3)}), timeout=30
+        )
+    assert outputs_of(answer)["loss"].item() == 1.0
+
+
+@pytest.mark.parametrize("elements", [(1 << 33) // 4, 2**62])
+def test_a_stream_header_declaring_an_absurd_size_is_refused_before_allocation(target, elements):
+    request = pb.EvaluateRequest()
+    term = request.terms.add()
+    codec.encode_config({"type": "L1Loss"}, term.config)
+    for message in (term.pred, term.target.tensor):
+        message.dtype, message.shape[:] = pb.FLOAT32, [elements]
+    with plain_channel(target) as channel:
+        method = channel.stream_stream(
+            EVALUATE_STREAM_METHOD, request_serializer=chunks.serialize_chunk, response_deserializer=bytes
+        )
+        error = refused(lambda: list(method(iter([pb.EvaluateChunk(request=request)]), timeout=30)))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "--max-message-bytes" in error.details() and field_of(error) == "terms[0].pred.shape"
+    good_call_is_answered(target)
+
+
+@pytest.mark.parametrize("size", [1 << 20, 8 << 20])
+def test_megabytes_of_name_come_back_as_a_short_message(target, size):
+    """A loss type or session name of megabytes: the real refusal, quoted in a few hundred characters
+    (not "metadata size exceeds hard limit")."""
+    for config, session, field in (
+        ({"type": "x" * size}, "", "terms[0].config.type"),
+        ({"type": "L1Loss"}, "s" * size, "terms[0].session"),
+    ):
+        request = pb.EvaluateRequest()
+        term = request.terms.add(session=session)
+        codec.encode_config(config, term.config)
+        codec.encode_tensor(torch.ones(3), term.pred)
+        codec.encode_value(torch.zeros(3), term.target)
+        with plain_channel(target) as channel:
+            stub = pb_grpc.LossServiceStub(channel)
+            error = refused(lambda stub=stub, request=request: stub.Evaluate(request, timeout=30))
+        assert error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT), error.details()
+        assert len(error.details()) < 1000 and "more characters" in error.details()
+        assert field_of(error) == field
+    good_call_is_answered(target)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[" * 100_000, '{"a": ' * 100_000 + "1" + "}" * 100_000, '{"gamma": ' + "9" * 5000 + "}"],
+    ids=["unclosed", "deep", "long-integer"],
+)
+def test_json_built_to_break_the_parser_is_invalid_argument(target, text):
+    request = infer_request("FocalLoss", {"pred": torch.randn(4, 3), "target": torch.tensor([0, 1, 2, 3])})
+    request.parameters["config"].string_param = text
+    with plain_channel(target) as channel:
+        error = refused(lambda: oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_of(error) == "parameters[config]"
+    good_call_is_answered(target)
+
+
+def _peak_rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def typed_zeros_request(count: int) -> oip.ModelInferRequest:
+    """An L1Loss call whose target is ``count`` int64 zeros in typed contents (1 byte each on the wire)
+    and whose pred is one number: the target is converted, then refused for its shape."""
+    request = oip.ModelInferRequest(model_name="L1Loss")
+    request.inputs.add(name="pred", datatype="FP32", shape=[1]).contents.fp32_contents.append(0.0)
+    target = request.inputs.add(name="target", datatype="INT64", shape=[count])
+    target.contents.int64_contents.extend([0] * count)
+    return request
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize(("max_message_bytes", "code"), [(None, "INVALID_ARGUMENT"), (64 << 20, "RESOURCE_EXHAUSTED")])
+def test_typed_contents_are_bounded_like_raw_bytes(max_message_bytes, code):
+    """20 M int64 zeros in ``int64_contents`` (19 MiB on the wire, 160 MB as values): converted into one
+    array, not a list of Python numbers (the server's peak grew 921 MiB before, 48 bytes a value), and
+    counted against --max-message-bytes by the bytes they declare, like raw contents: refused before
+    they are converted when over it."""
+    count = 20_000_000
+    flags = [] if max_message_bytes is None else ["--max-message-bytes", str(max_message_bytes)]
+    process = ServerProcess(module_cmd("--host", "127.0.0.1", "--port", "0", "--device", "cpu", *flags), server_env())
+    try:
+        process.wait_started()
+        request = typed_zeros_request(count)
+        before = _peak_rss_bytes(process.proc.pid)
+        with grpc.insecure_channel(process.target, options=[("grpc.max_send_message_length", -1)]) as channel:
+            error = refused(lambda: oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=120))
+        assert error.code().name == code, error.details()
+        grown = _peak_rss_bytes(process.proc.pid) - before
+        assert grown < 40 * count, f"the server's peak memory grew {grown / 2**20:.0f} MiB for {count} values"
+        good_call_is_answered(process.target)
+    finally:
+        process.close()
