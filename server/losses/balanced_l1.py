@@ -47,6 +47,7 @@ class BalancedL1Loss(PairwiseLoss):
 
     differentiable = ("pred", "target")
     working_copies = 13.0
+    work_per_element = 40
 
     def __init__(
         self,

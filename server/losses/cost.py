@@ -9,9 +9,12 @@ server can compare it with its budgets in microseconds, also for a config of ``n
 
 ``Registry.estimate(config, shapes)`` validates the config and calls the loss's estimate.
 
-Calibration: the constants are peak resident memory (VmHWM) of real forwards + backwards, measured in
-a subprocess per case; ``tests/engine/test_estimates.py`` measures them again (a slow test) and holds
-each estimate to [0.5, 8] times the measured peak, and lists the measured ratios.
+Calibration: the memory constants are peak resident memory (VmHWM) of real forwards + backwards,
+measured in a subprocess per case; ``tests/engine/test_estimates.py`` measures them again (a slow test),
+holds each estimate to [0.5, 4] times the measured peak and lists the ratios (1.0 to 2.7 here). The work
+constants make a unit about half a nanosecond of one core's time on the machine measured (a 2-core VM:
+0.3 to 1.5 ns per unit across the losses' forward + backward, one intra-op thread): a rough guide for
+a time budget, not a promise.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ class Estimate:
     ``module_bytes``: the peak of building the module, most of which it holds afterwards (GHM's bins,
     EQLv2's and Seesaw's per-class buffers). ``forward_bytes``: the peak working memory of one forward and
     backward for the given shapes, beyond the inputs themselves (gradients included); 0 without shapes.
-    ``work``: element operations of that forward and backward, to the order of magnitude. ``parameter``
+    ``work``: element operations of that forward and backward, roughly (see the module docstring). ``parameter``
     names the config key or forward input that drives the larger of the two byte counts (the one a
     refusal should name); ``module_parameter`` and ``forward_parameter`` name each one's.
     """

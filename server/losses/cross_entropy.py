@@ -181,14 +181,15 @@ class CrossEntropyLoss(WeightedLoss):
     output_kind = OutputKind.SAMPLE
     output_variants = {"use_sigmoid=True": OutputKind.ELEMENT, "use_mask=True": OutputKind.SCALAR}
     differentiable = ("cls_score", "label")
-    # copies of cls_score at a forward + backward's peak, per mode: the mask mode works on one channel
-    mode_working_copies: ClassVar[dict[str, float]] = {"softmax": 5.0, "sigmoid": 8.0, "mask": 2.0}
+    # per mode, (copies of cls_score at a forward + backward's peak, work per element): the mask mode
+    # works on one channel of cls_score
+    mode_cost: ClassVar[dict[str, tuple[float, int]]] = {"softmax": (5.0, 4), "sigmoid": (8.0, 20), "mask": (2.0, 2)}
 
     @classmethod
     def estimate(cls, params: Mapping[str, Any], shapes: Shapes | None, itemsize: int) -> Estimate:
         """A multiple of cls_score's bytes, by mode."""
         mode = "mask" if params["use_mask"] else "sigmoid" if params["use_sigmoid"] else "softmax"
-        return cost.proportional("cls_score", shapes, itemsize, cls.mode_working_copies[mode])
+        return cost.proportional("cls_score", shapes, itemsize, *cls.mode_cost[mode])
 
     def __init__(
         self,

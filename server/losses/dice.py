@@ -64,6 +64,7 @@ class DiceLoss(PairwiseLoss):
     # differs from mmdet's (rounded after the scaling) by ~1e-5 relative. The recompute is exact.
     separable = False
     working_copies = 5.0
+    work_per_element = 9
 
     def __init__(
         self,

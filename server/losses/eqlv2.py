@@ -73,6 +73,7 @@ class EQLV2Loss(WeightedLoss):
     output_kind = OutputKind.SCALAR
     differentiable = ("cls_score",)
     working_copies = 10.0
+    work_per_element = 20
 
     @classmethod
     def estimate(cls, params: Mapping[str, Any], shapes: Shapes | None, itemsize: int) -> Estimate:

@@ -105,6 +105,7 @@ class _SigmoidFocal(PairwiseLoss):
     """What FocalLoss and FocalCustomLoss share: the use_sigmoid rule and mmdet's focal weight rule."""
 
     working_copies = 15.0
+    work_per_element = 40
 
     def check_sigmoid(self, use_sigmoid: bool) -> None:
         if use_sigmoid is not True:

@@ -95,6 +95,7 @@ class GaussianFocalLoss(WeightedLoss):
 
     differentiable = ("pred", "target")
     working_copies = 17.0
+    work_per_element = 75
 
     def __init__(
         self,

@@ -79,6 +79,7 @@ class QualityFocalLoss(PairwiseLoss):
     output_kind = OutputKind.SAMPLE
     differentiable = ("pred", "target")
     working_copies = 14.0
+    work_per_element = 28
 
     def __init__(
         self,
@@ -152,6 +153,7 @@ class DistributionFocalLoss(PairwiseLoss):
     output_kind = OutputKind.SAMPLE
     differentiable = ("pred", "target")
     working_copies = 6.0
+    work_per_element = 13
 
     def __init__(self, reduction: Reduction = "mean", loss_weight: float = 1.0) -> None:
         super().__init__(reduction, loss_weight)

@@ -55,6 +55,7 @@ class HarmonizedLoss(WeightedLoss):
 
     stateful = True  # with momentum > 0: the moving average of the bin counts
     working_copies = 18.0
+    work_per_element = 70
 
     @classmethod
     def estimate(cls, params: Mapping[str, Any], shapes: Shapes | None, itemsize: int) -> Estimate:

@@ -236,6 +236,7 @@ class IoULoss(_PerBoxLoss):
 
     weight_shortcut = "reduced"
     working_copies = 6.0
+    work_per_element = 40
 
     def __init__(
         self,
@@ -276,6 +277,7 @@ class GIoULoss(_PerBoxLoss):
     """
 
     working_copies = 8.0
+    work_per_element = 60
 
     def __init__(self, eps: NonNegative = 1e-6, reduction: Reduction = "mean", loss_weight: float = 1.0) -> None:
         super().__init__(reduction, loss_weight)
@@ -293,6 +295,7 @@ class _EpsBoxLoss(_PerBoxLoss):
     """The per-box losses whose ``eps`` is added to the union (DIoU, CIoU, EIoU, SIoU): 2-D [N, 4] boxes."""
 
     working_copies = 9.0
+    work_per_element = 70
 
     def __init__(self, eps: NonNegative = 1e-6, reduction: Reduction = "mean", loss_weight: float = 1.0) -> None:
         super().__init__(reduction, loss_weight)
@@ -323,6 +326,7 @@ class BoundedIoULoss(PairwiseLoss):
     separable = False
     weight_shortcut = "always"
     working_copies = 20.0
+    work_per_element = 50
 
     def __init__(
         self, beta: Positive = 0.2, eps: NonNegative = 1e-3, reduction: Reduction = "mean", loss_weight: float = 1.0
@@ -380,6 +384,7 @@ class CIoULoss(_EpsBoxLoss):
     """
 
     working_copies = 10.0
+    work_per_element = 80
 
     def kernel(self, pred: Tensor, target: Tensor) -> Tensor:
         return ciou_loss(pred, target, self.eps)
@@ -437,6 +442,7 @@ class SIoULoss(_EpsBoxLoss):
     """
 
     working_copies = 20.0
+    work_per_element = 105
 
     def __init__(
         self, eps: NonNegative = 1e-6, reduction: Reduction = "mean", loss_weight: float = 1.0, neg_gamma: bool = False

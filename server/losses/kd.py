@@ -45,6 +45,7 @@ class KnowledgeDistillationKLDivLoss(PairwiseLoss):
     output_kind = OutputKind.SAMPLE
     differentiable = ("pred",)
     working_copies = 8.0
+    work_per_element = 10
 
     def __init__(self, reduction: Reduction = "mean", loss_weight: float = 1.0, T: AtLeastOne = 10) -> None:  # noqa: N803
         super().__init__(reduction, loss_weight)

@@ -77,6 +77,7 @@ class MinedSquaredLoss(WeightedLoss):
     rng: np.random.RandomState | None = None
     stochastic = True
     working_copies = 16.0
+    work_per_element = 110
 
     def __init__(
         self,

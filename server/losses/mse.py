@@ -28,6 +28,7 @@ class MSELoss(PairwiseLoss):
 
     differentiable = ("pred", "target")
     working_copies = 8.0
+    work_per_element = 4
 
     def __init__(self, reduction: Reduction = "mean", loss_weight: float = 1.0) -> None:
         super().__init__(reduction, loss_weight)

@@ -71,6 +71,7 @@ class MultiPosCrossEntropyLoss(PairwiseLoss):
     output_kind = OutputKind.SAMPLE
     differentiable = ("cls_score",)
     working_copies = 13.0
+    work_per_element = 65
 
     def __init__(self, reduction: Reduction = "mean", loss_weight: float = 1.0) -> None:
         super().__init__(reduction, loss_weight)

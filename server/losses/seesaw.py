@@ -108,6 +108,7 @@ class SeesawLoss(WeightedLoss):
     custom_activation: ClassVar[bool] = True
     custom_accuracy: ClassVar[bool] = True
     working_copies = 11.0
+    work_per_element = 22
 
     @classmethod
     def estimate(cls, params: Mapping[str, Any], shapes: Shapes | None, itemsize: int) -> Estimate:

@@ -45,6 +45,7 @@ class L1Loss(PairwiseLoss):
     differentiable = ("pred", "target")
     weight_shortcut = "always"
     working_copies = 6.0
+    work_per_element = 4
 
     def __init__(self, reduction: Reduction = "mean", loss_weight: float = 1.0) -> None:
         super().__init__(reduction, loss_weight)
@@ -69,6 +70,7 @@ class SmoothL1Loss(PairwiseLoss):
     differentiable = ("pred", "target")
     weight_shortcut = "always"
     working_copies = 10.0
+    work_per_element = 4
 
     def __init__(self, beta: Positive = 1.0, reduction: Reduction = "mean", loss_weight: float = 1.0) -> None:
         super().__init__(reduction, loss_weight)

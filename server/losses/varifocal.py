@@ -49,6 +49,7 @@ class VarifocalLoss(PairwiseLoss):
 
     differentiable = ("pred", "target")
     working_copies = 14.0
+    work_per_element = 22
 
     def __init__(
         self,
