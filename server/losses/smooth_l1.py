@@ -69,7 +69,7 @@ class SmoothL1Loss(PairwiseLoss):
 
     differentiable = ("pred", "target")
     weight_shortcut = "always"
-    working_copies = 10.0
+    working_copies = 6.0
     work_per_element = 4
 
     def __init__(self, beta: Positive = 1.0, reduction: Reduction = "mean", loss_weight: float = 1.0) -> None:

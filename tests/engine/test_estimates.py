@@ -5,24 +5,24 @@ get large estimates naming the parameter to blame, computed from the numbers alo
 config too large to allocate at all is estimated just the same). The constants are calibrated against
 measured peaks (the slow test below measures them again, in a subprocess: memory_probe.py).
 
-Measured here (2 cores, torch 2.x, one intra-op thread; estimate / measured peak of a forward + backward,
-float32 unless marked):
+Measured here (a 2-core VM, one intra-op thread; estimate / measured peak of a forward + backward of
+8M-element float32 inputs unless marked; memory_probe.py's cases):
 
-    FocalLoss [100000, 80]        305 MiB  1.50    float64  1.49   GIoULoss [200000, 4]   16.8 MiB 1.46
-    CrossEntropyLoss softmax     92.5 MiB  1.65    sigmoid  1.57   mask 1.78
-    QualityFocalLoss             282 MiB   1.51    VarifocalLoss 1.70   GaussianFocalLoss 1.51
-    L1 / MSE / SmoothL1 / BalancedL1       1.51 / 1.61 / 1.44 / 1.50
-    IoU / DIoU / CIoU / EIoU / SIoU / BoundedIoU   1.61 / 1.57 / 1.42 / 1.57 / 1.54 / 1.51
-    GHMC 1.90 (float64 2.51)   GHMR 1.44   EQLV2Loss 1.60   SeesawLoss 1.57   DiceLoss 1.67   KD 1.60
-    L2Loss 2.02 (float64 2.65)   MarginL2Loss 1.51   MultiPosCE 1.58   DFL 1.89   TripletLoss 1.14
-    AssociativeEmbeddingLoss: maps 1.28, 3000 objects 1.60
+    FocalLoss 1.50 (float64 1.50), FocalCustomLoss 1.50, dense target 1.67, QualityFocalLoss 1.51,
+    VarifocalLoss 1.70, GaussianFocalLoss 1.51, CrossEntropyLoss softmax 1.65 (float64 1.67), sigmoid 1.57,
+    mask 1.78, CrossEntropyCustomLoss 1.67, KD 1.60, DFL 1.89, DiceLoss 1.67, MultiPosCE 1.58,
+    L1 1.53, MSE 1.63, SmoothL1 1.58, BalancedL1 1.51, IoU 1.63, GIoU 1.47 (float64 1.46), DIoU 1.58,
+    CIoU 1.43, EIoU 1.59, SIoU 1.55, BoundedIoU 1.52, GHMC 1.90 (float64 2.72), GHMR 1.45,
+    EQLV2Loss 1.60, SeesawLoss 1.57, L2Loss 2.02 (float64 2.67), MarginL2Loss 1.51, TripletLoss 1.43,
+    AssociativeEmbeddingLoss maps 1.28, 3000 objects 1.60;
+    GHMC 25M bins with momentum: building 1.50, forward 1.45; EQLV2Loss / SeesawLoss 5M classes: 1.55 / 1.42.
 
-    the pathological cases at full size:
-    GHMC bins=2.5e8, building          1.866 GiB measured   1.863 GiB estimated ("bins")
-    EQLV2Loss num_classes=1e8          1.118 GiB            1.118 GiB ("num_classes")
-    SeesawLoss num_classes=1e8         0.373 GiB            0.373 GiB ("num_classes")
-    SeesawLoss num_classes=8000, [1, 8002] forward   1.017 GiB   1.192 GiB ("num_classes")
-    TripletLoss [8000, 1] forward      1.610 GiB            2.265 GiB ("inputs")
+    The pathological cases at full size (measured / estimated):
+    GHMC bins=2.5e8, building          1.866 / 1.863 GiB ("bins")
+    EQLV2Loss num_classes=1e8          1.118 / 1.118 GiB ("num_classes")
+    SeesawLoss num_classes=1e8         0.373 / 0.373 GiB ("num_classes")
+    SeesawLoss num_classes=8000, a [1, 8002] forward   1.017 / 1.192 GiB ("num_classes")
+    TripletLoss [8000, 1] forward      1.610 / 2.265 GiB ("inputs")
 """
 
 from __future__ import annotations
