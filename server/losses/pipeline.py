@@ -225,7 +225,8 @@ class WeightedLoss(nn.Module):
     def estimate(cls, params: Mapping[str, Any], shapes: Shapes | None, itemsize: int) -> Estimate:
         """What this config and these input shapes cost (see ``cost``): no buffers, and a working set of
         ``working_copies`` copies of the first input. Losses with larger terms override it."""
-        return cost.proportional(input_names(cls)[0], shapes, itemsize, cls.working_copies, cls.work_per_element)
+        first = next(iter(input_names(cls)), "pred")  # a forward of *args names nothing
+        return cost.proportional(first, shapes, itemsize, cls.working_copies, cls.work_per_element)
 
     def keeps_state(self) -> bool:
         """Whether this module, as configured, carries state from one forward to the next."""

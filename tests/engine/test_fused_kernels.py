@@ -1,4 +1,4 @@
-"""The fused loss-and-gradient kernels (server/losses/fused.py) against the autograd path.
+"""The fused loss-and-gradient kernels (server/losses/fused/) against the autograd path.
 
 Every case evaluates one term twice in process, with ``Evaluator(fused=True)`` and
 ``Evaluator(fused=False)`` (the autograd path, itself checked against mmdet's recorded fixtures), and
