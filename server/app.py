@@ -31,6 +31,7 @@ from . import __version__
 from .auth import TokenSet
 from .config import ServerConfig
 from .dataplane import Dataplane, RequestLimits, SharedMemoryRegistry
+from .dataplane.budget import MemoryBudget
 from .evaluation import SessionStore
 from .losses import LOSSES, Registry
 from .rpc.authentication import SessionOwners, TokenAuthInterceptor
@@ -107,6 +108,7 @@ class LosswireServer:
             shared_memory=self.shared_memory,
             buffers=BufferPool(config.buffer_pool_bytes),
             fused=config.fused_kernels,
+            budget=MemoryBudget(config.memory_budget, config.max_term_memory),
         )
         # counted whether or not the endpoint is served: tests and embedders read .metrics.registry
         self.metrics = ServerMetrics(self.device, __version__, registry.names, lambda: len(self.sessions))

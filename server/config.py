@@ -7,8 +7,17 @@ start fast.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from losswire.wire.protocol import DEFAULT_MAX_DIMS, DEFAULT_PORT, MAX_MESSAGE_BYTES
+
+
+def half_of_physical_memory() -> int | None:
+    """Half this host's physical memory in bytes (None where the system does not say: unbounded)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 @dataclasses.dataclass
@@ -34,6 +43,12 @@ class ServerConfig:
     # same-host callers may register shared-memory segments and pass tensors by reference
     shared_memory: bool = True
     max_shared_memory: int | None = 64 << 30  # bytes mapped for all callers together; None: unbounded
+    # bytes the calls in flight may hold at once (streamed tensors' buffers, terms' working memory as their
+    # losses estimate it), reserved before they are allocated; beyond, RESOURCE_EXHAUSTED. None: unbounded.
+    # By default half the host's physical memory.
+    memory_budget: int | None = dataclasses.field(default_factory=lambda: half_of_physical_memory())
+    # the most one term's working memory may take (None: the whole budget)
+    max_term_memory: int | None = None
     # idle buffers kept for reuse by big calls (streamed tensors, their answers); 0: fresh memory each call
     buffer_pool_bytes: int = 1 << 30  # losswire.wire.buffers.DEFAULT_IDLE_BYTES
     max_message_bytes: int = MAX_MESSAGE_BYTES

@@ -240,9 +240,9 @@ def _empty_bytes(nbytes: int) -> Tensor:
 class _Pending:
     __slots__ = ("buffer", "dtype", "nbytes", "received", "shape")
 
-    def __init__(self, buffer: Tensor, dtype: torch.dtype, shape: list[int]) -> None:
-        self.buffer, self.dtype, self.shape = buffer, dtype, shape
-        self.nbytes = buffer.numel()
+    def __init__(self, nbytes: int, dtype: torch.dtype, shape: list[int]) -> None:
+        self.buffer: Tensor | None = None  # allocated when the tensor's first chunk arrives
+        self.nbytes, self.dtype, self.shape = nbytes, dtype, shape
         self.received = 0
 
 
@@ -250,19 +250,22 @@ class StreamAssembler:
     """Reassembles the streamed tensors of a stream's first message from its ``TensorChunk``s.
 
     Every tensor of ``header`` whose data is empty though its shape has elements is streamed: its
-    buffer is allocated here once (in its ``data_dtype`` when narrowed) and each chunk's bytes are
-    copied into it once. Check limits on the declared shapes *before* making the assembler: this
-    allocates. A chunk naming no streamed tensor, out of order (its offset is not the bytes received
-    so far: a gap or an overlap) or past the tensor's end, and a stream that ends before a tensor is
-    complete, are CodecErrors naming the field. ``tensors`` maps each path to its tensor (declared
-    shape, data dtype) for ``decode_tensor(..., streamed=...)``. ``allocate(nbytes)`` gives each
-    buffer, a uint8 tensor (default: fresh memory; ``BufferPool.take``: reused memory).
+    buffer is allocated when its first chunk arrives (a stream that sends nothing holds nothing), in its
+    ``data_dtype`` when narrowed, and each chunk's bytes are copied into it once. Check limits on the
+    declared shapes before the chunks come. A chunk naming no streamed tensor, out of order (its offset is
+    not the bytes received so far: a gap or an overlap) or past the tensor's end, and a stream that ends
+    before a tensor is complete, are CodecErrors naming the field. ``tensors`` maps each path to its
+    tensor (declared shape, data dtype) for ``decode_tensor(..., streamed=...)``. ``allocate(nbytes)``
+    gives each buffer, a uint8 tensor (default: fresh memory; ``BufferPool.take``: reused memory).
     """
 
     def __init__(
-        self, header: Message, max_elements: int | None = None, allocate: Callable[[int], Tensor] | None = None
+        self,
+        header: Message,
+        max_elements: int | None = None,
+        allocate: Callable[[int], Tensor] | None = None,
     ) -> None:
-        allocate = allocate or _empty_bytes
+        self._allocate = allocate or _empty_bytes
         self._pending: dict[str, _Pending] = {}
         for path, message in tensors_of(header):
             _, data_dtype = wire_dtypes(message, path)
@@ -270,8 +273,7 @@ class StreamAssembler:
             numel = check_shape(shape, path, max_elements=max_elements)
             if numel == 0 or len(message.data) > 0 or message.HasField("shm"):
                 continue  # inline (decode_tensor checks its length), in shared memory, or empty
-            buffer = allocate(numel * data_dtype.itemsize)
-            self._pending[path] = _Pending(buffer, data_dtype, shape)
+            self._pending[path] = _Pending(numel * data_dtype.itemsize, data_dtype, shape)
         self.tensors: dict[str, Tensor] = {}
         self.chunks = 0
 
@@ -307,6 +309,8 @@ class StreamAssembler:
                 f"{pending.nbytes} bytes (dtype and shape as declared)",
                 field=f"{chunk.tensor}.data",
             )
+        if pending.buffer is None:
+            pending.buffer = self._allocate(pending.nbytes)
         if size:
             pending.buffer[offset : offset + size] = torch.frombuffer(data, dtype=torch.uint8)
         pending.received += size

@@ -27,7 +27,7 @@ from losswire.wire.buffers import BufferPool
 from losswire.wire.protocol import SHARED_MEMORY_MIN_OUTPUT_BYTES
 
 from .. import __version__
-from ..errors import TermError
+from ..errors import LimitExceededError, ServerBusyError, TermError
 from ..evaluation import Evaluator, SessionStore, TermRequest, split_sampler
 from ..evaluation.errors import check_cancelled
 from ..evaluation.sampling import build_sampler, sampler_config
@@ -37,6 +37,7 @@ from ..losses import fused as fused_kernels
 from ..losses.provenance import implementation_digest
 from ..losses.schema import keeps_state
 from .admission import BigCallSlots
+from .budget import MemoryBudget
 from .decode import Arrived, check_transfer_dtype, decode_term, term_names
 from .descriptions import loss_info, session_info
 from .encode import InPlace, encode_outcome, into_output_range, into_pooled_buffers
@@ -91,6 +92,7 @@ class Dataplane:
         shared_memory: SharedMemoryRegistry | None = None,
         buffers: BufferPool | None = None,
         fused: bool = True,
+        budget: MemoryBudget | None = None,
     ) -> None:
         self.device = device
         self.registry = registry
@@ -103,6 +105,7 @@ class Dataplane:
         # reused call after call: fresh memory costs a page fault per 4 KiB on first write
         self.buffers = buffers if buffers is not None else BufferPool(0)
         self._implementations: dict[str, str] = {}  # loss name -> provenance digest
+        self.budget = budget if budget is not None else MemoryBudget(None)
 
     # -- evaluation -------------------------------------------------------------------------------
 
@@ -138,19 +141,14 @@ class Dataplane:
             raise released_if_out_of_memory(error, "the call") from None
 
     def open_stream(self, header: pb.EvaluateRequest, cancelled: Cancelled, owner: str = "") -> StreamIntake:
-        """A streamed call (``EvaluateStream``) once its first message arrived: checked against the limits
-        on its declared shapes and admitted before a byte of its chunks is allocated."""
+        """A streamed call (``EvaluateStream``) once its first message arrived, checked against the limits
+        on its declared shapes. It holds nothing until its chunks come: each tensor's buffer is reserved
+        in the memory budget and allocated at its first chunk, and the big-call slot is taken then."""
         started = time.perf_counter()
         check_cancelled(cancelled, "the whole call")
         walked = check_request(header, self.limits, elsewhere=True)
-        self.slots.take()
-        try:
-            shared = self.shared_memory.inputs(walked, self.limits.max_elements)  # a header may name some too
-            assembler = chunks.StreamAssembler(header, self.limits.max_elements, self.buffers.take)
-        except BaseException:
-            self.slots.give_back()
-            raise
-        return StreamIntake(self, header, assembler, shared, started, owner)
+        shared = self.shared_memory.inputs(walked, self.limits.max_elements)  # a header may name some too
+        return StreamIntake(self, header, shared, started, owner)
 
     def run(
         self,
@@ -294,21 +292,19 @@ class Dataplane:
 
 class StreamIntake:
     """A streamed call being received: its chunks copied once into buffers allocated from the declared
-    shapes; it holds a big-call slot until ``close()``, after its answer has been sent."""
+    shapes. From its first chunk (or its evaluation) it holds a big-call slot, and its buffers' bytes in
+    the memory budget, until ``close()``, after its answer has been sent."""
 
     def __init__(
-        self,
-        dataplane: Dataplane,
-        header: pb.EvaluateRequest,
-        assembler: chunks.StreamAssembler,
-        shared: Arrived,
-        started: float,
-        owner: str = "",
+        self, dataplane: Dataplane, header: pb.EvaluateRequest, shared: Arrived, started: float, owner: str = ""
     ) -> None:
         self.dataplane, self.header, self.started, self.owner = dataplane, header, started, owner
-        self._assembler: chunks.StreamAssembler | None = assembler
-        self._shared = shared
-        self._open = True
+        self._assembler: chunks.StreamAssembler | None = chunks.StreamAssembler(
+            header, dataplane.limits.max_elements, self._allocate
+        )
+        self._shared: Arrived | None = shared
+        self._slot = False
+        self._reserved = 0
 
     @property
     def chunks(self) -> int:
@@ -316,12 +312,28 @@ class StreamIntake:
         return self._assembler.chunks if self._assembler is not None else 0
 
     def add(self, chunk: Any) -> None:
-        """Copy one ``TensorChunk`` into its tensor (a CodecError for one out of place)."""
-        self._assembler.add(chunk)
+        """Copy one ``TensorChunk`` into its tensor (a CodecError for one out of place; the budget's
+        refusal for a tensor that does not fit now)."""
+        self._take_slot()
+        try:
+            self._assembler.add(chunk)
+        except (LimitExceededError, ServerBusyError) as error:
+            error.field = error.field or f"{chunk.tensor}.shape"
+            raise
+
+    def _allocate(self, nbytes: int) -> torch.Tensor:
+        self._reserved += self.dataplane.budget.take(nbytes, "a streamed tensor")
+        return self.dataplane.buffers.take(nbytes)
+
+    def _take_slot(self) -> None:
+        if not self._slot:
+            self.dataplane.slots.take()
+            self._slot = True
 
     def evaluate(self, cancelled: Cancelled) -> Answer:
         """The stream has ended: evaluate; the answer's big tensors are held back to be streamed."""
         check_cancelled(cancelled, "receiving the stream")
+        self._take_slot()
         arrived = {**self._assembler.finish(), **self._shared}
         self._assembler = self._shared = None  # the request's tensors go with the answer's keep list
         try:
@@ -332,8 +344,11 @@ class StreamIntake:
             raise released_if_out_of_memory(error, "the call") from None
 
     def close(self) -> None:
-        """The call is over (answered, refused or abandoned): its slot is free again."""
-        if self._open:
-            self._open = False
-            self._assembler = self._shared = None
+        """The call is over (answered, refused or abandoned): its slot and its budget are free again."""
+        self._assembler = self._shared = None
+        if self._slot:
+            self._slot = False
             self.dataplane.slots.give_back()
+        if self._reserved:
+            self.dataplane.budget.give_back(self._reserved)
+            self._reserved = 0

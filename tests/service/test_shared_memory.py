@@ -294,8 +294,9 @@ def test_closing_the_client_unregisters_its_regions(target, server):
 
 
 def test_shared_memory_calls_take_a_big_call_slot_and_wait_for_one(wire):
-    """With the one big-call slot held by a stream, a shared-memory call is refused as busy (retryable:
-    no "do not retry" pushback); the client waits it out and is answered once the stream ends."""
+    """With the one big-call slot held by a stream receiving its chunks, a shared-memory call is refused as
+    busy (retryable: no "do not retry" pushback); the client waits it out and is answered once the stream
+    ends."""
     server = fresh_server(max_workers=3, max_stream_calls=1)
     target = f"127.0.0.1:{server.port}"
     client = LossClient(target, timeout=60, shared_memory="on")
@@ -309,8 +310,9 @@ def test_shared_memory_calls_take_a_big_call_slot_and_wait_for_one(wire):
 
     def held_open() -> Iterator[pb.EvaluateChunk | bytes]:
         yield pb.EvaluateChunk(request=header)
-        release.wait(60)  # admitted and receiving until the test says
-        yield chunks.chunk_wire_bytes("terms[0].pred", 0, data)
+        yield chunks.chunk_wire_bytes("terms[0].pred", 0, data[:4096])  # its first chunk: it holds the slot
+        release.wait(60)  # receiving until the test says
+        yield chunks.chunk_wire_bytes("terms[0].pred", 4096, data[4096:])
 
     try:
         with plain_channel(target) as channel:

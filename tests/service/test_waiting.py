@@ -150,3 +150,18 @@ def test_an_idle_stream_is_ended_and_leaves_its_big_call_slot():
             raise AssertionError(f"a stream after idle ones was refused: {error}") from None
         finally:
             client.close()
+
+
+def test_a_silent_stream_holds_no_big_call_slot():
+    """Two streams that sent a valid header, then nothing: a real streamed call still goes through at once
+    (the slots, and the buffers of the declared tensors, are taken only when their chunks come)."""
+    with running(max_workers=2, max_stream_calls=1) as target:
+        silent = SilentCallers(target, 2, first=[header()])
+        client = LossClient(target, timeout=DEADLINE, stream_threshold=0, shared_memory="off")
+        try:
+            pred, target_ = torch.randn(256, 4), torch.randn(256, 4)
+            loss = RemoteLoss(dict(type="L1Loss"), client=client)(pred, target_)
+            torch.testing.assert_close(loss, (pred - target_).abs().mean())
+        finally:
+            client.close()
+            silent.close()
