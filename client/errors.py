@@ -48,3 +48,39 @@ def is_busy(error: grpc.RpcError) -> bool:
         return False
     trailers = dict(error.trailing_metadata() or ()) if hasattr(error, "trailing_metadata") else {}
     return trailers.get(NO_RETRY[0]) != NO_RETRY[1]
+
+
+class ImplementationMismatchError(RemoteLossError):
+    """A server computes a loss with another implementation than the one this module was pinned to
+    (``RemoteLoss(cfg, expect='sha256:...')``): its numbers may differ, so none of them is used.
+
+    ``loss`` is the loss's type, ``expected`` the pinned digest, ``found`` the server's (``""`` when
+    the server named none), ``where`` the answer that carried it (``Describe``, ``Evaluate``)."""
+
+    def __init__(self, loss: str, expected: str, found: str, target: str, where: str) -> None:
+        digest = found or "no implementation digest"
+        super().__init__(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"{loss}: the server at {target} answered {where} with implementation {digest}, but this RemoteLoss "
+            f"expects {expected} (expect=); its numbers may differ from the pinned implementation's. Pin the "
+            "new digest after checking it, or point target= at a server running the pinned one",
+            "implementation",
+        )
+        self.loss, self.expected, self.found = loss, expected, found
+
+
+def check_implementation(loss: str, expected: str | None, found: str, target: str, where: str) -> None:
+    """Refuse an answer computed by another implementation than the ``expected`` digest (None: any)."""
+    if expected is not None and found != expected:
+        raise ImplementationMismatchError(loss, expected, found, target, where)
+
+
+class ArgumentError(RemoteLossError, TypeError, ValueError):
+    """A forward argument the loss does not accept, refused by the client before anything is sent.
+
+    It is a RemoteLossError with the code the server would answer (INVALID_ARGUMENT, ``field`` the
+    argument's name), and a TypeError / ValueError as a local module's refusal would be."""
+
+    def __init__(self, loss: str, argument: str, message: str) -> None:
+        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, f"{loss}: argument {argument!r} {message}", argument)
+        self.loss, self.argument = loss, argument

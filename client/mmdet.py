@@ -30,24 +30,36 @@ the server. What heads read from their loss modules is there too:
 * the loss's parameters as attributes (``use_sigmoid``, ``loss_weight``, ``reduction``, ``beta``...),
   as configured or else the server's defaults; assigning one (``DynamicRoIHead`` sets
   ``loss_bbox.beta`` during training) changes the config the server evaluates, validated at once;
-* the custom-classifier hooks of SeesawLoss, CrossEntropyCustomLoss, FocalCustomLoss and EQLV2Loss
-  (``custom_cls_channels``, ``get_cls_channels``, ``get_activation``, ``get_accuracy``...): local
-  computations on the head's scores, answered by losswire's own engine in this process.
+* with MMDetection installed, the module is also an instance of mmdet's own class for the loss
+  (``RemoteSmoothL1Loss`` derives from ``RemoteLoss`` and from mmdet's ``SmoothL1Loss``), so the
+  heads' ``isinstance`` checks pass (``DynamicRoIHead``, the DETR family's QualityFocalLoss branch) and
+  the custom-classifier hooks of SeesawLoss, CrossEntropyCustomLoss, FocalCustomLoss and EQLV2Loss
+  (``custom_cls_channels``, ``get_cls_channels``, ``get_activation``, ``get_accuracy``...) are mmdet's
+  own code, run in this process on the head's scores. Without MMDetection no head asks for them, and
+  the module has none.
 
 The config is checked by the server when the model is built (one ``Describe`` call per loss), so a
 misspelt loss or parameter fails before training starts. ``validate=False`` defers every server
 contact to the first forward; until then only parameters stated in the config are readable
 (``--cfg-options model.bbox_head.loss_cls.validate=False`` for tools that only run inference).
+The first description of each loss type is logged to the run's log (mmengine's current logger) with
+the server's version and the loss's implementation digest, so a run records what computed its losses.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import inspect
+import logging
+import threading
 from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor, nn
 
 try:
+    from mmengine.logging import MMLogger
     from mmengine.registry import MODELS
 except ImportError as error:
     raise ImportError(
@@ -58,10 +70,12 @@ except ImportError as error:
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.wire import codec
 
-from .channel import DEFAULT_TARGET
-from .remote import RemoteLoss
+from .module import RemoteLoss
+from .targets import Target
 
 __all__ = ["HEAD_HOOKS", "MMDetRemoteLoss", "remote_loss_config"]
+
+log = logging.getLogger("losswire.client.mmdet")
 
 # Parameters mmdet heads read from the loss *config dict* before building the loss (AnchorHead,
 # AnchorFreeHead, RepPointsHead, SABLRetinaHead, GuidedAnchorHead, VFNetHead), with the value a head
@@ -117,13 +131,16 @@ def remote_loss_config(loss: str | Mapping[str, Any], params: Mapping[str, Any])
 
 
 def _plain(value: Any) -> Any:
-    """ConfigDicts, tuples and tensors (DETRHead puts a class_weight tensor in the config) as JSON-like data."""
+    """ConfigDicts, tuples, tensors (DETRHead puts a class_weight tensor in the config) and numpy scalars
+    (DynamicRoIHead's median beta) as JSON-like data."""
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, Tensor):
         return value.tolist()
+    if not isinstance(value, (bool, int, float, str)) and getattr(value, "ndim", None) == 0:
+        return value.item()  # a numpy scalar
     return value
 
 
@@ -134,49 +151,135 @@ def _typed_default(param: pb.ParamInfo) -> Any:
     return value
 
 
+def _loss_type(loss: Any) -> str | None:
+    """The wrapped loss's type name without a scope prefix, if ``loss`` names one."""
+    name = loss.get("type") if isinstance(loss, Mapping) else loss
+    return name.rpartition(".")[2] if isinstance(name, str) else None
+
+
+@functools.cache
+def mmdet_class(loss_type: str) -> type[nn.Module] | None:
+    """MMDetection's own class for ``loss_type``; None without mmdet, or for a loss mmdet does not have
+    (a plugin only the server knows)."""
+    if importlib.util.find_spec("mmdet") is None:
+        return None
+    try:
+        from mmdet.registry import MODELS as MMDET_MODELS
+
+        found = MMDET_MODELS.get(loss_type)
+    except Exception as error:  # mmdet installed but its models do not import here (e.g. mmcv's ops)
+        log.warning("losswire: MMDetection's %s could not be imported (%s); RemoteLoss stands alone", loss_type, error)
+        return None
+    return found if isinstance(found, type) and issubclass(found, nn.Module) else None
+
+
+_REMOTE_CLASSES: dict[type, type] = {}
+_REMOTE_CLASSES_LOCK = threading.Lock()
+
+
+def remote_class(loss_type: str | None) -> type[MMDetRemoteLoss]:
+    """The class a ``RemoteLoss`` of ``loss_type`` is built as: with mmdet, ``Remote<Name>`` deriving from
+    :class:`MMDetRemoteLoss` and from mmdet's class, made once per class; else :class:`MMDetRemoteLoss`."""
+    local = mmdet_class(loss_type) if loss_type else None
+    if local is None:
+        return MMDetRemoteLoss
+    with _REMOTE_CLASSES_LOCK:
+        remote = _REMOTE_CLASSES.get(local)
+        if remote is None:
+            name = f"Remote{local.__name__}"
+            namespace = {"__module__": __name__, "__qualname__": name, "local_class": local}
+            # MMDetRemoteLoss first: its forward, attributes and pickling win; mmdet's class gives the
+            # isinstance checks and the methods heads call (the classifier hooks)
+            remote = _REMOTE_CLASSES[local] = type(name, (MMDetRemoteLoss, local), namespace)
+        return remote
+
+
+def _rebuild(loss_type: str | None) -> MMDetRemoteLoss:
+    """An empty module of ``loss_type``'s remote class, for unpickling (its state comes next)."""
+    return nn.Module.__new__(remote_class(loss_type))
+
+
+_LOGGED: set[tuple[str, str, str]] = set()  # (run's logger, loss type, implementation) already logged
+_LOGGED_LOCK = threading.Lock()
+
+
+def _log_provenance(description: pb.DescribeResponse, target: str) -> None:
+    """One line per loss type (and implementation) in the run's log (mmengine's current logger), naming
+    the server and what computes the loss."""
+    logger = MMLogger.get_current_instance()
+    key = (logger.instance_name, description.loss.name, description.loss.implementation)
+    with _LOGGED_LOCK:
+        if key in _LOGGED:
+            return
+        _LOGGED.add(key)
+    logger.info(
+        f"losswire: {description.loss.name} is computed by the losswire server at {target} "
+        f"(losswire {description.server_version or 'of unknown version'}, "
+        f"implementation {description.loss.implementation or 'not reported'})"
+    )
+
+
 @MODELS.register_module(name="RemoteLoss")
 class MMDetRemoteLoss(RemoteLoss):
     """``dict(type='RemoteLoss', loss=..., target=..., **params)``: a losswire RemoteLoss built by mmengine.
 
+    With MMDetection installed the module is built as a subclass of mmdet's class for the loss too
+    (see :func:`remote_class`), so heads that check ``isinstance(loss, SmoothL1Loss)`` accept it.
+
     Args:
         loss: the wrapped loss's type name (``'FocalLoss'``; a scope prefix such as ``'mmdet.'`` is
             dropped) or its whole mmdet config dict.
-        target: the losswire server, ``host:port`` or a gRPC name (``dns:///losswire:50051``).
-        timeout, session, seed, validate: as for :class:`losswire.client.RemoteLoss`.
+        target: the losswire server, ``host:port`` or a gRPC name (``dns:///losswire:50051``); None (the
+            default): ``$LOSSWIRE_TARGET``, else ``localhost:50051``.
+        timeout, session, seed, validate, expect: as for :class:`losswire.client.RemoteLoss`.
         **params: the wrapped loss's parameters (``use_sigmoid``, ``gamma``, ``loss_weight``...).
     """
+
+    local_class: type[nn.Module] | None = None  # mmdet's class this one derives from, if any
+
+    def __new__(cls, loss: str | Mapping[str, Any] | None = None, *args: Any, **kwargs: Any) -> MMDetRemoteLoss:
+        return nn.Module.__new__(remote_class(_loss_type(loss)) if cls is MMDetRemoteLoss else cls)
 
     def __init__(
         self,
         loss: str | Mapping[str, Any],
-        target: str = DEFAULT_TARGET,
+        target: Target | None = None,
         *,
         timeout: float | None = None,
         session: str | None = None,
         seed: int | None = None,
         validate: bool = True,
+        expect: str | None = None,
         **params: Any,
     ) -> None:
         self_dict = self.__dict__
         self_dict["_validate"] = validate
         self_dict["_defaults"] = None  # the loss's parameter defaults, once the server described it
-        self_dict["_twin"] = None  # losswire's in-process module of this loss, for the head hooks
+        self_dict["_twin"] = None  # mmdet's local module of this config, for attributes its __init__ sets
         super().__init__(
-            remote_loss_config(loss, params), target, timeout=timeout, session=session, seed=seed, validate=validate
+            remote_loss_config(loss, params),
+            target,
+            timeout=timeout,
+            session=session,
+            seed=seed,
+            validate=validate,
+            expect=expect,
         )
         self_dict["_ready"] = True  # from here on, assigning a loss parameter updates the config
 
-    @property
-    def info(self) -> pb.LossInfo:
-        """The server's description (fetched once); it also supplies the parameters' defaults."""
-        info = RemoteLoss.info.fget(self)
-        if self.__dict__["_defaults"] is None:
-            self.__dict__["_defaults"] = {p.name: _typed_default(p) for p in info.params}
-        return info
+    def _accept_description(self, description: pb.DescribeResponse) -> None:
+        """The description also supplies the parameters' defaults, and goes into the run's log once."""
+        super()._accept_description(description)
+        self.__dict__["_defaults"] = {p.name: _typed_default(p) for p in description.loss.params}
+        _log_provenance(description, self._target_label())
+
+    def __reduce_ex__(self, protocol: int) -> tuple[Any, ...]:
+        # a Remote<Name> class is made at run time: unpickling makes it again (or a plain one without mmdet)
+        return _rebuild, (self.cfg.get("type"),), self.__getstate__()
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state["_twin"] = None  # rebuilt on demand; keeps pickles free of engine modules
+        state["_twin"] = None  # rebuilt on demand; keeps pickles free of mmdet modules
         return state
 
     def __getattr__(self, name: str) -> Any:
@@ -190,15 +293,21 @@ class MMDetRemoteLoss(RemoteLoss):
         cfg = state["cfg"]
         if name in cfg and name != "type":
             return cfg[name]
-        if name in HEAD_HOOKS:
-            return self._hook(name)
         defaults = state["_defaults"]
         if defaults is not None and name in defaults:
             return defaults[name]
+        found, value = self._derived_attribute(name)
+        if found:
+            return value
         if defaults is None and not state["_validate"]:
             raise AttributeError(
                 f"RemoteLoss({cfg['type']}): {name!r} is not in the config, and with validate=False the "
                 "server has not described the loss yet (it does at the first forward); state it in the config"
+            )
+        if name in HEAD_HOOKS and self.local_class is None:
+            raise AttributeError(
+                f"RemoteLoss({cfg['type']}) has no attribute {name!r}: the classifier hooks are MMDetection's own "
+                "code, and only a module built with mmdet importable has them"
             )
         raise AttributeError(f"RemoteLoss({cfg['type']}) has no attribute {name!r}")
 
@@ -218,28 +327,34 @@ class MMDetRemoteLoss(RemoteLoss):
         """A head changing a parameter during training (DynamicRoIHead's ``loss_bbox.beta``): the server
         must evaluate the new value, so it goes into the config, checked by the server first."""
         cfg = {**self.cfg, name: _plain(value)}
-        if self.__dict__["_validate"]:
-            self.client.describe(cfg, self.timeout)  # a RemoteLossError names a bad value here
-        self.__dict__["cfg"] = cfg
-        self.__dict__["_twin"] = None  # the hooks follow the new config
+        description = self.client.describe(cfg, self.timeout) if self.__dict__["_validate"] else None
+        self.__dict__["cfg"] = cfg  # only once the server accepted it: a RemoteLossError keeps the old one
+        self.__dict__["_twin"] = None  # the local attributes follow the new config
+        if description is not None:
+            self._accept_description(description)
 
-    def _hook(self, name: str) -> Any:
-        twin = self._local_twin(name)
-        if twin is None:
-            raise AttributeError(f"RemoteLoss({self.cfg['type']}) has no attribute {name!r}")
-        return getattr(twin, name)
+    def _derived_attribute(self, name: str) -> tuple[bool, Any]:
+        """What mmdet's ``__init__`` sets beyond the loss's parameters (``custom_cls_channels``...), read
+        from mmdet's module of this config; parameters themselves are the config's or the server's."""
+        local = self.local_class
+        if local is None or name in inspect.signature(local.__init__).parameters:
+            return False, None
+        twin = self._local_twin()
+        value = vars(twin).get(name, _ABSENT) if twin is not None else _ABSENT
+        if value is _ABSENT or isinstance(value, (Tensor, nn.Module)):
+            return False, None  # mmdet's buffers are the server's state
+        return True, value
 
-    def _local_twin(self, hook: str) -> nn.Module | None:
-        """losswire's in-process module for this config, built only for a loss whose class has ``hook``.
-
-        The hooks are cheap local computations on the head's own scores (no loss value), so they run
-        here rather than over the wire; the engine ships with this package and needs only torch.
-        """
-        from losswire.server.losses import LOSSES  # only heads with custom classifiers need the engine
-
-        loss_type = self.cfg["type"]
-        if loss_type not in LOSSES or not hasattr(LOSSES.get(loss_type), hook):
-            return None  # a plugin loss only the server knows, or a loss without this hook
+    def _local_twin(self) -> nn.Module | None:
+        """mmdet's module for this config, built once (losses have no parameters; a few small buffers)."""
         if self.__dict__["_twin"] is None:
-            self.__dict__["_twin"] = LOSSES.build({k: v for k, v in self.cfg.items() if k != "sampler"})
+            params = {k: v for k, v in self.cfg.items() if k not in ("type", "sampler")}
+            try:
+                self.__dict__["_twin"] = self.local_class(**params)
+            except Exception as error:  # a config mmdet's class does not take (losswire's own parameters)
+                log.debug("losswire: mmdet's %s(%s) could not be built: %s", self.local_class.__name__, params, error)
+                return None
         return self.__dict__["_twin"]
+
+
+_ABSENT = object()

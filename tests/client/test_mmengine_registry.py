@@ -13,6 +13,7 @@ mmengine is an optional dependency (the ``test`` extra installs it): without it 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import subprocess
@@ -239,7 +240,7 @@ def test_build_under_default_scope(mmdet_module, target, via):
         head = registry.build(cfg.model)
         direct = HEADS.build(dict(type="RemoteLoss", loss="L1Loss", target=target))
     assert type(head) is TinyHead
-    assert type(direct) is mmdet_module.MMDetRemoteLoss
+    assert isinstance(direct, mmdet_module.MMDetRemoteLoss)  # with mmdet, also an instance of its L1Loss
     assert_head_matches_local(head)
 
 
@@ -270,26 +271,40 @@ def test_attributes_heads_read(mmdet_module, target):
         _ = loss_cls.not_a_param
 
 
-def test_custom_classifier_hooks(mmdet_module, target):
-    """BBoxHead asks SeesawLoss / *CustomLoss for its classifier width, activation and accuracy."""
+def test_custom_classifier_hooks_are_mmdets_own(mmdet_module, mmdet_models, target):
+    """BBoxHead asks SeesawLoss / *CustomLoss for its classifier width, activation and accuracy: with
+    mmdet installed the remote module answers with mmdet's own code, as the local module does."""
     scores = torch.randn(6, 7, generator=torch.Generator().manual_seed(1))
     labels = torch.tensor([0, 1, 2, 3, 4, 5])
     for loss_type, channels in (("SeesawLoss", 7), ("CrossEntropyCustomLoss", 6), ("FocalCustomLoss", 5)):
         remote = MODELS.build(dict(type="RemoteLoss", loss=loss_type, num_classes=5, target=target))
-        engine = LOSSES.build(dict(type=loss_type, num_classes=5))
+        local = mmdet_models.losses.__dict__[loss_type](num_classes=5)
+        assert isinstance(remote, type(local)) and isinstance(remote, RemoteLoss)
         assert remote.num_classes == 5 and isinstance(remote.num_classes, int)
         assert (remote.custom_cls_channels, remote.custom_activation, remote.custom_accuracy) == (True, True, True)
-        assert remote.get_cls_channels(5) == channels  # mmdet: C + 2 objectness, C + 1 background, C
+        assert remote.get_cls_channels(5) == local.get_cls_channels(5) == channels
         width = remote.get_cls_channels(5)
-        torch.testing.assert_close(remote.get_activation(scores[:, :width]), engine.get_activation(scores[:, :width]))
+        torch.testing.assert_close(remote.get_activation(scores[:, :width]), local.get_activation(scores[:, :width]))
         torch.testing.assert_close(
-            remote.get_accuracy(scores[:, :width], labels), engine.get_accuracy(scores[:, :width], labels)
+            remote.get_accuracy(scores[:, :width], labels), local.get_accuracy(scores[:, :width], labels)
         )
     eqlv2 = MODELS.build(dict(type="RemoteLoss", loss="EQLV2Loss", num_classes=5, target=target))
     assert getattr(eqlv2, "custom_activation", False) is False  # as mmdet: EQLV2 only has get_activation
-    torch.testing.assert_close(
-        eqlv2.get_activation(scores[:, :6]), LOSSES.build(eqlv2.cfg).get_activation(scores[:, :6])
-    )
+    local_eqlv2 = mmdet_models.losses.EQLV2Loss(num_classes=5)
+    torch.testing.assert_close(eqlv2.get_activation(scores[:, :6]), local_eqlv2.get_activation(scores[:, :6]))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mmdet") is not None, reason="mmdet is installed: its hooks exist")
+def test_without_mmdet_no_module_has_classifier_hooks(mmdet_module, target):
+    """Only mmdet's heads ask for the hooks, so without mmdet there are none, and the message says why;
+    a head probing ``getattr(loss, 'custom_cls_channels', False)`` reads False."""
+    seesaw = MODELS.build(dict(type="RemoteLoss", loss="SeesawLoss", num_classes=5, target=target))
+    assert type(seesaw) is mmdet_module.MMDetRemoteLoss
+    assert getattr(seesaw, "custom_cls_channels", False) is False
+    with pytest.raises(
+        AttributeError, match=r"RemoteLoss\(SeesawLoss\) has no attribute 'get_cls_channels'.*MMDetection"
+    ):
+        _ = seesaw.get_cls_channels
 
 
 def test_options_reach_the_remote_loss(mmdet_module, target):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from losswire.client import LossClient, RemoteLoss, RemoteLossError
-from losswire.client.channel import RETRY_POLICY
+from losswire.client.channels import RETRY_POLICY
 from losswire.server.dataplane import Dataplane
 from losswire.v1 import loss_service_pb2_grpc as pb_grpc
 from losswire.wire import codec
@@ -83,3 +83,16 @@ def test_deadline(front):
     with pytest.raises(RemoteLossError) as info:
         loss(torch.ones(2), torch.zeros(2))
     assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_a_deadline_names_the_server_and_how_to_change_it(front):
+    """A server that answers the handshake but not the call: the deadline's message says where and how long."""
+    address = front(FlakyThenReal(stall=2.0))
+    loss = RemoteLoss(dict(type="L1Loss"), client=LossClient(address), timeout=0.3)
+    with pytest.raises(RemoteLossError) as info:
+        loss(torch.ones(2), torch.zeros(2))
+    assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    details = info.value.details
+    assert details.startswith(f"Deadline Exceeded: no answer from the losswire server at {address} within the ")
+    assert "the call's deadline (0.3 s)" in details
+    assert details.endswith("timeout= (seconds, on RemoteLoss or LossClient) changes it")

@@ -48,7 +48,7 @@ from support.paths import with_tests_on_path
 from support.servers import ServerProcess, serve_cmd, server_env
 
 from losswire.client import LossClient, RemoteLoss, evaluate_terms
-from losswire.client.channel import make_channel
+from losswire.client.channels import make_channel
 from losswire.server.losses import LOSSES
 
 pytestmark = pytest.mark.slow  # server subprocesses

@@ -43,7 +43,8 @@ from support.paths import ROOT
 from support.servers import CALL_TIMEOUT, START_TIMEOUT, ServerProcess, serve_cmd, server_env
 
 from losswire.client import LossClient, RemoteLoss, RemoteLossError, SessionRestartedError, evaluate_terms
-from losswire.client.channel import normalise_target, rendezvous_rank
+from losswire.client.replicas import rendezvous_rank
+from losswire.client.targets import normalise_target
 from losswire.server.cli import KNOBS, build_parser, config_from_args
 from losswire.server.losses import build_loss
 from losswire.wire.protocol import SERVICE_NAME

@@ -35,7 +35,7 @@ from support.oip import infer_request, outputs_of
 from support.servers import ServerProcess, losswire_script, serve_cmd, server_env
 
 from losswire.client import LossClient, RemoteLoss, RemoteLossError
-from losswire.client.channel import make_channel
+from losswire.client.channels import make_channel
 from losswire.client.security import Credentials
 from losswire.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from losswire.server.app import LosswireServer

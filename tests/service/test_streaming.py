@@ -18,7 +18,7 @@ import torch
 from support.calls import dice_recompute_gradients, plain_channel
 
 from losswire.client import LossClient, RemoteLoss, RemoteLossError, evaluate_terms
-from losswire.client.channel import STREAM_THRESHOLD_BYTES
+from losswire.client.transports import STREAM_THRESHOLD_BYTES
 from losswire.server.app import LosswireServer
 from losswire.server.config import ServerConfig
 from losswire.server.losses import LOSSES

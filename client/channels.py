@@ -1,0 +1,229 @@
+"""Channels: gRPC's retry policy, the client's own backoff, the first connection and what a failure says.
+
+Every channel carries ``RETRY_POLICY`` (gRPC retries UNAVAILABLE and a busy RESOURCE_EXHAUSTED itself).
+Balanced channels (URIs, lists of servers) also run ``round_robin`` with client-side health checks:
+a replica whose health says NOT_SERVING (a stopping server's ``--shutdown-notice``) gets no new calls.
+
+A :class:`Connection` is one channel as the client uses it: before its first call it checks, within
+``connect_timeout`` seconds, that the server answers at all (one health check), so a server that
+accepts connections and then stays silent (hung, stopped) is reported within seconds instead of at the
+call's deadline; and every failure names the target, the deadline and how to change them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import grpc
+
+from losswire.v1 import loss_service_pb2_grpc as pb_grpc
+from losswire.wire.protocol import MAX_MESSAGE_BYTES, SERVICE_NAME
+
+from . import targets
+from .errors import RemoteLossError, is_busy
+from .security import Credentials
+
+# gRPC's own retry policy: a call that met an UNAVAILABLE server (restarting, a replica going away)
+# or an overloaded one (RESOURCE_EXHAUSTED: beyond its --max-concurrent-rpcs, or out of device memory
+# for now) is tried again with exponential backoff and jitter; on a balanced channel the retry picks a
+# replica again. A RESOURCE_EXHAUSTED that no retry can cure (a request over a size limit, the session
+# limit) carries the server's pushback "-1", which tells gRPC not to retry it. Every call is
+# idempotent: stateless terms trivially, and a session term carries a forward_id, so a retried forward
+# is answered without updating state twice.
+RETRY_POLICY = {
+    "maxAttempts": 5,  # gRPC's ceiling
+    "initialBackoff": "0.1s",
+    "maxBackoff": "2s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+}
+# gRPC keeps a call's request to send it again only while it fits this buffer (its default, 256 KiB,
+# would leave every call of a realistic detection batch unretried); bigger calls are sent once.
+RETRY_BUFFER_BYTES = 64 << 20
+# A call the client retries itself (a stream, a busy server) without a deadline gives up after this long:
+# big calls wait their turn in the clients, not in server threads that small calls need.
+BUSY_PATIENCE_SECONDS = 300.0
+# How long the first call on a channel waits for the server to answer gRPC's handshake. A server that
+# refuses connections fails at once (gRPC's own retries apply); one that accepts and stays silent is
+# reported after this long, not at the call's deadline (300 s by default).
+CONNECT_TIMEOUT_SECONDS = 10.0
+# gRPC's standard health service, which every losswire server runs: the first call's connection probe
+HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
+
+
+def service_config(balanced: bool) -> str:
+    """The channel's service config: the retry policy, plus round_robin and health checks if ``balanced``."""
+    config: dict[str, Any] = {
+        "methodConfig": [
+            {"name": [{"service": SERVICE_NAME}], "retryPolicy": RETRY_POLICY},
+            # a stream is retried by the client itself (it still has the tensors; gRPC would buffer
+            # up to RETRY_BUFFER_BYTES of chunks and give up beyond), so gRPC does not retry it too
+            {"name": [{"service": SERVICE_NAME, "method": "EvaluateStream"}]},
+        ]
+    }
+    if balanced:
+        config["loadBalancingConfig"] = [{"round_robin": {}}]
+        config["healthCheckConfig"] = {"serviceName": SERVICE_NAME}
+    return json.dumps(config)
+
+
+SERVICE_CONFIG = service_config(balanced=False)
+
+
+def make_channel(
+    target: targets.Target | None,
+    options: Mapping[str, Any] | None = None,
+    credentials: Credentials | None = None,
+) -> grpc.Channel:
+    """A channel for ``target`` (None: ``$LOSSWIRE_TARGET`` or ``localhost:50051``) with the retry policy;
+    balanced (round_robin) for URIs and lists.
+
+    ``credentials`` (None: from the ``LOSSWIRE_TLS_*``/``LOSSWIRE_TOKEN*`` variables) make it a TLS
+    channel and/or add the bearer token to every call.
+    """
+    target = targets.normalise_target(target)
+    credentials = Credentials.from_env() if credentials is None else credentials
+    scheme = targets.scheme_of(target)
+    transport = credentials.channel_credentials(loopback=targets.all_loopback(target), uds=scheme == "unix")
+    if isinstance(target, tuple):
+        address, balanced = targets.address_list_uri(target), True
+    else:
+        address, balanced = target, targets.is_uri(target)
+    settings = {
+        "grpc.max_receive_message_length": MAX_MESSAGE_BYTES,
+        "grpc.max_send_message_length": MAX_MESSAGE_BYTES,
+        "grpc.service_config": service_config(balanced),
+        "grpc.enable_retries": 1,
+        "grpc.per_rpc_retry_buffer_size": RETRY_BUFFER_BYTES,
+        **tls_name_option(credentials, lambda: targets.tls_server_name(target)),
+        **(options or {}),
+    }
+    if transport is None:
+        channel = grpc.insecure_channel(address, options=list(settings.items()))
+    else:
+        channel = grpc.secure_channel(address, transport, options=list(settings.items()))
+    return credentials.secure(channel)
+
+
+def tls_name_option(credentials: Credentials, default: Callable[[], str | None]) -> dict[str, str]:
+    """gRPC's name override for a TLS channel: the credentials' ``server_name``, else ``default()``."""
+    if not credentials.tls:
+        return {}
+    name = credentials.server_name or default()
+    return {"grpc.ssl_target_name_override": name} if name else {}
+
+
+class Connection:
+    """One channel and its stub as the client calls them: a bounded wait for the first connection,
+    deadlines, and failures that name the target (``label``) and the deadline."""
+
+    def __init__(self, channel: grpc.Channel, label: str, connect_timeout: float | None = CONNECT_TIMEOUT_SECONDS):
+        self.channel = channel
+        self.stub = pb_grpc.LossServiceStub(channel)
+        self.label = label
+        self.connect_timeout = connect_timeout
+        self._connected = False  # READY once: later failures are gRPC's (retries, deadlines)
+
+    def call(self, method: str, request: Any, timeout: float | None, metadata: Any = None) -> Any:
+        """The unary ``method`` of LossService; a RemoteLossError on failure."""
+        self.ensure_connected(timeout)
+        try:
+            return getattr(self.stub, method)(request, timeout=timeout, metadata=metadata)
+        except grpc.RpcError as error:
+            raise self.failure(error, timeout) from None
+
+    def ensure_connected(self, timeout: float | None) -> None:
+        """Before the first call: one health check (``grpc.health.v1``, answered by the server without
+        any work; any answer, UNIMPLEMENTED included, proves a working connection) with a deadline of
+        ``connect_timeout`` (or the call's ``timeout`` if shorter). A refused or unresolvable target lets
+        the call go on: it fails at once with gRPC's reason, after the retry policy's attempts."""
+        if self._connected or self.connect_timeout is None:
+            return
+        limit = self.connect_timeout if timeout is None else min(self.connect_timeout, timeout)
+        probe = self.channel.unary_unary(HEALTH_CHECK_METHOD, request_serializer=bytes, response_deserializer=bytes)
+        try:
+            probe(b"", timeout=limit)  # an empty HealthCheckRequest: the server's overall health
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                deadline_first = timeout is not None and timeout <= self.connect_timeout
+                raise self._silent(limit, deadline_first) from None
+            if error.code() == grpc.StatusCode.UNAVAILABLE:
+                return
+        self._connected = True
+
+    def _silent(self, waited: float, deadline_first: bool) -> RemoteLossError:
+        cause = (
+            f"the call's deadline (timeout={waited:g} s) passed"
+            if deadline_first
+            else f"{waited:g} s (connect_timeout)"
+        )
+        return RemoteLossError(
+            grpc.StatusCode.DEADLINE_EXCEEDED if deadline_first else grpc.StatusCode.UNAVAILABLE,
+            f"no gRPC connection to the losswire server at {self.label}: it accepted the TCP connection but "
+            f"answered nothing (no HTTP/2 handshake, no health check) within {cause}. A hung or stopped server, "
+            "a firewall that drops packets or a port that is not a gRPC server looks like this. Check the target "
+            "(target=, $LOSSWIRE_TARGET); LossClient(connect_timeout=...) changes this wait, timeout= (RemoteLoss "
+            "or LossClient) each call's deadline",
+        )
+
+    def failure(self, error: grpc.RpcError, timeout: float | None) -> RemoteLossError:
+        """``error`` as a RemoteLossError; an unreachable or silent server's names target and deadline."""
+        failed = RemoteLossError.from_rpc_error(error)
+        if failed.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return failed
+        deadline = "no deadline" if timeout is None else f"{timeout:g} s"
+        if failed.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            what = f"no answer from the losswire server at {self.label} within the call's deadline ({deadline})"
+        else:
+            what = (
+                f"the losswire server at {self.label} is unavailable (retried by gRPC; the call's deadline: {deadline})"
+            )
+        details = (
+            f"{failed.details or failed.code.name}: {what}; timeout= (seconds, on RemoteLoss or LossClient) changes it"
+        )
+        return RemoteLossError(failed.code, details, failed.field, failed.busy)
+
+
+class Patience:
+    """The client's own retries (streams, busy answers): RETRY_POLICY's jittered, growing backoff,
+    within ``timeout`` seconds (``BUSY_PATIENCE_SECONDS`` without one). ``clock`` and ``draw``
+    (monotonic seconds; a uniform draw in [a, b]) are for tests."""
+
+    def __init__(
+        self,
+        timeout: float | None,
+        clock: Callable[[], float] = time.monotonic,
+        draw: Callable[[float, float], float] = random.uniform,
+    ) -> None:
+        self.timeout = timeout
+        self._clock, self._draw = clock, draw
+        self.deadline = clock() + (BUSY_PATIENCE_SECONDS if timeout is None else timeout)
+        self.backoff = seconds(RETRY_POLICY["initialBackoff"])
+
+    def remaining(self) -> float | None:
+        """The next attempt's timeout: what is left of the deadline (None without one)."""
+        return None if self.timeout is None else max(self.deadline - self._clock(), 0.0)
+
+    def next_pause(self) -> float | None:
+        """How long to wait before the next attempt (gRPC's jitter: anywhere up to the current
+        backoff, which then grows), or None when that wait would end past the deadline."""
+        pause = self._draw(0, self.backoff)
+        if self._clock() + pause >= self.deadline:
+            return None
+        self.backoff = min(self.backoff * RETRY_POLICY["backoffMultiplier"], seconds(RETRY_POLICY["maxBackoff"]))
+        return pause
+
+
+def seconds(duration: str) -> float:
+    """A gRPC service-config duration ("0.1s") in seconds."""
+    return float(duration.rstrip("s"))
+
+
+def passing(error: grpc.RpcError) -> bool:
+    """A failure a later attempt may not meet: UNAVAILABLE, or a busy server's RESOURCE_EXHAUSTED."""
+    code = error.code() if hasattr(error, "code") else None
+    return code == grpc.StatusCode.UNAVAILABLE or is_busy(error)

@@ -1,0 +1,311 @@
+"""How one Evaluate travels: a unary call, an EvaluateStream of chunks, or shared memory; chosen by size.
+
+* **unary** (the usual call): the request and answer are one message each;
+* **EvaluateStream**: a request whose tensors hold ``stream_threshold`` bytes or more (8 MiB by default)
+  sends its big tensors in chunks cut straight from their memory, and the answer comes back the same
+  way, reassembled into reused buffers (``BufferPool``). The client retries a stream itself on
+  UNAVAILABLE and on a busy server, with ``RETRY_POLICY``'s backoff, while no answer has arrived;
+* **shared memory**: a server on this machine reads big tensors (1 MiB or more) from a segment both
+  processes map and writes the answer's big tensors into it; only handles cross gRPC. A server that
+  cannot share memory with this process is noticed on the first try, and gRPC carries tensors from then on.
+
+Every transport routes a session's terms to the session's replica (:class:`SessionRouter`) and checks
+the answered session steps (:class:`SessionSteps`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+from torch import Tensor
+
+from losswire.v1 import loss_service_pb2 as pb
+from losswire.wire import chunks, codec
+from losswire.wire import shared_memory as wire_memory
+from losswire.wire.buffers import BufferPool
+from losswire.wire.protocol import EVALUATE_STREAM_METHOD, SESSION_HEADER
+
+from . import shared_memory as shm
+from .channels import RETRY_POLICY, Connection, Patience, passing
+from .errors import RemoteLossError
+from .replicas import SessionRouter
+from .sessions import SessionSteps, sessions_of
+
+log = logging.getLogger("losswire.client")
+
+# A request whose tensors hold at least this many bytes goes by EvaluateStream, its big tensors in
+# chunks (``LossClient(stream_threshold=...)``; None: never). On a 2-core loopback a unary call moves
+# ~0.2-0.4 GB/s and a stream ~1-2 GB/s; below a few MiB the stream's extra messages cost more than
+# they save (see the report in tests/service/test_streaming.py's module docstring).
+STREAM_THRESHOLD_BYTES = 8 << 20
+# A request whose held-back (big) tensors hold at least this many bytes goes through shared memory
+# when the client uses it (LossClient(shared_memory=...)): below, one unary call costs less than the
+# registration bookkeeping saves.
+SHARED_MEMORY_THRESHOLD_BYTES = 1 << 20
+
+Answer = tuple[pb.EvaluateResponse, dict[str, Tensor]]  # the response, and its tensors that came apart
+
+
+class Transports:
+    """Evaluate over ``connection`` (the target's channel), choosing the transport per request."""
+
+    def __init__(
+        self,
+        connection: Connection,
+        router: SessionRouter,
+        steps: SessionSteps,
+        *,
+        stream_threshold: int | None,
+        shared_memory: bool,
+        buffers: BufferPool,
+        timeout: float | None,
+    ) -> None:
+        self.connection, self.router, self.steps = connection, router, steps
+        self.timeout = timeout  # of the calls that register and unregister shared memory
+        self.stream_threshold = stream_threshold
+        self.buffers = buffers
+        self.shared_memory_usable = shared_memory  # False once shared memory turned out not to work here
+        self.pool: shm.SharedMemoryPool | None = None  # made on the first big call
+        self._pool_lock = threading.Lock()
+
+    @property
+    def shared_memory_threshold(self) -> int | None:
+        """Bytes of big tensors from which a call goes through shared memory; None: it does not."""
+        return SHARED_MEMORY_THRESHOLD_BYTES if self.shared_memory_usable else None
+
+    def evaluate(self, request: pb.EvaluateRequest, deadline: float | None, sink: chunks.StreamSink | None) -> Answer:
+        """One Evaluate by the transport its size calls for (see ``LossClient.evaluate_tensors``)."""
+        threshold, shared = self.stream_threshold, self.shared_memory_threshold
+        held_back = [t for t in (threshold, shared) if t is not None]
+        taken = False
+        if sink is None and held_back and request.ByteSize() >= min(held_back):
+            sink, taken = chunks.StreamSink.take(request), True
+        try:
+            if sink is not None and sink.entries and shared is not None and sink.nbytes >= shared:
+                answer = self._shared(request, sink, deadline)
+                if answer is not None:
+                    return answer
+            if sink is not None and (threshold is None or sink.nbytes < threshold):
+                sink.inline()  # small after all: one unary call
+            if sink is None or not sink.entries:
+                return self.unary(request, deadline), {}
+            return self._stream(request, sink, deadline)
+        finally:
+            if taken:
+                sink.inline()  # the caller's request as it was
+
+    # -- unary -----------------------------------------------------------------------------------------
+
+    def unary(self, request: pb.EvaluateRequest, deadline: float | None) -> pb.EvaluateResponse:
+        sessions = sessions_of(request)
+        baselines = self.steps.baselines(sessions)
+        if not sessions:
+            response = self.connection.call("Evaluate", request, deadline)
+        elif len(sessions) == 1 or self.router.replicas is None:
+            # the header lets a proxy route by session (consistent hashing on x-losswire-session)
+            metadata = [(SESSION_HEADER, ",".join(sorted(sessions)))]
+            response = self.router.call(sessions[0], lambda c: c.call("Evaluate", request, deadline, metadata))
+        else:
+            response = self._per_session(request, sessions, deadline)
+        if sessions:  # only session terms can have restarted
+            self.steps.check(request, response, baselines)
+        return response
+
+    def _per_session(
+        self, request: pb.EvaluateRequest, sessions: list[str], deadline: float | None
+    ) -> pb.EvaluateResponse:
+        """Terms of several sessions, which may live on different replicas: one request per session
+        (stateless terms ride with the first), answered in the original order."""
+        groups: dict[str, list[int]] = {session: [] for session in sessions}
+        for index, term in enumerate(request.terms):
+            groups[term.session or sessions[0]].append(index)
+        merged = pb.EvaluateResponse()
+        results: dict[int, pb.TermResult] = {}
+        for session, indices in groups.items():
+            part = pb.EvaluateRequest(terms=[request.terms[i] for i in indices])
+            metadata = [(SESSION_HEADER, session)]
+            try:
+                answer = self.router.call(session, lambda c, p=part, m=metadata: c.call("Evaluate", p, deadline, m))
+            except RemoteLossError as error:
+                raise _renumbered(error, indices) from None
+            results.update(zip(indices, answer.results, strict=True))
+            merged.device = merged.device or answer.device
+            merged.server_version = merged.server_version or answer.server_version
+            merged.timings.decode_ms += answer.timings.decode_ms
+            merged.timings.compute_ms += answer.timings.compute_ms
+            merged.timings.encode_ms += answer.timings.encode_ms
+        merged.results.extend(results[i] for i in range(len(request.terms)))
+        return merged
+
+    # -- EvaluateStream --------------------------------------------------------------------------------
+
+    def _stream(self, request: pb.EvaluateRequest, sink: chunks.StreamSink, deadline: float | None) -> Answer:
+        sessions = sessions_of(request)
+        if len(sessions) > 1 and self.router.replicas is not None:
+            # terms of several sessions may live on several replicas: split, as unary calls
+            sink.inline()
+            return self.unary(request, deadline), {}
+        baselines = self.steps.baselines(sessions)
+        if not sessions:
+            answer = self._stream_call(self.connection, request, sink, deadline, None)
+        else:
+            metadata = [(SESSION_HEADER, ",".join(sorted(sessions)))]
+            answer = self.router.call(sessions[0], lambda c: self._stream_call(c, request, sink, deadline, metadata))
+        self.steps.check(request, answer[0], baselines)
+        return answer
+
+    def _stream_call(
+        self,
+        connection: Connection,
+        request: pb.EvaluateRequest,
+        sink: chunks.StreamSink,
+        deadline: float | None,
+        metadata: Any,
+    ) -> Answer:
+        """One EvaluateStream, sent again (fresh chunks from the same tensors) after UNAVAILABLE or a
+        passing RESOURCE_EXHAUSTED, with RETRY_POLICY's backoff, while no answer has arrived."""
+        method = connection.channel.stream_stream(
+            EVALUATE_STREAM_METHOD, request_serializer=chunks.serialize_chunk, response_deserializer=chunks.parse_chunk
+        )
+        connection.ensure_connected(deadline)
+        patience = Patience(deadline)
+        failures = 0  # UNAVAILABLE answers: RETRY_POLICY's attempts; a busy server is waited out instead
+        while True:
+            answered = False
+            try:
+                responses = method(chunks.stream_chunks(request, sink), timeout=patience.remaining(), metadata=metadata)
+                first = next(responses)
+                answered = True
+                return _receive_stream(first, responses, self.buffers)
+            except grpc.RpcError as error:
+                failures += error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED
+                retry = not answered and passing(error) and failures < RETRY_POLICY["maxAttempts"]
+                pause = patience.next_pause() if retry else None
+                if pause is None:
+                    raise connection.failure(error, deadline) from None
+                log.debug("EvaluateStream: %s; again in %.2f s", error.code().name, pause)
+                time.sleep(pause)
+
+    # -- shared memory ---------------------------------------------------------------------------------
+
+    def _shared_memory_pool(self) -> shm.SharedMemoryPool:
+        connection, timeout = self.connection, self.timeout
+
+        def register(name: str, byte_size: int, nonce: bytes) -> str:
+            request = pb.RegisterSharedMemoryRequest(name=name, byte_size=byte_size, nonce=nonce)
+            return connection.call("RegisterSharedMemory", request, timeout).region
+
+        def unregister(region: str) -> None:
+            connection.call("UnregisterSharedMemory", pb.UnregisterSharedMemoryRequest(region=region), 5.0)
+
+        with self._pool_lock:
+            if self.pool is None:
+                self.pool = shm.SharedMemoryPool(register, unregister)
+            return self.pool
+
+    def _shared(self, request: pb.EvaluateRequest, sink: chunks.StreamSink, deadline: float | None) -> Answer | None:
+        """Evaluate with the sink's tensors in a shared segment; None when shared memory does not work
+        with this server (then it is off for this client, and the caller sends them over gRPC).
+
+        The segment holds the inputs, then an output range as large as them (gradients have their
+        inputs' sizes); answers that do not fit come inline. The answer's tensors are views of the
+        segment, which returns to the pool once they are all freed."""
+        inputs = sum(wire_memory.align(chunks.byte_count(data)) for _, data in sink.entries)
+        for attempt in (1, 2):
+            try:
+                lease = self._shared_memory_pool().lease(wire_memory.align(wire_memory.NONCE_BYTES) + 2 * inputs)
+            except (RemoteLossError, OSError) as error:
+                self._shared_memory_failed(error)
+                return None
+            try:
+                sink.place(lease.reserve)
+                offset, size = lease.reserve_outputs()
+                output = request.output_shm
+                output.region, output.offset, output.byte_size = lease.region, offset, size
+                response = self._waiting_out_busy(lambda remaining: self.unary(request, remaining), deadline)
+                try:
+                    views = wire_memory.shared_memory_tensors(codec.tensors_of(response), lease.output_bytes)
+                except (codec.CodecError, ValueError) as error:
+                    message = f"a malformed shared-memory answer: {error}"
+                    raise RemoteLossError(grpc.StatusCode.DATA_LOSS, message) from None
+                return response, views
+            except RemoteLossError as error:
+                if not _region_forgotten(error) or attempt == 2:
+                    raise
+                # the server no longer knows our segments (it restarted): register new ones, once
+                log.info("losswire server forgot this client's shared memory (%s); registering again", error.details)
+                self.pool.reset()
+                sink.entries[:0] = sink.placed
+                sink.placed.clear()
+            finally:
+                request.ClearField("output_shm")
+                lease.done()
+        return None  # unreachable: the second attempt returns or raises
+
+    def _waiting_out_busy(self, call: Callable[[float | None], Any], deadline: float | None) -> Any:
+        """``call(timeout)``, again after a busy answer (a RESOURCE_EXHAUSTED that passes: the server's
+        big-call slots are taken) with RETRY_POLICY's backoff, until the deadline (or
+        ``BUSY_PATIENCE_SECONDS`` without one): big calls wait their turn here, not in server threads."""
+        patience = Patience(deadline)
+        while True:
+            try:
+                return call(patience.remaining())
+            except RemoteLossError as error:
+                pause = patience.next_pause() if error.busy else None
+                if pause is None:
+                    raise
+                log.debug("busy server (%s); again in %.2f s", error.details, pause)
+                time.sleep(pause)
+
+    def _shared_memory_failed(self, error: BaseException) -> None:
+        self.shared_memory_usable = False
+        detail = error.details if isinstance(error, RemoteLossError) else str(error)
+        log.info(
+            "losswire: shared memory with %s does not work (%s); tensors go over gRPC", self.connection.label, detail
+        )
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()  # unregister while the channel is open
+
+
+def _region_forgotten(error: RemoteLossError) -> bool:
+    """The server answered that a shared-memory region it was given is not registered there."""
+    return error.code == grpc.StatusCode.NOT_FOUND and (error.field or "").endswith("shm.region")
+
+
+def _receive_stream(first: pb.EvaluateChunk, responses: Any, buffers: BufferPool) -> Answer:
+    """The response of an EvaluateStream: its first message, then the chunks of its big tensors."""
+    try:
+        if first.WhichOneof("kind") != "response":
+            raise codec.CodecError(f"the first message carries {first.WhichOneof('kind')}, not the response")
+        assembler = chunks.StreamAssembler(first.response, allocate=buffers.take)
+        for message in responses:
+            if message.WhichOneof("kind") != "chunk":
+                raise codec.CodecError(f"a later message carries {message.WhichOneof('kind')}, not a chunk")
+            assembler.add(message.chunk)
+        return first.response, assembler.finish()
+    except codec.CodecError as error:
+        responses.cancel()
+        raise RemoteLossError(grpc.StatusCode.DATA_LOSS, f"a malformed EvaluateStream answer: {error}") from None
+
+
+def _renumbered(error: RemoteLossError, indices: Sequence[int]) -> RemoteLossError:
+    """An error about ``terms[i]`` of a per-session request, about the caller's ``terms[indices[i]]``
+    (in the field path and in the message)."""
+
+    def renumber(text: str) -> str:
+        return re.sub(
+            r"\bterms\[(\d+)\]",
+            lambda m: f"terms[{indices[int(m[1])]}]" if int(m[1]) < len(indices) else m[0],
+            text,
+        )
+
+    field = None if error.field is None else renumber(error.field)
+    return RemoteLossError(error.code, renumber(error.details), field)
