@@ -188,6 +188,15 @@ def plain_reducer(module: nn.Module, kwargs: Mapping[str, Any], avg_factor: Any 
     return Reducer(reducer.mode, value)
 
 
+def unshortcut_reducer(module: nn.Module, kwargs: Mapping[str, Any]) -> Reducer | None:
+    """``plain_reducer`` for the box and regression losses, None where the call's answer is mmdet's
+    zero-weight shortcut (``PairwiseLoss.takes_shortcut``): autograd's path answers it."""
+    reducer = plain_reducer(module, kwargs)
+    if reducer is None or module.takes_shortcut(reducer.mode, kwargs.get("weight")):
+        return None
+    return reducer
+
+
 # -- what every kernel's gradient uses ------------------------------------------------------------------
 
 

@@ -10,7 +10,17 @@ from torch import Tensor, nn
 
 from ..boxes import box_weight
 from ..iou import GIoULoss, GIoUParts, giou_parts
-from . import Fused, FusedKernel, broadcasts, finite, plain_reducer, register, row_blocks, same_float_dtype
+from . import (
+    Fused,
+    FusedKernel,
+    broadcasts,
+    finite,
+    plain_reducer,
+    register,
+    row_blocks,
+    same_float_dtype,
+    unshortcut_reducer,
+)
 
 
 def supports(module: nn.Module, kwargs: Mapping[str, Any]) -> bool:
@@ -21,8 +31,7 @@ def supports(module: nn.Module, kwargs: Mapping[str, Any]) -> bool:
         return False
     if target.shape != pred.shape or not same_float_dtype(pred, target, weight) or not module.eps > 0:
         return False
-    reducer = plain_reducer(module, kwargs)
-    if reducer is None or module.takes_shortcut(reducer.mode, weight):
+    if unshortcut_reducer(module, kwargs) is None:
         return False
     if weight is not None and weight.dim() > 1 and weight.shape != pred.shape:
         return False

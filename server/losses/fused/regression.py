@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..smooth_l1 import L1Loss, SmoothL1Loss, l1_loss, smooth_l1_loss
-from . import Fused, FusedKernel, broadcasts, finite, plain_reducer, register, same_float_dtype
+from . import Fused, FusedKernel, broadcasts, finite, plain_reducer, register, same_float_dtype, unshortcut_reducer
 
 NO_REDUCTION = 0  # aten's Reduction::None: the backward of an element-wise loss
 
@@ -22,8 +22,7 @@ def supports(module: nn.Module, kwargs: Mapping[str, Any]) -> bool:
         return False
     if not same_float_dtype(pred, target, weight):
         return False
-    reducer = plain_reducer(module, kwargs)
-    if reducer is None or module.takes_shortcut(reducer.mode, weight):
+    if unshortcut_reducer(module, kwargs) is None:
         return False
     return broadcasts(weight, pred.shape) and finite(pred, target, weight)
 
