@@ -1,12 +1,15 @@
-"""By-hand fuzz run: thousands of fuzzed Evaluate requests against a real server, and a table.
+"""By-hand fuzz run: thousands of fuzzed requests through every front door of a real server, and a table.
 
     .venv/bin/python bench/fuzz.py                      # 10 000 requests to a server it starts
-    .venv/bin/python bench/fuzz.py -n 50000 --raw-share 0.5
+    .venv/bin/python bench/fuzz.py -n 50000 --raw-share 0.5 --doors unary,stream
     .venv/bin/python bench/fuzz.py --target host:50051  # a running server (no RSS check)
 
-Both generators of ``tests/support/fuzzing.py`` run mixed, randomly seeded: well-formed requests with bad
-contents and raw bytes that may not parse. Every answer must be OK (equal to the engine's answer
-where it can be recomputed) or a clear status that is neither INTERNAL nor UNKNOWN. Every
+The generators of ``tests/support/fuzzing.py`` run mixed, randomly seeded, through each door in turn:
+``unary`` (well-formed Evaluate requests with bad contents, and raw bytes that may not parse),
+``stream`` (the same requests by EvaluateStream, with faults in the stream), ``shm`` (their tensors in a
+registered shared-memory segment, a reference now and then off), ``oip`` (fuzzed ModelInfer calls). Every
+answer must be OK (equal to the engine's answer where it can be recomputed) or a clear status that is
+neither INTERNAL nor UNKNOWN. Every
 ``--check-every`` requests, and at the end, a known-good request must still be answered correctly,
 and the server's resident memory is sampled: it must level off, not grow with the request count.
 The server it starts has small limits (``SERVE_FLAGS``) so that the fuzz reaches each of them.
@@ -30,8 +33,27 @@ sys.path.insert(0, str(TESTS))
 import grpc  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from support.fuzzing import EVALUATE, assert_serves_correctly, call, evaluate_requests, raw_requests  # noqa: E402
+from support.fuzzing import (  # noqa: E402
+    EVALUATE,
+    SharedSegment,
+    assert_serves_correctly,
+    call,
+    call_infer,
+    call_shared,
+    call_stream,
+    evaluate_requests,
+    infer_requests,
+    raw_requests,
+    stream_faults,
+)
 from support.servers import LISTENING, serve_cmd, server_env  # noqa: E402
+
+from losswire.inference import grpc_predict_v2_pb2_grpc as oip_grpc  # noqa: E402
+from losswire.v1 import loss_service_pb2_grpc as pb_grpc  # noqa: E402
+from losswire.wire import chunks  # noqa: E402
+from losswire.wire.protocol import EVALUATE_STREAM_METHOD  # noqa: E402
+
+DOORS = ("unary", "stream", "shm", "oip")
 
 SERVE_FLAGS = [
     "--host=127.0.0.1",
@@ -75,8 +97,9 @@ class Server:
         self.proc.wait(30)
 
 
-def fuzz(kind: str, strategy: st.SearchStrategy, count: int, method, tally: collections.Counter, failures: list[str]):
-    """``count`` requests drawn from ``strategy`` (a fresh random seed each time), each answer checked."""
+def fuzz(kind: str, strategy: st.SearchStrategy, count: int, send, tally: collections.Counter, failures: list[str]):
+    """``count`` requests drawn from ``strategy`` (a fresh random seed each time), each sent and checked by
+    ``send(drawn) -> status code``."""
     if count <= 0:
         return
 
@@ -86,7 +109,7 @@ def fuzz(kind: str, strategy: st.SearchStrategy, count: int, method, tally: coll
     @given(sent=strategy)
     def one(sent) -> None:
         try:
-            tally[kind, call(method, sent).name] += 1
+            tally[kind, send(sent).name] += 1
         except AssertionError as error:  # counted and shown, so that one failure does not end the run
             tally[kind, "PROPERTY BROKEN"] += 1
             failures.append(f"{kind}: {str(error).splitlines()[0]}")
@@ -94,8 +117,41 @@ def fuzz(kind: str, strategy: st.SearchStrategy, count: int, method, tally: coll
     one()
 
 
-def run(count: int, raw_share: float, method, server: Server | None, check_every: int) -> dict:
-    """Rounds of ``check_every`` requests (both generators), each followed by a good request and an RSS sample."""
+class Doors:
+    """The server's front doors, as fuzzed requests reach them."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.evaluate = channel.unary_unary(EVALUATE)
+        self.stub = pb_grpc.LossServiceStub(channel)
+        self.stream = channel.stream_stream(
+            EVALUATE_STREAM_METHOD, request_serializer=chunks.serialize_chunk, response_deserializer=chunks.parse_chunk
+        )
+        self.infer = oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+        self.segment: SharedSegment | None = None
+
+    def round(self, door: str, size: int, raw_share: float, tally: collections.Counter, failures: list[str]) -> None:
+        if door == "unary":
+            raw = round(size * raw_share)
+            fuzz("unary raw bytes", raw_requests(), raw, lambda sent: call(self.evaluate, sent), tally, failures)
+            fuzz("unary", evaluate_requests(), size - raw, lambda sent: call(self.evaluate, sent), tally, failures)
+        elif door == "stream":
+            drawn = st.tuples(evaluate_requests(), stream_faults())
+            fuzz("stream", drawn, size, lambda sent: call_stream(self.stream, *sent), tally, failures)
+        elif door == "shm":
+            self.segment = self.segment or SharedSegment(self.stub)
+            drawn = st.tuples(evaluate_requests(), st.sampled_from([0, 0, 0, 1, 4, 1 << 30]))
+            fuzz("shm", drawn, size, lambda sent: call_shared(self.stub.Evaluate, self.segment, *sent), tally, failures)
+        else:
+            fuzz("oip", infer_requests(), size, lambda sent: call_infer(self.infer, sent), tally, failures)
+
+    def close(self) -> None:
+        if self.segment is not None:
+            self.segment.close()
+
+
+def run(count: int, raw_share: float, doors: Doors, which: list[str], server: Server | None, check_every: int) -> dict:
+    """Rounds of ``check_every`` requests spread over the doors, each round followed by a good request and
+    an RSS sample."""
     tally: collections.Counter = collections.Counter()
     failures: list[str] = []
     rss: list[tuple[int, int]] = []
@@ -103,10 +159,9 @@ def run(count: int, raw_share: float, method, server: Server | None, check_every
     rounds = range(0, count, check_every)
     for first in rounds:
         size = min(check_every, count - first)
-        raw = round(size * raw_share)
-        fuzz("raw bytes", raw_requests(), raw, method, tally, failures)
-        fuzz("request", evaluate_requests(), size - raw, method, tally, failures)
-        assert_serves_correctly(method)  # raises: a wrong or missing answer to a good request ends the run
+        for index, door in enumerate(which):
+            doors.round(door, size // len(which) + (index < size % len(which)), raw_share, tally, failures)
+        assert_serves_correctly(doors.evaluate)  # raises: a wrong or missing answer to a good request ends the run
         if server is not None:
             rss.append((sum(tally.values()), server.rss()))
     seconds = time.perf_counter() - started
@@ -150,13 +205,23 @@ def main() -> None:
     parser.add_argument("--raw-share", type=float, default=0.3, help="share of raw-bytes requests")
     parser.add_argument("--target", help="a running server (default: start one with small limits)")
     parser.add_argument("--check-every", type=int, default=1000, help="requests between health checks")
+    parser.add_argument("--doors", default=",".join(DOORS), help="comma-separated subset of " + ", ".join(DOORS))
     args = parser.parse_args()
     server = None if args.target else Server()
     target = args.target or server.target
-    print(f"fuzzing {target} with {args.count} requests ({args.raw_share:.0%} raw bytes)")
+    which = [door for door in args.doors.split(",") if door]
+    unknown = set(which) - set(DOORS)
+    if unknown:
+        parser.error(f"unknown doors {sorted(unknown)}; choose from {', '.join(DOORS)}")
+    doors_named, raw = ", ".join(which), f"{args.raw_share:.0%}"
+    print(f"fuzzing {target} with {args.count} requests through {doors_named} ({raw} of unary as raw bytes)")
     try:
         with grpc.insecure_channel(target) as channel:
-            result = run(args.count, args.raw_share, channel.unary_unary(EVALUATE), server, args.check_every)
+            doors = Doors(channel)
+            try:
+                result = run(args.count, args.raw_share, doors, which, server, args.check_every)
+            finally:
+                doors.close()
     finally:
         if server is not None:
             server.stop()

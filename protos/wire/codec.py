@@ -298,7 +298,7 @@ def encode_config(config: Mapping[str, Any], out: struct_pb2.Struct | None = Non
     message = struct_pb2.Struct() if out is None else out
     try:
         message.update(_jsonable(config))
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, OverflowError) as error:  # an integer beyond a double's range too
         raise CodecError(f"the loss config must be JSON-compatible: {error}", field="config") from None
     return message
 

@@ -17,27 +17,38 @@ import grpc
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from support.fuzzing import (
     EVALUATE,
     REDUCTIONS,
     SEEDS,
+    SharedSegment,
     assert_serves_correctly,
     call,
+    call_infer,
+    call_shared,
+    call_stream,
     check_error,
     engine_parts,
     evaluate_requests,
     field_of,
+    infer_requests,
     raw_requests,
+    stream_faults,
     tag,
     varint,
 )
 
 from losswire.client import LossClient, RemoteLoss, RemoteLossError
+from losswire.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from losswire.server.app import LosswireServer
 from losswire.server.config import ServerConfig
 from losswire.server.losses import LOSSES
 from losswire.v1 import loss_service_pb2 as pb
-from losswire.wire import codec
+from losswire.v1 import loss_service_pb2_grpc as pb_grpc
+from losswire.wire import chunks, codec
+from losswire.wire import shared_memory as wire_memory
+from losswire.wire.protocol import EVALUATE_STREAM_METHOD
 
 EXAMPLES = int(os.environ.get("LOSSWIRE_FUZZ_EXAMPLES", "0"))
 FUZZ = settings(
@@ -118,6 +129,47 @@ def test_raw_bytes_get_clear_answers(fuzzed, evaluate):
     print(f"raw requests by answer: {seen}")
     assert_unharmed(fuzzed, evaluate)
     assert seen.get("INVALID_ARGUMENT", 0) > 0, seen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("door", ["EvaluateStream", "shared memory", "ModelInfer"])
+def test_fuzzed_requests_through_every_other_door_get_clear_answers(fuzzed, channel, evaluate, door):
+    """The same fuzzed requests streamed in chunks (with faults in the stream), with their tensors in shared
+    memory (a reference now and then off by some bytes), and fuzzed ModelInfer calls: every answer is OK
+    (and equals the engine where it can be recomputed) or a clear status naming its field."""
+    if door == "shared memory" and not wire_memory.supported():
+        pytest.skip("needs POSIX shared memory")
+    seen: dict[str, int] = {}
+    stub = pb_grpc.LossServiceStub(channel)
+    segment = SharedSegment(stub) if door == "shared memory" else None
+    stream = channel.stream_stream(
+        EVALUATE_STREAM_METHOD, request_serializer=chunks.serialize_chunk, response_deserializer=chunks.parse_chunk
+    )
+    infer = oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+
+    @FUZZ
+    @given(request=evaluate_requests(), fault=stream_faults(), misplace=st.sampled_from([0, 0, 0, 1, 4, 1 << 30]))
+    def one_evaluate(request: pb.EvaluateRequest, fault: str, misplace: int) -> None:
+        if door == "EvaluateStream":
+            code = call_stream(stream, request, fault)
+        else:
+            code = call_shared(stub.Evaluate, segment, request, misplace)
+        seen[code.name] = seen.get(code.name, 0) + 1
+
+    @FUZZ
+    @given(request=infer_requests())
+    def one_infer(request) -> None:
+        code = call_infer(infer, request)
+        seen[code.name] = seen.get(code.name, 0) + 1
+
+    try:
+        one_infer() if door == "ModelInfer" else one_evaluate()
+    finally:
+        if segment is not None:
+            segment.close()
+    print(f"{door}: fuzzed requests by answer: {seen}")
+    assert_unharmed(fuzzed, evaluate)
+    assert "OK" in seen and len(set(seen) - {"OK"}) >= 1, seen
 
 
 @pytest.mark.parametrize(

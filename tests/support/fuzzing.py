@@ -19,6 +19,7 @@ engine's own answer on the same decoded inputs (``engine_parts``).
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 from collections.abc import Callable
@@ -28,9 +29,11 @@ import grpc
 import torch
 from hypothesis import strategies as st
 
+from losswire.inference import grpc_predict_v2_pb2 as oip
 from losswire.server.losses import LOSSES
 from losswire.v1 import loss_service_pb2 as pb
-from losswire.wire import codec, protocol
+from losswire.wire import chunks, codec, protocol
+from losswire.wire import shared_memory as wire_memory
 from support.calls import field_of
 from support.mmdet_fixtures import SINGLE_CASES, difference, parts, prepare
 
@@ -600,3 +603,201 @@ def assert_serves_correctly(method: Any) -> None:
     request, want = good_request()
     answer = pb.EvaluateResponse.FromString(method(request.SerializeToString(), timeout=30))
     torch.testing.assert_close(codec.decode_tensor(answer.results[0].loss, "loss"), want.detach())
+
+
+# -- the other front doors: the same fuzzed requests streamed, in shared memory, and as ModelInfer ------
+
+STREAM_FAULTS = ["none", "none", "none", "drop-chunk", "duplicate-chunk", "shift-offset", "extra-bytes", "no-header"]
+
+
+@st.composite
+def stream_faults(draw: Callable) -> str:
+    """What goes wrong with a fuzzed request's stream on top of its contents ("none": a valid stream)."""
+    return draw(st.sampled_from(STREAM_FAULTS))
+
+
+def stream_messages(request: pb.EvaluateRequest, fault: str) -> list[Any]:
+    """``request`` as EvaluateStream messages: every tensor with bytes streamed in chunks after it (chunks
+    of 64 bytes, so that a tensor takes several), with ``fault`` done to the stream."""
+    request = pb.EvaluateRequest.FromString(request.SerializeToString())
+    sink = chunks.StreamSink.take(request, min_bytes=1)
+    messages = list(chunks.stream_chunks(request, sink, raw=False, chunk_bytes=64))
+    if fault == "no-header":
+        return messages[1:] or [pb.EvaluateChunk(chunk=pb.TensorChunk(tensor="terms[0].pred"))]
+    pieces = messages[1:]
+    if pieces and fault == "drop-chunk":
+        del messages[1 + len(pieces) // 2]
+    elif pieces and fault == "duplicate-chunk":
+        messages.insert(1, messages[1])
+    elif pieces and fault == "shift-offset":
+        messages[-1].chunk.offset += 1
+    elif pieces and fault == "extra-bytes":
+        messages[-1].chunk.data += b"\0\0\0\0"
+    return messages
+
+
+def stream_answer(responses: Any) -> pb.EvaluateResponse:
+    """A stream's answer with its chunks put back into the response."""
+    first = next(responses)
+    assembler = chunks.StreamAssembler(first.response)
+    for message in responses:
+        assembler.add(message.chunk)
+    chunks.fill_streamed(first.response, assembler.finish())
+    return first.response
+
+
+def call_stream(method: Any, request: pb.EvaluateRequest, fault: str, timeout: float = 60) -> grpc.StatusCode:
+    """One fuzzed request through EvaluateStream; an OK answer of a valid stream equals the engine's."""
+    try:
+        response = stream_answer(method(iter(stream_messages(request, fault)), timeout=timeout))
+    except grpc.RpcError as error:
+        return check_error(error)
+    if fault == "none":
+        check_ok(request, response)
+    return grpc.StatusCode.OK
+
+
+class SharedSegment:
+    """A registered shared-memory segment that fuzzed requests put their tensors in."""
+
+    def __init__(self, stub: Any, size: int = 1 << 22) -> None:
+        self.segment = wire_memory.Segment.create(size)
+        registration = pb.RegisterSharedMemoryRequest(
+            name=self.segment.name, byte_size=self.segment.size, nonce=self.segment.nonce
+        )
+        self.region = stub.RegisterSharedMemory(registration, timeout=30).region
+
+    def place(self, request: pb.EvaluateRequest, misplace: int = 0) -> pb.EvaluateRequest:
+        """``request`` with every tensor's bytes in the segment (``misplace`` shifts one reference's offset)
+        and the second half of the segment as the output range."""
+        request = pb.EvaluateRequest.FromString(request.SerializeToString())
+        half = self.segment.size // 2
+        room = wire_memory.SegmentRange(self.segment, self.region, wire_memory.NONCE_BYTES, half)
+        sink = chunks.StreamSink.take(request, min_bytes=1)
+        sink.place(room)
+        sink.inline(placed=False)  # what did not fit stays inline
+        if misplace:
+            for _, tensor in codec.tensors_of(request):
+                if tensor.HasField("shm"):
+                    tensor.shm.offset += misplace
+                    break
+        request.output_shm.region, request.output_shm.offset, request.output_shm.byte_size = self.region, half, half
+        return request
+
+    def answer(self, response: pb.EvaluateResponse) -> pb.EvaluateResponse:
+        """``response`` with the tensors it names in the segment read back inline."""
+        views = wire_memory.shared_memory_tensors(codec.tensors_of(response), self._resolve)
+        chunks.fill_streamed(response, views)
+        for _, tensor in codec.tensors_of(response):
+            tensor.ClearField("shm")
+        return response
+
+    def _resolve(self, ref: pb.SharedMemoryRef, field: str) -> torch.Tensor:
+        assert ref.region == self.region, f"{field}: the answer names region {ref.region!r}"
+        return self.segment.bytes_at(ref.offset, ref.byte_size)
+
+    def close(self) -> None:
+        self.segment.unlink()
+        self.segment.close()
+
+
+def call_shared(
+    method: Any, segment: SharedSegment, request: pb.EvaluateRequest, misplace: int, timeout: float = 60
+) -> grpc.StatusCode:
+    """One fuzzed request with its tensors in shared memory; an OK answer equals the engine's."""
+    try:
+        response = method(segment.place(request, misplace), timeout=timeout)
+    except grpc.RpcError as error:
+        return check_error(error)
+    if not misplace:
+        check_ok(request, segment.answer(response))
+    return grpc.StatusCode.OK
+
+
+OIP_DATATYPES = ["BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "BF16", "FP32", "FP64", "BYTES", "FP8", ""]
+OIP_TYPED = {"BOOL": "bool_contents", "INT32": "int_contents", "INT64": "int64_contents", "FP32": "fp32_contents"}
+
+
+@st.composite
+def infer_requests(draw: Callable) -> oip.ModelInferRequest:
+    """ModelInfer requests from the recorded cases (pred and target), then mangled: the model, the inputs'
+    names, datatypes, shapes and bytes, typed contents, parameters (config JSON among them) and outputs."""
+    term = draw(loss_terms())
+    config = codec.decode_config(term.config)
+    loss = str(config.get("type", ""))
+    model = draw(st.sampled_from([loss] * 6 + ["NoSuchLoss", ""]))
+    request = oip.ModelInferRequest(model_name=model, model_version=draw(st.sampled_from(["", "", "", "1", "1", "2"])))
+    typed = draw(st.booleans())
+    for name, tensor in (("pred", term.pred), ("target", term.target.tensor)):
+        if not tensor.ListFields():
+            continue
+        datatype = DTYPE_NAMES.get(tensor.dtype, "FP32")
+        if draw(st.integers(0, 9)) == 0:
+            datatype = draw(st.sampled_from(OIP_DATATYPES))
+        shape = list(tensor.shape)
+        if draw(st.integers(0, 9)) == 0:
+            shape = draw(shapes(shape))
+        entry = request.inputs.add(name=draw(st.sampled_from([name, name, name, "weights", f"{name}[0]"])))
+        entry.datatype, entry.shape[:] = datatype, shape
+        data = tensor.data
+        if typed and datatype in OIP_TYPED:
+            dtype = codec.DTYPE_TO_TORCH.get(tensor.dtype, torch.uint8)
+            whole = len(data) - len(data) % dtype.itemsize  # a mutated tensor's bytes may not fill an element
+            values = torch.frombuffer(bytearray(data[:whole]), dtype=dtype) if whole else []
+            kind = {"BOOL": bool, "FP32": float}.get(datatype, _as_int)
+            getattr(entry.contents, OIP_TYPED[datatype]).extend([kind(v.item()) for v in values][:SAMPLE_LIMIT])
+        elif not typed:
+            request.raw_input_contents.append(data if draw(st.integers(0, 9)) else data[: len(data) // 2])
+    parameters = {k: v for k, v in config.items() if k != "type"}
+    text = json.dumps(parameters)
+    choice = draw(st.integers(0, 9))
+    if choice == 0:
+        text = draw(st.sampled_from(["[" * 1000, '{"gamma": ' + "9" * 400 + "}", "{", "null", '"a"', "{}"]))
+    elif choice == 1:
+        text = draw(st.text(max_size=20))
+    if choice != 2:
+        request.parameters["config"].string_param = text
+    if draw(st.integers(0, 4)) == 0:
+        slot = request.parameters[draw(st.sampled_from(["reduction_override", "avg_factor", "ignore_index", "x"]))]
+        value = draw(st.sampled_from(["mean", "avg", 2.0, -1, True]))
+        if isinstance(value, str):
+            slot.string_param = value
+        elif isinstance(value, bool):
+            slot.bool_param = value
+        elif isinstance(value, int):
+            slot.int64_param = value
+        else:
+            slot.double_param = value
+    for _ in range(draw(st.integers(0, 2))):
+        request.outputs.add(name=draw(st.sampled_from(["loss", "grad_pred", "grad_target", "loss_0", "junk"])))
+    return request
+
+
+def _as_int(value: float | int | bool) -> int:
+    """A value as the integer a caller would send for it (what does not fit int32 wraps into it)."""
+    number = int(value) if math.isfinite(value) else 0
+    return (number + 2**31) % 2**32 - 2**31
+
+
+DTYPE_NAMES = {
+    pb.BOOL: "BOOL",
+    pb.UINT8: "UINT8",
+    pb.INT8: "INT8",
+    pb.INT16: "INT16",
+    pb.INT32: "INT32",
+    pb.INT64: "INT64",
+    pb.FLOAT16: "FP16",
+    pb.BFLOAT16: "BF16",
+    pb.FLOAT32: "FP32",
+    pb.FLOAT64: "FP64",
+}
+
+
+def call_infer(method: Any, request: oip.ModelInferRequest, timeout: float = 60) -> grpc.StatusCode:
+    """One fuzzed ModelInfer; any answer but a clear status or a well-formed response breaks the property."""
+    try:
+        answer = method(request, timeout=timeout)
+    except grpc.RpcError as error:
+        return check_error(error)
+    assert len(answer.outputs) == len(answer.raw_output_contents), "outputs without their bytes"
+    return grpc.StatusCode.OK
