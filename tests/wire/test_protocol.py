@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 from google.protobuf import descriptor_pb2
 from support.paths import ROOT
@@ -109,6 +110,19 @@ def test_list_losses_is_the_engine_description(client: LossClient):
         assert dict(info.output_variants) == description["output_variants"]
         assert list(info.differentiable) == description["differentiable"]
         assert info.separable == description["separable"] and info.sample_axis == description["sample_axis"]
+
+
+def test_every_package_of_the_source_is_listed_for_the_wheel():
+    """pyproject.toml lists packages by name (the layout maps folders onto the losswire namespace): a new
+    folder of code that is not listed would be missing from the wheel and the image."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    found = set()
+    for package, folder in config["package-dir"].items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            parts = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join((package, *parts)))
+    assert found == listed, f"not listed: {sorted(found - listed)}; listed but absent: {sorted(listed - found)}"
 
 
 @pytest.mark.slow
