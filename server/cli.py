@@ -288,6 +288,20 @@ KNOBS: tuple[Knob, ...] = (
         "bytes of shared memory mapped for all callers together; beyond, RESOURCE_EXHAUSTED (0: unbounded)",
     ),
     Knob(
+        "memory_budget",
+        _optional_limit,
+        _DEFAULT.memory_budget,
+        "bytes the calls in flight may hold at once (streamed tensors' buffers, terms' working memory as their "
+        "losses estimate it), reserved before they are allocated; beyond, RESOURCE_EXHAUSTED (0 or none: unbounded)",
+        shown="half the host's memory",
+    ),
+    Knob(
+        "max_term_memory",
+        _optional_limit,
+        _DEFAULT.max_term_memory,
+        "the most working memory one term may take (0 or none: the whole --memory-budget)",
+    ),
+    Knob(
         "buffer_pool",
         _int_at_least(0),
         _DEFAULT.buffer_pool_bytes,
