@@ -7,6 +7,7 @@ process from the same engine (``losswire.server.losses.build_loss``), so the two
 
     losswire serve --port 50051 &
     python examples/toy_training.py --target 127.0.0.1:50051    # losses on the server
+    python examples/toy_training.py                              # on $LOSSWIRE_TARGET, else localhost:50051
     python examples/toy_training.py --local                      # the same losses in-process
 
 ``train(make_loss, steps, seed)`` returns the loss history; ``make_loss`` turns an mmdet loss config
@@ -84,8 +85,11 @@ def train(make_loss: MakeLoss, steps: int = 150, seed: int = 0, lr: float = 0.1,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--target", help="losswire server address, e.g. 127.0.0.1:50051")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--target",
+        help="losswire server address, e.g. 127.0.0.1:50051 (default: $LOSSWIRE_TARGET, else localhost:50051)",
+    )
     where.add_argument("--local", action="store_true", help="evaluate the losses in this process")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)

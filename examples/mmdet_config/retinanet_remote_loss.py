@@ -11,13 +11,11 @@ _base_ = "mmdet::retinanet/retinanet_r50_fpn_1x_coco.py"
 # The one addition: mmengine imports this module while loading the config, which registers RemoteLoss.
 custom_imports = dict(imports=["losswire.client.mmdet"], allow_failed_imports=False)
 
-# `LOSSWIRE_TARGET` in the environment overrides the default address (mmengine's {{$VAR:default}}).
-losswire_target = "{{$LOSSWIRE_TARGET:localhost:50051}}"
-
 model = dict(
     bbox_head=dict(
-        # The local dict with `type` renamed to `loss`, plus `target`. The parameters stay at the top
-        # level, where RetinaHead reads `use_sigmoid` from the config to size its classifier.
+        # The local dict with `type` renamed to `loss`. The parameters stay at the top level, where
+        # RetinaHead reads `use_sigmoid` from the config to size its classifier. Without `target=`, the
+        # loss dials $LOSSWIRE_TARGET (else localhost:50051); `target="losshost:50051"` pins one server.
         loss_cls=dict(
             type="RemoteLoss",
             loss="FocalLoss",
@@ -25,9 +23,8 @@ model = dict(
             gamma=2.0,
             alpha=0.25,
             loss_weight=1.0,
-            target=losswire_target,
             timeout=60.0,
         ),
-        loss_bbox=dict(type="RemoteLoss", loss="L1Loss", loss_weight=1.0, target=losswire_target, timeout=60.0),
+        loss_bbox=dict(type="RemoteLoss", loss="L1Loss", loss_weight=1.0, timeout=60.0),
     )
 )
