@@ -19,6 +19,7 @@ import grpc
 from torch import Tensor
 
 from losswire.v1 import loss_service_pb2 as pb
+from losswire.v1 import loss_service_pb2_grpc as pb_grpc
 from losswire.wire import chunks, codec
 from losswire.wire import shared_memory as wire_memory
 from losswire.wire.buffers import DEFAULT_IDLE_BYTES, BufferPool
@@ -28,7 +29,7 @@ from . import shared_memory as shm
 from . import targets
 from .channels import CONNECT_TIMEOUT_SECONDS, Connection, make_channel, tls_name_option
 from .errors import RemoteLossError
-from .replicas import SessionRouter, replica_set
+from .replicas import ReplicaSet, SessionRouter, replica_set
 from .security import Credentials
 from .sessions import SessionSteps
 from .transports import STREAM_THRESHOLD_BYTES, Transports
@@ -149,12 +150,12 @@ class LossClient:
         return self.connection.channel
 
     @property
-    def stub(self) -> Any:
+    def stub(self) -> pb_grpc.LossServiceStub:
         """The target's ``LossServiceStub`` (no deadline, no connection wait: for direct calls)."""
         return self.connection.stub
 
     @property
-    def replicas(self) -> Any:
+    def replicas(self) -> ReplicaSet | None:
         """The target's replica set when the client pins sessions (a balanced target), else None."""
         return self.router.replicas
 
@@ -177,6 +178,7 @@ class LossClient:
 
     @property
     def _pool(self) -> shm.SharedMemoryPool | None:
+        """The shared-memory pool once made (the shared-memory tests read its regions here)."""
         return self.transports.pool
 
     def replica_for(self, session: str) -> str | None:

@@ -36,7 +36,7 @@ from .configs import ConfigEncoding
 from .errors import RemoteLossError, check_implementation
 from .roundtrip import evaluate_terms
 from .sessions import PrivateSession
-from .targets import Target
+from .targets import Target, label
 from .terms import BoundTerm
 
 log = logging.getLogger("losswire.client")
@@ -265,8 +265,7 @@ class RemoteLoss(nn.Module):
             self.last_session_step = result.session_step
 
     def _target_label(self) -> str:
-        target = self.client.target
-        return ",".join(target) if isinstance(target, tuple) else target
+        return label(self.client.target)
 
     # -- server-held state -----------------------------------------------------------------------------
 
