@@ -32,6 +32,7 @@ from .auth import TokenSet
 from .config import ServerConfig
 from .dataplane import Dataplane, RequestLimits, SharedMemoryRegistry
 from .dataplane.budget import MemoryBudget
+from .dataplane.costs import TermCosts
 from .evaluation import SessionStore
 from .losses import LOSSES, Registry
 from .rpc.authentication import SessionOwners, TokenAuthInterceptor
@@ -109,6 +110,7 @@ class LosswireServer:
             buffers=BufferPool(config.buffer_pool_bytes),
             fused=config.fused_kernels,
             budget=MemoryBudget(config.memory_budget, config.max_term_memory),
+            costs=TermCosts(registry, config.max_module_bytes, config.term_memory_ratio),
         )
         # counted whether or not the endpoint is served: tests and embedders read .metrics.registry
         self.metrics = ServerMetrics(self.device, __version__, registry.names, lambda: len(self.sessions))

@@ -302,6 +302,20 @@ KNOBS: tuple[Knob, ...] = (
         "the most working memory one term may take (0 or none: the whole --memory-budget)",
     ),
     Knob(
+        "max_module_bytes",
+        _optional_limit,
+        _DEFAULT.max_module_bytes,
+        "what building one loss module may allocate, by its loss's estimate (GHM's bins, per-class buffers); "
+        "beyond, RESOURCE_EXHAUSTED naming the parameter (0 or none: unbounded)",
+    ),
+    Knob(
+        "term_memory_ratio",
+        _optional_limit,
+        _DEFAULT.term_memory_ratio,
+        "a term's estimated working memory may be at most this many times its inputs' bytes, plus 256 MiB "
+        "(C x C or B x B tables of a tiny request are refused); beyond, RESOURCE_EXHAUSTED (0 or none: unbounded)",
+    ),
+    Knob(
         "buffer_pool",
         _int_at_least(0),
         _DEFAULT.buffer_pool_bytes,

@@ -49,6 +49,12 @@ class ServerConfig:
     memory_budget: int | None = dataclasses.field(default_factory=lambda: half_of_physical_memory())
     # the most one term's working memory may take (None: the whole budget)
     max_term_memory: int | None = None
+    # what building one loss module may allocate, by its loss's estimate (GHM's bins, per-class buffers);
+    # real configs need kilobytes; None: unbounded
+    max_module_bytes: int | None = 64 << 20
+    # a term's estimated working memory may be at most this many times its inputs' bytes, plus 256 MiB
+    # (losses cost a few times their inputs; C x C or B x B tables of a tiny request do not); None: unbounded
+    term_memory_ratio: int | None = 64
     # idle buffers kept for reuse by big calls (streamed tensors, their answers); 0: fresh memory each call
     buffer_pool_bytes: int = 1 << 30  # losswire.wire.buffers.DEFAULT_IDLE_BYTES
     max_message_bytes: int = MAX_MESSAGE_BYTES

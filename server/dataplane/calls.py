@@ -38,6 +38,7 @@ from ..losses.provenance import implementation_digest
 from ..losses.schema import keeps_state
 from .admission import BigCallSlots
 from .budget import MemoryBudget
+from .costs import TermCosts
 from .decode import Arrived, check_transfer_dtype, decode_term, term_names
 from .descriptions import loss_info, session_info
 from .encode import InPlace, encode_outcome, into_output_range, into_pooled_buffers
@@ -93,6 +94,7 @@ class Dataplane:
         buffers: BufferPool | None = None,
         fused: bool = True,
         budget: MemoryBudget | None = None,
+        costs: TermCosts | None = None,
     ) -> None:
         self.device = device
         self.registry = registry
@@ -106,6 +108,7 @@ class Dataplane:
         self.buffers = buffers if buffers is not None else BufferPool(0)
         self._implementations: dict[str, str] = {}  # loss name -> provenance digest
         self.budget = budget if budget is not None else MemoryBudget(None)
+        self.costs = costs if costs is not None else TermCosts(registry)
 
     # -- evaluation -------------------------------------------------------------------------------
 
@@ -175,11 +178,17 @@ class Dataplane:
         in_place: InPlace = {}  # gradients a kernel wrote into the output range
         terms = self._place_gradients(terms, output_range, sink, transfer, in_place)
         decoded = time.perf_counter()
+        costs = []  # every term's cost within the limits before any session or module is built
+        for index, term in enumerate(terms):
+            with at_term(index, term.name):
+                costs.append(self.costs.check(term, f"terms[{index}]."))
         outcomes = []
         # the call is atomic: its sessions change only if every term succeeds (evaluation.sessions)
         with self._sessions(owner, terms) as sessions:
-            for index, term in enumerate(terms):
-                with at_term(index, term.name):
+            for index, (term, (estimate, field)) in enumerate(zip(terms, costs, strict=True)):
+                what = f"{term.config.get('type')} on pred {list(term.pred.shape)} ({estimate.parameter})"
+                reserved = self.budget.reserved(estimate.total_bytes, what, f"terms[{index}].{field}", term=True)
+                with at_term(index, term.name), reserved:
                     outcomes.append(self.evaluator.evaluate(term, cancelled, sessions))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -249,7 +258,11 @@ class Dataplane:
         """A loss config checked and described: every parameter filled in, the output kind, statefulness."""
         config, sampler = split_sampler(config)
         config = self.registry.normalise(config)
-        module = self.registry.build(config)
+        estimate = self.registry.estimate(config)
+        self.costs.check_module(estimate, config["type"], f"config.{estimate.module_parameter}")
+        what = f"building {config['type']} ({estimate.module_parameter})"
+        with self.budget.reserved(estimate.module_bytes, what, f"config.{estimate.module_parameter}", term=True):
+            module = self.registry.build(config)
         description = self.registry.describe(config["type"])
         response = pb.DescribeResponse(
             output=output_kind_of(module, description).value, stateful=keeps_state(module), server_version=__version__

@@ -14,7 +14,15 @@ def loss_info(description: LossDescription, out: pb.LossInfo, implementation: st
     out.name = description.name
     out.summary = description.summary
     for spec in description.params:
-        param = out.params.add(name=spec.name, type=spec.type, nullable=spec.nullable)
+        param = out.params.add(
+            name=spec.name,
+            type=spec.type,
+            nullable=spec.nullable,
+            minimum=spec.minimum,
+            maximum=spec.maximum,
+            exclusive_minimum=spec.exclusive_minimum,
+            exclusive_maximum=spec.exclusive_maximum,
+        )
         param.default.CopyFrom(codec.json_value(spec.default))
         param.choices.extend(codec.json_value(c) for c in spec.choices or ())
     for spec in description.inputs:

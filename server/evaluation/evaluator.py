@@ -17,7 +17,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..losses import LOSSES, LossConfigError, LossDescription, LossInputError, OutputKind, Registry, output_kind_of
+from ..losses import (
+    LOSSES,
+    LossConfigError,
+    LossDescription,
+    LossInputError,
+    OutputKind,
+    Registry,
+    output_kind_of,
+    shareable,
+)
 from ..losses import fused as fused_kernels
 from .binding import WEIGHT_INPUTS, bind_inputs, gradient_leaves
 from .errors import LossFailedError, as_memory_error, check_cancelled
@@ -36,19 +45,15 @@ log = logging.getLogger(__name__)
 # thread and ~8 ms on two on a 2-core machine with one core taken.
 SERIAL_MAX_ELEMENTS = 32768
 
-# Loss classes whose modules keep nothing between calls (no state, no random generator, no buffers a
-# forward updates): the evaluator shares one built module per config among calls. The fused kernels'
-# classes, whose forward only reads the module's config.
-STATELESS_MODULES = frozenset(fused_kernels.FUSED_KERNELS)
 MODULE_CACHE_SIZE = 256
 
 
-def _frozen(value: Any) -> Any:
+def frozen(value: Any) -> Any:
     """A hashable copy of a decoded config (dicts, lists, plain values); TypeError for anything else."""
     if isinstance(value, Mapping):
-        return ("dict", tuple(sorted(((str(k), _frozen(v)) for k, v in value.items()), key=lambda kv: kv[0])))
+        return ("dict", tuple(sorted(((str(k), frozen(v)) for k, v in value.items()), key=lambda kv: kv[0])))
     if isinstance(value, (list, tuple)):
-        return ("list", tuple(_frozen(v) for v in value))
+        return ("list", tuple(frozen(v) for v in value))
     if isinstance(value, float):
         return ("float", repr(value))  # -0.0 and 0.0 apart, NaN equal to itself
     if value is None or isinstance(value, (bool, int, str)):
@@ -230,21 +235,21 @@ class Evaluator:
             yield module.to(device), step
 
     def _stateless_module(self, config: dict[str, Any], device: torch.device) -> nn.Module:
-        """A module for ``config`` outside any session: built afresh, except for the classes listed in
-        ``STATELESS_MODULES`` (exact types: a plugin's class is always built afresh), whose instances
-        hold only their config and are shared by every call, and thread, with an equal config.
+        """A module for ``config`` outside any session: built afresh, except where the loss declares the
+        module ``shareable`` (stateless and not stochastic: it holds only its config), then shared by
+        every call, and thread, with an equal config.
 
         The cache is keyed by the config as sent and holds at most ``MODULE_CACHE_SIZE`` entries
         (it starts afresh beyond: clients choose the configs)."""
         try:
-            key: tuple[Any, str] | None = (_frozen(config), str(device))
+            key: tuple[Any, str] | None = (frozen(config), str(device))
         except TypeError:  # a value a decoded config does not hold (an in-process caller's tensor...)
             key = None
         module = None if key is None else self._modules.get(key)
         if module is not None:
             return module
         module = self.registry.build(config).to(device)
-        if key is not None and type(module) in STATELESS_MODULES:
+        if key is not None and shareable(module):
             with self._modules_lock:
                 if len(self._modules) >= MODULE_CACHE_SIZE:
                     self._modules.clear()

@@ -206,29 +206,42 @@ class SessionStore:
             )
         return session
 
-    def _new(self, owner: str, name: str, normalised: dict[str, Any]) -> Session:
-        """A session for the call that creates it: counted at once against the limits, kept by commit."""
+    def _new(self, owner: str, name: str, normalised: dict[str, Any]) -> tuple[Session, bool]:
+        """A session for the call that creates it (counted at once against the limits, kept by commit) and
+        True; or the one another call created meanwhile, and False."""
         with self._lock:
             if len(self._sessions) >= self.max_sessions:
                 raise SessionLimitError(
                     f"{len(self._sessions)} sessions are live, the server's limit (--max-sessions); reset "
                     f"finished ones or wait for idle ones to expire after {self.ttl_seconds:g} s"
                 )
+        self._check_room(name, self.registry.estimate(normalised).module_bytes * (1 + self.replay_depth))
         module = self.registry.build(normalised).to(self.device)  # outside the store's lock: it allocates
         nbytes = _nbytes(module.state_dict()) * (1 + self.replay_depth)
         session = Session(name, normalised, module, last_used=self.clock(), owner=owner, nbytes=nbytes)
         with self._lock:
-            held = sum(s.nbytes for s in self._sessions.values())
-            if self.max_bytes is not None and held + nbytes > self.max_bytes:
-                raise SessionLimitError(
-                    f"session {name!r} would hold {nbytes} bytes of state (its module and {self.replay_depth} "
-                    f"replay snapshots); the sessions hold {held} of the server's {self.max_bytes} "
-                    "(losswire serve --max-session-bytes)"
-                )
-            if (owner, name) in self._sessions or len(self._sessions) >= self.max_sessions:
-                raise SessionLimitError(f"session {name!r} was created meanwhile, or the session limit reached")
+            raced = self._live(owner, name)
+            if raced is not None:  # another call created it meanwhile: that one is the session
+                return raced, False
+            self._check_room(name, nbytes, locked=True)
+            if len(self._sessions) >= self.max_sessions:
+                raise SessionLimitError(f"{len(self._sessions)} sessions are live, the server's limit (--max-sessions)")
             self._sessions[(owner, name)] = session
-        return session
+        return session, True
+
+    def _check_room(self, name: str, nbytes: int, locked: bool = False) -> None:
+        """A SessionLimitError unless the sessions' state has room for ``nbytes`` more (estimated before
+        the module is built, then as built)."""
+        if self.max_bytes is None:
+            return
+        with contextlib.nullcontext() if locked else self._lock:
+            held = sum(s.nbytes for s in self._sessions.values())
+        if held + nbytes > self.max_bytes:
+            raise SessionLimitError(
+                f"session {name!r} would hold {nbytes} bytes of state (its module and {self.replay_depth} replay "
+                f"snapshots); the sessions hold {held} of the server's {self.max_bytes} "
+                "(losswire serve --max-session-bytes)"
+            )
 
     def _forget(self, session: Session) -> None:
         with self._lock:
@@ -308,7 +321,7 @@ class Transaction:
         session = self.store._existing(self.owner, name, normalised)
         created = session is None
         if created:
-            session = self.store._new(self.owner, name, normalised)
+            session, created = self.store._new(self.owner, name, normalised)
         session.lock.acquire()
         if not created and self.store._existing(self.owner, name, normalised) is not session:
             session.lock.release()  # reset or expired while this call waited for it: take it afresh

@@ -156,7 +156,8 @@ class OipWhere(Where):
 
     def __init__(self, model_name: str) -> None:
         self.prefix = f"model {model_name[:100]!r}"
-        self.paths: dict[str, str] = {}  # dataplane path -> the request's, longest first when renaming
+        # dataplane path -> the request's, longest first when renaming; the term's config is the request's
+        self.paths: dict[str, str] = {f"{TERM}.config.": "config."}
 
     def term(self, index: int, name: str) -> tuple[str, str]:
         return self.prefix, ""  # one term; engine fields stay as the engine names them ("target")

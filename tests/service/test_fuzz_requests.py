@@ -371,8 +371,9 @@ def test_shape_whose_strides_overflow_is_invalid_argument(fuzzed, evaluate, shap
     assert field_of(error) == "terms[0].pred.shape"
 
 
-def test_nonfinite_config_numbers_reach_the_loss(fuzzed, evaluate):
-    """A binary Struct carries NaN and Inf (JSON cannot): read as sent, not refused as unreadable."""
+def test_nonfinite_config_numbers_are_read_and_refused_by_the_parameters_range(fuzzed, evaluate):
+    """A binary Struct carries NaN and Inf (JSON cannot): read as sent, not refused as unreadable, then
+    refused by the parameter's declared range (a float must be finite), naming it."""
     pred, target = torch.randn(3, 4), torch.randn(3, 4)
     for weight in (math.nan, math.inf):
         request = pb.EvaluateRequest(terms=[pb.LossTerm()])
@@ -380,7 +381,9 @@ def test_nonfinite_config_numbers_reach_the_loss(fuzzed, evaluate):
         codec.encode_config({"type": "L1Loss", "loss_weight": weight}, term.config)
         codec.encode_tensor(pred, term.pred)
         codec.encode_value(target, term.target)
-        assert call(evaluate, request) == grpc.StatusCode.OK  # equal to the engine's nan / inf
+        error = _refusal(evaluate, request)
+        assert error.code() == INVALID and field_of(error) == "terms[0].config.loss_weight", error.details()
+        assert "finite" in error.details(), error.details()
 
 
 def test_config_key_and_input_named_empty_are_named_fields(fuzzed, evaluate):

@@ -7,6 +7,7 @@ in memory. The answer names the field and the limit; the server serves the next 
 
 from __future__ import annotations
 
+import math
 import sys
 
 import grpc
@@ -16,6 +17,7 @@ from support.calls import field_of, plain_channel
 from support.oip import infer_request, outputs_of
 from support.servers import ServerProcess, module_cmd, server_env
 
+from losswire.client import RemoteLossError
 from losswire.inference import grpc_predict_v2_pb2 as oip
 from losswire.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from losswire.v1 import loss_service_pb2 as pb
@@ -134,3 +136,54 @@ def test_typed_contents_are_bounded_like_raw_bytes(max_message_bytes, code):
         good_call_is_answered(process.target)
     finally:
         process.close()
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        ({"type": "GHMC", "bins": 250_000_000}, "config.bins"),
+        ({"type": "EQLV2Loss", "num_classes": 100_000_000}, "config.num_classes"),
+        ({"type": "SeesawLoss", "num_classes": 100_000_000}, "config.num_classes"),
+    ],
+)
+def test_a_tiny_config_that_would_build_a_huge_module_is_refused_before_it_is_built(client, config, field):
+    """Describe builds the module: its loss's estimate (GB of bins or per-class buffers for a 37-byte
+    config) is checked against --max-module-bytes first."""
+    with pytest.raises(RemoteLossError) as refused:
+        client.describe(config)
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details
+    assert refused.value.field == field and "--max-module-bytes" in refused.value.details
+
+
+@pytest.mark.parametrize(
+    ("config", "pred", "target_", "field"),
+    [
+        (
+            {"type": "SeesawLoss", "num_classes": 8000},
+            torch.randn(1, 8002),
+            torch.tensor([3]),
+            "terms[0].config.num_classes",
+        ),
+        ({"type": "TripletLoss"}, torch.randn(8000, 1), torch.arange(8000) % 7, "terms[0].pred"),
+    ],
+    ids=["seesaw-classes-squared", "triplet-samples-squared"],
+)
+def test_a_small_call_whose_loss_is_quadratic_in_a_size_is_refused_naming_it(target, config, pred, target_, field):
+    request = pb.EvaluateRequest()
+    term = request.terms.add()
+    codec.encode_config(config, term.config)
+    codec.encode_tensor(pred, term.pred)
+    codec.encode_value(target_, term.target)
+    with plain_channel(target) as channel:
+        error = refused(lambda: pb_grpc.LossServiceStub(channel).Evaluate(request, timeout=30))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+    assert field_of(error) == field and "--term-memory-ratio" in error.details()
+    good_call_is_answered(target)
+
+
+@pytest.mark.parametrize("value", [2**63, 1e19, 1e308, math.inf, math.nan])
+def test_absurd_numbers_in_a_config_are_invalid_argument_naming_them(client, value):
+    with pytest.raises(RemoteLossError) as refused:
+        client.describe({"type": "SeesawLoss", "num_classes": value})
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details
+    assert refused.value.field == "config.num_classes"

@@ -32,10 +32,13 @@ _MODULES: dict[str, RemoteLoss] = {}
 
 
 def _remote(cfg: dict, target: str) -> RemoteLoss:
-    """One RemoteLoss per config (a Describe round trip each), reused across cases."""
+    """One RemoteLoss per config (a Describe round trip each), reused across cases; a stateful loss's
+    module keeps its state across calls as mmdet's does, so each case of one gets a fresh module."""
     key = target + json.dumps(cfg, sort_keys=True)
     if key not in _MODULES:
         _MODULES[key] = RemoteLoss(cfg, target)
+    if _MODULES[key].info.stateful:
+        return RemoteLoss(cfg, target)
     return _MODULES[key]
 
 

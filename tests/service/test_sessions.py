@@ -279,7 +279,7 @@ def _worker_batches(worker: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def test_two_concurrent_workers_share_one_seesaw_state_exactly_as_mmdet_in_server_order(target):
     session = "exp42/roi_head"
-    start = threading.Barrier(2)
+    start = threading.Barrier(2, timeout=60)  # a worker that fails before it ends the wait of the other
     records: list[tuple[int, str, dict, torch.Tensor]] = []
     lock = threading.Lock()
     errors = []

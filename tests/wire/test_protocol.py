@@ -99,6 +99,10 @@ def test_list_losses_is_the_engine_description(client: LossClient):
                 "default": codec.python_value(p.default),
                 "nullable": p.nullable,
                 "choices": [codec.python_value(c) for c in p.choices] or None,
+                "minimum": p.minimum if p.HasField("minimum") else None,
+                "maximum": p.maximum if p.HasField("maximum") else None,
+                "exclusive_minimum": p.exclusive_minimum,
+                "exclusive_maximum": p.exclusive_maximum,
             }
             for p in info.params
         ]

@@ -276,18 +276,26 @@ class ListLossesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ParamInfo(_message.Message):
-    __slots__ = ("name", "type", "default", "nullable", "choices")
+    __slots__ = ("name", "type", "default", "nullable", "choices", "minimum", "maximum", "exclusive_minimum", "exclusive_maximum")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_FIELD_NUMBER: _ClassVar[int]
     NULLABLE_FIELD_NUMBER: _ClassVar[int]
     CHOICES_FIELD_NUMBER: _ClassVar[int]
+    MINIMUM_FIELD_NUMBER: _ClassVar[int]
+    MAXIMUM_FIELD_NUMBER: _ClassVar[int]
+    EXCLUSIVE_MINIMUM_FIELD_NUMBER: _ClassVar[int]
+    EXCLUSIVE_MAXIMUM_FIELD_NUMBER: _ClassVar[int]
     name: str
     type: str
     default: _struct_pb2.Value
     nullable: bool
     choices: _containers.RepeatedCompositeFieldContainer[_struct_pb2.Value]
-    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., default: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., nullable: _Optional[bool] = ..., choices: _Optional[_Iterable[_Union[_struct_pb2.Value, _Mapping]]] = ...) -> None: ...
+    minimum: float
+    maximum: float
+    exclusive_minimum: bool
+    exclusive_maximum: bool
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., default: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., nullable: _Optional[bool] = ..., choices: _Optional[_Iterable[_Union[_struct_pb2.Value, _Mapping]]] = ..., minimum: _Optional[float] = ..., maximum: _Optional[float] = ..., exclusive_minimum: _Optional[bool] = ..., exclusive_maximum: _Optional[bool] = ...) -> None: ...
 
 class InputInfo(_message.Message):
     __slots__ = ("name", "kind", "optional", "default", "choices")
