@@ -21,7 +21,7 @@ import math
 import sys
 import warnings
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from google.protobuf import json_format, struct_pb2
@@ -31,9 +31,6 @@ from torch import Tensor
 from losswire.v1 import loss_service_pb2 as pb
 
 from .protocol import MAX_DIMS, PACKAGE
-
-if TYPE_CHECKING:
-    from .chunks import StreamSink
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
     raise ImportError("losswire's codec assumes a little-endian host")
@@ -55,6 +52,14 @@ DTYPE_TO_TORCH: dict[int, torch.dtype] = {
 }
 TORCH_TO_DTYPE: dict[torch.dtype, int] = {v: k for k, v in DTYPE_TO_TORCH.items()}
 INT64_MAX = 2**63 - 1  # torch sizes, strides and element counts are int64
+
+
+class Sink(Protocol):
+    """Where an encoder holds back big tensors' bytes instead of embedding them (``chunks.StreamSink``)."""
+
+    min_bytes: int
+
+    def add(self, message: pb.Tensor, data: Any) -> None: ...
 
 
 class CodecError(ValueError):
@@ -101,7 +106,7 @@ def encode_tensor(
     out: pb.Tensor | None = None,
     *,
     transfer_dtype: int = 0,
-    sink: StreamSink | None = None,
+    sink: Sink | None = None,
 ) -> pb.Tensor:
     """A torch tensor (any device, layout or stride) -> ``losswire.v1.Tensor``.
 
@@ -230,7 +235,7 @@ def decode_tensor(
 
 
 def encode_value(
-    value: Any, out: pb.Value | None = None, *, transfer_dtype: int = 0, sink: StreamSink | None = None
+    value: Any, out: pb.Value | None = None, *, transfer_dtype: int = 0, sink: Sink | None = None
 ) -> pb.Value:
     """A forward argument -> ``losswire.v1.Value``: tensor, tuple/list of tensors, or a plain value.
 
