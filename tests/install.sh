@@ -19,3 +19,9 @@ npm ci --prefix examples/node --no-audit --no-fund
 
 python3 -m venv .venv-oip
 .venv-oip/bin/python -m pip install -q 'tritonclient[grpc]==2.73.0' numpy
+
+# nginx for the proxy test (tests/operations/test_proxy.py): Debian's package where this user may install
+# it; elsewhere the test skips (under CI=true it fails instead: CI runs as root and installs it)
+if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
+fi

@@ -64,6 +64,13 @@ def test_every_mmdet_loss_is_registered_and_listed(client: LossClient):
         assert info.output in ("element", "sample", "scalar"), name
 
 
+def test_the_nginx_configuration_in_the_docs_is_the_tested_one(generated):
+    """docs/scaling.md shows deploy/nginx/losswire.conf, the file tests/operations/test_proxy.py runs."""
+    config = (ROOT / "deploy" / "nginx" / "losswire.conf").read_text().rstrip("\n")
+    fresh = f"\n```nginx\n{config}\n```\n"
+    generated(ROOT / "docs" / "scaling.md", "<!-- nginx-config:start -->", "<!-- nginx-config:end -->", fresh)
+
+
 def test_server_settings_table_is_current(generated):
     generated(DOCS / "server.md", "<!-- knobs:start -->\n", "<!-- knobs:end -->", knobs_markdown() + "\n")
 
