@@ -1,19 +1,29 @@
-"""Channels: gRPC's retry policy, the client's own backoff, the first connection and what a failure says.
+"""Channels: gRPC's retry policy, the client's own backoff, the first connection, restarts, and what a
+failure says.
 
-Every channel carries ``RETRY_POLICY`` (gRPC retries UNAVAILABLE and a busy RESOURCE_EXHAUSTED itself).
-Balanced channels (URIs, lists of servers) also run ``round_robin`` with client-side health checks:
-a replica whose health says NOT_SERVING (a stopping server's ``--shutdown-notice``) gets no new calls.
+Every channel carries ``RETRY_POLICY`` (gRPC retries UNAVAILABLE and a busy RESOURCE_EXHAUSTED itself)
+and ``RECONNECT_OPTIONS`` (a lost server is dialled again every half second at most, so one that comes
+back is noticed within a fraction of a second). Balanced channels (URIs, lists of servers) also run
+``round_robin`` with client-side health checks: a replica whose health says NOT_SERVING (a stopping
+server's ``--shutdown-notice``) gets no new calls.
 
-A :class:`Connection` is one channel as the client uses it: before its first call it checks, within
-``connect_timeout`` seconds, that the server answers at all (one health check), so a server that
-accepts connections and then stays silent (hung, stopped) is reported within seconds instead of at the
-call's deadline; and every failure names the target, the deadline and how to change them.
+A :class:`Connection` is one channel as the client uses it:
+
+* before its first call it checks, within ``connect_timeout`` seconds, that the server answers at all
+  (one health check): a target that refuses connections is reported at once, one that accepts them and
+  stays silent (hung, stopped) within seconds instead of at the call's deadline;
+* once the server has answered, calls *wait for it* (gRPC's wait-for-ready): a call made while the
+  server restarts (a deploy, a node drain) is sent when it is back, within the call's deadline, instead
+  of failing. Sessions are not hidden by this: a restarted server answers a session's call with a fresh
+  state, whose step goes backwards, and :mod:`losswire.client.sessions` warns or raises;
+* every failure names the target, the deadline and how to change them.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -26,6 +36,7 @@ from losswire.wire.protocol import MAX_MESSAGE_BYTES, SERVICE_NAME
 from . import targets
 from .errors import RemoteLossError, is_busy
 from .security import Credentials
+from .waiting import WaitingChannel
 
 # gRPC's own retry policy: a call that met an UNAVAILABLE server (restarting, a replica going away)
 # or an overloaded one (RESOURCE_EXHAUSTED: beyond its --max-concurrent-rpcs, or out of device memory
@@ -53,6 +64,16 @@ BUSY_PATIENCE_SECONDS = 300.0
 CONNECT_TIMEOUT_SECONDS = 10.0
 # gRPC's standard health service, which every losswire server runs: the first call's connection probe
 HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
+# How a channel dials again after losing its server: gRPC's connection backoff (by default 1 s growing
+# 1.6x per attempt up to 120 s, so a server back after a few seconds could go unnoticed for several
+# more) from 0.1 s up to 0.5 s (with gRPC's 20% jitter): a restarted server is seen within ~0.6 s, at
+# the cost of a refused connection attempt every half second while it is away. gRPC's minimum time
+# given to one connection attempt (grpc.min_reconnect_backoff_ms, 20 s) stays as it is: it must exceed
+# CONNECT_TIMEOUT_SECONDS, or a silent server would be reported as refusing connections.
+RECONNECT_OPTIONS = {
+    "grpc.initial_reconnect_backoff_ms": 100,
+    "grpc.max_reconnect_backoff_ms": 500,
+}
 
 
 def service_config(balanced: bool) -> str:
@@ -99,6 +120,7 @@ def make_channel(
         "grpc.service_config": service_config(balanced),
         "grpc.enable_retries": 1,
         "grpc.per_rpc_retry_buffer_size": RETRY_BUFFER_BYTES,
+        **RECONNECT_OPTIONS,
         **tls_name_option(credentials, lambda: targets.tls_server_name(target)),
         **(options or {}),
     }
@@ -118,42 +140,100 @@ def tls_name_option(credentials: Credentials, default: Callable[[], str | None])
 
 
 class Connection:
-    """One channel and its stub as the client calls them: a bounded wait for the first connection,
-    deadlines, and failures that name the target (``label``) and the deadline."""
+    """One channel and its stub as the client calls them: a bounded wait for the first connection, waiting
+    out a restart once the server has answered, deadlines, and failures that name the target (``label``)
+    and the deadline.
 
-    def __init__(self, channel: grpc.Channel, label: str, connect_timeout: float | None = CONNECT_TIMEOUT_SECONDS):
-        self.channel = channel
-        self.stub = pb_grpc.LossServiceStub(channel)
+    Every call on :attr:`channel` (the stub's, and the streams the transports open on it) waits for the
+    server as :meth:`waits` says, unless it sets ``wait_for_ready`` itself. ``wait_for_ready`` False:
+    calls never wait for a lost server; ``waiting(False)`` is the same connection with such calls (a
+    replica's, for a session that moves to the next replica instead).
+    """
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        label: str,
+        connect_timeout: float | None = CONNECT_TIMEOUT_SECONDS,
+        *,
+        wait_for_ready: bool = True,
+        reached: threading.Event | None = None,
+    ):
         self.label = label
         self.connect_timeout = connect_timeout
-        self._connected = False  # READY once: later failures are gRPC's (retries, deadlines)
+        self.wait_for_ready = wait_for_ready
+        # set once the server answered on this channel (shared with the waiting() view)
+        self._reached = threading.Event() if reached is None else reached
+        self.channel = WaitingChannel(channel, self.waits)
+        self.stub = pb_grpc.LossServiceStub(self.channel)
+        self._other: Connection | None = None  # the same, with the other wait_for_ready
+
+    @property
+    def reached(self) -> bool:
+        """Whether the server has answered on this channel (the first check, or a call)."""
+        return self._reached.is_set()
+
+    def waits(self) -> bool:
+        """Whether a call made now waits for the server (gRPC's wait-for-ready) up to its deadline: once
+        the server has answered on this channel (or without a first check, ``connect_timeout`` None)."""
+        return self.wait_for_ready and (self._reached.is_set() or self.connect_timeout is None)
+
+    def one_of(self, target: Connection) -> Connection:
+        """This connection, to one server of ``target`` (a replica), counted as reached once ``target`` is
+        and the other way round: once the client has heard from the service, a replica that does not
+        answer is restarting or gone, not a wrong address. Returns it."""
+        self._reached = target._reached
+        if self._other is not None:
+            self._other._reached = target._reached
+        return self
+
+    def waiting(self, wait: bool = True) -> Connection:
+        """This connection (same channel, same knowledge of the server) with calls that wait for a lost
+        server (``wait``) or that do not."""
+        if self.wait_for_ready == wait:
+            return self
+        if self._other is None:
+            self._other = Connection(
+                self.channel, self.label, self.connect_timeout, wait_for_ready=wait, reached=self._reached
+            )
+            self._other._other = self
+        return self._other
 
     def call(self, method: str, request: Any, timeout: float | None, metadata: Any = None) -> Any:
         """The unary ``method`` of LossService; a RemoteLossError on failure."""
-        self.ensure_connected(timeout)
+        wait = self.ensure_connected(timeout)
         try:
-            return getattr(self.stub, method)(request, timeout=timeout, metadata=metadata)
+            response = getattr(self.stub, method)(request, timeout=timeout, metadata=metadata, wait_for_ready=wait)
         except grpc.RpcError as error:
-            raise self.failure(error, timeout) from None
+            raise self.failure(error, timeout, waited=wait) from None
+        self._reached.set()
+        return response
 
-    def ensure_connected(self, timeout: float | None) -> None:
-        """Before the first call: one health check (``grpc.health.v1``, answered by the server without
-        any work; any answer, UNIMPLEMENTED included, proves a working connection) with a deadline of
-        ``connect_timeout`` (or the call's ``timeout`` if shorter). A refused or unresolvable target lets
-        the call go on: it fails at once with gRPC's reason, after the retry policy's attempts."""
-        if self._connected or self.connect_timeout is None:
-            return
+    def ensure_connected(self, timeout: float | None) -> bool:
+        """Whether the next call should wait for the server (gRPC's wait-for-ready) up to its deadline.
+
+        Before the server has answered on this channel: one health check (``grpc.health.v1``, answered
+        by the server without any work; any answer, UNIMPLEMENTED included, proves a working
+        connection) with a deadline of ``connect_timeout`` (or the call's ``timeout`` if shorter). A
+        silent server raises (naming the target and the wait); a refused or unresolvable target lets
+        the call go on without waiting, to fail at once with gRPC's reason after the retry policy's
+        attempts: a target never reached is reported in seconds. Once the server has answered, calls
+        wait for it (``wait_for_ready``): it was there, so a failed connection is a restart to ride
+        out within the deadline. ``connect_timeout`` None: no probe, every call waits."""
+        if self._reached.is_set() or self.connect_timeout is None:
+            return self.waits()
         limit = self.connect_timeout if timeout is None else min(self.connect_timeout, timeout)
         probe = self.channel.unary_unary(HEALTH_CHECK_METHOD, request_serializer=bytes, response_deserializer=bytes)
         try:
-            probe(b"", timeout=limit)  # an empty HealthCheckRequest: the server's overall health
+            probe(b"", timeout=limit, wait_for_ready=False)  # an empty HealthCheckRequest: overall health
         except grpc.RpcError as error:
             if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 deadline_first = timeout is not None and timeout <= self.connect_timeout
                 raise self._silent(limit, deadline_first) from None
             if error.code() == grpc.StatusCode.UNAVAILABLE:
-                return
-        self._connected = True
+                return False  # never reached: the call fails fast, naming the target
+        self._reached.set()
+        return self.waits()
 
     def _silent(self, waited: float, deadline_first: bool) -> RemoteLossError:
         cause = (
@@ -170,22 +250,51 @@ class Connection:
             "or LossClient) each call's deadline",
         )
 
-    def failure(self, error: grpc.RpcError, timeout: float | None) -> RemoteLossError:
-        """``error`` as a RemoteLossError; an unreachable or silent server's names target and deadline."""
+    def failure(self, error: grpc.RpcError, timeout: float | None, waited: bool | None = None) -> RemoteLossError:
+        """``error`` as a RemoteLossError; an unreachable or silent server's names target and deadline.
+        ``waited``: whether the call waited for the server (None: whether a call made now would)."""
+        waited = self.waits() if waited is None else waited
         failed = RemoteLossError.from_rpc_error(error)
         if failed.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             return failed
         deadline = "no deadline" if timeout is None else f"{timeout:g} s"
-        if failed.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        if failed.code == grpc.StatusCode.DEADLINE_EXCEEDED and waited and not connected_now(self.channel):
+            what = f"no connection to the losswire server at {self.label} within the call's deadline ({deadline}): "
+            if self._reached.is_set():
+                what += (
+                    "it answered before, and the call waited for it to come back (a restart), but it did not; "
+                    "it is down, restarting slowly or unreachable from here"
+                )
+            else:
+                what += "the call waited for it (connect_timeout=None), but it never answered; check the target "
+                what += "(target=, $LOSSWIRE_TARGET)"
+        elif failed.code == grpc.StatusCode.DEADLINE_EXCEEDED:
             what = f"no answer from the losswire server at {self.label} within the call's deadline ({deadline})"
-        else:
+        elif self._reached.is_set():
             what = (
                 f"the losswire server at {self.label} is unavailable (retried by gRPC; the call's deadline: {deadline})"
+            )
+        else:
+            what = (
+                f"the losswire server at {self.label} is unavailable and never answered this client (retried by "
+                f"gRPC; the call's deadline: {deadline}); check the target (target=, $LOSSWIRE_TARGET)"
             )
         details = (
             f"{failed.details or failed.code.name}: {what}; timeout= (seconds, on RemoteLoss or LossClient) changes it"
         )
         return RemoteLossError(failed.code, details, failed.field, failed.busy)
+
+
+def connected_now(channel: grpc.Channel, within: float = 0.2) -> bool:
+    """Whether ``channel`` is READY (connected to its server), asked within ``within`` seconds."""
+    future = grpc.channel_ready_future(channel)
+    try:
+        future.result(timeout=within)
+        return True
+    except grpc.FutureTimeoutError:
+        return False
+    finally:
+        future.cancel()
 
 
 class Patience:

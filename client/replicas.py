@@ -175,17 +175,23 @@ class SessionRouter:
     def connection(self, address: str) -> Connection:
         with self._lock:
             if address not in self._pinned:
-                self._pinned[address] = self._connect(address)
+                self._pinned[address] = self._connect(address).one_of(self.main)
             return self._pinned[address]
 
     def call(self, session: str, call: Callable[[Connection], T]) -> T:
-        """``call`` on the session's replica; if that one is UNAVAILABLE (gone), on its next one."""
+        """``call`` on the session's replica; if that one is UNAVAILABLE (gone), on its next one.
+
+        The call does not wait for a lost replica (the session moves on at once, and the answer's step
+        reports the fresh state) unless it is the last in the ranking, the only one left (one replica,
+        or all the others down): that one is waited for up to the deadline, as the target's own
+        connection waits for its server."""
         if self.replicas is None:
             return call(self.main)
         failure: RemoteLossError | None = None
-        for address in self.ranked(session):
+        ranking = self.ranked(session)
+        for index, address in enumerate(ranking):
             try:
-                return call(self.connection(address))
+                return call(self.connection(address).waiting(index == len(ranking) - 1))
             except RemoteLossError as error:
                 if error.code != grpc.StatusCode.UNAVAILABLE:
                     raise

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -101,8 +103,23 @@ def test_a_closed_port_fails_fast_naming_target_and_deadline():
     assert time.monotonic() - started < 5.0  # gRPC's retries of a refused connection, not the deadline
     assert error.value.code == grpc.StatusCode.UNAVAILABLE
     message = error.value.details
-    assert f"losswire server at {address} is unavailable" in message
-    assert "the call's deadline: 45 s" in message and "timeout=" in message
+    assert f"losswire server at {address} is unavailable and never answered this client" in message
+    assert "the call's deadline: 45 s" in message and "timeout=" in message and "check the target" in message
+
+
+def test_without_a_connect_timeout_a_call_waits_for_a_server_up_to_its_deadline():
+    """connect_timeout=None: no first check, and every call waits for the server (a job started before
+    its server), so a target nothing listens on fails at the deadline, naming it."""
+    address = closed_port()
+    client = LossClient(address, timeout=1.0, connect_timeout=None)
+    started = time.monotonic()
+    with pytest.raises(RemoteLossError) as error:
+        client.list_losses()
+    client.close()
+    assert 0.9 <= time.monotonic() - started < 4.0
+    assert error.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert f"losswire server at {address} within the call's deadline (1 s)" in error.value.details
+    assert "it never answered; check the target" in error.value.details
 
 
 def test_a_server_that_answers_once_connected_needs_no_second_probe(target):
@@ -110,7 +127,32 @@ def test_a_server_that_answers_once_connected_needs_no_second_probe(target):
     client = LossClient(target, timeout=30, connect_timeout=2.0)
     try:
         loss = RemoteLoss(dict(type="L1Loss"), client=client)
-        assert client.connection._connected
+        assert client.connection.reached
         torch.testing.assert_close(loss(torch.tensor([1.0, 3.0]), torch.zeros(2)), torch.tensor(2.0))
     finally:
         client.close()
+
+
+CLOSED_CLIENT = """
+import sys
+from losswire.client import Credentials, LossClient
+client = LossClient(sys.argv[1], credentials=Credentials(token="t0ken"), shared_memory="off")
+client.list_losses()
+client.close()
+for call in (client.list_losses, lambda: client.reset_session("private/0", 1.0)):  # used before, and not
+    try:
+        call()
+    except ValueError as error:
+        print("ValueError:", error)
+"""
+
+
+def test_a_closed_client_refuses_calls_with_a_value_error(target):
+    """A call on a closed client (a private session dropped after its client was closed) raises a
+    ValueError. Through the bearer token's interceptor, gRPC used to crash the process (SIGSEGV) on the
+    first call of a method after close; a subprocess, so that a crash fails this test only."""
+    done = subprocess.run(
+        [sys.executable, "-c", CLOSED_CLIENT, target], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.count("ValueError: Cannot invoke RPC: the losswire client was closed") == 2, done.stdout
