@@ -70,12 +70,13 @@ class LossClient:
 
     Same host: with ``shared_memory`` ``"auto"`` (the default; None reads ``LOSSWIRE_CLIENT_SHARED_MEMORY``)
     and a target on this machine (a loopback address, ``localhost`` or ``unix:``), a request whose big
-    tensors hold at least ``SHARED_MEMORY_THRESHOLD_BYTES`` travels through shared memory
-    (``RegisterSharedMemory``): its tensors are copied once into a segment both processes map, and
-    the answer's big tensors are read where the server wrote them. ``"on"``: for any target (one
-    that resolves to this machine); ``"off"``: never. A server that cannot share memory with this
-    process (another host or container, another user, ``--shared-memory off``, an older server)
-    is noticed on the first try, logged, and the client sends tensors over gRPC from then on.
+    tensors hold at least ``SHARED_MEMORY_THRESHOLD_BYTES`` travels through shared memory: its tensors
+    are copied once into a sealed memfd handed to the server over a Unix socket (``SharedMemoryEndpoint``,
+    ``RegisterSharedMemory``), and the answer's big tensors are read where the server wrote them.
+    ``"on"``: for any target (one that resolves to this machine); ``"off"``: never. A server that cannot
+    share memory with this process (another host or network namespace, another user, ``--shared-memory
+    off``, an older server) is noticed on the first try, logged, and the client sends tensors over gRPC
+    from then on.
 
     ``buffer_pool_bytes`` (None reads ``LOSSWIRE_CLIENT_BUFFER_POOL``, default 1 GiB): idle receive
     buffers kept so that a streamed answer lands in memory a freed earlier answer used (see

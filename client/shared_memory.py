@@ -1,8 +1,17 @@
-"""The caller's side of shared memory: registered segments reused call after call.
+"""The caller's side of shared memory: sealed segments handed to the server, reused call after call.
 
 :class:`SharedMemoryPool` lends segments (``losswire.wire.shared_memory``) one call at a time
-(:class:`Lease`); a segment returns once the call is over and no tensor of its answer is alive any
-more (a finalizer on the numpy array the answer's views are cut from).
+(:class:`Lease`). It asks the server's endpoint once, keeps one Unix connection to it for the process's
+life (the server's sign that this process lives: when it closes, the server drops what it handed over),
+hands each new segment over on it and registers the ticket it got back.
+
+A segment returns to the pool once its call ended with an answer and no tensor of that answer is alive
+any more (a finalizer on the numpy array the answer's views are cut from). A call that did not end
+cleanly (a deadline, a cancellation, an error) **retires** its segment instead: unregistered and never
+lent again, so whatever the server may still write there lands in memory nobody reads.
+
+A forked child (a DataLoader worker) starts afresh: the parent's segments and connection are
+forgotten in the child (their descriptors closed there), and its first lease connects on its own.
 """
 
 from __future__ import annotations
@@ -18,16 +27,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from losswire.wire.shared_memory import NONCE_BYTES, Segment, SegmentRange, segment_size, sweep_stale
+from losswire.wire.shared_memory import Link, Segment, SegmentRange, segment_size
+
+_POOLS: weakref.WeakSet[SharedMemoryPool] = weakref.WeakSet()
 
 
 class Lease:
-    """One call's use of one registered segment: inputs from offset ``NONCE_BYTES`` (aligned) up
-    (``reserve``), then the rest as the output range (``reserve_outputs``, ``output_bytes``)."""
+    """One call's use of one registered segment: inputs from offset 0 up (``reserve``), then the rest as
+    the output range (``reserve_outputs``, ``output_bytes``). It ends with ``done()`` (an answer came)
+    or ``retire()`` (it did not)."""
 
     def __init__(self, pool: SharedMemoryPool, segment: Segment, region: str) -> None:
         self.pool, self.segment, self.region = pool, segment, region
-        self.inputs = SegmentRange(segment, region, NONCE_BYTES, segment.size)
+        self.inputs = SegmentRange(segment, region, 0, segment.size)
         self.output_offset = self.output_size = 0
         self.outputs: np.ndarray | None = None
 
@@ -42,7 +54,7 @@ class Lease:
         self.output_size = self.segment.size - self.output_offset
         # an array of its own over the mapping (not a slice of segment.array: numpy would make every
         # view's base segment.array, and the finalizer would fire while views still read the range)
-        self.outputs = np.frombuffer(self.segment.memory, np.uint8, self.output_size, self.output_offset)
+        self.outputs = np.frombuffer(self.segment.buffer, np.uint8, self.output_size, self.output_offset)
         weakref.finalize(self.outputs, self.pool.give_back, self.segment)
         return self.output_offset, self.output_size
 
@@ -53,114 +65,168 @@ class Lease:
         inside = self.outputs is not None and start >= 0 and ref.offset + ref.byte_size <= self.segment.size
         if ref.region != self.region or not inside:
             raise ValueError(
-                f"{field}: the server answered bytes [{ref.offset}, {ref.offset + ref.byte_size}) of region "
-                f"{ref.region!r}, outside this call's output range [{self.output_offset}, {self.segment.size}) of "
-                f"{self.region!r}"
+                f"{field}: the server answered bytes [{ref.offset}, {ref.offset + ref.byte_size}) outside this "
+                f"call's output range [{self.output_offset}, {self.segment.size}) of its region"
             )
         return torch.from_numpy(self.outputs[start : start + ref.byte_size])
 
     def done(self) -> None:
-        """The call is over: the segment returns to the pool when the answer's views are freed."""
+        """The call ended with an answer: the segment returns to the pool when the answer's views are freed."""
         if self.outputs is None:
             self.pool.give_back(self.segment)
         self.outputs = None
 
+    def retire(self) -> None:
+        """The call did not end cleanly: the server may still be writing into this segment (a kernel that
+        began before the deadline). It is unregistered and never lent again; its memory is freed with the
+        last view of it."""
+        self.outputs = None
+        self.pool.retire(self.segment)
 
-Register = Callable[[str, int, bytes], str]
-Unregister = Callable[[str], None]
+
+Endpoint = Callable[[], str]  # the server's handoff socket address (SharedMemoryEndpoint)
+Register = Callable[[str, int], str]  # (ticket, byte_size) -> region (RegisterSharedMemory)
+Unregister = Callable[[str, bool], None]  # (region, wait): UnregisterSharedMemory; wait=False: send and go on
 
 
 class SharedMemoryPool:
     """The caller's registered segments, lent one call at a time.
 
-    ``register(name, byte_size, nonce) -> region`` and ``unregister(region)`` are the RPCs (the
-    pool knows no gRPC). A call needing ``n`` bytes gets the smallest idle segment of at least
-    ``n`` bytes, else a new one of the next power of two (at least 1 MiB). At most ``max_idle``
-    idle segments are kept; more are unregistered and freed.
+    ``endpoint()``, ``register(ticket, byte_size) -> region`` and ``unregister(region, wait)`` are the RPCs
+    (the pool knows no gRPC). A call needing ``n`` bytes gets the smallest idle segment of at least ``n``
+    bytes, else a new one of the next size class (at least 1 MiB), handed over on the pool's connection.
+    At most ``max_idle`` idle segments are kept; more are unregistered and freed.
     """
 
-    def __init__(self, register: Register, unregister: Unregister, max_idle: int = 4) -> None:
-        self._register, self._unregister = register, unregister
-        self.max_idle = max_idle
+    def __init__(
+        self, endpoint: Endpoint, register: Register, unregister: Unregister, max_idle: int = 4, timeout: float = 30.0
+    ) -> None:
+        self._endpoint, self._register, self._unregister = endpoint, register, unregister
+        self.max_idle, self.timeout = max_idle, timeout
         self._lock = threading.Lock()
-        self._regions: dict[str, str] = {}  # segment name -> region
+        self._link_lock = threading.Lock()  # one handoff at a time on the connection
+        self._link: Link | None = None
+        self._regions: dict[Segment, str] = {}  # every live segment, lent or idle -> its region
         self._idle: list[Segment] = []
-        self._segments: dict[str, Segment] = {}  # every live segment, lent or idle
-        self._swept = False
-        self._pid = os.getpid()
+        _POOLS.add(self)
 
     def lease(self, nbytes: int) -> Lease:
-        """A segment of at least ``nbytes`` bytes, registered (raises what ``register`` raises)."""
-        if os.getpid() != self._pid:  # a forked child shares the parent's pages: never lend them twice
-            self._after_fork()
+        """A segment of at least ``nbytes`` bytes, registered. Raises what the RPCs raise, OSError (no
+        connection to the endpoint; no memory for a segment) and HandoffRefusedError (the server refused)."""
         with self._lock:
             fitting = [s for s in self._idle if s.size >= nbytes]
             if fitting:
                 segment = min(fitting, key=lambda s: s.size)
                 self._idle.remove(segment)
-                return Lease(self, segment, self._regions[segment.name])
-            if not self._swept:
-                self._swept = True
-                sweep_stale()
+                return Lease(self, segment, self._regions[segment])
         segment = Segment.create(segment_size(nbytes))
         try:
-            region = self._register(segment.name, segment.size, segment.nonce)
-        except BaseException:
-            segment.unlink()
-            segment.close()
-            raise
-        segment.unlink()  # the server unlinked it already; this covers a server that did not
+            region = self._register(self._hand_over(segment), segment.size)
+        finally:
+            segment.close()  # the server has its own descriptor (or none); the mapping stays
         with self._lock:
-            self._regions[segment.name] = region
-            self._segments[segment.name] = segment
+            self._regions[segment] = region
         return Lease(self, segment, region)
 
-    def _after_fork(self) -> None:
-        """In a child: forget the parent's segments (theirs to use and unregister) and start afresh."""
-        self._lock = threading.Lock()
-        self._regions, self._idle, self._segments = {}, [], {}
-        self._pid = os.getpid()
+    def _hand_over(self, segment: Segment) -> str:
+        """``segment`` handed over on the pool's connection (made on first use; made again, once, when the
+        one kept from before was closed by the server's side): the server's ticket."""
+        with self._link_lock:
+            if self._link is not None:
+                try:
+                    return self._link.hand_over(segment)
+                except ConnectionError:  # the server restarted, or dropped this connection
+                    self._link.close()
+                    self._link = None
+            self._link = Link(self._endpoint(), self.timeout)
+            return self._link.hand_over(segment)
 
     def give_back(self, segment: Segment) -> None:
         with self._lock:
-            if segment.name not in self._segments:
-                return  # forgotten by reset() or close(): it is freed with its last view
+            if segment not in self._regions:
+                return  # retired, or forgotten by reset() or close(): freed with its last view
             self._idle.append(segment)
             extra = sorted(self._idle, key=lambda s: s.size)[: max(len(self._idle) - self.max_idle, 0)]
             for old in extra:
                 self._idle.remove(old)
         for old in extra:
-            self._drop(old, unregister=True)
+            self._drop(old, unregister=True, wait=True)
 
-    def _drop(self, segment: Segment, unregister: bool) -> None:
+    def retire(self, segment: Segment) -> None:
+        """Never lend ``segment`` again; unregister it without waiting (the server may be busy)."""
         with self._lock:
-            region = self._regions.pop(segment.name, None)
-            self._segments.pop(segment.name, None)
+            if segment in self._idle:
+                self._idle.remove(segment)
+        self._drop(segment, unregister=True, wait=False)
+
+    def _drop(self, segment: Segment, unregister: bool, wait: bool) -> None:
+        with self._lock:
+            region = self._regions.pop(segment, None)
         if unregister and region is not None:
-            # best effort: a server that cannot be reached drops it itself once our lock is gone
+            # best effort: the server drops it anyway when this process's connection closes
             with contextlib.suppress(Exception):
-                self._unregister(region)
-        segment.close()
+                self._unregister(region, wait)
 
     def reset(self) -> None:
-        """Forget every segment (the server no longer knows them: it restarted). Lent ones are
-        freed when their calls' views are; the next lease registers a new one."""
+        """Forget every segment and the connection (the server no longer knows them: it restarted, or this
+        client's gRPC connection changed). Closing the connection makes the server drop whatever it still
+        holds of ours; lent segments are freed when their calls' views are; the next lease starts afresh."""
         with self._lock:
-            segments = list(self._segments.values())
+            self._regions.clear()
             self._idle.clear()
-        for segment in segments:
-            self._drop(segment, unregister=False)
+        with self._link_lock:
+            link, self._link = self._link, None
+        if link is not None:
+            link.close()
 
     def close(self) -> None:
-        """Unregister and free every segment."""
+        """Unregister and free every segment; close the connection."""
         with self._lock:
-            segments = list(self._segments.values())
+            regions = list(self._regions.values())
+            self._regions.clear()
             self._idle.clear()
-        for segment in segments:
-            self._drop(segment, unregister=True)
+        for region in regions:
+            with contextlib.suppress(Exception):
+                self._unregister(region, True)
+        self.reset()
+
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's segments and connection are the parent's. Close the child's
+        copy of the connection (else the server would not notice the parent's death while the child
+        lives) and start afresh."""
+        self._lock, self._link_lock = threading.Lock(), threading.Lock()
+        self._regions, self._idle = {}, []
+        if self._link is not None:
+            with contextlib.suppress(OSError):
+                self._link.close()
+            self._link = None
 
     @property
     def nbytes(self) -> int:
         """Bytes of every live segment."""
         with self._lock:
-            return sum(s.size for s in self._segments.values())
+            return sum(s.size for s in self._regions)
+
+    @property
+    def regions(self) -> list[str]:
+        """The regions of every live segment (lent or idle)."""
+        with self._lock:
+            return list(self._regions.values())
+
+    def segment_of(self, pointer: int) -> Segment | None:
+        """The live segment whose memory holds address ``pointer`` (None: none)."""
+        with self._lock:
+            for segment in self._regions:
+                start = segment.array.ctypes.data
+                if start <= pointer < start + segment.size:
+                    return segment
+        return None
+
+
+def _forget_in_child() -> None:
+    for pool in list(_POOLS):
+        pool._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)

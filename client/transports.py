@@ -6,8 +6,9 @@
   way, reassembled into reused buffers (``BufferPool``). The client retries a stream itself on
   UNAVAILABLE and on a busy server, with ``RETRY_POLICY``'s backoff, while no answer has arrived;
 * **shared memory**: a server on this machine reads big tensors (1 MiB or more) from a segment both
-  processes map and writes the answer's big tensors into it; only handles cross gRPC. A server that
-  cannot share memory with this process is noticed on the first try, and gRPC carries tensors from then on.
+  processes map (a sealed memfd handed over on a Unix socket) and writes the answer's big tensors into
+  it; only handles cross gRPC. A server that cannot share memory with this process is noticed on the
+  first try, and gRPC carries tensors from then on.
 
 Every transport routes a session's terms to the session's replica (:class:`SessionRouter`) and checks
 the answered session steps (:class:`SessionSteps`).
@@ -15,6 +16,7 @@ the answered session steps (:class:`SessionSteps`).
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 import threading
@@ -73,6 +75,8 @@ class Transports:
         self.shared_memory_usable = shared_memory  # False once shared memory turned out not to work here
         self.pool: shm.SharedMemoryPool | None = None  # made on the first big call
         self._pool_lock = threading.Lock()
+        self._told_no_room = False  # "no room for shared memory now" logged once
+        self._unregistering: set[Any] = set()  # UnregisterSharedMemory calls of retired segments in flight
 
     @property
     def shared_memory_threshold(self) -> int | None:
@@ -197,32 +201,44 @@ class Transports:
     def _shared_memory_pool(self) -> shm.SharedMemoryPool:
         connection, timeout = self.connection, self.timeout
 
-        def register(name: str, byte_size: int, nonce: bytes) -> str:
-            request = pb.RegisterSharedMemoryRequest(name=name, byte_size=byte_size, nonce=nonce)
+        def endpoint() -> str:
+            return connection.call("SharedMemoryEndpoint", pb.SharedMemoryEndpointRequest(), timeout).address
+
+        def register(ticket: str, byte_size: int) -> str:
+            request = pb.RegisterSharedMemoryRequest(ticket=ticket, byte_size=byte_size)
             return connection.call("RegisterSharedMemory", request, timeout).region
 
-        def unregister(region: str) -> None:
-            connection.call("UnregisterSharedMemory", pb.UnregisterSharedMemoryRequest(region=region), 5.0)
+        def unregister(region: str, wait: bool) -> None:
+            request = pb.UnregisterSharedMemoryRequest(region=region)
+            if wait:
+                connection.call("UnregisterSharedMemory", request, 5.0)
+            else:  # a retired segment: sent, not waited for (the server may be busy with the late call)
+                future = connection.stub.UnregisterSharedMemory.future(request, timeout=5.0)
+                self._unregistering.add(future)  # a future dropped before it is done cancels its call
+                future.add_done_callback(self._unregistering.discard)
 
         with self._pool_lock:
             if self.pool is None:
-                self.pool = shm.SharedMemoryPool(register, unregister)
+                self.pool = shm.SharedMemoryPool(endpoint, register, unregister)
             return self.pool
 
     def _shared(self, request: pb.EvaluateRequest, sink: chunks.StreamSink, deadline: float | None) -> Answer | None:
         """Evaluate with the sink's tensors in a shared segment; None when shared memory does not work
-        with this server (then it is off for this client, and the caller sends them over gRPC).
+        with this server (then it is off for this client, and the caller sends them over gRPC) or has no
+        room now (this call goes over gRPC).
 
         The segment holds the inputs, then an output range as large as them (gradients have their
         inputs' sizes); answers that do not fit come inline. The answer's tensors are views of the
-        segment, which returns to the pool once they are all freed."""
+        segment, which returns to the pool once they are all freed. A call that ends without an answer
+        (deadline, cancellation, any error) retires its segment: never lent again."""
         inputs = sum(wire_memory.align(chunks.byte_count(data)) for _, data in sink.entries)
         for attempt in (1, 2):
             try:
-                lease = self._shared_memory_pool().lease(wire_memory.align(wire_memory.NONCE_BYTES) + 2 * inputs)
-            except (RemoteLossError, OSError) as error:
+                lease = self._shared_memory_pool().lease(2 * inputs)
+            except (RemoteLossError, OSError, wire_memory.HandoffRefusedError) as error:
                 self._shared_memory_failed(error)
                 return None
+            answered = False
             try:
                 sink.place(lease.reserve)
                 offset, size = lease.reserve_outputs()
@@ -234,18 +250,23 @@ class Transports:
                 except (codec.CodecError, ValueError) as error:
                     message = f"a malformed shared-memory answer: {error}"
                     raise RemoteLossError(grpc.StatusCode.DATA_LOSS, message) from None
+                answered = True
                 return response, views
             except RemoteLossError as error:
                 if not _region_forgotten(error) or attempt == 2:
                     raise
-                # the server no longer knows our segments (it restarted): register new ones, once
+                # the server no longer knows our segments (it restarted, or this channel reconnected: a region
+                # answers only the connection that registered it): hand over new ones, once
                 log.info("losswire server forgot this client's shared memory (%s); registering again", error.details)
                 self.pool.reset()
                 sink.entries[:0] = sink.placed
                 sink.placed.clear()
             finally:
                 request.ClearField("output_shm")
-                lease.done()
+                if answered:
+                    lease.done()
+                else:
+                    lease.retire()  # the server may still write there: nobody reads it again
         return None  # unreachable: the second attempt returns or raises
 
     def _waiting_out_busy(self, call: Callable[[float | None], Any], deadline: float | None) -> Any:
@@ -264,11 +285,22 @@ class Transports:
                 time.sleep(pause)
 
     def _shared_memory_failed(self, error: BaseException) -> None:
-        self.shared_memory_usable = False
-        detail = error.details if isinstance(error, RemoteLossError) else str(error)
-        log.info(
-            "losswire: shared memory with %s does not work (%s); tensors go over gRPC", self.connection.label, detail
-        )
+        """Shared memory did not work for a call: off for good (another host or network namespace, another
+        user, an older server or one with it off), or, when the server or this host has no room now, for
+        this call only. Logged once either way."""
+        if isinstance(error, RemoteLossError):
+            detail, room = error.details, error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        elif isinstance(error, wire_memory.HandoffRefusedError):
+            detail, room = error.message, error.status == wire_memory.RESOURCE_EXHAUSTED
+        else:
+            detail, room = f"{type(error).__name__}: {error}", error.errno in (errno.ENOSPC, errno.ENOMEM)
+        if not room:
+            self.shared_memory_usable = False
+        if room and self._told_no_room:
+            return
+        self._told_no_room = self._told_no_room or room
+        then = "this call's tensors go over gRPC" if room else "tensors go over gRPC"
+        log.info("losswire: shared memory with %s does not work (%s); %s", self.connection.label, detail, then)
 
     def close(self) -> None:
         if self.pool is not None:

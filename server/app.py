@@ -14,6 +14,7 @@ import contextlib
 import errno
 import importlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Coroutine
@@ -30,7 +31,7 @@ from losswire.wire.protocol import SERVICE_NAME
 from . import __version__
 from .auth import TokenSet
 from .config import ServerConfig
-from .dataplane import Dataplane, RequestLimits, SharedMemoryRegistry
+from .dataplane import Dataplane, RequestLimits, SharedMemoryLimits, SharedMemoryRegistry
 from .dataplane.budget import MemoryBudget
 from .dataplane.costs import TermCosts
 from .evaluation import SessionStore
@@ -91,7 +92,16 @@ class LosswireServer:
             replay_depth=config.session_replay_depth,
             max_bytes=config.max_session_bytes,
         )
-        self.shared_memory = SharedMemoryRegistry(config.shared_memory, config.max_shared_memory)
+        self.shared_memory = SharedMemoryRegistry(
+            config.shared_memory,
+            SharedMemoryLimits(
+                regions_per_caller=config.max_shared_memory_regions,
+                bytes_per_caller=config.max_shared_memory_per_caller,
+                regions=config.max_shared_memory_total_regions,
+                bytes=config.max_shared_memory,
+                connections=config.max_shared_memory_connections,
+            ),
+        )
         limits = RequestLimits(
             config.max_elements,
             config.max_request_elements,
@@ -181,12 +191,13 @@ class LosswireServer:
 
     def start(self) -> int:
         self._thread.start()
+        self.shared_memory.start()  # its socket first: the endpoint answers from the first call on
         try:
             self.port = self._on_loop(self._start())
         except BaseException:
+            self.shared_memory.stop()
             self._loop.call_soon_threadsafe(self._loop.stop)
             raise
-        self.shared_memory.start()
         self._log_security()
         if self.config.metrics_port is not None:
             host = self.config.metrics_host or self.config.host
@@ -201,6 +212,12 @@ class LosswireServer:
             len(self.registry),
             ", ".join(self.registry.names()),
         )
+        if self.config.shared_memory:
+            log.info(
+                "shared memory: segments handed over on unix socket %s (callers running as uid %d)",
+                self.shared_memory.endpoint(),
+                os.geteuid(),
+            )
         return self.port
 
     async def _start(self) -> int:

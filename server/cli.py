@@ -278,14 +278,41 @@ KNOBS: tuple[Knob, ...] = (
         "shared_memory",
         _on_off,
         _DEFAULT.shared_memory,
-        "on: callers on this host may register shared-memory segments and pass tensors by reference "
-        "(RegisterSharedMemory); off: FAILED_PRECONDITION",
+        "on: callers on this host running as the server's user may hand over sealed shared memory (over a Unix "
+        "socket in the server's network namespace) and pass tensors by reference; off: FAILED_PRECONDITION",
     ),
     Knob(
         "max_shared_memory",
         _optional_limit,
         _DEFAULT.max_shared_memory,
         "bytes of shared memory mapped for all callers together; beyond, RESOURCE_EXHAUSTED (0: unbounded)",
+    ),
+    Knob(
+        "max_shared_memory_total_regions",
+        _optional_limit,
+        _DEFAULT.max_shared_memory_total_regions,
+        "shared-memory segments mapped for all callers together (registered or handed over); beyond, "
+        "RESOURCE_EXHAUSTED (0: unbounded)",
+    ),
+    Knob(
+        "max_shared_memory_regions",
+        _optional_limit,
+        _DEFAULT.max_shared_memory_regions,
+        "shared-memory regions one caller (a token on one connection) may hold registered; beyond, "
+        "RESOURCE_EXHAUSTED (0: unbounded)",
+    ),
+    Knob(
+        "max_shared_memory_per_caller",
+        _optional_limit,
+        _DEFAULT.max_shared_memory_per_caller,
+        "bytes of shared memory one caller may hold registered; beyond, RESOURCE_EXHAUSTED (0: unbounded)",
+    ),
+    Knob(
+        "max_shared_memory_connections",
+        _int_at_least(1),
+        _DEFAULT.max_shared_memory_connections,
+        "caller processes connected to the shared-memory socket at once (one each, for its life); beyond, "
+        "RESOURCE_EXHAUSTED and the caller sends tensors over gRPC",
     ),
     Knob(
         "memory_budget",

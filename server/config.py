@@ -40,9 +40,15 @@ class ServerConfig:
     stream_idle_seconds: float | None = 60.0
     max_stream_calls: int = 2  # big calls (streamed or shared memory) at once (capped at max_workers - 1)
     fused_kernels: bool = True  # loss and gradient in one analytic pass where a kernel exists (losses/fused.py)
-    # same-host callers may register shared-memory segments and pass tensors by reference
+    # same-host callers may hand over shared-memory segments (sealed memfds, over a Unix socket) and pass
+    # tensors by reference
     shared_memory: bool = True
     max_shared_memory: int | None = 64 << 30  # bytes mapped for all callers together; None: unbounded
+    max_shared_memory_total_regions: int | None = 1024  # segments mapped for all callers together
+    # what one caller (a token on one gRPC connection) may hold registered: regions, bytes; None: unbounded
+    max_shared_memory_regions: int | None = 64
+    max_shared_memory_per_caller: int | None = 16 << 30
+    max_shared_memory_connections: int = 256  # caller processes connected to the handoff socket at once
     # bytes the calls in flight may hold at once (streamed tensors' buffers, terms' working memory as their
     # losses estimate it), reserved before they are allocated; beyond, RESOURCE_EXHAUSTED. None: unbounded.
     # By default half the host's physical memory.

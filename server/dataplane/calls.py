@@ -41,10 +41,10 @@ from .budget import MemoryBudget
 from .costs import TermCosts
 from .decode import Arrived, check_transfer_dtype, decode_term, term_names
 from .descriptions import loss_info, session_info
-from .encode import InPlace, encode_outcome, into_output_range, into_pooled_buffers
+from .encode import InPlace, encode_outcome, into_output_range, into_pooled_buffers, while_alive
 from .limits import RequestLimits, check_request
 from .memory import released_if_out_of_memory
-from .shared_memory import SharedMemoryRegistry
+from .shared_memory import Caller, SharedMemoryRegistry
 
 Cancelled = Callable[[], bool]
 
@@ -79,7 +79,8 @@ class Dataplane:
     """Evaluates calls on ``device`` with the losses of ``registry``, within ``limits``.
 
     ``slots`` bounds the big calls (streamed, or with tensors in shared memory) served at once;
-    ``shared_memory`` holds the callers' registered regions; ``buffers`` lends reused memory to
+    ``shared_memory`` holds the callers' registered regions (each answers only the ``caller`` that
+    registered it: the front door says who a call comes from); ``buffers`` lends reused memory to
     streamed tensors and their answers; ``fused``: answer terms a fused kernel covers without autograd.
     """
 
@@ -118,23 +119,25 @@ class Dataplane:
         cancelled: Cancelled,
         arrived: Callable[[], Arrived] | None = None,
         owner: str = "",
+        caller: Caller | None = None,
     ) -> Answer:
         """A call whose request came whole: tensors inline, in shared memory (then a big call), or
         ``arrived()`` by field path (a front door's converter hands them over once the limits have
         passed). The answer comes inline, or into the caller's shared-memory output range. ``owner``: whose
-        sessions the call may use (see ``evaluation.sessions``)."""
+        sessions the call may use (see ``evaluation.sessions``); ``caller``: whose shared-memory regions it
+        may name (None: nobody's)."""
         started = time.perf_counter()
         try:
             check_cancelled(cancelled, "the whole call")  # it waited in a queue while its caller gave up
             # sizes from the declared shapes, before decoding
             walked = check_request(request, self.limits, elsewhere=arrived is not None)
-            shared = self.shared_memory.inputs(walked, self.limits.max_elements)  # views of the caller's pages
+            shared = self.shared_memory.inputs(caller, walked, self.limits.max_elements)  # views of the caller's pages
             big = bool(shared) or request.HasField("output_shm")
             if big:
                 self.slots.take()
             try:
                 tensors = {**arrived(), **shared} if arrived is not None else shared
-                return self.run(request, cancelled, started, tensors or None, owner=owner)
+                return self.run(request, cancelled, started, tensors or None, owner=owner, caller=caller)
             finally:
                 if big:
                     self.slots.give_back()
@@ -143,15 +146,17 @@ class Dataplane:
         except Exception as error:
             raise released_if_out_of_memory(error, "the call") from None
 
-    def open_stream(self, header: pb.EvaluateRequest, cancelled: Cancelled, owner: str = "") -> StreamIntake:
+    def open_stream(
+        self, header: pb.EvaluateRequest, cancelled: Cancelled, owner: str = "", caller: Caller | None = None
+    ) -> StreamIntake:
         """A streamed call (``EvaluateStream``) once its first message arrived, checked against the limits
         on its declared shapes. It holds nothing until its chunks come: each tensor's buffer is reserved
         in the memory budget and allocated at its first chunk, and the big-call slot is taken then."""
         started = time.perf_counter()
         check_cancelled(cancelled, "the whole call")
         walked = check_request(header, self.limits, elsewhere=True)
-        shared = self.shared_memory.inputs(walked, self.limits.max_elements)  # a header may name some too
-        return StreamIntake(self, header, shared, started, owner)
+        shared = self.shared_memory.inputs(caller, walked, self.limits.max_elements)  # a header may name some too
+        return StreamIntake(self, header, shared, started, owner, caller)
 
     def run(
         self,
@@ -161,14 +166,20 @@ class Dataplane:
         arrived: Arrived | None,
         sink: chunks.StreamSink | None = None,
         owner: str = "",
+        caller: Caller | None = None,
     ) -> Answer:
         """decode -> evaluate -> encode, for every kind of call; ``sink`` holds back a streamed answer's
-        big tensors."""
+        big tensors.
+
+        Nothing is written into the caller's shared memory once the call has ended (its caller cancelled or
+        its deadline passed): the output range hands out room only while ``cancelled()`` is false, to fused
+        kernels and to the answer's placement alike."""
         transfer = check_transfer_dtype(request)
         term_names(request.terms)
         output_range, own_sink = None, False
         if request.HasField("output_shm"):
-            output_range = self.shared_memory.output_range(request.output_shm)  # checked before computing
+            # checked before computing; a reserve that refuses once the call has ended
+            output_range = while_alive(self.shared_memory.output_range(caller, request.output_shm), cancelled)
             if sink is None:  # what does not go to shared memory goes inline
                 sink, own_sink = chunks.StreamSink(SHARED_MEMORY_MIN_OUTPUT_BYTES), True
         terms = []
@@ -176,7 +187,7 @@ class Dataplane:
             with at_term(index, message.name):
                 terms.append(decode_term(message, f"terms[{index}]", self.device, self.limits.max_elements, arrived))
         in_place: InPlace = {}  # gradients a kernel wrote into the output range
-        terms = self._place_gradients(terms, output_range, sink, transfer, in_place)
+        terms = self._place_gradients(terms, output_range, sink, transfer, in_place, cancelled)
         decoded = time.perf_counter()
         costs = []  # every term's cost within the limits before any session or module is built
         for index, term in enumerate(terms):
@@ -199,6 +210,7 @@ class Dataplane:
             result = response.results.add(implementation=self.implementation(term.config["type"]))
             encode_outcome(outcome, result, transfer, sink, in_place)
         if output_range is not None:
+            check_cancelled(cancelled, "writing the answer into the caller's shared memory")
             sink.place(output_range)  # the big answers into the caller's output range: one copy each
             if own_sink:
                 sink.inline(placed=False)  # those that did not fit
@@ -229,14 +241,15 @@ class Dataplane:
         sink: chunks.StreamSink | None,
         transfer: int,
         in_place: InPlace,
+        cancelled: Cancelled,
     ) -> list[TermRequest]:
-        """Where fused kernels write pred's gradient: the caller's output range (read there, no copy), a
-        reused buffer for a streamed answer, else memory of their own. CPU only: a GPU's answer is
-        copied to the host anyway."""
+        """Where fused kernels write pred's gradient: the caller's output range (read there, no copy) while
+        the call is alive, a reused buffer for a streamed answer, else memory of their own. CPU only: a GPU's
+        answer is copied to the host anyway."""
         if self.device.type != "cpu":
             return terms
         if output_range is not None and not transfer:
-            writer = into_output_range(output_range, in_place)
+            writer = into_output_range(output_range, in_place, cancelled)
         elif sink is not None and output_range is None:
             writer = into_pooled_buffers(self.buffers)
         else:
@@ -295,12 +308,17 @@ class Dataplane:
 
     # -- shared memory ----------------------------------------------------------------------------
 
-    def register_shared_memory(self, request: pb.RegisterSharedMemoryRequest) -> pb.RegisterSharedMemoryResponse:
-        region = self.shared_memory.register(request.name, request.byte_size, request.nonce)
+    def shared_memory_endpoint(self) -> pb.SharedMemoryEndpointResponse:
+        return pb.SharedMemoryEndpointResponse(address=self.shared_memory.endpoint())
+
+    def register_shared_memory(
+        self, request: pb.RegisterSharedMemoryRequest, caller: Caller
+    ) -> pb.RegisterSharedMemoryResponse:
+        region = self.shared_memory.register(caller, request.ticket, request.byte_size)
         return pb.RegisterSharedMemoryResponse(region=region)
 
-    def unregister_shared_memory(self, request: pb.UnregisterSharedMemoryRequest) -> None:
-        self.shared_memory.unregister(request.region)
+    def unregister_shared_memory(self, request: pb.UnregisterSharedMemoryRequest, caller: Caller) -> None:
+        self.shared_memory.unregister(caller, request.region)
 
 
 class StreamIntake:
@@ -309,9 +327,16 @@ class StreamIntake:
     the memory budget, until ``close()``, after its answer has been sent."""
 
     def __init__(
-        self, dataplane: Dataplane, header: pb.EvaluateRequest, shared: Arrived, started: float, owner: str = ""
+        self,
+        dataplane: Dataplane,
+        header: pb.EvaluateRequest,
+        shared: Arrived,
+        started: float,
+        owner: str = "",
+        caller: Caller | None = None,
     ) -> None:
         self.dataplane, self.header, self.started, self.owner = dataplane, header, started, owner
+        self.caller = caller
         self._assembler: chunks.StreamAssembler | None = chunks.StreamAssembler(
             header, dataplane.limits.max_elements, self._allocate
         )
@@ -350,7 +375,8 @@ class StreamIntake:
         arrived = {**self._assembler.finish(), **self._shared}
         self._assembler = self._shared = None  # the request's tensors go with the answer's keep list
         try:
-            return self.dataplane.run(self.header, cancelled, self.started, arrived, chunks.StreamSink(), self.owner)
+            sink = chunks.StreamSink()
+            return self.dataplane.run(self.header, cancelled, self.started, arrived, sink, self.owner, self.caller)
         except TermError:
             raise
         except Exception as error:

@@ -19,6 +19,7 @@ from losswire.wire import chunks, codec
 from losswire.wire.buffers import BufferPool
 
 from ..evaluation import TermOutcome
+from ..evaluation.errors import check_cancelled
 
 # (shape, dtype) -> a tensor to write pred's gradient into, or None (the kernel allocates)
 GradientOut = Callable[[torch.Size, torch.dtype], "torch.Tensor | None"]
@@ -26,10 +27,24 @@ GradientOut = Callable[[torch.Size, torch.dtype], "torch.Tensor | None"]
 InPlace = dict[int, tuple[str, int]]
 
 
-def into_output_range(reserve: chunks.Reserve, written: InPlace) -> GradientOut:
-    """Room in the caller's output range for fused kernels' gradients (``written`` records where)."""
+def while_alive(reserve: chunks.Reserve, cancelled: Callable[[], bool]) -> chunks.Reserve:
+    """``reserve`` (room in the caller's output range) that refuses once the call has ended: nothing is
+    placed into a caller's memory after its call (CallCancelledError, as the call's next stage would)."""
+
+    def alive(nbytes: int) -> tuple[str, int, torch.Tensor] | None:
+        check_cancelled(cancelled, "writing the answer into the caller's shared memory")
+        return reserve(nbytes)
+
+    return alive
+
+
+def into_output_range(reserve: chunks.Reserve, written: InPlace, cancelled: Callable[[], bool]) -> GradientOut:
+    """Room in the caller's output range for fused kernels' gradients (``written`` records where), given
+    only while the call is alive: a kernel asked after its caller went away writes into memory of its own."""
 
     def writer(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor | None:
+        if cancelled():
+            return None
         nbytes = math.prod(shape) * dtype.itemsize
         spot = reserve(nbytes) if nbytes else None
         if spot is None:

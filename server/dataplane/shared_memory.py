@@ -1,78 +1,116 @@
-"""The server's registered shared-memory regions (RegisterSharedMemory; see client/shared_memory.py).
+"""The server's shared-memory regions (see ``losswire.wire.shared_memory`` and client/shared_memory.py).
 
-A region is a caller's segment, mapped here once and named by a random handle. Requests then name
-tensors by (region, offset, byte_size): inputs are viewed in place (no copy), and the answer's big
-tensors are written into the caller's output range. A region is dropped on UnregisterSharedMemory,
-when its caller has gone (the caller's shared lock is free: checked every ``sweep_seconds`` by a
-daemon thread), and when the server stops.
+A caller on the server's host hands a sealed memfd over the Unix socket of :mod:`.handoff` and gets a
+one-time ticket; ``RegisterSharedMemory(ticket)`` turns it into a region, named by a random handle.
+Requests then name tensors by (region, offset, byte_size): inputs are viewed in place (no copy), and
+the answer's big tensors are written into the caller's output range.
 
-Trust: a caller that shares memory with the server can change it while a call runs (its own call
-then computes on what it wrote) or shrink the segment (the server checks the size before each
-call, but a shrink racing a running call would fault the process). Shared memory is for
-co-located callers the operator trusts; ``losswire serve --shared-memory off`` turns it off.
+**A region belongs to the caller that registered it** (:class:`Caller`: its token's digest and its gRPC
+connection). Any other caller naming its handle is answered NOT_FOUND, word for word as for a handle
+that does not exist; handles and tickets never appear in logs or in another caller's answers.
+
+**Bounded** (:class:`SharedMemoryLimits`): regions and bytes per caller, regions and bytes in total
+(handoffs not yet registered count too), connections, and handoffs waiting per connection. A region
+costs the server no descriptor (it is mapped, then its descriptor closed).
+
+**Released** on UnregisterSharedMemory, when the connection it was handed over on closes (its process
+exited or died: every region it handed over is dropped at once), when a ticket is not registered within
+``PENDING_SECONDS``, and when the server stops. A dropped region's mapping lives on while a running
+call still views it, and is unmapped with that call's last view.
+
+Safety: the server maps a segment only once it is sealed against shrinking and growing, every page
+allocated, and then seals it against hole punching itself (``Segment.adopt``): a caller cannot make the
+server fault. A caller can still change its own segment while its call runs; its call then computes on
+what it wrote. ``losswire serve --shared-memory off`` turns shared memory off.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import secrets
 import threading
+import time
 from collections.abc import Iterable
 
 import torch
 
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.wire import shared_memory as wire_memory
-from losswire.wire.shared_memory import NAME_PATTERN, NONCE_BYTES, Segment, SegmentRange
+from losswire.wire.shared_memory import Segment, SegmentRange, SegmentRefusedError
 
-from ..errors import AccessDeniedError, LimitExceededError, NotAvailableError, NotFoundError, RequestError
+from ..errors import LimitExceededError, NotAvailableError, NotFoundError, RequestError
+from .handoff import HandoffListener, Peer
 
 log = logging.getLogger("losswire.server")
-SWEEP_SECONDS = 2.0
+PENDING_SECONDS = 60.0  # a ticket not registered by then is dropped with its segment
+MAX_PENDING_PER_CONNECTION = 8  # handoffs one connection may have answered and not yet registered
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """Who a call comes from, as far as shared memory is concerned: a digest of its bearer token ("" without
+    one) and its gRPC connection (the peer address). Regions answer only the caller that registered them."""
+
+    token: str = ""
+    connection: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedMemoryLimits:
+    """What callers may hold (None: unbounded): per caller, regions and bytes; in total, regions and bytes
+    (pending handoffs included); and callers connected to the handoff socket at once."""
+
+    regions_per_caller: int | None = 64
+    bytes_per_caller: int | None = 16 << 30
+    regions: int | None = 1024
+    bytes: int | None = 64 << 30
+    connections: int = 256
+
+
+@dataclasses.dataclass
+class _Held:
+    """A segment the server mapped: registered (``caller`` set) or pending its registration."""
+
+    segment: Segment
+    peer: Peer  # the connection it was handed over on
+    caller: Caller | None = None
+    since: float = dataclasses.field(default_factory=time.monotonic)
+
+
+def _over(limit: int | None, value: int) -> bool:
+    return limit is not None and value > limit
 
 
 class SharedMemoryRegistry:
-    """Regions by handle. ``enabled`` False: every call is FAILED_PRECONDITION; ``max_bytes``: the
-    mapped bytes of all regions together (beyond: RESOURCE_EXHAUSTED)."""
+    """Regions by handle. ``enabled`` False: every shared-memory RPC and reference is FAILED_PRECONDITION."""
 
-    def __init__(self, enabled: bool = True, max_bytes: int | None = None, sweep_seconds: float = SWEEP_SECONDS):
-        self.enabled, self.max_bytes = enabled, max_bytes
-        self._regions: dict[str, Segment] = {}
+    def __init__(self, enabled: bool = True, limits: SharedMemoryLimits | None = None) -> None:
+        self.enabled = enabled
+        self.limits = limits if limits is not None else SharedMemoryLimits()
+        self._regions: dict[str, _Held] = {}  # by handle
+        self._pending: dict[str, _Held] = {}  # by ticket
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._sweeper: threading.Thread | None = None
-        self.sweep_seconds = sweep_seconds
+        self._listener = (
+            HandoffListener(self._handoff, self._closed, self._expire, self.limits.connections) if enabled else None
+        )
+        self._started = False
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self.enabled and self._sweeper is None:
-            self._sweeper = threading.Thread(target=self._sweep_loop, name="losswire-shm-sweeper", daemon=True)
-            self._sweeper.start()
+        if self._listener is not None and not self._started:
+            self._listener.start()
+            self._started = True
 
     def stop(self) -> None:
-        self._stop.set()
+        """Close the socket and every connection; drop every region and handoff."""
+        if self._listener is not None and self._started:
+            self._listener.stop()
         with self._lock:
-            regions = list(self._regions.values())
             self._regions.clear()
-        for segment in regions:
-            segment.close()
-
-    def _sweep_loop(self) -> None:
-        while not self._stop.wait(self.sweep_seconds):
-            self.sweep()
-
-    def sweep(self) -> list[str]:
-        """Drop every region whose caller has gone; returns their handles."""
-        with self._lock:
-            gone = [region for region, segment in self._regions.items() if segment.owner_gone()]
-            dropped = [self._regions.pop(region) for region in gone]
-        for region, segment in zip(gone, dropped, strict=True):
-            log.info("shared memory: region %s (%d bytes) dropped, its caller has gone", region, segment.size)
-            segment.close()
-        return gone
-
-    # -- the RPCs --------------------------------------------------------------------------------
+            self._pending.clear()
 
     def _check_enabled(self) -> None:
         if not self.enabled:
@@ -80,114 +118,190 @@ class SharedMemoryRegistry:
                 "shared memory is off on this server (losswire serve --shared-memory on); send tensors inline"
             )
 
-    def register(self, name: str, byte_size: int, nonce: bytes) -> str:
+    def endpoint(self) -> str:
+        """The Unix socket address that takes segments (``@name``: abstract)."""
         self._check_enabled()
-        if not NAME_PATTERN.fullmatch(name):
-            raise RequestError(f"name must be 'losswire_' and 1-200 letters, digits or '_', got {name!r}", field="name")
-        if not NONCE_BYTES <= len(nonce) <= 64:
-            raise RequestError(f"nonce must hold {NONCE_BYTES} to 64 bytes, got {len(nonce)}", field="nonce")
-        if byte_size < len(nonce):
-            message = f"byte_size must be at least the nonce's {len(nonce)} bytes, got {byte_size}"
-            raise RequestError(message, field="byte_size")
-        with self._lock:
-            mapped = sum(s.size for s in self._regions.values())
-        if self.max_bytes is not None and mapped + byte_size > self.max_bytes:
-            raise LimitExceededError(
-                f"byte_size {byte_size} would map {mapped + byte_size} bytes of shared memory; this server maps at "
-                f"most {self.max_bytes} (losswire serve --max-shared-memory)",
-                field="byte_size",
-            )
-        segment = self._open(name, byte_size)
-        if segment.array[: len(nonce)].tobytes() != nonce:
-            segment.close()
-            raise RequestError(
-                f"segment {name} does not start with the nonce sent: the server sees another segment of that name "
-                "(the caller is on another host or container)",
-                field="nonce",
-            )
-        segment.unlink()  # nameless from now on: freed when the caller and the server unmap it
-        region = secrets.token_hex(16)
-        with self._lock:
-            self._regions[region] = segment
-        log.info("shared memory: region %s registered (%s, %d bytes)", region, name, byte_size)
-        return region
+        if not self._started:
+            raise NotAvailableError("shared memory is not running on this server yet; send tensors inline")
+        return self._listener.address
 
-    @staticmethod
-    def _open(name: str, byte_size: int) -> Segment:
+    # -- the handoff socket's side (its thread) --------------------------------------------------
+
+    def _handoff(self, peer: Peer, byte_size: int, fd: int | None) -> tuple[int, str]:
+        """A segment handed over: a ticket, or a refusal (status, message). Owns ``fd``."""
+        if fd is None:
+            return wire_memory.INVALID_ARGUMENT, "a handoff carries one descriptor (SCM_RIGHTS); none came with it"
+        with self._lock:
+            refusal = self._no_room(peer, byte_size)
+        if refusal is not None:
+            os.close(fd)
+            return wire_memory.RESOURCE_EXHAUSTED, refusal
         try:
-            return Segment.open(name, byte_size)
-        except FileNotFoundError:
-            raise NotFoundError(
-                f"no shared-memory segment {name!r} on the server's host: shared memory needs the caller on the same "
-                "host (and, across containers, a shared /dev/shm: docker run --ipc=host)",
-                field="name",
-            ) from None
-        except PermissionError:
-            raise AccessDeniedError(
-                f"the server may not open shared-memory segment {name!r}: it belongs to another user (mode 0600); "
-                "run the caller as the server's user",
-                field="name",
-            ) from None
-        except (ValueError, OSError) as error:
-            raise RequestError(f"cannot map shared-memory segment {name!r}: {error}", field="byte_size") from None
-
-    def unregister(self, region: str) -> None:
+            segment = Segment.adopt(fd, byte_size)  # closes fd
+        except SegmentRefusedError as error:
+            log.info("shared memory: refused a segment of pid %d: %s", peer.pid, error)
+            status = wire_memory.RESOURCE_EXHAUSTED if error.exhausted else wire_memory.INVALID_ARGUMENT
+            return status, f"shared memory: {error}"
+        except OSError as error:  # mmap: out of address space or memory
+            return wire_memory.RESOURCE_EXHAUSTED, f"shared memory: cannot map {byte_size} bytes: {error.strerror}"
+        ticket = secrets.token_hex(16)
         with self._lock:
-            segment = self._regions.pop(region, None)
-        if segment is None:
-            raise NotFoundError(f"no shared-memory region {region!r} is registered", "region")
-        segment.close()
+            self._pending[ticket] = _Held(segment, peer)
+            peer.pending += 1
+        return wire_memory.OK, ticket
+
+    def _no_room(self, peer: Peer, byte_size: int) -> str | None:
+        """Why a handoff of ``byte_size`` bytes from ``peer`` does not fit (None: it does). Under the lock."""
+        if peer.pending >= MAX_PENDING_PER_CONNECTION:
+            return (
+                f"shared memory: this connection holds {peer.pending} handoffs not yet registered, its most; "
+                "register them (RegisterSharedMemory) before handing more over"
+            )
+        held = [*self._regions.values(), *self._pending.values()]
+        if _over(self.limits.regions, len(held) + 1):
+            return (
+                f"shared memory: this server holds {len(held)} segments, its most (losswire serve "
+                "--max-shared-memory-total-regions); unregister some, or send tensors inline"
+            )
+        mapped = sum(h.segment.size for h in held)
+        if _over(self.limits.bytes, mapped + byte_size):
+            return (
+                f"shared memory: {byte_size} more bytes would map {mapped + byte_size} bytes; this server maps at "
+                f"most {self.limits.bytes} (losswire serve --max-shared-memory)"
+            )
+        return None
+
+    def _closed(self, peer: Peer) -> None:
+        """``peer``'s connection closed (its process exited or died): drop everything it handed over."""
+        with self._lock:
+            gone = [h for h, held in self._regions.items() if held.peer is peer]
+            regions = [self._regions.pop(h) for h in gone]
+            tickets = [t for t, held in self._pending.items() if held.peer is peer]
+            for ticket in tickets:
+                del self._pending[ticket]
+        if regions or tickets:
+            nbytes = sum(held.segment.size for held in regions)
+            log.info(
+                "shared memory: pid %d disconnected; its %d regions (%d bytes) and %d unregistered handoffs dropped",
+                peer.pid,
+                len(regions),
+                nbytes,
+                len(tickets),
+            )
+
+    def _expire(self) -> None:
+        """Drop handoffs whose tickets were not registered within ``PENDING_SECONDS``."""
+        now = time.monotonic()
+        with self._lock:
+            old = [t for t, held in self._pending.items() if now - held.since > PENDING_SECONDS]
+            for ticket in old:
+                self._pending.pop(ticket).peer.pending -= 1
+
+    # -- the RPCs --------------------------------------------------------------------------------
+
+    def register(self, caller: Caller, ticket: str, byte_size: int) -> str:
+        """The segment a pending ``ticket`` stands for, as a region of ``caller``'s: its handle."""
+        self._check_enabled()
+        with self._lock:
+            held = self._pending.pop(ticket, None)
+            if held is None:
+                raise NotFoundError(
+                    "ticket names no pending shared-memory handoff on this server: a ticket registers once, within "
+                    f"{PENDING_SECONDS:.0f} s of its handoff, while the connection it came over is open",
+                    field="ticket",
+                )
+            held.peer.pending -= 1
+            size = held.segment.size
+            if byte_size != size:
+                raise RequestError(f"byte_size must be the segment's {size} bytes, got {byte_size}", field="byte_size")
+            own = [h for h in self._regions.values() if h.caller == caller]
+            if _over(self.limits.regions_per_caller, len(own) + 1):
+                raise LimitExceededError(
+                    f"this caller holds {len(own)} shared-memory regions, its most (losswire serve "
+                    "--max-shared-memory-regions); unregister some first",
+                    field="ticket",
+                )
+            mine = sum(h.segment.size for h in own)
+            if _over(self.limits.bytes_per_caller, mine + size):
+                raise LimitExceededError(
+                    f"{size} more bytes would give this caller {mine + size} bytes of shared memory; a caller may "
+                    f"register at most {self.limits.bytes_per_caller} (losswire serve --max-shared-memory-per-caller)",
+                    field="byte_size",
+                )
+            handle = secrets.token_hex(16)
+            own.append(held)
+            held.caller = caller
+            self._regions[handle] = held
+        log.info("shared memory: %d bytes registered by pid %d (its caller's region %d)", size, held.peer.pid, len(own))
+        return handle
+
+    def unregister(self, caller: Caller, region: str) -> None:
+        self._check_enabled()
+        with self._lock:
+            held = self._regions.get(region)
+            if held is None or held.caller != caller:
+                raise NotFoundError("region names no shared-memory region of this caller's on this server", "region")
+            del self._regions[region]
 
     # -- requests --------------------------------------------------------------------------------
 
-    def _segment(self, ref: pb.SharedMemoryRef, field: str) -> Segment:
+    def _segment(self, caller: Caller | None, ref: pb.SharedMemoryRef, field: str) -> Segment:
         self._check_enabled()
         with self._lock:
-            segment = self._regions.get(ref.region)
-        if segment is None:
+            held = self._regions.get(ref.region)
+        if held is None or held.caller != caller:  # another caller's region reads exactly as no region
             raise NotFoundError(
-                f"{field}.region {ref.region!r} is not registered on this server (it restarted, or the region was "
-                "unregistered or its caller's lock released); register the segment again",
+                f"{field}.region names no shared-memory region of this caller's on this server (it restarted, the "
+                "region was unregistered, or the process that handed it over exited); register the segment again",
                 field=f"{field}.region",
             )
+        segment = held.segment
         if ref.offset + ref.byte_size > segment.size:
             raise RequestError(
-                f"{field} covers bytes [{ref.offset}, {ref.offset + ref.byte_size}) but region {ref.region} has "
+                f"{field} covers bytes [{ref.offset}, {ref.offset + ref.byte_size}) but its region has "
                 f"{segment.size} bytes",
                 field=f"{field}.byte_size",
             )
-        if ref.offset < NONCE_BYTES and ref.byte_size:
-            raise RequestError(
-                f"{field}.offset {ref.offset} overlaps the region's nonce (its first {NONCE_BYTES} bytes)",
-                field=f"{field}.offset",
-            )
-        if segment.truncated():
-            raise RequestError(
-                f"{field}: region {ref.region}'s segment shrank below its registered {segment.size} bytes",
-                field=f"{field}.region",
-            )
         return segment
 
-    def resolve(self, ref: pb.SharedMemoryRef, field: str) -> torch.Tensor:
+    def resolve(self, caller: Caller | None, ref: pb.SharedMemoryRef, field: str) -> torch.Tensor:
         """A uint8 view of the referenced bytes (``wire_memory.shared_memory_tensors``'s ``resolve``)."""
-        return self._segment(ref, field).bytes_at(ref.offset, ref.byte_size)
+        return self._segment(caller, ref, field).bytes_at(ref.offset, ref.byte_size)
 
     def inputs(
-        self, tensors: Iterable[tuple[str, pb.Tensor]], max_elements: int | None = None
+        self, caller: Caller | None, tensors: Iterable[tuple[str, pb.Tensor]], max_elements: int | None = None
     ) -> dict[str, torch.Tensor]:
-        """Those of a request's tensors (``codec.tensors_of``) that lie in shared memory, by field
-        path, viewed in place."""
-        return wire_memory.shared_memory_tensors(tensors, self.resolve, max_elements)
+        """Those of a request's tensors (``codec.tensors_of``) that lie in ``caller``'s shared memory, by
+        field path, viewed in place."""
+        return wire_memory.shared_memory_tensors(
+            tensors, lambda ref, field: self.resolve(caller, ref, field), max_elements
+        )
 
-    def output_range(self, ref: pb.SharedMemoryRef) -> SegmentRange:
+    def output_range(self, caller: Caller | None, ref: pb.SharedMemoryRef) -> SegmentRange:
         """A ``StreamSink.place`` reserve that fills ``ref``'s range front to back, 64-byte aligned."""
-        segment = self._segment(ref, "output_shm")
+        segment = self._segment(caller, ref, "output_shm")
         return SegmentRange(segment, ref.region, ref.offset, ref.offset + ref.byte_size)
+
+    # -- what tests and metrics read --------------------------------------------------------------
 
     @property
     def regions(self) -> int:
         with self._lock:
             return len(self._regions)
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    @property
+    def mapped_bytes(self) -> int:
+        with self._lock:
+            return sum(h.segment.size for h in (*self._regions.values(), *self._pending.values()))
+
+    @property
+    def connections(self) -> int:
+        return len(self._listener.peers) if self._listener is not None else 0
 
     def __contains__(self, region: object) -> bool:
         with self._lock:

@@ -16,10 +16,17 @@ from typing import Any
 import grpc
 
 from ..auth import TokenSet, bearer_token
+from ..dataplane import Caller
 
 log = logging.getLogger("losswire.server")
 
 OPEN_SERVICES = frozenset({"grpc.health.v1.Health"})  # reachable without a token: probes have none
+
+
+def _token_digest(context: grpc.aio.ServicerContext) -> str:
+    """A digest of the call's bearer token ("" without one): never the token itself."""
+    token, _ = bearer_token(context.invocation_metadata())
+    return "" if token is None else "token:" + hashlib.sha256(token.encode()).hexdigest()[:32]
 
 
 class SessionOwners:
@@ -30,10 +37,16 @@ class SessionOwners:
         self.private = private
 
     def __call__(self, context: grpc.aio.ServicerContext) -> str:
-        if not self.private:
-            return ""
-        token, _ = bearer_token(context.invocation_metadata())
-        return "" if token is None else "token:" + hashlib.sha256(token.encode()).hexdigest()[:32]
+        return _token_digest(context) if self.private else ""
+
+
+def caller_of(context: grpc.aio.ServicerContext) -> Caller:
+    """Who a call comes from, for shared memory: its token's digest and its gRPC connection. A region
+    answers only the caller that registered it, so another connection or another token naming its handle
+    finds nothing. (gRPC names a TCP connection by its peer address and port; over a Unix-socket gRPC
+    connection, or through a proxy that multiplexes callers onto one connection, only the token tells
+    callers apart.)"""
+    return Caller(_token_digest(context), context.peer() or "")
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):

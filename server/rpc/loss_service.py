@@ -19,9 +19,10 @@ from losswire.v1 import loss_service_pb2_grpc as pb_grpc
 from losswire.wire import chunks, codec
 from losswire.wire.protocol import SERVICE_NAME
 
-from ..dataplane import Answer, Dataplane, StreamIntake
+from ..dataplane import Answer, Caller, Dataplane, StreamIntake
 from ..errors import RequestError
 from ..evaluation import CallCancelledError
+from .authentication import caller_of
 from .calls import CallWatch, Compute, attempt, fail, release_after, unary
 from .malformed import MalformedRequest, malformed_error, stream_deserializer
 
@@ -31,14 +32,20 @@ STAGES = ("decode", "compute", "encode")
 
 class LossService(pb_grpc.LossServiceServicer):
     """Serves ``dataplane`` over gRPC; losses run on ``compute``'s threads; ``owners`` says whose
-    sessions a call may use (``authentication.SessionOwners``; by default everybody's)."""
+    sessions a call may use (``authentication.SessionOwners``; by default everybody's); ``callers`` who a
+    call comes from, whose shared-memory regions it may name (``authentication.caller_of``)."""
 
     def __init__(
-        self, dataplane: Dataplane, compute: Compute, owners: Callable[[grpc.aio.ServicerContext], str] = lambda _: ""
+        self,
+        dataplane: Dataplane,
+        compute: Compute,
+        owners: Callable[[grpc.aio.ServicerContext], str] = lambda _: "",
+        callers: Callable[[grpc.aio.ServicerContext], Caller] = caller_of,
     ) -> None:
         self.dataplane = dataplane
         self.compute = compute
         self.owners = owners
+        self.callers = callers
 
     # -- evaluation ---------------------------------------------------------------------------------
 
@@ -46,9 +53,8 @@ class LossService(pb_grpc.LossServiceServicer):
     async def Evaluate(self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext) -> pb.EvaluateResponse:
         watch = CallWatch(context, "Evaluate")
         with watch.handling():
-            answer = await self.compute.for_call(
-                watch, self.dataplane.evaluate, request, watch, None, self.owners(context)
-            )
+            owner, caller = self.owners(context), self.callers(context)
+            answer = await self.compute.for_call(watch, self.dataplane.evaluate, request, watch, None, owner, caller)
         _log_call("Evaluate", request, answer, context)
         release_after(context, answer.keep)
         return answer.response
@@ -64,7 +70,7 @@ class LossService(pb_grpc.LossServiceServicer):
             try:
                 with watch.handling():
                     header = await _stream_header(requests)
-                    intake = self.dataplane.open_stream(header, watch, self.owners(context))
+                    intake = self.dataplane.open_stream(header, watch, self.owners(context), self.callers(context))
                     async for message in requests:
                         intake.add(_chunk_of(message, intake.chunks + 2))
                     answer: Answer = await self.compute.for_call(watch, intake.evaluate, watch)
@@ -112,19 +118,25 @@ class LossService(pb_grpc.LossServiceServicer):
     ) -> pb.ListSessionsResponse:
         return await self.compute(self.dataplane.list_sessions, self.owners(context))
 
-    # -- shared memory --------------------------------------------------------------------------------
+    # -- shared memory (bookkeeping under a lock: answered on the event loop, never queued behind losses) ---
+
+    @unary("SharedMemoryEndpoint")
+    async def SharedMemoryEndpoint(
+        self, request: pb.SharedMemoryEndpointRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SharedMemoryEndpointResponse:
+        return self.dataplane.shared_memory_endpoint()
 
     @unary("RegisterSharedMemory")
     async def RegisterSharedMemory(
         self, request: pb.RegisterSharedMemoryRequest, context: grpc.aio.ServicerContext
     ) -> pb.RegisterSharedMemoryResponse:
-        return await self.compute(self.dataplane.register_shared_memory, request)
+        return self.dataplane.register_shared_memory(request, self.callers(context))
 
     @unary("UnregisterSharedMemory")
     async def UnregisterSharedMemory(
         self, request: pb.UnregisterSharedMemoryRequest, context: grpc.aio.ServicerContext
     ) -> pb.UnregisterSharedMemoryResponse:
-        await self.compute(self.dataplane.unregister_shared_memory, request)
+        self.dataplane.unregister_shared_memory(request, self.callers(context))
         return pb.UnregisterSharedMemoryResponse()
 
 

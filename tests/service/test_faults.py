@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import logging
 import os
@@ -42,9 +41,9 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support.calls import plain_channel
-from support.paths import PLUGINS, with_tests_on_path
+from support.faults import load_fault_losses
+from support.paths import with_tests_on_path
 
-import losswire.server.losses as engine
 from losswire.client import LossClient, RemoteLoss, RemoteLossError, evaluate_terms
 from losswire.server.app import LosswireServer
 from losswire.server.config import ServerConfig
@@ -54,27 +53,10 @@ from losswire.v1 import loss_service_pb2_grpc as pb_grpc
 from losswire.wire import codec
 
 DEVICE = os.environ.get("LOSSWIRE_TEST_DEVICE", "cpu")
-PLUGIN = PLUGINS / "fault_losses.py"
 WAIT = 30.0  # the most any single wait here may take before the test fails
 LIMIT = 2  # --max-concurrent-rpcs of the overload tests
 GONE = "the caller cancelled or its deadline passed"
 SEESAW = {"type": "SeesawLoss", "num_classes": 6}
-
-
-def load_fault_losses() -> tuple[ModuleType, Registry]:
-    """tests/plugins/fault_losses.py registered into a copy of the built-in registry.
-
-    The process-wide ``LOSSES`` stays as it is: other tests compare it with the README's catalogue.
-    """
-    registry = LOSSES.copy("fault-tests")
-    spec = importlib.util.spec_from_file_location("losswire_test_plugin_fault_losses", PLUGIN)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(engine, "LOSSES", registry)
-        spec.loader.exec_module(module)
-    assert {"GatedL1Loss", "HungryL1Loss"} <= set(registry.names())
-    return module, registry
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import pytest
 import torch
 from support.calls import field_of, plain_channel
 from support.oip import DATATYPES, raw
+from support.segments import Handoff
 
 from losswire.inference import grpc_predict_v2_pb2 as oip
 from losswire.inference import grpc_predict_v2_pb2_grpc as oip_grpc
@@ -106,16 +107,13 @@ def call_stream(target: str, terms: Terms) -> None:
 
 def call_shared_memory(target: str, terms: Terms) -> None:
     """Every tensor in a registered segment, named by reference."""
-    nbytes = sum(shm.align(t.numel() * t.element_size()) for pair in terms for t in pair) + shm.align(shm.NONCE_BYTES)
+    nbytes = sum(shm.align(t.numel() * t.element_size()) for pair in terms for t in pair)
     segment = shm.Segment.create(shm.segment_size(nbytes))
     try:
-        with plain_channel(target) as channel:
-            stub = pb_grpc.LossServiceStub(channel)
-            registration = pb.RegisterSharedMemoryRequest(
-                name=segment.name, byte_size=segment.size, nonce=segment.nonce
-            )
-            region = stub.RegisterSharedMemory(registration, timeout=30).region
-            room = shm.SegmentRange(segment, region, shm.NONCE_BYTES, segment.size)
+        with plain_channel(target) as channel, Handoff(pb_grpc.LossServiceStub(channel)) as handoff:
+            stub = handoff.stub
+            region = handoff.register(segment)
+            room = shm.SegmentRange(segment, region, 0, segment.size)
 
             def referenced(tensor: torch.Tensor, message: pb.Tensor, path: str) -> None:
                 flat = tensor.contiguous().view(-1).view(torch.uint8)
@@ -126,7 +124,6 @@ def call_shared_memory(target: str, terms: Terms) -> None:
 
             stub.Evaluate(request_of(terms, referenced), timeout=30)
     finally:
-        segment.unlink()
         segment.close()
 
 
@@ -155,7 +152,7 @@ def test_every_limit_is_refused_alike_through_every_door(limited, limit, door):
     if door == "ModelInfer" and len(terms) > 1:
         pytest.skip("ModelInfer carries one term")
     if door == "shared memory" and not shm.supported():
-        pytest.skip("needs POSIX shared memory")
+        pytest.skip("needs memfd shared memory")
     with pytest.raises(grpc.RpcError) as refused:
         CALLS[door](limited, terms)
     error = refused.value
@@ -175,7 +172,7 @@ def test_the_message_size_limit_bounds_bytes_outside_the_message_too(limited, do
     memory is bounded by it all the same (48 KiB here: pred and target of 3200 float64 elements each, 50 KiB,
     within every element limit). A ModelInfer message holds its bytes: gRPC's own limit refuses it."""
     if door == "shared memory" and not shm.supported():
-        pytest.skip("needs POSIX shared memory")
+        pytest.skip("needs memfd shared memory")
     terms = terms_of((3200,), dtype=torch.float64)
     with pytest.raises(grpc.RpcError) as refused:
         CALLS[door](limited, terms)

@@ -36,6 +36,7 @@ from losswire.wire import chunks, codec, protocol
 from losswire.wire import shared_memory as wire_memory
 from support.calls import field_of
 from support.mmdet_fixtures import SINGLE_CASES, difference, parts, prepare
+from support.segments import register_segment
 
 EVALUATE = "/losswire.v1.LossService/Evaluate"
 NEVER = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
@@ -662,17 +663,14 @@ class SharedSegment:
 
     def __init__(self, stub: Any, size: int = 1 << 22) -> None:
         self.segment = wire_memory.Segment.create(size)
-        registration = pb.RegisterSharedMemoryRequest(
-            name=self.segment.name, byte_size=self.segment.size, nonce=self.segment.nonce
-        )
-        self.region = stub.RegisterSharedMemory(registration, timeout=30).region
+        self.region, self.handoff = register_segment(stub, self.segment)
 
     def place(self, request: pb.EvaluateRequest, misplace: int = 0) -> pb.EvaluateRequest:
         """``request`` with every tensor's bytes in the segment (``misplace`` shifts one reference's offset)
         and the second half of the segment as the output range."""
         request = pb.EvaluateRequest.FromString(request.SerializeToString())
         half = self.segment.size // 2
-        room = wire_memory.SegmentRange(self.segment, self.region, wire_memory.NONCE_BYTES, half)
+        room = wire_memory.SegmentRange(self.segment, self.region, 0, half)
         sink = chunks.StreamSink.take(request, min_bytes=1)
         sink.place(room)
         sink.inline(placed=False)  # what did not fit stays inline
@@ -697,7 +695,7 @@ class SharedSegment:
         return self.segment.bytes_at(ref.offset, ref.byte_size)
 
     def close(self) -> None:
-        self.segment.unlink()
+        self.handoff.close()
         self.segment.close()
 
 

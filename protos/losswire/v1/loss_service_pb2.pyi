@@ -245,15 +245,23 @@ class EvaluateResponse(_message.Message):
     server_version: str
     def __init__(self, results: _Optional[_Iterable[_Union[TermResult, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., device: _Optional[str] = ..., server_version: _Optional[str] = ...) -> None: ...
 
+class SharedMemoryEndpointRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SharedMemoryEndpointResponse(_message.Message):
+    __slots__ = ("address",)
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    def __init__(self, address: _Optional[str] = ...) -> None: ...
+
 class RegisterSharedMemoryRequest(_message.Message):
-    __slots__ = ("name", "byte_size", "nonce")
-    NAME_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("byte_size", "ticket")
     BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
-    NONCE_FIELD_NUMBER: _ClassVar[int]
-    name: str
+    TICKET_FIELD_NUMBER: _ClassVar[int]
     byte_size: int
-    nonce: bytes
-    def __init__(self, name: _Optional[str] = ..., byte_size: _Optional[int] = ..., nonce: _Optional[bytes] = ...) -> None: ...
+    ticket: str
+    def __init__(self, byte_size: _Optional[int] = ..., ticket: _Optional[str] = ...) -> None: ...
 
 class RegisterSharedMemoryResponse(_message.Message):
     __slots__ = ("region",)

@@ -69,6 +69,11 @@ class LossServiceStub:
                 request_serializer=losswire_dot_v1_dot_loss__service__pb2.ListSessionsRequest.SerializeToString,
                 response_deserializer=losswire_dot_v1_dot_loss__service__pb2.ListSessionsResponse.FromString,
                 _registered_method=True)
+        self.SharedMemoryEndpoint = channel.unary_unary(
+                '/losswire.v1.LossService/SharedMemoryEndpoint',
+                request_serializer=losswire_dot_v1_dot_loss__service__pb2.SharedMemoryEndpointRequest.SerializeToString,
+                response_deserializer=losswire_dot_v1_dot_loss__service__pb2.SharedMemoryEndpointResponse.FromString,
+                _registered_method=True)
         self.RegisterSharedMemory = channel.unary_unary(
                 '/losswire.v1.LossService/RegisterSharedMemory',
                 request_serializer=losswire_dot_v1_dot_loss__service__pb2.RegisterSharedMemoryRequest.SerializeToString,
@@ -169,28 +174,62 @@ class LossServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def RegisterSharedMemory(self, request, context):
-        """Shared memory, for callers on the server's host (as Triton's system shared-memory extension):
-        the caller creates a POSIX shared-memory segment (shm_open, name "losswire_" + letters, digits
-        or "_"), writes `nonce` at its start, and registers it; the server maps it, checks the nonce
-        (proof that both see the same memory, not two segments of one name on two hosts) and removes
-        the name, so no segment outlives the processes that map it. Tensors of an Evaluate then travel
-        as Tensor.shm references into registered regions, and EvaluateRequest.output_shm tells the
-        server where to write the answer's big tensors. Only handles cross gRPC.
+    def SharedMemoryEndpoint(self, request, context):
+        """Shared memory, for callers on the server's host (as Triton's system shared-memory extension,
+        with memory handed over as a file descriptor instead of by name). Tensors of an Evaluate then
+        travel as Tensor.shm references into registered regions, and EvaluateRequest.output_shm tells
+        the server where to write the answer's big tensors. Only handles cross gRPC.
 
-        The caller holds a shared flock(2) on the segment while it lives; the server drops a region
-        whose caller has gone (the lock is free), on UnregisterSharedMemory, and when it stops.
-        Errors: NOT_FOUND (no segment of that name on the server's host: the caller is elsewhere, or in
-        another container without a shared /dev/shm), INVALID_ARGUMENT (a bad name, a size the segment
-        does not have, a nonce that differs), RESOURCE_EXHAUSTED (over --max-shared-memory),
-        FAILED_PRECONDITION (shared memory is off: losswire serve --shared-memory off).
+        1. SharedMemoryEndpoint: the server's Unix socket for handoffs (an abstract-namespace name).
+        The caller connects once and keeps the connection open for its process's life: when it
+        closes (the process exited or died), the server drops every region handed over on it.
+        2. The caller creates a segment: a memfd (memfd_create with MFD_ALLOW_SEALING), sized with
+        ftruncate, every page allocated (posix_fallocate), sealed against shrinking and growing
+        (F_ADD_SEALS with F_SEAL_SHRINK | F_SEAL_GROW), and maps it MAP_SHARED, read-write. It sends
+        it over the socket (SCM_RIGHTS; framing below) and reads back a one-time ticket. It leaves
+        F_SEAL_SEAL and the write seals to the server: once mapped there, the server adds
+        F_SEAL_FUTURE_WRITE | F_SEAL_SEAL (no new writable mapping, no write(2), no hole punched in
+        it: the mappings both sides made before stay writable) and allocates any page freed before.
+        3. RegisterSharedMemory(ticket, byte_size) makes the handed-over segment a region with a
+        random handle. The region belongs to the caller that registered it: its bearer token (with
+        tokens on) and its gRPC connection. A call from any other token or connection that names the
+        handle is answered NOT_FOUND, exactly as for a handle that does not exist.
+
+        The server adopts a segment only if it is a memfd of exactly the declared size with every page
+        allocated, the shrink and grow seals set and no write seal or F_SEAL_SEAL yet, so nobody can cut
+        it short under the server; anything else is refused naming what is missing. Only callers running as the server's
+        own user may hand segments over (SO_PEERCRED). Callers must share the server's network
+        namespace (abstract Unix names live there: the same host, or the same pod); elsewhere the
+        connection is refused and callers send tensors over gRPC.
+
+        Socket framing (all integers big-endian). On accepting a connection the server sends an
+        answer: "LWSM", u8 version (1), u8 status, u16 length, then `length` bytes of UTF-8 text.
+        Status 0 accepts the connection; any other status is a google.rpc code (PERMISSION_DENIED for
+        another user, RESOURCE_EXHAUSTED when too many callers are connected) with a message, and the
+        server closes the connection. Each handoff is 16 bytes sent in one sendmsg with exactly one
+        descriptor attached (SCM_RIGHTS): "LWSM", u8 version (1), u8 kind (1: handoff), u16 zero,
+        u64 byte_size. The server answers each in order: status 0 and the ticket as text, or a code and
+        a message (INVALID_ARGUMENT: not a sealed, fully allocated memfd of that size; RESOURCE_EXHAUSTED:
+        over the server's bounds). Tickets not registered within a minute are dropped.
+
+        Errors of SharedMemoryEndpoint: FAILED_PRECONDITION (shared memory is off: losswire serve
+        --shared-memory off). Of RegisterSharedMemory: NOT_FOUND (no such pending ticket: registered
+        already, expired, or its connection closed), INVALID_ARGUMENT (byte_size is not the segment's
+        size), RESOURCE_EXHAUSTED (over --max-shared-memory-regions or --max-shared-memory-per-caller
+        for this caller, or the server's totals), FAILED_PRECONDITION (shared memory is off).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterSharedMemory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UnregisterSharedMemory(self, request, context):
-        """Drops a region now. NOT_FOUND when the server has no such region.
+        """Drops a region now. NOT_FOUND when this caller has no such region.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -233,6 +272,11 @@ def add_LossServiceServicer_to_server(servicer, server):
                     servicer.ListSessions,
                     request_deserializer=losswire_dot_v1_dot_loss__service__pb2.ListSessionsRequest.FromString,
                     response_serializer=losswire_dot_v1_dot_loss__service__pb2.ListSessionsResponse.SerializeToString,
+            ),
+            'SharedMemoryEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.SharedMemoryEndpoint,
+                    request_deserializer=losswire_dot_v1_dot_loss__service__pb2.SharedMemoryEndpointRequest.FromString,
+                    response_serializer=losswire_dot_v1_dot_loss__service__pb2.SharedMemoryEndpointResponse.SerializeToString,
             ),
             'RegisterSharedMemory': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterSharedMemory,
@@ -434,6 +478,33 @@ class LossService:
             '/losswire.v1.LossService/ListSessions',
             losswire_dot_v1_dot_loss__service__pb2.ListSessionsRequest.SerializeToString,
             losswire_dot_v1_dot_loss__service__pb2.ListSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SharedMemoryEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/losswire.v1.LossService/SharedMemoryEndpoint',
+            losswire_dot_v1_dot_loss__service__pb2.SharedMemoryEndpointRequest.SerializeToString,
+            losswire_dot_v1_dot_loss__service__pb2.SharedMemoryEndpointResponse.FromString,
             options,
             channel_credentials,
             insecure,
