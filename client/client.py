@@ -51,8 +51,12 @@ class LossClient:
     comma-separated string are the same target), so every module reuses one channel.
 
     Each call has a deadline of ``timeout`` seconds (None: no deadline). Before its first call a
-    channel waits at most ``connect_timeout`` seconds for the server's handshake (None: no wait), so
-    a server that accepts connections and never answers is reported within seconds, naming the target.
+    channel waits at most ``connect_timeout`` seconds for the server's handshake, so a server that
+    accepts connections and never answers is reported within seconds, naming the target (one that
+    refuses them, at once). Once the server has answered, a call made while it is away (restarting: a
+    deploy, a node drain) waits for it and is sent when it is back, within the call's deadline; a
+    session's call then meets a fresh state, reported as below. ``connect_timeout`` None: no first
+    check, every call waits for the server up to its deadline (a job started before its server).
     ``on_session_restart``: what to do when a session's state started afresh behind this client's back
     (see :class:`SessionRestartedError`): ``"warn"`` logs a warning on ``losswire.client`` and carries
     on, ``"raise"`` raises. ``credentials`` (TLS, mutual TLS, a bearer token:

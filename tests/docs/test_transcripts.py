@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -248,6 +249,22 @@ def test_deadline_exceeded(transcript, fault_server: ServerProcess):
     message = raised(lambda: slow(pred, pred))
     body = ">>> loss_fn(pred, target)  # timeout=1.0, and the server needs 3 s for this call\n"
     transcript(DOCS / "troubleshooting.md", "deadline", body + shown(message, fault_server.port))
+
+
+def test_server_gone_past_the_deadline(transcript):
+    """A call waits for a server that answered before (a restart) only until its deadline."""
+    process = ServerProcess(serve_cmd("--host", "127.0.0.1", "--port", "0", "--device", "cpu"), server_env())
+    try:
+        port = process.wait_started().port
+        loss = RemoteLoss(dict(type="L1Loss"), target=f"localhost:{port}", timeout=2.0)
+        loss(torch.ones(2), torch.zeros(2))
+        process.proc.send_signal(signal.SIGTERM)
+        assert process.wait_exit() == 0, process.log()
+        message = raised(lambda: loss(torch.ones(2), torch.zeros(2)))
+    finally:
+        process.close()
+    body = ">>> loss_fn(pred, target)  # timeout=2.0; the server answered before, then stopped and is not back\n"
+    transcript(DOCS / "troubleshooting.md", "restart-deadline", body + shown(message, port))
 
 
 def test_port_in_use(transcript):
