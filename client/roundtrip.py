@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 import torch
@@ -22,10 +22,7 @@ from losswire.wire import chunks, codec
 
 from .client import LossClient
 from .errors import RemoteLossError
-from .terms import BoundTerm, Leaf, encode_term
-
-if TYPE_CHECKING:
-    from .module import RemoteLoss
+from .terms import BoundTerm, Leaf, TermLoss, encode_term
 
 
 @dataclasses.dataclass
@@ -258,7 +255,7 @@ class _RemoteEvaluate(torch.autograd.Function):
 
 
 def evaluate_terms(
-    terms: Mapping[str, BoundTerm | tuple[RemoteLoss, Sequence[Any], Mapping[str, Any]]],
+    terms: Mapping[str, BoundTerm | tuple[TermLoss, Sequence[Any], Mapping[str, Any]]],
     *,
     client: LossClient | None = None,
     timeout: float | None = None,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
@@ -27,16 +27,39 @@ from .arguments import SAMPLE_GROUPS, SAMPLE_LABELS, TENSOR_KINDS, CallShape
 from .errors import ArgumentError
 
 if TYPE_CHECKING:
-    from .module import RemoteLoss
+    from .client import LossClient
 
 ALIASES = ("pred", "target")  # the wire's names of a loss's first two inputs
+
+
+class TermLoss(Protocol):
+    """What a term and its round trip ask of the module that made it (``module.RemoteLoss``): named
+    here so that the module depends on terms and round trips, never the other way round."""
+
+    cfg: dict[str, Any]
+    client: LossClient
+    seed: int | None
+    transfer_dtype: str | None
+
+    @property
+    def info(self) -> pb.LossInfo: ...
+
+    def call_shape(self) -> CallShape: ...
+
+    def encoded_config(self) -> bytes: ...
+
+    def term_session(self) -> str: ...
+
+    def bind(self, *args: Any, **kwargs: Any) -> BoundTerm: ...
+
+    def accept_answer(self, response: pb.EvaluateResponse, result: pb.TermResult, forward: bool = True) -> None: ...
 
 
 @dataclasses.dataclass
 class BoundTerm:
     """A RemoteLoss with the arguments of one call."""
 
-    loss: RemoteLoss
+    loss: TermLoss
     arguments: dict[str, Any]
 
 
@@ -93,7 +116,7 @@ def _encode_argument(shape: CallShape, name: str, value: Any, message: pb.LossTe
         raise ArgumentError(shape.loss, name, f"cannot be sent: {error}") from None
 
 
-def _encode_extras(module: RemoteLoss, arguments: Mapping[str, Any], message: pb.LossTerm) -> None:
+def _encode_extras(module: TermLoss, arguments: Mapping[str, Any], message: pb.LossTerm) -> None:
     """Session, sampler seed and labels: what the term needs beyond mmdet's forward arguments."""
     session = module.term_session()
     if session:
