@@ -36,6 +36,7 @@ from losswire.wire import chunks, codec, protocol
 from losswire.wire import shared_memory as wire_memory
 from support.calls import field_of
 from support.mmdet_fixtures import SINGLE_CASES, difference, parts, prepare
+from support.oip import set_parameter
 from support.segments import register_segment
 
 EVALUATE = "/losswire.v1.LossService/Evaluate"
@@ -757,15 +758,7 @@ def infer_requests(draw: Callable) -> oip.ModelInferRequest:
         request.parameters["config"].string_param = text
     if draw(st.integers(0, 4)) == 0:
         slot = request.parameters[draw(st.sampled_from(["reduction_override", "avg_factor", "ignore_index", "x"]))]
-        value = draw(st.sampled_from(["mean", "avg", 2.0, -1, True]))
-        if isinstance(value, str):
-            slot.string_param = value
-        elif isinstance(value, bool):
-            slot.bool_param = value
-        elif isinstance(value, int):
-            slot.int64_param = value
-        else:
-            slot.double_param = value
+        set_parameter(slot, draw(st.sampled_from(["mean", "avg", 2.0, -1, True])))
     for _ in range(draw(st.integers(0, 2))):
         request.outputs.add(name=draw(st.sampled_from(["loss", "grad_pred", "grad_target", "loss_0", "junk"])))
     return request

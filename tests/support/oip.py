@@ -50,16 +50,20 @@ def infer_request(
     if config is not None:
         request.parameters["config"].string_param = json.dumps(config)
     for name, value in parameters.items():
-        slot = request.parameters[name]
-        if isinstance(value, str):
-            slot.string_param = value
-        elif isinstance(value, bool):
-            slot.bool_param = value
-        elif isinstance(value, int):
-            slot.int64_param = value
-        else:
-            slot.double_param = value
+        set_parameter(request.parameters[name], value)
     return request
+
+
+def set_parameter(slot: oip.InferParameter, value: str | bool | int | float) -> None:
+    """Fill an InferParameter with ``value`` in the field its type goes to (bool before int: a bool is one)."""
+    if isinstance(value, str):
+        slot.string_param = value
+    elif isinstance(value, bool):
+        slot.bool_param = value
+    elif isinstance(value, int):
+        slot.int64_param = value
+    else:
+        slot.double_param = value
 
 
 def outputs_of(response: oip.ModelInferResponse) -> dict[str, Tensor]:
