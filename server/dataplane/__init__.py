@@ -7,7 +7,7 @@ shared-memory regions (``descriptions``, ``shared_memory``, handed over on ``han
 rely on.
 """
 
-from .calls import Answer, Dataplane, StreamIntake
+from .calls import Answer, Dataplane, NotQuick, StreamIntake
 from .limits import RequestLimits
 from .shared_memory import Caller, SharedMemoryLimits, SharedMemoryRegistry
 
@@ -15,6 +15,7 @@ __all__ = [
     "Answer",
     "Caller",
     "Dataplane",
+    "NotQuick",
     "RequestLimits",
     "SharedMemoryLimits",
     "SharedMemoryRegistry",

@@ -34,6 +34,7 @@ from ..evaluation.sampling import build_sampler, sampler_config
 from ..evaluation.sessions import EnteringError, Transaction
 from ..losses import LOSSES, Registry, output_kind_of
 from ..losses import fused as fused_kernels
+from ..losses.cost import Estimate
 from ..losses.provenance import implementation_digest
 from ..losses.schema import keeps_state
 from .admission import BigCallSlots
@@ -47,6 +48,19 @@ from .memory import released_if_out_of_memory
 from .shared_memory import Caller, SharedMemoryRegistry
 
 Cancelled = Callable[[], bool]
+
+# A quick call is evaluated by its front door where it arrived (the event loop) instead of on a compute
+# thread: handing a 2 ms call to a thread and back costs it ~0.15 ms of CPU. Quick means stateless, by
+# losswire's own losses (whose costs are calibrated; a plugin's are not known), with no sampler, no
+# shared memory, and an estimated forward + backward of at most QUICK_MAX_WORK units (~0.5 ns each:
+# about a millisecond, the longest the loop then stalls) and QUICK_MAX_BYTES of working memory.
+QUICK_MAX_WORK = 2_000_000
+QUICK_MAX_BYTES = 8 << 20
+
+
+class NotQuick(Exception):  # noqa: N818 (a signal to the front door, not an error of the caller's)
+    """Raised by ``Dataplane.evaluate(quick=True)`` for a call that is not quick, before anything of it
+    is held, built or changed: the front door then evaluates it on a compute thread."""
 
 
 @dataclasses.dataclass
@@ -120,28 +134,32 @@ class Dataplane:
         arrived: Callable[[], Arrived] | None = None,
         owner: str = "",
         caller: Caller | None = None,
+        quick: bool = False,
     ) -> Answer:
         """A call whose request came whole: tensors inline, in shared memory (then a big call), or
         ``arrived()`` by field path (a front door's converter hands them over once the limits have
         passed). The answer comes inline, or into the caller's shared-memory output range. ``owner``: whose
         sessions the call may use (see ``evaluation.sessions``); ``caller``: whose shared-memory regions it
-        may name (None: nobody's)."""
+        may name (None: nobody's). ``quick``: evaluate it only if it is quick (see ``QUICK_MAX_WORK``), else
+        raise ``NotQuick``."""
         started = time.perf_counter()
         try:
             check_cancelled(cancelled, "the whole call")  # it waited in a queue while its caller gave up
             # sizes from the declared shapes, before decoding
             walked = check_request(request, self.limits, elsewhere=arrived is not None)
+            if quick and (request.HasField("output_shm") or any(tensor.HasField("shm") for _, tensor in walked)):
+                raise NotQuick
             shared = self.shared_memory.inputs(caller, walked, self.limits.max_elements)  # views of the caller's pages
             big = bool(shared) or request.HasField("output_shm")
             if big:
                 self.slots.take()
             try:
                 tensors = {**arrived(), **shared} if arrived is not None else shared
-                return self.run(request, cancelled, started, tensors or None, owner=owner, caller=caller)
+                return self.run(request, cancelled, started, tensors or None, owner=owner, caller=caller, quick=quick)
             finally:
                 if big:
                     self.slots.give_back()
-        except TermError:
+        except (TermError, NotQuick):
             raise
         except Exception as error:
             raise released_if_out_of_memory(error, "the call") from None
@@ -167,9 +185,10 @@ class Dataplane:
         sink: chunks.StreamSink | None = None,
         owner: str = "",
         caller: Caller | None = None,
+        quick: bool = False,
     ) -> Answer:
         """decode -> evaluate -> encode, for every kind of call; ``sink`` holds back a streamed answer's
-        big tensors.
+        big tensors; ``quick``: ``NotQuick`` once the costs show the call is not.
 
         Nothing is written into the caller's shared memory once the call has ended (its caller cancelled or
         its deadline passed): the output range hands out room only while ``cancelled()`` is false, to fused
@@ -193,6 +212,8 @@ class Dataplane:
         for index, term in enumerate(terms):
             with at_term(index, term.name):
                 costs.append(self.costs.check(term, f"terms[{index}]."))
+        if quick and not self._quick(terms, [estimate for estimate, _ in costs]):
+            raise NotQuick
         outcomes = []
         # the call is atomic: its sessions change only if every term succeeds (evaluation.sessions)
         with self._sessions(owner, terms) as sessions:
@@ -221,6 +242,16 @@ class Dataplane:
         timings.encode_ms = (encoded - computed) * 1e3
         keep = [terms, outcomes, arrived] if arrived or output_range is not None else []
         return Answer(response, None if own_sink else sink, keep)
+
+    def _quick(self, terms: list[TermRequest], estimates: list[Estimate]) -> bool:
+        """Whether decoded ``terms`` of these cost ``estimates`` make a quick call (see ``QUICK_MAX_WORK``)."""
+        plain = all(
+            not term.session and "sampler" not in term.config and self.registry.own(term.config["type"])
+            for term in terms
+        )
+        work = sum(estimate.work for estimate in estimates)
+        held = sum(estimate.total_bytes for estimate in estimates)
+        return plain and work <= QUICK_MAX_WORK and held <= QUICK_MAX_BYTES
 
     @contextlib.contextmanager
     def _sessions(self, owner: str, terms: list[TermRequest]) -> Iterator[Transaction]:

@@ -123,6 +123,11 @@ class Registry:
             return estimate(params, shapes, itemsize)
         return cost.proportional(self._descriptions[name].inputs[0].name, shapes, itemsize)
 
+    def own(self, name: str) -> bool:
+        """Whether loss ``name`` is one of losswire's own (its costs are calibrated: ``cost``), not a plugin's."""
+        cls = self._classes.get(name)
+        return cls is not None and cls.__module__.startswith(__package__ + ".")
+
     def check_config(self, cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         """Validate a config dict; return (type, normalised keyword arguments)."""
         if not isinstance(cfg, Mapping):

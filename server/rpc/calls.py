@@ -23,10 +23,14 @@ import grpc
 
 from losswire.wire.protocol import PREVIOUS_ATTEMPTS_HEADER
 
+from ..dataplane import Answer, NotQuick
 from .status import Where, refusal
 
 log = logging.getLogger("losswire.server")
 Result = TypeVar("Result")
+
+# a request this big is decoded on a compute thread without asking the dataplane whether it is quick
+QUICK_MAX_MESSAGE_BYTES = 1 << 20
 
 # frees big calls' tensors after their answers have left (see release_after): one thread, in order
 _RELEASER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="losswire-release")
@@ -57,6 +61,17 @@ class Compute:
             if running.done() and not running.cancelled() and running.exception() is not None:
                 watch.stopped(running.exception())
             raise
+
+    async def evaluate(self, watch: CallWatch, evaluate: Callable[..., Answer], size: int, *args: Any) -> Answer:
+        """``evaluate(*args)`` (a ``Dataplane.evaluate``) for a call watched by ``watch`` whose request is
+        ``size`` bytes: a quick call is answered here, on the event loop (the dataplane says which are
+        quick: ``NotQuick``); any other waits for a compute thread."""
+        if size <= QUICK_MAX_MESSAGE_BYTES:
+            try:
+                return evaluate(*args, quick=True)
+            except NotQuick:
+                pass
+        return await self.for_call(watch, evaluate, *args)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -81,8 +81,8 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
                     self.registry, request.model_name, request.model_version, "model_name", "model_version"
                 )
                 conversion = Conversion(request, description, where)
-                answer = await self.compute.for_call(
-                    watch, self.dataplane.evaluate, conversion.request, watch, conversion.arrived
+                answer = await self.compute.evaluate(
+                    watch, self.dataplane.evaluate, request.ByteSize(), conversion.request, watch, conversion.arrived
                 )
                 response = oip_convert.infer_response(request, conversion, answer.response)
         except Exception as error:

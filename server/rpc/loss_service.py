@@ -54,7 +54,8 @@ class LossService(pb_grpc.LossServiceServicer):
         watch = CallWatch(context, "Evaluate")
         with watch.handling():
             owner, caller = self.owners(context), self.callers(context)
-            answer = await self.compute.for_call(watch, self.dataplane.evaluate, request, watch, None, owner, caller)
+            evaluate, size = self.dataplane.evaluate, request.ByteSize()
+            answer = await self.compute.evaluate(watch, evaluate, size, request, watch, None, owner, caller)
         _log_call("Evaluate", request, answer, context)
         release_after(context, answer.keep)
         return answer.response
