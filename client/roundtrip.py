@@ -54,7 +54,13 @@ class RoundTrip:
         for index, (name, bound) in enumerate(terms):
             message = self.request.terms.add(name=name)
             self.leaves += encode_term(
-                bound, message, index, grad_enabled=grad_enabled, transfer=transfers[index], sink=self.sink
+                bound,
+                message,
+                index,
+                grad_enabled=grad_enabled,
+                transfer=transfers[index],
+                sink=self.sink,
+                allocate=client.buffers.take,
             )
             self.devices.append(bound.arguments[bound.loss.call_shape().names[0]].device)
 
@@ -150,8 +156,10 @@ class RoundTrip:
                 grpc.StatusCode.INTERNAL, f"the server returned no gradient for {leaf.key!r} of {where}"
             )
         field = f"{path}.gradients[{leaf.key}]"
-        tensor = codec.decode_tensor(gradients[leaf.key], field, streamed=streamed)
-        owned = field in streamed or tensor.device != leaf.tensor.device
+        message = gradients[leaf.key]
+        tensor = codec.decode_tensor(message, field, streamed=streamed, allocate=self.client.buffers.take)
+        # a gradient that travelled narrowed was widened into memory of its own
+        owned = field in streamed or tensor.device != leaf.tensor.device or message.data_dtype != pb.DTYPE_UNSPECIFIED
         return tensor.to(leaf.tensor.device), field if owned else None
 
     def _lend(self, local: Tensor, field: str | None, upstream: Tensor, leaf: Tensor) -> Tensor | None:

@@ -80,12 +80,14 @@ def encode_term(
     grad_enabled: bool,
     transfer: int,
     sink: chunks.StreamSink | None,
+    allocate: codec.Allocate | None = None,
 ) -> list[Leaf]:
-    """Fill ``message`` with ``bound``'s call; returns the tensors whose gradients it asks for."""
+    """Fill ``message`` with ``bound``'s call; returns the tensors whose gradients it asks for. Tensors
+    narrowed to ``transfer`` are cast into ``allocate``'s memory."""
     module = bound.loss
     shape = module.call_shape()
     message.config.MergeFromString(module.encoded_config())  # the Struct, encoded once per cfg
-    options = {"transfer_dtype": transfer, "sink": sink}
+    options = {"transfer_dtype": transfer, "sink": sink, "allocate": allocate}
     for name, value in bound.arguments.items():
         if value is not None:
             _encode_argument(shape, name, value, message, options)

@@ -204,7 +204,8 @@ class Dataplane:
         terms = []
         for index, message in enumerate(request.terms):
             with at_term(index, message.name):
-                terms.append(decode_term(message, f"terms[{index}]", self.device, self.limits.max_elements, arrived))
+                limit, widen_into = self.limits.max_elements, self.buffers.take
+                terms.append(decode_term(message, f"terms[{index}]", self.device, limit, arrived, widen_into))
         in_place: InPlace = {}  # gradients a kernel wrote into the output range
         terms = self._place_gradients(terms, output_range, sink, transfer, in_place, cancelled)
         decoded = time.perf_counter()
@@ -229,7 +230,7 @@ class Dataplane:
         response = pb.EvaluateResponse(device=str(self.device), server_version=__version__)
         for term, outcome in zip(terms, outcomes, strict=True):
             result = response.results.add(implementation=self.implementation(term.config["type"]))
-            encode_outcome(outcome, result, transfer, sink, in_place)
+            encode_outcome(outcome, result, transfer, sink, in_place, self.buffers.take)
         if output_range is not None:
             check_cancelled(cancelled, "writing the answer into the caller's shared memory")
             sink.place(output_range)  # the big answers into the caller's output range: one copy each

@@ -58,8 +58,10 @@ def decode_term(
     device: torch.device,
     max_elements: int | None,
     arrived: Arrived | None = None,
+    allocate: codec.Allocate | None = None,
 ) -> TermRequest:
-    """One ``LossTerm`` (at ``field``, e.g. ``terms[0]``) -> a ``TermRequest`` with tensors on ``device``."""
+    """One ``LossTerm`` (at ``field``, e.g. ``terms[0]``) -> a ``TermRequest`` with tensors on ``device``
+    (those that travelled narrowed widened into ``allocate``'s memory)."""
     config = codec.decode_config(message.config)
     if not config:
         raise RequestError(f'{field}.config is empty; send {{"type": "<loss name>", ...}}', field=f"{field}.config")
@@ -67,10 +69,10 @@ def decode_term(
         raise RequestError(f"{field}.pred is missing; every term needs its prediction tensor", field=f"{field}.pred")
 
     def tensor(value: pb.Tensor, path: str) -> torch.Tensor:
-        return codec.decode_tensor(value, path, device, max_elements, arrived)
+        return codec.decode_tensor(value, path, device, max_elements, arrived, allocate)
 
     def value(value: pb.Value, path: str) -> Any:
-        return codec.decode_value(value, path, device, max_elements, arrived)
+        return codec.decode_value(value, path, device, max_elements, arrived, allocate)
 
     def optional(name: str, decode: Callable[[Any, str], Any] | None = None) -> Any:
         """The decoded field, or None when the caller did not send it."""

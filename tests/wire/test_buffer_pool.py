@@ -13,6 +13,8 @@ import torch
 from losswire.client import LossClient, RemoteLoss
 from losswire.server.app import LosswireServer
 from losswire.server.config import ServerConfig
+from losswire.v1 import loss_service_pb2 as pb
+from losswire.wire import codec
 from losswire.wire.buffers import MIN_POOLED_BYTES, BufferPool, size_class
 
 MiB = 1 << 20
@@ -150,3 +152,56 @@ def test_client_buffer_pool_from_the_environment(monkeypatch):
     monkeypatch.setenv("LOSSWIRE_CLIENT_BUFFER_POOL", "lots")
     with pytest.raises(ValueError, match="LOSSWIRE_CLIENT_BUFFER_POOL must be a number of bytes"):
         LossClient("127.0.0.1:1")
+
+
+# -- narrowed transfers (transfer_dtype) cast into reused memory ------------------------------------
+
+
+@pytest.mark.parametrize("wire", [pb.BFLOAT16, pb.FLOAT16])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_a_narrowed_tensor_cast_into_pooled_memory_equals_torchs_own_cast(wire: int, layout: str):
+    pool = BufferPool()
+    source = torch.randn(8192, 96, dtype=torch.float32)  # 1.5 MiB narrowed: pooled (MIN_POOLED_BYTES)
+    tensor = source if layout == "contiguous" else source.t()
+    message = codec.encode_tensor(tensor, transfer_dtype=wire, allocate=pool.take)
+    narrow = codec.DTYPE_TO_TORCH[wire]
+    assert message.data == tensor.to(narrow).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    widened = codec.decode_tensor(message, "pred", allocate=pool.take)
+    assert widened.dtype == torch.float32 and widened.shape == tensor.shape
+    assert torch.equal(widened, tensor.to(narrow).to(torch.float32))
+    assert pool.created == 2  # the narrowed copy and the widened one, each in a pooled buffer
+    del widened
+    codec.decode_tensor(message, "pred", allocate=pool.take)
+    assert pool.reused >= 1
+
+
+def test_narrowed_calls_reuse_buffers_on_both_sides_with_the_same_results(pooled_server):
+    """bfloat16 transfer, streamed and unary: the casts land in reused buffers on both sides and
+    the answers are the same bit for bit as a client without a pool."""
+    cfg = dict(type="FocalLoss", reduction="sum")
+    target = f"127.0.0.1:{pooled_server.port}"
+    pooled = LossClient(target, timeout=60, stream_threshold=0, shared_memory="off", transfer_dtype="bfloat16")
+    fresh = LossClient(
+        target, timeout=60, stream_threshold=None, shared_memory="off", transfer_dtype="bfloat16", buffer_pool_bytes=0
+    )
+
+    def gradient(client: LossClient, seed: int) -> torch.Tensor:
+        pred, labels = _focal(8192, seed)
+        pred.requires_grad_()
+        RemoteLoss(cfg, client=client)(pred, labels).backward()
+        return pred.grad
+
+    try:
+        server = pooled_server.dataplane.buffers
+        takes_before = server.created + server.reused
+        for seed in (4, 5, 6):
+            assert torch.equal(gradient(pooled, seed), gradient(fresh, seed))
+        # per seed, the client takes one for pred narrowed, the gradient's chunks and the gradient widened
+        assert pooled.buffers.created + pooled.buffers.reused >= 3 * 3 and pooled.buffers.reused >= 2
+        assert fresh.buffers.created == fresh.buffers.reused == 0
+        # per seed, the server takes a buffer for the streamed call's received pred, its widened pred,
+        # its gradient and the gradient narrowed, and for the unary call's widened pred and narrowed gradient
+        assert server.created + server.reused - takes_before >= 3 * 6
+    finally:
+        pooled.close()
+        fresh.close()
