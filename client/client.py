@@ -27,7 +27,7 @@ from losswire.wire.protocol import SESSION_HEADER
 
 from . import shared_memory as shm
 from . import targets
-from .channels import CONNECT_TIMEOUT_SECONDS, Connection, make_channel, tls_name_option
+from .channels import CONNECT_TIMEOUT_SECONDS, STREAM_CHANNEL_OPTIONS, Connection, make_channel, tls_name_option
 from .errors import RemoteLossError
 from .replicas import ReplicaSet, SessionRouter, replica_set
 from .security import Credentials
@@ -114,9 +114,11 @@ class LossClient:
         self.credentials = Credentials.from_env() if credentials is None else credentials
         self.connect_timeout = connect_timeout
         own_channel = channel is None
+        streams = None
         if own_channel:
             channel = make_channel(self.target, credentials=self.credentials)
-        self.connection = Connection(channel, targets.label(self.target), connect_timeout)
+            streams = make_channel(self.target, STREAM_CHANNEL_OPTIONS, credentials=self.credentials)
+        self.connection = Connection(channel, targets.label(self.target), connect_timeout, stream_channel=streams)
         # with a channel of the caller's, sessions ride on it (header only): its servers are unknown here
         replicas = replica_set(self.target) if own_channel else None
         self.router = SessionRouter(self.connection, replicas, self._connect_replica)
@@ -261,7 +263,7 @@ class LossClient:
 
     def close(self) -> None:
         self.transports.close()  # unregister shared memory while the channel is open
-        self.connection.channel.close()
+        self.connection.close()
         self.router.close()
 
     # -- helpers -------------------------------------------------------------------------------------
@@ -274,7 +276,8 @@ class LossClient:
         """A connection to one replica, dialled by its address; TLS checks the target's name."""
         options = tls_name_option(self.credentials, self._replica_tls_name)
         channel = make_channel(address, options, credentials=self.credentials)
-        return Connection(channel, address, self.connect_timeout)
+        streams = make_channel(address, {**options, **STREAM_CHANNEL_OPTIONS}, credentials=self.credentials)
+        return Connection(channel, address, self.connect_timeout, stream_channel=streams)
 
     def _replica_tls_name(self) -> str | None:
         scheme = targets.scheme_of(self.target)

@@ -217,4 +217,4 @@ class SessionRouter:
         with self._lock:
             pinned, self._pinned = list(self._pinned.values()), {}
         for connection in pinned:
-            connection.channel.close()
+            connection.close()

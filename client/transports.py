@@ -174,7 +174,7 @@ class Transports:
     ) -> Answer:
         """One EvaluateStream, sent again (fresh chunks from the same tensors) after UNAVAILABLE or a
         passing RESOURCE_EXHAUSTED, with RETRY_POLICY's backoff, while no answer has arrived."""
-        method = connection.channel.stream_stream(
+        method = connection.stream_channel.stream_stream(
             EVALUATE_STREAM_METHOD, request_serializer=chunks.serialize_chunk, response_deserializer=chunks.parse_chunk
         )
         connection.ensure_connected(deadline)
