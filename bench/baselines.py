@@ -88,8 +88,8 @@ def plain_grpc_loss(queue: multiprocessing.Queue) -> None:
     _grpc_server(queue, LOSS_METHOD, evaluate)
 
 
-def tcp_echo(queue: multiprocessing.Queue) -> None:
-    listener = socket.create_server(("127.0.0.1", 0))
+def tcp_echo(queue: multiprocessing.Queue, host: str = "127.0.0.1") -> None:
+    listener = socket.create_server((host, 0))
     queue.put(listener.getsockname()[1])
     while True:
         connection, _ = listener.accept()

@@ -5,6 +5,7 @@
     .venv/bin/python bench/run.py --target host:50051      # a running server
     .venv/bin/python bench/run.py --device cuda --sections gpu
     .venv/bin/python bench/run.py --transport stream       # a transport the client offers
+    .venv/bin/python bench/run.py --sections hosts --max-mib 256 --big-repeats 3 --torch-threads 1  # as root
 
 Sections (``--sections``, all by default; docs/performance.md explains every column):
 
@@ -20,6 +21,10 @@ Sections (``--sections``, all by default; docs/performance.md explains every col
   another process keeps a 256 MiB call in flight.
 * ``gpu``: with ``--device cuda``: the server's compute time for loss + gradient (its reported
   ``timings.compute_ms``) against the HBM roofline and torch eager autograd on the same GPU.
+* ``hosts`` (root): FocalLoss at 16, 64, 256 MiB over a 10 Gbit/s link between two network namespaces
+  (bench/hosts.py): share of the link against a raw socket and a bare grpcio stream; bfloat16 transfer.
+* ``callers``: 1, 2, 4, 8 client processes (``--processes``, each its own LossClient, as training
+  workers) making small calls: throughput, p99, server CPU per call, against the echo (bench/callers.py).
 
 Prints markdown tables, writes JSON (``--out``, default bench/results/latest.json) and a PNG beside
 it when matplotlib is importable. The servers it starts: ``losswire serve`` (CPU unless ``--device``)
@@ -63,6 +68,9 @@ from baselines import (  # noqa: E402
     tcp_echo,
     tcp_roundtrip,
 )
+from callers import section_callers  # noqa: E402
+from floor import canned_losswire  # noqa: E402
+from hosts import section_hosts  # noqa: E402
 from support.servers import LISTENING, serve_cmd, server_env  # noqa: E402
 from timing import (  # noqa: E402
     CONFIGS,
@@ -88,8 +96,9 @@ from losswire.v1 import loss_service_pb2 as pb  # noqa: E402
 from losswire.wire import codec  # noqa: E402
 
 SIZES_MIB = (1, 16, 64, 256, 1024)
-SECTIONS = ("small", "big", "peers", "concurrency", "gpu")
+SECTIONS = ("small", "big", "peers", "concurrency", "gpu", "hosts", "callers")
 IN_FLIGHT_MIB = 256
+SERVER_PIDS: dict[str, int] = {}  # host:port -> pid of each server losswire_server started (its CPU time)
 
 
 # -- the server under test and the shared state of a run ---------------------------------------------
@@ -107,7 +116,9 @@ def losswire_server(device: str) -> Iterator[str]:
         else:
             raise SystemExit(f"losswire serve exited (rc {proc.wait()}) before listening")
         threading.Thread(target=proc.stderr.read, daemon=True).start()  # a full pipe would block it
-        yield f"127.0.0.1:{match['port']}"
+        target = f"127.0.0.1:{match['port']}"
+        SERVER_PIDS[target] = proc.pid
+        yield target
     finally:
         proc.terminate()
         proc.wait(30)
@@ -118,6 +129,7 @@ class Run:
 
     def __init__(self, args: argparse.Namespace, target: str, stack: contextlib.ExitStack) -> None:
         self.args, self.target, self.stack = args, target, stack
+        self.server_pid = SERVER_PIDS.get(target)  # None: a server the user runs (--target)
         self.client = make_client(target, args.transport)
         self._clients = {args.transport: self.client}
         self.sizes = [mib * MiB for mib in SIZES_MIB if mib <= args.max_mib]
@@ -199,6 +211,7 @@ def section_small(run: Run) -> dict[str, Any]:
     payload = echo_request(request_bytes, response_bytes)
     samples = {
         "losswire RemoteLoss": run.losswire("FocalLoss", 0),
+        "RemoteLoss, canned answer": timed(canned_step(run, pred, target), run.args.repeats, warmup=10),
         "bare grpcio echo": timed(lambda: echo(payload), run.args.repeats, warmup=10),
         "in-process autograd": timed(lambda: autograd_loss_grad(FOCAL, pred, target), run.args.repeats, warmup=10),
         "in-process server engine": timed(lambda: engine_loss_grad(FOCAL, pred, target), run.args.repeats, warmup=10),
@@ -217,9 +230,19 @@ def section_small(run: Run) -> dict[str, Any]:
         for name, s in stats.items()
     ]
     notes = (
-        f"request {request_bytes} B, response {response_bytes} B; {run.args.repeats} calls each. Target: ≤ 1.3x echo."
+        f"request {request_bytes} B, response {response_bytes} B; {run.args.repeats} calls each. 'canned answer': "
+        "RemoteLoss against losswire's servicer on grpc.aio without interceptors, answering every call with the "
+        "first call's response (bench/floor.py): the design's floor before any per-call work of the server. "
+        "Target: ≤ 2x echo (p99 ≤ 2.5x)."
     )
     return {"title": "Small calls: FocalLoss [256, 80], forward + backward", "rows": rows, "notes": notes}
+
+
+def canned_step(run: Run, pred: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:
+    """A small call through RemoteLoss to the canned-answer server (bench/floor.py), started once per run."""
+    client = LossClient(f"127.0.0.1:{run.peer(canned_losswire).port}")
+    run.stack.callback(client.close)
+    return remote_step(RemoteLoss(FOCAL, client=client), pred, target)
 
 
 BIG_TRANSPORTS = {"gRPC": "stream", "shm": "shm"}  # column label -> bench transport
@@ -454,6 +477,8 @@ SECTION_FUNCTIONS = {
     "peers": section_peers,
     "concurrency": section_concurrency,
     "gpu": section_gpu,
+    "hosts": section_hosts,
+    "callers": section_callers,
 }
 
 
@@ -544,7 +569,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "in-process baselines); default: torch's own (all cores)",
     )
     parser.add_argument("--clients", default="1,4,16", help="client thread counts for the concurrency section")
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per concurrency cell")
+    parser.add_argument("--processes", default="1,2,4,8", help="client process counts for the callers section")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per concurrency or callers cell")
     parser.add_argument(
         "--rpc-transport",
         default="uv",
@@ -557,6 +583,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.sections = [s for s in args.sections.split(",") if s]
     args.clients = [int(n) for n in args.clients.split(",")]
+    args.processes = [int(n) for n in args.processes.split(",")]
     unknown = set(args.sections) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
