@@ -6,9 +6,9 @@ runs the forward and the gradient, by a fused kernel where one applies.
 """
 
 from .errors import CallCancelledError, HostOutOfMemoryError, LossFailedError, as_memory_error, is_out_of_memory
-from .evaluator import Evaluator, split_sampler
+from .evaluator import Evaluator
 from .sessions import Session, SessionStore
-from .terms import PRED, TARGET, PartOutcome, TermOutcome, TermRequest
+from .terms import PRED, TARGET, PartOutcome, TermOutcome, TermRequest, split_sampler
 
 __all__ = [
     "PRED",

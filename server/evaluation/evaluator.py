@@ -32,7 +32,7 @@ from .binding import WEIGHT_INPUTS, bind_inputs, gradient_leaves
 from .errors import LossFailedError, as_memory_error, check_cancelled
 from .sampling import Sample, apply_sample, build_sampler, default_labels
 from .sessions import SessionStore, Transaction
-from .terms import PRED, PartOutcome, TermOutcome, TermRequest
+from .terms import PRED, PartOutcome, TermOutcome, TermRequest, split_sampler
 
 log = logging.getLogger(__name__)
 
@@ -46,25 +46,6 @@ log = logging.getLogger(__name__)
 SERIAL_MAX_ELEMENTS = 32768
 
 MODULE_CACHE_SIZE = 256
-
-
-def frozen(value: Any) -> Any:
-    """A hashable copy of a decoded config (dicts, lists, plain values); TypeError for anything else."""
-    if isinstance(value, Mapping):
-        return ("dict", tuple(sorted(((str(k), frozen(v)) for k, v in value.items()), key=lambda kv: kv[0])))
-    if isinstance(value, (list, tuple)):
-        return ("list", tuple(frozen(v) for v in value))
-    if isinstance(value, float):
-        return ("float", repr(value))  # -0.0 and 0.0 apart, NaN equal to itself
-    if value is None or isinstance(value, (bool, int, str)):
-        return (type(value).__name__, value)  # 1, 1.0 and True stay apart, as the module may see them
-    raise TypeError(f"no hashable form for a {type(value).__name__}")
-
-
-def split_sampler(config: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
-    """The loss config without its ``sampler`` entry, and that entry (None when absent)."""
-    config = dict(config)
-    return config, config.pop("sampler", None)
 
 
 def _parts(output: Any, loss_name: str) -> tuple[str, list[tuple[str, Tensor]]]:
@@ -95,6 +76,8 @@ class Evaluator:
         # (building one costs ~30-50 us per call, a tenth of a small call's compute); see _module
         self._modules: dict[tuple[Any, str], nn.Module] = {}
         self._modules_lock = threading.Lock()
+        # the loss type of every valid config seen before: validating one costs ~10 us per call
+        self._checked: dict[Any, str] = {}
         # the intra-op threads of big terms: torch's count when the evaluator is made (the server sets
         # --torch-threads first); small terms run on one, see SERIAL_MAX_ELEMENTS
         self.threads = torch.get_num_threads()
@@ -127,8 +110,7 @@ class Evaluator:
         self, term: TermRequest, cancelled: Callable[[], bool] | None, sessions: Transaction | None
     ) -> TermOutcome:
         config, sampler_config = split_sampler(term.config)
-        loss_type, _ = self.registry.check_config(config)
-        description = self.registry.describe(loss_type)
+        description = self.registry.describe(self._loss_type(term, config))
         kwargs = bind_inputs(description, term)
         with self._module(term, config, sessions) as (module, step):
             check_cancelled(cancelled, "the forward")
@@ -165,6 +147,19 @@ class Evaluator:
             session_step=step,
             sampled=sampled,
         )
+
+    def _loss_type(self, term: TermRequest, config: dict[str, Any]) -> str:
+        """The loss ``config`` names, validated once per distinct config (``term.config_key``)."""
+        key = term.config_key
+        loss_type = self._checked.get(key) if key is not None else None
+        if loss_type is None:
+            loss_type, _ = self.registry.check_config(config)  # a LossConfigError for a bad one: never kept
+            if key is not None:
+                with self._modules_lock:
+                    if len(self._checked) >= MODULE_CACHE_SIZE:
+                        self._checked.clear()
+                    self._checked[key] = loss_type
+        return loss_type
 
     def _fused_kernel(
         self, term: TermRequest, sampler_config: Any, module: nn.Module, kwargs: dict[str, Any]
@@ -224,7 +219,7 @@ class Evaluator:
         if not term.session:
             if term.replay_step is not None:
                 raise LossInputError("replay_step needs a session", field="replay_step")
-            yield self._stateless_module(config, device), 0
+            yield self._stateless_module(config, term.config_key, device), 0
             return
         opened = (
             sessions.open(term.session, config, term.replay_step, term.forward_id)
@@ -234,17 +229,14 @@ class Evaluator:
         with opened as (module, step):
             yield module.to(device), step
 
-    def _stateless_module(self, config: dict[str, Any], device: torch.device) -> nn.Module:
+    def _stateless_module(self, config: dict[str, Any], config_key: Any, device: torch.device) -> nn.Module:
         """A module for ``config`` outside any session: built afresh, except where the loss declares the
         module ``shareable`` (stateless and not stochastic: it holds only its config), then shared by
         every call, and thread, with an equal config.
 
         The cache is keyed by the config as sent and holds at most ``MODULE_CACHE_SIZE`` entries
         (it starts afresh beyond: clients choose the configs)."""
-        try:
-            key: tuple[Any, str] | None = (frozen(config), str(device))
-        except TypeError:  # a value a decoded config does not hold (an in-process caller's tensor...)
-            key = None
+        key = None if config_key is None else (config_key, str(device))
         module = None if key is None else self._modules.get(key)
         if module is not None:
             return module

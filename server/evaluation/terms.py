@@ -21,6 +21,26 @@ from ..losses import OutputKind
 from .sampling import Sample
 
 PRED, TARGET = "pred", "target"
+_UNKEYED = object()  # TermRequest.config_key not computed yet
+
+
+def frozen(value: Any) -> Any:
+    """A hashable copy of a decoded config (dicts, lists, plain values); TypeError for anything else."""
+    if isinstance(value, Mapping):
+        return ("dict", tuple(sorted(((str(k), frozen(v)) for k, v in value.items()), key=lambda kv: kv[0])))
+    if isinstance(value, (list, tuple)):
+        return ("list", tuple(frozen(v) for v in value))
+    if isinstance(value, float):
+        return ("float", repr(value))  # -0.0 and 0.0 apart, NaN equal to itself
+    if value is None or isinstance(value, (bool, int, str)):
+        return (type(value).__name__, value)  # 1, 1.0 and True stay apart, as the module may see them
+    raise TypeError(f"no hashable form for a {type(value).__name__}")
+
+
+def split_sampler(config: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
+    """The loss config without its ``sampler`` entry, and that entry (None when absent)."""
+    config = dict(config)
+    return config, config.pop("sampler", None)
 
 
 @dataclasses.dataclass
@@ -47,6 +67,19 @@ class TermRequest:
     # where a fused kernel may write pred's gradient: (shape, dtype) -> a tensor of them on pred's
     # device, or None (the caller's shared memory, so the answer needs no copy); None: a fresh tensor
     gradient_out: Callable[[torch.Size, torch.dtype], Tensor | None] | None = None
+    _config_key: Any = dataclasses.field(default=_UNKEYED, init=False, repr=False, compare=False)
+
+    @property
+    def config_key(self) -> Any:
+        """A hashable form of the config without its sampler (``frozen``), or None for a config that has
+        none; computed once per term: the caches of checked configs, cost estimates and built modules all
+        look the config up by it, call after call."""
+        if self._config_key is _UNKEYED:
+            try:
+                self._config_key = frozen(split_sampler(self.config)[0])
+            except TypeError:  # a value a decoded config does not hold (an in-process caller's tensor...)
+                self._config_key = None
+        return self._config_key
 
 
 @dataclasses.dataclass

@@ -175,3 +175,21 @@ def test_a_quick_call_refused_by_its_loss_gets_the_losss_own_error(plugin_server
         client.close()
     assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "gamma" in str(raised.value)
+
+
+def test_configs_checked_once_are_still_refused_every_time_they_are_bad():
+    """The loss type of a valid config is kept for the calls after (checked once per config); a bad
+    config is never kept, and an equal-looking config of another value type is a config of its own."""
+    dataplane = Dataplane(torch.device("cpu"))
+    pred, target = torch.randn(16, 4), labels(16, 4)
+    bad = request_of({"type": "FocalLoss", "gamma": -1.0}, pred, target)
+    good = request_of({"type": "FocalLoss", "gamma": 1.0}, pred, target)
+    as_int = request_of({"type": "FocalLoss", "gamma": 1}, pred, target)
+    for request in (bad, good, bad, good, as_int):
+        if request is bad:
+            with pytest.raises(Exception, match="gamma"):
+                dataplane.evaluate(request, lambda: False)
+        else:
+            dataplane.evaluate(request, lambda: False)
+    answers = [results_of(dataplane.evaluate(r, lambda: False, quick=True).response) for r in (good, as_int, good)]
+    assert answers[0] == answers[1] == answers[2]
