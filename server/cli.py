@@ -217,7 +217,8 @@ KNOBS: tuple[Knob, ...] = (
         "max_workers",
         _int_at_least(1),
         _DEFAULT.max_workers,
-        "threads computing losses at once (a call waiting for one holds no thread)",
+        "threads computing losses at once (a call waiting for one holds no thread; quick calls, small and "
+        "stateless, are answered on the event loop without one)",
     ),
     Knob(
         "max_concurrent_rpcs",
