@@ -22,23 +22,19 @@ import contextlib
 import multiprocessing
 import os
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from baselines import ECHO_METHOD, START_TIMEOUT, echo_request, grpc_channel, grpc_echo
+from harness import Run, wire_sizes
 from support.servers import LISTENING, serve_cmd, server_env
 from timing import FOCAL, make_client, percentile, remote_step, small_workload
 
 from losswire.client import RemoteLoss
-
-if TYPE_CHECKING:
-    from run import Run
 
 START_MARGIN = 0.5  # seconds from "go" to the window's start: every caller has read its command by then
 WARMUP_CALLS = 5
@@ -218,14 +214,8 @@ def _listening_port(proc: subprocess.Popen) -> str:
 # -- the section ---------------------------------------------------------------------------------------
 
 
-def bench_module(run: Run) -> ModuleType:
-    """run.py's own module, for its helpers: it is ``__main__`` when run.py is the script, so importing
-    ``run`` by name would load a second copy of it (and import this module circularly)."""
-    return sys.modules[type(run).__module__]
-
-
 def section_callers(run: Run) -> dict[str, Any]:
-    sizes = bench_module(run).wire_sizes(run, *small_workload())
+    sizes = wire_sizes(run, *small_workload())
     echo = run.peer(grpc_echo)
     server_pids = [run.server_pid] if run.server_pid else []  # none: a server the user runs (--target)
     counts = run.args.processes

@@ -32,21 +32,19 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH), str(BENCH.parent / "tests")]
 
 import grpc  # noqa: E402
 from baselines import CHUNK, UNLIMITED, tcp_echo, tcp_roundtrip  # noqa: E402
+from harness import Run  # noqa: E402
 from support.servers import LISTENING, serve_cmd, server_env  # noqa: E402
 from timing import FOCAL, MiB, remote_step, timed, workload  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from losswire.client import LossClient, RemoteLoss  # noqa: E402
-
-if TYPE_CHECKING:
-    from run import Run
 
 TITLE = "Big tensors across hosts: a 10 Gbit/s link between two network namespaces"
 SIZES_MIB = (16, 64, 256)
