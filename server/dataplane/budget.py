@@ -9,9 +9,7 @@ never fit (more than the whole budget, or than one term may take) is ``LimitExce
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Iterator
 
 from ..errors import LimitExceededError, ServerBusyError
 
@@ -54,10 +52,24 @@ class MemoryBudget:
         with self._lock:
             self._held -= nbytes
 
-    @contextlib.contextmanager
-    def reserved(self, nbytes: int, what: str, field: str | None = None, term: bool = False) -> Iterator[None]:
-        taken = self.take(nbytes, what, field, term)
-        try:
-            yield
-        finally:
-            self.give_back(taken)
+    def reserved(self, nbytes: int, what: str, field: str | None = None, term: bool = False) -> Reservation:
+        """``with budget.reserved(...)``: ``nbytes`` taken (see :meth:`take`) as the block is entered, given
+        back when it ends."""
+        return Reservation(self, (nbytes, what, field, term))
+
+
+class Reservation:
+    """A ``MemoryBudget.take`` for the length of a ``with`` block (a class, not a generator: every term of
+    every call enters one)."""
+
+    __slots__ = ("asked", "budget", "taken")
+
+    def __init__(self, budget: MemoryBudget, asked: tuple[int, str, str | None, bool]) -> None:
+        self.budget, self.asked, self.taken = budget, asked, 0
+
+    def __enter__(self) -> None:
+        self.taken = self.budget.take(*self.asked)
+
+    def __exit__(self, *exc_info: object) -> bool:
+        self.budget.give_back(self.taken)
+        return False

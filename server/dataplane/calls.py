@@ -48,6 +48,7 @@ from .memory import released_if_out_of_memory
 from .shared_memory import Caller, SharedMemoryRegistry
 
 Cancelled = Callable[[], bool]
+NO_SESSIONS = contextlib.nullcontext(None)  # a call whose terms name no session enters none
 
 # A quick call is evaluated by its front door where it arrived (the event loop) instead of on a compute
 # thread: handing a 2 ms call to a thread and back costs it ~0.15 ms of CPU. Quick means stateless, by
@@ -80,13 +81,22 @@ def sessions_of(terms: list[TermRequest]) -> dict[str, dict[str, Any]]:
     return {term.session: split_sampler(term.config)[0] for term in terms if term.session and term.replay_step is None}
 
 
-@contextlib.contextmanager
-def at_term(index: int, name: str) -> Iterator[None]:
-    """Errors raised inside name the term (``TermError``); an out-of-memory releases the call's memory."""
-    try:
-        yield
-    except Exception as error:
-        raise TermError(index, name, released_if_out_of_memory(error, f"terms[{index}]")) from None
+class AtTerm:
+    """``with AtTerm(index, name)``: errors raised inside name the term (``TermError``); an out-of-memory
+    releases the call's memory. (A class, not a generator: a call enters several per term.)"""
+
+    __slots__ = ("index", "name")
+
+    def __init__(self, index: int, name: str) -> None:
+        self.index, self.name = index, name
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: Any) -> bool:
+        if isinstance(error, Exception):
+            raise TermError(self.index, self.name, released_if_out_of_memory(error, f"terms[{self.index}]")) from None
+        return False
 
 
 class Dataplane:
@@ -203,7 +213,7 @@ class Dataplane:
                 sink, own_sink = chunks.StreamSink(SHARED_MEMORY_MIN_OUTPUT_BYTES), True
         terms = []
         for index, message in enumerate(request.terms):
-            with at_term(index, message.name):
+            with AtTerm(index, message.name):
                 limit, widen_into = self.limits.max_elements, self.buffers.take
                 terms.append(decode_term(message, f"terms[{index}]", self.device, limit, arrived, widen_into))
         in_place: InPlace = {}  # gradients a kernel wrote into the output range
@@ -211,17 +221,17 @@ class Dataplane:
         decoded = time.perf_counter()
         costs = []  # every term's cost within the limits before any session or module is built
         for index, term in enumerate(terms):
-            with at_term(index, term.name):
+            with AtTerm(index, term.name):
                 costs.append(self.costs.check(term, f"terms[{index}]."))
         if quick and not self._quick(terms, [estimate for estimate, _ in costs]):
             raise NotQuick
         outcomes = []
         # the call is atomic: its sessions change only if every term succeeds (evaluation.sessions)
-        with self._sessions(owner, terms) as sessions:
+        with self._sessions(owner, terms) if any(term.session for term in terms) else NO_SESSIONS as sessions:
             for index, (term, (estimate, field)) in enumerate(zip(terms, costs, strict=True)):
                 what = f"{term.config.get('type')} on pred {list(term.pred.shape)} ({estimate.parameter})"
                 reserved = self.budget.reserved(estimate.total_bytes, what, f"terms[{index}].{field}", term=True)
-                with at_term(index, term.name), reserved:
+                with AtTerm(index, term.name), reserved:
                     outcomes.append(self.evaluator.evaluate(term, cancelled, sessions))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
