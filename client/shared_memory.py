@@ -3,7 +3,7 @@
 :class:`SharedMemoryPool` lends segments (``losswire.wire.shared_memory``) one call at a time
 (:class:`Lease`). It asks the server's endpoint once, keeps one Unix connection to it for the process's
 life (the server's sign that this process lives: when it closes, the server drops what it handed over),
-hands each new segment over on it and registers the ticket it got back.
+hands each new segment over on it and registers the claim it got back.
 
 A segment returns to the pool once its call ended with an answer and no tensor of that answer is alive
 any more (a finalizer on the numpy array the answer's views are cut from). A call that did not end
@@ -85,14 +85,14 @@ class Lease:
 
 
 Endpoint = Callable[[], str]  # the server's handoff socket address (SharedMemoryEndpoint)
-Register = Callable[[str, int], str]  # (ticket, byte_size) -> region (RegisterSharedMemory)
+Register = Callable[[str, int], str]  # (claim, byte_size) -> region (RegisterSharedMemory)
 Unregister = Callable[[str, bool], None]  # (region, wait): UnregisterSharedMemory; wait=False: send and go on
 
 
 class SharedMemoryPool:
     """The caller's registered segments, lent one call at a time.
 
-    ``endpoint()``, ``register(ticket, byte_size) -> region`` and ``unregister(region, wait)`` are the RPCs
+    ``endpoint()``, ``register(claim, byte_size) -> region`` and ``unregister(region, wait)`` are the RPCs
     (the pool knows no gRPC). A call needing ``n`` bytes gets the smallest idle segment of at least ``n``
     bytes, else a new one of the next size class (at least 1 MiB), handed over on the pool's connection.
     At most ``max_idle`` idle segments are kept; more are unregistered and freed.
@@ -130,7 +130,7 @@ class SharedMemoryPool:
 
     def _hand_over(self, segment: Segment) -> str:
         """``segment`` handed over on the pool's connection (made on first use; made again, once, when the
-        one kept from before was closed by the server's side): the server's ticket."""
+        one kept from before was closed by the server's side): the server's claim."""
         with self._link_lock:
             if self._link is not None:
                 try:

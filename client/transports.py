@@ -204,8 +204,8 @@ class Transports:
         def endpoint() -> str:
             return connection.call("SharedMemoryEndpoint", pb.SharedMemoryEndpointRequest(), timeout).address
 
-        def register(ticket: str, byte_size: int) -> str:
-            request = pb.RegisterSharedMemoryRequest(ticket=ticket, byte_size=byte_size)
+        def register(claim: str, byte_size: int) -> str:
+            request = pb.RegisterSharedMemoryRequest(claim=claim, byte_size=byte_size)
             return connection.call("RegisterSharedMemory", request, timeout).region
 
         def unregister(region: str, wait: bool) -> None:

@@ -4,8 +4,8 @@ A segment is a memfd (``memfd_create``: no name in any file system), sized with 
 page allocated with ``posix_fallocate`` (a full system fails there, with ENOSPC or ENOMEM, instead of
 killing whichever process first touches a missing page with SIGBUS), sealed against shrinking and
 growing (``F_SEAL_SHRINK | F_SEAL_GROW``) and mapped shared. The caller hands its descriptor to the
-server over a Unix socket (``SCM_RIGHTS``) and gets a one-time ticket back; ``RegisterSharedMemory
-(ticket)`` turns it into a region. The server maps a descriptor only after :meth:`Segment.adopt`'s
+server over a Unix socket (``SCM_RIGHTS``) and gets a one-time claim back; ``RegisterSharedMemory
+(claim)`` turns it into a region. The server maps a descriptor only after :meth:`Segment.adopt`'s
 checks (a memfd of the declared size, every page allocated, the shrink and grow seals set), then seals
 it against new writable mappings and hole punching (``F_SEAL_FUTURE_WRITE | F_SEAL_SEAL``): nobody can
 cut a segment short or free its pages under the server, so a view of it never faults.
@@ -346,7 +346,7 @@ class Link:
             raise
 
     def hand_over(self, segment: Segment) -> str:
-        """Send ``segment``'s descriptor; the server's one-time ticket for RegisterSharedMemory
+        """Send ``segment``'s descriptor; the server's one-time claim for RegisterSharedMemory
         (HandoffRefusedError when the server refuses the segment)."""
         socket.send_fds(self.sock, [handoff_frame(segment.size)], [segment.fd])
         status, text = read_answer(self.sock)

@@ -356,7 +356,7 @@ class Dataplane:
     def register_shared_memory(
         self, request: pb.RegisterSharedMemoryRequest, caller: Caller
     ) -> pb.RegisterSharedMemoryResponse:
-        region = self.shared_memory.register(caller, request.ticket, request.byte_size)
+        region = self.shared_memory.register(caller, request.claim, request.byte_size)
         return pb.RegisterSharedMemoryResponse(region=region)
 
     def unregister_shared_memory(self, request: pb.UnregisterSharedMemoryRequest, caller: Caller) -> None:

@@ -2,7 +2,7 @@
 
 One thread serves every connection (``selectors``): a same-host caller connects once, keeps the
 connection for its process's life, and sends each new segment's descriptor (``SCM_RIGHTS``) with a
-16-byte handoff message; the server answers each with a one-time ticket or a refusal. A connection
+16-byte handoff message; the server answers each with a one-time claim or a refusal. A connection
 that closes is a caller that exited or died: the registry drops what it handed over.
 
 Only callers running as the server's own user are accepted (``SO_PEERCRED``): another user's
@@ -44,13 +44,13 @@ class Peer:
         self.sock, self.pid, self.uid = sock, pid, uid
         self.data = bytearray()  # bytes of handoff messages not yet complete
         self.fds: list[int] = []  # descriptors received, not yet paired with their message
-        self.pending = 0  # handoffs answered with a ticket, not yet registered (the registry counts)
+        self.pending = 0  # handoffs answered with a claim, not yet registered (the registry counts)
 
     def __repr__(self) -> str:
         return f"pid {self.pid}"
 
 
-# handle(peer, byte_size, fd or None) -> (status, ticket or message); the callee owns fd (closes it)
+# handle(peer, byte_size, fd or None) -> (status, claim or message); the callee owns fd (closes it)
 Handle = Callable[[Peer, int, "int | None"], tuple[int, str]]
 
 

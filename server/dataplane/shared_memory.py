@@ -1,20 +1,20 @@
 """The server's shared-memory regions (see ``losswire.wire.shared_memory`` and client/shared_memory.py).
 
 A caller on the server's host hands a sealed memfd over the Unix socket of :mod:`.handoff` and gets a
-one-time ticket; ``RegisterSharedMemory(ticket)`` turns it into a region, named by a random handle.
+one-time claim; ``RegisterSharedMemory(claim)`` turns it into a region, named by a random handle.
 Requests then name tensors by (region, offset, byte_size): inputs are viewed in place (no copy), and
 the answer's big tensors are written into the caller's output range.
 
 **A region belongs to the caller that registered it** (:class:`Caller`: its token's digest and its gRPC
 connection). Any other caller naming its handle is answered NOT_FOUND, word for word as for a handle
-that does not exist; handles and tickets never appear in logs or in another caller's answers.
+that does not exist; handles and claims never appear in logs or in another caller's answers.
 
 **Bounded** (:class:`SharedMemoryLimits`): regions and bytes per caller, regions and bytes in total
 (handoffs not yet registered count too), connections, and handoffs waiting per connection. A region
 costs the server no descriptor (it is mapped, then its descriptor closed).
 
 **Released** on UnregisterSharedMemory, when the connection it was handed over on closes (its process
-exited or died: every region it handed over is dropped at once), when a ticket is not registered within
+exited or died: every region it handed over is dropped at once), when a claim is not registered within
 ``PENDING_SECONDS``, and when the server stops. A dropped region's mapping lives on while a running
 call still views it, and is unmapped with that call's last view.
 
@@ -44,7 +44,7 @@ from ..errors import LimitExceededError, NotAvailableError, NotFoundError, Reque
 from .handoff import HandoffListener, Peer
 
 log = logging.getLogger("losswire.server")
-PENDING_SECONDS = 60.0  # a ticket not registered by then is dropped with its segment
+PENDING_SECONDS = 60.0  # a claim not registered by then is dropped with its segment
 MAX_PENDING_PER_CONNECTION = 8  # handoffs one connection may have answered and not yet registered
 
 
@@ -90,7 +90,7 @@ class SharedMemoryRegistry:
         self.enabled = enabled
         self.limits = limits if limits is not None else SharedMemoryLimits()
         self._regions: dict[str, _Held] = {}  # by handle
-        self._pending: dict[str, _Held] = {}  # by ticket
+        self._pending: dict[str, _Held] = {}  # by claim
         self._lock = threading.Lock()
         self._listener = (
             HandoffListener(self._handoff, self._closed, self._expire, self.limits.connections) if enabled else None
@@ -128,7 +128,7 @@ class SharedMemoryRegistry:
     # -- the handoff socket's side (its thread) --------------------------------------------------
 
     def _handoff(self, peer: Peer, byte_size: int, fd: int | None) -> tuple[int, str]:
-        """A segment handed over: a ticket, or a refusal (status, message). Owns ``fd``."""
+        """A segment handed over: a claim, or a refusal (status, message). Owns ``fd``."""
         if fd is None:
             return wire_memory.INVALID_ARGUMENT, "a handoff carries one descriptor (SCM_RIGHTS); none came with it"
         with self._lock:
@@ -144,11 +144,11 @@ class SharedMemoryRegistry:
             return status, f"shared memory: {error}"
         except OSError as error:  # mmap: out of address space or memory
             return wire_memory.RESOURCE_EXHAUSTED, f"shared memory: cannot map {byte_size} bytes: {error.strerror}"
-        ticket = secrets.token_hex(16)
+        claim = secrets.token_hex(16)
         with self._lock:
-            self._pending[ticket] = _Held(segment, peer)
+            self._pending[claim] = _Held(segment, peer)
             peer.pending += 1
-        return wire_memory.OK, ticket
+        return wire_memory.OK, claim
 
     def _no_room(self, peer: Peer, byte_size: int) -> str | None:
         """Why a handoff of ``byte_size`` bytes from ``peer`` does not fit (None: it does). Under the lock."""
@@ -176,39 +176,39 @@ class SharedMemoryRegistry:
         with self._lock:
             gone = [h for h, held in self._regions.items() if held.peer is peer]
             regions = [self._regions.pop(h) for h in gone]
-            tickets = [t for t, held in self._pending.items() if held.peer is peer]
-            for ticket in tickets:
-                del self._pending[ticket]
-        if regions or tickets:
+            claims = [t for t, held in self._pending.items() if held.peer is peer]
+            for claim in claims:
+                del self._pending[claim]
+        if regions or claims:
             nbytes = sum(held.segment.size for held in regions)
             log.info(
                 "shared memory: pid %d disconnected; its %d regions (%d bytes) and %d unregistered handoffs dropped",
                 peer.pid,
                 len(regions),
                 nbytes,
-                len(tickets),
+                len(claims),
             )
 
     def _expire(self) -> None:
-        """Drop handoffs whose tickets were not registered within ``PENDING_SECONDS``."""
+        """Drop handoffs whose claims were not registered within ``PENDING_SECONDS``."""
         now = time.monotonic()
         with self._lock:
             old = [t for t, held in self._pending.items() if now - held.since > PENDING_SECONDS]
-            for ticket in old:
-                self._pending.pop(ticket).peer.pending -= 1
+            for claim in old:
+                self._pending.pop(claim).peer.pending -= 1
 
     # -- the RPCs --------------------------------------------------------------------------------
 
-    def register(self, caller: Caller, ticket: str, byte_size: int) -> str:
-        """The segment a pending ``ticket`` stands for, as a region of ``caller``'s: its handle."""
+    def register(self, caller: Caller, claim: str, byte_size: int) -> str:
+        """The segment a pending ``claim`` stands for, as a region of ``caller``'s: its handle."""
         self._check_enabled()
         with self._lock:
-            held = self._pending.pop(ticket, None)
+            held = self._pending.pop(claim, None)
             if held is None:
                 raise NotFoundError(
-                    "ticket names no pending shared-memory handoff on this server: a ticket registers once, within "
+                    "claim names no pending shared-memory handoff on this server: a claim registers once, within "
                     f"{PENDING_SECONDS:.0f} s of its handoff, while the connection it came over is open",
-                    field="ticket",
+                    field="claim",
                 )
             held.peer.pending -= 1
             size = held.segment.size
@@ -219,7 +219,7 @@ class SharedMemoryRegistry:
                 raise LimitExceededError(
                     f"this caller holds {len(own)} shared-memory regions, its most (losswire serve "
                     "--max-shared-memory-regions); unregister some first",
-                    field="ticket",
+                    field="claim",
                 )
             mine = sum(h.segment.size for h in own)
             if _over(self.limits.bytes_per_caller, mine + size):

@@ -430,7 +430,7 @@ def test_an_unsealed_growable_or_sparse_memfd_is_refused(server, handoff, shared
 
 def test_a_region_answers_only_the_connection_that_registered_it(target, server, segment, caplog):
     """A handle read from a log, or guessed, used from another gRPC connection is NOT_FOUND, word for word
-    as a handle that does not exist; it reads nothing and writes nothing there. Handles and tickets never
+    as a handle that does not exist; it reads nothing and writes nothing there. Handles and claims never
     appear in the server's log."""
     pred, labels = focal_inputs(1024, seed=45)
     caplog.set_level(logging.DEBUG, logger="losswire.server")
@@ -440,8 +440,8 @@ def test_a_region_answers_only_the_connection_that_registered_it(target, server,
     with plain_channel(target) as first, grpc.insecure_channel(target, options=own_connection) as second:
         owner, other = pb_grpc.LossServiceStub(first), pb_grpc.LossServiceStub(second)
         with Handoff(owner) as handoff:
-            ticket = handoff.ticket(segment)
-            registration = pb.RegisterSharedMemoryRequest(ticket=ticket, byte_size=segment.size)
+            claim = handoff.claim(segment)
+            registration = pb.RegisterSharedMemoryRequest(claim=claim, byte_size=segment.size)
             region = owner.RegisterSharedMemory(registration, timeout=30).region
             request = filled_request(segment, region, pred, labels)
             sentinel = bytes(range(256)) * 16
@@ -456,7 +456,7 @@ def test_a_region_answers_only_the_connection_that_registered_it(target, server,
             assert segment.bytes_at(request.output_shm.offset, len(sentinel)).numpy().tobytes() == sentinel
             assert owner.Evaluate(request, timeout=30).results[0].gradients["pred"].HasField("shm")
     logged = "\n".join(record.getMessage() for record in caplog.records)
-    assert region not in logged and ticket not in logged
+    assert region not in logged and claim not in logged
 
 
 def test_a_region_answers_only_the_token_that_registered_it(segment):
@@ -561,7 +561,7 @@ def test_registrations_are_bounded_per_caller_and_descriptors_too():
                 again = []
                 for _ in range(500):
                     with pytest.raises(shm.HandoffRefusedError) as refused:
-                        handoff.ticket(segments[0])
+                        handoff.claim(segments[0])
                     again.append(refused.value.status)
                 assert set(again) == {INVALID_ARGUMENT}
                 # fresh memfds, handed over and never registered: refused beyond a few waiting per connection
@@ -569,7 +569,7 @@ def test_registrations_are_bounded_per_caller_and_descriptors_too():
                 for _ in range(40):
                     fresh = shm.Segment.create(1 << 20)
                     try:
-                        answers.append(handoff.ticket(fresh))
+                        answers.append(handoff.claim(fresh))
                     except shm.HandoffRefusedError as refused:
                         answers.append(refused.status)
                     fresh.close()
@@ -619,7 +619,7 @@ def test_bytes_are_bounded_per_caller_and_in_all():
                     expect(lambda h=h, s=segment: h.register(s), grpc.StatusCode.RESOURCE_EXHAUSTED, flag)
                 else:
                     with pytest.raises(shm.HandoffRefusedError) as refused:
-                        h.ticket(segment)
+                        h.claim(segment)
                     assert refused.value.status == RESOURCE_EXHAUSTED and flag in refused.value.message
         finally:
             segment.close()
@@ -852,14 +852,14 @@ def test_shared_memory_calls_take_a_big_call_slot_and_wait_for_one(wire):
 
 def test_bad_registrations_are_refused_with_the_field(stub, handoff, segment):
     register = stub.RegisterSharedMemory
-    unknown = pb.RegisterSharedMemoryRequest(ticket="0" * 32, byte_size=segment.size)
-    assert field_of_call(lambda: register(unknown, timeout=30), grpc.StatusCode.NOT_FOUND, "ticket") == "ticket"
-    ticket = handoff.ticket(segment)
-    wrong = pb.RegisterSharedMemoryRequest(ticket=ticket, byte_size=segment.size + 1)
+    unknown = pb.RegisterSharedMemoryRequest(claim="0" * 32, byte_size=segment.size)
+    assert field_of_call(lambda: register(unknown, timeout=30), grpc.StatusCode.NOT_FOUND, "claim") == "claim"
+    claim = handoff.claim(segment)
+    wrong = pb.RegisterSharedMemoryRequest(claim=claim, byte_size=segment.size + 1)
     assert (
         field_of_call(lambda: register(wrong, timeout=30), grpc.StatusCode.INVALID_ARGUMENT, "1048576") == "byte_size"
     )
-    again = pb.RegisterSharedMemoryRequest(ticket=ticket, byte_size=segment.size)  # a ticket registers once
+    again = pb.RegisterSharedMemoryRequest(claim=claim, byte_size=segment.size)  # a claim registers once
     field_of_call(lambda: register(again, timeout=30), grpc.StatusCode.NOT_FOUND, "registers once")
 
 
@@ -879,7 +879,7 @@ def test_shared_memory_is_refused_when_off(segment):
             stub = pb_grpc.LossServiceStub(channel)
             request = pb.SharedMemoryEndpointRequest()
             expect(lambda: stub.SharedMemoryEndpoint(request, timeout=30), grpc.StatusCode.FAILED_PRECONDITION, "on")
-            registration = pb.RegisterSharedMemoryRequest(ticket="0" * 32, byte_size=1 << 20)
+            registration = pb.RegisterSharedMemoryRequest(claim="0" * 32, byte_size=1 << 20)
             expect(lambda: stub.RegisterSharedMemory(registration, timeout=30), grpc.StatusCode.FAILED_PRECONDITION)
     finally:
         instance.stop(grace=1)
@@ -931,7 +931,7 @@ def test_a_forked_child_starts_afresh(server, stub):
     noticed while the child lives) and its own segments. Registration stands in for the RPC (gRPC is not
     used across a fork); the handoffs are real."""
     address = stub.SharedMemoryEndpoint(pb.SharedMemoryEndpointRequest(), timeout=30).address
-    pool = SharedMemoryPool(lambda: address, lambda ticket, size: ticket, lambda region, wait: None)
+    pool = SharedMemoryPool(lambda: address, lambda claim, size: claim, lambda region, wait: None)
     lease = pool.lease(1 << 20)
     parents, parent_address = lease.region, lease.segment.array.ctypes.data
     lease.done()  # idle in the parent

@@ -19,13 +19,13 @@ class Handoff:
         self.address = stub.SharedMemoryEndpoint(request, timeout=30, metadata=metadata).address
         self.link = shm.Link(self.address)
 
-    def ticket(self, segment: shm.Segment) -> str:
-        """``segment`` handed over: the server's ticket (HandoffRefusedError when refused)."""
+    def claim(self, segment: shm.Segment) -> str:
+        """``segment`` handed over: the server's claim (HandoffRefusedError when refused)."""
         return self.link.hand_over(segment)
 
     def register(self, segment: shm.Segment) -> str:
         """``segment`` handed over and registered: its region."""
-        request = pb.RegisterSharedMemoryRequest(ticket=self.ticket(segment), byte_size=segment.size)
+        request = pb.RegisterSharedMemoryRequest(claim=self.claim(segment), byte_size=segment.size)
         return self.stub.RegisterSharedMemory(request, timeout=30, metadata=self.metadata).region
 
     def close(self) -> None:

@@ -256,12 +256,12 @@ class SharedMemoryEndpointResponse(_message.Message):
     def __init__(self, address: _Optional[str] = ...) -> None: ...
 
 class RegisterSharedMemoryRequest(_message.Message):
-    __slots__ = ("byte_size", "ticket")
+    __slots__ = ("byte_size", "claim")
     BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
-    TICKET_FIELD_NUMBER: _ClassVar[int]
+    CLAIM_FIELD_NUMBER: _ClassVar[int]
     byte_size: int
-    ticket: str
-    def __init__(self, byte_size: _Optional[int] = ..., ticket: _Optional[str] = ...) -> None: ...
+    claim: str
+    def __init__(self, byte_size: _Optional[int] = ..., claim: _Optional[str] = ...) -> None: ...
 
 class RegisterSharedMemoryResponse(_message.Message):
     __slots__ = ("region",)

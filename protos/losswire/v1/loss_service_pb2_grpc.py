@@ -186,11 +186,11 @@ class LossServiceServicer:
         2. The caller creates a segment: a memfd (memfd_create with MFD_ALLOW_SEALING), sized with
         ftruncate, every page allocated (posix_fallocate), sealed against shrinking and growing
         (F_ADD_SEALS with F_SEAL_SHRINK | F_SEAL_GROW), and maps it MAP_SHARED, read-write. It sends
-        it over the socket (SCM_RIGHTS; framing below) and reads back a one-time ticket. It leaves
+        it over the socket (SCM_RIGHTS; framing below) and reads back a one-time claim. It leaves
         F_SEAL_SEAL and the write seals to the server: once mapped there, the server adds
         F_SEAL_FUTURE_WRITE | F_SEAL_SEAL (no new writable mapping, no write(2), no hole punched in
         it: the mappings both sides made before stay writable) and allocates any page freed before.
-        3. RegisterSharedMemory(ticket, byte_size) makes the handed-over segment a region with a
+        3. RegisterSharedMemory(claim, byte_size) makes the handed-over segment a region with a
         random handle. The region belongs to the caller that registered it: its bearer token (with
         tokens on) and its gRPC connection. A call from any other token or connection that names the
         handle is answered NOT_FOUND, exactly as for a handle that does not exist.
@@ -208,12 +208,12 @@ class LossServiceServicer:
         another user, RESOURCE_EXHAUSTED when too many callers are connected) with a message, and the
         server closes the connection. Each handoff is 16 bytes sent in one sendmsg with exactly one
         descriptor attached (SCM_RIGHTS): "LWSM", u8 version (1), u8 kind (1: handoff), u16 zero,
-        u64 byte_size. The server answers each in order: status 0 and the ticket as text, or a code and
+        u64 byte_size. The server answers each in order: status 0 and the claim as text, or a code and
         a message (INVALID_ARGUMENT: not a sealed, fully allocated memfd of that size; RESOURCE_EXHAUSTED:
-        over the server's bounds). Tickets not registered within a minute are dropped.
+        over the server's bounds). Claims not registered within a minute are dropped.
 
         Errors of SharedMemoryEndpoint: FAILED_PRECONDITION (shared memory is off: losswire serve
-        --shared-memory off). Of RegisterSharedMemory: NOT_FOUND (no such pending ticket: registered
+        --shared-memory off). Of RegisterSharedMemory: NOT_FOUND (no such pending claim: registered
         already, expired, or its connection closed), INVALID_ARGUMENT (byte_size is not the segment's
         size), RESOURCE_EXHAUSTED (over --max-shared-memory-regions or --max-shared-memory-per-caller
         for this caller, or the server's totals), FAILED_PRECONDITION (shared memory is off).
