@@ -212,9 +212,9 @@ class Dataplane:
             if sink is None:  # what does not go to shared memory goes inline
                 sink, own_sink = chunks.StreamSink(SHARED_MEMORY_MIN_OUTPUT_BYTES), True
         terms = []
+        limit, widen_into = self.limits.max_elements, self.buffers.take
         for index, message in enumerate(request.terms):
             with AtTerm(index, message.name):
-                limit, widen_into = self.limits.max_elements, self.buffers.take
                 terms.append(decode_term(message, f"terms[{index}]", self.device, limit, arrived, widen_into))
         in_place: InPlace = {}  # gradients a kernel wrote into the output range
         terms = self._place_gradients(terms, output_range, sink, transfer, in_place, cancelled)

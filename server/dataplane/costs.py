@@ -62,18 +62,13 @@ class TermCosts:
         self.registry = registry
         self.max_module_bytes, self.ratio, self.floor = max_module_bytes, ratio, floor
         self._seen: collections.OrderedDict[Any, Estimate] = collections.OrderedDict()
-        # the loss type of each config whose estimate is kept (validated then: no need to again)
-        self._types: dict[Any, str] = {}
         self._lock = threading.Lock()
 
     def estimate(self, term: TermRequest) -> tuple[Estimate, str]:
         """The term's estimate, and the field its driving parameter is (``config.num_classes``, ``pred``...)."""
         config, _ = split_sampler(term.config)
-        with self._lock:
-            loss_type = self._types.get(term.config_key) if term.config_key is not None else None
-        if loss_type is None:
-            loss_type, _ = self.registry.check_config(config)  # a config without a type is refused here, clearly
-        description = self.registry.describe(loss_type)
+        # a config without a type is refused here, clearly
+        description = self.registry.describe(self.registry.loss_type(config, term.config_key))
         names = [spec.name for spec in description.inputs]
         shapes = self._shapes(term, names)
         itemsize = term.pred.element_size() if term.pred.is_floating_point() else 4
@@ -87,11 +82,8 @@ class TermCosts:
             if key is not None:
                 with self._lock:
                     self._seen[key] = found
-                    self._types[term.config_key] = loss_type
                     while len(self._seen) > CACHE_SIZE:
                         self._seen.popitem(last=False)
-                    if len(self._types) > CACHE_SIZE:
-                        self._types.clear()
         return found, self._field(found.parameter, names, {p.name for p in description.params})
 
     def check(self, term: TermRequest, path: str = "") -> tuple[Estimate, str]:

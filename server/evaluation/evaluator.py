@@ -76,8 +76,6 @@ class Evaluator:
         # (building one costs ~30-50 us per call, a tenth of a small call's compute); see _module
         self._modules: dict[tuple[Any, str], nn.Module] = {}
         self._modules_lock = threading.Lock()
-        # the loss type of every valid config seen before: validating one costs ~10 us per call
-        self._checked: dict[Any, str] = {}
         # the intra-op threads of big terms: torch's count when the evaluator is made (the server sets
         # --torch-threads first); small terms run on one, see SERIAL_MAX_ELEMENTS
         self.threads = torch.get_num_threads()
@@ -110,7 +108,7 @@ class Evaluator:
         self, term: TermRequest, cancelled: Callable[[], bool] | None, sessions: Transaction | None
     ) -> TermOutcome:
         config, sampler_config = split_sampler(term.config)
-        description = self.registry.describe(self._loss_type(term, config))
+        description = self.registry.describe(self.registry.loss_type(config, term.config_key))
         kwargs = bind_inputs(description, term)
         with self._module(term, config, sessions) as (module, step):
             check_cancelled(cancelled, "the forward")
@@ -147,19 +145,6 @@ class Evaluator:
             session_step=step,
             sampled=sampled,
         )
-
-    def _loss_type(self, term: TermRequest, config: dict[str, Any]) -> str:
-        """The loss ``config`` names, validated once per distinct config (``term.config_key``)."""
-        key = term.config_key
-        loss_type = self._checked.get(key) if key is not None else None
-        if loss_type is None:
-            loss_type, _ = self.registry.check_config(config)  # a LossConfigError for a bad one: never kept
-            if key is not None:
-                with self._modules_lock:
-                    if len(self._checked) >= MODULE_CACHE_SIZE:
-                        self._checked.clear()
-                    self._checked[key] = loss_type
-        return loss_type
 
     def _fused_kernel(
         self, term: TermRequest, sampler_config: Any, module: nn.Module, kwargs: dict[str, Any]

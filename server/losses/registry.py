@@ -15,6 +15,9 @@ from .schema import LossDescription, describe_class, validate_config
 ModuleClass = TypeVar("ModuleClass", bound=type)
 
 
+CHECKED_CACHE_SIZE = 1024
+
+
 class Registry:
     """Maps a loss name to its ``nn.Module`` class and its description.
 
@@ -27,6 +30,8 @@ class Registry:
         self.name = name
         self._classes: dict[str, type] = {}
         self._descriptions: dict[str, LossDescription] = {}
+        # the loss type of valid configs checked before, by a hashable form of the config (loss_type)
+        self._checked: dict[Any, str] = {}
 
     def register_module(
         self, name: str | None = None, force: bool = False, module: type | None = None
@@ -46,6 +51,7 @@ class Registry:
             # here, at import, not later on a caller's request.
             self._descriptions[key] = describe_class(key, cls)
             self._classes[key] = cls
+            self._checked.clear()  # a replaced class may accept other configs
             return cls
 
         if module is not None:
@@ -127,6 +133,19 @@ class Registry:
         """Whether loss ``name`` is one of losswire's own (its costs are calibrated: ``cost``), not a plugin's."""
         cls = self._classes.get(name)
         return cls is not None and cls.__module__.startswith(__package__ + ".")
+
+    def loss_type(self, cfg: Mapping[str, Any], key: Any = None) -> str:
+        """The loss ``cfg`` names, the config validated (``check_config``). With ``key``, a hashable form of
+        the config (``TermRequest.config_key``), a valid config is validated once: every call of a training
+        loop sends the same few. A bad one is never kept: refused every time."""
+        loss_type = self._checked.get(key) if key is not None else None
+        if loss_type is None:
+            loss_type, _ = self.check_config(cfg)
+            if key is not None:
+                if len(self._checked) >= CHECKED_CACHE_SIZE:  # clients choose the configs: start afresh
+                    self._checked.clear()
+                self._checked[key] = loss_type
+        return loss_type
 
     def check_config(self, cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         """Validate a config dict; return (type, normalised keyword arguments)."""

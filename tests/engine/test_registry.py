@@ -164,3 +164,31 @@ def test_register_module_forms_and_duplicates():
     assert built.scale == 3.0 and registry.describe("MyLoss").param("scale").type == "float"
     with pytest.raises(TypeError, match=r"registers nn\.Module subclasses"):
         registry.register_module()(object)
+
+
+def test_a_config_checked_once_is_checked_again_after_its_loss_is_replaced():
+    """Registry.loss_type keeps the loss type of a valid config by its key; registering (force=True) a
+    class under that name forgets what was checked, since the new class may refuse the config."""
+
+    class Scaled(nn.Module):
+        def __init__(self, scale: float = 1.0) -> None:
+            super().__init__()
+            self.scale = scale
+
+        def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return self.scale * (pred - target).abs().mean()
+
+    class Plain(nn.Module):
+        def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return (pred - target).abs().mean()
+
+    registry = Registry("replaced")
+    registry.register_module(name="Swapped", module=Scaled)
+    config = {"type": "Swapped", "scale": 2.0}
+    key = ("the config's key",)
+    assert registry.loss_type(config, key) == registry.loss_type(config, key) == "Swapped"
+    with pytest.raises(LossConfigError, match="scale"):
+        registry.loss_type({"type": "Swapped", "scale": "two"}, ("another key",))
+    registry.register_module(name="Swapped", force=True, module=Plain)
+    with pytest.raises(LossConfigError, match="scale"):
+        registry.loss_type(config, key)
