@@ -14,6 +14,7 @@ import logging
 import os
 import uuid
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pytest
@@ -100,17 +101,24 @@ def ghm_head(target: str) -> LevelHead:
 # -- 1. a forward taking **kwargs (GHMC) takes what the head passes -----------------------------------
 
 
+def assert_head_follows_local_ghm(head: Any, avg_factor: float, steps: int = 3) -> tuple[nn.Module, nn.Module]:
+    """``steps`` training steps of ``head``: every level's remote GHMC and GHMR losses equal one local
+    module of each, called level by level with ``avg_factor``. Returns the local modules."""
+    local_cls, local_bbox = LOSSES.build(dict(type="GHMC", **GHM_CLS)), LOSSES.build(dict(type="GHMR", **GHM_BBOX))
+    for step in range(steps):
+        remote = head.loss(level_batches(step), avg_factor=avg_factor)
+        for index, level in enumerate(level_batches(step)):
+            cls = local_cls(level["cls_score"], level["labels"], level["label_weights"], avg_factor=avg_factor)
+            bbox = local_bbox(level["bbox_pred"], level["bbox_targets"], level["bbox_weights"], avg_factor=avg_factor)
+            torch.testing.assert_close(remote["loss_cls"][index], cls, rtol=1e-6, atol=0, msg=f"{step}/{index}")
+            torch.testing.assert_close(remote["loss_bbox"][index], bbox, rtol=1e-6, atol=0, msg=f"{step}/{index}")
+    return local_cls, local_bbox
+
+
 def test_ghm_losses_take_avg_factor_as_the_local_modules_do(target):
     """Every anchor head passes avg_factor=; mmdet's GHMC takes **kwargs and ignores it, GHMR takes it."""
     head = ghm_head(target)
-    local_cls, local_bbox = LOSSES.build(dict(type="GHMC", **GHM_CLS)), LOSSES.build(dict(type="GHMR", **GHM_BBOX))
-    for step in range(3):
-        remote = head.loss(level_batches(step), avg_factor=37.0)
-        for index, level in enumerate(level_batches(step)):
-            cls = local_cls(level["cls_score"], level["labels"], level["label_weights"], avg_factor=37.0)
-            bbox = local_bbox(level["bbox_pred"], level["bbox_targets"], level["bbox_weights"], avg_factor=37.0)
-            torch.testing.assert_close(remote["loss_cls"][index], cls, rtol=1e-6, atol=0, msg=f"{step}/{index}")
-            torch.testing.assert_close(remote["loss_bbox"][index], bbox, rtol=1e-6, atol=0, msg=f"{step}/{index}")
+    assert_head_follows_local_ghm(head, avg_factor=37.0)
 
 
 def test_other_keywords_reach_a_kwargs_forward_and_are_refused_elsewhere(target):
@@ -131,14 +139,7 @@ def test_ghm_state_carries_across_levels_and_steps_as_in_one_local_module(target
     """RetinaHead with GHMR(momentum=0.7) calls its loss once per level: mmdet's module carries acc_sum
     across those calls (the first step's losses were up to 27x off when each call started afresh)."""
     head = ghm_head(target)
-    local_cls, local_bbox = LOSSES.build(dict(type="GHMC", **GHM_CLS)), LOSSES.build(dict(type="GHMR", **GHM_BBOX))
-    for step in range(3):
-        remote = head.loss(level_batches(step), avg_factor=11.0)
-        for index, level in enumerate(level_batches(step)):
-            cls = local_cls(level["cls_score"], level["labels"], level["label_weights"], avg_factor=11.0)
-            bbox = local_bbox(level["bbox_pred"], level["bbox_targets"], level["bbox_weights"], avg_factor=11.0)
-            torch.testing.assert_close(remote["loss_cls"][index], cls, rtol=1e-6, atol=0, msg=f"{step}/{index}")
-            torch.testing.assert_close(remote["loss_bbox"][index], bbox, rtol=1e-6, atol=0, msg=f"{step}/{index}")
+    local_cls, local_bbox = assert_head_follows_local_ghm(head, avg_factor=11.0)
     torch.testing.assert_close(head.loss_bbox.session_state()["acc_sum"], local_bbox.acc_sum)
     torch.testing.assert_close(head.loss_cls.session_state()["acc_sum"], local_cls.acc_sum)
     assert head.loss_bbox.last_session_step == 3 * len(LEVELS)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.calls import read_log_to_now
 from support.paths import ROOT
 from support.servers import CALL_TIMEOUT, ServerProcess, serve_cmd, server_env
 
@@ -120,13 +121,7 @@ def focal_call(client: LossClient, seed: int) -> None:
 def evaluated(process: ServerProcess) -> int:
     """FocalLoss calls the replica answered, from its DEBUG log (one line per call). A sentinel call of its
     own (SmoothL1Loss) first: once its line is read, so is every earlier line."""
-    mark = process.mark()
-    client = LossClient(process.target, timeout=CALL_TIMEOUT)
-    try:
-        RemoteLoss(dict(type="SmoothL1Loss"), client=client, validate=False)(torch.zeros(2), torch.zeros(2))
-    finally:
-        client.close()
-    process.wait_for(r"Evaluate SmoothL1Loss:", since=mark)
+    read_log_to_now(process)
     return process.log().count("Evaluate FocalLoss:")
 
 

@@ -39,6 +39,7 @@ from types import ModuleType
 import grpc
 import pytest
 import torch
+from support.calls import read_log_to_now
 from support.paths import ROOT
 from support.servers import CALL_TIMEOUT, START_TIMEOUT, ServerProcess, serve_cmd, server_env
 
@@ -118,13 +119,7 @@ def served(replicas: list[Replica], marks: list[int], loss: str) -> list[int]:
     is every earlier line. A stopped replica's log is complete once it has exited."""
     for replica in replicas:
         if replica.proc.poll() is None:
-            mark = replica.mark()
-            client = LossClient(replica.target, timeout=CALL_TIMEOUT)
-            try:
-                RemoteLoss(dict(type="SmoothL1Loss"), client=client, validate=False)(torch.zeros(2), torch.zeros(2))
-            finally:
-                client.close()
-            replica.wait_for(r"Evaluate SmoothL1Loss:", since=mark)
+            read_log_to_now(replica)
     return [len(re.findall(rf"Evaluate {loss}:", r.log(m))) for r, m in zip(replicas, marks, strict=True)]
 
 

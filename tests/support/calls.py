@@ -1,4 +1,5 @@
-"""Calls in tests: a channel without retries, the field a refusal names, a recompute through a client."""
+"""Calls in tests: a channel without retries, the field a refusal names, a recompute through a client,
+a server's log read up to now."""
 
 from __future__ import annotations
 
@@ -11,6 +12,20 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from losswire.client import LossClient, RemoteLoss
+
+from .servers import CALL_TIMEOUT, ServerProcess
+
+
+def read_log_to_now(process: ServerProcess) -> None:
+    """A sentinel call of its own (SmoothL1Loss) to ``process``, run with ``--log-level DEBUG``, and its log
+    line awaited: once that line is read, so is every line the server wrote before it."""
+    mark = process.mark()
+    client = LossClient(process.target, timeout=CALL_TIMEOUT)
+    try:
+        RemoteLoss(dict(type="SmoothL1Loss"), client=client, validate=False)(torch.zeros(2), torch.zeros(2))
+    finally:
+        client.close()
+    process.wait_for(r"Evaluate SmoothL1Loss:", since=mark)
 
 
 @contextlib.contextmanager
