@@ -2,11 +2,12 @@
 
 ``Evaluator`` binds a term's inputs to its loss's forward (``binding``), keeps the state of stateful
 losses across calls in named sessions (``sessions``), applies a config's sampler (``sampling``), and
-runs the forward and the gradient, by a fused kernel where one applies.
+runs the forward and the gradient, by a fused kernel where one applies; ``Evaluator.start_rows`` computes
+a term block by block while its inputs' rows are still arriving (``TermRows``).
 """
 
 from .errors import CallCancelledError, HostOutOfMemoryError, LossFailedError, as_memory_error, is_out_of_memory
-from .evaluator import Evaluator
+from .evaluator import Evaluator, TermRows
 from .sessions import Session, SessionStore
 from .terms import PRED, TARGET, PartOutcome, TermOutcome, TermRequest, split_sampler
 
@@ -22,6 +23,7 @@ __all__ = [
     "SessionStore",
     "TermOutcome",
     "TermRequest",
+    "TermRows",
     "as_memory_error",
     "is_out_of_memory",
     "split_sampler",

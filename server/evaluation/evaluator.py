@@ -85,6 +85,11 @@ class Evaluator:
     ) -> TermOutcome:
         """One term's loss and gradients. ``cancelled`` says whether the caller is gone: it is asked
         before the forward (after waiting for the session, if any) and before the backward."""
+        return self.threaded(term, lambda: self._evaluate(term, cancelled, sessions))
+
+    def threaded(self, term: TermRequest, work: Callable[[], Any]) -> Any:
+        """``work()`` on the intra-op threads ``term`` gets (see SERIAL_MAX_ELEMENTS); out of memory
+        as the server's condition (``as_memory_error``)."""
         wanted = self.threads
         if term.pred.device.type == "cpu" and term.pred.numel() < SERIAL_MAX_ELEMENTS:
             wanted = 1
@@ -94,7 +99,7 @@ class Evaluator:
         if previous != wanted:
             torch.set_num_threads(wanted)
         try:
-            return self._evaluate(term, cancelled, sessions)
+            return work()
         except RuntimeError as error:
             memory_error = as_memory_error(error)
             if memory_error is error:
@@ -168,16 +173,29 @@ class Evaluator:
 
         With an upstream gradient (a recompute) the gradient is ``upstream * local derivative``,
         exact for the element-wise ('none') and scalar outputs these losses have."""
-        result = kernel.run(module, kwargs)
+        recompute = term.grad_output is not None or term.grad_outputs
+        out = _gradient_out(term) if kernel.writes_into else None
+        if kernel.rows is not None and not recompute:  # loss and gradient block by block, in one pass
+            rows = kernel.rows(module, kwargs, out if out is not None else torch.empty_like(term.pred), True)
+            rows.advance(term.pred.shape[0])
+            result = rows.finish()
+        else:
+            result = kernel.run(module, kwargs)
         fused_kernels.count_call(kernel.name)
         log.debug("term %r: %s answered by its fused kernel", term.name, kernel.name)
         check_cancelled(cancelled, "the backward")
+        return self.fused_outcome(kernel.name, term, module, description, result, out)
+
+    def fused_outcome(
+        self,
+        name: str,
+        term: TermRequest,
+        module: nn.Module,
+        description: LossDescription,
+        result: fused_kernels.Fused,
+        out: Tensor | None,
+    ) -> TermOutcome:
         parts = [("", result.loss)]
-        out = None
-        if kernel.writes_into and term.gradient_out is not None:
-            out = term.gradient_out(term.pred.shape, term.pred.dtype)
-            if out is not None and (out.shape != term.pred.shape or out.device != term.pred.device):
-                out = None
         if term.grad_output is not None or term.grad_outputs:
             (upstream,) = self._upstream("tensor", parts, term)
             gradients, per_part = {PRED: result.gradient(upstream, out)}, {}
@@ -192,8 +210,29 @@ class Evaluator:
             gradients=gradients,
             separable=description.separable,
             sample_axis=description.sample_axis,
-            fused=kernel.name,
+            fused=name,
         )
+
+    # -- row by row, as the inputs arrive ----------------------------------------------------------------
+
+    def start_rows(self, term: TermRequest) -> TermRows | None:
+        """A term that can be computed block by block while its inputs' rows are still arriving, started
+        on its (whole-sized, partly filled) tensors; None where it cannot: no fused kernel working row by
+        row covers its loss, config, shapes and dtypes, or it has a session, a sampler, an upstream
+        gradient or gradients other than pred's alone. Reads no value of the inputs."""
+        config, sampler_config = split_sampler(term.config)
+        if not self.fused or term.session or term.replay_step is not None or sampler_config is not None:
+            return None
+        if list(term.gradients) != [PRED] or term.grad_output is not None or term.grad_outputs:
+            return None
+        description = self.registry.describe(self.registry.loss_type(config, term.config_key))
+        kwargs = bind_inputs(description, term)
+        module = self._stateless_module(config, term.config_key, term.pred.device)
+        kernel = fused_kernels.FUSED_KERNELS.get(type(module))
+        if kernel is None or kernel.rows is None or kernel.covers is None or not kernel.covers(module, kwargs):
+            return None
+        out = _gradient_out(term)
+        return TermRows(self, term, module, description, kernel, kwargs, out)
 
     @contextlib.contextmanager
     def _module(
@@ -334,3 +373,66 @@ class Evaluator:
             [t for t, _ in live], tensors, [g for _, g in live], allow_unused=True, retain_graph=keep_graph
         )
         return {key: torch.zeros_like(t) if g is None else g for (key, t), g in zip(leaves.items(), grads, strict=True)}
+
+
+def _gradient_out(term: TermRequest) -> Tensor | None:
+    """Where the term's caller wants a fused kernel to write pred's gradient (see ``TermRequest``)."""
+    if term.gradient_out is None:
+        return None
+    out = term.gradient_out(term.pred.shape, term.pred.dtype)
+    if out is not None and (out.shape != term.pred.shape or out.device != term.pred.device):
+        return None
+    return out
+
+
+class TermRows:
+    """A term computed block by block as its inputs' rows arrive (``Evaluator.start_rows``): the fused
+    kernel's blocks and arithmetic are those of the whole-term path, so the answer is the same bit for
+    bit, only earlier. Should a block's values need autograd's path (``NotFusable``), the rest waits
+    for every row and ``finish`` evaluates the term as a whole; ``fell_back`` says so."""
+
+    def __init__(
+        self,
+        evaluator: Evaluator,
+        term: TermRequest,
+        module: nn.Module,
+        description: LossDescription,
+        kernel: fused_kernels.FusedKernel,
+        kwargs: dict[str, Any],
+        out: Tensor | None,
+    ) -> None:
+        self.evaluator, self.term, self.module, self.description = evaluator, term, module, description
+        self.kernel, self.out = kernel, out
+        self.gradient = out if out is not None else torch.empty_like(term.pred)
+        self.rows: fused_kernels.RowKernel | None = kernel.rows(module, kwargs, self.gradient, False)
+        self.done = 0  # leading rows of ``gradient`` that are final
+
+    @property
+    def fell_back(self) -> bool:
+        return self.rows is None
+
+    def advance(self, rows: int) -> int:
+        """Compute the blocks the first ``rows`` rows allow (on the evaluator's intra-op threads); the
+        leading rows of ``gradient`` that are final (no more once fallen back)."""
+        if self.rows is None:
+            return self.done
+        try:
+            self.done = self.evaluator.threaded(self.term, lambda: self.rows.advance(rows))
+        except fused_kernels.NotFusable as reason:
+            log.debug("term %r: %s; evaluated whole once every row is in", self.term.name, reason)
+            self.rows = None
+        return self.done
+
+    def finish(self, cancelled: Callable[[], bool] | None = None) -> TermOutcome:
+        """Every row has arrived: the term's outcome."""
+        if self.rows is None:
+            return self.evaluator.evaluate(self.term, cancelled)
+        self.advance(self.term.pred.shape[0])
+        if self.rows is None:  # the last rows fell back
+            return self.evaluator.evaluate(self.term, cancelled)
+        result = self.evaluator.threaded(self.term, self.rows.finish)
+        fused_kernels.count_call(self.kernel.name)
+        check_cancelled(cancelled, "the backward")
+        return self.evaluator.fused_outcome(
+            self.kernel.name, self.term, self.module, self.description, result, self.out
+        )

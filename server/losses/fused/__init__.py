@@ -42,7 +42,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -73,14 +73,40 @@ class Fused:
     gradient: Gradient
 
 
+class NotFusable(Exception):  # noqa: N818 (a signal to the evaluator, not the caller's error)
+    """A ``RowKernel`` met rows whose values its kernel does not cover (what ``supports`` refuses on
+    the whole tensor: a non-finite input, a label out of range): the term needs autograd's path."""
+
+
+class RowKernel(Protocol):
+    """A fused kernel working through pred's rows in order, as they become available: the term's
+    tensors are whole-sized from the start, but only their first ``rows`` rows (of every input indexed
+    by pred's rows) hold their values when ``advance(rows)`` is called."""
+
+    def advance(self, rows: int) -> int:
+        """Compute what the first ``rows`` rows allow; the number of leading rows of the gradient that
+        are final (``NotFusable`` where a row's values are not covered)."""
+
+    def finish(self) -> Fused:
+        """Every row in: the answer (its ``gradient(None)`` is the one written row by row)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class FusedKernel:
-    """One row of the selection table."""
+    """One row of the selection table.
+
+    ``rows(module, kwargs, out, checked)``, for kernels that work row by row, starts a ``RowKernel``
+    that writes the gradient of an upstream of ones into ``out`` (pred's shape and dtype) as it goes;
+    ``checked``: ``supports`` has seen every value (else each block's are checked as they come).
+    ``covers(module, kwargs)`` is ``supports`` without reading any value (shapes, dtypes, config only):
+    whether the kernel may start on rows that have not arrived yet."""
 
     name: str
     supports: Callable[[nn.Module, Mapping[str, Any]], bool]
     run: Callable[[nn.Module, Mapping[str, Any]], Fused]
     writes_into: bool = False  # its gradient() writes into a given ``out`` (see Fused)
+    rows: Callable[[nn.Module, Mapping[str, Any], Tensor, bool], RowKernel] | None = None
+    covers: Callable[[nn.Module, Mapping[str, Any]], bool] | None = None
 
 
 # The selection table, filled by ``register`` as the kernel modules are imported.

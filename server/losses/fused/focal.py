@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +14,7 @@ from ..logits import SigmoidParts, bce_positive, sigmoid_parts
 from . import (
     Fused,
     FusedKernel,
+    NotFusable,
     finite,
     negatives_gradient,
     plain_reducer,
@@ -26,8 +27,9 @@ from . import (
 
 
 def focal_labels(module: nn.Module, kwargs: Mapping[str, Any], check_range: bool = True) -> Tensor | None:
-    """The [N] int64 labels, or None where the kernel does not apply. ``check_range=False`` (the run,
-    after ``supports`` said yes) skips the range check's reduction and host sync."""
+    """The [N] integer labels (as sent: ``long()`` per block), or None where the kernel does not apply.
+    ``check_range=False`` (the run, after ``supports`` said yes; or rows that have not arrived yet) skips
+    the range check's reduction and host sync."""
     pred, target = kwargs.get("pred"), kwargs.get("target")
     if not isinstance(pred, Tensor) or not isinstance(target, Tensor) or pred.dim() != 2:
         return None
@@ -35,28 +37,50 @@ def focal_labels(module: nn.Module, kwargs: Mapping[str, Any], check_range: bool
         return None
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         return None
-    labels = target.long()
-    if check_range and labels.numel():
-        low, high = torch.aminmax(labels)  # one pass and one sync instead of min() and max()
-        if int(low) < 0 or int(high) > pred.shape[1]:
-            return None  # the module's LossInputError, from autograd's path
-    return labels
+    if check_range and not labels_in_range(target, pred.shape[1]):
+        return None  # the module's LossInputError, from autograd's path
+    return target
 
 
-def supports(module: nn.Module, kwargs: Mapping[str, Any]) -> bool:
-    """Sigmoid FocalLoss on logits with [N] class-index targets (C = background), weight [N], [N, C]
-    or [N * C] in pred's dtype, ``gamma`` 0 or >= 1."""
+def labels_in_range(labels: Tensor, num_classes: int) -> bool:
+    """Every label in [0, C] (C: background)."""
+    if not labels.numel():
+        return True
+    low, high = torch.aminmax(labels)  # one pass and one sync instead of min() and max()
+    return int(low) >= 0 and int(high) <= num_classes
+
+
+def covers(module: nn.Module, kwargs: Mapping[str, Any]) -> bool:
+    """What ``supports`` asks of everything but the values: sigmoid FocalLoss on logits with [N]
+    class-index targets (C = background), weight [N], [N, C] or [N * C] in pred's dtype, ``gamma`` 0 or
+    >= 1, a reduction the module takes."""
     if module.activated or not supported_exponent(module.gamma):
         return False
     pred, weight = kwargs.get("pred"), kwargs.get("weight")
-    if focal_labels(module, kwargs) is None or not same_float_dtype(pred, weight):
+    if focal_labels(module, kwargs, check_range=False) is None or not same_float_dtype(pred, weight):
         return False
     if weight is not None:
         try:
             reshape_focal_weight(weight, torch.empty(pred.shape, device="meta"))
         except LossError:
             return False
-    return plain_reducer(module, kwargs) is not None and finite(pred, weight)
+    return plain_reducer(module, kwargs) is not None
+
+
+def supports(module: nn.Module, kwargs: Mapping[str, Any]) -> bool:
+    """``covers``, with labels in [0, C] and pred and weight finite."""
+    if not covers(module, kwargs):
+        return False
+    pred, target = kwargs["pred"], kwargs["target"]
+    return labels_in_range(target, pred.shape[1]) and finite(pred, kwargs.get("weight"))
+
+
+# Powers torch computes exactly, whatever an element's place in the tensor. Any other ``q^gamma`` goes
+# through a vectorised pow whose last elements (fewer than a vector loop's step) take the scalar
+# ``std::pow``, which may differ in the last bit: the positives' ``q^gamma`` is then read from the
+# block's [rows, C] tensor, where each element sits where it sits in autograd's whole-tensor pass
+# (blocks hold multiples of 64 elements), not from a gathered vector whose tail depends on the block.
+EXACT_POWERS = (0.0, 1.0, 2.0, 3.0)
 
 
 class _Negatives:
@@ -70,8 +94,9 @@ class _Negatives:
         return torch.mul(self.parts.bce_negative, self.factor, out=out)
 
 
-def run(module: FocalLoss, kwargs: Mapping[str, Any]) -> Fused:
-    r"""Sigmoid focal loss and its gradient with respect to the logits ``x`` [N, C].
+class FocalRows:
+    r"""Sigmoid focal loss and its gradient with respect to the logits ``x`` [N, C], block of rows by
+    block of rows (a ``RowKernel``).
 
     With ``p = sigmoid(x)``, ``t`` the one-hot target, ``a_t = alpha t + (1 - alpha)(1 - t)`` and
     ``q = 1 - p_t = p (1 - t) + (1 - p) t``, the element-wise loss is
@@ -85,74 +110,121 @@ def run(module: FocalLoss, kwargs: Mapping[str, Any]) -> Fused:
     * positives (``t = 1``, one entry per foreground row): ``q = 1 - p``,
       ``BCE = -log sigmoid(x)``, ``dL/dx = alpha [(p - 1) q^gamma - gamma BCE q^(gamma-1) p (1 - p)]``.
 
-    The whole [N, C] block is computed as negatives (no one-hot tensor is built), then the <= N
-    positive entries are recomputed on a gathered [P] vector and written back. ``gamma`` is 0 or
-    >= 1, so ``q^(gamma-1)`` is finite at ``q = 0``; ``gamma = 0`` drops the focal term's derivative
-    as ``pow``'s backward does.
+    Each block of rows (``row_blocks``) is computed as negatives (no one-hot tensor is built), then its
+    positive entries are recomputed on a gathered vector and written back. ``gamma`` is 0 or >= 1, so
+    ``q^(gamma-1)`` is finite at ``q = 0``; ``gamma = 0`` drops the focal term's derivative as
+    ``pow``'s backward does.
 
-    Output: the module's (``[N, C]`` for 'none', else 0-d). The gradient is
-    ``dL/dx * weight * loss_weight * reduction scale * upstream``, the weight broadcast as mmdet's
-    rule shapes it ([N] -> [N, 1], [N * C] -> [N, C]).
+    Output: the module's (``[N, C]`` for 'none', else 0-d), from the whole element-wise loss once every
+    block is in. The gradient is ``dL/dx * weight * loss_weight * reduction scale * upstream``, the
+    weight broadcast as mmdet's rule shapes it ([N] -> [N, 1], [N * C] -> [N, C]). With ``out`` given the
+    gradient of an upstream of ones is computed with each block, into ``out`` (its rows final as
+    ``advance`` says); without, by ``Fused.gradient`` afterwards, for any upstream.
+
+    ``checked``: ``supports`` has seen every value; else each block's labels and finiteness are checked
+    as it comes, and ``NotFusable`` ends the kernel at the first that fails.
     """
-    pred, weight = kwargs["pred"], kwargs.get("weight")
-    labels = focal_labels(module, kwargs, check_range=False)
-    gamma, alpha = float(module.gamma), float(module.alpha)
-    x = pred.detach()
-    num_classes = x.shape[1]
-    blocks = row_blocks(x.shape[0], num_classes, x.device)
 
-    # the positive entry of each foreground row (t = 1: q = 1 - p, a_t = alpha, BCE = -log sigmoid(x));
-    # sigmoid and log-sigmoid are read from the [rows, C] results, not recomputed on the gathered
-    # vector: torch's vectorised and scalar transcendental paths can differ in the last bit
-    rows = torch.nonzero(labels < num_classes).squeeze(1)
-    cols = labels[rows]
-    if len(blocks) == 1:
-        whole = _Negatives(x, gamma, alpha)
-        loss = whole.loss()
-        p, bce_p = whole.parts.prob[rows, cols], bce_positive(whole.parts.log_sigmoid[rows, cols])
-    else:  # block by block: only the loss is kept whole; the gradient recomputes each block's parts
-        loss = torch.empty_like(x)
-        p_parts, bce_parts = [], []
-        for block in blocks:
-            negatives = _Negatives(x[block], gamma, alpha)
-            negatives.loss(out=loss[block])
-            block_rows = torch.nonzero(labels[block] < num_classes).squeeze(1)
-            block_cols = labels[block][block_rows]
-            p_parts.append(negatives.parts.prob[block_rows, block_cols])
-            bce_parts.append(bce_positive(negatives.parts.log_sigmoid[block_rows, block_cols]))
-        p, bce_p = torch.cat(p_parts), torch.cat(bce_parts)
-    q = 1 - p
-    focal_p = focal_factor(q, alpha, gamma)
-    loss[rows, cols] = bce_p * focal_p
+    def __init__(self, module: FocalLoss, kwargs: Mapping[str, Any], out: Tensor | None, checked: bool) -> None:
+        self.module, self.checked = module, checked
+        self.x, self.target = kwargs["pred"].detach(), kwargs["target"]
+        self.gamma, self.alpha = float(module.gamma), float(module.alpha)
+        self.loss = torch.empty_like(self.x)
+        weight = kwargs.get("weight")
+        self.weight = None if weight is None else reshape_focal_weight(weight, self.loss)
+        self.reducer = plain_reducer(module, kwargs)
+        self.blocks = row_blocks(self.x.shape[0], self.x.shape[1], self.x.device)
+        self.out = out
+        if out is not None:  # d(output)/d(L) of an upstream of ones, without the weight (0-d)
+            self.scale = self.reducer.gradient_scale(module.loss_weight, None, None, self.loss)
+        self.next = 0  # blocks done
 
-    if weight is not None:
-        weight = reshape_focal_weight(weight, loss)
-    reducer = plain_reducer(module, kwargs)
-    value = module.finish(loss, weight, reducer.mode, reducer.avg_factor)
+    def advance(self, rows: int) -> int:
+        """Compute every block within the first ``rows`` rows; the rows done so far."""
+        while self.next < len(self.blocks) and self.blocks[self.next].stop <= rows:
+            self.compute_block(self.blocks[self.next])
+            self.next += 1
+        return self.blocks[self.next - 1].stop if self.next else 0
 
-    def block_gradient(negatives: _Negatives, g: Tensor, out: Tensor | None) -> Tensor:
-        # g: d(output)/d(L); a_t = 1 - alpha at the negatives
-        parts = negatives.parts
-        return negatives_gradient(negatives.factor, parts.prob, parts.bce_negative, g, gamma, 1 - alpha, out)
+    def compute_block(self, block: slice) -> None:
+        x, weight = self.x[block], None if self.weight is None else self.weight[block]
+        if not self.checked and not (labels_in_range(self.target[block], x.shape[1]) and finite(x, weight)):
+            raise NotFusable(f"rows {block.start}-{block.stop} of FocalLoss's inputs need the general path")
+        negatives = _Negatives(x, self.gamma, self.alpha)
+        loss = negatives.loss(out=self.loss[block])
+        positives = self.positives(block, negatives)
+        loss[positives.rows, positives.cols] = positives.bce * positives.focal
+        if self.out is not None:
+            g = self.scale if weight is None else self.scale * weight
+            self.block_gradient(negatives, positives, g, self.out[block])
 
-    def gradient(upstream: Tensor | None, out: Tensor | None = None) -> Tensor:
-        g = reducer.gradient_scale(module.loss_weight, weight, upstream, loss)
-        if len(blocks) == 1:
-            grad = block_gradient(whole, g, out)
-        else:
-            grad = torch.empty_like(x) if out is None else out
-            for block in blocks:
-                g_block = g if g.dim() == 0 else g.expand(loss.shape)[block]
-                block_gradient(_Negatives(x[block], gamma, alpha), g_block, grad[block])
+    def positives(self, block: slice, negatives: _Negatives) -> _Positives:
+        # the positive entry of each foreground row (t = 1: q = 1 - p, a_t = alpha, BCE = -log sigmoid(x));
+        # sigmoid and log-sigmoid are read from the block's results, not recomputed on the gathered
+        # vector: torch's vectorised and scalar transcendental paths can differ in the last bit
+        labels = self.target[block].long()
+        rows = torch.nonzero(labels < self.x.shape[1]).squeeze(1)
+        cols = labels[rows]
+        p = negatives.parts.prob[rows, cols]
+        q = 1 - p
+        bce = bce_positive(negatives.parts.log_sigmoid[rows, cols])
+        if self.gamma in EXACT_POWERS:
+            focal = focal_factor(q, self.alpha, self.gamma)
+        else:  # q^gamma where autograd takes it, in the [rows, C] tensor: see EXACT_POWERS
+            focal = self.alpha * (1 - negatives.parts.prob).pow(self.gamma)[rows, cols]
+        return _Positives(rows, cols, p, q, bce, focal)
+
+    def block_gradient(self, negatives: _Negatives, positives: _Positives, g: Tensor, out: Tensor) -> None:
+        """A block's gradient into ``out``: ``g`` is d(output)/d(L) there (0-d, or broadcasting to it)."""
+        gamma, alpha, parts = self.gamma, self.alpha, negatives.parts
+        negatives_gradient(negatives.factor, parts.prob, parts.bce_negative, g, gamma, 1 - alpha, out)
+        p, q, bce = positives.p, positives.q, positives.bce
         # an unweighted mean or sum has one factor for every element: no gather for the positives
-        g_p = g.expand(rows.shape) if g.dim() == 0 else g.expand(loss.shape)[rows, cols]
-        grad_p = (p - 1) * (focal_p * g_p)
+        g_p = g.expand(positives.rows.shape) if g.dim() == 0 else g.expand(out.shape)[positives.rows, positives.cols]
+        grad_p = (p - 1) * (positives.focal * g_p)
         if gamma != 0:
-            grad_p = grad_p + (-((g_p * bce_p) * alpha * pow_grad(q, gamma))) * (1 - p) * p
-        grad[rows, cols] = grad_p
+            grad_p = grad_p + (-((g_p * bce) * alpha * pow_grad(q, gamma))) * (1 - p) * p
+        out[positives.rows, positives.cols] = grad_p
+
+    def finish(self) -> Fused:
+        """The loss, once every block is in, and its gradient."""
+        if self.next < len(self.blocks):
+            raise ValueError(f"FocalLoss: {self.advance(0)} of {self.x.shape[0]} rows computed")
+        value = self.module.finish(self.loss, self.weight, self.reducer.mode, self.reducer.avg_factor)
+        return Fused(value, self.gradient)
+
+    def gradient(self, upstream: Tensor | None, out: Tensor | None = None) -> Tensor:
+        if upstream is None and self.out is not None:
+            return self.out
+        g = self.reducer.gradient_scale(self.module.loss_weight, self.weight, upstream, self.loss)
+        grad = torch.empty_like(self.x) if out is None else out
+        for block in self.blocks:
+            negatives = _Negatives(self.x[block], self.gamma, self.alpha)
+            g_block = g if g.dim() == 0 else g.expand(self.loss.shape)[block]
+            self.block_gradient(negatives, self.positives(block, negatives), g_block, grad[block])
         return grad
 
-    return Fused(value, gradient)
+
+class _Positives(NamedTuple):
+    """A block's positive entries (t = 1): where, ``p``, ``q = 1 - p``, BCE and ``alpha q^gamma``."""
+
+    rows: Tensor
+    cols: Tensor
+    p: Tensor
+    q: Tensor
+    bce: Tensor
+    focal: Tensor
 
 
-register(FocalLoss, FusedKernel("FocalLoss", supports, run, writes_into=True))
+def rows(module: FocalLoss, kwargs: Mapping[str, Any], out: Tensor | None, checked: bool) -> FocalRows:
+    return FocalRows(module, kwargs, out, checked)
+
+
+def run(module: FocalLoss, kwargs: Mapping[str, Any]) -> Fused:
+    """The whole term at once (``supports`` said yes): every block, then the loss; the gradient after."""
+    kernel = FocalRows(module, kwargs, None, checked=True)
+    kernel.advance(kernel.x.shape[0])
+    return kernel.finish()
+
+
+register(FocalLoss, FusedKernel("FocalLoss", supports, run, writes_into=True, rows=rows, covers=covers))
