@@ -70,7 +70,11 @@ class LossClient:
     UNAVAILABLE and on a RESOURCE_EXHAUSTED that may pass (the server's streamed calls are all busy),
     up to ``RETRY_POLICY``'s attempts and backoff, within the deadline, as long as no answer has
     arrived: the tensors are sent again. ``transfer_dtype`` (``'float16'``/``'bfloat16'``): the
-    default of every ``RemoteLoss`` on this client (see ``RemoteLoss``).
+    default of every ``RemoteLoss`` on this client (see ``RemoteLoss``). ``overlap`` (default True): a
+    streamed request sends its inputs' rows interleaved and lets the server compute each block of rows
+    as it arrives and send pred's gradient rows back as they are done (FocalLoss on a CPU server; see
+    docs/performance.md), so a big call's compute overlaps its transfer; the answer is the same bit for
+    bit. False: the server starts once everything has arrived.
 
     Same host: with ``shared_memory`` ``"auto"`` (the default; None reads ``LOSSWIRE_CLIENT_SHARED_MEMORY``)
     and a target on this machine (a loopback address, ``localhost`` or ``unix:``), a request whose big
@@ -103,6 +107,7 @@ class LossClient:
         shared_memory: Literal["auto", "on", "off"] | None = None,
         buffer_pool_bytes: int | None = None,
         connect_timeout: float | None = CONNECT_TIMEOUT_SECONDS,
+        overlap: bool = True,
     ):
         self.steps = SessionSteps(on_session_restart)
         self.target = targets.normalise_target(target)
@@ -137,6 +142,7 @@ class LossClient:
             # streamed answers are reassembled into buffers reused once the last call's are freed
             buffers=BufferPool(buffer_pool_bytes),
             timeout=timeout,
+            overlap=overlap,
         )
 
     @classmethod

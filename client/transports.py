@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
+import torch
 from torch import Tensor
 
 from losswire.v1 import loss_service_pb2 as pb
@@ -67,8 +68,10 @@ class Transports:
         shared_memory: bool,
         buffers: BufferPool,
         timeout: float | None,
+        overlap: bool = True,
     ) -> None:
         self.connection, self.router, self.steps = connection, router, steps
+        self.overlap = overlap  # streams ask for early gradients (EvaluateRequest.early_gradients)
         self.timeout = timeout  # of the calls that register and unregister shared memory
         self.stream_threshold = stream_threshold
         self.buffers = buffers
@@ -183,10 +186,13 @@ class Transports:
         while True:
             answered = False
             try:
-                responses = method(chunks.stream_chunks(request, sink), timeout=patience.remaining(), metadata=metadata)
+                # early_gradients: the server may compute while the chunks arrive (they go row by row) and
+                # send pred's gradient as its rows are done, before the response
+                sent = chunks.stream_chunks(request, sink, early_gradients=self.overlap)
+                responses = method(sent, timeout=patience.remaining(), metadata=metadata)
                 first = next(responses)
                 answered = True
-                return _receive_stream(first, responses, self.buffers)
+                return _receive_stream(request, first, responses, self.buffers)
             except grpc.RpcError as error:
                 failures += error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED
                 retry = not answered and passing(error) and failures < RETRY_POLICY["maxAttempts"]
@@ -312,12 +318,22 @@ def _region_forgotten(error: RemoteLossError) -> bool:
     return error.code == grpc.StatusCode.NOT_FOUND and (error.field or "").endswith("shm.region")
 
 
-def _receive_stream(first: pb.EvaluateChunk, responses: Any, buffers: BufferPool) -> Answer:
-    """The response of an EvaluateStream: its first message, then the chunks of its big tensors."""
+def _receive_stream(request: pb.EvaluateRequest, first: Any, responses: Any, buffers: BufferPool) -> Answer:
+    """The response of an EvaluateStream: its first message (after the early chunks of pred's gradients,
+    with ``early_gradients``), then the chunks of its big tensors."""
     try:
+        early = chunks.StreamAssembler(_early_gradients(request), allocate=buffers.take)
+        while first.WhichOneof("kind") == "chunk":  # came before the response (EvaluateResponse.early)
+            early.add(first.chunk)
+            first = next(responses)
         if first.WhichOneof("kind") != "response":
             raise codec.CodecError(f"the first message carries {first.WhichOneof('kind')}, not the response")
-        assembler = chunks.StreamAssembler(first.response, allocate=buffers.take)
+        done = {path: early.tensors.get(path) for path in first.response.early}
+        if None in done.values():
+            missing = [path for path, tensor in done.items() if tensor is None]
+            raise codec.CodecError(f"the response lists {missing} as sent early, but not all of their bytes came")
+        flat = {path: tensor.reshape(-1).view(torch.uint8) for path, tensor in done.items()}
+        assembler = chunks.StreamAssembler(first.response, allocate=buffers.take, early=flat)
         for message in responses:
             if message.WhichOneof("kind") != "chunk":
                 raise codec.CodecError(f"a later message carries {message.WhichOneof('kind')}, not a chunk")
@@ -326,6 +342,17 @@ def _receive_stream(first: pb.EvaluateChunk, responses: Any, buffers: BufferPool
     except codec.CodecError as error:
         responses.cancel()
         raise RemoteLossError(grpc.StatusCode.DATA_LOSS, f"a malformed EvaluateStream answer: {error}") from None
+
+
+def _early_gradients(request: pb.EvaluateRequest) -> pb.EvaluateResponse:
+    """What may come before the response of an EvaluateStream sent with ``early_gradients``: the gradient of
+    each term's pred alone, in pred's dtype and shape (``results[i].gradients[pred]``)."""
+    expected = pb.EvaluateResponse()
+    for term in request.terms:
+        result = expected.results.add()
+        if list(term.gradients) in ([], ["pred"]) and term.HasField("pred"):
+            result.gradients["pred"].CopyFrom(pb.Tensor(dtype=term.pred.dtype, shape=term.pred.shape))
+    return expected
 
 
 def _renumbered(error: RemoteLossError, indices: Sequence[int]) -> RemoteLossError:

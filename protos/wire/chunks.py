@@ -57,6 +57,11 @@ class StreamSink:
         if placed:
             self.placed.clear()
 
+    def withdraw(self, message: pb.Tensor) -> None:
+        """Stop holding back ``message``'s tensor (its bytes went already: ``EvaluateResponse.early``);
+        its message keeps dtype and shape, without data."""
+        self.entries[:] = [(m, data) for m, data in self.entries if m is not message]
+
     def place(self, reserve: Reserve) -> None:
         """Move held-back tensors into shared memory: ``reserve(nbytes)`` gives (region, offset, a
         uint8 destination of nbytes) or None when there is no room (the tensor stays held back).
@@ -208,21 +213,63 @@ def stream_chunks(
     sink: StreamSink,
     raw: bool = True,
     chunk_bytes: int = STREAM_CHUNK_BYTES,
+    early_gradients: bool = False,
 ) -> Iterator[pb.EvaluateChunk | bytes]:
     """The messages of a stream: ``root`` (whose tensors recorded in ``sink`` have no data) as the
     first ``EvaluateChunk``, then every held-back tensor in chunks of ``chunk_bytes``: serialized
-    bytes when ``raw`` (for a :func:`serialize_chunk` serializer), else ``EvaluateChunk`` messages."""
+    bytes when ``raw`` (for a :func:`serialize_chunk` serializer), else ``EvaluateChunk`` messages.
+    ``early_gradients``: a request sent with ``EvaluateRequest.early_gradients`` set (in the message
+    sent, not in ``root``), its inputs' rows interleaved."""
     paths = sink.paths(root)
     kind = "request" if isinstance(root, pb.EvaluateRequest) else "response"
-    yield pb.EvaluateChunk(**{kind: root})  # a copy of a message without its big data: small
-    for path, data in paths:
-        view = _byte_view(data)
-        for offset in range(0, view.nbytes, chunk_bytes):
-            piece = view[offset : offset + chunk_bytes]
-            if raw:
-                yield chunk_wire_bytes(path, offset, piece)
-            else:
-                yield pb.EvaluateChunk(chunk=pb.TensorChunk(tensor=path, offset=offset, data=piece.tobytes()))
+    first = pb.EvaluateChunk(**{kind: root})  # a copy of a message without its big data: small
+    if early_gradients:
+        first.request.early_gradients = True
+    yield first
+    pieces = _row_pieces(root, paths, chunk_bytes) if early_gradients else None
+    if pieces is None:
+        pieces = (
+            (path, offset, min(offset + chunk_bytes, byte_count(data)))
+            for path, data in paths
+            for offset in range(0, byte_count(data), chunk_bytes)
+        )
+    views = {path: _byte_view(data) for path, data in paths}
+    for path, start, stop in pieces:
+        piece = views[path][start:stop]
+        if raw:
+            yield chunk_wire_bytes(path, start, piece)
+        else:
+            yield pb.EvaluateChunk(chunk=pb.TensorChunk(tensor=path, offset=start, data=piece.tobytes()))
+
+
+def _row_pieces(root: Message, paths: list[tuple[str, Any]], chunk_bytes: int) -> Iterator[tuple[str, int, int]] | None:
+    """(path, start, stop) of every piece of ``paths``' tensors with the rows of a one-term request's
+    inputs interleaved (``EvaluateRequest.early_gradients``): the tensors whose first dimension is
+    pred's first go in turn, each with its next rows, about ``chunk_bytes`` of pred at a time, so the
+    server holds every input of a block of rows early; the others go first, whole. None where the
+    request has no streamed pred to follow."""
+    shapes = dict((path, list(message.shape)) for path, message in tensors_of(root))
+    sizes = {path: byte_count(data) for path, data in paths}
+    pred = "terms[0].pred"
+    if len(getattr(root, "terms", ())) != 1 or pred not in sizes or not shapes[pred]:
+        return None
+    rows = shapes[pred][0]
+    aligned = [path for path in sizes if shapes[path] and shapes[path][0] == rows and sizes[path] % rows == 0]
+    step = max(1, chunk_bytes // max(1, sizes[pred] // rows))  # rows per turn
+
+    def pieces() -> Iterator[tuple[str, int, int]]:
+        for path in sizes:
+            if path not in aligned:
+                yield from ((path, o, min(o + chunk_bytes, sizes[path])) for o in range(0, sizes[path], chunk_bytes))
+        for first in range(0, rows, step):
+            last = min(first + step, rows)
+            for path in aligned:
+                per_row = sizes[path] // rows
+                # a tensor's rows may be more than chunk_bytes (a wide one beside a narrow pred): cut again
+                for o in range(first * per_row, last * per_row, chunk_bytes):
+                    yield path, o, min(o + chunk_bytes, last * per_row)
+
+    return pieces()
 
 
 def fill_streamed(root: Message, streamed: Mapping[str, Tensor]) -> None:
@@ -264,9 +311,11 @@ class StreamAssembler:
         header: Message,
         max_elements: int | None = None,
         allocate: Callable[[int], Tensor] | None = None,
+        early: Mapping[str, Tensor] | None = None,
     ) -> None:
         self._allocate = allocate or _empty_bytes
         self._pending: dict[str, _Pending] = {}
+        self.tensors: dict[str, Tensor] = {}
         for path, message in tensors_of(header):
             _, data_dtype = wire_dtypes(message, path)
             shape = list(message.shape)
@@ -274,8 +323,35 @@ class StreamAssembler:
             if numel == 0 or len(message.data) > 0 or message.HasField("shm"):
                 continue  # inline (decode_tensor checks its length), in shared memory, or empty
             self._pending[path] = _Pending(numel * data_dtype.itemsize, data_dtype, shape)
-        self.tensors: dict[str, Tensor] = {}
+        for path, buffer in (early or {}).items():  # complete already: their chunks came before the header
+            pending = self._pending.pop(path, None)
+            if pending is None or buffer.numel() != pending.nbytes:
+                declared = "is not streamed" if pending is None else f"has {pending.nbytes} bytes"
+                raise CodecError(f"{path} came early with {buffer.numel()} bytes but {declared}", field=path)
+            self.tensors[path] = buffer.view(pending.dtype).reshape(pending.shape)
         self.chunks = 0
+
+    def allocate_all(self) -> dict[str, Tensor]:
+        """Allocate every streamed tensor now (not at its first chunk); each one, whole-sized, by path
+        (its declared shape and data dtype), bytes not yet arrived included."""
+        views = dict(self.tensors)
+        for path, pending in self._pending.items():
+            if pending.buffer is None:
+                pending.buffer = self._allocate(pending.nbytes)
+            views[path] = pending.buffer.view(pending.dtype).reshape(pending.shape)
+        return views
+
+    def received(self, path: str) -> int | None:
+        """Bytes of streamed tensor ``path`` arrived so far (all of it once complete); None: not streamed."""
+        if path in self._pending:
+            return self._pending[path].received
+        tensor = self.tensors.get(path)
+        return None if tensor is None else tensor.numel() * tensor.element_size()
+
+    @property
+    def streamed(self) -> list[str]:
+        """The paths of every streamed tensor, complete or not."""
+        return [*self.tensors, *self._pending]
 
     @property
     def nbytes(self) -> int:

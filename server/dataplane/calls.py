@@ -38,6 +38,7 @@ from ..losses.cost import Estimate
 from ..losses.provenance import implementation_digest
 from ..losses.schema import keeps_state
 from .admission import BigCallSlots
+from .answer import Answer, AtTerm
 from .budget import MemoryBudget
 from .costs import TermCosts
 from .decode import Arrived, check_transfer_dtype, decode_term, term_names
@@ -45,6 +46,7 @@ from .descriptions import loss_info, session_info
 from .encode import InPlace, encode_outcome, into_output_range, into_pooled_buffers, while_alive
 from .limits import RequestLimits, check_request
 from .memory import released_if_out_of_memory
+from .overlap import Overlap
 from .shared_memory import Caller, SharedMemoryRegistry
 
 Cancelled = Callable[[], bool]
@@ -64,39 +66,9 @@ class NotQuick(Exception):  # noqa: N818 (a signal to the front door, not an err
     is held, built or changed: the front door then evaluates it on a compute thread."""
 
 
-@dataclasses.dataclass
-class Answer:
-    """A call's answer: the response; for a streamed answer, the sink whose tensors follow it in
-    chunks; and what to free once it has been sent (a big call's tensors: see ``keep``)."""
-
-    response: pb.EvaluateResponse
-    sink: chunks.StreamSink | None = None
-    # big tensors (streamed, in shared memory) and their outcomes: freeing hundreds of MiB returns pages
-    # to the system (munmap, milliseconds per 100 MiB), so the front door frees them after sending
-    keep: list[Any] = dataclasses.field(default_factory=list)
-
-
 def sessions_of(terms: list[TermRequest]) -> dict[str, dict[str, Any]]:
     """The sessions a call's new forwards name, with their loss configs (replays only read a session)."""
     return {term.session: split_sampler(term.config)[0] for term in terms if term.session and term.replay_step is None}
-
-
-class AtTerm:
-    """``with AtTerm(index, name)``: errors raised inside name the term (``TermError``); an out-of-memory
-    releases the call's memory. (A class, not a generator: a call enters several per term.)"""
-
-    __slots__ = ("index", "name")
-
-    def __init__(self, index: int, name: str) -> None:
-        self.index, self.name = index, name
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: Any) -> bool:
-        if isinstance(error, Exception):
-            raise TermError(self.index, self.name, released_if_out_of_memory(error, f"terms[{self.index}]")) from None
-        return False
 
 
 class Dataplane:
@@ -385,6 +357,8 @@ class StreamIntake:
         self._shared: Arrived | None = shared
         self._slot = False
         self._reserved = 0
+        # computed while it arrives (EvaluateRequest.early_gradients), where the call allows it
+        self.overlap = None if shared else Overlap.of(dataplane, header, self._assembler)
 
     @property
     def chunks(self) -> int:
@@ -396,6 +370,8 @@ class StreamIntake:
         refusal for a tensor that does not fit now)."""
         self._take_slot()
         try:
+            if self.overlap is not None:
+                self.overlap.begin()  # every tensor allocated before the first bytes come in
             self._assembler.add(chunk)
         except (LimitExceededError, ServerBusyError) as error:
             error.field = error.field or f"{chunk.tensor}.shape"
@@ -418,6 +394,10 @@ class StreamIntake:
         self._assembler = self._shared = None  # the request's tensors go with the answer's keep list
         try:
             sink = chunks.StreamSink()
+            if self.overlap is not None:
+                if self.overlap.answers:
+                    return self.overlap.finish(arrived, sink, cancelled)
+                self.overlap.close()  # its reservation: the whole-call path reserves its own
             return self.dataplane.run(self.header, cancelled, self.started, arrived, sink, self.owner, self.caller)
         except TermError:
             raise
@@ -427,6 +407,8 @@ class StreamIntake:
     def close(self) -> None:
         """The call is over (answered, refused or abandoned): its slot and its budget are free again."""
         self._assembler = self._shared = None
+        if self.overlap is not None:
+            self.overlap.close()
         if self._slot:
             self._slot = False
             self.dataplane.slots.give_back()

@@ -8,6 +8,8 @@ freeing a big call's memory after its answer has left. Failures leave through ``
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -72,8 +74,12 @@ class LossService(pb_grpc.LossServiceServicer):
                 with watch.handling():
                     header = await _stream_header(requests)
                     intake = self.dataplane.open_stream(header, watch, self.owners(context), self.callers(context))
-                    async for message in requests:
-                        intake.add(_chunk_of(message, intake.chunks + 2))
+                    if intake.overlap is None:
+                        async for message in requests:
+                            intake.add(_chunk_of(message, intake.chunks + 2))
+                    else:
+                        async for early in self._overlapped(intake, requests, watch):
+                            yield early
                     answer: Answer = await self.compute.for_call(watch, intake.evaluate, watch)
             except Exception as error:
                 if watch() and not isinstance(error, CallCancelledError):
@@ -83,11 +89,55 @@ class LossService(pb_grpc.LossServiceServicer):
                 return
             _log_call("EvaluateStream", header, answer, context)
             release_after(context, answer.keep)
+            for early in intake.overlap.early_chunks() if intake.overlap is not None else ():
+                yield early  # the gradient's last rows: every early chunk comes before the response
             for message in chunks.stream_chunks(answer.response, answer.sink):
                 yield message  # chunks as serialized bytes (see add_to_server)
         finally:
             if intake is not None:
                 intake.close()
+
+    async def _overlapped(
+        self, intake: StreamIntake, requests: AsyncIterator[Any], watch: CallWatch
+    ) -> AsyncIterator[bytes]:
+        """Reads the stream's chunks into ``intake`` while its overlap computes the rows they complete (one
+        step at a time on a compute thread) and yields the gradient's chunks that are final meanwhile. Ends
+        when the caller has sent everything, once no step is running: a step never outlives the call."""
+        overlap = intake.overlap
+        arrived = asyncio.Event()
+
+        async def read() -> None:
+            async for message in requests:
+                intake.add(_chunk_of(message, intake.chunks + 2))
+                arrived.set()
+
+        reader = asyncio.ensure_future(read())
+        step: asyncio.Future | None = None
+        try:
+            while True:
+                arrived.clear()  # chunks from here on wake the wait below
+                rows = overlap.wants_step() if step is None else None
+                if rows is not None:
+                    step = asyncio.ensure_future(self.compute.for_call(watch, overlap.step, rows, watch))
+                if step is None and reader.done():
+                    reader.result()  # the caller's stream ended, or its error
+                    return
+                woken = asyncio.ensure_future(arrived.wait())
+                waiting = [woken, *(task for task in (reader, step) if task is not None and not task.done())]
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                woken.cancel()
+                if reader.done() and reader.exception() is not None:
+                    reader.result()
+                if step is not None and step.done():
+                    step, finished = None, step
+                    finished.result()
+                    for early in overlap.early_chunks():
+                        yield early
+        finally:
+            reader.cancel()
+            if step is not None:  # its thread writes into the call's buffers: they stay until it is done
+                with contextlib.suppress(BaseException):
+                    await step
 
     # -- descriptions ---------------------------------------------------------------------------------
 

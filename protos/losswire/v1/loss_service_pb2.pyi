@@ -134,14 +134,16 @@ class LossTerm(_message.Message):
     def __init__(self, name: _Optional[str] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., pred: _Optional[_Union[Tensor, _Mapping]] = ..., target: _Optional[_Union[Value, _Mapping]] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., avg_factor: _Optional[float] = ..., reduction_override: _Optional[str] = ..., inputs: _Optional[_Mapping[str, Value]] = ..., gradients: _Optional[_Iterable[str]] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ..., session: _Optional[str] = ..., replay_step: _Optional[int] = ..., seed: _Optional[int] = ..., sample_labels: _Optional[_Union[Tensor, _Mapping]] = ..., grad_outputs: _Optional[_Mapping[str, Tensor]] = ..., forward_id: _Optional[str] = ..., sample_groups: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("terms", "transfer_dtype", "output_shm")
+    __slots__ = ("terms", "transfer_dtype", "output_shm", "early_gradients")
     TERMS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_DTYPE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_SHM_FIELD_NUMBER: _ClassVar[int]
+    EARLY_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     terms: _containers.RepeatedCompositeFieldContainer[LossTerm]
     transfer_dtype: DType
     output_shm: SharedMemoryRef
-    def __init__(self, terms: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., transfer_dtype: _Optional[_Union[DType, str]] = ..., output_shm: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
+    early_gradients: bool
+    def __init__(self, terms: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., transfer_dtype: _Optional[_Union[DType, str]] = ..., output_shm: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., early_gradients: _Optional[bool] = ...) -> None: ...
 
 class EvaluateChunk(_message.Message):
     __slots__ = ("request", "response", "chunk")
@@ -234,16 +236,18 @@ class SampleCounts(_message.Message):
     def __init__(self, positives: _Optional[int] = ..., negatives: _Optional[int] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
-    __slots__ = ("results", "timings", "device", "server_version")
+    __slots__ = ("results", "timings", "device", "server_version", "early")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EARLY_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[TermResult]
     timings: Timings
     device: str
     server_version: str
-    def __init__(self, results: _Optional[_Iterable[_Union[TermResult, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., device: _Optional[str] = ..., server_version: _Optional[str] = ...) -> None: ...
+    early: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, results: _Optional[_Iterable[_Union[TermResult, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., device: _Optional[str] = ..., server_version: _Optional[str] = ..., early: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SharedMemoryEndpointRequest(_message.Message):
     __slots__ = ()

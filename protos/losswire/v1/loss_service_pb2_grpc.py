@@ -125,6 +125,16 @@ class LossServiceServicer:
         then `chunk`s naming tensors by their path in the response ("results[0].loss",
         "results[0].gradients[pred]", "results[0].parts[1].gradients[pred]"), then the status.
 
+        Overlap (EvaluateRequest.early_gradients): for a call with one term whose loss is computed row
+        by row (FocalLoss on the CPU, see the server's docs), the server computes each block of rows once
+        every streamed input holds it, and sends the chunks of results[0].gradients[pred] (pred's shape
+        and dtype) whose rows are final while the caller is still sending: those chunks come before the
+        response message. The response then lists that path in EvaluateResponse.early, and its tensor
+        declares dtype and shape with empty data. Should a later block turn out to need the general path
+        (a non-finite input, say), the path is not listed, the early chunks are void, and the gradient is
+        streamed after the response as usual. A caller that does not set early_gradients never gets a
+        chunk before the response.
+
         Errors: those of Evaluate, plus INVALID_ARGUMENT (field named) for a malformed stream: no request
         first, a chunk for a tensor that is not streamed, a chunk out of order or beyond the tensor's
         size, or a stream that ends before every streamed tensor is complete. RESOURCE_EXHAUSTED (to be

@@ -1,0 +1,181 @@
+"""A streamed call computed while it arrives (``EvaluateRequest.early_gradients``).
+
+A big FocalLoss call spends as long on the wire as in the kernel; done one after the other, its round
+trip is upload + compute + download. Here the term starts as soon as its first chunk is in: its tensors
+are allocated whole at once, the fused kernel works through the blocks of rows every input already
+holds (``Evaluator.start_rows``), and the rows of pred's gradient it has finished go back to the caller
+while the rest is still arriving, so the round trip approaches the longest of the three instead.
+
+The answer is the one the whole-call path gives, bit for bit: the kernel's blocks and arithmetic are
+the same, only their time differs. A block whose values the kernel does not cover (a non-finite input, a
+label out of range) ends the overlap: the term is then evaluated whole once every row is in, as any
+call, and the early gradient bytes are void (the response does not list them in ``early``).
+
+Transport-free, like the rest of the dataplane: the front door reads chunks into the intake, asks
+``ready()`` which rows every input holds, runs ``step(rows)`` on a compute thread (one at a time per
+call), and sends ``early_chunks()`` as they come; the intake's ``evaluate`` finishes the call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+from losswire.v1 import loss_service_pb2 as pb
+from losswire.wire import chunks, codec
+from losswire.wire.protocol import STREAM_CHUNK_BYTES
+
+from .. import __version__
+from ..evaluation import TermRows
+from ..evaluation.errors import check_cancelled
+from .answer import Answer, AtTerm
+from .decode import decode_term
+from .encode import encode_outcome, into_pooled_buffers
+
+if TYPE_CHECKING:
+    from .calls import Dataplane
+
+PRED_PATH = "terms[0].pred"
+STEP_MIN_BYTES = 1 << 20  # a step waits for this much of pred's new rows (or an eighth of pred; or the last)
+GRADIENT_PATH = "results[0].gradients[pred]"
+
+
+class Overlap:
+    """The overlapped evaluation of a one-term streamed call (see the module docstring)."""
+
+    def __init__(self, dataplane: Dataplane, header: pb.EvaluateRequest, assembler: chunks.StreamAssembler) -> None:
+        self.dataplane, self.header, self.assembler = dataplane, header, assembler
+        self.rows = header.terms[0].pred.shape[0]
+        self.views: dict[str, torch.Tensor] = {}  # every streamed tensor, whole-sized (see begin)
+        self.term_rows: TermRows | None = None
+        self.off = False  # no overlap after all (not covered, or a block fell back): the whole-call path
+        self.asked = 0  # rows the last step was given
+        self.final = 0  # leading rows of the gradient that are final
+        self.sent = 0  # gradient bytes handed out as early chunks
+        self.reserved = 0  # the term's working memory, held in the budget from its start to close()
+        self.started: float | None = None
+
+    @classmethod
+    def of(cls, dataplane: Dataplane, header: pb.EvaluateRequest, assembler: chunks.StreamAssembler) -> Overlap | None:
+        """The overlap of a call that asks for it and may have it: one term, pred streamed, on the CPU
+        (blocks of rows are a CPU kernel's), no narrowed transfer, no shared memory."""
+        if not header.early_gradients or len(header.terms) != 1 or dataplane.device.type != "cpu":
+            return None
+        if header.transfer_dtype or header.HasField("output_shm") or PRED_PATH not in assembler.streamed:
+            return None
+        if any(tensor.data_dtype for _, tensor in codec.tensors_of(header)):
+            return None  # a narrowed tensor is widened whole when decoded: it would be read before it came
+        return cls(dataplane, header, assembler)
+
+    def begin(self) -> None:
+        """Before the first chunk is copied in (on the event loop): every streamed tensor allocated."""
+        if not self.views:
+            self.views = self.assembler.allocate_all()
+
+    def ready(self) -> int:
+        """The leading rows that every streamed input holds (a tensor not indexed by pred's rows counts
+        only once complete). On the event loop, between chunks."""
+        if not self.views:
+            return 0
+        rows = self.rows
+        for path, view in self.views.items():
+            nbytes = view.numel() * view.element_size()
+            got = self.assembler.received(path)
+            if got == nbytes:
+                continue
+            if view.dim() == 0 or view.shape[0] != self.rows:
+                return 0
+            rows = min(rows, got // (nbytes // self.rows))
+        return rows
+
+    def wants_step(self) -> int | None:
+        """Rows a new step would compute up to, or None when it has too little new to do: a step per
+        chunk would cost a thread hand-off each for rows that fill no block yet."""
+        if self.off or not self.views:
+            return None
+        rows = self.ready()
+        if self.term_rows is None and self.asked == 0:
+            return rows  # the first step starts the term (and refuses a bad one) without waiting for rows
+        pred_bytes = self.views[PRED_PATH].nbytes
+        worth = min(STEP_MIN_BYTES, pred_bytes // 8)
+        if rows == self.rows or (rows - self.asked) * (pred_bytes // self.rows) >= worth:
+            return rows if rows > self.asked else None
+        return None
+
+    def step(self, rows: int, cancelled: Callable[[], bool]) -> None:
+        """Compute what ``rows`` leading rows allow (on a compute thread; the first step starts the term)."""
+        self.asked = max(self.asked, rows)
+        if self.off:
+            return
+        check_cancelled(cancelled, "the rows that arrived")
+        if self.term_rows is None and not self._start():
+            self.off = True
+            return
+        self.final = self.term_rows.advance(rows)
+        self.off = self.term_rows.fell_back
+
+    def _start(self) -> bool:
+        from .calls import AtTerm  # the term's errors named as the whole-call path names them
+
+        self.started = time.perf_counter()
+        plane, message = self.dataplane, self.header.terms[0]
+        with AtTerm(0, message.name):
+            term = decode_term(message, "terms[0]", plane.device, plane.limits.max_elements, self.views)
+            term = dataclasses.replace(term, gradient_out=into_pooled_buffers(plane.buffers))
+            estimate, field = plane.costs.check(term, "terms[0].")
+            what = f"{term.config.get('type')} on pred {list(term.pred.shape)} ({estimate.parameter})"
+            self.reserved = plane.budget.take(estimate.total_bytes, what, f"terms[0].{field}", term=True)
+            self.term_rows = plane.evaluator.start_rows(term)
+        return self.term_rows is not None
+
+    def early_chunks(self) -> list[bytes]:
+        """The serialized chunks of the gradient's rows final since the last call (none once off)."""
+        if self.off or self.term_rows is None:
+            return []
+        flat = self.term_rows.gradient.reshape(-1).view(torch.uint8)
+        end = self.final * (flat.numel() // self.rows)
+        pieces = []
+        while self.sent < end:
+            stop = min(self.sent + STREAM_CHUNK_BYTES, end)
+            pieces.append(chunks.chunk_wire_bytes(GRADIENT_PATH, self.sent, flat[self.sent : stop].numpy()))
+            self.sent = stop
+        return pieces
+
+    @property
+    def answers(self) -> bool:
+        """Whether ``finish`` answers the call (else the whole-call path does)."""
+        return not self.off and self.term_rows is not None
+
+    def finish(
+        self, arrived: dict[str, torch.Tensor], sink: chunks.StreamSink, cancelled: Callable[[], bool]
+    ) -> Answer:
+        """Every row is in: the rest of the blocks, the loss, and the answer whose gradient went (or goes,
+        by ``early_chunks``) ahead of it; only when ``answers``."""
+
+        plane, term_rows = self.dataplane, self.term_rows
+        with AtTerm(0, self.header.terms[0].name):
+            outcome = term_rows.finish(cancelled)
+        computed = time.perf_counter()
+        check_cancelled(cancelled, "encoding the answer")
+        response = pb.EvaluateResponse(device=str(plane.device), server_version=__version__)
+        result = response.results.add(implementation=plane.implementation(term_rows.term.config["type"]))
+        encode_outcome(outcome, result, 0, sink, None, plane.buffers.take)
+        if not term_rows.fell_back:  # its gradient is the one written row by row: early, all of it
+            self.final = self.rows
+            sink.withdraw(result.gradients["pred"])
+            response.early.append(GRADIENT_PATH)
+        else:
+            self.off = True
+        timings = response.timings
+        timings.compute_ms = (computed - self.started) * 1e3
+        timings.encode_ms = (time.perf_counter() - computed) * 1e3
+        return Answer(response, sink, [term_rows, outcome, arrived])
+
+    def close(self) -> None:
+        if self.reserved:
+            self.dataplane.budget.give_back(self.reserved)
+            self.reserved = 0

@@ -1,0 +1,282 @@
+"""A streamed call computed while it arrives (``EvaluateRequest.early_gradients``): FocalLoss's blocks of
+rows are computed as every input holds them, and pred's gradient rows come back before the response.
+
+The answer must be the whole-call answer bit for bit, whatever the order the caller sends its rows in;
+a late block that needs the general path voids the early rows; a caller that leaves mid-stream leaves
+nothing held. Small block sizes (patched into the in-process server's kernels) give many blocks to
+small tensors.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+import torch
+from support.calls import plain_channel
+
+from losswire.client import LossClient, RemoteLossError
+from losswire.server.losses import fused
+from losswire.v1 import loss_service_pb2 as pb
+from losswire.wire import chunks, codec
+from losswire.wire.protocol import EVALUATE_STREAM_METHOD
+
+GRADIENT = "results[0].gradients[pred]"
+N, C = 4096, 80  # 1.25 MiB of pred: 86 blocks of 48 rows with the block sizes below
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(fused, "BLOCK_ELEMENTS", 1 << 12)
+    monkeypatch.setattr(fused, "BLOCKED_MIN_ELEMENTS", 1 << 13)
+    assert len(fused.row_blocks(N, C, torch.device("cpu"))) > 80
+
+
+@pytest.fixture(scope="module")
+def streaming(target) -> Iterator[LossClient]:
+    client = LossClient(target, timeout=60, stream_threshold=64 << 10, shared_memory="off")
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def unary(target) -> Iterator[LossClient]:
+    client = LossClient(target, timeout=60, stream_threshold=None, shared_memory="off")
+    yield client
+    client.close()
+
+
+def _inputs(seed: int = 0, n: int = N) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, C, generator=generator), torch.randint(0, C + 1, (n,), generator=generator)
+
+
+def _request(cfg: dict, pred: torch.Tensor, labels: torch.Tensor, **fields) -> pb.EvaluateRequest:
+    request = pb.EvaluateRequest()
+    term = request.terms.add(config=codec.encode_config(cfg), gradients=["pred"])
+    codec.encode_tensor(pred, term.pred)
+    codec.encode_value(labels, term.target)
+    if fields.get("weight") is not None:
+        codec.encode_tensor(fields["weight"], term.weight)
+    if fields.get("avg_factor") is not None:
+        term.avg_factor = fields["avg_factor"]
+    return request
+
+
+def _answer(response: pb.EvaluateResponse, streamed: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    result = response.results[0]
+    loss = codec.decode_tensor(result.loss, "results[0].loss", streamed=streamed)
+    return loss, codec.decode_tensor(result.gradients["pred"], GRADIENT, streamed=streamed)
+
+
+def _unary_answer(unary: LossClient, request: pb.EvaluateRequest) -> tuple[torch.Tensor, torch.Tensor]:
+    response, streamed = unary.evaluate_tensors(request)
+    assert not streamed and not response.early
+    return _answer(response, {})
+
+
+CASES = {
+    "mean": (dict(type="FocalLoss"), {}),
+    "none": (dict(type="FocalLoss", reduction="none"), {}),
+    "gamma_1.5_avg_factor": (dict(type="FocalLoss", gamma=1.5, alpha=0.4, loss_weight=2.0), {"avg_factor": 37.0}),
+    "weight_N": (dict(type="FocalLoss"), {"weight": "N"}),
+    "weight_NC_sum": (dict(type="FocalLoss", reduction="sum"), {"weight": "NC"}),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_overlapped_answer_is_the_whole_call_answer_bit_for_bit(streaming, unary, case):
+    cfg, fields = CASES[case]
+    pred, labels = _inputs()
+    weight = {"N": torch.rand(N), "NC": torch.rand(N, C)}.get(fields.get("weight"))
+    request = _request(cfg, pred, labels, weight=weight, avg_factor=fields.get("avg_factor"))
+    before = fused.CALLS["FocalLoss"]
+    response, streamed = streaming.evaluate_tensors(request)
+    assert list(response.early) == [GRADIENT]  # computed while it arrived, its gradient sent ahead
+    assert GRADIENT in streamed and fused.CALLS["FocalLoss"] == before + 1
+    loss, gradient = _answer(response, streamed)
+    expected_loss, expected_gradient = _unary_answer(unary, request)
+    assert torch.equal(loss, expected_loss) and torch.equal(gradient, expected_gradient)
+
+
+def _stream(target: str, messages: Iterator, received: queue.Queue) -> threading.Thread:
+    """Send ``messages`` on an EvaluateStream in a thread; each answer message, then None (or the
+    error), goes to ``received`` as it arrives."""
+
+    def run() -> None:
+        with plain_channel(target) as channel:
+            method = channel.stream_stream(
+                EVALUATE_STREAM_METHOD,
+                request_serializer=chunks.serialize_chunk,
+                response_deserializer=pb.EvaluateChunk.FromString,
+            )
+            try:
+                for message in method(messages, timeout=60):
+                    received.put(message)
+                received.put(None)
+            except grpc.RpcError as error:
+                received.put(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def _header(pred: torch.Tensor, labels: torch.Tensor, early: bool = True) -> pb.EvaluateChunk:
+    request = pb.EvaluateRequest(early_gradients=early)
+    term = request.terms.add(config=codec.encode_config(dict(type="FocalLoss")), gradients=["pred"])
+    term.pred.dtype, term.pred.shape[:] = pb.FLOAT32, list(pred.shape)
+    term.target.tensor.dtype, term.target.tensor.shape[:] = pb.INT64, list(labels.shape)
+    return pb.EvaluateChunk(request=request)
+
+
+def _rows(pred: torch.Tensor, labels: torch.Tensor, first: int, last: int) -> list[bytes]:
+    """The chunks of rows [first, last) of pred and of the labels."""
+    return [
+        chunks.chunk_wire_bytes("terms[0].pred", first * C * 4, pred[first:last].numpy().tobytes()),
+        chunks.chunk_wire_bytes("terms[0].target", first * 8, labels[first:last].numpy().tobytes()),
+    ]
+
+
+def _assembled(messages: list[pb.EvaluateChunk]) -> tuple[pb.EvaluateResponse, dict, int]:
+    """The response, its tensors (early ones included), and how many chunks came before it."""
+    early = chunks.StreamAssembler(
+        pb.EvaluateResponse(results=[pb.TermResult(gradients={"pred": pb.Tensor(dtype=pb.FLOAT32, shape=[N, C])})])
+    )
+    count = next(i for i, m in enumerate(messages) if m.WhichOneof("kind") == "response")
+    for message in messages[:count]:
+        early.add(message.chunk)
+    response = messages[count].response
+    flat = {path: early.tensors[path].reshape(-1).view(torch.uint8) for path in response.early}
+    assembler = chunks.StreamAssembler(response, early=flat)
+    for message in messages[count + 1 :]:
+        assembler.add(message.chunk)
+    return response, assembler.finish(), count
+
+
+def _drain(received: queue.Queue) -> list[pb.EvaluateChunk]:
+    messages = []
+    while (message := received.get(timeout=60)) is not None:
+        if isinstance(message, grpc.RpcError):
+            raise RemoteLossError.from_rpc_error(message)
+        messages.append(message)
+    return messages
+
+
+def test_gradient_rows_come_back_while_the_caller_is_still_sending(target, unary):
+    pred, labels = _inputs(1)
+    half = N // 2
+    received: queue.Queue = queue.Queue()
+    rest_sent = threading.Event()
+
+    def messages() -> Iterator:
+        yield _header(pred, labels)
+        yield from _rows(pred, labels, 0, half)
+        # the rest only once a gradient chunk has come back: the server computed what it had
+        early = received.get(timeout=30)
+        received.put(early)  # for the reader below
+        rest_sent.set()
+        yield from _rows(pred, labels, half, N)
+
+    sender = _stream(target, messages(), received)
+    assert rest_sent.wait(40), "no gradient chunk came back while half of the rows were still to be sent"
+    sender.join(60)
+    response, streamed, ahead = _assembled(_drain(received))
+    assert list(response.early) == [GRADIENT] and ahead >= 1
+    request = _request(dict(type="FocalLoss"), pred, labels)
+    assert all(
+        torch.equal(a, b) for a, b in zip(_answer(response, streamed), _unary_answer(unary, request), strict=True)
+    )
+
+
+def test_inputs_sent_one_after_the_other_get_the_same_answer(target, unary):
+    """pred whole, then the labels: no block is complete before the last chunk, the answer is the same."""
+    pred, labels = _inputs(2)
+    received: queue.Queue = queue.Queue()
+    flat_pred, flat_labels = pred.numpy().tobytes(), labels.numpy().tobytes()
+    sent = [
+        _header(pred, labels),
+        *(
+            chunks.chunk_wire_bytes("terms[0].pred", o, flat_pred[o : o + 300_000])
+            for o in range(0, len(flat_pred), 300_000)
+        ),
+        chunks.chunk_wire_bytes("terms[0].target", 0, flat_labels),
+    ]
+    _stream(target, iter(sent), received).join(60)
+    response, streamed, _ = _assembled(_drain(received))
+    assert list(response.early) == [GRADIENT]
+    request = _request(dict(type="FocalLoss"), pred, labels)
+    assert all(
+        torch.equal(a, b) for a, b in zip(_answer(response, streamed), _unary_answer(unary, request), strict=True)
+    )
+
+
+def test_a_late_non_finite_input_voids_the_early_rows(streaming, unary):
+    pred, labels = _inputs(3)
+    pred[N - 2, 5] = float("inf")  # the last block needs autograd's path, as the whole call does
+    request = _request(dict(type="FocalLoss", reduction="none"), pred, labels)
+    response, streamed = streaming.evaluate_tensors(request)
+    assert not response.early and GRADIENT in streamed  # sent again, after the response
+    loss, gradient = _answer(response, streamed)
+    expected_loss, expected_gradient = _unary_answer(unary, request)
+    assert torch.equal(loss.nan_to_num(), expected_loss.nan_to_num())
+    assert torch.equal(gradient.nan_to_num(), expected_gradient.nan_to_num())
+    assert not torch.isfinite(gradient[N - 2]).all() and torch.isfinite(gradient[: N - 2]).all()
+
+
+def test_a_late_label_out_of_range_is_the_whole_call_error(streaming, unary):
+    pred, labels = _inputs(4)
+    labels[N - 1] = C + 3
+    request = _request(dict(type="FocalLoss"), pred, labels)
+    errors = []
+    for client in (streaming, unary):
+        with pytest.raises(RemoteLossError) as caught:
+            client.evaluate_tensors(request)
+        errors.append(caught.value)
+    assert [e.code for e in errors] == [grpc.StatusCode.INVALID_ARGUMENT] * 2
+    assert errors[0].field == errors[1].field and errors[0].details == errors[1].details
+
+
+def test_a_caller_that_leaves_mid_stream_leaves_nothing_held(target, server):
+    pred, labels = _inputs(5)
+    leave = threading.Event()
+
+    def messages() -> Iterator:
+        yield _header(pred, labels)
+        yield from _rows(pred, labels, 0, N // 2)
+        leave.wait(30)  # never sends the rest: the call is cancelled meanwhile
+
+    with plain_channel(target) as channel:
+        method = channel.stream_stream(
+            EVALUATE_STREAM_METHOD,
+            request_serializer=chunks.serialize_chunk,
+            response_deserializer=pb.EvaluateChunk.FromString,
+        )
+        call = method(messages(), timeout=60)
+        first = next(call)  # an early gradient chunk: the overlap is running
+        assert first.WhichOneof("kind") == "chunk" and first.chunk.tensor == GRADIENT
+        assert server.dataplane.budget.held > 0 and server.dataplane.slots.in_use == 1
+        call.cancel()
+        leave.set()
+    waited = 0.0
+    while (server.dataplane.budget.held or server.dataplane.slots.in_use) and waited < 30:
+        time.sleep(0.05)  # a condition, polled: the server notices the cancellation on its own time
+        waited += 0.05
+    assert server.dataplane.budget.held == 0 and server.dataplane.slots.in_use == 0
+    # and the next call is answered
+    received_again: queue.Queue = queue.Queue()
+    _stream(target, iter([_header(pred, labels), *_rows(pred, labels, 0, N)]), received_again).join(60)
+    response, _, _ = _assembled(_drain(received_again))
+    assert list(response.early) == [GRADIENT]
+
+
+def test_a_caller_that_does_not_ask_gets_the_response_first(target):
+    pred, labels = _inputs(6)
+    received: queue.Queue = queue.Queue()
+    _stream(target, iter([_header(pred, labels, early=False), *_rows(pred, labels, 0, N)]), received).join(60)
+    messages = _drain(received)
+    assert messages[0].WhichOneof("kind") == "response" and not messages[0].response.early
