@@ -176,6 +176,11 @@ class Overlap:
         return Answer(response, sink, [term_rows, outcome, arrived])
 
     def close(self) -> None:
+        """The call is over: its reservation back, and its tensors let go (the answer's keep list frees
+        them once sent), so their buffers return to the pool for the next call instead of waiting for a
+        garbage collection."""
         if self.reserved:
             self.dataplane.budget.give_back(self.reserved)
             self.reserved = 0
+        self.off = True
+        self.views, self.term_rows, self.assembler = {}, None, None

@@ -280,3 +280,21 @@ def test_a_caller_that_does_not_ask_gets_the_response_first(target):
     _stream(target, iter([_header(pred, labels, early=False), *_rows(pred, labels, 0, N)]), received).join(60)
     messages = _drain(received)
     assert messages[0].WhichOneof("kind") == "response" and not messages[0].response.early
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [dict(type="FocalLoss", gamma="two"), dict(type="FocalLos"), dict(type="FocalLoss", reduction="median")],
+    ids=["ill_typed", "unknown", "bad_reduction"],
+)
+def test_a_bad_config_is_refused_as_the_whole_call_refuses_it(streaming, unary, cfg):
+    """The overlap's first step decodes and checks the term: its refusal is the whole-call path's."""
+    pred, labels = _inputs(7)
+    request = _request(cfg, pred, labels)
+    errors = []
+    for client in (streaming, unary):
+        with pytest.raises(RemoteLossError) as caught:
+            client.evaluate_tensors(request)
+        errors.append(caught.value)
+    assert errors[0].code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+    assert (errors[0].code, errors[0].field, errors[0].details) == (errors[1].code, errors[1].field, errors[1].details)
