@@ -123,7 +123,10 @@ def synchronized(fn: Callable[[], Any], device: torch.device) -> Callable[[], An
 TRANSPORTS: dict[str, dict[str, Any]] = {
     "default": {},  # whatever LossClient(target) does (on loopback: shared memory above 1 MiB)
     "unary": {"stream_threshold": None, "shared_memory": "off"},  # one unary Evaluate per call
-    "stream": {"stream_threshold": 0, "shared_memory": "off"},  # EvaluateStream (tensors in chunks)
+    # EvaluateStream (tensors in chunks), computed once every chunk is in: round trip - compute = the wire
+    "stream": {"stream_threshold": 0, "shared_memory": "off", "overlap": False},
+    # EvaluateStream computed while its rows arrive, the gradient's rows sent back as they are done
+    "overlap": {"stream_threshold": 0, "shared_memory": "off", "overlap": True},
     "shm": {"shared_memory": "on"},  # shared memory (same host) above 1 MiB of tensors
 }
 
@@ -134,8 +137,10 @@ def make_client(target: str, transport: str) -> LossClient:
     Features are detected on the installed client, not assumed: a transport whose keyword
     ``LossClient`` does not take stops the run with a message instead of measuring something else.
     """
-    kwargs = TRANSPORTS.get(transport, {"transport": transport})
-    missing = [name for name in kwargs if name not in inspect.signature(LossClient).parameters]
+    parameters = inspect.signature(LossClient).parameters
+    # a feature turned off that this client does not have is off already (an older client never overlaps)
+    kwargs = {k: v for k, v in TRANSPORTS.get(transport, {"transport": transport}).items() if v or k in parameters}
+    missing = [name for name in kwargs if name not in parameters]
     if missing:
         raise SystemExit(f"--transport {transport}: this LossClient takes no {', '.join(missing)}=")
     return LossClient(target, **kwargs)
@@ -144,7 +149,7 @@ def make_client(target: str, transport: str) -> LossClient:
 def client_features() -> dict[str, Any]:
     """What the installed client offers, recorded with the results."""
     parameters = inspect.signature(LossClient).parameters
-    usable = [name for name, kwargs in TRANSPORTS.items() if all(k in parameters for k in kwargs)]
+    usable = [name for name, kwargs in TRANSPORTS.items() if all(k in parameters or not v for k, v in kwargs.items())]
     return {"transports": usable, "transport_option": "transport" in parameters}
 
 

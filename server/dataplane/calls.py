@@ -258,17 +258,19 @@ class Dataplane:
         cancelled: Cancelled,
     ) -> list[TermRequest]:
         """Where fused kernels write pred's gradient: the caller's output range (read there, no copy) while
-        the call is alive, a reused buffer for a streamed answer, else memory of their own. CPU only: a GPU's
-        answer is copied to the host anyway."""
-        if self.device.type != "cpu":
+        the call is alive, a reused buffer for a streamed answer, else memory of their own; and, for either
+        kind of big call, where they take their scratch tensors (reused buffers). CPU only: a GPU's answer is
+        copied to the host anyway."""
+        if self.device.type != "cpu" or (output_range is None and sink is None):
             return terms
         if output_range is not None and not transfer:
             writer = into_output_range(output_range, in_place, cancelled)
         elif sink is not None and output_range is None:
             writer = into_pooled_buffers(self.buffers)
         else:
-            return terms
-        return [dataclasses.replace(term, gradient_out=writer) for term in terms]
+            writer = None
+        scratch = into_pooled_buffers(self.buffers)
+        return [dataclasses.replace(term, gradient_out=writer, scratch=scratch) for term in terms]
 
     # -- descriptions -----------------------------------------------------------------------------
 

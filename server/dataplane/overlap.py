@@ -125,7 +125,8 @@ class Overlap:
         plane, message = self.dataplane, self.header.terms[0]
         with AtTerm(0, message.name):
             term = decode_term(message, "terms[0]", plane.device, plane.limits.max_elements, self.views)
-            term = dataclasses.replace(term, gradient_out=into_pooled_buffers(plane.buffers))
+            pooled = into_pooled_buffers(plane.buffers)
+            term = dataclasses.replace(term, gradient_out=pooled, scratch=pooled)
             estimate, field = plane.costs.check(term, "terms[0].")
             what = f"{term.config.get('type')} on pred {list(term.pred.shape)} ({estimate.parameter})"
             self.reserved = plane.budget.take(estimate.total_bytes, what, f"terms[0].{field}", term=True)

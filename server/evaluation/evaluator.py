@@ -176,7 +176,8 @@ class Evaluator:
         recompute = term.grad_output is not None or term.grad_outputs
         out = _gradient_out(term) if kernel.writes_into else None
         if kernel.rows is not None and not recompute:  # loss and gradient block by block, in one pass
-            rows = kernel.rows(module, kwargs, out if out is not None else torch.empty_like(term.pred), True)
+            gradient = out if out is not None else torch.empty_like(term.pred)
+            rows = kernel.rows(module, kwargs, gradient, True, term.scratch)
             rows.advance(term.pred.shape[0])
             result = rows.finish()
         else:
@@ -404,7 +405,7 @@ class TermRows:
         self.evaluator, self.term, self.module, self.description = evaluator, term, module, description
         self.kernel, self.out = kernel, out
         self.gradient = out if out is not None else torch.empty_like(term.pred)
-        self.rows: fused_kernels.RowKernel | None = kernel.rows(module, kwargs, self.gradient, False)
+        self.rows: fused_kernels.RowKernel | None = kernel.rows(module, kwargs, self.gradient, False, term.scratch)
         self.done = 0  # leading rows of ``gradient`` that are final
 
     @property

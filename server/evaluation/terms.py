@@ -67,6 +67,9 @@ class TermRequest:
     # where a fused kernel may write pred's gradient: (shape, dtype) -> a tensor of them on pred's
     # device, or None (the caller's shared memory, so the answer needs no copy); None: a fresh tensor
     gradient_out: Callable[[torch.Size, torch.dtype], Tensor | None] | None = None
+    # where a fused kernel may take its big scratch tensors (a reused buffer: fresh memory costs a page
+    # fault per 4 KiB on first write); None: fresh tensors
+    scratch: Callable[[torch.Size, torch.dtype], Tensor] | None = None
     _config_key: Any = dataclasses.field(default=_UNKEYED, init=False, repr=False, compare=False)
 
     @property

@@ -55,6 +55,8 @@ FLOATS = (torch.float32, torch.float64)  # half precision keeps autograd's own r
 
 # gradient(upstream, out=None): see Fused
 Gradient = Callable[..., Tensor]
+# scratch(shape, dtype) -> an uninitialised tensor of them (see FusedKernel.rows)
+Scratch = Callable[[torch.Size, torch.dtype], Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,9 +97,10 @@ class RowKernel(Protocol):
 class FusedKernel:
     """One row of the selection table.
 
-    ``rows(module, kwargs, out, checked)``, for kernels that work row by row, starts a ``RowKernel``
-    that writes the gradient of an upstream of ones into ``out`` (pred's shape and dtype) as it goes;
-    ``checked``: ``supports`` has seen every value (else each block's are checked as they come).
+    ``rows(module, kwargs, out, checked, scratch)``, for kernels that work row by row, starts a
+    ``RowKernel`` that writes the gradient of an upstream of ones into ``out`` (pred's shape and dtype)
+    as it goes; ``checked``: ``supports`` has seen every value (else each block's are checked as they
+    come); ``scratch(shape, dtype)``: where it takes its whole-sized scratch tensors (None: fresh ones).
     ``covers(module, kwargs)`` is ``supports`` without reading any value (shapes, dtypes, config only):
     whether the kernel may start on rows that have not arrived yet."""
 
@@ -105,7 +108,7 @@ class FusedKernel:
     supports: Callable[[nn.Module, Mapping[str, Any]], bool]
     run: Callable[[nn.Module, Mapping[str, Any]], Fused]
     writes_into: bool = False  # its gradient() writes into a given ``out`` (see Fused)
-    rows: Callable[[nn.Module, Mapping[str, Any], Tensor, bool], RowKernel] | None = None
+    rows: Callable[[nn.Module, Mapping[str, Any], Tensor, bool, Scratch | None], RowKernel] | None = None
     covers: Callable[[nn.Module, Mapping[str, Any]], bool] | None = None
 
 

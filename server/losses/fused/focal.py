@@ -15,6 +15,7 @@ from . import (
     Fused,
     FusedKernel,
     NotFusable,
+    Scratch,
     finite,
     negatives_gradient,
     plain_reducer,
@@ -125,11 +126,19 @@ class FocalRows:
     as it comes, and ``NotFusable`` ends the kernel at the first that fails.
     """
 
-    def __init__(self, module: FocalLoss, kwargs: Mapping[str, Any], out: Tensor | None, checked: bool) -> None:
+    def __init__(
+        self,
+        module: FocalLoss,
+        kwargs: Mapping[str, Any],
+        out: Tensor | None,
+        checked: bool,
+        scratch: Scratch | None = None,
+    ) -> None:
         self.module, self.checked = module, checked
         self.x, self.target = kwargs["pred"].detach(), kwargs["target"]
         self.gamma, self.alpha = float(module.gamma), float(module.alpha)
-        self.loss = torch.empty_like(self.x)
+        # the element-wise loss, whole (the module's reduction reads it at the end)
+        self.loss = torch.empty_like(self.x) if scratch is None else scratch(self.x.shape, self.x.dtype)
         weight = kwargs.get("weight")
         self.weight = None if weight is None else reshape_focal_weight(weight, self.loss)
         self.reducer = plain_reducer(module, kwargs)
@@ -216,8 +225,10 @@ class _Positives(NamedTuple):
     focal: Tensor
 
 
-def rows(module: FocalLoss, kwargs: Mapping[str, Any], out: Tensor | None, checked: bool) -> FocalRows:
-    return FocalRows(module, kwargs, out, checked)
+def rows(
+    module: FocalLoss, kwargs: Mapping[str, Any], out: Tensor | None, checked: bool, scratch: Scratch | None = None
+) -> FocalRows:
+    return FocalRows(module, kwargs, out, checked, scratch)
 
 
 def run(module: FocalLoss, kwargs: Mapping[str, Any]) -> Fused:
