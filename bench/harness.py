@@ -28,9 +28,17 @@ SERVER_PIDS: dict[str, int] = {}  # host:port -> pid of each server losswire_ser
 
 
 @contextlib.contextmanager
+def overlap_flags() -> list[str]:
+    """``--overlap-transfer=on`` for a server that has the setting: the benchmark measures both ways whatever the
+    machine's CPU count (its clients choose, ``LossClient(overlap=...)``); an older server has none."""
+    from losswire.server.config import ServerConfig
+
+    return ["--overlap-transfer=on"] if "overlap_transfer" in ServerConfig.__dataclass_fields__ else []
+
+
 def losswire_server(device: str) -> Iterator[str]:
     """``losswire serve`` on an ephemeral loopback port; yields its ``host:port``."""
-    argv = serve_cmd("--host=127.0.0.1", "--port=0", f"--device={device}")
+    argv = serve_cmd("--host=127.0.0.1", "--port=0", f"--device={device}", *overlap_flags())
     proc = subprocess.Popen(argv, env=server_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stderr:

@@ -39,7 +39,7 @@ sys.path[:0] = [str(BENCH), str(BENCH.parent / "tests")]
 
 import grpc  # noqa: E402
 from baselines import CHUNK, UNLIMITED, tcp_echo, tcp_roundtrip  # noqa: E402
-from harness import Run  # noqa: E402
+from harness import Run, overlap_flags  # noqa: E402
 from support.servers import LISTENING, serve_cmd, server_env  # noqa: E402
 from timing import FOCAL, MiB, remote_step, timed, workload  # noqa: E402
 from torch import Tensor  # noqa: E402
@@ -206,7 +206,10 @@ def start_servers(stack: contextlib.ExitStack, link: Link, device: str) -> Targe
     """losswire and both baselines, each its own process in the server namespace."""
     losswire = start_in(
         stack,
-        in_namespace(link.server_ns, *serve_cmd(f"--host={SERVER_ADDRESS}", "--port=0", f"--device={device}")),
+        in_namespace(
+            link.server_ns,
+            *serve_cmd(f"--host={SERVER_ADDRESS}", "--port=0", f"--device={device}", *overlap_flags()),
+        ),
         LISTENING,
         "stderr",
     )

@@ -34,6 +34,7 @@ from .config import ServerConfig
 from .dataplane import Dataplane, RequestLimits, SharedMemoryLimits, SharedMemoryRegistry
 from .dataplane.budget import MemoryBudget
 from .dataplane.costs import TermCosts
+from .dataplane.overlap import overlap_enabled
 from .evaluation import SessionStore
 from .losses import LOSSES, Registry
 from .rpc.authentication import SessionOwners, TokenAuthInterceptor
@@ -119,6 +120,7 @@ class LosswireServer:
             shared_memory=self.shared_memory,
             buffers=BufferPool(config.buffer_pool_bytes),
             fused=config.fused_kernels,
+            overlap=overlap_enabled(config.overlap_transfer),
             budget=MemoryBudget(config.memory_budget, config.max_term_memory),
             costs=TermCosts(registry, config.max_module_bytes, config.term_memory_ratio),
         )
@@ -212,6 +214,13 @@ class LosswireServer:
             len(self.registry),
             ", ".join(self.registry.names()),
         )
+        if self.device.type == "cpu":
+            log.info(
+                "overlap %s: streamed calls that ask for early gradients are computed %s (--overlap-transfer %s)",
+                "on" if self.dataplane.overlap else "off",
+                "as their rows arrive" if self.dataplane.overlap else "once every chunk is in",
+                self.config.overlap_transfer,
+            )
         if self.config.shared_memory:
             log.info(
                 "shared memory: segments handed over on unix socket %s (callers running as uid %d)",

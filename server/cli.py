@@ -276,6 +276,14 @@ KNOBS: tuple[Knob, ...] = (
         "on: Focal, QFL, CE, SmoothL1, L1 and GIoU terms get loss and gradient in one analytic pass; off: autograd",
     ),
     Knob(
+        "overlap_transfer",
+        _choice("auto", "on", "off"),
+        _DEFAULT.overlap_transfer,
+        "on: a streamed FocalLoss call whose caller asks (the Python client does) is computed block of rows by "
+        "block as its chunks arrive, its gradient rows sent back as they are done; auto: on with 4 CPUs or more "
+        "(on fewer the kernel and the transfer share the cores); off: computed once every chunk is in",
+    ),
+    Knob(
         "shared_memory",
         _on_off,
         _DEFAULT.shared_memory,

@@ -77,7 +77,8 @@ class Dataplane:
     ``slots`` bounds the big calls (streamed, or with tensors in shared memory) served at once;
     ``shared_memory`` holds the callers' registered regions (each answers only the ``caller`` that
     registered it: the front door says who a call comes from); ``buffers`` lends reused memory to
-    streamed tensors and their answers; ``fused``: answer terms a fused kernel covers without autograd.
+    streamed tensors and their answers; ``fused``: answer terms a fused kernel covers without autograd;
+    ``overlap``: compute a streamed call that asks for early gradients as its rows arrive.
     """
 
     def __init__(
@@ -92,8 +93,10 @@ class Dataplane:
         fused: bool = True,
         budget: MemoryBudget | None = None,
         costs: TermCosts | None = None,
+        overlap: bool = True,
     ) -> None:
         self.device = device
+        self.overlap = overlap  # streamed calls that ask may be computed as they arrive (see overlap.py)
         self.registry = registry
         self.limits = limits if limits is not None else RequestLimits()
         self.sessions = sessions if sessions is not None else SessionStore(registry, device)

@@ -298,3 +298,25 @@ def test_a_bad_config_is_refused_as_the_whole_call_refuses_it(streaming, unary, 
         errors.append(caught.value)
     assert errors[0].code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
     assert (errors[0].code, errors[0].field, errors[0].details) == (errors[1].code, errors[1].field, errors[1].details)
+
+
+def test_a_server_with_overlap_off_answers_after_every_chunk(unary):
+    """``--overlap-transfer off`` (or auto on a small machine): a caller that asks gets the same answer, every
+    gradient chunk after the response, nothing listed early."""
+    from losswire.server.app import LosswireServer
+    from losswire.server.config import ServerConfig
+
+    server = LosswireServer(ServerConfig(host="127.0.0.1", port=0, max_workers=2, overlap_transfer="off"))
+    server.start()
+    try:
+        client = LossClient(f"127.0.0.1:{server.port}", timeout=60, stream_threshold=64 << 10, shared_memory="off")
+        pred, labels = _inputs(8)
+        request = _request(dict(type="FocalLoss"), pred, labels)
+        response, streamed = client.evaluate_tensors(request)
+        client.close()
+    finally:
+        server.stop(grace=1)
+    assert not response.early and GRADIENT in streamed
+    assert all(
+        torch.equal(a, b) for a, b in zip(_answer(response, streamed), _unary_answer(unary, request), strict=True)
+    )
