@@ -27,15 +27,16 @@ SERVER_PIDS: dict[str, int] = {}  # host:port -> pid of each server losswire_ser
 # -- the server under test and the shared state of a run ---------------------------------------------
 
 
-@contextlib.contextmanager
 def overlap_flags() -> list[str]:
-    """``--overlap-transfer=on`` for a server that has the setting: the benchmark measures both ways whatever the
-    machine's CPU count (its clients choose, ``LossClient(overlap=...)``); an older server has none."""
+    """``--overlap-transfer=on`` for a server that has the setting: the benchmark measures both ways
+    whatever the machine's CPU count (its clients choose, ``LossClient(overlap=...)``); an older server
+    has none."""
     from losswire.server.config import ServerConfig
 
     return ["--overlap-transfer=on"] if "overlap_transfer" in ServerConfig.__dataclass_fields__ else []
 
 
+@contextlib.contextmanager
 def losswire_server(device: str) -> Iterator[str]:
     """``losswire serve`` on an ephemeral loopback port; yields its ``host:port``."""
     argv = serve_cmd("--host=127.0.0.1", "--port=0", f"--device={device}", *overlap_flags())
