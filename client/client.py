@@ -72,7 +72,7 @@ class LossClient:
     arrived: the tensors are sent again. ``transfer_dtype`` (``'float16'``/``'bfloat16'``): the
     default of every ``RemoteLoss`` on this client (see ``RemoteLoss``). ``overlap`` (default True): a
     streamed request sends its inputs' rows interleaved and lets the server compute each block of rows
-    as it arrives and send pred's gradient rows back as they are done (FocalLoss on a CPU server with
+    as it arrives and send pred's gradient rows back as they are done (FocalLoss, QualityFocalLoss on a CPU server with
     ``--overlap-transfer`` on; see docs/performance.md), so a big call's compute overlaps its transfer;
     the answer is the same bit for bit. False: the server starts once everything has arrived.
 

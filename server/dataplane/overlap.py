@@ -1,7 +1,8 @@
 """A streamed call computed while it arrives (``EvaluateRequest.early_gradients``).
 
-A big FocalLoss call spends as long on the wire as in the kernel; done one after the other, its round
-trip is upload + compute + download. Here the term starts as soon as its first chunk is in: its tensors
+A big FocalLoss call (or QualityFocalLoss: any loss whose fused kernel is a ``RowKernel``) spends about
+as long on the wire as in the kernel; done one after the other, its round trip is upload + compute +
+download. Here the term starts as soon as its first chunk is in: its tensors
 are allocated whole at once, the fused kernel works through the blocks of rows every input already
 holds (``Evaluator.start_rows``), and the rows of pred's gradient it has finished go back to the caller
 while the rest is still arriving, so the round trip approaches the longest of the three instead.

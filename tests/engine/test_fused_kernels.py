@@ -580,6 +580,38 @@ def test_focal_loss_in_row_blocks_is_the_whole_tensor_pass_bit_for_bit(dtype, mo
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_quality_focal_loss_in_row_blocks_is_autograd_bit_for_bit(dtype, monkeypatch):
+    """QualityFocalLoss through cache-sized row blocks, as FocalLoss: on one thread, autograd's bits for
+    every reduction, with a per-sample weight, an exact and a general beta, and an upstream gradient."""
+    monkeypatch.setattr(fused, "BLOCK_ELEMENTS", 1000)
+    monkeypatch.setattr(fused, "BLOCKED_MIN_ELEMENTS", 2000)
+    n = 1003
+    assert len(fused.row_blocks(n, C, torch.device("cpu"))) == 8
+    pred = _logits(dtype, n=n)
+    labels = _labels(n=n, high=C + 2) - 1  # -1 and C are negatives too
+    scores = torch.rand(n, generator=_gen(3), dtype=dtype)
+    weights = (None, torch.rand(n, generator=_gen(5), dtype=dtype))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for cfg in ({"type": "QualityFocalLoss"}, {"type": "QualityFocalLoss", "beta": 1.5, "loss_weight": 2.0}):
+            for (reduction, avg_factor), weight in itertools.product(
+                (("mean", None), ("mean", 7.0), ("sum", None), ("none", None)), weights
+            ):
+                fields = {"weight": weight, "reduction_override": reduction, "avg_factor": avg_factor}
+                auto, fast = (e.evaluate(_term(cfg, pred, (labels, scores), **fields)) for e in (AUTOGRAD, FUSED))
+                assert fast.fused == "QualityFocalLoss"
+                assert torch.equal(fast.loss, auto.loss), (cfg, reduction, avg_factor)
+                assert torch.equal(_gradient(fast), _gradient(auto)), (cfg, reduction, avg_factor, weight is None)
+            upstream = torch.rand(n, generator=_gen(8), dtype=dtype)
+            fields = {"reduction_override": "none", "grad_output": upstream}
+            auto, fast = (e.evaluate(_term(cfg, pred, (labels, scores), **fields)) for e in (AUTOGRAD, FUSED))
+            assert torch.equal(_gradient(fast), _gradient(auto))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_giou_loss_in_row_blocks_is_autograd_bit_for_bit(dtype, monkeypatch):
     """GIoULoss over blocks of boxes (flat and batched boxes, every reduction, [N] and [N, 4] weights,
     an upstream gradient): autograd's bits, its arithmetic being exact-rounded element-wise steps."""

@@ -1,5 +1,6 @@
-"""A streamed call computed while it arrives (``EvaluateRequest.early_gradients``): FocalLoss's blocks of
-rows are computed as every input holds them, and pred's gradient rows come back before the response.
+"""A streamed call computed while it arrives (``EvaluateRequest.early_gradients``): FocalLoss's and
+QualityFocalLoss's blocks of rows are computed as every input holds them, and pred's gradient rows come
+back before the response.
 
 The answer must be the whole-call answer bit for bit, whatever the order the caller sends its rows in;
 a late block that needs the general path voids the early rows; a caller that leaves mid-stream leaves
@@ -101,6 +102,21 @@ def test_the_overlapped_answer_is_the_whole_call_answer_bit_for_bit(streaming, u
     loss, gradient = _answer(response, streamed)
     expected_loss, expected_gradient = _unary_answer(unary, request)
     assert torch.equal(loss, expected_loss) and torch.equal(gradient, expected_gradient)
+
+
+@pytest.mark.parametrize("beta", [2.0, 1.5])
+def test_quality_focal_loss_is_overlapped_too(streaming, unary, beta):
+    """QualityFocalLoss's target is a (label, score) pair: both of its tensors' rows are waited for."""
+    n = 16384  # labels of 128 KiB: both target tensors are streamed, in rows beside pred's
+    pred, labels = _inputs(9, n=n)
+    scores = torch.rand(n, generator=torch.Generator().manual_seed(10))
+    request = _request(dict(type="QualityFocalLoss", beta=beta), pred, (labels - 1, scores))
+    streamed_inputs = {path for path, tensor in codec.tensors_of(request) if tensor.ByteSize() >= 64 << 10}
+    assert {"terms[0].target.tensors.items[0]", "terms[0].target.tensors.items[1]"} <= streamed_inputs
+    response, streamed = streaming.evaluate_tensors(request)
+    assert list(response.early) == [GRADIENT]
+    expected = _unary_answer(unary, request)
+    assert all(torch.equal(a, b) for a, b in zip(_answer(response, streamed), expected, strict=True))
 
 
 def _stream(target: str, messages: Iterator, received: queue.Queue) -> threading.Thread:

@@ -23,6 +23,10 @@ last bit on some elements (torch.exp vs log_softmax's backward kernel).
 tests/engine/test_fused_kernels.py checks both. The saving is the graph: no saved intermediates, no
 zero-filled gradient buffers, no one-hot targets, in-place products.
 
+FocalLoss's and QualityFocalLoss's kernels work block of rows by block of rows (``RowKernel``: each
+block's loss and, for an upstream of ones, its gradient in one pass), so the same code answers a whole
+term and one whose rows are still arriving (``Evaluator.start_rows``): the same blocks, the same bits.
+
 ``FUSED_KERNELS`` maps a loss *class* (an exact type: a plugin that replaces the name or subclasses it
 is never fused) to its kernel and a ``supports(module, kwargs)`` predicate. ``supports`` is
 conservative: anything the module would refuse (bad shapes, out-of-range labels, a bad
@@ -256,6 +260,14 @@ def negatives_gradient(
             path.mul_(scale)
         grad.add_(path.mul_(pow_grad(prob, exponent)).mul_(1 - prob).mul_(prob))
     return grad
+
+
+# Powers torch computes exactly, whatever an element's place in the tensor. Any other ``q^gamma`` goes
+# through a vectorised pow whose last elements (fewer than a vector loop's step) take the scalar
+# ``std::pow``, which may differ in the last bit: a kernel then reads such a power at its positives from the
+# block's [rows, C] tensor, where each element sits where it sits in autograd's whole-tensor pass
+# (blocks hold multiples of 64 elements), not from a gathered vector whose tail depends on the block.
+EXACT_POWERS = (0.0, 1.0, 2.0, 3.0)
 
 
 # -- cache-sized blocks --------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from ..errors import LossError
 from ..focal import FocalLoss, focal_factor, reshape_focal_weight
 from ..logits import SigmoidParts, bce_positive, sigmoid_parts
 from . import (
+    EXACT_POWERS,
     Fused,
     FusedKernel,
     NotFusable,
@@ -74,14 +75,6 @@ def supports(module: nn.Module, kwargs: Mapping[str, Any]) -> bool:
         return False
     pred, target = kwargs["pred"], kwargs["target"]
     return labels_in_range(target, pred.shape[1]) and finite(pred, kwargs.get("weight"))
-
-
-# Powers torch computes exactly, whatever an element's place in the tensor. Any other ``q^gamma`` goes
-# through a vectorised pow whose last elements (fewer than a vector loop's step) take the scalar
-# ``std::pow``, which may differ in the last bit: the positives' ``q^gamma`` is then read from the
-# block's [rows, C] tensor, where each element sits where it sits in autograd's whole-tensor pass
-# (blocks hold multiples of 64 elements), not from a gathered vector whose tail depends on the block.
-EXACT_POWERS = (0.0, 1.0, 2.0, 3.0)
 
 
 class _Negatives:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -11,14 +11,18 @@ from torch import Tensor, nn
 from ..gfocal import QualityFocalLoss, quality_factor
 from ..logits import bce_soft, sigmoid_parts
 from . import (
+    EXACT_POWERS,
     Fused,
     FusedKernel,
+    NotFusable,
+    Scratch,
     broadcasts,
     finite,
     negatives_gradient,
     plain_reducer,
     pow_grad,
     register,
+    row_blocks,
     same_float_dtype,
     supported_exponent,
 )
@@ -39,22 +43,26 @@ def quality_target(kwargs: Mapping[str, Any]) -> tuple[Tensor, Tensor] | None:
     return label.long(), score
 
 
-def supports(module: nn.Module, kwargs: Mapping[str, Any]) -> bool:
-    """QualityFocalLoss on logits with a ``(label [N], score [N])`` target, weight broadcastable to
-    the per-sample loss [N] in pred's dtype, ``beta`` 0 or >= 1."""
+def covers(module: nn.Module, kwargs: Mapping[str, Any]) -> bool:
+    """What ``supports`` asks of everything but the values: QualityFocalLoss on logits with a
+    ``(label [N], score [N])`` target, weight broadcastable to the per-sample loss [N] in pred's dtype,
+    ``beta`` 0 or >= 1, a reduction the module takes."""
     if module.activated or not supported_exponent(module.beta):
         return False
     pred, weight = kwargs.get("pred"), kwargs.get("weight")
-    target = quality_target(kwargs)
-    if target is None or not same_float_dtype(pred, weight):
+    if quality_target(kwargs) is None or not same_float_dtype(pred, weight):
         return False
-    if not broadcasts(weight, pred.shape[:1]):
-        return False
-    return plain_reducer(module, kwargs) is not None and finite(pred, weight, target[1])
+    return broadcasts(weight, pred.shape[:1]) and plain_reducer(module, kwargs) is not None
 
 
-def run(module: QualityFocalLoss, kwargs: Mapping[str, Any]) -> Fused:
-    r"""Quality focal loss and its gradient with respect to the logits ``x`` [N, C].
+def supports(module: nn.Module, kwargs: Mapping[str, Any]) -> bool:
+    """``covers``, with pred, weight and score finite."""
+    return covers(module, kwargs) and finite(kwargs["pred"], kwargs.get("weight"), kwargs["target"][1])
+
+
+class QualityRows:
+    r"""Quality focal loss and its gradient with respect to the logits ``x`` [N, C], block of rows by
+    block of rows (a ``RowKernel``, as ``focal.FocalRows``).
 
     With ``p = sigmoid(x)`` and the dense target ``y`` (the row's score at its label column, 0
     elsewhere; labels outside [0, C) make the row all negative), the per-sample loss is
@@ -70,48 +78,141 @@ def run(module: QualityFocalLoss, kwargs: Mapping[str, Any]) -> Fused:
       ``abs``'s backward).
 
     The gradient row n is scaled by ``weight_n * loss_weight * reduction scale * upstream_n``.
-    Output: the module's ([N] for 'none', else 0-d).
+    Output: the module's ([N] for 'none', else 0-d), from the per-sample losses once every block is in.
+    ``out``, ``checked`` and ``scratch``: as ``FocalRows``.
     """
-    pred, weight = kwargs["pred"], kwargs.get("weight")
-    label, score = quality_target(kwargs)
-    beta = float(module.beta)
-    x = pred.detach()
-    num_classes = x.shape[1]
 
-    prob, log_sigmoid, bce = sigmoid_parts(x)
-    prob_beta = quality_factor(prob, beta)
-    loss = bce * prob_beta
+    def __init__(
+        self,
+        module: QualityFocalLoss,
+        kwargs: Mapping[str, Any],
+        out: Tensor | None,
+        checked: bool,
+        scratch: Scratch | None = None,
+    ) -> None:
+        self.module, self.checked, self.out = module, checked, out
+        self.x = kwargs["pred"].detach()
+        self.label, self.score = kwargs["target"]
+        self.beta = float(module.beta)
+        weight = kwargs.get("weight")
+        rows = self.x.shape[0]
+        self.weight = weight
+        self.row_weight = None if weight is None else weight.expand(rows)  # per row, for the blocks
+        self.sample_loss = self.x.new_empty(rows)
+        self.reducer = plain_reducer(module, kwargs)
+        self.blocks = row_blocks(rows, self.x.shape[1], self.x.device)
+        if out is not None:  # d(output)/d(L_n) of an upstream of ones, without the weight (0-d)
+            self.scale = self.reducer.gradient_scale(module.loss_weight, None, None, self.sample_loss)
+        self.next = 0
 
-    # positives: the soft target's BCE, the transcendentals read from the [N, C] results (see the focal
-    # kernel)
-    rows = torch.nonzero((label >= 0) & (label < num_classes)).squeeze(1)
-    cols = label[rows]
-    y = score.detach()[rows].to(x.dtype)
-    p = prob[rows, cols]
-    bce_p = bce_soft(x[rows, cols], y, log_sigmoid[rows, cols])
-    gap = y - p
-    modulator = gap.abs()
-    modulator_beta = quality_factor(modulator, beta)
-    loss[rows, cols] = bce_p * modulator_beta
+    def advance(self, rows: int) -> int:
+        """Compute every block within the first ``rows`` rows; the rows done so far."""
+        while self.next < len(self.blocks) and self.blocks[self.next].stop <= rows:
+            self.compute_block(self.blocks[self.next])
+            self.next += 1
+        return self.blocks[self.next - 1].stop if self.next else 0
 
-    sample_loss = loss.sum(dim=1)
-    reducer = plain_reducer(module, kwargs)
-    value = module.finish(sample_loss, weight, reducer.mode, reducer.avg_factor)
+    def parts(self, block: slice) -> _QualityBlock:
+        """A block's sigmoid parts, negatives' factor and positive entries."""
+        x = self.x[block]
+        prob, log_sigmoid, bce = sigmoid_parts(x)
+        prob_beta = quality_factor(prob, self.beta)
+        label = self.label[block].long()
+        rows = torch.nonzero((label >= 0) & (label < x.shape[1])).squeeze(1)
+        cols = label[rows]
+        # the transcendentals read from the [rows, C] results (see the focal kernel)
+        y = self.score.detach()[block][rows].to(x.dtype)
+        p = prob[rows, cols]
+        bce_p = bce_soft(x[rows, cols], y, log_sigmoid[rows, cols])
+        gap = y - p
+        modulator = gap.abs()
+        if self.beta in EXACT_POWERS:
+            modulator_beta = quality_factor(modulator, self.beta)
+        else:  # m^beta where autograd takes it, in the dense [rows, C] modulator (see EXACT_POWERS)
+            dense = prob.clone()
+            dense[rows, cols] = modulator
+            modulator_beta = quality_factor(dense, self.beta)[rows, cols]
+        return _QualityBlock(prob, bce, prob_beta, rows, cols, y, p, bce_p, gap, modulator, modulator_beta)
 
-    def gradient(upstream: Tensor | None, out: Tensor | None = None) -> Tensor:
-        # as the focal kernel: the BCE path (p - y) (g m^beta) plus the modulator's
-        # ((g BCE) (beta m^(beta-1)) dm/dp) (1 - p) p, in autograd's order
-        g = reducer.gradient_scale(module.loss_weight, weight, upstream, sample_loss).expand(sample_loss.shape)
+    def compute_block(self, block: slice) -> None:
+        weight = None if self.row_weight is None else self.row_weight[block]
+        if not self.checked and not finite(self.x[block], weight, self.score[block]):
+            raise NotFusable(f"rows {block.start}-{block.stop} of QualityFocalLoss's inputs need the general path")
+        parts = self.parts(block)
+        loss = parts.bce * parts.prob_beta
+        loss[parts.rows, parts.cols] = parts.bce_p * parts.modulator_beta
+        torch.sum(loss, dim=1, out=self.sample_loss[block])
+        if self.out is not None:
+            g = self.scale.expand(block.stop - block.start) if weight is None else self.scale * weight
+            self.block_gradient(parts, g, self.out[block])
+
+    def block_gradient(self, parts: _QualityBlock, g: Tensor, out: Tensor) -> None:
+        """A block's gradient into ``out``; ``g``: d(output)/d(L_n) of its rows. As the focal kernel: the
+        BCE path (p - y) (g m^beta) plus the modulator's ((g BCE) (beta m^(beta-1)) dm/dp) (1 - p) p, in
+        autograd's order."""
+        beta = self.beta
         g_rows = g.unsqueeze(1)  # the sum's backward: each row's factor on its C columns
-        grad = negatives_gradient(prob_beta, prob, bce, g_rows, beta, None, out)  # focal's, alpha dropped
-        g_p = g[rows]
-        grad_p = (p - y) * (modulator_beta * g_p)
+        negatives_gradient(parts.prob_beta, parts.prob, parts.bce, g_rows, beta, None, out)  # alpha dropped
+        g_p = g[parts.rows]
+        grad_p = (parts.p - parts.y) * (parts.modulator_beta * g_p)
         if beta != 0:  # pow's backward is zero for a zero exponent
-            grad_p = grad_p + (-((bce_p * g_p) * pow_grad(modulator, beta) * gap.sign())) * (1 - p) * p
-        grad[rows, cols] = grad_p
+            path = -((parts.bce_p * g_p) * pow_grad(parts.modulator, beta) * parts.gap.sign())
+            grad_p = grad_p + path * (1 - parts.p) * parts.p
+        out[parts.rows, parts.cols] = grad_p
+
+    def finish(self) -> Fused:
+        """The loss, once every block is in, and its gradient."""
+        if self.next < len(self.blocks):
+            raise ValueError(f"QualityFocalLoss: {self.advance(0)} of {self.x.shape[0]} rows computed")
+        value = self.module.finish(self.sample_loss, self.weight, self.reducer.mode, self.reducer.avg_factor)
+        return Fused(value, self.gradient)
+
+    def gradient(self, upstream: Tensor | None, out: Tensor | None = None) -> Tensor:
+        if upstream is None and self.out is not None:
+            return self.out
+        loss_weight = self.module.loss_weight
+        g = self.reducer.gradient_scale(loss_weight, self.weight, upstream, self.sample_loss)
+        g = g.expand(self.sample_loss.shape)
+        grad = torch.empty_like(self.x) if out is None else out
+        for block in self.blocks:
+            self.block_gradient(self.parts(block), g[block], grad[block])
         return grad
 
-    return Fused(value, gradient)
+
+class _QualityBlock(NamedTuple):
+    """A block's dense parts and its positive entries (label in [0, C)): see ``QualityRows.parts``."""
+
+    prob: Tensor
+    bce: Tensor
+    prob_beta: Tensor
+    rows: Tensor
+    cols: Tensor
+    y: Tensor
+    p: Tensor
+    bce_p: Tensor
+    gap: Tensor
+    modulator: Tensor
+    modulator_beta: Tensor
 
 
-register(QualityFocalLoss, FusedKernel("QualityFocalLoss", supports, run, writes_into=True))
+def rows(
+    module: QualityFocalLoss,
+    kwargs: Mapping[str, Any],
+    out: Tensor | None,
+    checked: bool,
+    scratch: Scratch | None = None,
+) -> QualityRows:
+    return QualityRows(module, kwargs, out, checked, scratch)
+
+
+def run(module: QualityFocalLoss, kwargs: Mapping[str, Any]) -> Fused:
+    """The whole term at once (``supports`` said yes): every block, then the loss; the gradient after."""
+    kernel = QualityRows(module, kwargs, None, checked=True)
+    kernel.advance(kernel.x.shape[0])
+    return kernel.finish()
+
+
+register(
+    QualityFocalLoss,
+    FusedKernel("QualityFocalLoss", supports, run, writes_into=True, rows=rows, covers=covers),
+)
