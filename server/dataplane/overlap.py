@@ -44,9 +44,10 @@ if TYPE_CHECKING:
 PRED_PATH = "terms[0].pred"
 STEP_MIN_BYTES = 1 << 20  # a step waits for this much of pred's new rows (or an eighth of pred; or the last)
 GRADIENT_PATH = "results[0].gradients[pred]"
-# `--overlap-transfer auto` overlaps on this many usable CPUs or more: the event loop receiving chunks, the kernel, and
-# (on one machine) the caller each want one. On 2 vCPUs shared with the caller it measured 0.68-0.91x the
-# serial round trip with a slower kernel and 1.03-1.26x with the one-pass kernel, across a 10 Gbit/s link.
+# `--overlap-transfer auto` overlaps on this many usable CPUs or more: the event loop receiving chunks and the
+# kernel each want one (and, on one machine, the caller). On 2 vCPUs shared with the caller, across a 10 Gbit/s
+# link at 256 MiB, it measured 0.68-0.91x the serial round trip while the kernel's loss went to fresh pages,
+# 1.04-1.21x once it went to reused ones (docs/performance.md).
 OVERLAP_MIN_CPUS = 4
 
 

@@ -176,8 +176,7 @@ class Evaluator:
         recompute = term.grad_output is not None or term.grad_outputs
         out = _gradient_out(term) if kernel.writes_into else None
         if kernel.rows is not None and not recompute:  # loss and gradient block by block, in one pass
-            gradient = out if out is not None else torch.empty_like(term.pred)
-            rows = kernel.rows(module, kwargs, gradient, True, term.scratch)
+            rows = kernel.rows(module, kwargs, out, True, term.scratch)
             rows.advance(term.pred.shape[0])
             result = rows.finish()
         else:

@@ -102,9 +102,10 @@ class FusedKernel:
     """One row of the selection table.
 
     ``rows(module, kwargs, out, checked, scratch)``, for kernels that work row by row, starts a
-    ``RowKernel`` that writes the gradient of an upstream of ones into ``out`` (pred's shape and dtype)
-    as it goes; ``checked``: ``supports`` has seen every value (else each block's are checked as they
-    come); ``scratch(shape, dtype)``: where it takes its whole-sized scratch tensors (None: fresh ones).
+    ``RowKernel`` that computes the gradient of an upstream of ones as it goes, into ``out`` (pred's
+    shape and dtype; None: a tensor of its own); ``checked``: ``supports`` has seen every value (else
+    each block's are checked as they come); ``scratch(shape, dtype)``: where it takes its whole-sized
+    scratch tensors (None: fresh ones).
     ``covers(module, kwargs)`` is ``supports`` without reading any value (shapes, dtypes, config only):
     whether the kernel may start on rows that have not arrived yet."""
 
@@ -284,6 +285,12 @@ EXACT_POWERS = (0.0, 1.0, 2.0, 3.0)
 # threads differed from autograd in 1-2 of 4.8M gradient elements, blocked or not (whole: 0-1).
 BLOCK_ELEMENTS = 1 << 17
 BLOCKED_MIN_ELEMENTS = 1 << 22
+
+
+def rows_of(tensor: Tensor, block: slice) -> Tensor:
+    """``tensor[block]``, or ``tensor`` itself where the block is all of its rows: a small term is one
+    block, and each view costs it a couple of microseconds."""
+    return tensor if block.start == 0 and block.stop == tensor.shape[0] else tensor[block]
 
 
 def row_blocks(rows: int, per_row: int, device: torch.device) -> list[slice]:

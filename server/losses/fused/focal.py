@@ -23,6 +23,7 @@ from . import (
     pow_grad,
     register,
     row_blocks,
+    rows_of,
     same_float_dtype,
     supported_exponent,
 )
@@ -111,9 +112,9 @@ class FocalRows:
 
     Output: the module's (``[N, C]`` for 'none', else 0-d), from the whole element-wise loss once every
     block is in. The gradient is ``dL/dx * weight * loss_weight * reduction scale * upstream``, the
-    weight broadcast as mmdet's rule shapes it ([N] -> [N, 1], [N * C] -> [N, C]). With ``out`` given the
-    gradient of an upstream of ones is computed with each block, into ``out`` (its rows final as
-    ``advance`` says); without, by ``Fused.gradient`` afterwards, for any upstream.
+    weight broadcast as mmdet's rule shapes it ([N] -> [N, 1], [N * C] -> [N, C]). ``eager``: the
+    gradient of an upstream of ones is computed with each block, into ``out`` when given (its rows final
+    as ``advance`` says); else by ``Fused.gradient`` afterwards, for any upstream.
 
     ``checked``: ``supports`` has seen every value; else each block's labels and finiteness are checked
     as it comes, and ``NotFusable`` ends the kernel at the first that fails.
@@ -126,20 +127,26 @@ class FocalRows:
         out: Tensor | None,
         checked: bool,
         scratch: Scratch | None = None,
+        eager: bool = True,
     ) -> None:
-        self.module, self.checked = module, checked
+        self.module, self.checked, self.eager = module, checked, eager
         self.x, self.target = kwargs["pred"].detach(), kwargs["target"]
         self.gamma, self.alpha = float(module.gamma), float(module.alpha)
-        # the element-wise loss, whole (the module's reduction reads it at the end)
-        self.loss = torch.empty_like(self.x) if scratch is None else scratch(self.x.shape, self.x.dtype)
-        weight = kwargs.get("weight")
-        self.weight = None if weight is None else reshape_focal_weight(weight, self.loss)
-        self.reducer = plain_reducer(module, kwargs)
         self.blocks = row_blocks(self.x.shape[0], self.x.shape[1], self.x.device)
-        self.out = out
-        if out is not None:  # d(output)/d(L) of an upstream of ones, without the weight (0-d)
-            self.scale = self.reducer.gradient_scale(module.loss_weight, None, None, self.loss)
+        one = len(self.blocks) == 1  # a small term: its block's results are the whole tensors, no copies
+        # the element-wise loss, whole (the module's reduction reads it at the end)
+        self.loss = None if one and scratch is None else self.whole_tensor(scratch)
+        weight = kwargs.get("weight")
+        self.weight = None if weight is None else reshape_focal_weight(weight, self.x)  # the loss's shape
+        self.reducer = plain_reducer(module, kwargs)
+        # eager: the gradient of an upstream of ones, block by block, into out (or tensors of its own)
+        self.out = out if out is not None or one or not eager else torch.empty_like(self.x)
+        if eager:  # d(output)/d(L) of an upstream of ones, without the weight (0-d)
+            self.scale = self.reducer.gradient_scale(module.loss_weight, None, None, self.x)
         self.next = 0  # blocks done
+
+    def whole_tensor(self, scratch: Scratch | None) -> Tensor:
+        return torch.empty_like(self.x) if scratch is None else scratch(self.x.shape, self.x.dtype)
 
     def advance(self, rows: int) -> int:
         """Compute every block within the first ``rows`` rows; the rows done so far."""
@@ -149,22 +156,24 @@ class FocalRows:
         return self.blocks[self.next - 1].stop if self.next else 0
 
     def compute_block(self, block: slice) -> None:
-        x, weight = self.x[block], None if self.weight is None else self.weight[block]
-        if not self.checked and not (labels_in_range(self.target[block], x.shape[1]) and finite(x, weight)):
+        x, weight = rows_of(self.x, block), None if self.weight is None else rows_of(self.weight, block)
+        if not self.checked and not (labels_in_range(rows_of(self.target, block), x.shape[1]) and finite(x, weight)):
             raise NotFusable(f"rows {block.start}-{block.stop} of FocalLoss's inputs need the general path")
         negatives = _Negatives(x, self.gamma, self.alpha)
-        loss = negatives.loss(out=self.loss[block])
+        loss = negatives.loss(out=None if self.loss is None else rows_of(self.loss, block))
+        self.loss = loss if self.loss is None else self.loss
         positives = self.positives(block, negatives)
         loss[positives.rows, positives.cols] = positives.bce * positives.focal
-        if self.out is not None:
+        if self.eager:
             g = self.scale if weight is None else self.scale * weight
-            self.block_gradient(negatives, positives, g, self.out[block])
+            grad = self.block_gradient(negatives, positives, g, None if self.out is None else rows_of(self.out, block))
+            self.out = grad if self.out is None else self.out
 
     def positives(self, block: slice, negatives: _Negatives) -> _Positives:
         # the positive entry of each foreground row (t = 1: q = 1 - p, a_t = alpha, BCE = -log sigmoid(x));
         # sigmoid and log-sigmoid are read from the block's results, not recomputed on the gathered
         # vector: torch's vectorised and scalar transcendental paths can differ in the last bit
-        labels = self.target[block].long()
+        labels = rows_of(self.target, block).long()
         rows = torch.nonzero(labels < self.x.shape[1]).squeeze(1)
         cols = labels[rows]
         p = negatives.parts.prob[rows, cols]
@@ -176,17 +185,19 @@ class FocalRows:
             focal = self.alpha * (1 - negatives.parts.prob).pow(self.gamma)[rows, cols]
         return _Positives(rows, cols, p, q, bce, focal)
 
-    def block_gradient(self, negatives: _Negatives, positives: _Positives, g: Tensor, out: Tensor) -> None:
-        """A block's gradient into ``out``: ``g`` is d(output)/d(L) there (0-d, or broadcasting to it)."""
+    def block_gradient(self, negatives: _Negatives, positives: _Positives, g: Tensor, out: Tensor | None) -> Tensor:
+        """A block's gradient, into ``out`` when given: ``g`` is d(output)/d(L) there (0-d, or
+        broadcasting to it)."""
         gamma, alpha, parts = self.gamma, self.alpha, negatives.parts
-        negatives_gradient(negatives.factor, parts.prob, parts.bce_negative, g, gamma, 1 - alpha, out)
+        grad = negatives_gradient(negatives.factor, parts.prob, parts.bce_negative, g, gamma, 1 - alpha, out)
         p, q, bce = positives.p, positives.q, positives.bce
         # an unweighted mean or sum has one factor for every element: no gather for the positives
-        g_p = g.expand(positives.rows.shape) if g.dim() == 0 else g.expand(out.shape)[positives.rows, positives.cols]
+        g_p = g.expand(positives.rows.shape) if g.dim() == 0 else g.expand(grad.shape)[positives.rows, positives.cols]
         grad_p = (p - 1) * (positives.focal * g_p)
         if gamma != 0:
             grad_p = grad_p + (-((g_p * bce) * alpha * pow_grad(q, gamma))) * (1 - p) * p
-        out[positives.rows, positives.cols] = grad_p
+        grad[positives.rows, positives.cols] = grad_p
+        return grad
 
     def finish(self) -> Fused:
         """The loss, once every block is in, and its gradient."""
@@ -196,14 +207,14 @@ class FocalRows:
         return Fused(value, self.gradient)
 
     def gradient(self, upstream: Tensor | None, out: Tensor | None = None) -> Tensor:
-        if upstream is None and self.out is not None:
+        if upstream is None and self.eager:
             return self.out
         g = self.reducer.gradient_scale(self.module.loss_weight, self.weight, upstream, self.loss)
         grad = torch.empty_like(self.x) if out is None else out
         for block in self.blocks:
-            negatives = _Negatives(self.x[block], self.gamma, self.alpha)
+            negatives = _Negatives(rows_of(self.x, block), self.gamma, self.alpha)
             g_block = g if g.dim() == 0 else g.expand(self.loss.shape)[block]
-            self.block_gradient(negatives, self.positives(block, negatives), g_block, grad[block])
+            self.block_gradient(negatives, self.positives(block, negatives), g_block, rows_of(grad, block))
         return grad
 
 
@@ -221,12 +232,12 @@ class _Positives(NamedTuple):
 def rows(
     module: FocalLoss, kwargs: Mapping[str, Any], out: Tensor | None, checked: bool, scratch: Scratch | None = None
 ) -> FocalRows:
-    return FocalRows(module, kwargs, out, checked, scratch)
+    return FocalRows(module, kwargs, out, checked, scratch, eager=True)
 
 
 def run(module: FocalLoss, kwargs: Mapping[str, Any]) -> Fused:
     """The whole term at once (``supports`` said yes): every block, then the loss; the gradient after."""
-    kernel = FocalRows(module, kwargs, None, checked=True)
+    kernel = FocalRows(module, kwargs, None, checked=True, eager=False)
     kernel.advance(kernel.x.shape[0])
     return kernel.finish()
 

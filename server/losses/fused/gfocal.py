@@ -23,6 +23,7 @@ from . import (
     pow_grad,
     register,
     row_blocks,
+    rows_of,
     same_float_dtype,
     supported_exponent,
 )
@@ -79,7 +80,7 @@ class QualityRows:
 
     The gradient row n is scaled by ``weight_n * loss_weight * reduction scale * upstream_n``.
     Output: the module's ([N] for 'none', else 0-d), from the per-sample losses once every block is in.
-    ``out``, ``checked`` and ``scratch``: as ``FocalRows``.
+    ``out``, ``checked``, ``scratch`` and ``eager``: as ``FocalRows``.
     """
 
     def __init__(
@@ -89,8 +90,9 @@ class QualityRows:
         out: Tensor | None,
         checked: bool,
         scratch: Scratch | None = None,
+        eager: bool = True,
     ) -> None:
-        self.module, self.checked, self.out = module, checked, out
+        self.module, self.checked, self.eager = module, checked, eager
         self.x = kwargs["pred"].detach()
         self.label, self.score = kwargs["target"]
         self.beta = float(module.beta)
@@ -101,7 +103,9 @@ class QualityRows:
         self.sample_loss = self.x.new_empty(rows)
         self.reducer = plain_reducer(module, kwargs)
         self.blocks = row_blocks(rows, self.x.shape[1], self.x.device)
-        if out is not None:  # d(output)/d(L_n) of an upstream of ones, without the weight (0-d)
+        one = len(self.blocks) == 1  # a small term: its block's gradient is the whole one, no copy
+        self.out = out if out is not None or one or not eager else torch.empty_like(self.x)
+        if eager:  # d(output)/d(L_n) of an upstream of ones, without the weight (0-d)
             self.scale = self.reducer.gradient_scale(module.loss_weight, None, None, self.sample_loss)
         self.next = 0
 
@@ -114,10 +118,10 @@ class QualityRows:
 
     def parts(self, block: slice) -> _QualityBlock:
         """A block's sigmoid parts, negatives' factor and positive entries."""
-        x = self.x[block]
+        x = rows_of(self.x, block)
         prob, log_sigmoid, bce = sigmoid_parts(x)
         prob_beta = quality_factor(prob, self.beta)
-        label = self.label[block].long()
+        label = rows_of(self.label, block).long()
         rows = torch.nonzero((label >= 0) & (label < x.shape[1])).squeeze(1)
         cols = label[rows]
         # the transcendentals read from the [rows, C] results (see the focal kernel)
@@ -135,30 +139,32 @@ class QualityRows:
         return _QualityBlock(prob, bce, prob_beta, rows, cols, y, p, bce_p, gap, modulator, modulator_beta)
 
     def compute_block(self, block: slice) -> None:
-        weight = None if self.row_weight is None else self.row_weight[block]
-        if not self.checked and not finite(self.x[block], weight, self.score[block]):
+        weight = None if self.row_weight is None else rows_of(self.row_weight, block)
+        if not self.checked and not finite(rows_of(self.x, block), weight, rows_of(self.score, block)):
             raise NotFusable(f"rows {block.start}-{block.stop} of QualityFocalLoss's inputs need the general path")
         parts = self.parts(block)
         loss = parts.bce * parts.prob_beta
         loss[parts.rows, parts.cols] = parts.bce_p * parts.modulator_beta
-        torch.sum(loss, dim=1, out=self.sample_loss[block])
-        if self.out is not None:
+        torch.sum(loss, dim=1, out=rows_of(self.sample_loss, block))
+        if self.eager:
             g = self.scale.expand(block.stop - block.start) if weight is None else self.scale * weight
-            self.block_gradient(parts, g, self.out[block])
+            grad = self.block_gradient(parts, g, None if self.out is None else rows_of(self.out, block))
+            self.out = grad if self.out is None else self.out
 
-    def block_gradient(self, parts: _QualityBlock, g: Tensor, out: Tensor) -> None:
+    def block_gradient(self, parts: _QualityBlock, g: Tensor, out: Tensor | None) -> Tensor:
         """A block's gradient into ``out``; ``g``: d(output)/d(L_n) of its rows. As the focal kernel: the
         BCE path (p - y) (g m^beta) plus the modulator's ((g BCE) (beta m^(beta-1)) dm/dp) (1 - p) p, in
         autograd's order."""
         beta = self.beta
         g_rows = g.unsqueeze(1)  # the sum's backward: each row's factor on its C columns
-        negatives_gradient(parts.prob_beta, parts.prob, parts.bce, g_rows, beta, None, out)  # alpha dropped
+        grad = negatives_gradient(parts.prob_beta, parts.prob, parts.bce, g_rows, beta, None, out)  # alpha dropped
         g_p = g[parts.rows]
         grad_p = (parts.p - parts.y) * (parts.modulator_beta * g_p)
         if beta != 0:  # pow's backward is zero for a zero exponent
             path = -((parts.bce_p * g_p) * pow_grad(parts.modulator, beta) * parts.gap.sign())
             grad_p = grad_p + path * (1 - parts.p) * parts.p
-        out[parts.rows, parts.cols] = grad_p
+        grad[parts.rows, parts.cols] = grad_p
+        return grad
 
     def finish(self) -> Fused:
         """The loss, once every block is in, and its gradient."""
@@ -168,14 +174,14 @@ class QualityRows:
         return Fused(value, self.gradient)
 
     def gradient(self, upstream: Tensor | None, out: Tensor | None = None) -> Tensor:
-        if upstream is None and self.out is not None:
+        if upstream is None and self.eager:
             return self.out
         loss_weight = self.module.loss_weight
         g = self.reducer.gradient_scale(loss_weight, self.weight, upstream, self.sample_loss)
         g = g.expand(self.sample_loss.shape)
         grad = torch.empty_like(self.x) if out is None else out
         for block in self.blocks:
-            self.block_gradient(self.parts(block), g[block], grad[block])
+            self.block_gradient(self.parts(block), g[block], rows_of(grad, block))
         return grad
 
 
@@ -202,12 +208,12 @@ def rows(
     checked: bool,
     scratch: Scratch | None = None,
 ) -> QualityRows:
-    return QualityRows(module, kwargs, out, checked, scratch)
+    return QualityRows(module, kwargs, out, checked, scratch, eager=True)
 
 
 def run(module: QualityFocalLoss, kwargs: Mapping[str, Any]) -> Fused:
     """The whole term at once (``supports`` said yes): every block, then the loss; the gradient after."""
-    kernel = QualityRows(module, kwargs, None, checked=True)
+    kernel = QualityRows(module, kwargs, None, checked=True, eager=False)
     kernel.advance(kernel.x.shape[0])
     return kernel.finish()
 
