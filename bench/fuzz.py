@@ -66,6 +66,7 @@ SERVE_FLAGS = [
     "--max-terms=4",
     "--max-dims=6",
     "--max-sessions=4",
+    "--overlap-transfer=on",  # fuzzed streams that ask for early gradients take the overlapped path
 ]
 MiB = 1 << 20
 

@@ -67,7 +67,15 @@ PUSHBACK = ("grpc-retry-pushback-ms", "-1")
 def fuzzed():
     """A server of its own (its metrics count only this file's calls) with small limits the fuzz reaches."""
     instance = LosswireServer(
-        ServerConfig(host="127.0.0.1", port=0, device="cpu", max_workers=2, max_message_bytes=4 << 20, **LIMITS)
+        ServerConfig(
+            host="127.0.0.1",
+            port=0,
+            device="cpu",
+            max_workers=2,
+            max_message_bytes=4 << 20,
+            overlap_transfer="on",  # fuzzed streams that ask for early gradients take the overlapped path
+            **LIMITS,
+        )
     )
     instance.start()
     yield instance

@@ -609,7 +609,20 @@ def assert_serves_correctly(method: Any) -> None:
 
 # -- the other front doors: the same fuzzed requests streamed, in shared memory, and as ModelInfer ------
 
-STREAM_FAULTS = ["none", "none", "none", "drop-chunk", "duplicate-chunk", "shift-offset", "extra-bytes", "no-header"]
+# "early-...": the same, sent with early_gradients (rows interleaved; the server may compute as they come)
+STREAM_FAULTS = [
+    "none",
+    "none",
+    "none",
+    "drop-chunk",
+    "duplicate-chunk",
+    "shift-offset",
+    "extra-bytes",
+    "no-header",
+    "early-none",
+    "early-drop-chunk",
+    "early-shift-offset",
+]
 
 
 @st.composite
@@ -623,7 +636,8 @@ def stream_messages(request: pb.EvaluateRequest, fault: str) -> list[Any]:
     of 64 bytes, so that a tensor takes several), with ``fault`` done to the stream."""
     request = pb.EvaluateRequest.FromString(request.SerializeToString())
     sink = chunks.StreamSink.take(request, min_bytes=1)
-    messages = list(chunks.stream_chunks(request, sink, raw=False, chunk_bytes=64))
+    early, fault = fault.startswith("early-"), fault.removeprefix("early-")
+    messages = list(chunks.stream_chunks(request, sink, raw=False, chunk_bytes=64, early_gradients=early))
     if fault == "no-header":
         return messages[1:] or [pb.EvaluateChunk(chunk=pb.TensorChunk(tensor="terms[0].pred"))]
     pieces = messages[1:]
@@ -639,9 +653,17 @@ def stream_messages(request: pb.EvaluateRequest, fault: str) -> list[Any]:
 
 
 def stream_answer(responses: Any) -> pb.EvaluateResponse:
-    """A stream's answer with its chunks put back into the response."""
+    """A stream's answer with its chunks put back into the response: the chunks that came before it
+    (early gradients) count for the paths it lists in ``early`` and are void for any other."""
+    early = []
     first = next(responses)
+    while first.WhichOneof("kind") == "chunk":
+        early.append(first.chunk)
+        first = next(responses)
     assembler = chunks.StreamAssembler(first.response)
+    for chunk in early:
+        if chunk.tensor in first.response.early:
+            assembler.add(chunk)
     for message in responses:
         assembler.add(message.chunk)
     chunks.fill_streamed(first.response, assembler.finish())
@@ -654,7 +676,7 @@ def call_stream(method: Any, request: pb.EvaluateRequest, fault: str, timeout: f
         response = stream_answer(method(iter(stream_messages(request, fault)), timeout=timeout))
     except grpc.RpcError as error:
         return check_error(error)
-    if fault == "none":
+    if fault in ("none", "early-none"):
         check_ok(request, response)
     return grpc.StatusCode.OK
 
