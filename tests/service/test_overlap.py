@@ -336,3 +336,32 @@ def test_a_server_with_overlap_off_answers_after_every_chunk(unary):
     assert all(
         torch.equal(a, b) for a, b in zip(_answer(response, streamed), _unary_answer(unary, request), strict=True)
     )
+
+
+@pytest.mark.parametrize("fault", ["gap", "overlap", "past_the_end", "unknown_tensor", "ends_early"])
+def test_a_malformed_stream_midway_is_refused_and_leaves_nothing_held(target, server, fault):
+    """Rows already computed do not save a stream that turns malformed: INVALID_ARGUMENT naming the field,
+    as without early gradients, and the call's buffers, budget and slot are given back."""
+    pred, labels = _inputs(11)
+    half = N // 2
+    first_half = _rows(pred, labels, 0, half)
+    rest = pred[half:].numpy().tobytes()
+    at = half * C * 4
+    bad = {
+        "gap": [chunks.chunk_wire_bytes("terms[0].pred", at + 8, rest[8:])],
+        "overlap": [chunks.chunk_wire_bytes("terms[0].pred", at - 8, rest)],
+        "past_the_end": [chunks.chunk_wire_bytes("terms[0].pred", at, rest + b"1234")],
+        "unknown_tensor": [chunks.chunk_wire_bytes("terms[0].weight", 0, rest[:64])],
+        "ends_early": [],
+    }[fault]
+    received: queue.Queue = queue.Queue()
+    _stream(target, iter([_header(pred, labels), *first_half, *bad]), received).join(60)
+    with pytest.raises(RemoteLossError) as caught:
+        _drain(received)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.field in ("terms[0].pred.data", "chunk.tensor"), caught.value.field
+    waited = 0.0
+    while (server.dataplane.budget.held or server.dataplane.slots.in_use) and waited < 30:
+        time.sleep(0.05)
+        waited += 0.05
+    assert server.dataplane.budget.held == 0 and server.dataplane.slots.in_use == 0
