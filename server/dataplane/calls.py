@@ -28,7 +28,7 @@ from losswire.wire.protocol import SHARED_MEMORY_MIN_OUTPUT_BYTES
 
 from .. import __version__
 from ..errors import LimitExceededError, ServerBusyError, TermError
-from ..evaluation import Evaluator, SessionStore, TermRequest, split_sampler
+from ..evaluation import CallCancelledError, Evaluator, SessionStore, TermRequest, split_sampler
 from ..evaluation.errors import check_cancelled
 from ..evaluation.sampling import build_sampler, sampler_config
 from ..evaluation.sessions import EnteringError, Transaction
@@ -362,6 +362,7 @@ class StreamIntake:
         self._shared: Arrived | None = shared
         self._slot = False
         self._reserved = 0
+        self._closed = False
         # computed while it arrives (EvaluateRequest.early_gradients), where the call allows it
         self.overlap = None if shared else Overlap.of(dataplane, header, self._assembler)
 
@@ -372,7 +373,10 @@ class StreamIntake:
 
     def add(self, chunk: Any) -> None:
         """Copy one ``TensorChunk`` into its tensor (a CodecError for one out of place; the budget's
-        refusal for a tensor that does not fit now)."""
+        refusal for a tensor that does not fit now). After ``close()``: CallCancelledError, nothing taken
+        (a reader still running when the call ended must not take a slot or memory nobody gives back)."""
+        if self._closed:
+            raise CallCancelledError("the call is over: a chunk read after its end is dropped")
         self._take_slot()
         try:
             if self.overlap is not None:
@@ -411,6 +415,7 @@ class StreamIntake:
 
     def close(self) -> None:
         """The call is over (answered, refused or abandoned): its slot and its budget are free again."""
+        self._closed = True
         self._assembler = self._shared = None
         if self.overlap is not None:
             self.overlap.close()

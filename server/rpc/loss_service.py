@@ -134,7 +134,13 @@ class LossService(pb_grpc.LossServiceServicer):
                     for early in overlap.early_chunks():
                         yield early
         finally:
-            reader.cancel()
+            # the reader ends before the intake closes. Cancelled again until it is: Python 3.11's wait_for
+            # (the idle guard's) may swallow a cancellation whose message arrived at the same moment
+            while not reader.done():
+                reader.cancel()
+                await asyncio.wait({reader}, timeout=1)
+            if not reader.cancelled():
+                reader.exception()  # retrieved: its error (if any) was the call's, or came after its end
             if step is not None:  # its thread writes into the call's buffers: they stay until it is done
                 with contextlib.suppress(BaseException):
                     await step

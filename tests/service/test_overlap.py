@@ -365,3 +365,29 @@ def test_a_malformed_stream_midway_is_refused_and_leaves_nothing_held(target, se
         time.sleep(0.05)
         waited += 0.05
     assert server.dataplane.budget.held == 0 and server.dataplane.slots.in_use == 0
+
+
+def test_streams_refused_while_their_chunks_still_come_leave_nothing_held(target, server):
+    """The overlap's first step refuses a bad config while the caller is still sending: the chunk reader
+    stops before the call's memory and slot are given back, so no chunk read after the end takes either
+    again. Many calls in a row, each with many small chunks still in flight when it is refused."""
+    pred, labels = _inputs(12)
+    header = _header(pred, labels)
+    header.request.terms[0].config.CopyFrom(codec.encode_config(dict(type="FocalLoss", gamma="two")))
+    flat_pred, flat_labels = pred.numpy().tobytes(), labels.numpy().tobytes()
+    piece = 8192
+    pieces = [
+        chunks.chunk_wire_bytes("terms[0].pred", o, flat_pred[o : o + piece]) for o in range(0, len(flat_pred), piece)
+    ]
+    messages = [header, *pieces, chunks.chunk_wire_bytes("terms[0].target", 0, flat_labels)]
+    for _ in range(20):
+        received: queue.Queue = queue.Queue()
+        _stream(target, iter(messages), received).join(60)
+        with pytest.raises(RemoteLossError) as caught:
+            _drain(received)
+        assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    waited = 0.0
+    while (server.dataplane.budget.held or server.dataplane.slots.in_use) and waited < 30:
+        time.sleep(0.05)
+        waited += 0.05
+    assert server.dataplane.budget.held == 0 and server.dataplane.slots.in_use == 0
