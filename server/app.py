@@ -34,7 +34,6 @@ from .config import ServerConfig
 from .dataplane import Dataplane, RequestLimits, SharedMemoryLimits, SharedMemoryRegistry
 from .dataplane.budget import MemoryBudget
 from .dataplane.costs import TermCosts
-from .dataplane.overlap import overlap_enabled
 from .evaluation import SessionStore
 from .losses import LOSSES, Registry
 from .rpc.authentication import SessionOwners, TokenAuthInterceptor
@@ -120,7 +119,7 @@ class LosswireServer:
             shared_memory=self.shared_memory,
             buffers=BufferPool(config.buffer_pool_bytes),
             fused=config.fused_kernels,
-            overlap=overlap_enabled(config.overlap_transfer),
+            overlap=config.overlap_transfer,
             budget=MemoryBudget(config.memory_budget, config.max_term_memory),
             costs=TermCosts(registry, config.max_module_bytes, config.term_memory_ratio),
         )
@@ -216,10 +215,9 @@ class LosswireServer:
         )
         if self.device.type == "cpu":
             log.info(
-                "overlap %s: streamed calls that ask for early gradients are computed %s (--overlap-transfer %s)",
+                "--overlap-transfer %s: streamed calls that ask for early gradients are computed %s",
                 "on" if self.dataplane.overlap else "off",
                 "as their rows arrive" if self.dataplane.overlap else "once every chunk is in",
-                self.config.overlap_transfer,
             )
         if self.config.shared_memory:
             log.info(

@@ -277,12 +277,11 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob(
         "overlap_transfer",
-        _choice("auto", "on", "off"),
+        _on_off,
         _DEFAULT.overlap_transfer,
         "on: a streamed FocalLoss or QualityFocalLoss call whose caller asks (the Python client does) is "
         "computed block of rows by block as its chunks arrive, its gradient rows sent back as they are done; "
-        "auto: on with 4 CPUs or more (on fewer the kernel and the transfer share the cores); off: computed once "
-        "every chunk is in",
+        "off: computed once every chunk is in",
     ),
     Knob(
         "shared_memory",

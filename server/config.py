@@ -40,10 +40,8 @@ class ServerConfig:
     stream_idle_seconds: float | None = 60.0
     max_stream_calls: int = 2  # big calls (streamed or shared memory) at once (capped at max_workers - 1)
     fused_kernels: bool = True  # loss and gradient in one analytic pass where a kernel exists (losses/fused.py)
-    # compute a streamed call's rows as they arrive when its caller asks (EvaluateRequest.early_gradients):
-    # "on", "off", or "auto": on where the server may run on at least OVERLAP_MIN_CPUS CPUs (on fewer, the
-    # kernel and the transfer fight for the same cores: measured slower on 2 vCPUs)
-    overlap_transfer: str = "auto"
+    # compute a streamed call's rows as they arrive when its caller asks (EvaluateRequest.early_gradients)
+    overlap_transfer: bool = True
     # same-host callers may hand over shared-memory segments (sealed memfds, over a Unix socket) and pass
     # tensors by reference
     shared_memory: bool = True

@@ -21,13 +21,7 @@ from losswire.server.config import ServerConfig
 @pytest.fixture(scope="session")
 def server():
     instance = LosswireServer(
-        ServerConfig(
-            host="127.0.0.1",
-            port=0,
-            device=os.environ.get("LOSSWIRE_TEST_DEVICE", "cpu"),
-            max_workers=4,
-            overlap_transfer="on",  # whatever this machine's CPU count (tests/service/test_overlap.py)
-        )
+        ServerConfig(host="127.0.0.1", port=0, device=os.environ.get("LOSSWIRE_TEST_DEVICE", "cpu"), max_workers=4)
     )
     instance.start()
     yield instance

@@ -20,9 +20,8 @@ call), and sends ``early_chunks()`` as they come; the intake's ``evaluate`` fini
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -44,18 +43,6 @@ if TYPE_CHECKING:
 PRED_PATH = "terms[0].pred"
 STEP_MIN_BYTES = 1 << 20  # a step waits for this much of pred's new rows (or an eighth of pred; or the last)
 GRADIENT_PATH = "results[0].gradients[pred]"
-# `--overlap-transfer auto` overlaps on this many usable CPUs or more: the event loop receiving chunks and the
-# kernel each want one (and, on one machine, the caller). On 2 vCPUs shared with the caller, across a 10 Gbit/s
-# link at 256 MiB, it measured 0.68-0.91x the serial round trip while the kernel's loss went to fresh pages,
-# 1.04-1.21x once it went to reused ones (docs/performance.md).
-OVERLAP_MIN_CPUS = 4
-
-
-def overlap_enabled(setting: str) -> bool:
-    """``--overlap-transfer``: "on", "off", or "auto" (on with OVERLAP_MIN_CPUS usable CPUs or more)."""
-    if setting == "auto":
-        return len(os.sched_getaffinity(0)) >= OVERLAP_MIN_CPUS
-    return setting == "on"
 
 
 class Overlap:
@@ -149,18 +136,16 @@ class Overlap:
             self.term_rows = plane.evaluator.start_rows(term)
         return self.term_rows is not None
 
-    def early_chunks(self) -> list[bytes]:
-        """The serialized chunks of the gradient's rows final since the last call (none once off)."""
+    def early_chunks(self) -> Iterator[bytes]:
+        """The serialized chunks of the gradient's rows final since the last call (none once off), made
+        one at a time as they are sent: a big last step holds one chunk's copy, not the gradient's."""
         if self.off or self.term_rows is None:
-            return []
+            return
         flat = self.term_rows.gradient.reshape(-1).view(torch.uint8)
         end = self.final * (flat.numel() // self.rows)
-        pieces = []
-        while self.sent < end:
-            stop = min(self.sent + STREAM_CHUNK_BYTES, end)
-            pieces.append(chunks.chunk_wire_bytes(GRADIENT_PATH, self.sent, flat[self.sent : stop].numpy()))
-            self.sent = stop
-        return pieces
+        while self.sent < end and not self.off:
+            start, self.sent = self.sent, min(self.sent + STREAM_CHUNK_BYTES, end)
+            yield chunks.chunk_wire_bytes(GRADIENT_PATH, start, flat[start : self.sent].numpy())
 
     @property
     def answers(self) -> bool:

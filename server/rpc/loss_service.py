@@ -123,7 +123,8 @@ class LossService(pb_grpc.LossServiceServicer):
                     reader.result()  # the caller's stream ended, or its error
                     return
                 woken = asyncio.ensure_future(arrived.wait())
-                waiting = [woken, *(task for task in (reader, step) if task is not None and not task.done())]
+                # a step that ended meanwhile (while early chunks went out) is in: the wait returns at once
+                waiting = [woken, *([] if reader.done() else [reader]), *([] if step is None else [step])]
                 await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 woken.cancel()
                 if reader.done() and reader.exception() is not None:
@@ -131,6 +132,9 @@ class LossService(pb_grpc.LossServiceServicer):
                 if step is not None and step.done():
                     step, finished = None, step
                     finished.result()
+                    rows = overlap.wants_step()
+                    if rows is not None:  # the next rows compute while these go out
+                        step = asyncio.ensure_future(self.compute.for_call(watch, overlap.step, rows, watch))
                     for early in overlap.early_chunks():
                         yield early
         finally:

@@ -73,7 +73,7 @@ def fuzzed():
             device="cpu",
             max_workers=2,
             max_message_bytes=4 << 20,
-            overlap_transfer="on",  # fuzzed streams that ask for early gradients take the overlapped path
+            overlap_transfer=True,  # fuzzed streams that ask for early gradients take the overlapped path
             **LIMITS,
         )
     )

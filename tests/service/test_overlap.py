@@ -317,12 +317,12 @@ def test_a_bad_config_is_refused_as_the_whole_call_refuses_it(streaming, unary, 
 
 
 def test_a_server_with_overlap_off_answers_after_every_chunk(unary):
-    """``--overlap-transfer off`` (or auto on a small machine): a caller that asks gets the same answer, every
+    """``--overlap-transfer off``: a caller that asks gets the same answer, every
     gradient chunk after the response, nothing listed early."""
     from losswire.server.app import LosswireServer
     from losswire.server.config import ServerConfig
 
-    server = LosswireServer(ServerConfig(host="127.0.0.1", port=0, max_workers=2, overlap_transfer="off"))
+    server = LosswireServer(ServerConfig(host="127.0.0.1", port=0, max_workers=2, overlap_transfer=False))
     server.start()
     try:
         client = LossClient(f"127.0.0.1:{server.port}", timeout=60, stream_threshold=64 << 10, shared_memory="off")

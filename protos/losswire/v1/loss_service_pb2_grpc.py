@@ -127,7 +127,7 @@ class LossServiceServicer:
 
         Overlap (EvaluateRequest.early_gradients): for a call with one term whose loss is computed row
         by row (FocalLoss and QualityFocalLoss on a CPU server that overlaps, `losswire serve
-        --overlap-transfer`), the server computes each block of rows once
+        --overlap-transfer`, on by default), the server computes each block of rows once
         every streamed input holds it, and sends the chunks of results[0].gradients[pred] (pred's shape
         and dtype) whose rows are final while the caller is still sending: those chunks come before the
         response message. The response then lists that path in EvaluateResponse.early, and its tensor
