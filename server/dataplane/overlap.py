@@ -33,6 +33,8 @@ from losswire.wire.protocol import STREAM_CHUNK_BYTES
 from .. import __version__
 from ..evaluation import TermRows
 from ..evaluation.errors import check_cancelled
+from ..losses import LossError
+from ..losses import fused as fused_kernels
 from .answer import Answer, AtTerm
 from .decode import decode_term
 from .encode import encode_outcome, into_pooled_buffers
@@ -43,6 +45,19 @@ if TYPE_CHECKING:
 PRED_PATH = "terms[0].pred"
 STEP_MIN_BYTES = 1 << 20  # a step waits for this much of pred's new rows (or an eighth of pred; or the last)
 GRADIENT_PATH = "results[0].gradients[pred]"
+
+
+def _has_row_kernel(dataplane: Dataplane, term: pb.LossTerm) -> bool:
+    """Whether the term's loss (the config's ``type`` as sent; its config is checked at the first step)
+    has a fused kernel that works row by row, and fused kernels are on."""
+    fields = term.config.fields
+    name = fields["type"].string_value if "type" in fields else ""
+    try:
+        loss_class = dataplane.registry.get(name)
+    except LossError:
+        return False  # the whole-call path names what is wrong with it
+    kernel = fused_kernels.FUSED_KERNELS.get(loss_class)
+    return dataplane.evaluator.fused and kernel is not None and kernel.rows is not None
 
 
 class Overlap:
@@ -72,6 +87,8 @@ class Overlap:
             return None
         if any(tensor.data_dtype for _, tensor in codec.tensors_of(header)):
             return None  # a narrowed tensor is widened whole when decoded: it would be read before it came
+        if not _has_row_kernel(dataplane, header.terms[0]):
+            return None  # allocated, decoded and computed as any streamed call
         return cls(dataplane, header, assembler)
 
     def begin(self) -> None:

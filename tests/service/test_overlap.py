@@ -391,3 +391,17 @@ def test_streams_refused_while_their_chunks_still_come_leave_nothing_held(target
         time.sleep(0.05)
         waited += 0.05
     assert server.dataplane.budget.held == 0 and server.dataplane.slots.in_use == 0
+
+
+def test_a_loss_without_a_row_kernel_is_streamed_as_before(streaming, unary):
+    """GIoULoss (a fused kernel, not a row kernel): asked for early gradients, the server answers after every
+    chunk, the same bits as a unary call."""
+    generator = torch.Generator().manual_seed(13)
+    xy = torch.rand(N * 4, 2, generator=generator) * 100
+    pred = torch.cat([xy, xy + 1 + torch.rand(N * 4, 2, generator=generator) * 50], dim=1)
+    target = pred + torch.rand(pred.shape, generator=generator)
+    request = _request(dict(type="GIoULoss"), pred, target)
+    response, streamed = streaming.evaluate_tensors(request)
+    assert not response.early and GRADIENT in streamed
+    expected = _unary_answer(unary, request)
+    assert all(torch.equal(a, b) for a, b in zip(_answer(response, streamed), expected, strict=True))
