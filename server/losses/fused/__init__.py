@@ -303,3 +303,64 @@ def row_blocks(rows: int, per_row: int, device: torch.device) -> list[slice]:
     align = 64 // math.gcd(per_row, 64)  # rows per 64-element multiple
     step = max(align, BLOCK_ELEMENTS // per_row // align * align)
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+class RowBlocks:
+    """What every ``RowKernel`` here shares: pred's rows in cache-sized blocks (``row_blocks``), computed
+    in order as ``advance`` allows them; with ``eager``, the gradient of an upstream of ones kept block by
+    block in ``out`` (for a term of one block, that block's own tensor); the answer once every block is
+    in. A kernel gives ``compute_block(block)``, ``value()`` (its module's output, from the whole loss)
+    and ``recompute(upstream, out)`` (the gradient of any other upstream, after the blocks). ``checked``:
+    ``supports`` has seen every value (else a kernel checks each block's as it comes)."""
+
+    name = ""  # the loss, in messages
+
+    def __init__(
+        self, module: nn.Module, kwargs: Mapping[str, Any], out: Tensor | None, checked: bool, eager: bool
+    ) -> None:
+        self.module, self.checked, self.eager = module, checked, eager
+        self.x = kwargs["pred"].detach()
+        self.reducer = plain_reducer(module, kwargs)
+        self.blocks = row_blocks(self.x.shape[0], self.x.shape[1], self.x.device)
+        self.one = len(self.blocks) == 1  # a small term: its block's results are the whole tensors, no copies
+        self.out = out if out is not None or self.one or not eager else torch.empty_like(self.x)
+        self.next = 0  # blocks done
+
+    def advance(self, rows: int) -> int:
+        """Compute every block within the first ``rows`` rows; the rows done so far."""
+        while self.next < len(self.blocks) and self.blocks[self.next].stop <= rows:
+            self.compute_block(self.blocks[self.next])
+            self.next += 1
+        return self.blocks[self.next - 1].stop if self.next else 0
+
+    def compute_block(self, block: slice) -> None:
+        raise NotImplementedError
+
+    def not_covered(self, block: slice) -> NotFusable:
+        return NotFusable(f"rows {block.start}-{block.stop} of {self.name}'s inputs need the general path")
+
+    def gradient_rows(self, block: slice) -> Tensor | None:
+        """Where a block's eager gradient goes: its rows of ``out`` (None: the block's own tensor, ``keep``)."""
+        return None if self.out is None else rows_of(self.out, block)
+
+    def keep(self, gradient: Tensor) -> None:
+        """A one-block term's gradient, computed into a tensor of its own."""
+        if self.out is None:
+            self.out = gradient
+
+    def finish(self) -> Fused:
+        """The loss, once every block is in, and its gradient."""
+        if self.next < len(self.blocks):
+            raise ValueError(f"{self.name}: {self.advance(0)} of {self.x.shape[0]} rows computed")
+        return Fused(self.value(), self.gradient)
+
+    def value(self) -> Tensor:
+        raise NotImplementedError
+
+    def gradient(self, upstream: Tensor | None, out: Tensor | None = None) -> Tensor:
+        if upstream is None and self.eager:
+            return self.out
+        return self.recompute(upstream, out)
+
+    def recompute(self, upstream: Tensor | None, out: Tensor | None) -> Tensor:
+        raise NotImplementedError

@@ -15,14 +15,13 @@ from . import (
     EXACT_POWERS,
     Fused,
     FusedKernel,
-    NotFusable,
+    RowBlocks,
     Scratch,
     finite,
     negatives_gradient,
     plain_reducer,
     pow_grad,
     register,
-    row_blocks,
     rows_of,
     same_float_dtype,
     supported_exponent,
@@ -89,7 +88,7 @@ class _Negatives:
         return torch.mul(self.parts.bce_negative, self.factor, out=out)
 
 
-class FocalRows:
+class FocalRows(RowBlocks):
     r"""Sigmoid focal loss and its gradient with respect to the logits ``x`` [N, C], block of rows by
     block of rows (a ``RowKernel``).
 
@@ -120,6 +119,8 @@ class FocalRows:
     as it comes, and ``NotFusable`` ends the kernel at the first that fails.
     """
 
+    name = "FocalLoss"
+
     def __init__(
         self,
         module: FocalLoss,
@@ -129,36 +130,23 @@ class FocalRows:
         scratch: Scratch | None = None,
         eager: bool = True,
     ) -> None:
-        self.module, self.checked, self.eager = module, checked, eager
-        self.x, self.target = kwargs["pred"].detach(), kwargs["target"]
+        super().__init__(module, kwargs, out, checked, eager)
+        self.target = kwargs["target"]
         self.gamma, self.alpha = float(module.gamma), float(module.alpha)
-        self.blocks = row_blocks(self.x.shape[0], self.x.shape[1], self.x.device)
-        one = len(self.blocks) == 1  # a small term: its block's results are the whole tensors, no copies
         # the element-wise loss, whole (the module's reduction reads it at the end)
-        self.loss = None if one and scratch is None else self.whole_tensor(scratch)
+        self.loss = None if self.one and scratch is None else self.whole_tensor(scratch)
         weight = kwargs.get("weight")
         self.weight = None if weight is None else reshape_focal_weight(weight, self.x)  # the loss's shape
-        self.reducer = plain_reducer(module, kwargs)
-        # eager: the gradient of an upstream of ones, block by block, into out (or tensors of its own)
-        self.out = out if out is not None or one or not eager else torch.empty_like(self.x)
         if eager:  # d(output)/d(L) of an upstream of ones, without the weight (0-d)
             self.scale = self.reducer.gradient_scale(module.loss_weight, None, None, self.x)
-        self.next = 0  # blocks done
 
     def whole_tensor(self, scratch: Scratch | None) -> Tensor:
         return torch.empty_like(self.x) if scratch is None else scratch(self.x.shape, self.x.dtype)
 
-    def advance(self, rows: int) -> int:
-        """Compute every block within the first ``rows`` rows; the rows done so far."""
-        while self.next < len(self.blocks) and self.blocks[self.next].stop <= rows:
-            self.compute_block(self.blocks[self.next])
-            self.next += 1
-        return self.blocks[self.next - 1].stop if self.next else 0
-
     def compute_block(self, block: slice) -> None:
         x, weight = rows_of(self.x, block), None if self.weight is None else rows_of(self.weight, block)
         if not self.checked and not (labels_in_range(rows_of(self.target, block), x.shape[1]) and finite(x, weight)):
-            raise NotFusable(f"rows {block.start}-{block.stop} of FocalLoss's inputs need the general path")
+            raise self.not_covered(block)
         negatives = _Negatives(x, self.gamma, self.alpha)
         loss = negatives.loss(out=None if self.loss is None else rows_of(self.loss, block))
         self.loss = loss if self.loss is None else self.loss
@@ -166,8 +154,7 @@ class FocalRows:
         loss[positives.rows, positives.cols] = positives.bce * positives.focal
         if self.eager:
             g = self.scale if weight is None else self.scale * weight
-            grad = self.block_gradient(negatives, positives, g, None if self.out is None else rows_of(self.out, block))
-            self.out = grad if self.out is None else self.out
+            self.keep(self.block_gradient(negatives, positives, g, self.gradient_rows(block)))
 
     def positives(self, block: slice, negatives: _Negatives) -> _Positives:
         # the positive entry of each foreground row (t = 1: q = 1 - p, a_t = alpha, BCE = -log sigmoid(x));
@@ -199,16 +186,10 @@ class FocalRows:
         grad[positives.rows, positives.cols] = grad_p
         return grad
 
-    def finish(self) -> Fused:
-        """The loss, once every block is in, and its gradient."""
-        if self.next < len(self.blocks):
-            raise ValueError(f"FocalLoss: {self.advance(0)} of {self.x.shape[0]} rows computed")
-        value = self.module.finish(self.loss, self.weight, self.reducer.mode, self.reducer.avg_factor)
-        return Fused(value, self.gradient)
+    def value(self) -> Tensor:
+        return self.module.finish(self.loss, self.weight, self.reducer.mode, self.reducer.avg_factor)
 
-    def gradient(self, upstream: Tensor | None, out: Tensor | None = None) -> Tensor:
-        if upstream is None and self.eager:
-            return self.out
+    def recompute(self, upstream: Tensor | None, out: Tensor | None) -> Tensor:
         g = self.reducer.gradient_scale(self.module.loss_weight, self.weight, upstream, self.loss)
         grad = torch.empty_like(self.x) if out is None else out
         for block in self.blocks:

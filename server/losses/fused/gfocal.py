@@ -14,7 +14,7 @@ from . import (
     EXACT_POWERS,
     Fused,
     FusedKernel,
-    NotFusable,
+    RowBlocks,
     Scratch,
     broadcasts,
     finite,
@@ -22,7 +22,6 @@ from . import (
     plain_reducer,
     pow_grad,
     register,
-    row_blocks,
     rows_of,
     same_float_dtype,
     supported_exponent,
@@ -61,7 +60,7 @@ def supports(module: nn.Module, kwargs: Mapping[str, Any]) -> bool:
     return covers(module, kwargs) and finite(kwargs["pred"], kwargs.get("weight"), kwargs["target"][1])
 
 
-class QualityRows:
+class QualityRows(RowBlocks):
     r"""Quality focal loss and its gradient with respect to the logits ``x`` [N, C], block of rows by
     block of rows (a ``RowKernel``, as ``focal.FocalRows``).
 
@@ -83,6 +82,8 @@ class QualityRows:
     ``out``, ``checked``, ``scratch`` and ``eager``: as ``FocalRows``.
     """
 
+    name = "QualityFocalLoss"
+
     def __init__(
         self,
         module: QualityFocalLoss,
@@ -92,29 +93,15 @@ class QualityRows:
         scratch: Scratch | None = None,
         eager: bool = True,
     ) -> None:
-        self.module, self.checked, self.eager = module, checked, eager
-        self.x = kwargs["pred"].detach()
+        super().__init__(module, kwargs, out, checked, eager)
         self.label, self.score = kwargs["target"]
         self.beta = float(module.beta)
-        weight = kwargs.get("weight")
+        self.weight = kwargs.get("weight")
         rows = self.x.shape[0]
-        self.weight = weight
-        self.row_weight = None if weight is None else weight.expand(rows)  # per row, for the blocks
+        self.row_weight = None if self.weight is None else self.weight.expand(rows)  # per row, for the blocks
         self.sample_loss = self.x.new_empty(rows)
-        self.reducer = plain_reducer(module, kwargs)
-        self.blocks = row_blocks(rows, self.x.shape[1], self.x.device)
-        one = len(self.blocks) == 1  # a small term: its block's gradient is the whole one, no copy
-        self.out = out if out is not None or one or not eager else torch.empty_like(self.x)
         if eager:  # d(output)/d(L_n) of an upstream of ones, without the weight (0-d)
             self.scale = self.reducer.gradient_scale(module.loss_weight, None, None, self.sample_loss)
-        self.next = 0
-
-    def advance(self, rows: int) -> int:
-        """Compute every block within the first ``rows`` rows; the rows done so far."""
-        while self.next < len(self.blocks) and self.blocks[self.next].stop <= rows:
-            self.compute_block(self.blocks[self.next])
-            self.next += 1
-        return self.blocks[self.next - 1].stop if self.next else 0
 
     def parts(self, block: slice) -> _QualityBlock:
         """A block's sigmoid parts, negatives' factor and positive entries."""
@@ -141,15 +128,14 @@ class QualityRows:
     def compute_block(self, block: slice) -> None:
         weight = None if self.row_weight is None else rows_of(self.row_weight, block)
         if not self.checked and not finite(rows_of(self.x, block), weight, rows_of(self.score, block)):
-            raise NotFusable(f"rows {block.start}-{block.stop} of QualityFocalLoss's inputs need the general path")
+            raise self.not_covered(block)
         parts = self.parts(block)
         loss = parts.bce * parts.prob_beta
         loss[parts.rows, parts.cols] = parts.bce_p * parts.modulator_beta
         torch.sum(loss, dim=1, out=rows_of(self.sample_loss, block))
         if self.eager:
             g = self.scale.expand(block.stop - block.start) if weight is None else self.scale * weight
-            grad = self.block_gradient(parts, g, None if self.out is None else rows_of(self.out, block))
-            self.out = grad if self.out is None else self.out
+            self.keep(self.block_gradient(parts, g, self.gradient_rows(block)))
 
     def block_gradient(self, parts: _QualityBlock, g: Tensor, out: Tensor | None) -> Tensor:
         """A block's gradient into ``out``; ``g``: d(output)/d(L_n) of its rows. As the focal kernel: the
@@ -166,16 +152,10 @@ class QualityRows:
         grad[parts.rows, parts.cols] = grad_p
         return grad
 
-    def finish(self) -> Fused:
-        """The loss, once every block is in, and its gradient."""
-        if self.next < len(self.blocks):
-            raise ValueError(f"QualityFocalLoss: {self.advance(0)} of {self.x.shape[0]} rows computed")
-        value = self.module.finish(self.sample_loss, self.weight, self.reducer.mode, self.reducer.avg_factor)
-        return Fused(value, self.gradient)
+    def value(self) -> Tensor:
+        return self.module.finish(self.sample_loss, self.weight, self.reducer.mode, self.reducer.avg_factor)
 
-    def gradient(self, upstream: Tensor | None, out: Tensor | None = None) -> Tensor:
-        if upstream is None and self.eager:
-            return self.out
+    def recompute(self, upstream: Tensor | None, out: Tensor | None) -> Tensor:
         loss_weight = self.module.loss_weight
         g = self.reducer.gradient_scale(loss_weight, self.weight, upstream, self.sample_loss)
         g = g.expand(self.sample_loss.shape)
