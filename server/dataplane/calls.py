@@ -28,7 +28,7 @@ from losswire.wire.protocol import SHARED_MEMORY_MIN_OUTPUT_BYTES
 
 from .. import __version__
 from ..errors import LimitExceededError, ServerBusyError, TermError
-from ..evaluation import CallCancelledError, Evaluator, SessionStore, TermRequest, split_sampler
+from ..evaluation import CallCancelledError, Evaluator, SessionStore, TermOutcome, TermRequest, split_sampler
 from ..evaluation.errors import check_cancelled
 from ..evaluation.sampling import build_sampler, sampler_config
 from ..evaluation.sessions import EnteringError, Transaction
@@ -204,18 +204,14 @@ class Dataplane:
         # the call is atomic: its sessions change only if every term succeeds (evaluation.sessions)
         with self._sessions(owner, terms) if any(term.session for term in terms) else NO_SESSIONS as sessions:
             for index, (term, (estimate, field)) in enumerate(zip(terms, costs, strict=True)):
-                what = f"{term.config.get('type')} on pred {list(term.pred.shape)} ({estimate.parameter})"
-                reserved = self.budget.reserved(estimate.total_bytes, what, f"terms[{index}].{field}", term=True)
+                reserved = self.budget.reserved(*self.term_memory(index, term, estimate, field), term=True)
                 with AtTerm(index, term.name), reserved:
                     outcomes.append(self.evaluator.evaluate(term, cancelled, sessions))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         computed = time.perf_counter()
         check_cancelled(cancelled, "encoding the answer")
-        response = pb.EvaluateResponse(device=str(self.device), server_version=__version__)
-        for term, outcome in zip(terms, outcomes, strict=True):
-            result = response.results.add(implementation=self.implementation(term.config["type"]))
-            encode_outcome(outcome, result, transfer, sink, in_place, self.buffers.take)
+        response = self.respond(terms, outcomes, transfer, sink, in_place)
         if output_range is not None:
             check_cancelled(cancelled, "writing the answer into the caller's shared memory")
             sink.place(output_range)  # the big answers into the caller's output range: one copy each
@@ -228,6 +224,26 @@ class Dataplane:
         timings.encode_ms = (encoded - computed) * 1e3
         keep = [terms, outcomes, arrived] if arrived or output_range is not None else []
         return Answer(response, None if own_sink else sink, keep)
+
+    def term_memory(self, index: int, term: TermRequest, estimate: Estimate, field: str) -> tuple[int, str, str]:
+        """(bytes, what, field) of the memory budget's reservation for term ``index``'s working memory."""
+        what = f"{term.config.get('type')} on pred {list(term.pred.shape)} ({estimate.parameter})"
+        return estimate.total_bytes, what, f"terms[{index}].{field}"
+
+    def respond(
+        self,
+        terms: list[TermRequest],
+        outcomes: list[TermOutcome],
+        transfer: int,
+        sink: chunks.StreamSink | None,
+        in_place: InPlace | None,
+    ) -> pb.EvaluateResponse:
+        """The response of evaluated ``terms``: each outcome encoded with its loss's implementation digest."""
+        response = pb.EvaluateResponse(device=str(self.device), server_version=__version__)
+        for term, outcome in zip(terms, outcomes, strict=True):
+            result = response.results.add(implementation=self.implementation(term.config["type"]))
+            encode_outcome(outcome, result, transfer, sink, in_place, self.buffers.take)
+        return response
 
     def _quick(self, terms: list[TermRequest], estimates: list[Estimate]) -> bool:
         """Whether decoded ``terms`` of these cost ``estimates`` make a quick call (see ``QUICK_MAX_WORK``)."""

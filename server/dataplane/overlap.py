@@ -30,14 +30,13 @@ from losswire.v1 import loss_service_pb2 as pb
 from losswire.wire import chunks, codec
 from losswire.wire.protocol import STREAM_CHUNK_BYTES
 
-from .. import __version__
 from ..evaluation import TermRows
 from ..evaluation.errors import check_cancelled
 from ..losses import LossError
 from ..losses import fused as fused_kernels
 from .answer import Answer, AtTerm
 from .decode import decode_term
-from .encode import encode_outcome, into_pooled_buffers
+from .encode import into_pooled_buffers
 
 if TYPE_CHECKING:
     from .calls import Dataplane
@@ -148,8 +147,7 @@ class Overlap:
             pooled = into_pooled_buffers(plane.buffers)
             term = dataclasses.replace(term, gradient_out=pooled, scratch=pooled)
             estimate, field = plane.costs.check(term, "terms[0].")
-            what = f"{term.config.get('type')} on pred {list(term.pred.shape)} ({estimate.parameter})"
-            self.reserved = plane.budget.take(estimate.total_bytes, what, f"terms[0].{field}", term=True)
+            self.reserved = plane.budget.take(*plane.term_memory(0, term, estimate, field), term=True)
             self.term_rows = plane.evaluator.start_rows(term)
         return self.term_rows is not None
 
@@ -174,15 +172,13 @@ class Overlap:
     ) -> Answer:
         """Every row is in: the rest of the blocks, the loss, and the answer whose gradient went (or goes,
         by ``early_chunks``) ahead of it; only when ``answers``."""
-
         plane, term_rows = self.dataplane, self.term_rows
         with AtTerm(0, self.header.terms[0].name):
             outcome = term_rows.finish(cancelled)
         computed = time.perf_counter()
         check_cancelled(cancelled, "encoding the answer")
-        response = pb.EvaluateResponse(device=str(plane.device), server_version=__version__)
-        result = response.results.add(implementation=plane.implementation(term_rows.term.config["type"]))
-        encode_outcome(outcome, result, 0, sink, None, plane.buffers.take)
+        response = plane.respond([term_rows.term], [outcome], 0, sink, None)
+        result = response.results[0]
         if not term_rows.fell_back:  # its gradient is the one written row by row: early, all of it
             self.final = self.rows
             sink.withdraw(result.gradients["pred"])
