@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import grpc
 import pytest
 import torch
-from support.calls import field_of, plain_channel
+from support.calls import evaluate_stream, field_of, plain_channel
 from support.oip import DATATYPES, raw
 from support.segments import Handoff
 
@@ -26,7 +26,6 @@ from losswire.v1 import loss_service_pb2 as pb
 from losswire.v1 import loss_service_pb2_grpc as pb_grpc
 from losswire.wire import chunks, codec
 from losswire.wire import shared_memory as shm
-from losswire.wire.protocol import EVALUATE_STREAM_METHOD
 
 LIMITS = dict(max_dims=4, max_elements=5000, max_request_elements=8000, max_terms=2, max_message_bytes=48 << 10)
 DOORS = ("Evaluate", "EvaluateStream", "shared memory", "ModelInfer")
@@ -97,11 +96,7 @@ def call_stream(target: str, terms: Terms) -> None:
             yield chunks.chunk_wire_bytes(path, 0, data)
 
     with plain_channel(target) as channel:
-        method = channel.stream_stream(
-            EVALUATE_STREAM_METHOD,
-            request_serializer=chunks.serialize_chunk,
-            response_deserializer=pb.EvaluateChunk.FromString,
-        )
+        method = evaluate_stream(channel)
         list(method(messages(), timeout=30))
 
 

@@ -18,13 +18,12 @@ from collections.abc import Iterator
 import grpc
 import pytest
 import torch
-from support.calls import plain_channel
+from support.calls import evaluate_stream, plain_channel
 
 from losswire.client import LossClient, RemoteLossError
 from losswire.server.losses import fused
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.wire import chunks, codec
-from losswire.wire.protocol import EVALUATE_STREAM_METHOD
 
 GRADIENT = "results[0].gradients[pred]"
 N, C = 4096, 80  # 1.25 MiB of pred: 86 blocks of 48 rows with the block sizes below
@@ -119,17 +118,23 @@ def test_quality_focal_loss_is_overlapped_too(streaming, unary, beta):
     assert all(torch.equal(a, b) for a, b in zip(_answer(response, streamed), expected, strict=True))
 
 
+def _assert_nothing_held(server) -> None:
+    """The server's memory budget and big-call slots all given back, awaited (the server notices a call's
+    end on its own time)."""
+    waited = 0.0
+    while (server.dataplane.budget.held or server.dataplane.slots.in_use) and waited < 30:
+        time.sleep(0.05)  # a condition, polled
+        waited += 0.05
+    assert server.dataplane.budget.held == 0 and server.dataplane.slots.in_use == 0
+
+
 def _stream(target: str, messages: Iterator, received: queue.Queue) -> threading.Thread:
     """Send ``messages`` on an EvaluateStream in a thread; each answer message, then None (or the
     error), goes to ``received`` as it arrives."""
 
     def run() -> None:
         with plain_channel(target) as channel:
-            method = channel.stream_stream(
-                EVALUATE_STREAM_METHOD,
-                request_serializer=chunks.serialize_chunk,
-                response_deserializer=pb.EvaluateChunk.FromString,
-            )
+            method = evaluate_stream(channel)
             try:
                 for message in method(messages, timeout=60):
                     received.put(message)
@@ -267,22 +272,14 @@ def test_a_caller_that_leaves_mid_stream_leaves_nothing_held(target, server):
         leave.wait(30)  # never sends the rest: the call is cancelled meanwhile
 
     with plain_channel(target) as channel:
-        method = channel.stream_stream(
-            EVALUATE_STREAM_METHOD,
-            request_serializer=chunks.serialize_chunk,
-            response_deserializer=pb.EvaluateChunk.FromString,
-        )
+        method = evaluate_stream(channel)
         call = method(messages(), timeout=60)
         first = next(call)  # an early gradient chunk: the overlap is running
         assert first.WhichOneof("kind") == "chunk" and first.chunk.tensor == GRADIENT
         assert server.dataplane.budget.held > 0 and server.dataplane.slots.in_use == 1
         call.cancel()
         leave.set()
-    waited = 0.0
-    while (server.dataplane.budget.held or server.dataplane.slots.in_use) and waited < 30:
-        time.sleep(0.05)  # a condition, polled: the server notices the cancellation on its own time
-        waited += 0.05
-    assert server.dataplane.budget.held == 0 and server.dataplane.slots.in_use == 0
+    _assert_nothing_held(server)
     # and the next call is answered
     received_again: queue.Queue = queue.Queue()
     _stream(target, iter([_header(pred, labels), *_rows(pred, labels, 0, N)]), received_again).join(60)
@@ -360,11 +357,7 @@ def test_a_malformed_stream_midway_is_refused_and_leaves_nothing_held(target, se
         _drain(received)
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.field in ("terms[0].pred.data", "chunk.tensor"), caught.value.field
-    waited = 0.0
-    while (server.dataplane.budget.held or server.dataplane.slots.in_use) and waited < 30:
-        time.sleep(0.05)
-        waited += 0.05
-    assert server.dataplane.budget.held == 0 and server.dataplane.slots.in_use == 0
+    _assert_nothing_held(server)
 
 
 def test_streams_refused_while_their_chunks_still_come_leave_nothing_held(target, server):
@@ -386,11 +379,7 @@ def test_streams_refused_while_their_chunks_still_come_leave_nothing_held(target
         with pytest.raises(RemoteLossError) as caught:
             _drain(received)
         assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    waited = 0.0
-    while (server.dataplane.budget.held or server.dataplane.slots.in_use) and waited < 30:
-        time.sleep(0.05)
-        waited += 0.05
-    assert server.dataplane.budget.held == 0 and server.dataplane.slots.in_use == 0
+    _assert_nothing_held(server)
 
 
 def test_a_loss_without_a_row_kernel_is_streamed_as_before(streaming, unary):

@@ -38,7 +38,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 import torch
-from support.calls import dice_recompute_gradients, field_of, plain_channel
+from support.calls import dice_recompute_gradients, evaluate_stream, field_of, plain_channel
 from support.faults import load_fault_losses
 from support.segments import Handoff
 
@@ -810,11 +810,7 @@ def test_shared_memory_calls_take_a_big_call_slot_and_wait_for_one(wire):
 
     try:
         with plain_channel(target) as channel:
-            method = channel.stream_stream(
-                "/losswire.v1.LossService/EvaluateStream",
-                request_serializer=chunks.serialize_chunk,
-                response_deserializer=pb.EvaluateChunk.FromString,
-            )
+            method = evaluate_stream(channel)
             big = threading.Thread(target=lambda: answers.extend(method(held_open(), timeout=60)))
             big.start()
             assert eventually(lambda: server.dataplane.slots.in_use >= 1, 30)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 import torch
-from support.calls import dice_recompute_gradients, plain_channel
+from support.calls import dice_recompute_gradients, evaluate_stream, plain_channel
 
 from losswire.client import LossClient, RemoteLoss, RemoteLossError, evaluate_terms
 from losswire.client.transports import STREAM_THRESHOLD_BYTES
@@ -24,7 +24,6 @@ from losswire.server.config import ServerConfig
 from losswire.server.losses import LOSSES
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.wire import chunks, codec
-from losswire.wire.protocol import EVALUATE_STREAM_METHOD
 
 SMALL_THRESHOLD = 256 << 10
 
@@ -206,11 +205,7 @@ def _header(n: int = 1024) -> tuple[pb.EvaluateRequest, bytes]:
 
 def _send(target: str, messages: list[pb.EvaluateChunk | bytes]) -> list[pb.EvaluateChunk]:
     with plain_channel(target) as channel:
-        method = channel.stream_stream(
-            EVALUATE_STREAM_METHOD,
-            request_serializer=chunks.serialize_chunk,
-            response_deserializer=pb.EvaluateChunk.FromString,
-        )
+        method = evaluate_stream(channel)
         try:
             return list(method(iter(messages), timeout=30))
         except grpc.RpcError as error:
@@ -323,11 +318,7 @@ def test_small_calls_are_answered_while_a_big_stream_is_in_flight(small_server):
 
     answers: list = []
     with plain_channel(target) as channel:
-        method = channel.stream_stream(
-            EVALUATE_STREAM_METHOD,
-            request_serializer=chunks.serialize_chunk,
-            response_deserializer=pb.EvaluateChunk.FromString,
-        )
+        method = evaluate_stream(channel)
         big = threading.Thread(target=lambda: answers.extend(method(held_open(), timeout=60)))
         big.start()
         try:

@@ -18,14 +18,14 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2_grpc
-from support.calls import plain_channel
+from support.calls import evaluate_stream, plain_channel
 
 from losswire.client import LossClient, RemoteLoss, RemoteLossError
 from losswire.server.app import LosswireServer
 from losswire.server.config import ServerConfig
 from losswire.v1 import loss_service_pb2 as pb
-from losswire.wire import chunks, codec
-from losswire.wire.protocol import EVALUATE_STREAM_METHOD, NO_RETRY
+from losswire.wire import codec
+from losswire.wire.protocol import NO_RETRY
 
 DEADLINE = 5.0  # a small call and a health check must be answered within this, silent streams or not
 
@@ -51,11 +51,7 @@ class SilentCallers:
             if reflection:
                 method = reflection_pb2_grpc.ServerReflectionStub(self.channel).ServerReflectionInfo
             else:
-                method = self.channel.stream_stream(
-                    EVALUATE_STREAM_METHOD,
-                    request_serializer=chunks.serialize_chunk,
-                    response_deserializer=pb.EvaluateChunk.FromString,
-                )
+                method = evaluate_stream(self.channel)
             self.calls.append(method(self._requests(first or []), timeout=120))
 
     def _requests(self, first: list) -> Iterator:

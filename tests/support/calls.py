@@ -1,5 +1,5 @@
-"""Calls in tests: a channel without retries, the field a refusal names, a recompute through a client,
-a server's log read up to now."""
+"""Calls in tests: a channel without retries, EvaluateStream on it, the field a refusal names, a
+recompute through a client, a server's log read up to now."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from losswire.client import LossClient, RemoteLoss
+from losswire.v1 import loss_service_pb2 as pb
+from losswire.wire import chunks
+from losswire.wire.protocol import EVALUATE_STREAM_METHOD
 
 from .servers import CALL_TIMEOUT, ServerProcess
 
@@ -37,6 +40,15 @@ def plain_channel(target: str) -> Iterator[grpc.Channel]:
         yield channel
     finally:
         channel.close()
+
+
+def evaluate_stream(channel: grpc.Channel) -> grpc.StreamStreamMultiCallable:
+    """``EvaluateStream`` on ``channel``: messages (or chunks already serialized) out, ``EvaluateChunk``s in."""
+    return channel.stream_stream(
+        EVALUATE_STREAM_METHOD,
+        request_serializer=chunks.serialize_chunk,
+        response_deserializer=pb.EvaluateChunk.FromString,
+    )
 
 
 def dice_recompute_gradients(clients: tuple[LossClient, ...], seed: int) -> list[torch.Tensor]:
