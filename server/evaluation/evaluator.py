@@ -156,9 +156,11 @@ class Evaluator:
     ) -> fused_kernels.FusedKernel | None:
         """The fused kernel for this term, or None where autograd's path must run: a session or a
         sampler, gradients other than pred's alone, or inputs/config the kernel does not cover."""
-        if not self.fused or term.session or sampler_config is not None or list(term.gradients) != [PRED]:
-            return None
-        return fused_kernels.select(module, kwargs)
+        return fused_kernels.select(module, kwargs) if self._may_fuse(term, sampler_config) else None
+
+    def _may_fuse(self, term: TermRequest, sampler_config: Any) -> bool:
+        """Fused kernels are on and the term is theirs: no session, no sampler, pred's gradient alone."""
+        return self.fused and not term.session and sampler_config is None and list(term.gradients) == [PRED]
 
     def _evaluate_fused(
         self,
@@ -221,9 +223,9 @@ class Evaluator:
         row covers its loss, config, shapes and dtypes, or it has a session, a sampler, an upstream
         gradient or gradients other than pred's alone. Reads no value of the inputs."""
         config, sampler_config = split_sampler(term.config)
-        if not self.fused or term.session or term.replay_step is not None or sampler_config is not None:
+        if not self._may_fuse(term, sampler_config) or term.replay_step is not None:
             return None
-        if list(term.gradients) != [PRED] or term.grad_output is not None or term.grad_outputs:
+        if term.grad_output is not None or term.grad_outputs:  # a recompute: its upstream is not ones
             return None
         description = self.registry.describe(self.registry.loss_type(config, term.config_key))
         kwargs = bind_inputs(description, term)
@@ -425,10 +427,8 @@ class TermRows:
 
     def finish(self, cancelled: Callable[[], bool] | None = None) -> TermOutcome:
         """Every row has arrived: the term's outcome."""
-        if self.rows is None:
-            return self.evaluator.evaluate(self.term, cancelled)
         self.advance(self.term.pred.shape[0])
-        if self.rows is None:  # the last rows fell back
+        if self.rows is None:  # fell back, now or before
             return self.evaluator.evaluate(self.term, cancelled)
         result = self.evaluator.threaded(self.term, self.rows.finish)
         fused_kernels.count_call(self.kernel.name)
