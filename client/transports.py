@@ -322,13 +322,14 @@ def _receive_stream(request: pb.EvaluateRequest, first: Any, responses: Any, buf
     """The response of an EvaluateStream: its first message (after the early chunks of pred's gradients,
     with ``early_gradients``), then the chunks of its big tensors."""
     try:
-        early = chunks.StreamAssembler(_early_gradients(request), allocate=buffers.take)
-        while first.WhichOneof("kind") == "chunk":  # came before the response (EvaluateResponse.early)
+        early = None  # made at the first chunk that comes before the response (EvaluateResponse.early)
+        while first.WhichOneof("kind") == "chunk":
+            early = early or chunks.StreamAssembler(_early_gradients(request), allocate=buffers.take)
             early.add(first.chunk)
             first = next(responses)
         if first.WhichOneof("kind") != "response":
             raise codec.CodecError(f"the first message carries {first.WhichOneof('kind')}, not the response")
-        done = {path: early.tensors.get(path) for path in first.response.early}
+        done = {path: early and early.tensors.get(path) for path in first.response.early}
         if None in done.values():
             missing = [path for path, tensor in done.items() if tensor is None]
             raise codec.CodecError(f"the response lists {missing} as sent early, but not all of their bytes came")
