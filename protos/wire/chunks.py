@@ -11,6 +11,7 @@ field path. Chunks are read and written without protobuf's copies of their bytes
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -21,7 +22,15 @@ from torch import Tensor
 from losswire.v1 import loss_service_pb2 as pb
 
 from .codec import CodecError, check_shape, tensors_of, wire_dtypes
-from .protocol import STREAM_CHUNK_BYTES, STREAM_MIN_TENSOR_BYTES
+from .protocol import (
+    LANE_CALL_MAX_BYTES,
+    LANE_CALL_MIN_BYTES,
+    MAX_STREAM_LANES,
+    MAX_STRIPE_BYTES,
+    STREAM_CHUNK_BYTES,
+    STREAM_MIN_TENSOR_BYTES,
+    STRIPE_UNIT_BYTES,
+)
 
 # reserve(nbytes) -> (region, offset, uint8 destination tensor of nbytes) or None: see StreamSink.place
 Reserve = Callable[[int], "tuple[str, int, Tensor] | None"]
@@ -221,11 +230,46 @@ def stream_chunks(
     ``early_gradients``: a request sent with ``EvaluateRequest.early_gradients`` set (in the message
     sent, not in ``root``), its inputs' rows interleaved."""
     paths = sink.paths(root)
+    yield _first_message(root, early_gradients)
+    yield from _chunk_messages(_pieces(root, paths, chunk_bytes, early_gradients), paths, raw)
+
+
+def lane_streams(
+    request: pb.EvaluateRequest,
+    sink: StreamSink,
+    lanes: pb.StreamLanes,
+    chunk_bytes: int = STREAM_CHUNK_BYTES,
+    early_gradients: bool = False,
+) -> list[Iterator[pb.EvaluateChunk | bytes]]:
+    """The messages of a request spread over ``lanes`` (``EvaluateRequest.lanes``): the request's own
+    stream first (the request, with ``lanes`` set, then its stripes), then each lane's (its
+    ``StreamLane``, then its stripes); chunks as serialized bytes, as :func:`stream_chunks` sends them."""
+    paths = sink.paths(request)
+    first = _first_message(request, early_gradients)
+    first.request.lanes.CopyFrom(lanes)
+    stripes = Stripes.of(first.request)
+    dealt = stripes.split(_pieces(request, paths, chunk_bytes, early_gradients))
+    heads = [first] + [pb.EvaluateChunk(lane=pb.StreamLane(call=lanes.call, lane=i)) for i in range(1, stripes.streams)]
+    return [_headed(head, _chunk_messages(iter(part), paths, True)) for head, part in zip(heads, dealt, strict=True)]
+
+
+def _headed(head: pb.EvaluateChunk, rest: Iterator[bytes]) -> Iterator[pb.EvaluateChunk | bytes]:
+    yield head
+    yield from rest
+
+
+def _first_message(root: pb.EvaluateRequest | pb.EvaluateResponse, early_gradients: bool) -> pb.EvaluateChunk:
     kind = "request" if isinstance(root, pb.EvaluateRequest) else "response"
     first = pb.EvaluateChunk(**{kind: root})  # a copy of a message without its big data: small
     if early_gradients:
         first.request.early_gradients = True
-    yield first
+    return first
+
+
+def _pieces(
+    root: Message, paths: list[tuple[str, Any]], chunk_bytes: int, early_gradients: bool
+) -> Iterator[tuple[str, int, int]]:
+    """(path, start, stop) of each chunk: tensor after tensor, or rows interleaved (``early_gradients``)."""
     pieces = _row_pieces(root, paths, chunk_bytes) if early_gradients else None
     if pieces is None:
         pieces = (
@@ -233,6 +277,12 @@ def stream_chunks(
             for path, data in paths
             for offset in range(0, byte_count(data), chunk_bytes)
         )
+    return pieces
+
+
+def _chunk_messages(
+    pieces: Iterator[tuple[str, int, int]], paths: list[tuple[str, Any]], raw: bool
+) -> Iterator[pb.EvaluateChunk | bytes]:
     views = {path: _byte_view(data) for path, data in paths}
     for path, start, stop in pieces:
         piece = views[path][start:stop]
@@ -284,13 +334,88 @@ def _empty_bytes(nbytes: int) -> Tensor:
     return torch.empty(nbytes, dtype=torch.uint8)
 
 
-class _Pending:
-    __slots__ = ("buffer", "dtype", "nbytes", "received", "shape")
+@dataclasses.dataclass(frozen=True)
+class Stripes:
+    """How a streamed request's bytes are spread over its ``streams`` (``EvaluateRequest.lanes``): each
+    tensor's data cut in stripes of ``stripe_bytes``, stripe j on stream j mod ``streams`` (0: the
+    request's own stream, i: lane i). One stream: everything on it, in one stripe."""
 
-    def __init__(self, nbytes: int, dtype: torch.dtype, shape: list[int]) -> None:
+    streams: int = 1
+    stripe_bytes: int = 0
+
+    @classmethod
+    def of(cls, request: pb.EvaluateRequest) -> Stripes:
+        """The stripes ``request.lanes`` declares; a CodecError naming the field that is out of bounds."""
+        if not request.HasField("lanes"):
+            return cls()
+        lanes = request.lanes
+        if not LANE_CALL_MIN_BYTES <= len(lanes.call) <= LANE_CALL_MAX_BYTES:
+            raise CodecError(
+                f"lanes.call must be {LANE_CALL_MIN_BYTES} to {LANE_CALL_MAX_BYTES} random bytes; "
+                f"got {len(lanes.call)}",
+                field="lanes.call",
+            )
+        if not 1 <= lanes.count <= MAX_STREAM_LANES:
+            raise CodecError(f"lanes.count must be 1 to {MAX_STREAM_LANES}; got {lanes.count}", field="lanes.count")
+        size = lanes.stripe_bytes
+        if not (0 < size <= MAX_STRIPE_BYTES and size % STRIPE_UNIT_BYTES == 0):
+            raise CodecError(
+                f"lanes.stripe_bytes must be a multiple of {STRIPE_UNIT_BYTES} up to {MAX_STRIPE_BYTES}; got {size}",
+                field="lanes.stripe_bytes",
+            )
+        return cls(lanes.count + 1, size)
+
+    def stream_of(self, offset: int) -> int:
+        """The stream that carries the byte at ``offset`` of any streamed tensor."""
+        return offset // self.stripe_bytes % self.streams if self.streams > 1 else 0
+
+    def stripe_end(self, offset: int) -> int | None:
+        """The end of the stripe that holds ``offset`` (None: one stream, no stripes)."""
+        return (offset // self.stripe_bytes + 1) * self.stripe_bytes if self.streams > 1 else None
+
+    def starts(self, nbytes: int) -> list[int]:
+        """Where each stream's first stripe of an ``nbytes`` tensor begins (``nbytes``: it has none)."""
+        return [min(stream * self.stripe_bytes, nbytes) for stream in range(self.streams)]
+
+    def next_start(self, end: int, nbytes: int) -> int:
+        """Where a stream goes on once its bytes reach ``end``: the same stripe, or its next one."""
+        if self.streams > 1 and end % self.stripe_bytes == 0:
+            end += (self.streams - 1) * self.stripe_bytes
+        return min(end, nbytes)
+
+    def split(self, pieces: Iterator[tuple[str, int, int]]) -> list[list[tuple[str, int, int]]]:
+        """``pieces`` (path, start, stop) cut at stripe ends and dealt to the streams that carry them."""
+        dealt: list[list[tuple[str, int, int]]] = [[] for _ in range(self.streams)]
+        for path, start, stop in pieces:
+            while start < stop:
+                end = min(stop, self.stripe_end(start) or stop)
+                dealt[self.stream_of(start)].append((path, start, end))
+                start = end
+        return dealt
+
+    def name(self, stream: int) -> str:
+        """How an error names a stream: "" on a call without lanes."""
+        if self.streams == 1:
+            return ""
+        return " on the request's stream" if stream == 0 else f" on lane {stream}"
+
+
+ONE_STREAM = Stripes()  # a call without lanes
+
+
+class _Pending:
+    __slots__ = ("buffer", "dtype", "nbytes", "positions", "received", "shape")
+
+    def __init__(self, nbytes: int, dtype: torch.dtype, shape: list[int], stripes: Stripes) -> None:
         self.buffer: Tensor | None = None  # allocated when the tensor's first chunk arrives
         self.nbytes, self.dtype, self.shape = nbytes, dtype, shape
-        self.received = 0
+        self.positions = stripes.starts(nbytes)  # the next byte each stream owes
+        self.received = 0  # bytes arrived, on every stream
+
+    @property
+    def prefix(self) -> int:
+        """Bytes from the start that have all arrived (every stream has passed them)."""
+        return min(self.positions)
 
 
 class StreamAssembler:
@@ -304,6 +429,8 @@ class StreamAssembler:
     before a tensor is complete, are CodecErrors naming the field. ``tensors`` maps each path to its
     tensor (declared shape, data dtype) for ``decode_tensor(..., streamed=...)``. ``allocate(nbytes)``
     gives each buffer, a uint8 tensor (default: fresh memory; ``BufferPool.take``: reused memory).
+    ``stripes``: the chunks come on several streams (``Stripes.of(header)``), each tensor's in order on
+    each stream, within the stripes that stream carries.
     """
 
     def __init__(
@@ -312,8 +439,10 @@ class StreamAssembler:
         max_elements: int | None = None,
         allocate: Callable[[int], Tensor] | None = None,
         early: Mapping[str, Tensor] | None = None,
+        stripes: Stripes = ONE_STREAM,
     ) -> None:
         self._allocate = allocate or _empty_bytes
+        self.stripes = stripes
         self._pending: dict[str, _Pending] = {}
         self.tensors: dict[str, Tensor] = {}
         for path, message in tensors_of(header):
@@ -322,7 +451,7 @@ class StreamAssembler:
             numel = check_shape(shape, path, max_elements=max_elements)
             if numel == 0 or len(message.data) > 0 or message.HasField("shm"):
                 continue  # inline (decode_tensor checks its length), in shared memory, or empty
-            self._pending[path] = _Pending(numel * data_dtype.itemsize, data_dtype, shape)
+            self._pending[path] = _Pending(numel * data_dtype.itemsize, data_dtype, shape, stripes)
         for path, buffer in (early or {}).items():  # complete already: their chunks came before the header
             pending = self._pending.pop(path, None)
             if pending is None or buffer.numel() != pending.nbytes:
@@ -342,9 +471,10 @@ class StreamAssembler:
         return views
 
     def received(self, path: str) -> int | None:
-        """Bytes of streamed tensor ``path`` arrived so far (all of it once complete); None: not streamed."""
+        """Leading bytes of streamed tensor ``path`` that have all arrived (all of it once complete); None:
+        not streamed."""
         if path in self._pending:
-            return self._pending[path].received
+            return self._pending[path].prefix
         tensor = self.tensors.get(path)
         return None if tensor is None else tensor.numel() * tensor.element_size()
 
@@ -358,10 +488,10 @@ class StreamAssembler:
         """Bytes the stream must still deliver, in all."""
         return sum(p.nbytes - p.received for p in self._pending.values())
 
-    def add(self, chunk: pb.TensorChunk) -> None:
-        """Copy one chunk into its tensor."""
+    def add(self, chunk: pb.TensorChunk, stream: int = 0) -> None:
+        """Copy one chunk, which came on ``stream`` (0: the request's own), into its tensor."""
         self.chunks += 1
-        where = f"chunk {self.chunks}"
+        where = f"chunk {self.chunks}{self.stripes.name(stream)}"
         pending = self._pending.get(chunk.tensor)
         if pending is None:
             done = " (it is complete already)" if chunk.tensor in self.tensors else ""
@@ -372,33 +502,62 @@ class StreamAssembler:
             )
         data = chunk.data  # read once: every read of a bytes field copies it
         offset, size = chunk.offset, len(data)
-        if offset != pending.received:
-            problem = "overlaps bytes already received" if offset < pending.received else "leaves a gap"
+        due = pending.positions[stream]
+        if offset != due:
+            raise CodecError(self._misplaced(where, chunk.tensor, pending, offset, due), field=f"{chunk.tensor}.data")
+        end = offset + size
+        if end > pending.nbytes:
             raise CodecError(
-                f"{where} for {chunk.tensor} starts at offset {offset} but {pending.received} of its {pending.nbytes} "
-                f"bytes have arrived ({problem}): a tensor's chunks come in order, without gaps or overlaps",
+                f"{where} for {chunk.tensor} holds bytes [{offset}, {end}) but the tensor has only "
+                f"{pending.nbytes} bytes (dtype and shape as declared)",
                 field=f"{chunk.tensor}.data",
             )
-        if offset + size > pending.nbytes:
+        stripe_end = self.stripes.stripe_end(offset)
+        if stripe_end is not None and end > stripe_end:
             raise CodecError(
-                f"{where} for {chunk.tensor} holds bytes [{offset}, {offset + size}) but the tensor has only "
-                f"{pending.nbytes} bytes (dtype and shape as declared)",
+                f"{where} for {chunk.tensor} holds bytes [{offset}, {end}), past the end of its stripe at {stripe_end} "
+                f"(lanes.stripe_bytes {self.stripes.stripe_bytes}): the next stripe travels on another stream",
                 field=f"{chunk.tensor}.data",
             )
         if pending.buffer is None:
             pending.buffer = self._allocate(pending.nbytes)
         if size:
-            pending.buffer[offset : offset + size] = torch.frombuffer(data, dtype=torch.uint8)
+            pending.buffer[offset:end] = torch.frombuffer(data, dtype=torch.uint8)
         pending.received += size
+        pending.positions[stream] = self.stripes.next_start(end, pending.nbytes)
         if pending.received == pending.nbytes:
             del self._pending[chunk.tensor]
             self.tensors[chunk.tensor] = pending.buffer.view(pending.dtype).reshape(pending.shape)
 
+    def _misplaced(self, where: str, path: str, pending: _Pending, offset: int, expected: int) -> str:
+        """Why a chunk at ``offset`` is out of place where ``expected`` was due."""
+        if self.stripes.streams == 1:
+            problem = "overlaps bytes already received" if offset < expected else "leaves a gap"
+            return (
+                f"{where} for {path} starts at offset {offset} but {expected} of its {pending.nbytes} "
+                f"bytes have arrived ({problem}): a tensor's chunks come in order, without gaps or overlaps"
+            )
+        if expected == pending.nbytes:
+            owed = "no more bytes of it are due there"
+        else:
+            owed = f"its next byte due there is at offset {expected}"
+        return (
+            f"{where} for {path} starts at offset {offset}, but {owed} (stripe j of "
+            f"lanes.stripe_bytes {self.stripes.stripe_bytes} travels on stream j mod {self.stripes.streams}, "
+            "each stream's stripes in order, without gaps or overlaps)"
+        )
+
     def finish(self) -> dict[str, Tensor]:
         """The assembled tensors, once the stream has ended; a CodecError if one is incomplete."""
         for path, pending in self._pending.items():
+            owing = [
+                f"{self.stripes.name(stream).removeprefix(' on ')} from offset {position}"
+                for stream, position in enumerate(pending.positions)
+                if position < pending.nbytes and self.stripes.streams > 1
+            ]
             raise CodecError(
-                f"the stream ended with {path} incomplete: {pending.received} of its {pending.nbytes} bytes arrived",
+                f"the stream ended with {path} incomplete: {pending.received} of its {pending.nbytes} bytes arrived"
+                + (f"; still due: {', '.join(owing)}" if owing else ""),
                 field=f"{path}.data",
             )
         return self.tensors

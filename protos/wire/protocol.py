@@ -46,3 +46,13 @@ STREAM_CHUNK_BYTES = 4 << 20
 # An answer's tensors of at least this many bytes go into the caller's output_shm range; smaller ones
 # cost less inline than a reference does
 SHARED_MEMORY_MIN_OUTPUT_BYTES = 4096
+
+# -- lanes: one call's chunks on several streams (EvaluateRequest.lanes) --------------------------------
+
+# Lanes of one call besides its request's stream
+MAX_STREAM_LANES = 8
+# A call's name for its lanes (StreamLanes.call): random bytes, too many to guess
+LANE_CALL_MIN_BYTES, LANE_CALL_MAX_BYTES = 16, 64
+# StreamLanes.stripe_bytes: a multiple of STRIPE_UNIT_BYTES, at most MAX_STRIPE_BYTES
+STRIPE_UNIT_BYTES = 64 << 10
+MAX_STRIPE_BYTES = 64 << 20

@@ -134,26 +134,48 @@ class LossTerm(_message.Message):
     def __init__(self, name: _Optional[str] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., pred: _Optional[_Union[Tensor, _Mapping]] = ..., target: _Optional[_Union[Value, _Mapping]] = ..., weight: _Optional[_Union[Tensor, _Mapping]] = ..., avg_factor: _Optional[float] = ..., reduction_override: _Optional[str] = ..., inputs: _Optional[_Mapping[str, Value]] = ..., gradients: _Optional[_Iterable[str]] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ..., session: _Optional[str] = ..., replay_step: _Optional[int] = ..., seed: _Optional[int] = ..., sample_labels: _Optional[_Union[Tensor, _Mapping]] = ..., grad_outputs: _Optional[_Mapping[str, Tensor]] = ..., forward_id: _Optional[str] = ..., sample_groups: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("terms", "transfer_dtype", "output_shm", "early_gradients")
+    __slots__ = ("terms", "transfer_dtype", "output_shm", "early_gradients", "lanes")
     TERMS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_DTYPE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_SHM_FIELD_NUMBER: _ClassVar[int]
     EARLY_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    LANES_FIELD_NUMBER: _ClassVar[int]
     terms: _containers.RepeatedCompositeFieldContainer[LossTerm]
     transfer_dtype: DType
     output_shm: SharedMemoryRef
     early_gradients: bool
-    def __init__(self, terms: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., transfer_dtype: _Optional[_Union[DType, str]] = ..., output_shm: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., early_gradients: _Optional[bool] = ...) -> None: ...
+    lanes: StreamLanes
+    def __init__(self, terms: _Optional[_Iterable[_Union[LossTerm, _Mapping]]] = ..., transfer_dtype: _Optional[_Union[DType, str]] = ..., output_shm: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., early_gradients: _Optional[bool] = ..., lanes: _Optional[_Union[StreamLanes, _Mapping]] = ...) -> None: ...
+
+class StreamLanes(_message.Message):
+    __slots__ = ("call", "count", "stripe_bytes")
+    CALL_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    STRIPE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    call: bytes
+    count: int
+    stripe_bytes: int
+    def __init__(self, call: _Optional[bytes] = ..., count: _Optional[int] = ..., stripe_bytes: _Optional[int] = ...) -> None: ...
+
+class StreamLane(_message.Message):
+    __slots__ = ("call", "lane")
+    CALL_FIELD_NUMBER: _ClassVar[int]
+    LANE_FIELD_NUMBER: _ClassVar[int]
+    call: bytes
+    lane: int
+    def __init__(self, call: _Optional[bytes] = ..., lane: _Optional[int] = ...) -> None: ...
 
 class EvaluateChunk(_message.Message):
-    __slots__ = ("request", "response", "chunk")
+    __slots__ = ("request", "response", "chunk", "lane")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    LANE_FIELD_NUMBER: _ClassVar[int]
     request: EvaluateRequest
     response: EvaluateResponse
     chunk: TensorChunk
-    def __init__(self, request: _Optional[_Union[EvaluateRequest, _Mapping]] = ..., response: _Optional[_Union[EvaluateResponse, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+    lane: StreamLane
+    def __init__(self, request: _Optional[_Union[EvaluateRequest, _Mapping]] = ..., response: _Optional[_Union[EvaluateResponse, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., lane: _Optional[_Union[StreamLane, _Mapping]] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("tensor", "offset", "data")

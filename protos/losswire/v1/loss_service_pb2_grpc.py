@@ -136,6 +136,22 @@ class LossServiceServicer:
         streamed after the response as usual. A caller that does not set early_gradients never gets a
         chunk before the response.
 
+        Lanes (EvaluateRequest.lanes): a link that one stream (one HTTP/2 connection, one thread on
+        each side) cannot fill can carry one call's chunks on several streams. The caller opens
+        `lanes.count` more EvaluateStream calls, best each on its own connection, to the same server,
+        each with one EvaluateChunk `lane` first (StreamLane: the call's `lanes.call` and the lane's
+        number, 1 to `count`), then chunks, then half-closes. Every streamed tensor's bytes are cut in
+        stripes of `lanes.stripe_bytes`: stripe j travels on stream j mod (count + 1), 0 being the
+        stream that carries the request; each stream sends its stripes of a tensor in order, a stripe in
+        one or more chunks that do not cross its end. The server evaluates once every stream has sent all
+        its stripes and half-closed, and answers on the request's stream only; a lane's stream ends with
+        OK and no message once its stripes are in. A lane that names no call of this caller open on this
+        server within `losswire serve --lane-join-timeout` (10 s) gets NOT_FOUND; a call whose lanes do
+        not all join within it fails with DEADLINE_EXCEEDED (field "lanes"). Behind a proxy that balances
+        each call, the streams of one call must reach one server: send them all with the same
+        x-losswire-session header (the Python client does), which a proxy can hash. An error in a lane's
+        chunks fails the lane and the call, both with its status; a lane whose call has ended is CANCELLED.
+
         Errors: those of Evaluate, plus INVALID_ARGUMENT (field named) for a malformed stream: no request
         first, a chunk for a tensor that is not streamed, a chunk out of order or beyond the tensor's
         size, or a stream that ends before every streamed tensor is complete. RESOURCE_EXHAUSTED (to be
