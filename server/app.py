@@ -39,6 +39,7 @@ from .losses import LOSSES, Registry
 from .rpc.authentication import SessionOwners, TokenAuthInterceptor
 from .rpc.calls import Compute
 from .rpc.inference import InferenceService, add_inference_service
+from .rpc.lanes import Lanes
 from .rpc.loss_service import LossService, add_to_server
 from .rpc.malformed import MalformedRequestInterceptor
 from .rpc.metrics import ServerMetrics
@@ -163,7 +164,8 @@ class LosswireServer:
             ],
         )
         owners = SessionOwners(private=self.tokens is not None and not self.config.share_sessions)
-        add_to_server(LossService(self.dataplane, self.compute, owners), server)
+        self.lanes = Lanes(self.config.lane_join_seconds)  # streamed calls' chunks on several streams
+        add_to_server(LossService(self.dataplane, self.compute, owners, lanes=self.lanes), server)
         inference = add_inference_service(server, InferenceService(self.dataplane, self.compute, self._ready))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -241,6 +241,14 @@ KNOBS: tuple[Knob, ...] = (
         "seconds a request stream may stay silent before it is ended with DEADLINE_EXCEEDED (0 or none: never)",
         "stream_idle_seconds",
     ),
+    Knob(
+        "lane_join_timeout",
+        _seconds,
+        _DEFAULT.lane_join_seconds,
+        "seconds the lanes of a streamed call (EvaluateRequest.lanes: its chunks on several streams) may wait for "
+        "its request, and the call for its lanes; beyond, NOT_FOUND for the lane, DEADLINE_EXCEEDED for the call",
+        "lane_join_seconds",
+    ),
     Knob("max_message_bytes", _int_at_least(1024), MAX_MESSAGE_BYTES, "largest request/response message in bytes"),
     Knob("max_elements", _optional_limit, None, "largest tensor in elements, refused before allocation (0: unbounded)"),
     Knob(

@@ -38,6 +38,8 @@ class ServerConfig:
     max_open_streams: int = 32
     # a request stream whose caller sends nothing for this long is ended (DEADLINE_EXCEEDED); None: never
     stream_idle_seconds: float | None = 60.0
+    # how long the lanes of a streamed call (EvaluateRequest.lanes) and the call may wait for each other
+    lane_join_seconds: float = 10.0
     max_stream_calls: int = 2  # big calls (streamed or shared memory) at once (capped at max_workers - 1)
     fused_kernels: bool = True  # loss and gradient in one analytic pass where a kernel exists (losses/fused.py)
     # compute a streamed call's rows as they arrive when its caller asks (EvaluateRequest.early_gradients)

@@ -27,7 +27,7 @@ from losswire.wire.buffers import BufferPool
 from losswire.wire.protocol import SHARED_MEMORY_MIN_OUTPUT_BYTES
 
 from .. import __version__
-from ..errors import LimitExceededError, ServerBusyError, TermError
+from ..errors import LimitExceededError, RequestError, ServerBusyError, TermError
 from ..evaluation import CallCancelledError, Evaluator, SessionStore, TermOutcome, TermRequest, split_sampler
 from ..evaluation.errors import check_cancelled
 from ..evaluation.sampling import build_sampler, sampler_config
@@ -130,6 +130,8 @@ class Dataplane:
         started = time.perf_counter()
         try:
             check_cancelled(cancelled, "the whole call")  # it waited in a queue while its caller gave up
+            if request.HasField("lanes"):
+                raise RequestError("lanes are for EvaluateStream: this call came whole, in one message", field="lanes")
             # sizes from the declared shapes, before decoding
             walked = check_request(request, self.limits, elsewhere=arrived is not None)
             if quick and (request.HasField("output_shm") or any(tensor.HasField("shm") for _, tensor in walked)):
@@ -158,8 +160,9 @@ class Dataplane:
         started = time.perf_counter()
         check_cancelled(cancelled, "the whole call")
         walked = check_request(header, self.limits, elsewhere=True)
+        stripes = chunks.Stripes.of(header)  # its chunks may come on several streams (lanes)
         shared = self.shared_memory.inputs(caller, walked, self.limits.max_elements)  # a header may name some too
-        return StreamIntake(self, header, shared, started, owner, caller)
+        return StreamIntake(self, header, shared, started, owner, caller, stripes)
 
     def run(
         self,
@@ -369,11 +372,12 @@ class StreamIntake:
         started: float,
         owner: str = "",
         caller: Caller | None = None,
+        stripes: chunks.Stripes = chunks.ONE_STREAM,
     ) -> None:
         self.dataplane, self.header, self.started, self.owner = dataplane, header, started, owner
         self.caller = caller
         self._assembler: chunks.StreamAssembler | None = chunks.StreamAssembler(
-            header, dataplane.limits.max_elements, self._allocate
+            header, dataplane.limits.max_elements, self._allocate, stripes=stripes
         )
         self._shared: Arrived | None = shared
         self._slot = False
@@ -387,17 +391,18 @@ class StreamIntake:
         """Chunks received so far."""
         return self._assembler.chunks if self._assembler is not None else 0
 
-    def add(self, chunk: Any) -> None:
-        """Copy one ``TensorChunk`` into its tensor (a CodecError for one out of place; the budget's
-        refusal for a tensor that does not fit now). After ``close()``: CallCancelledError, nothing taken
-        (a reader still running when the call ended must not take a slot or memory nobody gives back)."""
+    def add(self, chunk: Any, stream: int = 0) -> None:
+        """Copy one ``TensorChunk``, which came on ``stream`` (0: the request's; i: lane i), into its tensor
+        (a CodecError for one out of place; the budget's refusal for a tensor that does not fit now). After
+        ``close()``: CallCancelledError, nothing taken (a reader still running when the call ended must not
+        take a slot or memory nobody gives back)."""
         if self._closed:
             raise CallCancelledError("the call is over: a chunk read after its end is dropped")
         self._take_slot()
         try:
             if self.overlap is not None:
                 self.overlap.begin()  # every tensor allocated before the first bytes come in
-            self._assembler.add(chunk)
+            self._assembler.add(chunk, stream)
         except (LimitExceededError, ServerBusyError) as error:
             error.field = error.field or f"{chunk.tensor}.shape"
             raise

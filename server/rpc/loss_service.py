@@ -26,6 +26,7 @@ from ..errors import RequestError
 from ..evaluation import CallCancelledError
 from .authentication import caller_of
 from .calls import CallWatch, Compute, attempt, fail, release_after, unary
+from .lanes import CallLanes, Lanes
 from .malformed import MalformedRequest, malformed_error, stream_deserializer
 
 log = logging.getLogger("losswire.server")
@@ -43,11 +44,13 @@ class LossService(pb_grpc.LossServiceServicer):
         compute: Compute,
         owners: Callable[[grpc.aio.ServicerContext], str] = lambda _: "",
         callers: Callable[[grpc.aio.ServicerContext], Caller] = caller_of,
+        lanes: Lanes | None = None,
     ) -> None:
         self.dataplane = dataplane
         self.compute = compute
         self.owners = owners
         self.callers = callers
+        self.lanes = Lanes() if lanes is None else lanes  # streamed calls' chunks on several streams
 
     # -- evaluation ---------------------------------------------------------------------------------
 
@@ -66,19 +69,27 @@ class LossService(pb_grpc.LossServiceServicer):
         self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes | pb.EvaluateChunk]:
         """The request, then its tensors' chunks, in; the response, then its tensors' chunks, out (see the
-        .proto). Waiting for the caller's chunks holds no thread."""
+        .proto). Or a lane of such a call: its chunks in, nothing out. Waiting for the caller's chunks
+        holds no thread."""
         watch = CallWatch(context, "EvaluateStream")
         intake: StreamIntake | None = None
+        lanes: CallLanes | None = None
+        token = self.callers(context).token
         try:
             try:
                 with watch.handling():
-                    header = await _stream_header(requests)
+                    first = await _first_message(requests)
+                    if first.WhichOneof("kind") == "lane":
+                        await self._lane(first.lane, token, requests)
+                        return
+                    header = first.request
                     intake = self.dataplane.open_stream(header, watch, self.owners(context), self.callers(context))
+                    if header.HasField("lanes"):
+                        lanes = self.lanes.open(token, header.lanes, intake)
                     if intake.overlap is None:
-                        async for message in requests:
-                            intake.add(_chunk_of(message, intake.chunks + 2))
+                        await _read_chunks(requests, intake, lanes)
                     else:
-                        async for early in self._overlapped(intake, requests, watch):
+                        async for early in self._overlapped(intake, lanes, requests, watch):
                             yield early
                     answer: Answer = await self.compute.for_call(watch, intake.evaluate, watch)
             except Exception as error:
@@ -94,24 +105,40 @@ class LossService(pb_grpc.LossServiceServicer):
             for message in chunks.stream_chunks(answer.response, answer.sink):
                 yield message  # chunks as serialized bytes (see add_to_server)
         finally:
+            if lanes is not None:
+                self.lanes.close(token, header.lanes)  # its lanes' next chunks are refused: the intake is closed
             if intake is not None:
                 intake.close()
 
+    async def _lane(self, lane: pb.StreamLane, token: str, requests: AsyncIterator[Any]) -> None:
+        """A lane of another stream's call (see ``lanes``): its chunks into that call's intake."""
+        call = await self.lanes.join(token, lane)
+        error: BaseException | None = CallCancelledError(f"lane {lane.lane} of the call went away")
+        number = 1
+        try:
+            async for message in requests:
+                number += 1
+                call.add(lane.lane, _chunk_of(message, number))
+            error = None
+        except Exception as failure:
+            error = failure
+            raise
+        finally:
+            call.end(lane.lane, error)
+            log.debug("EvaluateStream lane %d: %d chunks, %s", lane.lane, number - 1, "in" if error is None else error)
+
     async def _overlapped(
-        self, intake: StreamIntake, requests: AsyncIterator[Any], watch: CallWatch
+        self, intake: StreamIntake, lanes: CallLanes | None, requests: AsyncIterator[Any], watch: CallWatch
     ) -> AsyncIterator[bytes]:
-        """Reads the stream's chunks into ``intake`` while its overlap computes the rows they complete (one
-        step at a time on a compute thread) and yields the gradient's chunks that are final meanwhile. Ends
-        when the caller has sent everything, once no step is running: a step never outlives the call."""
+        """Reads the stream's chunks (and its lanes') into ``intake`` while its overlap computes the rows
+        they complete (one step at a time on a compute thread) and yields the gradient's chunks that are
+        final meanwhile. Ends when the caller has sent everything, once no step is running: a step never
+        outlives the call."""
         overlap = intake.overlap
         arrived = asyncio.Event()
-
-        async def read() -> None:
-            async for message in requests:
-                intake.add(_chunk_of(message, intake.chunks + 2))
-                arrived.set()
-
-        reader = asyncio.ensure_future(read())
+        if lanes is not None:
+            lanes.on_chunk = arrived.set
+        reader = asyncio.ensure_future(_read_chunks(requests, intake, lanes, arrived.set))
         step: asyncio.Future | None = None
         try:
             while True:
@@ -201,18 +228,37 @@ class LossService(pb_grpc.LossServiceServicer):
         return pb.UnregisterSharedMemoryResponse()
 
 
-async def _stream_header(requests: AsyncIterator[Any]) -> pb.EvaluateRequest:
-    """The stream's first message, which must carry the request."""
+async def _first_message(requests: AsyncIterator[Any]) -> pb.EvaluateChunk:
+    """The stream's first message, which must carry the request (or, on a lane, its StreamLane)."""
     first = await anext(aiter(requests), None)
     if isinstance(first, MalformedRequest):
         raise malformed_error(first, "the stream's first message", "request")
     kind = None if first is None else first.WhichOneof("kind")
-    if kind != "request":
+    if kind not in ("request", "lane"):
         got = "the stream ended without a message" if first is None else f"it carries {kind or 'nothing'}"
         raise RequestError(
-            f"the stream's first message must carry the request (EvaluateChunk.request); {got}", field="request"
+            f"the stream's first message must carry the request (EvaluateChunk.request), or on a lane its "
+            f"EvaluateChunk.lane; {got}",
+            field="request",
         )
-    return first.request
+    return first
+
+
+async def _read_chunks(
+    requests: AsyncIterator[Any],
+    intake: StreamIntake,
+    lanes: CallLanes | None,
+    arrived: Callable[[], None] = lambda: None,
+) -> None:
+    """Every chunk of the request's stream into ``intake`` (``arrived()`` after each), then waits for its
+    lanes to end."""
+    number = 1
+    async for message in requests:
+        number += 1
+        intake.add(_chunk_of(message, number))
+        arrived()
+    if lanes is not None:
+        await lanes.all_ended()
 
 
 def _chunk_of(message: Any, number: int) -> Any:
@@ -222,8 +268,8 @@ def _chunk_of(message: Any, number: int) -> Any:
     kind = message.WhichOneof("kind")
     if kind != "chunk":
         raise RequestError(
-            f"message {number} of the stream carries {kind or 'nothing'}; only the first carries the request, "
-            "every later one a chunk",
+            f"message {number} of the stream carries {kind or 'nothing'}; only the first carries the request "
+            "(or on a lane its StreamLane), every later one a chunk",
             field="chunk",
         )
     return message.chunk
