@@ -61,6 +61,9 @@ RETRY_BUFFER_BYTES = 64 << 20
 # and across a 10 Gbit/s link). Big streams then also no longer share a connection's flow-control
 # window with the small calls beside them.
 STREAM_CHANNEL_OPTIONS = {"grpc.enable_retries": 0}
+# A channel argument of losswire's own: channels that differ in it do not share gRPC's connection, so each
+# lane of a big stream (EvaluateRequest.lanes) gets a connection, and a thread on each side, of its own
+LANE_CHANNEL_OPTION = "losswire.lane"
 # A call the client retries itself (a stream, a busy server) without a deadline gives up after this long:
 # big calls wait their turn in the clients, not in server threads that small calls need.
 BUSY_PATIENCE_SECONDS = 300.0
@@ -165,6 +168,7 @@ class Connection:
         wait_for_ready: bool = True,
         reached: threading.Event | None = None,
         stream_channel: grpc.Channel | None = None,
+        lane_channel: Callable[[int], grpc.Channel] | None = None,
     ):
         self.label = label
         self.connect_timeout = connect_timeout
@@ -174,6 +178,11 @@ class Connection:
         self.channel = WaitingChannel(channel, self.waits)
         # EvaluateStream's (see STREAM_CHANNEL_OPTIONS); None: the same channel (a caller's own)
         self.stream_channel = self.channel if stream_channel is None else WaitingChannel(stream_channel, self.waits)
+        # a big stream's lanes (EvaluateRequest.lanes): lane i's channel, its own connection to the same server;
+        # None where the channel does not reach one server (balanced, or a caller's own)
+        self._lane_channel = lane_channel
+        self._lanes: dict[int, WaitingChannel] = {}
+        self._lanes_lock = threading.Lock()
         self.stub = pb_grpc.LossServiceStub(self.channel)
         self._other: Connection | None = None  # the same, with the other wait_for_ready
 
@@ -209,14 +218,32 @@ class Connection:
                 wait_for_ready=wait,
                 reached=self._reached,
                 stream_channel=self.stream_channel if self.stream_channel is not self.channel else None,
+                lane_channel=self._lane_channel,
             )
             self._other._other = self
+            self._other._lanes, self._other._lanes_lock = self._lanes, self._lanes_lock  # one set of connections
         return self._other
+
+    @property
+    def has_lanes(self) -> bool:
+        """Whether a stream on this connection may spread its chunks over lanes (it reaches one server)."""
+        return self._lane_channel is not None
+
+    def lane_channel(self, lane: int) -> grpc.Channel:
+        """Lane ``lane``'s channel (made at its first use, kept until ``close``)."""
+        with self._lanes_lock:
+            if lane not in self._lanes:
+                self._lanes[lane] = WaitingChannel(self._lane_channel(lane), self.waits)
+            return self._lanes[lane]
 
     def close(self) -> None:
         self.channel.close()
         if self.stream_channel is not self.channel:
             self.stream_channel.close()
+        with self._lanes_lock:
+            for channel in self._lanes.values():
+                channel.close()
+            self._lanes.clear()
 
     def call(self, method: str, request: Any, timeout: float | None, metadata: Any = None) -> Any:
         """The unary ``method`` of LossService; a RemoteLossError on failure."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import grpc
@@ -23,11 +23,18 @@ from losswire.v1 import loss_service_pb2_grpc as pb_grpc
 from losswire.wire import chunks, codec
 from losswire.wire import shared_memory as wire_memory
 from losswire.wire.buffers import DEFAULT_IDLE_BYTES, BufferPool
-from losswire.wire.protocol import SESSION_HEADER
+from losswire.wire.protocol import MAX_STREAM_LANES, SESSION_HEADER
 
 from . import shared_memory as shm
 from . import targets
-from .channels import CONNECT_TIMEOUT_SECONDS, STREAM_CHANNEL_OPTIONS, Connection, make_channel, tls_name_option
+from .channels import (
+    CONNECT_TIMEOUT_SECONDS,
+    LANE_CHANNEL_OPTION,
+    STREAM_CHANNEL_OPTIONS,
+    Connection,
+    make_channel,
+    tls_name_option,
+)
 from .errors import RemoteLossError
 from .replicas import ReplicaSet, SessionRouter, replica_set
 from .security import Credentials
@@ -74,7 +81,11 @@ class LossClient:
     streamed request sends its inputs' rows interleaved and lets the server compute each block of rows
     as it arrives and send pred's gradient rows back as they are done (FocalLoss, QualityFocalLoss on a CPU server with
     ``--overlap-transfer`` on; see docs/performance.md), so a big call's compute overlaps its transfer;
-    the answer is the same bit for bit. False: the server starts once everything has arrived.
+    the answer is the same bit for bit. False: the server starts once everything has arrived. ``lanes``
+    (default 0): a streamed request's chunks also travel on this many more streams, each on a connection
+    of its own to the same server (``EvaluateRequest.lanes``), for a link that one connection cannot fill;
+    only where the target is one server (not a list or a balanced name, whose calls may reach different
+    replicas; a replica of a session is one server). The same answer, bit for bit.
 
     Same host: with ``shared_memory`` ``"auto"`` (the default; None reads ``LOSSWIRE_CLIENT_SHARED_MEMORY``)
     and a target on this machine (a loopback address, ``localhost`` or ``unix:``), a request whose big
@@ -108,7 +119,10 @@ class LossClient:
         buffer_pool_bytes: int | None = None,
         connect_timeout: float | None = CONNECT_TIMEOUT_SECONDS,
         overlap: bool = True,
+        lanes: int = 0,
     ):
+        if not 0 <= lanes <= MAX_STREAM_LANES:
+            raise ValueError(f"lanes must be 0 to {MAX_STREAM_LANES}; got {lanes}")
         self.steps = SessionSteps(on_session_restart)
         self.target = targets.normalise_target(target)
         self.timeout = timeout
@@ -119,11 +133,15 @@ class LossClient:
         self.credentials = Credentials.from_env() if credentials is None else credentials
         self.connect_timeout = connect_timeout
         own_channel = channel is None
-        streams = None
+        streams = lane_channels = None
         if own_channel:
             channel = make_channel(self.target, credentials=self.credentials)
             streams = make_channel(self.target, STREAM_CHANNEL_OPTIONS, credentials=self.credentials)
-        self.connection = Connection(channel, targets.label(self.target), connect_timeout, stream_channel=streams)
+            if not targets.balanced(self.target):  # lanes must reach the server of their call
+                lane_channels = self._lane_channels(self.target, {})
+        self.connection = Connection(
+            channel, targets.label(self.target), connect_timeout, stream_channel=streams, lane_channel=lane_channels
+        )
         # with a channel of the caller's, sessions ride on it (header only): its servers are unknown here
         replicas = replica_set(self.target) if own_channel else None
         self.router = SessionRouter(self.connection, replicas, self._connect_replica)
@@ -143,6 +161,7 @@ class LossClient:
             buffers=BufferPool(buffer_pool_bytes),
             timeout=timeout,
             overlap=overlap,
+            lanes=lanes,
         )
 
     @classmethod
@@ -283,7 +302,17 @@ class LossClient:
         options = tls_name_option(self.credentials, self._replica_tls_name)
         channel = make_channel(address, options, credentials=self.credentials)
         streams = make_channel(address, {**options, **STREAM_CHANNEL_OPTIONS}, credentials=self.credentials)
-        return Connection(channel, address, self.connect_timeout, stream_channel=streams)
+        lane_channels = self._lane_channels(address, options)
+        return Connection(channel, address, self.connect_timeout, stream_channel=streams, lane_channel=lane_channels)
+
+    def _lane_channels(self, target: targets.Target, options: dict[str, Any]) -> Callable[[int], grpc.Channel]:
+        """Lane i's channel to ``target``: a stream channel with an option of its own, so its own connection."""
+
+        def lane_channel(lane: int) -> grpc.Channel:
+            settings = {**options, **STREAM_CHANNEL_OPTIONS, LANE_CHANNEL_OPTION: lane}
+            return make_channel(target, settings, credentials=self.credentials)
+
+        return lane_channel
 
     def _replica_tls_name(self) -> str | None:
         scheme = targets.scheme_of(self.target)

@@ -49,6 +49,12 @@ def scheme_of(target: Normalised) -> str:
     return "" if isinstance(target, tuple) or not is_uri(target) else target.partition(":")[0].lower()
 
 
+def balanced(target: Normalised) -> bool:
+    """Whether calls to ``target`` may reach different servers: a list, or a name gRPC resolves and
+    balances (``dns:``, ``ipv4:``, ``ipv6:``); one ``host:port`` or Unix socket is one server."""
+    return isinstance(target, tuple) or scheme_of(target) not in ("", "unix", "unix-abstract")
+
+
 def split_host_port(address: str) -> tuple[str, int]:
     """``"host:port"`` or ``"[ipv6]:port"`` -> (host, port)."""
     host, colon, port = address.rpartition(":")

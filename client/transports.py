@@ -37,6 +37,7 @@ from losswire.wire.protocol import EVALUATE_STREAM_METHOD, SESSION_HEADER
 from . import shared_memory as shm
 from .channels import RETRY_POLICY, Connection, Patience, passing
 from .errors import RemoteLossError
+from .lanes import LaneCalls, lanes_for, lanes_refused
 from .replicas import SessionRouter
 from .sessions import SessionSteps, sessions_of
 
@@ -69,9 +70,11 @@ class Transports:
         buffers: BufferPool,
         timeout: float | None,
         overlap: bool = True,
+        lanes: int = 0,
     ) -> None:
         self.connection, self.router, self.steps = connection, router, steps
         self.overlap = overlap  # streams ask for early gradients (EvaluateRequest.early_gradients)
+        self.lanes = lanes  # more streams per big call (EvaluateRequest.lanes); 0 once the server refused them
         self.timeout = timeout  # of the calls that register and unregister shared memory
         self.stream_threshold = stream_threshold
         self.buffers = buffers
@@ -185,15 +188,31 @@ class Transports:
         failures = 0  # UNAVAILABLE answers: RETRY_POLICY's attempts; a busy server is waited out instead
         while True:
             answered = False
+            lanes = lanes_for(self.lanes, sink.nbytes) if connection.has_lanes else None
+            lane_calls = None
             try:
                 # early_gradients: the server may compute while the chunks arrive (they go row by row) and
                 # send pred's gradient as its rows are done, before the response
-                sent = chunks.stream_chunks(request, sink, early_gradients=self.overlap)
-                responses = method(sent, timeout=patience.remaining(), metadata=metadata)
+                if lanes is None:
+                    sent = chunks.stream_chunks(request, sink, early_gradients=self.overlap)
+                    responses = method(sent, timeout=patience.remaining(), metadata=metadata)
+                else:
+                    streams = chunks.lane_streams(request, sink, lanes, early_gradients=self.overlap)
+                    # one header on every stream of the call: a proxy that pins by it sends them to one server
+                    pinned = metadata or [(SESSION_HEADER, f"lanes-{lanes.call.hex()}")]
+                    responses = method(streams[0], timeout=patience.remaining(), metadata=pinned)
+                    lane_calls = LaneCalls(connection, streams[1:])
+                    lane_calls.start(responses, patience.remaining(), pinned)
                 first = next(responses)
                 answered = True
                 return _receive_stream(request, first, responses, self.buffers)
-            except grpc.RpcError as error:
+            except grpc.RpcError as raised:
+                # a lane that failed cancelled the call: its error is the one to tell
+                error = lane_calls.failed if lane_calls is not None and lane_calls.failed is not None else raised
+                if lanes is not None and lanes_refused(RemoteLossError.from_rpc_error(error)):
+                    log.warning("lanes fail with %s (%s): one stream per call", connection.label, error.details())
+                    self.lanes = 0
+                    continue
                 failures += error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED
                 retry = not answered and passing(error) and failures < RETRY_POLICY["maxAttempts"]
                 pause = patience.next_pause() if retry else None
@@ -201,6 +220,9 @@ class Transports:
                     raise connection.failure(error, deadline) from None
                 log.debug("EvaluateStream: %s; again in %.2f s", error.code().name, pause)
                 time.sleep(pause)
+            finally:
+                if lane_calls is not None:
+                    lane_calls.close()
 
     # -- shared memory ---------------------------------------------------------------------------------
 

@@ -1,0 +1,92 @@
+"""A big stream's lanes: its chunks spread over several EvaluateStream calls (``EvaluateRequest.lanes``).
+
+One HTTP/2 connection is read by one thread on each side. A link faster than that (tens of Gbit/s) fills
+only when a call's bytes travel on several connections, as NCCL and the like open several sockets per
+peer. With ``LossClient(lanes=n)`` a streamed request's tensors are cut in stripes dealt round-robin to
+its own stream and ``n`` lanes, each lane an EvaluateStream on a connection of its own to the same
+server; the answer comes back on the request's stream as without lanes, and equals it bit for bit.
+
+Each stream is a gRPC call of its own: the first lane that fails cancels the request's stream, and the
+call fails with the lane's error. A server that does not serve lanes (an older one), or one that the
+lanes do not reach (a proxy that sent them elsewhere), is noticed on the first call: logged, and the
+client sends one stream from then on.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from losswire.v1 import loss_service_pb2 as pb
+from losswire.wire import chunks
+from losswire.wire.protocol import EVALUATE_STREAM_METHOD, LANE_CALL_MIN_BYTES
+
+from .channels import Connection
+from .errors import RemoteLossError
+
+# Stripe size: each stream's share of a tensor in pieces this big, dealt round-robin, so the streams
+# finish together and the server's rows fill from the front (what an overlapped call computes first)
+LANE_STRIPE_BYTES = 1 << 20
+
+
+def lanes_for(count: int, nbytes: int) -> pb.StreamLanes | None:
+    """The lanes of a call whose streamed tensors hold ``nbytes``: None when ``count`` is 0 or the call has
+    fewer stripes than streams (lanes would carry nothing)."""
+    if count <= 0 or nbytes < (count + 1) * LANE_STRIPE_BYTES:
+        return None
+    return pb.StreamLanes(call=os.urandom(LANE_CALL_MIN_BYTES), count=count, stripe_bytes=LANE_STRIPE_BYTES)
+
+
+def lanes_refused(error: RemoteLossError) -> bool:
+    """Whether a call with lanes failed because lanes do not work with this server: it does not know them
+    (a lane's first message is refused), or the call and its lanes reached different servers."""
+    code, field = error.code, error.field or ""
+    return (
+        (code == grpc.StatusCode.INVALID_ARGUMENT and field == "request")
+        or (code == grpc.StatusCode.NOT_FOUND and field == "lane.call")
+        or (code == grpc.StatusCode.DEADLINE_EXCEEDED and field == "lanes")
+    )
+
+
+class LaneCalls:
+    """The lanes of one call on ``connection``, started with ``start`` beside the call's own stream
+    (``main``): the first lane to fail cancels it and is ``failed``; ``close`` cancels what still runs."""
+
+    def __init__(self, connection: Connection, streams: list[Iterator[Any]]) -> None:
+        self.connection, self.streams = connection, streams
+        self.calls: list[Any] = []
+        self.failed: grpc.RpcError | None = None
+        self._lock = threading.Lock()
+        self._main: Any = None
+        self._closing = False
+
+    def start(self, main: Any, timeout: float | None, metadata: Any) -> None:
+        self._main = main
+        for lane, messages in enumerate(self.streams, 1):
+            method = self.connection.lane_channel(lane).stream_stream(
+                EVALUATE_STREAM_METHOD,
+                request_serializer=chunks.serialize_chunk,
+                response_deserializer=chunks.parse_chunk,
+            )
+            call = method(messages, timeout=timeout, metadata=metadata)
+            call.add_done_callback(self._ended)
+            self.calls.append(call)
+
+    def _ended(self, call: Any) -> None:
+        if call.code() == grpc.StatusCode.OK:
+            return
+        with self._lock:
+            if self._closing or self.failed is not None:
+                return
+            self.failed = call
+        self._main.cancel()  # its own failure would say less than the lane's
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+        for call in self.calls:
+            call.cancel()  # nothing for one that has ended
