@@ -13,25 +13,12 @@ import time
 from collections.abc import Iterator
 
 import torch
+from support.calls import connections_to
 
 from losswire.client import LossClient, RemoteLoss
 from losswire.client.channels import make_channel
 from losswire.server.app import LosswireServer
 from losswire.server.config import ServerConfig
-
-ESTABLISHED = "01"
-
-
-def connections_to(port: int) -> int:
-    """TCP connections of this host in ESTABLISHED state whose remote end is ``port`` (client sides)."""
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(FileNotFoundError), open(table) as lines:
-            for line in list(lines)[1:]:
-                fields = line.split()
-                remote_port = int(fields[2].rsplit(":", 1)[1], 16)
-                count += remote_port == port and fields[3] == ESTABLISHED
-    return count
 
 
 @contextlib.contextmanager

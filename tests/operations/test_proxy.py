@@ -3,12 +3,14 @@
 Three ``losswire serve`` replicas and nginx (Debian's package; CI installs it) on loopback. The client
 targets the proxy as one ``host:port``. Checked: stateless calls spread over every replica, call by call;
 every call of a session lands on one replica (nginx hashes the ``x-losswire-session`` header the client
-sends); a replica stopped in the middle of a run of stateless calls costs none of them.
+sends), and so do all the streams of a call over lanes; a replica stopped in the middle of a run of
+stateless calls costs none of them.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -183,6 +185,37 @@ def test_a_replica_stopped_mid_run_costs_no_stateless_call(fleet):
     assert replicas[1].wait_exit() == 0
     assert not failures, failures[:3]
     assert done == 90
+
+
+def test_a_call_over_lanes_reaches_one_replica_with_all_its_lanes(fleet):
+    """Each of a call's streams is an HTTP/2 request of its own, which nginx could send anywhere; the client
+    sends them all with one x-losswire-session header, hashed to one replica. So every call over lanes is
+    answered (as unary answers it, bit for bit), and each replica's lanes are those of its own calls."""
+    replicas, proxy = fleet
+    spread = LossClient(proxy.target, timeout=CALL_TIMEOUT, shared_memory="off", stream_threshold=0, lanes=2)
+    unary = LossClient(proxy.target, timeout=CALL_TIMEOUT, shared_memory="off", stream_threshold=None)
+    try:
+        for seed in range(8):
+            generator = torch.Generator().manual_seed(seed)
+            pred, labels = (
+                torch.randn(16384, 80, generator=generator),
+                torch.randint(0, 81, (16384,), generator=generator),
+            )
+            answers = []
+            for client in (spread, unary):  # 5 MiB of pred: 5 stripes of 1 MiB over 3 streams
+                leaf = pred.clone().requires_grad_()
+                RemoteLoss(FOCAL, client=client, validate=False)(leaf, labels).backward()
+                answers.append(leaf.grad)
+            assert torch.equal(*answers)
+        assert spread.transports.lanes == 2  # never fell back to one stream
+    finally:
+        spread.close()
+        unary.close()
+    for process in replicas:
+        read_log_to_now(process)
+    streamed = [process.log().count("EvaluateStream FocalLoss:") for process in replicas]
+    joined = [len(re.findall(r"EvaluateStream lane \d: \d+ chunks, in", process.log())) for process in replicas]
+    assert sum(streamed) == 8 and joined == [2 * count for count in streamed], (streamed, joined)
 
 
 def sessions_of(process: ServerProcess) -> set[str]:

@@ -1,5 +1,5 @@
 """Calls in tests: a channel without retries, EvaluateStream on it, the field a refusal names, a
-recompute through a client, a server's log read up to now."""
+recompute through a client, a server's log read up to now, this host's connections to a port."""
 
 from __future__ import annotations
 
@@ -79,3 +79,18 @@ def field_of(error: grpc.RpcError) -> str | None:
         if detail.Unpack(bad) and bad.field_violations:
             return bad.field_violations[0].field
     return None
+
+
+ESTABLISHED = "01"
+
+
+def connections_to(port: int) -> int:
+    """TCP connections of this host in ESTABLISHED state whose remote end is ``port`` (client sides)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as lines:
+            for line in list(lines)[1:]:
+                fields = line.split()
+                remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+                count += remote_port == port and fields[3] == ESTABLISHED
+    return count
