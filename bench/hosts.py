@@ -56,13 +56,15 @@ LINK_RATE, LINK_BYTES_PER_S = "10gbit", 10e9 / 8
 TBF_BURST, TBF_LATENCY = "1mb", "10ms"
 TCP_GOODPUT_CEILING = 1448 / 1514  # payload per Ethernet frame of a TCP segment with timestamps
 STREAM_METHOD = "/bench.StreamEcho/Call"
-PATHS = ("raw TCP", "grpcio stream", "losswire f32", "losswire bf16", "losswire overlapped")
-# losswire's paths: (transfer dtype, overlap); the first two wait for every chunk before computing, so
-# that round trip - compute is their wire time; the overlapped one computes while the rows arrive
+PATHS = ("raw TCP", "grpcio stream", "losswire f32", "losswire bf16", "losswire overlapped", "losswire 2 lanes")
+# losswire's paths: (transfer dtype, overlap, lanes); all but the overlapped one wait for every chunk
+# before computing, so that round trip - compute is their wire time; the overlapped one computes while
+# the rows arrive; the lanes one sends pred's stripes on its stream and two lanes (connections of their own)
 LOSSWIRE_PATHS = {
-    "losswire f32": (None, False),
-    "losswire bf16": ("bfloat16", False),
-    "losswire overlapped": (None, True),
+    "losswire f32": (None, False, 0),
+    "losswire bf16": ("bfloat16", False, 0),
+    "losswire overlapped": (None, True, 0),
+    "losswire 2 lanes": (None, False, 2),
 }
 PORT_LINE = re.compile(r"^port (?P<port>\d+)$")
 START_TIMEOUT = 120.0  # a child imports torch on a busy 2-core machine
@@ -268,7 +270,9 @@ def hosts_row(cell: dict[str, Any]) -> dict[str, Any]:
     moved = 2 * cell["pred_bytes"]
     samples, compute = cell["samples"], cell["compute"]
     tcp_s, stream_s = _median(samples["raw TCP"]), _median(samples["grpcio stream"])
-    f32_s, bf16_s = (_wire(samples[name], compute[name]) for name in ("losswire f32", "losswire bf16"))
+    f32_s, bf16_s, lanes_s = (
+        _wire(samples[name], compute[name]) for name in ("losswire f32", "losswire bf16", "losswire 2 lanes")
+    )
     serial_s, overlapped_s = _median(samples["losswire f32"]), _median(samples["losswire overlapped"])
     compute_s = _median(compute["losswire f32"])
     return {
@@ -277,6 +281,8 @@ def hosts_row(cell: dict[str, Any]) -> dict[str, Any]:
         "grpcio stream share": _share(moved, stream_s),
         "losswire share": _share(moved, f32_s),
         "losswire / grpcio": stream_s / f32_s,
+        "2 lanes share": _share(moved, lanes_s),
+        "2 lanes / one stream": lanes_s / f32_s,
         "losswire round trip ms": serial_s * 1e3,
         "losswire compute ms": compute_s * 1e3,
         "f32 wire ms": f32_s * 1e3,
@@ -318,7 +324,9 @@ def hosts_notes(rows: list[dict[str, Any]], repeats: int) -> str:
         "compute (timings.compute_ms) of that call, computed once every chunk is in (overlap=False); bf16 = "
         "the same with transfer_dtype='bfloat16' (half the bytes each way); overlapped = the f32 call with "
         "overlap=True (rows interleaved, computed as they arrive, gradient rows sent back as they are done), "
-        "against max(f32 wire, compute). Paths interleaved round by round, rotating which goes first; median "
+        "against max(f32 wire, compute); 2 lanes = the f32 call with LossClient(lanes=2) (pred's 1 MiB stripes "
+        "dealt to its stream and two lanes, each on a connection of its own), wire time as f32's. Paths "
+        "interleaved round by round, rotating which goes first; median "
         f"of {repeats} rounds after one warm-up. Targets: losswire share ≥ 0.85 at 64-256 MiB and ≥ 0.7 at "
         "16 MiB; bf16 wire time never above f32's; overlapped ≤ 1.3 x max(wire, compute) at 256 MiB. "
         f"{_verdict(rows)}"
@@ -378,9 +386,9 @@ def client_paths(
         "raw TCP": lambda: tcp_roundtrip(connection, raw),
         "grpcio stream": lambda: _stream_roundtrip(stream, messages),
     }
-    for name, (dtype, overlap) in LOSSWIRE_PATHS.items():
+    for name, (dtype, overlap, lanes) in LOSSWIRE_PATHS.items():
         client = LossClient(
-            args.losswire, stream_threshold=0, shared_memory="off", transfer_dtype=dtype, overlap=overlap
+            args.losswire, stream_threshold=0, shared_memory="off", transfer_dtype=dtype, overlap=overlap, lanes=lanes
         )
         paths[name] = remote_step(RemoteLoss(FOCAL, client=client), pred, target, compute[name])
     return paths
