@@ -42,7 +42,8 @@ def small_stripes(monkeypatch):
 
 @contextlib.contextmanager
 def running(**settings) -> Iterator[LosswireServer]:
-    server = LosswireServer(ServerConfig(host="127.0.0.1", port=0, device="cpu", max_workers=4, **settings))
+    settings = {"port": 0, **settings}
+    server = LosswireServer(ServerConfig(host="127.0.0.1", device="cpu", max_workers=4, **settings))
     server.start()
     try:
         yield server
@@ -341,3 +342,34 @@ def test_lanes_still_sending_when_their_call_is_cancelled_are_cancelled_and_noth
     outcomes = [calls.outcome(index) for index in lanes]
     assert all(isinstance(o, grpc.RpcError) and o.code() == grpc.StatusCode.CANCELLED for o in outcomes), outcomes
     assert _nothing_held(quick_joins)
+
+
+def _same(got: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...]) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_lanes_that_reach_another_server_fall_back_to_one_stream(caplog):
+    """Two servers on one port (``--reuse-port``: the kernel deals connections between them): a lane, a
+    connection of its own, may reach the other server. That call fails as the lanes do not join, and the
+    client retries it on one stream, says so once, and sends one stream per call from then on; every
+    answer is the unary one."""
+    settings = dict(reuse_port=True, lane_join_seconds=0.5)
+    with running(**settings) as first, running(**settings, port=first.port) as second:
+        target = _target(first)
+        unary = LossClient(target, timeout=60, stream_threshold=None, shared_memory="off")
+        pred, labels = _inputs(12)
+        expected = _gradients(unary, FOCAL, pred, labels)
+        unary.close()
+        fell_back = 0
+        for _ in range(8):  # a client whose lanes all reach its stream's server keeps them: try several
+            spread = LossClient(target, timeout=60, stream_threshold=0, shared_memory="off", lanes=2)
+            try:
+                assert _same(_gradients(spread, FOCAL, pred, labels), expected)
+                if spread.transports.lanes == 0:
+                    fell_back += 1
+                    assert _same(_gradients(spread, FOCAL, pred, labels), expected)  # one stream, at once
+            finally:
+                spread.close()
+        assert fell_back, "every client's lanes reached its stream's server"
+        assert caplog.text.count("lanes fail with") == fell_back
+        assert _nothing_held(first) and _nothing_held(second)
