@@ -165,8 +165,8 @@ class LossService(pb_grpc.LossServiceServicer):
                     for early in overlap.early_chunks():
                         yield early
         finally:
-            # the reader ends before the intake closes. Cancelled again until it is: Python 3.11's wait_for
-            # (the idle guard's) may swallow a cancellation whose message arrived at the same moment
+            # the reader ends before the intake closes. Cancelled again until it is: a cancellation must
+            # never be lost (see streams._within), and a reader that outlived the call would add to it
             while not reader.done():
                 reader.cancel()
                 await asyncio.wait({reader}, timeout=1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -85,7 +85,7 @@ class StreamGuardInterceptor(grpc.aio.ServerInterceptor):
         source = aiter(requests)
         while True:
             try:
-                message = await asyncio.wait_for(anext(source), self.idle_seconds)
+                message = await _within(anext(source), self.idle_seconds)
             except StopAsyncIteration:
                 return
             except TimeoutError:
@@ -94,3 +94,25 @@ class StreamGuardInterceptor(grpc.aio.ServerInterceptor):
                     "that long (losswire serve --stream-idle-timeout)"
                 ) from None
             yield message
+
+
+async def _within(awaitable: Awaitable[Any], seconds: float | None) -> Any:
+    """``awaitable``'s result, or TimeoutError after ``seconds`` (None: no limit).
+
+    Not ``asyncio.wait_for``: before Python 3.12 it returns the result when the awaited read completes at
+    the moment the handler is cancelled, and the cancellation is lost. gRPC cancels a handler once, when
+    its caller goes away, and that same moment ends the pending read (as the end of the stream): the
+    handler then went on as if the caller had half-closed, and a call waiting for its lanes waited for
+    them instead of ending."""
+    if seconds is None:
+        return await awaitable
+    pending = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait({pending}, timeout=seconds)
+    except asyncio.CancelledError:
+        pending.cancel()
+        raise
+    if not done:
+        pending.cancel()
+        raise TimeoutError
+    return pending.result()

@@ -9,6 +9,7 @@ makes a small Evaluate and a health check with deadlines of a few seconds, which
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from support.calls import evaluate_stream, plain_channel
 from losswire.client import LossClient, RemoteLoss, RemoteLossError
 from losswire.server.app import LosswireServer
 from losswire.server.config import ServerConfig
+from losswire.server.rpc.streams import _within
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.wire import codec
 from losswire.wire.protocol import NO_RETRY
@@ -161,3 +163,32 @@ def test_a_silent_stream_holds_no_big_call_slot():
         finally:
             client.close()
             silent.close()
+
+
+@pytest.mark.parametrize("seconds", [10.0, None])
+def test_the_idle_guard_never_loses_the_cancellation_of_a_call_whose_read_just_ended(seconds):
+    """gRPC cancels a handler once, when its caller goes away, and that same moment ends the read the
+    idle guard waits on. A guard that returned the read's result then (``asyncio.wait_for`` before Python
+    3.12 does) lost the cancellation: the handler went on as if the caller had half-closed; a call waiting
+    for its lanes waited for them (tests/service/test_lanes.py met it under load)."""
+
+    async def scenario() -> None:
+        read = asyncio.get_running_loop().create_future()
+        guarded = asyncio.ensure_future(_within(read, seconds))
+        await asyncio.sleep(0)  # the guard waits on the read
+        read.set_result("end of stream")
+        guarded.cancel()  # at the same moment
+        with pytest.raises(asyncio.CancelledError):
+            await guarded
+
+    asyncio.run(scenario())
+
+
+def test_the_idle_guard_times_out_and_leaves_no_read_behind():
+    async def scenario() -> None:
+        read = asyncio.get_running_loop().create_future()
+        with pytest.raises(TimeoutError):
+            await _within(read, 0.01)
+        assert read.cancelled()
+
+    asyncio.run(scenario())
