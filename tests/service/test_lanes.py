@@ -338,6 +338,10 @@ def test_lanes_still_sending_when_their_call_is_cancelled_are_cancelled_and_noth
             time.sleep(0.02)  # a condition, polled: both lanes joined the call, then stalled
             waited += 0.02
         main.cancel()
+        waited = 0.0
+        while quick_joins.lanes.held and waited < 10:
+            time.sleep(0.02)  # a condition, polled: the server has ended the call (else lanes could finish first)
+            waited += 0.02
     gate.set()
     outcomes = [calls.outcome(index) for index in lanes]
     assert all(isinstance(o, grpc.RpcError) and o.code() == grpc.StatusCode.CANCELLED for o in outcomes), outcomes
