@@ -9,16 +9,15 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import grpc
 import pytest
 import torch
 from support.calls import field_of, plain_channel
+from support.in_process import running_server
 
 from losswire.client import Credentials, LossClient, RemoteLoss, RemoteLossError, evaluate_terms
 from losswire.server.app import LosswireServer
-from losswire.server.config import ServerConfig
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.v1 import loss_service_pb2_grpc as pb_grpc
 from losswire.wire import codec
@@ -27,14 +26,8 @@ SEESAW = dict(type="SeesawLoss", num_classes=4)
 TOKENS = ("token-of-alice-0123456789", "token-of-bob-0123456789ab")
 
 
-@contextlib.contextmanager
-def running(**settings) -> Iterator[LosswireServer]:
-    server = LosswireServer(ServerConfig(host="127.0.0.1", port=0, device="cpu", max_workers=2, **settings))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop(grace=0)
+def running(**settings) -> contextlib.AbstractContextManager[LosswireServer]:
+    return running_server(max_workers=2, **settings)
 
 
 def target_of(server: LosswireServer) -> str:

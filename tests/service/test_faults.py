@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -42,17 +41,16 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support.calls import plain_channel
 from support.faults import load_fault_losses
+from support.in_process import DEVICE, running_server
 from support.paths import with_tests_on_path
 
 from losswire.client import LossClient, RemoteLoss, RemoteLossError, evaluate_terms
 from losswire.server.app import LosswireServer
-from losswire.server.config import ServerConfig
 from losswire.server.losses import LOSSES, Registry
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.v1 import loss_service_pb2_grpc as pb_grpc
 from losswire.wire import codec
 
-DEVICE = os.environ.get("LOSSWIRE_TEST_DEVICE", "cpu")
 WAIT = 30.0  # the most any single wait here may take before the test fails
 LIMIT = 2  # --max-concurrent-rpcs of the overload tests
 GONE = "the caller cancelled or its deadline passed"
@@ -69,27 +67,20 @@ def faults(fault_losses) -> ModuleType:
     return fault_losses[0]
 
 
-@contextlib.contextmanager
-def running_server(registry: Registry, **settings) -> Iterator[LosswireServer]:
-    settings = {"max_workers": 8, **settings}
-    server = LosswireServer(ServerConfig(host="127.0.0.1", port=0, device=DEVICE, **settings), registry=registry)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop(grace=1)
+def running(registry: Registry, **settings) -> contextlib.AbstractContextManager[LosswireServer]:
+    return running_server(registry, grace=1, **{"max_workers": 8, "device": DEVICE, **settings})
 
 
 @pytest.fixture(scope="module")
 def server(fault_losses) -> Iterator[LosswireServer]:
-    with running_server(fault_losses[1]) as instance:
+    with running(fault_losses[1]) as instance:
         yield instance
 
 
 @pytest.fixture(scope="module")
 def busy_server(fault_losses) -> Iterator[LosswireServer]:
     """A server that admits ``LIMIT`` calls at once."""
-    with running_server(fault_losses[1], max_concurrent_rpcs=LIMIT) as instance:
+    with running(fault_losses[1], max_concurrent_rpcs=LIMIT) as instance:
         yield instance
 
 
@@ -316,7 +307,7 @@ def test_a_retrying_client_gets_through_once_the_server_has_room(busy_server, fa
 def test_health_says_not_serving_while_every_compute_thread_is_held(fault_losses, faults, gate):
     """One compute thread, held by a gated call: a small call would wait for it, so health (the main port's
     and the health port's alike) says NOT_SERVING; once the gate opens it says SERVING again."""
-    with running_server(fault_losses[1], max_workers=1, health_bound_seconds=0.3, health_port=0) as server:
+    with running(fault_losses[1], max_workers=1, health_bound_seconds=0.3, health_port=0) as server:
         ports = (server.port, server.health_port)
 
         def statuses() -> set[int]:

@@ -21,11 +21,11 @@ import grpc
 import pytest
 import torch
 from support.calls import connections_to, evaluate_stream, field_of, plain_channel
+from support.in_process import running_server
 
 from losswire.client import LossClient, RemoteLoss, RemoteLossError
 from losswire.client import lanes as client_lanes
 from losswire.server.app import LosswireServer
-from losswire.server.config import ServerConfig
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.wire import chunks, codec
 
@@ -40,15 +40,8 @@ def small_stripes(monkeypatch):
     monkeypatch.setattr(client_lanes, "LANE_STRIPE_BYTES", STRIPE)
 
 
-@contextlib.contextmanager
-def running(**settings) -> Iterator[LosswireServer]:
-    settings = {"port": 0, **settings}
-    server = LosswireServer(ServerConfig(host="127.0.0.1", device="cpu", max_workers=4, **settings))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop(grace=0)
+def running(**settings) -> contextlib.AbstractContextManager[LosswireServer]:
+    return running_server(**{"max_workers": 4, **settings})
 
 
 @pytest.fixture(scope="module")

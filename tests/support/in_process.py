@@ -1,0 +1,27 @@
+"""A losswire server in the test's own process, on an ephemeral loopback port (the conftest's shared
+``server`` is one; tests that need settings of their own start another)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from losswire.server.app import LosswireServer
+from losswire.server.config import ServerConfig
+
+DEVICE = os.environ.get("LOSSWIRE_TEST_DEVICE", "cpu")
+
+
+@contextlib.contextmanager
+def running_server(registry: Any = None, grace: float = 0, **settings: Any) -> Iterator[LosswireServer]:
+    """A started server with ``settings`` (ServerConfig fields) over ``registry`` (None: every loss);
+    stopped, with ``grace`` seconds for calls in flight, when the block ends."""
+    config = ServerConfig(**{"host": "127.0.0.1", "port": 0, "device": "cpu", **settings})
+    server = LosswireServer(config) if registry is None else LosswireServer(config, registry=registry)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(grace=grace)
