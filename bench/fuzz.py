@@ -67,6 +67,7 @@ SERVE_FLAGS = [
     "--max-dims=6",
     "--max-sessions=4",
     "--overlap-transfer=on",  # fuzzed streams that ask for early gradients take the overlapped path
+    "--lane-join-timeout=0.3",  # a fuzzed call's missing lane, or a stranger lane, is given up soon
 ]
 MiB = 1 << 20
 

@@ -74,6 +74,7 @@ def fuzzed():
             max_workers=2,
             max_message_bytes=4 << 20,
             overlap_transfer=True,  # fuzzed streams that ask for early gradients take the overlapped path
+            lane_join_seconds=0.3,  # a fuzzed call's missing lane, or a stranger lane, is given up soon
             **LIMITS,
         )
     )

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -609,7 +610,9 @@ def assert_serves_correctly(method: Any) -> None:
 
 # -- the other front doors: the same fuzzed requests streamed, in shared memory, and as ModelInfer ------
 
-# "early-...": the same, sent with early_gradients (rows interleaved; the server may compute as they come)
+# "early-...": the same, sent with early_gradients (rows interleaved; the server may compute as they come);
+# "lanes-...": the call spread over two lanes (EvaluateRequest.lanes, stripes of 64 KiB), itself or its lanes
+# faulty. A fuzzing server should wait little for lanes that never come (--lane-join-timeout).
 STREAM_FAULTS = [
     "none",
     "none",
@@ -622,13 +625,37 @@ STREAM_FAULTS = [
     "early-none",
     "early-drop-chunk",
     "early-shift-offset",
+    "lanes-none",
+    "lanes-missing-lane",
+    "lanes-stranger-lane",
+    "lanes-bad-header",
+    "lanes-chunk-on-lane",
 ]
+LANE_STRIPE = 64 << 10
 
 
 @st.composite
 def stream_faults(draw: Callable) -> str:
     """What goes wrong with a fuzzed request's stream on top of its contents ("none": a valid stream)."""
     return draw(st.sampled_from(STREAM_FAULTS))
+
+
+def lane_messages(request: pb.EvaluateRequest, fault: str) -> list[list[Any]]:
+    """``request`` spread over two lanes: the messages of its own stream, then of each lane, with ``fault``
+    ("lanes-...") done to them."""
+    request = pb.EvaluateRequest.FromString(request.SerializeToString())
+    sink = chunks.StreamSink.take(request, min_bytes=1)
+    lanes = pb.StreamLanes(call=uuid.uuid4().bytes, count=2, stripe_bytes=LANE_STRIPE)
+    streams = [list(messages) for messages in chunks.lane_streams(request, sink, lanes, chunk_bytes=64)]
+    if fault == "lanes-missing-lane":
+        del streams[2]
+    elif fault == "lanes-stranger-lane":
+        streams[1][0] = pb.EvaluateChunk(lane=pb.StreamLane(call=uuid.uuid4().bytes, lane=1))
+    elif fault == "lanes-bad-header":
+        streams[0][0].request.lanes.stripe_bytes = LANE_STRIPE + 1
+    elif fault == "lanes-chunk-on-lane" and len(streams[0]) > 1:
+        streams[1].append(streams[0].pop())  # one of the request stream's own stripes
+    return streams
 
 
 def stream_messages(request: pb.EvaluateRequest, fault: str) -> list[Any]:
@@ -671,12 +698,25 @@ def stream_answer(responses: Any) -> pb.EvaluateResponse:
 
 
 def call_stream(method: Any, request: pb.EvaluateRequest, fault: str, timeout: float = 60) -> grpc.StatusCode:
-    """One fuzzed request through EvaluateStream; an OK answer of a valid stream equals the engine's."""
+    """One fuzzed request through EvaluateStream (and its lanes); an OK answer of a valid stream equals the
+    engine's; a lane ends OK, with no message, or with a clear status as any call."""
+    lanes: list[Any] = []
+    if fault.startswith("lanes-"):
+        own, *others = lane_messages(request, fault)
+        lanes = [method(iter(messages), timeout=timeout) for messages in others]  # they start sending now
+    else:
+        own = stream_messages(request, fault)
     try:
-        response = stream_answer(method(iter(stream_messages(request, fault)), timeout=timeout))
+        response = stream_answer(method(iter(own), timeout=timeout))
     except grpc.RpcError as error:
         return check_error(error)
-    if fault in ("none", "early-none"):
+    finally:
+        for lane in lanes:
+            try:
+                assert list(lane) == [], "a lane answered with messages"
+            except grpc.RpcError as error:
+                check_error(error)
+    if fault in ("none", "early-none", "lanes-none"):
         check_ok(request, response)
     return grpc.StatusCode.OK
 
