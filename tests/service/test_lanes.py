@@ -109,6 +109,54 @@ def test_a_call_over_lanes_answers_as_unary_bit_for_bit(server, target, overlap,
     assert _nothing_held(server)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_narrowed_call_over_lanes_answers_as_a_narrowed_unary_call(server, target, dtype):
+    """transfer_dtype halves the streamed bytes: the stripes cut the narrowed data."""
+    pred, labels = _inputs(13)
+    unary = LossClient(target, timeout=60, stream_threshold=None, shared_memory="off", transfer_dtype=dtype)
+    spread = LossClient(target, timeout=60, stream_threshold=0, shared_memory="off", transfer_dtype=dtype, lanes=2)
+    try:
+        joined = server.lanes.joined
+        expected = _gradients(unary, FOCAL, pred, labels)
+        got = _gradients(spread, FOCAL, pred, labels)
+        assert server.lanes.joined == joined + 2
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    finally:
+        unary.close()
+        spread.close()
+
+
+def test_a_session_call_over_lanes_steps_its_state_as_a_unary_one(server, target):
+    """A stateful loss (SeesawLoss keeps its class counts in a session) over lanes: the same answers, the
+    same steps, call after call; the session's name is the header that pins the lanes behind a proxy."""
+    unary = LossClient(target, timeout=60, stream_threshold=None, shared_memory="off")
+    spread = LossClient(target, timeout=60, stream_threshold=0, shared_memory="off", lanes=2)
+    cfg = dict(type="SeesawLoss", num_classes=80)
+    try:
+        joined = server.lanes.joined
+        modules = [RemoteLoss(cfg, client=c, session=f"lanes/{i}/{os.getpid()}") for i, c in enumerate((unary, spread))]
+        for step in range(3):
+            generator = torch.Generator().manual_seed(step)
+            scores, labels = (
+                torch.randn(1024, 82, generator=generator),
+                torch.randint(0, 80, (1024,), generator=generator),
+            )
+            answers = []
+            for module in modules:
+                leaf = scores.clone().requires_grad_()
+                parts = module(leaf, labels)  # Seesaw's class and objectness losses
+                loss = sum(parts.values())
+                loss.backward()
+                answers.append((loss.detach(), leaf.grad, module.last_session_step))
+            assert all(torch.equal(a, b) for a, b in zip(answers[0][:2], answers[1][:2], strict=True))
+            assert answers[0][2] == answers[1][2] == step + 1
+        # each step streams twice (Seesaw is not separable: backward sends the upstream gradient), 2 lanes each
+        assert server.lanes.joined == joined + 3 * 2 * 2
+    finally:
+        unary.close()
+        spread.close()
+
+
 def test_each_lane_has_a_connection_of_its_own_kept_for_the_next_calls():
     with running() as server:
         client = LossClient(_target(server), timeout=60, stream_threshold=0, shared_memory="off", lanes=2)
