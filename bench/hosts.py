@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import os
 import re
@@ -271,9 +272,9 @@ def hosts_row(cell: dict[str, Any]) -> dict[str, Any]:
     samples, compute = cell["samples"], cell["compute"]
     tcp_s, stream_s = _median(samples["raw TCP"]), _median(samples["grpcio stream"])
     f32_s, bf16_s, lanes_s = (
-        _wire(samples[name], compute[name]) for name in ("losswire f32", "losswire bf16", "losswire 2 lanes")
+        _wire(samples.get(name, []), compute[name]) for name in ("losswire f32", "losswire bf16", "losswire 2 lanes")
     )
-    serial_s, overlapped_s = _median(samples["losswire f32"]), _median(samples["losswire overlapped"])
+    serial_s, overlapped_s = _median(samples["losswire f32"]), _median(samples.get("losswire overlapped", []))
     compute_s = _median(compute["losswire f32"])
     return {
         "pred": f"{cell['pred_bytes'] / MiB:.3g} MiB",
@@ -283,6 +284,7 @@ def hosts_row(cell: dict[str, Any]) -> dict[str, Any]:
         "losswire / grpcio": stream_s / f32_s,
         "2 lanes share": _share(moved, lanes_s),
         "2 lanes / one stream": lanes_s / f32_s,
+        "2 lanes round trip ms": _median(samples.get("losswire 2 lanes", [])) * 1e3,
         "losswire round trip ms": serial_s * 1e3,
         "losswire compute ms": compute_s * 1e3,
         "f32 wire ms": f32_s * 1e3,
@@ -300,7 +302,8 @@ def _wire(rounds: list[float], compute: list[float]) -> float:
 
 
 def _median(samples: list[float]) -> float:
-    return statistics.median(samples)
+    """The median; NaN for a path this client does not offer (none measured)."""
+    return statistics.median(samples) if samples else float("nan")
 
 
 def _share(nbytes: int, seconds: float) -> float:
@@ -386,10 +389,13 @@ def client_paths(
         "raw TCP": lambda: tcp_roundtrip(connection, raw),
         "grpcio stream": lambda: _stream_roundtrip(stream, messages),
     }
+    offered = inspect.signature(LossClient).parameters  # an older client lacks some: those paths are left out
     for name, (dtype, overlap, lanes) in LOSSWIRE_PATHS.items():
-        client = LossClient(
-            args.losswire, stream_threshold=0, shared_memory="off", transfer_dtype=dtype, overlap=overlap, lanes=lanes
-        )
+        features = {"overlap": overlap, "lanes": lanes}
+        if any(value and feature not in offered for feature, value in features.items()):
+            continue
+        settings = {feature: value for feature, value in features.items() if feature in offered}
+        client = LossClient(args.losswire, stream_threshold=0, shared_memory="off", transfer_dtype=dtype, **settings)
         paths[name] = remote_step(RemoteLoss(FOCAL, client=client), pred, target, compute[name])
     return paths
 
@@ -412,8 +418,9 @@ def measure_size(args: argparse.Namespace, pred_bytes: int) -> dict[str, Any]:
     compute: dict[str, list[float]] = {name: [] for name in LOSSWIRE_PATHS}
     paths = client_paths(args, pred, target, compute)
     samples: dict[str, list[float]] = {name: [] for name in paths}
+    order = [name for name in PATHS if name in paths]
     for round_ in range(args.repeats + 1):
-        for name in PATHS[round_ % len(PATHS) :] + PATHS[: round_ % len(PATHS)]:
+        for name in order[round_ % len(order) :] + order[: round_ % len(order)]:
             seconds = timed(paths[name], 1, warmup=0)[0]
             if round_:
                 samples[name].append(seconds)
