@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
 
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.wire import chunks
-from losswire.wire.protocol import EVALUATE_STREAM_METHOD, LANE_CALL_MIN_BYTES
+from losswire.wire.protocol import EVALUATE_STREAM_METHOD, LANE_CALL_MIN_BYTES, SESSION_HEADER
 
 from .channels import Connection
 from .errors import RemoteLossError
@@ -53,28 +52,43 @@ def lanes_refused(error: RemoteLossError) -> bool:
 
 
 class LaneCalls:
-    """The lanes of one call on ``connection``, started with ``start`` beside the call's own stream
-    (``main``): the first lane to fail cancels it and is ``failed``; ``close`` cancels what still runs."""
+    """One call's own stream and its lanes on ``connection``, started by ``start``: the first lane to fail
+    cancels the call's stream and is ``failed``; ``close`` cancels whatever still runs."""
 
-    def __init__(self, connection: Connection, streams: list[Iterator[Any]]) -> None:
-        self.connection, self.streams = connection, streams
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
         self.calls: list[Any] = []
         self.failed: grpc.RpcError | None = None
         self._lock = threading.Lock()
         self._main: Any = None
         self._closing = False
 
-    def start(self, main: Any, timeout: float | None, metadata: Any) -> None:
-        self._main = main
-        for lane, messages in enumerate(self.streams, 1):
-            method = self.connection.lane_channel(lane).stream_stream(
+    def start(
+        self,
+        method: Any,
+        request: pb.EvaluateRequest,
+        sink: chunks.StreamSink,
+        lanes: pb.StreamLanes,
+        timeout: float | None,
+        metadata: Any,
+        early_gradients: bool = False,
+    ) -> Any:
+        """Starts ``request`` (its big tensors held back in ``sink``) on ``method``, its stream on this
+        connection's stream channel, and its lanes; the stream's responses."""
+        streams = chunks.lane_streams(request, sink, lanes, early_gradients=early_gradients)
+        # one header on every stream of the call: a proxy that pins by it sends them all to one server
+        pinned = metadata or [(SESSION_HEADER, f"lanes-{lanes.call.hex()}")]
+        self._main = method(streams[0], timeout=timeout, metadata=pinned)
+        for lane, messages in enumerate(streams[1:], 1):
+            lane_method = self.connection.lane_channel(lane).stream_stream(
                 EVALUATE_STREAM_METHOD,
                 request_serializer=chunks.serialize_chunk,
                 response_deserializer=chunks.parse_chunk,
             )
-            call = method(messages, timeout=timeout, metadata=metadata)
+            call = lane_method(messages, timeout=timeout, metadata=pinned)
             call.add_done_callback(self._ended)
             self.calls.append(call)
+        return self._main
 
     def _ended(self, call: Any) -> None:
         if call.code() == grpc.StatusCode.OK:
@@ -86,7 +100,10 @@ class LaneCalls:
         self._main.cancel()  # its own failure would say less than the lane's
 
     def close(self) -> None:
+        """Cancels the lanes and the call's own stream that still run (nothing for those that have ended)."""
         with self._lock:
             self._closing = True
         for call in self.calls:
-            call.cancel()  # nothing for one that has ended
+            call.cancel()
+        if self._main is not None:
+            self._main.cancel()  # a call left by an error of this process's own

@@ -189,7 +189,7 @@ class Transports:
         while True:
             answered = False
             lanes = lanes_for(self.lanes, sink.nbytes) if connection.has_lanes else None
-            lane_calls = None
+            lane_calls = None if lanes is None else LaneCalls(connection)
             try:
                 # early_gradients: the server may compute while the chunks arrive (they go row by row) and
                 # send pred's gradient as its rows are done, before the response
@@ -197,18 +197,16 @@ class Transports:
                     sent = chunks.stream_chunks(request, sink, early_gradients=self.overlap)
                     responses = method(sent, timeout=patience.remaining(), metadata=metadata)
                 else:
-                    streams = chunks.lane_streams(request, sink, lanes, early_gradients=self.overlap)
-                    # one header on every stream of the call: a proxy that pins by it sends them to one server
-                    pinned = metadata or [(SESSION_HEADER, f"lanes-{lanes.call.hex()}")]
-                    responses = method(streams[0], timeout=patience.remaining(), metadata=pinned)
-                    lane_calls = LaneCalls(connection, streams[1:])
-                    lane_calls.start(responses, patience.remaining(), pinned)
+                    remaining = patience.remaining()
+                    responses = lane_calls.start(method, request, sink, lanes, remaining, metadata, self.overlap)
                 first = next(responses)
                 answered = True
                 return _receive_stream(request, first, responses, self.buffers)
             except grpc.RpcError as raised:
-                # a lane that failed cancelled the call: its error is the one to tell
-                error = lane_calls.failed if lane_calls is not None and lane_calls.failed is not None else raised
+                error = raised
+                lane_failure = lane_calls.failed if lane_calls is not None else None
+                if raised.code() == grpc.StatusCode.CANCELLED and lane_failure is not None:
+                    error = lane_failure  # a lane failed and cancelled the call: its error is the one to tell
                 if lanes is not None and lanes_refused(RemoteLossError.from_rpc_error(error)):
                     log.warning("lanes fail with %s (%s): one stream per call", connection.label, error.details())
                     self.lanes = 0

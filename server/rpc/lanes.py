@@ -70,7 +70,7 @@ class CallLanes:
         loop = asyncio.get_running_loop()
         while True:
             for ended in self.ended:
-                if ended.done() and ended.exception() is not None:
+                if ended.done() and not ended.cancelled() and ended.exception() is not None:
                     raise ended.exception()
             waiting = [ended for ended in self.ended if not ended.done()]
             if not waiting:

@@ -418,3 +418,21 @@ def test_lanes_that_reach_another_server_fall_back_to_one_stream(caplog):
         assert fell_back, "every client's lanes reached its stream's server"
         assert caplog.text.count("lanes fail with") == fell_back
         assert _nothing_held(first) and _nothing_held(second)
+
+
+def test_a_lane_refused_as_busy_is_the_error_told_not_the_call_it_cancelled():
+    """With room for two request streams (--max-open-streams 2), a call and two lanes never all fit: the
+    third stream is refused as busy, which cancels the call. The client waits that out like any busy
+    answer, and at its deadline says RESOURCE_EXHAUSTED naming the streams, not the CANCELLED of the call
+    it cancelled itself; the server holds nothing afterwards."""
+    with running(max_open_streams=2) as server:
+        client = LossClient(_target(server), timeout=2, stream_threshold=0, shared_memory="off", lanes=2)
+        try:
+            pred, labels = _inputs(14)
+            with pytest.raises(RemoteLossError) as raised:
+                _gradients(client, FOCAL, pred, labels)
+        finally:
+            client.close()
+        assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED, raised.value
+        assert "--max-open-streams" in raised.value.details
+        assert _nothing_held(server)
