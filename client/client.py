@@ -44,6 +44,7 @@ from .transports import STREAM_THRESHOLD_BYTES, Transports
 SHARED_MEMORY_MODES = ("auto", "on", "off")
 SHARED_MEMORY_ENV = "LOSSWIRE_CLIENT_SHARED_MEMORY"  # the server's LOSSWIRE_SHARED_MEMORY is on/off
 BUFFER_POOL_ENV = "LOSSWIRE_CLIENT_BUFFER_POOL"  # bytes of idle receive buffers kept (0: none)
+LANES_ENV = "LOSSWIRE_CLIENT_LANES"  # more streams per big call (0: one stream)
 DEFAULT_TIMEOUT_SECONDS = 300.0
 
 log = logging.getLogger("losswire.client")
@@ -82,10 +83,11 @@ class LossClient:
     as it arrives and send pred's gradient rows back as they are done (FocalLoss, QualityFocalLoss on a CPU server with
     ``--overlap-transfer`` on; see docs/performance.md), so a big call's compute overlaps its transfer;
     the answer is the same bit for bit. False: the server starts once everything has arrived. ``lanes``
-    (default 0): a streamed request's chunks also travel on this many more streams, each on a connection
-    of its own to the same server (``EvaluateRequest.lanes``), for a link that one connection cannot fill;
-    only where the target is one server (not a list or a balanced name, whose calls may reach different
-    replicas; a replica of a session is one server). The same answer, bit for bit.
+    (None reads ``LOSSWIRE_CLIENT_LANES``, default 0): a streamed request's chunks also travel on this
+    many more streams, each on a connection of its own to the same server (``EvaluateRequest.lanes``),
+    for a link that one connection cannot fill; only where the target is one server (not a list or a
+    balanced name, whose calls may reach different replicas; a replica of a session is one server). The
+    same answer, bit for bit.
 
     Same host: with ``shared_memory`` ``"auto"`` (the default; None reads ``LOSSWIRE_CLIENT_SHARED_MEMORY``)
     and a target on this machine (a loopback address, ``localhost`` or ``unix:``), a request whose big
@@ -119,10 +121,9 @@ class LossClient:
         buffer_pool_bytes: int | None = None,
         connect_timeout: float | None = CONNECT_TIMEOUT_SECONDS,
         overlap: bool = True,
-        lanes: int = 0,
+        lanes: int | None = None,
     ):
-        if not 0 <= lanes <= MAX_STREAM_LANES:
-            raise ValueError(f"lanes must be 0 to {MAX_STREAM_LANES}; got {lanes}")
+        lanes = _lanes(lanes)
         self.steps = SessionSteps(on_session_restart)
         self.target = targets.normalise_target(target)
         self.timeout = timeout
@@ -326,6 +327,18 @@ def _shared_memory_mode(mode: str | None) -> str:
     if mode not in SHARED_MEMORY_MODES:
         raise ValueError(f"shared_memory ({SHARED_MEMORY_ENV}) must be auto, on or off, got {mode!r}")
     return mode
+
+
+def _lanes(lanes: int | None) -> int:
+    """``lanes``, else ``$LOSSWIRE_CLIENT_LANES`` (unset or empty: 0); a ValueError outside 0 to 8."""
+    if lanes is None:
+        text = os.environ.get(LANES_ENV, "").strip() or "0"
+        if not text.isdigit():
+            raise ValueError(f"{LANES_ENV} must be 0 to {MAX_STREAM_LANES}, got {text!r}")
+        lanes = int(text)
+    if not 0 <= lanes <= MAX_STREAM_LANES:
+        raise ValueError(f"lanes ({LANES_ENV}) must be 0 to {MAX_STREAM_LANES}; got {lanes}")
+    return lanes
 
 
 def _env_bytes(name: str, default: int) -> int:

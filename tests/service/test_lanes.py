@@ -183,9 +183,25 @@ def test_a_call_too_small_for_its_lanes_goes_on_one_stream(server, target):
         client.close()
 
 
-def test_lanes_is_bounded_where_the_client_is_made():
-    with pytest.raises(ValueError, match="lanes must be 0 to 8"):
+def test_lanes_is_bounded_where_the_client_is_made(monkeypatch):
+    with pytest.raises(ValueError, match=r"lanes \(LOSSWIRE_CLIENT_LANES\) must be 0 to 8"):
         LossClient("127.0.0.1:1", lanes=9)
+    monkeypatch.setenv("LOSSWIRE_CLIENT_LANES", "many")
+    with pytest.raises(ValueError, match="LOSSWIRE_CLIENT_LANES must be 0 to 8, got 'many'"):
+        LossClient("127.0.0.1:1")
+
+
+def test_the_environment_gives_lanes_to_a_client_made_without_them(server, target, monkeypatch):
+    """What a config's or an unpickled module's client gets: LossClient.shared(target) reads the variable."""
+    monkeypatch.setenv("LOSSWIRE_CLIENT_LANES", "2")
+    client = LossClient(target, timeout=60, stream_threshold=0, shared_memory="off")
+    try:
+        assert client.transports.lanes == 2
+        joined = server.lanes.joined
+        _gradients(client, FOCAL, *_inputs(15))
+        assert server.lanes.joined == joined + 2
+    finally:
+        client.close()
 
 
 # -- the contract, sent by hand ------------------------------------------------------------------------
