@@ -24,6 +24,7 @@ from losswire.v1 import loss_service_pb2 as pb
 from ..dataplane import StreamIntake
 from ..errors import NotFoundError, RequestError, StreamIdleError
 from ..evaluation import CallCancelledError
+from .streams import within
 
 DEFAULT_JOIN_TIMEOUT_SECONDS = 10.0
 Key = tuple[str, bytes]  # (the caller's token digest, StreamLanes.call)
@@ -142,7 +143,7 @@ class Lanes:
             awaited = self._opened.setdefault(key, _Awaited())
             awaited.waiters += 1
             try:
-                await asyncio.wait_for(awaited.arrived.wait(), self.join_timeout)
+                await within(awaited.arrived.wait(), self.join_timeout)  # never loses the lane's cancellation
             except TimeoutError:
                 raise NotFoundError(
                     f"lane.call names no call of this caller open on this server (waited {self.join_timeout:g} s "

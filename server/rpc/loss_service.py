@@ -74,7 +74,8 @@ class LossService(pb_grpc.LossServiceServicer):
         watch = CallWatch(context, "EvaluateStream")
         intake: StreamIntake | None = None
         lanes: CallLanes | None = None
-        token = self.callers(context).token
+        caller = self.callers(context)
+        token = caller.token
         try:
             try:
                 with watch.handling():
@@ -83,7 +84,7 @@ class LossService(pb_grpc.LossServiceServicer):
                         await self._lane(first.lane, token, requests)
                         return
                     header = first.request
-                    intake = self.dataplane.open_stream(header, watch, self.owners(context), self.callers(context))
+                    intake = self.dataplane.open_stream(header, watch, self.owners(context), caller)
                     if header.HasField("lanes"):
                         lanes = self.lanes.open(token, header.lanes, intake)
                     if intake.overlap is None:
@@ -166,7 +167,7 @@ class LossService(pb_grpc.LossServiceServicer):
                         yield early
         finally:
             # the reader ends before the intake closes. Cancelled again until it is: a cancellation must
-            # never be lost (see streams._within), and a reader that outlived the call would add to it
+            # never be lost (see streams.within), and a reader that outlived the call would add to it
             while not reader.done():
                 reader.cancel()
                 await asyncio.wait({reader}, timeout=1)

@@ -85,7 +85,7 @@ class StreamGuardInterceptor(grpc.aio.ServerInterceptor):
         source = aiter(requests)
         while True:
             try:
-                message = await _within(anext(source), self.idle_seconds)
+                message = await within(anext(source), self.idle_seconds)
             except StopAsyncIteration:
                 return
             except TimeoutError:
@@ -96,8 +96,9 @@ class StreamGuardInterceptor(grpc.aio.ServerInterceptor):
             yield message
 
 
-async def _within(awaitable: Awaitable[Any], seconds: float | None) -> Any:
-    """``awaitable``'s result, or TimeoutError after ``seconds`` (None: no limit).
+async def within(awaitable: Awaitable[Any], seconds: float | None) -> Any:
+    """``awaitable``'s result, or TimeoutError after ``seconds`` (None: no limit). Every wait of a
+    handler that has a time limit goes through this.
 
     Not ``asyncio.wait_for``: before Python 3.12 it returns the result when the awaited read completes at
     the moment the handler is cancelled, and the cancellation is lost. gRPC cancels a handler once, when

@@ -24,7 +24,7 @@ from support.calls import evaluate_stream, plain_channel
 from losswire.client import LossClient, RemoteLoss, RemoteLossError
 from losswire.server.app import LosswireServer
 from losswire.server.config import ServerConfig
-from losswire.server.rpc.streams import _within
+from losswire.server.rpc.streams import within
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.wire import codec
 from losswire.wire.protocol import NO_RETRY
@@ -174,7 +174,7 @@ def test_the_idle_guard_never_loses_the_cancellation_of_a_call_whose_read_just_e
 
     async def scenario() -> None:
         read = asyncio.get_running_loop().create_future()
-        guarded = asyncio.ensure_future(_within(read, seconds))
+        guarded = asyncio.ensure_future(within(read, seconds))
         await asyncio.sleep(0)  # the guard waits on the read
         read.set_result("end of stream")
         guarded.cancel()  # at the same moment
@@ -188,7 +188,7 @@ def test_the_idle_guard_times_out_and_leaves_no_read_behind():
     async def scenario() -> None:
         read = asyncio.get_running_loop().create_future()
         with pytest.raises(TimeoutError):
-            await _within(read, 0.01)
+            await within(read, 0.01)
         assert read.cancelled()
 
     asyncio.run(scenario())
