@@ -31,7 +31,8 @@ from typing import Any
 import grpc
 
 from losswire.v1 import loss_service_pb2_grpc as pb_grpc
-from losswire.wire.protocol import MAX_MESSAGE_BYTES, SERVICE_NAME
+from losswire.wire import chunks
+from losswire.wire.protocol import EVALUATE_STREAM_METHOD, MAX_MESSAGE_BYTES, SERVICE_NAME
 
 from . import targets
 from .errors import RemoteLossError, is_busy
@@ -229,12 +230,19 @@ class Connection:
         """Whether a stream on this connection may spread its chunks over lanes (it reaches one server)."""
         return self._lane_channel is not None
 
-    def lane_channel(self, lane: int) -> grpc.Channel:
-        """Lane ``lane``'s channel (made at its first use, kept until ``close``)."""
-        with self._lanes_lock:
-            if lane not in self._lanes:
-                self._lanes[lane] = WaitingChannel(self._lane_channel(lane), self.waits)
-            return self._lanes[lane]
+    def evaluate_stream(self, lane: int = 0) -> grpc.StreamStreamMultiCallable:
+        """EvaluateStream on the stream channel (``lane`` 0) or on lane ``lane``'s own channel (made at its
+        first use, kept until ``close``): chunks go out as bytes already serialized, and come in parsed
+        without copying their data (``chunks.serialize_chunk``, ``chunks.parse_chunk``)."""
+        channel = self.stream_channel
+        if lane:
+            with self._lanes_lock:
+                if lane not in self._lanes:
+                    self._lanes[lane] = WaitingChannel(self._lane_channel(lane), self.waits)
+                channel = self._lanes[lane]
+        return channel.stream_stream(
+            EVALUATE_STREAM_METHOD, request_serializer=chunks.serialize_chunk, response_deserializer=chunks.parse_chunk
+        )
 
     def close(self) -> None:
         self.channel.close()

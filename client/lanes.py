@@ -22,7 +22,7 @@ import grpc
 
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.wire import chunks
-from losswire.wire.protocol import EVALUATE_STREAM_METHOD, LANE_CALL_MIN_BYTES, SESSION_HEADER
+from losswire.wire.protocol import LANE_CALL_MIN_BYTES, SESSION_HEADER
 
 from .channels import Connection
 from .errors import RemoteLossError
@@ -65,7 +65,6 @@ class LaneCalls:
 
     def start(
         self,
-        method: Any,
         request: pb.EvaluateRequest,
         sink: chunks.StreamSink,
         lanes: pb.StreamLanes,
@@ -73,19 +72,14 @@ class LaneCalls:
         metadata: Any,
         early_gradients: bool = False,
     ) -> Any:
-        """Starts ``request`` (its big tensors held back in ``sink``) on ``method``, its stream on this
-        connection's stream channel, and its lanes; the stream's responses."""
+        """Starts ``request`` (its big tensors held back in ``sink``) on this connection's stream channel,
+        and its lanes each on its own; the stream's responses."""
         streams = chunks.lane_streams(request, sink, lanes, early_gradients=early_gradients)
         # one header on every stream of the call: a proxy that pins by it sends them all to one server
         pinned = metadata or [(SESSION_HEADER, f"lanes-{lanes.call.hex()}")]
-        self._main = method(streams[0], timeout=timeout, metadata=pinned)
+        self._main = self.connection.evaluate_stream()(streams[0], timeout=timeout, metadata=pinned)
         for lane, messages in enumerate(streams[1:], 1):
-            lane_method = self.connection.lane_channel(lane).stream_stream(
-                EVALUATE_STREAM_METHOD,
-                request_serializer=chunks.serialize_chunk,
-                response_deserializer=chunks.parse_chunk,
-            )
-            call = lane_method(messages, timeout=timeout, metadata=pinned)
+            call = self.connection.evaluate_stream(lane)(messages, timeout=timeout, metadata=pinned)
             call.add_done_callback(self._ended)
             self.calls.append(call)
         return self._main

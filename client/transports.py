@@ -32,7 +32,7 @@ from losswire.v1 import loss_service_pb2 as pb
 from losswire.wire import chunks, codec
 from losswire.wire import shared_memory as wire_memory
 from losswire.wire.buffers import BufferPool
-from losswire.wire.protocol import EVALUATE_STREAM_METHOD, SESSION_HEADER
+from losswire.wire.protocol import SESSION_HEADER
 
 from . import shared_memory as shm
 from .channels import RETRY_POLICY, Connection, Patience, passing
@@ -180,9 +180,7 @@ class Transports:
     ) -> Answer:
         """One EvaluateStream, sent again (fresh chunks from the same tensors) after UNAVAILABLE or a
         passing RESOURCE_EXHAUSTED, with RETRY_POLICY's backoff, while no answer has arrived."""
-        method = connection.stream_channel.stream_stream(
-            EVALUATE_STREAM_METHOD, request_serializer=chunks.serialize_chunk, response_deserializer=chunks.parse_chunk
-        )
+        method = connection.evaluate_stream()
         connection.ensure_connected(deadline)
         patience = Patience(deadline)
         failures = 0  # UNAVAILABLE answers: RETRY_POLICY's attempts; a busy server is waited out instead
@@ -198,7 +196,7 @@ class Transports:
                     responses = method(sent, timeout=patience.remaining(), metadata=metadata)
                 else:
                     remaining = patience.remaining()
-                    responses = lane_calls.start(method, request, sink, lanes, remaining, metadata, self.overlap)
+                    responses = lane_calls.start(request, sink, lanes, remaining, metadata, self.overlap)
                 first = next(responses)
                 answered = True
                 return _receive_stream(request, first, responses, self.buffers)
