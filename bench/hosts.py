@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import os
 import re
@@ -42,7 +41,7 @@ import grpc  # noqa: E402
 from baselines import CHUNK, UNLIMITED, tcp_echo, tcp_roundtrip  # noqa: E402
 from harness import Run, overlap_flags  # noqa: E402
 from support.servers import LISTENING, serve_cmd, server_env  # noqa: E402
-from timing import FOCAL, MiB, remote_step, timed, workload  # noqa: E402
+from timing import FOCAL, MiB, client_settings, remote_step, timed, workload  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from losswire.client import LossClient, RemoteLoss  # noqa: E402
@@ -389,13 +388,13 @@ def client_paths(
         "raw TCP": lambda: tcp_roundtrip(connection, raw),
         "grpcio stream": lambda: _stream_roundtrip(stream, messages),
     }
-    offered = inspect.signature(LossClient).parameters  # an older client lacks some: those paths are left out
     for name, (dtype, overlap, lanes) in LOSSWIRE_PATHS.items():
-        features = {"overlap": overlap, "lanes": lanes}
-        if any(value and feature not in offered for feature, value in features.items()):
+        settings, missing = client_settings(
+            {"stream_threshold": 0, "shared_memory": "off", "transfer_dtype": dtype, "overlap": overlap, "lanes": lanes}
+        )
+        if missing:  # an older client lacks the path's feature: the path is left out
             continue
-        settings = {feature: value for feature, value in features.items() if feature in offered}
-        client = LossClient(args.losswire, stream_threshold=0, shared_memory="off", transfer_dtype=dtype, **settings)
+        client = LossClient(args.losswire, **settings)
         paths[name] = remote_step(RemoteLoss(FOCAL, client=client), pred, target, compute[name])
     return paths
 

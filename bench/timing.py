@@ -131,16 +131,20 @@ TRANSPORTS: dict[str, dict[str, Any]] = {
 }
 
 
-def make_client(target: str, transport: str) -> LossClient:
-    """A ``LossClient`` for ``target`` that sends tensors by ``transport`` (see ``TRANSPORTS``).
-
-    Features are detected on the installed client, not assumed: a transport whose keyword
-    ``LossClient`` does not take stops the run with a message instead of measuring something else.
-    """
+def client_settings(settings: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``settings`` as the installed ``LossClient`` takes them, and the names of those it lacks. Features
+    are detected, not assumed: one turned off that this client does not have is off already (an older
+    client never overlaps) and is dropped; one turned on that it lacks is missing."""
     parameters = inspect.signature(LossClient).parameters
-    # a feature turned off that this client does not have is off already (an older client never overlaps)
-    kwargs = {k: v for k, v in TRANSPORTS.get(transport, {"transport": transport}).items() if v or k in parameters}
-    missing = [name for name in kwargs if name not in parameters]
+    taken = {name: value for name, value in settings.items() if name in parameters}
+    return taken, [name for name, value in settings.items() if value and name not in parameters]
+
+
+def make_client(target: str, transport: str) -> LossClient:
+    """A ``LossClient`` for ``target`` that sends tensors by ``transport`` (see ``TRANSPORTS``): a transport
+    whose keyword ``LossClient`` does not take stops the run with a message instead of measuring
+    something else."""
+    kwargs, missing = client_settings(TRANSPORTS.get(transport, {"transport": transport}))
     if missing:
         raise SystemExit(f"--transport {transport}: this LossClient takes no {', '.join(missing)}=")
     return LossClient(target, **kwargs)
@@ -148,9 +152,8 @@ def make_client(target: str, transport: str) -> LossClient:
 
 def client_features() -> dict[str, Any]:
     """What the installed client offers, recorded with the results."""
-    parameters = inspect.signature(LossClient).parameters
-    usable = [name for name, kwargs in TRANSPORTS.items() if all(k in parameters or not v for k, v in kwargs.items())]
-    return {"transports": usable, "transport_option": "transport" in parameters}
+    usable = [name for name, kwargs in TRANSPORTS.items() if not client_settings(kwargs)[1]]
+    return {"transports": usable, "transport_option": "transport" in inspect.signature(LossClient).parameters}
 
 
 def remote_step(
