@@ -393,11 +393,9 @@ class Stripes:
                 start = end
         return dealt
 
-    def name(self, stream: int) -> str:
-        """How an error names a stream: "" on a call without lanes."""
-        if self.streams == 1:
-            return ""
-        return " on the request's stream" if stream == 0 else f" on lane {stream}"
+    def stream_name(self, stream: int) -> str:
+        """How an error names a stream of a call with lanes."""
+        return "the request's stream" if stream == 0 else f"lane {stream}"
 
 
 ONE_STREAM = Stripes()  # a call without lanes
@@ -491,7 +489,7 @@ class StreamAssembler:
     def add(self, chunk: pb.TensorChunk, stream: int = 0) -> None:
         """Copy one chunk, which came on ``stream`` (0: the request's own), into its tensor."""
         self.chunks += 1
-        where = f"chunk {self.chunks}{self.stripes.name(stream)}"
+        where = f"chunk {self.chunks}" + (f" on {self.stripes.stream_name(stream)}" if self.stripes.streams > 1 else "")
         pending = self._pending.get(chunk.tensor)
         if pending is None:
             done = " (it is complete already)" if chunk.tensor in self.tensors else ""
@@ -551,9 +549,9 @@ class StreamAssembler:
         """The assembled tensors, once the stream has ended; a CodecError if one is incomplete."""
         for path, pending in self._pending.items():
             owing = [
-                f"{self.stripes.name(stream).removeprefix(' on ')} from offset {position}"
+                f"{self.stripes.stream_name(stream)} from offset {position}"
                 for stream, position in enumerate(pending.positions)
-                if position < pending.nbytes and self.stripes.streams > 1
+                if self.stripes.streams > 1 and position < pending.nbytes  # one stream: the count says it all
             ]
             raise CodecError(
                 f"the stream ended with {path} incomplete: {pending.received} of its {pending.nbytes} bytes arrived"
