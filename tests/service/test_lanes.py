@@ -21,7 +21,7 @@ import grpc
 import pytest
 import torch
 from support.calls import connections_to, evaluate_stream, field_of, plain_channel
-from support.in_process import running_server
+from support.in_process import nothing_held, running_server
 
 from losswire.client import LossClient, RemoteLoss, RemoteLossError
 from losswire.client import lanes as client_lanes
@@ -67,18 +67,6 @@ def _gradients(client: LossClient, cfg: dict, pred: torch.Tensor, *args: torch.T
     return loss.detach(), leaf.grad
 
 
-def _nothing_held(server: LosswireServer) -> bool:
-    """Budget, big-call slots and lane bookkeeping all given back, awaited (the server notices a call's
-    end on its own time)."""
-    waited = 0.0
-    while waited < 30:
-        if not (server.dataplane.budget.held or server.dataplane.slots.in_use or server.lanes.held):
-            return True
-        time.sleep(0.05)  # a condition, polled
-        waited += 0.05
-    return False
-
-
 # -- what a caller sees: the same answer, on connections of their own ---------------------------------
 
 
@@ -106,7 +94,7 @@ def test_a_call_over_lanes_answers_as_unary_bit_for_bit(server, target, overlap,
     finally:
         unary.close()
         spread.close()
-    assert _nothing_held(server)
+    assert nothing_held(server)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -265,7 +253,7 @@ def test_a_call_sent_by_hand_over_two_lanes_is_answered_on_its_own_stream(server
     assert calls.outcome(1) == [] and calls.outcome(0) == []  # a lane ends OK, with no message
     assert not isinstance(answered, grpc.RpcError), answered
     assert answered[-1].WhichOneof("kind") in ("response", "chunk")
-    assert _nothing_held(server)
+    assert nothing_held(server)
 
 
 @pytest.mark.parametrize(
@@ -288,7 +276,7 @@ def test_lanes_out_of_bounds_are_refused_naming_the_field(server, target, field,
         list(evaluate_stream(channel)(iter([pb.EvaluateChunk(request=request)]), timeout=30))
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field_of(raised.value) == named, raised.value.details()
-    assert _nothing_held(server)
+    assert nothing_held(server)
 
 
 def test_lanes_on_a_unary_call_are_refused(client):
@@ -306,7 +294,7 @@ def test_a_lane_that_names_no_call_is_not_found(quick_joins):
     assert isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.NOT_FOUND
     assert field_of(error) == "lane.call" and "--lane-join-timeout" in error.details()
     assert time.monotonic() - started >= 0.5
-    assert _nothing_held(quick_joins)
+    assert nothing_held(quick_joins)
 
 
 def test_a_call_whose_lanes_never_come_fails_and_holds_nothing(quick_joins):
@@ -316,7 +304,7 @@ def test_a_call_whose_lanes_never_come_fails_and_holds_nothing(quick_joins):
     error = calls.outcome(calls.start(iter(streams[0])))  # lanes 1 and 2 never come
     assert isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert field_of(error) == "lanes" and "lane 1, 2 of 2 did not join" in error.details()
-    assert _nothing_held(quick_joins)
+    assert nothing_held(quick_joins)
 
 
 def _misdealt(streams: list[list]) -> list[list]:
@@ -356,7 +344,7 @@ def test_a_lane_that_breaks_the_stripes_fails_itself_and_its_call(quick_joins, f
     else:
         assert main.code() == grpc.StatusCode.INVALID_ARGUMENT and field_of(main) == field, main.details()
         assert said in main.details(), main.details()
-    assert _nothing_held(quick_joins)
+    assert nothing_held(quick_joins)
 
 
 def test_a_lane_of_another_token_never_joins():
@@ -372,7 +360,7 @@ def test_a_lane_of_another_token_never_joins():
         assert isinstance(lane_error, grpc.RpcError) and lane_error.code() == grpc.StatusCode.NOT_FOUND
         assert isinstance(main_error, grpc.RpcError) and main_error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert field_of(main_error) == "lanes"
-        assert _nothing_held(server)
+        assert nothing_held(server)
 
 
 def test_lanes_still_sending_when_their_call_is_cancelled_are_cancelled_and_nothing_is_held(quick_joins):
@@ -402,7 +390,7 @@ def test_lanes_still_sending_when_their_call_is_cancelled_are_cancelled_and_noth
     gate.set()
     outcomes = [calls.outcome(index) for index in lanes]
     assert all(isinstance(o, grpc.RpcError) and o.code() == grpc.StatusCode.CANCELLED for o in outcomes), outcomes
-    assert _nothing_held(quick_joins)
+    assert nothing_held(quick_joins)
 
 
 def _same(got: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...]) -> bool:
@@ -433,7 +421,7 @@ def test_lanes_that_reach_another_server_fall_back_to_one_stream(caplog):
                 spread.close()
         assert fell_back, "every client's lanes reached its stream's server"
         assert caplog.text.count("lanes fail with") == fell_back
-        assert _nothing_held(first) and _nothing_held(second)
+        assert nothing_held(first) and nothing_held(second)
 
 
 def test_a_lane_refused_as_busy_is_the_error_told_not_the_call_it_cancelled():
@@ -451,4 +439,4 @@ def test_a_lane_refused_as_busy_is_the_error_told_not_the_call_it_cancelled():
             client.close()
         assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED, raised.value
         assert "--max-open-streams" in raised.value.details
-        assert _nothing_held(server)
+        assert nothing_held(server)

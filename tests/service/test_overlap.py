@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from collections.abc import Iterator
 
 import grpc
 import pytest
 import torch
 from support.calls import evaluate_stream, plain_channel
+from support.in_process import nothing_held
 
 from losswire.client import LossClient, RemoteLossError
 from losswire.server.losses import fused
@@ -116,16 +116,6 @@ def test_quality_focal_loss_is_overlapped_too(streaming, unary, beta):
     assert list(response.early) == [GRADIENT]
     expected = _unary_answer(unary, request)
     assert all(torch.equal(a, b) for a, b in zip(_answer(response, streamed), expected, strict=True))
-
-
-def _assert_nothing_held(server) -> None:
-    """The server's memory budget and big-call slots all given back, awaited (the server notices a call's
-    end on its own time)."""
-    waited = 0.0
-    while (server.dataplane.budget.held or server.dataplane.slots.in_use) and waited < 30:
-        time.sleep(0.05)  # a condition, polled
-        waited += 0.05
-    assert server.dataplane.budget.held == 0 and server.dataplane.slots.in_use == 0
 
 
 def _stream(target: str, messages: Iterator, received: queue.Queue) -> threading.Thread:
@@ -279,7 +269,7 @@ def test_a_caller_that_leaves_mid_stream_leaves_nothing_held(target, server):
         assert server.dataplane.budget.held > 0 and server.dataplane.slots.in_use == 1
         call.cancel()
         leave.set()
-    _assert_nothing_held(server)
+    assert nothing_held(server)
     # and the next call is answered
     received_again: queue.Queue = queue.Queue()
     _stream(target, iter([_header(pred, labels), *_rows(pred, labels, 0, N)]), received_again).join(60)
@@ -357,7 +347,7 @@ def test_a_malformed_stream_midway_is_refused_and_leaves_nothing_held(target, se
         _drain(received)
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.field in ("terms[0].pred.data", "chunk.tensor"), caught.value.field
-    _assert_nothing_held(server)
+    assert nothing_held(server)
 
 
 def test_streams_refused_while_their_chunks_still_come_leave_nothing_held(target, server):
@@ -379,7 +369,7 @@ def test_streams_refused_while_their_chunks_still_come_leave_nothing_held(target
         with pytest.raises(RemoteLossError) as caught:
             _drain(received)
         assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    _assert_nothing_held(server)
+    assert nothing_held(server)
 
 
 def test_a_loss_without_a_row_kernel_is_streamed_as_before(streaming, unary):
