@@ -369,7 +369,7 @@ def shared_memory_tensors(
     tensors: Iterable[tuple[str, pb.Tensor]], resolve: Resolve, max_elements: int | None = None
 ) -> dict[str, Tensor]:
     """Those of ``tensors`` (a message's ``tensors_of``: field path, Tensor) that lie in shared memory
-    (``Tensor.shm``), by field path, viewed in place (declared shape, data dtype) for
+    (``Tensor.shm``), by field path, as views of the segment (declared shape, data dtype) for
     ``decode_tensor(..., streamed=...)``.
 
     The reference must agree with the declared dtype and shape: ``byte_size`` the tensor's bytes,

@@ -136,16 +136,20 @@ class Dataplane:
             walked = check_request(request, self.limits, elsewhere=arrived is not None)
             if quick and (request.HasField("output_shm") or any(tensor.HasField("shm") for _, tensor in walked)):
                 raise NotQuick
-            shared = self.shared_memory.inputs(caller, walked, self.limits.max_elements)  # views of the caller's pages
-            big = bool(shared) or request.HasField("output_shm")
-            if big:
-                self.slots.take()
+            copies = InputCopies(self)
             try:
-                tensors = {**arrived(), **shared} if arrived is not None else shared
-                return self.run(request, cancelled, started, tensors or None, owner=owner, caller=caller, quick=quick)
-            finally:
+                shared = self.shared_memory.inputs(caller, walked, self.limits.max_elements, copies)
+                big = bool(shared) or request.HasField("output_shm")
                 if big:
-                    self.slots.give_back()
+                    self.slots.take()
+                try:
+                    tensors = ({**arrived(), **shared} if arrived is not None else shared) or None
+                    return self.run(request, cancelled, started, tensors, owner=owner, caller=caller, quick=quick)
+                finally:
+                    if big:
+                        self.slots.give_back()
+            finally:
+                copies.release()
         except (TermError, NotQuick):
             raise
         except Exception as error:
@@ -161,8 +165,13 @@ class Dataplane:
         check_cancelled(cancelled, "the whole call")
         walked = check_request(header, self.limits, elsewhere=True)
         stripes = chunks.Stripes.of(header)  # its chunks may come on several streams (lanes)
-        shared = self.shared_memory.inputs(caller, walked, self.limits.max_elements)  # a header may name some too
-        return StreamIntake(self, header, shared, started, owner, caller, stripes)
+        copies = InputCopies(self)  # a header may name shared-memory tensors too
+        try:
+            shared = self.shared_memory.inputs(caller, walked, self.limits.max_elements, copies)
+        except BaseException:
+            copies.release()
+            raise
+        return StreamIntake(self, header, shared, started, owner, caller, stripes, reserved=copies.taken)
 
     def run(
         self,
@@ -359,6 +368,24 @@ class Dataplane:
         self.shared_memory.unregister(caller, request.region)
 
 
+class InputCopies:
+    """Where a call's shared-memory inputs other than pred are copied (``SharedMemoryRegistry.inputs``):
+    the dataplane's reused buffers, each copy's bytes held in the memory budget until ``release()``."""
+
+    __slots__ = ("dataplane", "taken")
+
+    def __init__(self, dataplane: Dataplane) -> None:
+        self.dataplane, self.taken = dataplane, 0
+
+    def __call__(self, nbytes: int, field: str) -> torch.Tensor:
+        self.taken += self.dataplane.budget.take(nbytes, f"the copy of {field}", field=f"{field}.shm")
+        return self.dataplane.buffers.take(nbytes)
+
+    def release(self) -> None:
+        self.dataplane.budget.give_back(self.taken)
+        self.taken = 0
+
+
 class StreamIntake:
     """A streamed call being received: its chunks copied once into buffers allocated from the declared
     shapes. From its first chunk (or its evaluation) it holds a big-call slot, and its buffers' bytes in
@@ -373,7 +400,10 @@ class StreamIntake:
         owner: str = "",
         caller: Caller | None = None,
         stripes: chunks.Stripes = chunks.ONE_STREAM,
+        reserved: int = 0,
     ) -> None:
+        """``reserved``: bytes of the memory budget the call holds already (its header's copies of
+        shared-memory inputs), given back with the rest at ``close()``."""
         self.dataplane, self.header, self.started, self.owner = dataplane, header, started, owner
         self.caller = caller
         self._assembler: chunks.StreamAssembler | None = chunks.StreamAssembler(
@@ -381,7 +411,7 @@ class StreamIntake:
         )
         self._shared: Arrived | None = shared
         self._slot = False
-        self._reserved = 0
+        self._reserved = reserved
         self._closed = False
         # computed while it arrives (EvaluateRequest.early_gradients), where the call allows it
         self.overlap = None if shared else Overlap.of(dataplane, header, self._assembler)

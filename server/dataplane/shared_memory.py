@@ -2,8 +2,9 @@
 
 A caller on the server's host hands a sealed memfd over the Unix socket of :mod:`.handoff` and gets a
 one-time claim; ``RegisterSharedMemory(claim)`` turns it into a region, named by a random handle.
-Requests then name tensors by (region, offset, byte_size): inputs are viewed in place (no copy), and
-the answer's big tensors are written into the caller's output range.
+Requests then name tensors by (region, offset, byte_size): each term's pred is viewed in place (no copy),
+its other inputs copied once (see ``SharedMemoryRegistry.inputs``), and the answer's big tensors are written
+into the caller's output range.
 
 **A region belongs to the caller that registered it** (:class:`Caller`: its token's digest and its gRPC
 connection). Any other caller naming its handle is answered NOT_FOUND, word for word as for a handle
@@ -20,8 +21,9 @@ call still views it, and is unmapped with that call's last view.
 
 Safety: the server maps a segment only once it is sealed against shrinking and growing, every page
 allocated, and then seals it against hole punching itself (``Segment.adopt``): a caller cannot make the
-server fault. A caller can still change its own segment while its call runs; its call then computes on
-what it wrote. ``losswire serve --shared-memory off`` turns shared memory off.
+server fault. A caller can still change its own segment while its call runs: its pred is then whatever
+it wrote, while its labels, boxes and weights are those the server checked (copied before the checks).
+``losswire serve --shared-memory off`` turns shared memory off.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -77,6 +79,21 @@ class _Held:
     peer: Peer  # the connection it was handed over on
     caller: Caller | None = None
     since: float = dataclasses.field(default_factory=time.monotonic)
+
+
+# allocate(nbytes, field path) -> uint8 memory for the copy of that input
+Allocate = Callable[[int, str], torch.Tensor]
+
+
+def _read_in_place(path: str) -> bool:
+    """Whether the input at ``path`` (``terms[0].pred``) is viewed in the caller's segment, not copied."""
+    return path.endswith(".pred")
+
+
+def _copied(view: torch.Tensor, path: str, allocate: Allocate | None) -> torch.Tensor:
+    if allocate is None or not view.numel():
+        return view.clone()
+    return allocate(view.nbytes, path).view(view.dtype).reshape(view.shape).copy_(view)
 
 
 def _over(limit: int | None, value: int) -> bool:
@@ -269,13 +286,29 @@ class SharedMemoryRegistry:
         return self._segment(caller, ref, field).bytes_at(ref.offset, ref.byte_size)
 
     def inputs(
-        self, caller: Caller | None, tensors: Iterable[tuple[str, pb.Tensor]], max_elements: int | None = None
+        self,
+        caller: Caller | None,
+        tensors: Iterable[tuple[str, pb.Tensor]],
+        max_elements: int | None = None,
+        allocate: Allocate | None = None,
     ) -> dict[str, torch.Tensor]:
         """Those of a request's tensors (``codec.tensors_of``) that lie in ``caller``'s shared memory, by
-        field path, viewed in place."""
-        return wire_memory.shared_memory_tensors(
+        field path: each term's ``pred`` viewed in place, every other input copied out of the segment.
+
+        Why the copies: a loss checks its labels, indices, boxes and weights once and then trusts them
+        (a kernel indexes pred's classes with the labels it checked). A caller writing into its segment
+        while its call runs could otherwise slip an out-of-range label in between the check and the use,
+        and the kernel's index error would be answered as the server's own fault. The inputs besides
+        pred are small next to it (labels: 1/40 of a [N, 80] pred's bytes); pred is only ever read as
+        values, so a rewrite of it changes that caller's own numbers and nothing else. ``allocate(nbytes, path)``:
+        where the copies go (the dataplane's reused buffers: fresh memory faults in every page)."""
+        views = wire_memory.shared_memory_tensors(
             tensors, lambda ref, field: self.resolve(caller, ref, field), max_elements
         )
+        for path, view in views.items():
+            if not _read_in_place(path):
+                views[path] = _copied(view, path, allocate)
+        return views
 
     def output_range(self, caller: Caller | None, ref: pb.SharedMemoryRef) -> SegmentRange:
         """A ``StreamSink.place`` reserve that fills ``ref``'s range front to back, 64-byte aligned."""

@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import gc
 import logging
 import os
@@ -674,6 +675,63 @@ def test_a_call_past_its_deadline_retires_its_segment_and_nothing_is_written_lat
         assert torch.equal(grads["pred"], torch.full_like(pred, -1.0))
     finally:
         client.close()
+
+
+def test_a_call_computes_on_the_target_it_was_checked_with_whatever_the_caller_writes_later(gated_server, segment):
+    """The caller rewrites its target in its segment while the loss runs (the gate holds it there):
+    the answer is computed on the target as sent, copied out before the checks, so a label written
+    after the check can never reach a kernel (an out-of-range index would fail inside the loss and be
+    answered as the server's own fault). pred is read in place: a rewrite of it reaches the loss."""
+    server, faults = gated_server
+    pred, goal = torch.randn(256, 80), torch.randn(256, 80)
+    goal_at = shm.align(pred.nbytes)
+    segment.bytes_at(0, pred.nbytes).copy_(pred.reshape(-1).view(torch.uint8))
+    segment.bytes_at(goal_at, goal.nbytes).copy_(goal.reshape(-1).view(torch.uint8))
+    gate = f"rewrite-{os.getpid()}-{time.monotonic_ns()}"
+    with plain_channel(f"127.0.0.1:{server.port}") as channel, Handoff(pb_grpc.LossServiceStub(channel)) as handoff:
+        region = handoff.register(segment)
+        request = pb.EvaluateRequest()
+        term = request.terms.add(config=codec.encode_config({"type": "GatedL1Loss", "gate": gate}))
+        term.pred.dtype, term.pred.shape[:] = pb.FLOAT32, [256, 80]
+        term.pred.shm.region, term.pred.shm.offset, term.pred.shm.byte_size = region, 0, pred.nbytes
+        held = term.target.tensor
+        held.dtype, held.shape[:] = pb.FLOAT32, [256, 80]
+        held.shm.region, held.shm.offset, held.shm.byte_size = region, goal_at, goal.nbytes
+        answer = handoff.stub.Evaluate.future(request, timeout=30)
+        faults.wait_started(gate, 1)
+        assert server.dataplane.budget.held >= goal.nbytes  # the copy is counted while the call runs
+        segment.bytes_at(0, pred.nbytes).view(torch.float32).add_(1.0)  # pred: read in place
+        segment.bytes_at(goal_at, goal.nbytes).view(torch.float32).fill_(1e30)  # target: copied already
+        faults.open_gate(gate)
+        loss = codec.decode_tensor(answer.result().results[0].loss, "loss")
+    assert torch.equal(loss, ((pred + 1.0) - goal).abs().mean())
+    assert eventually(lambda: server.dataplane.budget.held == 0)  # and given back with the call
+
+
+def test_a_copy_that_does_not_fit_the_memory_budget_is_refused_naming_the_input(segment):
+    """The copies of a call's shared-memory inputs come out of the memory budget like a stream's buffers:
+    one larger than the whole budget is refused naming its input, before the loss is looked at."""
+    instance = fresh_server(memory_budget=256 << 10)
+    try:
+        with (
+            plain_channel(f"127.0.0.1:{instance.port}") as channel,
+            Handoff(pb_grpc.LossServiceStub(channel)) as handoff,
+        ):
+            region = handoff.register(segment)
+            for rows, code in ((64, grpc.StatusCode.OK), (1024, grpc.StatusCode.RESOURCE_EXHAUSTED)):
+                request = pb.EvaluateRequest()  # L1 of [rows, 80] float32: pred and target the same bytes
+                term = request.terms.add(config=codec.encode_config({"type": "L1Loss", "reduction": "sum"}))
+                for tensor in (term.pred, term.target.tensor):
+                    tensor.dtype, tensor.shape[:] = pb.FLOAT32, [rows, 80]
+                    tensor.shm.region, tensor.shm.offset, tensor.shm.byte_size = region, 0, rows * 80 * 4
+                if code == grpc.StatusCode.OK:
+                    assert handoff.stub.Evaluate(request, timeout=30).results[0].HasField("loss")
+                else:  # 320 KiB of target to copy, 256 KiB of budget
+                    words = ("the copy of terms[0].target needs about 327680 bytes", "--memory-budget")
+                    expect(functools.partial(handoff.stub.Evaluate, request, timeout=30), code, *words)
+            assert instance.dataplane.budget.held == 0
+    finally:
+        instance.stop(grace=1)
 
 
 # -- either side going away ---------------------------------------------------------------------------
