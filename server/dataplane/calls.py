@@ -219,6 +219,8 @@ class Dataplane:
                 reserved = self.budget.reserved(*self.term_memory(index, term, estimate, field), term=True)
                 with AtTerm(index, term.name), reserved:
                     outcomes.append(self.evaluator.evaluate(term, cancelled, sessions))
+            if sessions is not None:  # a caller gone by now must not find its sessions moved on
+                check_cancelled(cancelled, "keeping the call's session changes")
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         computed = time.perf_counter()

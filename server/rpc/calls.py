@@ -109,14 +109,15 @@ class CallWatch:
     def caller_gone(self, _context: Any = None) -> None:
         """The call ended (a done-callback) or its handler was cancelled: the caller is gone unless the
         handler had its answer."""
-        if not self.handled and not self._gone.is_set():
+        first = not self._gone.is_set()
+        self._gone.set()  # before the log line: whoever reads that line finds the call stopping already
+        if not self.handled and first:
             elapsed_ms = (time.perf_counter() - self.started) * 1e3
             log.debug(
                 "%s: the caller cancelled or its deadline passed after %.1f ms; the call stops at its next stage",
                 self.method,
                 elapsed_ms,
             )
-        self._gone.set()
 
     def __call__(self) -> bool:
         return self._gone.is_set()
