@@ -136,20 +136,18 @@ class Dataplane:
             walked = check_request(request, self.limits, elsewhere=arrived is not None)
             if quick and (request.HasField("output_shm") or any(tensor.HasField("shm") for _, tensor in walked)):
                 raise NotQuick
-            copies = InputCopies(self)
+            buffers, big = CallBuffers(self), False
             try:
-                shared = self.shared_memory.inputs(caller, walked, self.limits.max_elements, copies)
-                big = bool(shared) or request.HasField("output_shm")
-                if big:
+                shared = self.shared_memory.inputs(caller, walked, self.limits.max_elements, buffers.copy_of)
+                if shared or request.HasField("output_shm"):
                     self.slots.take()
-                try:
-                    tensors = ({**arrived(), **shared} if arrived is not None else shared) or None
-                    return self.run(request, cancelled, started, tensors, owner=owner, caller=caller, quick=quick)
-                finally:
-                    if big:
-                        self.slots.give_back()
+                    big = True
+                tensors = ({**arrived(), **shared} if arrived is not None else shared) or None
+                return self.run(request, cancelled, started, tensors, owner=owner, caller=caller, quick=quick)
             finally:
-                copies.release()
+                if big:
+                    self.slots.give_back()
+                buffers.release()
         except (TermError, NotQuick):
             raise
         except Exception as error:
@@ -165,13 +163,13 @@ class Dataplane:
         check_cancelled(cancelled, "the whole call")
         walked = check_request(header, self.limits, elsewhere=True)
         stripes = chunks.Stripes.of(header)  # its chunks may come on several streams (lanes)
-        copies = InputCopies(self)  # a header may name shared-memory tensors too
+        buffers = CallBuffers(self)  # a header may name shared-memory tensors too: their copies are the call's
         try:
-            shared = self.shared_memory.inputs(caller, walked, self.limits.max_elements, copies)
+            shared = self.shared_memory.inputs(caller, walked, self.limits.max_elements, buffers.copy_of)
         except BaseException:
-            copies.release()
+            buffers.release()
             raise
-        return StreamIntake(self, header, shared, started, owner, caller, stripes, reserved=copies.taken)
+        return StreamIntake(self, header, shared, started, owner, caller, stripes, buffers)
 
     def run(
         self,
@@ -370,22 +368,28 @@ class Dataplane:
         self.shared_memory.unregister(caller, request.region)
 
 
-class InputCopies:
-    """Where a call's shared-memory inputs other than pred are copied (``SharedMemoryRegistry.inputs``):
-    the dataplane's reused buffers, each copy's bytes held in the memory budget until ``release()``."""
+class CallBuffers:
+    """One call's buffers (a stream's assembled tensors, the copies of its shared-memory inputs): taken
+    from the dataplane's reused buffers, their bytes held in the memory budget until ``release()``."""
 
     __slots__ = ("dataplane", "taken")
 
     def __init__(self, dataplane: Dataplane) -> None:
         self.dataplane, self.taken = dataplane, 0
 
-    def __call__(self, nbytes: int, field: str) -> torch.Tensor:
-        self.taken += self.dataplane.budget.take(nbytes, f"the copy of {field}", field=f"{field}.shm")
+    def take(self, nbytes: int, what: str, field: str | None = None) -> torch.Tensor:
+        """``nbytes`` of memory for ``what`` (the budget's refusal names it, and ``field``)."""
+        self.taken += self.dataplane.budget.take(nbytes, what, field=field)
         return self.dataplane.buffers.take(nbytes)
 
+    def copy_of(self, nbytes: int, field: str) -> torch.Tensor:
+        """Room for the copy of the shared-memory input at ``field`` (``SharedMemoryRegistry.inputs``)."""
+        return self.take(nbytes, f"the copy of {field}", f"{field}.shm")
+
     def release(self) -> None:
-        self.dataplane.budget.give_back(self.taken)
-        self.taken = 0
+        if self.taken:
+            self.dataplane.budget.give_back(self.taken)
+            self.taken = 0
 
 
 class StreamIntake:
@@ -402,10 +406,10 @@ class StreamIntake:
         owner: str = "",
         caller: Caller | None = None,
         stripes: chunks.Stripes = chunks.ONE_STREAM,
-        reserved: int = 0,
+        buffers: CallBuffers | None = None,
     ) -> None:
-        """``reserved``: bytes of the memory budget the call holds already (its header's copies of
-        shared-memory inputs), given back with the rest at ``close()``."""
+        """``buffers``: the call's, holding its header's copies of shared-memory inputs already; its
+        chunks' buffers are taken there too, and all given back at ``close()``."""
         self.dataplane, self.header, self.started, self.owner = dataplane, header, started, owner
         self.caller = caller
         self._assembler: chunks.StreamAssembler | None = chunks.StreamAssembler(
@@ -413,7 +417,7 @@ class StreamIntake:
         )
         self._shared: Arrived | None = shared
         self._slot = False
-        self._reserved = reserved
+        self._buffers = buffers if buffers is not None else CallBuffers(dataplane)
         self._closed = False
         # computed while it arrives (EvaluateRequest.early_gradients), where the call allows it
         self.overlap = None if shared else Overlap.of(dataplane, header, self._assembler)
@@ -440,8 +444,7 @@ class StreamIntake:
             raise
 
     def _allocate(self, nbytes: int) -> torch.Tensor:
-        self._reserved += self.dataplane.budget.take(nbytes, "a streamed tensor")
-        return self.dataplane.buffers.take(nbytes)
+        return self._buffers.take(nbytes, "a streamed tensor")
 
     def _take_slot(self) -> None:
         if not self._slot:
@@ -475,6 +478,4 @@ class StreamIntake:
         if self._slot:
             self._slot = False
             self.dataplane.slots.give_back()
-        if self._reserved:
-            self.dataplane.budget.give_back(self._reserved)
-            self._reserved = 0
+        self._buffers.release()

@@ -90,9 +90,9 @@ def _read_in_place(path: str) -> bool:
     return path.endswith(".pred")
 
 
-def _copied(view: torch.Tensor, path: str, allocate: Allocate | None) -> torch.Tensor:
-    if allocate is None or not view.numel():
-        return view.clone()
+def _copied(view: torch.Tensor, path: str, allocate: Allocate) -> torch.Tensor:
+    if not view.numel():  # an empty input is not a view of the segment (shared_memory_tensors)
+        return view
     return allocate(view.nbytes, path).view(view.dtype).reshape(view.shape).copy_(view)
 
 
@@ -289,8 +289,8 @@ class SharedMemoryRegistry:
         self,
         caller: Caller | None,
         tensors: Iterable[tuple[str, pb.Tensor]],
-        max_elements: int | None = None,
-        allocate: Allocate | None = None,
+        max_elements: int | None,
+        allocate: Allocate,
     ) -> dict[str, torch.Tensor]:
         """Those of a request's tensors (``codec.tensors_of``) that lie in ``caller``'s shared memory, by
         field path: each term's ``pred`` viewed in place, every other input copied out of the segment.
