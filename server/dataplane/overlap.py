@@ -22,31 +22,58 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.wire import chunks, codec
+from losswire.wire.buffers import BufferPool
 from losswire.wire.protocol import STREAM_CHUNK_BYTES
 
-from ..evaluation import TermRows
+from ..evaluation import Evaluator, TermOutcome, TermRequest, TermRows
 from ..evaluation.errors import check_cancelled
-from ..losses import LossError
+from ..losses import LossError, Registry
 from ..losses import fused as fused_kernels
+from ..losses.cost import Estimate
 from .answer import Answer, AtTerm
+from .budget import MemoryBudget
+from .costs import TermCosts
 from .decode import decode_term
-from .encode import into_pooled_buffers
-
-if TYPE_CHECKING:
-    from .calls import Dataplane
+from .encode import InPlace, into_pooled_buffers
+from .limits import RequestLimits
 
 PRED_PATH = "terms[0].pred"
 STEP_MIN_BYTES = 1 << 20  # a step waits for this much of pred's new rows (or an eighth of pred; or the last)
 GRADIENT_PATH = "results[0].gradients[pred]"
 
 
-def _has_row_kernel(dataplane: Dataplane, term: pb.LossTerm) -> bool:
+class Plane(Protocol):
+    """What an overlap uses of the dataplane that runs it (``calls.Dataplane``), named here so that this
+    module depends on nothing of ``calls``, which builds overlaps."""
+
+    overlap: bool
+    device: torch.device
+    registry: Registry
+    evaluator: Evaluator
+    limits: RequestLimits
+    buffers: BufferPool
+    budget: MemoryBudget
+    costs: TermCosts
+
+    def term_memory(self, index: int, term: TermRequest, estimate: Estimate, field: str) -> tuple[int, str, str]: ...
+
+    def respond(
+        self,
+        terms: list[TermRequest],
+        outcomes: list[TermOutcome],
+        transfer: int,
+        sink: chunks.StreamSink | None,
+        in_place: InPlace | None,
+    ) -> pb.EvaluateResponse: ...
+
+
+def _has_row_kernel(dataplane: Plane, term: pb.LossTerm) -> bool:
     """Whether the term's loss (the config's ``type`` as sent; its config is checked at the first step)
     has a fused kernel that works row by row, and fused kernels are on."""
     fields = term.config.fields
@@ -62,7 +89,7 @@ def _has_row_kernel(dataplane: Dataplane, term: pb.LossTerm) -> bool:
 class Overlap:
     """The overlapped evaluation of a one-term streamed call (see the module docstring)."""
 
-    def __init__(self, dataplane: Dataplane, header: pb.EvaluateRequest, assembler: chunks.StreamAssembler) -> None:
+    def __init__(self, dataplane: Plane, header: pb.EvaluateRequest, assembler: chunks.StreamAssembler) -> None:
         self.dataplane, self.header, self.assembler = dataplane, header, assembler
         self.rows = header.terms[0].pred.shape[0]
         self.views: dict[str, torch.Tensor] = {}  # every streamed tensor, whole-sized (see begin)
@@ -75,7 +102,7 @@ class Overlap:
         self.started: float | None = None
 
     @classmethod
-    def of(cls, dataplane: Dataplane, header: pb.EvaluateRequest, assembler: chunks.StreamAssembler) -> Overlap | None:
+    def of(cls, dataplane: Plane, header: pb.EvaluateRequest, assembler: chunks.StreamAssembler) -> Overlap | None:
         """The overlap of a call that asks for it and may have it: one term, pred streamed, on the CPU
         (blocks of rows are a CPU kernel's), no narrowed transfer, no shared memory."""
         if not (dataplane.overlap and header.early_gradients) or len(header.terms) != 1:
@@ -138,8 +165,6 @@ class Overlap:
         self.off = self.term_rows.fell_back
 
     def _start(self) -> bool:
-        from .calls import AtTerm  # the term's errors named as the whole-call path names them
-
         self.started = time.perf_counter()
         plane, message = self.dataplane, self.header.terms[0]
         with AtTerm(0, message.name):
