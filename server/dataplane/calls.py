@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -47,7 +48,7 @@ from .encode import InPlace, encode_outcome, into_output_range, into_pooled_buff
 from .limits import RequestLimits, check_request
 from .memory import released_if_out_of_memory
 from .overlap import Overlap
-from .shared_memory import Caller, SharedMemoryRegistry
+from .shared_memory import Caller, SharedMemoryRegistry, values_read_in_place
 
 Cancelled = Callable[[], bool]
 NO_SESSIONS = contextlib.nullcontext(None)  # a call whose terms name no session enters none
@@ -138,7 +139,9 @@ class Dataplane:
                 raise NotQuick
             buffers, big = CallBuffers(self), False
             try:
-                shared = self.shared_memory.inputs(caller, walked, self.limits.max_elements, buffers.copy_of)
+                shared = self.shared_memory.inputs(
+                    caller, walked, self.limits.max_elements, buffers.copy_of, self._in_place(request)
+                )
                 if shared or request.HasField("output_shm"):
                     self.slots.take()
                     big = True
@@ -165,7 +168,9 @@ class Dataplane:
         stripes = chunks.Stripes.of(header)  # its chunks may come on several streams (lanes)
         buffers = CallBuffers(self)  # a header may name shared-memory tensors too: their copies are the call's
         try:
-            shared = self.shared_memory.inputs(caller, walked, self.limits.max_elements, buffers.copy_of)
+            shared = self.shared_memory.inputs(
+                caller, walked, self.limits.max_elements, buffers.copy_of, self._in_place(header)
+            )
         except BaseException:
             buffers.release()
             raise
@@ -236,6 +241,10 @@ class Dataplane:
         timings.encode_ms = (encoded - computed) * 1e3
         keep = [terms, outcomes, arrived] if arrived or output_range is not None else []
         return Answer(response, None if own_sink else sink, keep)
+
+    def _in_place(self, request: pb.EvaluateRequest) -> Callable[[], frozenset[str]]:
+        """Which of ``request``'s shared-memory inputs are read in place, worked out only if it has any."""
+        return functools.partial(values_read_in_place, request.terms, self.registry)
 
     def term_memory(self, index: int, term: TermRequest, estimate: Estimate, field: str) -> tuple[int, str, str]:
         """(bytes, what, field) of the memory budget's reservation for term ``index``'s working memory."""

@@ -2,9 +2,10 @@
 
 A caller on the server's host hands a sealed memfd over the Unix socket of :mod:`.handoff` and gets a
 one-time claim; ``RegisterSharedMemory(claim)`` turns it into a region, named by a random handle.
-Requests then name tensors by (region, offset, byte_size): each term's pred is viewed in place (no copy),
-its other inputs copied once (see ``SharedMemoryRegistry.inputs``), and the answer's big tensors are written
-into the caller's output range.
+Requests then name tensors by (region, offset, byte_size): the inputs a loss reads only as values (each
+term's pred; a box loss's target and weight: ``LossDescription.value_inputs``) are viewed in place, every
+other input copied once (see ``SharedMemoryRegistry.inputs``), and the answer's big tensors are written into
+the caller's output range.
 
 **A region belongs to the caller that registered it** (:class:`Caller`: its token's digest and its gRPC
 connection). Any other caller naming its handle is answered NOT_FOUND, word for word as for a handle
@@ -21,8 +22,9 @@ call still views it, and is unmapped with that call's last view.
 
 Safety: the server maps a segment only once it is sealed against shrinking and growing, every page
 allocated, and then seals it against hole punching itself (``Segment.adopt``): a caller cannot make the
-server fault. A caller can still change its own segment while its call runs: its pred is then whatever
-it wrote, while its labels, boxes and weights are those the server checked (copied before the checks).
+server fault. A caller can still change its own segment while its call runs: the inputs read in place
+are then whatever it wrote (its own numbers change, nothing else), while its labels and indices are
+those the server checked (copied before the checks).
 ``losswire serve --shared-memory off`` turns shared memory off.
 """
 
@@ -34,7 +36,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -43,6 +45,7 @@ from losswire.wire import shared_memory as wire_memory
 from losswire.wire.shared_memory import Segment, SegmentRange, SegmentRefusedError
 
 from ..errors import LimitExceededError, NotAvailableError, NotFoundError, RequestError
+from ..losses import LossError, Registry
 from .handoff import HandoffListener, Peer
 
 log = logging.getLogger("losswire.server")
@@ -85,9 +88,31 @@ class _Held:
 Allocate = Callable[[int, str], torch.Tensor]
 
 
-def _read_in_place(path: str) -> bool:
-    """Whether the input at ``path`` (``terms[0].pred``) is viewed in the caller's segment, not copied."""
-    return path.endswith(".pred")
+def values_read_in_place(terms: Sequence[pb.LossTerm], registry: Registry) -> frozenset[str]:
+    """The field paths of the inputs that ``terms`` read only as values, viewed in place in a caller's
+    segment: each term's pred and upstream gradients, and the inputs its loss declares
+    (``LossDescription.value_inputs``, by the field that carries each: target, weight or inputs[name]).
+    Only pred and those for a term with a sampler, which draws its samples from the target's labels."""
+    paths: set[str] = set()
+    for index, term in enumerate(terms):
+        prefix = f"terms[{index}]."
+        paths.update((f"{prefix}pred", f"{prefix}grad_output"))
+        paths.update(f"{prefix}grad_outputs[{key}]" for key in term.grad_outputs)
+        fields = term.config.fields
+        if "sampler" in fields or "type" not in fields:
+            continue
+        try:
+            description = registry.describe(fields["type"].string_value)
+        except LossError:
+            continue  # decoding the term names what is wrong with it
+        names = [spec.name for spec in description.inputs]
+        for name in description.value_inputs[1:]:
+            paths.add(f"{prefix}inputs[{name}]")
+            if name == names[1]:
+                paths.add(f"{prefix}target")
+            if name == "weight":
+                paths.add(f"{prefix}weight")
+    return frozenset(paths)
 
 
 def _copied(view: torch.Tensor, path: str, allocate: Allocate) -> torch.Tensor:
@@ -291,23 +316,29 @@ class SharedMemoryRegistry:
         tensors: Iterable[tuple[str, pb.Tensor]],
         max_elements: int | None,
         allocate: Allocate,
+        in_place: Callable[[], frozenset[str]],
     ) -> dict[str, torch.Tensor]:
         """Those of a request's tensors (``codec.tensors_of``) that lie in ``caller``'s shared memory, by
-        field path: each term's ``pred`` viewed in place, every other input copied out of the segment.
+        field path: the paths ``in_place()`` names (``values_read_in_place``) viewed in place, every
+        other input copied out of the segment.
 
-        Why the copies: a loss checks its labels, indices, boxes and weights once and then trusts them
-        (a kernel indexes pred's classes with the labels it checked). A caller writing into its segment
-        while its call runs could otherwise slip an out-of-range label in between the check and the use,
-        and the kernel's index error would be answered as the server's own fault. The inputs besides
-        pred are small next to it (labels: 1/40 of a [N, 80] pred's bytes); pred is only ever read as
-        values, so a rewrite of it changes that caller's own numbers and nothing else. ``allocate(nbytes, path)``:
-        where the copies go (the dataplane's reused buffers: fresh memory faults in every page)."""
+        Why the copies: a loss checks its labels and indices once and then trusts them (a kernel indexes
+        pred's classes with the labels it checked). A caller writing into its segment while its call
+        runs could otherwise slip an out-of-range label in between the check and the use, and the
+        kernel's index error would be answered as the server's own fault. The inputs read in place are
+        those a loss uses only as numbers (pred, a box loss's target and weight): a rewrite of one changes
+        that caller's own numbers and nothing else, and they are the big ones (a regression target is
+        pred's size), while labels are small next to pred (1/40 of a [N, 80] pred's bytes).
+        ``allocate(nbytes, path)``: where the copies go (the dataplane's reused buffers: fresh memory
+        faults in every page)."""
         views = wire_memory.shared_memory_tensors(
             tensors, lambda ref, field: self.resolve(caller, ref, field), max_elements
         )
-        for path, view in views.items():
-            if not _read_in_place(path):
-                views[path] = _copied(view, path, allocate)
+        if views:
+            viewed = in_place()
+            for path, view in views.items():
+                if path not in viewed:
+                    views[path] = _copied(view, path, allocate)
         return views
 
     def output_range(self, caller: Caller | None, ref: pb.SharedMemoryRef) -> SegmentRange:

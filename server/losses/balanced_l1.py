@@ -46,6 +46,7 @@ class BalancedL1Loss(PairwiseLoss):
     """
 
     differentiable = ("pred", "target")
+    value_inputs = ("pred", "target", "weight")  # arithmetic only: read in place from shared memory
     working_copies = 13.0
     work_per_element = 40
 

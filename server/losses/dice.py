@@ -59,6 +59,7 @@ class DiceLoss(PairwiseLoss):
 
     output_kind = OutputKind.SAMPLE
     differentiable = ("pred", "target")
+    value_inputs = ("pred", "target", "weight")  # arithmetic only: read in place from shared memory
     # Each sample's loss depends on its own row only, but the target's gradient passes through a float32
     # cast: for float64 inputs, scaling the float32-rounded gradient-for-ones by the upstream gradient
     # differs from mmdet's (rounded after the scaling) by ~1e-5 relative. The recompute is exact.

@@ -94,6 +94,7 @@ class GaussianFocalLoss(WeightedLoss):
     """
 
     differentiable = ("pred", "target")
+    value_inputs = ("pred", "target", "weight")  # arithmetic only: read in place from shared memory
     working_copies = 17.0
     work_per_element = 75
 

@@ -209,6 +209,7 @@ class _PerBoxLoss(PairwiseLoss):
     output_kind = OutputKind.SAMPLE
     sample_axis = -1  # one loss per box: the 4 coordinates are reduced
     differentiable = ("pred", "target")
+    value_inputs = ("pred", "target", "weight")  # arithmetic only: read in place from shared memory
     weight_shortcut = "always"
 
     def prepare(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -321,6 +322,7 @@ class BoundedIoULoss(PairwiseLoss):
     """
 
     differentiable = ("pred",)
+    value_inputs = ("pred", "target", "weight")  # arithmetic only: read in place from shared memory
     # A coordinate's loss depends on the box's other coordinates (x on x1 and x2): the gradient for
     # an arbitrary upstream gradient needs a recompute, not upstream x the all-ones gradient.
     separable = False

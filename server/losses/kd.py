@@ -44,6 +44,7 @@ class KnowledgeDistillationKLDivLoss(PairwiseLoss):
 
     output_kind = OutputKind.SAMPLE
     differentiable = ("pred",)
+    value_inputs = ("pred", "soft_label", "weight")  # arithmetic only: read in place from shared memory
     working_copies = 8.0
     work_per_element = 10
 

@@ -27,6 +27,7 @@ class MSELoss(PairwiseLoss):
     """
 
     differentiable = ("pred", "target")
+    value_inputs = ("pred", "target", "weight")  # arithmetic only: read in place from shared memory
     working_copies = 8.0
     work_per_element = 4
 

@@ -128,6 +128,11 @@ class LossDescription:
     stateful: bool = False
     # the forward takes **kwargs: other named inputs are accepted and handed to it (GHMC ignores them)
     extra_inputs: bool = False
+    # forward inputs the loss uses only as numbers in its arithmetic, never as indices, masks that
+    # select, sizes or counts: one rewritten while the loss reads it changes that call's numbers and
+    # nothing else (pred always). The server reads these in place in a caller's shared memory and
+    # copies every other input before checking it.
+    value_inputs: tuple[str, ...] = ()
 
     def param(self, name: str) -> ParamSpec:
         for spec in self.params:
@@ -259,6 +264,11 @@ def describe_class(name: str, cls: type) -> LossDescription:
     variants = dict(getattr(cls, "output_variants", {}))
     first_input = inputs[0].name if inputs else "pred"
     differentiable = tuple(getattr(cls, "differentiable", (first_input,)))
+    declared = tuple(cls.value_inputs) if _declares(cls, "value_inputs") else ()
+    unknown = [n for n in declared if n not in {i.name for i in inputs}]
+    if unknown:
+        raise TypeError(f"{name}.value_inputs names {unknown}, which are not inputs of its forward")
+    value_inputs = (first_input, *(n for n in declared if n != first_input))
     return LossDescription(
         name=name,
         summary=_summary(cls),
@@ -274,6 +284,7 @@ def describe_class(name: str, cls: type) -> LossDescription:
         extra_inputs=any(
             p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(cls.forward).parameters.values()
         ),
+        value_inputs=value_inputs,
     )
 
 

@@ -43,6 +43,7 @@ class L1Loss(PairwiseLoss):
     """
 
     differentiable = ("pred", "target")
+    value_inputs = ("pred", "target", "weight")  # arithmetic only: read in place from shared memory
     weight_shortcut = "always"
     working_copies = 6.0
     work_per_element = 4
@@ -68,6 +69,7 @@ class SmoothL1Loss(PairwiseLoss):
     """
 
     differentiable = ("pred", "target")
+    value_inputs = ("pred", "target", "weight")  # arithmetic only: read in place from shared memory
     weight_shortcut = "always"
     working_copies = 6.0
     work_per_element = 4

@@ -48,6 +48,7 @@ class VarifocalLoss(PairwiseLoss):
     """
 
     differentiable = ("pred", "target")
+    value_inputs = ("pred", "target", "weight")  # arithmetic only: read in place from shared memory
     working_copies = 14.0
     work_per_element = 22
 

@@ -192,3 +192,38 @@ def test_a_config_checked_once_is_checked_again_after_its_loss_is_replaced():
     registry.register_module(name="Swapped", force=True, module=Plain)
     with pytest.raises(LossConfigError, match="scale"):
         registry.loss_type(config, key)
+
+
+def test_inputs_read_as_values_are_declared_by_a_class_of_its_own_and_name_its_inputs():
+    """``value_inputs`` (read in place in a caller's shared memory): pred always, and what a class says.
+    A plugin's class inherits none from an engine base: what the base's forward does says nothing of the
+    plugin's. A name that is not an input of the forward is refused when the class is registered."""
+    from losswire.server.losses.smooth_l1 import L1Loss
+
+    assert LOSSES.describe("GIoULoss").value_inputs == ("pred", "target", "weight")
+    assert LOSSES.describe("KnowledgeDistillationKLDivLoss").value_inputs == ("pred", "soft_label", "weight")
+    assert LOSSES.describe("FocalLoss").value_inputs == ("pred",)  # its labels index pred's classes
+    assert LOSSES.describe("CrossEntropyLoss").value_inputs == ("cls_score",)
+    registry = Registry("values")
+
+    @registry.register_module()
+    class Inherits(L1Loss):
+        """L1 as a plugin."""
+
+    @registry.register_module()
+    class Declares(L1Loss):
+        """L1 as a plugin that declares its target."""
+
+        value_inputs = ("target",)
+
+    assert registry.describe("Inherits").value_inputs == ("pred",)
+    assert registry.describe("Declares").value_inputs == ("pred", "target")
+
+    class Misnamed(L1Loss):
+        """L1 naming an input it does not have."""
+
+        value_inputs = ("labels",)
+
+    with pytest.raises(TypeError, match=r"Misnamed\.value_inputs names \['labels'\], which are not inputs"):
+        registry.register_module()(Misnamed)
+    assert "Misnamed" not in registry.names()

@@ -4,6 +4,7 @@
   gate (:func:`open_gate`). A test can hold any number of calls in flight, know that each reached the
   loss (:func:`wait_started`), and know that a term which never started never ran, without sleeping
   and without timing assumptions. Gates live in this process: an in-process server only.
+  ``GatedValuesL1Loss`` is the same, declaring its target read only as values (``value_inputs``).
 * ``HungryL1Loss`` is ``L1Loss`` that first allocates ``allocate_bytes`` on pred's device: with more
   than the device has, the allocator really fails (CUDA: ``torch.OutOfMemoryError``; CPU: the host
   allocator's error), as a too-large batch would. ``raise_device_oom=True`` raises
@@ -82,6 +83,20 @@ class GatedL1Loss(WeightedLoss):
             _changed.notify_all()
             _changed.wait_for(lambda: self.gate in _open_gates, GATE_TIMEOUT)
         return _l1(self, pred, target, weight, avg_factor, reduction_override)
+
+
+@LOSSES.register_module()
+class GatedValuesL1Loss(GatedL1Loss):
+    """``GatedL1Loss`` whose target is declared read only as values: the server reads it in place in a
+    caller's shared memory, as it reads pred (a test plugin).
+
+    Args:
+        gate: the name of the gate to wait on (tests open it with ``open_gate``).
+        reduction: "none", "mean" (default) or "sum".
+        loss_weight: multiplier of the reduced loss (default 1.0).
+    """
+
+    value_inputs = ("pred", "target")
 
 
 @LOSSES.register_module()

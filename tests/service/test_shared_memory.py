@@ -42,11 +42,14 @@ import torch
 from support.calls import dice_recompute_gradients, evaluate_stream, field_of, plain_channel
 from support.faults import load_fault_losses
 from support.segments import Handoff
+from torch import Tensor
 
 from losswire.client import LossClient, RemoteLoss, RemoteLossError, evaluate_terms
 from losswire.client.shared_memory import SharedMemoryPool
 from losswire.server.app import LosswireServer
 from losswire.server.config import ServerConfig
+from losswire.server.dataplane.shared_memory import values_read_in_place
+from losswire.server.losses import LOSSES
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.v1 import loss_service_pb2_grpc as pb_grpc
 from losswire.wire import chunks, codec
@@ -677,13 +680,17 @@ def test_a_call_past_its_deadline_retires_its_segment_and_nothing_is_written_lat
         client.close()
 
 
-def test_a_call_computes_on_the_target_it_was_checked_with_whatever_the_caller_writes_later(gated_server, segment):
-    """The caller rewrites its target in its segment while the loss runs (the gate holds it there):
-    the answer is computed on the target as sent, copied out before the checks, so a label written
-    after the check can never reach a kernel (an out-of-range index would fail inside the loss and be
-    answered as the server's own fault). pred is read in place: a rewrite of it reaches the loss."""
-    server, faults = gated_server
-    pred, goal = torch.randn(256, 80), torch.randn(256, 80)
+def _rewritten_while_gated(server, faults, loss: str, pred: Tensor, goal: Tensor) -> tuple[int, Tensor]:
+    """A ``loss`` (a gated L1) call on pred and target in a new segment: while the gate holds it in its
+    forward, the caller adds 1 to pred and subtracts 2 from the target there. (Budget held then, loss.)"""
+    segment = shm.Segment.create(1 << 20)
+    try:
+        return _rewrite(server, faults, segment, loss, pred, goal)
+    finally:
+        segment.close()
+
+
+def _rewrite(server, faults, segment, loss: str, pred: Tensor, goal: Tensor) -> tuple[int, Tensor]:
     goal_at = shm.align(pred.nbytes)
     segment.bytes_at(0, pred.nbytes).copy_(pred.reshape(-1).view(torch.uint8))
     segment.bytes_at(goal_at, goal.nbytes).copy_(goal.reshape(-1).view(torch.uint8))
@@ -691,26 +698,41 @@ def test_a_call_computes_on_the_target_it_was_checked_with_whatever_the_caller_w
     with plain_channel(f"127.0.0.1:{server.port}") as channel, Handoff(pb_grpc.LossServiceStub(channel)) as handoff:
         region = handoff.register(segment)
         request = pb.EvaluateRequest()
-        term = request.terms.add(config=codec.encode_config({"type": "GatedL1Loss", "gate": gate}))
-        term.pred.dtype, term.pred.shape[:] = pb.FLOAT32, [256, 80]
-        term.pred.shm.region, term.pred.shm.offset, term.pred.shm.byte_size = region, 0, pred.nbytes
-        held = term.target.tensor
-        held.dtype, held.shape[:] = pb.FLOAT32, [256, 80]
-        held.shm.region, held.shm.offset, held.shm.byte_size = region, goal_at, goal.nbytes
+        term = request.terms.add(config=codec.encode_config({"type": loss, "gate": gate}))
+        for tensor, at in ((term.pred, 0), (term.target.tensor, goal_at)):
+            tensor.dtype, tensor.shape[:] = pb.FLOAT32, list(pred.shape)
+            tensor.shm.region, tensor.shm.offset, tensor.shm.byte_size = region, at, pred.nbytes
         answer = handoff.stub.Evaluate.future(request, timeout=30)
         faults.wait_started(gate, 1)
-        assert server.dataplane.budget.held >= goal.nbytes  # the copy is counted while the call runs
-        segment.bytes_at(0, pred.nbytes).view(torch.float32).add_(1.0)  # pred: read in place
-        segment.bytes_at(goal_at, goal.nbytes).view(torch.float32).fill_(1e30)  # target: copied already
+        held = server.dataplane.budget.held
+        segment.bytes_at(0, pred.nbytes).view(torch.float32).add_(1.0)
+        segment.bytes_at(goal_at, goal.nbytes).view(torch.float32).sub_(2.0)
         faults.open_gate(gate)
-        loss = codec.decode_tensor(answer.result().results[0].loss, "loss")
-    assert torch.equal(loss, ((pred + 1.0) - goal).abs().mean())
-    assert eventually(lambda: server.dataplane.budget.held == 0)  # and given back with the call
+        return held, codec.decode_tensor(answer.result().results[0].loss, "loss")
+
+
+def test_a_call_computes_on_the_target_it_was_checked_with_whatever_the_caller_writes_later(gated_server):
+    """The caller rewrites its pred and target in its segment while the loss runs. pred is read in
+    place: its rewrite reaches the loss. A target is copied out before the checks, so a label written
+    after the check can never reach a kernel (an out-of-range index would fail inside the loss and be
+    answered as the server's own fault), unless the loss declares it read only as values
+    (``value_inputs``): then it is read in place too, and its rewrite changes only this caller's
+    numbers. The copy is held in the budget while the call runs (the two losses' working memory is
+    the same), and nothing is held once the calls are over."""
+    server, faults = gated_server
+    pred, goal = torch.randn(256, 80), torch.randn(256, 80)
+    held_copied, copied = _rewritten_while_gated(server, faults, "GatedL1Loss", pred, goal)
+    held_in_place, in_place = _rewritten_while_gated(server, faults, "GatedValuesL1Loss", pred, goal)
+    assert torch.equal(copied, ((pred + 1.0) - goal).abs().mean())
+    assert torch.equal(in_place, ((pred + 1.0) - (goal - 2.0)).abs().mean())
+    assert held_copied - held_in_place == goal.nbytes
+    assert eventually(lambda: server.dataplane.budget.held == 0)
 
 
 def test_a_copy_that_does_not_fit_the_memory_budget_is_refused_naming_the_input(segment):
     """The copies of a call's shared-memory inputs come out of the memory budget like a stream's buffers:
-    one larger than the whole budget is refused naming its input, before the loss is looked at."""
+    one larger than the whole budget is refused naming its input, before the loss is looked at. (A
+    FocalLoss target, soft labels here, is copied: FocalLoss reads only pred as plain values.)"""
     instance = fresh_server(memory_budget=256 << 10)
     try:
         with (
@@ -718,9 +740,9 @@ def test_a_copy_that_does_not_fit_the_memory_budget_is_refused_naming_the_input(
             Handoff(pb_grpc.LossServiceStub(channel)) as handoff,
         ):
             region = handoff.register(segment)
-            for rows, code in ((64, grpc.StatusCode.OK), (1024, grpc.StatusCode.RESOURCE_EXHAUSTED)):
-                request = pb.EvaluateRequest()  # L1 of [rows, 80] float32: pred and target the same bytes
-                term = request.terms.add(config=codec.encode_config({"type": "L1Loss", "reduction": "sum"}))
+            for rows, code in ((16, grpc.StatusCode.OK), (1024, grpc.StatusCode.RESOURCE_EXHAUSTED)):
+                request = pb.EvaluateRequest()  # [rows, 80] float32 pred and soft target: the same zero bytes
+                term = request.terms.add(config=codec.encode_config({"type": "FocalLoss", "reduction": "sum"}))
                 for tensor in (term.pred, term.target.tensor):
                     tensor.dtype, tensor.shape[:] = pb.FLOAT32, [rows, 80]
                     tensor.shm.region, tensor.shm.offset, tensor.shm.byte_size = region, 0, rows * 80 * 4
@@ -732,6 +754,62 @@ def test_a_copy_that_does_not_fit_the_memory_budget_is_refused_naming_the_input(
             assert instance.dataplane.budget.held == 0
     finally:
         instance.stop(grace=1)
+
+
+def test_the_inputs_read_in_place_are_those_each_term_s_loss_reads_only_as_values():
+    """By the field that carries each: target and weight, or ``inputs[name]``; pred and the upstream
+    gradients of every term; nothing more for a term with a sampler (it draws from the target's labels)
+    or one whose loss the server does not know (decoding it refuses it)."""
+    request = pb.EvaluateRequest()
+    request.terms.add(config=codec.encode_config({"type": "GIoULoss"}))
+    request.terms.add(config=codec.encode_config({"type": "KnowledgeDistillationKLDivLoss"}))
+    request.terms.add(config=codec.encode_config({"type": "FocalLoss"})).grad_outputs["loss"].dtype = pb.FLOAT32
+    request.terms.add(config=codec.encode_config({"type": "L1Loss", "sampler": {"type": "PseudoSampler"}}))
+    request.terms.add(config=codec.encode_config({"type": "NoSuchLoss"}))
+    paths = values_read_in_place(request.terms, LOSSES)
+    always = {f"terms[{i}].{field}" for i in range(5) for field in ("pred", "grad_output")}
+    assert paths == always | {
+        "terms[0].target",
+        "terms[0].weight",
+        "terms[0].inputs[target]",
+        "terms[0].inputs[weight]",
+        "terms[1].target",
+        "terms[1].weight",
+        "terms[1].inputs[soft_label]",
+        "terms[1].inputs[weight]",
+        "terms[2].grad_outputs[loss]",
+    }
+
+
+def test_a_box_loss_reads_its_target_and_weight_in_place_and_its_answer_is_the_inline_one(server, segment):
+    """GIoULoss declares pred, target and weight read only as values, so all three are read in place
+    (its fused kernel included): its loss and gradient are bit for bit those of the same call sent
+    inline."""
+    pred, goal = torch.rand(512, 4) * 10, torch.rand(512, 4) * 10
+    pred[:, 2:] += pred[:, :2]
+    goal[:, 2:] += goal[:, :2]
+    weight = torch.rand(512)
+    offsets = [0, shm.align(pred.nbytes), shm.align(pred.nbytes) + shm.align(goal.nbytes)]
+    for tensor, at in zip((pred, goal, weight), offsets, strict=True):
+        segment.bytes_at(at, tensor.nbytes).copy_(tensor.reshape(-1).view(torch.uint8))
+    config = codec.encode_config({"type": "GIoULoss", "reduction": "sum"})
+    with plain_channel(f"127.0.0.1:{server.port}") as channel, Handoff(pb_grpc.LossServiceStub(channel)) as handoff:
+        region = handoff.register(segment)
+        shared, inline = pb.EvaluateRequest(), pb.EvaluateRequest()
+        for request in (shared, inline):
+            term = request.terms.add(config=config)
+            term.gradients.append("pred")
+            slots = (term.pred, term.target.tensor, term.weight)
+            for slot, tensor, at in zip(slots, (pred, goal, weight), offsets, strict=True):
+                if request is shared:
+                    slot.dtype, slot.shape[:] = pb.FLOAT32, list(tensor.shape)
+                    slot.shm.region, slot.shm.offset, slot.shm.byte_size = region, at, tensor.nbytes
+                else:
+                    codec.encode_tensor(tensor, slot)
+        got, want = (handoff.stub.Evaluate(r, timeout=30).results[0] for r in (shared, inline))
+    assert torch.equal(codec.decode_tensor(got.loss, "loss"), codec.decode_tensor(want.loss, "loss"))
+    grads = [codec.decode_tensor(r.gradients["pred"], "grad") for r in (got, want)]
+    assert torch.equal(*grads)
 
 
 # -- either side going away ---------------------------------------------------------------------------
