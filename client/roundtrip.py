@@ -83,7 +83,7 @@ class RoundTrip:
                 ]
             for key, message, path in items:
                 self.outputs.append(_Output(index, key))
-                loss = codec.decode_tensor(message, path, streamed=self.streamed)
+                loss = _decoded(message, path, streamed=self.streamed)
                 tensors.append(loss.to(self.devices[index]))
         # a term whose every gradient combines with any upstream gradient by the separable rule needs no
         # resend in backward; another (a weight of shape [N, 1] on an [N, 4] loss) is recomputed exactly
@@ -157,7 +157,7 @@ class RoundTrip:
             )
         field = f"{path}.gradients[{leaf.key}]"
         message = gradients[leaf.key]
-        tensor = codec.decode_tensor(message, field, streamed=streamed, allocate=self.client.buffers.take)
+        tensor = _decoded(message, field, streamed=streamed, allocate=self.client.buffers.take)
         # a gradient that travelled narrowed was widened into memory of its own
         owned = field in streamed or tensor.device != leaf.tensor.device or message.data_dtype != pb.DTYPE_UNSPECIFIED
         return tensor.to(leaf.tensor.device), field if owned else None
@@ -225,6 +225,15 @@ class RoundTrip:
         return dict(zip(todo, response.results, strict=True))
 
 
+def _decoded(message: pb.Tensor, path: str, **options: Any) -> Tensor:
+    """``codec.decode_tensor`` of an answer's tensor: one inconsistent with itself (its data's length
+    against its shape) is the server's fault, DATA_LOSS (``answers.check_answer`` has checked the rest)."""
+    try:
+        return codec.decode_tensor(message, path, **options)
+    except codec.CodecError as error:
+        raise RemoteLossError(grpc.StatusCode.DATA_LOSS, f"a malformed answer: {error}", path) from None
+
+
 def _separable_product(upstream: Tensor, local: Tensor, sample_axis: int) -> Tensor:
     """The separable rule (``TermResult.separable``): the upstream gradient times the loss's gradient,
     with size-1 axes inserted at ``sample_axis`` until the ranks match, so a per-sample loss's
@@ -242,6 +251,8 @@ def _broadcasts(loss_shape: Sequence[int], gradient_shape: Sequence[int], sample
     upstream = list(loss_shape)
     if not upstream:
         return True  # a 0-d loss: any gradient scales
+    if len(upstream) < len(gradient_shape) and not -len(upstream) - 1 <= sample_axis <= len(upstream):
+        return False  # no axis to insert there: recomputed exactly instead
     while len(upstream) < len(gradient_shape):
         axis = sample_axis if sample_axis >= 0 else sample_axis + len(upstream) + 1
         upstream.insert(axis, 1)

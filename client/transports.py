@@ -35,6 +35,7 @@ from losswire.wire.buffers import BufferPool
 from losswire.wire.protocol import SESSION_HEADER
 
 from . import shared_memory as shm
+from .answers import check_answer
 from .channels import RETRY_POLICY, Connection, Patience, passing
 from .errors import RemoteLossError
 from .lanes import LaneCalls, lanes_for, lanes_refused
@@ -123,6 +124,7 @@ class Transports:
             response = self.router.call(sessions[0], lambda c: c.call("Evaluate", request, deadline, metadata))
         else:
             response = self._per_session(request, sessions, deadline)
+        check_answer(request, response)
         if sessions:  # only session terms can have restarted
             self.steps.check(request, response, baselines)
         return response
@@ -144,6 +146,7 @@ class Transports:
                 answer = self.router.call(session, lambda c, p=part, m=metadata: c.call("Evaluate", p, deadline, m))
             except RemoteLossError as error:
                 raise _renumbered(error, indices) from None
+            check_answer(part, answer)
             results.update(zip(indices, answer.results, strict=True))
             merged.device = merged.device or answer.device
             merged.server_version = merged.server_version or answer.server_version
@@ -197,7 +200,7 @@ class Transports:
                 else:
                     remaining = patience.remaining()
                     responses = lane_calls.start(request, sink, lanes, remaining, metadata, self.overlap)
-                first = next(responses)
+                first = next(responses, None)
                 answered = True
                 return _receive_stream(request, first, responses, self.buffers)
             except grpc.RpcError as raised:
@@ -341,12 +344,15 @@ def _receive_stream(request: pb.EvaluateRequest, first: Any, responses: Any, buf
     with ``early_gradients``), then the chunks of its big tensors."""
     try:
         early = None  # made at the first chunk that comes before the response (EvaluateResponse.early)
-        while first.WhichOneof("kind") == "chunk":
+        while first is not None and first.WhichOneof("kind") == "chunk":
             early = early or chunks.StreamAssembler(_early_gradients(request), allocate=buffers.take)
             early.add(first.chunk)
-            first = next(responses)
+            first = next(responses, None)
+        if first is None:
+            raise codec.CodecError("the stream ended without a response")
         if first.WhichOneof("kind") != "response":
             raise codec.CodecError(f"the first message carries {first.WhichOneof('kind')}, not the response")
+        check_answer(request, first.response)  # before its tensors' buffers are allocated
         done = {path: early and early.tensors.get(path) for path in first.response.early}
         if None in done.values():
             missing = [path for path, tensor in done.items() if tensor is None]
@@ -361,6 +367,9 @@ def _receive_stream(request: pb.EvaluateRequest, first: Any, responses: Any, buf
     except codec.CodecError as error:
         responses.cancel()
         raise RemoteLossError(grpc.StatusCode.DATA_LOSS, f"a malformed EvaluateStream answer: {error}") from None
+    except RemoteLossError:
+        responses.cancel()
+        raise
 
 
 def _early_gradients(request: pb.EvaluateRequest) -> pb.EvaluateResponse:
