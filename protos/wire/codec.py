@@ -51,7 +51,10 @@ DTYPE_TO_TORCH: dict[int, torch.dtype] = {
     pb.BOOL: torch.bool,
 }
 TORCH_TO_DTYPE: dict[torch.dtype, int] = {v: k for k, v in DTYPE_TO_TORCH.items()}
-INT64_MAX = 2**63 - 1  # torch sizes, strides and element counts are int64
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # torch sizes, strides and element counts are int64; so is Value.integer
+# Lists and objects nested in a config or a JSON forward input, at most. Real configs nest a few levels;
+# protobuf refuses to parse a Struct nested ~49 deep (its 100-message limit), and the codec's walk recurses.
+MAX_JSON_DEPTH = 32
 
 
 class Sink(Protocol):
@@ -273,7 +276,7 @@ def encode_value(
     elif isinstance(value, bool):
         message.flag = value
     elif isinstance(value, int):
-        message.integer = value
+        message.integer = _int64(value)
     elif isinstance(value, float):
         message.number = value
     elif isinstance(value, str):
@@ -281,7 +284,7 @@ def encode_value(
     else:
         try:
             json_format.ParseDict(_jsonable(value), message.json)
-        except (json_format.ParseError, TypeError) as error:
+        except (json_format.ParseError, TypeError, OverflowError) as error:  # OverflowError: an int beyond a double
             raise CodecError(f"cannot send a {type(value).__name__} as a forward input: {error}") from None
     return message
 
@@ -312,11 +315,23 @@ def decode_value(
 # -- loss configs ---------------------------------------------------------------------------------
 
 
-def _jsonable(value: Any) -> Any:
+def _int64(value: int) -> int:
+    """``value`` if ``Value.integer`` (an int64) holds it; protobuf's own refusal is a bare ValueError."""
+    if INT64_MIN <= value <= INT64_MAX:
+        return value
+    # no str(value): Python refuses to print an int of over 4300 digits
+    raise CodecError(f"cannot send an integer of {value.bit_length()} bits as a forward input: it must fit int64")
+
+
+def _jsonable(value: Any, depth: int = 1) -> Any:
+    """``value`` as plain JSON types; CodecError past ``MAX_JSON_DEPTH`` nested levels, before Python's
+    recursion limit (a RecursionError) or protobuf's nesting limit is reached."""
+    if isinstance(value, (Mapping, tuple, list)) and depth > MAX_JSON_DEPTH:
+        raise CodecError(f"a JSON value nested deeper than {MAX_JSON_DEPTH} levels cannot be sent")
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): _jsonable(v, depth + 1) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
+        return [_jsonable(v, depth + 1) for v in value]
     if isinstance(value, Tensor):
         return value.tolist()
     return value

@@ -17,8 +17,9 @@ from losswire.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 
 from .. import __version__
 from ..dataplane import Dataplane
+from ..losses import LossDescription
 from . import oip_convert
-from .calls import CallWatch, Compute, fail, release_after, unary
+from .calls import QUICK_MAX_MESSAGE_BYTES, CallWatch, Compute, fail, release_after, unary
 from .oip_convert import GRAD, LOSS, MODEL_VERSION, Conversion, OipWhere
 
 log = logging.getLogger("losswire.server")
@@ -80,9 +81,10 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
                 description = oip_convert.model(
                     self.registry, request.model_name, request.model_version, "model_name", "model_version"
                 )
-                conversion = Conversion(request, description, where)
+                size = request.ByteSize()
+                conversion = await self._convert(watch, size, request, description, where)
                 answer = await self.compute.evaluate(
-                    watch, self.dataplane.evaluate, request.ByteSize(), conversion.request, watch, conversion.arrived
+                    watch, self.dataplane.evaluate, size, conversion.request, watch, conversion.arrived
                 )
                 response = oip_convert.infer_response(request, conversion, answer.response)
         except Exception as error:
@@ -90,6 +92,16 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
             return None
         release_after(context, answer.keep)
         return response
+
+    async def _convert(
+        self, watch: CallWatch, size: int, request: oip.ModelInferRequest, description: LossDescription, where: OipWhere
+    ) -> Conversion:
+        """The request as losswire's (``Conversion``: it parses the ``config`` JSON). A big request's on a
+        compute thread, as ``Compute.evaluate`` decodes a big Evaluate: on the event loop a 15 MB config
+        stalled every other call for seconds. A small one here, without a thread hop."""
+        if size <= QUICK_MAX_MESSAGE_BYTES:
+            return Conversion(request, description, where)
+        return await self.compute.for_call(watch, Conversion, request, description, where)
 
 
 def add_inference_service(server: grpc.aio.Server, service: InferenceService) -> str:

@@ -105,6 +105,8 @@ TRITON_PARAMETERS = frozenset({"sequence_id", "sequence_start", "sequence_end", 
 TENSOR_KINDS = frozenset({"tensor", "tensors", "tensor_or_tuple", "number"})  # may arrive as input tensors
 PARAMETER_KINDS = frozenset({"number", "int", "str", "any"})  # may arrive as request parameters
 MEMBER = re.compile(r"(?P<name>.+)\[(?P<index>\d+)\]")  # "target[1]": one member of a tuple input
+# digits of a member index, at most: no tuple has a million members, and int() refuses over 4300 digits
+MAX_MEMBER_DIGITS = 6
 TERM = "terms[0]"
 
 
@@ -174,7 +176,7 @@ class Conversion:
 
     def __init__(self, request: oip.ModelInferRequest, description: LossDescription, where: OipWhere) -> None:
         self.description, self.where = description, where
-        self.outputs = [o.name for o in request.outputs]
+        self.outputs = _requested_outputs(request)
         self.request = pb.EvaluateRequest()
         self.term = self.request.terms.add()
         self._pending: dict[str, Callable[[], torch.Tensor]] = {}
@@ -195,8 +197,7 @@ class Conversion:
         members: dict[str, dict[int, tuple[int, oip.ModelInferRequest.InferInputTensor, bytes | None]]] = {}
         floats: set[str] = set()
         for index, (tensor, raw) in enumerate(zip(request.inputs, _raw_contents(request), strict=True)):
-            member = MEMBER.fullmatch(tensor.name)
-            name, position = (member["name"], int(member["index"])) if member else (tensor.name, None)
+            name, position = _member(tensor.name, index)
             key = canonical.get(name)
             if key is None or kinds[key] not in TENSOR_KINDS:
                 accepted = [n for n, k in canonical.items() if kinds[k] in TENSOR_KINDS]
@@ -291,10 +292,13 @@ class Conversion:
                 )
             if name in self.term.inputs:
                 raise RequestError(f"input {name!r} is sent both as a tensor and as a parameter", field)
-            value = _parameter_value(parameter)
+            value = _within_int64(_parameter_value(parameter), field)
             if kinds[name] == "any" and isinstance(value, str):
                 value = _json(value, field)
-            codec.encode_value(value, self.term.inputs[name])
+            try:
+                codec.encode_value(value, self.term.inputs[name])
+            except codec.CodecError as error:  # JSON the codec cannot carry (a number beyond a double...)
+                raise RequestError(f"{field}: {error}", field=field) from None
 
     def _gradients(self, floats: set[str]) -> list[str]:
         """The gradients to compute: ``pred`` by default, else those the requested outputs name.
@@ -365,6 +369,38 @@ def _quoted(text: str, limit: int = 100, bare: bool = False) -> str:
     return cut if bare else repr(cut)
 
 
+def _requested_outputs(request: oip.ModelInferRequest) -> list[str]:
+    """The outputs named, each once: every name gets its own copy of its tensor in the answer, so ``loss``
+    named 3000 times made a 0.3 MB request a 300 MB answer."""
+    first: dict[str, int] = {}
+    for index, output in enumerate(request.outputs):
+        if output.name in first:
+            raise RequestError(
+                f"outputs[{index}].name names {_quoted(output.name)} again (first at outputs[{first[output.name]}]); "
+                "name each output once",
+                field=f"outputs[{index}].name",
+            )
+        first[output.name] = index
+    return list(first)
+
+
+def _member(name: str, index: int) -> tuple[str, int | None]:
+    """Input ``inputs[index]``'s name as (input, member index): ``target[1]`` -> ``("target", 1)``,
+    ``pred`` -> ``("pred", None)``."""
+    member = MEMBER.fullmatch(name)
+    if member is None:
+        return name, None
+    digits = member["index"]
+    if len(digits) > MAX_MEMBER_DIGITS:  # before int(): it refuses over 4300 digits with a ValueError
+        raise RequestError(
+            f"inputs[{index}].name {_quoted(name)}: a member index must be a small non-negative integer of at most "
+            f"{MAX_MEMBER_DIGITS} digits ({member['name'][:100]}[0], {member['name'][:100]}[1]...), "
+            f"got {len(digits)} digits",
+            field=f"inputs[{index}].name",
+        )
+    return member["name"], int(digits)
+
+
 def _path(key: str) -> str:
     """The dataplane's field path of the input with key ``key``."""
     return f"{TERM}.{key}" if key in (PRED, TARGET) else f"{TERM}.inputs[{key}]"
@@ -375,11 +411,47 @@ def _parameter_value(parameter: oip.InferParameter) -> Any:
     return None if kind is None else getattr(parameter, kind)
 
 
+def _within_int64(value: Any, field: str) -> Any:
+    """``value``, unless an integer beyond int64, which the engine's integers travel in (a ``uint64_param``
+    of 2**63 or more)."""
+    if isinstance(value, int) and not codec.INT64_MIN <= value <= codec.INT64_MAX:
+        raise RequestError(
+            f"{field} must be an integer within int64 (-2**63 .. 2**63 - 1), got {value}",
+            field=field,
+        )
+    return value
+
+
 def _json(text: str, field: str) -> Any:
+    """The JSON string parameter ``field``, parsed; refused when invalid or nested deeper than
+    ``codec.MAX_JSON_DEPTH`` (which json.loads parses but the codec cannot carry)."""
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except (json.JSONDecodeError, RecursionError, ValueError) as error:
         raise RequestError(f"{field} is not valid JSON: {str(error)[:200]}", field=field) from None
+    depth = _json_depth(value)
+    if depth > codec.MAX_JSON_DEPTH:
+        raise RequestError(
+            f"{field} is JSON that nests {depth} levels deep; lists and objects may nest at most "
+            f"{codec.MAX_JSON_DEPTH} levels",
+            field=field,
+        )
+    return value
+
+
+def _json_depth(value: Any) -> int:
+    """How many levels of lists and objects nest in a parsed JSON value (a scalar: 0), level by level:
+    recursing would meet Python's recursion limit first."""
+    depth, level = 0, [value] if isinstance(value, (dict, list)) else []
+    while level:
+        depth += 1
+        level = [
+            child
+            for item in level
+            for child in (item.values() if isinstance(item, dict) else item)
+            if isinstance(child, (dict, list))
+        ]
+    return depth
 
 
 def _config(model_name: str, parameters: Mapping[str, oip.InferParameter]) -> dict[str, Any]:

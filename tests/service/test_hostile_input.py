@@ -7,8 +7,11 @@ in memory. The answer names the field and the limit; the server serves the next 
 
 from __future__ import annotations
 
+import asyncio
+import json
 import math
 import sys
+from typing import Any
 
 import grpc
 import pytest
@@ -20,6 +23,8 @@ from support.servers import ServerProcess, module_cmd, server_env
 from losswire.client import RemoteLossError
 from losswire.inference import grpc_predict_v2_pb2 as oip
 from losswire.inference import grpc_predict_v2_pb2_grpc as oip_grpc
+from losswire.server.rpc import inference, oip_convert
+from losswire.server.rpc.calls import QUICK_MAX_MESSAGE_BYTES
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.v1 import loss_service_pb2_grpc as pb_grpc
 from losswire.wire import chunks, codec
@@ -187,3 +192,157 @@ def test_absurd_numbers_in_a_config_are_invalid_argument_naming_them(client, val
         client.describe({"type": "SeesawLoss", "num_classes": value})
     assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details
     assert refused.value.field == "config.num_classes"
+
+
+# -- the Open Inference Protocol: values Python or protobuf cannot hold, and answers built to be huge ---------
+
+
+def focal_request() -> oip.ModelInferRequest:
+    return infer_request("FocalLoss", {"pred": torch.randn(4, 3), "target": torch.tensor([0, 1, 2, 3])})
+
+
+def model_infer_refused(target: str, request: oip.ModelInferRequest) -> grpc.RpcError:
+    with plain_channel(target) as channel:
+        return refused(lambda: oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30))
+
+
+@pytest.mark.parametrize("digits", [4301, 7], ids=["beyond-int-parsing", "seven-digits"])
+def test_a_tuple_member_index_of_many_digits_is_invalid_argument(target, digits):
+    """``target[<4301 digits>]``: int() refuses that many digits (ValueError, answered INTERNAL before); an
+    index no request could reach is refused by its length, before any conversion."""
+    request = focal_request()
+    request.inputs[1].name = "target[" + "1" * digits + "]"
+    error = model_infer_refused(target, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert field_of(error) == "inputs[1].name"
+    assert "inputs[1].name" in error.details() and f"got {digits} digits" in error.details()
+    good_call_is_answered(target)
+
+
+@pytest.mark.parametrize(
+    ("model", "name", "value"),
+    [("FocalLoss", "avg_factor", 2**63), ("CrossEntropyLoss", "ignore_index", 2**64 - 1)],
+    ids=["avg_factor", "ignore_index"],
+)
+def test_a_uint64_parameter_beyond_int64_is_invalid_argument(target, model, name, value):
+    """A ``uint64_param`` of 2**63 or more does not fit the int64 it travels in to the engine ("Value out of
+    range" from protobuf, answered INTERNAL before)."""
+    request = infer_request(model, {"pred": torch.randn(4, 3), "target": torch.tensor([0, 1, 2, 0])})
+    request.parameters[name].uint64_param = value
+    error = model_infer_refused(target, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert field_of(error) == f"parameters[{name}]"
+    assert f"parameters[{name}]" in error.details() and str(value) in error.details() and "int64" in error.details()
+    good_call_is_answered(target)
+
+
+def nested_list(depth: int) -> str:
+    """A JSON list ``depth`` levels deep: ``[[...[]...]]``."""
+    return "[" * depth + "]" * depth
+
+
+def association_request(match: str) -> oip.ModelInferRequest:
+    inputs = {"pred": torch.randn(1, 1, 4, 4), "target": torch.randn(1, 1, 4, 4)}
+    return infer_request("AssociativeEmbeddingLoss", inputs, match=match)
+
+
+@pytest.mark.parametrize("depth", [600, 900, codec.MAX_JSON_DEPTH + 1])
+@pytest.mark.parametrize("parameter", ["config", "match"])
+def test_json_parameters_nested_too_deep_are_invalid_argument(target, parameter, depth):
+    """JSON that json.loads parses but that nests deeper than ``codec.MAX_JSON_DEPTH``: refused naming the
+    parameter, not a RecursionError in the codec (INTERNAL before)."""
+    if parameter == "config":
+        request = focal_request()
+        request.parameters["config"].string_param = '{"gamma": ' + nested_list(depth - 1) + "}"
+    else:
+        request = association_request(nested_list(depth))
+    error = model_infer_refused(target, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert field_of(error) == f"parameters[{parameter}]"
+    assert f"nests {depth} levels deep" in error.details() and f"at most {codec.MAX_JSON_DEPTH}" in error.details()
+    good_call_is_answered(target)
+
+
+def test_a_json_parameter_holding_an_integer_beyond_a_double_is_invalid_argument(target):
+    """``match`` holding a 400-digit integer: json.loads keeps it an int, which protobuf's JSON Value (a double)
+    cannot hold (OverflowError in the codec, INTERNAL before)."""
+    error = model_infer_refused(target, association_request("[" + "9" * 400 + "]"))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert field_of(error) == "parameters[match]" and "parameters[match]" in error.details()
+    good_call_is_answered(target)
+
+
+def test_a_config_nested_as_deep_as_allowed_reaches_the_loss(target):
+    """At the bound, the config is the loss's to judge (gamma must be a float), not refused for its depth."""
+    request = focal_request()
+    request.parameters["config"].string_param = '{"gamma": ' + nested_list(codec.MAX_JSON_DEPTH - 1) + "}"
+    error = model_infer_refused(target, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert field_of(error) == "config.gamma"
+
+
+def test_the_codec_refuses_what_protobuf_cannot_hold_with_a_codec_error():
+    """The codec's own guard, for every caller: an int beyond int64 and JSON deeper than MAX_JSON_DEPTH are
+    CodecErrors (INVALID_ARGUMENT), not ValueError / RecursionError (INTERNAL)."""
+    assert codec.encode_value(2**63 - 1).integer == 2**63 - 1
+    assert codec.encode_value(-(2**63)).integer == -(2**63)
+    for value in (2**63, -(2**63) - 1, 10**5000):
+        with pytest.raises(codec.CodecError, match="int64"):
+            codec.encode_value(value)
+    deep: list = []
+    for _ in range(2000):
+        deep = [deep]
+    with pytest.raises(codec.CodecError, match="deeper than"):
+        codec.encode_value({"match": deep})
+    with pytest.raises(codec.CodecError, match="deeper than"):
+        codec.encode_config({"type": "FocalLoss", "gamma": deep})
+
+
+def test_an_output_named_many_times_is_invalid_argument(target):
+    """``loss`` x 3000 in outputs: each copy got its own copy of the loss in the answer (a 0.3 MB request
+    made a 300 MB answer, built on the event loop). Refused, naming the first repeat; the server serves on."""
+    request = infer_request("L1Loss", {"pred": torch.zeros(1000), "target": torch.zeros(1000)}, {"reduction": "none"})
+    for _ in range(3000):
+        request.outputs.add(name="loss")
+    error = model_infer_refused(target, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert field_of(error) == "outputs[1].name"
+    assert "outputs[1].name" in error.details() and "'loss' again" in error.details()
+    good_call_is_answered(target)
+
+
+def on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def test_a_big_model_infer_is_converted_off_the_event_loop(target, monkeypatch):
+    """A ModelInfer over QUICK_MAX_MESSAGE_BYTES (here for its 1.25 MB config JSON) is converted (its JSON
+    parsed) on a compute thread, as a big Evaluate is decoded: on the event loop, a 15 MB config stalled
+    every other call (ServerLive waited 3 s). A small one is converted on the loop (no thread hop).
+
+    The in-process server's ``Conversion`` is spied on: where it ran is recorded, not timed (a latency bound
+    would be flaky on a loaded machine)."""
+    ran_on_loop: list[bool] = []
+    real = inference.Conversion
+
+    def spy(*args: Any) -> oip_convert.Conversion:
+        ran_on_loop.append(on_event_loop())
+        return real(*args)
+
+    monkeypatch.setattr(inference, "Conversion", spy)
+    classes = 250_000
+    config = {"class_weight": [1.0] * classes}
+    request = infer_request("CrossEntropyLoss", {"pred": torch.zeros(2, classes), "target": torch.tensor([0, 1])})
+    request.parameters["config"].string_param = json.dumps(config)
+    assert len(request.parameters["config"].string_param) > QUICK_MAX_MESSAGE_BYTES
+    with plain_channel(target) as channel:
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        answer = outputs_of(stub.ModelInfer(request, timeout=60))
+        small = infer_request("L1Loss", {"pred": torch.ones(3), "target": torch.zeros(3)})
+        assert outputs_of(stub.ModelInfer(small, timeout=30))["loss"].item() == 1.0
+    assert answer["loss"].item() == pytest.approx(math.log(classes), rel=1e-4)  # uniform logits, equal weights
+    assert ran_on_loop == [False, True]
