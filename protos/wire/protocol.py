@@ -17,6 +17,10 @@ DEFAULT_PORT = 50051
 
 # gRPC's ceiling on one message; holds a 1 GiB tensor plus its target
 MAX_MESSAGE_BYTES = 2**31 - 1
+# A loss config, or a JSON forward input (AssociativeEmbeddingLoss's match), at most, encoded: a real one is
+# a few hundred bytes (LVIS's 1203 class weights: ~11 KB), and parsed into Python objects it takes about 50
+# times its bytes, so a config as big as a message could take the server's memory
+MAX_JSON_BYTES = 1 << 20
 # The most dimensions any tensor may declare (the codec's ceiling; a server may set a lower limit)
 MAX_DIMS = 16
 # The server's default rank limit: detection tensors have at most 5 ([N, C, D, H, W])

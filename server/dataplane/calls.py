@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from google.protobuf import struct_pb2
 
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.wire import chunks, codec
@@ -45,7 +46,7 @@ from .costs import TermCosts
 from .decode import Arrived, check_transfer_dtype, decode_term, term_names
 from .descriptions import loss_info, session_info
 from .encode import InPlace, encode_outcome, into_output_range, into_pooled_buffers, while_alive
-from .limits import RequestLimits, check_request
+from .limits import RequestLimits, check_json_bytes, check_request
 from .memory import released_if_out_of_memory
 from .overlap import Overlap
 from .shared_memory import Caller, SharedMemoryRegistry, values_read_in_place
@@ -323,9 +324,11 @@ class Dataplane:
             self._implementations[name] = digest
         return digest
 
-    def describe(self, config: dict[str, Any]) -> pb.DescribeResponse:
-        """A loss config checked and described: every parameter filled in, the output kind, statefulness."""
-        config, sampler = split_sampler(config)
+    def describe(self, message: struct_pb2.Struct) -> pb.DescribeResponse:
+        """A loss config (``DescribeRequest.config``) checked and described: every parameter filled in, the
+        output kind, statefulness. Decoded here, on a compute thread, once its size is checked."""
+        check_json_bytes(message, "config")
+        config, sampler = split_sampler(codec.decode_config(message))
         config = self.registry.normalise(config)
         estimate = self.registry.estimate(config)
         self.costs.check_module(estimate, config["type"], f"config.{estimate.module_parameter}")

@@ -11,7 +11,9 @@ the codec wraps, copies, allocates or moves a single tensor:
   handed over by the Open Inference Protocol's converter): at most ``--max-message-bytes``, the bound
   gRPC itself puts on one message and so on the tensors inside it, so one request-size limit holds
   for every front door;
-- the number of terms (``--max-terms``).
+- the number of terms (``--max-terms``);
+- each config and JSON forward input: at most ``protocol.MAX_JSON_BYTES`` encoded (parsed, one takes
+  about 50 times its bytes).
 
 The size limits are ``LimitExceededError`` (RESOURCE_EXHAUSTED, marked not to be retried): the request
 may be fine for another server, it is too big for this one on every retry.
@@ -20,6 +22,8 @@ may be fine for another server, it is too big for this one on every retry.
 from __future__ import annotations
 
 import dataclasses
+
+from google.protobuf.message import Message
 
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.wire import codec, protocol
@@ -54,6 +58,8 @@ def check_request(request: pb.EvaluateRequest, limits: RequestLimits, elsewhere:
             "(losswire serve --max-terms): split it into several calls",
             field="terms",
         )
+    for index, term in enumerate(request.terms):
+        _check_json_of(term, f"terms[{index}].")
     tensors = list(codec.tensors_of(request))
     total = nbytes = 0
     largest = ("", 0)
@@ -83,3 +89,25 @@ def check_request(request: pb.EvaluateRequest, limits: RequestLimits, elsewhere:
             field=f"{path}.shape",
         )
     return tensors
+
+
+def check_json_bytes(message: Message, field: str) -> None:
+    """Refuse a config (``Struct``) or JSON value over ``protocol.MAX_JSON_BYTES`` encoded, before it is
+    parsed into Python objects."""
+    size = message.ByteSize()
+    if size > protocol.MAX_JSON_BYTES:
+        raise LimitExceededError(
+            f"{field} is {size} bytes encoded; a config or JSON input may be at most {protocol.MAX_JSON_BYTES} "
+            "(a real one is a few hundred bytes)",
+            field=field,
+        )
+
+
+def _check_json_of(term: pb.LossTerm, prefix: str) -> None:
+    """A term's config and its JSON forward inputs (the target, or an input by name)."""
+    check_json_bytes(term.config, f"{prefix}config")
+    if term.HasField("target") and term.target.WhichOneof("kind") == "json":
+        check_json_bytes(term.target.json, f"{prefix}target")
+    for name, value in term.inputs.items():
+        if value.WhichOneof("kind") == "json":
+            check_json_bytes(value.json, f"{prefix}inputs[{name}]")

@@ -18,7 +18,7 @@ import grpc
 
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.v1 import loss_service_pb2_grpc as pb_grpc
-from losswire.wire import chunks, codec
+from losswire.wire import chunks
 from losswire.wire.protocol import SERVICE_NAME
 
 from ..dataplane import Answer, Caller, Dataplane, StreamIntake
@@ -181,7 +181,7 @@ class LossService(pb_grpc.LossServiceServicer):
 
     @unary("Describe")
     async def Describe(self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext) -> pb.DescribeResponse:
-        return await self.compute(self.dataplane.describe, codec.decode_config(request.config))
+        return await self.compute(self.dataplane.describe, request.config)
 
     @unary("ListLosses")
     async def ListLosses(

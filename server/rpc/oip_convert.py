@@ -64,9 +64,9 @@ import torch
 
 from losswire.inference import grpc_predict_v2_pb2 as oip
 from losswire.v1 import loss_service_pb2 as pb
-from losswire.wire import codec
+from losswire.wire import codec, protocol
 
-from ..errors import NotFoundError, RequestError
+from ..errors import LimitExceededError, NotFoundError, RequestError
 from ..evaluation import PRED, TARGET
 from ..losses import LossDescription, Registry, UnknownLossError
 from .status import Where
@@ -425,6 +425,12 @@ def _within_int64(value: Any, field: str) -> Any:
 def _json(text: str, field: str) -> Any:
     """The JSON string parameter ``field``, parsed; refused when invalid or nested deeper than
     ``codec.MAX_JSON_DEPTH`` (which json.loads parses but the codec cannot carry)."""
+    if len(text) > protocol.MAX_JSON_BYTES:
+        raise LimitExceededError(
+            f"{field} is a JSON string of {len(text)} characters; a config or JSON input may be at most "
+            f"{protocol.MAX_JSON_BYTES} (a real one is a few hundred)",
+            field=field,
+        )
     try:
         value = json.loads(text)
     except (json.JSONDecodeError, RecursionError, ValueError) as error:

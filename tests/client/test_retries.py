@@ -14,7 +14,6 @@ from losswire.client import LossClient, RemoteLoss, RemoteLossError
 from losswire.client.channels import RETRY_POLICY
 from losswire.server.dataplane import Dataplane
 from losswire.v1 import loss_service_pb2_grpc as pb_grpc
-from losswire.wire import codec
 
 
 class FlakyThenReal(pb_grpc.LossServiceServicer):
@@ -39,7 +38,7 @@ class FlakyThenReal(pb_grpc.LossServiceServicer):
         return self.real.evaluate(request, cancelled=lambda: False).response
 
     def Describe(self, request, context):  # noqa: N802
-        return self.real.describe(codec.decode_config(request.config))
+        return self.real.describe(request.config)
 
 
 @pytest.fixture

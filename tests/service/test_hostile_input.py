@@ -28,7 +28,7 @@ from losswire.server.rpc.calls import QUICK_MAX_MESSAGE_BYTES
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.v1 import loss_service_pb2_grpc as pb_grpc
 from losswire.wire import chunks, codec
-from losswire.wire.protocol import EVALUATE_STREAM_METHOD
+from losswire.wire.protocol import EVALUATE_STREAM_METHOD, MAX_JSON_BYTES
 
 BAD = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
 
@@ -68,10 +68,12 @@ def test_a_stream_header_declaring_an_absurd_size_is_refused_before_allocation(t
 @pytest.mark.parametrize("size", [1 << 20, 8 << 20])
 def test_megabytes_of_name_come_back_as_a_short_message(target, size):
     """A loss type or session name of megabytes: the real refusal, quoted in a few hundred characters
-    (not "metadata size exceeds hard limit")."""
-    for config, session, field in (
-        ({"type": "x" * size}, "", "terms[0].config.type"),
-        ({"type": "L1Loss"}, "s" * size, "terms[0].session"),
+    (not "metadata size exceeds hard limit"). A type name is at most a config's bound (MAX_JSON_BYTES), so
+    it is half of that here; a config over the bound is refused for its size, before it is parsed."""
+    for config, session, code, field in (
+        ({"type": "x" * (MAX_JSON_BYTES // 2)}, "", grpc.StatusCode.NOT_FOUND, "terms[0].config.type"),
+        ({"type": "L1Loss"}, "s" * size, grpc.StatusCode.INVALID_ARGUMENT, "terms[0].session"),
+        ({"type": "x" * size}, "", grpc.StatusCode.RESOURCE_EXHAUSTED, "terms[0].config"),
     ):
         request = pb.EvaluateRequest()
         term = request.terms.add(session=session)
@@ -81,9 +83,12 @@ def test_megabytes_of_name_come_back_as_a_short_message(target, size):
         with plain_channel(target) as channel:
             stub = pb_grpc.LossServiceStub(channel)
             error = refused(lambda stub=stub, request=request: stub.Evaluate(request, timeout=30))
-        assert error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT), error.details()
-        assert len(error.details()) < 1000 and "more characters" in error.details()
-        assert field_of(error) == field
+        assert error.code() == code, error.details()
+        assert len(error.details()) < 1000 and field_of(error) == field
+        if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+            assert "more characters" in error.details()
+        else:
+            assert f"at most {MAX_JSON_BYTES}" in error.details()
     good_call_is_answered(target)
 
 
@@ -320,9 +325,10 @@ def on_event_loop() -> bool:
 
 
 def test_a_big_model_infer_is_converted_off_the_event_loop(target, monkeypatch):
-    """A ModelInfer over QUICK_MAX_MESSAGE_BYTES (here for its 1.25 MB config JSON) is converted (its JSON
-    parsed) on a compute thread, as a big Evaluate is decoded: on the event loop, a 15 MB config stalled
-    every other call (ServerLive waited 3 s). A small one is converted on the loop (no thread hop).
+    """A ModelInfer over QUICK_MAX_MESSAGE_BYTES (here for its 1.2 MB of raw contents) is converted (its
+    contents read into tensors) on a compute thread, as a big Evaluate is decoded: on the event loop, a big
+    conversion stalled every other call (ServerLive waited 3 s for a 15 MB config). A small one is
+    converted on the loop (no thread hop).
 
     The in-process server's ``Conversion`` is spied on: where it ran is recorded, not timed (a latency bound
     would be flaky on a loaded machine)."""
@@ -334,15 +340,42 @@ def test_a_big_model_infer_is_converted_off_the_event_loop(target, monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(inference, "Conversion", spy)
-    classes = 250_000
-    config = {"class_weight": [1.0] * classes}
+    classes = 150_000
     request = infer_request("CrossEntropyLoss", {"pred": torch.zeros(2, classes), "target": torch.tensor([0, 1])})
-    request.parameters["config"].string_param = json.dumps(config)
-    assert len(request.parameters["config"].string_param) > QUICK_MAX_MESSAGE_BYTES
+    assert request.ByteSize() > QUICK_MAX_MESSAGE_BYTES
     with plain_channel(target) as channel:
         stub = oip_grpc.GRPCInferenceServiceStub(channel)
         answer = outputs_of(stub.ModelInfer(request, timeout=60))
         small = infer_request("L1Loss", {"pred": torch.ones(3), "target": torch.zeros(3)})
         assert outputs_of(stub.ModelInfer(small, timeout=30))["loss"].item() == 1.0
-    assert answer["loss"].item() == pytest.approx(math.log(classes), rel=1e-4)  # uniform logits, equal weights
+    assert answer["loss"].item() == pytest.approx(math.log(classes), rel=1e-4)  # uniform logits
     assert ran_on_loop == [False, True]
+
+
+@pytest.mark.parametrize("door", ["Evaluate", "Describe", "ModelInfer"])
+def test_a_config_over_the_json_bound_is_refused_before_it_is_parsed(target, door):
+    """A config of 4 MiB (a 500 000-entry class_weight list; parsed, ~50 times its bytes): RESOURCE_EXHAUSTED
+    naming the config and the bound, through every door, and the server serves on."""
+    config = {"type": "CrossEntropyLoss", "class_weight": [0.5] * 500_000}
+    with plain_channel(target) as channel:
+        if door == "ModelInfer":
+            request = focal_request()
+            request.model_name = "CrossEntropyLoss"
+            request.parameters["config"].string_param = json.dumps(config)
+            call, field = (
+                lambda: oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30),
+                "parameters[config]",
+            )
+        elif door == "Describe":
+            described = pb.DescribeRequest(config=codec.encode_config(config))
+            call, field = lambda: pb_grpc.LossServiceStub(channel).Describe(described, timeout=30), "config"
+        else:
+            evaluated = pb.EvaluateRequest()
+            term = evaluated.terms.add(config=codec.encode_config(config))
+            codec.encode_tensor(torch.ones(2, 3), term.pred)
+            codec.encode_value(torch.tensor([0, 1]), term.target)
+            call, field = lambda: pb_grpc.LossServiceStub(channel).Evaluate(evaluated, timeout=30), "terms[0].config"
+        error = refused(call)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+    assert field_of(error) == field and f"at most {MAX_JSON_BYTES}" in error.details()
+    good_call_is_answered(target)
