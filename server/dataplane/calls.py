@@ -73,6 +73,12 @@ def sessions_of(terms: list[TermRequest]) -> dict[str, dict[str, Any]]:
     return {term.session: split_sampler(term.config)[0] for term in terms if term.session and term.replay_step is None}
 
 
+def replayed_sessions_of(terms: list[TermRequest]) -> dict[str, dict[str, Any]]:
+    """The sessions a call's replays (``replay_step``) name, with their loss configs."""
+    replays = (term for term in terms if term.session and term.replay_step is not None)
+    return {term.session: split_sampler(term.config)[0] for term in replays}
+
+
 class Dataplane:
     """Evaluates calls on ``device`` with the losses of ``registry``, within ``limits``.
 
@@ -218,7 +224,8 @@ class Dataplane:
             raise NotQuick
         outcomes = []
         # the call is atomic: its sessions change only if every term succeeds (evaluation.sessions)
-        with self._sessions(owner, terms) if any(term.session for term in terms) else NO_SESSIONS as sessions:
+        entered = self._sessions(owner, terms, cancelled) if any(term.session for term in terms) else NO_SESSIONS
+        with entered as sessions:
             for index, (term, (estimate, field)) in enumerate(zip(terms, costs, strict=True)):
                 reserved = self.budget.reserved(*self.term_memory(index, term, estimate, field), term=True)
                 with AtTerm(index, term.name), reserved:
@@ -278,11 +285,13 @@ class Dataplane:
         return plain and work <= QUICK_MAX_WORK and held <= QUICK_MAX_BYTES
 
     @contextlib.contextmanager
-    def _sessions(self, owner: str, terms: list[TermRequest]) -> Iterator[Transaction]:
-        """The sessions of the call's terms, entered together; a refusal names the first term naming it."""
+    def _sessions(self, owner: str, terms: list[TermRequest], cancelled: Cancelled) -> Iterator[Transaction]:
+        """The sessions of the call's terms, fed or replayed, entered together before its first term (a wait
+        for a busy one stops once the caller is gone); a refusal names the first term naming it."""
         stack = contextlib.ExitStack()
         try:
-            sessions = stack.enter_context(self.sessions.transaction(owner, sessions_of(terms)))
+            transaction = self.sessions.transaction(owner, sessions_of(terms), replayed_sessions_of(terms), cancelled)
+            sessions = stack.enter_context(transaction)
         except EnteringError as entering:
             index = next((i for i, term in enumerate(terms) if term.session == entering.session), 0)
             raise TermError(index, terms[index].name, released_if_out_of_memory(entering.error, "")) from None

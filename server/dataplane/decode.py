@@ -21,6 +21,10 @@ from ..evaluation import TermRequest
 
 Arrived = Mapping[str, torch.Tensor]
 
+# a session keeps the forward_id of each forward it can still replay (retries are recognised by it), outside
+# its --max-session-bytes; a UUID (36 characters) is what it is for
+MAX_FORWARD_ID_CHARS = 128
+
 
 def check_transfer_dtype(request: pb.EvaluateRequest) -> int:
     """The request's ``transfer_dtype`` (0: none), refused unless it is FLOAT16 or BFLOAT16."""
@@ -52,6 +56,16 @@ def term_names(terms: Iterable[pb.LossTerm]) -> list[str]:
     return names
 
 
+def check_forward_id(forward_id: str, field: str) -> None:
+    """A RequestError for a ``forward_id`` longer than ``MAX_FORWARD_ID_CHARS``."""
+    if len(forward_id) > MAX_FORWARD_ID_CHARS:
+        raise RequestError(
+            f"{field} must be at most {MAX_FORWARD_ID_CHARS} characters (a UUID per forward), got "
+            f"{len(forward_id)} characters",
+            field=field,
+        )
+
+
 def decode_term(
     message: pb.LossTerm,
     field: str,
@@ -67,6 +81,7 @@ def decode_term(
         raise RequestError(f'{field}.config is empty; send {{"type": "<loss name>", ...}}', field=f"{field}.config")
     if not message.HasField("pred"):
         raise RequestError(f"{field}.pred is missing; every term needs its prediction tensor", field=f"{field}.pred")
+    check_forward_id(message.forward_id, f"{field}.forward_id")
 
     def tensor(value: pb.Tensor, path: str) -> torch.Tensor:
         return codec.decode_tensor(value, path, device, max_elements, arrived, allocate)

@@ -11,9 +11,11 @@ have after seeing every batch, in the order the server received them.
   recompute of a non-separable loss (``replay_step``) and a retried call (a ``forward_id`` seen
   before) run against the state their forward saw, on a throwaway copy: the state is never
   updated twice for one batch.
-* A call is atomic (:class:`Transaction`): every session its terms name is locked for the whole call,
-  in name order, and what the call did to them is kept only if every term succeeded. A refused or
-  failed call creates no session and changes no state, whichever of its terms failed.
+* A call is atomic (:class:`Transaction`): every session its terms name (to feed or to replay) is locked
+  for the whole call, all of them before its first term, in name order, and what the call did to them is
+  kept only if every term succeeded. A refused or failed call creates no session and changes no state,
+  whichever of its terms failed, and leaves no session locked. A call waiting for a session another call
+  holds stops waiting once its caller is gone.
 * Sessions belong to an owner (the caller's token when tokens are on; one shared owner otherwise, or
   with sharing turned on): an owner sees, reads, feeds and resets only its own sessions, and two owners
   may each have a session of the same name.
@@ -38,8 +40,11 @@ import torch
 from torch import Tensor, nn
 
 from ..losses import LOSSES, Registry
+from .errors import check_cancelled
 
 SESSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}")
+# a call waiting for a session another call holds looks this often whether its caller is still there
+LOCK_WAIT_SLICE_SECONDS = 0.05
 
 
 class SessionError(ValueError):
@@ -143,16 +148,29 @@ class SessionStore:
     # -- evaluation ------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def transaction(self, owner: str, sessions: Mapping[str, Mapping[str, Any]]) -> Iterator[Transaction]:
-        """The sessions a call names (name -> the config of its terms), locked for the whole call in name
-        order (two calls naming the same sessions never wait for each other crosswise). Those that do not
-        exist yet are created for the call and kept only if the call succeeds; on any failure every
-        session is put back as it was before the call."""
-        transaction = Transaction(self, owner)
+    def transaction(
+        self,
+        owner: str,
+        sessions: Mapping[str, Mapping[str, Any]],
+        replayed: Mapping[str, Mapping[str, Any]] | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Iterator[Transaction]:
+        """The sessions a call feeds (``sessions``) and those it only replays (``replayed``; name -> the
+        config of its terms), all locked before the call's first term, in name order, for the whole call.
+        A call never takes a lock while it holds one of a later name, so two calls never wait for each
+        other crosswise. Sessions fed that do not exist yet are created for the call and kept only if the
+        call succeeds; on any failure every session is put back as it was before the call. While a session
+        is busy with another call, ``cancelled()`` is asked between short waits: a caller gone stops the
+        wait (CallCancelledError)."""
+        transaction = Transaction(self, owner, cancelled)
+        replayed = {name: config for name, config in (replayed or {}).items() if name not in sessions}
         try:
-            for name in sorted(sessions):
+            for name in sorted({*sessions, *replayed}):
                 try:
-                    transaction.enter(name, sessions[name])
+                    if name in sessions:
+                        transaction.enter(name, sessions[name])
+                    else:
+                        transaction.enter_replayed(name, replayed[name])
                 except Exception as error:  # the caller names the term that named it
                     raise EnteringError(name, error) from None
             yield transaction
@@ -168,13 +186,17 @@ class SessionStore:
     def open(
         self, name: str, config: Mapping[str, Any], replay_step: int | None = None, forward_id: str = ""
     ) -> Iterator[tuple[nn.Module, int]]:
-        """One term of session ``name`` in a call of its own (see :meth:`transaction`)."""
-        entered = {} if replay_step is not None else {name: config}
-        with (
-            self.transaction("", entered) as transaction,
-            transaction.open(name, config, replay_step, forward_id) as opened,
-        ):
-            yield opened
+        """One term of session ``name`` in a call of its own (see :meth:`transaction`); the engine's own
+        error when it cannot be entered."""
+        fed, replayed = ({}, {name: config}) if replay_step is not None else ({name: config}, {})
+        try:
+            with (
+                self.transaction("", fed, replayed) as transaction,
+                transaction.open(name, config, replay_step, forward_id) as opened,
+            ):
+                yield opened
+        except EnteringError as entering:  # one term: no other term to tell it from
+            raise entering.error from None
 
     def _replay_module(self, session: Session, step: int) -> nn.Module:
         snapshot = session.snapshots.get(step)
@@ -207,8 +229,9 @@ class SessionStore:
         return session
 
     def _new(self, owner: str, name: str, normalised: dict[str, Any]) -> tuple[Session, bool]:
-        """A session for the call that creates it (counted at once against the limits, kept by commit) and
-        True; or the one another call created meanwhile, and False."""
+        """A session for the call that creates it (counted at once against the limits, kept by commit),
+        already locked for that call (no other call uses it before that call's end), and True; or the one
+        another call created meanwhile (not locked, and perhaps of another config), and False."""
         with self._lock:
             if len(self._sessions) >= self.max_sessions:
                 raise SessionLimitError(
@@ -219,6 +242,7 @@ class SessionStore:
         module = self.registry.build(normalised).to(self.device)  # outside the store's lock: it allocates
         nbytes = _nbytes(module.state_dict()) * (1 + self.replay_depth)
         session = Session(name, normalised, module, last_used=self.clock(), owner=owner, nbytes=nbytes)
+        session.lock.acquire()  # a fresh lock: free. Taken before others can find the session
         with self._lock:
             raced = self._live(owner, name)
             if raced is not None:  # another call created it meanwhile: that one is the session
@@ -310,26 +334,60 @@ class _Touched:
 class Transaction:
     """The sessions of one call (see ``SessionStore.transaction``): held locked until the call ends."""
 
-    def __init__(self, store: SessionStore, owner: str) -> None:
-        self.store, self.owner = store, owner
-        self._touched: dict[str, _Touched] = {}
+    def __init__(self, store: SessionStore, owner: str, cancelled: Callable[[], bool] | None = None) -> None:
+        self.store, self.owner, self.cancelled = store, owner, cancelled
+        self._touched: dict[str, _Touched] = {}  # the sessions the call feeds
+        self._replayed: dict[str, Session] = {}  # those it only replays (reads)
 
     def enter(self, name: str, config: Mapping[str, Any]) -> None:
-        """Lock session ``name`` for this call, creating it (for this call) when it does not exist."""
+        """Lock session ``name`` for this call to feed, creating it (for this call) when it does not exist."""
+        session, created = self._locked(name, config, create=True)
+        try:
+            touched = _Touched(
+                session, created, session.state(), session.steps, session.snapshots.copy(), dict(session.applied)
+            )
+        except BaseException:  # e.g. out of memory copying its state: the call never had it
+            if created:
+                self.store._forget(session)
+            session.lock.release()
+            raise
+        self._touched[name] = touched
+
+    def enter_replayed(self, name: str, config: Mapping[str, Any]) -> None:
+        """Lock session ``name``, which must exist, for this call to replay (read) its snapshots."""
+        session, _ = self._locked(name, config, create=False)
+        self._replayed[name] = session
+
+    def _locked(self, name: str, config: Mapping[str, Any], create: bool) -> tuple[Session, bool]:
+        """Session ``name`` of this config, locked for this call (created for it when ``create`` and it does
+        not exist), and whether this call created it. The lock is held only when this returns: whatever is
+        raised after taking it (a config conflict found once it was free) releases it first."""
         check_name(name)
         normalised = self.store.registry.normalise(config)
-        session = self.store._existing(self.owner, name, normalised)
-        created = session is None
-        if created:
-            session, created = self.store._new(self.owner, name, normalised)
-        session.lock.acquire()
-        if not created and self.store._existing(self.owner, name, normalised) is not session:
-            session.lock.release()  # reset or expired while this call waited for it: take it afresh
-            return self.enter(name, config)
-        self._touched[name] = _Touched(
-            session, created, session.state(), session.steps, session.snapshots.copy(), dict(session.applied)
-        )
-        return None
+        while True:
+            session = self.store._existing(self.owner, name, normalised)
+            if session is None and not create:
+                raise _unknown(name)
+            if session is None:
+                session, created = self.store._new(self.owner, name, normalised)
+                if created:  # locked by _new, before any other call could find it
+                    return session, True
+            self._acquire(session)
+            try:
+                # another call may have created it meanwhile with another config (a conflict), or reset it,
+                # or it expired, while this call waited
+                current = self.store._existing(self.owner, name, normalised)
+            except BaseException:
+                session.lock.release()
+                raise
+            if current is session:
+                return session, False
+            session.lock.release()  # not the live session any more: take the live one afresh
+
+    def _acquire(self, session: Session) -> None:
+        """Wait for ``session``'s lock (another call's until it ends) while this call's caller is there."""
+        while not session.lock.acquire(timeout=LOCK_WAIT_SLICE_SECONDS):
+            check_cancelled(self.cancelled, f"waiting for session {session.name!r}, which another call holds")
 
     @contextlib.contextmanager
     def open(
@@ -344,25 +402,19 @@ class Transaction:
           so a recompute or a retry never updates the state twice.
         """
         touched = self._touched.get(name)
-        if touched is None and replay_step is None:  # not entered up front: now (a call naming one session)
-            self.enter(name, config)
-            touched = self._touched[name]
-        if touched is None:  # a replay: the session must exist, and is read under its lock
-            session = self.store._existing(self.owner, check_name(name), self.store.registry.normalise(config))
-            if session is None:
-                raise _unknown(name)
-            with session.lock:
-                module = self.store._replay_module(session, replay_step)  # type: ignore[arg-type]
-                session.last_used = self.store.clock()
-            yield module, replay_step  # type: ignore[misc]
-            return
-        session = touched.session
+        replayed = self._replayed.get(name)
+        if touched is None and (replayed is None or replay_step is None):
+            # every lock is taken up front, in name order: one taken now could deadlock with another call
+            raise RuntimeError(f"session {name!r} was not entered for this call (SessionStore.transaction)")
+        session: Session = touched.session if touched is not None else replayed  # type: ignore[assignment]
         if session.config != self.store.registry.normalise(config):  # two terms, one session, two configs
             self.store._existing(self.owner, name, self.store.registry.normalise(config))  # raises the conflict
         if replay_step is None and forward_id and forward_id in session.applied:
             replay_step = session.applied[forward_id]
         if replay_step is not None:
-            yield self.store._replay_module(session, replay_step), replay_step
+            module = self.store._replay_module(session, replay_step)
+            session.last_used = self.store.clock()
+            yield module, replay_step
             return
         before = session.state()
         step = session.steps + 1
@@ -397,4 +449,7 @@ class Transaction:
     def release(self) -> None:
         for touched in self._touched.values():
             touched.session.lock.release()
+        for session in self._replayed.values():
+            session.lock.release()
         self._touched.clear()
+        self._replayed.clear()

@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
-import re
 import subprocess
 import sys
 import threading
@@ -42,6 +40,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support.calls import plain_channel
 from support.faults import load_fault_losses
 from support.in_process import DEVICE, running_server
+from support.logs import LogWatch, watching_server_log
 from support.paths import with_tests_on_path
 
 from losswire.client import LossClient, RemoteLoss, RemoteLossError, evaluate_terms
@@ -96,44 +95,10 @@ def gate(faults) -> Iterator[str]:
     faults.open_gate(name)
 
 
-class LogWatch(logging.Handler):
-    """The server's log records (``losswire.server``, DEBUG up), with a wait for the next match."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-        self.changed = threading.Condition()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        with self.changed:
-            self.messages.append(record.getMessage())
-            self.changed.notify_all()
-
-    def mark(self) -> int:
-        with self.changed:
-            return len(self.messages)
-
-    def wait_for(self, pattern: str, since: int) -> str:
-        regex = re.compile(pattern)
-
-        def found() -> str | None:
-            return next((m for m in self.messages[since:] if regex.search(m)), None)
-
-        with self.changed:
-            if not self.changed.wait_for(found, WAIT):
-                raise AssertionError(f"no server log line {pattern!r} within {WAIT} s: {self.messages[since:]}")
-            return found()
-
-
 @pytest.fixture
 def server_log() -> Iterator[LogWatch]:
-    logger = logging.getLogger("losswire.server")
-    watch, level = LogWatch(), logger.level
-    logger.addHandler(watch)
-    logger.setLevel(logging.DEBUG)
-    yield watch
-    logger.removeHandler(watch)
-    logger.setLevel(level)
+    with watching_server_log() as watch:
+        yield watch
 
 
 def metric(server: LosswireServer, name: str, **labels: str) -> float:
