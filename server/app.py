@@ -34,7 +34,7 @@ from .config import ServerConfig
 from .dataplane import Dataplane, RequestLimits, SharedMemoryLimits, SharedMemoryRegistry
 from .dataplane.budget import MemoryBudget
 from .dataplane.costs import TermCosts
-from .evaluation import SessionStore
+from .evaluation import OwnerLimits, SessionStore
 from .losses import LOSSES, Registry
 from .rpc.authentication import SessionOwners, TokenAuthInterceptor
 from .rpc.calls import Compute
@@ -92,6 +92,7 @@ class LosswireServer:
             max_sessions=config.max_sessions,
             replay_depth=config.session_replay_depth,
             max_bytes=config.max_session_bytes,
+            per_owner=OwnerLimits(config.max_sessions_per_token, config.max_session_bytes_per_token),
         )
         self.shared_memory = SharedMemoryRegistry(
             config.shared_memory,

@@ -399,6 +399,20 @@ KNOBS: tuple[Knob, ...] = (
         "beyond, RESOURCE_EXHAUSTED (0 or none: unbounded)",
     ),
     Knob(
+        "max_sessions_per_token",
+        _optional_limit,
+        _DEFAULT.max_sessions_per_token,
+        "live sessions one token may have (tokens on, sessions not shared); beyond, RESOURCE_EXHAUSTED "
+        "(0 or none: only --max-sessions)",
+    ),
+    Knob(
+        "max_session_bytes_per_token",
+        _optional_limit,
+        _DEFAULT.max_session_bytes_per_token,
+        "bytes of state one token's sessions may hold (tokens on, sessions not shared); beyond, "
+        "RESOURCE_EXHAUSTED (0 or none: only --max-session-bytes)",
+    ),
+    Knob(
         "share_sessions",
         _on_off,
         _DEFAULT.share_sessions,

@@ -84,6 +84,9 @@ class ServerConfig:
     max_sessions: int = 1024  # live sessions at once; beyond, RESOURCE_EXHAUSTED
     # bytes of state the live sessions hold together (each: its module's state and replay snapshots)
     max_session_bytes: int | None = 4 << 30
+    # what one token's sessions may hold (tokens on, sessions not shared): a token cannot take every room
+    max_sessions_per_token: int | None = 256
+    max_session_bytes_per_token: int | None = 1 << 30
     # with tokens on, a token uses only its own sessions; True: every token shares every session
     share_sessions: bool = False
     session_replay_depth: int = 4  # forwards per session whose prior state is kept for recomputes

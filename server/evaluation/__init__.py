@@ -8,7 +8,7 @@ a term block by block while its inputs' rows are still arriving (``TermRows``).
 
 from .errors import CallCancelledError, HostOutOfMemoryError, LossFailedError, as_memory_error, is_out_of_memory
 from .evaluator import Evaluator, TermRows
-from .sessions import Session, SessionStore
+from .sessions import OwnerLimits, Session, SessionStore
 from .terms import PRED, TARGET, PartOutcome, TermOutcome, TermRequest, split_sampler
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "Evaluator",
     "HostOutOfMemoryError",
     "LossFailedError",
+    "OwnerLimits",
     "PartOutcome",
     "Session",
     "SessionStore",

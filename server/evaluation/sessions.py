@@ -20,7 +20,8 @@ have after seeing every batch, in the order the server received them.
   with sharing turned on): an owner sees, reads, feeds and resets only its own sessions, and two owners
   may each have a session of the same name.
 * Idle sessions expire after ``ttl_seconds``; at most ``max_sessions`` live at once, holding at most
-  ``max_bytes`` of state (the module's state and its replay snapshots).
+  ``max_bytes`` of state (the module's state and its replay snapshots); a token's sessions at most
+  ``per_owner`` of each (:class:`OwnerLimits`).
 
 Plain torch and threading, no gRPC: the front doors map the errors below to status codes.
 """
@@ -122,6 +123,16 @@ class Session:
         return _state(self.module)
 
 
+@dataclasses.dataclass(frozen=True)
+class OwnerLimits:
+    """What one token's sessions may hold (None: only the server's totals). They bound owners that are
+    tokens (tokens on, sessions not shared), so that one token cannot take every caller's room; without
+    tokens every caller is the one anonymous owner, and the totals are its limits."""
+
+    sessions: int | None = None
+    bytes: int | None = None
+
+
 class SessionStore:
     """The live sessions of one server, by owner and name. Thread-safe."""
 
@@ -134,6 +145,7 @@ class SessionStore:
         replay_depth: int = 4,
         clock: Callable[[], float] = time.monotonic,
         max_bytes: int | None = None,
+        per_owner: OwnerLimits | None = None,
     ) -> None:
         self.registry = registry
         self.device = torch.device(device)
@@ -141,6 +153,7 @@ class SessionStore:
         self.max_sessions = max_sessions
         self.replay_depth = replay_depth
         self.max_bytes = max_bytes
+        self.per_owner = per_owner if per_owner is not None else OwnerLimits()
         self.clock = clock
         self._sessions: dict[tuple[str, str], Session] = {}
         self._lock = threading.Lock()  # guards the dict; each session has its own lock
@@ -233,12 +246,8 @@ class SessionStore:
         already locked for that call (no other call uses it before that call's end), and True; or the one
         another call created meanwhile (not locked, and perhaps of another config), and False."""
         with self._lock:
-            if len(self._sessions) >= self.max_sessions:
-                raise SessionLimitError(
-                    f"{len(self._sessions)} sessions are live, the server's limit (--max-sessions); reset "
-                    f"finished ones or wait for idle ones to expire after {self.ttl_seconds:g} s"
-                )
-        self._check_room(name, self.registry.estimate(normalised).module_bytes * (1 + self.replay_depth))
+            self._check_count(owner)
+        self._check_room(owner, name, self.registry.estimate(normalised).module_bytes * (1 + self.replay_depth))
         module = self.registry.build(normalised).to(self.device)  # outside the store's lock: it allocates
         nbytes = _nbytes(module.state_dict()) * (1 + self.replay_depth)
         session = Session(name, normalised, module, last_used=self.clock(), owner=owner, nbytes=nbytes)
@@ -247,24 +256,48 @@ class SessionStore:
             raced = self._live(owner, name)
             if raced is not None:  # another call created it meanwhile: that one is the session
                 return raced, False
-            self._check_room(name, nbytes, locked=True)
-            if len(self._sessions) >= self.max_sessions:
-                raise SessionLimitError(f"{len(self._sessions)} sessions are live, the server's limit (--max-sessions)")
+            self._check_room(owner, name, nbytes, locked=True)
+            self._check_count(owner)
             self._sessions[(owner, name)] = session
         return session, True
 
-    def _check_room(self, name: str, nbytes: int, locked: bool = False) -> None:
-        """A SessionLimitError unless the sessions' state has room for ``nbytes`` more (estimated before
-        the module is built, then as built)."""
-        if self.max_bytes is None:
+    def _check_count(self, owner: str) -> None:
+        """A SessionLimitError when no new session may live now: the server's count, or the token's (under
+        the store's lock)."""
+        recover = f"reset finished ones or wait for idle ones to expire after {self.ttl_seconds:g} s"
+        if len(self._sessions) >= self.max_sessions:
+            raise SessionLimitError(
+                f"{len(self._sessions)} sessions are live, the server's limit (--max-sessions); {recover}"
+            )
+        limit = self.per_owner.sessions if owner else None
+        owned = sum(1 for key in self._sessions if key[0] == owner) if limit is not None else 0
+        if limit is not None and owned >= limit:
+            raise SessionLimitError(
+                f"this token has {owned} live sessions, the server's limit per token (--max-sessions-per-token); "
+                f"{recover}"
+            )
+
+    def _check_room(self, owner: str, name: str, nbytes: int, locked: bool = False) -> None:
+        """A SessionLimitError unless the sessions' state, and the token's, have room for ``nbytes`` more
+        (estimated before the module is built, then as built)."""
+        limit = self.per_owner.bytes if owner else None
+        if self.max_bytes is None and limit is None:
             return
         with contextlib.nullcontext() if locked else self._lock:
             held = sum(s.nbytes for s in self._sessions.values())
-        if held + nbytes > self.max_bytes:
+            owned = sum(s.nbytes for key, s in self._sessions.items() if key[0] == owner)
+        what = (
+            f"session {name!r} would hold {nbytes} bytes of state (its module and {self.replay_depth} replay snapshots)"
+        )
+        if self.max_bytes is not None and held + nbytes > self.max_bytes:
             raise SessionLimitError(
-                f"session {name!r} would hold {nbytes} bytes of state (its module and {self.replay_depth} replay "
-                f"snapshots); the sessions hold {held} of the server's {self.max_bytes} "
+                f"{what}; the sessions hold {held} of the server's {self.max_bytes} "
                 "(losswire serve --max-session-bytes)"
+            )
+        if limit is not None and owned + nbytes > limit:
+            raise SessionLimitError(
+                f"{what}; this token's sessions hold {owned} of the {limit} a token may hold "
+                "(losswire serve --max-session-bytes-per-token)"
             )
 
     def _forget(self, session: Session) -> None:

@@ -132,3 +132,39 @@ def test_shared_sessions_are_one_state_for_every_token():
         assert [s.session for s in bob.list_sessions().sessions] == ["exp"]
         alice.close()
         bob.close()
+
+
+@pytest.mark.parametrize(
+    "limit, flag",
+    [({"max_sessions_per_token": 2}, "--max-sessions-per-token"), ({"max_session_bytes_per_token": 250}, None)],
+    ids=["count", "bytes"],
+)
+def test_one_token_cannot_take_every_token_s_room_for_sessions(limit, flag):
+    """A token's sessions are bounded apart from the server's totals: alice, at her limit (two sessions;
+    or 250 bytes, which two SeesawLoss sessions of 4 classes fit: 100 bytes each, its state and 4 replay
+    snapshots), is refused a third,
+    RESOURCE_EXHAUSTED naming the flag; bob still gets his."""
+    flag = flag or "--max-session-bytes-per-token"
+    with running(auth_tokens=TOKENS, **limit) as server:
+        alice, bob = clients(server)
+        for name in ("a", "b"):
+            RemoteLoss(SEESAW, client=alice, session=name)(*seesaw_batch(0))
+        with pytest.raises(RemoteLossError) as refused:
+            RemoteLoss(SEESAW, client=alice, session="c")(*seesaw_batch(0))
+        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert flag in refused.value.details and refused.value.field == "terms[0].session"
+        RemoteLoss(SEESAW, client=bob, session="c")(*seesaw_batch(0))
+        assert [s.session for s in bob.list_sessions().sessions] == ["c"]
+        assert sorted(s.session for s in alice.list_sessions().sessions) == ["a", "b"]
+        alice.close()
+        bob.close()
+
+
+def test_without_tokens_the_per_token_limits_do_not_bound_the_one_anonymous_owner():
+    """Without tokens every caller is one owner: the server's totals are its limits, not the per-token ones."""
+    with running(max_sessions_per_token=1) as server:
+        client = LossClient(target_of(server), timeout=30)
+        for name in ("a", "b", "c"):
+            RemoteLoss(SEESAW, client=client, session=name)(*seesaw_batch(0))
+        assert len(client.list_sessions().sessions) == 3
+        client.close()
