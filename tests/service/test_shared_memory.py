@@ -810,6 +810,8 @@ def test_a_box_loss_reads_its_target_and_weight_in_place_and_its_answer_is_the_i
     assert torch.equal(codec.decode_tensor(got.loss, "loss"), codec.decode_tensor(want.loss, "loss"))
     grads = [codec.decode_tensor(r.gradients["pred"], "grad") for r in (got, want)]
     assert torch.equal(*grads)
+    # the handoff connection closed: its region goes (the next tests count the shared server's mappings)
+    assert eventually(lambda: region not in server.shared_memory)
 
 
 # -- either side going away ---------------------------------------------------------------------------
