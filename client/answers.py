@@ -10,7 +10,8 @@ are allocated; a broken answer is ``RemoteLossError`` DATA_LOSS naming the respo
 * a gradient only for an input the term asked for, of that input's shape and dtype exactly;
 * losses of a floating-point dtype, together at most the bytes the request declared plus
   ``LOSS_SLACK_BYTES`` (a built-in loss's output is never larger than its pred);
-* shared-memory references (``shm``) of the answer that do not overlap: two gradients never share memory.
+* and, for an answer through shared memory (:func:`check_shared_answer`), ``shm`` references that do
+  not overlap: two gradients never share memory.
 """
 
 from __future__ import annotations
@@ -35,19 +36,20 @@ def check_answer(request: pb.EvaluateRequest, response: pb.EvaluateResponse) -> 
     """Refuse (DATA_LOSS) an answer that ``request`` cannot have (see the module docstring)."""
     if len(response.results) != len(request.terms):
         _refuse(f"the answer holds {len(response.results)} results for {len(request.terms)} terms", "results")
-    allowed = _declared_bytes(request) + LOSS_SLACK_BYTES
+    losses, allowed = 0, None  # the request's bytes are added up only once the losses pass the slack
     for index, (term, result) in enumerate(zip(request.terms, response.results, strict=True)):
         for path, loss, gradients in _outputs(result, f"results[{index}]"):
-            allowed -= _loss_bytes(loss, f"{path}.loss")
-            if allowed < 0:
-                _refuse(
-                    f"the answer's losses declare more bytes than the request sent plus {LOSS_SLACK_BYTES} "
-                    f"(at {path}.loss, shape {list(loss.shape)})",
-                    f"{path}.loss",
-                )
+            losses += _loss_bytes(loss, f"{path}.loss")
+            if losses > LOSS_SLACK_BYTES:
+                allowed = allowed if allowed is not None else _declared_bytes(request) + LOSS_SLACK_BYTES
+                if losses > allowed:
+                    _refuse(
+                        f"the answer's losses declare more bytes than the request sent plus {LOSS_SLACK_BYTES} "
+                        f"(at {path}.loss, shape {list(loss.shape)})",
+                        f"{path}.loss",
+                    )
             for key, gradient in gradients.items():
                 _check_gradient(term, key, gradient, f"{path}.gradients[{key}]")
-    _check_no_overlap(response)
 
 
 def _outputs(result: pb.TermResult, path: str) -> Iterator[tuple[str, pb.Tensor, dict[str, pb.Tensor]]]:
@@ -123,9 +125,9 @@ def _declared_bytes(request: pb.EvaluateRequest) -> int:
     )
 
 
-def _check_no_overlap(response: pb.EvaluateResponse) -> None:
-    """The answer's shared-memory tensors lie in distinct bytes (each range is checked against the
-    caller's output range where it is viewed)."""
+def check_shared_answer(response: pb.EvaluateResponse) -> None:
+    """Refuse (DATA_LOSS) a shared-memory answer whose tensors share bytes (each range is checked against
+    the caller's output range where it is viewed); after :func:`check_answer`."""
     spans = sorted(
         (tensor.shm.region, tensor.shm.offset, tensor.shm.offset + tensor.shm.byte_size, path)
         for path, tensor in codec.tensors_of(response)

@@ -35,7 +35,7 @@ from losswire.wire.buffers import BufferPool
 from losswire.wire.protocol import SESSION_HEADER
 
 from . import shared_memory as shm
-from .answers import check_answer
+from .answers import check_answer, check_shared_answer
 from .channels import RETRY_POLICY, Connection, Patience, passing
 from .errors import RemoteLossError
 from .lanes import LaneCalls, lanes_for, lanes_refused
@@ -272,6 +272,7 @@ class Transports:
                 output = request.output_shm
                 output.region, output.offset, output.byte_size = lease.region, offset, size
                 response = self._waiting_out_busy(lambda remaining: self.unary(request, remaining), deadline)
+                check_shared_answer(response)
                 try:
                     views = wire_memory.shared_memory_tensors(codec.tensors_of(response), lease.output_bytes)
                 except (codec.CodecError, ValueError) as error:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from losswire.client import LossClient, RemoteLoss, RemoteLossError
-from losswire.client.answers import LOSS_SLACK_BYTES, check_answer
+from losswire.client.answers import LOSS_SLACK_BYTES, check_answer, check_shared_answer
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.v1 import loss_service_pb2_grpc as pb_grpc
 from losswire.wire import chunks
@@ -253,7 +253,9 @@ def test_two_shared_memory_answers_may_not_share_bytes():
     for key, offset in (("pred", 0), ("target", 64)):
         ref = response.results[0].gradients[key].shm
         ref.region, ref.offset, ref.byte_size = "r", offset, 128
-    refused = refusal(request_of("pred", "target"), response)
-    assert "overlaps" in refused.details and "two answers cannot share bytes" in refused.details
+    with pytest.raises(RemoteLossError) as refused:
+        check_shared_answer(response)
+    assert refused.value.code == grpc.StatusCode.DATA_LOSS and refused.value.field == "results[0].gradients[target]"
+    assert "overlaps" in refused.value.details and "two answers cannot share bytes" in refused.value.details
     response.results[0].gradients["target"].shm.offset = 128
-    check_answer(request_of("pred", "target"), response)
+    check_shared_answer(response)
