@@ -33,7 +33,7 @@ from ..errors import LimitExceededError, RequestError, ServerBusyError, TermErro
 from ..evaluation import CallCancelledError, Evaluator, SessionStore, TermOutcome, TermRequest, split_sampler
 from ..evaluation.errors import check_cancelled
 from ..evaluation.sampling import build_sampler, sampler_config
-from ..evaluation.sessions import EnteringError, Transaction
+from ..evaluation.sessions import EnteringError, Transaction, holding
 from ..losses import LOSSES, Registry, output_kind_of
 from ..losses import fused as fused_kernels
 from ..losses.cost import Estimate
@@ -362,13 +362,15 @@ class Dataplane:
 
     # -- sessions ---------------------------------------------------------------------------------
 
-    def get_session(self, name: str, owner: str = "") -> pb.SessionInfo:
+    def get_session(self, name: str, owner: str = "", cancelled: Cancelled | None = None) -> pb.SessionInfo:
+        """Session ``name``'s state, consistent: read between two forwards (a call using it is waited for
+        while ``cancelled()`` is false)."""
         session = self.sessions.get(name, owner)
-        with session.lock:  # a consistent state, between two forwards
+        with holding(session, cancelled):
             return session_info(self.sessions, session, with_state=True)
 
-    def reset_session(self, name: str, owner: str = "") -> pb.SessionInfo:
-        return session_info(self.sessions, self.sessions.reset(name, owner), with_state=True)
+    def reset_session(self, name: str, owner: str = "", cancelled: Cancelled | None = None) -> pb.SessionInfo:
+        return session_info(self.sessions, self.sessions.reset(name, owner, cancelled), with_state=True)
 
     def list_sessions(self, owner: str = "") -> pb.ListSessionsResponse:
         infos = [session_info(self.sessions, s, with_state=False) for s in self.sessions.sessions(owner)]

@@ -315,9 +315,10 @@ class SessionStore:
             raise _unknown(name)
         return session
 
-    def reset(self, name: str, owner: str = "") -> Session:
+    def reset(self, name: str, owner: str = "", cancelled: Callable[[], bool] | None = None) -> Session:
+        """Drop session ``name`` once no call is using it (waited for while ``cancelled()`` is false)."""
         session = self.get(name, owner)
-        with session.lock:  # waits for a call in progress on that session
+        with holding(session, cancelled):
             self._forget(session)
         return session
 
@@ -362,6 +363,23 @@ class _Touched:
     steps: int
     snapshots: collections.OrderedDict[int, dict[str, Tensor]]
     applied: dict[str, int]
+
+
+def acquire(session: Session, cancelled: Callable[[], bool] | None) -> None:
+    """Take ``session``'s lock, waiting for the call that holds it to end while the waiting caller is there:
+    ``cancelled()`` is asked between short waits (CallCancelledError once it is true)."""
+    while not session.lock.acquire(timeout=LOCK_WAIT_SLICE_SECONDS):
+        check_cancelled(cancelled, f"waiting for session {session.name!r}, which another call holds")
+
+
+@contextlib.contextmanager
+def holding(session: Session, cancelled: Callable[[], bool] | None) -> Iterator[Session]:
+    """``session`` locked for the block (see :func:`acquire`)."""
+    acquire(session, cancelled)
+    try:
+        yield session
+    finally:
+        session.lock.release()
 
 
 class Transaction:
@@ -418,9 +436,7 @@ class Transaction:
             session.lock.release()  # not the live session any more: take the live one afresh
 
     def _acquire(self, session: Session) -> None:
-        """Wait for ``session``'s lock (another call's until it ends) while this call's caller is there."""
-        while not session.lock.acquire(timeout=LOCK_WAIT_SLICE_SECONDS):
-            check_cancelled(self.cancelled, f"waiting for session {session.name!r}, which another call holds")
+        acquire(session, self.cancelled)
 
     @contextlib.contextmanager
     def open(

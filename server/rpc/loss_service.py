@@ -193,13 +193,22 @@ class LossService(pb_grpc.LossServiceServicer):
 
     @unary("GetSession")
     async def GetSession(self, request: pb.SessionRequest, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
-        return await self.compute(self.dataplane.get_session, request.session, self.owners(context))
+        return await self._on_session(self.dataplane.get_session, request, context, "GetSession")
 
     @unary("ResetSession")
     async def ResetSession(self, request: pb.SessionRequest, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
-        info = await self.compute(self.dataplane.reset_session, request.session, self.owners(context))
+        info = await self._on_session(self.dataplane.reset_session, request, context, "ResetSession")
         log.info("session %s reset after %d steps", info.session, info.steps)
         return info
+
+    async def _on_session(
+        self, work: Callable[..., pb.SessionInfo], request: pb.SessionRequest, context: Any, method: str
+    ) -> pb.SessionInfo:
+        """``work`` on a session, which may wait for a call using it: watched, so that a caller who leaves
+        (or whose deadline passes) meanwhile frees its compute thread."""
+        watch = CallWatch(context, method)
+        with watch.handling():
+            return await self.compute.for_call(watch, work, request.session, self.owners(context), watch)
 
     @unary("ListSessions")
     async def ListSessions(

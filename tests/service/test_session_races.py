@@ -282,6 +282,26 @@ def test_a_call_waiting_for_a_busy_session_stops_when_its_caller_leaves(
     assert steps_of(stub, session) == 1
 
 
+@pytest.mark.parametrize("method", ["GetSession", "ResetSession"])
+def test_reading_or_resetting_a_busy_session_stops_waiting_when_the_deadline_passes(
+    server, stub, faults, gate, server_log, method
+):
+    """GetSession and ResetSession wait for the call using the session (a consistent state), on a compute
+    thread: past their deadline they stop waiting, and the thread is free while the holder still runs."""
+    session = f"read/{gate}"
+    holder = stub.Evaluate.future(pb.EvaluateRequest(terms=[gated(gate, session=session)]), timeout=WAIT)
+    faults.wait_started(gate, 1, WAIT)  # in its forward, holding the session's lock
+    mark = server_log.mark()
+    with pytest.raises(grpc.RpcError) as expired:
+        getattr(stub, method)(pb.SessionRequest(session=session), timeout=EXPIRING)
+    assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    server_log.wait_for(rf"{method} stopped \(DEADLINE_EXCEEDED\): .*waiting for session", mark, WAIT - 10)
+    assert not holder.done()
+    faults.open_gate(gate)
+    assert holder.result(timeout=WAIT).results[0].session_step == 1
+    assert steps_of(stub, session) == 1  # and the session is there: the reset that gave up did nothing
+
+
 # -- 4. forward_id's length --------------------------------------------------------------------------
 
 
