@@ -510,6 +510,13 @@ def _typed_count(tensor: oip.ModelInferRequest.InferInputTensor, index: int) -> 
             field=f"inputs[{index}].contents",
         )
     field, _ = TYPED_CONTENTS[tensor.datatype]
+    others = [f.name for f, _ in tensor.contents.ListFields() if f.name != field]
+    if others:  # values in another type's field would be silently ignored
+        raise RequestError(
+            f"input {_quoted(tensor.name)} (inputs[{index}]) is {tensor.datatype}, whose values go in "
+            f"contents.{field}; got values in contents.{', contents.'.join(others)}",
+            field=f"inputs[{index}].contents.{others[0]}",
+        )
     return len(getattr(tensor.contents, field))
 
 

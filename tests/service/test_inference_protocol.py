@@ -373,6 +373,18 @@ BAD_REQUESTS = {
         "inputs[1].contents",
         "inputs[1].contents holds 24 bytes; INT64 [4] needs 4 x 8 = 32",
     ),
+    "values in another type's field": (
+        typed_contents("INT64", "fp32_contents", [0.0, 1.0, 2.0, 0.0]),
+        INVALID,
+        "inputs[1].contents.fp32_contents",
+        "is INT64, whose values go in contents.int64_contents; got values in contents.fp32_contents",
+    ),
+    "bytes contents": (
+        typed_contents("INT64", "bytes_contents", [b"0", b"1", b"2", b"0"]),
+        INVALID,
+        "inputs[1].contents.bytes_contents",
+        "got values in contents.bytes_contents",
+    ),
     "FP16 in contents": (
         typed_contents("FP16", "fp32_contents", [0.0] * 4),
         INVALID,
