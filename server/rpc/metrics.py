@@ -307,7 +307,8 @@ class _StreamTally:
 
 def _gone(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     """How a call whose caller went away counts: DEADLINE_EXCEEDED near its deadline, else CANCELLED."""
-    expired = context.time_remaining() <= DEADLINE_SLACK_SECONDS
+    remaining = context.time_remaining()  # None: the call had no deadline
+    expired = remaining is not None and remaining <= DEADLINE_SLACK_SECONDS
     return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
 
 

@@ -156,11 +156,13 @@ def loss_of(response: pb.EvaluateResponse, index: int = 0) -> torch.Tensor:
 # -- a caller that goes away ------------------------------------------------------------------------
 
 
-def test_a_cancelled_call_runs_none_of_its_later_terms(server, faults, gate, server_log):
+@pytest.mark.parametrize("deadline", [WAIT, None], ids=["with-a-deadline", "without-a-deadline"])
+def test_a_cancelled_call_runs_none_of_its_later_terms(server, faults, gate, server_log, deadline):
+    """... and counts CANCELLED, a call without a deadline too (it counted OK: no time remaining to compare)."""
     cancelled_before = calls_ended(server, "CANCELLED")
     request = pb.EvaluateRequest(terms=[gated(gate, "a"), gated(gate, "b"), gated(gate, "c")])
     with plain_channel(target_of(server)) as channel:
-        call = pb_grpc.LossServiceStub(channel).Evaluate.future(request, timeout=WAIT)
+        call = pb_grpc.LossServiceStub(channel).Evaluate.future(request, timeout=deadline)
         faults.wait_started(gate, 1)  # term a is in its forward
         mark = server_log.mark()
         call.cancel()
