@@ -233,6 +233,12 @@ def decode_tensor(
     numel = check_shape(shape, field, max_elements=max_elements)
     if streamed is not None and field in streamed:
         tensor = streamed[field]
+        if tensor.numel() != numel or tensor.dtype != data_dtype:  # bytes arrived for another declaration
+            raise CodecError(
+                f"{field} declares {numel} elements of {data_dtype}, but {tensor.numel()} of {tensor.dtype} "
+                "arrived for it",
+                field=field,
+            )
     else:
         itemsize = data_dtype.itemsize
         data = message.data  # read once: every read of a bytes field copies it

@@ -28,7 +28,7 @@ from google.protobuf.message import Message
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.wire import codec, protocol
 
-from ..errors import LimitExceededError
+from ..errors import LimitExceededError, RequestError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +61,7 @@ def check_request(request: pb.EvaluateRequest, limits: RequestLimits, elsewhere:
     for index, term in enumerate(request.terms):
         _check_json_of(term, f"terms[{index}].")
     tensors = list(codec.tensors_of(request))
+    _check_distinct_paths(tensors)
     total = nbytes = 0
     largest = ("", 0)
     for path, tensor in tensors:
@@ -111,3 +112,18 @@ def _check_json_of(term: pb.LossTerm, prefix: str) -> None:
     for name, value in term.inputs.items():
         if value.WhichOneof("kind") == "json":
             check_json_bytes(value.json, f"{prefix}inputs[{name}]")
+
+
+def _check_distinct_paths(tensors: Walked) -> None:
+    """Every tensor of the request has a field path of its own: chunks, shared-memory views and limits find
+    tensors by it. A map key holding brackets or dots (``inputs["k].tensors.items[0"]``) can spell another
+    tensor's path, and that tensor would be given bytes of another shape and dtype than it declares."""
+    seen: set[str] = set()
+    for path, _ in tensors:
+        if path in seen:
+            raise RequestError(
+                f"two tensors of the request have the field path {path}: a map key (inputs, grad_outputs) may "
+                "not spell another tensor's path; name inputs as the loss's forward does",
+                field=path,
+            )
+        seen.add(path)

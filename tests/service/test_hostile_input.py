@@ -16,7 +16,8 @@ from typing import Any
 import grpc
 import pytest
 import torch
-from support.calls import field_of, plain_channel
+from support.calls import evaluate_stream, field_of, plain_channel
+from support.in_process import nothing_held
 from support.oip import infer_request, outputs_of
 from support.servers import ServerProcess, module_cmd, server_env
 
@@ -378,4 +379,31 @@ def test_a_config_over_the_json_bound_is_refused_before_it_is_parsed(target, doo
         error = refused(call)
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
     assert field_of(error) == field and f"at most {MAX_JSON_BYTES}" in error.details()
+    good_call_is_answered(target)
+
+
+@pytest.mark.parametrize("door", ["Evaluate", "EvaluateStream"])
+def test_a_map_key_spelling_another_tensor_s_path_is_invalid_argument(server, target, door):
+    """``inputs["k].tensors.items[0"]`` names its tensor ``terms[0].inputs[k].tensors.items[0]``: the path of
+    ``inputs["k"]``'s first item. Streamed, the big one's bytes went to the small one's declaration (a FLOAT64
+    [1] given 4 MiB of UINT8, widened outside the memory budget). Refused naming the path, nothing held."""
+    request = pb.EvaluateRequest()
+    term = request.terms.add(config=codec.encode_config({"type": "L1Loss"}))
+    codec.encode_tensor(torch.zeros(4), term.pred)
+    codec.encode_value(torch.zeros(4), term.target)
+    term.inputs["k"].tensors.items.add(dtype=pb.FLOAT64, shape=[1], data=b"\0" * 8)
+    big = term.inputs["k].tensors.items[0"].tensor
+    path = "terms[0].inputs[k].tensors.items[0]"
+    big.dtype, big.shape[:] = pb.UINT8, [4 << 20]
+    with plain_channel(target) as channel:
+        if door == "Evaluate":
+            big.data = bytes(4 << 20)
+            error = refused(lambda: pb_grpc.LossServiceStub(channel).Evaluate(request, timeout=30))
+        else:
+            data = bytes(4 << 20)
+            messages = [pb.EvaluateChunk(request=request), chunks.chunk_wire_bytes(path, 0, data)]
+            error = refused(lambda: list(evaluate_stream(channel)(iter(messages), timeout=30)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert field_of(error) == path and "two tensors of the request have the field path" in error.details()
+    assert nothing_held(server)
     good_call_is_answered(target)

@@ -167,3 +167,13 @@ def test_wheel_installs_under_the_losswire_namespace(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert int(result.stdout) == len(LOSSES)
+
+
+def test_a_streamed_tensor_must_be_what_its_message_declares():
+    """``decode_tensor`` takes a streamed tensor's bytes from ``streamed`` by field path: bytes assembled for
+    another declaration (another count or dtype) are refused, never reinterpreted."""
+    message = pb.Tensor(dtype=pb.FLOAT64, shape=[2])
+    assert codec.decode_tensor(message, "x", streamed={"x": torch.zeros(2, dtype=torch.float64)}).shape == (2,)
+    for wrong in (torch.zeros(16, dtype=torch.uint8), torch.zeros(3, dtype=torch.float64)):
+        with pytest.raises(codec.CodecError, match=r"x declares 2 elements of torch.float64, but"):
+            codec.decode_tensor(message, "x", streamed={"x": wrong})
