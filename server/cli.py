@@ -238,7 +238,8 @@ KNOBS: tuple[Knob, ...] = (
         "stream_idle_timeout",
         _optional_seconds,
         _DEFAULT.stream_idle_seconds,
-        "seconds a request stream may stay silent before it is ended with DEADLINE_EXCEEDED (0 or none: never)",
+        "seconds a request stream may stay silent, or leave an answer message unread, before it is ended "
+        "(DEADLINE_EXCEEDED; 0 or none: never)",
         "stream_idle_seconds",
     ),
     Knob(

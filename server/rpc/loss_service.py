@@ -74,6 +74,8 @@ class LossService(pb_grpc.LossServiceServicer):
         watch = CallWatch(context, "EvaluateStream")
         intake: StreamIntake | None = None
         lanes: CallLanes | None = None
+        answer: Answer | None = None
+        sent = False
         caller = self.callers(context)
         token = caller.token
         try:
@@ -92,7 +94,7 @@ class LossService(pb_grpc.LossServiceServicer):
                     else:
                         async for early in self._overlapped(intake, lanes, requests, watch):
                             yield early
-                    answer: Answer = await self.compute.for_call(watch, intake.evaluate, watch)
+                    answer = await self.compute.for_call(watch, intake.evaluate, watch)
             except Exception as error:
                 if watch() and not isinstance(error, CallCancelledError):
                     # reading a cancelled call's stream fails with gRPC's own error: the caller is gone
@@ -105,7 +107,10 @@ class LossService(pb_grpc.LossServiceServicer):
                 yield early  # the gradient's last rows: every early chunk comes before the response
             for message in chunks.stream_chunks(answer.response, answer.sink):
                 yield message  # chunks as serialized bytes (see add_to_server)
+            sent = True
         finally:
+            if answer is not None and not sent:  # ended mid-answer (its caller stopped reading, or left)
+                answer.keep.clear()  # its tensors go now, not when the caller's connection does
             if lanes is not None:
                 self.lanes.close(token, header.lanes)  # its lanes' next chunks are refused: the intake is closed
             if intake is not None:

@@ -5,12 +5,18 @@ one of the server's concurrent calls (``--max-concurrent-rpcs``) for as long as 
 ``max_open`` request streams are open at once (beyond, RESOURCE_EXHAUSTED at once, which a client may wait
 out), always fewer than the concurrent calls, so small calls and health checks keep room; and a stream
 whose caller sends nothing for ``idle_seconds`` is ended (DEADLINE_EXCEEDED naming the setting).
+
+A caller that stops reading its answer is bounded too: an answer message its caller has not taken for
+``idle_seconds`` ends the call (the handler is cancelled as when its caller leaves), which frees its
+memory and its big-call slot. (A caller that never read held them for as long as it kept the connection.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -18,6 +24,8 @@ import grpc
 
 from ..errors import ServerBusyError, StreamIdleError
 from .calls import fail
+
+log = logging.getLogger("losswire.server")
 
 
 class StreamGuardInterceptor(grpc.aio.ServerInterceptor):
@@ -59,9 +67,11 @@ class StreamGuardInterceptor(grpc.aio.ServerInterceptor):
     ) -> AsyncIterator[Any]:
         if not self._admit(method, context):
             return
+        unread = UnreadAnswer(method, self.idle_seconds)
         try:
             async for message in behaviour(self._watched(requests), context):
-                yield message
+                with unread.bounded():
+                    yield message  # returns once gRPC has written it: the caller took it
         except StreamIdleError as error:
             fail(context, error, method)
         finally:
@@ -94,6 +104,36 @@ class StreamGuardInterceptor(grpc.aio.ServerInterceptor):
                     "that long (losswire serve --stream-idle-timeout)"
                 ) from None
             yield message
+
+
+class UnreadAnswer:
+    """Ends a streaming call whose caller leaves an answer message unread for ``seconds``: the handler's
+    task is cancelled, as gRPC cancels it when a caller goes away, so its cleanup runs and its call's
+    memory and slot are released. A yield cannot be given a time limit of its own: gRPC's write of the
+    yielded message waits on the caller's flow control for as long as the caller does not read."""
+
+    def __init__(self, method: str, seconds: float | None) -> None:
+        self.method, self.seconds = method, seconds
+        self.task = asyncio.current_task()
+
+    @contextlib.contextmanager
+    def bounded(self) -> Any:
+        if self.seconds is None or self.task is None:
+            yield
+            return
+        timer = asyncio.get_running_loop().call_later(self.seconds, self._expired)
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+    def _expired(self) -> None:
+        log.info(
+            "%s: the caller read nothing of its answer for %g s (losswire serve --stream-idle-timeout); the call ends",
+            self.method,
+            self.seconds,
+        )
+        self.task.cancel()
 
 
 async def within(awaitable: Awaitable[Any], seconds: float | None) -> Any:

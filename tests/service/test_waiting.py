@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -20,16 +21,27 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2_grpc
 from support.calls import evaluate_stream, plain_channel
+from support.in_process import nothing_held, running_server
 
 from losswire.client import LossClient, RemoteLoss, RemoteLossError
 from losswire.server.app import LosswireServer
 from losswire.server.config import ServerConfig
 from losswire.server.rpc.streams import within
 from losswire.v1 import loss_service_pb2 as pb
-from losswire.wire import codec
+from losswire.wire import chunks, codec
 from losswire.wire.protocol import NO_RETRY
 
 DEADLINE = 5.0  # a small call and a health check must be answered within this, silent streams or not
+
+
+def poll(condition, seconds: float) -> bool:
+    """Whether ``condition()`` turns true within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 @contextlib.contextmanager
@@ -192,3 +204,36 @@ def test_the_idle_guard_times_out_and_leaves_no_read_behind():
         assert read.cancelled()
 
     asyncio.run(scenario())
+
+
+def test_a_caller_that_never_reads_its_streamed_answer_leaves_its_memory_and_slot():
+    """A big streamed call whose caller half-closes and never reads (no deadline): the answer (32 MiB) fills
+    the connection's window and the server's write waits. After ``--stream-idle-timeout`` (2 s) the call
+    ends, its memory budget, big-call slot and open stream come back, and other big calls are served. (It
+    held them for as long as the caller kept its connection.)"""
+    elements = 4 << 20  # 16 MiB of pred and of target; answered: a 16 MiB loss and a 16 MiB gradient
+    request = pb.EvaluateRequest()
+    term = request.terms.add(config=codec.encode_config({"type": "L1Loss", "reduction": "none"}))
+    for message in (term.pred, term.target.tensor):
+        message.dtype, message.shape[:] = pb.FLOAT32, [elements]
+    data = torch.randn(elements).numpy().tobytes()
+    messages = [pb.EvaluateChunk(request=request)] + [
+        chunks.chunk_wire_bytes(path, offset, data[offset : offset + (4 << 20)])
+        for path in ("terms[0].pred", "terms[0].target")
+        for offset in range(0, len(data), 4 << 20)
+    ]
+    options = [("grpc.enable_retries", 0), ("grpc.max_receive_message_length", 64 << 20)]
+    with running_server(stream_idle_seconds=2.0, max_stream_calls=1) as server:
+        target = f"127.0.0.1:{server.port}"
+        with (
+            grpc.insecure_channel(target, options=options) as silent,
+            grpc.insecure_channel(target, options=options) as other,
+        ):
+            unread = evaluate_stream(silent)(iter(messages))  # no deadline, never read
+            started = time.monotonic()
+            assert poll(lambda: server.dataplane.slots.in_use == 1, 10), "the call never started"
+            assert nothing_held(server, 15), "the unread call still holds its memory or slot"
+            assert time.monotonic() - started < 12
+            answer = list(evaluate_stream(other)(iter(messages), timeout=30))  # the one slot is free again
+            assert answer[0].WhichOneof("kind") == "response"
+            unread.cancel()
