@@ -42,12 +42,20 @@ class CallLanes:
         self.on_chunk: Callable[[], None] = lambda: None  # wakes the call's reader
 
     def join(self, lane: int) -> None:
+        """Lane ``lane`` joins; a number out of range or taken already is refused, to the lane and to the
+        call at once (the call's own wait would only end at the join timeout, missing a lane)."""
+        refusal = None
         if not 1 <= lane <= len(self.joined):
-            raise RequestError(
+            refusal = RequestError(
                 f"lane.lane must be 1 to {len(self.joined)} (lanes.count); got {lane}", field="lane.lane"
             )
-        if self.joined[lane - 1]:
-            raise RequestError(f"lane {lane} of this call has joined already", field="lane.lane")
+        elif self.joined[lane - 1]:
+            refusal = RequestError(f"lane {lane} of this call has joined already", field="lane.lane")
+        if refusal is not None:
+            for ended in self.ended:  # all_ended raises the first lane error it finds: this one
+                if not ended.done():
+                    ended.set_exception(refusal)
+            raise refusal
         self.joined[lane - 1] = True
 
     def add(self, lane: int, chunk: Any) -> None:
