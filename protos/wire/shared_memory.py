@@ -221,8 +221,10 @@ def _check_handed_over(fd: int, size: int) -> None:
         raise SegmentRefusedError("the descriptor handed over is not a regular file (a memfd)")
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-    except OSError:
-        seals = F_SEAL_SEAL  # a file that cannot be sealed at all (not a memfd)
+    except OSError as error:  # a file that cannot be sealed at all, or a descriptor of no open file (O_PATH)
+        raise SegmentRefusedError(
+            f"the descriptor handed over is not a memfd that can be sealed (F_GET_SEALS: {error.strerror})"
+        ) from None
     missing = _missing_seals(seals)
     if missing:
         raise SegmentRefusedError(
@@ -234,7 +236,9 @@ def _check_handed_over(fd: int, size: int) -> None:
             "the segment handed over is sealed with F_SEAL_SEAL or against writing: the server writes answers "
             "into it and adds F_SEAL_FUTURE_WRITE and F_SEAL_SEAL itself once it has mapped it"
         )
-    if info.st_size != size or size <= 0:
+    if size <= 0:
+        raise SegmentRefusedError(f"the handoff declared {size} bytes: a segment must hold at least one byte")
+    if info.st_size != size:
         raise SegmentRefusedError(f"the segment handed over has {info.st_size} bytes, its handoff declared {size}")
     kind = _filesystem_type(fd)
     if kind is not None and kind != TMPFS_MAGIC:

@@ -407,10 +407,11 @@ def a_socket() -> int:
         (lambda: memfd(allocate=False), "sparse (0 of 1048576 bytes allocated)"),
         (lambda: memfd(size=1 << 19), "has 524288 bytes, its handoff declared 1048576"),
         (lambda: memfd(seals=shm.CALLER_SEALS | shm.F_SEAL_FUTURE_WRITE), "against writing"),
-        (lambda: os.open("/proc/self/exe", os.O_RDONLY), "not sealed with F_SEAL_SHRINK and F_SEAL_GROW"),
+        (lambda: os.open("/proc/self/exe", os.O_RDONLY), "not a memfd that can be sealed"),
+        (lambda: os.open("/proc/self/exe", os.O_PATH), "not a memfd that can be sealed"),
         (lambda: a_socket(), "not a regular file"),
     ],
-    ids=["unsealed", "growable", "sparse", "smaller", "write-sealed", "a-file", "a-socket"],
+    ids=["unsealed", "growable", "sparse", "smaller", "write-sealed", "a-file", "an-o-path", "a-socket"],
 )
 def test_an_unsealed_growable_or_sparse_memfd_is_refused(server, handoff, shared, make, words):
     """Anything but a sealed, fully allocated memfd of the declared size is refused at the handoff, with
@@ -430,6 +431,16 @@ def test_an_unsealed_growable_or_sparse_memfd_is_refused(server, handoff, shared
     pred, labels = focal_inputs(seed=44)
     assert remote(FOCAL, shared, pred, labels)[0].isfinite()  # the server serves on, by shared memory too
     assert handoff.register(shm.Segment.create(1 << 20))  # and this connection takes good segments
+
+
+def test_a_handoff_declaring_no_bytes_is_refused_saying_so(server, handoff):
+    fd = memfd(size=0, allocate=False)
+    try:
+        socket.send_fds(handoff.link.sock, [shm.handoff_frame(0)], [fd])
+        status, message = shm.read_answer(handoff.link.sock)
+    finally:
+        os.close(fd)
+    assert status == INVALID_ARGUMENT and "the handoff declared 0 bytes: a segment must hold at least one" in message
 
 
 def test_a_region_answers_only_the_connection_that_registered_it(target, server, segment, caplog):
