@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from types import ModuleType
 
 import grpc
@@ -42,6 +42,7 @@ from support.faults import load_fault_losses
 from support.in_process import DEVICE, running_server
 from support.logs import LogWatch, watching_server_log
 from support.paths import with_tests_on_path
+from support.polling import wait_until
 
 from losswire.client import LossClient, RemoteLoss, RemoteLossError, evaluate_terms
 from losswire.server.app import LosswireServer
@@ -107,14 +108,6 @@ def metric(server: LosswireServer, name: str, **labels: str) -> float:
 
 def calls_ended(server: LosswireServer, code: str) -> float:
     return metric(server, "losswire_requests_total", method="Evaluate", code=code)
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {WAIT} s")
-        time.sleep(0.01)
 
 
 def wait_idle(server: LosswireServer) -> None:

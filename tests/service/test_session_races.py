@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from types import ModuleType
 
 import grpc
@@ -31,6 +31,7 @@ from support.calls import field_of, plain_channel
 from support.faults import load_fault_losses
 from support.in_process import DEVICE, running_server
 from support.logs import LogWatch, watching_server_log
+from support.polling import wait_until
 from torch import Tensor
 
 from losswire.server.app import LosswireServer
@@ -163,14 +164,6 @@ def calls_entering_sessions() -> int:
             frame = frame.f_back
         count += frame is not None
     return count
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {WAIT} s")
-        time.sleep(0.01)  # a condition, polled
 
 
 @pytest.fixture

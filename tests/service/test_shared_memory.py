@@ -41,6 +41,7 @@ import pytest
 import torch
 from support.calls import dice_recompute_gradients, evaluate_stream, field_of, plain_channel
 from support.faults import load_fault_losses
+from support.polling import eventually
 from support.segments import Handoff
 from torch import Tensor
 
@@ -116,16 +117,6 @@ def memfd_mappings() -> set[str]:
     """The address ranges of this process's mappings of losswire segments."""
     with open("/proc/self/maps") as maps:
         return {line.split()[0] for line in maps if f"/memfd:{shm.MEMFD_NAME} " in line + " "}
-
-
-def eventually(condition, seconds: float = 2.0) -> bool:
-    """Whether ``condition()`` holds within ``seconds`` (polled; a bound, not a timing)."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def expect(call, code: grpc.StatusCode, *words: str) -> str:

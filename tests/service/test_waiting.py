@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2_grpc
 from support.calls import evaluate_stream, plain_channel
 from support.in_process import nothing_held, running_server
+from support.polling import eventually
 
 from losswire.client import LossClient, RemoteLoss, RemoteLossError
 from losswire.server.app import LosswireServer
@@ -32,16 +33,6 @@ from losswire.wire import chunks, codec
 from losswire.wire.protocol import NO_RETRY
 
 DEADLINE = 5.0  # a small call and a health check must be answered within this, silent streams or not
-
-
-def poll(condition, seconds: float) -> bool:
-    """Whether ``condition()`` turns true within ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 @contextlib.contextmanager
@@ -231,7 +222,7 @@ def test_a_caller_that_never_reads_its_streamed_answer_leaves_its_memory_and_slo
         ):
             unread = evaluate_stream(silent)(iter(messages))  # no deadline, never read
             started = time.monotonic()
-            assert poll(lambda: server.dataplane.slots.in_use == 1, 10), "the call never started"
+            assert eventually(lambda: server.dataplane.slots.in_use == 1, 10), "the call never started"
             assert nothing_held(server, 15), "the unread call still holds its memory or slot"
             assert time.monotonic() - started < 12
             answer = list(evaluate_stream(other)(iter(messages), timeout=30))  # the one slot is free again
