@@ -124,7 +124,7 @@ class LossService(pb_grpc.LossServiceServicer):
         try:
             async for message in requests:
                 number += 1
-                call.add(lane.lane, _chunk_of(message, number))
+                call.add(lane.lane, _chunk_of(message, number, f"lane {lane.lane}'s stream"))
             error = None
         except Exception as failure:
             error = failure
@@ -276,14 +276,15 @@ async def _read_chunks(
         await lanes.all_ended()
 
 
-def _chunk_of(message: Any, number: int) -> Any:
-    """The ``TensorChunk`` of the stream's ``number``-th message (every message after the first is one)."""
+def _chunk_of(message: Any, number: int, stream: str = "the stream") -> Any:
+    """The ``TensorChunk`` of the ``number``-th message of ``stream`` (every message after the first is one;
+    a lane names itself, so that its call's error says which stream broke)."""
     if isinstance(message, MalformedRequest):
-        raise malformed_error(message, f"message {number} of the stream", "chunk")
+        raise malformed_error(message, f"message {number} of {stream}", "chunk")
     kind = message.WhichOneof("kind")
     if kind != "chunk":
         raise RequestError(
-            f"message {number} of the stream carries {kind or 'nothing'}; only the first carries the request "
+            f"message {number} of {stream} carries {kind or 'nothing'}; only the first carries the request "
             "(or on a lane its StreamLane), every later one a chunk",
             field="chunk",
         )

@@ -439,3 +439,19 @@ def test_a_lane_refused_as_busy_is_the_error_told_not_the_call_it_cancelled():
         assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED, raised.value
         assert "--max-open-streams" in raised.value.details
         assert nothing_held(server)
+
+
+def test_a_lane_sending_something_else_than_chunks_is_named_in_its_call_s_error(quick_joins):
+    """A lane's second message carries another StreamLane: the lane and its call are refused, and the error
+    says which stream broke (it said "message 2 of the stream", as if the call's own)."""
+    pred, labels = _inputs(11)
+    call = os.urandom(16)
+    streams = _streams(_header(pred, labels, 2, call))
+    streams[2].insert(1, pb.EvaluateChunk(lane=pb.StreamLane(call=call, lane=2)))
+    calls = Calls(_target(quick_joins))
+    started = [calls.start(iter(messages)) for messages in streams]
+    outcomes = [calls.outcome(index) for index in started]  # every stream ended, lanes too
+    main = outcomes[0]
+    assert isinstance(main, grpc.RpcError) and main.code() == grpc.StatusCode.INVALID_ARGUMENT, main
+    assert "message 2 of lane 2's stream carries lane" in main.details(), main.details()
+    assert nothing_held(quick_joins)
