@@ -242,17 +242,19 @@ class SharedMemoryRegistry:
     # -- the RPCs --------------------------------------------------------------------------------
 
     def register(self, caller: Caller, claim: str, byte_size: int) -> str:
-        """The segment a pending ``claim`` stands for, as a region of ``caller``'s: its handle."""
+        """The segment a pending ``claim`` stands for, as a region of ``caller``'s: its handle. A refused
+        registration (a wrong byte_size, the caller's limits) leaves the claim pending, so that the caller
+        may register it again, corrected, until it expires: the memory it stands for is sealed by now and
+        can never be handed over again."""
         self._check_enabled()
         with self._lock:
-            held = self._pending.pop(claim, None)
+            held = self._pending.get(claim)
             if held is None:
                 raise NotFoundError(
                     "claim names no pending shared-memory handoff on this server: a claim registers once, within "
                     f"{PENDING_SECONDS:.0f} s of its handoff, while the connection it came over is open",
                     field="claim",
                 )
-            held.peer.pending -= 1
             size = held.segment.size
             if byte_size != size:
                 raise RequestError(f"byte_size must be the segment's {size} bytes, got {byte_size}", field="byte_size")
@@ -271,6 +273,8 @@ class SharedMemoryRegistry:
                     field="byte_size",
                 )
             handle = secrets.token_hex(16)
+            del self._pending[claim]
+            held.peer.pending -= 1
             own.append(held)
             held.caller = caller
             self._regions[handle] = held
