@@ -242,10 +242,10 @@ class SharedMemoryRegistry:
     # -- the RPCs --------------------------------------------------------------------------------
 
     def register(self, caller: Caller, claim: str, byte_size: int) -> str:
-        """The segment a pending ``claim`` stands for, as a region of ``caller``'s: its handle. A refused
-        registration (a wrong byte_size, the caller's limits) leaves the claim pending, so that the caller
-        may register it again, corrected, until it expires: the memory it stands for is sealed by now and
-        can never be handed over again."""
+        """The segment a pending ``claim`` stands for, as a region of ``caller``'s: its handle. A wrong
+        ``byte_size`` leaves the claim pending, to be registered again corrected until it expires (the memory
+        is sealed by now and could never be handed over again); a refusal by the caller's limits drops it,
+        as the pending memory would count against the very limits the caller must first get under."""
         self._check_enabled()
         with self._lock:
             held = self._pending.get(claim)
@@ -258,6 +258,8 @@ class SharedMemoryRegistry:
             size = held.segment.size
             if byte_size != size:
                 raise RequestError(f"byte_size must be the segment's {size} bytes, got {byte_size}", field="byte_size")
+            del self._pending[claim]
+            held.peer.pending -= 1
             own = [h for h in self._regions.values() if h.caller == caller]
             if _over(self.limits.regions_per_caller, len(own) + 1):
                 raise LimitExceededError(
@@ -273,8 +275,6 @@ class SharedMemoryRegistry:
                     field="byte_size",
                 )
             handle = secrets.token_hex(16)
-            del self._pending[claim]
-            held.peer.pending -= 1
             own.append(held)
             held.caller = caller
             self._regions[handle] = held
