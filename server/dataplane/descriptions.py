@@ -37,6 +37,7 @@ def loss_info(description: LossDescription, out: pb.LossInfo, implementation: st
     out.stochastic = description.stochastic
     out.stateful = description.stateful
     out.extra_inputs = description.extra_inputs
+    out.value_inputs.extend(description.value_inputs)
     out.implementation = implementation
 
 

@@ -113,6 +113,7 @@ def test_list_losses_is_the_engine_description(client: LossClient):
         assert info.output == description["output"]
         assert dict(info.output_variants) == description["output_variants"]
         assert list(info.differentiable) == description["differentiable"]
+        assert list(info.value_inputs) == description["value_inputs"]
         assert info.separable == description["separable"] and info.sample_axis == description["sample_axis"]
 
 

@@ -346,7 +346,7 @@ class InputInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., optional: _Optional[bool] = ..., default: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., choices: _Optional[_Iterable[_Union[_struct_pb2.Value, _Mapping]]] = ...) -> None: ...
 
 class LossInfo(_message.Message):
-    __slots__ = ("name", "summary", "params", "inputs", "output", "output_variants", "differentiable", "separable", "sample_axis", "stochastic", "stateful", "implementation", "extra_inputs")
+    __slots__ = ("name", "summary", "params", "inputs", "output", "output_variants", "differentiable", "separable", "sample_axis", "stochastic", "stateful", "implementation", "extra_inputs", "value_inputs")
     class OutputVariantsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -367,6 +367,7 @@ class LossInfo(_message.Message):
     STATEFUL_FIELD_NUMBER: _ClassVar[int]
     IMPLEMENTATION_FIELD_NUMBER: _ClassVar[int]
     EXTRA_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    VALUE_INPUTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     summary: str
     params: _containers.RepeatedCompositeFieldContainer[ParamInfo]
@@ -380,7 +381,8 @@ class LossInfo(_message.Message):
     stateful: bool
     implementation: str
     extra_inputs: bool
-    def __init__(self, name: _Optional[str] = ..., summary: _Optional[str] = ..., params: _Optional[_Iterable[_Union[ParamInfo, _Mapping]]] = ..., inputs: _Optional[_Iterable[_Union[InputInfo, _Mapping]]] = ..., output: _Optional[str] = ..., output_variants: _Optional[_Mapping[str, str]] = ..., differentiable: _Optional[_Iterable[str]] = ..., separable: _Optional[bool] = ..., sample_axis: _Optional[int] = ..., stochastic: _Optional[bool] = ..., stateful: _Optional[bool] = ..., implementation: _Optional[str] = ..., extra_inputs: _Optional[bool] = ...) -> None: ...
+    value_inputs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., summary: _Optional[str] = ..., params: _Optional[_Iterable[_Union[ParamInfo, _Mapping]]] = ..., inputs: _Optional[_Iterable[_Union[InputInfo, _Mapping]]] = ..., output: _Optional[str] = ..., output_variants: _Optional[_Mapping[str, str]] = ..., differentiable: _Optional[_Iterable[str]] = ..., separable: _Optional[bool] = ..., sample_axis: _Optional[int] = ..., stochastic: _Optional[bool] = ..., stateful: _Optional[bool] = ..., implementation: _Optional[str] = ..., extra_inputs: _Optional[bool] = ..., value_inputs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListLossesResponse(_message.Message):
     __slots__ = ("losses", "server_version", "device")
