@@ -46,7 +46,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .status import DEADLINE_SLACK_SECONDS
+from .status import gone_code
 
 log = logging.getLogger("losswire.server")
 
@@ -215,7 +215,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 self._observe_stages(response)
             return response
         except asyncio.CancelledError:  # the caller went away
-            code = _gone(context)
+            code = gone_code(context.time_remaining())
             raise
         except Exception:
             # abort() raises after setting the status; anything else is gRPC's UNKNOWN
@@ -242,7 +242,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 yield message
             code = _code(context, default=grpc.StatusCode.OK)
         except (GeneratorExit, asyncio.CancelledError):  # the caller went away
-            code = _gone(context)
+            code = gone_code(context.time_remaining())
             raise
         except Exception:
             code = _code(context)
@@ -303,13 +303,6 @@ class _StreamTally:
             if isinstance(message, Message) and message.WhichOneof("kind") == "request":
                 self.losses = _loss_types("Evaluate", message.request)
         return message
-
-
-def _gone(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    """How a call whose caller went away counts: DEADLINE_EXCEEDED near its deadline, else CANCELLED."""
-    remaining = context.time_remaining()  # None: the call had no deadline
-    expired = remaining is not None and remaining <= DEADLINE_SLACK_SECONDS
-    return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
 
 
 def _code(context: grpc.aio.ServicerContext, default: grpc.StatusCode = grpc.StatusCode.UNKNOWN) -> grpc.StatusCode:

@@ -138,13 +138,19 @@ def to_status(error: BaseException, where: Where | None = None) -> grpc.Status:
     return status
 
 
+def gone_code(time_remaining: float | None) -> grpc.StatusCode:
+    """How a call whose caller went away counts: DEADLINE_EXCEEDED near its deadline, else CANCELLED
+    (``time_remaining`` None: the call had no deadline)."""
+    expired = time_remaining is not None and time_remaining <= DEADLINE_SLACK_SECONDS
+    return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+
+
 def refusal(error: BaseException, where: Where | None, time_remaining: float | None, method: str) -> grpc.Status:
     """The status a failed call answers with, logged: a caller that went away gets CANCELLED or, near its
     deadline, DEADLINE_EXCEEDED (nobody reads it; the status is for metrics and logs)."""
     cause = error.error if isinstance(error, TermError) else error
     if isinstance(cause, CallCancelledError):
-        expired = time_remaining is not None and time_remaining <= DEADLINE_SLACK_SECONDS
-        code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+        code = gone_code(time_remaining)
         label = (where or Where()).term(error.index, error.name)[0] if isinstance(error, TermError) else ""
         message = f"{label}: {cause}" if label else str(cause)
         log.debug("%s stopped (%s): %s", method, code.name, message)
