@@ -152,5 +152,10 @@ def _numel(tensor: pb.Tensor, field: str) -> int:
         _refuse(str(error), field)
 
 
+def malformed(detail: str, field: str | None = None, kind: str = "") -> RemoteLossError:
+    """The error of an answer that is the server's fault (DATA_LOSS): "a malformed {kind}answer: {detail}"."""
+    return RemoteLossError(grpc.StatusCode.DATA_LOSS, f"a malformed {kind}answer: {detail}", field)
+
+
 def _refuse(message: str, field: str) -> NoReturn:
-    raise RemoteLossError(grpc.StatusCode.DATA_LOSS, f"a malformed answer: {message}", field)
+    raise malformed(message, field)

@@ -20,6 +20,7 @@ from torch import Tensor
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.wire import chunks, codec
 
+from .answers import malformed
 from .client import LossClient
 from .errors import RemoteLossError
 from .terms import BoundTerm, Leaf, TermLoss, encode_term
@@ -231,7 +232,7 @@ def _decoded(message: pb.Tensor, path: str, **options: Any) -> Tensor:
     try:
         return codec.decode_tensor(message, path, **options)
     except codec.CodecError as error:
-        raise RemoteLossError(grpc.StatusCode.DATA_LOSS, f"a malformed answer: {error}", path) from None
+        raise malformed(str(error), path) from None
 
 
 def _separable_product(upstream: Tensor, local: Tensor, sample_axis: int) -> Tensor:

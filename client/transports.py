@@ -35,7 +35,7 @@ from losswire.wire.buffers import BufferPool
 from losswire.wire.protocol import SESSION_HEADER
 
 from . import shared_memory as shm
-from .answers import check_answer, check_shared_answer
+from .answers import check_answer, check_shared_answer, malformed
 from .channels import RETRY_POLICY, Connection, Patience, passing
 from .errors import RemoteLossError
 from .lanes import LaneCalls, lanes_for, lanes_refused
@@ -276,8 +276,7 @@ class Transports:
                 try:
                     views = wire_memory.shared_memory_tensors(codec.tensors_of(response), lease.output_bytes)
                 except (codec.CodecError, ValueError) as error:
-                    message = f"a malformed shared-memory answer: {error}"
-                    raise RemoteLossError(grpc.StatusCode.DATA_LOSS, message) from None
+                    raise malformed(str(error), kind="shared-memory ") from None
                 answered = True
                 return response, views
             except RemoteLossError as error:
@@ -367,7 +366,7 @@ def _receive_stream(request: pb.EvaluateRequest, first: Any, responses: Any, buf
         return first.response, assembler.finish()
     except codec.CodecError as error:
         responses.cancel()
-        raise RemoteLossError(grpc.StatusCode.DATA_LOSS, f"a malformed EvaluateStream answer: {error}") from None
+        raise malformed(str(error), kind="EvaluateStream ") from None
     except RemoteLossError:
         responses.cancel()
         raise
