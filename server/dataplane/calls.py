@@ -68,15 +68,11 @@ class NotQuick(Exception):  # noqa: N818 (a signal to the front door, not an err
     is held, built or changed: the front door then evaluates it on a compute thread."""
 
 
-def sessions_of(terms: list[TermRequest]) -> dict[str, dict[str, Any]]:
-    """The sessions a call's new forwards name, with their loss configs (replays only read a session)."""
-    return {term.session: split_sampler(term.config)[0] for term in terms if term.session and term.replay_step is None}
-
-
-def replayed_sessions_of(terms: list[TermRequest]) -> dict[str, dict[str, Any]]:
-    """The sessions a call's replays (``replay_step``) name, with their loss configs."""
-    replays = (term for term in terms if term.session and term.replay_step is not None)
-    return {term.session: split_sampler(term.config)[0] for term in replays}
+def sessions_of(terms: list[TermRequest], replays: bool = False) -> dict[str, dict[str, Any]]:
+    """The sessions a call's new forwards name (``replays``: those its replays name, which only read a
+    session), with their loss configs."""
+    named = (term for term in terms if term.session and (term.replay_step is not None) == replays)
+    return {term.session: split_sampler(term.config)[0] for term in named}
 
 
 class Dataplane:
@@ -290,8 +286,8 @@ class Dataplane:
         for a busy one stops once the caller is gone); a refusal names the first term naming it."""
         stack = contextlib.ExitStack()
         try:
-            transaction = self.sessions.transaction(owner, sessions_of(terms), replayed_sessions_of(terms), cancelled)
-            sessions = stack.enter_context(transaction)
+            fed, replayed = sessions_of(terms), sessions_of(terms, replays=True)
+            sessions = stack.enter_context(self.sessions.transaction(owner, fed, replayed, cancelled))
         except EnteringError as entering:
             index = next((i for i, term in enumerate(terms) if term.session == entering.session), 0)
             raise TermError(index, terms[index].name, released_if_out_of_memory(entering.error, "")) from None

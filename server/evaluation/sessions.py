@@ -285,7 +285,7 @@ class SessionStore:
             return
         with contextlib.nullcontext() if locked else self._lock:
             held = sum(s.nbytes for s in self._sessions.values())
-            owned = sum(s.nbytes for key, s in self._sessions.items() if key[0] == owner)
+            owned = sum(s.nbytes for key, s in self._sessions.items() if key[0] == owner) if limit is not None else 0
         what = (
             f"session {name!r} would hold {nbytes} bytes of state (its module and {self.replay_depth} replay snapshots)"
         )
@@ -423,7 +423,7 @@ class Transaction:
                 session, created = self.store._new(self.owner, name, normalised)
                 if created:  # locked by _new, before any other call could find it
                     return session, True
-            self._acquire(session)
+            acquire(session, self.cancelled)
             try:
                 # another call may have created it meanwhile with another config (a conflict), or reset it,
                 # or it expired, while this call waited
@@ -434,9 +434,6 @@ class Transaction:
             if current is session:
                 return session, False
             session.lock.release()  # not the live session any more: take the live one afresh
-
-    def _acquire(self, session: Session) -> None:
-        acquire(session, self.cancelled)
 
     @contextlib.contextmanager
     def open(
