@@ -62,6 +62,14 @@ class Compute:
                 watch.stopped(running.exception())
             raise
 
+    async def by_size(self, watch: CallWatch, size: int, work: Callable[..., Result], *args: Any) -> Result:
+        """``work(*args)`` for a call whose request is ``size`` bytes: here, on the event loop, up to
+        ``QUICK_MAX_MESSAGE_BYTES`` (no thread hop); a bigger one's on a compute thread (``for_call``), where
+        converting megabytes stalls no other call."""
+        if size <= QUICK_MAX_MESSAGE_BYTES:
+            return work(*args)
+        return await self.for_call(watch, work, *args)
+
     async def evaluate(self, watch: CallWatch, evaluate: Callable[..., Answer], size: int, *args: Any) -> Answer:
         """``evaluate(*args)`` (a ``Dataplane.evaluate``) for a call watched by ``watch`` whose request is
         ``size`` bytes: a quick call is answered here, on the event loop (the dataplane says which are

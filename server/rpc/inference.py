@@ -17,9 +17,8 @@ from losswire.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 
 from .. import __version__
 from ..dataplane import Dataplane
-from ..losses import LossDescription
 from . import oip_convert
-from .calls import QUICK_MAX_MESSAGE_BYTES, CallWatch, Compute, fail, release_after, unary
+from .calls import CallWatch, Compute, fail, release_after, unary
 from .oip_convert import GRAD, LOSS, MODEL_VERSION, Conversion, OipWhere
 
 log = logging.getLogger("losswire.server")
@@ -82,7 +81,8 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
                     self.registry, request.model_name, request.model_version, "model_name", "model_version"
                 )
                 size = request.ByteSize()
-                conversion = await self._convert(watch, size, request, description, where)
+                # it parses the config JSON and reads the contents: big ones off the event loop
+                conversion = await self.compute.by_size(watch, size, Conversion, request, description, where)
                 answer = await self.compute.evaluate(
                     watch, self.dataplane.evaluate, size, conversion.request, watch, conversion.arrived
                 )
@@ -92,16 +92,6 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
             return None
         release_after(context, answer.keep)
         return response
-
-    async def _convert(
-        self, watch: CallWatch, size: int, request: oip.ModelInferRequest, description: LossDescription, where: OipWhere
-    ) -> Conversion:
-        """The request as losswire's (``Conversion``: it parses the ``config`` JSON). A big request's on a
-        compute thread, as ``Compute.evaluate`` decodes a big Evaluate: on the event loop a 15 MB config
-        stalled every other call for seconds. A small one here, without a thread hop."""
-        if size <= QUICK_MAX_MESSAGE_BYTES:
-            return Conversion(request, description, where)
-        return await self.compute.for_call(watch, Conversion, request, description, where)
 
 
 def add_inference_service(server: grpc.aio.Server, service: InferenceService) -> str:
