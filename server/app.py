@@ -116,8 +116,8 @@ class LosswireServer:
             registry,
             self.sessions,
             limits,
-            # big calls at once, below the compute threads so that small calls always find one
-            slots=max(1, min(config.max_stream_calls, config.max_workers - 1)),
+            slots=self._big_call_slots(),
+            slots_per_token=self._big_call_slots_per_token(tokens),
             shared_memory=self.shared_memory,
             buffers=BufferPool(config.buffer_pool_bytes),
             fused=config.fused_kernels,
@@ -161,7 +161,12 @@ class LosswireServer:
                 MalformedRequestInterceptor(self._count_malformed),
                 self.metrics.interceptor(),
                 *([TokenAuthInterceptor(self.tokens)] if self.tokens else []),
-                StreamGuardInterceptor(self._open_streams_bound(), self.config.stream_idle_seconds),
+                StreamGuardInterceptor(
+                    self._open_streams_bound(),
+                    self.config.stream_idle_seconds,
+                    self.config.stream_min_rate,
+                    paced=frozenset({"EvaluateStream"}),  # the streams that hold big calls
+                ),
             ],
         )
         owners = SessionOwners(private=self.tokens is not None and not self.config.share_sessions)
@@ -174,6 +179,18 @@ class LosswireServer:
             (SERVICE_NAME, inference, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         return server
+
+    def _big_call_slots(self) -> int:
+        """Big calls at once, below the compute threads so that small calls always find one."""
+        return max(1, min(self.config.max_stream_calls, self.config.max_workers - 1))
+
+    def _big_call_slots_per_token(self, tokens: bool) -> int | None:
+        """Big calls one token may have (None without tokens: callers cannot be told apart); by default all
+        but one of the slots, so that one token always leaves another room."""
+        if not tokens:
+            return None
+        chosen = self.config.max_stream_calls_per_token
+        return chosen if chosen is not None else max(1, self._big_call_slots() - 1)
 
     def _open_streams_bound(self) -> int:
         """``max_open_streams``, kept below the concurrent calls so that silent streams leave room."""

@@ -243,6 +243,14 @@ KNOBS: tuple[Knob, ...] = (
         "stream_idle_seconds",
     ),
     Knob(
+        "stream_min_rate",
+        _optional_limit,
+        _DEFAULT.stream_min_rate,
+        "bytes per second a streamed call's upload must average once it has waited --stream-idle-timeout for its "
+        "caller (one more second of waiting per that many bytes received); slower, DEADLINE_EXCEEDED, so that a "
+        "caller trickling bytes cannot hold a big-call slot and its memory (0 or none: no pace)",
+    ),
+    Knob(
         "lane_join_timeout",
         _seconds,
         _DEFAULT.lane_join_seconds,
@@ -277,6 +285,14 @@ KNOBS: tuple[Knob, ...] = (
         _DEFAULT.max_stream_calls,
         "big calls (EvaluateStream, or tensors in shared memory) served at once, at most --max-workers - 1 so "
         "small calls keep a worker; beyond, RESOURCE_EXHAUSTED that the client waits out",
+    ),
+    Knob(
+        "max_stream_calls_per_token",
+        _int_at_least(1),
+        _DEFAULT.max_stream_calls_per_token,
+        "big calls one token may have at once (tokens on), so that one token cannot take every slot; beyond, "
+        "RESOURCE_EXHAUSTED that the client waits out",
+        shown="all but one of --max-stream-calls (at least 1)",
     ),
     Knob(
         "fused_kernels",

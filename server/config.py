@@ -38,9 +38,15 @@ class ServerConfig:
     max_open_streams: int = 32
     # a request stream whose caller sends nothing for this long is ended (DEADLINE_EXCEEDED); None: never
     stream_idle_seconds: float | None = 60.0
+    # a streamed call's upload must average this many bytes per second once it has waited
+    # stream_idle_seconds for its caller (DEADLINE_EXCEEDED beyond): a big call holds a slot and memory,
+    # which a caller trickling bytes would otherwise hold for as long as it likes. None: no pace
+    stream_min_rate: int | None = 1 << 20
     # how long the lanes of a streamed call (EvaluateRequest.lanes) and the call may wait for each other
     lane_join_seconds: float = 10.0
     max_stream_calls: int = 2  # big calls (streamed or shared memory) at once (capped at max_workers - 1)
+    # big calls one token may have at once (tokens on); None: all but one of max_stream_calls (at least 1)
+    max_stream_calls_per_token: int | None = None
     fused_kernels: bool = True  # loss and gradient in one analytic pass where a kernel exists (losses/fused.py)
     # compute a streamed call's rows as they arrive when its caller asks (EvaluateRequest.early_gradients)
     overlap_transfer: bool = True

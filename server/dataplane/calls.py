@@ -78,7 +78,8 @@ def sessions_of(terms: list[TermRequest], replays: bool = False) -> dict[str, di
 class Dataplane:
     """Evaluates calls on ``device`` with the losses of ``registry``, within ``limits``.
 
-    ``slots`` bounds the big calls (streamed, or with tensors in shared memory) served at once;
+    ``slots`` bounds the big calls (streamed, or with tensors in shared memory) served at once, and
+    ``slots_per_token`` those of one token (None: no bound per token);
     ``shared_memory`` holds the callers' registered regions (each answers only the ``caller`` that
     registered it: the front door says who a call comes from); ``buffers`` lends reused memory to
     streamed tensors and their answers; ``fused``: answer terms a fused kernel covers without autograd;
@@ -92,6 +93,7 @@ class Dataplane:
         sessions: SessionStore | None = None,
         limits: RequestLimits | None = None,
         slots: int = 2,
+        slots_per_token: int | None = None,
         shared_memory: SharedMemoryRegistry | None = None,
         buffers: BufferPool | None = None,
         fused: bool = True,
@@ -105,7 +107,7 @@ class Dataplane:
         self.limits = limits if limits is not None else RequestLimits()
         self.sessions = sessions if sessions is not None else SessionStore(registry, device)
         self.evaluator = Evaluator(registry, self.sessions, fused)
-        self.slots = BigCallSlots(slots)
+        self.slots = BigCallSlots(slots, slots_per_token)
         self.shared_memory = shared_memory if shared_memory is not None else SharedMemoryRegistry(enabled=False)
         # streamed tensors are reassembled into, and fused kernels write streamed answers into, buffers
         # reused call after call: fresh memory costs a page fault per 4 KiB on first write
@@ -145,14 +147,15 @@ class Dataplane:
                 shared = self.shared_memory.inputs(
                     caller, walked, self.limits.max_elements, buffers.copy_of, self._in_place(request)
                 )
+                token = caller.token if caller is not None else ""
                 if shared or request.HasField("output_shm"):
-                    self.slots.take()
+                    self.slots.take(token)
                     big = True
                 tensors = ({**arrived(), **shared} if arrived is not None else shared) or None
                 return self.run(request, cancelled, started, tensors, owner=owner, caller=caller, quick=quick)
             finally:
                 if big:
-                    self.slots.give_back()
+                    self.slots.give_back(token)
                 buffers.release()
         except (TermError, NotQuick):
             raise
@@ -431,6 +434,7 @@ class StreamIntake:
         chunks' buffers are taken there too, and all given back at ``close()``."""
         self.dataplane, self.header, self.started, self.owner = dataplane, header, started, owner
         self.caller = caller
+        self._token = caller.token if caller is not None else ""  # whose slot it takes
         self._assembler: chunks.StreamAssembler | None = chunks.StreamAssembler(
             header, dataplane.limits.max_elements, self._allocate, stripes=stripes
         )
@@ -467,7 +471,7 @@ class StreamIntake:
 
     def _take_slot(self) -> None:
         if not self._slot:
-            self.dataplane.slots.take()
+            self.dataplane.slots.take(self._token)
             self._slot = True
 
     def evaluate(self, cancelled: Cancelled) -> Answer:
@@ -496,5 +500,5 @@ class StreamIntake:
             self.overlap.close()
         if self._slot:
             self._slot = False
-            self.dataplane.slots.give_back()
+            self.dataplane.slots.give_back(self._token)
         self._buffers.release()

@@ -47,6 +47,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .status import gone_code
+from .streams import message_bytes
 
 log = logging.getLogger("losswire.server")
 
@@ -203,7 +204,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         series = self._series(method)
         started = time.perf_counter()
         series.in_flight.inc()
-        series.received.inc(_message_bytes(request))
+        series.received.inc(message_bytes(request))
         code = grpc.StatusCode.OK
         try:
             response = await behaviour(request, context)
@@ -236,7 +237,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         code = grpc.StatusCode.OK
         try:
             async for message in behaviour(tally, context):
-                series.sent.inc(_message_bytes(message))
+                series.sent.inc(message_bytes(message))
                 if isinstance(message, Message) and message.WhichOneof("kind") == "response":
                     self._observe_stages(message.response)
                 yield message
@@ -297,7 +298,7 @@ class _StreamTally:
 
     async def __anext__(self) -> Any:
         message = await anext(self._messages)
-        self._received.inc(_message_bytes(message))
+        self._received.inc(message_bytes(message))
         if self._first:
             self._first = False
             if isinstance(message, Message) and message.WhichOneof("kind") == "request":
@@ -311,16 +312,6 @@ def _code(context: grpc.aio.ServicerContext, default: grpc.StatusCode = grpc.Sta
     if isinstance(code, int):  # the aio context may hold the code as its number
         code = next((c for c in grpc.StatusCode if c.value[0] == code), None)
     return code or default
-
-
-def _message_bytes(message: Any) -> int:
-    """Bytes of a stream message: a serialized chunk, a chunk read in place, or a message."""
-    if isinstance(message, (bytes, bytearray)):
-        return len(message)
-    if isinstance(message, Message):
-        return message.ByteSize()
-    data = getattr(message, "data", None)  # chunks.RawChunk: its data (the small header not counted)
-    return memoryview(data).nbytes if data is not None else getattr(message, "size", 0)
 
 
 def _loss_types(method: str, request: Any) -> list[str]:

@@ -1,10 +1,18 @@
-"""Calls that stream their requests (EvaluateStream, reflection) are bounded in number and in idle time.
+"""Calls that stream their requests (EvaluateStream, reflection) are bounded in number, idle time and pace.
 
 A caller that opens a stream and sends nothing costs a suspended coroutine, not a thread; still, it holds
 one of the server's concurrent calls (``--max-concurrent-rpcs``) for as long as it likes. So at most
 ``max_open`` request streams are open at once (beyond, RESOURCE_EXHAUSTED at once, which a client may wait
 out), always fewer than the concurrent calls, so small calls and health checks keep room; and a stream
 whose caller sends nothing for ``idle_seconds`` is ended (DEADLINE_EXCEEDED naming the setting).
+
+Sending a byte now and then is not enough where a stream holds more than a coroutine: a streamed call
+holds a big-call slot and its tensors' memory from its first chunk until its answer has gone, so a
+caller trickling its upload would hold them for as long as it trickles. Such streams (``paced``) must
+also keep a pace (:class:`Pace`, as Apache's mod_reqtimeout ``MinRate``): after their first message they
+may spend ``idle_seconds`` waiting for their caller, plus one second for every ``min_rate`` bytes it has
+sent; beyond, they are ended (DEADLINE_EXCEEDED naming ``--stream-min-rate``). Only time spent waiting
+for the caller counts, never time the server spends on what arrived.
 
 A caller that stops reading its answer is bounded too: an answer message its caller has not taken for
 ``idle_seconds`` ends the call (the handler is cancelled as when its caller leaves), which frees its
@@ -21,6 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from ..errors import ServerBusyError, StreamIdleError
 from .calls import fail
@@ -31,9 +40,19 @@ log = logging.getLogger("losswire.server")
 class StreamGuardInterceptor(grpc.aio.ServerInterceptor):
     """Bounds the request-streaming calls open at once and the time their callers may stay silent."""
 
-    def __init__(self, max_open: int, idle_seconds: float | None) -> None:
+    def __init__(
+        self,
+        max_open: int,
+        idle_seconds: float | None,
+        min_rate: float | None = None,
+        paced: frozenset[str] = frozenset(),
+    ) -> None:
+        """``paced``: the methods whose streams must keep ``min_rate`` bytes per second (None: no pace;
+        nor without ``idle_seconds``, the allowance it starts from)."""
         self.max_open = max_open
         self.idle_seconds = idle_seconds
+        self.min_rate = min_rate if idle_seconds is not None else None
+        self.paced = paced
         self.open = 0  # only touched on the event loop
 
     async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
@@ -42,13 +61,16 @@ class StreamGuardInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
         behaviour = handler.stream_stream or handler.stream_unary
+        paced = self.min_rate is not None and method in self.paced
         if handler.response_streaming:
-            guarded = functools.partial(self._streaming, method, behaviour)
+            guarded = functools.partial(self._streaming, method, behaviour, paced)
             return grpc.stream_stream_rpc_method_handler(
                 guarded, handler.request_deserializer, handler.response_serializer
             )
         return grpc.stream_unary_rpc_method_handler(
-            functools.partial(self._unary, method, behaviour), handler.request_deserializer, handler.response_serializer
+            functools.partial(self._unary, method, behaviour, paced),
+            handler.request_deserializer,
+            handler.response_serializer,
         )
 
     def _admit(self, method: str, context: grpc.aio.ServicerContext) -> bool:
@@ -63,13 +85,18 @@ class StreamGuardInterceptor(grpc.aio.ServerInterceptor):
         return True
 
     async def _streaming(
-        self, method: str, behaviour: Callable, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+        self,
+        method: str,
+        behaviour: Callable,
+        paced: bool,
+        requests: AsyncIterator[Any],
+        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[Any]:
         if not self._admit(method, context):
             return
         unread = UnreadAnswer(method, self.idle_seconds)
         try:
-            async for message in behaviour(self._watched(requests), context):
+            async for message in behaviour(self._watched(requests, paced), context):
                 with unread.bounded():
                     yield message  # returns once gRPC has written it: the caller took it
         except StreamIdleError as error:
@@ -78,32 +105,88 @@ class StreamGuardInterceptor(grpc.aio.ServerInterceptor):
             self.open -= 1
 
     async def _unary(
-        self, method: str, behaviour: Callable, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+        self,
+        method: str,
+        behaviour: Callable,
+        paced: bool,
+        requests: AsyncIterator[Any],
+        context: grpc.aio.ServicerContext,
     ) -> Any:
         if not self._admit(method, context):
             return None
         try:
-            return await behaviour(self._watched(requests), context)
+            return await behaviour(self._watched(requests, paced), context)
         except StreamIdleError as error:
             fail(context, error, method)
             return None
         finally:
             self.open -= 1
 
-    async def _watched(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-        """The caller's messages; a StreamIdleError once it sends nothing for ``idle_seconds``."""
+    async def _watched(self, requests: AsyncIterator[Any], paced: bool) -> AsyncIterator[Any]:
+        """The caller's messages; a StreamIdleError once it sends nothing for ``idle_seconds``, or when
+        ``paced`` and it falls behind its :class:`Pace` (counted from its second message)."""
         source = aiter(requests)
+        pace = Pace(self.idle_seconds, self.min_rate) if paced else None
+        loop = asyncio.get_running_loop()
+        first = True
         while True:
+            limit, behind = self.idle_seconds, False
+            if pace is not None and not first:
+                room = pace.room()
+                behind = room < limit  # a tie is silence: the idle timeout's own, clearer, message
+                limit = max(room, 0.0) if behind else limit
+            waiting_since = loop.time()
             try:
-                message = await within(anext(source), self.idle_seconds)
+                message = await within(anext(source), limit)
             except StopAsyncIteration:
                 return
             except TimeoutError:
+                if behind:
+                    pace.waited += loop.time() - waiting_since
+                    raise pace.too_slow() from None
                 raise StreamIdleError(
                     f"the caller sent nothing for {self.idle_seconds:g} s; this server ends request streams idle "
                     "that long (losswire serve --stream-idle-timeout)"
                 ) from None
+            if pace is not None and not first:
+                pace.waited += loop.time() - waiting_since
+                pace.received += message_bytes(message)
+            first = False
             yield message
+
+
+class Pace:
+    """The least pace of a request stream that holds a big call: it may spend ``grace`` seconds waiting
+    for its caller, plus one second for every ``min_rate`` bytes received. A slow link passes as long as
+    it delivers ``min_rate``; a caller sending a byte now and then, to hold a big-call slot and its
+    memory, does not."""
+
+    def __init__(self, grace: float, min_rate: float) -> None:
+        self.grace, self.min_rate = grace, min_rate
+        self.waited = 0.0  # seconds spent waiting for the caller's next message
+        self.received = 0  # bytes of its messages
+
+    def room(self) -> float:
+        """Seconds the stream may still wait for its caller."""
+        return self.grace + self.received / self.min_rate - self.waited
+
+    def too_slow(self) -> StreamIdleError:
+        return StreamIdleError(
+            f"the caller sent {self.received} bytes in {self.waited:.1f} s of waiting for them, slower than this "
+            f"server requires of a streamed call: {self.min_rate:g} bytes per second after its first "
+            f"{self.grace:g} s (losswire serve --stream-min-rate, --stream-idle-timeout)"
+        )
+
+
+def message_bytes(message: Any) -> int:
+    """Bytes of a stream message: a serialized chunk, a chunk read in place (its data; its small header
+    not counted), a message, or an unparsable one (its size)."""
+    if isinstance(message, (bytes, bytearray)):
+        return len(message)
+    if isinstance(message, Message):
+        return message.ByteSize()
+    data = getattr(message, "data", None)  # chunks.RawChunk
+    return memoryview(data).nbytes if data is not None else getattr(message, "size", 0)
 
 
 class UnreadAnswer:
