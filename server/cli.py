@@ -246,9 +246,10 @@ KNOBS: tuple[Knob, ...] = (
         "stream_min_rate",
         _optional_limit,
         _DEFAULT.stream_min_rate,
-        "bytes per second a streamed call's upload must average once it has waited --stream-idle-timeout for its "
-        "caller (one more second of waiting per that many bytes received); slower, DEADLINE_EXCEEDED, so that a "
-        "caller trickling bytes cannot hold a big-call slot and its memory (0 or none: no pace)",
+        "bytes per second a streamed call's caller must average, sending its request and reading its answer, once "
+        "it has kept the call waiting --stream-idle-timeout (one more second per that many bytes moved); slower, "
+        "the call ends (DEADLINE_EXCEEDED), so that a caller trickling bytes cannot hold a big-call slot and its "
+        "memory (0 or none: no pace)",
     ),
     Knob(
         "lane_join_timeout",

@@ -38,9 +38,10 @@ class ServerConfig:
     max_open_streams: int = 32
     # a request stream whose caller sends nothing for this long is ended (DEADLINE_EXCEEDED); None: never
     stream_idle_seconds: float | None = 60.0
-    # a streamed call's upload must average this many bytes per second once it has waited
-    # stream_idle_seconds for its caller (DEADLINE_EXCEEDED beyond): a big call holds a slot and memory,
-    # which a caller trickling bytes would otherwise hold for as long as it likes. None: no pace
+    # a streamed call's caller must send its request, and read its answer, at this many bytes per second
+    # on average once it has kept the call waiting stream_idle_seconds (beyond, the call ends): a big call
+    # holds a slot and memory, which a caller trickling bytes would otherwise hold as long as it likes.
+    # None: no pace
     stream_min_rate: int | None = 1 << 20
     # how long the lanes of a streamed call (EvaluateRequest.lanes) and the call may wait for each other
     lane_join_seconds: float = 10.0

@@ -15,8 +15,9 @@ sent; beyond, they are ended (DEADLINE_EXCEEDED naming ``--stream-min-rate``). O
 for the caller counts, never time the server spends on what arrived.
 
 A caller that stops reading its answer is bounded too: an answer message its caller has not taken for
-``idle_seconds`` ends the call (the handler is cancelled as when its caller leaves), which frees its
-memory and its big-call slot. (A caller that never read held them for as long as it kept the connection.)
+``idle_seconds``, or, on a paced stream, an answer read more slowly than the same pace, ends the call (the
+handler is cancelled as when its caller leaves), which frees its memory and its big-call slot. (A caller
+that never read held them for as long as it kept the connection.)
 """
 
 from __future__ import annotations
@@ -94,10 +95,10 @@ class StreamGuardInterceptor(grpc.aio.ServerInterceptor):
     ) -> AsyncIterator[Any]:
         if not self._admit(method, context):
             return
-        unread = UnreadAnswer(method, self.idle_seconds)
+        unread = UnreadAnswer(method, self.idle_seconds, self._pace(paced))
         try:
             async for message in behaviour(self._watched(requests, paced), context):
-                with unread.bounded():
+                with unread.bounded(message):
                     yield message  # returns once gRPC has written it: the caller took it
         except StreamIdleError as error:
             fail(context, error, method)
@@ -126,15 +127,11 @@ class StreamGuardInterceptor(grpc.aio.ServerInterceptor):
         """The caller's messages; a StreamIdleError once it sends nothing for ``idle_seconds``, or when
         ``paced`` and it falls behind its :class:`Pace` (counted from its second message)."""
         source = aiter(requests)
-        pace = Pace(self.idle_seconds, self.min_rate) if paced else None
+        pace = self._pace(paced)
         loop = asyncio.get_running_loop()
         first = True
         while True:
-            limit, behind = self.idle_seconds, False
-            if pace is not None and not first:
-                room = pace.room()
-                behind = room < limit  # a tie is silence: the idle timeout's own, clearer, message
-                limit = max(room, 0.0) if behind else limit
+            limit, behind = (self.idle_seconds, False) if pace is None or first else pace.limit(self.idle_seconds)
             waiting_since = loop.time()
             try:
                 message = await within(anext(source), limit)
@@ -143,38 +140,47 @@ class StreamGuardInterceptor(grpc.aio.ServerInterceptor):
             except TimeoutError:
                 if behind:
                     pace.waited += loop.time() - waiting_since
-                    raise pace.too_slow() from None
+                    raise StreamIdleError(f"the caller sent {pace.said('in')}") from None
                 raise StreamIdleError(
                     f"the caller sent nothing for {self.idle_seconds:g} s; this server ends request streams idle "
                     "that long (losswire serve --stream-idle-timeout)"
                 ) from None
             if pace is not None and not first:
-                pace.waited += loop.time() - waiting_since
-                pace.received += message_bytes(message)
+                pace.moved(loop.time() - waiting_since, message_bytes(message))
             first = False
             yield message
 
+    def _pace(self, paced: bool) -> Pace | None:
+        return Pace(self.idle_seconds, self.min_rate) if paced and self.min_rate is not None else None
+
 
 class Pace:
-    """The least pace of a request stream that holds a big call: it may spend ``grace`` seconds waiting
-    for its caller, plus one second for every ``min_rate`` bytes received. A slow link passes as long as
-    it delivers ``min_rate``; a caller sending a byte now and then, to hold a big-call slot and its
-    memory, does not."""
+    """The least pace of a stream that holds a big call, each way: it may spend ``grace`` seconds waiting
+    for its caller (to send, or to read), plus one second for every ``min_rate`` bytes moved. A slow link
+    passes as long as it moves ``min_rate``; a caller moving a few bytes now and then, to hold a big-call
+    slot and its memory, does not."""
 
     def __init__(self, grace: float, min_rate: float) -> None:
         self.grace, self.min_rate = grace, min_rate
-        self.waited = 0.0  # seconds spent waiting for the caller's next message
-        self.received = 0  # bytes of its messages
+        self.waited = 0.0  # seconds spent waiting for the caller
+        self.bytes = 0  # bytes it moved meanwhile
 
-    def room(self) -> float:
-        """Seconds the stream may still wait for its caller."""
-        return self.grace + self.received / self.min_rate - self.waited
+    def limit(self, idle: float) -> tuple[float, bool]:
+        """How long the next wait may last, and whether that is the pace's limit rather than ``idle``'s
+        (a tie is the idle timeout's: a silent caller is told it was silent)."""
+        room = self.grace + self.bytes / self.min_rate - self.waited
+        return (max(room, 0.0), True) if room < idle else (idle, False)
 
-    def too_slow(self) -> StreamIdleError:
-        return StreamIdleError(
-            f"the caller sent {self.received} bytes in {self.waited:.1f} s of waiting for them, slower than this "
-            f"server requires of a streamed call: {self.min_rate:g} bytes per second after its first "
-            f"{self.grace:g} s (losswire serve --stream-min-rate, --stream-idle-timeout)"
+    def moved(self, waited: float, nbytes: int) -> None:
+        self.waited += waited
+        self.bytes += nbytes
+
+    def said(self, direction: str) -> str:
+        """The end of the refusal's sentence, "the caller sent" / "the caller read" coming before it."""
+        return (
+            f"{self.bytes} bytes {direction} {self.waited:.1f} s of waiting for it, slower than this server "
+            f"requires of a streamed call: {self.min_rate:.0f} bytes per second once it has waited {self.grace:g} s "
+            "(losswire serve --stream-min-rate, --stream-idle-timeout)"
         )
 
 
@@ -190,32 +196,43 @@ def message_bytes(message: Any) -> int:
 
 
 class UnreadAnswer:
-    """Ends a streaming call whose caller leaves an answer message unread for ``seconds``: the handler's
-    task is cancelled, as gRPC cancels it when a caller goes away, so its cleanup runs and its call's
-    memory and slot are released. A yield cannot be given a time limit of its own: gRPC's write of the
-    yielded message waits on the caller's flow control for as long as the caller does not read."""
+    """Ends a streaming call whose caller leaves an answer message unread for ``seconds``, or, with a
+    ``pace``, reads its answer more slowly than that pace: the handler's task is cancelled, as gRPC
+    cancels it when a caller goes away, so its cleanup runs and its call's memory and slot are released.
+    A yield cannot be given a time limit of its own: gRPC's write of the yielded message waits on the
+    caller's flow control for as long as the caller does not read."""
 
-    def __init__(self, method: str, seconds: float | None) -> None:
-        self.method, self.seconds = method, seconds
+    def __init__(self, method: str, seconds: float | None, pace: Pace | None = None) -> None:
+        self.method, self.seconds, self.pace = method, seconds, pace
         self.task = asyncio.current_task()
 
     @contextlib.contextmanager
-    def bounded(self) -> Any:
+    def bounded(self, message: Any) -> Any:
+        """Around the yield of ``message``."""
         if self.seconds is None or self.task is None:
             yield
             return
-        timer = asyncio.get_running_loop().call_later(self.seconds, self._expired)
+        limit, behind = (self.seconds, False) if self.pace is None else self.pace.limit(self.seconds)
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(limit, self._expired, behind)
+        writing_since = loop.time()
         try:
             yield
         finally:
             timer.cancel()
+            if self.pace is not None:
+                self.pace.moved(loop.time() - writing_since, message_bytes(message))
 
-    def _expired(self) -> None:
-        log.info(
-            "%s: the caller read nothing of its answer for %g s (losswire serve --stream-idle-timeout); the call ends",
-            self.method,
-            self.seconds,
-        )
+    def _expired(self, behind: bool) -> None:
+        if behind:
+            log.info("%s: the caller read %s; the call ends", self.method, self.pace.said("of its answer in"))
+        else:
+            log.info(
+                "%s: the caller read nothing of its answer for %g s (losswire serve --stream-idle-timeout); the "
+                "call ends",
+                self.method,
+                self.seconds,
+            )
         self.task.cancel()
 
 

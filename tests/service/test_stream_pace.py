@@ -18,6 +18,7 @@ import pytest
 import torch
 from support.calls import evaluate_stream, plain_channel
 from support.in_process import nothing_held, running_server
+from support.logs import watching_server_log
 from support.polling import eventually
 
 from losswire.client import Credentials, LossClient, RemoteLoss
@@ -177,3 +178,48 @@ def test_without_tokens_one_caller_may_hold_every_slot():
         with holding(target, None, release), holding(target, None, release):
             assert eventually(lambda: server.dataplane.slots.in_use == 2, 10), server.dataplane.slots.in_use
         assert nothing_held(server, 10)
+
+
+def test_a_caller_reading_its_answer_too_slowly_is_ended_and_leaves_its_slot_and_memory():
+    """A 64 MiB answer (loss and gradient of an L1Loss 'none' term, 17 messages) read one message every
+    0.2 s, about 20 MiB/s, against a pace of 256 MiB/s after 1.5 s: the server ends the call once the
+    reader falls behind, logging why, and gives back its slot and memory while the caller still has
+    messages to read. (Before, a reader fast enough never to leave one message unread for the idle timeout held them
+    for as long as it kept reading.)"""
+    elements = 8 << 20  # pred and target 32 MiB each
+    request = pb.EvaluateRequest()
+    term = request.terms.add(config=codec.encode_config({"type": "L1Loss", "reduction": "none"}))
+    for message in (term.pred, term.target.tensor):
+        message.dtype, message.shape[:] = pb.FLOAT32, [elements]
+    data = torch.randn(elements).numpy().tobytes()
+    messages = [pb.EvaluateChunk(request=request)] + [
+        chunks.chunk_wire_bytes(path, offset, data[offset : offset + (4 << 20)])
+        for path in ("terms[0].pred", "terms[0].target")
+        for offset in range(0, len(data), 4 << 20)
+    ]
+    read, stop = [], threading.Event()
+    options = [("grpc.enable_retries", 0), ("grpc.max_receive_message_length", 64 << 20)]
+    with (
+        watching_server_log() as log,
+        running_server(stream_idle_seconds=1.5, stream_min_rate=256 << 20, max_stream_calls=1) as server,
+        grpc.insecure_channel(f"127.0.0.1:{server.port}", options=options) as channel,
+    ):
+        call = evaluate_stream(channel)(iter(messages), timeout=60)
+
+        def slowly() -> None:
+            with contextlib.suppress(grpc.RpcError):
+                for message in call:
+                    read.append(message)
+                    if stop.wait(0.2):
+                        return
+
+        reader = threading.Thread(target=slowly, daemon=True)
+        reader.start()
+        try:
+            log.wait_for(r"EvaluateStream: the caller read \d+ bytes of its answer in .*--stream-min-rate", 0)
+            assert nothing_held(server, 10), "the slow reader's call still holds its slot or memory"
+            assert len(read) < 17, "the whole answer was read before the server ended the call"
+        finally:
+            stop.set()
+            call.cancel()
+            reader.join(10)
