@@ -393,6 +393,20 @@ class Stripes:
                 start = end
         return dealt
 
+    def bytes_from(self, due: int, nbytes: int) -> int:
+        """Bytes of an ``nbytes`` tensor from ``due`` (inside one of a stream's stripes, or ``nbytes``) to
+        its end that travel on the stream of ``due``: the rest of that stripe, then one stripe in every
+        ``streams`` (the tensor's last one may be short). Counted, not walked: a tensor has many stripes."""
+        if due >= nbytes or self.streams == 1:
+            return max(nbytes - due, 0)
+        size, cycle = self.stripe_bytes, self.stripe_bytes * self.streams
+        start = due - due % size  # of the stripe holding ``due``
+        owed = min(start + size, nbytes) - due
+        later = (nbytes - 1 - start) // cycle  # the stream's stripes after this one
+        if later:
+            owed += later * size - max(start + later * cycle + size - nbytes, 0)
+        return owed
+
     def stream_name(self, stream: int) -> str:
         """How an error names a stream of a call with lanes."""
         return "the request's stream" if stream == 0 else f"lane {stream}"
@@ -475,6 +489,17 @@ class StreamAssembler:
             return self._pending[path].prefix
         tensor = self.tensors.get(path)
         return None if tensor is None else tensor.numel() * tensor.element_size()
+
+    def owed(self, stream: int) -> list[tuple[str, int, int]]:
+        """What ``stream`` still owes, as (path, bytes, offset of its next byte due) for each incomplete
+        tensor, in the request's order. Counted when asked (once a stream has ended), never per chunk."""
+        owed = []
+        for path, pending in self._pending.items():
+            due = pending.positions[stream]
+            count = self.stripes.bytes_from(due, pending.nbytes)
+            if count:
+                owed.append((path, count, due))
+        return owed
 
     @property
     def streamed(self) -> list[str]:

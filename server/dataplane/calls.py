@@ -435,6 +435,7 @@ class StreamIntake:
         self.dataplane, self.header, self.started, self.owner = dataplane, header, started, owner
         self.caller = caller
         self._token = caller.token if caller is not None else ""  # whose slot it takes
+        self.stripes = stripes  # how its bytes are spread over its streams (lanes)
         self._assembler: chunks.StreamAssembler | None = chunks.StreamAssembler(
             header, dataplane.limits.max_elements, self._allocate, stripes=stripes
         )
@@ -465,6 +466,11 @@ class StreamIntake:
         except (LimitExceededError, ServerBusyError) as error:
             error.field = error.field or f"{chunk.tensor}.shape"
             raise
+
+    def owed(self, stream: int) -> list[tuple[str, int, int]]:
+        """What ``stream`` (0: the request's, i: lane i) still owes of the call's tensors (see
+        ``StreamAssembler.owed``); nothing once the call is being evaluated or is over."""
+        return self._assembler.owed(stream) if self._assembler is not None else []
 
     def _allocate(self, nbytes: int) -> torch.Tensor:
         return self._buffers.take(nbytes, "a streamed tensor")

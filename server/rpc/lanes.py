@@ -5,7 +5,9 @@ stripes on several streams, each on its own connection. The call's own stream (t
 request) opens it here under its caller's token and ``StreamLanes.call``; each lane finds it there,
 waiting up to the join timeout for a request that has not arrived yet, and copies its chunks into the
 same intake. The call evaluates once every lane has ended; whatever ends the call ends its lanes (their
-next chunk is refused), and a lane whose chunks are refused fails the call with the same error.
+next chunk is refused), and a lane whose chunks are refused fails the call with the same error. A stream
+(a lane, or the call's own) that ends while it still owes stripes of the call fails, naming itself and
+what it owed, and fails the call with that error: its caller is not told OK for a call it left short.
 
 Bounded: a lane, waiting to join or joined, is an open request stream (``--max-open-streams``) under the
 same idle guard as any; a lane waits at most the join timeout for its call, and a call at most that long
@@ -20,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from losswire.v1 import loss_service_pb2 as pb
+from losswire.wire.chunks import Stripes
 
 from ..dataplane import StreamIntake
 from ..errors import NotFoundError, RequestError, StreamIdleError
@@ -73,14 +76,24 @@ class CallLanes:
                 ended.set_exception(error)
         self.on_chunk()
 
+    def owing(self, stream: int) -> RequestError | None:
+        """The error of ``stream`` (0: the request's, i: lane i), which has ended, if it still owes stripes
+        of the call; None if it owes nothing, or the call is over (nothing is owed to it any more)."""
+        owed = self.intake.owed(stream)
+        return _owing_error(self.intake.stripes, owed, stream) if owed else None
+
     async def all_ended(self) -> None:
-        """Returns once every lane has sent all its chunks; raises the first lane's error, and
+        """Called once the request's own stream has ended: returns once every lane has sent all its chunks;
+        raises the first lane's error, then the request stream's own if it still owes stripes, and
         StreamIdleError (field "lanes") when a lane has not joined by the join timeout."""
         loop = asyncio.get_running_loop()
+        owing = self.owing(0)  # its stream is over: what it owes never comes, and its lanes need not finish
         while True:
             for ended in self.ended:
                 if ended.done() and not ended.cancelled() and ended.exception() is not None:
                     raise ended.exception()
+            if owing is not None:
+                raise owing
             waiting = [ended for ended in self.ended if not ended.done()]
             if not waiting:
                 return
@@ -103,6 +116,31 @@ class CallLanes:
                 ended.exception()
             else:
                 ended.cancel()
+
+
+def _owing_error(stripes: Stripes, owed: list[tuple[str, int, int]], stream: int) -> RequestError:
+    """The error of ``stream``, ended while it owed ``owed`` (``StreamIntake.owed``); its field, the first
+    tensor's data."""
+    who = "the request's stream ended" if stream == 0 else f"lane {stream} ended its stream"
+    path, count, due = owed[0]
+    listed = f"of {path} from offset {due} on"
+    if len(owed) > 1:  # each one's share: the total alone would not say which tensor is short by what
+        listed += f" ({count} bytes) and {_the_rest(owed[1:])}"
+    return RequestError(
+        f"{who} owing {sum(count for _, count, _ in owed)} bytes: its stripes {listed}; stripe j of "
+        f"lanes.stripe_bytes {stripes.stripe_bytes} goes on stream j mod {stripes.streams} (0: the request's "
+        "stream, i: lane i)",
+        field=f"{path}.data",
+    )
+
+
+def _the_rest(owed: list[tuple[str, int, int]]) -> str:
+    """The tensors owed after the first: named if one, else counted (status messages are cut at 300
+    characters; the first is the error's field)."""
+    if len(owed) == 1:
+        path, count, due = owed[0]
+        return f"of {path} from offset {due} on ({count} bytes)"
+    return f"of {len(owed)} more tensors ({sum(count for _, count, _ in owed)} bytes)"
 
 
 class _Awaited:

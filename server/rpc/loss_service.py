@@ -117,7 +117,9 @@ class LossService(pb_grpc.LossServiceServicer):
                 intake.close()
 
     async def _lane(self, lane: pb.StreamLane, token: str, requests: AsyncIterator[Any]) -> None:
-        """A lane of another stream's call (see ``lanes``): its chunks into that call's intake."""
+        """A lane of another stream's call (see ``lanes``): its chunks into that call's intake. A lane whose
+        stream ends while it still owes stripes of the call fails (INVALID_ARGUMENT naming it), and so does
+        its call."""
         call = await self.lanes.join(token, lane)
         error: BaseException | None = CallCancelledError(f"lane {lane.lane} of the call went away")
         number = 1
@@ -125,6 +127,9 @@ class LossService(pb_grpc.LossServiceServicer):
             async for message in requests:
                 number += 1
                 call.add(lane.lane, _chunk_of(message, number, f"lane {lane.lane}'s stream"))
+            owing = call.owing(lane.lane)  # its stream has ended: stripes it still owes would never come
+            if owing is not None:
+                raise owing  # to the lane's caller, and (finally) to its call's
             error = None
         except Exception as failure:
             error = failure
