@@ -314,6 +314,12 @@ def _misdealt(streams: list[list]) -> list[list]:
     return streams
 
 
+def _held(messages: list, release: threading.Event) -> Iterator:
+    """``messages``, then nothing until ``release``: the stream stays open, silent."""
+    yield from messages
+    release.wait(30)
+
+
 @pytest.mark.parametrize("fault", ["wrong stream", "across a stripe", "lane number 3 of 2", "lane twice"])
 def test_a_lane_that_breaks_the_stripes_fails_itself_and_its_call(quick_joins, fault):
     pred, labels = _inputs(9)
@@ -331,12 +337,16 @@ def test_a_lane_that_breaks_the_stripes_fails_itself_and_its_call(quick_joins, f
         streams[2][0] = pb.EvaluateChunk(lane=pb.StreamLane(call=call, lane=3))
         field, said = "lane.lane", "must be 1 to 2"
     else:
-        streams[2][0] = pb.EvaluateChunk(lane=pb.StreamLane(call=call, lane=1))
+        # a second lane 1 that sends nothing after joining: whichever of the two joins first, the other is
+        # refused, and no chunk of the wrong stream's can fail the call first
+        streams[2] = _held([pb.EvaluateChunk(lane=pb.StreamLane(call=call, lane=1))], release := threading.Event())
         field, said = "lane.lane", "has joined already"
     calls = Calls(_target(quick_joins))
     started = [calls.start(iter(messages)) for messages in streams]
-    outcomes = [calls.outcome(index) for index in started]
-    main = outcomes[0]
+    main = calls.outcome(started[0])
+    if fault == "lane twice":
+        release.set()
+    outcomes = [main, *(calls.outcome(index) for index in started[1:])]
     assert isinstance(main, grpc.RpcError), main
     if field == "lane.lane":  # the odd lane is refused, and the call with it (not at the join timeout)
         refused = [o for o in outcomes[1:] if isinstance(o, grpc.RpcError) and field_of(o) == "lane.lane"]
