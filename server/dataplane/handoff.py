@@ -1,16 +1,29 @@
 """The Unix socket that takes callers' shared-memory segments (the framing: ``losswire.wire.shared_memory``).
 
-One thread serves every connection (``selectors``): a same-host caller connects once, keeps the
-connection for its process's life, and sends each new segment's descriptor (``SCM_RIGHTS``) with a
-16-byte handoff message; the server answers each with a one-time claim or a refusal. A connection
+One thread serves the socket and every connection (``selectors``): a same-host caller connects once,
+keeps the connection for its process's life, and sends each new segment's descriptor (``SCM_RIGHTS``)
+with a 16-byte handoff message; the server answers each with a one-time claim or a refusal. A connection
 that closes is a caller that exited or died: the registry drops what it handed over.
+
+Adopting a segment takes time (its every page is checked allocated: 0.2 s a GiB or more), so that thread
+only reads and writes: handoffs are handled (``handle``: adopted or refused) by ``ADOPTION_WORKERS``
+worker threads, at most one handoff of a connection at a time. A caller's handoffs are answered in
+the order it sent them, and one caller's big segment delays no other caller's handoff (a caller with
+many connections could occupy every worker, each for one adoption; the next of its handoffs then
+queues behind everyone else's). While a connection's handoff is being handled, nothing more is read
+from it: what it sends next waits in its socket.
 
 Only callers running as the server's own user are accepted (``SO_PEERCRED``): another user's
 connection gets a refusal (PERMISSION_DENIED, naming both uids) and is closed before it can send
 anything, so no descriptor of theirs ever enters the server. Connections are bounded
 (``max_connections``; beyond, RESOURCE_EXHAUSTED), and so are descriptors: at most ``MAX_FDS_PER_READ``
-come in with one read, each is adopted (mapped, then closed) or closed at once, and a caller that sends
-descriptors without handoff messages, or garbage, is disconnected.
+come in with one read, and none is read from a connection until those are handled (each adopted:
+mapped, then closed; or closed at once); a caller that sends descriptors without handoff messages,
+or garbage, is disconnected.
+
+Stopping closes the socket and every connection at once; it returns once the handoffs being adopted
+are done, their segments dropped (each connection's end is told to ``closed`` after its last
+``handle`` returned, never while one runs).
 
 The address is an abstract-namespace name (``@losswire-shm-<random>``): it needs no file, nobody else
 can take it over while the server lives, and it vanishes with the server. Callers must share the
@@ -19,6 +32,7 @@ server's network namespace (the same host, or the same pod) to reach it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -27,6 +41,7 @@ import selectors
 import socket
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from losswire.wire import shared_memory as wire_memory
 
@@ -34,6 +49,7 @@ log = logging.getLogger("losswire.server")
 
 MAX_FDS_PER_READ = 4  # more descriptors in one message are never installed here (MSG_CTRUNC: disconnected)
 MAX_BUFFERED = 64 * wire_memory.HANDOFF_FRAME.size  # a caller this far ahead of its answers is disconnected
+ADOPTION_WORKERS = 4  # handoffs handled at once, each of another connection (a few cores' worth of page walks)
 TICK_SECONDS = 1.0
 
 
@@ -44,7 +60,11 @@ class Peer:
         self.sock, self.pid, self.uid = sock, pid, uid
         self.data = bytearray()  # bytes of handoff messages not yet complete
         self.fds: list[int] = []  # descriptors received, not yet paired with their message
+        self.waiting: collections.deque[tuple[int, int | None]] = collections.deque()  # (byte_size, fd), in order
         self.pending = 0  # handoffs answered with a claim, not yet registered (the registry counts)
+        self.reading = False  # registered with the selector (not while a handoff of its is handled)
+        self.busy = False  # a worker has one of its handoffs (HandoffListener._lock)
+        self.gone = False  # its connection closed (HandoffListener._lock)
 
     def __repr__(self) -> str:
         return f"pid {self.pid}"
@@ -55,8 +75,9 @@ Handle = Callable[[Peer, int, "int | None"], tuple[int, str]]
 
 
 class HandoffListener:
-    """Accepts handoffs on ``address`` in a thread of its own; ``handle`` answers each, ``closed(peer)``
-    is told of each connection that ends, ``tick()`` runs about every second (expiry)."""
+    """Accepts handoffs on ``address`` in a thread of its own; ``handle`` answers each (on a worker
+    thread, one at a time per connection), ``closed(peer)`` is told of each connection that ends (once
+    no ``handle`` of its runs), ``tick()`` runs about every second (expiry)."""
 
     def __init__(
         self,
@@ -73,7 +94,10 @@ class HandoffListener:
         self._listener: socket.socket | None = None
         self._wake: tuple[socket.socket, socket.socket] | None = None
         self._thread: threading.Thread | None = None
+        self._workers: ThreadPoolExecutor | None = None
         self._stopping = threading.Event()
+        self._lock = threading.Lock()  # Peer.busy and Peer.gone, and the answers below
+        self._answered: collections.deque[tuple[Peer, bytes | None]] = collections.deque()  # by workers, to send
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -83,21 +107,28 @@ class HandoffListener:
         listener.listen(64)
         listener.setblocking(False)
         self._listener, self._wake = listener, socket.socketpair()
+        for end in self._wake:
+            end.setblocking(False)  # a full wake-up pipe already has a wake-up in it
         self._selector = selectors.DefaultSelector()
         self._selector.register(listener, selectors.EVENT_READ)
         self._selector.register(self._wake[0], selectors.EVENT_READ)
+        self._workers = ThreadPoolExecutor(ADOPTION_WORKERS, thread_name_prefix="losswire-shm-adopt")
         self._thread = threading.Thread(target=self._run, name="losswire-shm-handoff", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        """Close every connection and the socket (the thread ends within a moment)."""
+        """Close every connection and the socket; return once no handoff is being handled any more."""
         if self._thread is None:
             return
         self._stopping.set()
-        with contextlib.suppress(OSError):
-            self._wake[1].send(b"x")
+        self._wake_up()
         self._thread.join(10)
         self._thread = None
+        self._workers.shutdown(wait=True)  # an adoption under way ends, and its segment is dropped (closed)
+
+    def _wake_up(self) -> None:
+        with contextlib.suppress(OSError):  # full (a wake-up is waiting already), or closed (stopped)
+            self._wake[1].send(b"x")
 
     # -- the thread -------------------------------------------------------------------------------
 
@@ -107,8 +138,12 @@ class HandoffListener:
                 for key, _ in self._selector.select(TICK_SECONDS):
                     if key.fileobj is self._listener:
                         self._accept()
-                    elif key.data is not None:
+                    elif key.fileobj is self._wake[0]:
+                        with contextlib.suppress(OSError):
+                            self._wake[0].recv(4096)
+                    else:
                         self._serve(key.data)
+                self._deliver()
                 self.tick()
         except Exception:  # never expected: log it, and let callers notice the closed connections
             log.exception("shared memory: the handoff listener failed; shared memory stops taking segments")
@@ -153,10 +188,12 @@ class HandoffListener:
             sock.close()
             return
         self.peers[sock.fileno()] = peer
-        self._selector.register(sock, selectors.EVENT_READ, peer)
+        self._resume(peer)
 
     def _serve(self, peer: Peer) -> None:
         """Read what ``peer`` sent; a failure of ours costs that connection only, never the others'."""
+        if peer.gone:  # closed earlier in this round of events
+            return
         try:
             self._read(peer)
         except Exception:
@@ -190,12 +227,78 @@ class HandoffListener:
                 _close_fd(fd)
                 self._violation(peer, str(error))
                 return
-            status, text = self.handle(peer, byte_size, fd)
-            if not self._send(peer, wire_memory.answer_frame(status, text)):
-                self._disconnect(peer)
-                return
+            peer.waiting.append((byte_size, fd))
         if len(peer.fds) > (1 if peer.data else 0):  # descriptors without a handoff message each
             self._violation(peer, "descriptors came without a handoff message each")
+            return
+        self._next(peer)
+
+    # -- handling on the workers, answers on this thread --------------------------------------------
+
+    def _next(self, peer: Peer) -> None:
+        """Give ``peer``'s next waiting handoff to a worker, or, with none waiting, read from it again.
+        Called while no handoff of ``peer``'s is with a worker (it is not read from meanwhile)."""
+        if not peer.waiting:
+            self._resume(peer)
+            return
+        self._pause(peer)  # its next messages (and descriptors) stay in its socket until this one is answered
+        byte_size, fd = peer.waiting.popleft()
+        with self._lock:
+            peer.busy = True
+        try:
+            self._workers.submit(self._handle, peer, byte_size, fd)
+        except RuntimeError:  # the workers are shut down: the server is stopping
+            _close_fd(fd)
+            with self._lock:
+                peer.busy = False
+            self._disconnect(peer)
+
+    def _handle(self, peer: Peer, byte_size: int, fd: int | None) -> None:
+        """On a worker: ``handle`` the handoff and pass its answer (None: disconnect) to the thread."""
+        answer = None
+        try:
+            if self._stopping.is_set() or peer.gone:  # nobody will read the answer: not adopted at all
+                _close_fd(fd)
+            else:
+                answer = wire_memory.answer_frame(*self.handle(peer, byte_size, fd))
+        except Exception:
+            log.exception("shared memory: a handoff of pid %d failed; its connection is closed", peer.pid)
+        with self._lock:
+            peer.busy = False
+            gone = peer.gone
+            if not gone:
+                self._answered.append((peer, answer))
+        if not gone:
+            self._wake_up()
+            return
+        try:  # it closed while this ran: only now may the registry drop what it handed over
+            self.closed(peer)
+        except Exception:  # a worker's future is never read: say so here
+            log.exception("shared memory: dropping what pid %d handed over failed", peer.pid)
+
+    def _deliver(self) -> None:
+        """Send the answers the workers have ready, each connection's next handoff to a worker."""
+        with self._lock:
+            answered, self._answered = self._answered, collections.deque()
+        for peer, answer in answered:
+            if peer.gone:
+                continue
+            if answer is None or not self._send(peer, answer):
+                self._disconnect(peer)
+            else:
+                self._next(peer)
+
+    # -- connections ------------------------------------------------------------------------------
+
+    def _pause(self, peer: Peer) -> None:
+        if peer.reading:
+            self._selector.unregister(peer.sock)
+            peer.reading = False
+
+    def _resume(self, peer: Peer) -> None:
+        if not peer.reading:
+            self._selector.register(peer.sock, selectors.EVENT_READ, peer)
+            peer.reading = True
 
     def _violation(self, peer: Peer, what: str) -> None:
         log.info("shared memory: disconnected pid %d: %s", peer.pid, what)
@@ -214,11 +317,17 @@ class HandoffListener:
             return
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(peer.sock)
-        for fd in peer.fds:
+        peer.reading = False
+        for fd in [*peer.fds, *(fd for _, fd in peer.waiting)]:
             _close_fd(fd)
         peer.fds.clear()
+        peer.waiting.clear()
         peer.sock.close()
-        self.closed(peer)
+        with self._lock:
+            peer.gone = True
+            busy = peer.busy
+        if not busy:  # else the worker tells ``closed`` once its ``handle`` returned
+            self.closed(peer)
 
 
 def _refuse(sock: socket.socket, status: int, message: str) -> None:

@@ -12,8 +12,10 @@ connection). Any other caller naming its handle is answered NOT_FOUND, word for 
 that does not exist; handles and claims never appear in logs or in another caller's answers.
 
 **Bounded** (:class:`SharedMemoryLimits`): regions and bytes per caller, regions and bytes in total
-(handoffs not yet registered count too), connections, and handoffs waiting per connection. A region
-costs the server no descriptor (it is mapped, then its descriptor closed).
+(handoffs not yet registered count too, and so do those being adopted: a handoff reserves its room
+before its adoption begins, so handoffs adopted side by side never pass a bound together),
+connections, and handoffs waiting per connection. A region costs the server no descriptor (it is
+mapped, then its descriptor closed).
 
 **Released** on UnregisterSharedMemory, when the connection it was handed over on closes (its process
 exited or died: every region it handed over is dropped at once), when a claim is not registered within
@@ -75,6 +77,14 @@ class SharedMemoryLimits:
 
 
 @dataclasses.dataclass
+class _Room:
+    """Segments and bytes reserved by handoffs being adopted (counted against the bounds until then)."""
+
+    regions: int = 0
+    bytes: int = 0
+
+
+@dataclasses.dataclass
 class _Held:
     """A segment the server mapped: registered (``caller`` set) or pending its registration."""
 
@@ -121,6 +131,18 @@ def _copied(view: torch.Tensor, path: str, allocate: Allocate) -> torch.Tensor:
     return allocate(view.nbytes, path).view(view.dtype).reshape(view.shape).copy_(view)
 
 
+def _adopted(peer: Peer, fd: int, byte_size: int) -> Segment | tuple[int, str]:
+    """``fd`` adopted (the slow part: every page is checked allocated), or the refusal. Closes ``fd``."""
+    try:
+        return Segment.adopt(fd, byte_size)
+    except SegmentRefusedError as error:
+        log.info("shared memory: refused a segment of pid %d: %s", peer.pid, error)
+        status = wire_memory.RESOURCE_EXHAUSTED if error.exhausted else wire_memory.INVALID_ARGUMENT
+        return status, f"shared memory: {error}"
+    except OSError as error:  # mmap: out of address space or memory
+        return wire_memory.RESOURCE_EXHAUSTED, f"shared memory: cannot map {byte_size} bytes: {error.strerror}"
+
+
 def _over(limit: int | None, value: int) -> bool:
     return limit is not None and value > limit
 
@@ -133,6 +155,7 @@ class SharedMemoryRegistry:
         self.limits = limits if limits is not None else SharedMemoryLimits()
         self._regions: dict[str, _Held] = {}  # by handle
         self._pending: dict[str, _Held] = {}  # by claim
+        self._adopting = _Room()  # reserved by handoffs being adopted (handoff workers, side by side)
         self._lock = threading.Lock()
         self._listener = (
             HandoffListener(self._handoff, self._closed, self._expire, self.limits.connections) if enabled else None
@@ -147,7 +170,8 @@ class SharedMemoryRegistry:
             self._started = True
 
     def stop(self) -> None:
-        """Close the socket and every connection; drop every region and handoff."""
+        """Close the socket and every connection; drop every region and handoff (an adoption under way
+        ends first: returns once no handoff worker runs)."""
         if self._listener is not None and self._started:
             self._listener.stop()
         with self._lock:
@@ -167,45 +191,53 @@ class SharedMemoryRegistry:
             raise NotAvailableError("shared memory is not running on this server yet; send tensors inline")
         return self._listener.address
 
-    # -- the handoff socket's side (its thread) --------------------------------------------------
+    # -- the handoff socket's side (its workers, side by side) -----------------------------------
 
     def _handoff(self, peer: Peer, byte_size: int, fd: int | None) -> tuple[int, str]:
         """A segment handed over: a claim, or a refusal (status, message). Owns ``fd``."""
         if fd is None:
             return wire_memory.INVALID_ARGUMENT, "a handoff carries one descriptor (SCM_RIGHTS); none came with it"
-        with self._lock:
+        with self._lock:  # checked and reserved at once: another worker's handoff sees this one's room taken
             refusal = self._no_room(peer, byte_size)
+            if refusal is None:
+                self._reserve(peer, byte_size, 1)
         if refusal is not None:
             os.close(fd)
             return wire_memory.RESOURCE_EXHAUSTED, refusal
-        try:
-            segment = Segment.adopt(fd, byte_size)  # closes fd
-        except SegmentRefusedError as error:
-            log.info("shared memory: refused a segment of pid %d: %s", peer.pid, error)
-            status = wire_memory.RESOURCE_EXHAUSTED if error.exhausted else wire_memory.INVALID_ARGUMENT
-            return status, f"shared memory: {error}"
-        except OSError as error:  # mmap: out of address space or memory
-            return wire_memory.RESOURCE_EXHAUSTED, f"shared memory: cannot map {byte_size} bytes: {error.strerror}"
+        adopted: Segment | tuple[int, str] | None = None
         claim = secrets.token_hex(16)
-        with self._lock:
-            self._pending[claim] = _Held(segment, peer)
-            peer.pending += 1
-        return wire_memory.OK, claim
+        try:
+            adopted = _adopted(peer, fd, byte_size)
+        finally:  # the reservation becomes the pending handoff, or is given back (refused, or failed)
+            with self._lock:
+                self._reserve(peer, byte_size, -1)
+                if isinstance(adopted, Segment):
+                    self._pending[claim] = _Held(adopted, peer)
+                    peer.pending += 1
+        return (wire_memory.OK, claim) if isinstance(adopted, Segment) else adopted
+
+    def _reserve(self, peer: Peer, byte_size: int, count: int) -> None:
+        """Take (count 1) or give back (-1) the room of a handoff being adopted. Under the lock."""
+        self._adopting.regions += count
+        self._adopting.bytes += count * byte_size
+        peer.pending += count  # a connection's handoff counts against its pending handoffs from the start
 
     def _no_room(self, peer: Peer, byte_size: int) -> str | None:
-        """Why a handoff of ``byte_size`` bytes from ``peer`` does not fit (None: it does). Under the lock."""
+        """Why a handoff of ``byte_size`` bytes from ``peer`` does not fit (None: it does), counting the
+        room reserved by handoffs being adopted. Under the lock."""
         if peer.pending >= MAX_PENDING_PER_CONNECTION:
             return (
                 f"shared memory: this connection holds {peer.pending} handoffs not yet registered, its most; "
                 "register them (RegisterSharedMemory) before handing more over"
             )
         held = [*self._regions.values(), *self._pending.values()]
-        if _over(self.limits.regions, len(held) + 1):
+        segments = len(held) + self._adopting.regions
+        if _over(self.limits.regions, segments + 1):
             return (
-                f"shared memory: this server holds {len(held)} segments, its most (losswire serve "
+                f"shared memory: this server holds {segments} segments, its most (losswire serve "
                 "--max-shared-memory-total-regions); unregister some, or send tensors inline"
             )
-        mapped = sum(h.segment.size for h in held)
+        mapped = sum(h.segment.size for h in held) + self._adopting.bytes
         if _over(self.limits.bytes, mapped + byte_size):
             return (
                 f"shared memory: {byte_size} more bytes would map {mapped + byte_size} bytes; this server maps at "
