@@ -37,6 +37,12 @@ class RemoteLossError(RuntimeError):
                 detail.Unpack(bad_request)
                 if bad_request.field_violations:
                     field = bad_request.field_violations[0].field
+        if _over_message_limit(code, details) and "Received" in details:  # the server's limit, not this side's
+            details += (
+                "; the server takes at most that many bytes in one message (losswire serve "
+                "--max-request-message-bytes, 64 MiB by default): bigger requests go by EvaluateStream (LossClient "
+                "streams from stream_threshold, 8 MiB by default)"
+            )
         return cls(code, details or "", field, is_busy(error))
 
 
@@ -46,6 +52,8 @@ def is_busy(error: grpc.RpcError) -> bool:
     code = error.code() if hasattr(error, "code") else None
     if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
         return False
+    if _over_message_limit(code, error.details() if hasattr(error, "details") else ""):
+        return False  # gRPC's own refusal of a message over a size limit carries no pushback: never passes
     trailers = dict(error.trailing_metadata() or ()) if hasattr(error, "trailing_metadata") else {}
     return trailers.get(NO_RETRY[0]) != NO_RETRY[1]
 
@@ -84,3 +92,8 @@ class ArgumentError(RemoteLossError, TypeError, ValueError):
     def __init__(self, loss: str, argument: str, message: str) -> None:
         super().__init__(grpc.StatusCode.INVALID_ARGUMENT, f"{loss}: argument {argument!r} {message}", argument)
         self.loss, self.argument = loss, argument
+
+
+def _over_message_limit(code: grpc.StatusCode, details: str | None) -> bool:
+    """gRPC's refusal of a message bigger than a side's limit ("Received message larger than max (N vs. M)")."""
+    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in (details or "")

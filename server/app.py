@@ -39,6 +39,7 @@ from .losses import LOSSES, Registry
 from .rpc.authentication import SessionOwners, TokenAuthInterceptor
 from .rpc.calls import Compute
 from .rpc.inference import InferenceService, add_inference_service
+from .rpc.intake import RequestRoom, UnaryIntakeInterceptor, unary_read_seconds
 from .rpc.lanes import Lanes
 from .rpc.loss_service import LossService, add_to_server
 from .rpc.malformed import MalformedRequestInterceptor
@@ -47,6 +48,9 @@ from .rpc.streams import StreamGuardInterceptor
 from .rpc.tls import ServerTLS, tls_files
 
 log = logging.getLogger("losswire.server")
+
+HANDSHAKE_TIMEOUT_MS = 10_000
+MAX_STREAMS_PER_CONNECTION = 100
 Result = TypeVar("Result")
 
 
@@ -81,6 +85,10 @@ class LosswireServer:
         self.tls = ServerTLS(tls) if tls else None
         tokens = config.auth_tokens_file is not None or bool(config.auth_tokens)
         self.tokens = TokenSet(config.auth_tokens, config.auth_tokens_file) if tokens else None
+        self.auth = TokenAuthInterceptor(self.tokens) if self.tokens else None
+        self.request_room = RequestRoom(self._request_room())  # unary requests received and held at once
+        # with tokens, calls without one to the services open to everyone (health) read in a room of their own
+        self.open_room = RequestRoom(4 * self._largest_request_message()) if self.auth is not None else None
         load_plugins(config.plugins)
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
@@ -148,19 +156,32 @@ class LosswireServer:
     def _build(self) -> grpc.aio.Server:
         """The gRPC server with every service; called on the event loop (grpc.aio binds to it)."""
         options = [
-            ("grpc.max_receive_message_length", self.config.max_message_bytes),
+            ("grpc.max_receive_message_length", self._largest_request_message()),
             ("grpc.max_send_message_length", self.config.max_message_bytes),
             ("grpc.so_reuseport", int(self.config.reuse_port)),
+            # a connection that has not finished its TLS and HTTP/2 handshake by then is closed (gRPC's
+            # default waits 60-120 s: thousands of silent sockets held descriptors that long)
+            ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+            # calls open at once on one connection; more wait in the client. One connection could hold
+            # every one of --max-concurrent-rpcs, and a burst of streams reset at once costs less
+            ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
         ]
         server = grpc.aio.server(
             options=options,
             maximum_concurrent_rpcs=self.config.max_concurrent_rpcs,
-            # outermost first: unparsable bytes get INVALID_ARGUMENT (not grpcio's INTERNAL), counted as such;
-            # token checks after metrics, so that refused calls are counted as UNAUTHENTICATED
+            # outermost first: a unary request is read only with room for it (the handlers within see unary
+            # calls); unparsable bytes get INVALID_ARGUMENT (not grpcio's INTERNAL), counted as such; token
+            # checks after metrics, so that refused calls are counted as UNAUTHENTICATED
             interceptors=[
+                UnaryIntakeInterceptor(
+                    self._room_of,
+                    self._largest_request_message(),
+                    self._request_read_seconds(),
+                    on_refused=self._count_refused,
+                ),
                 MalformedRequestInterceptor(self._count_malformed),
                 self.metrics.interceptor(),
-                *([TokenAuthInterceptor(self.tokens)] if self.tokens else []),
+                *([self.auth] if self.auth is not None else []),
                 StreamGuardInterceptor(
                     self._open_streams_bound(),
                     self.config.stream_idle_seconds,
@@ -199,6 +220,30 @@ class LosswireServer:
 
     def _ready(self) -> bool:
         return not self.draining
+
+    def _largest_request_message(self) -> int:
+        return min(self.config.max_request_message_bytes, self.config.max_message_bytes)
+
+    def _request_room(self) -> int:
+        """Bytes of unary requests received and held at once: an eighth of the memory budget, and room for
+        four of the largest at least (sixteen without a budget)."""
+        largest, budget = self._largest_request_message(), self.config.memory_budget
+        return 16 * largest if budget is None else max(4 * largest, budget // 8)
+
+    def _request_read_seconds(self) -> float | None:
+        """How long a unary request may take to arrive once asked for (None with the idle timeout off)."""
+        if self.config.stream_idle_seconds is None:
+            return None
+        return unary_read_seconds(self._largest_request_message())
+
+    def _room_of(self, call: grpc.HandlerCallDetails) -> RequestRoom | None:
+        """Where a unary call's request is read (None: refused by the token check, never read)."""
+        if self.auth is None or self.auth.carries_token(call):
+            return self.request_room
+        return self.open_room if self.auth.open(call) else None
+
+    def _count_refused(self, method: str, code: grpc.StatusCode) -> None:
+        self.metrics.requests.labels(method, code.name).inc()
 
     def _count_malformed(self, method: str) -> None:
         self.metrics.requests.labels(method, grpc.StatusCode.INVALID_ARGUMENT.name).inc()

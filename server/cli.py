@@ -13,6 +13,7 @@ Importing this module stays cheap (no torch, no gRPC, no server assembly): ``los
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -259,7 +260,22 @@ KNOBS: tuple[Knob, ...] = (
         "its request, and the call for its lanes; beyond, NOT_FOUND for the lane, DEADLINE_EXCEEDED for the call",
         "lane_join_seconds",
     ),
-    Knob("max_message_bytes", _int_at_least(1024), MAX_MESSAGE_BYTES, "largest request/response message in bytes"),
+    Knob(
+        "max_message_bytes",
+        _int_at_least(1024),
+        MAX_MESSAGE_BYTES,
+        "largest request in bytes however its tensors travel (inline, streamed in chunks, shared memory), and "
+        "largest response message",
+    ),
+    Knob(
+        "max_request_message_bytes",
+        _int_at_least(1024),
+        _DEFAULT.max_request_message_bytes,
+        "largest message a caller may send in one piece: a unary request (Evaluate, ModelInfer, ...) or one "
+        "message of a stream (bigger requests stream, EvaluateStream); gRPC refuses a bigger one unread "
+        "(RESOURCE_EXHAUSTED). Unary requests are read only with room for this many bytes among an eighth of "
+        "--memory-budget",
+    ),
     Knob("max_elements", _optional_limit, None, "largest tensor in elements, refused before allocation (0: unbounded)"),
     Knob(
         "max_request_elements",
@@ -745,6 +761,7 @@ def serve(config: ServerConfig) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully."""
     from .app import LosswireServer  # torch, gRPC and the whole server: imported only to serve
 
+    _raise_open_files_limit()
     server = LosswireServer(config)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -753,6 +770,18 @@ def serve(config: ServerConfig) -> None:
     while not stop.wait(0.5):  # a timed wait: the main thread wakes to run signal handlers
         pass
     server.stop()
+
+
+def _raise_open_files_limit() -> None:
+    """Every connection costs a descriptor: the soft limit (often 1024) raised to the hard one, so that a
+    burst of connections that never speak HTTP/2 (each closed after the handshake timeout) does not lock
+    new callers out."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def check_health(settings: Mapping[str, Any], service: str, timeout: float) -> int:

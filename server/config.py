@@ -75,6 +75,10 @@ class ServerConfig:
     # idle buffers kept for reuse by big calls (streamed tensors, their answers); 0: fresh memory each call
     buffer_pool_bytes: int = 1 << 30  # losswire.wire.buffers.DEFAULT_IDLE_BYTES
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    # the largest message a caller may send: a whole unary request (Evaluate, ModelInfer...), or one message
+    # of a stream. gRPC refuses a bigger one from its length prefix, before reading it; unary requests are
+    # received only with room for this many bytes (rpc/intake.py). Bigger requests stream (EvaluateStream)
+    max_request_message_bytes: int = 64 << 20
     max_elements: int | None = None  # per tensor; larger tensors are refused before allocation
     # summed over every tensor of a request; None: bounded by max_message_bytes alone (every element
     # of a well-formed tensor takes at least one byte of the message)

@@ -3,7 +3,7 @@
 ``loss_service`` (``losswire.v1.LossService``) and ``inference`` (the Open Inference Protocol, converted
 by ``oip_convert``) turn each call into the dataplane's and back; ``calls`` runs the dataplane off the
 event loop and answers failures through ``status``, the one mapping of typed errors to status codes;
-the interceptors count calls (``metrics``), refuse unparsable requests (``malformed``) and callers
-without a token (``authentication``), and bound request streams (``streams``); ``tls`` holds the
-server's certificates.
+the interceptors read unary requests only with room for them (``intake``), count calls (``metrics``),
+refuse unparsable requests (``malformed``) and callers without a token (``authentication``), and bound
+request streams (``streams``); ``tls`` holds the server's certificates.
 """

@@ -60,16 +60,28 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         self.tokens = tokens
 
     async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
-        service = handler_call_details.method.lstrip("/").rsplit("/", 1)[0]
-        if service in OPEN_SERVICES:
-            return await continuation(handler_call_details)
-        token, reason = bearer_token(handler_call_details.invocation_metadata)
-        if token is not None and self.tokens.accepts(token):
-            return await continuation(handler_call_details)
+        reason = self.refused(handler_call_details)
         handler = await continuation(handler_call_details)
-        if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED itself
+        if reason is None or handler is None:  # None: an unknown method, gRPC answers UNIMPLEMENTED itself
+            return handler
+        return _refusal(handler, handler_call_details.method, reason)
+
+    def refused(self, handler_call_details: grpc.HandlerCallDetails) -> str | None:
+        """Why the call is refused (None: it may go on)."""
+        if self.open(handler_call_details):
             return None
-        return _refusal(handler, handler_call_details.method, reason or "invalid token")
+        token, reason = bearer_token(handler_call_details.invocation_metadata)
+        return None if token is not None and self.tokens.accepts(token) else reason or "invalid token"
+
+    def carries_token(self, handler_call_details: grpc.HandlerCallDetails) -> bool:
+        """Whether the call carries a valid token (whatever its service)."""
+        token, _ = bearer_token(handler_call_details.invocation_metadata)
+        return token is not None and self.tokens.accepts(token)
+
+    @staticmethod
+    def open(handler_call_details: grpc.HandlerCallDetails) -> bool:
+        """Whether the call's service is open to callers without a token (``OPEN_SERVICES``)."""
+        return handler_call_details.method.lstrip("/").rsplit("/", 1)[0] in OPEN_SERVICES
 
 
 def _refusal(handler: grpc.RpcMethodHandler, method: str, reason: str) -> grpc.RpcMethodHandler:

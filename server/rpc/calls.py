@@ -136,11 +136,15 @@ class CallWatch:
         refusal(error, None, self.context.time_remaining(), self.method)
 
 
-def fail(context: grpc.aio.ServicerContext, error: BaseException, method: str, where: Where | None = None) -> None:
-    """Set the status ``error`` maps to (``status.refusal``) as the call's; the handler then returns
-    without an answer. (Not ``abort``: grpc.aio's abort sends the status at once, before the metrics
-    interceptor has counted the call.)"""
-    end_with(context, refusal(error, where, context.time_remaining(), method))
+def fail(
+    context: grpc.aio.ServicerContext, error: BaseException, method: str, where: Where | None = None
+) -> grpc.StatusCode:
+    """Set the status ``error`` maps to (``status.refusal``) as the call's, and return its code; the handler
+    then returns without an answer. (Not ``abort``: grpc.aio's abort sends the status at once, before the
+    metrics interceptor has counted the call.)"""
+    status = refusal(error, where, context.time_remaining(), method)
+    end_with(context, status)
+    return status.code
 
 
 def end_with(context: grpc.aio.ServicerContext, status: grpc.Status) -> None:

@@ -297,3 +297,14 @@ def test_out_of_memory(transcript, fault_server: ServerProcess):
     message = raised(lambda: hungry(pred, pred))
     body = ">>> loss_fn(pred, target)  # a term that needs more memory than the server has (here: a CPU server)\n"
     transcript(DOCS / "troubleshooting.md", "oom", body + shown(message, fault_server.port))
+
+
+def test_message_too_large(transcript, plain_server: ServerProcess):
+    client = LossClient(f"localhost:{plain_server.port}", timeout=60, stream_threshold=None, shared_memory="off")
+    try:
+        pred = torch.zeros(8 << 20)  # 32 MiB, and as much of target: one message over the server's 64 MiB
+        message = raised(lambda: RemoteLoss(dict(type="L1Loss"), client=client)(pred, pred))
+    finally:
+        client.close()
+    body = ">>> loss_fn(pred, target)  # LossClient(stream_threshold=None): 32 MiB each, sent in one message\n"
+    transcript(DOCS / "troubleshooting.md", "too-large", body + shown(message, plain_server.port))

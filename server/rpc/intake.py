@@ -1,0 +1,250 @@
+"""Unary requests are received only when there is room for them, and within a time bound.
+
+gRPC receives a unary call's whole request before its handler runs, and holds it (and its copies:
+the transport's buffer, Python bytes, the parsed message) outside every budget of the dataplane: four
+callers each sending a 400 MiB Evaluate at once took a server with a 1 GiB memory budget to 6.1 GiB,
+however soon each call was refused. But gRPC reads no more of a request's bytes than its flow-control
+window until the handler asks for them: waiting before asking keeps them at the caller.
+
+So every method with a unary request is served here as a request stream of one message (the same
+bytes on the wire: a client cannot tell): before its request is read, the call takes room for the
+largest request a caller may send (``largest``, the server's receive limit) from a
+:class:`RequestRoom` of ``capacity`` bytes, waiting its turn as a suspended coroutine while the room is
+full; once the request has arrived the call keeps room for its actual size until it ends. The bytes
+of unary requests received and held at once are so bounded by ``capacity`` (each request counted once;
+the process holds up to about three times that while a request is parsed). The request must arrive
+within ``read_seconds`` of being asked for (:func:`unary_read_seconds`: 9 s for 64 MiB), so a caller
+that starts a call and sends nothing, or trickles, cannot keep its room; and one connection has at
+most ``PER_CONNECTION`` requests being received at once, so a caller's silent calls on one connection
+hold at most that much room.
+
+Calls refused by the token check are not read at all: a caller without a token takes no room. With
+tokens on, calls without a valid token to the services open to everyone (health) read in a room of
+their own, so that callers without a token cannot take the room of those with one. A call without a
+request message, or one whose request does not arrive in time, is refused here, before any other
+interceptor sees it (``on_refused`` counts it).
+
+A caller that resets its call while it waits for room gives its place up: a burst of such resets
+(HTTP/2 "rapid reset") leaves nothing held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import functools
+import inspect
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from ..errors import RequestError, StreamIdleError
+from .calls import fail
+
+# A unary request comes right behind its call's headers; one that has not arrived within this grace, plus
+# a second per UNARY_MIN_RATE bytes of the largest request, is a caller holding room without sending.
+# Slower uploads stream (EvaluateStream, paced by --stream-min-rate).
+UNARY_READ_GRACE_SECONDS = 5.0
+UNARY_MIN_RATE = 16 << 20  # bytes per second
+PER_CONNECTION = 4  # requests of one connection received at once
+
+
+def unary_read_seconds(largest: int) -> float:
+    """How long a unary request of up to ``largest`` bytes may take to arrive once asked for."""
+    return UNARY_READ_GRACE_SECONDS + largest / UNARY_MIN_RATE
+
+
+class RequestRoom:
+    """Room for ``capacity`` bytes of unary requests, handed out first come, first served, with at most
+    ``per_connection`` requests of one connection being received at once (a connection's further calls
+    wait without holding up other connections'). Used on the event loop only (no lock)."""
+
+    def __init__(self, capacity: int, per_connection: int = PER_CONNECTION) -> None:
+        self.capacity, self.per_connection = capacity, per_connection
+        self.held = 0
+        self._receiving: collections.Counter[str] = collections.Counter()  # by connection
+        self._waiting: list[tuple[int, str, asyncio.Future[None]]] = []
+
+    async def take(self, nbytes: int, connection: str = "") -> None:
+        """Take ``nbytes`` (at most ``capacity``) for a request of ``connection`` about to be received, in
+        turn; ``received`` (or ``give_back``) once it has been."""
+        if not self._waiting and self._fits(nbytes, connection):
+            self._hand(nbytes, connection)
+            return
+        turn = asyncio.get_running_loop().create_future()
+        entry = (nbytes, connection, turn)
+        self._waiting.append(entry)
+        self._admit()  # the waiters before it may wait only for their connection's turn, not for room
+        if turn.done():
+            return
+        try:
+            await turn
+        except asyncio.CancelledError:  # its caller left (or reset its stream) while it waited
+            if turn.done() and not turn.cancelled():
+                self.give_back(nbytes, connection)  # the room came just before the cancellation: pass it on
+            else:
+                with contextlib.suppress(ValueError):  # _admit may have dropped it already
+                    self._waiting.remove(entry)
+                self._admit()
+            raise
+
+    def received(self, connection: str, taken: int, kept: int) -> None:
+        """A request of ``connection`` has arrived: of the ``taken`` bytes, it keeps ``kept``."""
+        self._receiving[connection] -= 1
+        self.give_back(taken - kept)
+
+    def give_back(self, nbytes: int, receiving: str | None = None) -> None:
+        """``nbytes`` back; ``receiving``: the connection whose request was still being received."""
+        self.held -= nbytes
+        if receiving is not None:
+            self._receiving[receiving] -= 1
+        self._admit()
+
+    @property
+    def waiting(self) -> int:
+        """Calls waiting for room (their requests unread)."""
+        return len(self._waiting)
+
+    def _fits(self, nbytes: int, connection: str) -> bool:
+        return self.held + nbytes <= self.capacity and self._receiving[connection] < self.per_connection
+
+    def _hand(self, nbytes: int, connection: str) -> None:
+        self.held += nbytes
+        self._receiving[connection] += 1
+
+    def _admit(self) -> None:
+        """Hand room to the waiters in order: the first that fits, skipping those whose connection has its
+        most being received. A waiter whose task was cancelled (its turn cancelled with it) is dropped,
+        never handed room: nobody would give it back."""
+        index = 0
+        while index < len(self._waiting):
+            nbytes, connection, turn = self._waiting[index]
+            if turn.done():
+                del self._waiting[index]
+            elif self.held + nbytes > self.capacity:
+                return  # first come, first served: a later, smaller request does not pass it
+            elif self._receiving[connection] >= self.per_connection:
+                index += 1
+            else:
+                del self._waiting[index]
+                self._hand(nbytes, connection)
+                turn.set_result(None)
+        for connection in [c for c, count in self._receiving.items() if count <= 0]:
+            del self._receiving[connection]
+
+
+class UnaryIntakeInterceptor(grpc.aio.ServerInterceptor):
+    """Serves every unary-request method as a one-message request stream whose message is read only with
+    room for it (see the module docstring). Install it outermost: the handlers within see unary calls."""
+
+    def __init__(
+        self,
+        room_of: Callable[[grpc.HandlerCallDetails], RequestRoom | None],
+        largest: int,
+        read_seconds: float | None,
+        on_refused: Callable[[str, grpc.StatusCode], None] = lambda _method, _code: None,
+    ) -> None:
+        """``room_of(call)``: the room its request is read in; None: the call is refused unread (the token
+        check refuses it). ``largest``: the largest request, at most any room's capacity."""
+        self.room_of, self.largest, self.read_seconds = room_of, largest, read_seconds
+        self.on_refused = on_refused
+
+    async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming:
+            return handler
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        room = self.room_of(handler_call_details)
+        read = functools.partial(self._read, method, handler.request_deserializer, room)
+        if handler.response_streaming:  # answered by yielding (an async generator) or by context.write
+            answer = self._streaming if inspect.isasyncgenfunction(handler.unary_stream) else self._unary
+            behaviour = functools.partial(answer, read, handler.unary_stream)
+            return grpc.stream_stream_rpc_method_handler(behaviour, None, handler.response_serializer)
+        behaviour = functools.partial(self._unary, read, handler.unary_unary)
+        return grpc.stream_unary_rpc_method_handler(behaviour, None, handler.response_serializer)
+
+    async def _unary(
+        self, read: Callable, behaviour: Callable, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> Any:
+        held = Held(context.peer() or "")
+        try:
+            request = await read(context, held)  # its one message, by context.read()
+            return None if request is _REFUSED else await behaviour(request, context)
+        finally:
+            held.give_back()
+
+    async def _streaming(
+        self, read: Callable, behaviour: Callable, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        held = Held(context.peer() or "")
+        try:
+            request = await read(context, held)  # its one message, by context.read()
+            if request is not _REFUSED:
+                async for message in behaviour(request, context):
+                    yield message
+        finally:
+            held.give_back()
+
+    async def _read(
+        self,
+        method: str,
+        deserialize: Callable[[bytes], Any] | None,
+        room: RequestRoom | None,
+        context: grpc.aio.ServicerContext,
+        held: Held,
+    ) -> Any:
+        """The call's request, read with room for it in ``room`` (``held``: the room the call holds, given
+        back when it ends); ``_REFUSED`` once the call's status is set."""
+        if room is None:  # the token check refuses it: its bytes are never read
+            return deserialize(b"") if deserialize is not None else b""
+        await held.take(room, self.largest)
+        try:
+            async with asyncio.timeout(self.read_seconds):
+                data = await context.read()  # not the request iterator: its frame would keep the bytes
+        except TimeoutError:
+            late = StreamIdleError(
+                f"the request had not arrived {self.read_seconds:g} s after the server asked for it; this server "
+                f"gives a unary request of up to {self.largest} bytes (losswire serve --max-request-message-bytes) "
+                f"{UNARY_READ_GRACE_SECONDS:g} s plus a second per {UNARY_MIN_RATE} bytes; send slower or bigger "
+                "requests by EvaluateStream"
+            )
+            return self._refuse(method, context, late)
+        if data is grpc.aio.EOF:
+            return self._refuse(method, context, RequestError("the call carried no request message", field="request"))
+        held.keep(len(data))  # what arrived stays held until the call ends
+        return deserialize(data) if deserialize is not None else data
+
+    def _refuse(self, method: str, context: grpc.aio.ServicerContext, error: Exception) -> object:
+        self.on_refused(method, fail(context, error, method))
+        return _REFUSED
+
+
+_REFUSED = object()  # a call whose status is set already: its handler is not run
+
+
+class Held:
+    """The room one call holds: taken for the largest request, kept for the one that came."""
+
+    __slots__ = ("connection", "nbytes", "receiving", "room")
+
+    def __init__(self, connection: str) -> None:
+        self.connection = connection
+        self.room: RequestRoom | None = None
+        self.nbytes = 0
+        self.receiving = False
+
+    async def take(self, room: RequestRoom, nbytes: int) -> None:
+        await room.take(nbytes, self.connection)
+        self.room, self.nbytes, self.receiving = room, nbytes, True
+
+    def keep(self, nbytes: int) -> None:
+        """The request has arrived: keep only its ``nbytes``."""
+        self.room.received(self.connection, self.nbytes, nbytes)
+        self.nbytes, self.receiving = nbytes, False
+
+    def give_back(self) -> None:
+        if self.room is not None:
+            self.room.give_back(self.nbytes, self.connection if self.receiving else None)
+            self.room, self.nbytes, self.receiving = None, 0, False

@@ -1,0 +1,238 @@
+"""A unary request is read only with room for it, within a time bound, and only from a caller the token
+check admits; one bigger than ``--max-request-message-bytes`` is refused unread.
+
+gRPC receives a unary request whole before its handler runs, outside every budget of the dataplane (four
+400 MiB Evaluate calls at once took a server with a 1 GiB memory budget to 6.1 GiB, however soon each was
+refused). Each test holds "silent" calls: a unary method called with its request never sent (the client
+API for a client stream, which is the same bytes on the wire as a unary call that has not sent yet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Iterator
+
+import grpc
+import pytest
+import torch
+from support.in_process import running_server
+from support.polling import eventually
+
+from losswire.client import Credentials, LossClient, RemoteLoss, RemoteLossError
+from losswire.server.app import LosswireServer
+from losswire.server.rpc.intake import RequestRoom
+from losswire.v1 import loss_service_pb2 as pb
+from losswire.wire import codec
+from losswire.wire.protocol import SERVICE_NAME
+
+EVALUATE = f"/{SERVICE_NAME}/Evaluate"
+TOKENS = ("token-a-0123456789",)
+
+
+def focal_request() -> bytes:
+    request = pb.EvaluateRequest()
+    term = request.terms.add(config=codec.encode_config({"type": "FocalLoss"}))
+    codec.encode_tensor(torch.randn(16, 4), term.pred)
+    codec.encode_value(torch.randint(0, 5, (16,)), term.target)
+    return request.SerializeToString()
+
+
+class SilentCalls:
+    """``count`` Evaluate calls whose request never comes (until ``close``)."""
+
+    def __init__(self, target: str, count: int, metadata: tuple | None = None) -> None:
+        self.release = threading.Event()
+        self.channel = grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)])
+        evaluate = self.channel.stream_unary(EVALUATE)
+        self.calls = [evaluate.future(self._nothing(), timeout=60, metadata=metadata) for _ in range(count)]
+
+    def _nothing(self) -> Iterator[bytes]:
+        self.release.wait(60)
+        return
+        yield
+
+    def close(self) -> None:
+        self.release.set()
+        for call in self.calls:
+            call.cancel()
+        self.channel.close()
+
+
+@contextlib.contextmanager
+def silent(target: str, count: int, metadata: tuple | None = None) -> Iterator[SilentCalls]:
+    calls = SilentCalls(target, count, metadata)
+    try:
+        yield calls
+    finally:
+        calls.close()
+
+
+def unary(target: str) -> grpc.Future:
+    """A FocalLoss Evaluate on a connection of its own (an option of its own keeps gRPC from sharing one)."""
+    options = [("grpc.enable_retries", 0), ("losswire.test.connection", "unary")]
+    channel = grpc.insecure_channel(target, options=options)
+    return channel.unary_unary(EVALUATE).future(focal_request(), timeout=60)
+
+
+def room_of(server: LosswireServer):
+    return server.request_room
+
+
+def test_a_call_waits_unread_while_the_room_is_full_and_is_answered_once_there_is_room():
+    """Requests of up to 1 MiB, room for 4 (the least: a quarter of it is bigger than an eighth of the 4 MiB
+    budget): four silent calls take all of it, a fifth call's request stays unread (the call waits) until
+    one of them leaves, and it is then answered."""
+    with running_server(max_request_message_bytes=1 << 20, memory_budget=4 << 20) as server:
+        target = f"127.0.0.1:{server.port}"
+        room = room_of(server)
+        assert room.capacity == 4 << 20
+        with silent(target, 4) as holders:
+            assert eventually(lambda: room.held == 4 << 20, 10), room.held
+            waiting = unary(target)
+            assert eventually(lambda: room.waiting == 1, 10), "the fifth call took room that was not there"
+            assert not waiting.done()
+            holders.calls[0].cancel()
+            answer = pb.EvaluateResponse.FromString(waiting.result(timeout=30))
+        assert len(answer.results) == 1
+        assert eventually(lambda: room.held == 0 and room.waiting == 0, 10), (room.held, room.waiting)
+
+
+def test_a_request_that_does_not_arrive_in_time_is_refused_and_its_room_given_back():
+    """A caller that starts a call and never sends its request: DEADLINE_EXCEEDED naming the setting once
+    the grace (5 s) and a second per 16 MiB of the largest request (1 MiB) have passed; its room comes
+    back. (It held a call for as long as it kept its connection.)"""
+    with running_server(max_request_message_bytes=1 << 20) as server:
+        with silent(f"127.0.0.1:{server.port}", 1) as holders, pytest.raises(grpc.RpcError) as late:
+            holders.calls[0].result(timeout=30)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, late.value.details()
+        assert "--max-request-message-bytes" in late.value.details() and "5.0625 s" in late.value.details()
+        assert eventually(lambda: room_of(server).held == 0, 10)
+
+
+def test_one_connection_has_at_most_four_requests_being_received():
+    """Room for eight requests of up to 1 MiB (an eighth of a 64 MiB budget). Eight silent calls on one
+    connection take room for four only, the other four wait; a call on another connection is read and
+    answered at once, while those four still wait (their neighbours' requests are overdue only after 5 s)."""
+    with running_server(max_request_message_bytes=1 << 20, memory_budget=64 << 20) as server:
+        target = f"127.0.0.1:{server.port}"
+        room = room_of(server)
+        assert room.capacity == 8 << 20
+        with silent(target, 8):
+            assert eventually(lambda: room.held == 4 << 20 and room.waiting == 4, 10), (room.held, room.waiting)
+            answer = pb.EvaluateResponse.FromString(unary(target).result(timeout=30))
+            assert len(answer.results) == 1
+            assert room.waiting == 4, "the other connection's call was read only once silent ones timed out"
+
+
+def test_a_request_over_the_largest_message_is_refused_unread():
+    with running_server(max_request_message_bytes=1 << 20) as server:
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.port}", options=[("grpc.enable_retries", 0)])
+        with channel, pytest.raises(grpc.RpcError) as refused:
+            channel.unary_unary(EVALUATE)(bytes(2 << 20), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "larger than max" in refused.value.details()
+        assert room_of(server).held == 0
+
+
+def test_a_call_without_its_request_message_is_refused():
+    with running_server() as server:
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.port}", options=[("grpc.enable_retries", 0)])
+        with channel, pytest.raises(grpc.RpcError) as refused:
+            channel.stream_unary(EVALUATE)(iter(()), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "no request message" in refused.value.details()
+        assert eventually(lambda: room_of(server).held == 0, 10)
+
+
+def test_a_caller_without_a_token_is_refused_without_its_request_being_read():
+    """With tokens on, a call without one is UNAUTHENTICATED at once, though its request never comes, and
+    takes no room: a caller without a token cannot make the server receive anything."""
+    with running_server(auth_tokens=TOKENS) as server:
+        with silent(f"127.0.0.1:{server.port}", 3) as strangers:
+            for call in strangers.calls:
+                with pytest.raises(grpc.RpcError) as refused:
+                    call.result(timeout=10)
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert room_of(server).held == 0
+        client = LossClient(f"127.0.0.1:{server.port}", timeout=30, credentials=Credentials(token=TOKENS[0]))
+        try:
+            loss = RemoteLoss(dict(type="L1Loss"), client=client)(torch.ones(4), torch.zeros(4))
+            assert loss.item() == 1.0
+        finally:
+            client.close()
+
+
+def test_the_client_is_told_of_the_limit_and_does_not_retry_it():
+    """A LossClient that never streams, sending a request over the server's 1 MiB: RESOURCE_EXHAUSTED
+    naming the setting and what streams instead, not mistaken for a busy server (which the client waits
+    out, here for 60 s)."""
+    with running_server(max_request_message_bytes=1 << 20) as server:
+        client = LossClient(f"127.0.0.1:{server.port}", timeout=60, stream_threshold=None, shared_memory="off")
+        try:
+            with pytest.raises(RemoteLossError) as refused:
+                RemoteLoss(dict(type="L1Loss"), client=client)(torch.zeros(1 << 19), torch.zeros(1 << 19))
+        finally:
+            client.close()
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and not refused.value.busy
+    assert "--max-request-message-bytes" in refused.value.details and "stream_threshold" in refused.value.details
+
+
+def test_callers_without_a_token_cannot_take_the_room_of_those_with_one():
+    """With tokens on, health (open to everyone) reads its requests in a room of its own: four silent
+    health checks fill it, and a token holder's Evaluate is still read and answered."""
+    with running_server(auth_tokens=TOKENS, max_request_message_bytes=1 << 20) as server:
+        target = f"127.0.0.1:{server.port}"
+        channel = grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)])
+        check = channel.stream_unary("/grpc.health.v1.Health/Check")
+        release = threading.Event()
+
+        def nothing() -> Iterator[bytes]:
+            release.wait(60)
+            return
+            yield
+
+        probes = [check.future(nothing(), timeout=60) for _ in range(4)]
+        try:
+            assert eventually(lambda: server.open_room.held == server.open_room.capacity, 10)
+            client = LossClient(target, timeout=30, credentials=Credentials(token=TOKENS[0]), shared_memory="off")
+            try:
+                loss = RemoteLoss(dict(type="L1Loss"), client=client)(torch.ones(4), torch.zeros(4))
+                assert loss.item() == 1.0
+            finally:
+                client.close()
+        finally:
+            release.set()
+            for probe in probes:
+                probe.cancel()
+            channel.close()
+
+
+def test_a_waiter_that_leaves_gives_up_its_place_and_holds_nothing():
+    """Room for two takers of 1: both taken, three wait; the first waiter is cancelled (its caller reset its
+    call), then room comes back: it goes to the next waiter, none to the one that left. (A cancelled
+    waiter was handed room, and the hand-over raised: every reset while the room was full leaked room,
+    until no unary call was read any more.)"""
+
+    async def scenario() -> None:
+        room = RequestRoom(2)
+        await room.take(1)
+        await room.take(1)
+        waiters = [asyncio.ensure_future(room.take(1)) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert room.waiting == 3
+        waiters[0].cancel()
+        await asyncio.sleep(0)
+        room.give_back(1)
+        await asyncio.sleep(0)
+        assert waiters[1].done() and not waiters[2].done() and room.held == 2
+        waiters[2].cancel()
+        await asyncio.sleep(0)
+        room.give_back(1)
+        room.give_back(1)
+        assert room.held == 0 and room.waiting == 0
+        await room.take(2)  # the whole room is there again
+        assert room.held == 2
+
+    asyncio.run(scenario())
