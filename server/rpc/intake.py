@@ -31,9 +31,7 @@ A caller that resets its call while it waits for room gives its place up: a burs
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import functools
 import inspect
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -64,7 +62,7 @@ class RequestRoom:
     def __init__(self, capacity: int, per_connection: int = PER_CONNECTION) -> None:
         self.capacity, self.per_connection = capacity, per_connection
         self.held = 0
-        self._receiving: collections.Counter[str] = collections.Counter()  # by connection
+        self._receiving: dict[str, int] = {}  # requests being received, by connection
         self._waiting: list[tuple[int, str, asyncio.Future[None]]] = []
 
     async def take(self, nbytes: int, connection: str = "") -> None:
@@ -92,15 +90,19 @@ class RequestRoom:
 
     def received(self, connection: str, taken: int, kept: int) -> None:
         """A request of ``connection`` has arrived: of the ``taken`` bytes, it keeps ``kept``."""
-        self._receiving[connection] -= 1
-        self.give_back(taken - kept)
+        self.give_back(taken - kept, connection)
 
     def give_back(self, nbytes: int, receiving: str | None = None) -> None:
-        """``nbytes`` back; ``receiving``: the connection whose request was still being received."""
+        """``nbytes`` back; ``receiving``: the connection whose request was being received."""
         self.held -= nbytes
         if receiving is not None:
-            self._receiving[receiving] -= 1
-        self._admit()
+            left = self._receiving[receiving] - 1
+            if left:
+                self._receiving[receiving] = left
+            else:
+                del self._receiving[receiving]
+        if self._waiting:
+            self._admit()
 
     @property
     def waiting(self) -> int:
@@ -108,11 +110,11 @@ class RequestRoom:
         return len(self._waiting)
 
     def _fits(self, nbytes: int, connection: str) -> bool:
-        return self.held + nbytes <= self.capacity and self._receiving[connection] < self.per_connection
+        return self.held + nbytes <= self.capacity and self._receiving.get(connection, 0) < self.per_connection
 
     def _hand(self, nbytes: int, connection: str) -> None:
         self.held += nbytes
-        self._receiving[connection] += 1
+        self._receiving[connection] = self._receiving.get(connection, 0) + 1
 
     def _admit(self) -> None:
         """Hand room to the waiters in order: the first that fits, skipping those whose connection has its
@@ -125,14 +127,12 @@ class RequestRoom:
                 del self._waiting[index]
             elif self.held + nbytes > self.capacity:
                 return  # first come, first served: a later, smaller request does not pass it
-            elif self._receiving[connection] >= self.per_connection:
+            elif self._receiving.get(connection, 0) >= self.per_connection:
                 index += 1
             else:
                 del self._waiting[index]
                 self._hand(nbytes, connection)
                 turn.set_result(None)
-        for connection in [c for c, count in self._receiving.items() if count <= 0]:
-            del self._receiving[connection]
 
 
 class UnaryIntakeInterceptor(grpc.aio.ServerInterceptor):
@@ -156,36 +156,34 @@ class UnaryIntakeInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler.request_streaming:
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
-        room = self.room_of(handler_call_details)
-        read = functools.partial(self._read, method, handler.request_deserializer, room)
-        if handler.response_streaming:  # answered by yielding (an async generator) or by context.write
-            answer = self._streaming if inspect.isasyncgenfunction(handler.unary_stream) else self._unary
-            behaviour = functools.partial(answer, read, handler.unary_stream)
-            return grpc.stream_stream_rpc_method_handler(behaviour, None, handler.response_serializer)
-        behaviour = functools.partial(self._unary, read, handler.unary_unary)
-        return grpc.stream_unary_rpc_method_handler(behaviour, None, handler.response_serializer)
+        room, deserialize = self.room_of(handler_call_details), handler.request_deserializer
+        inner = handler.unary_stream if handler.response_streaming else handler.unary_unary
+        # closures, not partials: gRPC inspects each call's handler, and a partial costs it more
 
-    async def _unary(
-        self, read: Callable, behaviour: Callable, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-    ) -> Any:
-        held = Held(context.peer() or "")
-        try:
-            request = await read(context, held)  # its one message, by context.read()
-            return None if request is _REFUSED else await behaviour(request, context)
-        finally:
-            held.give_back()
+        async def awaited(_requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
+            """A unary answer, or answers written by ``context.write``."""
+            held = Held(context.peer())
+            try:
+                request = await self._read(method, deserialize, room, context, held)
+                return None if request is _REFUSED else await inner(request, context)
+            finally:
+                held.give_back()
 
-    async def _streaming(
-        self, read: Callable, behaviour: Callable, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[Any]:
-        held = Held(context.peer() or "")
-        try:
-            request = await read(context, held)  # its one message, by context.read()
-            if request is not _REFUSED:
-                async for message in behaviour(request, context):
-                    yield message
-        finally:
-            held.give_back()
+        async def yielded(_requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            """Answers yielded by an async generator."""
+            held = Held(context.peer())
+            try:
+                request = await self._read(method, deserialize, room, context, held)
+                if request is not _REFUSED:
+                    async for message in inner(request, context):
+                        yield message
+            finally:
+                held.give_back()
+
+        if not handler.response_streaming:
+            return grpc.stream_unary_rpc_method_handler(awaited, None, handler.response_serializer)
+        behaviour = yielded if inspect.isasyncgenfunction(inner) else awaited
+        return grpc.stream_stream_rpc_method_handler(behaviour, None, handler.response_serializer)
 
     async def _read(
         self,
@@ -229,8 +227,8 @@ class Held:
 
     __slots__ = ("connection", "nbytes", "receiving", "room")
 
-    def __init__(self, connection: str) -> None:
-        self.connection = connection
+    def __init__(self, connection: str | None) -> None:
+        self.connection = connection or ""
         self.room: RequestRoom | None = None
         self.nbytes = 0
         self.receiving = False
