@@ -87,8 +87,9 @@ class LosswireServer:
         self.tokens = TokenSet(config.auth_tokens, config.auth_tokens_file) if tokens else None
         self.auth = TokenAuthInterceptor(self.tokens) if self.tokens else None
         self.request_room = RequestRoom(self._request_room())  # unary requests received and held at once
-        # with tokens, calls without one to the services open to everyone (health) read in a room of their own
-        self.open_room = RequestRoom(4 * self._largest_request_message()) if self.auth is not None else None
+        # health calls (without a token, where tokens are on) read in a room of their own: whatever holds the
+        # request room, probes are still read; one connection has at most one being received there
+        self.open_room = RequestRoom(8 * self._largest_request_message(), per_connection=1)
         load_plugins(config.plugins)
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
@@ -165,6 +166,10 @@ class LosswireServer:
             # calls open at once on one connection; more wait in the client. One connection could hold
             # every one of --max-concurrent-rpcs, and a burst of streams reset at once costs less
             ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+            # identity only: a compressed message would let a few bytes on the wire count as many against
+            # the stream pace (and inflate to the receive limit); neither losswire's client nor its server
+            # compresses
+            ("grpc.compression_enabled_algorithms_bitset", 1),
         ]
         server = grpc.aio.server(
             options=options,
@@ -237,10 +242,13 @@ class LosswireServer:
         return unary_read_seconds(self._largest_request_message())
 
     def _room_of(self, call: grpc.HandlerCallDetails) -> RequestRoom | None:
-        """Where a unary call's request is read (None: refused by the token check, never read)."""
-        if self.auth is None or self.auth.carries_token(call):
+        """Where a unary call's request is read (None: refused by the token check, never read). A token
+        holder's calls all read in the request room; the others' health calls in the open room."""
+        if self.auth is not None and self.auth.carries_token(call):
             return self.request_room
-        return self.open_room if self.auth.open(call) else None
+        if TokenAuthInterceptor.open(call):
+            return self.open_room
+        return self.request_room if self.auth is None else None
 
     def _count_refused(self, method: str, code: grpc.StatusCode) -> None:
         self.metrics.requests.labels(method, code.name).inc()

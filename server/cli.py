@@ -247,8 +247,9 @@ KNOBS: tuple[Knob, ...] = (
         "stream_min_rate",
         _optional_limit,
         _DEFAULT.stream_min_rate,
-        "bytes per second a streamed call's caller must average, sending its request and reading its answer, once "
-        "it has kept the call waiting --stream-idle-timeout (one more second per that many bytes moved); slower, "
+        "bytes per second each stream of a streamed call (each lane too) must average, sending its request and "
+        "reading its answer, once it has kept the call waiting --stream-idle-timeout (one more second per that many "
+        "bytes moved); slower, "
         "the call ends (DEADLINE_EXCEEDED), so that a caller trickling bytes cannot hold a big-call slot and its "
         "memory (0 or none: no pace)",
     ),

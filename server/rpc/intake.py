@@ -38,8 +38,9 @@ from typing import Any
 
 import grpc
 
-from ..errors import RequestError, StreamIdleError
+from ..errors import RequestError, ServerBusyError, StreamIdleError
 from .calls import fail
+from .status import gone_code
 
 # A unary request comes right behind its call's headers; one that has not arrived within this grace, plus
 # a second per UNARY_MIN_RATE bytes of the largest request, is a caller holding room without sending.
@@ -197,22 +198,48 @@ class UnaryIntakeInterceptor(grpc.aio.ServerInterceptor):
         back when it ends); ``_REFUSED`` once the call's status is set."""
         if room is None:  # the token check refuses it: its bytes are never read
             return deserialize(b"") if deserialize is not None else b""
-        await held.take(room, self.largest)
+        try:
+            data = await self._receive(room, context, held)
+        except asyncio.CancelledError:  # its caller left while it waited: counted here, no handler ran
+            self.on_refused(method, gone_code(context.time_remaining()))
+            raise
+        except RequestError as error:
+            return self._refuse(method, context, error)
+        try:
+            return deserialize(data) if deserialize is not None else data
+        except Exception as error:  # a streaming method's own deserializer (unary ones are tolerant)
+            malformed = RequestError(
+                f"the request's {len(data)} bytes do not parse as the method's request message "
+                f"({type(error).__name__})",
+                field="request",
+            )
+            return self._refuse(method, context, malformed)
+
+    async def _receive(self, room: RequestRoom, context: grpc.aio.ServicerContext, held: Held) -> bytes:
+        """The request's bytes, once ``room`` had room for them (waiting at most ``read_seconds``, else
+        ServerBusyError) and they arrived (within ``read_seconds`` more, else StreamIdleError)."""
+        try:
+            async with asyncio.timeout(self.read_seconds):
+                await held.take(room, self.largest)
+        except TimeoutError:
+            raise ServerBusyError(
+                f"the server is receiving its most unary requests at once (room for {room.capacity} bytes, "
+                f"{self.largest} for each request until it has come); retry later"
+            ) from None
         try:
             async with asyncio.timeout(self.read_seconds):
                 data = await context.read()  # not the request iterator: its frame would keep the bytes
         except TimeoutError:
-            late = StreamIdleError(
+            raise StreamIdleError(
                 f"the request had not arrived {self.read_seconds:g} s after the server asked for it; this server "
                 f"gives a unary request of up to {self.largest} bytes (losswire serve --max-request-message-bytes) "
                 f"{UNARY_READ_GRACE_SECONDS:g} s plus a second per {UNARY_MIN_RATE} bytes; send slower or bigger "
                 "requests by EvaluateStream"
-            )
-            return self._refuse(method, context, late)
+            ) from None
         if data is grpc.aio.EOF:
-            return self._refuse(method, context, RequestError("the call carried no request message", field="request"))
+            raise RequestError("the call carried no request message", field="request")
         held.keep(len(data))  # what arrived stays held until the call ends
-        return deserialize(data) if deserialize is not None else data
+        return data
 
     def _refuse(self, method: str, context: grpc.aio.ServicerContext, error: Exception) -> object:
         self.on_refused(method, fail(context, error, method))

@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support.in_process import running_server
 from support.polling import eventually
 
@@ -25,7 +27,7 @@ from losswire.server.app import LosswireServer
 from losswire.server.rpc.intake import RequestRoom
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.wire import codec
-from losswire.wire.protocol import SERVICE_NAME
+from losswire.wire.protocol import NO_RETRY, SERVICE_NAME
 
 EVALUATE = f"/{SERVICE_NAME}/Evaluate"
 TOKENS = ("token-a-0123456789",)
@@ -180,8 +182,9 @@ def test_the_client_is_told_of_the_limit_and_does_not_retry_it():
 
 
 def test_callers_without_a_token_cannot_take_the_room_of_those_with_one():
-    """With tokens on, health (open to everyone) reads its requests in a room of its own: four silent
-    health checks fill it, and a token holder's Evaluate is still read and answered."""
+    """With tokens on, health calls without a token read in a room of their own: four silent ones on one
+    connection take room for one request there (the rest wait), and a token holder's Evaluate is still
+    read and answered."""
     with running_server(auth_tokens=TOKENS, max_request_message_bytes=1 << 20) as server:
         target = f"127.0.0.1:{server.port}"
         channel = grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)])
@@ -195,7 +198,8 @@ def test_callers_without_a_token_cannot_take_the_room_of_those_with_one():
 
         probes = [check.future(nothing(), timeout=60) for _ in range(4)]
         try:
-            assert eventually(lambda: server.open_room.held == server.open_room.capacity, 10)
+            open_room = server.open_room  # one connection: one request being received there, three waiting
+            assert eventually(lambda: open_room.held == 1 << 20 and open_room.waiting == 3, 10), open_room.held
             client = LossClient(target, timeout=30, credentials=Credentials(token=TOKENS[0]), shared_memory="off")
             try:
                 loss = RemoteLoss(dict(type="L1Loss"), client=client)(torch.ones(4), torch.zeros(4))
@@ -236,3 +240,64 @@ def test_a_waiter_that_leaves_gives_up_its_place_and_holds_nothing():
         assert room.held == 2
 
     asyncio.run(scenario())
+
+
+def test_health_is_read_while_silent_calls_hold_the_request_room():
+    """Four silent Evaluate calls from four connections fill the request room (4 x 1 MiB); health checks
+    read in a room of their own, and are answered meanwhile."""
+    with running_server(max_request_message_bytes=1 << 20, memory_budget=1 << 20) as server:
+        target = f"127.0.0.1:{server.port}"
+        holders = [SilentCalls(target, 1) for _ in range(4)]
+        try:
+            room = room_of(server)
+            assert eventually(lambda: room.held == room.capacity, 10), room.held
+            channel = grpc.insecure_channel(target, options=[("losswire.test.connection", "health")])
+            with channel:
+                answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            for calls in holders:
+                calls.close()
+
+
+def test_a_call_that_waits_too_long_for_room_is_told_to_come_back():
+    """Room for four 1 MiB requests. Four silent calls hold it; 2 s later four more queue, then a fifth
+    caller's call. When the first four are overdue (5.0625 s) the next four, queued first, take the room
+    until 2 s later than that. The fifth call waits at most as long as a request may take to arrive, then
+    gets RESOURCE_EXHAUSTED without the no-retry pushback (the client waits it out), rather than waiting,
+    unread, without bound."""
+    with running_server(max_request_message_bytes=1 << 20, memory_budget=1 << 20) as server:
+        target = f"127.0.0.1:{server.port}"
+        room = room_of(server)
+        with silent(target, 4):
+            assert eventually(lambda: room.held == room.capacity, 10), room.held
+            time.sleep(2.0)  # the next silent calls are overdue 2 s after the first
+            with silent(target, 4):
+                assert eventually(lambda: room.waiting == 4, 10), room.waiting
+                with pytest.raises(grpc.RpcError) as busy:
+                    unary(target).result(timeout=30)
+    assert busy.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, busy.value.details()
+    assert "retry later" in busy.value.details()
+    assert NO_RETRY not in tuple(busy.value.trailing_metadata() or ())
+
+
+def test_a_malformed_request_of_a_streaming_answer_is_invalid_argument():
+    """Health Watch (a unary request, answers streamed) with bytes that are no HealthCheckRequest."""
+    with running_server() as server:
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.port}", options=[("grpc.enable_retries", 0)])
+        watch = channel.unary_stream("/grpc.health.v1.Health/Watch")
+        with channel, pytest.raises(grpc.RpcError) as refused:
+            list(watch(b"\xff\xff\xff", timeout=10))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
+    assert "do not parse" in refused.value.details()
+
+
+def test_a_compressed_request_is_refused():
+    """gzip would let a few bytes on the wire count as many against the stream pace (a 256 KiB chunk of
+    zeros is about 300 bytes): neither losswire side compresses, and the server accepts identity only."""
+    with running_server() as server:
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.port}", compression=grpc.Compression.Gzip)
+        with channel, pytest.raises(grpc.RpcError) as refused:
+            channel.unary_unary(EVALUATE)(focal_request(), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED, refused.value.details()
+    assert "gzip" in refused.value.details()
