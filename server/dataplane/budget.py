@@ -3,7 +3,7 @@
 A call reserves what it will hold (a streamed tensor's buffer when its first chunk arrives, a term's
 estimated working memory before its forward) and gives it back when it ends. A reservation that can
 never fit (more than the whole budget, or than one term may take) is ``LimitExceededError``
-(RESOURCE_EXHAUSTED, final); one that does not fit now, because other calls hold the budget, is
+(RESOURCE_EXHAUSTED, final); one that does not fit now, because the calls in flight hold the budget, is
 ``ServerBusyError`` (RESOURCE_EXHAUSTED that passes: the client waits it out).
 """
 
@@ -41,8 +41,8 @@ class MemoryBudget:
             if self.total is not None and self._held + nbytes > self.total:
                 held = self._held
                 raise ServerBusyError(
-                    f"{what} needs about {nbytes} bytes and other calls hold {held} of the server's {self.total} "
-                    "(losswire serve --memory-budget); retry later",
+                    f"{what} needs about {nbytes} bytes and the calls in flight (this one's earlier reservations "
+                    f"included) hold {held} of the server's {self.total} (losswire serve --memory-budget); retry later",
                     field=field,
                 )
             self._held += nbytes
