@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 import grpc
 import pytest
 import torch
-from support.calls import evaluate_stream, plain_channel
+from support.calls import evaluate_stream, l1_header, l1_stream, plain_channel
 from support.in_process import nothing_held, running_server
 from support.logs import watching_server_log
 from support.polling import eventually
@@ -24,19 +24,9 @@ from support.polling import eventually
 from losswire.client import Credentials, LossClient, RemoteLoss
 from losswire.server.errors import StreamIdleError
 from losswire.server.rpc.streams import StreamGuardInterceptor
-from losswire.v1 import loss_service_pb2 as pb
 from losswire.wire import chunks, codec
 
 TOKENS = ("token-a-0123456789", "token-b-0123456789")
-
-
-def l1_header(elements: int) -> pb.EvaluateChunk:
-    """A stream's first message: an L1Loss term whose pred and target ([elements] float32) come in chunks."""
-    request = pb.EvaluateRequest()
-    term = request.terms.add(config=codec.encode_config({"type": "L1Loss"}))
-    for message in (term.pred, term.target.tensor):
-        message.dtype, message.shape[:] = pb.FLOAT32, [elements]
-    return pb.EvaluateChunk(request=request)
 
 
 def trickle(stop: threading.Event, elements: int = 1 << 20, nbytes: int = 4, every: float = 0.25) -> Iterator:
@@ -186,17 +176,7 @@ def test_a_caller_reading_its_answer_too_slowly_is_ended_and_leaves_its_slot_and
     reader falls behind, logging why, and gives back its slot and memory while the caller still has
     messages to read. (Before, a reader fast enough never to leave one message unread for the idle timeout held them
     for as long as it kept reading.)"""
-    elements = 8 << 20  # pred and target 32 MiB each
-    request = pb.EvaluateRequest()
-    term = request.terms.add(config=codec.encode_config({"type": "L1Loss", "reduction": "none"}))
-    for message in (term.pred, term.target.tensor):
-        message.dtype, message.shape[:] = pb.FLOAT32, [elements]
-    data = torch.randn(elements).numpy().tobytes()
-    messages = [pb.EvaluateChunk(request=request)] + [
-        chunks.chunk_wire_bytes(path, offset, data[offset : offset + (4 << 20)])
-        for path in ("terms[0].pred", "terms[0].target")
-        for offset in range(0, len(data), 4 << 20)
-    ]
+    messages = l1_stream(8 << 20)  # pred and target 32 MiB each
     read, stop = [], threading.Event()
     options = [("grpc.enable_retries", 0), ("grpc.max_receive_message_length", 64 << 20)]
     with (

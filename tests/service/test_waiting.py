@@ -20,7 +20,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2_grpc
-from support.calls import evaluate_stream, plain_channel
+from support.calls import evaluate_stream, l1_header, l1_stream, plain_channel
 from support.in_process import nothing_held, running_server
 from support.polling import eventually
 
@@ -28,8 +28,6 @@ from losswire.client import LossClient, RemoteLoss, RemoteLossError
 from losswire.server.app import LosswireServer
 from losswire.server.config import ServerConfig
 from losswire.server.rpc.streams import within
-from losswire.v1 import loss_service_pb2 as pb
-from losswire.wire import chunks, codec
 from losswire.wire.protocol import NO_RETRY
 
 DEADLINE = 5.0  # a small call and a health check must be answered within this, silent streams or not
@@ -121,19 +119,9 @@ def test_streams_beyond_the_bound_are_told_to_come_back_and_the_rest_keep_room()
             silent.close()
 
 
-def header(elements: int = 1 << 20) -> pb.EvaluateChunk:
-    """A valid stream header declaring a big pred and target whose chunks never come."""
-    request = pb.EvaluateRequest()
-    term = request.terms.add()
-    codec.encode_config({"type": "L1Loss"}, term.config)
-    for message in (term.pred, term.target.tensor):
-        message.dtype, message.shape[:] = pb.FLOAT32, [elements]
-    return pb.EvaluateChunk(request=request)
-
-
 def test_an_idle_stream_is_ended_and_leaves_its_big_call_slot():
     with running(max_workers=2, max_stream_calls=1, stream_idle_seconds=0.5) as target:
-        silent = SilentCallers(target, 2, first=[header()])
+        silent = SilentCallers(target, 2, first=[l1_header(1 << 20)])
         try:
             outcomes = silent.outcomes()
         finally:
@@ -157,7 +145,7 @@ def test_a_silent_stream_holds_no_big_call_slot():
     """Two streams that sent a valid header, then nothing: a real streamed call still goes through at once
     (the slots, and the buffers of the declared tensors, are taken only when their chunks come)."""
     with running(max_workers=2, max_stream_calls=1) as target:
-        silent = SilentCallers(target, 2, first=[header()])
+        silent = SilentCallers(target, 2, first=[l1_header(1 << 20)])
         client = LossClient(target, timeout=DEADLINE, stream_threshold=0, shared_memory="off")
         try:
             pred, target_ = torch.randn(256, 4), torch.randn(256, 4)
@@ -202,17 +190,7 @@ def test_a_caller_that_never_reads_its_streamed_answer_leaves_its_memory_and_slo
     the connection's window and the server's write waits. After ``--stream-idle-timeout`` (2 s) the call
     ends, its memory budget, big-call slot and open stream come back, and other big calls are served. (It
     held them for as long as the caller kept its connection.)"""
-    elements = 4 << 20  # 16 MiB of pred and of target; answered: a 16 MiB loss and a 16 MiB gradient
-    request = pb.EvaluateRequest()
-    term = request.terms.add(config=codec.encode_config({"type": "L1Loss", "reduction": "none"}))
-    for message in (term.pred, term.target.tensor):
-        message.dtype, message.shape[:] = pb.FLOAT32, [elements]
-    data = torch.randn(elements).numpy().tobytes()
-    messages = [pb.EvaluateChunk(request=request)] + [
-        chunks.chunk_wire_bytes(path, offset, data[offset : offset + (4 << 20)])
-        for path in ("terms[0].pred", "terms[0].target")
-        for offset in range(0, len(data), 4 << 20)
-    ]
+    messages = l1_stream(4 << 20)  # 16 MiB of pred and of target; answered: a 16 MiB loss and a 16 MiB gradient
     options = [("grpc.enable_retries", 0), ("grpc.max_receive_message_length", 64 << 20)]
     with running_server(stream_idle_seconds=2.0, max_stream_calls=1) as server:
         target = f"127.0.0.1:{server.port}"

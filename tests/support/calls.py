@@ -1,5 +1,5 @@
-"""Calls in tests: a channel without retries, EvaluateStream on it, the field a refusal names, a
-recompute through a client, a server's log read up to now, this host's connections to a port."""
+"""Calls in tests: a channel without retries, EvaluateStream on it, L1Loss streams sent by hand, the field a
+refusal names, a recompute through a client, a server's log read up to now, this host's connections to a port."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from grpc_status import rpc_status
 
 from losswire.client import LossClient, RemoteLoss
 from losswire.v1 import loss_service_pb2 as pb
-from losswire.wire import chunks
+from losswire.wire import chunks, codec
 from losswire.wire.protocol import EVALUATE_STREAM_METHOD
 
 from .servers import CALL_TIMEOUT, ServerProcess
@@ -49,6 +49,26 @@ def evaluate_stream(channel: grpc.Channel) -> grpc.StreamStreamMultiCallable:
         request_serializer=chunks.serialize_chunk,
         response_deserializer=pb.EvaluateChunk.FromString,
     )
+
+
+def l1_header(elements: int, reduction: str = "mean") -> pb.EvaluateChunk:
+    """A stream's first message: an L1Loss term whose pred and target ([elements] float32) come in chunks."""
+    request = pb.EvaluateRequest()
+    term = request.terms.add(config=codec.encode_config({"type": "L1Loss", "reduction": reduction}))
+    for message in (term.pred, term.target.tensor):
+        message.dtype, message.shape[:] = pb.FLOAT32, [elements]
+    return pb.EvaluateChunk(request=request)
+
+
+def l1_stream(elements: int, reduction: str = "none") -> list:
+    """A whole L1Loss stream, by hand: its header, then pred and target (the same random [elements]
+    float32) in 4 MiB chunks, serialized. With reduction "none" the answer is as big as both inputs."""
+    data = torch.randn(elements).numpy().tobytes()
+    return [l1_header(elements, reduction)] + [
+        chunks.chunk_wire_bytes(path, offset, data[offset : offset + (4 << 20)])
+        for path in ("terms[0].pred", "terms[0].target")
+        for offset in range(0, len(data), 4 << 20)
+    ]
 
 
 def dice_recompute_gradients(clients: tuple[LossClient, ...], seed: int) -> list[torch.Tensor]:
