@@ -68,7 +68,7 @@ class RequestRoom:
 
     async def take(self, nbytes: int, connection: str = "") -> None:
         """Take ``nbytes`` (at most ``capacity``) for a request of ``connection`` about to be received, in
-        turn; ``received`` (or ``give_back``) once it has been."""
+        turn; ``give_back`` what it does not keep once it has been (naming ``connection``)."""
         if not self._waiting and self._fits(nbytes, connection):
             self._hand(nbytes, connection)
             return
@@ -88,10 +88,6 @@ class RequestRoom:
                     self._waiting.remove(entry)
                 self._admit()
             raise
-
-    def received(self, connection: str, taken: int, kept: int) -> None:
-        """A request of ``connection`` has arrived: of the ``taken`` bytes, it keeps ``kept``."""
-        self.give_back(taken - kept, connection)
 
     def give_back(self, nbytes: int, receiving: str | None = None) -> None:
         """``nbytes`` back; ``receiving``: the connection whose request was being received."""
@@ -266,7 +262,7 @@ class Held:
 
     def keep(self, nbytes: int) -> None:
         """The request has arrived: keep only its ``nbytes``."""
-        self.room.received(self.connection, self.nbytes, nbytes)
+        self.room.give_back(self.nbytes - nbytes, self.connection)  # no longer being received
         self.nbytes, self.receiving = nbytes, False
 
     def give_back(self) -> None:

@@ -139,7 +139,7 @@ class StreamGuardInterceptor(grpc.aio.ServerInterceptor):
                 return
             except TimeoutError:
                 if behind:
-                    pace.waited += loop.time() - waiting_since
+                    pace.moved(loop.time() - waiting_since, 0)
                     raise StreamIdleError(f"the caller sent {pace.said('in')}") from None
                 raise StreamIdleError(
                     f"the caller sent nothing for {self.idle_seconds:g} s; this server ends request streams idle "
