@@ -39,7 +39,7 @@ from .losses import LOSSES, Registry
 from .rpc.authentication import SessionOwners, TokenAuthInterceptor
 from .rpc.calls import Compute
 from .rpc.inference import InferenceService, add_inference_service
-from .rpc.intake import RequestRoom, UnaryIntakeInterceptor, unary_read_seconds
+from .rpc.intake import Place, RequestRoom, UnaryIntakeInterceptor, unary_read_seconds
 from .rpc.lanes import Lanes
 from .rpc.loss_service import LossService, add_to_server
 from .rpc.malformed import MalformedRequestInterceptor
@@ -86,7 +86,8 @@ class LosswireServer:
         tokens = config.auth_tokens_file is not None or bool(config.auth_tokens)
         self.tokens = TokenSet(config.auth_tokens, config.auth_tokens_file) if tokens else None
         self.auth = TokenAuthInterceptor(self.tokens) if self.tokens else None
-        self.request_room = RequestRoom(self._request_room())  # unary requests received and held at once
+        # unary requests received and held at once; with tokens, one token holds all of it but one request
+        self.request_room = RequestRoom(self._request_room(), per_caller=self._request_room_per_token())
         # health calls (without a token, where tokens are on) read in a room of their own: whatever holds the
         # request room, probes are still read; one connection has at most one being received there
         self.open_room = RequestRoom(8 * self._largest_request_message(), per_connection=1)
@@ -241,14 +242,23 @@ class LosswireServer:
             return None
         return unary_read_seconds(self._largest_request_message())
 
-    def _room_of(self, call: grpc.HandlerCallDetails) -> RequestRoom | None:
-        """Where a unary call's request is read (None: refused by the token check, never read). A token
-        holder's calls all read in the request room; the others' health calls in the open room."""
-        if self.auth is not None and self.auth.carries_token(call):
-            return self.request_room
+    def _request_room_per_token(self) -> int | None:
+        """Bytes of the request room one token may hold (None without tokens: callers cannot be told apart,
+        and one connection has at most four requests being received): all but room for one request, so
+        that one token always leaves another room."""
+        return None if self.tokens is None else self._request_room() - self._largest_request_message()
+
+    def _room_of(self, call: grpc.HandlerCallDetails) -> Place | None:
+        """Where a unary call's request is read, and for whom (None: refused by the token check, never read).
+        A token holder's calls all read in the request room, as its token's; the others' health calls in the
+        open room, as their connection's."""
+        if self.auth is not None:
+            token = self.auth.token_of(call)
+            if token is not None:
+                return self.request_room, token
         if TokenAuthInterceptor.open(call):
-            return self.open_room
-        return self.request_room if self.auth is None else None
+            return self.open_room, None
+        return (self.request_room, None) if self.auth is None else None
 
     def _count_refused(self, method: str, code: grpc.StatusCode) -> None:
         self.metrics.requests.labels(method, code.name).inc()

@@ -73,10 +73,10 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         token, reason = bearer_token(handler_call_details.invocation_metadata)
         return None if token is not None and self.tokens.accepts(token) else reason or "invalid token"
 
-    def carries_token(self, handler_call_details: grpc.HandlerCallDetails) -> bool:
-        """Whether the call carries a valid token (whatever its service)."""
+    def token_of(self, handler_call_details: grpc.HandlerCallDetails) -> str | None:
+        """The valid token the call carries (whatever its service), None if it carries none."""
         token, _ = bearer_token(handler_call_details.invocation_metadata)
-        return token is not None and self.tokens.accepts(token)
+        return token if token is not None and self.tokens.accepts(token) else None
 
     @staticmethod
     def open(handler_call_details: grpc.HandlerCallDetails) -> bool:

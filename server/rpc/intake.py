@@ -16,7 +16,10 @@ the process holds up to about three times that while a request is parsed). The r
 within ``read_seconds`` of being asked for (:func:`unary_read_seconds`: 9 s for 64 MiB), so a caller
 that starts a call and sends nothing, or trickles, cannot keep its room; and one connection has at
 most ``PER_CONNECTION`` requests being received at once, so a caller's silent calls on one connection
-hold at most that much room.
+hold at most that much room. Room is held by a caller: its token where tokens are on, else its
+connection. With tokens, one token holds at most all of the room but one request's worth (whatever
+connections it opens), and room that comes back while calls wait goes to the caller that holds least:
+a caller's flood of calls keeps another caller's call waiting for one call to end, not for the flood.
 
 Calls refused by the token check are not read at all: a caller without a token takes no room. With
 tokens on, calls without a valid token to the services open to everyone (health) read in a room of
@@ -31,8 +34,9 @@ A caller that resets its call while it waits for room gives its place up: a burs
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import inspect
+import itertools
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -56,80 +60,135 @@ def unary_read_seconds(largest: int) -> float:
 
 
 class RequestRoom:
-    """Room for ``capacity`` bytes of unary requests, handed out first come, first served, with at most
-    ``per_connection`` requests of one connection being received at once (a connection's further calls
-    wait without holding up other connections'). Used on the event loop only (no lock)."""
+    """Room for ``capacity`` bytes of unary requests, with at most ``per_connection`` requests of one
+    connection being received at once and at most ``per_caller`` bytes held by one caller (a token, or a
+    connection where callers have no token). While the room is contended, room that comes back goes to
+    the waiting caller that holds least (the earliest of its waiters), so that one caller's flood of calls
+    delays another's by at most a call, not by the whole flood. Used on the event loop only (no lock)."""
 
-    def __init__(self, capacity: int, per_connection: int = PER_CONNECTION) -> None:
+    def __init__(self, capacity: int, per_connection: int = PER_CONNECTION, per_caller: int | None = None) -> None:
         self.capacity, self.per_connection = capacity, per_connection
+        self.per_caller = capacity if per_caller is None else per_caller
         self.held = 0
+        self._holding: dict[str, int] = {}  # bytes held, by caller
         self._receiving: dict[str, int] = {}  # requests being received, by connection
-        self._waiting: list[tuple[int, str, asyncio.Future[None]]] = []
+        # waiters, in arrival order, queued by (caller, connection): admission looks at each queue's first
+        self._queues: dict[tuple[str, str], collections.deque[_Waiter]] = {}
+        self._arrivals = itertools.count()
+        self.waiting = 0  # calls waiting for room (their requests unread)
 
-    async def take(self, nbytes: int, connection: str = "") -> None:
-        """Take ``nbytes`` (at most ``capacity``) for a request of ``connection`` about to be received, in
-        turn; ``give_back`` what it does not keep once it has been (naming ``connection``)."""
-        if not self._waiting and self._fits(nbytes, connection):
-            self._hand(nbytes, connection)
+    async def take(self, nbytes: int, connection: str = "", caller: str | None = None) -> None:
+        """Take ``nbytes`` (at most ``capacity``) for a request of ``connection`` (from ``caller``, the
+        connection itself by default) about to be received, in turn; ``give_back`` what it does not keep
+        once it has been."""
+        caller = connection if caller is None else caller
+        if not self._queues and self._fits(nbytes, connection, caller):
+            self._hand(nbytes, connection, caller)
             return
-        turn = asyncio.get_running_loop().create_future()
-        entry = (nbytes, connection, turn)
-        self._waiting.append(entry)
-        self._admit()  # the waiters before it may wait only for their connection's turn, not for room
-        if turn.done():
+        waiter = _Waiter(nbytes, next(self._arrivals), asyncio.get_running_loop().create_future())
+        key = (caller, connection)
+        self._queues.setdefault(key, collections.deque()).append(waiter)
+        self.waiting += 1
+        if self.held + nbytes <= self.capacity:  # those before it may wait for their caller's or connection's turn
+            self._admit()
+        if waiter.turn.done():
             return
         try:
-            await turn
+            await waiter.turn
         except asyncio.CancelledError:  # its caller left (or reset its stream) while it waited
-            if turn.done() and not turn.cancelled():
-                self.give_back(nbytes, connection)  # the room came just before the cancellation: pass it on
+            if waiter.turn.done() and not waiter.turn.cancelled():
+                self.give_back(nbytes, caller, connection)  # the room came just before the cancellation: pass it on
             else:
-                with contextlib.suppress(ValueError):  # _admit may have dropped it already
-                    self._waiting.remove(entry)
-                self._admit()
+                self._leave(key, waiter)
+                if self.held < self.capacity:  # (a full room, the case of a reset burst, admits nobody)
+                    self._admit()
             raise
 
-    def give_back(self, nbytes: int, receiving: str | None = None) -> None:
-        """``nbytes`` back; ``receiving``: the connection whose request was being received."""
+    def give_back(self, nbytes: int, caller: str, receiving: str | None = None) -> None:
+        """``nbytes`` of ``caller`` back; ``receiving``: the connection whose request was being received."""
         self.held -= nbytes
+        left = self._holding.get(caller, 0) - nbytes  # a request of no bytes holds nothing once it came
+        if left:
+            self._holding[caller] = left
+        else:
+            self._holding.pop(caller, None)
         if receiving is not None:
-            left = self._receiving[receiving] - 1
-            if left:
-                self._receiving[receiving] = left
+            count = self._receiving[receiving] - 1
+            if count:
+                self._receiving[receiving] = count
             else:
                 del self._receiving[receiving]
-        if self._waiting:
+        if self._queues:
             self._admit()
 
-    @property
-    def waiting(self) -> int:
-        """Calls waiting for room (their requests unread)."""
-        return len(self._waiting)
+    def holding(self, caller: str) -> int:
+        """The bytes ``caller`` holds."""
+        return self._holding.get(caller, 0)
 
-    def _fits(self, nbytes: int, connection: str) -> bool:
-        return self.held + nbytes <= self.capacity and self._receiving.get(connection, 0) < self.per_connection
+    def _fits(self, nbytes: int, connection: str, caller: str) -> bool:
+        return (
+            self.held + nbytes <= self.capacity
+            and self._receiving.get(connection, 0) < self.per_connection
+            and self._holding.get(caller, 0) + nbytes <= self.per_caller
+        )
 
-    def _hand(self, nbytes: int, connection: str) -> None:
+    def _hand(self, nbytes: int, connection: str, caller: str) -> None:
         self.held += nbytes
+        self._holding[caller] = self._holding.get(caller, 0) + nbytes
         self._receiving[connection] = self._receiving.get(connection, 0) + 1
 
+    def _leave(self, key: tuple[str, str], waiter: _Waiter) -> None:
+        queue = self._queues.get(key)
+        if queue is not None and waiter in queue:  # _admit may have dropped it already
+            queue.remove(waiter)
+            self.waiting -= 1
+            if not queue:
+                del self._queues[key]
+
     def _admit(self) -> None:
-        """Hand room to the waiters in order: the first that fits, skipping those whose connection has its
-        most being received. A waiter whose task was cancelled (its turn cancelled with it) is dropped,
-        never handed room: nobody would give it back."""
-        index = 0
-        while index < len(self._waiting):
-            nbytes, connection, turn = self._waiting[index]
-            if turn.done():
-                del self._waiting[index]
-            elif self.held + nbytes > self.capacity:
-                return  # first come, first served: a later, smaller request does not pass it
-            elif self._receiving.get(connection, 0) >= self.per_connection:
-                index += 1
-            else:
-                del self._waiting[index]
-                self._hand(nbytes, connection)
-                turn.set_result(None)
+        """Hand room out while it lasts: to the first waiter of the caller that holds least (of those whose
+        connection and caller may take more), the earliest on a tie. A waiter whose task was cancelled (its
+        turn cancelled with it) is dropped, never handed room: nobody would give it back."""
+        while self._queues:
+            chosen = None
+            for key, queue in list(self._queues.items()):
+                while queue and queue[0].turn.done():
+                    queue.popleft()
+                    self.waiting -= 1
+                if not queue:
+                    del self._queues[key]
+                    continue
+                caller, connection = key
+                waiter = queue[0]
+                if self._receiving.get(connection, 0) >= self.per_connection:
+                    continue
+                if self._holding.get(caller, 0) + waiter.nbytes > self.per_caller:
+                    continue
+                rank = (self._holding.get(caller, 0), waiter.arrival)
+                if chosen is None or rank < chosen[0]:
+                    chosen = (rank, key, waiter)
+            if chosen is None:
+                return
+            _, (caller, connection), waiter = chosen
+            if self.held + waiter.nbytes > self.capacity:
+                return  # the room is full for the one whose turn it is: nobody passes it
+            queue = self._queues[(caller, connection)]
+            queue.popleft()
+            self.waiting -= 1
+            if not queue:
+                del self._queues[(caller, connection)]
+            self._hand(waiter.nbytes, connection, caller)
+            waiter.turn.set_result(None)
+
+
+class _Waiter:
+    __slots__ = ("arrival", "nbytes", "turn")
+
+    def __init__(self, nbytes: int, arrival: int, turn: asyncio.Future[None]) -> None:
+        self.nbytes, self.arrival, self.turn = nbytes, arrival, turn
+
+
+Place = tuple[RequestRoom, str | None]  # where a call's request is read, and for whom (None: its connection)
 
 
 class UnaryIntakeInterceptor(grpc.aio.ServerInterceptor):
@@ -138,13 +197,14 @@ class UnaryIntakeInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(
         self,
-        room_of: Callable[[grpc.HandlerCallDetails], RequestRoom | None],
+        room_of: Callable[[grpc.HandlerCallDetails], Place | None],
         largest: int,
         read_seconds: float | None,
         on_refused: Callable[[str, grpc.StatusCode], None] = lambda _method, _code: None,
     ) -> None:
-        """``room_of(call)``: the room its request is read in; None: the call is refused unread (the token
-        check refuses it). ``largest``: the largest request, at most any room's capacity."""
+        """``room_of(call)``: the room its request is read in and who it is read for (None: its connection);
+        None: the call is refused unread (the token check refuses it). ``largest``: the largest request, at
+        most any room's capacity."""
         self.room_of, self.largest, self.read_seconds = room_of, largest, read_seconds
         self.on_refused = on_refused
 
@@ -153,7 +213,7 @@ class UnaryIntakeInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler.request_streaming:
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
-        room, deserialize = self.room_of(handler_call_details), handler.request_deserializer
+        place, deserialize = self.room_of(handler_call_details), handler.request_deserializer
         inner = handler.unary_stream if handler.response_streaming else handler.unary_unary
         # closures, not partials: gRPC inspects each call's handler, and a partial costs it more
 
@@ -161,7 +221,7 @@ class UnaryIntakeInterceptor(grpc.aio.ServerInterceptor):
             """A unary answer, or answers written by ``context.write``."""
             held = Held(context.peer())
             try:
-                request = await self._read(method, deserialize, room, context, held)
+                request = await self._read(method, deserialize, place, context, held)
                 return None if request is _REFUSED else await inner(request, context)
             finally:
                 held.give_back()
@@ -170,7 +230,7 @@ class UnaryIntakeInterceptor(grpc.aio.ServerInterceptor):
             """Answers yielded by an async generator."""
             held = Held(context.peer())
             try:
-                request = await self._read(method, deserialize, room, context, held)
+                request = await self._read(method, deserialize, place, context, held)
                 if request is not _REFUSED:
                     async for message in inner(request, context):
                         yield message
@@ -186,16 +246,16 @@ class UnaryIntakeInterceptor(grpc.aio.ServerInterceptor):
         self,
         method: str,
         deserialize: Callable[[bytes], Any] | None,
-        room: RequestRoom | None,
+        place: Place | None,
         context: grpc.aio.ServicerContext,
         held: Held,
     ) -> Any:
-        """The call's request, read with room for it in ``room`` (``held``: the room the call holds, given
+        """The call's request, read with room for it in ``place`` (``held``: the room the call holds, given
         back when it ends); ``_REFUSED`` once the call's status is set."""
-        if room is None:  # the token check refuses it: its bytes are never read
+        if place is None:  # the token check refuses it: its bytes are never read
             return deserialize(b"") if deserialize is not None else b""
         try:
-            data = await self._receive(room, context, held)
+            data = await self._receive(*place, context, held)
         except asyncio.CancelledError:  # its caller left while it waited: counted here, no handler ran
             self.on_refused(method, gone_code(context.time_remaining()))
             raise
@@ -211,12 +271,14 @@ class UnaryIntakeInterceptor(grpc.aio.ServerInterceptor):
             )
             return self._refuse(method, context, malformed)
 
-    async def _receive(self, room: RequestRoom, context: grpc.aio.ServicerContext, held: Held) -> bytes:
+    async def _receive(
+        self, room: RequestRoom, caller: str | None, context: grpc.aio.ServicerContext, held: Held
+    ) -> bytes:
         """The request's bytes, once ``room`` had room for them (waiting at most ``read_seconds``, else
         ServerBusyError) and they arrived (within ``read_seconds`` more, else StreamIdleError)."""
         try:
             async with asyncio.timeout(self.read_seconds):
-                await held.take(room, self.largest)
+                await held.take(room, self.largest, caller)
         except TimeoutError:
             raise ServerBusyError(
                 f"the server is receiving its most unary requests at once (room for {room.capacity} bytes, "
@@ -248,24 +310,27 @@ _REFUSED = object()  # a call whose status is set already: its handler is not ru
 class Held:
     """The room one call holds: taken for the largest request, kept for the one that came."""
 
-    __slots__ = ("connection", "nbytes", "receiving", "room")
+    __slots__ = ("caller", "connection", "nbytes", "receiving", "room")
 
     def __init__(self, connection: str | None) -> None:
         self.connection = connection or ""
+        self.caller = self.connection
         self.room: RequestRoom | None = None
         self.nbytes = 0
         self.receiving = False
 
-    async def take(self, room: RequestRoom, nbytes: int) -> None:
-        await room.take(nbytes, self.connection)
-        self.room, self.nbytes, self.receiving = room, nbytes, True
+    async def take(self, room: RequestRoom, nbytes: int, caller: str | None) -> None:
+        """``nbytes`` of ``room`` for ``caller`` (None: the call's connection)."""
+        caller = self.connection if caller is None else caller
+        await room.take(nbytes, self.connection, caller)
+        self.room, self.caller, self.nbytes, self.receiving = room, caller, nbytes, True
 
     def keep(self, nbytes: int) -> None:
         """The request has arrived: keep only its ``nbytes``."""
-        self.room.give_back(self.nbytes - nbytes, self.connection)  # no longer being received
+        self.room.give_back(self.nbytes - nbytes, self.caller, self.connection)  # no longer being received
         self.nbytes, self.receiving = nbytes, False
 
     def give_back(self) -> None:
         if self.room is not None:
-            self.room.give_back(self.nbytes, self.connection if self.receiving else None)
+            self.room.give_back(self.nbytes, self.caller, self.connection if self.receiving else None)
             self.room, self.nbytes, self.receiving = None, 0, False

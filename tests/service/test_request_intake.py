@@ -42,11 +42,13 @@ def focal_request() -> bytes:
 
 
 class SilentCalls:
-    """``count`` Evaluate calls whose request never comes (until ``close``)."""
+    """``count`` Evaluate calls whose request never comes (until ``close``), on the connection named
+    ``connection`` (channels of different names never share one)."""
 
-    def __init__(self, target: str, count: int, metadata: tuple | None = None) -> None:
+    def __init__(self, target: str, count: int, metadata: tuple | None = None, connection: str = "") -> None:
         self.release = threading.Event()
-        self.channel = grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)])
+        options = [("grpc.enable_retries", 0), ("losswire.test.connection", f"silent {connection}")]
+        self.channel = grpc.insecure_channel(target, options=options)
         evaluate = self.channel.stream_unary(EVALUATE)
         self.calls = [evaluate.future(self._nothing(), timeout=60, metadata=metadata) for _ in range(count)]
 
@@ -63,8 +65,8 @@ class SilentCalls:
 
 
 @contextlib.contextmanager
-def silent(target: str, count: int, metadata: tuple | None = None) -> Iterator[SilentCalls]:
-    calls = SilentCalls(target, count, metadata)
+def silent(target: str, count: int, metadata: tuple | None = None, connection: str = "") -> Iterator[SilentCalls]:
+    calls = SilentCalls(target, count, metadata, connection)
     try:
         yield calls
     finally:
@@ -228,13 +230,13 @@ def test_a_waiter_that_leaves_gives_up_its_place_and_holds_nothing():
         assert room.waiting == 3
         waiters[0].cancel()
         await asyncio.sleep(0)
-        room.give_back(1)
+        room.give_back(1, "", "")
         await asyncio.sleep(0)
         assert waiters[1].done() and not waiters[2].done() and room.held == 2
         waiters[2].cancel()
         await asyncio.sleep(0)
-        room.give_back(1)
-        room.give_back(1)
+        room.give_back(1, "", "")
+        room.give_back(1, "", "")
         assert room.held == 0 and room.waiting == 0
         await room.take(2)  # the whole room is there again
         assert room.held == 2
@@ -242,12 +244,99 @@ def test_a_waiter_that_leaves_gives_up_its_place_and_holds_nothing():
     asyncio.run(scenario())
 
 
+def test_room_that_comes_back_goes_to_the_caller_that_holds_least():
+    """Room for four: caller x holds all of it and waits for more, then caller y waits. Room coming back
+    goes to y, which holds nothing, not to x's earlier waiter; then to x. (First come, first served, a
+    caller's flood kept another caller's call waiting for every call of the flood.)"""
+
+    async def scenario() -> None:
+        room = RequestRoom(4)
+        for _ in range(4):
+            await room.take(1, "x")
+        more_of_x = asyncio.ensure_future(room.take(1, "x"))
+        await asyncio.sleep(0)
+        first_of_y = asyncio.ensure_future(room.take(1, "y"))
+        await asyncio.sleep(0)
+        assert room.waiting == 2
+        room.give_back(1, "x", "x")
+        await asyncio.sleep(0)
+        assert first_of_y.done() and not more_of_x.done()
+        assert room.holding("y") == 1 and room.holding("x") == 3
+        room.give_back(1, "x", "x")
+        await asyncio.sleep(0)
+        assert more_of_x.done() and room.waiting == 0 and room.held == 4
+
+    asyncio.run(scenario())
+
+
+def test_one_caller_leaves_room_for_another_whatever_connections_it_opens():
+    """A caller may hold all of the room but one request's worth (here 3 of 4), on one connection or
+    several; another caller's request is read at once."""
+
+    async def scenario() -> None:
+        room = RequestRoom(4, per_caller=3)
+        for connection in ("a1", "a2", "a3"):
+            await room.take(1, connection, "token a")
+        fourth_of_a = asyncio.ensure_future(room.take(1, "a4", "token a"))
+        await asyncio.sleep(0)
+        assert not fourth_of_a.done() and room.held == 3
+        await asyncio.wait_for(room.take(1, "b1", "token b"), 1)
+        assert room.held == 4 and room.holding("token a") == 3
+        room.give_back(1, "token b", "b1")
+        await asyncio.sleep(0)
+        assert not fourth_of_a.done(), "a caller passed its share"
+        room.give_back(1, "token a", "a1")
+        await asyncio.sleep(0)
+        assert fourth_of_a.done() and room.holding("token a") == 3
+
+    asyncio.run(scenario())
+
+
+def test_a_token_flooding_silent_calls_leaves_room_for_another_token():
+    """Room for four 1 MiB requests, tokens on. Token a opens eight silent calls on two connections: it
+    takes three requests' worth, the other five wait. Token b's call is read and answered at once, while
+    a's calls still wait (they are overdue only after 5 s). With the whole room a's, b's call waited for
+    them."""
+    tokens = ("token-a-0123456789", "token-b-0123456789")
+    with running_server(auth_tokens=tokens, max_request_message_bytes=1 << 20, memory_budget=1 << 20) as server:
+        target = f"127.0.0.1:{server.port}"
+        room = room_of(server)
+        as_a = (("authorization", f"Bearer {tokens[0]}"),)
+        with silent(target, 4, as_a, connection="a1"), silent(target, 4, as_a, connection="a2"):
+            assert eventually(lambda: room.held == 3 << 20 and room.waiting == 5, 10), (room.held, room.waiting)
+            client = LossClient(target, timeout=30, credentials=Credentials(token=tokens[1]), shared_memory="off")
+            try:
+                loss = RemoteLoss(dict(type="L1Loss"), client=client)(torch.ones(4), torch.zeros(4))
+            finally:
+                client.close()
+            assert loss.item() == 1.0
+            assert room.waiting == 5 and room.holding(tokens[0]) == 3 << 20, "b's call waited for a's"
+
+
+def test_a_connection_flooding_silent_calls_does_not_queue_ahead_of_another():
+    """Room for four 1 MiB requests, no tokens. Connection x holds it with four silent calls and queues
+    four more; then another connection's call queues. When one of x's calls ends, its room goes to the
+    other connection (which holds none): the call is answered while x's other calls still wait for their
+    requests. First come, first served, it waited until x's silent calls were overdue (5 s)."""
+    with running_server(max_request_message_bytes=1 << 20, memory_budget=1 << 20) as server:
+        target = f"127.0.0.1:{server.port}"
+        room = room_of(server)
+        with silent(target, 8, connection="x") as flood:
+            assert eventually(lambda: room.held == 4 << 20 and room.waiting == 4, 10), (room.held, room.waiting)
+            other = unary(target)
+            assert eventually(lambda: room.waiting == 5, 10), room.waiting
+            flood.calls[0].cancel()
+            answer = pb.EvaluateResponse.FromString(other.result(timeout=30))
+            assert len(answer.results) == 1
+            assert not any(call.done() for call in flood.calls[1:]), "the call was read only once x's were overdue"
+
+
 def test_health_is_read_while_silent_calls_hold_the_request_room():
     """Four silent Evaluate calls from four connections fill the request room (4 x 1 MiB); health checks
     read in a room of their own, and are answered meanwhile."""
     with running_server(max_request_message_bytes=1 << 20, memory_budget=1 << 20) as server:
         target = f"127.0.0.1:{server.port}"
-        holders = [SilentCalls(target, 1) for _ in range(4)]
+        holders = [SilentCalls(target, 1, connection=str(index)) for index in range(4)]
         try:
             room = room_of(server)
             assert eventually(lambda: room.held == room.capacity, 10), room.held
@@ -261,21 +350,22 @@ def test_health_is_read_while_silent_calls_hold_the_request_room():
 
 
 def test_a_call_that_waits_too_long_for_room_is_told_to_come_back():
-    """Room for four 1 MiB requests. Four silent calls hold it; 2 s later four more queue, then a fifth
-    caller's call. When the first four are overdue (5.0625 s) the next four, queued first, take the room
-    until 2 s later than that. The fifth call waits at most as long as a request may take to arrive, then
-    gets RESOURCE_EXHAUSTED without the no-retry pushback (the client waits it out), rather than waiting,
-    unread, without bound."""
+    """Room for four 1 MiB requests. Four silent calls hold it; 2 s later four more queue on a connection
+    of their own, then a fifth call behind them on theirs. When the first four are overdue (5.0625 s) the
+    next four take the room until 2 s later than that (their connection has its most being received). The
+    fifth call waits at most as long as a request may take to arrive, then gets RESOURCE_EXHAUSTED without
+    the no-retry pushback (the client waits it out), rather than waiting, unread, without bound."""
     with running_server(max_request_message_bytes=1 << 20, memory_budget=1 << 20) as server:
         target = f"127.0.0.1:{server.port}"
         room = room_of(server)
         with silent(target, 4):
             assert eventually(lambda: room.held == room.capacity, 10), room.held
             time.sleep(2.0)  # the next silent calls are overdue 2 s after the first
-            with silent(target, 4):
+            with silent(target, 4, connection="later") as later:
                 assert eventually(lambda: room.waiting == 4, 10), room.waiting
+                fifth = later.channel.unary_unary(EVALUATE).future(focal_request(), timeout=30)
                 with pytest.raises(grpc.RpcError) as busy:
-                    unary(target).result(timeout=30)
+                    fifth.result(timeout=30)
     assert busy.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, busy.value.details()
     assert "retry later" in busy.value.details()
     assert NO_RETRY not in tuple(busy.value.trailing_metadata() or ())
