@@ -15,6 +15,7 @@ import errno
 import importlib
 import logging
 import os
+import resource
 import threading
 import time
 from collections.abc import Coroutine
@@ -51,6 +52,22 @@ log = logging.getLogger("losswire.server")
 
 HANDSHAKE_TIMEOUT_MS = 10_000
 MAX_STREAMS_PER_CONNECTION = 100
+OWN_FILES = 512  # descriptors kept from connections for the server's own use at least (handoffs, files, logs)
+
+
+def open_files() -> int:
+    """The process's open-files limit (the soft one: what it may open now)."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def connection_bound(max_connections: int | None, files: int) -> int:
+    """Connections the server accepts at once: ``max_connections`` (None: no bound of its own), never more
+    than ``files`` less a quarter of them (at least ``OWN_FILES``), which the server keeps for its own
+    descriptors: connections that take every descriptor leave it unable to take a handoff or open a file."""
+    by_files = max(1, files - max(OWN_FILES, files // 4))
+    return by_files if max_connections is None else min(max_connections, by_files)
+
+
 Result = TypeVar("Result")
 
 
@@ -167,6 +184,8 @@ class LosswireServer:
             # calls open at once on one connection; more wait in the client. One connection could hold
             # every one of --max-concurrent-rpcs, and a burst of streams reset at once costs less
             ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+            # connections at once: an idle one stays open, and each holds a descriptor and ~15 KiB
+            ("grpc.max_allowed_incoming_connections", connection_bound(self.config.max_connections, open_files())),
             # identity only: a compressed message would let a few bytes on the wire count as many against
             # the stream pace (and inflate to the receive limit); neither losswire's client nor its server
             # compresses

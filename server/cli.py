@@ -229,6 +229,14 @@ KNOBS: tuple[Knob, ...] = (
         "RESOURCE_EXHAUSTED at once, which losswire's client retries with backoff (0 or none: unbounded)",
     ),
     Knob(
+        "max_connections",
+        _optional_limit,
+        _DEFAULT.max_connections,
+        "connections open at once; beyond, a new connection is closed at once (its caller retries). Never "
+        "more than the open-files limit less a quarter (at least 512) kept for the server's own descriptors "
+        "(0 or none: that limit only)",
+    ),
+    Knob(
         "max_open_streams",
         _int_at_least(1),
         _DEFAULT.max_open_streams,

@@ -33,6 +33,10 @@ class ServerConfig:
     # RESOURCE_EXHAUSTED at once rather than a queue without bound. A waiting call is a coroutine, not a
     # thread: the bound is on memory, and on callers that hold calls open (health Watch streams included)
     max_concurrent_rpcs: int | None = 1024
+    # connections open at once (each costs a descriptor and ~15 KiB while idle, and an idle one stays open);
+    # beyond, a new connection is closed at once (its caller retries). Also kept below the open-files limit,
+    # so that connections never take the descriptors the server needs for itself. None: that limit only
+    max_connections: int | None = 10_000
     # calls that stream their requests (EvaluateStream, reflection) open at once; beyond, RESOURCE_EXHAUSTED
     # (a client waits it out). Below max_concurrent_rpcs, so silent streams never take every call's room.
     max_open_streams: int = 32
