@@ -39,8 +39,9 @@ from .evaluation import OwnerLimits, SessionStore
 from .losses import LOSSES, Registry
 from .rpc.authentication import SessionOwners, TokenAuthInterceptor
 from .rpc.calls import Compute
+from .rpc.health import HEALTH_WATCH, BoundedHealthServicer
 from .rpc.inference import InferenceService, add_inference_service
-from .rpc.intake import Place, RequestRoom, UnaryIntakeInterceptor, unary_read_seconds
+from .rpc.intake import CallSlots, IntakeInterceptor, Place, RequestRoom, unary_read_seconds
 from .rpc.lanes import Lanes
 from .rpc.loss_service import LossService, add_to_server
 from .rpc.malformed import MalformedRequestInterceptor
@@ -52,6 +53,8 @@ log = logging.getLogger("losswire.server")
 
 HANDSHAKE_TIMEOUT_MS = 10_000
 MAX_STREAMS_PER_CONNECTION = 100
+HEALTH_REQUEST_BYTES = 4096  # a HealthCheckRequest names one service: the health port takes no more
+HEALTH_CHECKS_AT_ONCE = 64  # Check calls in flight on the health port, besides the Watch streams
 OWN_FILES = 512  # descriptors kept from connections for the server's own use at least (handoffs, files, logs)
 
 
@@ -177,31 +180,22 @@ class LosswireServer:
         options = [
             ("grpc.max_receive_message_length", self._largest_request_message()),
             ("grpc.max_send_message_length", self.config.max_message_bytes),
-            ("grpc.so_reuseport", int(self.config.reuse_port)),
-            # a connection that has not finished its TLS and HTTP/2 handshake by then is closed (gRPC's
-            # default waits 60-120 s: thousands of silent sockets held descriptors that long)
-            ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
-            # calls open at once on one connection; more wait in the client. One connection could hold
-            # every one of --max-concurrent-rpcs, and a burst of streams reset at once costs less
-            ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
-            # connections at once: an idle one stays open, and each holds a descriptor and ~15 KiB
-            ("grpc.max_allowed_incoming_connections", connection_bound(self.config.max_connections, open_files())),
-            # identity only: a compressed message would let a few bytes on the wire count as many against
-            # the stream pace (and inflate to the receive limit); neither losswire's client nor its server
-            # compresses
-            ("grpc.compression_enabled_algorithms_bitset", 1),
+            *self._connection_options(),
         ]
         server = grpc.aio.server(
             options=options,
-            maximum_concurrent_rpcs=self.config.max_concurrent_rpcs,
-            # outermost first: a unary request is read only with room for it (the handlers within see unary
-            # calls); unparsable bytes get INVALID_ARGUMENT (not grpcio's INTERNAL), counted as such; token
-            # checks after metrics, so that refused calls are counted as UNAUTHENTICATED
+            maximum_concurrent_rpcs=self._calls_at_once(),
+            # outermost first: a call is admitted (--max-concurrent-rpcs) and its unary request read only with
+            # room for it (the handlers within see unary calls); unparsable bytes get INVALID_ARGUMENT (not
+            # grpcio's INTERNAL), counted as such; token checks after metrics, so that refused calls are
+            # counted as UNAUTHENTICATED
             interceptors=[
-                UnaryIntakeInterceptor(
+                IntakeInterceptor(
                     self._room_of,
                     self._largest_request_message(),
                     self._request_read_seconds(),
+                    CallSlots(self.config.max_concurrent_rpcs),
+                    uncounted=frozenset({HEALTH_WATCH}),  # bounded by the health service itself
                     on_refused=self._count_refused,
                 ),
                 MalformedRequestInterceptor(self._count_malformed),
@@ -219,12 +213,36 @@ class LosswireServer:
         self.lanes = Lanes(self.config.lane_join_seconds)  # streamed calls' chunks on several streams
         add_to_server(LossService(self.dataplane, self.compute, owners, lanes=self.lanes), server)
         inference = add_inference_service(server, InferenceService(self.dataplane, self.compute, self._ready))
-        self.health = health.aio.HealthServicer()
+        self.health = BoundedHealthServicer(self.config.max_health_watches)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, inference, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         return server
+
+    def _connection_options(self) -> list[tuple[str, int]]:
+        """What a connection may do, on every port of the server."""
+        return [
+            ("grpc.so_reuseport", int(self.config.reuse_port)),
+            # a connection that has not finished its TLS and HTTP/2 handshake by then is closed (gRPC's
+            # default waits 60-120 s: thousands of silent sockets held descriptors that long)
+            ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+            # calls open at once on one connection; more wait in the client. One connection could hold
+            # every one of --max-concurrent-rpcs, and a burst of streams reset at once costs less
+            ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+            # connections at once: an idle one stays open, and each holds a descriptor and ~15 KiB
+            ("grpc.max_allowed_incoming_connections", connection_bound(self.config.max_connections, open_files())),
+            # identity only: a compressed message would let a few bytes on the wire count as many against
+            # the stream pace (and inflate to the receive limit); neither losswire's client nor its server
+            # compresses
+            ("grpc.compression_enabled_algorithms_bitset", 1),
+        ]
+
+    def _calls_at_once(self) -> int | None:
+        """gRPC's own bound on calls at once, behind the intake's: --max-concurrent-rpcs, and health Watch
+        streams besides (they have a bound of their own and take no call's place)."""
+        calls = self.config.max_concurrent_rpcs
+        return None if calls is None else calls + self.config.max_health_watches
 
     def _big_call_slots(self) -> int:
         """Big calls at once, below the compute threads so that small calls always find one."""
@@ -412,7 +430,9 @@ class LosswireServer:
     async def _start_health_port(self) -> None:
         """A plaintext port with only the health service (the same servicer: it drains with the server),
         for probes that cannot do TLS or present client certificates (Kubernetes gRPC probes)."""
-        server = grpc.aio.server(options=[("grpc.so_reuseport", int(self.config.reuse_port))])
+        options = [("grpc.max_receive_message_length", HEALTH_REQUEST_BYTES), *self._connection_options()]
+        checks = self.config.max_health_watches + HEALTH_CHECKS_AT_ONCE  # the Watch streams' bound is shared
+        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=checks)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         address = self._address(self.config.health_port or 0)
         self.health_port = _bind(server, address, None, self.config.reuse_port)

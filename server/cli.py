@@ -229,6 +229,14 @@ KNOBS: tuple[Knob, ...] = (
         "RESOURCE_EXHAUSTED at once, which losswire's client retries with backoff (0 or none: unbounded)",
     ),
     Knob(
+        "max_health_watches",
+        _int_at_least(0),
+        _DEFAULT.max_health_watches,
+        "health Watch streams open at once (a client that balances over replicas keeps one per connection), "
+        "besides --max-concurrent-rpcs: they take no call's place; at most 4 on one connection; beyond, "
+        "RESOURCE_EXHAUSTED",
+    ),
+    Knob(
         "max_connections",
         _optional_limit,
         _DEFAULT.max_connections,

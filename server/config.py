@@ -33,6 +33,9 @@ class ServerConfig:
     # RESOURCE_EXHAUSTED at once rather than a queue without bound. A waiting call is a coroutine, not a
     # thread: the bound is on memory, and on callers that hold calls open (health Watch streams included)
     max_concurrent_rpcs: int | None = 1024
+    # health Watch streams open at once (a client that balances over replicas keeps one per connection); they
+    # take no call's place in max_concurrent_rpcs, and one connection has at most 4
+    max_health_watches: int = 4096
     # connections open at once (each costs a descriptor and ~15 KiB while idle, and an idle one stays open);
     # beyond, a new connection is closed at once (its caller retries). Also kept below the open-files limit,
     # so that connections never take the descriptors the server needs for itself. None: that limit only

@@ -5,5 +5,6 @@ by ``oip_convert``) turn each call into the dataplane's and back; ``calls`` runs
 event loop and answers failures through ``status``, the one mapping of typed errors to status codes;
 the interceptors read unary requests only with room for them (``intake``), count calls (``metrics``),
 refuse unparsable requests (``malformed``) and callers without a token (``authentication``), and bound
-request streams (``streams``); ``tls`` holds the server's certificates.
+request streams (``streams``); ``health`` bounds the health service's Watch streams; ``tls`` holds the
+server's certificates.
 """

@@ -1,4 +1,10 @@
-"""Unary requests are received only when there is room for them, and within a time bound.
+"""The server's door: calls are admitted up to a bound, and unary requests received only when there is
+room for them, within a time bound.
+
+Every call takes one of ``CallSlots`` (``--max-concurrent-rpcs``) until it ends, but for methods bounded
+by their own service (the health service's Watch streams, which would otherwise take every slot); a
+call beyond is refused at once with RESOURCE_EXHAUSTED and no headers, which gRPC's retry policies
+retry.
 
 gRPC receives a unary call's whole request before its handler runs, and holds it (and its copies:
 the transport's buffer, Python bytes, the parsed message) outside every budget of the dataplane: four
@@ -38,13 +44,13 @@ import collections
 import inspect
 import itertools
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
 from ..errors import RequestError, ServerBusyError, StreamIdleError
 from .calls import fail
-from .status import gone_code
+from .status import gone_code, refusal
 
 # A unary request comes right behind its call's headers; one that has not arrived within this grace, plus
 # a second per UNARY_MIN_RATE bytes of the largest request, is a caller holding room without sending.
@@ -191,43 +197,72 @@ class _Waiter:
 Place = tuple[RequestRoom, str | None]  # where a call's request is read, and for whom (None: its connection)
 
 
-class UnaryIntakeInterceptor(grpc.aio.ServerInterceptor):
-    """Serves every unary-request method as a one-message request stream whose message is read only with
-    room for it (see the module docstring). Install it outermost: the handlers within see unary calls."""
+class CallSlots:
+    """Calls admitted at once: at most ``limit`` (None: unbounded). Used on the event loop only."""
+
+    __slots__ = ("limit", "open")
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit, self.open = limit, 0
+
+    def enter(self) -> bool:
+        """Take a slot for a call; False (nothing taken) when every one is taken."""
+        if self.limit is not None and self.open >= self.limit:
+            return False
+        self.open += 1
+        return True
+
+
+class IntakeInterceptor(grpc.aio.ServerInterceptor):
+    """Admits at most ``slots.limit`` calls at once, and serves every unary-request method as a
+    one-message request stream whose message is read only with room for it (see the module docstring).
+    Install it outermost: the handlers within see unary calls."""
 
     def __init__(
         self,
         room_of: Callable[[grpc.HandlerCallDetails], Place | None],
         largest: int,
         read_seconds: float | None,
+        slots: CallSlots,
+        uncounted: frozenset[str] = frozenset(),
         on_refused: Callable[[str, grpc.StatusCode], None] = lambda _method, _code: None,
     ) -> None:
         """``room_of(call)``: the room its request is read in and who it is read for (None: its connection);
         None: the call is refused unread (the token check refuses it). ``largest``: the largest request, at
-        most any room's capacity."""
+        most any room's capacity. ``uncounted``: methods (``/service/Method``) whose calls take no slot
+        (they are bounded by their own service)."""
         self.room_of, self.largest, self.read_seconds = room_of, largest, read_seconds
+        self.slots, self.uncounted = slots, uncounted
         self.on_refused = on_refused
 
     async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming:
+        if handler is None:
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
+        slots = self.slots if handler_call_details.method not in self.uncounted else CallSlots(None)
+        if handler.request_streaming:
+            return self._counted_stream(handler, method, slots)
         place, deserialize = self.room_of(handler_call_details), handler.request_deserializer
         inner = handler.unary_stream if handler.response_streaming else handler.unary_unary
         # closures, not partials: gRPC inspects each call's handler, and a partial costs it more
 
         async def awaited(_requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
             """A unary answer, or answers written by ``context.write``."""
+            if not slots.enter():
+                await self._turn_away(method, context)
             held = Held(context.peer())
             try:
                 request = await self._read(method, deserialize, place, context, held)
                 return None if request is _REFUSED else await inner(request, context)
             finally:
                 held.give_back()
+                slots.open -= 1
 
         async def yielded(_requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             """Answers yielded by an async generator."""
+            if not slots.enter():
+                await self._turn_away(method, context)
             held = Held(context.peer())
             try:
                 request = await self._read(method, deserialize, place, context, held)
@@ -236,11 +271,52 @@ class UnaryIntakeInterceptor(grpc.aio.ServerInterceptor):
                         yield message
             finally:
                 held.give_back()
+                slots.open -= 1
 
         if not handler.response_streaming:
             return grpc.stream_unary_rpc_method_handler(awaited, None, handler.response_serializer)
         behaviour = yielded if inspect.isasyncgenfunction(inner) else awaited
         return grpc.stream_stream_rpc_method_handler(behaviour, None, handler.response_serializer)
+
+    def _counted_stream(self, handler: grpc.RpcMethodHandler, method: str, slots: CallSlots) -> grpc.RpcMethodHandler:
+        """A request-streaming ``handler`` whose calls each take a slot (their requests are read by it)."""
+        inner = handler.stream_stream or handler.stream_unary
+
+        async def awaited(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+            if not slots.enter():
+                await self._turn_away(method, context)
+            try:
+                return await inner(requests, context)
+            finally:
+                slots.open -= 1
+
+        async def yielded(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if not slots.enter():
+                await self._turn_away(method, context)
+            try:
+                async for message in inner(requests, context):
+                    yield message
+            finally:
+                slots.open -= 1
+
+        serializers = (handler.request_deserializer, handler.response_serializer)
+        if not handler.response_streaming:
+            return grpc.stream_unary_rpc_method_handler(awaited, *serializers)
+        return grpc.stream_stream_rpc_method_handler(
+            yielded if inspect.isasyncgenfunction(inner) else awaited, *serializers
+        )
+
+    async def _turn_away(self, method: str, context: grpc.aio.ServicerContext) -> NoReturn:
+        """End a call that finds every slot taken: RESOURCE_EXHAUSTED, sent at once and alone (gRPC's retry
+        policies retry only an answer without headers; a status set for the handler's return comes after
+        them). No other interceptor has seen the call: it is counted here."""
+        busy = ServerBusyError(
+            f"the server is serving {self.slots.open} calls, its most at once (losswire serve "
+            "--max-concurrent-rpcs); retry later"
+        )
+        status = refusal(busy, None, context.time_remaining(), method)
+        self.on_refused(method, status.code)
+        await context.abort(status.code, status.details, tuple(status.trailing_metadata))
 
     async def _read(
         self,
