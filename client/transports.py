@@ -187,6 +187,7 @@ class Transports:
         connection.ensure_connected(deadline)
         patience = Patience(deadline)
         failures = 0  # UNAVAILABLE answers: RETRY_POLICY's attempts; a busy server is waited out instead
+        busy = None  # the last busy refusal, told with a deadline that then passes
         while True:
             answered = False
             lanes = lanes_for(self.lanes, sink.nbytes) if connection.has_lanes else None
@@ -216,7 +217,9 @@ class Transports:
                 retry = not answered and passing(error) and failures < RETRY_POLICY["maxAttempts"]
                 pause = patience.next_pause() if retry else None
                 if pause is None:
-                    raise connection.failure(error, deadline) from None
+                    raise after_busy(connection.failure(error, deadline), busy) from None
+                if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    busy = RemoteLossError.from_rpc_error(error)
                 log.debug("EvaluateStream: %s; again in %.2f s", error.code().name, pause)
                 time.sleep(pause)
             finally:
@@ -301,13 +304,15 @@ class Transports:
         big-call slots are taken) with RETRY_POLICY's backoff, until the deadline (or
         ``BUSY_PATIENCE_SECONDS`` without one): big calls wait their turn here, not in server threads."""
         patience = Patience(deadline)
+        busy = None  # the last busy refusal, told with a deadline that then passes
         while True:
             try:
                 return call(patience.remaining())
             except RemoteLossError as error:
                 pause = patience.next_pause() if error.busy else None
                 if pause is None:
-                    raise
+                    raise after_busy(error, busy) from None
+                busy = error
                 log.debug("busy server (%s); again in %.2f s", error.details, pause)
                 time.sleep(pause)
 
@@ -332,6 +337,15 @@ class Transports:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.close()  # unregister while the channel is open
+
+
+def after_busy(failure: RemoteLossError, busy: RemoteLossError | None) -> RemoteLossError:
+    """``failure``, and when it is the call's deadline passing during an attempt made after ``busy`` (the
+    server's last busy refusal), that refusal too: what kept the call from an answer."""
+    if busy is None or failure.code != grpc.StatusCode.DEADLINE_EXCEEDED:
+        return failure
+    details = f"{failure.details}; the attempt before was refused: {busy.code.name}: {busy.details}"
+    return RemoteLossError(failure.code, details, failure.field)
 
 
 def _region_forgotten(error: RemoteLossError) -> bool:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 
+import grpc
 import pytest
 
 from losswire.client.channels import BUSY_PATIENCE_SECONDS, RETRY_POLICY, Patience, seconds, service_config
+from losswire.client.errors import RemoteLossError
+from losswire.client.transports import after_busy
 from losswire.wire.protocol import SERVICE_NAME
 
 
@@ -63,3 +66,16 @@ def test_the_service_config():
     balanced = json.loads(service_config(balanced=True))
     assert balanced["loadBalancingConfig"] == [{"round_robin": {}}]
     assert balanced["healthCheckConfig"] == {"serviceName": SERVICE_NAME}
+
+
+def test_a_deadline_that_passes_after_busy_answers_tells_the_last_of_them():
+    """The deadline passed during an attempt made after a busy refusal: DEADLINE_EXCEEDED (true: that
+    attempt had no answer), with the refusal that kept the call waiting; any other failure as it is."""
+    busy = RemoteLossError(grpc.StatusCode.RESOURCE_EXHAUSTED, "every big-call slot is taken (--max-stream-calls)")
+    late = RemoteLossError(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer within the call's deadline (2 s)")
+    told = after_busy(late, busy)
+    assert told.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert told.details.startswith(late.details) and "RESOURCE_EXHAUSTED: every big-call slot" in told.details
+    assert after_busy(late, None) is late
+    wrong = RemoteLossError(grpc.StatusCode.INVALID_ARGUMENT, "pred must be float")
+    assert after_busy(wrong, busy) is wrong

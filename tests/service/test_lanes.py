@@ -437,7 +437,8 @@ def test_a_lane_refused_as_busy_is_the_error_told_not_the_call_it_cancelled():
     """With room for two request streams (--max-open-streams 2), a call and two lanes never all fit: the
     third stream is refused as busy, which cancels the call. The client waits that out like any busy
     answer, and at its deadline says RESOURCE_EXHAUSTED naming the streams, not the CANCELLED of the call
-    it cancelled itself; the server holds nothing afterwards."""
+    it cancelled itself (or, when the deadline passed during its last attempt, DEADLINE_EXCEEDED and the
+    refusal before); the server holds nothing afterwards."""
     with running(max_open_streams=2) as server:
         client = LossClient(_target(server), timeout=2, stream_threshold=0, shared_memory="off", lanes=2)
         try:
@@ -446,8 +447,9 @@ def test_a_lane_refused_as_busy_is_the_error_told_not_the_call_it_cancelled():
                 _gradients(client, FOCAL, pred, labels)
         finally:
             client.close()
-        assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED, raised.value
-        assert "--max-open-streams" in raised.value.details
+        told = raised.value.code
+        assert told in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED), raised.value
+        assert "--max-open-streams" in raised.value.details, raised.value
         assert nothing_held(server)
 
 
