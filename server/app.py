@@ -194,7 +194,7 @@ class LosswireServer:
                     self._room_of,
                     self._largest_request_message(),
                     self._request_read_seconds(),
-                    CallSlots(self.config.max_concurrent_rpcs),
+                    CallSlots(self.config.max_concurrent_rpcs, self._calls_per_token()),
                     uncounted=frozenset({HEALTH_WATCH}),  # bounded by the health service itself
                     on_refused=self._count_refused,
                 ),
@@ -243,6 +243,15 @@ class LosswireServer:
         streams besides (they have a bound of their own and take no call's place)."""
         calls = self.config.max_concurrent_rpcs
         return None if calls is None else calls + self.config.max_health_watches
+
+    def _calls_per_token(self) -> int | None:
+        """Calls one token may have at once (None without tokens, or without a bound on calls): by default
+        all but a quarter of --max-concurrent-rpcs, so that one token always leaves others room."""
+        calls = self.config.max_concurrent_rpcs
+        if self.tokens is None or calls is None:
+            return None
+        chosen = self.config.max_concurrent_rpcs_per_token
+        return chosen if chosen is not None else max(1, calls - calls // 4)
 
     def _big_call_slots(self) -> int:
         """Big calls at once, below the compute threads so that small calls always find one."""

@@ -229,6 +229,14 @@ KNOBS: tuple[Knob, ...] = (
         "RESOURCE_EXHAUSTED at once, which losswire's client retries with backoff (0 or none: unbounded)",
     ),
     Knob(
+        "max_concurrent_rpcs_per_token",
+        _int_at_least(1),
+        _DEFAULT.max_concurrent_rpcs_per_token,
+        "calls one token may have at once (tokens on), so that one token's flood of calls leaves other tokens "
+        "room; beyond, RESOURCE_EXHAUSTED that the client waits out",
+        shown="all but a quarter of --max-concurrent-rpcs",
+    ),
+    Knob(
         "max_health_watches",
         _int_at_least(0),
         _DEFAULT.max_health_watches,

@@ -33,6 +33,9 @@ class ServerConfig:
     # RESOURCE_EXHAUSTED at once rather than a queue without bound. A waiting call is a coroutine, not a
     # thread: the bound is on memory, and on callers that hold calls open (health Watch streams included)
     max_concurrent_rpcs: int | None = 1024
+    # calls one token may have at once (tokens on); None: all but a quarter of max_concurrent_rpcs, so that
+    # one token's flood of calls always leaves other tokens room
+    max_concurrent_rpcs_per_token: int | None = None
     # health Watch streams open at once (a client that balances over replicas keeps one per connection); they
     # take no call's place in max_concurrent_rpcs, and one connection has at most 4
     max_health_watches: int = 4096

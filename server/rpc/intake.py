@@ -1,10 +1,10 @@
 """The server's door: calls are admitted up to a bound, and unary requests received only when there is
 room for them, within a time bound.
 
-Every call takes one of ``CallSlots`` (``--max-concurrent-rpcs``) until it ends, but for methods bounded
-by their own service (the health service's Watch streams, which would otherwise take every slot); a
-call beyond is refused at once with RESOURCE_EXHAUSTED and no headers, which gRPC's retry policies
-retry.
+Every call takes one of ``CallSlots`` (``--max-concurrent-rpcs``; one token's calls at most
+``--max-concurrent-rpcs-per-token`` of them) until it ends, but for methods bounded by their own service
+(the health service's Watch streams, which would otherwise take every slot); a call beyond is refused
+at once with RESOURCE_EXHAUSTED and no headers, which gRPC's retry policies retry.
 
 gRPC receives a unary call's whole request before its handler runs, and holds it (and its copies:
 the transport's buffer, Python bytes, the parsed message) outside every budget of the dataplane: four
@@ -198,19 +198,46 @@ Place = tuple[RequestRoom, str | None]  # where a call's request is read, and fo
 
 
 class CallSlots:
-    """Calls admitted at once: at most ``limit`` (None: unbounded). Used on the event loop only."""
+    """Calls admitted at once: at most ``limit`` (None: unbounded), and at most ``per_caller`` of one
+    caller (a token; calls of no caller count towards ``limit`` only). Used on the event loop only."""
 
-    __slots__ = ("limit", "open")
+    __slots__ = ("_by_caller", "limit", "open", "per_caller")
 
-    def __init__(self, limit: int | None) -> None:
-        self.limit, self.open = limit, 0
+    def __init__(self, limit: int | None, per_caller: int | None = None) -> None:
+        self.limit, self.per_caller, self.open = limit, per_caller, 0
+        self._by_caller: dict[str, int] = {}
 
-    def enter(self) -> bool:
-        """Take a slot for a call; False (nothing taken) when every one is taken."""
+    def enter(self, caller: str | None = None) -> str | None:
+        """Take a slot for a call of ``caller``; None when taken, else why not (nothing is taken)."""
         if self.limit is not None and self.open >= self.limit:
-            return False
+            return (
+                f"the server is serving {self.open} calls, its most at once (losswire serve --max-concurrent-rpcs); "
+                "retry later"
+            )
+        if caller is not None and self.per_caller is not None:
+            held = self._by_caller.get(caller, 0)
+            if held >= self.per_caller:
+                return (
+                    f"this token has {held} calls in flight, its most at once (losswire serve "
+                    "--max-concurrent-rpcs-per-token, which leaves other tokens room); retry later"
+                )
+            self._by_caller[caller] = held + 1
         self.open += 1
-        return True
+        return None
+
+    def leave(self, caller: str | None = None) -> None:
+        """A call of ``caller`` that ``enter`` admitted has ended."""
+        self.open -= 1
+        if caller is not None and self.per_caller is not None:
+            left = self._by_caller[caller] - 1
+            if left:
+                self._by_caller[caller] = left
+            else:
+                del self._by_caller[caller]
+
+    def held_by(self, caller: str) -> int:
+        """Calls of ``caller`` in flight."""
+        return self._by_caller.get(caller, 0)
 
 
 class IntakeInterceptor(grpc.aio.ServerInterceptor):
@@ -241,28 +268,32 @@ class IntakeInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
         slots = self.slots if handler_call_details.method not in self.uncounted else CallSlots(None)
+        place = self.room_of(handler_call_details)
+        caller = place[1] if place is not None else None  # a token (None without tokens: callers are not told apart)
         if handler.request_streaming:
-            return self._counted_stream(handler, method, slots)
-        place, deserialize = self.room_of(handler_call_details), handler.request_deserializer
+            return self._counted_stream(handler, method, slots, caller)
+        deserialize = handler.request_deserializer
         inner = handler.unary_stream if handler.response_streaming else handler.unary_unary
         # closures, not partials: gRPC inspects each call's handler, and a partial costs it more
 
         async def awaited(_requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
             """A unary answer, or answers written by ``context.write``."""
-            if not slots.enter():
-                await self._turn_away(method, context)
+            refusal = slots.enter(caller)
+            if refusal is not None:
+                await self._turn_away(method, context, refusal)
             held = Held(context.peer())
             try:
                 request = await self._read(method, deserialize, place, context, held)
                 return None if request is _REFUSED else await inner(request, context)
             finally:
                 held.give_back()
-                slots.open -= 1
+                slots.leave(caller)
 
         async def yielded(_requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             """Answers yielded by an async generator."""
-            if not slots.enter():
-                await self._turn_away(method, context)
+            refusal = slots.enter(caller)
+            if refusal is not None:
+                await self._turn_away(method, context, refusal)
             held = Held(context.peer())
             try:
                 request = await self._read(method, deserialize, place, context, held)
@@ -271,33 +302,38 @@ class IntakeInterceptor(grpc.aio.ServerInterceptor):
                         yield message
             finally:
                 held.give_back()
-                slots.open -= 1
+                slots.leave(caller)
 
         if not handler.response_streaming:
             return grpc.stream_unary_rpc_method_handler(awaited, None, handler.response_serializer)
         behaviour = yielded if inspect.isasyncgenfunction(inner) else awaited
         return grpc.stream_stream_rpc_method_handler(behaviour, None, handler.response_serializer)
 
-    def _counted_stream(self, handler: grpc.RpcMethodHandler, method: str, slots: CallSlots) -> grpc.RpcMethodHandler:
-        """A request-streaming ``handler`` whose calls each take a slot (their requests are read by it)."""
+    def _counted_stream(
+        self, handler: grpc.RpcMethodHandler, method: str, slots: CallSlots, caller: str | None
+    ) -> grpc.RpcMethodHandler:
+        """A request-streaming ``handler`` whose calls each take a slot of ``caller``'s (their requests are
+        read by it)."""
         inner = handler.stream_stream or handler.stream_unary
 
         async def awaited(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-            if not slots.enter():
-                await self._turn_away(method, context)
+            refusal = slots.enter(caller)
+            if refusal is not None:
+                await self._turn_away(method, context, refusal)
             try:
                 return await inner(requests, context)
             finally:
-                slots.open -= 1
+                slots.leave(caller)
 
         async def yielded(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            if not slots.enter():
-                await self._turn_away(method, context)
+            refusal = slots.enter(caller)
+            if refusal is not None:
+                await self._turn_away(method, context, refusal)
             try:
                 async for message in inner(requests, context):
                     yield message
             finally:
-                slots.open -= 1
+                slots.leave(caller)
 
         serializers = (handler.request_deserializer, handler.response_serializer)
         if not handler.response_streaming:
@@ -306,14 +342,11 @@ class IntakeInterceptor(grpc.aio.ServerInterceptor):
             yielded if inspect.isasyncgenfunction(inner) else awaited, *serializers
         )
 
-    async def _turn_away(self, method: str, context: grpc.aio.ServicerContext) -> NoReturn:
-        """End a call that finds every slot taken: RESOURCE_EXHAUSTED, sent at once and alone (gRPC's retry
-        policies retry only an answer without headers; a status set for the handler's return comes after
-        them). No other interceptor has seen the call: it is counted here."""
-        busy = ServerBusyError(
-            f"the server is serving {self.slots.open} calls, its most at once (losswire serve "
-            "--max-concurrent-rpcs); retry later"
-        )
+    async def _turn_away(self, method: str, context: grpc.aio.ServicerContext, why: str) -> NoReturn:
+        """End a call that finds no slot: RESOURCE_EXHAUSTED, sent at once and alone (gRPC's retry policies
+        retry only an answer without headers; a status set for the handler's return comes after them). No
+        other interceptor has seen the call: it is counted here."""
+        busy = ServerBusyError(why)
         status = refusal(busy, None, context.time_remaining(), method)
         self.on_refused(method, status.code)
         await context.abort(status.code, status.details, tuple(status.trailing_metadata))

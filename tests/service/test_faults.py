@@ -230,6 +230,34 @@ def test_beyond_the_concurrency_limit_calls_are_refused_while_the_admitted_ones_
     print(f"refusal round trip: median {sorted(seconds)[2] * 1e3:.2f} ms, max {max(seconds) * 1e3:.2f} ms")
 
 
+def test_one_token_s_calls_leave_other_tokens_room(fault_losses, faults, gate):
+    """Tokens on, --max-concurrent-rpcs 4: one token has at most all but a quarter (3) of them at once; its
+    fourth call is refused (RESOURCE_EXHAUSTED naming the setting) while its three run, and another token's
+    call is answered meanwhile. Without the share, the first token's four calls took every slot."""
+    tokens = ("token-a-0123456789", "token-b-0123456789")
+    with running(fault_losses[1], auth_tokens=tokens, max_concurrent_rpcs=4) as server:
+        as_a = (("authorization", f"Bearer {tokens[0]}"),)
+        with plain_channel(target_of(server)) as channel:
+            stub = pb_grpc.LossServiceStub(channel)
+            request = pb.EvaluateRequest(terms=[gated(gate)])
+            held = [stub.Evaluate.future(request, timeout=WAIT, metadata=as_a) for _ in range(3)]
+            faults.wait_started(gate, 3)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Evaluate(request, timeout=WAIT, metadata=as_a)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "--max-concurrent-rpcs-per-token" in refused.value.details()
+            pred, target = l1()
+            as_b = (("authorization", f"Bearer {tokens[1]}"),)
+            answer = stub.Evaluate(
+                pb.EvaluateRequest(terms=[term({"type": "L1Loss"}, pred, target)]), metadata=as_b, timeout=WAIT
+            )
+            torch.testing.assert_close(loss_of(answer), (pred - target).abs().mean())
+            assert not any(call.done() for call in held)
+            faults.open_gate(gate)
+            for call in held:
+                assert loss_of(call.result()).item() == 1.0
+
+
 @pytest.mark.parametrize("size", [64, 2**20], ids=["small", "8MiB"])
 def test_a_retrying_client_gets_through_once_the_server_has_room(busy_server, faults, gate, server_log, size):
     """The client's own channel (the library's retry policy) meets a full server, backs off, and is
