@@ -18,7 +18,7 @@ import os
 import resource
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import grpc
@@ -37,7 +37,7 @@ from .dataplane.budget import MemoryBudget
 from .dataplane.costs import TermCosts
 from .evaluation import OwnerLimits, SessionStore
 from .losses import LOSSES, Registry
-from .rpc.authentication import SessionOwners, TokenAuthInterceptor
+from .rpc.authentication import SessionOwners, TokenAuthInterceptor, token_digest
 from .rpc.calls import Compute
 from .rpc.health import HEALTH_WATCH, BoundedHealthServicer
 from .rpc.inference import InferenceService, add_inference_service
@@ -206,6 +206,7 @@ class LosswireServer:
                     self.config.stream_idle_seconds,
                     self.config.stream_min_rate,
                     paced=frozenset({"EvaluateStream"}),  # the streams that hold big calls
+                    per_caller=self._open_streams_per_token(),
                 ),
             ],
         )
@@ -269,6 +270,14 @@ class LosswireServer:
         """``max_open_streams``, kept below the concurrent calls so that silent streams leave room."""
         calls = self.config.max_concurrent_rpcs
         return self.config.max_open_streams if calls is None else max(1, min(self.config.max_open_streams, calls // 2))
+
+    def _open_streams_per_token(self) -> tuple[int, Callable[[grpc.aio.ServicerContext], str]] | None:
+        """Request streams one token may have open (None without tokens): all but a quarter of them, so that
+        one token's silent streams always leave others room; and who a stream's caller is."""
+        if self.tokens is None:
+            return None
+        bound = self._open_streams_bound()
+        return max(1, bound - bound // 4), token_digest
 
     def _ready(self) -> bool:
         return not self.draining

@@ -257,7 +257,8 @@ KNOBS: tuple[Knob, ...] = (
         _int_at_least(1),
         _DEFAULT.max_open_streams,
         "calls that stream their requests (EvaluateStream, reflection) open at once, below "
-        "--max-concurrent-rpcs; beyond, RESOURCE_EXHAUSTED that the client waits out",
+        "--max-concurrent-rpcs; with tokens on, one token at most all but a quarter of them; beyond, "
+        "RESOURCE_EXHAUSTED that the client waits out",
     ),
     Knob(
         "stream_idle_timeout",

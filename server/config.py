@@ -44,7 +44,8 @@ class ServerConfig:
     # so that connections never take the descriptors the server needs for itself. None: that limit only
     max_connections: int | None = 10_000
     # calls that stream their requests (EvaluateStream, reflection) open at once; beyond, RESOURCE_EXHAUSTED
-    # (a client waits it out). Below max_concurrent_rpcs, so silent streams never take every call's room.
+    # (a client waits it out). Below max_concurrent_rpcs, so silent streams never take every call's room;
+    # with tokens on, one token has at most all but a quarter of them.
     max_open_streams: int = 32
     # a request stream whose caller sends nothing for this long is ended (DEADLINE_EXCEEDED); None: never
     stream_idle_seconds: float | None = 60.0

@@ -23,7 +23,7 @@ log = logging.getLogger("losswire.server")
 OPEN_SERVICES = frozenset({"grpc.health.v1.Health"})  # reachable without a token: probes have none
 
 
-def _token_digest(context: grpc.aio.ServicerContext) -> str:
+def token_digest(context: grpc.aio.ServicerContext) -> str:
     """A digest of the call's bearer token ("" without one): never the token itself."""
     token, _ = bearer_token(context.invocation_metadata())
     return "" if token is None else "token:" + hashlib.sha256(token.encode()).hexdigest()[:32]
@@ -37,7 +37,7 @@ class SessionOwners:
         self.private = private
 
     def __call__(self, context: grpc.aio.ServicerContext) -> str:
-        return _token_digest(context) if self.private else ""
+        return token_digest(context) if self.private else ""
 
 
 def caller_of(context: grpc.aio.ServicerContext) -> Caller:
@@ -46,7 +46,7 @@ def caller_of(context: grpc.aio.ServicerContext) -> Caller:
     finds nothing. (gRPC names a TCP connection by its peer address and port; over a Unix-socket gRPC
     connection, or through a proxy that multiplexes callers onto one connection, only the token tells
     callers apart.)"""
-    return Caller(_token_digest(context), context.peer() or "")
+    return Caller(token_digest(context), context.peer() or "")
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):

@@ -47,14 +47,19 @@ class StreamGuardInterceptor(grpc.aio.ServerInterceptor):
         idle_seconds: float | None,
         min_rate: float | None = None,
         paced: frozenset[str] = frozenset(),
+        per_caller: tuple[int, Callable[[grpc.aio.ServicerContext], str]] | None = None,
     ) -> None:
         """``paced``: the methods whose streams must keep ``min_rate`` bytes per second (None: no pace;
-        nor without ``idle_seconds``, the allowance it starts from)."""
+        nor without ``idle_seconds``, the allowance it starts from). ``per_caller``: how many streams one
+        caller may have open, and who a call's caller is (a token: None without tokens, where callers are
+        not told apart)."""
         self.max_open = max_open
         self.idle_seconds = idle_seconds
         self.min_rate = min_rate if idle_seconds is not None else None
         self.paced = paced
+        self.per_caller = per_caller
         self.open = 0  # only touched on the event loop
+        self._by_caller: dict[str, int] = {}
 
     async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(handler_call_details)
@@ -74,16 +79,39 @@ class StreamGuardInterceptor(grpc.aio.ServerInterceptor):
             handler.response_serializer,
         )
 
-    def _admit(self, method: str, context: grpc.aio.ServicerContext) -> bool:
+    def _admit(self, method: str, context: grpc.aio.ServicerContext) -> str | None:
+        """The call's caller ("" unknown) once it may open its stream; None once it is refused (busy)."""
         if self.open >= self.max_open:
             busy = ServerBusyError(
                 f"the server has {self.open} request streams open, its maximum (losswire serve --max-open-streams); "
                 "retry later"
             )
             fail(context, busy, method)
-            return False
+            return None
+        caller = ""
+        if self.per_caller is not None:
+            most, caller_of = self.per_caller
+            caller = caller_of(context)
+            held = self._by_caller.get(caller, 0)
+            if held >= most:
+                busy = ServerBusyError(
+                    f"this token has {held} request streams open, its most (all but a quarter of losswire serve "
+                    "--max-open-streams, which leaves other tokens room); retry later"
+                )
+                fail(context, busy, method)
+                return None
+            self._by_caller[caller] = held + 1
         self.open += 1
-        return True
+        return caller
+
+    def _leave(self, caller: str) -> None:
+        self.open -= 1
+        if self.per_caller is not None:
+            left = self._by_caller[caller] - 1
+            if left:
+                self._by_caller[caller] = left
+            else:
+                del self._by_caller[caller]
 
     async def _streaming(
         self,
@@ -93,7 +121,8 @@ class StreamGuardInterceptor(grpc.aio.ServerInterceptor):
         requests: AsyncIterator[Any],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[Any]:
-        if not self._admit(method, context):
+        caller = self._admit(method, context)
+        if caller is None:
             return
         unread = UnreadAnswer(method, self.idle_seconds, self._pace(paced))
         try:
@@ -103,7 +132,7 @@ class StreamGuardInterceptor(grpc.aio.ServerInterceptor):
         except StreamIdleError as error:
             fail(context, error, method)
         finally:
-            self.open -= 1
+            self._leave(caller)
 
     async def _unary(
         self,
@@ -113,7 +142,8 @@ class StreamGuardInterceptor(grpc.aio.ServerInterceptor):
         requests: AsyncIterator[Any],
         context: grpc.aio.ServicerContext,
     ) -> Any:
-        if not self._admit(method, context):
+        caller = self._admit(method, context)
+        if caller is None:
             return None
         try:
             return await behaviour(self._watched(requests, paced), context)
@@ -121,7 +151,7 @@ class StreamGuardInterceptor(grpc.aio.ServerInterceptor):
             fail(context, error, method)
             return None
         finally:
-            self.open -= 1
+            self._leave(caller)
 
     async def _watched(self, requests: AsyncIterator[Any], paced: bool) -> AsyncIterator[Any]:
         """The caller's messages; a StreamIdleError once it sends nothing for ``idle_seconds``, or when

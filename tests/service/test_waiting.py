@@ -24,7 +24,7 @@ from support.calls import evaluate_stream, l1_header, l1_stream, plain_channel
 from support.in_process import nothing_held, running_server
 from support.polling import eventually
 
-from losswire.client import LossClient, RemoteLoss, RemoteLossError
+from losswire.client import Credentials, LossClient, RemoteLoss, RemoteLossError
 from losswire.server.app import LosswireServer
 from losswire.server.config import ServerConfig
 from losswire.server.rpc.streams import within
@@ -46,7 +46,9 @@ def running(**settings) -> Iterator[str]:
 class SilentCallers:
     """``count`` streams held open on ``target`` with nothing sent after ``first`` messages."""
 
-    def __init__(self, target: str, count: int, first: list | None = None, reflection: bool = False) -> None:
+    def __init__(
+        self, target: str, count: int, first: list | None = None, reflection: bool = False, metadata: tuple = ()
+    ) -> None:
         self.release = threading.Event()
         self.channel = grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)])
         self.calls = []
@@ -55,7 +57,7 @@ class SilentCallers:
                 method = reflection_pb2_grpc.ServerReflectionStub(self.channel).ServerReflectionInfo
             else:
                 method = evaluate_stream(self.channel)
-            self.calls.append(method(self._requests(first or []), timeout=120))
+            self.calls.append(method(self._requests(first or []), timeout=120, metadata=metadata))
 
     def _requests(self, first: list) -> Iterator:
         yield from first
@@ -115,6 +117,32 @@ def test_streams_beyond_the_bound_are_told_to_come_back_and_the_rest_keep_room()
                 assert call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, call.details()
                 assert "--max-open-streams" in call.details()
                 assert NO_RETRY not in tuple(call.trailing_metadata() or ())  # busy, not a limit: comes back
+        finally:
+            silent.close()
+
+
+def test_one_token_s_silent_streams_leave_other_tokens_room():
+    """Tokens on, --max-open-streams 4: one token holds at most all but a quarter of them (3); its other
+    silent streams are refused as busy, naming the share, and another token's streamed call is answered
+    while the three stay open. (The first token's four silent streams took every one, for as long as it
+    renewed them.)"""
+    tokens = ("token-a-0123456789", "token-b-0123456789")
+    with running(max_workers=2, max_open_streams=4, auth_tokens=tokens) as target:
+        silent = SilentCallers(target, 5, metadata=(("authorization", f"Bearer {tokens[0]}"),))
+        try:
+            assert eventually(lambda: sum(call.done() for call in silent.calls) == 2, 10)
+            for call in (call for call in silent.calls if call.done()):
+                assert call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, call.details()
+                assert "--max-open-streams, which leaves other tokens room" in call.details()
+            credentials = Credentials(token=tokens[1])
+            client = LossClient(target, timeout=30, stream_threshold=0, shared_memory="off", credentials=credentials)
+            try:
+                pred, target_ = torch.randn(256, 4), torch.randn(256, 4)
+                loss = RemoteLoss(dict(type="L1Loss"), client=client)(pred, target_)
+            finally:
+                client.close()
+            torch.testing.assert_close(loss, (pred - target_).abs().mean())
+            assert sum(not call.done() for call in silent.calls) == 3
         finally:
             silent.close()
 
