@@ -18,7 +18,7 @@ import os
 import resource
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -45,7 +45,7 @@ from .rpc.intake import CallSlots, IntakeInterceptor, Place, RequestRoom, unary_
 from .rpc.lanes import Lanes
 from .rpc.loss_service import LossService, add_to_server
 from .rpc.malformed import MalformedRequestInterceptor
-from .rpc.metrics import ServerMetrics
+from .rpc.metrics import Bound, ServerMetrics
 from .rpc.streams import StreamGuardInterceptor
 from .rpc.tls import ServerTLS, tls_files
 
@@ -157,6 +157,15 @@ class LosswireServer:
         )
         # counted whether or not the endpoint is served: tests and embedders read .metrics.registry
         self.metrics = ServerMetrics(self.device, __version__, registry.names, lambda: len(self.sessions))
+        self.call_slots = CallSlots(config.max_concurrent_rpcs, self._calls_per_token())
+        self.stream_guard = StreamGuardInterceptor(
+            self._open_streams_bound(),
+            config.stream_idle_seconds,
+            config.stream_min_rate,
+            paced=frozenset({"EvaluateStream"}),  # the streams that hold big calls
+            per_caller=self._open_streams_per_token(),
+        )
+        self.metrics.watch_bounds(self._bounds)
         self.compute = Compute(config.max_workers)
         self.draining = False  # set by stop(): readiness answers (health, OIP ServerReady) turn false
         self.port: int | None = None
@@ -194,20 +203,14 @@ class LosswireServer:
                     self._room_of,
                     self._largest_request_message(),
                     self._request_read_seconds(),
-                    CallSlots(self.config.max_concurrent_rpcs, self._calls_per_token()),
+                    self.call_slots,
                     uncounted=frozenset({HEALTH_WATCH}),  # bounded by the health service itself
                     on_refused=self._count_refused,
                 ),
                 MalformedRequestInterceptor(self._count_malformed),
                 self.metrics.interceptor(),
                 *([self.auth] if self.auth is not None else []),
-                StreamGuardInterceptor(
-                    self._open_streams_bound(),
-                    self.config.stream_idle_seconds,
-                    self.config.stream_min_rate,
-                    paced=frozenset({"EvaluateStream"}),  # the streams that hold big calls
-                    per_caller=self._open_streams_per_token(),
-                ),
+                self.stream_guard,
             ],
         )
         owners = SessionOwners(private=self.tokens is not None and not self.config.share_sessions)
@@ -278,6 +281,20 @@ class LosswireServer:
             return None
         bound = self._open_streams_bound()
         return max(1, bound - bound // 4), token_digest
+
+    def _bounds(self) -> Iterator[Bound]:
+        """What each shared bound holds now, and its limit (read at each metrics scrape, off the loop: the
+        figures are a moment's, not a consistent snapshot)."""
+        dataplane = self.dataplane
+        yield "calls", self.call_slots.open, self.call_slots.limit
+        yield "request_streams", self.stream_guard.open, self.stream_guard.max_open
+        yield "big_calls", dataplane.slots.in_use, dataplane.slots.slots
+        yield "memory_budget_bytes", dataplane.budget.held, dataplane.budget.total
+        for name, room in (("request_room", self.request_room), ("health_request_room", self.open_room)):
+            yield f"{name}_bytes", room.held, room.capacity
+            yield f"{name}_waiting", room.waiting, None
+        if self.health is not None:
+            yield "health_watches", self.health.watching, self.health.max_watches
 
     def _ready(self) -> bool:
         return not self.draining

@@ -15,6 +15,9 @@ servicers stay free of bookkeeping:
 - ``losswire_received_bytes_total`` / ``losswire_sent_bytes_total{method}``: protobuf bytes (a
   stream's chunks by their data);
 - ``losswire_in_flight_requests{method}``, ``losswire_sessions`` (live sessions);
+- ``losswire_bound_used{bound}`` / ``losswire_bound_limit{bound}``: what each shared bound (calls,
+  request streams, big calls, the memory budget, the request rooms, health Watch streams) holds, and
+  its limit;
 - ``losswire_device_memory_bytes{device, kind}``: CUDA allocated / reserved / peak, or on the CPU
   the process's resident memory (host memory is where the CPU's losses live);
 - the standard ``process_*`` and ``python_*`` collectors, and ``losswire_build_info``.
@@ -78,6 +81,33 @@ class DeviceMemoryCollector(Collector):
         yield family
 
 
+Bound = tuple[str, float, "float | None"]  # (name, what it holds now, its limit; None: unbounded)
+
+
+class BoundsCollector(Collector):
+    """Reads what each of the server's shared bounds holds, and its limit, at scrape time: which bound a
+    RESOURCE_EXHAUSTED came from, and how close the others are."""
+
+    def __init__(self, read: Callable[[], Iterable[Bound]]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        used = GaugeMetricFamily(
+            "losswire_bound_used",
+            "What each shared bound of the server holds now (calls, streams, bytes)",
+            labels=["bound"],
+        )
+        limit = GaugeMetricFamily(
+            "losswire_bound_limit", "Each shared bound's limit (absent: unbounded)", labels=["bound"]
+        )
+        for name, held, most in self.read():
+            used.add_metric([name], held)
+            if most is not None:
+                limit.add_metric([name], most)
+        yield used
+        yield limit
+
+
 def _resident_bytes() -> int:
     try:
         with open("/proc/self/statm") as statm:
@@ -125,6 +155,10 @@ class ServerMetrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         self._http: Any = None
+
+    def watch_bounds(self, read: Callable[[], Iterable[Bound]]) -> None:
+        """Expose ``read()``'s bounds (``losswire_bound_used``, ``losswire_bound_limit``) at every scrape."""
+        self.registry.register(BoundsCollector(read))
 
     def interceptor(self) -> MetricsInterceptor:
         return MetricsInterceptor(self)

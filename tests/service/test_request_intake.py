@@ -103,6 +103,23 @@ def test_a_call_waits_unread_while_the_room_is_full_and_is_answered_once_there_i
         assert eventually(lambda: room.held == 0 and room.waiting == 0, 10), (room.held, room.waiting)
 
 
+def test_the_bounds_are_in_the_metrics_while_they_hold():
+    """Four silent calls fill the request room: the metrics say so (losswire_bound_used / _limit), and
+    the calls they hold; once they leave, the room is empty again there too."""
+    with running_server(max_request_message_bytes=1 << 20, memory_budget=4 << 20, max_concurrent_rpcs=64) as server:
+        registry = server.metrics.registry
+
+        def bound(name: str, kind: str = "used") -> float | None:
+            return registry.get_sample_value(f"losswire_bound_{kind}", {"bound": name})
+
+        assert bound("request_room_bytes", "limit") == 4 << 20 and bound("calls", "limit") == 64
+        with silent(f"127.0.0.1:{server.port}", 5):
+            assert eventually(lambda: bound("request_room_bytes") == 4 << 20, 10), bound("request_room_bytes")
+            assert eventually(lambda: bound("request_room_waiting") == 1 and bound("calls") == 5, 10)
+        assert eventually(lambda: bound("request_room_bytes") == 0 and bound("calls") == 0, 10)
+        assert bound("request_room_waiting", "limit") is None  # unbounded: no limit sample
+
+
 def test_a_request_that_does_not_arrive_in_time_is_refused_and_its_room_given_back():
     """A caller that starts a call and never sends its request: DEADLINE_EXCEEDED naming the setting once
     the grace (5 s) and a second per 16 MiB of the largest request (1 MiB) have passed; its room comes
