@@ -53,6 +53,10 @@ log = logging.getLogger("losswire.server")
 
 HANDSHAKE_TIMEOUT_MS = 10_000
 MAX_STREAMS_PER_CONNECTION = 100
+# a health check's request (a few bytes) comes right behind its headers: a call waits this long at most for
+# room in the open room, then for its request, so that silent calls hold that room briefly and a probe
+# (Kubernetes waits 1 s by default) is not kept waiting behind them for the 9 s a big request may take
+HEALTH_READ_SECONDS = 2.0
 HEALTH_REQUEST_BYTES = 4096  # a HealthCheckRequest names one service: the health port takes no more
 HEALTH_CHECKS_AT_ONCE = 64  # Check calls in flight on the health port, besides the Watch streams
 OWN_FILES = 512  # descriptors kept from connections for the server's own use at least (handoffs, files, logs)
@@ -110,7 +114,9 @@ class LosswireServer:
         self.request_room = RequestRoom(self._request_room(), per_caller=self._request_room_per_token())
         # health calls (without a token, where tokens are on) read in a room of their own: whatever holds the
         # request room, probes are still read; one connection has at most one being received there
-        self.open_room = RequestRoom(8 * self._largest_request_message(), per_connection=1)
+        self.open_room = RequestRoom(
+            8 * self._largest_request_message(), per_connection=1, small=("health check", HEALTH_READ_SECONDS)
+        )
         load_plugins(config.plugins)
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)

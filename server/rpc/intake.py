@@ -72,9 +72,18 @@ class RequestRoom:
     the waiting caller that holds least (the earliest of its waiters), so that one caller's flood of calls
     delays another's by at most a call, not by the whole flood. Used on the event loop only (no lock)."""
 
-    def __init__(self, capacity: int, per_connection: int = PER_CONNECTION, per_caller: int | None = None) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        per_connection: int = PER_CONNECTION,
+        per_caller: int | None = None,
+        small: tuple[str, float] | None = None,
+    ) -> None:
+        """``small``: for a room whose requests are a few bytes (health checks), what they are and how long
+        a call may wait for room, and then for its request, at most (below the intake's own bound)."""
         self.capacity, self.per_connection = capacity, per_connection
         self.per_caller = capacity if per_caller is None else per_caller
+        self.small = small
         self.held = 0
         self._holding: dict[str, int] = {}  # bytes held, by caller
         self._receiving: dict[str, int] = {}  # requests being received, by connection
@@ -384,29 +393,46 @@ class IntakeInterceptor(grpc.aio.ServerInterceptor):
         self, room: RequestRoom, caller: str | None, context: grpc.aio.ServicerContext, held: Held
     ) -> bytes:
         """The request's bytes, once ``room`` had room for them (waiting at most ``read_seconds``, else
-        ServerBusyError) and they arrived (within ``read_seconds`` more, else StreamIdleError)."""
+        ServerBusyError) and they arrived (within ``read_seconds`` more, else StreamIdleError); in a room
+        of small requests, within its own shorter bound each."""
+        seconds = self.read_seconds
+        if room.small is not None and seconds is not None:
+            seconds = min(seconds, room.small[1])
         try:
-            async with asyncio.timeout(self.read_seconds):
+            async with asyncio.timeout(seconds):
                 await held.take(room, self.largest, caller)
         except TimeoutError:
-            raise ServerBusyError(
-                f"the server is receiving its most unary requests at once (room for {room.capacity} bytes, "
-                f"{self.largest} for each request until it has come); retry later"
-            ) from None
+            raise ServerBusyError(self._full(room)) from None
         try:
-            async with asyncio.timeout(self.read_seconds):
+            async with asyncio.timeout(seconds):
                 data = await context.read()  # not the request iterator: its frame would keep the bytes
         except TimeoutError:
-            raise StreamIdleError(
-                f"the request had not arrived {self.read_seconds:g} s after the server asked for it; this server "
-                f"gives a unary request of up to {self.largest} bytes (losswire serve --max-request-message-bytes) "
-                f"{UNARY_READ_GRACE_SECONDS:g} s plus a second per {UNARY_MIN_RATE} bytes; send slower or bigger "
-                "requests by EvaluateStream"
-            ) from None
+            raise StreamIdleError(self._late(room, seconds)) from None
         if data is grpc.aio.EOF:
             raise RequestError("the call carried no request message", field="request")
         held.keep(len(data))  # what arrived stays held until the call ends
         return data
+
+    def _full(self, room: RequestRoom) -> str:
+        if room.small is not None:
+            return f"the server is receiving its most {room.small[0]} requests at once; retry later"
+        return (
+            f"the server is receiving its most unary requests at once (room for {room.capacity} bytes, "
+            f"{self.largest} for each request until it has come); retry later"
+        )
+
+    def _late(self, room: RequestRoom, seconds: float) -> str:
+        if room.small is not None and seconds == room.small[1]:
+            return (
+                f"the request had not arrived {seconds:g} s after the server asked for it; a {room.small[0]} "
+                f"request is a few bytes, and this server waits {seconds:g} s for one"
+            )
+        return (
+            f"the request had not arrived {seconds:g} s after the server asked for it; this server gives a unary "
+            f"request of up to {self.largest} bytes (losswire serve --max-request-message-bytes) "
+            f"{UNARY_READ_GRACE_SECONDS:g} s plus a second per {UNARY_MIN_RATE} bytes; send slower or bigger "
+            "requests by EvaluateStream"
+        )
 
     def _refuse(self, method: str, context: grpc.aio.ServicerContext, error: Exception) -> object:
         self.on_refused(method, fail(context, error, method))

@@ -30,6 +30,7 @@ from losswire.wire import codec
 from losswire.wire.protocol import NO_RETRY, SERVICE_NAME
 
 EVALUATE = f"/{SERVICE_NAME}/Evaluate"
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 TOKENS = ("token-a-0123456789",)
 
 
@@ -42,15 +43,17 @@ def focal_request() -> bytes:
 
 
 class SilentCalls:
-    """``count`` Evaluate calls whose request never comes (until ``close``), on the connection named
-    ``connection`` (channels of different names never share one)."""
+    """``count`` calls (Evaluate unless ``method``) whose request never comes (until ``close``), on the
+    connection named ``connection`` (channels of different names never share one)."""
 
-    def __init__(self, target: str, count: int, metadata: tuple | None = None, connection: str = "") -> None:
+    def __init__(
+        self, target: str, count: int, metadata: tuple | None = None, connection: str = "", method: str = EVALUATE
+    ) -> None:
         self.release = threading.Event()
         options = [("grpc.enable_retries", 0), ("losswire.test.connection", f"silent {connection}")]
         self.channel = grpc.insecure_channel(target, options=options)
-        evaluate = self.channel.stream_unary(EVALUATE)
-        self.calls = [evaluate.future(self._nothing(), timeout=60, metadata=metadata) for _ in range(count)]
+        call = self.channel.stream_unary(method)
+        self.calls = [call.future(self._nothing(), timeout=60, metadata=metadata) for _ in range(count)]
 
     def _nothing(self) -> Iterator[bytes]:
         self.release.wait(60)
@@ -361,6 +364,30 @@ def test_health_is_read_while_silent_calls_hold_the_request_room():
             with channel:
                 answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
             assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            for calls in holders:
+                calls.close()
+
+
+def test_silent_health_calls_hold_the_health_room_briefly():
+    """Eight silent health checks on eight connections fill the room health checks are read in (one each).
+    A health request is a few bytes and must come within 2 s, so a probe with a 4 s deadline is answered:
+    the first room that comes back is the probe's, which holds none. (They held it for the 5 s a unary
+    request of up to 1 MiB may take, and the probe ran out of time.)"""
+    with running_server(max_request_message_bytes=1 << 20) as server:
+        target = f"127.0.0.1:{server.port}"
+        room = server.open_room
+        holders = [SilentCalls(target, 1, connection=str(index), method=HEALTH_CHECK) for index in range(8)]
+        try:
+            assert eventually(lambda: room.held == room.capacity, 10), room.held
+            channel = grpc.insecure_channel(target, options=[("losswire.test.connection", "probe")])
+            with channel:
+                answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=4)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as late:
+                holders[0].calls[0].result(timeout=10)
+            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, late.value.details()
+            assert "a health check request is a few bytes" in late.value.details()
         finally:
             for calls in holders:
                 calls.close()
