@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import threading
 
+from ..counts import count_down
 from ..errors import ServerBusyError
 
 
@@ -51,9 +52,7 @@ class BigCallSlots:
         with self._lock:
             self._taken -= 1
             if token:
-                self._by_token[token] -= 1
-                if not self._by_token[token]:
-                    del self._by_token[token]
+                count_down(self._by_token, token)
 
     @property
     def in_use(self) -> int:

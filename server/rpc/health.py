@@ -15,6 +15,8 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health, health_pb2
 
+from ..counts import count_down
+
 HEALTH_WATCH = f"/{health.SERVICE_NAME}/Watch"
 PER_CONNECTION = 4  # Watch streams of one connection (a client keeps one per connection and service)
 MAX_SERVICE_NAME_BYTES = 256  # a fully qualified gRPC service name is far shorter
@@ -47,11 +49,7 @@ class BoundedHealthServicer(health.aio.HealthServicer):
             await super().Watch(request, context)
         finally:
             self.watching -= 1
-            left = self._by_connection[connection] - 1
-            if left:
-                self._by_connection[connection] = left
-            else:
-                del self._by_connection[connection]
+            count_down(self._by_connection, connection)
 
     def _refusal(self, connection: str) -> str | None:
         """Why a Watch stream of ``connection`` is refused now (None: it may open)."""

@@ -48,6 +48,7 @@ from typing import Any, NoReturn
 
 import grpc
 
+from ..counts import count_down
 from ..errors import RequestError, ServerBusyError, StreamIdleError
 from .calls import fail
 from .status import gone_code, refusal
@@ -128,11 +129,7 @@ class RequestRoom:
         else:
             self._holding.pop(caller, None)
         if receiving is not None:
-            count = self._receiving[receiving] - 1
-            if count:
-                self._receiving[receiving] = count
-            else:
-                del self._receiving[receiving]
+            count_down(self._receiving, receiving)
         if self._queues:
             self._admit()
 
@@ -238,11 +235,7 @@ class CallSlots:
         """A call of ``caller`` that ``enter`` admitted has ended."""
         self.open -= 1
         if caller is not None and self.per_caller is not None:
-            left = self._by_caller[caller] - 1
-            if left:
-                self._by_caller[caller] = left
-            else:
-                del self._by_caller[caller]
+            count_down(self._by_caller, caller)
 
     def held_by(self, caller: str) -> int:
         """Calls of ``caller`` in flight."""
@@ -269,6 +262,7 @@ class IntakeInterceptor(grpc.aio.ServerInterceptor):
         (they are bounded by their own service)."""
         self.room_of, self.largest, self.read_seconds = room_of, largest, read_seconds
         self.slots, self.uncounted = slots, uncounted
+        self._unbounded = CallSlots(None)  # the slots of uncounted calls: nothing bounds them here
         self.on_refused = on_refused
 
     async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
@@ -276,7 +270,7 @@ class IntakeInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
-        slots = self.slots if handler_call_details.method not in self.uncounted else CallSlots(None)
+        slots = self.slots if handler_call_details.method not in self.uncounted else self._unbounded
         place = self.room_of(handler_call_details)
         caller = place[1] if place is not None else None  # a token (None without tokens: callers are not told apart)
         if handler.request_streaming:

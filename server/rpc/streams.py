@@ -32,6 +32,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
+from ..counts import count_down
 from ..errors import ServerBusyError, StreamIdleError
 from .calls import fail
 
@@ -107,11 +108,7 @@ class StreamGuardInterceptor(grpc.aio.ServerInterceptor):
     def _leave(self, caller: str) -> None:
         self.open -= 1
         if self.per_caller is not None:
-            left = self._by_caller[caller] - 1
-            if left:
-                self._by_caller[caller] = left
-            else:
-                del self._by_caller[caller]
+            count_down(self._by_caller, caller)
 
     async def _streaming(
         self,
