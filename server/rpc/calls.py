@@ -140,8 +140,8 @@ def fail(
     context: grpc.aio.ServicerContext, error: BaseException, method: str, where: Where | None = None
 ) -> grpc.StatusCode:
     """Set the status ``error`` maps to (``status.refusal``) as the call's, and return its code; the handler
-    then returns without an answer. (Not ``abort``: grpc.aio's abort sends the status at once, before the
-    metrics interceptor has counted the call.)"""
+    then returns without an answer, and the intake sends the status (``send_failure_alone``). (Not ``abort``
+    here: grpc.aio's abort sends the status at once, before the metrics interceptor has counted the call.)"""
     status = refusal(error, where, context.time_remaining(), method)
     end_with(context, status)
     return status.code
@@ -152,6 +152,27 @@ def end_with(context: grpc.aio.ServicerContext, status: grpc.Status) -> None:
     context.set_code(status.code)
     context.set_details(status.details)
     context.set_trailing_metadata(tuple(status.trailing_metadata))
+
+
+def code_of(context: grpc.aio.ServicerContext, default: grpc.StatusCode = grpc.StatusCode.UNKNOWN) -> grpc.StatusCode:
+    """The status the handler set for its call (a failure's: see ``fail``), else ``default``."""
+    code = context.code()
+    if isinstance(code, int):  # the aio context may hold the code as its number
+        code = next((c for c in grpc.StatusCode if c.value[0] == code), None)
+    return code or default
+
+
+async def send_failure_alone(context: grpc.aio.ServicerContext) -> None:
+    """End a call whose handler returned a failure (``fail``) with that status at once, as its only answer.
+
+    Returned from the handler, the status would follow headers (grpc.aio sends them with every unary
+    answer), and gRPC's retry policies retry only an answer without headers: a caller whose policy
+    retries RESOURCE_EXHAUSTED would not have the server's busy refusals retried. Done by the outermost
+    interceptor, once the inner ones have counted the call (``abort`` sends at once). A call that ended
+    well is left as it is."""
+    code = code_of(context, default=grpc.StatusCode.OK)
+    if code != grpc.StatusCode.OK:
+        await context.abort(code, context.details() or "", tuple(context.trailing_metadata() or ()))
 
 
 def unary(method: str, where: Where | None = None) -> Callable[[Callable[..., Awaitable[Any]]], Any]:

@@ -4,7 +4,9 @@ room for them, within a time bound.
 Every call takes one of ``CallSlots`` (``--max-concurrent-rpcs``; one token's calls at most
 ``--max-concurrent-rpcs-per-token`` of them) until it ends, but for methods bounded by their own service
 (the health service's Watch streams, which would otherwise take every slot); a call beyond is refused
-at once with RESOURCE_EXHAUSTED and no headers, which gRPC's retry policies retry.
+at once with RESOURCE_EXHAUSTED and no headers, which gRPC's retry policies retry. A call whose handler
+fails is ended here the same way, its status sent alone (``send_failure_alone``): so are the busy
+refusals of the dataplane (memory budget, big-call slots) and of the room below.
 
 gRPC receives a unary call's whole request before its handler runs, and holds it (and its copies:
 the transport's buffer, Python bytes, the parsed message) outside every budget of the dataplane: four
@@ -50,7 +52,7 @@ import grpc
 
 from ..counts import count_down
 from ..errors import RequestError, ServerBusyError, StreamIdleError
-from .calls import fail
+from .calls import fail, send_failure_alone
 from .status import gone_code, refusal
 
 # A unary request comes right behind its call's headers; one that has not arrived within this grace, plus
@@ -287,7 +289,10 @@ class IntakeInterceptor(grpc.aio.ServerInterceptor):
             held = Held(context.peer())
             try:
                 request = await self._read(method, deserialize, place, context, held)
-                return None if request is _REFUSED else await inner(request, context)
+                answer = None if request is _REFUSED else await inner(request, context)
+                if answer is None:
+                    await send_failure_alone(context)
+                return answer
             finally:
                 held.give_back()
                 slots.leave(caller)
@@ -298,11 +303,15 @@ class IntakeInterceptor(grpc.aio.ServerInterceptor):
             if refusal is not None:
                 await self._turn_away(method, context, refusal)
             held = Held(context.peer())
+            answered = False
             try:
                 request = await self._read(method, deserialize, place, context, held)
                 if request is not _REFUSED:
                     async for message in inner(request, context):
+                        answered = True
                         yield message
+                if not answered:
+                    await send_failure_alone(context)
             finally:
                 held.give_back()
                 slots.leave(caller)
@@ -324,7 +333,10 @@ class IntakeInterceptor(grpc.aio.ServerInterceptor):
             if refusal is not None:
                 await self._turn_away(method, context, refusal)
             try:
-                return await inner(requests, context)
+                answer = await inner(requests, context)
+                if answer is None:
+                    await send_failure_alone(context)
+                return answer
             finally:
                 slots.leave(caller)
 
@@ -332,9 +344,13 @@ class IntakeInterceptor(grpc.aio.ServerInterceptor):
             refusal = slots.enter(caller)
             if refusal is not None:
                 await self._turn_away(method, context, refusal)
+            answered = False
             try:
                 async for message in inner(requests, context):
+                    answered = True
                     yield message
+                if not answered:
+                    await send_failure_alone(context)
             finally:
                 slots.leave(caller)
 

@@ -49,6 +49,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .calls import code_of
 from .status import gone_code
 from .streams import message_bytes
 
@@ -243,7 +244,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         try:
             response = await behaviour(request, context)
             if response is None:  # the handler set a failure's status (see calls.fail)
-                code = _code(context)
+                code = code_of(context)
                 return response
             series.sent.inc(response.ByteSize())
             if method == "Evaluate":
@@ -254,7 +255,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             raise
         except Exception:
             # abort() raises after setting the status; anything else is gRPC's UNKNOWN
-            code = _code(context)
+            code = code_of(context)
             raise
         finally:
             self._record(series, started, code, _loss_types(method, request))
@@ -275,12 +276,12 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 if isinstance(message, Message) and message.WhichOneof("kind") == "response":
                     self._observe_stages(message.response)
                 yield message
-            code = _code(context, default=grpc.StatusCode.OK)
+            code = code_of(context, default=grpc.StatusCode.OK)
         except (GeneratorExit, asyncio.CancelledError):  # the caller went away
             code = gone_code(context.time_remaining())
             raise
         except Exception:
-            code = _code(context)
+            code = code_of(context)
             raise
         finally:
             self._record(series, started, code, tally.losses)
@@ -338,14 +339,6 @@ class _StreamTally:
             if isinstance(message, Message) and message.WhichOneof("kind") == "request":
                 self.losses = _loss_types("Evaluate", message.request)
         return message
-
-
-def _code(context: grpc.aio.ServicerContext, default: grpc.StatusCode = grpc.StatusCode.UNKNOWN) -> grpc.StatusCode:
-    """The status the handler set for its call (a failure's: see ``calls.fail``), else ``default``."""
-    code = context.code()
-    if isinstance(code, int):  # the aio context may hold the code as its number
-        code = next((c for c in grpc.StatusCode if c.value[0] == code), None)
-    return code or default
 
 
 def _loss_types(method: str, request: Any) -> list[str]:

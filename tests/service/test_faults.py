@@ -347,6 +347,47 @@ def test_out_of_memory_is_resource_exhausted_and_the_next_call_succeeds(server, 
         torch.testing.assert_close(focal, LOSSES.build({"type": "FocalLoss"})(scores, labels))
 
 
+# a caller's own channel (any language) whose gRPC retry policy covers RESOURCE_EXHAUSTED
+RETRYING_RESOURCE_EXHAUSTED = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": "losswire.v1.LossService"}],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.01s",
+                    "maxBackoff": "0.05s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["RESOURCE_EXHAUSTED"],
+                },
+            }
+        ]
+    }
+)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "attempts"),
+    [
+        ({"type": "HungryL1Loss", "allocate_bytes": 2**60}, 3),  # out of memory: may pass later
+        ({"type": "L1Loss", "pad": "x" * (1 << 20)}, 1),  # a config over 1 MiB: no retry passes it
+    ],
+    ids=["out-of-memory-is-retried", "over-a-limit-is-sent-once"],
+)
+def test_a_retry_policy_retries_the_refusals_a_retry_may_cure(server, cfg, attempts):
+    """gRPC's retry policies retry only an answer sent without headers: a refusal the handler returns is
+    sent so (not only the call-slot refusal), and one that carries the no-retry pushback is sent once."""
+    before = calls_ended(server, "RESOURCE_EXHAUSTED")
+    pred, target = l1()
+    options = [("grpc.service_config", RETRYING_RESOURCE_EXHAUSTED), ("grpc.enable_retries", 1)]
+    request = pb.EvaluateRequest(terms=[term(cfg, pred, target)])
+    with grpc.insecure_channel(target_of(server), options=options) as channel, pytest.raises(grpc.RpcError) as caught:
+        pb_grpc.LossServiceStub(channel).Evaluate(request, timeout=WAIT)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value.details()
+    assert "terms[0]" in caught.value.details()
+    assert calls_ended(server, "RESOURCE_EXHAUSTED") == before + attempts
+
+
 @pytest.mark.skipif(torch.device(DEVICE).type != "cuda", reason="needs a GPU: LOSSWIRE_TEST_DEVICE=cuda")
 def test_after_a_cuda_out_of_memory_the_cache_is_handed_back(server):
     """The server empties CUDA's cache after an out-of-memory, so the memory the failed call had

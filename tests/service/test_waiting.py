@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -117,6 +118,41 @@ def test_streams_beyond_the_bound_are_told_to_come_back_and_the_rest_keep_room()
                 assert call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, call.details()
                 assert "--max-open-streams" in call.details()
                 assert NO_RETRY not in tuple(call.trailing_metadata() or ())  # busy, not a limit: comes back
+        finally:
+            silent.close()
+
+
+def test_a_retry_policy_retries_a_stream_refused_as_busy():
+    """A request stream refused because every stream is open is sent its refusal without headers, so a
+    caller's own gRPC retry policy covering RESOURCE_EXHAUSTED retries it (losswire's client retries
+    streams itself; a caller in another language may leave it to gRPC)."""
+    policy = {
+        "methodConfig": [
+            {
+                "name": [{"service": "losswire.v1.LossService", "method": "EvaluateStream"}],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.01s",
+                    "maxBackoff": "0.05s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["RESOURCE_EXHAUSTED"],
+                },
+            }
+        ]
+    }
+    with running_server(max_workers=2, max_open_streams=1) as server:
+        target = f"127.0.0.1:{server.port}"
+        silent = SilentCallers(target, 1)
+        try:
+            assert eventually(lambda: server.stream_guard.open == 1, 10), "the silent stream never opened"
+            refused = server.metrics.registry.get_sample_value
+            labels = {"method": "EvaluateStream", "code": "RESOURCE_EXHAUSTED"}
+            options = [("grpc.service_config", json.dumps(policy)), ("grpc.enable_retries", 1)]
+            with grpc.insecure_channel(target, options=options) as channel, pytest.raises(grpc.RpcError) as caught:
+                list(evaluate_stream(channel)(iter(l1_stream(64)), timeout=DEADLINE))
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value.details()
+            assert "--max-open-streams" in caught.value.details()
+            assert refused("losswire_requests_total", labels) == 3
         finally:
             silent.close()
 
