@@ -63,6 +63,13 @@ def elements(shape: Shape | None) -> int:
     return 0 if shape is None else math.prod(shape)
 
 
+def cells(shape: Shape | None) -> int:
+    """The elements of a shape, counting a zero-size axis as one (0 for None): what a loss's output per
+    row of it holds, and so what its working set scales with. An input of shape [N, 0] carries no bytes,
+    but its loss per row (reduction 'none', or before the mean) has N elements."""
+    return 0 if shape is None else math.prod(max(d, 1) for d in shape)
+
+
 def shape_of(shapes: Shapes | None, name: str) -> tuple[int, ...] | None:
     """The shape given for input ``name`` (the first member's for a tuple input), or None."""
     if not shapes or name not in shapes:
@@ -116,8 +123,9 @@ def proportional(
     work_per_element: int = DEFAULT_WORK_PER_ELEMENT,
 ) -> Estimate:
     """The estimate of a loss without buffers whose working set is ``working_copies`` copies of input
-    ``name`` (the element-wise losses: every intermediate has the first input's shape)."""
-    count = elements(shape_of(shapes, name))
+    ``name`` (the element-wise losses: every intermediate has the first input's shape; a zero-size axis
+    counts as one, see ``cells``)."""
+    count = cells(shape_of(shapes, name))
     return Estimate(0, math.ceil(working_copies * count * itemsize), work_per_element * count, name, name)
 
 

@@ -189,6 +189,33 @@ def test_a_small_call_whose_loss_is_quadratic_in_a_size_is_refused_naming_it(tar
         error = refused(lambda: pb_grpc.LossServiceStub(channel).Evaluate(request, timeout=30))
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
     assert field_of(error) == field and "--term-memory-ratio" in error.details()
+
+
+@pytest.mark.parametrize(
+    ("config", "shape", "inputs"),
+    [
+        ({"type": "KnowledgeDistillationKLDivLoss", "reduction": "none"}, [10**8, 0], {}),
+        ({"type": "MultiPosCrossEntropyLoss"}, [10**8, 0], {}),
+        ({"type": "AssociativeEmbeddingLoss"}, [100_000, 1, 0, 0], {"match": [[]] * 100_000}),
+    ],
+    ids=["a-loss-per-row", "a-loss-per-row-then-mean", "a-python-step-per-image"],
+)
+def test_inputs_without_bytes_whose_loss_has_a_row_per_sample_are_refused(target, config, shape, inputs):
+    """pred and target of shape [N, 0] carry no bytes, but a loss per row has N elements (and
+    AssociativeEmbeddingLoss a loop step per image): 100 bytes of request must not buy gigabytes and
+    minutes of work. (Before, such calls were estimated at nothing: [3e8, 0] took 54 s and 11 GB.)"""
+    request = pb.EvaluateRequest()
+    term = request.terms.add()
+    codec.encode_config(config, term.config)
+    empty = torch.zeros(shape)
+    codec.encode_tensor(empty, term.pred)
+    codec.encode_value(empty.clone(), term.target)
+    for name, value in inputs.items():
+        codec.encode_value(value, term.inputs[name])
+    with plain_channel(target) as channel:
+        error = refused(lambda: pb_grpc.LossServiceStub(channel).Evaluate(request, timeout=30))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+    assert field_of(error) == "terms[0].pred" and "--term-memory-ratio" in error.details()
     good_call_is_answered(target)
 
 
