@@ -11,6 +11,7 @@ request over a size limit) carries the no-retry pushback. Caller-supplied string
 from __future__ import annotations
 
 import logging
+import traceback
 
 import grpc
 import torch
@@ -160,4 +161,26 @@ def refusal(error: BaseException, where: Where | None, time_remaining: float | N
         log.error("internal error in %s", method, exc_info=cause)
     else:
         log.debug("%s refused: %s", method, status.details)
+    let_go(error)
     return status
+
+
+def let_go(error: BaseException) -> None:
+    """Drop what ``error`` holds through its tracebacks (and those of its causes): the locals of every
+    frame it passed, a failed call's tensors among them, views of a caller's shared memory too.
+
+    An exception's traceback and the frames it names often form a reference cycle, which only Python's
+    cycle collector frees, whenever it next runs: until then a refused call kept its tensors, and a
+    shared-memory segment stayed mapped after its caller had unregistered it (several at once, each up
+    to a caller's whole share). Once the error is a status nothing needs them; the frames still running
+    (the handler's own) are left as they are."""
+    pending: list[BaseException | None] = [error]
+    seen: set[int] = set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        current.__traceback__ = None
+        pending += [current.__cause__, current.__context__, getattr(current, "error", None)]

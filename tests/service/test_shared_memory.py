@@ -915,6 +915,42 @@ def test_closing_the_client_unregisters_its_regions(target, server):
     assert not any(region in server.shared_memory for region in regions)
 
 
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda request: codec.encode_value(torch.full((1024,), 999), request.terms[0].target),
+        lambda request: request.terms[0].config.CopyFrom(codec.encode_config({"type": "NoSuchLoss"})),
+    ],
+    ids=["labels-out-of-range", "unknown-loss"],
+)
+def test_a_refused_call_keeps_nothing_of_the_segment_once_unregistered(stub, handoff, spoil):
+    """A refused call's error held its tensors (views of the caller's segment) through its traceback's
+    reference cycle, which only the cycle collector freed: segments stayed mapped after their caller had
+    unregistered them, outside every shared-memory bound. The collector is off here, so only letting go
+    of them when the call ends passes."""
+    before = memfd_mappings()
+    segment = shm.Segment.create(1 << 20)
+    ours = memfd_mappings() - before
+    region = handoff.register(segment)
+    servers = memfd_mappings() - before - ours
+    assert servers, "the server does not map the segment"
+    pred, labels = focal_inputs(1024, seed=50)
+    request = filled_request(segment, region, pred, labels)
+    spoil(request)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Evaluate(request, timeout=30)
+        assert refused.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+        stub.UnregisterSharedMemory(pb.UnregisterSharedMemoryRequest(region=region), timeout=30)
+        segment.close()
+        assert eventually(lambda: not memfd_mappings() & servers, 5), "the server still maps the segment"
+    finally:
+        if collecting:
+            gc.enable()
+
+
 def test_no_named_segment_is_ever_created(target, handoff):
     """Nothing of losswire's appears under /dev/shm, not even for a moment (watched with inotify while a
     client call, a handoff by hand and a pool's first lease run): segments are memfds, in no file system."""
