@@ -8,6 +8,7 @@ from typing import Any
 from torch import Tensor
 
 from ..losses import LossDescription, LossInputError
+from ..losses.schema import INT64_MAX, INT64_MIN
 from .terms import PRED, TARGET, TermRequest
 
 
@@ -19,10 +20,15 @@ def _check_kind(description: LossDescription, name: str, value: Any) -> Any:
     if spec.kind == "tensor_or_tuple" and not isinstance(value, (Tensor, tuple)):
         raise LossInputError(f"{where} must be a tensor or a tuple of tensors, got {type(value).__name__}", field=name)
     if spec.kind == "int":
+        original = value
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if not isinstance(value, int) or isinstance(value, bool):
             raise LossInputError(f"{where} must be an integer, got {type(value).__name__} {value!r}", field=name)
+        if not INT64_MIN <= value <= INT64_MAX:  # torch takes integer arguments as int64
+            raise LossInputError(
+                f"{where} must be an int64, in [-2**63, 2**63 - 1], got {_describe_number(original)}", field=name
+            )
     if spec.kind == "number" and (isinstance(value, bool) or not isinstance(value, (int, float, Tensor))):
         raise LossInputError(f"{where} must be a number, got {type(value).__name__} {value!r}", field=name)
     if spec.kind == "str":
@@ -31,6 +37,13 @@ def _check_kind(description: LossDescription, name: str, value: Any) -> Any:
         if spec.choices and value not in spec.choices:
             raise LossInputError(f"{where} must be one of {list(spec.choices)}, got {value!r}", field=name)
     return value
+
+
+def _describe_number(value: int | float) -> str:
+    """``value`` for a message (an int of over 4300 digits cannot be printed: its size instead)."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an int of {value.bit_length()} bits"
+    return f"{type(value).__name__} {value!r}"
 
 
 def bind_inputs(description: LossDescription, term: TermRequest) -> dict[str, Any]:

@@ -47,6 +47,33 @@ SERIAL_MAX_ELEMENTS = 32768
 
 MODULE_CACHE_SIZE = 256
 
+# What a loss's own code raises on inputs it did not foresee (a torch op refusing a value, an int too
+# big for int64...): the inputs' fault, answered as a LossFailedError (``_answered_as_input_errors``)
+# whether autograd's path or a fused kernel met it
+FORWARD_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, AssertionError, OverflowError)
+
+
+def _inputs_fault(error: Exception) -> bool:
+    """Whether ``error`` (one of ``FORWARD_ERRORS``) is the inputs' fault, not the engine's own error
+    (which passes as it is) nor out of memory (the server's condition)."""
+    if isinstance(error, (LossInputError, LossConfigError, torch.OutOfMemoryError)):
+        return False
+    return as_memory_error(error) is error
+
+
+@contextlib.contextmanager
+def _answered_as_input_errors(description: LossDescription) -> Iterator[None]:
+    """Around a loss's own code, autograd's forward or a fused kernel alike: an error that is the inputs'
+    fault (``_inputs_fault``) becomes a LossFailedError naming the loss, with the error's first line;
+    the others pass as they are."""
+    try:
+        yield
+    except FORWARD_ERRORS as error:
+        if not _inputs_fault(error):
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LossFailedError(f"{description.name} failed on these inputs: {message}") from error
+
 
 def _parts(output: Any, loss_name: str) -> tuple[str, list[tuple[str, Tensor]]]:
     if isinstance(output, Tensor):
@@ -156,7 +183,16 @@ class Evaluator:
     ) -> fused_kernels.FusedKernel | None:
         """The fused kernel for this term, or None where autograd's path must run: a session or a
         sampler, gradients other than pred's alone, or inputs/config the kernel does not cover."""
-        return fused_kernels.select(module, kwargs) if self._may_fuse(term, sampler_config) else None
+        if not self._may_fuse(term, sampler_config):
+            return None
+        try:
+            return fused_kernels.select(module, kwargs)
+        except FORWARD_ERRORS as error:
+            if not _inputs_fault(error):
+                raise
+            # ``supports`` is a conservative predicate: inputs it cannot judge are autograd's to answer
+            log.debug("term %r: fused kernel selection failed (%r); autograd's path answers", term.name, error)
+            return None
 
     def _may_fuse(self, term: TermRequest, sampler_config: Any) -> bool:
         """Fused kernels are on and the term is theirs: no session, no sampler, pred's gradient alone."""
@@ -177,16 +213,19 @@ class Evaluator:
         exact for the element-wise ('none') and scalar outputs these losses have."""
         recompute = term.grad_output is not None or term.grad_outputs
         out = _gradient_out(term) if kernel.writes_into else None
-        if kernel.rows is not None and not recompute:  # loss and gradient block by block, in one pass
-            rows = kernel.rows(module, kwargs, out, True, term.scratch)
-            rows.advance(term.pred.shape[0])
-            result = rows.finish()
-        else:
-            result = kernel.run(module, kwargs)
+        # errors of the kernel's own code are answered as autograd's path answers the module's (_forward)
+        with _answered_as_input_errors(description):
+            if kernel.rows is not None and not recompute:  # loss and gradient block by block, in one pass
+                rows = kernel.rows(module, kwargs, out, True, term.scratch)
+                rows.advance(term.pred.shape[0])
+                result = rows.finish()
+            else:
+                result = kernel.run(module, kwargs)
         fused_kernels.count_call(kernel.name)
         log.debug("term %r: %s answered by its fused kernel", term.name, kernel.name)
         check_cancelled(cancelled, "the backward")
-        return self.fused_outcome(kernel.name, term, module, description, result, out)
+        with _answered_as_input_errors(description):  # the gradient's closed form runs here
+            return self.fused_outcome(kernel.name, term, module, description, result, out)
 
     def fused_outcome(
         self,
@@ -309,16 +348,8 @@ class Evaluator:
 
     @staticmethod
     def _forward(module: nn.Module, description: LossDescription, kwargs: dict[str, Any]) -> Any:
-        try:
-            with torch.enable_grad():
-                return module(**kwargs)
-        except LossInputError:
-            raise
-        except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as error:
-            if isinstance(error, (torch.OutOfMemoryError, LossConfigError)) or as_memory_error(error) is not error:
-                raise  # out of memory is the server's condition, not the inputs' fault
-            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise LossFailedError(f"{description.name} failed on these inputs: {message}") from error
+        with _answered_as_input_errors(description), torch.enable_grad():
+            return module(**kwargs)
 
     @staticmethod
     def _upstream(structure: str, parts: list[tuple[str, Tensor]], term: TermRequest) -> list[Tensor]:
@@ -419,7 +450,8 @@ class TermRows:
         if self.rows is None:
             return self.done
         try:
-            self.done = self.evaluator.threaded(self.term, lambda: self.rows.advance(rows))
+            with _answered_as_input_errors(self.description):
+                self.done = self.evaluator.threaded(self.term, lambda: self.rows.advance(rows))
         except fused_kernels.NotFusable as reason:
             log.debug("term %r: %s; evaluated whole once every row is in", self.term.name, reason)
             self.rows = None
@@ -430,9 +462,11 @@ class TermRows:
         self.advance(self.term.pred.shape[0])
         if self.rows is None:  # fell back, now or before
             return self.evaluator.evaluate(self.term, cancelled)
-        result = self.evaluator.threaded(self.term, self.rows.finish)
+        with _answered_as_input_errors(self.description):
+            result = self.evaluator.threaded(self.term, self.rows.finish)
         fused_kernels.count_call(self.kernel.name)
         check_cancelled(cancelled, "the backward")
-        return self.evaluator.fused_outcome(
-            self.kernel.name, self.term, self.module, self.description, result, self.out
-        )
+        with _answered_as_input_errors(self.description):
+            return self.evaluator.fused_outcome(
+                self.kernel.name, self.term, self.module, self.description, result, self.out
+            )

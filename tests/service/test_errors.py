@@ -7,8 +7,10 @@ import grpc
 import pytest
 import torch
 from support.calls import field_of
+from support.oip import infer_request
 
 from losswire.client import LossClient, RemoteLoss, RemoteLossError
+from losswire.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from losswire.server.app import LosswireServer
 from losswire.server.config import ServerConfig
 from losswire.v1 import loss_service_pb2 as pb
@@ -49,6 +51,15 @@ def logits():
 
 def labels():
     return torch.tensor([0, 1, 2, 3])
+
+
+def in_session(request: pb.EvaluateRequest) -> pb.EvaluateRequest:
+    """``request`` with its first term in a session: autograd's path answers it, not a fused kernel."""
+    request.terms[0].session = "errors-session"
+    return request
+
+
+BOXES = torch.tensor([[0.0, 0, 2, 2], [1, 1, 3, 4], [0, 0, 1, 1], [2, 2, 5, 5]])
 
 
 def raw(mutate) -> pb.EvaluateRequest:
@@ -150,6 +161,29 @@ CASES = {
         "terms[0].ignore_index",
         "must be an integer, got str",
     ),
+    # an integral number past int64 for an integer input, on the fused path and autograd's
+    **{
+        f"integer input {value!r}{' in a session' if session else ''}": (
+            (in_session if session else lambda r: r)(
+                term({"type": "CrossEntropyLoss"}, logits(), torch.tensor([0, 1, 2, 0]), ignore_index=value)
+            ),
+            INVALID,
+            "terms[0].ignore_index",
+            f"CrossEntropyLoss input 'ignore_index' must be an int64, in [-2**63, 2**63 - 1], got float {value!r}",
+        )
+        for value in (1e308, 1e19, -1e19)
+        for session in (False, True)
+    },
+    # a config value torch cannot convert to pred's dtype: the fused kernel fails as autograd's path does
+    **{
+        f"GIoULoss eps {eps!r} past float32": (
+            term({"type": "GIoULoss", "eps": eps}, BOXES, BOXES + 1),
+            INVALID,
+            None,
+            "GIoULoss failed on these inputs: value cannot be converted to type float without overflow",
+        )
+        for eps in (1e39, 1e308)
+    },
     "gradient of class indices": (
         term({"type": "FocalLoss"}, logits(), labels(), gradients=["target"]),
         INVALID,
@@ -256,3 +290,39 @@ def test_tensor_over_element_limit_is_resource_exhausted(small_server: LossClien
     assert info.value.field == "terms[0].pred.shape"
     ok = small_server.evaluate(term({"type": "L1Loss"}, torch.ones(10), torch.zeros(10)))
     assert codec.decode_tensor(ok.results[0].loss, "loss").item() == 1.0
+
+
+@pytest.mark.parametrize(
+    "model, parameters, config, message",
+    [
+        (
+            "CrossEntropyLoss",
+            {"ignore_index": 1e308},
+            None,
+            "CrossEntropyLoss input 'ignore_index' must be an int64, in [-2**63, 2**63 - 1], got float 1e+308",
+        ),
+        (
+            "CrossEntropyCustomLoss",
+            {"ignore_index": -1e19},
+            {"num_classes": 3},
+            "CrossEntropyCustomLoss input 'ignore_index' must be an int64, in [-2**63, 2**63 - 1], got float -1e+19",
+        ),
+        (
+            "GIoULoss",
+            {},
+            {"eps": 1e39},
+            "GIoULoss failed on these inputs: value cannot be converted to type float without overflow",
+        ),
+    ],
+    ids=["ignore_index 1e308", "ignore_index -1e19", "GIoULoss eps 1e39"],
+)
+def test_inference_protocol_refuses_the_same(target: str, model, parameters, config, message):
+    """ModelInfer's door: a ``double_param`` for an integer input, a config value past pred's dtype."""
+    pred, truth = (BOXES, BOXES + 1) if model == "GIoULoss" else (logits(), torch.tensor([0, 1, 2, 0]))
+    request = infer_request(model, {"pred": pred, "target": truth}, config, **parameters)
+    stub = oip_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(target))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request, timeout=10)
+    assert info.value.code() == INVALID, info.value.details()
+    assert info.value.details() == f"model {model!r}: {message}"
+    assert field_of(info.value) == ("ignore_index" if parameters else None)
