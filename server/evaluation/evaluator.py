@@ -151,7 +151,7 @@ class Evaluator:
                 module.rng = np.random.RandomState(term.seed % 2**32)  # numpy seeds are 32-bit
             sampled = None
             if sampler_config is not None:
-                sampled = self._sample(sampler_config, module, description, kwargs, term)
+                sampled = self._sample(sampler_config, module, description, kwargs, term, cancelled)
             leaves = gradient_leaves(description, kwargs, term.gradients)
             output = self._forward(module, description, kwargs)
             structure, parts = _parts(output, description.name)
@@ -320,8 +320,10 @@ class Evaluator:
         description: LossDescription,
         kwargs: dict[str, Any],
         term: TermRequest,
+        cancelled: Callable[[], bool] | None = None,
     ) -> Sample:
-        """Zero the weight of every sample the sampler does not keep (in ``kwargs``)."""
+        """Zero the weight of every sample the sampler does not keep (in ``kwargs``); a per-image loop
+        stops between images once ``cancelled()`` says the caller is gone."""
         sampler = build_sampler(sampler_config)
         names = [i.name for i in description.inputs]
         slot = next((n for n in WEIGHT_INPUTS if n in names), None)
@@ -342,7 +344,15 @@ class Evaluator:
             background = int(getattr(module, "background_label", lambda p: p.shape[1])(pred))
         elementwise = output_kind_of(module, description) is OutputKind.ELEMENT and pred.dim() > 1
         kwargs[slot], sample = apply_sample(
-            sampler, labels, pred, kwargs.get(slot), term.seed, background, term.sample_groups, elementwise
+            sampler,
+            labels,
+            pred,
+            kwargs.get(slot),
+            term.seed,
+            background,
+            term.sample_groups,
+            elementwise,
+            cancelled,
         )
         return sample
 

@@ -22,7 +22,7 @@ Plain torch, no gRPC.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -31,6 +31,14 @@ from torch import Tensor
 from ..losses import LossConfigError, LossInputError
 from ..losses.checks import index_tensor
 from ..losses.schema import describe_params, validate_params
+from .errors import check_cancelled
+
+# sample_groups are the images of one batch, each sampled in a Python loop step of its own (~50-70 us each).
+# A batch is 2 to 64 images per device in practice, a few thousand across a whole cluster's step at the
+# very most (64 devices x 64 images); 4096 keeps the loop to ~0.3 s of one core, where one group per sample
+# (N groups) would be an N-step loop bought by an O(N) request.
+MAX_SAMPLE_GROUPS = 4096
+CANCEL_CHECK_GROUPS = 256  # the loop asks whether the caller is gone every this many groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,14 +141,18 @@ def sample_by_group(
     groups: Tensor | None,
     background_label: int,
     generator: torch.Generator | None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> Sample:
     """Sample each group (image) on its own, in increasing group order, from one generator: what a
-    head's per-image loop draws after one ``torch.manual_seed``. Without groups, one group."""
+    head's per-image loop draws after one ``torch.manual_seed``. Without groups, one group. At most
+    ``MAX_SAMPLE_GROUPS`` groups (a LossInputError naming ``sample_groups``); between groups, stops
+    (CallCancelledError) once ``cancelled()`` says the caller is gone."""
     if groups is None:
         return sampler.sample(labels, background_label, generator)
     positives, negatives = [], []
-    for group in torch.unique(groups):  # sorted
-        rows = torch.nonzero(groups == group).flatten()
+    for index, rows in enumerate(group_rows(groups)):
+        if index and index % CANCEL_CHECK_GROUPS == 0:
+            check_cancelled(cancelled, f"sampling images {index} and on")
         sample = sampler.sample(labels[rows], background_label, generator)
         positives.append(rows[sample.positives])
         negatives.append(rows[sample.negatives])
@@ -150,6 +162,22 @@ def sample_by_group(
         torch.cat(negatives).sort().values if negatives else empty,
         labels,
     )
+
+
+def group_rows(groups: Tensor) -> list[Tensor]:
+    """The row indices of each group, each in increasing order, groups in increasing value order: one
+    stable sort, O(N log N) (a scan of all N rows per group would be O(N x groups)). More than
+    ``MAX_SAMPLE_GROUPS`` groups are refused."""
+    ordered, order = torch.sort(groups, stable=True)
+    counts = torch.unique_consecutive(ordered, return_counts=True)[1]
+    if counts.numel() > MAX_SAMPLE_GROUPS:
+        raise LossInputError(
+            f"sample_groups holds {counts.numel()} distinct groups (images) over {groups.numel()} samples; a term "
+            f"samples at most {MAX_SAMPLE_GROUPS} images (one batch): send one image index per sample, not one "
+            "group per sample",
+            field="sample_groups",
+        )
+    return list(order.split(counts.tolist()))
 
 
 SAMPLERS: dict[str, type[PseudoSampler]] = {"RandomSampler": RandomSampler, "PseudoSampler": PseudoSampler}
@@ -198,10 +226,12 @@ def apply_sample(
     background_label: int,
     groups: Tensor | None = None,
     elementwise: bool = False,
+    cancelled: Callable[[], bool] | None = None,
 ) -> tuple[Tensor, Sample]:
     """Sample (per group of ``groups``, e.g. per image), and return the weight with every unkept
     sample zeroed (a new tensor) and the sample. Without a weight the new one has one entry per
-    sample, or pred's shape when the loss is ``elementwise`` ([N, 4] boxes...)."""
+    sample, or pred's shape when the loss is ``elementwise`` ([N, 4] boxes...). ``cancelled``: see
+    ``sample_by_group``."""
     if labels is None:
         raise LossInputError(
             "the config has a sampler but the term has no class-index labels to sample by: send sample_labels "
@@ -230,7 +260,7 @@ def apply_sample(
     generator = None
     if sampler.random:
         generator = torch.Generator().manual_seed(int(seed))
-    sample = sample_by_group(sampler, labels, groups, background_label, generator)
+    sample = sample_by_group(sampler, labels, groups, background_label, generator, cancelled)
     keep = sample.keep.to(pred.dtype)
     if weight is None:
         return (_per_row(keep, pred).expand_as(pred).contiguous() if elementwise else keep), sample

@@ -13,8 +13,9 @@ import torch
 from support.paths import FIXTURES
 
 from losswire.client import LossClient, RemoteLoss, RemoteLossError
+from losswire.server.evaluation import CallCancelledError, Evaluator, TermRequest, sampling
 from losswire.server.evaluation.sampling import build_sampler, sample_by_group
-from losswire.server.losses import LossConfigError, build_loss
+from losswire.server.losses import LossConfigError, LossInputError, build_loss
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.wire import codec
 
@@ -185,3 +186,82 @@ def test_per_image_sampling_through_remote_loss_is_the_heads_loop(target: str):
     keep[record["negatives"]] = 1.0
     assert keep.sum() > record["sampler"]["num"]  # three budgets, not one
     torch.testing.assert_close(out, build_loss(cfg)(scores, labels.clamp(min=0), keep))
+
+
+def _old_sample_by_group(sampler, labels, groups, background, generator):
+    """The grouping as it was: a scan of all N rows per group (O(N x groups)), the reference of order."""
+    positives, negatives = [], []
+    for group in torch.unique(groups):
+        rows = torch.nonzero(groups == group).flatten()
+        sample = sampler.sample(labels[rows], background, generator)
+        positives.append(rows[sample.positives])
+        negatives.append(rows[sample.negatives])
+    empty = labels.new_zeros(0)
+    return (
+        torch.cat(positives).sort().values if positives else empty,
+        torch.cat(negatives).sort().values if negatives else empty,
+    )
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_grouping_draws_exactly_what_the_scan_per_group_drew(seed):
+    """One stable sort finds each group's rows, in increasing order: the same draws in the same order."""
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 600, (1,), generator=g))
+    groups = torch.randint(-3, int(torch.randint(1, 40, (1,), generator=g)), (n,), generator=g)
+    labels = torch.randint(-1, 6, (n,), generator=g)  # 5 background, -1 ignored
+    sampler = build_sampler({"type": "RandomSampler", "num": 8, "pos_fraction": 0.25, "neg_pos_ub": 2})
+    rows = sampling.group_rows(groups)
+    assert [r.tolist() for r in rows] == [torch.nonzero(groups == v).flatten().tolist() for v in groups.unique()]
+    sample = sample_by_group(sampler, labels, groups, 5, torch.Generator().manual_seed(seed))
+    positives, negatives = _old_sample_by_group(sampler, labels, groups, 5, torch.Generator().manual_seed(seed))
+    assert torch.equal(sample.positives, positives) and torch.equal(sample.negatives, negatives)
+
+
+def test_more_groups_than_a_batch_has_images_are_refused_naming_the_field():
+    bound = sampling.MAX_SAMPLE_GROUPS
+    sampler = build_sampler({"type": "RandomSampler", "num": 4, "pos_fraction": 0.5})
+    labels = torch.zeros(bound + 1, dtype=torch.long)
+    generator = torch.Generator().manual_seed(0)
+    sample = sample_by_group(sampler, labels[:bound], torch.arange(bound), 1, generator)  # at the bound: fine
+    assert sample.keep.all()
+    with pytest.raises(LossInputError) as caught:
+        sample_by_group(sampler, labels, torch.arange(bound + 1), 1, generator)
+    assert caught.value.field == "sample_groups"
+    assert str(bound) in str(caught.value) and str(bound + 1) in str(caught.value)
+
+
+def test_the_per_image_loop_stops_once_the_caller_is_gone():
+    """The evaluator's ``cancelled`` reaches the per-image loop: it stops between images, not after all."""
+    n = 3000
+    calls = []
+
+    def cancelled() -> bool:  # the caller goes away once the forward has begun (the first check passes)
+        calls.append(1)
+        return len(calls) > 1
+
+    term = TermRequest(
+        name="t",
+        config={"type": "FocalLoss", "sampler": {"type": "RandomSampler", "num": 4, "pos_fraction": 0.5}},
+        pred=torch.randn(n, 1),
+        target=torch.zeros(n, dtype=torch.long),
+        seed=1,
+        sample_groups=torch.arange(n),
+    )
+    with pytest.raises(CallCancelledError, match="sampling images"):
+        Evaluator(fused=False).evaluate(term, cancelled)
+
+
+def test_too_many_sample_groups_are_invalid_argument_through_the_server(client: LossClient):
+    n = sampling.MAX_SAMPLE_GROUPS + 1
+    request = pb.EvaluateRequest()
+    term = request.terms.add(seed=1)
+    codec.encode_config({"type": "FocalLoss", "sampler": SAMPLER}, term.config)
+    codec.encode_tensor(torch.randn(n, 1), term.pred)
+    codec.encode_value(torch.zeros(n, dtype=torch.long), term.target)
+    codec.encode_tensor(torch.arange(n, dtype=torch.int32), term.sample_groups)
+    with pytest.raises(RemoteLossError) as caught:
+        client.evaluate(request)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.field == "terms[0].sample_groups", caught.value.details
+    assert f"at most {sampling.MAX_SAMPLE_GROUPS} images" in caught.value.details
