@@ -455,8 +455,8 @@ KNOBS: tuple[Knob, ...] = (
         "max_session_bytes",
         _optional_limit,
         _DEFAULT.max_session_bytes,
-        "bytes of state the live sessions hold together (each its loss module's state and replay snapshots); "
-        "beyond, RESOURCE_EXHAUSTED (0 or none: unbounded)",
+        "bytes the live sessions hold together (each its loss module's state and replay snapshots, and three "
+        "times its config as JSON); beyond, RESOURCE_EXHAUSTED (0 or none: unbounded)",
     ),
     Knob(
         "max_sessions_per_token",
@@ -469,8 +469,8 @@ KNOBS: tuple[Knob, ...] = (
         "max_session_bytes_per_token",
         _optional_limit,
         _DEFAULT.max_session_bytes_per_token,
-        "bytes of state one token's sessions may hold (tokens on, sessions not shared); beyond, "
-        "RESOURCE_EXHAUSTED (0 or none: only --max-session-bytes)",
+        "bytes one token's sessions may hold, counted as for --max-session-bytes (tokens on, sessions not "
+        "shared); beyond, RESOURCE_EXHAUSTED (0 or none: only --max-session-bytes)",
     ),
     Knob(
         "share_sessions",

@@ -221,7 +221,7 @@ class Dataplane:
                 costs.append(self.costs.check(term, f"terms[{index}]."))
         if quick and not self._quick(terms, [estimate for estimate, _ in costs]):
             raise NotQuick
-        outcomes = []
+        outcomes, response = [], None
         # the call is atomic: its sessions change only if every term succeeds (evaluation.sessions)
         entered = self._sessions(owner, terms, cancelled) if any(term.session for term in terms) else NO_SESSIONS
         with entered as sessions:
@@ -231,11 +231,15 @@ class Dataplane:
                     outcomes.append(self.evaluator.evaluate(term, cancelled, sessions))
             if sessions is not None:  # a caller gone by now must not find its sessions moved on
                 check_cancelled(cancelled, "keeping the call's session changes")
+                # nor find them moved on by a call whose answer could not be sent
+                response = self.respond(terms, outcomes, transfer, sink, in_place)
+                self._check_answer_size(response)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         computed = time.perf_counter()
         check_cancelled(cancelled, "encoding the answer")
-        response = self.respond(terms, outcomes, transfer, sink, in_place)
+        if response is None:
+            response = self.respond(terms, outcomes, transfer, sink, in_place)
         if output_range is not None:
             check_cancelled(cancelled, "writing the answer into the caller's shared memory")
             sink.place(output_range)  # the big answers into the caller's output range: one copy each
@@ -248,6 +252,18 @@ class Dataplane:
         timings.encode_ms = (encoded - computed) * 1e3
         keep = [terms, outcomes, arrived] if arrived or output_range is not None else []
         return Answer(response, None if own_sink else sink, keep)
+
+    def _check_answer_size(self, response: pb.EvaluateResponse) -> None:
+        """Refuse an answer message over ``--max-message-bytes`` before the call's session changes are kept:
+        gRPC would refuse to send it only once they were (and a retry would apply the batch again)."""
+        limit = self.limits.max_request_bytes
+        if limit is not None and (size := response.ByteSize()) > limit:
+            raise LimitExceededError(
+                f"the answer would be a {size}-byte message, over this server's {limit} (losswire serve "
+                "--max-message-bytes); the call's sessions are left as they were. Ask for fewer outputs "
+                "(reduction, gradients) or send the call by EvaluateStream, whose answer comes in chunks",
+                field="terms",
+            )
 
     def _in_place(self, request: pb.EvaluateRequest) -> Callable[[], frozenset[str]]:
         """Which of ``request``'s shared-memory inputs are read in place, worked out only if it has any."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import json
 import re
 import threading
 import time
@@ -44,6 +45,12 @@ from ..losses import LOSSES, Registry
 from .errors import check_cancelled
 
 SESSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}")
+# A session keeps its config for as long as it lives (twice: as sent, and in its module), and ListSessions
+# sends every one back. A stateful loss's config is a few hundred bytes (a class_weight of 1203 classes is
+# ~25 KB as JSON); a session's config is at most this many bytes as JSON, and counted against the
+# sessions' bytes at CONFIG_COPIES times that (measured: 4.4 MB of memory per session for a 1.9 MB config).
+MAX_SESSION_CONFIG_BYTES = 64 << 10
+CONFIG_COPIES = 3
 # a call waiting for a session another call holds looks this often whether its caller is still there
 LOCK_WAIT_SLICE_SECONDS = 0.05
 
@@ -82,12 +89,30 @@ class ReplayUnavailableError(SessionError):
     field = "replay_step"
 
 
+class SessionConfigError(SessionLimitError):
+    """The config is too big to be kept by a session."""
+
+    field = "config"
+
+
 def check_name(name: str) -> str:
     if not SESSION_NAME.fullmatch(name):
         raise InvalidSessionNameError(
             f"session must be 1-200 characters from [A-Za-z0-9._:/@+-], starting with a letter or digit, got {name!r}"
         )
     return name
+
+
+def config_bytes(config: Mapping[str, Any]) -> int:
+    """``config``'s size as JSON, refused (SessionConfigError) over ``MAX_SESSION_CONFIG_BYTES``."""
+    size = len(json.dumps(config, default=repr))
+    if size > MAX_SESSION_CONFIG_BYTES:
+        raise SessionConfigError(
+            f"a session keeps its config for as long as it lives, so it is at most {MAX_SESSION_CONFIG_BYTES} bytes "
+            f"as JSON; this one is {size}. Evaluate this config without a session (it keeps no state between "
+            "calls unless its loss does)"
+        )
+    return size
 
 
 def _unknown(name: str) -> UnknownSessionError:
@@ -109,7 +134,7 @@ class Session:
     module: nn.Module
     last_used: float
     owner: str = ""  # who may use it: a token's digest, or "" (every caller) without tokens
-    nbytes: int = 0  # its state's bytes, counted once for the module and once per replay snapshot
+    nbytes: int = 0  # its state's bytes (once for the module, once per replay snapshot) and its config's
     steps: int = 0
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     # step number -> the module's state just before that forward
@@ -245,11 +270,12 @@ class SessionStore:
         """A session for the call that creates it (counted at once against the limits, kept by commit),
         already locked for that call (no other call uses it before that call's end), and True; or the one
         another call created meanwhile (not locked, and perhaps of another config), and False."""
+        kept = CONFIG_COPIES * config_bytes(normalised)
         with self._lock:
             self._check_count(owner)
-        self._check_room(owner, name, self.registry.estimate(normalised).module_bytes * (1 + self.replay_depth))
+        self._check_room(owner, name, self.registry.estimate(normalised).module_bytes * (1 + self.replay_depth) + kept)
         module = self.registry.build(normalised).to(self.device)  # outside the store's lock: it allocates
-        nbytes = _nbytes(module.state_dict()) * (1 + self.replay_depth)
+        nbytes = _nbytes(module.state_dict()) * (1 + self.replay_depth) + kept
         session = Session(name, normalised, module, last_used=self.clock(), owner=owner, nbytes=nbytes)
         session.lock.acquire()  # a fresh lock: free. Taken before others can find the session
         with self._lock:
@@ -265,10 +291,8 @@ class SessionStore:
         """A SessionLimitError when no new session may live now: the server's count, or the token's (under
         the store's lock)."""
         recover = f"reset finished ones or wait for idle ones to expire after {self.ttl_seconds:g} s"
-        if len(self._sessions) >= self.max_sessions:
-            raise SessionLimitError(
-                f"{len(self._sessions)} sessions are live, the server's limit (--max-sessions); {recover}"
-            )
+        if len(self._sessions) >= self.max_sessions:  # how many are others' is not this caller's to know
+            raise SessionLimitError(f"the server holds its most sessions (--max-sessions); {recover}")
         limit = self.per_owner.sessions if owner else None
         owned = sum(1 for key in self._sessions if key[0] == owner) if limit is not None else 0
         if limit is not None and owned >= limit:
@@ -287,7 +311,8 @@ class SessionStore:
             held = sum(s.nbytes for s in self._sessions.values())
             owned = sum(s.nbytes for key, s in self._sessions.items() if key[0] == owner) if limit is not None else 0
         what = (
-            f"session {name!r} would hold {nbytes} bytes of state (its module and {self.replay_depth} replay snapshots)"
+            f"session {name!r} would hold {nbytes} bytes of state (its module and {self.replay_depth} replay "
+            "snapshots, and its config)"
         )
         if self.max_bytes is not None and held + nbytes > self.max_bytes:
             raise SessionLimitError(

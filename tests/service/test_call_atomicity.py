@@ -98,6 +98,54 @@ def test_session_state_is_budgeted():
         client.close()
 
 
+def test_a_session_s_config_is_counted_and_bounded():
+    """A session keeps its config as long as it lives (and ListSessions sends it back): it counts against
+    --max-session-bytes, and a config over 64 KiB as JSON is refused. Any loss may have a session, so
+    before, a CrossEntropyLoss of a megabyte of class_weight held ~4 MB of memory per session, counted as
+    nothing."""
+    weights = [0.5] * 8000  # 40 KB as JSON, counted three times: one such session fits 200 KB, not two
+    pred, labels = torch.randn(4, 8000), torch.randint(0, 8000, (4,))
+    with running(max_session_bytes=200_000) as server:
+        client = LossClient(target_of(server), timeout=30)
+        config = dict(type="CrossEntropyLoss", class_weight=weights)
+        RemoteLoss(config, client=client, session="first")(pred, labels)
+        with pytest.raises(RemoteLossError) as full:
+            RemoteLoss(config, client=client, session="second")(pred, labels)
+        assert full.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED, full.value.details
+        assert "--max-session-bytes" in full.value.details and "its config" in full.value.details
+        huge = dict(type="CrossEntropyLoss", class_weight=[0.5] * 20_000)  # 100 KB as JSON
+        with pytest.raises(RemoteLossError) as refused:
+            RemoteLoss(huge, client=client, session="huge")(torch.randn(4, 20_000), torch.randint(0, 20_000, (4,)))
+        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details
+        assert refused.value.field == "terms[0].config" and "at most 65536 bytes" in refused.value.details
+        assert [s.session for s in client.list_sessions().sessions] == ["first"]
+        client.close()
+
+
+def test_a_call_whose_answer_is_too_big_to_send_leaves_its_sessions_as_they_were():
+    """--max-message-bytes bounds the answer message too. gRPC refused to send a too big answer only after
+    the call's session changes were kept, so a failed call had moved its session on (and its retry would
+    apply the batch again); the answer's size is now checked before they are kept."""
+    focal = {"type": "FocalLoss", "reduction": "none"}
+
+    def focal_term(rows: int) -> pb.LossTerm:
+        term = pb.LossTerm(session="kept", forward_id=f"forward-{rows}")
+        codec.encode_config(focal, term.config)
+        codec.encode_tensor(torch.randn(rows, 80), term.pred)  # answered: a loss and a gradient of its size
+        codec.encode_value(torch.randint(0, 81, (rows,)), term.target)
+        return term
+
+    with running(max_message_bytes=600_000, max_request_message_bytes=600_000) as server:
+        with plain_channel(target_of(server)) as channel:
+            pb_grpc.LossServiceStub(channel).Evaluate(pb.EvaluateRequest(terms=[focal_term(10)]), timeout=30)
+        error = evaluate(server, focal_term(1000))  # a 330 KB request, a 640 KB answer
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+        assert "--max-message-bytes" in error.details() and "left as they were" in error.details()
+        client = LossClient(target_of(server), timeout=30)
+        assert client.get_session("kept").steps == 1, "the refused call moved the session on"
+        client.close()
+
+
 def clients(server: LosswireServer) -> tuple[LossClient, LossClient]:
     return tuple(LossClient(target_of(server), timeout=30, credentials=Credentials(token=token)) for token in TOKENS)  # type: ignore[return-value]
 
@@ -136,13 +184,13 @@ def test_shared_sessions_are_one_state_for_every_token():
 
 @pytest.mark.parametrize(
     "limit, flag",
-    [({"max_sessions_per_token": 2}, "--max-sessions-per-token"), ({"max_session_bytes_per_token": 250}, None)],
+    [({"max_sessions_per_token": 2}, "--max-sessions-per-token"), ({"max_session_bytes_per_token": 1250}, None)],
     ids=["count", "bytes"],
 )
 def test_one_token_cannot_take_every_token_s_room_for_sessions(limit, flag):
     """A token's sessions are bounded apart from the server's totals: alice, at her limit (two sessions;
-    or 250 bytes, which two SeesawLoss sessions of 4 classes fit: 100 bytes each, its state and 4 replay
-    snapshots), is refused a third,
+    or 1250 bytes, which two SeesawLoss sessions of 4 classes fit: 571 bytes each, its state and 4 replay
+    snapshots, 100 bytes, and three times its config's 157 bytes as JSON), is refused a third,
     RESOURCE_EXHAUSTED naming the flag; bob still gets his."""
     flag = flag or "--max-session-bytes-per-token"
     with running(auth_tokens=TOKENS, **limit) as server:
