@@ -9,6 +9,7 @@ only by environment variables).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -16,8 +17,11 @@ import ipaddress
 import logging
 import os
 import secrets
+import socket
+import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -356,6 +360,61 @@ def test_a_malformed_authorization_header_says_what_is_wrong(token_server, metad
         pb_grpc.LossServiceStub(channel).ListLosses(pb.ListLossesRequest(), metadata=metadata, timeout=CALL_TIMEOUT)
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert reason in caught.value.details()
+
+
+def raw_health_call(port: int, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """A health Check sent over HTTP/2 by hand, with header values gRPC's own client refuses to send
+    (bytes that are not UTF-8); what the server answers, until it closes or 5 s pass."""
+
+    def length(value: int) -> bytes:  # an HPACK integer with a 7-bit prefix
+        if value < 127:
+            return bytes([value])
+        encoded, value = [127], value - 127
+        while value >= 128:
+            encoded.append((value & 127) | 128)
+            value >>= 7
+        return bytes([*encoded, value])
+
+    def frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
+
+    fields = [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", b"/grpc.health.v1.Health/Check"),
+        (b":authority", b"localhost"),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+        *headers,
+    ]
+    block = b"".join(b"\x00" + length(len(name)) + name + length(len(value)) + value for name, value in fields)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, b""))
+        sock.sendall(frame(1, 0x4, 1, block) + frame(0, 0x1, 1, bytes(5)))  # an empty request message
+        answer, deadline = b"", time.monotonic() + 5
+        with contextlib.suppress(TimeoutError, ConnectionResetError):
+            while time.monotonic() < deadline and b"grpc-status" not in answer:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                answer += data
+    return answer
+
+
+def test_metadata_that_is_not_utf8_never_puts_a_token_in_the_log(token_server, token: str, caplog):
+    """gRPC logs a metadata value it cannot decode as UTF-8 with the raw bytes and a traceback, before
+    any interceptor runs: an authorization header of a valid token and one stray byte wrote the token
+    into the server's log, and junk headers wrote ~60 KB of log per call. The line now says what
+    happened, without the bytes, at most once in a while."""
+    caplog.set_level(logging.WARNING)
+    answer = raw_health_call(token_server.port, [(b"authorization", b"Bearer " + token.encode() + b"\xff")])
+    for _ in range(20):
+        raw_health_call(token_server.port, [(b"x-junk", b"\xff" * 4000)])
+    assert b"grpc-status" in answer, "the server never answered the call"
+    assert token not in caplog.text
+    lines = [r for r in caplog.records if r.name == "grpc._cython.cygrpc"]
+    assert 1 <= len(lines) <= 2 and all(r.exc_info is None for r in lines)
+    assert "not UTF-8" in lines[0].getMessage() and len(caplog.text) < 20_000
 
 
 def test_the_right_token_is_served_and_counted(token_server: LosswireServer, token: str):
