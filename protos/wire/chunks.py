@@ -438,8 +438,10 @@ class StreamAssembler:
     ``data_dtype`` when narrowed, and each chunk's bytes are copied into it once. Check limits on the
     declared shapes before the chunks come. A chunk naming no streamed tensor, out of order (its offset is
     not the bytes received so far: a gap or an overlap) or past the tensor's end, and a stream that ends
-    before a tensor is complete, are CodecErrors naming the field. ``tensors`` maps each path to its
-    tensor (declared shape, data dtype) for ``decode_tensor(..., streamed=...)``. ``allocate(nbytes)``
+    before a tensor is complete, are CodecErrors naming the field. A chunk without bytes is held to the
+    same rule and carries nothing: accepted where its offset is due, a complete tensor's size included.
+    ``tensors`` maps each path to its tensor (declared shape, data dtype) for
+    ``decode_tensor(..., streamed=...)``. ``allocate(nbytes)``
     gives each buffer, a uint8 tensor (default: fresh memory; ``BufferPool.take``: reused memory).
     ``stripes``: the chunks come on several streams (``Stripes.of(header)``), each tensor's in order on
     each stream, within the stripes that stream carries.
@@ -517,7 +519,12 @@ class StreamAssembler:
         where = f"chunk {self.chunks}" + (f" on {self.stripes.stream_name(stream)}" if self.stripes.streams > 1 else "")
         pending = self._pending.get(chunk.tensor)
         if pending is None:
-            done = " (it is complete already)" if chunk.tensor in self.tensors else ""
+            complete = self.tensors.get(chunk.tensor)
+            if complete is not None and chunk.offset == complete.nbytes and not len(chunk.data):
+                return  # in order (its offset is the bytes received) and carries nothing, as anywhere else
+            done = ""
+            if complete is not None:
+                done = f" (it is complete already: all its {complete.nbytes} bytes have arrived)"
             expected = ", ".join(sorted(self._pending)) or "none: every streamed tensor is complete"
             raise CodecError(
                 f"{where}.tensor {chunk.tensor!r} names no tensor being streamed{done}; expected one of: {expected}",

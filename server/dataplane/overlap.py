@@ -103,10 +103,15 @@ class Overlap:
 
     @classmethod
     def of(cls, dataplane: Plane, header: pb.EvaluateRequest, assembler: chunks.StreamAssembler) -> Overlap | None:
-        """The overlap of a call that asks for it and may have it: one term, pred streamed, on the CPU
-        (blocks of rows are a CPU kernel's), no narrowed transfer, no shared memory."""
+        """The overlap of a call that asks for it and may have it: one term, pred streamed with rows to
+        count (at least 1-D, no dimension 0), on the CPU (blocks of rows are a CPU kernel's), no narrowed
+        transfer, no shared memory. Any other call goes the whole-call path, which refuses what is wrong
+        with it."""
         if not (dataplane.overlap and header.early_gradients) or len(header.terms) != 1:
             return None
+        shape = header.terms[0].pred.shape
+        if len(shape) == 0 or any(size <= 0 for size in shape):
+            return None  # a 0-d pred has no rows, an empty one nothing to stream
         if dataplane.device.type != "cpu":
             return None
         if header.transfer_dtype or header.HasField("output_shm") or PRED_PATH not in assembler.streamed:

@@ -161,10 +161,12 @@ class LossService(pb_grpc.LossServiceServicer):
                     reader.result()  # the caller's stream ended, or its error
                     return
                 woken = asyncio.ensure_future(arrived.wait())
-                # a step that ended meanwhile (while early chunks went out) is in: the wait returns at once
-                waiting = [woken, *([] if reader.done() else [reader]), *([] if step is None else [step])]
-                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                woken.cancel()
+                try:
+                    # a step that ended meanwhile (while early chunks went out) is in: the wait returns at once
+                    waiting = [woken, *([] if reader.done() else [reader]), *([] if step is None else [step])]
+                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    woken.cancel()  # however the wait ends (the call cancelled too): no task left pending
                 if reader.done() and reader.exception() is not None:
                     reader.result()
                 if step is not None and step.done():

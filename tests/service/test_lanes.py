@@ -297,6 +297,24 @@ def test_a_lane_that_names_no_call_is_not_found(quick_joins):
     assert nothing_held(quick_joins)
 
 
+def test_a_lane_that_comes_after_its_call_has_ended_is_not_found(quick_joins):
+    """The server keeps nothing of a call that is over: a lane that opens once its call has been answered
+    is one that names no call, NOT_FOUND after the join timeout (not CANCELLED)."""
+    pred, labels = _inputs(16)
+    streams = _streams(_header(pred, labels, 1, os.urandom(16)))
+    calls = Calls(_target(quick_joins))
+    started = [calls.start(iter(messages)) for messages in streams]
+    answered, lane = calls.outcome(started[0]), calls.outcome(started[1])
+    assert not isinstance(answered, grpc.RpcError) and lane == [], (answered, lane)
+    assert nothing_held(quick_joins)
+    begun = time.monotonic()
+    late = calls.outcome(calls.start(iter(streams[1])))  # the same lane once more: its call is over
+    assert isinstance(late, grpc.RpcError) and late.code() == grpc.StatusCode.NOT_FOUND, late
+    assert field_of(late) == "lane.call" and "--lane-join-timeout" in late.details()
+    assert time.monotonic() - begun >= 0.5
+    assert nothing_held(quick_joins)
+
+
 def test_a_call_whose_lanes_never_come_fails_and_holds_nothing(quick_joins):
     pred, labels = _inputs(8)
     streams = _streams(_header(pred, labels, 2, os.urandom(16)))

@@ -10,6 +10,8 @@ small tensors.
 
 from __future__ import annotations
 
+import gc
+import logging
 import queue
 import threading
 from collections.abc import Iterator
@@ -275,6 +277,87 @@ def test_a_caller_that_leaves_mid_stream_leaves_nothing_held(target, server):
     _stream(target, iter([_header(pred, labels), *_rows(pred, labels, 0, N)]), received_again).join(60)
     response, _, _ = _assembled(_drain(received_again))
     assert list(response.early) == [GRADIENT]
+
+
+def test_callers_that_leave_mid_stream_leave_no_task_pending(target, server):
+    """The overlap's wait for the next chunk ends with its call: a cancelled call leaves no task pending
+    (asyncio would log 'Task was destroyed but it is pending!' when it is collected)."""
+    pred, labels = _inputs(14)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append
+    logger = logging.getLogger("asyncio")
+    logger.addHandler(handler)
+    try:
+        for _ in range(3):
+            leave = threading.Event()
+
+            def messages(leave: threading.Event = leave) -> Iterator:
+                yield _header(pred, labels)
+                yield from _rows(pred, labels, 0, N // 2)
+                leave.wait(30)  # never sends the rest: the call is cancelled while the server waits for it
+
+            with plain_channel(target) as channel:
+                call = evaluate_stream(channel)(messages(), timeout=60)
+                assert next(call).chunk.tensor == GRADIENT  # the overlap is running, waiting for rows
+                call.cancel()
+                leave.set()
+            assert nothing_held(server)
+        # a call's coroutines are over once its call is: what they left behind is collected now
+        for _ in range(3):
+            gc.collect()
+    finally:
+        logger.removeHandler(handler)
+    pending = [record.getMessage() for record in records if "destroyed but it is pending" in record.getMessage()]
+    assert not pending, pending
+
+
+SHAPES = {  # pred's declared shape, the labels' shape
+    "0-d": ([], [1]),
+    "0-d_target_0-d": ([], []),
+    "rank_1": ([64], [64]),
+    "no_rows": ([0, C], [0]),
+    "no_columns": ([64, 0], [64]),
+    "rank_3": ([64, 4, 3], [64]),
+}
+
+
+@pytest.mark.parametrize("loss", ["FocalLoss", "QualityFocalLoss"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_pred_without_rows_to_overlap_gets_the_status_it_gets_without_early_gradients(target, server, loss, shape):
+    """A streamed pred that has no rows to compute block by block (0-d, empty, or not [N, C]) asked for
+    early gradients: the same answer or refusal as the call that does not ask, never an internal error."""
+    pred_shape, label_shape = SHAPES[shape]
+    numel = 1
+    for size in pred_shape:
+        numel *= size
+    outcomes = []
+    for early in (False, True):
+        request = pb.EvaluateRequest(early_gradients=early)
+        term = request.terms.add(config=codec.encode_config(dict(type=loss)))
+        term.pred.dtype, term.pred.shape[:] = pb.FLOAT32, pred_shape
+        labels = torch.ones(label_shape, dtype=torch.int64)
+        if loss == "FocalLoss":  # as tensors, even 0-d ones: class indices
+            codec.encode_tensor(labels, term.target.tensor)
+        else:
+            codec.encode_tensor(labels, term.target.tensors.items.add())
+            codec.encode_tensor(torch.full(label_shape, 0.5), term.target.tensors.items.add())
+        messages = [pb.EvaluateChunk(request=request)]
+        if numel:  # else nothing is streamed: pred's data is empty as declared
+            messages.append(chunks.chunk_wire_bytes("terms[0].pred", 0, bytes(4 * numel)))
+        received: queue.Queue = queue.Queue()
+        _stream(target, iter(messages), received).join(60)
+        try:
+            answer = _drain(received)
+        except RemoteLossError as error:
+            outcomes.append((error.code, error.field, error.details))
+        else:
+            response = next(m.response for m in answer if m.WhichOneof("kind") == "response")
+            assert not response.early
+            outcomes.append((grpc.StatusCode.OK, list(response.results[0].loss.shape), response.results[0].loss.data))
+    assert outcomes[0][0] not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), outcomes[0]
+    assert outcomes[1] == outcomes[0]
+    assert nothing_held(server)
 
 
 def test_a_caller_that_does_not_ask_gets_the_response_first(target):

@@ -235,6 +235,31 @@ def test_a_hand_made_stream_is_answered(target):
     assert "results[0].gradients[pred]" in streamed  # 320 KiB: streamed back
 
 
+def test_empty_chunks_in_order_are_accepted_wherever_they_fall(target):
+    """A chunk without bytes is held to the rule of every chunk, its offset the bytes received so far, and
+    carries nothing: accepted before the first bytes, between two chunks, and at the end of a tensor that
+    is complete already. The answer is the one without them."""
+    request, data = _header()
+    half, pred = len(data) // 2, "terms[0].pred"
+    first = pb.EvaluateChunk(request=request)
+    plain = _send(target, [first, _chunk(pred, 0, data[:half]), _chunk(pred, half, data[half:])])
+    with_empty = _send(
+        target,
+        [
+            first,
+            _chunk(pred, 0, b""),
+            _chunk(pred, 0, data[:half]),
+            _chunk(pred, half, b""),
+            chunks.chunk_wire_bytes(pred, half, b""),  # the hand-built wire form too
+            _chunk(pred, half, data[half:]),
+            _chunk(pred, len(data), b""),  # pred is complete: in order still
+            chunks.chunk_wire_bytes(pred, len(data), b""),
+        ],
+    )
+    assert [m.SerializeToString() for m in with_empty[1:]] == [m.SerializeToString() for m in plain[1:]]
+    assert with_empty[0].response.results[0].loss == plain[0].response.results[0].loss
+
+
 def _malformed_cases() -> dict[str, tuple[list, str]]:
     request, data = _header()
     first = pb.EvaluateChunk(request=request)
@@ -251,6 +276,15 @@ def _malformed_cases() -> dict[str, tuple[list, str]]:
             [first, _chunk("terms[0].pred", 0, data), _chunk("terms[0].pred", 0, data[:4])],
             "chunk.tensor",
         ),
+        "empty_out_of_order": (
+            [first, _chunk("terms[0].pred", 0, data[:1000]), _chunk("terms[0].pred", 500, b"")],
+            "terms[0].pred.data",
+        ),
+        "empty_at_the_start_of_a_complete_tensor": (
+            [first, _chunk("terms[0].pred", 0, data), _chunk("terms[0].pred", 0, b"")],
+            "chunk.tensor",
+        ),
+        "empty_past_the_end": ([first, _chunk("terms[0].pred", len(data) + 4, b"")], "terms[0].pred.data"),
         "unknown_tensor": ([first, _chunk("terms[0].weight", 0, data[:4])], "chunk.tensor"),
         "inline_tensor_chunked": ([first, _chunk("terms[0].target", 0, b"\0" * 8)], "chunk.tensor"),
         "chunk_first": ([_chunk("terms[0].pred", 0, data)], "request"),

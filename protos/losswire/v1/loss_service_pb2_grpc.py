@@ -119,7 +119,9 @@ class LossServiceServicer:
         request ("terms[0].pred", "terms[0].target", "terms[0].target.tensors.items[1]",
         "terms[0].inputs[label_weight]") and carries the bytes at `offset` of its data. A tensor's
         chunks come in order, without gaps or overlaps (each offset is the sum of the tensor's earlier
-        chunk sizes); tensors may be sent one after the other or interleaved. The caller then half-closes.
+        chunk sizes); tensors may be sent one after the other or interleaved. A chunk without bytes keeps
+        the same rule and carries nothing: its offset too is the bytes sent so far, a complete tensor's
+        size included. The caller then half-closes.
 
         The server answers the same way: one EvaluateChunk with `response` (big tensors' data empty),
         then `chunk`s naming tensors by their path in the response ("results[0].loss",
@@ -150,7 +152,10 @@ class LossServiceServicer:
         not all join within it fails with DEADLINE_EXCEEDED (field "lanes"). Behind a proxy that balances
         each call, the streams of one call must reach one server: send them all with the same
         x-losswire-session header (the Python client does), which a proxy can hash. An error in a lane's
-        chunks fails the lane and the call, both with its status; a lane whose call has ended is CANCELLED.
+        chunks fails the lane and the call, both with its status. A lane's chunks that come after its call
+        has ended (failed or cancelled) are refused with CANCELLED. The server keeps nothing of a call that
+        is over: a lane that opens after its call has ended is one that names no call, NOT_FOUND once the
+        join timeout has passed.
 
         Errors: those of Evaluate, plus INVALID_ARGUMENT (field named) for a malformed stream: no request
         first, a chunk for a tensor that is not streamed, a chunk out of order or beyond the tensor's
