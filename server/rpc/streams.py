@@ -121,7 +121,7 @@ class StreamGuardInterceptor(grpc.aio.ServerInterceptor):
         caller = self._admit(method, context)
         if caller is None:
             return
-        unread = UnreadAnswer(method, self.idle_seconds, self._pace(paced))
+        unread = UnreadAnswer(method, self.idle_seconds, self._pace(paced), context)
         try:
             async for message in behaviour(self._watched(requests, paced), context):
                 with unread.bounded(message):
@@ -225,12 +225,19 @@ def message_bytes(message: Any) -> int:
 class UnreadAnswer:
     """Ends a streaming call whose caller leaves an answer message unread for ``seconds``, or, with a
     ``pace``, reads its answer more slowly than that pace: the handler's task is cancelled, as gRPC
-    cancels it when a caller goes away, so its cleanup runs and its call's memory and slot are released.
+    cancels it when a caller goes away, so its cleanup runs and its call's memory and slot are released,
+    and DEADLINE_EXCEEDED saying why is sent behind the message being written (given ``context``).
     A yield cannot be given a time limit of its own: gRPC's write of the yielded message waits on the
     caller's flow control for as long as the caller does not read."""
 
-    def __init__(self, method: str, seconds: float | None, pace: Pace | None = None) -> None:
-        self.method, self.seconds, self.pace = method, seconds, pace
+    def __init__(
+        self,
+        method: str,
+        seconds: float | None,
+        pace: Pace | None = None,
+        context: grpc.aio.ServicerContext | None = None,
+    ) -> None:
+        self.method, self.seconds, self.pace, self.context = method, seconds, pace, context
         self.task = asyncio.current_task()
 
     @contextlib.contextmanager
@@ -252,15 +259,27 @@ class UnreadAnswer:
 
     def _expired(self, behind: bool) -> None:
         if behind:
-            log.info("%s: the caller read %s; the call ends", self.method, self.pace.said("of its answer in"))
+            why = f"the caller read {self.pace.said('of its answer in')}"
         else:
-            log.info(
-                "%s: the caller read nothing of its answer for %g s (losswire serve --stream-idle-timeout); the "
-                "call ends",
-                self.method,
-                self.seconds,
-            )
+            why = f"the caller read nothing of its answer for {self.seconds:g} s (losswire serve --stream-idle-timeout)"
+        log.info("%s: %s; the call ends", self.method, why)
+        if self.context is not None:
+            # The status goes after the message gRPC is still writing (the caller's flow control holds
+            # both), so a caller that reads at last is told why its answer stops short; cancelling the
+            # handler alone sent no status at all, and such a caller waited for ever.
+            ending = asyncio.ensure_future(_end(self.context, why))
+            _ENDING.add(ending)  # held until it is done: the event loop keeps only a weak reference
+            ending.add_done_callback(_ENDING.discard)
         self.task.cancel()
+
+
+_ENDING: set[asyncio.Task] = set()  # calls ended by UnreadAnswer whose status waits for their caller
+
+
+async def _end(context: grpc.aio.ServicerContext, why: str) -> None:
+    """End ``context``'s call with DEADLINE_EXCEEDED saying ``why``, whenever the caller lets it through."""
+    with contextlib.suppress(Exception):  # abort raises once sent; a call already ended raises too
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{why}; the call ended")
 
 
 async def within(awaitable: Awaitable[Any], seconds: float | None) -> Any:

@@ -249,6 +249,28 @@ def test_the_idle_guard_times_out_and_leaves_no_read_behind():
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("rate", [None, 64 << 20], ids=["idle", "too-slow"])
+def test_a_caller_that_reads_its_answer_too_late_is_told_why_it_stops_short(rate):
+    """The server ends a call whose answer its caller leaves unread (or reads too slowly): the status goes
+    after the message gRPC was writing, so a caller that reads at last gets that message and then
+    DEADLINE_EXCEEDED naming the bound. (Before, the handler was only cancelled, which sends no status:
+    such a caller waited until its own deadline, or for ever without one.)"""
+    messages = l1_stream(4 << 20)  # answered: a 16 MiB loss and a 16 MiB gradient, beyond the windows
+    options = [("grpc.enable_retries", 0), ("grpc.max_receive_message_length", 64 << 20)]
+    with running_server(stream_idle_seconds=1.0, stream_min_rate=rate) as server:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}", options=options) as channel:
+            late = evaluate_stream(channel)(iter(messages), timeout=30)
+            assert eventually(lambda: server.dataplane.slots.in_use == 1, 10), "the call never started"
+            assert nothing_held(server, 15), "the server never ended the unread call"
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as ended:
+                for _ in late:
+                    pass
+        assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, ended.value.details()
+        assert "--stream-idle-timeout" in ended.value.details() or "--stream-min-rate" in ended.value.details()
+        assert time.monotonic() - started < 10, "the caller was told only by its own deadline"
+
+
 def test_a_caller_that_never_reads_its_streamed_answer_leaves_its_memory_and_slot():
     """A big streamed call whose caller half-closes and never reads (no deadline): the answer (32 MiB) fills
     the connection's window and the server's write waits. After ``--stream-idle-timeout`` (2 s) the call
