@@ -61,18 +61,25 @@ def _inputs_fault(error: Exception) -> bool:
     return as_memory_error(error) is error
 
 
-@contextlib.contextmanager
-def _answered_as_input_errors(description: LossDescription) -> Iterator[None]:
+class _answered_as_input_errors:  # noqa: N801 (used as a context manager, like a function)
     """Around a loss's own code, autograd's forward or a fused kernel alike: an error that is the inputs'
     fault (``_inputs_fault``) becomes a LossFailedError naming the loss, with the error's first line;
-    the others pass as they are."""
-    try:
-        yield
-    except FORWARD_ERRORS as error:
-        if not _inputs_fault(error):
-            raise
+    the others pass as they are. A small class, not a generator context manager: it is on every call's
+    path."""
+
+    __slots__ = ("description",)
+
+    def __init__(self, description: LossDescription) -> None:
+        self.description = description
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _traceback: Any) -> bool:
+        if error is None or not isinstance(error, FORWARD_ERRORS) or not _inputs_fault(error):
+            return False
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise LossFailedError(f"{description.name} failed on these inputs: {message}") from error
+        raise LossFailedError(f"{self.description.name} failed on these inputs: {message}") from error
 
 
 def _parts(output: Any, loss_name: str) -> tuple[str, list[tuple[str, Tensor]]]:
