@@ -131,6 +131,18 @@ def _copied(view: torch.Tensor, path: str, allocate: Allocate) -> torch.Tensor:
     return allocate(view.nbytes, path).view(view.dtype).reshape(view.shape).copy_(view)
 
 
+def _size_mismatch(fd: int, byte_size: int) -> str | None:
+    """Why the descriptor handed over cannot be the ``byte_size`` bytes its handoff declares (None: its
+    size agrees, or it cannot be told here and adopting it tells)."""
+    try:
+        size = os.fstat(fd).st_size
+    except OSError:
+        return None
+    if size == byte_size or byte_size <= 0:
+        return None
+    return f"the segment handed over has {size} bytes, its handoff declared {byte_size}"
+
+
 def _adopted(peer: Peer, fd: int, byte_size: int) -> Segment | tuple[int, str]:
     """``fd`` adopted (the slow part: every page is checked allocated), or the refusal. Closes ``fd``."""
     try:
@@ -201,8 +213,11 @@ class SharedMemoryRegistry:
             refusal = self._no_room(peer, byte_size)
             if refusal is None:
                 self._reserve(peer, byte_size, 1)
-        if refusal is not None:
+        if refusal is not None:  # no room for what it declares; but if it holds less, the caller is wrong
+            mismatch = _size_mismatch(fd, byte_size)
             os.close(fd)
+            if mismatch is not None:
+                return wire_memory.INVALID_ARGUMENT, mismatch
             return wire_memory.RESOURCE_EXHAUSTED, refusal
         adopted: Segment | tuple[int, str] | None = None
         claim = secrets.token_hex(16)

@@ -451,6 +451,20 @@ def test_a_handoff_declaring_no_bytes_is_refused_saying_so(server, handoff):
     assert status == INVALID_ARGUMENT and "the handoff declared 0 bytes: a segment must hold at least one" in message
 
 
+@pytest.mark.parametrize("declared", [2**63 - 1, 2**40], ids=["int64-max", "a-terabyte"])
+def test_a_handoff_declaring_more_than_its_segment_holds_is_refused_as_the_caller_s_mistake(server, handoff, declared):
+    """A declared size beyond the server's room is not the server being full (RESOURCE_EXHAUSTED, which a
+    client waits out) when the descriptor holds less: INVALID_ARGUMENT naming both sizes."""
+    fd = memfd()
+    try:
+        socket.send_fds(handoff.link.sock, [shm.handoff_frame(declared)], [fd])
+        status, message = shm.read_answer(handoff.link.sock)
+    finally:
+        os.close(fd)
+    assert status == INVALID_ARGUMENT, message
+    assert f"has {1 << 20} bytes, its handoff declared {declared}" in message
+
+
 def test_a_region_answers_only_the_connection_that_registered_it(target, server, segment, caplog):
     """A handle read from a log, or guessed, used from another gRPC connection is NOT_FOUND, word for word
     as a handle that does not exist; it reads nothing and writes nothing there. Handles and claims never
