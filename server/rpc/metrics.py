@@ -21,6 +21,12 @@ servicers stay free of bookkeeping:
 - ``losswire_device_memory_bytes{device, kind}``: CUDA allocated / reserved / peak, or on the CPU
   the process's resident memory (host memory is where the CPU's losses live);
 - the standard ``process_*`` and ``python_*`` collectors, and ``losswire_build_info``.
+
+The endpoint is prometheus_client's WSGI app on a server of our own (``MetricsHTTPServer``): its own
+server gives every connection a thread and waits on it for ever, so idle connections to the metrics port
+took a thread and a descriptor each until the process ran out of descriptors and the gRPC ports stopped
+accepting connections. At most ``METRICS_CONNECTIONS`` are served at once (beyond, a connection is
+closed at once) and one that sends nothing for ``METRICS_IDLE_SECONDS`` is closed.
 """
 
 from __future__ import annotations
@@ -29,9 +35,13 @@ import asyncio
 import functools
 import logging
 import os
+import socket
+import socketserver
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
 import torch
@@ -44,7 +54,7 @@ from prometheus_client import (
     Info,
     PlatformCollector,
     ProcessCollector,
-    start_http_server,
+    make_wsgi_app,
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -117,6 +127,45 @@ def _resident_bytes() -> int:
         return 0
 
 
+METRICS_CONNECTIONS = 64  # scrapes served at once (Prometheus keeps one connection per target)
+METRICS_IDLE_SECONDS = 10.0  # a connection silent this long is closed
+
+
+class _QuietHandler(WSGIRequestHandler):
+    timeout = METRICS_IDLE_SECONDS  # the connection's socket timeout: a silent scraper is let go
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """No line per scrape."""
+
+
+class MetricsHTTPServer(socketserver.ThreadingMixIn, WSGIServer):
+    """A thread per connection, at most ``METRICS_CONNECTIONS`` of them: beyond, closed at once."""
+
+    daemon_threads = True
+    request_queue_size = 128  # connections the kernel holds until accepted (and, beyond the bound, closed)
+
+    def __init__(self, address: tuple[str, int], handler: type[WSGIRequestHandler]) -> None:
+        self.address_family = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM)[0][0]
+        self._slots = threading.BoundedSemaphore(METRICS_CONNECTIONS)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class ServerMetrics:
     """The server's metrics and the HTTP endpoint that exposes them."""
 
@@ -166,7 +215,8 @@ class ServerMetrics:
 
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP endpoint (``/metrics``); returns the bound port (``0`` picks a free one)."""
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        self._http = make_server(host, port, make_wsgi_app(self.registry), MetricsHTTPServer, _QuietHandler)
+        threading.Thread(target=self._http.serve_forever, name="losswire-metrics", daemon=True).start()
         return self._http.server_port
 
     def stop(self) -> None:

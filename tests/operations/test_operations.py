@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import shutil
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -26,6 +28,7 @@ from support.servers import CALL_TIMEOUT, ServerProcess, losswire_script, module
 from losswire.client import LossClient, RemoteLoss
 from losswire.client.errors import RemoteLossError
 from losswire.server.cli import KNOBS, KnobError, build_parser, resolve_settings
+from losswire.server.rpc.metrics import METRICS_CONNECTIONS, METRICS_IDLE_SECONDS
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.wire import codec
 
@@ -159,6 +162,60 @@ def _version() -> str:
     from losswire.server import __version__
 
     return __version__
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_idle_connections_to_the_metrics_port_are_bounded(metered_server: ServerProcess):
+    """Each connection to the metrics endpoint took a thread and a descriptor for as long as its caller
+    kept it, so idle connections could use up the process's descriptors and the gRPC ports stopped
+    accepting connections. Beyond METRICS_CONNECTIONS a connection is closed at once; the threads stay
+    bounded, the gRPC port answers meanwhile, and scrapes work once the idle ones are gone."""
+    tasks = f"/proc/{metered_server.proc.pid}/task"
+    threads_before = len(os.listdir(tasks))
+    extra = 40
+    held = [
+        socket.create_connection(("127.0.0.1", metered_server.metrics_port), timeout=10)
+        for _ in range(METRICS_CONNECTIONS + extra)
+    ]
+    try:
+        time.sleep(1.0)  # the server has accepted them all by now, and closed those beyond its bound
+        closed = sum(_closed_by_server(sock) for sock in held)
+        assert extra <= closed < extra + METRICS_CONNECTIONS // 2, closed
+        assert len(os.listdir(tasks)) - threads_before <= METRICS_CONNECTIONS + 2
+        client = LossClient(metered_server.target, timeout=CALL_TIMEOUT)
+        assert RemoteLoss(dict(type="L1Loss"), client=client)(torch.ones(4), torch.zeros(4)).item() == 1.0
+        client.close()
+    finally:
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + 20
+    while True:  # the server sees them go, and frees their threads
+        try:
+            assert any(name == "losswire_build_info" for name, _ in scrape(metered_server.metrics_port))
+            break
+        except subprocess.CalledProcessError:
+            assert time.monotonic() < deadline, "no scrape succeeded once the idle connections had gone"
+            time.sleep(0.2)
+
+
+def test_a_silent_metrics_connection_is_closed(metered_server: ServerProcess):
+    sock = socket.create_connection(("127.0.0.1", metered_server.metrics_port), timeout=10)
+    try:
+        sock.settimeout(METRICS_IDLE_SECONDS + 10)
+        started = time.monotonic()
+        assert sock.recv(1) == b""
+        assert METRICS_IDLE_SECONDS - 1 <= time.monotonic() - started <= METRICS_IDLE_SECONDS + 5
+    finally:
+        sock.close()
 
 
 def test_in_flight_gauge_sees_a_running_call(metered_server: ServerProcess):
