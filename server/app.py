@@ -475,7 +475,8 @@ class LosswireServer:
         for probes that cannot do TLS or present client certificates (Kubernetes gRPC probes)."""
         options = [("grpc.max_receive_message_length", HEALTH_REQUEST_BYTES), *self._connection_options()]
         checks = self.config.max_health_watches + HEALTH_CHECKS_AT_ONCE  # the Watch streams' bound is shared
-        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=checks)
+        malformed = [MalformedRequestInterceptor(self._count_malformed)]  # INVALID_ARGUMENT, not UNKNOWN
+        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=checks, interceptors=malformed)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         address = self._address(self.config.health_port or 0)
         self.health_port = _bind(server, address, None, self.config.reuse_port)

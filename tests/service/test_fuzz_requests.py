@@ -75,6 +75,7 @@ def fuzzed():
             max_message_bytes=4 << 20,
             overlap_transfer=True,  # fuzzed streams that ask for early gradients take the overlapped path
             lane_join_seconds=0.3,  # a fuzzed call's missing lane, or a stranger lane, is given up soon
+            health_port=0,  # the plaintext health port, whose calls no intake reads
             **LIMITS,
         )
     )
@@ -217,6 +218,41 @@ def test_every_unary_method_refuses_unparsable_bytes(fuzzed, channel):
             channel.unary_unary(path)(b"\x0a\xff\xff\xff\xff\x0f", timeout=10)
         assert info.value.code() == INVALID, (path, info.value.details())
         assert f"not a valid {request_type}" in info.value.details()
+
+
+UNPARSABLE = b"\x0a\xff\xff\xff\xff\x0f"  # a length past the end
+
+
+def test_streaming_methods_refuse_unparsable_bytes(fuzzed, channel):
+    """A request stream's message that does not parse (server reflection's) and a Watch request are
+    INVALID_ARGUMENT naming the message type, as a unary request is (they were gRPC's UNKNOWN, with a
+    traceback in the log per call)."""
+    calls = [
+        channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"),
+        channel.unary_stream("/grpc.health.v1.Health/Watch"),
+    ]
+    expected = ["grpc.reflection.v1alpha.ServerReflectionRequest", "grpc.health.v1.HealthCheckRequest"]
+    for method, request_type in zip(calls, expected, strict=True):
+        request = iter([UNPARSABLE]) if request_type.startswith("grpc.reflection") else UNPARSABLE
+        with pytest.raises(grpc.RpcError) as info:
+            list(method(request, timeout=10))
+        assert info.value.code() == INVALID, (request_type, info.value.details())
+        assert f"not a valid {request_type}" in info.value.details()
+
+
+def test_the_health_port_refuses_unparsable_bytes(fuzzed):
+    """The plaintext health port has no intake: its own interceptor answers INVALID_ARGUMENT (it answered
+    UNKNOWN, and logged a traceback per call, to callers who need no token there)."""
+    with grpc.insecure_channel(f"127.0.0.1:{fuzzed.health_port}") as health:
+        for call in (
+            health.unary_unary("/grpc.health.v1.Health/Check"),
+            health.unary_stream("/grpc.health.v1.Health/Watch"),
+        ):
+            with pytest.raises(grpc.RpcError) as info:
+                answer = call(UNPARSABLE, timeout=10)
+                list(answer) if not isinstance(answer, bytes) else None
+            assert info.value.code() == INVALID, info.value.details()
+            assert "not a valid grpc.health.v1.HealthCheckRequest" in info.value.details()
 
 
 # -- every reduction x avg_factor x reduction_override --------------------------------------------------
