@@ -59,6 +59,9 @@ MAX_STREAMS_PER_CONNECTION = 100
 # (Kubernetes waits 1 s by default) is not kept waiting behind them for the 9 s a big request may take
 HEALTH_READ_SECONDS = 2.0
 HEALTH_REQUEST_BYTES = 4096  # a HealthCheckRequest names one service: the health port takes no more
+# a reflection request names one symbol or file; its answer quotes it whole, and answers left unread stay
+# in memory no budget counts (a 10 MB name held ~200 MB per stream)
+REFLECTION_REQUEST_BYTES = 64 << 10
 HEALTH_CHECKS_AT_ONCE = 64  # Check calls in flight on the health port, besides the Watch streams
 OWN_FILES = 512  # descriptors kept from connections for the server's own use at least (handoffs, files, logs)
 
@@ -171,6 +174,8 @@ class LosswireServer:
             config.stream_min_rate,
             paced=frozenset({"EvaluateStream"}),  # the streams that hold big calls
             per_caller=self._open_streams_per_token(),
+            # reflection answers each request with a copy of it: its requests (symbol and file names) are small
+            largest={"ServerReflectionInfo": REFLECTION_REQUEST_BYTES},
         )
         self.metrics.watch_bounds(self._bounds)
         self.compute = Compute(config.max_workers)

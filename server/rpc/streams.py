@@ -26,14 +26,14 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
 from google.protobuf.message import Message
 
 from ..counts import count_down
-from ..errors import ServerBusyError, StreamIdleError
+from ..errors import LimitExceededError, ServerBusyError, StreamIdleError
 from .calls import fail
 
 log = logging.getLogger("losswire.server")
@@ -49,16 +49,19 @@ class StreamGuardInterceptor(grpc.aio.ServerInterceptor):
         min_rate: float | None = None,
         paced: frozenset[str] = frozenset(),
         per_caller: tuple[int, Callable[[grpc.aio.ServicerContext], str]] | None = None,
+        largest: Mapping[str, int] | None = None,
     ) -> None:
         """``paced``: the methods whose streams must keep ``min_rate`` bytes per second (None: no pace;
         nor without ``idle_seconds``, the allowance it starts from). ``per_caller``: how many streams one
         caller may have open, and who a call's caller is (a token: None without tokens, where callers are
-        not told apart)."""
+        not told apart). ``largest``: methods whose request messages are small by nature (reflection's
+        symbol names), and their largest message in bytes; a bigger one ends the call."""
         self.max_open = max_open
         self.idle_seconds = idle_seconds
         self.min_rate = min_rate if idle_seconds is not None else None
         self.paced = paced
         self.per_caller = per_caller
+        self.largest = dict(largest or {})
         self.open = 0  # only touched on the event loop
         self._by_caller: dict[str, int] = {}
 
@@ -123,10 +126,10 @@ class StreamGuardInterceptor(grpc.aio.ServerInterceptor):
             return
         unread = UnreadAnswer(method, self.idle_seconds, self._pace(paced), context)
         try:
-            async for message in behaviour(self._watched(requests, paced), context):
+            async for message in behaviour(self._watched(requests, paced, self.largest.get(method)), context):
                 with unread.bounded(message):
                     yield message  # returns once gRPC has written it: the caller took it
-        except StreamIdleError as error:
+        except (StreamIdleError, LimitExceededError) as error:
             fail(context, error, method)
         finally:
             self._leave(caller)
@@ -143,16 +146,19 @@ class StreamGuardInterceptor(grpc.aio.ServerInterceptor):
         if caller is None:
             return None
         try:
-            return await behaviour(self._watched(requests, paced), context)
-        except StreamIdleError as error:
+            return await behaviour(self._watched(requests, paced, self.largest.get(method)), context)
+        except (StreamIdleError, LimitExceededError) as error:
             fail(context, error, method)
             return None
         finally:
             self._leave(caller)
 
-    async def _watched(self, requests: AsyncIterator[Any], paced: bool) -> AsyncIterator[Any]:
+    async def _watched(
+        self, requests: AsyncIterator[Any], paced: bool, largest: int | None = None
+    ) -> AsyncIterator[Any]:
         """The caller's messages; a StreamIdleError once it sends nothing for ``idle_seconds``, or when
-        ``paced`` and it falls behind its :class:`Pace` (counted from its second message)."""
+        ``paced`` and it falls behind its :class:`Pace` (counted from its second message); a
+        LimitExceededError for a message over ``largest`` bytes."""
         source = aiter(requests)
         pace = self._pace(paced)
         loop = asyncio.get_running_loop()
@@ -174,6 +180,11 @@ class StreamGuardInterceptor(grpc.aio.ServerInterceptor):
                 ) from None
             if pace is not None and not first:
                 pace.moved(loop.time() - waiting_since, message_bytes(message))
+            if largest is not None and (size := message_bytes(message)) > largest:
+                raise LimitExceededError(
+                    f"a request message of this method is at most {largest} bytes, this one is {size}",
+                    field="request",
+                )
             first = False
             yield message
 

@@ -240,6 +240,25 @@ def test_streaming_methods_refuse_unparsable_bytes(fuzzed, channel):
         assert f"not a valid {request_type}" in info.value.details()
 
 
+def test_a_reflection_request_is_small(fuzzed, channel):
+    """Reflection answers each request with a copy of it, and answers left unread stay in memory that no
+    budget counts (a stream sending 10 MB names held ~200 MB): a request over 64 KiB ends the stream
+    with RESOURCE_EXHAUSTED; a real one (a symbol's name) is answered."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    from losswire.server.app import REFLECTION_REQUEST_BYTES
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    real = reflection_pb2.ServerReflectionRequest(file_containing_symbol="losswire.v1.LossService")
+    answers = list(stub.ServerReflectionInfo(iter([real]), timeout=10))
+    assert answers[0].HasField("file_descriptor_response")
+    huge = reflection_pb2.ServerReflectionRequest(file_containing_symbol="x" * (REFLECTION_REQUEST_BYTES + 1))
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.ServerReflectionInfo(iter([real, huge]), timeout=10))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+    assert f"at most {REFLECTION_REQUEST_BYTES} bytes" in info.value.details()
+
+
 def test_the_health_port_refuses_unparsable_bytes(fuzzed):
     """The plaintext health port has no intake: its own interceptor answers INVALID_ARGUMENT (it answered
     UNKNOWN, and logged a traceback per call, to callers who need no token there)."""
