@@ -7,7 +7,8 @@ its own stream and ``n`` lanes, each lane an EvaluateStream on a connection of i
 server; the answer comes back on the request's stream as without lanes, and equals it bit for bit.
 
 Each stream is a gRPC call of its own: the first lane that fails cancels the request's stream, and the
-call fails with the lane's error. A server that does not serve lanes (an older one), or one that the
+call fails with the lane's error; a lane the server cancelled because its call had ended leaves the
+call's own error to be told. A server that does not serve lanes (an older one), or one that the
 lanes do not reach (a proxy that sent them elsewhere), is noticed on the first call: logged, and the
 client sends one stream from then on.
 """
@@ -85,7 +86,9 @@ class LaneCalls:
         return self._main
 
     def _ended(self, call: Any) -> None:
-        if call.code() == grpc.StatusCode.OK:
+        # CANCELLED: the server ended the lane because its call had ended (refused as busy, say): the
+        # call's own status is the one to tell, and a busy one is waited out
+        if call.code() in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
             return
         with self._lock:
             if self._closing or self.failed is not None:
