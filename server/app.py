@@ -39,7 +39,7 @@ from .evaluation import OwnerLimits, SessionStore
 from .losses import LOSSES, Registry
 from .rpc.authentication import SessionOwners, TokenAuthInterceptor, token_digest
 from .rpc.calls import Compute
-from .rpc.grpc_logs import quiet_undecoded_metadata
+from .rpc.grpc_logs import quiet_caller_lines
 from .rpc.health import HEALTH_WATCH, BoundedHealthServicer
 from .rpc.inference import InferenceService, add_inference_service
 from .rpc.intake import CallSlots, IntakeInterceptor, Place, RequestRoom, unary_read_seconds
@@ -358,7 +358,7 @@ class LosswireServer:
     # -- lifecycle --------------------------------------------------------------------------------
 
     def start(self) -> int:
-        quiet_undecoded_metadata()  # no caller's bytes in gRPC's own log lines
+        quiet_caller_lines()  # no caller's bytes in gRPC's own log lines
         self._thread.start()
         self.shared_memory.start()  # its socket first: the endpoint answers from the first call on
         try:

@@ -46,6 +46,7 @@ from losswire.server.app import LosswireServer
 from losswire.server.cli import KnobError, build_parser, resolve_settings
 from losswire.server.config import ServerConfig
 from losswire.server.losses import build_loss
+from losswire.server.rpc.grpc_logs import GRPC_LOGGER, CallerLines
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.v1 import loss_service_pb2_grpc as pb_grpc
 from losswire.wire import codec
@@ -415,6 +416,32 @@ def test_metadata_that_is_not_utf8_never_puts_a_token_in_the_log(token_server, t
     lines = [r for r in caplog.records if r.name == "grpc._cython.cygrpc"]
     assert 1 <= len(lines) <= 2 and all(r.exc_info is None for r in lines)
     assert "not UTF-8" in lines[0].getMessage() and len(caplog.text) < 20_000
+
+
+def test_grpc_lines_about_callers_going_away_say_so_once_in_a_while():
+    """grpcio logs at ERROR, with a traceback, every answer it could not send because its caller had gone:
+    a caller cancelling its calls mid-answer wrote a traceback per call. The line is rewritten (no
+    traceback) and written at most once per interval, then with how many were left out."""
+    now = [0.0]
+    lines = CallerLines(interval=10.0, clock=lambda: now[0])
+
+    def record() -> logging.LogRecord:
+        try:
+            raise RuntimeError("Failed execute_batch")
+        except RuntimeError:
+            info = sys.exc_info()
+        message = "ExecuteBatchError raised in core by servicer method [%s]"
+        args = ("/losswire.v1.LossService/EvaluateStream",)
+        return logging.LogRecord(GRPC_LOGGER, logging.ERROR, "server.pyx", 1, message, args, info)
+
+    first = record()
+    assert lines.filter(first) in (True, False) and first.exc_info is None and first.levelno == logging.INFO
+    assert "caller went away" in first.getMessage()
+    assert not any(lines.filter(record()) for _ in range(5))  # within the interval: left out
+    now[0] = 11.0
+    later = record()
+    lines.filter(later)
+    assert "5 more such lines left out" in later.getMessage()
 
 
 def test_the_right_token_is_served_and_counted(token_server: LosswireServer, token: str):
