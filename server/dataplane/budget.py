@@ -27,9 +27,11 @@ class MemoryBudget:
         with self._lock:
             return self._held
 
-    def take(self, nbytes: int, what: str, field: str | None = None, term: bool = False) -> int:
+    def take(self, nbytes: int, what: str, field: str | None = None, term: bool = False, own: int = 0) -> int:
         """Reserve ``nbytes`` for ``what`` (named in a refusal, with ``field``); returns them, for
-        :meth:`give_back`. ``term``: a term's working memory, bounded by ``per_term`` too."""
+        :meth:`give_back`. ``term``: a term's working memory, bounded by ``per_term`` too. ``own``: what
+        the same call holds already (its buffers): a call whose reservations together exceed the whole
+        budget never fits, however long it waits, and is told so (LimitExceededError)."""
         limits = [(self.total, "--memory-budget"), *([(self.per_term, "--max-term-memory")] if term else [])]
         for limit, flag in limits:
             if limit is not None and nbytes > limit:
@@ -37,6 +39,12 @@ class MemoryBudget:
                     f"{what} needs about {nbytes} bytes; this server allows {limit} (losswire serve {flag})",
                     field=field,
                 )
+        if self.total is not None and own and own + nbytes > self.total:
+            raise LimitExceededError(
+                f"{what} needs about {nbytes} bytes besides the {own} this call holds already (its tensors' "
+                f"buffers): more than the server's {self.total} together (losswire serve --memory-budget)",
+                field=field,
+            )
         with self._lock:
             if self.total is not None and self._held + nbytes > self.total:
                 held = self._held
@@ -52,10 +60,12 @@ class MemoryBudget:
         with self._lock:
             self._held -= nbytes
 
-    def reserved(self, nbytes: int, what: str, field: str | None = None, term: bool = False) -> Reservation:
+    def reserved(
+        self, nbytes: int, what: str, field: str | None = None, term: bool = False, own: int = 0
+    ) -> Reservation:
         """``with budget.reserved(...)``: ``nbytes`` taken (see :meth:`take`) as the block is entered, given
         back when it ends."""
-        return Reservation(self, (nbytes, what, field, term))
+        return Reservation(self, (nbytes, what, field, term, own))
 
 
 class Reservation:
@@ -64,7 +74,7 @@ class Reservation:
 
     __slots__ = ("asked", "budget", "taken")
 
-    def __init__(self, budget: MemoryBudget, asked: tuple[int, str, str | None, bool]) -> None:
+    def __init__(self, budget: MemoryBudget, asked: tuple[int, str, str | None, bool, int]) -> None:
         self.budget, self.asked, self.taken = budget, asked, 0
 
     def __enter__(self) -> None:

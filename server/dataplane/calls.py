@@ -152,7 +152,9 @@ class Dataplane:
                     self.slots.take(token)
                     big = True
                 tensors = ({**arrived(), **shared} if arrived is not None else shared) or None
-                return self.run(request, cancelled, started, tensors, owner=owner, caller=caller, quick=quick)
+                return self.run(
+                    request, cancelled, started, tensors, owner=owner, caller=caller, quick=quick, held=buffers.taken
+                )
             finally:
                 if big:
                     self.slots.give_back(token)
@@ -192,9 +194,11 @@ class Dataplane:
         owner: str = "",
         caller: Caller | None = None,
         quick: bool = False,
+        held: int = 0,
     ) -> Answer:
         """decode -> evaluate -> encode, for every kind of call; ``sink`` holds back a streamed answer's
-        big tensors; ``quick``: ``NotQuick`` once the costs show the call is not.
+        big tensors; ``quick``: ``NotQuick`` once the costs show the call is not; ``held``: the memory
+        budget the call's buffers hold already.
 
         Nothing is written into the caller's shared memory once the call has ended (its caller cancelled or
         its deadline passed): the output range hands out room only while ``cancelled()`` is false, to fused
@@ -226,7 +230,7 @@ class Dataplane:
         entered = self._sessions(owner, terms, cancelled) if any(term.session for term in terms) else NO_SESSIONS
         with entered as sessions:
             for index, (term, (estimate, field)) in enumerate(zip(terms, costs, strict=True)):
-                reserved = self.budget.reserved(*self.term_memory(index, term, estimate, field), term=True)
+                reserved = self.budget.reserved(*self.term_memory(index, term, estimate, field), term=True, own=held)
                 with AtTerm(index, term.name), reserved:
                     outcomes.append(self.evaluator.evaluate(term, cancelled, sessions))
             if sessions is not None:  # a caller gone by now must not find its sessions moved on
@@ -417,7 +421,7 @@ class CallBuffers:
 
     def take(self, nbytes: int, what: str, field: str | None = None) -> torch.Tensor:
         """``nbytes`` of memory for ``what`` (the budget's refusal names it, and ``field``)."""
-        self.taken += self.dataplane.budget.take(nbytes, what, field=field)
+        self.taken += self.dataplane.budget.take(nbytes, what, field=field, own=self.taken)
         return self.dataplane.buffers.take(nbytes)
 
     def copy_of(self, nbytes: int, field: str) -> torch.Tensor:
@@ -460,7 +464,7 @@ class StreamIntake:
         self._buffers = buffers if buffers is not None else CallBuffers(dataplane)
         self._closed = False
         # computed while it arrives (EvaluateRequest.early_gradients), where the call allows it
-        self.overlap = None if shared else Overlap.of(dataplane, header, self._assembler)
+        self.overlap = None if shared else Overlap.of(dataplane, header, self._assembler, self._buffers)
 
     @property
     def chunks(self) -> int:
@@ -508,7 +512,10 @@ class StreamIntake:
                 if self.overlap.answers:
                     return self.overlap.finish(arrived, sink, cancelled)
                 self.overlap.close()  # its reservation: the whole-call path reserves its own
-            return self.dataplane.run(self.header, cancelled, self.started, arrived, sink, self.owner, self.caller)
+            held = self._buffers.taken
+            return self.dataplane.run(
+                self.header, cancelled, self.started, arrived, sink, self.owner, self.caller, held=held
+            )
         except TermError:
             raise
         except Exception as error:

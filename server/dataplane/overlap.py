@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -89,8 +89,12 @@ def _has_row_kernel(dataplane: Plane, term: pb.LossTerm) -> bool:
 class Overlap:
     """The overlapped evaluation of a one-term streamed call (see the module docstring)."""
 
-    def __init__(self, dataplane: Plane, header: pb.EvaluateRequest, assembler: chunks.StreamAssembler) -> None:
+    def __init__(
+        self, dataplane: Plane, header: pb.EvaluateRequest, assembler: chunks.StreamAssembler, buffers: Any = None
+    ) -> None:
+        """``buffers``: the call's (``CallBuffers``), whose budget its term's reservation adds to."""
         self.dataplane, self.header, self.assembler = dataplane, header, assembler
+        self.buffers = buffers
         self.rows = header.terms[0].pred.shape[0]
         self.views: dict[str, torch.Tensor] = {}  # every streamed tensor, whole-sized (see begin)
         self.term_rows: TermRows | None = None
@@ -102,7 +106,9 @@ class Overlap:
         self.started: float | None = None
 
     @classmethod
-    def of(cls, dataplane: Plane, header: pb.EvaluateRequest, assembler: chunks.StreamAssembler) -> Overlap | None:
+    def of(
+        cls, dataplane: Plane, header: pb.EvaluateRequest, assembler: chunks.StreamAssembler, buffers: Any = None
+    ) -> Overlap | None:
         """The overlap of a call that asks for it and may have it: one term, pred streamed with rows to
         count (at least 1-D, no dimension 0), on the CPU (blocks of rows are a CPU kernel's), no narrowed
         transfer, no shared memory. Any other call goes the whole-call path, which refuses what is wrong
@@ -120,7 +126,7 @@ class Overlap:
             return None  # a narrowed tensor is widened whole when decoded: it would be read before it came
         if not _has_row_kernel(dataplane, header.terms[0]):
             return None  # allocated, decoded and computed as any streamed call
-        return cls(dataplane, header, assembler)
+        return cls(dataplane, header, assembler, buffers)
 
     def begin(self) -> None:
         """Before the first chunk is copied in (on the event loop): every streamed tensor allocated."""
@@ -177,7 +183,8 @@ class Overlap:
             pooled = into_pooled_buffers(plane.buffers)
             term = dataclasses.replace(term, gradient_out=pooled, scratch=pooled)
             estimate, field = plane.costs.check(term, "terms[0].")
-            self.reserved = plane.budget.take(*plane.term_memory(0, term, estimate, field), term=True)
+            held = self.buffers.taken if self.buffers is not None else 0
+            self.reserved = plane.budget.take(*plane.term_memory(0, term, estimate, field), term=True, own=held)
             self.term_rows = plane.evaluator.start_rows(term)
         return self.term_rows is not None
 

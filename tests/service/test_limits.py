@@ -181,3 +181,31 @@ def test_a_call_within_every_limit_is_answered_through_every_door(limited):
     for door in DOORS:
         CALLS[door](limited, terms)  # raises on a refusal
     assert math.prod((40, 4)) * 2 < LIMITS["max_request_elements"]
+
+
+def test_a_call_that_can_never_fit_the_memory_budget_is_told_so_at_once():
+    """A streamed FocalLoss call on a 16 MiB pred under a 256 MiB budget: its term needs ~240 MiB, its own
+    buffers ~16 MiB, each under the budget, together over it. It can never fit, however long it waits:
+    RESOURCE_EXHAUSTED saying so, final (no retry). It was answered "retry later", and the client waited
+    out its whole deadline. (Through shared memory the same call fits: pred is read where it lies.)"""
+    import time
+
+    from losswire.client import LossClient, RemoteLoss, RemoteLossError
+
+    config = ServerConfig(host="127.0.0.1", port=0, device="cpu", max_workers=2, memory_budget=256 << 20)
+    server = LosswireServer(config)
+    server.start()
+    try:
+        target = f"127.0.0.1:{server.port}"
+        client = LossClient(target, timeout=20, stream_threshold=0, shared_memory="off")
+        pred, labels = torch.randn(52428, 80), torch.randint(0, 81, (52428,))
+        started = time.monotonic()
+        with pytest.raises(RemoteLossError) as refused:
+            RemoteLoss({"type": "FocalLoss"}, client=client)(pred, labels)
+        client.close()
+        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value
+        assert "this call holds already" in refused.value.details and "--memory-budget" in refused.value.details
+        assert not refused.value.busy and time.monotonic() - started < 10  # final: not waited out
+        assert server.dataplane.budget.held == 0
+    finally:
+        server.stop(grace=0)
