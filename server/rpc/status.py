@@ -155,6 +155,7 @@ def refusal(error: BaseException, where: Where | None, time_remaining: float | N
         label = (where or Where()).term(error.index, error.name)[0] if isinstance(error, TermError) else ""
         message = f"{label}: {cause}" if label else str(cause)
         log.debug("%s stopped (%s): %s", method, code.name, message)
+        let_go(error)
         return rpc_status.to_status(status_pb2.Status(code=getattr(code_pb2, code.name), message=message))
     status = to_status(error, where)
     if status.code == grpc.StatusCode.INTERNAL:

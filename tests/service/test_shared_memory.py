@@ -713,6 +713,39 @@ def test_a_call_past_its_deadline_retires_its_segment_and_nothing_is_written_lat
         client.close()
 
 
+def test_a_call_past_its_deadline_keeps_nothing_of_the_segment_once_unregistered(gated_server):
+    """A call whose caller's deadline passed while it computed stops at its next stage; that stop's error,
+    like a refusal's, held the call's views of the segment through its traceback until a cycle collection:
+    2 segments of 128 MiB stayed mapped after a run of short-deadline calls, every caller gone. The
+    collector is off here, so only letting go of them when the call stops passes."""
+    server, faults = gated_server
+    gate = f"shm-late-{os.getpid()}-{time.monotonic_ns()}"
+    before = memfd_mappings()
+    segment = shm.Segment.create(1 << 20)
+    ours = memfd_mappings() - before
+    collecting = gc.isenabled()
+    try:
+        with plain_channel(f"127.0.0.1:{server.port}") as channel, Handoff(pb_grpc.LossServiceStub(channel)) as handoff:
+            region = handoff.register(segment)
+            servers = memfd_mappings() - before - ours
+            cfg = {"type": "GatedL1Loss", "gate": gate, "reduction": "none"}
+            request = filled_request(segment, region, *focal_inputs(1024, seed=51), cfg)
+            request.terms[0].ClearField("target")
+            codec.encode_value(torch.zeros(1024, 80), request.terms[0].target)
+            gc.disable()
+            expect(lambda: handoff.stub.Evaluate(request, timeout=1.0), grpc.StatusCode.DEADLINE_EXCEEDED)
+            faults.wait_started(gate, 1)
+            faults.open_gate(gate)  # it computes on, for a caller that is gone, and stops
+            assert eventually(lambda: server.dataplane.slots.in_use == 0, 30)
+            handoff.stub.UnregisterSharedMemory(pb.UnregisterSharedMemoryRequest(region=region), timeout=30)
+        segment.close()
+        assert eventually(lambda: not memfd_mappings() & servers, 5), "the server still maps the segment"
+    finally:
+        faults.open_gate(gate)
+        if collecting:
+            gc.enable()
+
+
 def _rewritten_while_gated(server, faults, loss: str, pred: Tensor, goal: Tensor) -> tuple[int, Tensor]:
     """A ``loss`` (a gated L1) call on pred and target in a new segment: while the gate holds it in its
     forward, the caller adds 1 to pred and subtracts 2 from the target there. (Budget held then, loss.)"""
