@@ -15,7 +15,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -173,6 +173,19 @@ async def send_failure_alone(context: grpc.aio.ServicerContext) -> None:
     code = code_of(context, default=grpc.StatusCode.OK)
     if code != grpc.StatusCode.OK:
         await context.abort(code, context.details() or "", tuple(context.trailing_metadata() or ()))
+
+
+async def answers_or_failure_alone(
+    messages: AsyncIterator[Any], context: grpc.aio.ServicerContext
+) -> AsyncIterator[Any]:
+    """A streaming handler's ``messages``; when there were none, the failure it set (``fail``) sent alone
+    (``send_failure_alone``)."""
+    answered = False
+    async for message in messages:
+        answered = True
+        yield message
+    if not answered:
+        await send_failure_alone(context)
 
 
 def unary(method: str, where: Where | None = None) -> Callable[[Callable[..., Awaitable[Any]]], Any]:

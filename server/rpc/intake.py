@@ -52,7 +52,7 @@ import grpc
 
 from ..counts import count_down
 from ..errors import RequestError, ServerBusyError, StreamIdleError
-from .calls import fail, send_failure_alone
+from .calls import answers_or_failure_alone, fail, send_failure_alone
 from .status import gone_code, refusal
 
 # A unary request comes right behind its call's headers; one that has not arrived within this grace, plus
@@ -303,15 +303,13 @@ class IntakeInterceptor(grpc.aio.ServerInterceptor):
             if refusal is not None:
                 await self._turn_away(method, context, refusal)
             held = Held(context.peer())
-            answered = False
             try:
                 request = await self._read(method, deserialize, place, context, held)
-                if request is not _REFUSED:
-                    async for message in inner(request, context):
-                        answered = True
-                        yield message
-                if not answered:
+                if request is _REFUSED:
                     await send_failure_alone(context)
+                else:
+                    async for message in answers_or_failure_alone(inner(request, context), context):
+                        yield message
             finally:
                 held.give_back()
                 slots.leave(caller)
@@ -344,13 +342,9 @@ class IntakeInterceptor(grpc.aio.ServerInterceptor):
             refusal = slots.enter(caller)
             if refusal is not None:
                 await self._turn_away(method, context, refusal)
-            answered = False
             try:
-                async for message in inner(requests, context):
-                    answered = True
+                async for message in answers_or_failure_alone(inner(requests, context), context):
                     yield message
-                if not answered:
-                    await send_failure_alone(context)
             finally:
                 slots.leave(caller)
 
