@@ -135,6 +135,13 @@ def _missing_seals(seals: int) -> list[str]:
     return [name for bit, name in ((F_SEAL_SHRINK, "F_SEAL_SHRINK"), (F_SEAL_GROW, "F_SEAL_GROW")) if not seals & bit]
 
 
+def size_mismatch(actual: int, declared: int) -> str | None:
+    """Why a segment of ``actual`` bytes is not the ``declared`` bytes of its handoff (None: it is)."""
+    if actual == declared:
+        return None
+    return f"the segment handed over has {actual} bytes, its handoff declared {declared}"
+
+
 class SegmentRefusedError(ValueError):
     """A descriptor handed over is not a segment the server may map; the message names what is missing.
     ``exhausted``: it was fine, but the system has no memory left to back it."""
@@ -238,8 +245,9 @@ def _check_handed_over(fd: int, size: int) -> None:
         )
     if size <= 0:
         raise SegmentRefusedError(f"the handoff declared {size} bytes: a segment must hold at least one byte")
-    if info.st_size != size:
-        raise SegmentRefusedError(f"the segment handed over has {info.st_size} bytes, its handoff declared {size}")
+    mismatch = size_mismatch(info.st_size, size)
+    if mismatch is not None:
+        raise SegmentRefusedError(mismatch)
     kind = _filesystem_type(fd)
     if kind is not None and kind != TMPFS_MAGIC:
         raise SegmentRefusedError(f"the segment handed over is not a memfd on shmem (file system type {kind:#x})")

@@ -138,9 +138,7 @@ def _size_mismatch(fd: int, byte_size: int) -> str | None:
         size = os.fstat(fd).st_size
     except OSError:
         return None
-    if size == byte_size or byte_size <= 0:
-        return None
-    return f"the segment handed over has {size} bytes, its handoff declared {byte_size}"
+    return wire_memory.size_mismatch(size, byte_size) if byte_size > 0 else None
 
 
 def _adopted(peer: Peer, fd: int, byte_size: int) -> Segment | tuple[int, str]:
