@@ -39,7 +39,7 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support.calls import plain_channel
+from support.calls import RETRYING_RESOURCE_EXHAUSTED, plain_channel
 from support.faults import load_fault_losses
 from support.in_process import DEVICE, running_server
 from support.logs import LogWatch, watching_server_log
@@ -382,25 +382,6 @@ def test_out_of_memory_is_resource_exhausted_and_the_next_call_succeeds(server, 
         torch.testing.assert_close(focal, LOSSES.build({"type": "FocalLoss"})(scores, labels))
 
 
-# a caller's own channel (any language) whose gRPC retry policy covers RESOURCE_EXHAUSTED
-RETRYING_RESOURCE_EXHAUSTED = json.dumps(
-    {
-        "methodConfig": [
-            {
-                "name": [{"service": "losswire.v1.LossService"}],
-                "retryPolicy": {
-                    "maxAttempts": 3,
-                    "initialBackoff": "0.01s",
-                    "maxBackoff": "0.05s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["RESOURCE_EXHAUSTED"],
-                },
-            }
-        ]
-    }
-)
-
-
 @pytest.mark.parametrize(
     ("cfg", "attempts"),
     [
@@ -414,9 +395,9 @@ def test_a_retry_policy_retries_the_refusals_a_retry_may_cure(server, cfg, attem
     sent so (not only the call-slot refusal), and one that carries the no-retry pushback is sent once."""
     before = calls_ended(server, "RESOURCE_EXHAUSTED")
     pred, target = l1()
-    options = [("grpc.service_config", RETRYING_RESOURCE_EXHAUSTED), ("grpc.enable_retries", 1)]
     request = pb.EvaluateRequest(terms=[term(cfg, pred, target)])
-    with grpc.insecure_channel(target_of(server), options=options) as channel, pytest.raises(grpc.RpcError) as caught:
+    channel = grpc.insecure_channel(target_of(server), options=RETRYING_RESOURCE_EXHAUSTED)
+    with channel, pytest.raises(grpc.RpcError) as caught:
         pb_grpc.LossServiceStub(channel).Evaluate(request, timeout=WAIT)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value.details()
     assert "terms[0]" in caught.value.details()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2_grpc
-from support.calls import evaluate_stream, l1_header, l1_stream, plain_channel
+from support.calls import RETRYING_RESOURCE_EXHAUSTED, evaluate_stream, l1_header, l1_stream, plain_channel
 from support.in_process import nothing_held, running_server
 from support.polling import eventually
 
@@ -126,20 +125,6 @@ def test_a_retry_policy_retries_a_stream_refused_as_busy():
     """A request stream refused because every stream is open is sent its refusal without headers, so a
     caller's own gRPC retry policy covering RESOURCE_EXHAUSTED retries it (losswire's client retries
     streams itself; a caller in another language may leave it to gRPC)."""
-    policy = {
-        "methodConfig": [
-            {
-                "name": [{"service": "losswire.v1.LossService", "method": "EvaluateStream"}],
-                "retryPolicy": {
-                    "maxAttempts": 3,
-                    "initialBackoff": "0.01s",
-                    "maxBackoff": "0.05s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["RESOURCE_EXHAUSTED"],
-                },
-            }
-        ]
-    }
     with running_server(max_workers=2, max_open_streams=1) as server:
         target = f"127.0.0.1:{server.port}"
         silent = SilentCallers(target, 1)
@@ -147,8 +132,8 @@ def test_a_retry_policy_retries_a_stream_refused_as_busy():
             assert eventually(lambda: server.stream_guard.open == 1, 10), "the silent stream never opened"
             refused = server.metrics.registry.get_sample_value
             labels = {"method": "EvaluateStream", "code": "RESOURCE_EXHAUSTED"}
-            options = [("grpc.service_config", json.dumps(policy)), ("grpc.enable_retries", 1)]
-            with grpc.insecure_channel(target, options=options) as channel, pytest.raises(grpc.RpcError) as caught:
+            channel = grpc.insecure_channel(target, options=RETRYING_RESOURCE_EXHAUSTED)
+            with channel, pytest.raises(grpc.RpcError) as caught:
                 list(evaluate_stream(channel)(iter(l1_stream(64)), timeout=DEADLINE))
             assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value.details()
             assert "--max-open-streams" in caught.value.details()

@@ -4,6 +4,7 @@ refusal names, a recompute through a client, a server's log read up to now, this
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 
 import grpc
@@ -29,6 +30,32 @@ def read_log_to_now(process: ServerProcess) -> None:
     finally:
         client.close()
     process.wait_for(r"Evaluate SmoothL1Loss:", since=mark)
+
+
+# the options of a caller's own channel (any language) whose gRPC retry policy retries RESOURCE_EXHAUSTED:
+# 3 attempts of every LossService method, with a brief backoff
+RETRYING_RESOURCE_EXHAUSTED = [
+    (
+        "grpc.service_config",
+        json.dumps(
+            {
+                "methodConfig": [
+                    {
+                        "name": [{"service": "losswire.v1.LossService"}],
+                        "retryPolicy": {
+                            "maxAttempts": 3,
+                            "initialBackoff": "0.01s",
+                            "maxBackoff": "0.05s",
+                            "backoffMultiplier": 2,
+                            "retryableStatusCodes": ["RESOURCE_EXHAUSTED"],
+                        },
+                    }
+                ]
+            }
+        ),
+    ),
+    ("grpc.enable_retries", 1),
+]
 
 
 @contextlib.contextmanager
