@@ -42,9 +42,7 @@ A caller that resets its call while it waits for room gives its place up: a burs
 from __future__ import annotations
 
 import asyncio
-import collections
 import inspect
-import itertools
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
 
@@ -53,6 +51,7 @@ import grpc
 from ..counts import count_down
 from ..errors import RequestError, ServerBusyError, StreamIdleError
 from .calls import answers_or_failure_alone, fail, send_failure_alone
+from .shares import FairShares
 from .status import gone_code, refusal
 
 # A unary request comes right behind its call's headers; one that has not arrived within this grace, plus
@@ -68,12 +67,12 @@ def unary_read_seconds(largest: int) -> float:
     return UNARY_READ_GRACE_SECONDS + largest / UNARY_MIN_RATE
 
 
-class RequestRoom:
+class RequestRoom(FairShares):
     """Room for ``capacity`` bytes of unary requests, with at most ``per_connection`` requests of one
     connection being received at once and at most ``per_caller`` bytes held by one caller (a token, or a
-    connection where callers have no token). While the room is contended, room that comes back goes to
-    the waiting caller that holds least (the earliest of its waiters), so that one caller's flood of calls
-    delays another's by at most a call, not by the whole flood. Used on the event loop only (no lock)."""
+    connection where callers have no token), handed out by :class:`~.shares.FairShares`' rule: room that
+    comes back while calls wait goes to the waiting caller that holds least, so that one caller's flood of
+    calls delays another's by at most a call, not by the whole flood. Used on the event loop only."""
 
     def __init__(
         self,
@@ -84,122 +83,8 @@ class RequestRoom:
     ) -> None:
         """``small``: for a room whose requests are a few bytes (health checks), what they are and how long
         a call may wait for room, and then for its request, at most (below the intake's own bound)."""
-        self.capacity, self.per_connection = capacity, per_connection
-        self.per_caller = capacity if per_caller is None else per_caller
+        super().__init__(capacity, per_connection, per_caller)
         self.small = small
-        self.held = 0
-        self._holding: dict[str, int] = {}  # bytes held, by caller
-        self._receiving: dict[str, int] = {}  # requests being received, by connection
-        # waiters, in arrival order, queued by (caller, connection): admission looks at each queue's first
-        self._queues: dict[tuple[str, str], collections.deque[_Waiter]] = {}
-        self._arrivals = itertools.count()
-        self.waiting = 0  # calls waiting for room (their requests unread)
-
-    async def take(self, nbytes: int, connection: str = "", caller: str | None = None) -> None:
-        """Take ``nbytes`` (at most ``capacity``) for a request of ``connection`` (from ``caller``, the
-        connection itself by default) about to be received, in turn; ``give_back`` what it does not keep
-        once it has been."""
-        caller = connection if caller is None else caller
-        if not self._queues and self._fits(nbytes, connection, caller):
-            self._hand(nbytes, connection, caller)
-            return
-        waiter = _Waiter(nbytes, next(self._arrivals), asyncio.get_running_loop().create_future())
-        key = (caller, connection)
-        self._queues.setdefault(key, collections.deque()).append(waiter)
-        self.waiting += 1
-        if self.held + nbytes <= self.capacity:  # those before it may wait for their caller's or connection's turn
-            self._admit()
-        if waiter.turn.done():
-            return
-        try:
-            await waiter.turn
-        except asyncio.CancelledError:  # its caller left (or reset its stream) while it waited
-            if waiter.turn.done() and not waiter.turn.cancelled():
-                self.give_back(nbytes, caller, connection)  # the room came just before the cancellation: pass it on
-            else:
-                self._leave(key, waiter)
-                if self.held < self.capacity:  # (a full room, the case of a reset burst, admits nobody)
-                    self._admit()
-            raise
-
-    def give_back(self, nbytes: int, caller: str, receiving: str | None = None) -> None:
-        """``nbytes`` of ``caller`` back; ``receiving``: the connection whose request was being received."""
-        self.held -= nbytes
-        left = self._holding.get(caller, 0) - nbytes  # a request of no bytes holds nothing once it came
-        if left:
-            self._holding[caller] = left
-        else:
-            self._holding.pop(caller, None)
-        if receiving is not None:
-            count_down(self._receiving, receiving)
-        if self._queues:
-            self._admit()
-
-    def holding(self, caller: str) -> int:
-        """The bytes ``caller`` holds."""
-        return self._holding.get(caller, 0)
-
-    def _fits(self, nbytes: int, connection: str, caller: str) -> bool:
-        return (
-            self.held + nbytes <= self.capacity
-            and self._receiving.get(connection, 0) < self.per_connection
-            and self._holding.get(caller, 0) + nbytes <= self.per_caller
-        )
-
-    def _hand(self, nbytes: int, connection: str, caller: str) -> None:
-        self.held += nbytes
-        self._holding[caller] = self._holding.get(caller, 0) + nbytes
-        self._receiving[connection] = self._receiving.get(connection, 0) + 1
-
-    def _leave(self, key: tuple[str, str], waiter: _Waiter) -> None:
-        queue = self._queues.get(key)
-        if queue is not None and waiter in queue:  # _admit may have dropped it already
-            queue.remove(waiter)
-            self.waiting -= 1
-            if not queue:
-                del self._queues[key]
-
-    def _admit(self) -> None:
-        """Hand room out while it lasts: to the first waiter of the caller that holds least (of those whose
-        connection and caller may take more), the earliest on a tie. A waiter whose task was cancelled (its
-        turn cancelled with it) is dropped, never handed room: nobody would give it back."""
-        while self._queues:
-            chosen = None
-            for key, queue in list(self._queues.items()):
-                while queue and queue[0].turn.done():
-                    queue.popleft()
-                    self.waiting -= 1
-                if not queue:
-                    del self._queues[key]
-                    continue
-                caller, connection = key
-                waiter = queue[0]
-                if self._receiving.get(connection, 0) >= self.per_connection:
-                    continue
-                if self._holding.get(caller, 0) + waiter.nbytes > self.per_caller:
-                    continue
-                rank = (self._holding.get(caller, 0), waiter.arrival)
-                if chosen is None or rank < chosen[0]:
-                    chosen = (rank, key, waiter)
-            if chosen is None:
-                return
-            _, (caller, connection), waiter = chosen
-            if self.held + waiter.nbytes > self.capacity:
-                return  # the room is full for the one whose turn it is: nobody passes it
-            queue = self._queues[(caller, connection)]
-            queue.popleft()
-            self.waiting -= 1
-            if not queue:
-                del self._queues[(caller, connection)]
-            self._hand(waiter.nbytes, connection, caller)
-            waiter.turn.set_result(None)
-
-
-class _Waiter:
-    __slots__ = ("arrival", "nbytes", "turn")
-
-    def __init__(self, nbytes: int, arrival: int, turn: asyncio.Future[None]) -> None:
-        self.nbytes, self.arrival, self.turn = nbytes, arrival, turn
 
 
 Place = tuple[RequestRoom, str | None]  # where a call's request is read, and for whom (None: its connection)
