@@ -374,7 +374,8 @@ class _StreamTally:
     types of the first one's request."""
 
     def __init__(self, messages: AsyncIterator[Any], received: Any) -> None:
-        self._messages, self._received = aiter(messages), received
+        self._source, self._received = messages, received
+        self._messages: AsyncIterator[Any] | None = None
         self.losses: list[str] = []
         self._first = True
 
@@ -382,6 +383,11 @@ class _StreamTally:
         return self
 
     async def __anext__(self) -> Any:
+        # gRPC's reader makes its async generator at the first aiter(): made here, before the stream guard
+        # or the token check had refused the call, it was collected unstarted, and Cython's generator then
+        # printed "coroutine ... was never awaited" on stderr, outside the log. Made at the first read only.
+        if self._messages is None:
+            self._messages = aiter(self._source)
         message = await anext(self._messages)
         self._received.inc(message_bytes(message))
         if self._first:
