@@ -18,7 +18,7 @@ import grpc
 import torch
 
 from losswire.server.dataplane import Dataplane
-from losswire.server.rpc.calls import Compute
+from losswire.server.rpc.compute import Compute
 from losswire.server.rpc.loss_service import LossService, add_to_server
 from losswire.v1 import loss_service_pb2 as pb
 

@@ -4,7 +4,7 @@ health checking, reflection, interceptors (malformed requests, metrics, tokens),
 The gRPC server is asyncio's (``grpc.aio``), on an event loop of its own in a background thread, so
 ``LosswireServer`` is used like any blocking server: ``start()`` returns the bound port, ``stop()``
 drains. A call that waits for its caller is a suspended coroutine; losses run in ``max_workers``
-compute threads (``rpc.calls.Compute``).
+compute threads (``rpc.compute.Compute``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from .dataplane.costs import TermCosts
 from .evaluation import OwnerLimits, SessionStore
 from .losses import LOSSES, Registry
 from .rpc.authentication import SessionOwners, TokenAuthInterceptor, token_digest
-from .rpc.calls import Compute
+from .rpc.compute import Compute, connection_of, thread_share
 from .rpc.grpc_logs import quiet_caller_lines
 from .rpc.health import HEALTH_WATCH, BoundedHealthServicer
 from .rpc.inference import InferenceService, add_inference_service
@@ -178,7 +178,12 @@ class LosswireServer:
             largest={"ServerReflectionInfo": REFLECTION_REQUEST_BYTES},
         )
         self.metrics.watch_bounds(self._bounds)
-        self.compute = Compute(config.max_workers)
+        # compute threads in turn, fairly: by token, each leaving other tokens a quarter; else by connection
+        threads = config.max_workers
+        if self.tokens is not None:
+            self.compute = Compute(threads, token_digest, per_caller=thread_share(threads))
+        else:
+            self.compute = Compute(threads, connection_of)
         self.draining = False  # set by stop(): readiness answers (health, OIP ServerReady) turn false
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -301,6 +306,9 @@ class LosswireServer:
         yield "calls", self.call_slots.open, self.call_slots.limit
         yield "request_streams", self.stream_guard.open, self.stream_guard.max_open
         yield "big_calls", dataplane.slots.in_use, dataplane.slots.slots
+        yield "compute_threads", self.compute.shares.held, self.compute.threads
+        yield "compute_waiting", self.compute.shares.waiting, None
+        yield "session_waiting", self.compute.sessions.waiting, None
         yield "memory_budget_bytes", dataplane.budget.held, dataplane.budget.total
         for name, room in (("request_room", self.request_room), ("health_request_room", self.open_room)):
             yield f"{name}_bytes", room.held, room.capacity
@@ -419,7 +427,7 @@ class LosswireServer:
         (every thread busy: balancers then send calls elsewhere), SERVING again once one gets through."""
         serving = True
         while not self.draining:
-            probe = asyncio.ensure_future(self.compute(time.perf_counter))
+            probe = asyncio.ensure_future(self.compute(None, time.perf_counter))
             done, _ = await asyncio.wait([probe], timeout=bound)
             if not done and serving and not self.draining:
                 serving = False

@@ -218,8 +218,10 @@ KNOBS: tuple[Knob, ...] = (
         "max_workers",
         _int_at_least(1),
         _DEFAULT.max_workers,
-        "threads computing losses at once (a call waiting for one holds no thread; quick calls, small and "
-        "stateless, are answered on the event loop without one)",
+        "threads computing losses at once (a call waiting for one, or for a session another call holds, holds "
+        "no thread; a free thread goes to the caller running fewest calls, and with tokens on one token runs "
+        "at most all but a quarter of them; quick calls, small and stateless, are answered on the event loop "
+        "without one)",
     ),
     Knob(
         "max_concurrent_rpcs",

@@ -1,10 +1,5 @@
-"""What every front door does around the dataplane: run it off the event loop, notice a caller that went
-away, and answer failures through the one error mapping.
-
-The server is an asyncio gRPC server: a call that waits (for its caller's chunks, or its turn) is a
-suspended coroutine, never a thread. Work runs in a bounded pool of compute threads
-(:class:`Compute`), so the event loop keeps accepting, reading and answering calls, health checks
-included, whatever the losses are doing.
+"""What every front door does around the dataplane: notice a caller that went away, and answer failures
+through the one error mapping (the work itself runs on ``compute.Compute``'s threads).
 """
 
 from __future__ import annotations
@@ -23,66 +18,13 @@ import grpc
 
 from losswire.wire.protocol import PREVIOUS_ATTEMPTS_HEADER
 
-from ..dataplane import Answer, NotQuick
 from .status import Where, refusal
 
 log = logging.getLogger("losswire.server")
 Result = TypeVar("Result")
 
-# a request this big is decoded on a compute thread without asking the dataplane whether it is quick
-QUICK_MAX_MESSAGE_BYTES = 1 << 20
-
 # frees big calls' tensors after their answers have left (see release_after): one thread, in order
 _RELEASER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="losswire-release")
-
-
-class Compute:
-    """The threads that run losses: at most ``threads`` calls compute at once; the rest wait their turn
-    as suspended coroutines (memory, not threads)."""
-
-    def __init__(self, threads: int) -> None:
-        self.threads = threads
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="losswire-compute")
-
-    async def __call__(self, work: Callable[..., Result], *args: Any) -> Result:
-        return await asyncio.wrap_future(self._pool.submit(work, *args))
-
-    async def for_call(self, watch: CallWatch, work: Callable[..., Result], *args: Any) -> Result:
-        """``work(*args)`` for a call watched by ``watch``. When the caller goes away meanwhile, the work
-        reads ``watch`` and stops at its next stage; the call ends with it, not before, so that its memory,
-        slot and in-flight count are released when the work really is."""
-        running = self._pool.submit(work, *args)
-        try:
-            return await asyncio.wrap_future(running)
-        except asyncio.CancelledError:  # grpc.aio cancels the handler when its caller goes away
-            watch.caller_gone()
-            with contextlib.suppress(BaseException):
-                await asyncio.wrap_future(running)  # a new wrapper: the cancelled one cancelled only itself
-            if running.done() and not running.cancelled() and running.exception() is not None:
-                watch.stopped(running.exception())
-            raise
-
-    async def by_size(self, watch: CallWatch, size: int, work: Callable[..., Result], *args: Any) -> Result:
-        """``work(*args)`` for a call whose request is ``size`` bytes: here, on the event loop, up to
-        ``QUICK_MAX_MESSAGE_BYTES`` (no thread hop); a bigger one's on a compute thread (``for_call``), where
-        converting megabytes stalls no other call."""
-        if size <= QUICK_MAX_MESSAGE_BYTES:
-            return work(*args)
-        return await self.for_call(watch, work, *args)
-
-    async def evaluate(self, watch: CallWatch, evaluate: Callable[..., Answer], size: int, *args: Any) -> Answer:
-        """``evaluate(*args)`` (a ``Dataplane.evaluate``) for a call watched by ``watch`` whose request is
-        ``size`` bytes: a quick call is answered here, on the event loop (the dataplane says which are
-        quick: ``NotQuick``); any other waits for a compute thread."""
-        if size <= QUICK_MAX_MESSAGE_BYTES:
-            try:
-                return evaluate(*args, quick=True)
-            except NotQuick:
-                pass
-        return await self.for_call(watch, evaluate, *args)
-
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class CallWatch:

@@ -18,7 +18,8 @@ from losswire.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from .. import __version__
 from ..dataplane import Dataplane
 from . import oip_convert
-from .calls import CallWatch, Compute, fail, release_after, unary
+from .calls import CallWatch, fail, release_after, unary
+from .compute import Compute
 from .oip_convert import GRAD, LOSS, MODEL_VERSION, Conversion, OipWhere
 
 log = logging.getLogger("losswire.server")

@@ -25,7 +25,8 @@ from ..dataplane import Answer, Caller, Dataplane, StreamIntake
 from ..errors import RequestError
 from ..evaluation import CallCancelledError
 from .authentication import caller_of
-from .calls import CallWatch, Compute, attempt, fail, release_after, unary
+from .calls import CallWatch, attempt, fail, release_after, unary
+from .compute import Compute, sessions_named
 from .lanes import CallLanes, Lanes
 from .malformed import MalformedRequest, malformed_error, stream_deserializer
 
@@ -59,8 +60,10 @@ class LossService(pb_grpc.LossServiceServicer):
         watch = CallWatch(context, "Evaluate")
         with watch.handling():
             owner, caller = self.owners(context), self.callers(context)
-            evaluate, size = self.dataplane.evaluate, request.ByteSize()
-            answer = await self.compute.evaluate(watch, evaluate, size, request, watch, None, owner, caller)
+            evaluate, size, sessions = self.dataplane.evaluate, request.ByteSize(), sessions_named(owner, request.terms)
+            answer = await self.compute.evaluate(
+                watch, evaluate, size, request, watch, None, owner, caller, sessions=sessions
+            )
         _log_call("Evaluate", request, answer, context)
         release_after(context, answer.keep)
         return answer.response
@@ -85,8 +88,8 @@ class LossService(pb_grpc.LossServiceServicer):
                     if first.WhichOneof("kind") == "lane":
                         await self._lane(first.lane, token, requests)
                         return
-                    header = first.request
-                    intake = self.dataplane.open_stream(header, watch, self.owners(context), caller)
+                    header, owner = first.request, self.owners(context)
+                    intake = self.dataplane.open_stream(header, watch, owner, caller)
                     if header.HasField("lanes"):
                         lanes = self.lanes.open(token, header.lanes, intake)
                     if intake.overlap is None:
@@ -94,7 +97,8 @@ class LossService(pb_grpc.LossServiceServicer):
                     else:
                         async for early in self._overlapped(intake, lanes, requests, watch):
                             yield early
-                    answer = await self.compute.for_call(watch, intake.evaluate, watch)
+                    sessions = sessions_named(owner, header.terms)
+                    answer = await self.compute.for_call(watch, intake.evaluate, watch, sessions=sessions)
             except Exception as error:
                 if watch() and not isinstance(error, CallCancelledError):
                     # reading a cancelled call's stream fails with gRPC's own error: the caller is gone
@@ -193,13 +197,13 @@ class LossService(pb_grpc.LossServiceServicer):
 
     @unary("Describe")
     async def Describe(self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext) -> pb.DescribeResponse:
-        return await self.compute(self.dataplane.describe, request.config)
+        return await self.compute(context, self.dataplane.describe, request.config)
 
     @unary("ListLosses")
     async def ListLosses(
         self, request: pb.ListLossesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListLossesResponse:
-        return await self.compute(self.dataplane.list_losses)
+        return await self.compute(context, self.dataplane.list_losses)
 
     # -- sessions -------------------------------------------------------------------------------------
 
@@ -218,15 +222,16 @@ class LossService(pb_grpc.LossServiceServicer):
     ) -> pb.SessionInfo:
         """``work`` on a session, which may wait for a call using it: watched, so that a caller who leaves
         (or whose deadline passes) meanwhile frees its compute thread."""
-        watch = CallWatch(context, method)
+        watch, owner = CallWatch(context, method), self.owners(context)
+        sessions = ((owner, request.session),) if request.session else ()
         with watch.handling():
-            return await self.compute.for_call(watch, work, request.session, self.owners(context), watch)
+            return await self.compute.for_call(watch, work, request.session, owner, watch, sessions=sessions)
 
     @unary("ListSessions")
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListSessionsResponse:
-        return await self.compute(self.dataplane.list_sessions, self.owners(context))
+        return await self.compute(context, self.dataplane.list_sessions, self.owners(context))
 
     # -- shared memory (bookkeeping under a lock: answered on the event loop, never queued behind losses) ---
 

@@ -25,7 +25,7 @@ from losswire.client import RemoteLossError
 from losswire.inference import grpc_predict_v2_pb2 as oip
 from losswire.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from losswire.server.rpc import inference, oip_convert
-from losswire.server.rpc.calls import QUICK_MAX_MESSAGE_BYTES
+from losswire.server.rpc.compute import QUICK_MAX_MESSAGE_BYTES
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.v1 import loss_service_pb2_grpc as pb_grpc
 from losswire.wire import chunks, codec

@@ -1,11 +1,14 @@
 """Calls racing for sessions: none of them leaves a session locked, deadlocks, or keeps a caller that left.
 
 * Two calls creating one new session with different configs: one creates it, the other is refused
-  FAILED_PRECONDITION, and the session stays usable (its lock is not leaked).
+  FAILED_PRECONDITION, and the session stays usable (its lock is not leaked). Through the server such
+  calls take their turns on the session before either starts; the session store, which other code
+  uses directly, is raced in threads of the test's own.
 * Two calls that each feed one session and replay the other both finish (a call takes every session
   lock it needs up front, in one order).
-* A call waiting for a session another call holds stops waiting when its caller cancels or its deadline
-  passes, answered CANCELLED / DEADLINE_EXCEEDED, and the session is left as the holder leaves it.
+* A call waiting for a session another call holds waits as a coroutine, on no compute thread, and stops
+  waiting when its caller cancels or its deadline passes, answered CANCELLED / DEADLINE_EXCEEDED; the
+  session is left as the holder leaves it.
 * A ``forward_id`` (kept by the session for retries) longer than 128 characters is refused.
 
 The server runs in this process so that test losses can hold calls at a known point (gates, and a
@@ -17,7 +20,6 @@ that does so that those threads end and the run fails instead of hanging.
 from __future__ import annotations
 
 import collections
-import sys
 import threading
 import time
 import uuid
@@ -153,17 +155,13 @@ def session_locked(server: LosswireServer, name: str) -> bool:
     return any(session.name == name for session in locked_sessions(server))
 
 
-def calls_entering_sessions() -> int:
-    """Threads of this process entering a call's sessions (in ``SessionStore.transaction``, before the
-    call's first term). While another call holds a session it names, a call there is waiting for that
-    session's lock (or about to)."""
-    entering = SessionStore.transaction.__wrapped__.__code__  # type: ignore[attr-defined]
-    count = 0
-    for frame in list(sys._current_frames().values()):
-        while frame is not None and frame.f_code is not entering:
-            frame = frame.f_back
-        count += frame is not None
-    return count
+def calls_waiting_for_sessions(server: LosswireServer) -> int:
+    """Calls waiting for their turn on a session another call holds (as coroutines, before a thread)."""
+    return server.compute.sessions.waiting
+
+
+def compute_threads_held(server: LosswireServer) -> int:
+    return server.compute.shares.held
 
 
 @pytest.fixture
@@ -208,18 +206,46 @@ def steps_of(stub: pb_grpc.LossServiceStub, session: str) -> int:
 # -- 1. two calls creating one session with different configs -----------------------------------------
 
 
-def test_two_calls_creating_one_session_with_different_configs_leave_it_usable(server, stub):
+def test_two_calls_creating_one_session_with_different_configs_leave_it_usable(fault_losses):
+    """Two threads enter one new session of a store at once, each past "it does not exist yet" (their
+    module builds meet): one creates it, the other finds the conflict, and neither keeps its lock."""
+    store = SessionStore(fault_losses[1], torch.device(DEVICE))
     session, meeting = f"race/{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     configs = [{"type": "MeetingL1Loss", "meeting": meeting, "loss_weight": weight} for weight in (0.5, 0.75)]
+    outcomes: list[BaseException | None] = [None, None]
+
+    def create(index: int) -> None:
+        try:
+            with store.open(session, configs[index]) as (module, _):
+                module(torch.ones(4), torch.zeros(4))
+        except BaseException as error:
+            outcomes[index] = error
+
+    threads = [threading.Thread(target=create, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT)
+    assert not any(thread.is_alive() for thread in threads), "the two creations deadlocked"
+    assert sorted(type(outcome).__name__ for outcome in outcomes) == ["NoneType", "SessionConflictError"]
+    # the refused creation found the session its rival created: it must not keep that session's lock
+    (created,) = [s for s in store.sessions() if s.name == session]
+    assert not created.lock.locked()
+    assert created.steps == 1
+    with store.open(session, configs[outcomes.index(None)]) as (_, step):
+        assert step == 2
+
+
+def test_calls_creating_one_session_through_the_server_take_turns(server, stub):
+    """Through the server the same two calls never race: the second waits for the first, then finds
+    the session it created (with another config)."""
+    session = f"turns/{uuid.uuid4().hex[:8]}"
+    configs = [{"type": "L1Loss", "loss_weight": weight} for weight in (0.5, 0.75)]
     requests = [pb.EvaluateRequest(terms=[term(config, session=session)]) for config in configs]
     calls = [stub.Evaluate.future(request, timeout=WAIT - 5) for request in requests]
     statuses = [status_of(call) for call in calls]
     assert sorted(status.name for status in statuses) == ["FAILED_PRECONDITION", "OK"]
-    # the refused call found the session its rival created: it must not keep that session's lock
     assert steps_of(stub, session) == 1
-    created_with = configs[statuses.index(grpc.StatusCode.OK)]
-    again = stub.Evaluate(pb.EvaluateRequest(terms=[term(created_with, session=session)]), timeout=SHORT)
-    assert again.results[0].session_step == 2
 
 
 # -- 2. two calls each feeding one session and replaying the other ------------------------------------
@@ -239,7 +265,7 @@ def test_two_calls_each_feeding_one_session_and_replaying_the_other_both_finish(
     # (in its first term too, or waiting for a lock): calls that hold one session each deadlock from there
     def both_calls_in() -> bool:
         both_locked = session_locked(server, first) and session_locked(server, second)
-        return both_locked and (faults.started(gate) == 2 or calls_entering_sessions() >= 1)
+        return both_locked and (faults.started(gate) == 2 or calls_waiting_for_sessions(server) >= 1)
 
     wait_until(both_calls_in, "both calls holding or waiting for the sessions")
     faults.open_gate(gate)
@@ -263,12 +289,13 @@ def test_a_call_waiting_for_a_busy_session_stops_when_its_caller_leaves(
     mark = server_log.mark()
     deadline = WAIT if leaving == "cancels" else EXPIRING
     waiter = stub.Evaluate.future(pb.EvaluateRequest(terms=[gated(gate, session=session)]), timeout=deadline)
-    wait_until(lambda: calls_entering_sessions() >= 1 or waiter.done(), "the second call waits for the session")
+    wait_until(lambda: calls_waiting_for_sessions(server) >= 1 or waiter.done(), "the second call waits")
+    assert compute_threads_held(server) == 1, "the waiting call holds a compute thread"
     if leaving == "cancels":
         waiter.cancel()
     code = "CANCELLED" if leaving == "cancels" else "DEADLINE_EXCEEDED"
     # logged once the waiting call's work has ended: while the holder still holds the session
-    server_log.wait_for(rf"Evaluate stopped \({code}\): terms\[0\]: .*waiting for session", mark, WAIT - 10)
+    server_log.wait_for(rf"Evaluate stopped \({code}\): waiting for session", mark, WAIT - 10)
     assert faults.started(gate) == 1, "the waiting call ran its forward"
     faults.open_gate(gate)
     assert holder.result(timeout=WAIT).results[0].session_step == 1
@@ -279,8 +306,8 @@ def test_a_call_waiting_for_a_busy_session_stops_when_its_caller_leaves(
 def test_reading_or_resetting_a_busy_session_stops_waiting_when_the_deadline_passes(
     server, stub, faults, gate, server_log, method
 ):
-    """GetSession and ResetSession wait for the call using the session (a consistent state), on a compute
-    thread: past their deadline they stop waiting, and the thread is free while the holder still runs."""
+    """GetSession and ResetSession wait for the call using the session (a consistent state), as
+    coroutines: past their deadline they stop waiting, while the holder still runs."""
     session = f"read/{gate}"
     holder = stub.Evaluate.future(pb.EvaluateRequest(terms=[gated(gate, session=session)]), timeout=WAIT)
     faults.wait_started(gate, 1, WAIT)  # in its forward, holding the session's lock
