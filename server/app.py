@@ -41,6 +41,7 @@ from .rpc.authentication import SessionOwners, TokenAuthInterceptor, token_diges
 from .rpc.compute import Compute, connection_of, thread_share
 from .rpc.grpc_logs import quiet_caller_lines
 from .rpc.health import HEALTH_WATCH, BoundedHealthServicer
+from .rpc.health import PER_CONNECTION as WATCHES_PER_CONNECTION
 from .rpc.inference import InferenceService, add_inference_service
 from .rpc.intake import CallSlots, IntakeInterceptor, Place, RequestRoom, unary_read_seconds
 from .rpc.lanes import Lanes
@@ -62,7 +63,16 @@ HEALTH_REQUEST_BYTES = 4096  # a HealthCheckRequest names one service: the healt
 # a reflection request names one symbol or file; its answer quotes it whole, and answers left unread stay
 # in memory no budget counts (a 10 MB name held ~200 MB per stream)
 REFLECTION_REQUEST_BYTES = 64 << 10
-HEALTH_CHECKS_AT_ONCE = 64  # Check calls in flight on the health port, besides the Watch streams
+# Health checks without a token (all of them with tokens off) in flight at once on the main port: they take
+# none of --max-concurrent-rpcs, so that a flood of silent ones cannot keep callers out (11 connections did)
+OPEN_CALLS = 64
+# The health port: calls open on one connection (its Watch streams and two checks), and connections at once.
+# A silent check holds its call until its caller's deadline (gRPC reads the request before any handler), so
+# calls are bounded per connection and the port admits that many on every connection it accepts: a flood
+# of silent checks (42 connections took every call before) must then take every connection to keep a probe
+# out, which a network policy letting only the kubelet in prevents
+HEALTH_PORT_STREAMS_PER_CONNECTION = WATCHES_PER_CONNECTION + 2
+HEALTH_PORT_CONNECTIONS = 1024
 OWN_FILES = 512  # descriptors kept from connections for the server's own use at least (handoffs, files, logs)
 
 
@@ -119,7 +129,10 @@ class LosswireServer:
         # health calls (without a token, where tokens are on) read in a room of their own: whatever holds the
         # request room, probes are still read; one connection has at most one being received there
         self.open_room = RequestRoom(
-            8 * self._largest_request_message(), per_connection=1, small=("health check", HEALTH_READ_SECONDS)
+            8 * self._largest_request_message(),
+            per_connection=1,
+            small=("health check", HEALTH_READ_SECONDS),
+            slots=CallSlots(OPEN_CALLS, what=("health checks without a token", "probes: losswire serve --health-port")),
         )
         load_plugins(config.plugins)
         if config.torch_threads:
@@ -241,8 +254,13 @@ class LosswireServer:
         )
         return server
 
-    def _connection_options(self) -> list[tuple[str, int]]:
-        """What a connection may do, on every port of the server."""
+    def _connection_options(
+        self, streams: int = MAX_STREAMS_PER_CONNECTION, connections: int | None = None
+    ) -> list[tuple[str, int]]:
+        """What a connection may do, on every port of the server: ``streams`` calls open on one connection,
+        ``connections`` at once (None: the server's bound)."""
+        if connections is None:
+            connections = connection_bound(self.config.max_connections, open_files())
         return [
             ("grpc.so_reuseport", int(self.config.reuse_port)),
             # a connection that has not finished its TLS and HTTP/2 handshake by then is closed (gRPC's
@@ -250,9 +268,9 @@ class LosswireServer:
             ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
             # calls open at once on one connection; more wait in the client. One connection could hold
             # every one of --max-concurrent-rpcs, and a burst of streams reset at once costs less
-            ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+            ("grpc.max_concurrent_streams", streams),
             # connections at once: an idle one stays open, and each holds a descriptor and ~15 KiB
-            ("grpc.max_allowed_incoming_connections", connection_bound(self.config.max_connections, open_files())),
+            ("grpc.max_allowed_incoming_connections", connections),
             # identity only: a compressed message would let a few bytes on the wire count as many against
             # the stream pace (and inflate to the receive limit); neither losswire's client nor its server
             # compresses
@@ -263,7 +281,7 @@ class LosswireServer:
         """gRPC's own bound on calls at once, behind the intake's: --max-concurrent-rpcs, and health Watch
         streams besides (they have a bound of their own and take no call's place)."""
         calls = self.config.max_concurrent_rpcs
-        return None if calls is None else calls + self.config.max_health_watches
+        return None if calls is None else calls + self.config.max_health_watches + OPEN_CALLS
 
     def _calls_per_token(self) -> int | None:
         """Calls one token may have at once (None without tokens, or without a bound on calls): by default
@@ -304,6 +322,9 @@ class LosswireServer:
         figures are a moment's, not a consistent snapshot)."""
         dataplane = self.dataplane
         yield "calls", self.call_slots.open, self.call_slots.limit
+        open_calls = self.open_room.slots
+        if open_calls is not None:
+            yield "open_calls", open_calls.open, open_calls.limit
         yield "request_streams", self.stream_guard.open, self.stream_guard.max_open
         yield "big_calls", dataplane.slots.in_use, dataplane.slots.slots
         yield "compute_threads", self.compute.shares.held, self.compute.threads
@@ -486,10 +507,14 @@ class LosswireServer:
     async def _start_health_port(self) -> None:
         """A plaintext port with only the health service (the same servicer: it drains with the server),
         for probes that cannot do TLS or present client certificates (Kubernetes gRPC probes)."""
-        options = [("grpc.max_receive_message_length", HEALTH_REQUEST_BYTES), *self._connection_options()]
-        checks = self.config.max_health_watches + HEALTH_CHECKS_AT_ONCE  # the Watch streams' bound is shared
+        connections = min(HEALTH_PORT_CONNECTIONS, connection_bound(self.config.max_connections, open_files()))
+        options = [
+            ("grpc.max_receive_message_length", HEALTH_REQUEST_BYTES),
+            *self._connection_options(HEALTH_PORT_STREAMS_PER_CONNECTION, connections),
+        ]
+        calls = HEALTH_PORT_STREAMS_PER_CONNECTION * connections
         malformed = [MalformedRequestInterceptor(self._count_malformed)]  # INVALID_ARGUMENT, not UNKNOWN
-        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=checks, interceptors=malformed)
+        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=calls, interceptors=malformed)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         address = self._address(self.config.health_port or 0)
         self.health_port = _bind(server, address, None, self.config.reuse_port)

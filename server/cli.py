@@ -520,7 +520,9 @@ KNOBS: tuple[Knob, ...] = (
         "health_port",
         _optional_port,
         None,
-        "also serve grpc.health.v1 alone on this plaintext port, for probes that cannot do TLS (none: off)",
+        "also serve grpc.health.v1 alone on this plaintext port, for probes (Kubernetes): it admits a few calls on "
+        "each connection and room for them on each of up to 1024, so a flood on the callers' port cannot keep a "
+        "probe waiting, and it needs no TLS (none: off)",
     ),
     Knob(
         "health_bound",

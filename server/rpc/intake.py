@@ -80,11 +80,13 @@ class RequestRoom(FairShares):
         per_connection: int = PER_CONNECTION,
         per_caller: int | None = None,
         small: tuple[str, float] | None = None,
+        slots: CallSlots | None = None,
     ) -> None:
         """``small``: for a room whose requests are a few bytes (health checks), what they are and how long
-        a call may wait for room, and then for its request, at most (below the intake's own bound)."""
+        a call may wait for room, and then for its request, at most (below the intake's own bound).
+        ``slots``: the call slots its calls take instead of the server's (None: the server's)."""
         super().__init__(capacity, per_connection, per_caller)
-        self.small = small
+        self.small, self.slots = small, slots
 
 
 Place = tuple[RequestRoom, str | None]  # where a call's request is read, and for whom (None: its connection)
@@ -92,21 +94,25 @@ Place = tuple[RequestRoom, str | None]  # where a call's request is read, and fo
 
 class CallSlots:
     """Calls admitted at once: at most ``limit`` (None: unbounded), and at most ``per_caller`` of one
-    caller (a token; calls of no caller count towards ``limit`` only). Used on the event loop only."""
+    caller (a token; calls of no caller count towards ``limit`` only). ``what``: the calls, and the bound,
+    as a refusal names them. Used on the event loop only."""
 
-    __slots__ = ("_by_caller", "limit", "open", "per_caller")
+    __slots__ = ("_by_caller", "limit", "open", "per_caller", "what")
 
-    def __init__(self, limit: int | None, per_caller: int | None = None) -> None:
-        self.limit, self.per_caller, self.open = limit, per_caller, 0
+    def __init__(
+        self,
+        limit: int | None,
+        per_caller: int | None = None,
+        what: tuple[str, str] = ("calls", "losswire serve --max-concurrent-rpcs"),
+    ) -> None:
+        self.limit, self.per_caller, self.open, self.what = limit, per_caller, 0, what
         self._by_caller: dict[str, int] = {}
 
     def enter(self, caller: str | None = None) -> str | None:
         """Take a slot for a call of ``caller``; None when taken, else why not (nothing is taken)."""
         if self.limit is not None and self.open >= self.limit:
-            return (
-                f"the server is serving {self.open} calls, its most at once (losswire serve --max-concurrent-rpcs); "
-                "retry later"
-            )
+            calls, bound = self.what
+            return f"the server is serving {self.open} {calls}, its most at once ({bound}); retry later"
         if caller is not None and self.per_caller is not None:
             held = self._by_caller.get(caller, 0)
             if held >= self.per_caller:
@@ -157,8 +163,11 @@ class IntakeInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
-        slots = self.slots if handler_call_details.method not in self.uncounted else self._unbounded
         place = self.room_of(handler_call_details)
+        if handler_call_details.method in self.uncounted:
+            slots = self._unbounded
+        else:  # a room with slots of its own (health checks without a token) keeps its calls out of the server's
+            slots = self.slots if place is None or place[0].slots is None else place[0].slots
         caller = place[1] if place is not None else None  # a token (None without tokens: callers are not told apart)
         if handler.request_streaming:
             return self._counted_stream(handler, method, slots, caller)

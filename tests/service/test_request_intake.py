@@ -393,6 +393,52 @@ def test_silent_health_calls_hold_the_health_room_briefly():
                 calls.close()
 
 
+def test_silent_health_checks_without_a_token_leave_token_holders_their_call_slots():
+    """Tokens on, 16 call slots: 100 silent health checks without a token, on five connections, take none of
+    them (they have slots of their own), and a token holder's calls are all answered. (They took every
+    slot: 11 connections of them made nine of twenty such calls RESOURCE_EXHAUSTED.)"""
+    with running_server(auth_tokens=TOKENS, max_concurrent_rpcs=16) as server:
+        target = f"127.0.0.1:{server.port}"
+        holders = [SilentCalls(target, 20, connection=str(index), method=HEALTH_CHECK) for index in range(5)]
+        try:
+            arrived = eventually(lambda: server.open_room.waiting >= 16 or server.call_slots.open == 16, 10)
+            assert arrived and server.call_slots.open == 0, server.call_slots.open
+            client = LossClient(target, timeout=30, credentials=Credentials(token=TOKENS[0]), shared_memory="off")
+            try:
+                for _ in range(20):
+                    loss = RemoteLoss(dict(type="L1Loss"), client=client)(torch.ones(4), torch.zeros(4))
+                    assert loss.item() == 1.0
+            finally:
+                client.close()
+            refused = [c.exception() for h in holders for c in h.calls if c.done() and c.exception() is not None]
+            busy = [e for e in refused if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED]
+            assert busy and all("--health-port" in e.details() for e in busy), [e.details() for e in refused]
+        finally:
+            for calls in holders:
+                calls.close()
+
+
+def test_silent_checks_on_the_health_port_leave_a_probe_answered():
+    """The plaintext health port admits a few calls on each connection (``HEALTH_PORT_STREAMS_PER_CONNECTION``:
+    the rest wait in their client) and room for them on every connection: twenty silent checks on each of
+    twelve connections leave a probe on its own connection answered at once. (Silent checks are held until
+    their callers' deadlines: these 240 took every call the port admitted, 72 with 8 Watch streams, and
+    the probe was RESOURCE_EXHAUSTED.)"""
+    with running_server(health_port=0, max_health_watches=8) as server:
+        target = f"127.0.0.1:{server.health_port}"
+        holders = [SilentCalls(target, 20, connection=str(index), method=HEALTH_CHECK) for index in range(12)]
+        try:
+            time.sleep(1)  # a condition cannot be polled: gRPC holds silent calls where no handler sees them
+            channel = grpc.insecure_channel(target, options=[("losswire.test.connection", "probe")])
+            with channel:
+                answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            assert not any(call.done() for calls in holders for call in calls.calls)
+        finally:
+            for calls in holders:
+                calls.close()
+
+
 def test_a_call_that_waits_too_long_for_room_is_told_to_come_back():
     """Room for four 1 MiB requests. Four silent calls hold it; 2 s later four more queue on a connection
     of their own, then a fifth call behind them on theirs. When the first four are overdue (5.0625 s) the
