@@ -364,14 +364,15 @@ KNOBS: tuple[Knob, ...] = (
         "max_shared_memory",
         _optional_limit,
         _DEFAULT.max_shared_memory,
-        "bytes of shared memory mapped for all callers together; beyond, RESOURCE_EXHAUSTED (0: unbounded)",
+        "bytes of shared memory mapped for all callers together (with tokens on, one token's regions at most all but "
+        "a quarter of them); beyond, RESOURCE_EXHAUSTED (0: unbounded)",
     ),
     Knob(
         "max_shared_memory_total_regions",
         _optional_limit,
         _DEFAULT.max_shared_memory_total_regions,
-        "shared-memory segments mapped for all callers together (registered or handed over); beyond, "
-        "RESOURCE_EXHAUSTED (0: unbounded)",
+        "shared-memory segments mapped for all callers together (registered or handed over; with tokens on, one "
+        "token's regions at most all but a quarter of them); beyond, RESOURCE_EXHAUSTED (0: unbounded)",
     ),
     Knob(
         "max_shared_memory_regions",

@@ -157,6 +157,11 @@ def _over(limit: int | None, value: int) -> bool:
     return limit is not None and value > limit
 
 
+def _share(limit: int | None) -> int | None:
+    """One token's share of a server-wide ``limit``: all but a quarter of it (at least one)."""
+    return None if limit is None else max(1, limit - limit // 4)
+
+
 class SharedMemoryRegistry:
     """Regions by handle. ``enabled`` False: every shared-memory RPC and reference is FAILED_PRECONDITION."""
 
@@ -319,12 +324,36 @@ class SharedMemoryRegistry:
                     f"register at most {self.limits.bytes_per_caller} (losswire serve --max-shared-memory-per-caller)",
                     field="byte_size",
                 )
+            self._check_token_share(caller, size)
             handle = secrets.token_hex(16)
             own.append(held)
             held.caller = caller
             self._regions[handle] = held
         log.info("shared memory: %d bytes registered by pid %d (its caller's region %d)", size, held.peer.pid, len(own))
         return handle
+
+    def _check_token_share(self, caller: Caller, size: int) -> None:
+        """With tokens, one token's regions (whatever connections registered them) hold at most all but a
+        quarter of the server's regions and bytes, so that another token's handoff always finds room; the
+        per-caller bounds count connections, which one token may open as many of as it likes. The caller
+        holds ``_lock``."""
+        if not caller.token:
+            return
+        token = [h for h in self._regions.values() if h.caller is not None and h.caller.token == caller.token]
+        if _over(_share(self.limits.regions), len(token) + 1):
+            raise LimitExceededError(
+                f"this token holds {len(token)} shared-memory regions, its most (all but a quarter of losswire serve "
+                "--max-shared-memory-total-regions, which leaves other tokens room); unregister some first",
+                field="claim",
+            )
+        held = sum(h.segment.size for h in token)
+        if _over(_share(self.limits.bytes), held + size):
+            raise LimitExceededError(
+                f"{size} more bytes would give this token {held + size} bytes of shared memory; one token may "
+                f"register at most {_share(self.limits.bytes)} (all but a quarter of losswire serve "
+                "--max-shared-memory, which leaves other tokens room)",
+                field="byte_size",
+            )
 
     def unregister(self, caller: Caller, region: str) -> None:
         self._check_enabled()

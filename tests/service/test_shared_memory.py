@@ -663,6 +663,37 @@ def test_bytes_are_bounded_per_caller_and_in_all():
             instance.stop(grace=1)
 
 
+def test_one_token_leaves_other_tokens_shared_memory_whatever_connections_it_opens():
+    """Tokens on, 4 regions on the server: token a registers over two gRPC connections (each a caller of
+    its own, with its own per-caller bounds) and its fourth region is refused, naming the token's share
+    (all but a quarter); token b's region is then registered. (Token a took all four, and b was refused.)"""
+    tokens = ("token-a-0123456789", "token-b-0123456789")
+    as_a, as_b = ((("authorization", f"Bearer {token}"),) for token in tokens)
+    instance = fresh_server(auth_tokens=tokens, max_shared_memory_total_regions=4)
+    segments = [shm.Segment.create(1 << 20) for _ in range(5)]
+    target = f"127.0.0.1:{instance.port}"
+    options = [("grpc.use_local_subchannel_pool", 1)]  # each channel a connection of its own
+    try:
+        with (
+            grpc.insecure_channel(target, options=options) as first,
+            grpc.insecure_channel(target, options=options) as second,
+            Handoff(pb_grpc.LossServiceStub(first), as_a) as over_first,
+            Handoff(pb_grpc.LossServiceStub(second), as_a) as over_second,
+            Handoff(pb_grpc.LossServiceStub(first), as_b) as for_b,
+        ):
+            for handoff, segment in zip((over_first, over_first, over_second), segments, strict=False):
+                handoff.register(segment)
+            flag = "all but a quarter of losswire serve --max-shared-memory-total-regions"
+            details = expect(lambda: over_second.register(segments[3]), grpc.StatusCode.RESOURCE_EXHAUSTED, flag)
+            assert "this token holds 3" in details, details
+            assert for_b.register(segments[4])
+            assert instance.shared_memory.regions == 4
+    finally:
+        for segment in segments:
+            segment.close()
+        instance.stop(grace=1)
+
+
 @pytest.fixture(scope="module")
 def gated_server() -> Iterator[tuple[LosswireServer, object]]:
     faults, registry = load_fault_losses()
