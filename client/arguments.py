@@ -15,6 +15,8 @@ import numbers
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+import torch
 from torch import Tensor
 
 from losswire.v1 import loss_service_pb2 as pb
@@ -88,6 +90,7 @@ class CallShape:
             spec = self.specs.get(name)
             if spec is not None:
                 check_argument(self.loss, spec, value)
+                check_gradient(self.loss, spec, value)
 
 
 def check_argument(loss: str, spec: pb.InputInfo, value: Any) -> None:
@@ -99,9 +102,58 @@ def check_argument(loss: str, spec: pb.InputInfo, value: Any) -> None:
         raise ArgumentError(loss, spec.name, f"is required ({describe_kind(spec)}), got None")
     if not _is_kind(spec.kind, value):
         raise ArgumentError(loss, spec.name, f"must be {describe_kind(spec)}, got {_described(value)}")
+    for tensor in _tensors(value):
+        _check_sendable(loss, spec.name, tensor)
     choices = [codec.python_value(choice) for choice in spec.choices]
     if choices and value not in choices:
         raise ArgumentError(loss, spec.name, f"must be {describe_kind(spec)}, got {value!r}")
+
+
+def check_gradient(loss: str, spec: pb.InputInfo, value: Any) -> None:
+    """Refuse a tensor that requires grad in an input the server returns no gradient for (``avg_factor``).
+
+    Locally autograd would carry that gradient (an ``avg_factor`` computed from ``pred`` without
+    ``detach()`` adds a term to pred's gradient); remotely it would be lost without a word, a wrong
+    gradient. mmdet's heads pass a detached count, so this meets only a caller's slip."""
+    if spec.kind in TENSOR_KINDS or not torch.is_grad_enabled():
+        return
+    if isinstance(value, Tensor) and value.requires_grad:
+        raise ArgumentError(
+            loss,
+            spec.name,
+            f"requires grad ({_described(value)}), but the server returns gradients for tensor inputs only, not for "
+            f"{spec.name!r}: the gradient the local module would send through it would be lost. Pass "
+            f"{spec.name}.detach() (or a number); mmdet's heads pass a detached count",
+        )
+
+
+def _check_sendable(loss: str, name: str, tensor: Tensor) -> None:
+    """Refuse a tensor whose values cannot travel, naming why (else torch's own error surfaces from deep in
+    the encoder: "Cannot copy out of meta tensor", "unsupported memory format option Contiguous")."""
+    if tensor.device.type == "meta":
+        raise ArgumentError(
+            loss,
+            name,
+            f"is on the 'meta' device ({_described(tensor)}): it has a shape but no values, and the server computes "
+            "on values; pass a CPU or CUDA tensor",
+        )
+    if tensor.layout != torch.strided and tensor.requires_grad:
+        # a sparse tensor that needs no gradient travels dense (terms.dense); its gradient would be sparse
+        raise ArgumentError(
+            loss,
+            name,
+            f"is a {tensor.layout} tensor that requires grad ({_described(tensor)}): losswire sends and returns dense "
+            "tensors; pass tensor.to_dense() (a dense gradient), or a sparse tensor that does not require grad",
+        )
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    """The tensors an argument holds: itself, or the members of a tuple / list of tensors."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [item for item in value if isinstance(item, Tensor)]
+    return []
 
 
 def describe_kind(spec: pb.InputInfo) -> str:
@@ -131,6 +183,8 @@ def _is_kind(kind: str, value: Any) -> bool:
     if kind == "number":
         if isinstance(value, Tensor):
             return value.numel() == 1
+        if isinstance(value, np.ndarray) and value.ndim == 0:
+            value = value[()]  # a 0-d array (np.array(num_pos)): its scalar, as the local module's arithmetic takes it
         return isinstance(value, numbers.Real) and not isinstance(value, bool)
     if kind == "int":
         return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -139,7 +193,19 @@ def _is_kind(kind: str, value: Any) -> bool:
     return True
 
 
+# the longest repr an error message quotes: a list of thousands of numbers tells nothing more
+MAX_QUOTED_CHARS = 80
+
+
 def _described(value: Any) -> str:
     if isinstance(value, Tensor):
         return f"a {value.dtype} tensor of shape {list(value.shape)}"
-    return f"{type(value).__name__} {value!r}"
+    if isinstance(value, np.ndarray):  # its shape and dtype, not its numbers; and the one-call fix
+        return (
+            f"a numpy.ndarray of dtype {value.dtype} and shape {list(value.shape)} (torch.from_numpy(array) makes it "
+            "a tensor)"
+        )
+    text = repr(value)
+    if len(text) > MAX_QUOTED_CHARS:
+        text = text[: MAX_QUOTED_CHARS - 3] + "..."
+    return f"{type(value).__name__} {text}"

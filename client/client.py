@@ -35,6 +35,7 @@ from .channels import (
     make_channel,
     tls_name_option,
 )
+from .configs import plain_config
 from .errors import RemoteLossError
 from .replicas import ReplicaSet, SessionRouter, replica_set
 from .security import Credentials
@@ -172,7 +173,9 @@ class LossClient:
         target = targets.normalise_target(target)
         key = (target, Credentials.from_env() if credentials is None else credentials)
         with cls._lock:
-            if key not in cls._shared:
+            # a shared client somebody closed (loss.client.close()) is replaced: the next module on this target
+            # would otherwise inherit "the losswire client was closed" on its every call
+            if key not in cls._shared or cls._shared[key].connection.channel.closed:
                 cls._shared[key] = cls(target, credentials=credentials)
             return cls._shared[key]
 
@@ -250,7 +253,7 @@ class LossClient:
 
     def describe(self, config: Mapping[str, Any], timeout: float | None = None) -> pb.DescribeResponse:
         """The server's description of ``config`` (validated), with its statefulness and provenance."""
-        request = pb.DescribeRequest(config=codec.encode_config(config))
+        request = pb.DescribeRequest(config=codec.encode_config(plain_config(config)))
         return self.connection.call("Describe", request, self._deadline(timeout))
 
     def list_losses(self, timeout: float | None = None) -> pb.ListLossesResponse:

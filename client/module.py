@@ -34,7 +34,7 @@ from .arguments import CallShape
 from .client import LossClient
 from .configs import ConfigEncoding
 from .errors import RemoteLossError, check_implementation
-from .roundtrip import evaluate_terms
+from .roundtrip import eager_under_compile, evaluate_terms
 from .sessions import PrivateSession
 from .targets import Target, label
 from .terms import BoundTerm
@@ -97,6 +97,11 @@ class RemoteLoss(nn.Module):
         expect: str | None = None,
     ) -> None:
         nn.Module.__init__(self)  # not super(): a subclass may also derive from mmdet's loss class
+        if not isinstance(cfg, Mapping):  # else dict(cfg) says "dictionary update sequence element #0..."
+            raise TypeError(
+                f"RemoteLoss: cfg must be the loss's config dict, e.g. dict(type='FocalLoss', gamma=2.0); "
+                f"got a {type(cfg).__name__} ({cfg!r:.60})"
+            )
         codec.transfer_dtype_of(transfer_dtype)  # a ValueError now for a bad name
         self.transfer_dtype = transfer_dtype
         self.cfg = dict(cfg)
@@ -208,6 +213,8 @@ class RemoteLoss(nn.Module):
 
     # -- calls -----------------------------------------------------------------------------------------
 
+    # torch.compile: binding reads the server's description (protobuf), which dynamo cannot trace either
+    @eager_under_compile
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         term = self.bind(*args, **kwargs)
         return evaluate_terms({"": term}, client=self.client, timeout=self.timeout)[""]

@@ -10,8 +10,9 @@ state its forward saw).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
-from typing import Any
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import grpc
 import torch
@@ -24,6 +25,8 @@ from .answers import malformed
 from .client import LossClient
 from .errors import RemoteLossError
 from .terms import BoundTerm, Leaf, TermLoss, encode_term
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 @dataclasses.dataclass
@@ -48,6 +51,7 @@ class RoundTrip:
         self.sink = chunks.StreamSink() if holds_back else None
         self.streamed: dict[str, Tensor] = {}
         self.lent: dict[str, tuple[Tensor, int]] = {}  # gradients handed to autograd as they are (see _lend)
+        self.resent: set[int] = set()  # the terms the latest backward had the server recompute (see _resend)
         transfers = [codec.transfer_dtype_of(bound.loss.transfer_dtype or client.transfer_dtype) for _, bound in terms]
         if transfers and all(t == transfers[0] for t in transfers):
             self.request.transfer_dtype = transfers[0]  # the answer travels narrowed too
@@ -122,11 +126,27 @@ class RoundTrip:
                 values.append(items[0][1])
         return values
 
+    def second_order_inputs(self, grad_outputs: Sequence[Tensor | None]) -> list[Tensor]:
+        """What the gradients of the latest backward depend on beyond what autograd sees: every input of the
+        loss, and the upstream gradients of the terms recomputed by the server (their gradients came back as
+        numbers, not as ``upstream * local``)."""
+        upstreams = [
+            upstream
+            for output, upstream in zip(self.outputs, grad_outputs, strict=True)
+            if upstream is not None and upstream.requires_grad and output.term in self.resent
+        ]
+        return [leaf.tensor for leaf in self.leaves] + upstreams
+
+    def loss_names(self) -> str:
+        """The loss types of this round trip's terms, for messages: "FocalLoss, GIoULoss"."""
+        return ", ".join(dict.fromkeys(str(bound.loss.cfg.get("type")) for _, bound in self.terms))
+
     # -- backward --------------------------------------------------------------------------------------
 
     def vjp(self, grad_outputs: Sequence[Tensor | None]) -> list[Tensor | None]:
         """Gradients of every leaf for the upstream gradients of every output tensor."""
         resent = self._resend(grad_outputs)
+        self.resent = set(resent)
         grads: list[Tensor | None] = [None] * len(self.leaves)
         for i, leaf in enumerate(self.leaves):
             if leaf.term in resent:
@@ -181,7 +201,8 @@ class RoundTrip:
                     "for repeated backward passes"
                 )
             return None
-        if upstream.dim() != 0 or upstream.device.type != "cpu" or upstream.item() != 1.0:
+        # an upstream 1 that requires grad (create_graph=True) must stay a factor: its derivative is wanted
+        if upstream.requires_grad or upstream.dim() != 0 or upstream.device.type != "cpu" or upstream.item() != 1.0:
             return None
         self.lent[field] = (local, local._version)
         # a tensor object of its own (same memory, same version counter): autograd keeps a gradient
@@ -271,11 +292,73 @@ class _RemoteEvaluate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: Tensor) -> tuple[Tensor | None, ...]:
-        return (None, *ctx.plan.vjp(grad_outputs))
+        plan: RoundTrip = ctx.plan
+        grads = plan.vjp(grad_outputs)
+        if torch.is_grad_enabled():  # backward(create_graph=True): autograd may differentiate these again
+            grads = _first_order_only(grads, plan.second_order_inputs(grad_outputs), plan.loss_names())
+        return (None, *grads)
 
 
+def _first_order_only(grads: list[Tensor | None], inputs: Sequence[Tensor], losses: str) -> list[Tensor | None]:
+    """The server's gradients, for a graph that will be differentiated again (``create_graph=True``).
+
+    The server sends first derivatives only: ``grad`` is a constant here, except through the upstream
+    gradient (``upstream * local``, whose derivative in the upstream's own inputs is right). Left as it
+    is, a gradient penalty ``(grad ** 2).sum().backward()`` would silently miss every second derivative
+    in the loss's inputs (pred.grad None where the local module gives one). So each gradient gets a zero
+    term that depends on those inputs (``inputs``: and on the upstream gradient of a term the server
+    recomputed, whose gradient came back as numbers) and whose backward raises: autograd runs it exactly
+    when a derivative in them is asked for, never for the first-order values."""
+    if not inputs:
+        return grads
+    marked = []
+    for grad in grads:
+        if grad is not None:
+            grad = grad + _NoSecondDerivative.apply(losses, grad.dtype, grad.device, *inputs)
+        marked.append(grad)
+    return marked
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """A zero whose derivative in ``inputs`` raises, naming the losses. The gradient it is added to is no
+    input of it: a derivative in the upstream gradient's own inputs does not pass through here."""
+
+    @staticmethod
+    def forward(ctx: Any, losses: str, dtype: torch.dtype, device: torch.device, *inputs: Tensor) -> Tensor:
+        ctx.losses = losses
+        return torch.zeros((), dtype=dtype, device=device)
+
+    @staticmethod
+    def backward(ctx: Any, *_: Tensor) -> tuple[Tensor | None, ...]:
+        raise RuntimeError(
+            f"losswire: a second derivative of {ctx.losses} was asked for (backward of a gradient taken with "
+            "create_graph=True: a gradient penalty, a Hessian, meta-learning), but the server computes first "
+            "derivatives only; the remote gradient cannot be differentiated again. Compute that term with a local "
+            "loss module"
+        )
+
+
+def eager_under_compile(fn: _F) -> _F:
+    """``fn``, run eagerly when torch.compile traces a caller: dynamo cannot trace a gRPC call (it failed inside
+    the codec with an InternalTorchDynamoError), so a RemoteLoss call becomes a graph break, as an opaque
+    Python call would. Not ``torch.compiler.disable`` at import: that imports torch._dynamo, two seconds of a
+    thin client's start-up; this asks for it only while compiling, when it is loaded anyway."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if not torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        eager = getattr(fn, "_losswire_eager", None)
+        if eager is None:
+            eager = fn._losswire_eager = torch.compiler.disable(fn)  # type: ignore[attr-defined]
+        return eager(*args, **kwargs)
+
+    return call  # type: ignore[return-value]
+
+
+@eager_under_compile
 def evaluate_terms(
-    terms: Mapping[str, BoundTerm | tuple[TermLoss, Sequence[Any], Mapping[str, Any]]],
+    terms: Mapping[str, BoundTerm | tuple[TermLoss, Sequence[Any], Mapping[str, Any] | None]],
     *,
     client: LossClient | None = None,
     timeout: float | None = None,
@@ -292,14 +375,16 @@ def evaluate_terms(
     })
     sum(losses.values()).backward()
 
-    A term whose loss returns a tuple or a dict gives a tuple or dict of tensors.
+    A term whose loss returns a tuple or a dict gives a tuple or dict of tensors; ``(module, args)``
+    and ``(module, args, None)`` stand for no keyword arguments; no terms, no call (``{}``).
     """
-    bound_terms = []
-    for name, term in terms.items():
-        if not isinstance(term, BoundTerm):
-            module, args, kwargs = term
-            term = module.bind(*args, **dict(kwargs))
-        bound_terms.append((name, term))
+    _refuse_functorch()
+    if not isinstance(terms, Mapping):
+        expected = "a dict {name: (remote_loss, args, kwargs)}"
+        raise TypeError(f"evaluate_terms: terms must be {expected}; got {_kind(terms)}")
+    bound_terms = [(name, _bound(name, term)) for name, term in terms.items()]
+    if not bound_terms:
+        return {}
     clients = {id(t.loss.client): t.loss.client for _, t in bound_terms}
     if client is None:
         if len(clients) != 1:
@@ -308,3 +393,36 @@ def evaluate_terms(
     plan = RoundTrip(bound_terms, client, timeout)
     tensors = _RemoteEvaluate.apply(plan, *(leaf.tensor for leaf in plan.leaves))
     return dict(zip(plan.names, plan.regroup(tensors), strict=True))
+
+
+def _bound(name: str, term: Any) -> BoundTerm:
+    """One entry of ``evaluate_terms``: a BoundTerm, or (module, args[, kwargs]) bound as its forward would."""
+    if isinstance(term, BoundTerm):
+        return term
+    if isinstance(term, (tuple, list)) and len(term) in (2, 3) and hasattr(term[0], "bind"):
+        module, args, kwargs = (*term, None) if len(term) == 2 else term
+        if isinstance(args, (tuple, list)) and (kwargs is None or isinstance(kwargs, Mapping)):
+            return module.bind(*args, **dict(kwargs or {}))
+    raise TypeError(
+        f"evaluate_terms: term {name!r} must be (remote_loss, args, kwargs), e.g. (loss_cls, (cls_score, labels), "
+        f"{{'avg_factor': 4.0}}), or remote_loss.bind(...); got {_kind(term)}"
+    )
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)}: ({', '.join(type(v).__name__ for v in value)})"
+    return f"a {type(value).__name__}"
+
+
+def _refuse_functorch() -> None:
+    """Under torch.func transforms (grad, vmap, jacrev...) the inputs are functorch's wrapped tensors, which
+    have no memory to send: say so, instead of torch's "Cannot access data pointer of Tensor that doesn't have
+    storage" from deep inside the encoder."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)  # no public query in torch
+    if active is not None and active():
+        raise RuntimeError(
+            "losswire: a RemoteLoss cannot be called under torch.func transforms (torch.func.grad, vmap, jacrev, "
+            "functional_call inside them...): the server computes on the tensors' values, which those transforms "
+            "hide. Call it outside them and take gradients with loss.backward() or torch.autograd.grad"
+        )

@@ -17,7 +17,7 @@ import ipaddress
 import os
 import re
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from losswire.wire.protocol import DEFAULT_PORT
@@ -28,6 +28,8 @@ TARGET_ENV = "LOSSWIRE_TARGET"
 # Schemes gRPC resolves itself; anything else with a port ("gpu1:50051") is a host.
 URI_SCHEMES = frozenset({"dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds", "google-c2p"})
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+# Schemes of a URL pasted where a target goes ("http://host:port"): no gRPC resolver takes them.
+URL_SCHEMES = frozenset({"http", "https", "grpc", "grpcs"})
 
 Target = str | Sequence[str]  # "host:port", a gRPC URI, or several "host:port" (a list or "h1:p1,h2:p2")
 Normalised = str | tuple[str, ...]  # what normalise_target returns: one server or URI, or several servers
@@ -79,13 +81,26 @@ def normalise_target(target: Target | None) -> Normalised:
         target = default_target()
     if isinstance(target, str):
         target = target.strip()
+        scheme, separator, rest = target.partition("://")
+        if separator and scheme.lower() in URL_SCHEMES:  # gRPC would say only "Misformatted domain name"
+            raise ValueError(
+                f"target {target!r} is a URL: gRPC dials 'host:port' (or a gRPC URI such as 'dns:///host:port'); "
+                f"write {rest.rstrip('/')!r}"
+            )
         if is_uri(target):
             if target.lower().startswith("dns:") and "," in target:
                 raise ValueError(f"{target!r}: a dns: URI names one host; list several servers as 'h1:p1,h2:p2'")
             return target
         parts: Sequence[Any] = target.split(",")
     else:
-        parts = list(target)
+        parts = list(target) if isinstance(target, Iterable) else [target]
+    if not all(isinstance(part, str) for part in parts):
+        # an int port, or a (host, port) pair, used to fail as "'int' object is not iterable" or as a list of
+        # two servers whose first, the bare host, has no port
+        raise TypeError(
+            f"target must be 'host:port' (e.g. '127.0.0.1:50051'), a gRPC URI, or a list of 'host:port' strings; "
+            f"got {target!r:.80} (of type {type(target).__name__})"
+        )
     addresses = tuple(dict.fromkeys(str(part).strip() for part in parts if str(part).strip()))
     if not addresses:
         raise ValueError("target names no server: expected 'host:port', several of them, or a gRPC URI")

@@ -99,6 +99,7 @@ def encode_term(
 
 def _encode_argument(shape: CallShape, name: str, value: Any, message: pb.LossTerm, options: dict[str, Any]) -> None:
     position = shape.names.index(name) if name in shape.names else None
+    value = dense(value)
     try:
         if position == 0:
             codec.encode_tensor(value, message.pred, **options)
@@ -116,6 +117,17 @@ def _encode_argument(shape: CallShape, name: str, value: Any, message: pb.LossTe
             codec.encode_value(value, message.inputs[name], **options)
     except (codec.CodecError, TypeError, ValueError) as error:
         raise ArgumentError(shape.loss, name, f"cannot be sent: {error}") from None
+
+
+def dense(value: Any) -> Any:
+    """A sparse tensor (or tuple / list member) as the dense tensor of the same values: the wire carries
+    strided tensors only, and the local module computes the same numbers from either. A sparse tensor
+    that requires grad never gets here (``arguments.check_argument`` refuses it)."""
+    if isinstance(value, Tensor):
+        return value if value.layout == torch.strided else value.to_dense()
+    if isinstance(value, (tuple, list)) and any(isinstance(v, Tensor) and v.layout != torch.strided for v in value):
+        return type(value)(dense(v) for v in value)
+    return value
 
 
 def _encode_extras(module: TermLoss, arguments: Mapping[str, Any], message: pb.LossTerm) -> None:
