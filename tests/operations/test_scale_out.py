@@ -529,12 +529,14 @@ def test_kubernetes_manifests_probe_grpc_and_drain_within_the_grace_period():
     assert set(env) <= {knob.env for knob in KNOBS}, set(env) - {knob.env for knob in KNOBS}
     config = config_from_args(build_parser().parse_args(["serve"]), env)
     assert config.host in ("0.0.0.0", "::") and config.port == ports["grpc"] and config.metrics_port == ports["metrics"]
+    # the probes' own port: a flood on the callers' port cannot keep them waiting
+    assert config.health_port == ports["health"] != ports["grpc"]
 
     expected = {"startupProbe": SERVICE_NAME, "livenessProbe": "", "readinessProbe": SERVICE_NAME}
     for name, health_service in expected.items():
         probe = container[name]
         assert {"httpGet", "tcpSocket", "exec"}.isdisjoint(probe), f"{name}: a native grpc probe"
-        assert probe["grpc"]["port"] == ports["grpc"], name
+        assert probe["grpc"]["port"] == ports["health"], name
         assert probe["grpc"].get("service", "") == health_service, name
 
     # SIGTERM: NOT_SERVING for the notice, long enough for readiness to fail; then the drain; Kubernetes
