@@ -218,7 +218,9 @@ class Overlap:
         result = response.results[0]
         if not term_rows.fell_back:  # its gradient is the one written row by row: early, all of it
             self.final = self.rows
-            sink.withdraw(result.gradients["pred"])
+            gradient = result.gradients["pred"]
+            sink.withdraw(gradient)
+            gradient.ClearField("data")  # declared without data: a small one was encoded inline, its bytes went early
             response.early.append(GRADIENT_PATH)
         else:
             self.off = True
