@@ -259,22 +259,30 @@ class Conversion:
             return  # the dataplane's shape check names it
         numel = math.prod(shape)
         dtype = codec.DTYPE_TO_TORCH[slot.dtype]
+        # bytes that do not fill the declared shape are refused when they are handed over (``arrived``), once the
+        # dataplane's limits on that shape have passed: a shape over a limit is refused as such, as by every door
         if raw is None:
             count = _typed_count(tensor, index)
             if count != numel:
-                raise RequestError(
-                    f"{where}: inputs[{index}].contents holds {count * dtype.itemsize} bytes; {tensor.datatype} "
-                    f"{shape} needs {numel} x {dtype.itemsize} = {numel * dtype.itemsize}",
-                    field=f"inputs[{index}].contents",
+                self._pending[path] = _refused(
+                    RequestError(
+                        f"{where}: inputs[{index}].contents holds {count * dtype.itemsize} bytes; {tensor.datatype} "
+                        f"{shape} needs {numel} x {dtype.itemsize} = {numel * dtype.itemsize}",
+                        field=f"inputs[{index}].contents",
+                    )
                 )
+                return
             self._pending[path] = lambda: _typed_tensor(tensor, index, dtype, shape)
         else:
             if len(raw) != numel * dtype.itemsize:
-                raise RequestError(
-                    f"{where}: raw_input_contents[{index}] holds {len(raw)} bytes; {tensor.datatype} {shape} needs "
-                    f"{numel} x {dtype.itemsize} = {numel * dtype.itemsize}",
-                    field=f"raw_input_contents[{index}]",
+                self._pending[path] = _refused(
+                    RequestError(
+                        f"{where}: raw_input_contents[{index}] holds {len(raw)} bytes; {tensor.datatype} {shape} "
+                        f"needs {numel} x {dtype.itemsize} = {numel * dtype.itemsize}",
+                        field=f"raw_input_contents[{index}]",
+                    )
                 )
+                return
             self._pending[path] = lambda: _raw_tensor(raw, dtype, shape)
 
     def _parameters(self, parameters: Mapping[str, oip.InferParameter]) -> None:
@@ -549,6 +557,15 @@ def _typed_tensor(
                 field=f"inputs[{index}].contents.{field}",
             )
     return torch.from_numpy(array.astype(target.newbyteorder("<"), copy=False)).reshape(shape)
+
+
+def _refused(error: RequestError) -> Callable[[], torch.Tensor]:
+    """The hand-over of an input whose bytes do not fill its declared shape: ``error``, raised when handed over."""
+
+    def refuse() -> torch.Tensor:
+        raise error
+
+    return refuse
 
 
 def _raw_tensor(raw: bytes, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
