@@ -139,7 +139,7 @@ class Dataplane:
             if request.HasField("lanes"):
                 raise RequestError("lanes are for EvaluateStream: this call came whole, in one message", field="lanes")
             # sizes from the declared shapes, before decoding
-            walked = check_request(request, self.limits, elsewhere=arrived is not None)
+            walked = check_request(request, self.limits)
             if quick and (request.HasField("output_shm") or any(tensor.HasField("shm") for _, tensor in walked)):
                 raise NotQuick
             buffers, big = CallBuffers(self), False
@@ -172,7 +172,7 @@ class Dataplane:
         in the memory budget and allocated at its first chunk, and the big-call slot is taken then."""
         started = time.perf_counter()
         check_cancelled(cancelled, "the whole call")
-        walked = check_request(header, self.limits, elsewhere=True)
+        walked = check_request(header, self.limits)
         stripes = chunks.Stripes.of(header)  # its chunks may come on several streams (lanes)
         buffers = CallBuffers(self)  # a header may name shared-memory tensors too: their copies are the call's
         try:

@@ -7,10 +7,11 @@ the codec wraps, copies, allocates or moves a single tensor:
 - a tensor's rank (``--max-dims``): a malformed tensor more than a big one, so INVALID_ARGUMENT;
 - a tensor's element count (``--max-elements``);
 - the element count summed over every tensor of the request (``--max-request-elements``);
-- the bytes its tensors declare that travel outside the message (in chunks, in shared memory, or
-  handed over by the Open Inference Protocol's converter): at most ``--max-message-bytes``, the bound
-  gRPC itself puts on one message and so on the tensors inside it, so one request-size limit holds
-  for every front door;
+- the bytes its tensors declare, however they travel (inline, in chunks, in shared memory, or handed
+  over by the Open Inference Protocol's converter): at most ``--max-message-bytes``, the bound gRPC
+  itself puts on one message and so on the tensors inside it, so one request-size limit holds for
+  every front door (a declared shape is refused by its size before its bytes are looked at, wherever
+  they are);
 - the number of terms (``--max-terms``);
 - each config and JSON forward input: at most ``protocol.MAX_JSON_BYTES`` encoded (parsed, one takes
   about 50 times its bytes).
@@ -45,12 +46,9 @@ class RequestLimits:
 Walked = list[tuple[str, pb.Tensor]]
 
 
-def check_request(request: pb.EvaluateRequest, limits: RequestLimits, elsewhere: bool = False) -> Walked:
+def check_request(request: pb.EvaluateRequest, limits: RequestLimits) -> Walked:
     """Refuse a request over a limit before it is decoded; returns its tensors as walked (field
-    path, Tensor: ``codec.tensors_of``), so that the caller need not walk the request again.
-
-    ``elsewhere``: tensors without their bytes in the message carry them elsewhere (a stream's chunks,
-    a converter's hand-over); tensors in shared memory always do."""
+    path, Tensor: ``codec.tensors_of``), so that the caller need not walk the request again."""
     terms = len(request.terms)
     if limits.max_terms is not None and terms > limits.max_terms:
         raise LimitExceededError(
@@ -67,10 +65,8 @@ def check_request(request: pb.EvaluateRequest, limits: RequestLimits, elsewhere:
     for path, tensor in tensors:
         numel = codec.check_shape(list(tensor.shape), path, limits.max_dims, limits.max_elements)
         total += numel
-        declared = numel * codec.wire_itemsize(tensor, path)
-        # bytes that travel outside the message count here; gRPC bounds those inside it
-        if tensor.HasField("shm") or (elsewhere and tensor.ByteSize() < declared):
-            nbytes += declared
+        # every tensor's, inline too: a message's own are within gRPC's bound, at most this one, already
+        nbytes += numel * codec.wire_itemsize(tensor, path)
         if numel > largest[1]:
             largest = (path, numel)
     path, numel = largest

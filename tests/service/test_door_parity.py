@@ -927,13 +927,6 @@ def test_a_small_overlapped_call_declares_its_early_gradient_without_data(served
     assert same_bits(outcome, expected)
 
 
-INLINE_UNCOUNTED = (
-    "limits.check_request counts the declared bytes of tensors travelling outside the message only: a unary "
-    "call's inline tensor declaring more than --max-message-bytes is refused for its bytes, not its size. Fix: "
-    "count every tensor's declared bytes (a message's own are within gRPC's bound, at most this one)"
-)
-
-
 @pytest.mark.parametrize(
     "door",
     [*LOSS_SERVICE_DOORS, "ModelInfer", "ModelInfer contents"],
@@ -955,7 +948,7 @@ def test_a_shape_over_max_elements_is_refused_for_its_size_whatever_bytes_came(l
 @pytest.mark.parametrize(
     "door",
     [
-        xfail("Evaluate", INLINE_UNCOUNTED),
+        "Evaluate",
         *LOSS_SERVICE_DOORS[1:],
         "ModelInfer",
         "ModelInfer contents",
@@ -963,7 +956,8 @@ def test_a_shape_over_max_elements_is_refused_for_its_size_whatever_bytes_came(l
 )
 def test_a_shape_over_max_message_bytes_is_refused_for_its_size_whatever_bytes_came(served, door):
     """pred declared [2**20, 2**20] float32 (4 TiB) with 20 KiB of bytes: streamed or in shared memory it is
-    refused for the bytes it declares, before any arrive; inline it must be too."""
+    refused for the bytes it declares, before any arrive; inline it is too. (A unary call's inline tensors
+    were not counted: refused for its bytes, INVALID_ARGUMENT, not its size.)"""
     shape = [2**20, 2**20]
     call = focal(64, tamper=declared("terms[0].pred", shape=shape), tamper_oip=declared_oip(0, shape=shape))
     expected = Refusal(EXHAUSTED, "terms[0].pred.shape", "inputs[0].shape", "--max-message-bytes")

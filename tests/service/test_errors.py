@@ -122,9 +122,9 @@ CASES = {
     ),
     "huge declared shape, few bytes": (
         raw(lambda t: t.pred.shape.extend([10**6, 10**6])),
-        INVALID,
-        "terms[0].pred.data",
-        "bytes",
+        EXHAUSTED,
+        "terms[0].pred.shape",
+        "--max-message-bytes",
     ),
     "negative dimension": (
         raw(lambda t: t.pred.shape.__setitem__(0, -2)),
