@@ -81,18 +81,15 @@ def gradient_leaves(
     """Mark the requested inputs as requiring grad; return {response key: leaf tensor}."""
     names = [i.name for i in description.inputs]
     aliases = {PRED: names[0], TARGET: names[1] if len(names) > 1 else TARGET}
-    # besides the declared ones, any tensor input (a weight that requires grad, as autograd gives it)
-    tensor_inputs = [i.name for i in description.inputs if i.kind in TENSOR_KINDS]
     leaves: dict[str, Tensor] = {}
     for key in requested:
         if key == "none":
             continue
         name = aliases.get(key, key)
-        if name not in description.differentiable and name not in tensor_inputs:
-            accepted = [*description.differentiable, *(n for n in tensor_inputs if n not in description.differentiable)]
+        if name not in description.gradient_inputs:
             raise LossInputError(
-                f"{description.name} returns gradients for its floating-point tensor inputs {accepted} only, "
-                f"not {key!r}",
+                f"{description.name} returns gradients for its floating-point tensor inputs "
+                f"{list(description.gradient_inputs)} only, not {key!r}",
                 field="gradients",
             )
         value = kwargs.get(name)
@@ -111,5 +108,4 @@ def gradient_leaves(
     return leaves
 
 
-TENSOR_KINDS = ("tensor", "tensor_or_tuple", "tensors")
 WEIGHT_INPUTS = ("weight", "label_weights", "label_weight")  # where a sampler's zeros go

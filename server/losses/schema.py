@@ -93,6 +93,9 @@ class ParamSpec:
         return Bounds(self.minimum, self.maximum, self.exclusive_minimum, self.exclusive_maximum)
 
 
+TENSOR_KINDS = ("tensor", "tensor_or_tuple", "tensors")  # the kinds of input that hold tensors
+
+
 @dataclasses.dataclass(frozen=True)
 class InputSpec:
     """One forward argument, in positional order."""
@@ -133,6 +136,13 @@ class LossDescription:
     # nothing else (pred always). The server reads these in place in a caller's shared memory and
     # copies every other input before checking it.
     value_inputs: tuple[str, ...] = ()
+
+    @property
+    def gradient_inputs(self) -> tuple[str, ...]:
+        """The inputs a call may ask the gradient of, whatever door it came through: those declared
+        ``differentiable``, then every other tensor input (a weight, say), as autograd gives it."""
+        tensors = (spec.name for spec in self.inputs if spec.kind in TENSOR_KINDS)
+        return (*self.differentiable, *(name for name in tensors if name not in self.differentiable))
 
     def param(self, name: str) -> ParamSpec:
         for spec in self.params:

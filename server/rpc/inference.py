@@ -62,7 +62,7 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         self, request: oip.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelMetadataResponse:
         description = oip_convert.model(self.registry, request.name, request.version, "name", "version")
-        outputs = [LOSS, *(GRAD + key for key in oip_convert.gradient_keys(description))]
+        outputs = [LOSS, *(GRAD + key for key in oip_convert.gradient_keys(description, declared=True))]
         return oip.ModelMetadataResponse(
             name=description.name,
             versions=[MODEL_VERSION],

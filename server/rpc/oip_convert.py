@@ -31,9 +31,10 @@ The mapping:
   any other name is INVALID_ARGUMENT.
 - **Outputs** in ``raw_output_contents``: ``loss`` (shape ``[]`` when reduced, else the loss's
   element-wise shape) and ``grad_<input>`` = d(sum(loss))/d(input): ``grad_pred``, and
-  ``grad_target`` (``grad_target[1]`` for a tuple member) for float targets when the request
-  names it in ``outputs``. Without ``outputs`` the response holds ``loss`` and ``grad_pred``;
-  with ``outputs`` exactly the outputs named, in that order (only ``loss``: no backward at all).
+  ``grad_target`` (``grad_target[1]`` for a tuple member) for float targets, or ``grad_weight`` (any
+  float input tensor, as LossService's ``gradients``) when the request names it in ``outputs``.
+  Without ``outputs`` the response holds ``loss`` and ``grad_pred``; with ``outputs`` exactly the
+  outputs named, in that order (only ``loss``: no backward at all).
 - **Several loss parts** (AssociativeEmbeddingLoss's tuple, SeesawLoss's dict): ``loss_<part>``
   and ``grad_<input>_<part>`` per part, the part being the tuple index or the dict key
   (``loss_0``, ``grad_pred_1``; ``loss_loss_cls_classes``), each gradient that part's own.
@@ -143,10 +144,12 @@ def metadata_inputs(description: LossDescription) -> list[oip.ModelMetadataRespo
     ]
 
 
-def gradient_keys(description: LossDescription) -> list[str]:
-    """The inputs this loss returns gradients for, by their OIP key (``pred``, ``target``...)."""
+def gradient_keys(description: LossDescription, declared: bool = False) -> list[str]:
+    """The inputs a call may ask this loss's gradients of, by their OIP key (``pred``, ``target``...), as
+    LossService's (``LossDescription.gradient_inputs``); ``declared``: those it declares differentiable
+    only (ModelMetadata's outputs)."""
     canonical = canonical_names(description)
-    return [canonical[name] for name in description.differentiable]
+    return [canonical[name] for name in (description.differentiable if declared else description.gradient_inputs)]
 
 
 # -- ModelInferRequest -> EvaluateRequest ----------------------------------------------------------------

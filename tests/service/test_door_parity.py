@@ -886,12 +886,7 @@ def test_a_call_over_a_limit_gets_the_same_status_through_every_door(limited, ca
     check_refusal(door, outcome, expected)
 
 
-# -- disagreements: the doors marked xfail answer otherwise today (a bug each; the reason says where, and the
-# fix). Strict: the fix makes them pass, and the mark must go. The other doors agree already and hold the parity.
-
-
-def xfail(door: str, reason: str) -> Any:
-    return pytest.param(door, marks=pytest.mark.xfail(strict=True, reason=reason))
+# -- where the doors once disagreed: each test names the old answer in its docstring
 
 
 SMALL_OVERLAPPED: dict[str, Callable[[], Call]] = {
@@ -964,11 +959,6 @@ def test_a_shape_over_max_message_bytes_is_refused_for_its_size_whatever_bytes_c
     check_refusal(door, through(door, served, call), expected)
 
 
-DECLARED_ONLY = (
-    "ModelInfer answers gradients of the inputs a loss declares differentiable only (oip_convert.gradient_keys); "
-    "LossService's gradients take any float input tensor (evaluation.binding.gradient_leaves). Fix: one rule, "
-    "LossDescription.gradient_inputs, read by both"
-)
 OTHER_GRADIENTS: dict[str, Callable[[], Call]] = {
     "FocalLoss weight": lambda: focal(64, weight=uniform(64, seed=21), gradients=("pred", "weight")),
     "SmoothL1Loss target and weight": lambda: Call(
@@ -991,11 +981,11 @@ OTHER_GRADIENTS: dict[str, Callable[[], Call]] = {
 }
 
 
-@pytest.mark.parametrize(
-    "door", [*DOORS[1:5], xfail("ModelInfer", DECLARED_ONLY), xfail("ModelInfer contents", DECLARED_ONLY)]
-)
+@pytest.mark.parametrize("door", [*DOORS[1:5], "ModelInfer", "ModelInfer contents"])
 @pytest.mark.parametrize("case", list(OTHER_GRADIENTS))
 def test_the_gradient_of_any_float_input_is_answered_through_every_door(served, case, door):
+    """One rule for which inputs have gradients (``LossDescription.gradient_inputs``). (ModelInfer answered
+    those a loss declares differentiable only, and refused a weight's that every other door answers.)"""
     expected = unary(served, OTHER_GRADIENTS[case]())
     outcome = through(door, served, OTHER_GRADIENTS[case]())
     assert expected.code == OK and outcome.code == OK, outcome
