@@ -16,6 +16,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import grpc
@@ -28,7 +29,7 @@ from support.servers import CALL_TIMEOUT, ServerProcess, losswire_script, module
 from losswire.client import LossClient, RemoteLoss
 from losswire.client.errors import RemoteLossError
 from losswire.server.cli import KNOBS, KnobError, build_parser, resolve_settings
-from losswire.server.rpc.metrics import METRICS_CONNECTIONS, METRICS_IDLE_SECONDS
+from losswire.server.rpc.metrics import METRICS_CONNECTIONS, METRICS_IDLE_SECONDS, METRICS_SCRAPE_INTERVAL_SECONDS
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.wire import codec
 
@@ -216,6 +217,33 @@ def test_a_silent_metrics_connection_is_closed(metered_server: ServerProcess):
         assert METRICS_IDLE_SECONDS - 1 <= time.monotonic() - started <= METRICS_IDLE_SECONDS + 5
     finally:
         sock.close()
+
+
+def test_a_flood_of_scrapes_is_answered_at_a_bounded_pace(metered_server: ServerProcess):
+    """Eight threads scraping back to back for 2 s: every answer is whole, and at most one scrape per
+    METRICS_SCRAPE_INTERVAL_SECONDS is answered (the server answers them in turn). Unpaced, such threads
+    took ~300 scrapes a second and made a small call 55 times slower: the event loop waited for the GIL."""
+    url = f"http://127.0.0.1:{metered_server.metrics_port}/metrics"
+    stop, answers, lock = threading.Event(), [], threading.Lock()
+
+    def scrape_until_stopped() -> None:
+        while not stop.is_set():
+            with urllib.request.urlopen(url, timeout=30) as response:
+                body = response.read()
+            with lock:
+                answers.append(body)
+
+    threads = [threading.Thread(target=scrape_until_stopped) for _ in range(8)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    time.sleep(2.0)  # the flood's length: the bound below is proportional to it
+    stop.set()
+    for thread in threads:
+        thread.join(60)
+    elapsed = time.monotonic() - started
+    assert answers and all(b"losswire_build_info" in body for body in answers)
+    assert len(answers) <= elapsed / METRICS_SCRAPE_INTERVAL_SECONDS + 2, (len(answers), elapsed)
 
 
 def test_in_flight_gauge_sees_a_running_call(metered_server: ServerProcess):
