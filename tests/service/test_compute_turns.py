@@ -17,13 +17,11 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Iterator
-from types import ModuleType
 
 import grpc
 import pytest
 import torch
 from support.calls import plain_channel
-from support.faults import load_fault_losses
 from support.in_process import DEVICE, running_server
 from support.polling import wait_until
 
@@ -36,16 +34,6 @@ from losswire.wire import codec
 WAIT = 30.0  # the most any single wait here may take before the test fails
 ANSWERED = 10.0  # the deadline of a call that must not wait behind the held ones
 TOKENS = ("token-a-0123456789", "token-b-0123456789")
-
-
-@pytest.fixture(scope="module")
-def fault_losses() -> tuple[ModuleType, Registry]:
-    return load_fault_losses()
-
-
-@pytest.fixture(scope="module")
-def faults(fault_losses) -> ModuleType:
-    return fault_losses[0]
 
 
 @pytest.fixture

@@ -33,14 +33,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent import futures
-from types import ModuleType
 
 import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support.calls import RETRYING_RESOURCE_EXHAUSTED, plain_channel
-from support.faults import load_fault_losses
 from support.in_process import DEVICE, running_server
 from support.logs import LogWatch, watching_server_log
 from support.paths import with_tests_on_path
@@ -57,16 +55,6 @@ WAIT = 30.0  # the most any single wait here may take before the test fails
 LIMIT = 2  # --max-concurrent-rpcs of the overload tests
 GONE = "the caller cancelled or its deadline passed"
 SEESAW = {"type": "SeesawLoss", "num_classes": 6}
-
-
-@pytest.fixture(scope="module")
-def fault_losses() -> tuple[ModuleType, Registry]:
-    return load_fault_losses()
-
-
-@pytest.fixture(scope="module")
-def faults(fault_losses) -> ModuleType:
-    return fault_losses[0]
 
 
 def running(registry: Registry, **settings) -> contextlib.AbstractContextManager[LosswireServer]:
