@@ -126,8 +126,9 @@ class LosswireServer:
         self.auth = TokenAuthInterceptor(self.tokens) if self.tokens else None
         # unary requests received and held at once; with tokens, one token holds all of it but one request
         self.request_room = RequestRoom(self._request_room(), per_caller=self._request_room_per_token())
-        # health calls (without a token, where tokens are on) read in a room of their own: whatever holds the
-        # request room, probes are still read; one connection has at most one being received there
+        # health calls (without a token, where tokens are on) read in a room of their own, with call slots of
+        # their own: whatever holds the request room or the calls, probes are still read (one connection has at
+        # most one being received there), and a flood of them leaves callers their slots
         self.open_room = RequestRoom(
             8 * self._largest_request_message(),
             per_connection=1,
@@ -278,8 +279,8 @@ class LosswireServer:
         ]
 
     def _calls_at_once(self) -> int | None:
-        """gRPC's own bound on calls at once, behind the intake's: --max-concurrent-rpcs, and health Watch
-        streams besides (they have a bound of their own and take no call's place)."""
+        """gRPC's own bound on calls at once, behind the intake's: --max-concurrent-rpcs, and besides health
+        Watch streams and health checks without a token (bounds of their own: they take no call's place)."""
         calls = self.config.max_concurrent_rpcs
         return None if calls is None else calls + self.config.max_health_watches + OPEN_CALLS
 
