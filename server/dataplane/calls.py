@@ -61,11 +61,26 @@ NO_SESSIONS = contextlib.nullcontext(None)  # a call whose terms name no session
 # about a millisecond, the longest the loop then stalls) and QUICK_MAX_BYTES of working memory.
 QUICK_MAX_WORK = 2_000_000
 QUICK_MAX_BYTES = 8 << 20
+# Configs and JSON inputs become Python values in Python, ~5 us a value, before any cost is known: a quick
+# call's are at most this big on the wire (read from the message's sizes), or a caller's 950 KB of nested
+# junk held the event loop 0.35 s a call while every other call waited
+QUICK_MAX_JSON_BYTES = 16 << 10
 
 
 class NotQuick(Exception):  # noqa: N818 (a signal to the front door, not an error of the caller's)
     """Raised by ``Dataplane.evaluate(quick=True)`` for a call that is not quick, before anything of it
     is held, built or changed: the front door then evaluates it on a compute thread."""
+
+
+def _small_structures(request: pb.EvaluateRequest) -> bool:
+    """Whether every config and JSON input of ``request`` is at most ``QUICK_MAX_JSON_BYTES`` on the wire."""
+    for term in request.terms:
+        if term.config.ByteSize() > QUICK_MAX_JSON_BYTES:
+            return False
+        for value in (term.target, *term.inputs.values()):
+            if value.WhichOneof("kind") == "json" and value.json.ByteSize() > QUICK_MAX_JSON_BYTES:
+                return False
+    return True
 
 
 def sessions_of(terms: list[TermRequest], replays: bool = False) -> dict[str, dict[str, Any]]:
@@ -203,6 +218,8 @@ class Dataplane:
         Nothing is written into the caller's shared memory once the call has ended (its caller cancelled or
         its deadline passed): the output range hands out room only while ``cancelled()`` is false, to fused
         kernels and to the answer's placement alike."""
+        if quick and not _small_structures(request):
+            raise NotQuick
         transfer = check_transfer_dtype(request)
         term_names(request.terms)
         output_range, own_sink = None, False

@@ -21,6 +21,7 @@ from support.servers import CALL_TIMEOUT, ServerProcess, module_cmd, server_env
 
 from losswire.client import LossClient
 from losswire.server.dataplane import Dataplane, NotQuick
+from losswire.server.dataplane.calls import QUICK_MAX_JSON_BYTES
 from losswire.server.losses import LOSSES, WeightedLoss
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.wire import codec
@@ -130,6 +131,21 @@ def test_a_request_naming_shared_memory_is_not_quick_and_touches_no_region():
     tensor.shm.byte_size = 8 * 4 * 4
     with pytest.raises(NotQuick):
         dataplane.evaluate(request, lambda: False, quick=True)  # a region lookup would refuse it: NOT_FOUND
+
+
+@pytest.mark.parametrize("where", ["config", "a JSON input"])
+def test_a_request_with_a_big_config_or_json_input_is_not_quick_before_any_of_it_is_converted(where: str):
+    """Configs and JSON inputs become Python values in Python (~5 us a value): one over QUICK_MAX_JSON_BYTES is
+    sent to a compute thread before it is converted, so an unknown loss there is not refused on the event loop
+    (a caller's 1 MiB of nested values held the loop 0.4 s a call, and small calls were 216x slower)."""
+    junk = [[index, str(index)] for index in range(QUICK_MAX_JSON_BYTES // 8)]
+    request = request_of({"type": "NoSuchLoss"}, torch.randn(8, 4), labels(8, 4))
+    if where == "config":
+        codec.encode_config({"type": "NoSuchLoss", "junk": junk}, request.terms[0].config)
+    else:
+        codec.encode_value(junk, request.terms[0].inputs["junk"])
+    with pytest.raises(NotQuick):  # not LossError: nothing was converted, or the unknown type would be refused
+        Dataplane(torch.device("cpu")).evaluate(request, lambda: False, quick=True)
 
 
 @pytest.fixture(scope="module")
