@@ -10,7 +10,7 @@ from torch import nn
 
 from . import cost
 from .errors import DuplicateLossError, LossConfigError, UnknownLossError
-from .schema import LossDescription, describe_class, validate_config
+from .schema import LossDescription, describe_class, unknown_parameter, validate_config
 
 ModuleClass = TypeVar("ModuleClass", bound=type)
 
@@ -147,6 +147,23 @@ class Registry:
                 self._checked[key] = loss_type
         return loss_type
 
+    def check_shallow(self, name: str, kinds: Mapping[str, str]) -> None:
+        """Refuse, before any value of a config of loss ``name`` is read, a key that is none of its parameters
+        (the same LossConfigError as ``check_config``) and a JSON list or object (``kinds``: each key's JSON
+        kind) given to a parameter that takes one value; everything else is left to ``check_config``, and so
+        is a name not registered here."""
+        description = self._descriptions.get(name)
+        if description is None:
+            return
+        specs = {spec.name: spec for spec in description.params}
+        for key, kind in kinds.items():
+            spec = specs.get(key)
+            if spec is None:
+                raise unknown_parameter(name, description.params, key)
+            if kind in SHALLOW_REFUSED.get(spec.type, ()):
+                expected = f"a {spec.type}" + (" or None" if spec.nullable else "")
+                raise LossConfigError(f"{name}.{key} must be {expected}, got a JSON {kind}", field=key)
+
     def check_config(self, cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         """Validate a config dict; return (type, normalised keyword arguments)."""
         if not isinstance(cfg, Mapping):
@@ -168,6 +185,9 @@ class Registry:
         params = {k: v for k, v in cfg.items() if k != "type"}
         return loss_type, validate_config(self._descriptions[loss_type], params)
 
+
+# the JSON kinds a parameter of each type never takes, told from a config's structure without reading it
+SHALLOW_REFUSED = {kind: ("list", "object") for kind in ("float", "int", "bool", "str")} | {"list[float]": ("object",)}
 
 LOSSES = Registry("losses")
 

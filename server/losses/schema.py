@@ -425,10 +425,15 @@ def validate_params(owner: str, specs: tuple[ParamSpec, ...], params: Mapping[st
     checked = {}
     for key, value in params.items():
         if key not in known:
-            raise LossConfigError(
-                f"{owner} has no parameter {key!r}; valid parameters: "
-                + ", ".join(f"{s.name} ({s.type}, default {s.default!r})" for s in specs),
-                field=key,
-            )
+            raise unknown_parameter(owner, specs, key)
         checked[key] = _coerce(owner, known[key], value)
     return checked
+
+
+def unknown_parameter(owner: str, specs: tuple[ParamSpec, ...], key: str) -> LossConfigError:
+    """The error for a config key ``owner`` has no parameter of, naming the ones it has."""
+    return LossConfigError(
+        f"{owner} has no parameter {key!r}; valid parameters: "
+        + ", ".join(f"{s.name} ({s.type}, default {s.default!r})" for s in specs),
+        field=key,
+    )

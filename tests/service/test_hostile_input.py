@@ -24,6 +24,7 @@ from support.servers import ServerProcess, module_cmd, server_env
 from losswire.client import RemoteLossError
 from losswire.inference import grpc_predict_v2_pb2 as oip
 from losswire.inference import grpc_predict_v2_pb2_grpc as oip_grpc
+from losswire.server.dataplane import Dataplane
 from losswire.server.rpc import inference, oip_convert
 from losswire.server.rpc.compute import QUICK_MAX_MESSAGE_BYTES
 from losswire.v1 import loss_service_pb2 as pb
@@ -47,6 +48,52 @@ def good_call_is_answered(target: str) -> None:
             infer_request("L1Loss", {"pred": torch.ones(3), "target": torch.zeros(3)}), timeout=30
         )
     assert outputs_of(answer)["loss"].item() == 1.0
+
+
+def python_calls_in(work) -> tuple[BaseException | None, int]:
+    """What ``work()`` raised, and how many Python function calls it made (this thread's)."""
+    calls = 0
+
+    def count(_frame, event, _arg) -> None:
+        nonlocal calls
+        calls += event == "call"
+
+    sys.setprofile(count)
+    try:
+        work()
+    except Exception as error:  # the test reads it
+        return error, calls
+    finally:
+        sys.setprofile(None)
+    return None, calls
+
+
+NESTED = [[index, str(index)] for index in range(40_000)]  # 950 KB: 120,000 values to convert
+
+
+@pytest.mark.parametrize(
+    "config, words",
+    [
+        ({"type": "FocalLoss", "junk": NESTED}, "FocalLoss has no parameter 'junk'"),
+        ({"type": "FocalLoss", "alpha": NESTED}, "FocalLoss.alpha must be a float, got a JSON list"),
+        ({"type": "CrossEntropyLoss", "class_weight": {str(i): i for i in range(40_000)}}, "got a JSON object"),
+    ],
+    ids=["unknown key", "list for a float", "object for a list"],
+)
+def test_a_big_config_that_cannot_be_right_is_refused_before_its_values_are_converted(config, words):
+    """Converting a config's values is Python, ~5 us a value: 950 KB of nested values under a key the loss does
+    not have, or under a float parameter, cost 0.35 s of a compute thread (and of the interpreter lock that
+    every other call needs) before it was refused. A big config's keys and the kinds of their values are now
+    checked first: the refusal makes a few hundred Python calls, not the 120,000 the values would take."""
+    request = pb.EvaluateRequest()
+    term = request.terms.add()
+    codec.encode_config(config, term.config)
+    codec.encode_tensor(torch.randn(4, 80), term.pred)
+    codec.encode_value(torch.randint(0, 80, (4,)), term.target)
+    dataplane = Dataplane(torch.device("cpu"))
+    error, calls = python_calls_in(lambda: dataplane.evaluate(request, lambda: False))
+    assert error is not None and words in str(error), error
+    assert calls < 2_000, calls
 
 
 @pytest.mark.parametrize("elements", [(1 << 33) // 4, 2**62])
