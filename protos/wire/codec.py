@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import Message
@@ -365,6 +366,25 @@ def json_value(value: Any) -> struct_pb2.Value:
     return message
 
 
+# A list of this many values or more is first read as numbers from its wire form (``_numbers``)
+MANY_NUMBERS = 64
+# One number of a ListValue on the wire: field 1 (a Value, 9 bytes long) holding field 2, number_value, fixed64
+_NUMBER_ITEM = np.dtype([("head", "V3"), ("number", "<f8")])
+_NUMBER_HEAD = np.void(b"\x0a\x09\x11")
+
+
+def _numbers(message: struct_pb2.ListValue) -> list[float] | None:
+    """``message``'s values as floats when every one is a number, read from its wire form by numpy in one
+    pass (value by value, a class_weight of 13,000 numbers took ~10 ms of Python a call); else None."""
+    data = message.SerializeToString()
+    if len(data) != _NUMBER_ITEM.itemsize * len(message.values):
+        return None
+    items = np.frombuffer(data, dtype=_NUMBER_ITEM)
+    if not (items["head"] == _NUMBER_HEAD).all():
+        return None
+    return items["number"].tolist()
+
+
 def python_value(message: struct_pb2.Value) -> Any:
     """``google.protobuf.Value`` -> a plain Python value, read as sent.
 
@@ -375,7 +395,9 @@ def python_value(message: struct_pb2.Value) -> Any:
     if kind == "struct_value":
         return {key: python_value(value) for key, value in message.struct_value.fields.items()}
     if kind == "list_value":
-        return [python_value(value) for value in message.list_value.values]
+        values = message.list_value.values
+        numbers = _numbers(message.list_value) if len(values) >= MANY_NUMBERS else None
+        return numbers if numbers is not None else [python_value(value) for value in values]
     if kind is None or kind == "null_value":
         return None
     return getattr(message, kind)

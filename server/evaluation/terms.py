@@ -10,6 +10,7 @@ to each part without a second round trip.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -22,6 +23,7 @@ from .sampling import Sample
 
 PRED, TARGET = "pred", "target"
 _UNKEYED = object()  # TermRequest.config_key not computed yet
+MANY_FLOATS = 64  # a list of this many floats or more is keyed by its bits, not number by number
 
 
 def frozen(value: Any) -> Any:
@@ -29,6 +31,8 @@ def frozen(value: Any) -> Any:
     if isinstance(value, Mapping):
         return ("dict", tuple(sorted(((str(k), frozen(v)) for k, v in value.items()), key=lambda kv: kv[0])))
     if isinstance(value, (list, tuple)):
+        if len(value) >= MANY_FLOATS and all(type(v) is float for v in value):
+            return ("floats", array.array("d", value).tobytes())  # a class_weight: bits, -0.0 and 0.0 apart
         return ("list", tuple(frozen(v) for v in value))
     if isinstance(value, float):
         return ("float", repr(value))  # -0.0 and 0.0 apart, NaN equal to itself
