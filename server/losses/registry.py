@@ -91,6 +91,9 @@ class Registry:
         return len(self._classes)
 
     def _unknown_message(self, name: str) -> str:
+        if len(str(name)) > MAX_NAME_CHARS:  # no slip of the keyboard: not compared (difflib is quadratic) nor quoted
+            registered = ", ".join(self.names())
+            return f"unknown loss type {str(name)[:40]!r}... ({len(str(name))} characters; registered: {registered})"
         close = difflib.get_close_matches(str(name), self._classes, n=3, cutoff=0.5)
         lowered = {n.lower(): n for n in self._classes}
         same_but_case = lowered.get(str(name).lower())
@@ -186,6 +189,7 @@ class Registry:
         return loss_type, validate_config(self._descriptions[loss_type], params)
 
 
+MAX_NAME_CHARS = 128  # a loss name longer than this is compared with none of the registered ones
 # the JSON kinds a parameter of each type never takes, told from a config's structure without reading it
 SHALLOW_REFUSED = {kind: ("list", "object") for kind in ("float", "int", "bool", "str")} | {"list[float]": ("object",)}
 

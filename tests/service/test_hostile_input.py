@@ -24,7 +24,10 @@ from support.servers import ServerProcess, module_cmd, server_env
 from losswire.client import RemoteLossError
 from losswire.inference import grpc_predict_v2_pb2 as oip
 from losswire.inference import grpc_predict_v2_pb2_grpc as oip_grpc
-from losswire.server.dataplane import Dataplane
+from losswire.server.dataplane import Dataplane, NotQuick
+from losswire.server.dataplane.calls import QUICK_MAX_TERMS
+from losswire.server.dataplane.limits import MAX_TERM_ENTRIES
+from losswire.server.errors import RequestError
 from losswire.server.rpc import inference, oip_convert
 from losswire.server.rpc.compute import QUICK_MAX_MESSAGE_BYTES
 from losswire.v1 import loss_service_pb2 as pb
@@ -93,6 +96,65 @@ def test_a_big_config_that_cannot_be_right_is_refused_before_its_values_are_conv
     dataplane = Dataplane(torch.device("cpu"))
     error, calls = python_calls_in(lambda: dataplane.evaluate(request, lambda: False))
     assert error is not None and words in str(error), error
+    assert calls < 2_000, calls
+
+
+def focal_term(request: pb.EvaluateRequest) -> pb.LossTerm:
+    term = request.terms.add()
+    codec.encode_config({"type": "FocalLoss"}, term.config)
+    codec.encode_tensor(torch.randn(4, 80), term.pred)
+    codec.encode_value(torch.randint(0, 80, (4,)), term.target)
+    return term
+
+
+def many_entries(where: str) -> pb.EvaluateRequest:
+    """A FocalLoss term with 25,000 entries in one of its maps or lists (a few hundred KB)."""
+    request = pb.EvaluateRequest()
+    term = focal_term(request)
+    if where == "target.tensors":
+        term.target.tensors.items.extend(pb.Tensor(dtype=pb.FLOAT32) for _ in range(25_000))
+    elif where == "gradients":
+        term.gradients.extend(["pred"] * 25_000)
+    else:
+        entries = getattr(term, where)
+        for index in range(25_000):
+            tensor = entries[f"k{index}"].tensor if where == "inputs" else entries[f"k{index}"]
+            tensor.dtype = pb.FLOAT32
+    return request
+
+
+@pytest.mark.parametrize("where", ["target.tensors", "inputs", "grad_outputs", "gradients"])
+def test_a_term_with_thousands_of_entries_is_refused_before_they_are_walked(where):
+    """Each entry of a term's maps and lists costs Python to walk, check and decode (~10 us): 25,000 tiny
+    tensors in a 600 KB request took 0.5 s of the event loop to refuse (a valid one with 150,000 "pred" in
+    ``gradients`` was answered, after 0.27 s), and two callers sending them starved every other call. A term
+    holds at most MAX_TERM_ENTRIES of each; counted, not read."""
+    request = many_entries(where)
+    dataplane = Dataplane(torch.device("cpu"))
+    error, calls = python_calls_in(lambda: dataplane.evaluate(request, lambda: False, quick=True))
+    assert isinstance(error, RequestError) and error.field == f"terms[0].{where}", error
+    assert f"holds 25000 entries; a term takes at most {MAX_TERM_ENTRIES}" in str(error)
+    assert calls < 2_000, calls
+
+
+def test_many_small_terms_are_not_quick():
+    """Each term costs a fixed ~0.6 ms of Python beyond its loss: 256 tiny terms held the event loop
+    140-210 ms. A call of more than QUICK_MAX_TERMS terms goes to a compute thread."""
+    request = pb.EvaluateRequest()
+    for _ in range(QUICK_MAX_TERMS + 1):
+        focal_term(request)
+    with pytest.raises(NotQuick):
+        Dataplane(torch.device("cpu")).evaluate(request, lambda: False, quick=True)
+
+
+def test_an_unknown_loss_name_of_a_megabyte_is_refused_without_comparing_it():
+    """The refusal suggests registered names close to an unknown one (difflib, quadratic in the name): a
+    950 KB name took ~125 ms, and was quoted whole. A name over 128 characters is neither."""
+    request = pb.EvaluateRequest()
+    term = focal_term(request)
+    codec.encode_config({"type": "L" * 950_000}, term.config)
+    error, calls = python_calls_in(lambda: Dataplane(torch.device("cpu")).evaluate(request, lambda: False))
+    assert error is not None and "950000 characters" in str(error) and len(str(error)) < 2_000, str(error)[:200]
     assert calls < 2_000, calls
 
 
