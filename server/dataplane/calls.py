@@ -239,8 +239,7 @@ class Dataplane:
         limit, widen_into = self.limits.max_elements, self.buffers.take
         for index, message in enumerate(request.terms):
             with AtTerm(index, message.name):
-                if message.config.ByteSize() > QUICK_MAX_JSON_BYTES:
-                    self._check_shallow(message.config)
+                self._check_shallow(message.config)
                 terms.append(decode_term(message, f"terms[{index}]", self.device, limit, arrived, widen_into))
         in_place: InPlace = {}  # gradients a kernel wrote into the output range
         terms = self._place_gradients(terms, output_range, sink, transfer, in_place, cancelled)
@@ -287,6 +286,8 @@ class Dataplane:
         """A big config's keys, and the kinds of their values, checked against its loss's parameters before any
         value is converted (~5 us a value, in Python): an unknown key or a float parameter with 950 KB of
         nested values under it cost 0.35 s of a compute thread, and of the interpreter lock, to be refused."""
+        if config.ByteSize() <= QUICK_MAX_JSON_BYTES:
+            return  # a small config costs little to convert: its values are checked as usual
         fields = config.fields
         if "type" in fields and fields["type"].WhichOneof("kind") == "string_value":
             kinds = {key: JSON_KINDS.get(value.WhichOneof("kind"), "value") for key, value in fields.items()}
@@ -393,8 +394,7 @@ class Dataplane:
         """A loss config (``DescribeRequest.config``) checked and described: every parameter filled in, the
         output kind, statefulness. Decoded here, on a compute thread, once its size is checked."""
         check_json_bytes(message, "config")
-        if message.ByteSize() > QUICK_MAX_JSON_BYTES:
-            self._check_shallow(message)
+        self._check_shallow(message)
         config, sampler = split_sampler(codec.decode_config(message))
         config = self.registry.normalise(config)
         estimate = self.registry.estimate(config)
