@@ -40,6 +40,10 @@ def _shape(value: Any) -> tuple[int, ...] | list[tuple[int, ...]] | None:
         return tuple(value.shape)
     if isinstance(value, tuple) and value and all(isinstance(v, Tensor) for v in value):
         return [tuple(v.shape) for v in value]
+    if isinstance(value, list):
+        # a JSON list (AssociativeEmbeddingLoss's match: per image a list of corner pairs): its length and
+        # its members' lengths added up
+        return (len(value), sum(len(v) for v in value if isinstance(v, (list, tuple))))
     return None
 
 

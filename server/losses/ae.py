@@ -36,12 +36,11 @@ from .errors import LossInputError
 from .registry import LOSSES
 from .schema import OutputKind
 
-# The push term compares every embedding of an image with every other: about this many [K, K] tensors
-# of pred's dtype alive at once in a forward + backward (K = objects x channels of one image).
-PUSH_COPIES = 8
-# Each image is a step of a Python loop whose autograd graph costs a fixed amount, whatever its maps hold:
-# measured 21 KiB and ~260 us per image with one object (8 KiB and ~95 us without), one thread.
-IMAGE_BYTES, IMAGE_WORK = 24 << 10, 500_000
+# Per embedding (E = objects x M over the batch), the sort keys, ranks and counts of the push term (a dozen
+# int64 and float64 vectors of E or 3E entries) and the gathered values with their gradients; per image a
+# few [B] vectors. Work units as the cost module counts them (~0.5 ns each): E log E sorts and searches.
+EMBEDDING_BYTES, EMBEDDING_WORK = 320, 3_000
+IMAGE_BYTES, IMAGE_WORK = 48, 400
 
 CORNER_FORM = "[[tl_y, tl_x], [br_y, br_x]]"
 
@@ -76,54 +75,152 @@ def _items(value: Any, where: str, expected: str) -> list[Any]:
     return list(value)
 
 
-def corner_positions(match: Any, batch: int, height: int, width: int) -> list[list[tuple[int, int, int, int]]]:
-    """``match`` -> per image a list of (tl_y, tl_x, br_y, br_x), every value checked."""
+def corner_positions(match: Any, batch: int, height: int, width: int) -> Tensor:
+    """``match`` -> the objects' rows (image, tl_y, tl_x, br_y, br_x) [objects, 5], every value checked.
+
+    Plain ints and floats in range are read in one pass (100,000 corner pairs took 0.9 s of Python value by
+    value, and a batch of empty images a step each); anything else value by value, naming the first bad one.
+    """
     images = _items(match, "", f"a list of {batch} per-image lists of corner pairs {CORNER_FORM}")
     if len(images) != batch:
         raise LossInputError(
             f"match must hold one list of corner pairs per image: {batch} for pred's batch, got {len(images)}",
             field="match",
         )
-    positions = []
-    for i, image in enumerate(images):
-        objects = []
-        for k, pair in enumerate(_items(image, f"[{i}]", f"a list of corner pairs {CORNER_FORM}")):
-            corners = _items(pair, f"[{i}][{k}]", f"a corner pair {CORNER_FORM}")
-            if len(corners) != 2:
+    plain = _plain_corners(images)
+    if plain is not None and _in_range(plain[0], height, width):
+        table, counts = plain[0].long().reshape(-1, 4), plain[1]
+    else:
+        checked = [_checked_corners(image, i, height, width) for i, image in enumerate(images)]
+        table = torch.tensor([v for values in checked for v in values], dtype=torch.long).reshape(-1, 4)
+        counts = [len(values) // 4 for values in checked]
+    image_of = torch.arange(batch).repeat_interleave(torch.tensor(counts, dtype=torch.long))
+    return torch.cat([image_of.unsqueeze(1), table], dim=1)
+
+
+def _plain_corners(images: list[Any]) -> tuple[Tensor, list[int]] | None:
+    """Every image's corner pairs as one float64 table [objects, 2, 2] and each image's count, when they
+    are lists of ints and floats of that form; else None."""
+    if not all(type(image) in (list, tuple) for image in images):
+        return None
+    pairs = [pair for image in images for pair in image]
+    try:
+        kinds = {type(value) for pair in pairs for corner in pair for value in corner}
+        table = torch.tensor(pairs, dtype=torch.float64) if pairs else torch.empty(0, 2, 2, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        return None
+    if not kinds <= {int, float} or table.shape != (len(pairs), 2, 2):
+        return None
+    return table, [len(image) for image in images]
+
+
+def _in_range(table: Tensor, height: int, width: int) -> bool:
+    """Integral coordinates inside the maps (a float64 holds every int below 2**53 exactly; a bigger one is
+    out of range whatever its rounding)."""
+    sizes = torch.tensor([height, width], dtype=torch.float64)
+    return bool(((table == table.floor()) & (table >= 0) & (table < sizes)).all())
+
+
+def _checked_corners(image: Any, i: int, height: int, width: int) -> list[int]:
+    values = []
+    for k, pair in enumerate(_items(image, f"[{i}]", f"a list of corner pairs {CORNER_FORM}")):
+        corners = _items(pair, f"[{i}][{k}]", f"a corner pair {CORNER_FORM}")
+        if len(corners) != 2:
+            raise LossInputError(
+                f"match[{i}][{k}] must be a corner pair {CORNER_FORM}, got {len(corners)} entries", field="match"
+            )
+        for c, corner in enumerate(corners):
+            point = _items(corner, f"[{i}][{k}][{c}]", "a corner [y, x]")
+            if len(point) != 2:
                 raise LossInputError(
-                    f"match[{i}][{k}] must be a corner pair {CORNER_FORM}, got {len(corners)} entries", field="match"
+                    f"match[{i}][{k}][{c}] must be a corner [y, x], got {len(point)} entries", field="match"
                 )
-            values = []
-            for c, corner in enumerate(corners):
-                point = _items(corner, f"[{i}][{k}][{c}]", "a corner [y, x]")
-                if len(point) != 2:
-                    raise LossInputError(
-                        f"match[{i}][{k}][{c}] must be a corner [y, x], got {len(point)} entries", field="match"
-                    )
-                values.append(_coordinate(point[0], f"[{i}][{k}][{c}][0]", height, "y"))
-                values.append(_coordinate(point[1], f"[{i}][{k}][{c}][1]", width, "x"))
-            objects.append(tuple(values))
-        positions.append(objects)
-    return positions
+            values.append(_coordinate(point[0], f"[{i}][{k}][{c}][0]", height, "y"))
+            values.append(_coordinate(point[1], f"[{i}][{k}][{c}][1]", width, "x"))
+    return values
 
 
-def pull_push(tl_map: Tensor, br_map: Tensor, objects: list[tuple[int, int, int, int]]) -> tuple[Tensor, Tensor]:
-    """One image's pull and push losses; maps [M, H, W]."""
-    if not objects:
-        return tl_map.sum() * 0.0, tl_map.sum() * 0.0
-    tl_y, tl_x, br_y, br_x = (torch.tensor(c, device=tl_map.device) for c in zip(*objects, strict=True))
-    # [M, objects] -> object-major [objects * M]: each channel of each object is one embedding
-    tl = tl_map[:, tl_y, tl_x].t().reshape(-1)
-    br = br_map[:, br_y, br_x].t().reshape(-1)
+def _embeddings(pred: Tensor, target: Tensor, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Every object's embeddings, object-major: top-left [E], bottom-right [E] and the image of each [E],
+    where E = objects x M (each of an object's M channels is an embedding of its own)."""
+    image, tl_y, tl_x, br_y, br_x = rows.to(pred.device).unbind(1)
+    # advanced indices on both sides of a slice put the objects first: [objects, M]
+    tl = pred[image, :, tl_y, tl_x].reshape(-1)
+    br = target[image, :, br_y, br_x].reshape(-1)
+    return tl, br, image.repeat_interleave(pred.shape[1])
+
+
+def _per_image(values: Tensor, image: Tensor, images: int) -> Tensor:
+    return values.new_zeros(images).index_add_(0, image, values)
+
+
+def push_pairs(values: Tensor, image: Tensor, images: int) -> tuple[Tensor, Tensor]:
+    """Per image, ``sum_{i != j} max(0, 1 - |v_i - v_j|)`` over its embeddings, and each value's slope in
+    it, for finite float64 ``values`` [E] of ``image`` [E].
+
+    The definition compares every pair (an E x E matrix); sorted, only neighbours less than 1 apart count,
+    so counts of neighbours above and below each value give the sum and its slopes in O(E log E): a pair
+    i < j (ascending) adds 1 - (v_j - v_i), and each of the two orders of a pair moves v_i by +1 when v_j is
+    above it, -1 below, 0 when equal (as |.| at 0 does in autograd).
+    """
+    order = torch.argsort(values, stable=True)
+    order = order[torch.argsort(image[order], stable=True)]
+    value, owner = values[order], image[order]
+    # runs of an image's sorted values, each within 1 of the one before: no pair across runs counts; a value
+    # is taken from its run's first (exact for the close values a pair compares, whatever their magnitude)
+    starts = torch.ones_like(owner, dtype=torch.bool)
+    starts[1:] = (owner[1:] != owner[:-1]) | (value[1:] - value[:-1] >= 1)
+    run = starts.cumsum(0) - 1
+    offset = value - value[starts][run]
+    # each value, and each bound of its window, as an exact integer key (run, rank): searching those keys
+    # never leaves a run
+    points = torch.cat([offset, offset + 1, offset - 1]).unique()
+    base = run * (points.numel() + 1)
+    keys = base + torch.searchsorted(points, offset)
+
+    def first(bound: Tensor, right: bool) -> Tensor:
+        return torch.searchsorted(keys, base + torch.searchsorted(points, bound), right=right)
+
+    index = torch.arange(value.numel(), device=value.device)
+    window_end, window_start = first(offset + 1, right=False), first(offset - 1, right=True)
+    ties_start, ties_end = first(offset, right=False), first(offset, right=True)
+    later, earlier = window_end - index - 1, index - window_start
+    # sum over pairs i < j of 1 - (v_j - v_i) = pairs + sum_i v_i (later_i - earlier_i), both orders counted
+    sums = 2 * _per_image((later + offset * (later - earlier)).to(values.dtype), owner, images)
+    slopes = torch.empty_like(values)
+    slopes[order] = 2 * ((window_end - ties_end) - (ties_start - window_start)).to(values.dtype)
+    return sums, slopes
+
+
+def _push(mean: Tensor, image: Tensor, images: int) -> Tensor:
+    """Per image the push sum of ``mean`` [E] (not yet divided by K (K - 1)), differentiable in ``mean``.
+    An image with a non-finite embedding gets NaN with slopes of 0, as the pairwise definition's autograd
+    gives (inf - inf on its diagonal; max(0, NaN) passes no gradient)."""
+    values = mean.detach().to(torch.float64)
+    finite = torch.isfinite(values)
+    sums, slopes = push_pairs(torch.where(finite, values, 0.0), image, images)
+    spoiled = _per_image((~finite).to(torch.float64), image, images) > 0
+    sums = torch.where(spoiled, torch.nan, sums)
+    slopes = torch.where(spoiled[image], 0.0, slopes)
+    # piecewise linear in mean: the sum's value, with the slopes as its gradient (the added term is 0)
+    linear = slopes.to(mean.dtype) * mean
+    return sums.to(mean.dtype) + _per_image(linear - linear.detach(), image, images)
+
+
+def pull_push(pred: Tensor, target: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Per image [B] the pull and push losses of maps ``pred``, ``target`` [B, M, H, W] and the objects'
+    ``rows`` (image, tl_y, tl_x, br_y, br_x) [objects, 5]."""
+    images = pred.shape[0]
+    # an image with too few embeddings gives its map's sum times 0: 0, or NaN where the map holds NaN or inf
+    nothing = pred.flatten(1).sum(1) * 0.0
+    if not len(rows):
+        return nothing, nothing
+    tl, br, image = _embeddings(pred, target, rows)
     mean = (tl + br) / 2.0
-    count = mean.numel()
-    pull = ((tl - mean).pow(2) + (br - mean).pow(2)).sum() / count
-    if count == 1:
-        return pull, tl_map.sum() * 0.0
-    off_diagonal = 1 - torch.eye(count, dtype=mean.dtype, device=mean.device)
-    gaps = (mean.unsqueeze(1) - mean.unsqueeze(0)).abs()
-    push = torch.relu(off_diagonal * (1 - gaps)).sum() / (count * (count - 1))
-    return pull, push
+    count = torch.bincount(image, minlength=images)
+    pull = _per_image((tl - mean).pow(2) + (br - mean).pow(2), image, images) / count.clamp(min=1)
+    push = _push(mean, image, images) / (count * (count - 1)).clamp(min=1)
+    return torch.where(count > 0, pull, nothing), torch.where(count > 1, push, nothing)
 
 
 @LOSSES.register_module()
@@ -146,17 +243,15 @@ class AssociativeEmbeddingLoss(nn.Module):
 
     @classmethod
     def estimate(cls, params: Mapping[str, Any], shapes: Shapes | None, itemsize: int) -> Estimate:
-        """Quadratic in one image's embeddings K = objects x M: ``shapes['match']`` is the nesting of the
-        match lists, (images, the most corner pairs of one image, 2, 2); without it, one object."""
+        """Linear in the embeddings E = corner pairs x M (``shapes['match']`` is (images, corner pairs of
+        all images); without it, one object an image), and in the maps, which get gradients."""
         pred = shape_of(shapes, "pred")
-        objects = dim(shape_of(shapes, "match"), 1, default=1)
-        count = objects * dim(pred, 1)
         images = dim(pred, 0)
-        push, maps = PUSH_COPIES * count * count * itemsize, 3 * elements(pred) * itemsize
-        loop = IMAGE_BYTES * images  # however small the maps: [B, M, 0, 0] brings no bytes
-        driver = "match" if push > maps + loop else "pred"
-        work = 10 * count * count * images + 3 * elements(pred) + IMAGE_WORK * images
-        return Estimate(0, push + maps + loop, work, driver, driver)
+        embeddings = dim(shape_of(shapes, "match"), 1, default=images) * dim(pred, 1)
+        pairs, maps = EMBEDDING_BYTES * embeddings, 2 * elements(pred) * itemsize + IMAGE_BYTES * images
+        driver = "match" if pairs > maps else "pred"
+        work = EMBEDDING_WORK * embeddings + 3 * elements(pred) + IMAGE_WORK * images
+        return Estimate(0, pairs + maps, work, driver, driver)
 
     def __init__(self, pull_weight: float = 0.25, push_weight: float = 0.25) -> None:
         super().__init__()
@@ -169,16 +264,11 @@ class AssociativeEmbeddingLoss(nn.Module):
         checks.float_tensor("target", target)
         checks.same_shape("target", target, "pred", pred)
         batch, _, height, width = pred.shape
-        positions = corner_positions(match, batch, height, width)
+        rows = corner_positions(match, batch, height, width)
         if batch == 0:
             return pred.sum() * 0.0, pred.sum() * 0.0
-        pull_total: Tensor | float = 0.0
-        push_total: Tensor | float = 0.0
-        for i, objects in enumerate(positions):
-            pull, push = pull_push(pred[i], target[i], objects)
-            pull_total = pull_total + self.pull_weight * pull
-            push_total = push_total + self.push_weight * push
-        return pull_total, push_total
+        pull, push = pull_push(pred, target, rows)
+        return self.pull_weight * pull.sum(), self.push_weight * push.sum()
 
     def extra_repr(self) -> str:
         return f"pull_weight={self.pull_weight!r}, push_weight={self.push_weight!r}"

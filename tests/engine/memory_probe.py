@@ -60,12 +60,15 @@ def _ae(batch: int, side: int, objects: int) -> tuple[tuple[Any, ...], dict[str,
     maps = torch.randn(batch, 1, side, side, generator=_gen()), torch.randn(batch, 1, side, side, generator=_gen(1))
     rows = torch.randint(0, side, (batch, objects, 4), generator=_gen(2)).tolist()
     match = [[[[a, b], [c, d]] for a, b, c, d in image] for image in rows]
-    return (*maps, match), {"pred": (batch, 1, side, side), "target": (batch, 1, side, side), "match": (batch, objects)}
+    shapes = {"pred": (batch, 1, side, side), "target": (batch, 1, side, side), "match": (batch, batch * objects)}
+    return (*maps, match), shapes
 
 
 CASES: dict[str, Case] = {
     "AssociativeEmbeddingLoss/maps": ({"type": "AssociativeEmbeddingLoss"}, lambda: _ae(8, 1024, 4)),
-    "AssociativeEmbeddingLoss/objects": ({"type": "AssociativeEmbeddingLoss"}, lambda: _ae(1, 64, 3000)),
+    "AssociativeEmbeddingLoss/objects": ({"type": "AssociativeEmbeddingLoss"}, lambda: _ae(1, 64, 200_000)),
+    "AssociativeEmbeddingLoss/images": ({"type": "AssociativeEmbeddingLoss"}, lambda: _ae(200_000, 1, 1)),
+    "AssociativeEmbeddingLoss/empty": ({"type": "AssociativeEmbeddingLoss"}, lambda: _ae(400_000, 1, 0)),
     "BalancedL1Loss": ({"type": "BalancedL1Loss"}, lambda: _pairwise(2 * N)),
     "BoundedIoULoss": ({"type": "BoundedIoULoss"}, lambda: _box_pair(2 * N)),
     "CIoULoss": ({"type": "CIoULoss"}, lambda: _box_pair(2 * N)),

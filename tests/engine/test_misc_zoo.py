@@ -265,6 +265,133 @@ def test_ae_by_hand():
     torch.testing.assert_close(push, torch.tensor(2 * (1 - 0.5) / 2, dtype=F64))
 
 
+def _pairwise_push(values: torch.Tensor) -> torch.Tensor:
+    """The push sum by its definition: every ordered pair of distinct embeddings of one image."""
+    off_diagonal = 1 - torch.eye(values.numel(), dtype=values.dtype)
+    return torch.relu(off_diagonal * (1 - (values[:, None] - values[None, :]).abs())).sum()
+
+
+def _push_by_definition(values: torch.Tensor, image: torch.Tensor, images: int):
+    sums, slopes = torch.zeros(images, dtype=F64), torch.zeros_like(values)
+    for b in range(images):
+        mine = (image == b).nonzero().squeeze(1)
+        leaf = values[mine].clone().requires_grad_()
+        total = _pairwise_push(leaf)
+        if leaf.numel():
+            total.backward()
+            slopes[mine] = leaf.grad
+        sums[b] = total.detach()
+    return sums, slopes
+
+
+def _spread(kind: str, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Embeddings of 6 images (0, 1, 2 and many each) spread as ``kind`` says."""
+    sizes = [0, 1, 2, 40, 300, 7]
+    image = torch.repeat_interleave(torch.arange(6), torch.tensor(sizes))
+    n = int(image.numel())
+    if kind == "normal":
+        values = torch.randn(n, generator=g, dtype=F64) * 1.5
+    elif kind == "quarter-grid":  # ties, and gaps of exactly 1 (on the edge of the window)
+        values = torch.randint(-8, 8, (n,), generator=g).to(F64) / 4
+    elif kind == "integers":  # every distinct pair exactly 1 or more apart
+        values = torch.randint(-3, 3, (n,), generator=g).to(F64)
+    elif kind == "huge":  # far beyond float32's integers: ties, and values 1e20 apart
+        values = torch.randint(0, 3, (n,), generator=g).to(F64) * 1e20 + 1e30
+    else:  # "tiny": differences near float64's resolution of the values
+        values = 0.5 + torch.randint(0, 4, (n,), generator=g).to(F64) * 1e-13
+    return values, image, len(sizes)
+
+
+@pytest.mark.parametrize("kind", ["normal", "quarter-grid", "integers", "huge", "tiny"])
+def test_ae_push_sums_and_slopes_equal_the_pairwise_definition(kind):
+    """The push term is computed from sorted embeddings (counts of neighbours within 1) instead of the
+    E x E matrix of its definition: the sums agree to float64 rounding, and every slope (the gradient,
+    with |.| and max(0, .) taking 0 at their kinks as autograd does) exactly."""
+    from losswire.server.losses.ae import push_pairs
+
+    values, image, images = _spread(kind, _gen(11))
+    order = torch.randperm(values.numel(), generator=_gen(12))  # images interleaved, values unsorted
+    values, image = values[order], image[order]
+    sums, slopes = push_pairs(values, image, images)
+    expected_sums, expected_slopes = _push_by_definition(values, image, images)
+    torch.testing.assert_close(sums, expected_sums, rtol=1e-12, atol=1e-9)
+    assert torch.equal(slopes, expected_slopes)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_ae_module_equals_the_per_image_definition(channels):
+    """The whole loss, every image at once, against the per-image definition in float64: values and the
+    gradients of both maps, with 40 objects in an image and duplicated corners (tied embeddings)."""
+    g = _gen(21)
+    tl, br = (torch.randn(4, channels, 5, 6, generator=g, dtype=F64) for _ in range(2))
+    rows = torch.randint(0, 5, (40, 4), generator=g)
+    rows[:, 1::2] %= 6
+    pairs = [[[a, b], [c, d]] for a, b, c, d in rows.tolist()]
+    match = [pairs, pairs[:1], [], pairs[:7] * 2]
+    module = build_loss(dict(type="AssociativeEmbeddingLoss", pull_weight=0.7, push_weight=1.3))
+    leaves = [tl.clone().requires_grad_(), br.clone().requires_grad_()]
+    pull, push = module(*leaves, match)
+    (pull + 2 * push).backward()
+    refs = [tl.clone().requires_grad_(), br.clone().requires_grad_()]
+    ref_pull = ref_push = torch.zeros((), dtype=F64)
+    for i, image in enumerate(match):
+        if len(image) == 0:
+            continue
+        y0, x0, y1, x1 = torch.tensor([[a, b, c, d] for (a, b), (c, d) in image]).unbind(1)
+        e_tl, e_br = refs[0][i][:, y0, x0].t().reshape(-1), refs[1][i][:, y1, x1].t().reshape(-1)
+        mean = (e_tl + e_br) / 2
+        count = mean.numel()
+        ref_pull = ref_pull + ((e_tl - mean) ** 2 + (e_br - mean) ** 2).sum() / count
+        if count > 1:
+            ref_push = ref_push + _pairwise_push(mean) / (count * (count - 1))
+    (0.7 * ref_pull + 2 * 1.3 * ref_push).backward()
+    torch.testing.assert_close(pull, 0.7 * ref_pull.detach())
+    torch.testing.assert_close(push, 1.3 * ref_push.detach())
+    for leaf, ref in zip(leaves, refs, strict=True):
+        torch.testing.assert_close(leaf.grad, ref.grad)
+
+
+def test_ae_a_non_finite_embedding_spoils_only_its_image():
+    """inf in an image's embeddings makes its push NaN, with no gradient from it (as the pairwise
+    definition does: inf - inf on its diagonal, and max(0, NaN) passes none); the other image's push and
+    its gradient are what they are without it."""
+    from losswire.server.losses.ae import corner_positions, pull_push
+
+    tl, br = _maps(1)
+    match = [MATCH[0], MATCH[0], []]
+    rows = corner_positions(match, 3, 6, 7)
+    clean = [tl.clone().requires_grad_(), br.clone().requires_grad_()]
+    _, clean_push = pull_push(*clean, rows)
+    clean_push[1].backward()
+    spoiled_tl = tl.clone()
+    spoiled_tl[0, 0, 1, 2] = float("inf")  # image 0's first top-left corner
+    spoiled = [spoiled_tl.requires_grad_(), br.clone().requires_grad_()]
+    _, push = pull_push(*spoiled, rows)
+    assert push[0].isnan() and torch.equal(push[1], clean_push[1])
+    push.nan_to_num().sum().backward()
+    for leaf, reference in zip(spoiled, clean, strict=True):
+        assert torch.equal(leaf.grad, reference.grad)
+
+
+def test_ae_many_objects_in_one_image():
+    """8,000 corner pairs in one image, on a grid of 1/8 (ties, and gaps of exactly 1, everywhere): the
+    sorted computation against the definition (512 MB of float64 a matrix), a chunk of rows at a time."""
+    from losswire.server.losses.ae import push_pairs
+
+    g = _gen(31)
+    count = 8_000
+    values = torch.randint(-400, 400, (count,), generator=g).to(F64) / 8
+    sums, slopes = push_pairs(values, torch.zeros(count, dtype=torch.long), 1)
+    total, slope = torch.zeros((), dtype=F64), torch.zeros_like(values)
+    for rows in torch.arange(count).split(1_000):
+        gaps = values[rows, None] - values[None, :]
+        near = (gaps.abs() < 1) & (rows[:, None] != torch.arange(count)[None, :])
+        total += torch.where(near, 1 - gaps.abs(), 0).sum()
+        slope[rows] = 2 * torch.where(near, -torch.sign(gaps), 0).sum(1)
+    torch.testing.assert_close(sums[0], total, rtol=1e-12, atol=0)
+    assert torch.equal(slopes, slope)
+
+
 def test_ae_match_as_json_floats():
     tl, br = _maps(2)
     module = build_loss(dict(type="AssociativeEmbeddingLoss"))
