@@ -43,7 +43,7 @@ from .rpc.grpc_logs import quiet_caller_lines
 from .rpc.health import HEALTH_WATCH, BoundedHealthServicer
 from .rpc.health import PER_CONNECTION as WATCHES_PER_CONNECTION
 from .rpc.inference import InferenceService, add_inference_service
-from .rpc.intake import CallSlots, IntakeInterceptor, Place, RequestRoom, unary_read_seconds
+from .rpc.intake import CallSlots, IntakeInterceptor, Place, RequestRoom, SmallRequests, unary_read_seconds
 from .rpc.lanes import Lanes
 from .rpc.loss_service import LossService, add_to_server
 from .rpc.malformed import MalformedRequestInterceptor
@@ -132,7 +132,7 @@ class LosswireServer:
         self.open_room = RequestRoom(
             8 * self._largest_request_message(),
             per_connection=1,
-            small=("health check", HEALTH_READ_SECONDS),
+            small=SmallRequests("health check", HEALTH_READ_SECONDS),
             slots=CallSlots(OPEN_CALLS, what=("health checks without a token", "probes: losswire serve --health-port")),
         )
         load_plugins(config.plugins)

@@ -44,7 +44,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import AsyncIterator, Callable
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import grpc
 
@@ -67,6 +67,14 @@ def unary_read_seconds(largest: int) -> float:
     return UNARY_READ_GRACE_SECONDS + largest / UNARY_MIN_RATE
 
 
+class SmallRequests(NamedTuple):
+    """A room whose requests are a few bytes (health checks): what they are, as refusals name them, and how
+    long a call may wait for room, and then for its request, at most (below the intake's own bound)."""
+
+    what: str
+    seconds: float
+
+
 class RequestRoom(FairShares):
     """Room for ``capacity`` bytes of unary requests, with at most ``per_connection`` requests of one
     connection being received at once and at most ``per_caller`` bytes held by one caller (a token, or a
@@ -79,12 +87,11 @@ class RequestRoom(FairShares):
         capacity: int,
         per_connection: int = PER_CONNECTION,
         per_caller: int | None = None,
-        small: tuple[str, float] | None = None,
+        small: SmallRequests | None = None,
         slots: CallSlots | None = None,
     ) -> None:
-        """``small``: for a room whose requests are a few bytes (health checks), what they are and how long
-        a call may wait for room, and then for its request, at most (below the intake's own bound).
-        ``slots``: the call slots its calls take instead of the server's (None: the server's)."""
+        """``small``: set for a room of small requests. ``slots``: the call slots its calls take instead of
+        the server's (None: the server's)."""
         super().__init__(capacity, per_connection, per_caller)
         self.small, self.slots = small, slots
 
@@ -177,36 +184,22 @@ class IntakeInterceptor(grpc.aio.ServerInterceptor):
 
         async def awaited(_requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
             """A unary answer, or answers written by ``context.write``."""
-            refusal = slots.enter(caller)
-            if refusal is not None:
-                await self._turn_away(method, context, refusal)
-            held = Held(context.peer())
-            try:
+            async with Admitted(self, slots, caller, method, context) as held:
                 request = await self._read(method, deserialize, place, context, held)
                 answer = None if request is _REFUSED else await inner(request, context)
                 if answer is None:
                     await send_failure_alone(context)
                 return answer
-            finally:
-                held.give_back()
-                slots.leave(caller)
 
         async def yielded(_requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             """Answers yielded by an async generator."""
-            refusal = slots.enter(caller)
-            if refusal is not None:
-                await self._turn_away(method, context, refusal)
-            held = Held(context.peer())
-            try:
+            async with Admitted(self, slots, caller, method, context) as held:
                 request = await self._read(method, deserialize, place, context, held)
                 if request is _REFUSED:
                     await send_failure_alone(context)
                 else:
                     async for message in answers_or_failure_alone(inner(request, context), context):
                         yield message
-            finally:
-                held.give_back()
-                slots.leave(caller)
 
         if not handler.response_streaming:
             return grpc.stream_unary_rpc_method_handler(awaited, None, handler.response_serializer)
@@ -221,26 +214,16 @@ class IntakeInterceptor(grpc.aio.ServerInterceptor):
         inner = handler.stream_stream or handler.stream_unary
 
         async def awaited(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-            refusal = slots.enter(caller)
-            if refusal is not None:
-                await self._turn_away(method, context, refusal)
-            try:
+            async with Admitted(self, slots, caller, method, context):
                 answer = await inner(requests, context)
                 if answer is None:
                     await send_failure_alone(context)
                 return answer
-            finally:
-                slots.leave(caller)
 
         async def yielded(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            refusal = slots.enter(caller)
-            if refusal is not None:
-                await self._turn_away(method, context, refusal)
-            try:
+            async with Admitted(self, slots, caller, method, context):
                 async for message in answers_or_failure_alone(inner(requests, context), context):
                     yield message
-            finally:
-                slots.leave(caller)
 
         serializers = (handler.request_deserializer, handler.response_serializer)
         if not handler.response_streaming:
@@ -295,7 +278,7 @@ class IntakeInterceptor(grpc.aio.ServerInterceptor):
         of small requests, within its own shorter bound each."""
         seconds = self.read_seconds
         if room.small is not None and seconds is not None:
-            seconds = min(seconds, room.small[1])
+            seconds = min(seconds, room.small.seconds)
         try:
             async with asyncio.timeout(seconds):
                 await held.take(room, self.largest, caller)
@@ -313,16 +296,16 @@ class IntakeInterceptor(grpc.aio.ServerInterceptor):
 
     def _full(self, room: RequestRoom) -> str:
         if room.small is not None:
-            return f"the server is receiving its most {room.small[0]} requests at once; retry later"
+            return f"the server is receiving its most {room.small.what} requests at once; retry later"
         return (
             f"the server is receiving its most unary requests at once (room for {room.capacity} bytes, "
             f"{self.largest} for each request until it has come); retry later"
         )
 
     def _late(self, room: RequestRoom, seconds: float) -> str:
-        if room.small is not None and seconds == room.small[1]:
+        if room.small is not None and seconds == room.small.seconds:
             return (
-                f"the request had not arrived {seconds:g} s after the server asked for it; a {room.small[0]} "
+                f"the request had not arrived {seconds:g} s after the server asked for it; a {room.small.what} "
                 f"request is a few bytes, and this server waits {seconds:g} s for one"
             )
         return (
@@ -338,6 +321,35 @@ class IntakeInterceptor(grpc.aio.ServerInterceptor):
 
 
 _REFUSED = object()  # a call whose status is set already: its handler is not run
+
+
+class Admitted:
+    """A call's slot of ``slots`` for its whole life, and the request room it holds (``Held``, entered as):
+    a call that finds no slot is turned away on entering; leaving gives both back."""
+
+    __slots__ = ("caller", "context", "held", "intake", "method", "slots")
+
+    def __init__(
+        self,
+        intake: IntakeInterceptor,
+        slots: CallSlots,
+        caller: str | None,
+        method: str,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        self.intake, self.slots, self.caller, self.method, self.context = intake, slots, caller, method, context
+        self.held: Held | None = None
+
+    async def __aenter__(self) -> Held:
+        refusal = self.slots.enter(self.caller)
+        if refusal is not None:
+            await self.intake._turn_away(self.method, self.context, refusal)
+        self.held = Held(self.context.peer())
+        return self.held
+
+    async def __aexit__(self, *_exc: object) -> None:
+        self.held.give_back()
+        self.slots.leave(self.caller)
 
 
 class Held:
