@@ -237,6 +237,8 @@ class LosswireServer:
                     self.call_slots,
                     uncounted=frozenset({HEALTH_WATCH}),  # bounded by the health service itself
                     on_refused=self._count_refused,
+                    answer_seconds=self.config.stream_idle_seconds,
+                    answer_min_rate=self.config.stream_min_rate,
                 ),
                 MalformedRequestInterceptor(self._count_malformed),
                 self.metrics.interceptor(),

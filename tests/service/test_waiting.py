@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +28,10 @@ from support.polling import eventually
 from losswire.client import Credentials, LossClient, RemoteLoss, RemoteLossError
 from losswire.server.app import LosswireServer
 from losswire.server.config import ServerConfig
+from losswire.server.rpc.hangup import hang_up
 from losswire.server.rpc.streams import within
+from losswire.v1 import loss_service_pb2 as pb
+from losswire.wire import codec
 from losswire.wire.protocol import NO_RETRY
 
 DEADLINE = 5.0  # a small call and a health check must be answered within this, silent streams or not
@@ -277,3 +281,72 @@ def test_a_caller_that_never_reads_its_streamed_answer_leaves_its_memory_and_slo
             answer = list(evaluate_stream(other)(iter(messages), timeout=30))  # the one slot is free again
             assert answer[0].WhichOneof("kind") == "response"
             unread.cancel()
+
+
+def test_a_caller_that_never_takes_its_unary_answer_is_hung_up_on():
+    """A unary Evaluate (32 MB of pred and target; answered with a 16 MiB loss and a 16 MiB gradient) whose
+    caller never takes the answer: called as a stream whose answers are never read, the same bytes on the
+    wire. The call keeps its call slot and request room while its answer waits; once
+    ``--stream-idle-timeout`` (1 s) plus a second per ``--stream-min-rate`` bytes of the answer have passed,
+    the server closes the caller's connection, which frees the answer gRPC held, and the call gives its
+    slot and room back. (Returned to gRPC, the answer and the request were held beyond every bound for as
+    long as the caller kept its connection: 12 such calls took a server's memory up 1.6 GB; a caller that
+    read at last got the whole answer.)"""
+    request = l1_request(4 << 20)
+    options = [("grpc.enable_retries", 0), ("grpc.max_receive_message_length", 64 << 20)]
+    with running_server(stream_idle_seconds=1.0, stream_min_rate=32 << 20) as server:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}", options=options) as channel:
+            as_stream = channel.stream_stream(
+                "/losswire.v1.LossService/Evaluate",
+                request_serializer=pb.EvaluateRequest.SerializeToString,
+                response_deserializer=pb.EvaluateResponse.FromString,
+            )
+            unread = as_stream(iter([request]), timeout=60)  # never read
+            assert eventually(lambda: server.call_slots.open == 1 and server.request_room.held > 0, 10)
+            started = time.monotonic()
+            assert eventually(lambda: server.call_slots.open == 0 and server.request_room.held == 0, 15), (
+                "the unread call still holds its slot or room"
+            )
+            assert time.monotonic() - started < 10
+            with pytest.raises(grpc.RpcError) as ended:
+                for _ in unread:
+                    pass
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE, ended.value.details()
+        client = LossClient(f"127.0.0.1:{server.port}", timeout=30)
+        assert RemoteLoss(dict(type="L1Loss"), client=client)(torch.ones(3), torch.zeros(3)).item() == 1.0
+
+
+def l1_request(elements: int) -> pb.EvaluateRequest:
+    """A unary L1Loss 'none' call on [elements] float32 pred and target, with pred's gradient."""
+    request = pb.EvaluateRequest()
+    term = request.terms.add(config=codec.encode_config({"type": "L1Loss", "reduction": "none"}))
+    codec.encode_tensor(torch.randn(elements), term.pred)
+    codec.encode_value(torch.randn(elements), term.target)
+    term.gradients.append("pred")
+    return request
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_hang_up_shuts_the_servers_side_of_the_peers_connection(host):
+    """``hang_up(peer)`` finds the socket whose remote end is gRPC's peer string and shuts it down: the
+    accepted side (it can no longer send), not the caller's own socket in the same process."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        listener = socket.socket(family)
+        listener.bind((host, 0))
+    except OSError:
+        pytest.skip(f"no {host} here")
+    with listener:
+        listener.listen()
+        with socket.create_connection(listener.getsockname()[:2]) as caller:
+            accepted, remote = listener.accept()
+            with accepted:
+                peer = (
+                    f"ipv4:{remote[0]}:{remote[1]}" if family == socket.AF_INET else f"ipv6:[{remote[0]}]:{remote[1]}"
+                )
+                assert hang_up(peer)
+                caller.settimeout(5)
+                assert caller.recv(1) == b""  # the caller sees its connection end
+                with pytest.raises(OSError):
+                    accepted.send(b"x")  # and it is the server's side that was shut
+    assert not hang_up("unix:/tmp/losswire.sock") and not hang_up("ipv4:10.255.255.1:1")
