@@ -133,12 +133,21 @@ class Compute:
         self, context: grpc.aio.ServicerContext | None, work: Callable[..., Result], *args: Any
     ) -> Result:
         """``work(*args)`` for a call of ``context`` (None: the server's own, as a caller of its own), on a
-        compute thread in the call's turn."""
+        compute thread in the call's turn. Work that cannot stop halfway (Describe, ListSessions): a caller
+        that goes away ends its call once the work has ended, as ``for_call``'s does."""
         caller = "" if context is None else self._caller_of(context)
         await self.shares.take(1, "", caller)
         try:
-            return await asyncio.wrap_future(self._pool.submit(work, *args))
+            running = self._pool.submit(work, *args)
+            try:
+                return await asyncio.wrap_future(running)
+            except asyncio.CancelledError:  # its caller went away: the work runs on, on the caller's thread
+                with contextlib.suppress(BaseException):
+                    await asyncio.wrap_future(running)  # a new wrapper: the cancelled one cancelled only itself
+                raise
         finally:
+            # once the work is done: given back earlier, a caller cancelling its Describes would run its
+            # abandoned work on more threads than its share, and other callers' calls would queue behind it
             self.shares.give_back(1, caller, "")
 
     async def for_call(

@@ -5,6 +5,8 @@
   loss (:func:`wait_started`), and know that a term which never started never ran, without sleeping
   and without timing assumptions. Gates live in this process: an in-process server only.
   ``GatedValuesL1Loss`` is the same, declaring its target read only as values (``value_inputs``).
+  ``GatedBuildL1Loss`` blocks in its construction instead (counted on the same gates), so that work that
+  builds a module without evaluating it (``Describe``) can be held too.
 * ``HungryL1Loss`` is ``L1Loss`` that first allocates ``allocate_bytes`` on pred's device: with more
   than the device has, the allocator really fails (CUDA: ``torch.OutOfMemoryError``; CPU: the host
   allocator's error), as a too-large batch would. ``raise_device_oom=True`` raises
@@ -97,6 +99,36 @@ class GatedValuesL1Loss(GatedL1Loss):
     """
 
     value_inputs = ("pred", "target")
+
+
+@LOSSES.register_module()
+class GatedBuildL1Loss(WeightedLoss):
+    """L1 loss whose construction counts itself and then waits for its gate to open (a test plugin).
+
+    Args:
+        gate: the name of the gate to wait on (tests open it with ``open_gate``).
+        reduction: "none", "mean" (default) or "sum".
+        loss_weight: multiplier of the reduced loss (default 1.0).
+    """
+
+    differentiable = ("pred", "target")
+
+    def __init__(self, gate: str = "default", reduction: Reduction = "mean", loss_weight: float = 1.0) -> None:
+        super().__init__(reduction, loss_weight)
+        with _changed:
+            _started[gate] += 1
+            _changed.notify_all()
+            _changed.wait_for(lambda: gate in _open_gates, GATE_TIMEOUT)
+
+    def forward(
+        self,
+        pred: Tensor,
+        target: Tensor,
+        weight: Tensor | None = None,
+        avg_factor: AvgFactor = None,
+        reduction_override: ReductionOverride = None,
+    ) -> Tensor:
+        return _l1(self, pred, target, weight, avg_factor, reduction_override)
 
 
 @LOSSES.register_module()

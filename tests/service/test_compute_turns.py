@@ -6,6 +6,8 @@
   call runs meanwhile.
 * A thread that comes free goes to the waiting caller that runs fewest calls, not to the oldest waiting
   call: a caller's queue delays another caller by one call, not by the queue.
+* A call whose caller went away keeps its thread counted as its caller's until its work has ended, so
+  abandoned work never lets one caller run on more threads than its share.
 
 The server runs in this process, with the gated test losses of ``tests/plugins/fault_losses.py`` (a
 plugin's loss is never quick: its calls always take a compute thread), so that calls are held at a known
@@ -144,3 +146,28 @@ def test_a_free_thread_goes_to_the_caller_running_fewest_calls(fault_losses, fau
         for gate in (second, queued, last):
             faults.open_gate(gate)
         assert [loss_of(call.result(timeout=WAIT)) for call in [running[1], *waiting, late]] == [1.0] * 4
+
+
+def test_a_cancelled_describe_keeps_its_thread_counted_until_its_work_ends(fault_losses, faults, gates):
+    """Tokens on, four compute threads. Token a's three Describes build a module that waits for its gate
+    (their work cannot stop halfway), and a cancels them: their threads stay a's until the builds end. So
+    a's next call waits for a thread (a runs at most three), and token b's call still finds the fourth."""
+    held, free = new_gate(gates), new_gate(gates)
+    faults.open_gate(free)
+    as_a = (("authorization", f"Bearer {TOKENS[0]}"),)
+    as_b = (("authorization", f"Bearer {TOKENS[1]}"),)
+    describe = pb.DescribeRequest(config=codec.encode_config({"type": "GatedBuildL1Loss", "gate": held}))
+    with serving(fault_losses[1], max_workers=4, auth_tokens=TOKENS) as (server, channel):
+        stub = pb_grpc.LossServiceStub(channel)
+        abandoned = [stub.Describe.future(describe, timeout=WAIT, metadata=as_a) for _ in range(3)]
+        faults.wait_started(held, 3)
+        for call in abandoned:
+            call.cancel()
+        later = stub.Evaluate.future(gated(held), timeout=WAIT, metadata=as_a)
+        wait_until(lambda: server.compute.shares.waiting == 1, "token a's call waiting for a thread")
+        assert server.compute.shares.held == 3, "the cancelled Describes' threads were given back while they work"
+        assert loss_of(stub.Evaluate(gated(free), timeout=ANSWERED, metadata=as_b)) == 1.0
+        assert faults.started(held) == 3, "token a's call ran on a thread its cancelled Describes still use"
+        faults.open_gate(held)
+        assert loss_of(later.result(timeout=WAIT)) == 1.0
+        wait_until(lambda: server.compute.shares.held == 0, "every thread given back")
