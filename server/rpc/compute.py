@@ -188,12 +188,19 @@ class Compute:
         return await self.for_call(watch, work, *args)
 
     async def evaluate(
-        self, watch: CallWatch, evaluate: Callable[..., Answer], size: int, *args: Any, sessions: SessionKeys = ()
+        self,
+        watch: CallWatch,
+        evaluate: Callable[..., Answer],
+        size: int,
+        *args: Any,
+        sessions: SessionKeys = (),
+        quick: bool = True,
     ) -> Answer:
         """``evaluate(*args)`` (a ``Dataplane.evaluate``) for a call watched by ``watch`` whose request is
         ``size`` bytes and which uses ``sessions``: a quick call is answered here, on the event loop (the
-        dataplane says which are quick: ``NotQuick``); any other waits for its turn and a compute thread."""
-        if size <= QUICK_MAX_MESSAGE_BYTES and not sessions:
+        dataplane says which are quick: ``NotQuick``); any other waits for its turn and a compute thread.
+        ``quick`` False: the front door knows the call is not worth trying here (it goes to a thread at once)."""
+        if quick and size <= QUICK_MAX_MESSAGE_BYTES and not sessions:
             try:
                 return evaluate(*args, quick=True)
             except NotQuick:

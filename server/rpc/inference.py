@@ -84,8 +84,9 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
                 size = request.ByteSize()
                 # it parses the config JSON and reads the contents: big ones off the event loop
                 conversion = await self.compute.by_size(watch, size, Conversion, request, description, where)
+                quick = conversion.typed_values <= oip_convert.QUICK_MAX_TYPED_VALUES  # converted on the loop
                 answer = await self.compute.evaluate(
-                    watch, self.dataplane.evaluate, size, conversion.request, watch, conversion.arrived
+                    watch, self.dataplane.evaluate, size, conversion.request, watch, conversion.arrived, quick=quick
                 )
                 response = oip_convert.infer_response(request, conversion, answer.response)
         except Exception as error:

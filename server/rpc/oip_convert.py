@@ -183,6 +183,7 @@ class Conversion:
         self.request = pb.EvaluateRequest()
         self.term = self.request.terms.add()
         self._pending: dict[str, Callable[[], torch.Tensor]] = {}
+        self.typed_values = 0  # values in typed ``contents``, converted one by one when handed over
         codec.encode_config(_config(description.name, request.parameters), self.term.config)
         floats = self._inputs(request)
         self._parameters(request.parameters)
@@ -275,6 +276,7 @@ class Conversion:
                     )
                 )
                 return
+            self.typed_values += count
             self._pending[path] = lambda: _typed_tensor(tensor, index, dtype, shape)
         else:
             if len(raw) != numel * dtype.itemsize:
@@ -530,6 +532,13 @@ def _typed_count(tensor: oip.ModelInferRequest.InferInputTensor, index: int) -> 
         )
     return len(getattr(tensor.contents, field))
 
+
+# Typed ``contents`` become a tensor value by value, ~50-60 ns each (256,000 fp32_contents: 12-16 ms): a call
+# whose inputs hold more is not tried on the event loop (a quick call's stall there is about a millisecond), and
+# its values are converted once, on a compute thread. Tried there first, a FocalLoss call of 256,000 values
+# held the loop 12-16 ms (and was converted again on a thread), and a flood of them made other callers' quick
+# calls 3-4 times slower than a flood of the same tensors sent raw.
+QUICK_MAX_TYPED_VALUES = 1 << 14
 
 # the numpy type each typed ``contents`` field holds its values in (its protobuf scalar type)
 CONTENTS_TYPES = {

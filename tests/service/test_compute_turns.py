@@ -8,6 +8,8 @@
   call: a caller's queue delays another caller by one call, not by the queue.
 * A call whose caller went away keeps its thread counted as its caller's until its work has ended, so
   abandoned work never lets one caller run on more threads than its share.
+* A ModelInfer whose inputs come as many typed contents values (converted value by value) is converted on
+  a compute thread, not on the event loop every caller's calls go through.
 
 The server runs in this process, with the gated test losses of ``tests/plugins/fault_losses.py`` (a
 plugin's loss is never quick: its calls always take a compute thread), so that calls are held at a known
@@ -27,6 +29,8 @@ from support.calls import plain_channel
 from support.in_process import DEVICE, running_server
 from support.polling import wait_until
 
+from losswire.inference import grpc_predict_v2_pb2 as oip
+from losswire.inference import grpc_predict_v2_pb2_grpc as oip_grpc
 from losswire.server.app import LosswireServer
 from losswire.server.losses import Registry
 from losswire.v1 import loss_service_pb2 as pb
@@ -171,3 +175,36 @@ def test_a_cancelled_describe_keeps_its_thread_counted_until_its_work_ends(fault
         faults.open_gate(held)
         assert loss_of(later.result(timeout=WAIT)) == 1.0
         wait_until(lambda: server.compute.shares.held == 0, "every thread given back")
+
+
+def l1_infer(pred: torch.Tensor, target: torch.Tensor, typed: bool) -> oip.ModelInferRequest:
+    """L1Loss by ModelInfer, its inputs as raw bytes or as typed contents (fp32_contents)."""
+    request = oip.ModelInferRequest(model_name="L1Loss")
+    for name, tensor in (("pred", pred), ("target", target)):
+        message = request.inputs.add(name=name, datatype="FP32", shape=list(tensor.shape))
+        if typed:
+            message.contents.fp32_contents.extend(tensor.tolist())
+        else:
+            request.raw_input_contents.append(tensor.numpy().tobytes())
+    return request
+
+
+def test_a_model_infer_of_many_typed_values_is_converted_on_a_compute_thread(fault_losses, faults, gates):
+    """One compute thread, held by a gated call. L1Loss on 20,000 elements is quick: sent raw it is answered
+    on the event loop meanwhile. Its 40,000 typed contents values would hold the loop ~2 ms (256,000 held it
+    12-16 ms a call): sent so, it waits for the thread, and is answered the same once the gate opens."""
+    held = new_gate(gates)
+    generator = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(20000, generator=generator), torch.randn(20000, generator=generator)
+    # no health watchdog: its probe would be a second call waiting for the thread
+    with serving(fault_losses[1], max_workers=1, health_bound_seconds=None) as (server, channel):
+        stub, infer = pb_grpc.LossServiceStub(channel), oip_grpc.GRPCInferenceServiceStub(channel)
+        holder = stub.Evaluate.future(gated(held), timeout=WAIT)
+        faults.wait_started(held, 1)
+        quick = infer.ModelInfer(l1_infer(pred, target, typed=False), timeout=ANSWERED)
+        typed = infer.ModelInfer.future(l1_infer(pred, target, typed=True), timeout=WAIT)
+        wait_until(lambda: server.compute.shares.waiting == 1, "the typed call waiting for the compute thread")
+        assert not typed.done()
+        faults.open_gate(held)
+        assert typed.result(timeout=WAIT).raw_output_contents == quick.raw_output_contents
+        assert loss_of(holder.result(timeout=WAIT)) == 1.0
