@@ -12,19 +12,19 @@ server's memory budget (``budget.MemoryBudget``).
 
 from __future__ import annotations
 
-import collections
-import threading
 from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor
 
+from ..caches import BoundedCache, held_bytes
 from ..errors import LimitExceededError
 from ..evaluation import TermRequest, split_sampler
 from ..losses import Registry
 from ..losses.cost import Estimate
 
 CACHE_SIZE = 1024  # estimates of (config, shapes) seen before: a training loop repeats both every step
+CACHE_BYTES = 16 << 20  # of their keys: a class_weight of 90,000 numbers is keyed by 720 KB
 
 
 def _nbytes(value: Any) -> int:
@@ -65,8 +65,7 @@ class TermCosts:
     ) -> None:
         self.registry = registry
         self.max_module_bytes, self.ratio, self.floor = max_module_bytes, ratio, floor
-        self._seen: collections.OrderedDict[Any, Estimate] = collections.OrderedDict()
-        self._lock = threading.Lock()
+        self._seen: BoundedCache[Estimate] = BoundedCache(CACHE_SIZE, CACHE_BYTES)
 
     def estimate(self, term: TermRequest) -> tuple[Estimate, str]:
         """The term's estimate, and the field its driving parameter is (``config.num_classes``, ``pred``...)."""
@@ -79,15 +78,11 @@ class TermCosts:
         key: Any = None
         if term.config_key is not None:
             key = (term.config_key, tuple(sorted((k, repr(v)) for k, v in shapes.items())), itemsize)
-        with self._lock:
-            found = self._seen.get(key) if key is not None else None
+        found = self._seen.get(key) if key is not None else None
         if found is None:
             found = self.registry.estimate(config, shapes, itemsize=itemsize)
             if key is not None:
-                with self._lock:
-                    self._seen[key] = found
-                    while len(self._seen) > CACHE_SIZE:
-                        self._seen.popitem(last=False)
+                self._seen.put(key, found, held_bytes(key))
         return found, self._field(found.parameter, names, {p.name for p in description.params})
 
     def check(self, term: TermRequest, path: str = "") -> tuple[Estimate, str]:

@@ -8,8 +8,8 @@ session errors and sampler errors pass through untouched; the front doors map th
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..caches import BoundedCache, held_bytes
 from ..losses import (
     LOSSES,
     LossConfigError,
@@ -46,11 +47,20 @@ log = logging.getLogger(__name__)
 SERIAL_MAX_ELEMENTS = 32768
 
 MODULE_CACHE_SIZE = 256
+# of what the cached modules hold: a GHMC of bins=7e6 holds 28 MB, so 256 distinct ones held 7 GB
+MODULE_CACHE_BYTES = 64 << 20
 
 # What a loss's own code raises on inputs it did not foresee (a torch op refusing a value, an int too
 # big for int64...): the inputs' fault, answered as a LossFailedError (``_answered_as_input_errors``)
 # whether autograd's path or a fused kernel met it
 FORWARD_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, AssertionError, OverflowError)
+
+
+def module_bytes(module: nn.Module, config_bytes: int) -> int:
+    """About what a built module holds: its tensors, and its config's values again as Python objects (a
+    class_weight's list: 32 bytes a number where the config's key, ``config_bytes``, holds 8)."""
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors) + 4 * config_bytes
 
 
 def _inputs_fault(error: Exception) -> bool:
@@ -108,8 +118,7 @@ class Evaluator:
         self.fused = fused
         # built modules of configs seen before, for the loss classes that keep nothing between calls
         # (building one costs ~30-50 us per call, a tenth of a small call's compute); see _module
-        self._modules: dict[tuple[Any, str], nn.Module] = {}
-        self._modules_lock = threading.Lock()
+        self._modules: BoundedCache[nn.Module] = BoundedCache(MODULE_CACHE_SIZE, MODULE_CACHE_BYTES)
         # the intra-op threads of big terms: torch's count when the evaluator is made (the server sets
         # --torch-threads first); small terms run on one, see SERIAL_MAX_ELEMENTS
         self.threads = torch.get_num_threads()
@@ -306,18 +315,16 @@ class Evaluator:
         module ``shareable`` (stateless and not stochastic: it holds only its config), then shared by
         every call, and thread, with an equal config.
 
-        The cache is keyed by the config as sent and holds at most ``MODULE_CACHE_SIZE`` entries
-        (it starts afresh beyond: clients choose the configs)."""
+        The cache is keyed by the config as sent and holds at most ``MODULE_CACHE_SIZE`` modules and
+        ``MODULE_CACHE_BYTES`` of them (``module_bytes``), the oldest out first: clients choose the configs."""
         key = None if config_key is None else (config_key, str(device))
         module = None if key is None else self._modules.get(key)
         if module is not None:
             return module
         module = self.registry.build(config).to(device)
         if key is not None and shareable(module):
-            with self._modules_lock:
-                if len(self._modules) >= MODULE_CACHE_SIZE:
-                    self._modules.clear()
-                self._modules[key] = module
+            config_bytes = held_bytes(config_key)
+            self._modules.put(key, module, config_bytes + module_bytes(module, config_bytes))
         return module
 
     def _sample(

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from ..caches import BoundedCache, held_bytes
 from . import cost
 from .errors import DuplicateLossError, LossConfigError, UnknownLossError
 from .schema import LossDescription, describe_class, unknown_parameter, validate_config
@@ -16,6 +17,7 @@ ModuleClass = TypeVar("ModuleClass", bound=type)
 
 
 CHECKED_CACHE_SIZE = 1024
+CHECKED_CACHE_BYTES = 16 << 20  # of configs' keys: a class_weight of 90,000 numbers is keyed by 720 KB
 
 
 class Registry:
@@ -31,7 +33,7 @@ class Registry:
         self._classes: dict[str, type] = {}
         self._descriptions: dict[str, LossDescription] = {}
         # the loss type of valid configs checked before, by a hashable form of the config (loss_type)
-        self._checked: dict[Any, str] = {}
+        self._checked: BoundedCache[str] = BoundedCache(CHECKED_CACHE_SIZE, CHECKED_CACHE_BYTES)
 
     def register_module(
         self, name: str | None = None, force: bool = False, module: type | None = None
@@ -144,10 +146,8 @@ class Registry:
         loss_type = self._checked.get(key) if key is not None else None
         if loss_type is None:
             loss_type, _ = self.check_config(cfg)
-            if key is not None:
-                if len(self._checked) >= CHECKED_CACHE_SIZE:  # clients choose the configs: start afresh
-                    self._checked.clear()
-                self._checked[key] = loss_type
+            if key is not None:  # clients choose the configs: bounded in entries and bytes
+                self._checked.put(key, loss_type, held_bytes(key))
         return loss_type
 
     def check_shallow(self, name: str, kinds: Mapping[str, str]) -> None:
