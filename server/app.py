@@ -36,6 +36,7 @@ from .dataplane import Dataplane, RequestLimits, SharedMemoryLimits, SharedMemor
 from .dataplane.budget import MemoryBudget
 from .dataplane.costs import TermCosts
 from .evaluation import OwnerLimits, SessionStore
+from .log_lines import bound_repeated_lines
 from .losses import LOSSES, Registry
 from .rpc.authentication import SessionOwners, TokenAuthInterceptor, token_digest
 from .rpc.compute import Compute, connection_of, thread_share
@@ -391,6 +392,7 @@ class LosswireServer:
 
     def start(self) -> int:
         quiet_caller_lines()  # no caller's bytes in gRPC's own log lines
+        bound_repeated_lines()  # nor a line a call in the server's own
         self._thread.start()
         self.shared_memory.start()  # its socket first: the endpoint answers from the first call on
         try:

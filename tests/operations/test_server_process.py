@@ -13,6 +13,7 @@ fixture's teardown if a test left it running.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import re
 import signal
 import subprocess
@@ -27,7 +28,7 @@ import torch
 from google.protobuf import descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from support.calls import plain_channel
+from support.calls import plain_channel, read_log_to_now
 from support.paths import PLUGINS
 from support.servers import (
     CALL_TIMEOUT,
@@ -45,6 +46,7 @@ from losswire.client import LossClient, RemoteLoss, evaluate_terms
 from losswire.client.errors import RemoteLossError
 from losswire.inference import grpc_predict_v2_pb2 as oip
 from losswire.inference import grpc_predict_v2_pb2_grpc as oip_grpc
+from losswire.server.log_lines import BURST, RepeatedLines
 from losswire.server.losses import Registry
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.v1 import loss_service_pb2_grpc as pb_grpc
@@ -212,6 +214,43 @@ def test_debug_log_has_one_line_per_request(plugin_server: ServerProcess, client
     assert len(re.findall(r"DEBUG losswire\.server: Evaluate L1Loss: decode [\d.]+ ms, compute", log)) == 1, log
     assert len(re.findall(r"Evaluate L1Loss,MSELoss: decode", log)) == 1, log
     assert len(re.findall(r"refused: .*avg_factor", log)) == 1, log
+
+
+def test_a_line_a_caller_causes_call_after_call_is_written_a_few_times(spawn):
+    """ResetSession writes an INFO line a reset: a caller creating and resetting sessions in a loop wrote one
+    line a call, ~27 KB of log a second from one caller on two cores. Each line of the server's code now
+    writes at most BURST lines a minute; per-request DEBUG lines, asked for, stay one a request."""
+    argv = module_cmd("--host", "127.0.0.1", "--port", "0", "--device", "cpu", "--log-level", "DEBUG")
+    server = spawn(argv, server_env()).wait_started()
+    client = LossClient(server.target, timeout=CALL_TIMEOUT)
+    resets = 4 * BURST
+    try:
+        for n in range(resets):
+            seesaw = RemoteLoss(dict(type="SeesawLoss", num_classes=3), client=client, session=f"loop-{n}")
+            seesaw(torch.randn(4, 5), torch.tensor([0, 1, 2, 3]))
+            client.reset_session(f"loop-{n}")
+        read_log_to_now(server)
+    finally:
+        client.close()
+    log = server.log()
+    written = re.findall(r"INFO losswire\.server: session loop-\d+ reset after", log)
+    assert 1 <= len(written) <= 2 * BURST, log  # a second minute at most, on the slowest machine
+    assert len(re.findall(r"DEBUG losswire\.server: Evaluate SeesawLoss:", log)) == resets, log
+
+
+def test_lines_left_out_are_counted_on_the_next_one_written():
+    now = [0.0]
+    lines = RepeatedLines(burst=2, interval=60.0, clock=lambda: now[0])
+
+    def record(level: int = logging.INFO, line: int = 1) -> logging.LogRecord:
+        return logging.LogRecord("losswire.server", level, "app.py", line, "session %s reset", ("a",), None)
+
+    assert [lines.filter(record()) for _ in range(5)] == [True, True, False, False, False]
+    assert lines.filter(record(line=2)) and lines.filter(record(logging.DEBUG))  # another line; a debug line
+    now[0] = 61.0
+    later = record()
+    assert lines.filter(later) and later.getMessage() == "session a reset; 3 more such lines left out before it"
+    assert lines.filter(record()) and not lines.filter(record())
 
 
 # -- configuration -------------------------------------------------------------------------------------
