@@ -52,6 +52,14 @@ def wait_started(name: str, count: int, timeout: float = GATE_TIMEOUT) -> None:
             raise AssertionError(f"only {_started[name]} of {count} calls reached gate {name!r} within {timeout} s")
 
 
+def _wait_at(gate: str) -> None:
+    """Count a call as having reached ``gate``, then wait for the gate to open."""
+    with _changed:
+        _started[gate] += 1
+        _changed.notify_all()
+        _changed.wait_for(lambda: gate in _open_gates, GATE_TIMEOUT)
+
+
 def _l1(loss: WeightedLoss, pred: Tensor, target: Tensor, weight, avg_factor, reduction_override) -> Tensor:
     return loss.finish((pred - target).abs(), weight, loss.resolve_reduction(reduction_override), avg_factor)
 
@@ -80,10 +88,7 @@ class GatedL1Loss(WeightedLoss):
         avg_factor: AvgFactor = None,
         reduction_override: ReductionOverride = None,
     ) -> Tensor:
-        with _changed:
-            _started[self.gate] += 1
-            _changed.notify_all()
-            _changed.wait_for(lambda: self.gate in _open_gates, GATE_TIMEOUT)
+        _wait_at(self.gate)
         return _l1(self, pred, target, weight, avg_factor, reduction_override)
 
 
@@ -115,10 +120,7 @@ class GatedBuildL1Loss(WeightedLoss):
 
     def __init__(self, gate: str = "default", reduction: Reduction = "mean", loss_weight: float = 1.0) -> None:
         super().__init__(reduction, loss_weight)
-        with _changed:
-            _started[gate] += 1
-            _changed.notify_all()
-            _changed.wait_for(lambda: gate in _open_gates, GATE_TIMEOUT)
+        _wait_at(gate)
 
     def forward(
         self,
