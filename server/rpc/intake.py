@@ -225,14 +225,14 @@ class IntakeInterceptor(grpc.aio.ServerInterceptor):
         inner = handler.stream_stream or handler.stream_unary
 
         async def awaited(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-            async with Admitted(self, slots, caller, method, context):
+            async with Admitted(self, slots, caller, method, context, reads=False):
                 answer = await inner(requests, context)
                 if answer is None:
                     await send_failure_alone(context)
                 return answer
 
         async def yielded(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            async with Admitted(self, slots, caller, method, context):
+            async with Admitted(self, slots, caller, method, context, reads=False):
                 async for message in answers_or_failure_alone(inner(requests, context), context):
                     yield message
 
@@ -367,7 +367,7 @@ class Admitted:
     an answer not taken in time has its caller's connection closed (``hangup``: neither cancelling nor
     aborting the call frees it), which ends the call."""
 
-    __slots__ = ("caller", "context", "held", "intake", "method", "released", "sending", "slots")
+    __slots__ = ("caller", "context", "held", "intake", "method", "reads", "released", "sending", "slots")
 
     def __init__(
         self,
@@ -376,16 +376,19 @@ class Admitted:
         caller: str | None,
         method: str,
         context: grpc.aio.ServicerContext,
+        reads: bool = True,
     ) -> None:
+        """``reads``: the call's request is read here, in request room (a streamed request is not)."""
         self.intake, self.slots, self.caller, self.method, self.context = intake, slots, caller, method, context
         self.held: Held | None = None
-        self.sending = self.released = False
+        self.reads, self.sending, self.released = reads, False, False
 
-    async def __aenter__(self) -> Held:
+    async def __aenter__(self) -> Held | None:
         refusal = self.slots.enter(self.caller)
         if refusal is not None:
             await self.intake._turn_away(self.method, self.context, refusal)
-        self.held = Held(self.context.peer())
+        if self.reads:
+            self.held = Held(self.context.peer())
         return self.held
 
     async def __aexit__(self, error_type: type[BaseException] | None, *_exc: object) -> None:
@@ -398,7 +401,7 @@ class Admitted:
         self.sending = True
         loop = asyncio.get_running_loop()
         timer = (
-            None if seconds is None else loop.call_later(seconds, _hang_up, self.method, self.context.peer(), seconds)
+            None if seconds is None else loop.call_later(seconds, _hang_up, self.method, self.held.connection, seconds)
         )
 
         def ended(_context: object) -> None:
@@ -413,7 +416,8 @@ class Admitted:
     def _release(self) -> None:
         if not self.released:
             self.released = True
-            self.held.give_back()
+            if self.held is not None:
+                self.held.give_back()
             self.slots.leave(self.caller)
 
 
