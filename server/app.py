@@ -38,6 +38,7 @@ from .dataplane.costs import TermCosts
 from .evaluation import OwnerLimits, SessionStore
 from .log_lines import bound_repeated_lines
 from .losses import LOSSES, Registry
+from .memory_limit import memory_limit
 from .rpc.authentication import SessionOwners, TokenAuthInterceptor, token_digest
 from .rpc.compute import Compute, connection_of, thread_share
 from .rpc.grpc_logs import quiet_caller_lines
@@ -402,6 +403,7 @@ class LosswireServer:
             self._loop.call_soon_threadsafe(self._loop.stop)
             raise
         self._log_security()
+        self._log_memory()
         if self.config.metrics_port is not None:
             host = self.config.metrics_host or self.config.host
             self.metrics_port = self.metrics.serve(host, self.config.metrics_port)
@@ -499,6 +501,21 @@ class LosswireServer:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
+    def _log_memory(self) -> None:
+        """What the budget is, and what it was taken from: an operator whose container limit was not seen
+        (an unknown control-group layout) reads it here, before the kernel kills the server."""
+        limit, budget = memory_limit(), self.config.memory_budget
+        seen = (
+            "no memory limit found" if limit is None else f"this process may use {_gib(limit.bytes)} ({limit.source})"
+        )
+        held = "unbounded" if budget is None else _gib(budget)
+        log.info(
+            "memory budget for calls in flight: %s; idle buffers %s; %s",
+            held,
+            _gib(self.config.buffer_pool_bytes),
+            seen,
+        )
+
     def _log_security(self) -> None:
         transport = self.tls.describe() if self.tls is not None else "plaintext (no TLS)"
         who = f"bearer tokens required ({len(self.tokens)} configured)" if self.tokens else "no authentication"
@@ -542,3 +559,7 @@ def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredent
             f"cannot bind {address}: another process listens there (`ss -ltnp` names it); --port picks another{shared}",
         )
     return port
+
+
+def _gib(size: int) -> str:
+    return f"{size / (1 << 30):.1f} GiB"

@@ -401,7 +401,7 @@ KNOBS: tuple[Knob, ...] = (
         _DEFAULT.memory_budget,
         "bytes the calls in flight may hold at once (streamed tensors' buffers, terms' working memory as their "
         "losses estimate it), reserved before they are allocated; beyond, RESOURCE_EXHAUSTED (0 or none: unbounded)",
-        shown="half the host's memory",
+        shown="half the memory the server may use: the host's, or its container's limit where lower",
     ),
     Knob(
         "max_term_memory",
@@ -430,6 +430,7 @@ KNOBS: tuple[Knob, ...] = (
         "bytes of idle buffers kept to receive and answer the next big streamed call into memory already "
         "written once (0: fresh memory every call)",
         "buffer_pool_bytes",
+        shown="1073741824, or an eighth of the memory the server may use where that is less",
     ),
     Knob("torch_threads", _optional_limit, None, "torch intra-op threads (0 or none: torch's default)"),
     Knob(

@@ -7,17 +7,31 @@ start fast.
 from __future__ import annotations
 
 import dataclasses
-import os
+import functools
 
+from losswire.server.memory_limit import memory_limit
 from losswire.wire.protocol import DEFAULT_MAX_DIMS, DEFAULT_PORT, MAX_MESSAGE_BYTES
 
+IDLE_BUFFER_BYTES = 1 << 30  # losswire.wire.buffers.DEFAULT_IDLE_BYTES (which imports torch)
 
-def half_of_physical_memory() -> int | None:
-    """Half this host's physical memory in bytes (None where the system does not say: unbounded)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    except (ValueError, OSError, AttributeError):
-        return None
+
+@functools.cache
+def usable_memory() -> int | None:
+    """The memory this process may use: the host's, or its container's limit where that is lower (None
+    where nothing says: unbounded). Read once: the defaults below are taken at start."""
+    limit = memory_limit()
+    return None if limit is None else limit.bytes
+
+
+def half_of_usable_memory() -> int | None:
+    usable = usable_memory()
+    return None if usable is None else usable // 2
+
+
+def idle_buffers_default() -> int:
+    """1 GiB of idle buffers, or an eighth of the usable memory where that is less (a small container)."""
+    usable = usable_memory()
+    return IDLE_BUFFER_BYTES if usable is None else min(IDLE_BUFFER_BYTES, usable // 8)
 
 
 @dataclasses.dataclass
@@ -73,8 +87,9 @@ class ServerConfig:
     max_shared_memory_connections: int = 256  # caller processes connected to the handoff socket at once
     # bytes the calls in flight may hold at once (streamed tensors' buffers, terms' working memory as their
     # losses estimate it), reserved before they are allocated; beyond, RESOURCE_EXHAUSTED. None: unbounded.
-    # By default half the host's physical memory.
-    memory_budget: int | None = dataclasses.field(default_factory=lambda: half_of_physical_memory())
+    # By default half the memory the server may use: the host's, or its control group's limit (a
+    # container's) where that is lower.
+    memory_budget: int | None = dataclasses.field(default_factory=lambda: half_of_usable_memory())
     # the most one term's working memory may take (None: the whole budget)
     max_term_memory: int | None = None
     # what building one loss module may allocate, by its loss's estimate (GHM's bins, per-class buffers);
@@ -83,8 +98,9 @@ class ServerConfig:
     # a term's estimated working memory may be at most this many times its inputs' bytes, plus 256 MiB
     # (losses cost a few times their inputs; C x C or B x B tables of a tiny request do not); None: unbounded
     term_memory_ratio: int | None = 64
-    # idle buffers kept for reuse by big calls (streamed tensors, their answers); 0: fresh memory each call
-    buffer_pool_bytes: int = 1 << 30  # losswire.wire.buffers.DEFAULT_IDLE_BYTES
+    # idle buffers kept for reuse by big calls (streamed tensors, their answers); 0: fresh memory each call.
+    # Outside the memory budget, so in a small container it takes an eighth of the usable memory at most
+    buffer_pool_bytes: int = dataclasses.field(default_factory=idle_buffers_default)
     max_message_bytes: int = MAX_MESSAGE_BYTES
     # the largest message a caller may send: a whole unary request (Evaluate, ModelInfer...), or one message
     # of a stream. gRPC refuses a bigger one from its length prefix, before reading it; unary requests are
