@@ -268,7 +268,8 @@ KNOBS: tuple[Knob, ...] = (
         _DEFAULT.stream_idle_seconds,
         "seconds a request stream may stay silent, or leave an answer message unread, before it is ended "
         "(DEADLINE_EXCEEDED; 0 or none: never); a unary answer left untaken this long, plus a second per "
-        "--stream-min-rate bytes of it, has its caller's connection closed",
+        "--stream-min-rate bytes of it, has its caller's connection closed, and so does a streamed answer's "
+        "message still untaken as long again after its call was ended",
         "stream_idle_seconds",
     ),
     Knob(

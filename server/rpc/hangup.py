@@ -14,10 +14,27 @@ of the descriptor is shut down (both directions), so gRPC's own descriptor stays
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import socket
 import struct
 from urllib.parse import unquote
+
+log = logging.getLogger("losswire.server")
+ANSWER_BOUND = "losswire serve --stream-idle-timeout, plus a second per --stream-min-rate bytes of the answer"
+
+
+def hang_up_unread(method: str, peer: str, seconds: float, since: str = "it was sent") -> None:
+    """Close the connection of a caller that left ``method``'s answer untaken for ``seconds``, and say so."""
+    closed = hang_up(peer)
+    log.info(
+        "%s: the caller had not taken its answer %g s after %s (%s); %s",
+        method,
+        seconds,
+        since,
+        ANSWER_BOUND,
+        "its connection is closed" if closed else "its connection was not found to close, so the call waits on",
+    )
 
 
 def hang_up(peer: str) -> bool:

@@ -52,7 +52,7 @@ import grpc
 from ..counts import count_down
 from ..errors import RequestError, ServerBusyError, StreamIdleError
 from .calls import answers_or_failure_alone, fail, send_failure_alone
-from .hangup import hang_up
+from .hangup import hang_up_unread
 from .shares import FairShares
 from .status import gone_code, refusal
 
@@ -63,7 +63,6 @@ UNARY_READ_GRACE_SECONDS = 5.0
 UNARY_MIN_RATE = 16 << 20  # bytes per second
 PER_CONNECTION = 4  # requests of one connection received at once
 log = logging.getLogger("losswire.server")
-ANSWER_BOUND = "losswire serve --stream-idle-timeout, plus a second per --stream-min-rate bytes of the answer"
 
 
 def unary_read_seconds(largest: int) -> float:
@@ -344,17 +343,6 @@ class IntakeInterceptor(grpc.aio.ServerInterceptor):
 _REFUSED = object()  # a call whose status is set already: its handler is not run
 
 
-def _hang_up(method: str, peer: str, seconds: float) -> None:
-    closed = hang_up(peer)
-    log.info(
-        "%s: the caller had not taken its answer %g s after it was sent (%s); %s",
-        method,
-        seconds,
-        ANSWER_BOUND,
-        "its connection is closed" if closed else "its connection was not found to close, so the call waits on",
-    )
-
-
 class Admitted:
     """A call's slot of ``slots`` for its whole life, and the request room it holds (``Held``, entered as):
     a call that finds no slot is turned away on entering; leaving gives both back, or, for a call whose
@@ -401,7 +389,9 @@ class Admitted:
         self.sending = True
         loop = asyncio.get_running_loop()
         timer = (
-            None if seconds is None else loop.call_later(seconds, _hang_up, self.method, self.held.connection, seconds)
+            None
+            if seconds is None
+            else loop.call_later(seconds, hang_up_unread, self.method, self.held.connection, seconds)
         )
 
         def ended(_context: object) -> None:

@@ -17,7 +17,9 @@ for the caller counts, never time the server spends on what arrived.
 A caller that stops reading its answer is bounded too: an answer message its caller has not taken for
 ``idle_seconds``, or, on a paced stream, an answer read more slowly than the same pace, ends the call (the
 handler is cancelled as when its caller leaves), which frees its memory and its big-call slot. (A caller
-that never read held them for as long as it kept the connection.)
+that never read held them for as long as it kept the connection.) The message gRPC was writing (up to a
+chunk, 4 MiB) stays in gRPC until the caller reads it: the call keeps its open stream counted meanwhile,
+and a caller that has not read it when as long again has passed is hung up on (``hangup``), which frees it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from google.protobuf.message import Message
 from ..counts import count_down
 from ..errors import LimitExceededError, ServerBusyError, StreamIdleError
 from .calls import fail
+from .hangup import hang_up_unread
 
 log = logging.getLogger("losswire.server")
 
@@ -132,7 +135,13 @@ class StreamGuardInterceptor(grpc.aio.ServerInterceptor):
         except (StreamIdleError, LimitExceededError) as error:
             fail(context, error, method)
         finally:
-            self._leave(caller)
+            # a call ended for an unread answer keeps its stream counted while gRPC still holds the message
+            # (until its caller takes it, or is hung up on), so a caller cannot leave such messages behind
+            # stream after stream
+            if unread.ending is not None and not unread.ending.done():
+                unread.ending.add_done_callback(lambda _ending: self._leave(caller))
+            else:
+                self._leave(caller)
 
     async def _unary(
         self,
@@ -250,6 +259,8 @@ class UnreadAnswer:
     ) -> None:
         self.method, self.seconds, self.pace, self.context = method, seconds, pace, context
         self.task = asyncio.current_task()
+        self.writing = 0  # bytes of the message being written
+        self.ending: asyncio.Future | None = None  # the ended call's status, sent once its caller reads
 
     @contextlib.contextmanager
     def bounded(self, message: Any) -> Any:
@@ -260,7 +271,7 @@ class UnreadAnswer:
         limit, behind = (self.seconds, False) if self.pace is None else self.pace.limit(self.seconds)
         loop = asyncio.get_running_loop()
         timer = loop.call_later(limit, self._expired, behind)
-        writing_since = loop.time()
+        writing_since, self.writing = loop.time(), message_bytes(message)
         try:
             yield
         finally:
@@ -278,10 +289,23 @@ class UnreadAnswer:
             # The status goes after the message gRPC is still writing (the caller's flow control holds
             # both), so a caller that reads at last is told why its answer stops short; cancelling the
             # handler alone sent no status at all, and such a caller waited for ever.
-            ending = asyncio.ensure_future(_end(self.context, why))
+            ending = self.ending = asyncio.ensure_future(_end(self.context, why))
             _ENDING.add(ending)  # held until it is done: the event loop keeps only a weak reference
             ending.add_done_callback(_ENDING.discard)
+            self._hang_up_unless_taken(ending)
         self.task.cancel()
+
+    def _hang_up_unless_taken(self, ending: asyncio.Future) -> None:
+        """The message being written, and the status behind it, stay in gRPC until the caller reads (ending
+        the handler freed nothing of it): a caller given as long again as it was, plus a second per
+        ``--stream-min-rate`` bytes of the message, and still not reading, has its connection closed."""
+        rate = self.pace.min_rate if self.pace is not None else None
+        seconds = self.seconds + (self.writing / rate if rate else 0.0)
+        peer = self.context.peer()
+        timer = asyncio.get_running_loop().call_later(
+            seconds, hang_up_unread, self.method, peer, seconds, "its call was ended"
+        )
+        ending.add_done_callback(lambda _ending: timer.cancel())
 
 
 _ENDING: set[asyncio.Task] = set()  # calls ended by UnreadAnswer whose status waits for their caller

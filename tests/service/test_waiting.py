@@ -283,6 +283,30 @@ def test_a_caller_that_never_reads_its_streamed_answer_leaves_its_memory_and_slo
             unread.cancel()
 
 
+def test_a_caller_that_still_does_not_read_its_ended_stream_is_hung_up_on():
+    """A streamed call ended because its caller read nothing of its answer: the message gRPC was writing
+    (a chunk, up to 4 MiB) stays in gRPC, which neither the handler's end nor its status frees. The call
+    keeps its open stream counted meanwhile, and a caller that has still not read when ``--stream-idle-timeout``
+    (1 s) plus a second per ``--stream-min-rate`` bytes of that message have passed again has its connection
+    closed, which frees it. (The stream was given back at once and the message held for as long as the
+    caller kept its connection, so a caller could leave one behind stream after stream.)"""
+    messages = l1_stream(4 << 20)
+    options = [("grpc.enable_retries", 0), ("grpc.max_receive_message_length", 64 << 20)]
+    with running_server(stream_idle_seconds=1.0, stream_min_rate=32 << 20) as server:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}", options=options) as channel:
+            unread = evaluate_stream(channel)(iter(messages), timeout=60)  # never read in time
+            assert eventually(lambda: server.dataplane.slots.in_use == 1, 10), "the call never started"
+            assert nothing_held(server, 15), "the server never ended the unread call"
+            assert server.stream_guard.open == 1, "the ended call gave its stream back with its message in gRPC"
+            assert eventually(lambda: server.stream_guard.open == 0, 10), "the caller was never hung up on"
+            with pytest.raises(grpc.RpcError) as ended:
+                for _ in unread:
+                    pass
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE, ended.value.details()
+        client = LossClient(f"127.0.0.1:{server.port}", timeout=30)
+        assert RemoteLoss(dict(type="L1Loss"), client=client)(torch.ones(3), torch.zeros(3)).item() == 1.0
+
+
 def test_a_caller_that_never_takes_its_unary_answer_is_hung_up_on():
     """A unary Evaluate (32 MB of pred and target; answered with a 16 MiB loss and a 16 MiB gradient) whose
     caller never takes the answer: called as a stream whose answers are never read, the same bytes on the
