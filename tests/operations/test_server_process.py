@@ -253,6 +253,52 @@ def test_lines_left_out_are_counted_on_the_next_one_written():
     assert lines.filter(record()) and not lines.filter(record())
 
 
+def test_the_count_of_a_flood_that_stops_is_written_when_its_window_ends(caplog):
+    """No line comes after a flood to carry its count: the count is written on its own once the window has
+    ended (it was never written before), and only once, whichever comes first."""
+    now, due = [0.0], []
+    lines = RepeatedLines(burst=2, interval=60.0, clock=lambda: now[0], schedule=lambda s, work: due.append((s, work)))
+
+    def record(line: int = 1) -> logging.LogRecord:
+        return logging.LogRecord(
+            "losswire.server", logging.WARNING, "app.py", line, "out of memory on %s", ("x",), None
+        )
+
+    now[0] = 5.0  # the window starts
+    assert [lines.filter(record()) for _ in range(2)] == [True, True]
+    now[0] = 20.0
+    assert [lines.filter(record()) for _ in range(4)] == [False] * 4
+    assert [seconds for seconds, _ in due] == [45.0]  # one count due, when the window ends
+    logger = logging.getLogger("losswire.server")
+    logger.addFilter(lines)
+    try:
+        with caplog.at_level(logging.INFO, logger="losswire.server"):
+            due[0][1]()
+            due[0][1]()  # written once
+        assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+            (
+                logging.WARNING,
+                '4 lines like "out of memory on %s" left out in 60 s (at most 2 a line of the code are written)',
+            )
+        ]
+    finally:
+        logger.removeFilter(lines)
+    now[0] = 70.0  # the next window: nothing left to carry
+    first = record()
+    assert lines.filter(first) and first.getMessage() == "out of memory on x"
+
+    # a line of the next window carried the count before the timer came: the timer writes nothing
+    due.clear()
+    assert [lines.filter(record()) for _ in range(3)] == [True, False, False]
+    now[0] = 131.0
+    carried = record()
+    assert lines.filter(carried) and carried.getMessage().endswith("; 2 more such lines left out before it")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="losswire.server"):
+        due[0][1]()
+    assert caplog.records == []
+
+
 # -- configuration -------------------------------------------------------------------------------------
 
 
