@@ -183,7 +183,7 @@ class Conversion:
         self.request = pb.EvaluateRequest()
         self.term = self.request.terms.add()
         self._pending: dict[str, Callable[[], torch.Tensor]] = {}
-        self.typed_values = 0  # values in typed ``contents``, converted one by one when handed over
+        self.typed_values = 0  # values in typed ``contents``, converted when handed over
         codec.encode_config(_config(description.name, request.parameters), self.term.config)
         floats = self._inputs(request)
         self._parameters(request.parameters)
@@ -533,11 +533,12 @@ def _typed_count(tensor: oip.ModelInferRequest.InferInputTensor, index: int) -> 
     return len(getattr(tensor.contents, field))
 
 
-# Typed ``contents`` become a tensor value by value, ~50-60 ns each (256,000 fp32_contents: 12-16 ms): a call
-# whose inputs hold more is not tried on the event loop (a quick call's stall there is about a millisecond), and
-# its values are converted once, on a compute thread. Tried there first, a FocalLoss call of 256,000 values
-# held the loop 12-16 ms (and was converted again on a thread), and a flood of them made other callers' quick
-# calls 3-4 times slower than a flood of the same tensors sent raw.
+# Typed ``contents`` are copied into one array by protobuf's own code (``__array__`` of upb's repeated fields:
+# 256,000 fp32_contents in ~0.3-1 ms, where converting value by value took 12-16 ms with the interpreter lock
+# held). Still, a call whose inputs hold more than this is not tried on the event loop (a quick call's stall
+# there is about a millisecond), and its values are converted once, on a compute thread. Tried there first, a
+# FocalLoss call of 256,000 values held the loop 12-16 ms (and was converted again on a thread), and a flood of
+# them made other callers' quick calls 3-4 times slower than a flood of the same tensors sent raw.
 QUICK_MAX_TYPED_VALUES = 1 << 14
 
 # the numpy type each typed ``contents`` field holds its values in (its protobuf scalar type)
@@ -554,11 +555,14 @@ CONTENTS_TYPES = {
 def _typed_tensor(
     tensor: oip.ModelInferRequest.InferInputTensor, index: int, dtype: torch.dtype, shape: list[int]
 ) -> torch.Tensor:
-    """Typed ``contents`` -> a tensor of the declared datatype and shape, converted value by value into one
-    array of the field's type (no list of Python numbers: 20 M int64 zeros take 160 MB, not 40x that)."""
+    """Typed ``contents`` -> a tensor of the declared datatype and shape, copied into one array of the field's
+    type (no list of Python numbers: 20 M int64 zeros take 160 MB, not 40x that)."""
     field, numpy_type = TYPED_CONTENTS[tensor.datatype]
     values = getattr(tensor.contents, field)
-    array = np.fromiter(values, dtype=CONTENTS_TYPES[field], count=len(values))
+    if hasattr(values, "__array__"):  # upb's repeated field: one copy, its own array
+        array = np.array(values, dtype=CONTENTS_TYPES[field])
+    else:  # another protobuf implementation: value by value, still without a list
+        array = np.fromiter(values, dtype=CONTENTS_TYPES[field], count=len(values))
     target = np.dtype(numpy_type)
     if target.kind in "iu" and array.size and target.itemsize < array.dtype.itemsize:
         info = np.iinfo(target)
