@@ -36,9 +36,9 @@ from .dataplane import Dataplane, RequestLimits, SharedMemoryLimits, SharedMemor
 from .dataplane.budget import MemoryBudget
 from .dataplane.costs import TermCosts
 from .evaluation import OwnerLimits, SessionStore
+from .host_limits import cpu_limit, memory_limit
 from .log_lines import bound_repeated_lines
 from .losses import LOSSES, Registry
-from .memory_limit import memory_limit
 from .rpc.authentication import SessionOwners, TokenAuthInterceptor, token_digest
 from .rpc.compute import Compute, connection_of, thread_share
 from .rpc.grpc_logs import quiet_caller_lines
@@ -138,8 +138,12 @@ class LosswireServer:
             slots=CallSlots(OPEN_CALLS, what=("health checks without a token", "probes: losswire serve --health-port")),
         )
         load_plugins(config.plugins)
-        if config.torch_threads:
-            torch.set_num_threads(config.torch_threads)
+        # torch's default is a thread per core of the host; under a CPU quota (a container's limit) the
+        # threads beyond it only wait out each period's end, so the quota, rounded up, is the default
+        self.cpu_quota = cpu_limit()
+        threads = config.torch_threads or (self.cpu_quota.threads if self.cpu_quota else None)
+        if threads and (config.torch_threads or threads < torch.get_num_threads()):
+            torch.set_num_threads(threads)
         self.device = resolve_device(config.device)
         self.sessions = SessionStore(
             registry,
@@ -403,7 +407,7 @@ class LosswireServer:
             self._loop.call_soon_threadsafe(self._loop.stop)
             raise
         self._log_security()
-        self._log_memory()
+        self._log_resources()
         if self.config.metrics_port is not None:
             host = self.config.metrics_host or self.config.host
             self.metrics_port = self.metrics.serve(host, self.config.metrics_port)
@@ -501,9 +505,9 @@ class LosswireServer:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
-    def _log_memory(self) -> None:
-        """What the budget is, and what it was taken from: an operator whose container limit was not seen
-        (an unknown control-group layout) reads it here, before the kernel kills the server."""
+    def _log_resources(self) -> None:
+        """The memory budget and torch's threads, and the limits they were taken from: an operator whose
+        container limit was not seen (an unknown control-group layout) reads it here."""
         limit, budget = memory_limit(), self.config.memory_budget
         seen = (
             "no memory limit found" if limit is None else f"this process may use {_gib(limit.bytes)} ({limit.source})"
@@ -514,6 +518,16 @@ class LosswireServer:
             held,
             _gib(self.config.buffer_pool_bytes),
             seen,
+        )
+        quota = self.cpu_quota
+        log.info(
+            "torch threads: %d (%s)",
+            torch.get_num_threads(),
+            "--torch-threads"
+            if self.config.torch_threads
+            else "torch's default: no CPU quota found"
+            if quota is None
+            else f"a CPU quota of {quota.cpus:g} CPUs, {quota.source}",
         )
 
     def _log_security(self) -> None:

@@ -433,7 +433,13 @@ KNOBS: tuple[Knob, ...] = (
         "buffer_pool_bytes",
         shown="1073741824, or an eighth of the memory the server may use where that is less",
     ),
-    Knob("torch_threads", _optional_limit, None, "torch intra-op threads (0 or none: torch's default)"),
+    Knob(
+        "torch_threads",
+        _optional_limit,
+        None,
+        "torch intra-op threads (0 or none: torch's default, a thread per core, or the CPU quota of the server's "
+        "control group (a container's CPU limit) rounded up where that is fewer)",
+    ),
     Knob(
         "grace",
         _seconds,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from losswire.server.memory_limit import memory_limit
+from losswire.server.host_limits import memory_limit
 from losswire.wire.protocol import DEFAULT_MAX_DIMS, DEFAULT_PORT, MAX_MESSAGE_BYTES
 
 IDLE_BUFFER_BYTES = 1 << 30  # losswire.wire.buffers.DEFAULT_IDLE_BYTES (which imports torch)
@@ -112,7 +112,7 @@ class ServerConfig:
     max_request_elements: int | None = None
     max_terms: int | None = 256  # terms per request: DETR-style heads send ~40, one per loss and layer
     max_dims: int = DEFAULT_MAX_DIMS  # tensor rank; detection tensors have at most 5 ([N, C, D, H, W])
-    torch_threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    torch_threads: int | None = None  # torch intra-op threads; None: torch's default, or a CPU quota's worth
     grace_seconds: float = 30.0  # how long in-flight calls may run on after a stop request
     # after a stop request, keep serving this long while health already says NOT_SERVING, so that
     # health-checking balancers and probes stop sending calls before the port closes
