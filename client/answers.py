@@ -10,6 +10,9 @@ are allocated; a broken answer is ``RemoteLossError`` DATA_LOSS naming the respo
 * a gradient only for an input the term asked for, of that input's shape and dtype exactly;
 * losses of a floating-point dtype, together at most the bytes the request declared plus
   ``LOSS_SLACK_BYTES`` (a built-in loss's output is never larger than its pred);
+* each loss of the shape its term implies, where the client knows it (:mod:`.loss_shapes`: shape []
+  under reduction 'mean' or 'sum', pred's shape for an element-wise loss under 'none', one value per
+  sample for a per-sample one), from the term and the loss's description (``descriptions``);
 * and, for an answer through shared memory (:func:`check_shared_answer`), ``shm`` references that do
   not overlap: two gradients never share memory.
 """
@@ -27,19 +30,28 @@ from losswire.v1 import loss_service_pb2 as pb
 from losswire.wire import codec
 
 from .errors import RemoteLossError
+from .loss_shapes import Descriptions, expected_shape
 
 STRUCTURES = ("", "tensor", "tuple", "dict")
 LOSS_SLACK_BYTES = 64 << 20  # what losses may declare beyond the request's own bytes (a plugin's [N, N] loss)
 
 
-def check_answer(request: pb.EvaluateRequest, response: pb.EvaluateResponse) -> None:
-    """Refuse (DATA_LOSS) an answer that ``request`` cannot have (see the module docstring)."""
+def check_answer(
+    request: pb.EvaluateRequest, response: pb.EvaluateResponse, descriptions: Descriptions | None = None
+) -> None:
+    """Refuse (DATA_LOSS) an answer that ``request`` cannot have (see the module docstring); the losses'
+    shapes are checked for the terms whose loss ``descriptions`` describes."""
     if len(response.results) != len(request.terms):
         _refuse(f"the answer holds {len(response.results)} results for {len(request.terms)} terms", "results")
     losses, allowed = 0, None  # the request's bytes are added up only once the losses pass the slack
     for index, (term, result) in enumerate(zip(request.terms, response.results, strict=True)):
+        expected = expected_shape(term, descriptions)
+        several = result.structure in ("tuple", "dict")
         for path, loss, gradients in _outputs(result, f"results[{index}]"):
             losses += _loss_bytes(loss, f"{path}.loss")
+            problem = expected.problem(loss.shape, several) if expected is not None else None
+            if problem is not None:
+                _refuse(f"{path}.loss must have {problem}, got {list(loss.shape)}", f"{path}.loss")
             if losses > LOSS_SLACK_BYTES:
                 allowed = allowed if allowed is not None else _declared_bytes(request) + LOSS_SLACK_BYTES
                 if losses > allowed:

@@ -37,6 +37,7 @@ from .channels import (
 )
 from .configs import plain_config
 from .errors import RemoteLossError
+from .loss_shapes import Descriptions
 from .replicas import ReplicaSet, SessionRouter, replica_set
 from .security import Credentials
 from .sessions import SessionSteps
@@ -153,6 +154,9 @@ class LossClient:
         )
         if buffer_pool_bytes is None:
             buffer_pool_bytes = _env_bytes(BUFFER_POOL_ENV, DEFAULT_IDLE_BYTES)
+        # the losses this client was told of (Describe, ListLosses, its modules'): every answer's losses are
+        # checked against the shapes their descriptions imply (``loss_shapes``)
+        self.descriptions = Descriptions()
         self.transports = Transports(
             self.connection,
             self.router,
@@ -164,6 +168,7 @@ class LossClient:
             timeout=timeout,
             overlap=overlap,
             lanes=lanes,
+            descriptions=self.descriptions,
         )
 
     @classmethod
@@ -254,10 +259,16 @@ class LossClient:
     def describe(self, config: Mapping[str, Any], timeout: float | None = None) -> pb.DescribeResponse:
         """The server's description of ``config`` (validated), with its statefulness and provenance."""
         request = pb.DescribeRequest(config=codec.encode_config(plain_config(config)))
-        return self.connection.call("Describe", request, self._deadline(timeout))
+        response = self.connection.call("Describe", request, self._deadline(timeout))
+        if response.loss.name == config.get("type"):
+            self.descriptions.note(response.loss)
+        return response
 
     def list_losses(self, timeout: float | None = None) -> pb.ListLossesResponse:
-        return self.connection.call("ListLosses", pb.ListLossesRequest(), self._deadline(timeout))
+        response = self.connection.call("ListLosses", pb.ListLossesRequest(), self._deadline(timeout))
+        for info in response.losses:
+            self.descriptions.note(info)
+        return response
 
     def get_session(self, session: str, timeout: float | None = None) -> pb.SessionInfo:
         return self._session_call(session, "GetSession", timeout)

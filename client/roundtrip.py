@@ -57,6 +57,9 @@ class RoundTrip:
             self.request.transfer_dtype = transfers[0]  # the answer travels narrowed too
         grad_enabled = torch.is_grad_enabled()
         for index, (name, bound) in enumerate(terms):
+            # the module's description checks its answer's loss shape (loss_shapes), where the client has none
+            # of its own (an unpickled module, or one of another client)
+            client.descriptions.note(bound.loss.info, replace=False)
             message = self.request.terms.add(name=name)
             self.leaves += encode_term(
                 bound,

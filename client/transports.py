@@ -39,6 +39,7 @@ from .answers import check_answer, check_shared_answer, malformed
 from .channels import RETRY_POLICY, Connection, Patience, passing
 from .errors import RemoteLossError
 from .lanes import LaneCalls, lanes_for, lanes_refused
+from .loss_shapes import Descriptions
 from .replicas import SessionRouter
 from .sessions import SessionSteps, sessions_of
 
@@ -72,8 +73,11 @@ class Transports:
         timeout: float | None,
         overlap: bool = True,
         lanes: int = 0,
+        descriptions: Descriptions | None = None,
     ) -> None:
         self.connection, self.router, self.steps = connection, router, steps
+        # the losses' descriptions this client has seen: what the shapes of their answers' losses are checked against
+        self.descriptions = descriptions if descriptions is not None else Descriptions()
         self.overlap = overlap  # streams ask for early gradients (EvaluateRequest.early_gradients)
         self.lanes = lanes  # more streams per big call (EvaluateRequest.lanes); 0 once the server refused them
         self.timeout = timeout  # of the calls that register and unregister shared memory
@@ -124,7 +128,7 @@ class Transports:
             response = self.router.call(sessions[0], lambda c: c.call("Evaluate", request, deadline, metadata))
         else:
             response = self._per_session(request, sessions, deadline)
-        check_answer(request, response)
+        check_answer(request, response, self.descriptions)
         if sessions:  # only session terms can have restarted
             self.steps.check(request, response, baselines)
         return response
@@ -144,9 +148,9 @@ class Transports:
             metadata = [(SESSION_HEADER, session)]
             try:
                 answer = self.router.call(session, lambda c, p=part, m=metadata: c.call("Evaluate", p, deadline, m))
+                check_answer(part, answer, self.descriptions)
             except RemoteLossError as error:
                 raise _renumbered(error, indices) from None
-            check_answer(part, answer)
             results.update(zip(indices, answer.results, strict=True))
             merged.device = merged.device or answer.device
             merged.server_version = merged.server_version or answer.server_version
@@ -203,7 +207,7 @@ class Transports:
                     responses = lane_calls.start(request, sink, lanes, remaining, metadata, self.overlap)
                 first = next(responses, None)
                 answered = True
-                return _receive_stream(request, first, responses, self.buffers)
+                return _receive_stream(request, first, responses, self.buffers, self.descriptions)
             except grpc.RpcError as raised:
                 error = raised
                 lane_failure = lane_calls.failed if lane_calls is not None else None
@@ -353,7 +357,9 @@ def _region_forgotten(error: RemoteLossError) -> bool:
     return error.code == grpc.StatusCode.NOT_FOUND and (error.field or "").endswith("shm.region")
 
 
-def _receive_stream(request: pb.EvaluateRequest, first: Any, responses: Any, buffers: BufferPool) -> Answer:
+def _receive_stream(
+    request: pb.EvaluateRequest, first: Any, responses: Any, buffers: BufferPool, descriptions: Descriptions
+) -> Answer:
     """The response of an EvaluateStream: its first message (after the early chunks of pred's gradients,
     with ``early_gradients``), then the chunks of its big tensors."""
     try:
@@ -366,7 +372,7 @@ def _receive_stream(request: pb.EvaluateRequest, first: Any, responses: Any, buf
             raise codec.CodecError("the stream ended without a response")
         if first.WhichOneof("kind") != "response":
             raise codec.CodecError(f"the first message carries {first.WhichOneof('kind')}, not the response")
-        check_answer(request, first.response)  # before its tensors' buffers are allocated
+        check_answer(request, first.response, descriptions)  # before its tensors' buffers are allocated
         done = {path: early and early.tensors.get(path) for path in first.response.early}
         if None in done.values():
             missing = [path for path, tensor in done.items() if tensor is None]
@@ -398,13 +404,13 @@ def _early_gradients(request: pb.EvaluateRequest) -> pb.EvaluateResponse:
 
 
 def _renumbered(error: RemoteLossError, indices: Sequence[int]) -> RemoteLossError:
-    """An error about ``terms[i]`` of a per-session request, about the caller's ``terms[indices[i]]``
-    (in the field path and in the message)."""
+    """An error about ``terms[i]`` of a per-session request, or about ``results[i]`` of its answer, about
+    the caller's ``terms[indices[i]]`` / ``results[indices[i]]`` (in the field path and in the message)."""
 
     def renumber(text: str) -> str:
         return re.sub(
-            r"\bterms\[(\d+)\]",
-            lambda m: f"terms[{indices[int(m[1])]}]" if int(m[1]) < len(indices) else m[0],
+            r"\b(terms|results)\[(\d+)\]",
+            lambda m: f"{m[1]}[{indices[int(m[2])]}]" if int(m[2]) < len(indices) else m[0],
             text,
         )
 
