@@ -75,6 +75,9 @@ OPEN_CALLS = 64
 # out, which a network policy letting only the kubelet in prevents
 HEALTH_PORT_STREAMS_PER_CONNECTION = WATCHES_PER_CONNECTION + 2
 HEALTH_PORT_CONNECTIONS = 1024
+# how often the server looks whether grpcio still serves its ports (grpcio ends a server on its own when
+# its accept loop raises: see LosswireServer._keep_serving)
+SERVING_CHECK_SECONDS = 1.0
 OWN_FILES = 512  # descriptors kept from connections for the server's own use at least (handoffs, files, logs)
 
 
@@ -210,7 +213,13 @@ class LosswireServer:
         self.health_port: int | None = None
         self.server: grpc.aio.Server | None = None
         self.health: Any = None
+        self.lanes: Lanes | None = None
         self._health_server: grpc.aio.Server | None = None
+        # set once a port grpcio ended could not be served again (why, in words): losswire serve exits 1
+        self.failure: str | None = None
+        self.failed = threading.Event()
+        self.restarts = 0  # ports served again after grpcio ended their gRPC server on its own
+        self._keepers: list[asyncio.Future] = []
         self._health_watch: asyncio.Future | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="losswire-loop", daemon=True)
@@ -253,10 +262,13 @@ class LosswireServer:
             ],
         )
         owners = SessionOwners(private=self.tokens is not None and not self.config.share_sessions)
-        self.lanes = Lanes(self.config.lane_join_seconds)  # streamed calls' chunks on several streams
+        # built once: a port served again (_keep_serving) keeps the lanes waiting and health as they stand
+        if self.lanes is None:
+            self.lanes = Lanes(self.config.lane_join_seconds)  # streamed calls' chunks on several streams
+        if self.health is None:
+            self.health = BoundedHealthServicer(self.config.max_health_watches)
         add_to_server(LossService(self.dataplane, self.compute, owners, lanes=self.lanes), server)
         inference = add_inference_service(server, InferenceService(self.dataplane, self.compute, self._ready))
-        self.health = BoundedHealthServicer(self.config.max_health_watches)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, inference, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -441,12 +453,63 @@ class LosswireServer:
         credentials = self.tls.credentials() if self.tls is not None else None
         port = _bind(self.server, address, credentials, self.config.reuse_port)
         await self.server.start()
+        self._keepers.append(asyncio.ensure_future(self._keep_serving(CALLERS_PORT)))
         if self.config.health_port is not None:
-            await self._start_health_port()
+            await self._start_health_port(self.config.health_port or 0)
+            self._keepers.append(asyncio.ensure_future(self._keep_serving(HEALTH_PORT)))
         await self._set_health(serving=True)
         if self.config.health_bound_seconds is not None:
             self._health_watch = asyncio.ensure_future(self._watch_compute(self.config.health_bound_seconds))
         return port
+
+    async def _keep_serving(self, which: str) -> None:
+        """Serve ``which`` port again whenever grpcio ends its gRPC server on its own.
+
+        grpcio's accept loop decodes the ``:path`` of each call to an unregistered method as UTF-8; one that
+        is not (a single HEADERS frame, from anyone who can reach the port, before any token is checked)
+        raises there, and grpcio shuts that server down, cancelling its calls: the port closed for good
+        while the process and health lived on, SERVING. Nothing in Python runs before that decode, so the
+        call cannot be refused; the port is served again, by a new gRPC server on the same port with the
+        same services, within ``SERVING_CHECK_SECONDS``. What the server holds (sessions, shared memory,
+        budgets) lives outside gRPC and stays; the calls in flight on that port end CANCELLED, which clients
+        retry. Where the port cannot be bound again, health turns NOT_SERVING and ``losswire serve`` exits 1.
+        """
+        while not self.draining:
+            server = self.server if which == CALLERS_PORT else self._health_server
+            try:
+                while await server.wait_for_termination(SERVING_CHECK_SECONDS):  # True: timed out, serving
+                    pass
+                why = "it stopped"
+            except Exception as error:  # what ended grpcio's accept loop (its message quotes no caller bytes)
+                why = f"{type(error).__name__}: {error}"
+            if self.draining:
+                return
+            try:
+                await self._serve_again(which)
+            except Exception as error:
+                self.failure = f"the {which} stopped accepting calls ({why}) and could not be served again ({error})"
+                log.critical("%s; health turns NOT_SERVING and the server stops", self.failure)
+                await self._set_health(serving=False)
+                self.failed.set()
+                return
+            self.restarts += 1
+            log.error(
+                "the %s stopped accepting calls (%s): grpcio ended its gRPC server on its own, cancelling the calls "
+                "on it; serving the port again (%d times so far)",
+                which,
+                why,
+                self.restarts,
+            )
+
+    async def _serve_again(self, which: str) -> None:
+        if which == HEALTH_PORT:
+            await self._start_health_port(self.health_port)
+            return
+        server = self._build()
+        credentials = self.tls.credentials() if self.tls is not None else None
+        _bind(server, self._address(self.port), credentials, self.config.reuse_port)
+        await server.start()
+        self.server = server
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -496,6 +559,8 @@ class LosswireServer:
     async def _stop(self, grace: float) -> None:
         if self._health_watch is not None:
             self._health_watch.cancel()
+        for keeper in self._keepers:
+            keeper.cancel()
         await self.server.stop(grace)
         if self._health_server is not None:  # probes see NOT_SERVING until the very end
             await self._health_server.stop(0)
@@ -540,7 +605,7 @@ class LosswireServer:
                 "them; give --tls-cert and --tls-key"
             )
 
-    async def _start_health_port(self) -> None:
+    async def _start_health_port(self, port: int) -> None:
         """A plaintext port with only the health service (the same servicer: it drains with the server),
         for probes that cannot do TLS or present client certificates (Kubernetes gRPC probes)."""
         connections = min(HEALTH_PORT_CONNECTIONS, connection_bound(self.config.max_connections, open_files()))
@@ -552,11 +617,13 @@ class LosswireServer:
         malformed = [MalformedRequestInterceptor(self._count_malformed)]  # INVALID_ARGUMENT, not UNKNOWN
         server = grpc.aio.server(options=options, maximum_concurrent_rpcs=calls, interceptors=malformed)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        address = self._address(self.config.health_port or 0)
-        self.health_port = _bind(server, address, None, self.config.reuse_port)
+        self.health_port = _bind(server, self._address(port), None, self.config.reuse_port)
         await server.start()
         self._health_server = server
         log.info("health (grpc.health.v1 only, plaintext) on %s:%d", self.config.host, self.health_port)
+
+
+CALLERS_PORT, HEALTH_PORT = "callers' port", "health port"
 
 
 def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None, reuse: bool) -> int:

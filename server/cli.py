@@ -807,9 +807,12 @@ def serve(config: ServerConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server.start()
-    while not stop.wait(0.5):  # a timed wait: the main thread wakes to run signal handlers
+    # a timed wait: the main thread wakes to run signal handlers, and sees a port that could not be served again
+    while not stop.wait(0.5) and not server.failed.is_set():
         pass
     server.stop()
+    if server.failure is not None:  # a port closed under it for good: exit so that a supervisor restarts it
+        raise SystemExit(1)
 
 
 def _raise_open_files_limit() -> None:
