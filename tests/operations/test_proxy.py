@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.calls import read_log_to_now
+from support.calls import answer_headers, read_log_to_now, send_call_to
 from support.paths import ROOT
 from support.servers import CALL_TIMEOUT, ServerProcess, serve_cmd, server_env
 
@@ -224,3 +224,19 @@ def sessions_of(process: ServerProcess) -> set[str]:
         return {info.session for info in client.list_sessions().sessions}
     finally:
         client.close()
+
+
+def test_a_path_that_is_not_utf8_stops_at_nginx(fleet):
+    """grpcio's server shuts its port down on a call whose :path is not UTF-8 (losswire serves the port again
+    at once, but every call in flight there is cancelled); the configuration passes only gRPC method paths,
+    so nginx answers such a call itself (404) and no replica sees it. (It passed the path on as it came.)"""
+    replicas, proxy = fleet
+    with send_call_to(proxy.port, b"/\xff") as sock:
+        assert answer_headers(sock) == 1  # nginx's own answer, once it has decided where the call goes
+    client = LossClient(proxy.target, timeout=CALL_TIMEOUT, shared_memory="off")
+    try:
+        focal_call(client, 0)
+    finally:
+        client.close()
+    for process in replicas:
+        assert "stopped accepting calls" not in process.log(), process.log()

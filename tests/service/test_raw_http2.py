@@ -11,12 +11,11 @@ NOT_SERVING and ``losswire serve`` exits 1, for its supervisor to restart it.
 
 from __future__ import annotations
 
-import socket
-
 import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support.calls import send_call_to
 from support.in_process import running_server
 from support.polling import eventually
 from support.servers import ServerProcess, serve_cmd, server_env
@@ -24,32 +23,6 @@ from support.servers import ServerProcess, serve_cmd, server_env
 from losswire.client import LossClient, RemoteLoss
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
-# the client preface, then an empty SETTINGS frame
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
-
-
-def _literal(name: bytes, value: bytes) -> bytes:
-    """An HPACK literal header field without indexing, its name and value raw (not Huffman coded)."""
-    return b"\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value
-
-
-def send_call_to(port: int, path: bytes) -> socket.socket:
-    """A connection that opens one call to ``path`` (HEADERS with END_STREAM and END_HEADERS) and stays."""
-    block = b"".join(
-        _literal(name, value)
-        for name, value in (
-            (b":method", b"POST"),
-            (b":scheme", b"http"),
-            (b":path", path),
-            (b":authority", b"localhost"),
-            (b"content-type", b"application/grpc"),
-            (b"te", b"trailers"),
-        )
-    )
-    headers = len(block).to_bytes(3, "big") + bytes([1, 0x4 | 0x1]) + (1).to_bytes(4, "big") + block
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.sendall(PREFACE + headers)
-    return sock
 
 
 def health_status(port: int) -> health_pb2.HealthCheckResponse.ServingStatus | None:

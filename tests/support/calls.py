@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 from collections.abc import Iterator
 
 import grpc
@@ -141,3 +142,55 @@ def connections_to(port: int) -> int:
                 remote_port = int(fields[2].rsplit(":", 1)[1], 16)
                 count += remote_port == port and fields[3] == ESTABLISHED
     return count
+
+
+# -- raw HTTP/2 -------------------------------------------------------------------------------------
+
+# the client preface, then an empty SETTINGS frame
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def _literal(name: bytes, value: bytes) -> bytes:
+    """An HPACK literal header field without indexing, its name and value raw (not Huffman coded)."""
+    return b"\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value
+
+
+def send_call_to(port: int, path: bytes) -> socket.socket:
+    """A connection that opens one call to ``path`` (HEADERS with END_STREAM and END_HEADERS) and stays."""
+    block = b"".join(
+        _literal(name, value)
+        for name, value in (
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", path),
+            (b":authority", b"localhost"),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+        )
+    )
+    headers = len(block).to_bytes(3, "big") + bytes([1, 0x4 | 0x1]) + (1).to_bytes(4, "big") + block
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(PREFACE + headers)
+    return sock
+
+
+def answer_headers(sock: socket.socket, stream: int = 1) -> int:
+    """Read HTTP/2 frames from ``sock`` until the peer answers ``stream`` (HEADERS or RST_STREAM) or closes
+    the connection; the frame type that ended it (1 HEADERS, 3 RST_STREAM, 7 GOAWAY, 0 closed)."""
+    buffered = b""
+    while True:
+        while len(buffered) >= 9:
+            length, kind, number = (
+                int.from_bytes(buffered[:3], "big"),
+                buffered[3],
+                int.from_bytes(buffered[5:9], "big"),
+            )
+            if len(buffered) < 9 + length:
+                break
+            buffered = buffered[9 + length :]
+            if kind == 7 or (kind in (1, 3) and number & 0x7FFFFFFF == stream):
+                return kind
+        chunk = sock.recv(65536)
+        if not chunk:
+            return 0
+        buffered += chunk
