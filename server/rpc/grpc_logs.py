@@ -5,7 +5,10 @@ grpcio logs, at ERROR with a traceback, before any interceptor or servicer sees 
   ``authorization`` header holding a valid token and one stray byte put the token into the server's log,
   and a caller without a token could write ~60 KB of log per call with 15 KB of such bytes;
 - every answer message it could not send because the caller had gone (``ExecuteBatchError raised in core
-  by servicer method``): a caller cancelling its calls mid-answer wrote a traceback per call.
+  by servicer method``): a caller cancelling its calls mid-answer wrote a traceback per call;
+- the error that ended its server when a call's ``:path`` was not UTF-8 (the server serves the port again,
+  and says so in a line of its own): a caller repeating that frame wrote a line a frame, and asyncio
+  another with a traceback (``grpc_task_errors`` below).
 
 Here such a line says what happened without the caller's bytes and without a traceback, at most once per
 ``QUIET_SECONDS`` for each kind (then with how many were left out).
@@ -13,10 +16,12 @@ Here such a line says what happened without the caller's bytes and without a tra
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 GRPC_LOGGER = "grpc._cython.cygrpc"
 QUIET_SECONDS = 10.0
@@ -33,6 +38,11 @@ REWRITTEN = {
         "a caller went away while its answer was being sent (gRPC's ExecuteBatchError)",
     ),
 }
+PATH_NOT_UTF8 = "path"  # grpcio logs the UnicodeDecodeError itself as its message
+REWRITTEN[PATH_NOT_UTF8] = (
+    logging.WARNING,
+    "grpcio ended a gRPC server on a call whose :path is not UTF-8 (the server serves its port again)",
+)
 
 
 class CallerLines(logging.Filter):
@@ -47,7 +57,10 @@ class CallerLines(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = str(record.msg)
-        kind = next((prefix for prefix in REWRITTEN if text.startswith(prefix)), None)
+        if isinstance(record.msg, UnicodeDecodeError):
+            kind = PATH_NOT_UTF8
+        else:
+            kind = next((prefix for prefix in REWRITTEN if text.startswith(prefix)), None)
         if kind is None:
             return True
         with self._lock:
@@ -69,3 +82,15 @@ def quiet_caller_lines() -> None:
     logger = logging.getLogger(GRPC_LOGGER)
     if not any(isinstance(f, CallerLines) for f in logger.filters):
         logger.addFilter(CallerLines())
+
+
+def grpc_task_errors(
+    loop: asyncio.AbstractEventLoop, context: dict[str, Any], default: Callable[[dict[str, Any]], None]
+) -> None:
+    """The event loop's exception handler: grpcio's own shutdown task, which ends a server whose accept loop
+    failed on a path that is not UTF-8, leaves that error unretrieved, and asyncio would log it with a
+    traceback each time; the server logs such an end itself (``LosswireServer._keep_serving``). Everything
+    else goes to ``default``."""
+    if isinstance(context.get("exception"), UnicodeDecodeError) and "never retrieved" in str(context.get("message")):
+        return
+    default(context)

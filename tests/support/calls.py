@@ -176,7 +176,7 @@ def send_call_to(port: int, path: bytes) -> socket.socket:
 
 def answer_headers(sock: socket.socket, stream: int = 1) -> int:
     """Read HTTP/2 frames from ``sock`` until the peer answers ``stream`` (HEADERS or RST_STREAM) or closes
-    the connection; the frame type that ended it (1 HEADERS, 3 RST_STREAM, 7 GOAWAY, 0 closed)."""
+    the connection; the frame type that ended it (1 HEADERS, 3 RST_STREAM, 7 GOAWAY, 0 closed or reset)."""
     buffered = b""
     while True:
         while len(buffered) >= 9:
@@ -190,7 +190,10 @@ def answer_headers(sock: socket.socket, stream: int = 1) -> int:
             buffered = buffered[9 + length :]
             if kind == 7 or (kind in (1, 3) and number & 0x7FFFFFFF == stream):
                 return kind
-        chunk = sock.recv(65536)
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return 0
         if not chunk:
             return 0
         buffered += chunk
