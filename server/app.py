@@ -500,6 +500,7 @@ class LosswireServer:
                 self.failed.set()
                 return
             self.restarts += 1
+            self.metrics.served_again.labels("health" if which == HEALTH_PORT else "callers").inc()
             log.error(
                 "the %s stopped accepting calls (%s): grpcio ended its gRPC server on its own, cancelling the calls "
                 "on it; serving the port again (%d times so far)",

@@ -18,6 +18,8 @@ servicers stay free of bookkeeping:
 - ``losswire_bound_used{bound}`` / ``losswire_bound_limit{bound}``: what each shared bound (calls,
   request streams, big calls, the memory budget, the request rooms, health Watch streams) holds, and
   its limit;
+- ``losswire_ports_served_again_total{port}``: times grpcio ended the gRPC server of a port on its own (a
+  call whose ``:path`` is not UTF-8) and the server served the port again: a caller sending such frames;
 - ``losswire_device_memory_bytes{device, kind}``: CUDA allocated / reserved / peak, or on the CPU
   the process's resident memory (host memory is where the CPU's losses live);
 - the standard ``process_*`` and ``python_*`` collectors, and ``losswire_build_info``.
@@ -219,6 +221,14 @@ class ServerMetrics:
         self.received = Counter("losswire_received_bytes", "Request bytes (protobuf)", ["method"], registry=r)
         self.sent = Counter("losswire_sent_bytes", "Response bytes (protobuf)", ["method"], registry=r)
         self.in_flight = Gauge("losswire_in_flight_requests", "Calls being served now", ["method"], registry=r)
+        self.served_again = Counter(
+            "losswire_ports_served_again",
+            "Times grpcio ended a port's gRPC server on its own (a :path not UTF-8) and it was served again",
+            ["port"],
+            registry=r,
+        )
+        for port in ("callers", "health"):  # at 0 from the start, so that an alert on its rate has a series
+            self.served_again.labels(port)
         sessions = Gauge("losswire_sessions", "Live sessions (server-held loss state)", registry=r)
         sessions.set_function(live_sessions)
         Info("losswire_build", "losswire version and device", registry=r).info(

@@ -52,6 +52,10 @@ def test_a_call_whose_path_is_not_utf8_leaves_the_port_served_and_the_sessions_k
             attacked = server.port if port == "callers' port" else server.health_port
             with send_call_to(attacked, b"/\xff"):
                 assert eventually(lambda: server.restarts == 1, 10), "grpcio's server was never served again"
+                label = "health" if port == "health port" else "callers"
+                assert (
+                    server.metrics.registry.get_sample_value("losswire_ports_served_again_total", {"port": label}) == 1
+                )
                 assert health_status(server.health_port) == SERVING
                 assert health_status(server.port) == SERVING
                 assert not server.failed.is_set()
