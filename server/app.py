@@ -78,6 +78,12 @@ HEALTH_PORT_CONNECTIONS = 1024
 # how often the server looks whether grpcio still serves its ports (grpcio ends a server on its own when
 # its accept loop raises: see LosswireServer._keep_serving)
 SERVING_CHECK_SECONDS = 1.0
+# seconds before a port grpcio ended is served again: none the first time; while a caller keeps ending it,
+# twice as long each time (up to the last): gRPC servers ended one after another while streamed calls were
+# being cancelled crashed the process (a segfault in CPython's frames of grpcio's handlers), spaced ones not
+SERVE_AGAIN_SPACING = (2.0, 64.0)
+CALLS_UNWIND_SECONDS = 10.0  # the most a port's cancelled calls are waited for before its server is destroyed
+SERVE_AGAIN_QUIET = 60.0  # a port not ended for this long since it was last served again starts from no wait
 OWN_FILES = 512  # descriptors kept from connections for the server's own use at least (handoffs, files, logs)
 
 
@@ -473,10 +479,15 @@ class LosswireServer:
         raises there, and grpcio shuts that server down, cancelling its calls: the port closed for good
         while the process and health lived on, SERVING. Nothing in Python runs before that decode, so the
         call cannot be refused; the port is served again, by a new gRPC server on the same port with the
-        same services, within ``SERVING_CHECK_SECONDS``. What the server holds (sessions, shared memory,
-        budgets) lives outside gRPC and stays; the calls in flight on that port end CANCELLED, which clients
-        retry. Where the port cannot be bound again, health turns NOT_SERVING and ``losswire serve`` exits 1.
+        same services. What the server holds (sessions, shared memory, budgets) lives outside gRPC and stays;
+        the calls in flight on that port end CANCELLED, which clients retry. The ended server is destroyed
+        only once its cancelled calls have unwound, and a port ended again within a minute waits
+        ``SERVE_AGAIN_SPACING`` from its last serving, health NOT_SERVING meanwhile: servers ended and
+        destroyed one after another under streamed calls crashed the process (a segfault on the event
+        loop's thread, in 3 of 4 runs of three connections sending such frames). Where the port cannot be
+        bound again, health turns NOT_SERVING and ``losswire serve`` exits 1.
         """
+        spacing, last = 0.0, float("-inf")
         while not self.draining:
             server = self.server if which == CALLERS_PORT else self._health_server
             try:
@@ -487,10 +498,27 @@ class LosswireServer:
                 why = f"{type(error).__name__}: {error}"
             if self.draining:
                 return
+            if which == CALLERS_PORT:  # its cancelled calls unwind before the server under them goes
+                await self._calls_ended(CALLS_UNWIND_SECONDS)
             # grpcio's own shutdown of it stopped at the error, before the core server was destroyed: ~40 KB
             # of the process's memory were left behind each time (a caller repeating the frame grew it)
             with contextlib.suppress(Exception):
                 await server.stop(None)
+            now = time.monotonic()
+            quiet = now - last > spacing + SERVE_AGAIN_QUIET
+            spacing = 0.0 if quiet else min(max(2 * spacing, SERVE_AGAIN_SPACING[0]), SERVE_AGAIN_SPACING[1])
+            if spacing:
+                log.error(
+                    "the %s was ended again %.1f s after it was last served again: serving it in %g s, health "
+                    "NOT_SERVING meanwhile",
+                    which,
+                    now - last,
+                    spacing,
+                )
+                await self._set_health(serving=False)
+                await asyncio.sleep(last + spacing - now if last + spacing > now else 0.0)
+                if self.draining:
+                    return
             try:
                 await self._serve_again(which)
             except Exception as error:
@@ -499,6 +527,9 @@ class LosswireServer:
                 await self._set_health(serving=False)
                 self.failed.set()
                 return
+            if spacing:
+                await self._set_health(serving=True)
+            last = time.monotonic()
             self.restarts += 1
             self.metrics.served_again.labels("health" if which == HEALTH_PORT else "callers").inc()
             log.error(
@@ -508,6 +539,15 @@ class LosswireServer:
                 why,
                 self.restarts,
             )
+
+    async def _calls_ended(self, seconds: float) -> None:
+        """Wait until no call is admitted, streaming or holding a big-call slot, at most ``seconds``."""
+        deadline = time.monotonic() + seconds
+        while self.call_slots.open or self.stream_guard.open or self.dataplane.slots.in_use:
+            if time.monotonic() >= deadline:
+                return
+            await asyncio.sleep(0.05)  # a condition, polled: calls end on their own time
+        await asyncio.sleep(0.05)  # what they left to the loop (generators' closing) runs first
 
     async def _serve_again(self, which: str) -> None:
         if which == HEALTH_PORT:

@@ -11,7 +11,9 @@ NOT_SERVING and ``losswire serve`` exits 1, for its supervisor to restart it.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import threading
 import time
 
 import grpc
@@ -23,9 +25,10 @@ from support.in_process import running_server
 from support.polling import eventually
 from support.servers import ServerProcess, serve_cmd, server_env
 
-from losswire.client import LossClient, RemoteLoss
+from losswire.client import LossClient, RemoteLoss, RemoteLossError
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def health_status(port: int) -> health_pb2.HealthCheckResponse.ServingStatus | None:
@@ -82,36 +85,75 @@ def test_losswire_serve_serves_its_port_again_and_says_so():
         process.close()
 
 
-def resident_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        return int(status.read().split("VmRSS:")[1].split()[0]) / 1024
+def test_a_port_ended_again_soon_is_served_again_later_with_health_not_serving_meanwhile():
+    """The second end within a minute waits 2 s from the last serving (then 4, 8... up to 64): gRPC servers
+    ended one after another while streamed calls were being cancelled crashed the process. Health says
+    NOT_SERVING while the port waits, so balancers send calls elsewhere."""
+    with running_server(health_port=0) as server:
+        with send_call_to(server.port, b"/\xff"):
+            assert eventually(lambda: server.restarts == 1, 10)
+        served = time.monotonic()
+        with send_call_to(server.port, b"/\xff"):
+            assert eventually(lambda: health_status(server.health_port) == NOT_SERVING, 5), "health stayed SERVING"
+            assert server.restarts == 1
+            assert eventually(lambda: server.restarts == 2, 10)
+        assert time.monotonic() - served >= 2
+        assert health_status(server.health_port) == SERVING
+        assert health_status(server.port) == SERVING
+
+
+def flood(port: int, stop: threading.Event, sent: list[int]) -> None:
+    """Frames whose :path is not UTF-8, one connection each, as fast as the port accepts them."""
+    while not stop.is_set():
+        try:
+            with send_call_to(port, b"/\xff") as sock:
+                sent[0] += 1
+                answer_headers(sock)
+        except OSError:
+            time.sleep(0.01)
+
+
+def streamed_calls(target: str, stop: threading.Event, done: list[int]) -> None:
+    """Streamed L1Loss calls over 4 lanes, back to back; the ones the frames cancel are retried or lost."""
+    client = LossClient(target, timeout=10, shared_memory="off", stream_threshold=0, lanes=4)
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(RemoteLossError):
+                RemoteLoss(dict(type="L1Loss"), client=client)(torch.randn(4096, 64), torch.randn(4096, 64))
+                done[0] += 1
+    finally:
+        client.close()
 
 
 @pytest.mark.slow
-def test_a_caller_repeating_the_frame_grows_neither_the_log_nor_the_server():
-    """400 such frames in a row: each costs a new gRPC server, and the old one is destroyed (grpcio's own
-    shutdown stopped at the error before destroying it: ~40 KB of memory stayed each time, 238 -> 259 MiB
-    over 500 frames); the log says so a bounded number of times, without tracebacks (before: grpcio's
-    error line and asyncio's "Task exception was never retrieved" with a traceback, per frame)."""
-    process = ServerProcess(serve_cmd("--host", "127.0.0.1", "--port", "0", "--device", "cpu"), server_env())
+def test_frames_from_three_connections_during_streamed_calls_leave_the_server_up():
+    """Three connections sending such frames as fast as the port takes them for 10 s, while streamed calls
+    over lanes run: the server lives, its ports are served again (spaced), the log stays bounded, and
+    calls are served afterwards. (Ended and served again at once, the server died with a segfault in 3
+    of 4 such runs, within 5-19 s; its calls' cancellation had to unwind before their server was
+    destroyed, and the servings had to be spaced.)"""
+    argv = serve_cmd("--host", "127.0.0.1", "--port", "0", "--device", "cpu")
+    process = ServerProcess(argv, server_env(PYTHONFAULTHANDLER="1"))  # a crash says where
     try:
         process.wait_started()
-        frames, first = 400, None
-        for sent in range(frames):
-            deadline = time.monotonic() + 10
-            while True:  # the port is closed for a moment while it is served again
-                try:
-                    sock = send_call_to(process.port, b"/\xff")
-                    break
-                except OSError:
-                    assert time.monotonic() < deadline, "the port was not served again"
-                    time.sleep(0.01)
-            with sock:
-                answer_headers(sock)  # the connection ends with its server
-            if sent == 20:  # the first servers' memory may come from the allocator's free lists
-                first = resident_mib(process.proc.pid)
-        grown = resident_mib(process.proc.pid) - first
-        assert grown < 4, f"{grown:.1f} MiB more after {frames - 20} more frames"
+        stop, sent, done = threading.Event(), [0], [0]
+        load = threading.Thread(target=streamed_calls, args=(process.target, stop, done))
+        load.start()
+        assert eventually(lambda: done[0] >= 3, 30), "no streamed call was served"
+        floods = [threading.Thread(target=flood, args=(process.port, stop, sent)) for _ in range(3)]
+        for thread in floods:
+            thread.start()
+        try:
+            time.sleep(10)
+            assert process.proc.poll() is None, f"exit {process.proc.poll()}: {process.log()[-4000:]}"
+        finally:
+            stop.set()
+            for thread in (load, *floods):
+                thread.join(30)
+        assert sent[0] >= 3
+        process.wait_for(r"serving it in \d+ s, health NOT_SERVING meanwhile")
+        # the last wait is up to 64 s
+        assert eventually(lambda: health_status(process.port) == SERVING, 70), "the port was not served again"
         client = LossClient(process.target, timeout=30)
         try:
             assert RemoteLoss(dict(type="L1Loss"), client=client)(torch.ones(3), torch.zeros(3)).item() == 1.0
@@ -119,7 +161,7 @@ def test_a_caller_repeating_the_frame_grows_neither_the_log_nor_the_server():
             client.close()
         log = process.log()
         assert "Traceback" not in log and "never retrieved" not in log, log[-3000:]
-        assert len(re.findall(r"stopped accepting calls", log)) <= 2 * 10, log[-3000:]  # 10 a minute
-        assert len(re.findall(r"grpcio ended a gRPC server", log)) <= 2 * 7, log[-3000:]  # 1 each 10 s
+        assert len(re.findall(r"ERROR losswire\.server", log)) <= 2 * 10, log[-3000:]  # 10 a minute
+        assert process.proc.poll() is None
     finally:
         process.close()
