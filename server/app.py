@@ -82,6 +82,10 @@ SERVING_CHECK_SECONDS = 1.0
 # twice as long each time (up to the last): gRPC servers ended one after another while streamed calls were
 # being cancelled crashed the process (a segfault in CPython's frames of grpcio's handlers), spaced ones not
 SERVE_AGAIN_SPACING = (2.0, 64.0)
+# grpcio's coroutines that carry one call each (grpc.aio's Cython server), by qualified name
+GRPCIO_CALL_TASKS = frozenset(
+    {"_schedule_rpc_coro", "_handle_exceptions", "_handle_cancellation_from_core", "_handle_rpc"}
+)
 CALLS_UNWIND_SECONDS = 10.0  # the most a port's cancelled calls are waited for before its server is destroyed
 SERVE_AGAIN_QUIET = 60.0  # a port not ended for this long since it was last served again starts from no wait
 OWN_FILES = 512  # descriptors kept from connections for the server's own use at least (handoffs, files, logs)
@@ -541,9 +545,20 @@ class LosswireServer:
             )
 
     async def _calls_ended(self, seconds: float) -> None:
-        """Wait until no call is admitted, streaming or holding a big-call slot, at most ``seconds``."""
+        """Wait until no call is admitted, streaming or holding a big-call slot, and grpcio's own tasks of
+        that moment for its calls have ended, at most ``seconds`` in all. A new gRPC server started while
+        the old one's call tasks still ran crashed the process now and then (a segfault in a frame of
+        grpcio's handlers), where the old server alone never did."""
         deadline = time.monotonic() + seconds
-        while self.call_slots.open or self.stream_guard.open or self.dataplane.slots.in_use:
+        grpcio_tasks = {
+            task for task in asyncio.all_tasks() if getattr(task.get_coro(), "__qualname__", "") in GRPCIO_CALL_TASKS
+        }
+        while (
+            self.call_slots.open
+            or self.stream_guard.open
+            or self.dataplane.slots.in_use
+            or any(not task.done() for task in grpcio_tasks)
+        ):
             if time.monotonic() >= deadline:
                 return
             await asyncio.sleep(0.05)  # a condition, polled: calls end on their own time
