@@ -97,7 +97,8 @@ def test_a_port_ended_again_soon_is_served_again_later_with_health_not_serving_m
             assert eventually(lambda: health_status(server.health_port) == NOT_SERVING, 5), "health stayed SERVING"
             assert server.restarts == 1
             assert eventually(lambda: server.restarts == 2, 10)
-        assert time.monotonic() - served >= 2
+        # 2 s from the first serving, which came a poll (up to 0.1 s) before this test saw it
+        assert time.monotonic() - served >= 1.8
         assert health_status(server.health_port) == SERVING
         assert health_status(server.port) == SERVING
 
