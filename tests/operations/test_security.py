@@ -513,6 +513,28 @@ def test_token_file_changes_apply_without_a_restart(running, tmp_path: Path):
     assert works(new)
 
 
+def test_a_token_file_grown_past_its_bound_keeps_the_previous_tokens(running, tmp_path: Path, caplog):
+    """Each call's token is compared, on the event loop, with every configured one: a file of 100 MB of
+    tokens stalled every caller 2.1 s on its re-read and 0.24 s on every call after. A file over 1 MiB
+    is refused, after reading no more than that, with a line that says so."""
+    old, new = secrets.token_hex(32), secrets.token_hex(32)
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{old}\n")
+    server = running(auth_tokens_file=str(tokens))
+    _replace(tokens, f"{new}\n".encode() * (1 + (1 << 20) // len(new)))  # valid lines, one too many bytes
+    with caplog.at_level(logging.WARNING, logger="losswire.server"):
+        LossClient(address(server), credentials=Credentials(token=old)).describe(FOCAL, timeout=CALL_TIMEOUT)
+        assert refused(LossClient(address(server), credentials=Credentials(token=new))).code == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+    assert f"keeping the previous tokens: --auth-tokens-file {tokens}: over 1048576 bytes" in caplog.text
+    assert new not in caplog.text
+    with pytest.raises(ValueError, match="over 1048576 bytes"):  # and at start-up: exit 2, naming the flag
+        running(auth_tokens_file=str(tokens))
+    _replace(tokens, f"{new}\n{new}\n".encode())  # a token listed twice is fine
+    LossClient(address(server), credentials=Credentials(token=new)).describe(FOCAL, timeout=CALL_TIMEOUT)
+
+
 def test_tokens_without_tls_start_with_a_warning(running, token: str, caplog):
     with caplog.at_level(logging.INFO, logger="losswire.server"):
         running(auth_tokens=(token,))
