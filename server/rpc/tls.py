@@ -9,15 +9,18 @@ flag, instead of every handshake failing later.
 Rotation: gRPC asks :meth:`ServerTLS.fetch` on every new connection; when any of the three files has
 changed since the last load (modification time, size or inode: an atomic rename and a Kubernetes
 secret update both change it) the new set is checked and served to new connections. A set that does
-not check out (a half-written pair) is logged and the previous one stays in use; connections already
+not check out (a half-written pair, or a certificate that has expired: OpenSSL loads one, and every
+client then refuses the handshake) is logged and the previous one stays in use; connections already
 open keep the certificate they were opened with.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import os
+import re
 import ssl
 import threading
 
@@ -88,16 +91,60 @@ def _check(files: TLSFiles) -> None:
             raise TLSConfigError(f"--tls-client-ca {files.client_ca}: no usable CA certificate ({error})") from None
 
 
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
+
+
+def _der_items(data: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
+    """The DER items (tag, start of contents, end of contents) between ``start`` and ``end``."""
+    items = []
+    while start < end:
+        tag, length, start = data[start], data[start + 1], start + 2
+        if length & 0x80:  # long form: the next (length & 0x7f) bytes hold the length
+            count = length & 0x7F
+            length, start = int.from_bytes(data[start : start + count], "big"), start + count
+        items.append((tag, start, start + length))
+        start += length
+    return items
+
+
+def expiry(pem: bytes) -> datetime.datetime | None:
+    """When the first certificate of ``pem`` expires (its notAfter), None if it cannot be told; read
+    from its DER encoding: Python's ssl module parses a certificate's dates only for a verified peer."""
+    match = _PEM_CERTIFICATE.search(pem)
+    if match is None:
+        return None
+    try:
+        der = ssl.PEM_cert_to_DER_cert(match[0].decode("ascii"))
+        (_, start, end), *_ = _der_items(der, 0, len(der))  # Certificate
+        (_, start, end), *_ = _der_items(der, start, end)  # tbsCertificate
+        fields = _der_items(der, start, end)
+        fields = fields[1:] if fields[0][0] == 0xA0 else fields  # the explicit [0] version
+        _, start, end = fields[3]  # serialNumber, signature, issuer, validity
+        tag, start, end = _der_items(der, start, end)[1]  # notBefore, notAfter
+        text = der[start:end].decode("ascii")
+        layout = "%y%m%d%H%M%SZ" if tag == 0x17 else "%Y%m%d%H%M%SZ"  # UTCTime, GeneralizedTime
+        return datetime.datetime.strptime(text, layout).replace(tzinfo=datetime.timezone.utc)
+    except (ValueError, IndexError, UnicodeDecodeError):
+        return None
+
+
 def _fingerprint(files: TLSFiles) -> Fingerprint:
     """What changes when a file is rewritten or replaced (stat follows the symlinks Kubernetes swaps)."""
     stats = [os.stat(path) for _, path in files.named()]
     return tuple((s.st_mtime_ns, s.st_size, s.st_ino) for s in stats)
 
 
-def _certificate_configuration(files: TLSFiles) -> grpc.ServerCertificateConfiguration:
-    """Read and check the files (raises TLSConfigError naming the flag)."""
+def _certificate_configuration(files: TLSFiles, current: bool = False) -> grpc.ServerCertificateConfiguration:
+    """Read and check the files (raises TLSConfigError naming the flag); ``current``: refuse a certificate
+    that has expired too (one not yet valid is taken: its time comes, and clocks differ by seconds)."""
     pem = {flag: _read(flag, path) for flag, path in files.named()}
     _check(files)
+    expires = expiry(pem["--tls-cert"])
+    if expires is not None and expires <= datetime.datetime.now(datetime.timezone.utc):
+        problem = f"--tls-cert {files.cert}: the certificate expired at {expires:%Y-%m-%d %H:%M:%S} UTC"
+        if current:
+            raise TLSConfigError(problem)
+        log.warning("%s: clients will refuse it until it is replaced (new connections get the new one)", problem)
     return grpc.ssl_server_certificate_configuration(
         [(pem["--tls-key"], pem["--tls-cert"])], root_certificates=pem.get("--tls-client-ca")
     )
@@ -124,7 +171,7 @@ class ServerTLS:
                 return None
             self._loaded = current  # a bad set is reported once, not on every connection
             try:
-                configuration = _certificate_configuration(self.files)
+                configuration = _certificate_configuration(self.files, current=True)
             except TLSConfigError as error:
                 log.warning("TLS files changed but cannot be used, keeping the previous certificate: %s", error)
                 return None

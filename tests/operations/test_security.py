@@ -322,6 +322,34 @@ def test_certificates_are_reloaded_when_their_files_change(running, pki: Pki, tm
     LossClient(address(server), credentials=trusts_new).describe(FOCAL, timeout=CALL_TIMEOUT)
 
 
+def test_an_expired_certificate_is_not_rotated_in(running, tmp_path: Path, caplog):
+    """OpenSSL loads an expired certificate, and every client then refuses the handshake: a rotation to
+    one keeps the previous certificate, and says so."""
+    ca = _make_ca("rotation CA")
+    ca_file = _write_cert(tmp_path / "ca.pem", ca[1])
+    current = _write_pair(tmp_path, "server", _issue(ca, "losswire server", server=True))
+    key, cert = _issue(ca, "losswire server", server=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    expired = (
+        x509.CertificateBuilder(
+            cert.issuer, cert.subject, key.public_key(), cert.serial_number, extensions=list(cert.extensions)
+        )
+        .not_valid_before(now - datetime.timedelta(days=3))
+        .not_valid_after(now - datetime.timedelta(days=1))
+        .sign(ca[0], hashes.SHA256())
+    )
+    server = running(tls_cert=str(current.cert), tls_key=str(current.key))
+    trusts_ca = Credentials.from_files(ca=ca_file)
+    with caplog.at_level(logging.WARNING, logger="losswire.server"):
+        _replace(current.key, _write_key(tmp_path / "expired.key", key).read_bytes())
+        _replace(current.cert, expired.public_bytes(serialization.Encoding.PEM))
+        LossClient(address(server), credentials=trusts_ca).describe(FOCAL, timeout=CALL_TIMEOUT)
+    expired_at = expired.not_valid_after_utc.strftime("%Y-%m-%d %H:%M:%S")
+    assert f"keeping the previous certificate: --tls-cert {current.cert}: the certificate expired at {expired_at}" in (
+        caplog.text
+    )
+
+
 def _replace(path: Path, data: bytes) -> None:
     staged = path.with_suffix(path.suffix + ".new")
     staged.write_bytes(data)
