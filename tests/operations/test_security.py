@@ -16,6 +16,7 @@ import datetime
 import ipaddress
 import logging
 import os
+import queue
 import secrets
 import socket
 import struct
@@ -34,6 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from support.oip import infer_request, outputs_of
 from support.servers import ServerProcess, losswire_script, serve_cmd, server_env
@@ -539,6 +541,44 @@ def test_token_file_changes_apply_without_a_restart(running, tmp_path: Path):
     assert works(new) and not works(old)
     _replace(tokens, b"# emptied by mistake\n")  # keeps the previous tokens rather than lock everyone out
     assert works(new)
+
+
+def test_a_removed_token_is_refused_at_once_and_what_it_started_stays_bounded(running, tmp_path: Path):
+    """Its next call is UNAUTHENTICATED; a stream it opened before runs on; its sessions, which no other
+    token can use, stay counted against --max-sessions until they idle out (security.md says so)."""
+    gone, kept = secrets.token_hex(32), secrets.token_hex(32)
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{gone}\n{kept}\n")
+    server = running(auth_tokens_file=str(tokens), max_sessions=3, max_sessions_per_token=2)
+    seesaw = dict(type="SeesawLoss", num_classes=4)
+
+    def session_call(token: str, name: str) -> None:
+        loss = RemoteLoss(
+            seesaw, session=name, client=LossClient(address(server), credentials=Credentials(token=token))
+        )
+        loss(torch.randn(6, 6), torch.randint(0, 4, (6,)))
+
+    session_call(gone, "a")
+    session_call(gone, "b")
+    requests: queue.Queue = queue.Queue()
+    with grpc.insecure_channel(address(server)) as channel:
+        ask = reflection_pb2.ServerReflectionRequest(list_services="")
+        stream = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter(requests.get, None), metadata=(("authorization", f"Bearer {gone}"),)
+        )
+        requests.put(ask)
+        assert next(stream).list_services_response.service
+        _replace(tokens, f"{kept}\n".encode())
+        assert refused(LossClient(address(server), credentials=Credentials(token=gone))).code == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+        requests.put(ask)  # the stream opened before the change is served on
+        assert next(stream).list_services_response.service
+        requests.put(None)
+    assert len(server.sessions) == 2  # the removed token's, until they idle out
+    session_call(kept, "c")
+    with pytest.raises(RemoteLossError, match="--max-sessions"):
+        session_call(kept, "d")
 
 
 def test_a_token_file_grown_past_its_bound_keeps_the_previous_tokens(running, tmp_path: Path, caplog):
