@@ -25,6 +25,7 @@ import hmac
 import logging
 import os
 import re
+import stat
 import threading
 from collections.abc import Iterable
 from typing import Any
@@ -79,11 +80,18 @@ def parse_token_list(text: str, source: str = TOKENS_ENV) -> list[str]:
     return [_checked(word, f"{source}, token {index}") for index, word in enumerate(words, 1)]
 
 
-def read_token_file(path: str) -> list[str]:
+def read_token_file(path: str, regular_only: bool = False) -> list[str]:
     """The file's tokens, each once; a file over ``MAX_TOKEN_FILE_BYTES`` is refused after reading no
-    more than that (a wrong path, a log file, /dev/zero)."""
+    more than that (a wrong path, a log file, /dev/zero). ``regular_only``: refuse anything but a regular
+    file without waiting on it (a re-read runs on the event loop, and opening a named pipe waits for a
+    writer: every call would wait with it); at start-up a pipe is read (``<(command)``, a secret tool's)."""
     try:
-        with open(path, "rb") as file:
+        fd = os.open(path, os.O_RDONLY | (os.O_NONBLOCK if regular_only else 0))
+        with open(fd, "rb") as file:
+            if regular_only and not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise TokenConfigError(
+                    f"--auth-tokens-file {path}: not a regular file (a pipe or a device is read at start-up only)"
+                )
             data = file.read(MAX_TOKEN_FILE_BYTES + 1)
     except OSError as error:
         raise TokenConfigError(f"--auth-tokens-file {path}: cannot read it ({error.strerror})") from None
@@ -143,7 +151,7 @@ class TokenSet:
 
     def _reload(self) -> None:
         try:
-            tokens = read_token_file(self.path)  # type: ignore[arg-type]
+            tokens = read_token_file(self.path, regular_only=True)  # type: ignore[arg-type]
         except TokenConfigError as error:
             log.warning("keeping the previous tokens: %s", error)
             return

@@ -581,6 +581,26 @@ def test_a_removed_token_is_refused_at_once_and_what_it_started_stays_bounded(ru
         session_call(kept, "d")
 
 
+def test_a_named_pipe_swapped_in_for_the_token_file_freezes_nothing(running, tmp_path: Path, caplog):
+    """Opening a named pipe waits for a writer; the file is re-read on the event loop, where that wait
+    froze every call, health checks included. A re-read takes a regular file only."""
+    token = secrets.token_hex(32)
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{token}\n")
+    server = running(auth_tokens_file=str(tokens))
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    os.replace(pipe, tokens)
+    try:
+        with caplog.at_level(logging.WARNING, logger="losswire.server"):
+            client = LossClient(address(server), credentials=Credentials(token=token))
+            client.describe(FOCAL, timeout=REFUSED_TIMEOUT)
+        assert f"keeping the previous tokens: --auth-tokens-file {tokens}: not a regular file" in caplog.text
+    finally:  # a server waiting on the pipe (without the fix) is let go: a writer that writes nothing
+        with contextlib.suppress(OSError):
+            os.close(os.open(tokens, os.O_WRONLY | os.O_NONBLOCK))
+
+
 def test_a_token_file_grown_past_its_bound_keeps_the_previous_tokens(running, tmp_path: Path, caplog):
     """Each call's token is compared, on the event loop, with every configured one: a file of 100 MB of
     tokens stalled every caller 2.1 s on its re-read and 0.24 s on every call after. A file over 1 MiB
