@@ -18,7 +18,7 @@ import os
 import resource
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -50,6 +50,7 @@ from .rpc.lanes import Lanes
 from .rpc.loss_service import LossService, add_to_server
 from .rpc.malformed import MalformedRequestInterceptor
 from .rpc.metrics import Bound, ServerMetrics
+from .rpc.ports import PortKeeper
 from .rpc.streams import StreamGuardInterceptor
 from .rpc.tls import ServerTLS, tls_files
 
@@ -75,19 +76,6 @@ OPEN_CALLS = 64
 # out, which a network policy letting only the kubelet in prevents
 HEALTH_PORT_STREAMS_PER_CONNECTION = WATCHES_PER_CONNECTION + 2
 HEALTH_PORT_CONNECTIONS = 1024
-# how often the server looks whether grpcio still serves its ports (grpcio ends a server on its own when
-# its accept loop raises: see LosswireServer._keep_serving)
-SERVING_CHECK_SECONDS = 1.0
-# seconds before a port grpcio ended is served again: none the first time; while a caller keeps ending it,
-# twice as long each time (up to the last): gRPC servers ended one after another while streamed calls were
-# being cancelled crashed the process (a segfault in CPython's frames of grpcio's handlers), spaced ones not
-SERVE_AGAIN_SPACING = (2.0, 64.0)
-# grpcio's coroutines that carry one call each (grpc.aio's Cython server), by qualified name
-GRPCIO_CALL_TASKS = frozenset(
-    {"_schedule_rpc_coro", "_handle_exceptions", "_handle_cancellation_from_core", "_handle_rpc"}
-)
-CALLS_UNWIND_SECONDS = 10.0  # the most a port's cancelled calls are waited for before its server is destroyed
-SERVE_AGAIN_QUIET = 60.0  # a port not ended for this long since it was last served again starts from no wait
 OWN_FILES = 512  # descriptors kept from connections for the server's own use at least (handoffs, files, logs)
 
 
@@ -228,8 +216,8 @@ class LosswireServer:
         # set once a port grpcio ended could not be served again (why, in words): losswire serve exits 1
         self.failure: str | None = None
         self.failed = threading.Event()
-        self.restarts = 0  # ports served again after grpcio ended their gRPC server on its own
-        self._keepers: list[asyncio.Future] = []
+        self._keepers: list[PortKeeper] = []  # one a port: grpcio may end its gRPC server on its own
+        self._keeping: list[asyncio.Future] = []
         self._health_watch: asyncio.Future | None = None
         self._loop = asyncio.new_event_loop()
         self._loop.set_exception_handler(
@@ -275,7 +263,7 @@ class LosswireServer:
             ],
         )
         owners = SessionOwners(private=self.tokens is not None and not self.config.share_sessions)
-        # built once: a port served again (_keep_serving) keeps the lanes waiting and health as they stand
+        # built once: a port served again (rpc.ports) keeps the lanes waiting and health as they stand
         if self.lanes is None:
             self.lanes = Lanes(self.config.lane_join_seconds)  # streamed calls' chunks on several streams
         if self.health is None:
@@ -466,113 +454,55 @@ class LosswireServer:
         credentials = self.tls.credentials() if self.tls is not None else None
         port = _bind(self.server, address, credentials, self.config.reuse_port)
         await self.server.start()
-        self._keepers.append(asyncio.ensure_future(self._keep_serving(CALLERS_PORT)))
+        self._keep(CALLERS_PORT, self._serve_callers_again, busy=self._calls_running)
         if self.config.health_port is not None:
             await self._start_health_port(self.config.health_port or 0)
-            self._keepers.append(asyncio.ensure_future(self._keep_serving(HEALTH_PORT)))
+            self._keep(HEALTH_PORT, self._serve_health_again, busy=None)
         await self._set_health(serving=True)
         if self.config.health_bound_seconds is not None:
             self._health_watch = asyncio.ensure_future(self._watch_compute(self.config.health_bound_seconds))
         return port
 
-    async def _keep_serving(self, which: str) -> None:
-        """Serve ``which`` port again whenever grpcio ends its gRPC server on its own.
+    def _keep(self, name: str, serve_again: Callable[[], Awaitable[None]], busy: Callable[[], bool] | None) -> None:
+        """Serve port ``name`` again whenever grpcio ends its gRPC server on its own (``rpc.ports``)."""
+        label = "callers" if name == CALLERS_PORT else "health"
+        keeper = PortKeeper(
+            name,
+            current=(lambda: self.server) if name == CALLERS_PORT else (lambda: self._health_server),
+            serve_again=serve_again,
+            set_health=self._set_health,
+            draining=lambda: self.draining,
+            failed=self._port_lost,
+            busy=busy,
+            served_again=self.metrics.served_again.labels(label).inc,
+        )
+        self._keepers.append(keeper)
+        self._keeping.append(asyncio.ensure_future(keeper.run()))
 
-        grpcio's accept loop decodes the ``:path`` of each call to an unregistered method as UTF-8; one that
-        is not (a single HEADERS frame, from anyone who can reach the port, before any token is checked)
-        raises there, and grpcio shuts that server down, cancelling its calls: the port closed for good
-        while the process and health lived on, SERVING. Nothing in Python runs before that decode, so the
-        call cannot be refused; the port is served again, by a new gRPC server on the same port with the
-        same services. What the server holds (sessions, shared memory, budgets) lives outside gRPC and stays;
-        the calls in flight on that port end CANCELLED, which clients retry. The ended server is destroyed
-        only once its cancelled calls have unwound, and a port ended again within a minute waits
-        ``SERVE_AGAIN_SPACING`` from its last serving, health NOT_SERVING meanwhile: servers ended and
-        destroyed one after another under streamed calls crashed the process (a segfault on the event
-        loop's thread, in 3 of 4 runs of three connections sending such frames). Where the port cannot be
-        bound again, health turns NOT_SERVING and ``losswire serve`` exits 1.
-        """
-        spacing, last = 0.0, float("-inf")
-        while not self.draining:
-            server = self.server if which == CALLERS_PORT else self._health_server
-            try:
-                while await server.wait_for_termination(SERVING_CHECK_SECONDS):  # True: timed out, serving
-                    pass
-                why = "it stopped"
-            except Exception as error:  # what ended grpcio's accept loop (its message quotes no caller bytes)
-                why = f"{type(error).__name__}: {error}"
-            if self.draining:
-                return
-            if which == CALLERS_PORT:  # its cancelled calls unwind before the server under them goes
-                await self._calls_ended(CALLS_UNWIND_SECONDS)
-            # grpcio's own shutdown of it stopped at the error, before the core server was destroyed: ~40 KB
-            # of the process's memory were left behind each time (a caller repeating the frame grew it)
-            with contextlib.suppress(Exception):
-                await server.stop(None)
-            now = time.monotonic()
-            quiet = now - last > spacing + SERVE_AGAIN_QUIET
-            spacing = 0.0 if quiet else min(max(2 * spacing, SERVE_AGAIN_SPACING[0]), SERVE_AGAIN_SPACING[1])
-            if spacing:
-                log.error(
-                    "the %s was ended again %.1f s after it was last served again: serving it in %g s, health "
-                    "NOT_SERVING meanwhile",
-                    which,
-                    now - last,
-                    spacing,
-                )
-                await self._set_health(serving=False)
-                await asyncio.sleep(last + spacing - now if last + spacing > now else 0.0)
-                if self.draining:
-                    return
-            try:
-                await self._serve_again(which)
-            except Exception as error:
-                self.failure = f"the {which} stopped accepting calls ({why}) and could not be served again ({error})"
-                log.critical("%s; health turns NOT_SERVING and the server stops", self.failure)
-                await self._set_health(serving=False)
-                self.failed.set()
-                return
-            if spacing:
-                await self._set_health(serving=True)
-            last = time.monotonic()
-            self.restarts += 1
-            self.metrics.served_again.labels("health" if which == HEALTH_PORT else "callers").inc()
-            log.error(
-                "the %s stopped accepting calls (%s): grpcio ended its gRPC server on its own, cancelling the calls "
-                "on it; serving the port again (%d times so far)",
-                which,
-                why,
-                self.restarts,
-            )
+    @property
+    def restarts(self) -> int:
+        """Ports served again after grpcio ended their gRPC server on its own."""
+        return sum(keeper.restarts for keeper in self._keepers)
 
-    async def _calls_ended(self, seconds: float) -> None:
-        """Wait until no call is admitted, streaming or holding a big-call slot, and grpcio's own tasks of
-        that moment for its calls have ended, at most ``seconds`` in all. A new gRPC server started while
-        the old one's call tasks still ran crashed the process now and then (a segfault in a frame of
-        grpcio's handlers), where the old server alone never did."""
-        deadline = time.monotonic() + seconds
-        grpcio_tasks = {
-            task for task in asyncio.all_tasks() if getattr(task.get_coro(), "__qualname__", "") in GRPCIO_CALL_TASKS
-        }
-        while (
-            self.call_slots.open
-            or self.stream_guard.open
-            or self.dataplane.slots.in_use
-            or any(not task.done() for task in grpcio_tasks)
-        ):
-            if time.monotonic() >= deadline:
-                return
-            await asyncio.sleep(0.05)  # a condition, polled: calls end on their own time
-        await asyncio.sleep(0.05)  # what they left to the loop (generators' closing) runs first
+    def _calls_running(self) -> bool:
+        """Whether a call is admitted, streaming or holding a big-call slot on the callers' port."""
+        return bool(self.call_slots.open or self.stream_guard.open or self.dataplane.slots.in_use)
 
-    async def _serve_again(self, which: str) -> None:
-        if which == HEALTH_PORT:
-            await self._start_health_port(self.health_port)
-            return
+    async def _serve_callers_again(self) -> None:
         server = self._build()
         credentials = self.tls.credentials() if self.tls is not None else None
         _bind(server, self._address(self.port), credentials, self.config.reuse_port)
         await server.start()
         self.server = server
+
+    async def _serve_health_again(self) -> None:
+        await self._start_health_port(self.health_port)
+
+    def _port_lost(self, why: str) -> None:
+        """A port could not be served again: ``losswire serve`` exits 1, for its supervisor to restart it."""
+        self.failure = why
+        log.critical("%s; health turns NOT_SERVING and the server stops", why)
+        self.failed.set()
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -622,8 +552,8 @@ class LosswireServer:
     async def _stop(self, grace: float) -> None:
         if self._health_watch is not None:
             self._health_watch.cancel()
-        for keeper in self._keepers:
-            keeper.cancel()
+        for keeping in self._keeping:
+            keeping.cancel()
         await self.server.stop(grace)
         if self._health_server is not None:  # probes see NOT_SERVING until the very end
             await self._health_server.stop(0)

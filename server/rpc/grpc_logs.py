@@ -89,7 +89,7 @@ def grpc_task_errors(
 ) -> None:
     """The event loop's exception handler: grpcio's own shutdown task, which ends a server whose accept loop
     failed on a path that is not UTF-8, leaves that error unretrieved, and asyncio would log it with a
-    traceback each time; the server logs such an end itself (``LosswireServer._keep_serving``). Everything
+    traceback each time; the server logs such an end itself (``rpc.ports.PortKeeper``). Everything
     else goes to ``default``."""
     if isinstance(context.get("exception"), UnicodeDecodeError) and "never retrieved" in str(context.get("message")):
         return

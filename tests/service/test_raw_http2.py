@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import socket
 import threading
 import time
 
@@ -26,6 +27,7 @@ from support.polling import eventually
 from support.servers import ServerProcess, serve_cmd, server_env
 
 from losswire.client import LossClient, RemoteLoss, RemoteLossError
+from losswire.server.rpc.ports import ServingSpacing
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -101,6 +103,51 @@ def test_a_port_ended_again_soon_is_served_again_later_with_health_not_serving_m
         assert time.monotonic() - served >= 1.8
         assert health_status(server.health_port) == SERVING
         assert health_status(server.port) == SERVING
+
+
+def test_the_spacing_doubles_while_a_port_keeps_being_ended_and_starts_again_after_a_quiet_minute():
+    spacing = ServingSpacing(first=2.0, most=64.0, quiet=60.0)
+    assert spacing.wait(100.0) == 0.0  # the first end: served again at once
+    spacing.served(100.0)
+    waits = []
+    for _ in range(7):  # each end comes 1 s after the last serving
+        now = spacing.last_served + 1.0
+        waits.append(spacing.wait(now))
+        spacing.served(now + waits[-1])
+    assert waits == [1.0, 3.0, 7.0, 15.0, 31.0, 63.0, 63.0]  # 2, 4 ... 64 s from the last serving
+    quiet = spacing.last_served + 64.0 + 60.0 + 1.0  # beyond the last spacing and a quiet minute
+    assert spacing.wait(quiet) == 0.0
+    spacing.served(quiet)
+    assert spacing.wait(quiet + 1.0) == 1.0  # and from 2 s again
+
+
+@pytest.mark.slow
+def test_losswire_serve_exits_1_when_its_port_cannot_be_served_again():
+    """The port taken by another process while it waits to be served again: health NOT_SERVING, the
+    reason logged, and exit 1 for the supervisor to restart the server."""
+    process = ServerProcess(serve_cmd("--host", "127.0.0.1", "--port", "0", "--device", "cpu"), server_env())
+    squatter = socket.socket()
+    try:
+        process.wait_started()
+        with send_call_to(process.port, b"/\xff"):
+            process.wait_for(r"serving the port again \(1 times so far\)")
+        with send_call_to(process.port, b"/\xff"):
+            process.wait_for(r"serving it in 2 s, health NOT_SERVING meanwhile")
+            squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            squatter.bind(("127.0.0.1", process.port))  # the ended server's listener is closed by now
+            squatter.listen()
+            assert eventually(lambda: process.proc.poll() is not None, 30), "the server went on without its port"
+        assert process.proc.returncode == 1, process.log()[-3000:]
+        log = process.log()
+        assert re.search(
+            r"CRITICAL losswire\.server: the callers' port stopped accepting calls \(UnicodeDecodeError.*\) and "
+            r"could not be served again \(.*cannot bind 127\.0\.0\.1:\d+.*\); health turns NOT_SERVING",
+            log,
+        ), log[-3000:]
+        assert "Traceback" not in log, log[-3000:]
+    finally:
+        squatter.close()
+        process.close()
 
 
 def flood(port: int, stop: threading.Event, sent: list[int]) -> None:
