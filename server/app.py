@@ -50,7 +50,7 @@ from .rpc.lanes import Lanes
 from .rpc.loss_service import LossService, add_to_server
 from .rpc.malformed import MalformedRequestInterceptor
 from .rpc.metrics import Bound, ServerMetrics
-from .rpc.ports import PortKeeper
+from .rpc.ports import PortKeeper, keep_request_calls
 from .rpc.streams import StreamGuardInterceptor
 from .rpc.tls import ServerTLS, tls_files
 
@@ -220,6 +220,7 @@ class LosswireServer:
         self._keeping: list[asyncio.Future] = []
         self._health_watch: asyncio.Future | None = None
         self._loop = asyncio.new_event_loop()
+        self._loop.set_task_factory(keep_request_calls)  # grpcio's requests for calls outlive its accept loop
         self._loop.set_exception_handler(
             lambda loop, context: grpc_task_errors(loop, context, loop.default_exception_handler)
         )

@@ -1,28 +1,37 @@
-"""A port whose gRPC server grpcio ended on its own is served again.
+"""A port whose gRPC server grpcio ended on its own is served again, without the heap corruption grpcio's
+own ending left behind.
 
 grpcio's asyncio accept loop decodes the ``:path`` of each call to an unregistered method as UTF-8; one that
 is not (a single HEADERS frame, from anyone who can reach the port, before any token is checked) raises
-there, and grpcio shuts that server down, cancelling its calls: the port closed for good while the process
-and its health lived on, SERVING. Nothing in Python runs before that decode, so the call cannot be refused.
-``PortKeeper`` serves the port again instead, with a new gRPC server of the same services on the same port;
-what the server holds (sessions, shared memory, budgets) lives outside gRPC and stays. The calls in flight
-on that port end CANCELLED, which clients retry.
+there, and the accept loop ends. Nothing in Python runs before that decode, so the call cannot be refused.
 
-Two findings shape how (both measured under three connections sending such frames while streamed calls
-ran): the ended server is destroyed only once its cancelled calls have unwound, and a port ended again
-soon waits before it is served again (``ServingSpacing``), health NOT_SERVING meanwhile. Ended and served
-again at once, the process crashed (a segfault on the event loop's thread, in grpcio's handlers) in 3 of 4
-runs.
+Ending, the accept loop cancels its waiting requests for the next calls (one per method, one for the rest),
+and their memory is freed; but gRPC's core still holds those requests and writes each next incoming call
+into one (its call, method and metadata): into freed memory. Python objects were found without their
+attributes, and the process died of segfaults: in 4 of 16 runs of three connections sending such frames
+during streamed calls, and in 6 of 7 runs of one frame as four big calls started on a loaded machine (0 of
+4 on a quiet one). ``keep_request_calls`` (the event loop's task factory) makes those requests
+uncancellable: they stay alive until core fails them at the server's shutdown, or matches a call. Their
+cancellation is the sign that the accept loop is ending: the server's ``PortKeeper`` shuts the server down
+then (core takes no new call into them), lets its calls in flight finish, and serves the port again with a
+new gRPC server of the same services on the same port; what the server holds (sessions, shared memory,
+budgets) lives outside gRPC and stays.
+
+A port ended again soon waits before it is served again (``ServingSpacing``), health NOT_SERVING meanwhile,
+so that a caller repeating the frame cannot keep the server busy ending and starting gRPC servers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+import weakref
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -33,7 +42,34 @@ SERVING_CHECK_SECONDS = 1.0  # how often a keeper looks whether its server still
 GRPCIO_CALL_TASKS = frozenset(
     {"_schedule_rpc_coro", "_handle_exceptions", "_handle_cancellation_from_core", "_handle_rpc"}
 )
-CALLS_UNWIND_SECONDS = 10.0  # the most a port's cancelled calls are waited for before its server is destroyed
+CALLS_UNWIND_SECONDS = 10.0  # the most a port's calls in flight are waited for before its server is destroyed
+# grpcio's coroutines that each wait for the next incoming call, and its accept loop, by qualified name
+REQUEST_CALLS = frozenset({"AioServer._request_call", "AioServer._request_registered_call"})
+ACCEPT_LOOP = "AioServer._server_main_loop"
+_KEEPERS: weakref.WeakKeyDictionary[asyncio.Task, PortKeeper] = weakref.WeakKeyDictionary()  # by accept loop
+
+
+class _RequestCall(asyncio.Task):
+    """grpcio's request for the next incoming call, which its accept loop cannot cancel (see the module's
+    text): gRPC's core writes the next call into it, so it lives until core has matched a call to it or
+    failed it. A cancellation tells the keeper of the accept loop that asks for it that the loop is ending."""
+
+    def cancel(self, msg: Any = None) -> bool:
+        accept_loop = asyncio.current_task()  # an accept loop cancels its requests as it ends
+        keeper = _KEEPERS.get(accept_loop)
+        if keeper is None:  # a server no keeper watches: grpcio's way
+            return super().cancel(msg)
+        keeper.accept_loop_ending(accept_loop)
+        return False
+
+
+def keep_request_calls(
+    loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any], context: contextvars.Context | None = None
+) -> asyncio.Task:
+    """The task factory of an event loop that runs grpc.aio servers: grpcio's requests for the next call
+    are ``_RequestCall`` tasks, every other task is asyncio's."""
+    kind = _RequestCall if getattr(coro, "__qualname__", "") in REQUEST_CALLS else asyncio.Task
+    return kind(coro, loop=loop, context=context)
 
 
 class ServingSpacing:
@@ -77,6 +113,9 @@ class PortKeeper:
     served_again: Callable[[], None] = lambda: None  # counts it (a metric)
     spacing: ServingSpacing | None = None
     restarts: int = 0  # times the port was served again
+    _ending: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    _error: BaseException | None = field(default=None, repr=False)  # what ended the accept loop
+    _accept_loop: asyncio.Task | None = field(default=None, repr=False)  # the watched server's
 
     def __post_init__(self) -> None:
         self.spacing = self.spacing or ServingSpacing()
@@ -84,15 +123,21 @@ class PortKeeper:
     async def run(self) -> None:
         while not self.draining():
             server = self.current()
+            self.watch(server)
             why = await self._ended(server)
             if self.draining():
                 return
+            # the first stop begins the shutdown at once: core takes no new call into grpcio's requests and
+            # fails them (the accept loop then ends, and this stop raises its error). Once the calls in
+            # flight have finished (or after CALLS_UNWIND_SECONDS), the second cancels what is left and
+            # destroys the core server (left undestroyed, ~40 KB of the process's memory stayed each time)
+            with contextlib.suppress(Exception):
+                await server.stop(CALLS_UNWIND_SECONDS)
             if self.busy is not None:
                 await self._calls_ended(self.busy, CALLS_UNWIND_SECONDS)
-            # grpcio's own shutdown of it stopped at the error, before the core server was destroyed: ~40 KB
-            # of the process's memory were left behind each time (a caller repeating the frame grew it)
             with contextlib.suppress(Exception):
                 await server.stop(None)
+            why = self._why() or why
             if not await self._wait_spacing():
                 return
             try:
@@ -107,22 +152,56 @@ class PortKeeper:
             self.restarts += 1
             self.served_again()
             log.error(
-                "the %s stopped accepting calls (%s): grpcio ended its gRPC server on its own, cancelling the calls "
-                "on it; serving the port again (%d times so far)",
+                "the %s stopped accepting calls (%s): grpcio's accept loop ended on its own; its calls in flight "
+                "finished first; serving the port again (%d times so far)",
                 self.name,
                 why,
                 self.restarts,
             )
 
-    @staticmethod
-    async def _ended(server: grpc.aio.Server) -> str:
-        """Why ``server`` ended, once it has."""
-        try:
-            while await server.wait_for_termination(SERVING_CHECK_SECONDS):  # True: timed out, serving
-                pass
-            return "it stopped"
-        except Exception as error:  # what ended grpcio's accept loop (its message quotes no caller bytes)
-            return f"{type(error).__name__}: {error}"
+    def watch(self, server: grpc.aio.Server) -> None:
+        """Follow ``server``'s accept loop: its end (``accept_loop_ending``, or its task's end) wakes the
+        keeper, and grpcio's own handling of that end (cancel every call at once, leaving the core server
+        undestroyed) is removed. Where this grpcio's server has not the shape relied on, grpcio's stays."""
+        self._ending.clear()
+        self._error, self._accept_loop = None, None
+        handler = getattr(getattr(server, "_server", None), "_serving_task_crash_handler", None)
+        for task in asyncio.all_tasks():
+            if getattr(task.get_coro(), "__qualname__", "") != ACCEPT_LOOP:
+                continue
+            if handler is not None and task.remove_done_callback(handler):  # this server's accept loop
+                _KEEPERS[task] = self
+                self._accept_loop = task
+                task.add_done_callback(self._accept_loop_ended)
+                return
+
+    def accept_loop_ending(self, accept_loop: asyncio.Task) -> None:
+        if accept_loop is self._accept_loop and not self.draining():
+            self._ending.set()
+
+    def _accept_loop_ended(self, task: asyncio.Task) -> None:
+        if not task.cancelled():
+            error = task.exception()  # retrieved: asyncio logs no "never retrieved" for it
+            self._error = error if task is self._accept_loop else self._error
+        self.accept_loop_ending(task)
+
+    def _why(self) -> str | None:
+        """What ended the accept loop, once its task has ended (its message quotes no caller bytes)."""
+        return None if self._error is None else f"{type(self._error).__name__}: {self._error}"
+
+    async def _ended(self, server: grpc.aio.Server) -> str:
+        """Why ``server``'s accept loop ended, once it has (it failed, or the server stopped)."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SERVING_CHECK_SECONDS):
+                    await self._ending.wait()
+            if self._ending.is_set():
+                return self._why() or "its accept loop ended"
+            try:
+                if not await server.wait_for_termination(0):  # False: it has ended
+                    return self._why() or "it stopped"
+            except Exception as error:  # grpcio's own handling ended it (a server not watched)
+                return f"{type(error).__name__}: {error}"
 
     async def _wait_spacing(self) -> bool:
         """Wait out the spacing, health NOT_SERVING meanwhile; False once the server drains instead."""
@@ -144,9 +223,7 @@ class PortKeeper:
     @staticmethod
     async def _calls_ended(busy: Callable[[], bool], seconds: float) -> None:
         """Wait until no call runs on the port (``busy``) and grpcio's own tasks of that moment for its calls
-        have ended, at most ``seconds`` in all. A new gRPC server started while the old one's call tasks
-        still ran crashed the process now and then (a segfault in a frame of grpcio's handlers), where the
-        old server alone never did."""
+        have ended, at most ``seconds`` in all: the port is served again by one gRPC server at a time."""
         deadline = time.monotonic() + seconds
         grpcio_tasks = {
             task for task in asyncio.all_tasks() if getattr(task.get_coro(), "__qualname__", "") in GRPCIO_CALL_TASKS
