@@ -36,6 +36,7 @@ from losswire.wire.protocol import EVALUATE_STREAM_METHOD, MAX_MESSAGE_BYTES, SE
 
 from . import targets
 from .errors import RemoteLossError, is_busy
+from .offload import off_main_thread
 from .security import Credentials
 from .waiting import WaitingChannel
 
@@ -312,7 +313,13 @@ class Connection:
         if failed.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             return failed
         deadline = "no deadline" if timeout is None else f"{timeout:g} s"
-        if failed.code == grpc.StatusCode.DEADLINE_EXCEEDED and waited and not connected_now(self.channel):
+        # channel_ready_future's condition is shared with the channel's connectivity thread: asked off the main
+        # thread (see losswire.client.offload)
+        if (
+            failed.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            and waited
+            and not off_main_thread(lambda: connected_now(self.channel))
+        ):
             what = f"no connection to the losswire server at {self.label} within the call's deadline ({deadline}): "
             if self._reached.is_set():
                 what += (

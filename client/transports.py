@@ -40,6 +40,7 @@ from .channels import RETRY_POLICY, Connection, Patience, passing
 from .errors import RemoteLossError
 from .lanes import LaneCalls, lanes_for, lanes_refused
 from .loss_shapes import Descriptions
+from .offload import off_main_thread
 from .replicas import SessionRouter
 from .sessions import SessionSteps, sessions_of
 
@@ -95,7 +96,12 @@ class Transports:
         return SHARED_MEMORY_THRESHOLD_BYTES if self.shared_memory_usable else None
 
     def evaluate(self, request: pb.EvaluateRequest, deadline: float | None, sink: chunks.StreamSink | None) -> Answer:
-        """One Evaluate by the transport its size calls for (see ``LossClient.evaluate_tensors``)."""
+        """One Evaluate by the transport its size calls for (see ``LossClient.evaluate_tensors``).
+
+        Shared memory and streams run off the main thread (:mod:`~losswire.client.offload`): their calls
+        lean on the channel's polling thread, which a signal's exception in grpcio's code on the main
+        thread could block for good. A blocking unary call is polled by its own caller and stays here (a
+        thread handoff would cost a small call ~0.3-0.5 ms)."""
         threshold, shared = self.stream_threshold, self.shared_memory_threshold
         held_back = [t for t in (threshold, shared) if t is not None]
         taken = False
@@ -103,14 +109,14 @@ class Transports:
             sink, taken = chunks.StreamSink.take(request), True
         try:
             if sink is not None and sink.entries and shared is not None and sink.nbytes >= shared:
-                answer = self._shared(request, sink, deadline)
+                answer = off_main_thread(lambda: self._shared(request, sink, deadline))
                 if answer is not None:
                     return answer
             if sink is not None and (threshold is None or sink.nbytes < threshold):
                 sink.inline()  # small after all: one unary call
             if sink is None or not sink.entries:
                 return self.unary(request, deadline), {}
-            return self._stream(request, sink, deadline)
+            return off_main_thread(lambda: self._stream(request, sink, deadline))
         finally:
             if taken:
                 sink.inline()  # the caller's request as it was
