@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
 import time
 import weakref
@@ -63,13 +62,12 @@ class _RequestCall(asyncio.Task):
         return False
 
 
-def keep_request_calls(
-    loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any], context: contextvars.Context | None = None
-) -> asyncio.Task:
+def keep_request_calls(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any], **options: Any) -> asyncio.Task:
     """The task factory of an event loop that runs grpc.aio servers: grpcio's requests for the next call
-    are ``_RequestCall`` tasks, every other task is asyncio's."""
+    are ``_RequestCall`` tasks, every other task is asyncio's (``options``: what the loop passes on, its
+    ``context``, and from Python 3.13 on its ``name``)."""
     kind = _RequestCall if getattr(coro, "__qualname__", "") in REQUEST_CALLS else asyncio.Task
-    return kind(coro, loop=loop, context=context)
+    return kind(coro, loop=loop, **options)
 
 
 class ServingSpacing:
