@@ -150,10 +150,11 @@ class PortKeeper:
             self.restarts += 1
             self.served_again()
             log.error(
-                "the %s stopped accepting calls (%s): grpcio's accept loop ended on its own; its calls in flight "
-                "finished first; serving the port again (%d times so far)",
+                "the %s stopped accepting calls (%s): grpcio's accept loop ended on its own; once its calls in "
+                "flight had ended (%g s at most), serving the port again (%d times so far)",
                 self.name,
                 why,
+                CALLS_UNWIND_SECONDS,
                 self.restarts,
             )
 

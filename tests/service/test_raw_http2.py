@@ -69,6 +69,41 @@ def test_grpcios_requests_for_the_next_calls_outlive_its_accept_loop():
         assert not any(task.cancelled() for task in waiting), "grpcio's accept loop cancelled its requests"
 
 
+def test_a_call_in_flight_when_the_port_is_ended_finishes():
+    """The ended gRPC server takes no new call, but the calls it has run to their end before it is
+    destroyed: a big SmoothL1Loss call being computed when the frame comes is answered, not cancelled."""
+    with running_server() as server:
+        client = LossClient(f"127.0.0.1:{server.port}", timeout=30, shared_memory="off")
+        outcome: list[object] = []
+
+        def big_call() -> None:
+            pred = torch.randn(3000, 3000, requires_grad=True)  # 36 MB each way, ~1 s of work on 2 cores
+            try:
+                RemoteLoss(dict(type="SmoothL1Loss"), client=client)(pred, torch.zeros_like(pred)).backward()
+                outcome.append(pred.grad.shape)
+            except RemoteLossError as error:
+                outcome.append(error)
+
+        caller = threading.Thread(target=big_call)
+        try:
+            caller.start()
+            assert eventually(lambda: server.stream_guard.open == 1, 10), "the call never reached the server"
+            with send_call_to(server.port, b"/\xff"):
+                caller.join(60)
+                assert eventually(lambda: server.restarts == 1, 15)
+            assert outcome == [torch.Size([3000, 3000])], outcome
+            codes = {
+                sample.labels["code"]: sample.value
+                for metric in server.metrics.registry.collect()
+                if metric.name == "losswire_requests"
+                for sample in metric.samples
+                if sample.name == "losswire_requests_total" and sample.labels.get("method") == "EvaluateStream"
+            }
+            assert codes == {"OK": 1.0}, codes  # answered the first time, not cancelled and retried
+        finally:
+            client.close()
+
+
 @pytest.mark.parametrize("port", ["callers' port", "health port"])
 def test_a_call_whose_path_is_not_utf8_leaves_the_port_served_and_the_sessions_kept(port):
     with running_server(health_port=0) as server:
