@@ -9,7 +9,7 @@ Ending, the accept loop cancels its waiting requests for the next calls (one per
 and their memory is freed; but gRPC's core still holds those requests and writes each next incoming call
 into one (its call, method and metadata): into freed memory. Python objects were found without their
 attributes, and the process died of segfaults: in 4 of 16 runs of three connections sending such frames
-during streamed calls, and in 6 of 7 runs of one frame as four big calls started on a loaded machine (0 of
+during streamed calls, and in 4 of 6 runs of one frame as four big calls started on a loaded machine (0 of
 4 on a quiet one). ``keep_request_calls`` (the event loop's task factory) makes those requests
 uncancellable: they stay alive until core fails them at the server's shutdown, or matches a call. Their
 cancellation is the sign that the accept loop is ending: the server's ``PortKeeper`` shuts the server down
