@@ -313,13 +313,7 @@ class Connection:
         if failed.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             return failed
         deadline = "no deadline" if timeout is None else f"{timeout:g} s"
-        # channel_ready_future's condition is shared with the channel's connectivity thread: asked off the main
-        # thread (see losswire.client.offload)
-        if (
-            failed.code == grpc.StatusCode.DEADLINE_EXCEEDED
-            and waited
-            and not off_main_thread(lambda: connected_now(self.channel))
-        ):
+        if failed.code == grpc.StatusCode.DEADLINE_EXCEEDED and waited and not connected_now(self.channel):
             what = f"no connection to the losswire server at {self.label} within the call's deadline ({deadline}): "
             if self._reached.is_set():
                 what += (
@@ -347,7 +341,13 @@ class Connection:
 
 
 def connected_now(channel: grpc.Channel, within: float = 0.2) -> bool:
-    """Whether ``channel`` is READY (connected to its server), asked within ``within`` seconds."""
+    """Whether ``channel`` is READY (connected to its server), asked within ``within`` seconds. Asked off
+    the main thread: channel_ready_future's condition is shared with the channel's connectivity thread
+    (see losswire.client.offload)."""
+    return off_main_thread(lambda: _ready_within(channel, within))
+
+
+def _ready_within(channel: grpc.Channel, within: float) -> bool:
     future = grpc.channel_ready_future(channel)
     try:
         future.result(timeout=within)
