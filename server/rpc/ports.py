@@ -48,6 +48,11 @@ ACCEPT_LOOP = "AioServer._server_main_loop"
 _KEEPERS: weakref.WeakKeyDictionary[asyncio.Task, PortKeeper] = weakref.WeakKeyDictionary()  # by accept loop
 
 
+def coroutine_name(task: asyncio.Task) -> str:
+    """The qualified name of ``task``'s coroutine (grpcio's are Cython coroutines: no frame to read)."""
+    return getattr(task.get_coro(), "__qualname__", "")
+
+
 class _RequestCall(asyncio.Task):
     """grpcio's request for the next incoming call, which its accept loop cannot cancel (see the module's
     text): gRPC's core writes the next call into it, so it lives until core has matched a call to it or
@@ -165,10 +170,10 @@ class PortKeeper:
         self._ending.clear()
         self._error, self._accept_loop = None, None
         handler = getattr(getattr(server, "_server", None), "_serving_task_crash_handler", None)
+        if handler is None:
+            return
         for task in asyncio.all_tasks():
-            if getattr(task.get_coro(), "__qualname__", "") != ACCEPT_LOOP:
-                continue
-            if handler is not None and task.remove_done_callback(handler):  # this server's accept loop
+            if coroutine_name(task) == ACCEPT_LOOP and task.remove_done_callback(handler):  # this server's
                 _KEEPERS[task] = self
                 self._accept_loop = task
                 task.add_done_callback(self._accept_loop_ended)
@@ -179,9 +184,9 @@ class PortKeeper:
             self._ending.set()
 
     def _accept_loop_ended(self, task: asyncio.Task) -> None:
-        if not task.cancelled():
-            error = task.exception()  # retrieved: asyncio logs no "never retrieved" for it
-            self._error = error if task is self._accept_loop else self._error
+        error = None if task.cancelled() else task.exception()  # retrieved: asyncio logs no "never retrieved"
+        if task is self._accept_loop:
+            self._error = error
         self.accept_loop_ending(task)
 
     def _why(self) -> str | None:
@@ -224,9 +229,7 @@ class PortKeeper:
         """Wait until no call runs on the port (``busy``) and grpcio's own tasks of that moment for its calls
         have ended, at most ``seconds`` in all: the port is served again by one gRPC server at a time."""
         deadline = time.monotonic() + seconds
-        grpcio_tasks = {
-            task for task in asyncio.all_tasks() if getattr(task.get_coro(), "__qualname__", "") in GRPCIO_CALL_TASKS
-        }
+        grpcio_tasks = {task for task in asyncio.all_tasks() if coroutine_name(task) in GRPCIO_CALL_TASKS}
         while busy() or any(not task.done() for task in grpcio_tasks):
             if time.monotonic() >= deadline:
                 return

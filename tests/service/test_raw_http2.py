@@ -30,7 +30,7 @@ from support.polling import eventually
 from support.servers import ServerProcess, serve_cmd, server_env
 
 from losswire.client import LossClient, RemoteLoss, RemoteLossError
-from losswire.server.rpc.ports import REQUEST_CALLS, ServingSpacing
+from losswire.server.rpc.ports import REQUEST_CALLS, ServingSpacing, coroutine_name
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -53,7 +53,7 @@ def seesaw_steps(client: LossClient, session: str, steps: int) -> None:
 
 async def request_calls() -> set[asyncio.Task]:
     """grpcio's tasks that wait for the next incoming call, on the server's event loop."""
-    return {task for task in asyncio.all_tasks() if getattr(task.get_coro(), "__qualname__", "") in REQUEST_CALLS}
+    return {task for task in asyncio.all_tasks() if coroutine_name(task) in REQUEST_CALLS}
 
 
 def test_grpcios_requests_for_the_next_calls_outlive_its_accept_loop():
