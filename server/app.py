@@ -182,6 +182,7 @@ class LosswireServer:
             shared_memory=self.shared_memory,
             buffers=BufferPool(config.buffer_pool_bytes),
             fused=config.fused_kernels,
+            gpu_kernels=config.gpu_kernels,
             overlap=config.overlap_transfer,
             budget=MemoryBudget(config.memory_budget, config.max_term_memory),
             costs=TermCosts(registry, config.max_module_bytes, config.term_memory_ratio),

@@ -348,6 +348,14 @@ KNOBS: tuple[Knob, ...] = (
         "on: Focal, QFL, CE, SmoothL1, L1 and GIoU terms get loss and gradient in one analytic pass; off: autograd",
     ),
     Knob(
+        "gpu_kernels",
+        _on_off,
+        _DEFAULT.gpu_kernels,
+        "on a GPU, with --fused-kernels on: Focal, QFL and GIoU terms by their closed forms compiled into one pass "
+        "(torch.compile; the first call of each loss and input layout compiles, up to ~11 s); off: the fused "
+        "kernels' torch ops",
+    ),
+    Knob(
         "overlap_transfer",
         _on_off,
         _DEFAULT.overlap_transfer,

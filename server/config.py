@@ -74,6 +74,7 @@ class ServerConfig:
     # big calls one token may have at once (tokens on); None: all but one of max_stream_calls (at least 1)
     max_stream_calls_per_token: int | None = None
     fused_kernels: bool = True  # loss and gradient in one analytic pass where a kernel exists (losses/fused.py)
+    gpu_kernels: bool = True  # on a GPU, closed forms compiled into one pass (losses/fused/compiled.py)
     # compute a streamed call's rows as they arrive when its caller asks (EvaluateRequest.early_gradients)
     overlap_transfer: bool = True
     # same-host callers may hand over shared-memory segments (sealed memfds, over a Unix socket) and pass

@@ -37,6 +37,7 @@ from ..evaluation.sessions import EnteringError, Transaction, holding
 from ..losses import LOSSES, Registry, output_kind_of
 from ..losses import fused as fused_kernels
 from ..losses.cost import Estimate
+from ..losses.fused.compiled import compiled_source
 from ..losses.provenance import implementation_digest
 from ..losses.schema import keeps_state
 from .admission import BigCallSlots
@@ -104,7 +105,8 @@ class Dataplane:
     ``slots_per_token`` those of one token (None: no bound per token);
     ``shared_memory`` holds the callers' registered regions (each answers only the ``caller`` that
     registered it: the front door says who a call comes from); ``buffers`` lends reused memory to
-    streamed tensors and their answers; ``fused``: answer terms a fused kernel covers without autograd;
+    streamed tensors and their answers; ``fused``: answer terms a fused kernel covers without autograd
+    (``gpu_kernels``: compiled into one pass each on a GPU);
     ``overlap``: compute a streamed call that asks for early gradients as its rows arrive.
     """
 
@@ -119,6 +121,7 @@ class Dataplane:
         shared_memory: SharedMemoryRegistry | None = None,
         buffers: BufferPool | None = None,
         fused: bool = True,
+        gpu_kernels: bool = True,
         budget: MemoryBudget | None = None,
         costs: TermCosts | None = None,
         overlap: bool = True,
@@ -128,7 +131,7 @@ class Dataplane:
         self.registry = registry
         self.limits = limits if limits is not None else RequestLimits()
         self.sessions = sessions if sessions is not None else SessionStore(registry, device)
-        self.evaluator = Evaluator(registry, self.sessions, fused)
+        self.evaluator = Evaluator(registry, self.sessions, fused, gpu_kernels)
         self.slots = BigCallSlots(slots, slots_per_token)
         self.shared_memory = shared_memory if shared_memory is not None else SharedMemoryRegistry(enabled=False)
         # streamed tensors are reassembled into, and fused kernels write streamed answers into, buffers
@@ -386,6 +389,8 @@ class Dataplane:
         digest = self._implementations.get(name)
         if digest is None:
             fused_file = fused_kernels.kernel_source(self.registry.get(name)) if self.evaluator.fused else None
+            if fused_file is not None and self.device.type == "cuda" and self.evaluator.one_pass is not None:
+                fused_file = (*fused_file, compiled_source())  # the closed forms are compiled there
             digest = implementation_digest(self.registry, name, fused_file=fused_file, device_type=self.device.type)
             self._implementations[name] = digest
         return digest

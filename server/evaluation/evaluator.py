@@ -29,6 +29,7 @@ from ..losses import (
     shareable,
 )
 from ..losses import fused as fused_kernels
+from ..losses.fused.compiled import OnePass
 from .binding import WEIGHT_INPUTS, bind_inputs, gradient_leaves
 from .errors import LossFailedError, as_memory_error, check_cancelled
 from .sampling import Sample, apply_sample, build_sampler, default_labels
@@ -110,12 +111,21 @@ class Evaluator:
 
     ``fused``: answer the terms a fused kernel supports (``losses.fused``) without autograd
     (``losswire serve --fused-kernels off`` turns it off: every term then runs under autograd).
+    ``gpu_kernels``: on a GPU, answer them with their closed forms compiled (``losses.fused.compiled``;
+    ``--gpu-kernels off``: the family kernels' torch ops).
     """
 
-    def __init__(self, registry: Registry = LOSSES, sessions: SessionStore | None = None, fused: bool = True) -> None:
+    def __init__(
+        self,
+        registry: Registry = LOSSES,
+        sessions: SessionStore | None = None,
+        fused: bool = True,
+        gpu_kernels: bool = True,
+    ) -> None:
         self.registry = registry
         self.sessions = sessions if sessions is not None else SessionStore(registry)
         self.fused = fused
+        self.one_pass = OnePass() if gpu_kernels else None
         # built modules of configs seen before, for the loss classes that keep nothing between calls
         # (building one costs ~30-50 us per call, a tenth of a small call's compute); see _module
         self._modules: BoundedCache[nn.Module] = BoundedCache(MODULE_CACHE_SIZE, MODULE_CACHE_BYTES)
@@ -231,17 +241,34 @@ class Evaluator:
         out = _gradient_out(term) if kernel.writes_into else None
         # errors of the kernel's own code are answered as autograd's path answers the module's (_forward)
         with _answered_as_input_errors(description):
-            if kernel.rows is not None and not recompute:  # loss and gradient block by block, in one pass
+            result = None if recompute else self._one_pass(kernel, module, kwargs, term.pred)
+            if result is None and kernel.rows is not None and not recompute:  # block by block, in one pass
                 rows = kernel.rows(module, kwargs, out, True, term.scratch)
                 rows.advance(term.pred.shape[0])
                 result = rows.finish()
-            else:
+            elif result is None:
                 result = kernel.run(module, kwargs)
         fused_kernels.count_call(kernel.name)
         log.debug("term %r: %s answered by its fused kernel", term.name, kernel.name)
         check_cancelled(cancelled, "the backward")
         with _answered_as_input_errors(description):  # the gradient's closed form runs here
             return self.fused_outcome(kernel.name, term, module, description, result, out)
+
+    def _one_pass(
+        self, kernel: fused_kernels.FusedKernel, module: nn.Module, kwargs: dict[str, Any], pred: Tensor
+    ) -> fused_kernels.Fused | None:
+        """The kernel's compiled closed form's answer on a GPU, or None (not on a GPU, no closed form, or
+        one that failed to compile: then it is off for the process, and the family kernel answers)."""
+        run = None if self.one_pass is None else self.one_pass.runner(kernel, pred)
+        if run is None:
+            return None
+        try:
+            return run(module, kwargs)
+        except torch.OutOfMemoryError:
+            raise  # the server's condition, not the kernel's
+        except Exception as error:  # a compiler's failure (no Triton, a backend error); the inputs are checked
+            self.one_pass.failed(kernel.name, error)
+            return None
 
     def fused_outcome(
         self,

@@ -107,7 +107,8 @@ class FusedKernel:
     each block's are checked as they come); ``scratch(shape, dtype)``: where it takes its whole-sized
     scratch tensors (None: fresh ones).
     ``covers(module, kwargs)`` is ``supports`` without reading any value (shapes, dtypes, config only):
-    whether the kernel may start on rows that have not arrived yet."""
+    whether the kernel may start on rows that have not arrived yet.
+    ``one_pass``: the loss and gradient as one function of the inputs, for a GPU (see ``ClosedForm``)."""
 
     name: str
     supports: Callable[[nn.Module, Mapping[str, Any]], bool]
@@ -115,6 +116,21 @@ class FusedKernel:
     writes_into: bool = False  # its gradient() writes into a given ``out`` (see Fused)
     rows: Callable[[nn.Module, Mapping[str, Any], Tensor, bool, Scratch | None], RowKernel] | None = None
     covers: Callable[[nn.Module, Mapping[str, Any]], bool] | None = None
+    one_pass: ClosedForm | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ClosedForm:
+    """A loss and its gradient as one function of the inputs, which ``torch.compile`` turns into one pass
+    over them on a GPU (``compiled.OnePass``); the family kernels' torch ops launch one kernel per op there.
+
+    ``function(*tensors_and_flags) -> (loss, gradient)``: plain torch, no data-dependent control flow
+    (scalars come as 0-d tensors, so that one compilation serves every config value).
+    ``bind(module, kwargs, function) -> Fused``: the module's config and a call's inputs (those
+    ``supports`` accepted) to ``function``'s arguments, and its result to the module's output."""
+
+    function: Callable[..., tuple[Tensor, Tensor]]
+    bind: Callable[[nn.Module, Mapping[str, Any], Callable[..., tuple[Tensor, Tensor]]], Fused]
 
 
 # The selection table, filled by ``register`` as the kernel modules are imported.
@@ -364,3 +380,48 @@ class RowBlocks:
 
     def recompute(self, upstream: Tensor | None, out: Tensor | None) -> Tensor:
         raise NotImplementedError
+
+
+# -- what every closed form uses (see ClosedForm) ------------------------------------------------------
+
+
+def bce_of_logits(x: Tensor, t: Tensor) -> Tensor:
+    """BCE of logits ``x`` against soft targets ``t``, stable for any ``x``, in one expression."""
+    return x.clamp_min(0) - x * t + torch.log1p(torch.exp(-x.abs()))
+
+
+def tensor_pow_grad(base: Tensor, exponent: Tensor) -> Tensor:
+    """d(base^e)/d(base) for a 0-d tensor ``e``; 0 for ``e = 0`` (``pow``'s backward), where
+    ``base^(e - 1)`` may be infinite."""
+    return torch.where(exponent == 0, 0.0, exponent * base.pow(exponent - 1))
+
+
+def one_hot(labels: Tensor, like: Tensor) -> Tensor:
+    """[N, C] in ``like``'s dtype: 1 at each row's label column; a label outside [0, C) gives a row of 0."""
+    columns = torch.arange(like.shape[1], device=like.device)
+    return (labels.unsqueeze(1) == columns).to(like.dtype)
+
+
+def scalar(value: float, like: Tensor) -> Tensor:
+    """``value`` as a 0-d tensor of ``like``'s dtype and device (a closed form's config value)."""
+    return torch.tensor(value, dtype=like.dtype, device=like.device)
+
+
+def reduced(module: nn.Module, reducer: Reducer, row_losses: Tensor, numel: int) -> Tensor:
+    """``loss_weight * reduce(L * weight)`` from the rows' sums of ``L * weight`` (``numel``: L's
+    elements): what the module's ``finish`` gives, added in another order."""
+    total = row_losses.sum()
+    divisor = reducer.divisor(numel)
+    return module.loss_weight * (total if divisor is None else total / divisor)
+
+
+def answered(value: Tensor, grad: Tensor) -> Fused:
+    """A closed form's answer: its gradient is for an upstream of ones (the evaluator sends recomputes
+    to the family kernel)."""
+
+    def gradient(upstream: Tensor | None, out: Tensor | None = None) -> Tensor:
+        if upstream is not None:
+            raise ValueError("a closed form's gradient is for an upstream of ones only")
+        return grad if out is None else out.copy_(grad)
+
+    return Fused(value, gradient)

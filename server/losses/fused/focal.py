@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -13,18 +13,25 @@ from ..focal import FocalLoss, focal_factor, reshape_focal_weight
 from ..logits import SigmoidParts, bce_positive, sigmoid_parts
 from . import (
     EXACT_POWERS,
+    ClosedForm,
     Fused,
     FusedKernel,
     RowBlocks,
     Scratch,
+    answered,
+    bce_of_logits,
     finite,
     negatives_gradient,
+    one_hot,
     plain_reducer,
     pow_grad,
+    reduced,
     register,
     rows_of,
     same_float_dtype,
+    scalar,
     supported_exponent,
+    tensor_pow_grad,
 )
 
 
@@ -223,4 +230,40 @@ def run(module: FocalLoss, kwargs: Mapping[str, Any]) -> Fused:
     return kernel.finish()
 
 
-register(FocalLoss, FusedKernel("FocalLoss", supports, run, writes_into=True, rows=rows, covers=covers))
+def closed_form(
+    x: Tensor, labels: Tensor, weight: Tensor, gamma: Tensor, alpha: Tensor, scale: Tensor, rows: bool
+) -> tuple[Tensor, Tensor]:
+    """The loss of ``FocalRows``'s docstring and its gradient ``dL/dx * scale * weight`` as one function
+    (``ClosedForm``): with ``t`` the one-hot labels, ``q = p + t (1 - 2p)``, ``a = (1 - alpha) + t (2 alpha - 1)``,
+    ``L = a q^gamma BCE(x, t)``, ``dL/dx = a [(p - t) q^gamma + gamma q^(gamma-1) BCE (1 - 2t) p (1 - p)]``.
+    ``rows``: the first output is each row's sum of ``L * weight`` [N] (a reduced loss), else ``L`` [N, C]."""
+    t = one_hot(labels, x)
+    p = torch.sigmoid(x)
+    q = p + t * (1 - 2 * p)
+    a = (1 - alpha) + t * (2 * alpha - 1)
+    bce = bce_of_logits(x, t)
+    q_gamma = q.pow(gamma)
+    loss = a * q_gamma * bce
+    local = a * ((p - t) * q_gamma + bce * tensor_pow_grad(q, gamma) * (1 - 2 * t) * p * (1 - p))
+    return ((loss * weight).sum(1) if rows else loss), local * (scale * weight)
+
+
+def bind(module: FocalLoss, kwargs: Mapping[str, Any], function: Callable[..., tuple[Tensor, Tensor]]) -> Fused:
+    x, labels = kwargs["pred"].detach(), kwargs["target"]
+    reducer = plain_reducer(module, kwargs)
+    weight = kwargs.get("weight")
+    weight = None if weight is None else reshape_focal_weight(weight, x)
+    scale = reducer.gradient_scale(module.loss_weight, None, None, x)
+    rows = reducer.mode != "none"
+    weights = weight if weight is not None else scalar(1.0, x)
+    loss, grad = function(x, labels, weights, scalar(module.gamma, x), scalar(module.alpha, x), scale, rows)
+    value = reduced(module, reducer, loss, x.numel()) if rows else module.finish(loss, weight, "none", None)
+    return answered(value, grad)
+
+
+register(
+    FocalLoss,
+    FusedKernel(
+        "FocalLoss", supports, run, writes_into=True, rows=rows, covers=covers, one_pass=ClosedForm(closed_form, bind)
+    ),
+)

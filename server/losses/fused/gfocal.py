@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -12,19 +12,25 @@ from ..gfocal import QualityFocalLoss, quality_factor
 from ..logits import bce_soft, sigmoid_parts
 from . import (
     EXACT_POWERS,
+    ClosedForm,
     Fused,
     FusedKernel,
     RowBlocks,
     Scratch,
+    answered,
+    bce_of_logits,
     broadcasts,
     finite,
     negatives_gradient,
+    one_hot,
     plain_reducer,
     pow_grad,
     register,
     rows_of,
     same_float_dtype,
+    scalar,
     supported_exponent,
+    tensor_pow_grad,
 )
 
 
@@ -198,7 +204,39 @@ def run(module: QualityFocalLoss, kwargs: Mapping[str, Any]) -> Fused:
     return kernel.finish()
 
 
+def closed_form(x: Tensor, labels: Tensor, score: Tensor, beta: Tensor, row_scale: Tensor) -> tuple[Tensor, Tensor]:
+    """The per-sample loss of ``QualityRows``'s docstring [N] and its gradient, scaled per row by
+    ``row_scale`` ([N] or 0-d), as one function (``ClosedForm``): ``y`` the score at the label column (0
+    elsewhere), ``m = |y - p|`` there and ``p`` elsewhere, ``L_n = sum_c BCE(x, y) m^beta``,
+    ``dm/dx = -sign(y - p) p (1 - p)`` at the label and ``p (1 - p)`` elsewhere."""
+    positive = one_hot(labels, x) > 0
+    y = torch.where(positive, score.unsqueeze(1), 0.0)
+    p = torch.sigmoid(x)
+    m = torch.where(positive, (y - p).abs(), p)
+    bce = bce_of_logits(x, y)
+    m_beta = m.pow(beta)
+    d_m = torch.where(positive, -torch.sign(y - p), 1.0) * p * (1 - p)
+    local = (p - y) * m_beta + bce * tensor_pow_grad(m, beta) * d_m
+    return (bce * m_beta).sum(1), local * row_scale.unsqueeze(-1)
+
+
+def bind(module: QualityFocalLoss, kwargs: Mapping[str, Any], function: Callable[..., tuple[Tensor, Tensor]]) -> Fused:
+    x, (labels, score) = kwargs["pred"].detach(), kwargs["target"]
+    reducer, weight = plain_reducer(module, kwargs), kwargs.get("weight")
+    row_scale = reducer.gradient_scale(module.loss_weight, weight, None, x[:, 0])  # x[:, 0]: the loss's shape
+    loss, grad = function(x, labels, score.detach(), scalar(module.beta, x), row_scale)
+    return answered(module.finish(loss, weight, reducer.mode, reducer.avg_factor), grad)
+
+
 register(
     QualityFocalLoss,
-    FusedKernel("QualityFocalLoss", supports, run, writes_into=True, rows=rows, covers=covers),
+    FusedKernel(
+        "QualityFocalLoss",
+        supports,
+        run,
+        writes_into=True,
+        rows=rows,
+        covers=covers,
+        one_pass=ClosedForm(closed_form, bind),
+    ),
 )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -11,8 +11,10 @@ from torch import Tensor, nn
 from ..boxes import box_weight
 from ..iou import GIoULoss, GIoUParts, giou_parts
 from . import (
+    ClosedForm,
     Fused,
     FusedKernel,
+    answered,
     broadcasts,
     finite,
     plain_reducer,
@@ -127,4 +129,20 @@ def _backward(p: Tensor, t: Tensor, eps: float, parts: GIoUParts, grad_giou: Ten
     return torch.cat([grad_p1, grad_p2], dim=-1, out=out)
 
 
-register(GIoULoss, FusedKernel("GIoULoss", supports, run, writes_into=True))
+def closed_form(pred: Tensor, target: Tensor, eps: float, box_scale: Tensor) -> tuple[Tensor, Tensor]:
+    """``run``'s loss per box [..., N] and its gradient times ``box_scale`` (per box, or 0-d) as one
+    function (``ClosedForm``): the family's forward and ``_backward``, traced into one pass."""
+    parts = giou_parts(pred, target, eps)
+    return parts.loss, _backward(pred, target, eps, parts, -box_scale.expand(parts.loss.shape), None)
+
+
+def bind(module: GIoULoss, kwargs: Mapping[str, Any], function: Callable[..., tuple[Tensor, Tensor]]) -> Fused:
+    pred, target = kwargs["pred"].detach(), kwargs["target"].detach()
+    weight = box_weight(kwargs.get("weight"), pred)
+    reducer = plain_reducer(module, kwargs)
+    box_scale = reducer.gradient_scale(module.loss_weight, weight, None, pred[..., 0])  # the loss's shape
+    loss, grad = function(pred, target, float(module.eps), box_scale)
+    return answered(module.finish(loss, weight, reducer.mode, reducer.avg_factor), grad)
+
+
+register(GIoULoss, FusedKernel("GIoULoss", supports, run, writes_into=True, one_pass=ClosedForm(closed_form, bind)))

@@ -1,0 +1,104 @@
+"""The fused kernels' closed forms (``FusedKernel.one_pass``), compiled into one pass each for a GPU.
+
+On a GPU the family kernels launch one kernel per torch op, and each op writes its intermediate to device
+memory: a FocalLoss term reads and writes its [N, C] tensor a dozen times and runs far under the memory
+bandwidth. A closed form is the same loss and gradient as one function of the inputs; ``torch.compile``
+(Inductor, which emits Triton kernels on CUDA) fuses it into kernels that read pred, target and weight
+once and write the gradient and one loss per row. What answers is unchanged: the family kernel's
+``supports`` decides first, so a closed form sees only inputs its family kernel would answer, and the
+loss is the module's (see each ``bind``). Values and gradients are autograd's to float32 rounding, not bit
+for bit: compiled code adds in its own order. tests/engine/test_gpu_kernels.py checks the closed forms on
+any device and the compiled kernels on CUDA.
+
+Shapes: the rows (dim 0 of every input) are dynamic, the other dimensions (classes, box coordinates) are
+compiled in, so one compilation serves every batch size and config value (scalars travel as 0-d
+tensors); a new input layout (a weight of another rank, the 'none' reduction, another class count)
+compiles once more. The first call of each costs about a second. A kernel that fails to compile (no
+Triton, a compiler error) is off for the process after one warning, and the family kernel answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import Fused, FusedKernel
+
+log = logging.getLogger(__name__)
+
+# compilations one closed form may have (input layouts: weight rank x dtype x reduced or not x class
+# counts), over dynamo's default of 8
+RECOMPILE_LIMIT = 32
+
+
+def compiled_source() -> Path:
+    """This module's file: part of a loss's provenance where its closed form answers (a GPU)."""
+    return Path(__file__)
+
+
+class OnePass:
+    """The compiled closed forms of one process, compiled on first use, each off for good if it fails.
+
+    ``compile=False`` runs the closed forms as plain torch ops; ``devices``: the device types they answer
+    on (the CPU's family kernels are autograd's bit for bit and faster there: only the tests add it).
+    """
+
+    def __init__(self, compile: bool = True, devices: tuple[str, ...] = ("cuda",)) -> None:
+        self.compile, self.devices = compile, devices
+        self._compiled: dict[Callable, Callable] = {}
+        self._broken: set[str] = set()
+        # one caller at a time: compiling is not thread-safe, and a call only launches the GPU's work
+        self._lock = threading.Lock()
+        self.calls: Counter[str] = Counter()  # terms each closed form answered (tests and benchmarks)
+
+    def runner(self, kernel: FusedKernel, pred: Tensor) -> Callable[[nn.Module, Mapping[str, Any]], Fused] | None:
+        """``kernel``'s one-pass answer for a term on ``pred``'s device, or None (a device it does not
+        answer on, no closed form, or one that failed before)."""
+        form = kernel.one_pass
+        if form is None or pred.device.type not in self.devices or kernel.name in self._broken:
+            return None
+
+        def run(module: nn.Module, kwargs: Mapping[str, Any]) -> Fused:
+            with self._lock:
+                answer = form.bind(module, kwargs, self._compiled_form(form.function))
+                self.calls[kernel.name] += 1
+            return answer
+
+        return run
+
+    def failed(self, name: str, error: BaseException) -> None:
+        """``name``'s closed form raised something other than out-of-memory: off for this process."""
+        if name not in self._broken:
+            self._broken.add(name)
+            log.warning(
+                "the compiled kernel of %s is off for this process (%r); its family kernel answers", name, error
+            )
+
+    def _compiled_form(self, function: Callable) -> Callable:
+        if not self.compile:
+            return function
+        if function not in self._compiled:
+            config = torch._dynamo.config
+            config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+            self._compiled[function] = _rows_dynamic(torch.compile(function, fullgraph=True))
+        return self._compiled[function]
+
+
+def _rows_dynamic(compiled: Callable) -> Callable:
+    """``compiled``, told before each call that dim 0 of its tensors (the rows) varies: compiled once for
+    any number of rows, with the other dimensions fixed, which lets a row's reduction stay in registers."""
+
+    def call(*args: Any) -> Any:
+        for arg in args:
+            if isinstance(arg, Tensor) and arg.dim() > 0:
+                torch._dynamo.maybe_mark_dynamic(arg, 0)
+        return compiled(*args)
+
+    return call

@@ -1,0 +1,175 @@
+"""The fused kernels' closed forms, compiled for a GPU (server/losses/fused/compiled.py), against autograd.
+
+Each case evaluates one term with an evaluator whose one-pass kernels answer, and with
+``Evaluator(fused=False)`` (autograd, itself checked against mmdet's recorded fixtures), and requires
+the same loss and gradient (shape, dtype, values to rounding) and that the one-pass kernel answered.
+
+* On the CPU the closed forms run uncompiled (``OnePass(compile=False, devices=("cpu",))``), in float64
+  and float32: this checks their math and their binding of every config (reductions, ``avg_factor``,
+  weights of every shape, ``loss_weight``) on any machine.
+* On CUDA (skipped without one) the compiled kernels run as the server runs them, in float32, against
+  autograd on the same GPU.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+from losswire.server.evaluation import Evaluator, TermOutcome, TermRequest
+from losswire.server.losses.fused.compiled import OnePass
+
+N, C = 53, 9
+REDUCTIONS = ("mean", "sum", "none")
+AVG_FACTORS = (None, 7.5)
+CUDA = torch.cuda.is_available()
+# (device, dtype, compiled): what a case runs on
+SETUPS = [("cpu", torch.float64, False), ("cpu", torch.float32, False)]
+if CUDA:
+    SETUPS.append(("cuda", torch.float32, True))
+LOSS_RTOL = {torch.float64: 1e-12, torch.float32: 2e-5}
+GRAD_RTOL = {torch.float64: 1e-11, torch.float32: 5e-5}
+
+AUTOGRAD = Evaluator(fused=False)
+
+
+def _one_pass_evaluator(device: str, compiled: bool) -> Evaluator:
+    evaluator = Evaluator(fused=True)
+    evaluator.one_pass = OnePass(compile=compiled, devices=(device,))
+    return evaluator
+
+
+EVALUATORS: dict[tuple[str, bool], Evaluator] = {}
+
+
+def _evaluator(device: str, compiled: bool) -> Evaluator:
+    key = (device, compiled)
+    if key not in EVALUATORS:
+        EVALUATORS[key] = _one_pass_evaluator(device, compiled)
+    return EVALUATORS[key]
+
+
+def _gradient(outcome: TermOutcome) -> Tensor:
+    (part,) = outcome.parts
+    return {**part.gradients, **outcome.gradients}["pred"]
+
+
+def _clone(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.clone()
+    if isinstance(value, tuple):
+        return tuple(_clone(v) for v in value)
+    return value
+
+
+def check(name: str, config: dict, device: str, dtype: torch.dtype, compiled: bool, **fields: Any) -> None:
+    """``config`` on ``fields`` (tensors already on the device): the one-pass answer is autograd's."""
+
+    def term() -> TermRequest:
+        return TermRequest(name="t", config=dict(config), **{k: _clone(v) for k, v in fields.items()})
+
+    evaluator = _evaluator(device, compiled)
+    before = evaluator.one_pass.calls[name]
+    fast, auto = evaluator.evaluate(term()), AUTOGRAD.evaluate(term())
+    assert evaluator.one_pass.calls[name] == before + 1, f"{name}'s one-pass kernel did not answer {config}"
+    assert (fast.loss.shape, fast.loss.dtype) == (auto.loss.shape, auto.loss.dtype)
+    scale = float(auto.loss.abs().max()) if auto.loss.numel() else 0.0
+    rtol = LOSS_RTOL[dtype]
+    torch.testing.assert_close(fast.loss, auto.loss, rtol=rtol, atol=rtol * max(scale, 1e-30), msg=str(config))
+    grad_fast, grad_auto = _gradient(fast), _gradient(auto)
+    assert (grad_fast.shape, grad_fast.dtype, grad_fast.device) == (grad_auto.shape, grad_auto.dtype, grad_auto.device)
+    rtol = GRAD_RTOL[dtype]
+    scale = float(grad_auto.abs().max())
+    torch.testing.assert_close(grad_fast, grad_auto, rtol=rtol, atol=rtol * max(scale, 1e-30), msg=str(config))
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _logits(device: str, dtype: torch.dtype, seed: int = 0) -> Tensor:
+    return (torch.randn(N, C, generator=_gen(seed), dtype=torch.float64) * 4).to(device, dtype)
+
+
+def _rand(shape: tuple[int, ...], device: str, dtype: torch.dtype, seed: int) -> Tensor:
+    return torch.rand(shape, generator=_gen(seed), dtype=torch.float64).to(device, dtype)
+
+
+def _boxes(device: str, dtype: torch.dtype, seed: int) -> Tensor:
+    corner = torch.rand(N, 2, generator=_gen(seed), dtype=torch.float64) * 10
+    size = torch.rand(N, 2, generator=_gen(seed + 1), dtype=torch.float64) * 5 + 0.5
+    return torch.cat([corner, corner + size], dim=1).to(device, dtype)
+
+
+def _reductions() -> Iterator[tuple[str, float | None]]:
+    """Every reduction with every avg_factor it takes ('sum' refuses one)."""
+    for reduction, avg_factor in itertools.product(REDUCTIONS, AVG_FACTORS):
+        if not (reduction == "sum" and avg_factor is not None):
+            yield reduction, avg_factor
+
+
+@pytest.mark.parametrize("device,dtype,compiled", SETUPS, ids=str)
+def test_focal(device, dtype, compiled):
+    pred = _logits(device, dtype)
+    labels = torch.randint(0, C + 1, (N,), generator=_gen(1)).to(device)
+    weights = {"none": None, "N": (N,), "NC": (N, C), "flat": (N * C,)}
+    for (gamma, alpha), weight_kind, (reduction, avg_factor) in itertools.product(
+        [(2.0, 0.25), (0.0, 0.5), (1.5, 0.75)], weights, _reductions()
+    ):
+        shape = weights[weight_kind]
+        weight = None if shape is None else _rand(shape, device, dtype, 5)
+        config = {"type": "FocalLoss", "gamma": gamma, "alpha": alpha, "loss_weight": 0.5}
+        check(
+            "FocalLoss", config, device, dtype, compiled,
+            pred=pred, target=labels, weight=weight, avg_factor=avg_factor, reduction_override=reduction,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("device,dtype,compiled", SETUPS, ids=str)
+def test_quality_focal(device, dtype, compiled):
+    pred = _logits(device, dtype)
+    labels = (torch.randint(0, C + 2, (N,), generator=_gen(1)) - 1).to(device)  # -1 and C + 1: negatives
+    scores = _rand((N,), device, dtype, 3)
+    for beta, use_weight, (reduction, avg_factor) in itertools.product((2.0, 1.0, 0.0), (False, True), _reductions()):
+        weight = _rand((N,), device, dtype, 4) if use_weight else None
+        config = {"type": "QualityFocalLoss", "beta": beta, "loss_weight": 2.0}
+        check(
+            "QualityFocalLoss", config, device, dtype, compiled,
+            pred=pred, target=(labels, scores), weight=weight, avg_factor=avg_factor, reduction_override=reduction,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("device,dtype,compiled", SETUPS, ids=str)
+def test_giou(device, dtype, compiled):
+    pred, target = _boxes(device, dtype, 2), _boxes(device, dtype, 4)
+    for weight_shape, (reduction, avg_factor) in itertools.product((None, (N,), (N, 4)), _reductions()):
+        weight = None if weight_shape is None else _rand(weight_shape, device, dtype, 8) + 0.1
+        check(
+            "GIoULoss", {"type": "GIoULoss", "loss_weight": 2.0}, device, dtype, compiled,
+            pred=pred, target=target, weight=weight, avg_factor=avg_factor, reduction_override=reduction,
+        )  # fmt: skip
+
+
+def test_the_cpu_keeps_its_family_kernels():
+    """A server's default: one-pass kernels answer on a GPU only (the CPU's family kernels are
+    autograd's bit for bit, and faster there)."""
+    evaluator = Evaluator()
+    term = TermRequest(
+        name="t", config={"type": "FocalLoss"}, pred=_logits("cpu", torch.float32), target=torch.zeros(N).long()
+    )
+    assert evaluator.evaluate(term).fused == "FocalLoss"
+    assert sum(evaluator.one_pass.calls.values()) == 0
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_a_big_focal_term_on_cuda_matches_autograd():
+    """Sizes where the compiled kernels split their reductions: FocalLoss [262144, 80] (80 MiB)."""
+    gen = torch.Generator().manual_seed(9)
+    pred = (torch.randn(262144, 80, generator=gen) * 3).cuda()
+    labels = torch.randint(0, 81, (262144,), generator=gen).cuda()
+    check("FocalLoss", {"type": "FocalLoss"}, "cuda", torch.float32, True, pred=pred, target=labels, avg_factor=1000.0)
