@@ -68,8 +68,11 @@ LABEL org.opencontainers.image.title="losswire" \
 # alone); utility gives nvidia-smi. Metrics on 9464 (Prometheus text at /metrics). MALLOC_ARENA_MAX:
 # each of gRPC's threads would otherwise get a glibc arena of its own, which callers' floods of HTTP/2
 # frames grow and keep (12 connections of ignored frames: 1.18 GB, 772 MB kept; with 2 arenas 672 / 451 MB).
+# TRITON_CACHE_DIR: the GPU kernels torch.compile builds go to /tmp (an emptyDir under Kubernetes'
+# read-only root file system), not to the read-only home.
 ENV PATH=/opt/venv/bin:$PATH \
     MALLOC_ARENA_MAX=2 \
+    TRITON_CACHE_DIR=/tmp/triton \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
