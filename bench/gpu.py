@@ -19,6 +19,8 @@ Sections:
   (bytes read + written). The first one-pass call of each loss (compilation) is reported apart.
 * ``oom``, ``parity``: pytest on CUDA (``LOSSWIRE_TEST_DEVICE=cuda``): the out-of-memory test
   (tests/service/test_gpu_server.py), the one-pass kernels' tests, and the reference and service suites.
+* ``triton``: the hand-written Triton FocalLoss prototype (``bench/triton_focal.py``): its largest
+  difference from autograd, and its time and share of the roofline at the same sizes.
 * ``roundtrip``: a server on this GPU, in process; a caller on the same host sends FocalLoss at 64 MiB,
   pred on the CPU or on the GPU, by stream or shared memory; against the same loss + gradient computed
   locally on the GPU (autograd of the module, and the one-pass kernel).
@@ -209,6 +211,25 @@ def section_compute(sizes: list[int], bandwidth: float) -> list[dict[str, Any]]:
     return cells
 
 
+def section_triton(sizes: list[int], bandwidth: float) -> list[dict[str, Any]]:
+    """The hand-written Triton FocalLoss prototype (bench/triton_focal.py): its difference from autograd,
+    and its time against the compiled closed form's kernels and the roofline."""
+    import triton_focal
+
+    rows = [{"check": "largest difference from autograd", "value": triton_focal.check(DEVICE)}]
+    for size in sizes:
+        count = size * MIB // (80 * 4)
+        _, fields = workload("FocalLoss", count)
+        x, labels = fields["pred"], fields["target"]
+        kernel = kernel_ms(lambda x=x, labels=labels: triton_focal.focal_loss_and_grad(x, labels, avg_factor=1000.0))
+        wall = triton_focal.time_ms(count) if DEVICE == "cuda" else float("nan")
+        roofline = (2 * x.nbytes + labels.nbytes) / bandwidth * 1e3
+        rows.append({"pred MiB": size, "roofline ms": roofline, "triton wall ms": wall, "triton kernels ms": kernel,
+                     "triton kernels % roofline": 100 * roofline / kernel})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def section_roundtrip() -> list[dict[str, Any]]:
     from losswire.client import LossClient, RemoteLoss
     from losswire.server.app import LosswireServer
@@ -316,7 +337,7 @@ COMPUTE_COLUMNS = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--sections", default="compute,oom,roundtrip,parity")
+    parser.add_argument("--sections", default="oom,compute,triton,roundtrip,parity")
     parser.add_argument("--sizes", default="64,256,1024", help="pred sizes in MiB")
     parser.add_argument("--tests-timeout", type=int, default=240, help="seconds for the CUDA tests")
     parser.add_argument("--parity-timeout", type=int, default=240, help="seconds for the parity suites")
@@ -349,6 +370,13 @@ def main() -> None:
         sizes = [int(s) for s in args.sizes.split(",")]
         report["compute"] = section_compute(sizes, report["copy GB/s"] * 1e9)
         tables.append(markdown("compute: loss + gradient of one term", report["compute"], COMPUTE_COLUMNS))
+        save()
+    if "triton" in sections:
+        try:
+            report["triton"] = section_triton([int(s) for s in args.sizes.split(",")], report["copy GB/s"] * 1e9)
+        except Exception as error:
+            report["triton"] = [{"check": "failed", "value": repr(error)[:500]}]
+        tables.append(markdown("prototype: FocalLoss as one hand-written Triton kernel", report["triton"]))
         save()
     if "roundtrip" in sections:
         try:
