@@ -65,7 +65,8 @@ class RegisteredMemory:
     def allocate(self, nbytes: int) -> Tensor:
         memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         buffer = torch.from_numpy(np.frombuffer(memory, np.uint8, nbytes))
-        code = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), nbytes, 0))
+        # cudaHostRegisterPortable: pinned for every CUDA context of the process, not only the current one
+        code = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), nbytes, 1))
         if code != 0:
             del buffer
             memory.close()
@@ -201,9 +202,13 @@ class Staging:
         buffer = self._take(nbytes, tensor.device.type == "cpu" and device.type == "cuda")
         if buffer is None:
             return tensor.to(device)
-        host = buffer[:nbytes].view(tensor.dtype).view(tensor.shape)
-        host.copy_(tensor)
-        moved = host.to(device, non_blocking=True)
+        try:
+            host = buffer[:nbytes].view(tensor.dtype).view(tensor.shape)
+            host.copy_(tensor)
+            moved = host.to(device, non_blocking=True)  # may raise (the device out of memory): nothing queued
+        except BaseException:
+            self.pool.give_back(buffer)
+            raise
         self.pool.give_back(buffer, _recorded(device))  # reused only once the copy has read it
         return moved
 
