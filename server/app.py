@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from losswire.wire.buffers import BufferPool
 from losswire.wire.protocol import SERVICE_NAME
+from losswire.wire.staging import PinnedPool, Staging
 
 from . import __version__
 from .auth import TokenSet
@@ -165,6 +166,7 @@ class LosswireServer:
                 connections=config.max_shared_memory_connections,
             ),
         )
+        self.staging = self._staging()
         limits = RequestLimits(
             config.max_elements,
             config.max_request_elements,
@@ -186,9 +188,11 @@ class LosswireServer:
             overlap=config.overlap_transfer,
             budget=MemoryBudget(config.memory_budget, config.max_term_memory),
             costs=TermCosts(registry, config.max_module_bytes, config.term_memory_ratio),
+            stage=self.staging,
         )
         # counted whether or not the endpoint is served: tests and embedders read .metrics.registry
         self.metrics = ServerMetrics(self.device, __version__, registry.names, lambda: len(self.sessions))
+        self.metrics.watch_staging(lambda: None if self.staging is None else self.staging.pool)
         self.call_slots = CallSlots(config.max_concurrent_rpcs, self._calls_per_token())
         self.stream_guard = StreamGuardInterceptor(
             self._open_streams_bound(),
@@ -341,6 +345,13 @@ class LosswireServer:
         bound = self._open_streams_bound()
         return max(1, bound - bound // 4), token_digest
 
+    def _staging(self) -> Staging | None:
+        """Pinned staging for a CUDA device (nothing pinned until a big tensor crosses); None on the CPU,
+        where nothing crosses, or with --pinned-staging-bytes 0."""
+        if self.device.type != "cuda" or self.config.pinned_staging_bytes <= 0:
+            return None
+        return Staging(PinnedPool(self.config.pinned_staging_bytes))
+
     def _bounds(self) -> Iterator[Bound]:
         """What each shared bound holds now, and its limit (read at each metrics scrape, off the loop: the
         figures are a moment's, not a consistent snapshot)."""
@@ -355,6 +366,8 @@ class LosswireServer:
         yield "compute_waiting", self.compute.shares.waiting, None
         yield "session_waiting", self.compute.sessions.waiting, None
         yield "memory_budget_bytes", dataplane.budget.held, dataplane.budget.total
+        if self.staging is not None:
+            yield "pinned_staging_bytes", self.staging.pool.held_bytes, self.staging.pool.max_bytes
         for name, room in (("request_room", self.request_room), ("health_request_room", self.open_room)):
             yield f"{name}_bytes", room.held, room.capacity
             yield f"{name}_waiting", room.waiting, None

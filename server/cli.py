@@ -442,6 +442,14 @@ KNOBS: tuple[Knob, ...] = (
         shown="1073741824, or an eighth of the memory the server may use where that is less",
     ),
     Knob(
+        "pinned_staging_bytes",
+        _int_at_least(0),
+        _DEFAULT.pinned_staging_bytes,
+        "bytes of pinned (page-locked) host memory kept to copy tensors of 1 MiB or more to and from a CUDA "
+        "device at the bus's full speed; what does not fit takes the plain, pageable copy. Unused on a CPU "
+        "device (0: off)",
+    ),
+    Knob(
         "torch_threads",
         _optional_limit,
         None,

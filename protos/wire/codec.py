@@ -21,6 +21,7 @@ import math
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 import numpy as np
@@ -64,6 +65,17 @@ class Sink(Protocol):
     min_bytes: int
 
     def add(self, message: pb.Tensor, data: Any) -> None: ...
+
+
+class Stage(Protocol):
+    """How tensors cross between the host and a device (``staging.Staging``: through pinned buffers);
+    without one, ``Tensor.to``."""
+
+    def to_device(self, tensor: Tensor, device: torch.device) -> Tensor: ...
+
+    def to_host(self, tensor: Tensor) -> AbstractContextManager[tuple[Tensor, bool]]:
+        """(the tensor on the host, whether that memory is only lent for the ``with``)"""
+        ...
 
 
 # nbytes -> a uint8 CPU tensor of that many bytes, ideally memory written before (``buffers.BufferPool.take``):
@@ -126,13 +138,15 @@ def encode_tensor(
     transfer_dtype: int = 0,
     sink: Sink | None = None,
     allocate: Allocate | None = None,
+    stage: Stage | None = None,
 ) -> pb.Tensor:
     """A torch tensor (any device, layout or stride) -> ``losswire.v1.Tensor``.
 
     ``transfer_dtype`` (a DType, see :func:`transfer_dtype_of`): a float32/float64 tensor of at
     least ``NARROW_MIN_ELEMENTS`` elements travels in that dtype. ``sink``: a tensor of at least
     ``sink.min_bytes`` keeps its data out of the message (dtype and shape declared) and is recorded
-    in the sink, to be streamed. ``allocate``: where a narrowed copy goes (see :data:`Allocate`).
+    in the sink, to be streamed. ``allocate``: where a narrowed copy goes (see :data:`Allocate`), and
+    a staged one the sink keeps. ``stage``: how a device tensor comes to the host (see :class:`Stage`).
     """
     if tensor.dtype not in TORCH_TO_DTYPE:
         supported = ", ".join(str(d).removeprefix("torch.") for d in TORCH_TO_DTYPE)
@@ -144,12 +158,26 @@ def encode_tensor(
     if _narrows(tensor.dtype, transfer_dtype) and tensor.numel() >= NARROW_MIN_ELEMENTS:
         flat = _cast(flat, DTYPE_TO_TORCH[transfer_dtype], allocate)
         message.data_dtype = transfer_dtype
-    flat = flat.to("cpu").contiguous().reshape(-1).view(torch.uint8)  # bytes: bfloat16 too (numpy lacks it)
-    if sink is not None and flat.numel() >= sink.min_bytes:
-        sink.add(message, flat)
-    else:
-        message.data = flat.numpy().tobytes()
+    if stage is not None and flat.device.type != "cpu":
+        with stage.to_host(flat.contiguous()) as (host, lent):
+            _fill(message, host.reshape(-1).view(torch.uint8), sink, allocate if lent else None, lent)
+        return message
+    _fill(message, flat.to("cpu").contiguous().reshape(-1).view(torch.uint8), sink)  # bytes: bfloat16 too
     return message
+
+
+def _fill(
+    message: pb.Tensor, data: Tensor, sink: Sink | None, allocate: Allocate | None = None, lent: bool = False
+) -> None:
+    """``data`` (a tensor's bytes, uint8 on the host) into ``message``, or held back in ``sink``. ``lent``: the
+    memory goes back to its pool after this, so what the sink keeps (to send later, at its caller's pace) is
+    copied out first, into ``allocate``'s memory when given."""
+    if sink is not None and data.numel() >= sink.min_bytes:
+        if lent:
+            data = (torch.empty_like(data) if allocate is None else allocate(data.numel())).copy_(data)
+        sink.add(message, data)
+    else:
+        message.data = data.numpy().tobytes()  # numpy: torch has no bytes of its own (bfloat16 viewed as uint8)
 
 
 def encode_shared(tensor: Tensor, out: pb.Tensor, region: str, offset: int) -> pb.Tensor:
@@ -222,12 +250,14 @@ def decode_tensor(
     max_elements: int | None = None,
     streamed: Mapping[str, Tensor] | None = None,
     allocate: Allocate | None = None,
+    stage: Stage | None = None,
 ) -> Tensor:
     """``losswire.v1.Tensor`` -> torch tensor on ``device``; every inconsistency is a CodecError.
 
     ``streamed`` (a :class:`StreamAssembler`'s ``tensors``): a tensor whose ``field`` path is in it
     was streamed, and is taken from there instead of ``data``. ``allocate``: where a tensor that
-    travelled narrowed is widened back on the CPU (see :data:`Allocate`).
+    travelled narrowed is widened back on the CPU (see :data:`Allocate`). ``stage``: how it goes to
+    ``device`` (see :class:`Stage`).
     """
     dtype, data_dtype = wire_dtypes(message, field)
     shape = list(message.shape)
@@ -254,7 +284,7 @@ def decode_tensor(
         else:
             tensor = torch.frombuffer(data, dtype=data_dtype).reshape(shape)
     if device is not None and torch.device(device) != tensor.device:
-        tensor = tensor.to(device)
+        tensor = tensor.to(device) if stage is None else stage.to_device(tensor, torch.device(device))
     return _cast(tensor, dtype, allocate)  # a no-op unless the data travelled narrowed (data_dtype)
 
 
@@ -303,13 +333,14 @@ def decode_value(
     max_elements: int | None = None,
     streamed: Mapping[str, Tensor] | None = None,
     allocate: Allocate | None = None,
+    stage: Stage | None = None,
 ) -> Any:
     kind = message.WhichOneof("kind")
     if kind == "tensor":
-        return decode_tensor(message.tensor, field, device, max_elements, streamed, allocate)
+        return decode_tensor(message.tensor, field, device, max_elements, streamed, allocate, stage)
     if kind == "tensors":
         return tuple(
-            decode_tensor(t, f"{field}.tensors.items[{i}]", device, max_elements, streamed, allocate)
+            decode_tensor(t, f"{field}.tensors.items[{i}]", device, max_elements, streamed, allocate, stage)
             for i, t in enumerate(message.tensors.items)
         )
     if kind == "json":

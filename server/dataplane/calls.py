@@ -107,7 +107,8 @@ class Dataplane:
     registered it: the front door says who a call comes from); ``buffers`` lends reused memory to
     streamed tensors and their answers; ``fused``: answer terms a fused kernel covers without autograd
     (``gpu_kernels``: compiled into one pass each on a GPU);
-    ``overlap``: compute a streamed call that asks for early gradients as its rows arrive.
+    ``overlap``: compute a streamed call that asks for early gradients as its rows arrive;
+    ``stage``: how tensors cross between the host and a CUDA device (pinned buffers; None: ``Tensor.to``).
     """
 
     def __init__(
@@ -125,8 +126,10 @@ class Dataplane:
         budget: MemoryBudget | None = None,
         costs: TermCosts | None = None,
         overlap: bool = True,
+        stage: codec.Stage | None = None,
     ) -> None:
         self.device = device
+        self.stage = stage
         self.overlap = overlap  # streamed calls that ask may be computed as they arrive (see overlap.py)
         self.registry = registry
         self.limits = limits if limits is not None else RequestLimits()
@@ -243,7 +246,9 @@ class Dataplane:
         for index, message in enumerate(request.terms):
             with AtTerm(index, message.name):
                 self._check_shallow(message.config)
-                terms.append(decode_term(message, f"terms[{index}]", self.device, limit, arrived, widen_into))
+                terms.append(
+                    decode_term(message, f"terms[{index}]", self.device, limit, arrived, widen_into, self.stage)
+                )
         in_place: InPlace = {}  # gradients a kernel wrote into the output range
         terms = self._place_gradients(terms, output_range, sink, transfer, in_place, cancelled)
         decoded = time.perf_counter()
@@ -331,7 +336,7 @@ class Dataplane:
         response = pb.EvaluateResponse(device=str(self.device), server_version=__version__)
         for term, outcome in zip(terms, outcomes, strict=True):
             result = response.results.add(implementation=self.implementation(term.config["type"]))
-            encode_outcome(outcome, result, transfer, sink, in_place, self.buffers.take)
+            encode_outcome(outcome, result, transfer, sink, in_place, self.buffers.take, self.stage)
         return response
 
     def _quick(self, terms: list[TermRequest], estimates: list[Estimate]) -> bool:

@@ -73,9 +73,10 @@ def decode_term(
     max_elements: int | None,
     arrived: Arrived | None = None,
     allocate: codec.Allocate | None = None,
+    stage: codec.Stage | None = None,
 ) -> TermRequest:
     """One ``LossTerm`` (at ``field``, e.g. ``terms[0]``) -> a ``TermRequest`` with tensors on ``device``
-    (those that travelled narrowed widened into ``allocate``'s memory)."""
+    (those that travelled narrowed widened into ``allocate``'s memory; sent there by ``stage``)."""
     config = codec.decode_config(message.config)
     if not config:
         raise RequestError(f'{field}.config is empty; send {{"type": "<loss name>", ...}}', field=f"{field}.config")
@@ -84,10 +85,10 @@ def decode_term(
     check_forward_id(message.forward_id, f"{field}.forward_id")
 
     def tensor(value: pb.Tensor, path: str) -> torch.Tensor:
-        return codec.decode_tensor(value, path, device, max_elements, arrived, allocate)
+        return codec.decode_tensor(value, path, device, max_elements, arrived, allocate, stage)
 
     def value(value: pb.Value, path: str) -> Any:
-        return codec.decode_value(value, path, device, max_elements, arrived, allocate)
+        return codec.decode_value(value, path, device, max_elements, arrived, allocate, stage)
 
     def optional(name: str, decode: Callable[[Any, str], Any] | None = None) -> Any:
         """The decoded field, or None when the caller did not send it."""

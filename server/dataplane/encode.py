@@ -72,17 +72,18 @@ def encode_outcome(
     sink: chunks.StreamSink | None = None,
     in_place: Mapping[int, tuple[str, int]] | None = None,
     allocate: codec.Allocate | None = None,
+    stage: codec.Stage | None = None,
 ) -> None:
     """One evaluated term -> ``out``; big tensors into ``sink`` when given, gradients a kernel wrote
     into the caller's output range named where they lie; tensors narrowed to ``transfer`` into
-    ``allocate``'s memory."""
+    ``allocate``'s memory; a device's tensors brought to the host by ``stage``."""
 
     def encode(tensor: torch.Tensor, message: pb.Tensor) -> None:
         spot = in_place.get(tensor.data_ptr()) if in_place else None
         if spot is not None and tensor.is_contiguous():
             codec.encode_shared(tensor, message, *spot)  # written where the caller reads it: no copy
         else:
-            codec.encode_tensor(tensor, message, transfer_dtype=transfer, sink=sink, allocate=allocate)
+            codec.encode_tensor(tensor, message, transfer_dtype=transfer, sink=sink, allocate=allocate, stage=stage)
 
     out.name = outcome.name
     out.structure = outcome.structure

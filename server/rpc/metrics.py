@@ -20,6 +20,9 @@ servicers stay free of bookkeeping:
   its limit;
 - ``losswire_ports_served_again_total{port}``: times grpcio ended the gRPC server of a port on its own (a
   call whose ``:path`` is not UTF-8) and the server served the port again: a caller sending such frames;
+- ``losswire_pinned_staging_bytes{state=held|lent}`` and ``losswire_staged_copies_total{path=pinned|pageable}``:
+  the pinned host memory a CUDA server stages big tensors in, and the copies that went through it or, the
+  bound reached, the pageable way (zero on a CPU device: nothing is staged);
 - ``losswire_device_memory_bytes{device, kind}``: CUDA allocated / reserved / peak, or on the CPU
   the process's resident memory (host memory is where the CPU's losses live);
 - the standard ``process_*`` and ``python_*`` collectors, and ``losswire_build_info``.
@@ -43,7 +46,7 @@ import socketserver
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
@@ -59,7 +62,7 @@ from prometheus_client import (
     ProcessCollector,
     make_wsgi_app,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .calls import code_of
@@ -120,6 +123,43 @@ class BoundsCollector(Collector):
                 limit.add_metric([name], most)
         yield used
         yield limit
+
+
+class StagingCounts(Protocol):
+    """What ``StagingCollector`` reads: ``losswire.wire.staging.PinnedPool``'s counts."""
+
+    held_bytes: int
+    lent_bytes: int
+    staged: int
+    refused: int
+
+
+class StagingCollector(Collector):
+    """Reads the pinned staging pool's counts at scrape time: the copies count themselves in the pool, so
+    the request path and the interceptor do nothing more."""
+
+    def __init__(self, read: Callable[[], StagingCounts | None]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        pool = self.read()
+        held = GaugeMetricFamily(
+            "losswire_pinned_staging_bytes",
+            "Pinned host memory held to stage tensors to and from a CUDA device (held: all; lent: in a copy now)",
+            labels=["state"],
+        )
+        copies = CounterMetricFamily(
+            "losswire_staged_copies",
+            "Big tensors copied between the host and a CUDA device through pinned memory, or the pageable way "
+            "where the pinned bound was reached",
+            labels=["path"],
+        )
+        held.add_metric(["held"], pool.held_bytes if pool else 0)
+        held.add_metric(["lent"], pool.lent_bytes if pool else 0)
+        copies.add_metric(["pinned"], pool.staged if pool else 0)
+        copies.add_metric(["pageable"], pool.refused if pool else 0)
+        yield held
+        yield copies
 
 
 def _resident_bytes() -> int:
@@ -242,6 +282,10 @@ class ServerMetrics:
     def watch_bounds(self, read: Callable[[], Iterable[Bound]]) -> None:
         """Expose ``read()``'s bounds (``losswire_bound_used``, ``losswire_bound_limit``) at every scrape."""
         self.registry.register(BoundsCollector(read))
+
+    def watch_staging(self, read: Callable[[], StagingCounts | None]) -> None:
+        """Expose ``read()``'s pinned staging counts at every scrape (None: no staging, zeros)."""
+        self.registry.register(StagingCollector(read))
 
     def interceptor(self) -> MetricsInterceptor:
         return MetricsInterceptor(self)

@@ -1,0 +1,75 @@
+"""Pinned host staging (``--pinned-staging-bytes``) through a real server: on a CUDA device a big call's
+tensors cross through pinned buffers and its answer is the pageable path's, bit for bit, with every buffer
+back in the pool afterwards; on a CPU device nothing is staged and nothing is pinned."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from losswire.client import LossClient, RemoteLoss
+from losswire.server.app import LosswireServer
+from losswire.server.config import ServerConfig
+
+MiB = 1 << 20
+FOCAL = {"type": "FocalLoss", "use_sigmoid": True, "gamma": 2.0, "alpha": 0.25}
+
+
+def _staged(server: LosswireServer, state: str) -> float | None:
+    return server.metrics.registry.get_sample_value("losswire_pinned_staging_bytes", {"state": state})
+
+
+def test_a_cpu_server_stages_nothing_and_pins_nothing():
+    server = LosswireServer(ServerConfig(host="127.0.0.1", port=0, device="cpu"))
+    assert server.config.pinned_staging_bytes > 0  # the default: used only where the device is CUDA
+    assert server.staging is None and server.dataplane.stage is None
+    assert _staged(server, "held") == 0
+    assert server.metrics.registry.get_sample_value("losswire_staged_copies_total", {"path": "pinned"}) == 0
+
+
+def _gradient(target: str, pred: torch.Tensor, labels: torch.Tensor, shared_memory: str) -> tuple:
+    client = LossClient(target, timeout=120, shared_memory=shared_memory)
+    try:
+        leaf = pred.clone().requires_grad_()
+        loss = RemoteLoss(FOCAL, client=client)(leaf, labels)
+        loss.backward()
+        return loss.detach(), leaf.grad
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def cuda_servers():
+    """(a server staging through pinned memory, one copying the pageable way), both on cuda."""
+    base = ServerConfig(host="127.0.0.1", port=0, device="cuda", max_workers=4)
+    servers = [LosswireServer(base), LosswireServer(dataclasses.replace(base, pinned_staging_bytes=0))]
+    for server in servers:
+        server.start()
+    yield servers
+    for server in servers:
+        server.stop(grace=1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(("mib", "shared_memory"), [(4, "off"), (64, "off"), (64, "auto")])
+def test_a_big_call_on_cuda_is_the_pageable_paths_bit_for_bit(cuda_servers, mib: int, shared_memory: str):
+    pinned, pageable = cuda_servers
+    assert pinned.staging is not None and pageable.staging is None
+    classes = 64
+    rows = mib * MiB // 4 // classes
+    generator = torch.Generator().manual_seed(mib)
+    pred = torch.randn(rows, classes, generator=generator)
+    labels = torch.randint(0, classes + 1, (rows,), generator=generator)
+    pool = pinned.staging.pool
+    staged = pool.staged
+    answers = [_gradient(f"127.0.0.1:{server.port}", pred, labels, shared_memory) for server in cuda_servers]
+    (loss, grad), (plain_loss, plain_grad) = answers
+    assert torch.equal(loss, plain_loss) and torch.equal(grad, plain_grad)
+    assert pool.staged >= staged + 2  # pred there, its gradient back
+    assert pool.lent_bytes == 0 and _staged(pinned, "lent") == 0  # every buffer back in the pool
+    resting = pool.held_bytes
+    _gradient(f"127.0.0.1:{pinned.port}", pred, labels, shared_memory)
+    assert pool.held_bytes == resting and pool.lent_bytes == 0  # reused, not grown
+    assert 0 < resting <= pool.max_bytes and _staged(pinned, "held") == resting
