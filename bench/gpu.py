@@ -21,6 +21,8 @@ Sections:
   (tests/service/test_gpu_server.py), the one-pass kernels' tests, and the reference and service suites.
 * ``triton``: the hand-written Triton FocalLoss prototype (``bench/triton_focal.py``): its largest
   difference from autograd, and its time and share of the roofline at the same sizes.
+* ``staging``: ``bench/staging.py``'s host <-> device copies at 64 and 256 MiB: pageable, pinned, and the
+  server's staged path (``--pinned-staging-bytes``, off until this shows it faster).
 * ``roundtrip``: a server on this GPU, in process; a caller on the same host sends FocalLoss at 64 MiB,
   pred on the CPU or on the GPU, by stream or shared memory; against the same loss + gradient computed
   locally on the GPU (autograd of the module, and the one-pass kernel).
@@ -337,7 +339,7 @@ COMPUTE_COLUMNS = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--sections", default="oom,compute,triton,roundtrip,parity")
+    parser.add_argument("--sections", default="oom,compute,triton,staging,roundtrip,parity")
     parser.add_argument("--sizes", default="64,256,1024", help="pred sizes in MiB")
     parser.add_argument("--tests-timeout", type=int, default=240, help="seconds for the CUDA tests")
     parser.add_argument("--parity-timeout", type=int, default=240, help="seconds for the parity suites")
@@ -377,6 +379,15 @@ def main() -> None:
         except Exception as error:
             report["triton"] = [{"check": "failed", "value": repr(error)[:500]}]
         tables.append(markdown("prototype: FocalLoss as one hand-written Triton kernel", report["triton"]))
+        save()
+    if "staging" in sections:
+        try:
+            import staging
+
+            report["staging"] = staging.measure([64, 256])
+        except Exception as error:
+            report["staging"] = [{"path": "failed", "error": repr(error)[:500]}]
+        tables.append(markdown("host <-> device copies: pageable, pinned, staged (GB/s)", report["staging"]))
         save()
     if "roundtrip" in sections:
         try:

@@ -447,7 +447,7 @@ KNOBS: tuple[Knob, ...] = (
         _DEFAULT.pinned_staging_bytes,
         "bytes of pinned (page-locked) host memory kept to copy tensors of 1 MiB or more to and from a CUDA "
         "device at the bus's full speed; what does not fit takes the plain, pageable copy. Unused on a CPU "
-        "device (0: off)",
+        "device (0: off, the default until it is measured on a GPU)",
     ),
     Knob(
         "torch_threads",

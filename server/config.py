@@ -13,7 +13,6 @@ from losswire.server.host_limits import memory_limit
 from losswire.wire.protocol import DEFAULT_MAX_DIMS, DEFAULT_PORT, MAX_MESSAGE_BYTES
 
 IDLE_BUFFER_BYTES = 1 << 30  # losswire.wire.buffers.DEFAULT_IDLE_BYTES (which imports torch)
-PINNED_STAGING_BYTES = 1 << 30  # losswire.wire.staging.DEFAULT_PINNED_BYTES (which imports torch)
 
 
 @functools.cache
@@ -106,7 +105,7 @@ class ServerConfig:
     # pinned host memory kept to stage tensors of 1 MiB or more between the host and a CUDA device (a copy
     # from or to pageable memory runs at a fraction of the bus's speed); beyond it, the pageable copy. A CPU
     # device never uses it and pins nothing; 0: off
-    pinned_staging_bytes: int = PINNED_STAGING_BYTES
+    pinned_staging_bytes: int = 0  # off until measured on a GPU (bench/staging.py); losswire.wire.staging
     max_message_bytes: int = MAX_MESSAGE_BYTES
     # the largest message a caller may send: a whole unary request (Evaluate, ModelInfer...), or one message
     # of a stream. gRPC refuses a bigger one from its length prefix, before reading it; unary requests are

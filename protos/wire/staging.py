@@ -35,7 +35,6 @@ from torch import Tensor
 from .buffers import size_class
 
 MIN_STAGED_BYTES = 1 << 20  # below, pinning's fixed cost is not won back: the plain copy
-DEFAULT_PINNED_BYTES = 1 << 30
 
 
 class Ready(Protocol):

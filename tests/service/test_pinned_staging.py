@@ -22,8 +22,8 @@ def _staged(server: LosswireServer, state: str) -> float | None:
 
 
 def test_a_cpu_server_stages_nothing_and_pins_nothing():
-    server = LosswireServer(ServerConfig(host="127.0.0.1", port=0, device="cpu"))
-    assert server.config.pinned_staging_bytes > 0  # the default: used only where the device is CUDA
+    server = LosswireServer(ServerConfig(host="127.0.0.1", port=0, device="cpu", pinned_staging_bytes=1 << 30))
+    assert server.config.pinned_staging_bytes > 0  # set, yet used only where the device is CUDA
     assert server.staging is None and server.dataplane.stage is None
     assert _staged(server, "held") == 0
     assert server.metrics.registry.get_sample_value("losswire_staged_copies_total", {"path": "pinned"}) == 0
@@ -44,7 +44,7 @@ def _gradient(target: str, pred: torch.Tensor, labels: torch.Tensor, shared_memo
 def cuda_servers():
     """(a server staging through pinned memory, one copying the pageable way), both on cuda."""
     base = ServerConfig(host="127.0.0.1", port=0, device="cuda", max_workers=4)
-    servers = [LosswireServer(base), LosswireServer(dataclasses.replace(base, pinned_staging_bytes=0))]
+    servers = [LosswireServer(dataclasses.replace(base, pinned_staging_bytes=1 << 30)), LosswireServer(base)]
     for server in servers:
         server.start()
     yield servers
