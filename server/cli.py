@@ -220,8 +220,8 @@ KNOBS: tuple[Knob, ...] = (
         _DEFAULT.max_workers,
         "threads computing losses at once (a call waiting for one, or for a session another call holds, holds "
         "no thread; a free thread goes to the caller running fewest calls, and with tokens on one token runs "
-        "at most all but a quarter of them; quick calls, small and stateless, are answered on the event loop "
-        "without one)",
+        "at most all but a quarter of them; on a CPU device quick calls, small and stateless, are answered on "
+        "the event loop without one)",
     ),
     Knob(
         "max_concurrent_rpcs",

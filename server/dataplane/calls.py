@@ -56,10 +56,10 @@ Cancelled = Callable[[], bool]
 NO_SESSIONS = contextlib.nullcontext(None)  # a call whose terms name no session enters none
 
 # A quick call is evaluated by its front door where it arrived (the event loop) instead of on a compute
-# thread: handing a 2 ms call to a thread and back costs it ~0.15 ms of CPU. Quick means stateless, by
-# losswire's own losses (whose costs are calibrated; a plugin's are not known), with no sampler, no
-# shared memory, and an estimated forward + backward of at most QUICK_MAX_WORK units (~0.5 ns each:
-# about a millisecond, the longest the loop then stalls) and QUICK_MAX_BYTES of working memory.
+# thread: handing a 2 ms call to a thread and back costs it ~0.15 ms of CPU. Quick means a CPU device,
+# stateless, by losswire's own losses (whose costs are calibrated; a plugin's are not known), with no
+# sampler, no shared memory, and an estimated forward + backward of at most QUICK_MAX_WORK units (~0.5 ns
+# each: about a millisecond, the longest the loop then stalls) and QUICK_MAX_BYTES of working memory.
 QUICK_MAX_WORK = 2_000_000
 QUICK_MAX_BYTES = 8 << 20
 # Configs and JSON inputs become Python values in Python, ~5 us a value, before any cost is known: a quick
@@ -161,6 +161,10 @@ class Dataplane:
         sessions the call may use (see ``evaluation.sessions``); ``caller``: whose shared-memory regions it
         may name (None: nobody's). ``quick``: evaluate it only if it is quick (see ``QUICK_MAX_WORK``), else
         raise ``NotQuick``."""
+        if quick and self.device.type != "cpu":
+            # on a GPU a call copies to the device and waits for it (behind any big call's kernels), and a
+            # term's first compiled kernel takes seconds: none of that on the event loop
+            raise NotQuick
         started = time.perf_counter()
         try:
             check_cancelled(cancelled, "the whole call")  # it waited in a queue while its caller gave up

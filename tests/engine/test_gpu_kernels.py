@@ -13,6 +13,7 @@ the same loss and gradient (shape, dtype, values to rounding) and that the one-p
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import Iterator
 from typing import Any
@@ -164,6 +165,25 @@ def test_the_cpu_keeps_its_family_kernels():
     )
     assert evaluator.evaluate(term).fused == "FocalLoss"
     assert sum(evaluator.one_pass.calls.values()) == 0
+
+
+def test_a_term_evaluated_on_an_event_loop_gets_the_family_kernel():
+    """A quick call is evaluated on the server's event loop, where a closed form's first call (a
+    compilation of seconds) would stall every other call: there the family kernel answers."""
+    evaluator = _evaluator("cpu", False)
+    pred, labels = _logits("cpu", torch.float32), torch.randint(0, C + 1, (N,), generator=_gen(1))
+
+    def term() -> TermRequest:
+        return TermRequest(name="t", config={"type": "FocalLoss"}, pred=pred.clone(), target=labels.clone())
+
+    async def on_the_loop() -> TermOutcome:
+        return evaluator.evaluate(term())
+
+    before = evaluator.one_pass.calls["FocalLoss"]
+    answer = asyncio.run(on_the_loop())
+    assert answer.fused == "FocalLoss" and evaluator.one_pass.calls["FocalLoss"] == before
+    evaluator.evaluate(term())  # off the loop: the closed form
+    assert evaluator.one_pass.calls["FocalLoss"] == before + 1
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

@@ -133,6 +133,17 @@ def test_a_request_naming_shared_memory_is_not_quick_and_touches_no_region():
         dataplane.evaluate(request, lambda: False, quick=True)  # a region lookup would refuse it: NOT_FOUND
 
 
+def test_no_call_is_quick_on_a_gpu():
+    """On a GPU a call copies to the device and waits for it (behind another call's kernels), and a loss's
+    first compiled kernel takes seconds: a small call there goes to a compute thread, told before anything
+    of it is decoded (the dataplane below has no GPU to decode to)."""
+    dataplane = Dataplane(torch.device("cuda"))
+    request = request_of({"type": "FocalLoss"}, torch.randn(8, 4), torch.randint(0, 5, (8,)))
+    with pytest.raises(NotQuick):
+        dataplane.evaluate(request, lambda: False, quick=True)
+    assert dataplane.budget.held == 0 and dataplane.slots.in_use == 0
+
+
 @pytest.mark.parametrize("where", ["config", "a JSON input"])
 def test_a_request_with_a_big_config_or_json_input_is_not_quick_before_any_of_it_is_converted(where: str):
     """Configs and JSON inputs become Python values in Python (~5 us a value): one over QUICK_MAX_JSON_BYTES is

@@ -19,6 +19,7 @@ Triton, a compiler error) is off for the process after one warning, and the fami
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections import Counter
@@ -60,9 +61,13 @@ class OnePass:
 
     def runner(self, kernel: FusedKernel, pred: Tensor) -> Callable[[nn.Module, Mapping[str, Any]], Fused] | None:
         """``kernel``'s one-pass answer for a term on ``pred``'s device, or None (a device it does not
-        answer on, no closed form, or one that failed before)."""
+        answer on, no closed form, one that failed before, or a term evaluated on an event loop)."""
         form = kernel.one_pass
         if form is None or pred.device.type not in self.devices or kernel.name in self._broken:
+            return None
+        if _on_event_loop():
+            # a quick call, evaluated where it arrived: a first call compiles for seconds (11 s measured) and
+            # the lock may wait for another call's compilation; the loop would stall every call and probe
             return None
 
         def run(module: nn.Module, kwargs: Mapping[str, Any]) -> Fused:
@@ -89,6 +94,11 @@ class OnePass:
             config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
             self._compiled[function] = _rows_dynamic(torch.compile(function, fullgraph=True))
         return self._compiled[function]
+
+
+def _on_event_loop() -> bool:
+    """Whether this thread is running an asyncio event loop (the server's, answering a quick call)."""
+    return asyncio._get_running_loop() is not None
 
 
 def _rows_dynamic(compiled: Callable) -> Callable:
