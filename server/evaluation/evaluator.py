@@ -241,7 +241,9 @@ class Evaluator:
         out = _gradient_out(term) if kernel.writes_into else None
         # errors of the kernel's own code are answered as autograd's path answers the module's (_forward)
         with _answered_as_input_errors(description):
-            result = None if recompute else self._one_pass(kernel, module, kwargs, term.pred)
+            result = None
+            if self.one_pass is not None and not recompute:  # on a GPU: the compiled closed form, if any
+                result = self.one_pass.answer(kernel, module, kwargs, term.pred)
             if result is None and kernel.rows is not None and not recompute:  # block by block, in one pass
                 rows = kernel.rows(module, kwargs, out, True, term.scratch)
                 rows.advance(term.pred.shape[0])
@@ -253,22 +255,6 @@ class Evaluator:
         check_cancelled(cancelled, "the backward")
         with _answered_as_input_errors(description):  # the gradient's closed form runs here
             return self.fused_outcome(kernel.name, term, module, description, result, out)
-
-    def _one_pass(
-        self, kernel: fused_kernels.FusedKernel, module: nn.Module, kwargs: dict[str, Any], pred: Tensor
-    ) -> fused_kernels.Fused | None:
-        """The kernel's compiled closed form's answer on a GPU, or None (not on a GPU, no closed form, or
-        one that failed to compile: then it is off for the process, and the family kernel answers)."""
-        run = None if self.one_pass is None else self.one_pass.runner(kernel, pred)
-        if run is None:
-            return None
-        try:
-            return run(module, kwargs)
-        except torch.OutOfMemoryError:
-            raise  # the server's condition, not the kernel's
-        except Exception as error:  # a compiler's failure (no Triton, a backend error); the inputs are checked
-            self.one_pass.failed(kernel.name, error)
-            return None
 
     def fused_outcome(
         self,

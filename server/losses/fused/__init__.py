@@ -407,14 +407,6 @@ def scalar(value: float, like: Tensor) -> Tensor:
     return torch.tensor(value, dtype=like.dtype, device=like.device)
 
 
-def reduced(module: nn.Module, reducer: Reducer, row_losses: Tensor, numel: int) -> Tensor:
-    """``loss_weight * reduce(L * weight)`` from the rows' sums of ``L * weight`` (``numel``: L's
-    elements): what the module's ``finish`` gives, added in another order."""
-    total = row_losses.sum()
-    divisor = reducer.divisor(numel)
-    return module.loss_weight * (total if divisor is None else total / divisor)
-
-
 def answered(value: Tensor, grad: Tensor) -> Fused:
     """A closed form's answer: its gradient is for an upstream of ones (the evaluator sends recomputes
     to the family kernel)."""

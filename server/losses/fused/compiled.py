@@ -13,8 +13,9 @@ any device and the compiled kernels on CUDA.
 Shapes: the rows (dim 0 of every input) are dynamic, the other dimensions (classes, box coordinates) are
 compiled in, so one compilation serves every batch size and config value (scalars travel as 0-d
 tensors); a new input layout (a weight of another rank, the 'none' reduction, another class count)
-compiles once more. The first call of each costs about a second. A kernel that fails to compile (no
-Triton, a compiler error) is off for the process after one warning, and the family kernel answers.
+compiles once more. The first call of each costs 0.1-11 s (measured on an H200). A kernel that fails to
+compile (no Triton, a compiler error) is off for the process after one warning, and the family kernel
+answers.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import Fused, FusedKernel
+from . import FUSED_KERNELS, Fused, FusedKernel
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,11 @@ log = logging.getLogger(__name__)
 RECOMPILE_LIMIT = 32
 
 
-def compiled_source() -> Path:
-    """This module's file: part of a loss's provenance where its closed form answers (a GPU)."""
-    return Path(__file__)
+def compiled_source(cls: type) -> tuple[Path, ...]:
+    """This module's file where the fused kernel of loss class ``cls`` has a closed form (part of the loss's
+    provenance on a GPU, where the closed form answers), else nothing."""
+    kernel = FUSED_KERNELS.get(cls)
+    return (Path(__file__),) if kernel is not None and kernel.one_pass is not None else ()
 
 
 class OnePass:
@@ -59,9 +62,11 @@ class OnePass:
         self._lock = threading.Lock()
         self.calls: Counter[str] = Counter()  # terms each closed form answered (tests and benchmarks)
 
-    def runner(self, kernel: FusedKernel, pred: Tensor) -> Callable[[nn.Module, Mapping[str, Any]], Fused] | None:
-        """``kernel``'s one-pass answer for a term on ``pred``'s device, or None (a device it does not
-        answer on, no closed form, one that failed before, or a term evaluated on an event loop)."""
+    def answer(self, kernel: FusedKernel, module: nn.Module, kwargs: Mapping[str, Any], pred: Tensor) -> Fused | None:
+        """``kernel``'s closed form's answer to a term on ``pred``'s device, or None: a device it does not
+        answer on, no closed form, one that failed before or fails now (then it is off for the process, and
+        the family kernel answers), or a term evaluated on an event loop. Out of memory is raised: it is
+        the server's condition, not the kernel's."""
         form = kernel.one_pass
         if form is None or pred.device.type not in self.devices or kernel.name in self._broken:
             return None
@@ -69,22 +74,18 @@ class OnePass:
             # a quick call, evaluated where it arrived: a first call compiles for seconds (11 s measured) and
             # the lock may wait for another call's compilation; the loop would stall every call and probe
             return None
-
-        def run(module: nn.Module, kwargs: Mapping[str, Any]) -> Fused:
+        try:
             with self._lock:
                 answer = form.bind(module, kwargs, self._compiled_form(form.function))
                 self.calls[kernel.name] += 1
             return answer
-
-        return run
-
-    def failed(self, name: str, error: BaseException) -> None:
-        """``name``'s closed form raised something other than out-of-memory: off for this process."""
-        if name not in self._broken:
-            self._broken.add(name)
-            log.warning(
-                "the compiled kernel of %s is off for this process (%r); its family kernel answers", name, error
-            )
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:  # a compiler's failure (no Triton, a backend error); the inputs are checked
+            self._broken.add(kernel.name)
+            log.warning("the compiled kernel of %s is off for this process (%r); its family kernel answers",
+                        kernel.name, error)  # fmt: skip
+            return None
 
     def _compiled_form(self, function: Callable) -> Callable:
         if not self.compile:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from ..errors import LossError
 from ..focal import FocalLoss, focal_factor, reshape_focal_weight
 from ..logits import SigmoidParts, bce_positive, sigmoid_parts
+from ..pipeline import Reducer
 from . import (
     EXACT_POWERS,
     ClosedForm,
@@ -25,7 +26,6 @@ from . import (
     one_hot,
     plain_reducer,
     pow_grad,
-    reduced,
     register,
     rows_of,
     same_float_dtype,
@@ -257,8 +257,16 @@ def bind(module: FocalLoss, kwargs: Mapping[str, Any], function: Callable[..., t
     rows = reducer.mode != "none"
     weights = weight if weight is not None else scalar(1.0, x)
     loss, grad = function(x, labels, weights, scalar(module.gamma, x), scalar(module.alpha, x), scale, rows)
-    value = reduced(module, reducer, loss, x.numel()) if rows else module.finish(loss, weight, "none", None)
+    value = _reduced(module, reducer, loss, x.numel()) if rows else module.finish(loss, weight, "none", None)
     return answered(value, grad)
+
+
+def _reduced(module: FocalLoss, reducer: Reducer, row_losses: Tensor, numel: int) -> Tensor:
+    """``loss_weight * reduce(L * weight)`` from the rows' sums of ``L * weight`` (``numel``: L's elements):
+    what the module's ``finish`` gives, added in another order."""
+    total = row_losses.sum()
+    divisor = reducer.divisor(numel)
+    return module.loss_weight * (total if divisor is None else total / divisor)
 
 
 register(
