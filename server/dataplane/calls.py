@@ -397,9 +397,10 @@ class Dataplane:
         """The provenance digest of loss ``name`` on this server (``losses.provenance``), computed once."""
         digest = self._implementations.get(name)
         if digest is None:
-            fused_file = fused_kernels.kernel_source(self.registry.get(name)) if self.evaluator.fused else None
+            cls = self.registry.get(name)
+            fused_file = fused_kernels.kernel_source(cls) if self.evaluator.fused else None
             if fused_file is not None and self.device.type == "cuda" and self.evaluator.one_pass is not None:
-                fused_file = (*fused_file, compiled_source())  # the closed forms are compiled there
+                fused_file = (*fused_file, *compiled_source(cls))  # its closed form is compiled there
             digest = implementation_digest(self.registry, name, fused_file=fused_file, device_type=self.device.type)
             self._implementations[name] = digest
         return digest

@@ -13,6 +13,7 @@ import torch
 from losswire.server import __version__
 from losswire.server.app import LosswireServer
 from losswire.server.config import ServerConfig
+from losswire.server.dataplane import Dataplane
 from losswire.server.losses import LOSSES, Registry
 from losswire.server.losses.provenance import _digest, implementation_digest
 from losswire.v1 import loss_service_pb2 as pb
@@ -60,6 +61,14 @@ def test_fused_kernels_off_is_another_implementation(client):
         assert off("L2Loss") == on["L2Loss"]  # no fused kernel: the same code either way
     finally:
         server.stop(0)
+
+
+def test_on_a_gpu_a_compiled_closed_form_is_part_of_the_implementation():
+    """The digests a GPU server would give (files hashed, nothing run on the device): --gpu-kernels changes
+    the implementation of a loss whose fused kernel has a closed form, and of no other."""
+    on, off = (Dataplane(torch.device("cuda"), gpu_kernels=flag) for flag in (True, False))
+    assert on.implementation("FocalLoss") != off.implementation("FocalLoss")
+    assert on.implementation("CrossEntropyLoss") == off.implementation("CrossEntropyLoss")  # no closed form
 
 
 def test_a_changed_source_changes_the_digest(tmp_path):
