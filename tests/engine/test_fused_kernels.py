@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import torch
+from support.loss_cases import cloned
 from torch import Tensor
 
 from losswire.client import RemoteLoss
@@ -41,17 +42,9 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _clone(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.clone()
-    if isinstance(value, tuple):
-        return tuple(_clone(v) for v in value)
-    return value
-
-
 def _term(cfg: dict, pred: Tensor, target: Any, **fields: Any) -> TermRequest:
-    fields = {k: _clone(v) for k, v in fields.items()}
-    return TermRequest(name="t", config=dict(cfg), pred=pred.clone(), target=_clone(target), **fields)
+    fields = {k: cloned(v) for k, v in fields.items()}
+    return TermRequest(name="t", config=dict(cfg), pred=pred.clone(), target=cloned(target), **fields)
 
 
 def _gradient(outcome: TermOutcome) -> Tensor:
@@ -453,7 +446,7 @@ def test_the_server_answers_with_the_fused_kernel(index, target):
         for module in (build_loss(cfg), RemoteLoss(cfg, target=target)):
             leaf = pred.clone().requires_grad_()
             before = fused.CALLS[name]
-            out = module(leaf, _clone(tgt), reduction_override=reduction)
+            out = module(leaf, cloned(tgt), reduction_override=reduction)
             out.backward(torch.ones_like(out))
             results.append((out.detach(), leaf.grad, fused.CALLS[name] - before))
         (local, local_grad, _), (remote, remote_grad, calls) = results

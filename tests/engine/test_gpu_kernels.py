@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import torch
+from support.loss_cases import cloned
 from torch import Tensor
 
 from losswire.server.evaluation import Evaluator, TermOutcome, TermRequest
@@ -60,19 +61,11 @@ def _gradient(outcome: TermOutcome) -> Tensor:
     return {**part.gradients, **outcome.gradients}["pred"]
 
 
-def _clone(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.clone()
-    if isinstance(value, tuple):
-        return tuple(_clone(v) for v in value)
-    return value
-
-
 def check(name: str, config: dict, device: str, dtype: torch.dtype, compiled: bool, **fields: Any) -> None:
     """``config`` on ``fields`` (tensors already on the device): the one-pass answer is autograd's."""
 
     def term() -> TermRequest:
-        return TermRequest(name="t", config=dict(config), **{k: _clone(v) for k, v in fields.items()})
+        return TermRequest(name="t", config=dict(config), **{k: cloned(v) for k, v in fields.items()})
 
     evaluator = _evaluator(device, compiled)
     before = evaluator.one_pass.calls[name]

@@ -29,6 +29,16 @@ class Sample:
     gradcheck_target: bool = True
 
 
+def cloned(value: Any) -> Any:
+    """A loss input cloned, so that one call cannot change what the next sees: a tensor, or a tuple of them
+    (a ``(labels, score)`` target); anything else as it is."""
+    if isinstance(value, Tensor):
+        return value.clone()
+    if isinstance(value, tuple):
+        return tuple(cloned(v) for v in value)
+    return value
+
+
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
