@@ -232,6 +232,13 @@ def section_triton(sizes: list[int], bandwidth: float) -> list[dict[str, Any]]:
     return rows
 
 
+def section_staging() -> list[dict[str, Any]]:
+    """``bench/staging.py``'s host <-> device copies at 64 and 256 MiB: pageable, pinned, staged."""
+    import staging
+
+    return staging.measure([64, 256])
+
+
 def section_roundtrip() -> list[dict[str, Any]]:
     from losswire.client import LossClient, RemoteLoss
     from losswire.server.app import LosswireServer
@@ -357,52 +364,43 @@ def main() -> None:
     print(f"device-to-device copy: {report['copy GB/s']:.0f} GB/s (read + written)", flush=True)
     tables = [f"machine: {json.dumps(report['machine'])}; copy {report['copy GB/s']:.0f} GB/s\n"]
 
-    def save() -> None:  # after every section: a run cut short still leaves what it measured
+    sizes = [int(s) for s in args.sizes.split(",")]
+    bandwidth = report["copy GB/s"] * 1e9
+
+    def tests(name: str, paths: list[str], timeout: int, log: str) -> Callable[[], dict[str, Any]]:
+        def run() -> dict[str, Any]:
+            result = section_pytest(name, paths, timeout, args.out / log)
+            print(result["summary"], *result["failures"], sep="\n", flush=True)
+            return result
+
+        return run
+
+    # name -> (title, measure, table columns); run in this order, those --sections names
+    parts: dict[str, tuple[str, Callable[[], Any], list[str] | None]] = {
+        "oom": ("tests on CUDA", tests("out-of-memory and compiled closed forms",
+                ["tests/service/test_gpu_server.py", "tests/engine/test_gpu_kernels.py"], args.tests_timeout,
+                "tests.log"), None),
+        "compute": ("compute: loss + gradient of one term", lambda: section_compute(sizes, bandwidth), COMPUTE_COLUMNS),
+        "triton": ("prototype: FocalLoss as one hand-written Triton kernel", lambda: section_triton(sizes, bandwidth),
+                   None),
+        "staging": ("host <-> device copies: pageable, pinned, staged (GB/s)", section_staging, None),
+        "roundtrip": ("same-host round trip, FocalLoss 64 MiB", section_roundtrip, None),
+        "parity": ("parity on CUDA", tests("service and engine suites",
+                   ["tests/service", "tests/engine", "-m", "not slow", "-n", "12"], args.parity_timeout,
+                   "parity.log"), None),
+    }  # fmt: skip
+    for name, (title, measure, columns) in parts.items():
+        if name not in sections:
+            continue
+        try:
+            report[name] = measure()
+        except Exception as error:  # a part that fails is reported, the others still run
+            report[name], columns = [{"failed": repr(error)[:500]}], None
+        rows = [_summary(report[name])] if isinstance(report[name], dict) else report[name]
+        tables.append(markdown(title, rows, columns))
+        # after every part: a run cut short still leaves what it measured
         (args.out / "gpu.json").write_text(json.dumps(report, indent=1, default=str))
         (args.out / "gpu.md").write_text("\n".join(tables))
-
-    if "oom" in sections:
-        tests = ["tests/service/test_gpu_server.py", "tests/engine/test_gpu_kernels.py"]
-        log = args.out / "tests.log"
-        report["oom"] = section_pytest("out-of-memory and compiled closed forms", tests, args.tests_timeout, log)
-        print(report["oom"]["summary"], *report["oom"]["failures"], sep="\n", flush=True)
-        tables.append(markdown("tests on CUDA", [_summary(report["oom"])]))
-        save()
-    if "compute" in sections:
-        sizes = [int(s) for s in args.sizes.split(",")]
-        report["compute"] = section_compute(sizes, report["copy GB/s"] * 1e9)
-        tables.append(markdown("compute: loss + gradient of one term", report["compute"], COMPUTE_COLUMNS))
-        save()
-    if "triton" in sections:
-        try:
-            report["triton"] = section_triton([int(s) for s in args.sizes.split(",")], report["copy GB/s"] * 1e9)
-        except Exception as error:
-            report["triton"] = [{"check": "failed", "value": repr(error)[:500]}]
-        tables.append(markdown("prototype: FocalLoss as one hand-written Triton kernel", report["triton"]))
-        save()
-    if "staging" in sections:
-        try:
-            import staging
-
-            report["staging"] = staging.measure([64, 256])
-        except Exception as error:
-            report["staging"] = [{"path": "failed", "error": repr(error)[:500]}]
-        tables.append(markdown("host <-> device copies: pageable, pinned, staged (GB/s)", report["staging"]))
-        save()
-    if "roundtrip" in sections:
-        try:
-            report["roundtrip"] = section_roundtrip()
-        except Exception as error:
-            report["roundtrip"] = [{"path": "failed", "error": repr(error)[:500]}]
-        tables.append(markdown("same-host round trip, FocalLoss 64 MiB", report["roundtrip"]))
-        save()
-    if "parity" in sections:
-        suites = ["tests/service", "tests/engine", "-m", "not slow", "-n", "12"]
-        log = args.out / "parity.log"
-        report["parity"] = section_pytest("service and engine suites", suites, args.parity_timeout, log)
-        print(report["parity"]["summary"], *report["parity"]["failures"], sep="\n", flush=True)
-        tables.append(markdown("parity on CUDA", [_summary(report["parity"])]))
-        save()
     print("\n".join(tables), flush=True)
 
 
