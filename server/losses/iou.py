@@ -70,9 +70,9 @@ class GIoUParts(NamedTuple):
     loss: Tensor  # 1 - (I / U - (E - U) / E), per box
 
 
-def giou_parts(pred: Tensor, target: Tensor, eps: float) -> GIoUParts:
+def giou_parts(pred: Tensor, target: Tensor, eps: float | Tensor) -> GIoUParts:
     """``1 - GIoU`` per box, in [0, 2], with ``GIoU = IoU - (|C| - |union|) / |C|`` and C the smallest box
-    enclosing both; the union and ``|C|`` are floored at ``eps``."""
+    enclosing both; the union and ``|C|`` are floored at ``eps`` (a 0-d tensor in a closed form)."""
     overlap_raw = overlap_sides(pred, target)
     overlap_wh = clamp_min(overlap_raw, 0.0)
     overlap = overlap_wh[..., 0] * overlap_wh[..., 1]

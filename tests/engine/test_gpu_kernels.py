@@ -186,3 +186,76 @@ def test_a_big_focal_term_on_cuda_matches_autograd():
     pred = (torch.randn(262144, 80, generator=gen) * 3).cuda()
     labels = torch.randint(0, 81, (262144,), generator=gen).cuda()
     check("FocalLoss", {"type": "FocalLoss"}, "cuda", torch.float32, True, pred=pred, target=labels, avg_factor=1000.0)
+
+
+class _RecordingOnePass(OnePass):
+    """The closed forms, uncompiled on the CPU, with the arguments each call passed them kept."""
+
+    def __init__(self) -> None:
+        super().__init__(compile=False, devices=("cpu",))
+        self.arguments: dict[str, list[tuple]] = {}
+
+    def _compiled_form(self, function):
+        def call(*args):
+            self.arguments.setdefault(function.__module__.rsplit(".", 1)[-1], []).append(args)
+            return function(*args)
+
+        return call
+
+
+def _closed_form_terms(dtype: torch.dtype = torch.float32, **config: Any) -> dict[str, TermRequest]:
+    """One term of each loss with a closed form; ``config`` (name -> extra config) for some of them."""
+    logits, boxes = _logits("cpu", dtype), _boxes("cpu", dtype, 2)
+    labels = torch.randint(0, C + 1, (N,), generator=_gen(1))
+    fields = {
+        "FocalLoss": {"pred": logits, "target": labels},
+        "QualityFocalLoss": {"pred": logits, "target": (labels, _rand((N,), "cpu", dtype, 3))},
+        "GIoULoss": {"pred": boxes, "target": _boxes("cpu", dtype, 4)},
+    }
+    return {
+        name: TermRequest(name="t", config={"type": name, **config.get(name, {})}, **cloned(inputs))
+        for name, inputs in fields.items()
+    }
+
+
+def test_config_values_reach_a_closed_form_as_tensors():
+    """A Python number passed to a compiled function is compiled in as a constant: each new value (a
+    caller's eps, gamma, beta) would compile again, for seconds, under the lock every GPU call takes."""
+    evaluator = Evaluator(fused=True)
+    evaluator.one_pass = recording = _RecordingOnePass()
+    for name, term in _closed_form_terms().items():
+        evaluator.evaluate(term)
+        assert recording.calls[name] == 1, name
+    assert set(recording.arguments) == {"focal", "gfocal", "iou"}
+    for family, calls in recording.arguments.items():
+        for args in calls:
+            loose = [type(a).__name__ for a in args if not isinstance(a, (Tensor, bool))]
+            assert not loose, f"{family}'s closed form was passed {loose}"
+
+
+@pytest.mark.parametrize(
+    "name,config",
+    [("GIoULoss", {"eps": 1e39}), ("FocalLoss", {"gamma": 1e39}), ("QualityFocalLoss", {"beta": -1e39})],
+    ids=["GIoULoss eps", "FocalLoss gamma", "QualityFocalLoss beta"],
+)
+def test_a_config_value_past_the_dtype_gets_the_family_kernel_s_answer_and_the_closed_form_stays_on(name, config):
+    """float32 cannot hold 1e39: torch.tensor would make it inf without a word, where the family kernel's
+    ops refuse it (or compute with it) as autograd does. The call gets autograd's outcome, and the
+    closed form still answers the next good call: one caller's config does not switch it off."""
+    evaluator = _one_pass_evaluator("cpu", False)
+
+    def outcome(evaluator: Evaluator, term: TermRequest) -> Any:
+        try:
+            return evaluator.evaluate(term).loss
+        except Exception as error:
+            return type(error), str(error)
+
+    got = outcome(evaluator, _closed_form_terms(**{name: config})[name])
+    want = outcome(AUTOGRAD, _closed_form_terms(**{name: config})[name])
+    if isinstance(want, Tensor):
+        torch.testing.assert_close(got, want, equal_nan=True)
+    else:
+        assert got == want
+    assert evaluator.one_pass.calls[name] == 0 and not evaluator.one_pass._broken
+    evaluator.evaluate(_closed_form_terms()[name])
+    assert evaluator.one_pass.calls[name] == 1

@@ -402,8 +402,19 @@ def one_hot(labels: Tensor, like: Tensor) -> Tensor:
     return (labels.unsqueeze(1) == columns).to(like.dtype)
 
 
+class DeclinedError(Exception):
+    """A closed form does not take these inputs: the family kernel answers them (and refuses what it
+    refuses), and the closed form stays on for every other call."""
+
+
 def scalar(value: float, like: Tensor) -> Tensor:
-    """``value`` as a 0-d tensor of ``like``'s dtype and device (a closed form's config value)."""
+    """``value`` as a 0-d tensor of ``like``'s dtype and device (a closed form's config value: a tensor, so
+    that one compilation serves every value). A finite value past the dtype's range is declined:
+    ``torch.tensor`` would make it inf silently, where the family kernel's ops refuse it (``clamp(x,
+    1e39)`` on float32: "cannot be converted ... without overflow")."""
+    value = float(value)
+    if math.isfinite(value) and abs(value) > torch.finfo(like.dtype).max:
+        raise DeclinedError(f"{value!r} does not fit {like.dtype}")
     return torch.tensor(value, dtype=like.dtype, device=like.device)
 
 

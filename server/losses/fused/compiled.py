@@ -15,7 +15,8 @@ compiled in, so one compilation serves every batch size and config value (scalar
 tensors); a new input layout (a weight of another rank, the 'none' reduction, another class count)
 compiles once more. The first call of each costs 0.1-11 s (measured on an H200). A kernel that fails to
 compile (no Triton, a compiler error) is off for the process after one warning, and the family kernel
-answers.
+answers. A config value the inputs' dtype cannot hold is declined (``DeclinedError``): the family kernel
+answers that call, as it answers it on the CPU, and the closed form stays on.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import FUSED_KERNELS, Fused, FusedKernel
+from ..errors import LossError
+from . import FUSED_KERNELS, DeclinedError, Fused, FusedKernel
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +67,8 @@ class OnePass:
     def answer(self, kernel: FusedKernel, module: nn.Module, kwargs: Mapping[str, Any], pred: Tensor) -> Fused | None:
         """``kernel``'s closed form's answer to a term on ``pred``'s device, or None: a device it does not
         answer on, no closed form, one that failed before or fails now (then it is off for the process, and
-        the family kernel answers), or a term evaluated on an event loop. Out of memory is raised: it is
-        the server's condition, not the kernel's."""
+        the family kernel answers), inputs it declines, or a term evaluated on an event loop. Out of memory
+        is raised: it is the server's condition, not the kernel's."""
         form = kernel.one_pass
         if form is None or pred.device.type not in self.devices or kernel.name in self._broken:
             return None
@@ -79,6 +81,8 @@ class OnePass:
                 answer = form.bind(module, kwargs, self._compiled_form(form.function))
                 self.calls[kernel.name] += 1
             return answer
+        except (DeclinedError, LossError):
+            return None  # the caller's inputs, not the kernel: the family kernel answers (or refuses) this call
         except torch.OutOfMemoryError:
             raise
         except Exception as error:  # a compiler's failure (no Triton, a backend error); the inputs are checked

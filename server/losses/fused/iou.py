@@ -21,6 +21,7 @@ from . import (
     register,
     row_blocks,
     same_float_dtype,
+    scalar,
     unshortcut_reducer,
 )
 
@@ -104,7 +105,9 @@ def _routed(grad: Tensor, a: Tensor, b: Tensor, minimum: bool) -> Tensor:
     return torch.where(a == b, grad / 2, grad).masked_fill_(loses, 0)
 
 
-def _backward(p: Tensor, t: Tensor, eps: float, parts: GIoUParts, grad_giou: Tensor, out: Tensor | None) -> Tensor:
+def _backward(
+    p: Tensor, t: Tensor, eps: float | Tensor, parts: GIoUParts, grad_giou: Tensor, out: Tensor | None
+) -> Tensor:
     """d(output)/d(p) from ``grad_giou`` = -d(output)/d(L) of each box (see run)."""
     p1, p2, t1, t2 = p[..., :2], p[..., 2:], t[..., :2], t[..., 2:]
     overlap, union, enclose = parts.overlap, parts.union, parts.enclose
@@ -129,7 +132,7 @@ def _backward(p: Tensor, t: Tensor, eps: float, parts: GIoUParts, grad_giou: Ten
     return torch.cat([grad_p1, grad_p2], dim=-1, out=out)
 
 
-def closed_form(pred: Tensor, target: Tensor, eps: float, box_scale: Tensor) -> tuple[Tensor, Tensor]:
+def closed_form(pred: Tensor, target: Tensor, eps: Tensor, box_scale: Tensor) -> tuple[Tensor, Tensor]:
     """``run``'s loss per box [..., N] and its gradient times ``box_scale`` (per box, or 0-d) as one
     function (``ClosedForm``): the family's forward and ``_backward``, traced into one pass."""
     parts = giou_parts(pred, target, eps)
@@ -141,7 +144,7 @@ def bind(module: GIoULoss, kwargs: Mapping[str, Any], function: Callable[..., tu
     weight = box_weight(kwargs.get("weight"), pred)
     reducer = plain_reducer(module, kwargs)
     box_scale = reducer.gradient_scale(module.loss_weight, weight, None, pred[..., 0])  # the loss's shape
-    loss, grad = function(pred, target, float(module.eps), box_scale)
+    loss, grad = function(pred, target, scalar(module.eps, pred), box_scale)
     return answered(module.finish(loss, weight, reducer.mode, reducer.avg_factor), grad)
 
 
