@@ -8,13 +8,16 @@ the same loss and gradient (shape, dtype, values to rounding) and that the one-p
   and float32: this checks their math and their binding of every config (reductions, ``avg_factor``,
   weights of every shape, ``loss_weight``) on any machine.
 * On CUDA (skipped without one) the compiled kernels run as the server runs them, in float32, against
-  autograd on the same GPU.
+  autograd on the same GPU; FocalLoss's hand-written Triton kernel (``focal_triton.py``) too, and with
+  ``TRITON_INTERPRET=1`` (and Triton installed) under Triton's interpreter on the CPU.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import itertools
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,29 +33,42 @@ N, C = 53, 9
 REDUCTIONS = ("mean", "sum", "none")
 AVG_FACTORS = (None, 7.5)
 CUDA = torch.cuda.is_available()
-# (device, dtype, compiled): what a case runs on
-SETUPS = [("cpu", torch.float64, False), ("cpu", torch.float32, False)]
+# (device, dtype, path): what a case runs on; path: "plain" torch ops, "compiled", or "by hand" (a
+# hand-written kernel where the loss has one, else compiled on CUDA and plain on the CPU)
+SETUPS = [("cpu", torch.float64, "plain"), ("cpu", torch.float32, "plain")]
 if CUDA:
-    SETUPS.append(("cuda", torch.float32, True))
+    SETUPS.append(("cuda", torch.float32, "compiled"))
+TRITON = importlib.util.find_spec("triton") is not None
+BY_HAND = pytest.param(
+    "cuda" if CUDA else "cpu",
+    torch.float32,
+    "by hand",
+    marks=pytest.mark.skipif(
+        not TRITON or not (CUDA or os.environ.get("TRITON_INTERPRET") == "1"),
+        reason="needs Triton and CUDA, or Triton's interpreter (TRITON_INTERPRET=1)",
+    ),
+    id="by hand",
+)
 LOSS_RTOL = {torch.float64: 1e-12, torch.float32: 2e-5}
 GRAD_RTOL = {torch.float64: 1e-11, torch.float32: 5e-5}
 
 AUTOGRAD = Evaluator(fused=False)
 
 
-def _one_pass_evaluator(device: str, compiled: bool) -> Evaluator:
+def _one_pass_evaluator(device: str, path: str) -> Evaluator:
     evaluator = Evaluator(fused=True)
-    evaluator.one_pass = OnePass(compile=compiled, devices=(device,))
+    compiled = device == "cuda" and path != "plain"
+    evaluator.one_pass = OnePass(compile=compiled, devices=(device,), handwritten=path == "by hand")
     return evaluator
 
 
-EVALUATORS: dict[tuple[str, bool], Evaluator] = {}
+EVALUATORS: dict[tuple[str, str], Evaluator] = {}
 
 
-def _evaluator(device: str, compiled: bool) -> Evaluator:
-    key = (device, compiled)
+def _evaluator(device: str, path: str) -> Evaluator:
+    key = (device, path)
     if key not in EVALUATORS:
-        EVALUATORS[key] = _one_pass_evaluator(device, compiled)
+        EVALUATORS[key] = _one_pass_evaluator(device, path)
     return EVALUATORS[key]
 
 
@@ -61,16 +77,18 @@ def _gradient(outcome: TermOutcome) -> Tensor:
     return {**part.gradients, **outcome.gradients}["pred"]
 
 
-def check(name: str, config: dict, device: str, dtype: torch.dtype, compiled: bool, **fields: Any) -> None:
+def check(name: str, config: dict, device: str, dtype: torch.dtype, path: str, **fields: Any) -> None:
     """``config`` on ``fields`` (tensors already on the device): the one-pass answer is autograd's."""
 
     def term() -> TermRequest:
         return TermRequest(name="t", config=dict(config), **{k: cloned(v) for k, v in fields.items()})
 
-    evaluator = _evaluator(device, compiled)
-    before = evaluator.one_pass.calls[name]
+    evaluator = _evaluator(device, path)
+    before, by_hand = evaluator.one_pass.calls[name], evaluator.one_pass.calls_by_hand[name]
     fast, auto = evaluator.evaluate(term()), AUTOGRAD.evaluate(term())
     assert evaluator.one_pass.calls[name] == before + 1, f"{name}'s one-pass kernel did not answer {config}"
+    expected_by_hand = by_hand + (path == "by hand" and name == "FocalLoss")
+    assert evaluator.one_pass.calls_by_hand[name] == expected_by_hand, f"{name} by hand: {config}"
     assert (fast.loss.shape, fast.loss.dtype) == (auto.loss.shape, auto.loss.dtype)
     scale = float(auto.loss.abs().max()) if auto.loss.numel() else 0.0
     rtol = LOSS_RTOL[dtype]
@@ -107,8 +125,8 @@ def _reductions() -> Iterator[tuple[str, float | None]]:
             yield reduction, avg_factor
 
 
-@pytest.mark.parametrize("device,dtype,compiled", SETUPS, ids=str)
-def test_focal(device, dtype, compiled):
+@pytest.mark.parametrize("device,dtype,path", [*SETUPS, BY_HAND], ids=str)
+def test_focal(device, dtype, path):
     pred = _logits(device, dtype)
     labels = torch.randint(0, C + 1, (N,), generator=_gen(1)).to(device)
     weights = {"none": None, "N": (N,), "NC": (N, C), "flat": (N * C,)}
@@ -119,13 +137,13 @@ def test_focal(device, dtype, compiled):
         weight = None if shape is None else _rand(shape, device, dtype, 5)
         config = {"type": "FocalLoss", "gamma": gamma, "alpha": alpha, "loss_weight": 0.5}
         check(
-            "FocalLoss", config, device, dtype, compiled,
+            "FocalLoss", config, device, dtype, path,
             pred=pred, target=labels, weight=weight, avg_factor=avg_factor, reduction_override=reduction,
         )  # fmt: skip
 
 
-@pytest.mark.parametrize("device,dtype,compiled", SETUPS, ids=str)
-def test_quality_focal(device, dtype, compiled):
+@pytest.mark.parametrize("device,dtype,path", SETUPS, ids=str)
+def test_quality_focal(device, dtype, path):
     pred = _logits(device, dtype)
     labels = (torch.randint(0, C + 2, (N,), generator=_gen(1)) - 1).to(device)  # -1 and C + 1: negatives
     scores = _rand((N,), device, dtype, 3)
@@ -133,18 +151,18 @@ def test_quality_focal(device, dtype, compiled):
         weight = _rand((N,), device, dtype, 4) if use_weight else None
         config = {"type": "QualityFocalLoss", "beta": beta, "loss_weight": 2.0}
         check(
-            "QualityFocalLoss", config, device, dtype, compiled,
+            "QualityFocalLoss", config, device, dtype, path,
             pred=pred, target=(labels, scores), weight=weight, avg_factor=avg_factor, reduction_override=reduction,
         )  # fmt: skip
 
 
-@pytest.mark.parametrize("device,dtype,compiled", SETUPS, ids=str)
-def test_giou(device, dtype, compiled):
+@pytest.mark.parametrize("device,dtype,path", SETUPS, ids=str)
+def test_giou(device, dtype, path):
     pred, target = _boxes(device, dtype, 2), _boxes(device, dtype, 4)
     for weight_shape, (reduction, avg_factor) in itertools.product((None, (N,), (N, 4)), _reductions()):
         weight = None if weight_shape is None else _rand(weight_shape, device, dtype, 8) + 0.1
         check(
-            "GIoULoss", {"type": "GIoULoss", "loss_weight": 2.0}, device, dtype, compiled,
+            "GIoULoss", {"type": "GIoULoss", "loss_weight": 2.0}, device, dtype, path,
             pred=pred, target=target, weight=weight, avg_factor=avg_factor, reduction_override=reduction,
         )  # fmt: skip
 
@@ -163,7 +181,7 @@ def test_the_cpu_keeps_its_family_kernels():
 def test_a_term_evaluated_on_an_event_loop_gets_the_family_kernel():
     """A quick call is evaluated on the server's event loop, where a closed form's first call (a
     compilation of seconds) would stall every other call: there the family kernel answers."""
-    evaluator = _evaluator("cpu", False)
+    evaluator = _evaluator("cpu", "plain")
     pred, labels = _logits("cpu", torch.float32), torch.randint(0, C + 1, (N,), generator=_gen(1))
 
     def term() -> TermRequest:
@@ -185,7 +203,9 @@ def test_a_big_focal_term_on_cuda_matches_autograd():
     gen = torch.Generator().manual_seed(9)
     pred = (torch.randn(262144, 80, generator=gen) * 3).cuda()
     labels = torch.randint(0, 81, (262144,), generator=gen).cuda()
-    check("FocalLoss", {"type": "FocalLoss"}, "cuda", torch.float32, True, pred=pred, target=labels, avg_factor=1000.0)
+    for path in ("compiled", "by hand"):
+        config = {"type": "FocalLoss"}
+        check("FocalLoss", config, "cuda", torch.float32, path, pred=pred, target=labels, avg_factor=1000.0)
 
 
 class _RecordingOnePass(OnePass):
@@ -242,7 +262,7 @@ def test_a_config_value_past_the_dtype_gets_the_family_kernel_s_answer_and_the_c
     """float32 cannot hold 1e39: torch.tensor would make it inf without a word, where the family kernel's
     ops refuse it (or compute with it) as autograd does. The call gets autograd's outcome, and the
     closed form still answers the next good call: one caller's config does not switch it off."""
-    evaluator = _one_pass_evaluator("cpu", False)
+    evaluator = _one_pass_evaluator("cpu", "plain")
 
     def outcome(evaluator: Evaluator, term: TermRequest) -> Any:
         try:

@@ -38,6 +38,7 @@ INFRASTRUCTURE = {
 FUSED_KERNEL_FAMILY = {
     "cross_entropy": "cross_entropy",
     "focal": "focal",
+    "focal_triton": "focal",  # focal's closed form by hand (Triton): loaded on a GPU only, by compiled.py
     "gfocal": "gfocal",
     "iou": "iou",
     "regression": "smooth_l1",

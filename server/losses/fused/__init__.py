@@ -127,10 +127,14 @@ class ClosedForm:
     ``function(*tensors_and_flags) -> (loss, gradient)``: plain torch, no data-dependent control flow
     (scalars come as 0-d tensors, so that one compilation serves every config value).
     ``bind(module, kwargs, function) -> Fused``: the module's config and a call's inputs (those
-    ``supports`` accepted) to ``function``'s arguments, and its result to the module's output."""
+    ``supports`` accepted) to ``function``'s arguments, and its result to the module's output.
+    ``handwritten``: the stem of a module beside this one whose ``closed_form`` is ``function`` written
+    by hand for the GPU (Triton), for float32; it takes the same arguments, and its results are what
+    ``bind`` reads. On CUDA it answers instead of the compiled ``function`` where it imports."""
 
     function: Callable[..., tuple[Tensor, Tensor]]
     bind: Callable[[nn.Module, Mapping[str, Any], Callable[..., tuple[Tensor, Tensor]]], Fused]
+    handwritten: str | None = None
 
 
 # The selection table, filled by ``register`` as the kernel modules are imported.

@@ -262,8 +262,9 @@ def bind(module: FocalLoss, kwargs: Mapping[str, Any], function: Callable[..., t
 
 
 def _reduced(module: FocalLoss, reducer: Reducer, row_losses: Tensor, numel: int) -> Tensor:
-    """``loss_weight * reduce(L * weight)`` from the rows' sums of ``L * weight`` (``numel``: L's elements):
-    what the module's ``finish`` gives, added in another order."""
+    """``loss_weight * reduce(L * weight)`` from partial sums of ``L * weight`` (per row, or per block of the
+    hand-written kernel; ``numel``: L's elements): what the module's ``finish`` gives, added in another
+    order."""
     total = row_losses.sum()
     divisor = reducer.divisor(numel)
     return module.loss_weight * (total if divisor is None else total / divisor)
@@ -272,6 +273,12 @@ def _reduced(module: FocalLoss, reducer: Reducer, row_losses: Tensor, numel: int
 register(
     FocalLoss,
     FusedKernel(
-        "FocalLoss", supports, run, writes_into=True, rows=rows, covers=covers, one_pass=ClosedForm(closed_form, bind)
+        "FocalLoss",
+        supports,
+        run,
+        writes_into=True,
+        rows=rows,
+        covers=covers,
+        one_pass=ClosedForm(closed_form, bind, handwritten="focal_triton"),
     ),
 )
