@@ -447,7 +447,8 @@ KNOBS: tuple[Knob, ...] = (
         _DEFAULT.pinned_staging_bytes,
         "bytes of pinned (page-locked) host memory kept to copy tensors of 1 MiB or more to and from a CUDA "
         "device at the bus's full speed; what does not fit takes the plain, pageable copy. Unused on a CPU "
-        "device (0: off, the default until it is measured on a GPU)",
+        "device; 0: off",
+        shown="536870912, or a sixteenth of the memory the server may use where that is less",
     ),
     Knob(
         "torch_threads",
