@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from support.mmdet_fixtures import (
+    DEVICE,
     FAMILIES,
     SEQUENCE_CASES,
     SINGLE_CASES,
@@ -39,9 +40,9 @@ def test_matches_mmdet(case):
     args, kwargs, leaves = prepare_call(case)
     if case["error"] is not None or difference(case) == "refuse":
         with pytest.raises(LossError):
-            build_loss(case["cfg"])(*args, **kwargs)
+            build_loss(case["cfg"]).to(DEVICE)(*args, **kwargs)
         return
-    out = build_loss(case["cfg"])(*args, **kwargs)
+    out = build_loss(case["cfg"]).to(DEVICE)(*args, **kwargs)
     if difference(case) == "empty":
         check_empty(out, args, leaves)
         return
@@ -50,7 +51,7 @@ def test_matches_mmdet(case):
 
 @pytest.mark.parametrize("case", SEQUENCE_CASES, ids=list(case_ids(SEQUENCE_CASES)))
 def test_stateful_sequence_matches_mmdet(case):
-    module = build_loss(case["cfg"])
+    module = build_loss(case["cfg"]).to(DEVICE)  # its state where its inputs are, as a model moves it
     for index, step in enumerate(case["steps"]):
         args, kwargs, leaves = prepare_call(step)
         out = module(*args, **kwargs)

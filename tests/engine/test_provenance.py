@@ -11,7 +11,7 @@ import pytest
 import losswire.server.losses as engine
 from losswire.server.losses import LOSSES, fused, provenance
 
-ENGINE = Path(engine.__file__).parent
+ENGINE = Path(engine.__file__).resolve().parent  # as the engine names its files (a symlinked install too)
 
 
 def _names(files: tuple[Path, ...]) -> set[str]:

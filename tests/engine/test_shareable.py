@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from support.mmdet_fixtures import SINGLE_CASES, case_ids
+from support.mmdet_fixtures import DEVICE, SINGLE_CASES, case_ids
 from support.mmdet_fixtures import prepare as prepare_call
 from torch import Tensor, nn
 
@@ -80,7 +80,7 @@ def test_the_calls_cover_every_loss():
 @pytest.mark.parametrize("case", CALLS, ids=list(case_ids(CALLS)))
 def test_a_shareable_module_keeps_nothing_from_a_forward(case):
     """The declaration is true to the code: a forward leaves a shareable module exactly as it was."""
-    module = build_loss(case["cfg"])
+    module = build_loss(case["cfg"]).to(DEVICE)
     args, kwargs, _ = prepare_call(case)
     before = _state(module)
     module.rng = np.random.RandomState(0) if getattr(module, "stochastic", False) else None

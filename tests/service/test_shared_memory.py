@@ -41,6 +41,7 @@ import pytest
 import torch
 from support.calls import dice_recompute_gradients, evaluate_stream, field_of, plain_channel
 from support.faults import load_fault_losses
+from support.in_process import DEVICE
 from support.polling import eventually
 from support.segments import Handoff
 from torch import Tensor
@@ -102,7 +103,7 @@ def remote(cfg: dict, client: LossClient, pred: torch.Tensor, target: torch.Tens
 
 def fresh_server(port: int = 0, registry=None, **config) -> LosswireServer:
     config = {"max_workers": 4, **config}
-    settings = ServerConfig(host="127.0.0.1", port=port, device="cpu", **config)
+    settings = ServerConfig(host="127.0.0.1", port=port, device=DEVICE, **config)
     instance = LosswireServer(settings) if registry is None else LosswireServer(settings, registry=registry)
     instance.start()
     return instance
@@ -305,6 +306,7 @@ def test_a_hand_made_reference_is_answered_and_the_gradient_written_where_asked(
     assert torch.equal(gradient, remote(FOCAL, wire, pred, labels)[1]["pred"])
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="a GPU's gradient is copied to the host, not into the caller's range")
 def test_the_focal_kernel_writes_its_gradient_into_the_callers_range(stub, handoff, segment, wire):
     """Reduction 'none': the answer holds a loss and a gradient of pred's size. Placed after the
     compute, the loss would come first (it is encoded first); the gradient comes first because the
@@ -808,6 +810,7 @@ def _rewrite(server, faults, segment, loss: str, pred: Tensor, goal: Tensor) -> 
         return held, codec.decode_tensor(answer.result().results[0].loss, "loss")
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="a GPU server copies every input to the device: nothing is read in place")
 def test_a_call_computes_on_the_target_it_was_checked_with_whatever_the_caller_writes_later(gated_server):
     """The caller rewrites its pred and target in its segment while the loss runs. pred is read in
     place: its rewrite reaches the loss. A target is copied out before the checks, so a label written

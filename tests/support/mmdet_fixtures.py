@@ -61,8 +61,16 @@ def difference(case: dict) -> str | None:
     return None
 
 
+# Losses that compute part of a float64 call in float32, as mmdet does (DiceLoss's target, GHM's bin edges
+# and label-weight sum, EQLv2's and Seesaw's float32 state). On the CPU those float32 sums add in mmdet's
+# order, so the answer is float64-exact; on a GPU they add in another order and agree to float32 rounding
+# (1e-7 relative, measured on an H200).
+_FLOAT32_INSIDE = ("DiceLoss", "GHMC", "GHMR", "EQLV2Loss", "SeesawLoss")
+
+
 def tolerance(case: dict) -> dict[str, float]:
-    if case["dtype"] == "float64" and difference(case) != "float32":
+    float32_inside = DEVICE.type != "cpu" and case["cfg"]["type"] in _FLOAT32_INSIDE
+    if case["dtype"] == "float64" and difference(case) != "float32" and not float32_inside:
         return dict(rtol=1e-10, atol=1e-12)
     return dict(rtol=1e-5, atol=1e-6)
 

@@ -183,7 +183,9 @@ def kernel_source(cls: type) -> tuple[Path, ...] | None:
     kernel = FUSED_KERNELS.get(cls)
     if kernel is None:
         return None
-    return (Path(inspect.getsourcefile(kernel.run)), Path(inspect.getsourcefile(sys.modules[__name__])))
+    # resolved, as provenance names the engine's files (a symlinked install has two names for each)
+    files = (inspect.getsourcefile(kernel.run), inspect.getsourcefile(sys.modules[__name__]))
+    return tuple(Path(f).resolve() for f in files)
 
 
 # -- what every kernel's ``supports`` asks -----------------------------------------------------------
