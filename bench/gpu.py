@@ -105,14 +105,25 @@ def copy_bandwidth() -> float:
 
 def kernel_ms(fn: Callable[[], Any]) -> float:
     """The device's kernel time in one call of ``fn``, summed (torch.profiler)."""
+    return sum(kernel_times(fn).values())
+
+
+def kernel_times(fn: Callable[[], Any]) -> dict[str, float]:
+    """The device's time in ms per kernel name in one call of ``fn`` (torch.profiler): where a path's time
+    goes, for the kernels that are far from the roofline."""
     from torch.profiler import ProfilerActivity, profile
 
     if DEVICE == "cpu":  # --dry-run
-        return float("nan")
+        return {"(no device)": float("nan")}
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         sync()
-    return sum(e.device_time_total for e in prof.key_averages() if e.device_time_total) / 1e3
+    return {e.key: e.device_time_total / 1e3 for e in prof.key_averages() if e.device_time_total}
+
+
+def top_kernels(times: dict[str, float], count: int = 6) -> str:
+    ranked = sorted(times.items(), key=lambda item: -item[1])[:count]
+    return "; ".join(f"{name[:60]} {ms:.3f}" for name, ms in ranked)
 
 
 def workload(name: str, rows: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -172,7 +183,9 @@ def compute_cell(name: str, size_mib: int, paths: dict[str, Evaluator], bandwidt
         if DEVICE == "cuda":
             cell[f"{path} peak MiB"] = (torch.cuda.max_memory_allocated() - before) / MIB
         cell[f"{path} wall ms"] = statistics.median(walls) * 1e3
-        cell[f"{path} kernels ms"] = kernel_ms(lambda evaluator=evaluator: evaluator.evaluate(term()))
+        times = kernel_times(lambda evaluator=evaluator: evaluator.evaluate(term()))
+        cell[f"{path} kernels ms"] = sum(times.values())
+        cell[f"{path} top kernels ms"] = top_kernels(times)
     one_pass = paths["one-pass"]
     cell["one-pass answered"] = one_pass.one_pass.calls[name] > 0 and name not in one_pass.one_pass._broken
     auto, fast = outcomes["autograd"], outcomes["one-pass"]
@@ -196,14 +209,14 @@ def compute_cell(name: str, size_mib: int, paths: dict[str, Evaluator], bandwidt
     return cell
 
 
-def section_compute(sizes: list[int], bandwidth: float) -> list[dict[str, Any]]:
+def section_compute(sizes: list[int], bandwidth: float, losses: list[str]) -> list[dict[str, Any]]:
     paths = {
         "autograd": Evaluator(fused=False),
         "family": Evaluator(fused=True, gpu_kernels=False),
         "one-pass": Evaluator(fused=True, gpu_kernels=True),
     }
     cells = []
-    for name in WIDTH:
+    for name in losses:
         for size in sizes:
             try:
                 cells.append(compute_cell(name, size, paths, bandwidth))
@@ -240,36 +253,44 @@ def section_staging() -> list[dict[str, Any]]:
 
 
 def section_roundtrip() -> list[dict[str, Any]]:
-    from losswire.client import LossClient, RemoteLoss
-    from losswire.server.app import LosswireServer
+    """A server on this GPU, in process, with pinned staging off and at its default; a caller on this host
+    sends FocalLoss at 64 MiB, pred on the CPU or on the GPU, by gRPC or shared memory; against the same
+    loss + gradient computed locally on the GPU."""
     from losswire.server.config import ServerConfig
     from losswire.server.losses import build_loss
 
-    server = LosswireServer(ServerConfig(host="127.0.0.1", port=0, device=DEVICE))
-    server.start()
     rows = 64 * MIB // (80 * 4)
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(rows, 80, generator=gen) * 3
     labels = torch.randint(0, 81, (rows,), generator=gen)
     config = {"type": "FocalLoss", "gamma": 2.0, "alpha": 0.25}
-    results = []
+    local_module = build_loss(config).to(DEVICE)
+    one_pass = Evaluator(fused=True)
+
+    def local_autograd() -> None:
+        pred = logits.to(DEVICE, copy=True).requires_grad_()
+        local_module(pred, labels.to(DEVICE), avg_factor=1000.0).backward()
+
+    def local_one_pass() -> None:
+        term = TermRequest(name="t", config=config, pred=logits.to(DEVICE), target=labels.to(DEVICE), avg_factor=1000.0)
+        one_pass.evaluate(term)
+
+    timings = {"local autograd": _median_of(local_autograd, 7), "local one-pass": _median_of(local_one_pass, 7)}
+    for staging in (0, ServerConfig().pinned_staging_bytes):
+        timings.update(_remote_timings(logits, labels, config, staging))
+    base = timings["local autograd"]
+    return [{"path": k, "ms": v * 1e3, "/ local autograd": v / base} for k, v in timings.items()]
+
+
+def _remote_timings(logits: torch.Tensor, labels: torch.Tensor, config: dict, staging: int) -> dict[str, float]:
+    from losswire.client import LossClient, RemoteLoss
+    from losswire.server.app import LosswireServer
+    from losswire.server.config import ServerConfig
+
+    server = LosswireServer(ServerConfig(host="127.0.0.1", port=0, device=DEVICE, pinned_staging_bytes=staging))
+    server.start()
+    timings = {}
     try:
-        local_module = build_loss(config).to(DEVICE)
-        one_pass = Evaluator(fused=True)
-
-        def local_autograd() -> None:
-            pred = logits.to(DEVICE, copy=True).requires_grad_()
-            local_module(pred, labels.to(DEVICE), avg_factor=1000.0).backward()
-
-        def local_one_pass() -> None:
-            one_pass.evaluate(
-                TermRequest(
-                    name="t", config=config, pred=logits.to(DEVICE), target=labels.to(DEVICE), avg_factor=1000.0
-                )
-            )
-
-        baselines = {"local autograd": local_autograd, "local one-pass": local_one_pass}
-        timings = {name: _median_of(fn, 7) for name, fn in baselines.items()}
         for transport in ("off", "on"):
             client = LossClient(f"127.0.0.1:{server.port}", timeout=120, shared_memory=transport)
             remote = RemoteLoss(config, client=client)
@@ -280,14 +301,12 @@ def section_roundtrip() -> list[dict[str, Any]]:
                     remote(pred, labels.to(where), avg_factor=1000.0).backward()
                     assert pred.grad is not None and pred.grad.device.type == where
 
-                label = f"remote, pred on {where}, shared memory {transport}"
+                label = f"remote, pred on {where}, shared memory {transport}, staging {staging >> 20} MiB"
                 timings[label] = _median_of(call, 7)
             client.close()
-        base = timings["local autograd"]
-        results = [{"path": k, "ms": v * 1e3, "/ local autograd": v / base} for k, v in timings.items()]
     finally:
         server.stop(grace=1)
-    return results
+    return timings
 
 
 def _median_of(fn: Callable[[], Any], repeats: int) -> float:
@@ -348,6 +367,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--sections", default="oom,compute,triton,staging,roundtrip,parity")
     parser.add_argument("--sizes", default="64,256,1024", help="pred sizes in MiB")
+    parser.add_argument("--losses", default=",".join(WIDTH), help="the compute section's losses")
     parser.add_argument("--tests-timeout", type=int, default=240, help="seconds for the CUDA tests")
     parser.add_argument("--parity-timeout", type=int, default=240, help="seconds for the parity suites")
     parser.add_argument("--dry-run", action="store_true", help="on the CPU, to check the script itself")
@@ -365,6 +385,7 @@ def main() -> None:
     tables = [f"machine: {json.dumps(report['machine'])}; copy {report['copy GB/s']:.0f} GB/s\n"]
 
     sizes = [int(s) for s in args.sizes.split(",")]
+    losses = args.losses.split(",")
     bandwidth = report["copy GB/s"] * 1e9
 
     def tests(name: str, paths: list[str], timeout: int, log: str) -> Callable[[], dict[str, Any]]:
@@ -380,7 +401,8 @@ def main() -> None:
         "oom": ("tests on CUDA", tests("out-of-memory and compiled closed forms",
                 ["tests/service/test_gpu_server.py", "tests/engine/test_gpu_kernels.py"], args.tests_timeout,
                 "tests.log"), None),
-        "compute": ("compute: loss + gradient of one term", lambda: section_compute(sizes, bandwidth), COMPUTE_COLUMNS),
+        "compute": ("compute: loss + gradient of one term", lambda: section_compute(sizes, bandwidth, losses),
+                    COMPUTE_COLUMNS),
         "triton": ("prototype: FocalLoss as one hand-written Triton kernel", lambda: section_triton(sizes, bandwidth),
                    None),
         "staging": ("host <-> device copies: pageable, pinned, staged (GB/s)", section_staging, None),

@@ -1,12 +1,13 @@
 """A prototype: FocalLoss's loss and gradient as one hand-written Triton kernel (by hand, not a test).
 
 The compiled closed form (``losses.fused.focal.closed_form`` under ``torch.compile``) reached 7-8 % of
-the HBM roofline on an H200. This kernel is what the next step would put in its place, written for the
-fewest bytes: one pass over the flat [N * C] logits, each program reading its block of logits (and the
-labels and weights of its rows, which stay in cache), writing the gradient and one partial sum of the
-weighted loss; the host adds the partial sums. 8 bytes per element for a float32 pred, the roofline's
-count. Not used by the server: ``bench/gpu.py`` times it against the compiled closed form and checks it
-against autograd, and only a measured win would bring it in.
+the HBM roofline on an H200. This kernel, written for the fewest bytes, reached 63-67 %: one pass over the
+flat [N * C] logits, each program reading its block of logits (and the labels and weights of its rows,
+which stay in cache), writing the gradient and one partial sum of the weighted loss; the host adds the
+partial sums. 8 bytes per element for a float32 pred, the roofline's count. The server's kernel,
+``losses/fused/focal_triton.py``, grew from it; this one differs in what the server's does not do yet:
+gamma = 2 specialised to a multiply (``gamma_two``), config values passed as Python numbers. ``bench/gpu.py``
+times it beside the server's kernel, to measure that specialisation.
 
     python bench/triton_focal.py                       # on a GPU: check against autograd, time it
     TRITON_INTERPRET=1 python bench/triton_focal.py    # on the CPU: Triton's interpreter, checks only
