@@ -19,10 +19,11 @@ Sections:
   (bytes read + written). The first one-pass call of each loss (compilation) is reported apart.
 * ``oom``, ``parity``: pytest on CUDA (``LOSSWIRE_TEST_DEVICE=cuda``): the out-of-memory test
   (tests/service/test_gpu_server.py), the one-pass kernels' tests, and the reference and service suites.
-* ``triton``: the hand-written Triton FocalLoss prototype (``bench/triton_focal.py``): its largest
-  difference from autograd, and its time and share of the roofline at the same sizes.
+* ``triton``: FocalLoss's hand-written Triton kernel (``bench/triton_focal.py``): its largest difference
+  from autograd, and its time and share of the roofline at the same sizes, general and with gamma = 2
+  specialised (which the server does not use yet).
 * ``staging``: ``bench/staging.py``'s host <-> device copies at 64 and 256 MiB: pageable, pinned, and the
-  server's staged path (``--pinned-staging-bytes``, off until this shows it faster).
+  server's staged path (``--pinned-staging-bytes``, on by default since it measured faster).
 * ``roundtrip``: a server on this GPU, in process; a caller on the same host sends FocalLoss at 64 MiB,
   pred on the CPU or on the GPU, by stream or shared memory; against the same loss + gradient computed
   locally on the GPU (autograd of the module, and the one-pass kernel).
@@ -227,8 +228,8 @@ def section_compute(sizes: list[int], bandwidth: float, losses: list[str]) -> li
 
 
 def section_triton(sizes: list[int], bandwidth: float) -> list[dict[str, Any]]:
-    """The hand-written Triton FocalLoss prototype (bench/triton_focal.py): its difference from autograd,
-    and its time against the compiled closed form's kernels and the roofline."""
+    """FocalLoss's hand-written Triton kernel (bench/triton_focal.py): its difference from autograd, and
+    its time and share of the roofline with and without the gamma = 2 specialisation."""
     import triton_focal
 
     rows = [{"check": "largest difference from autograd", "value": triton_focal.check(DEVICE)}]
@@ -236,11 +237,18 @@ def section_triton(sizes: list[int], bandwidth: float) -> list[dict[str, Any]]:
         count = size * MIB // (80 * 4)
         _, fields = workload("FocalLoss", count)
         x, labels = fields["pred"], fields["target"]
-        kernel = kernel_ms(lambda x=x, labels=labels: triton_focal.focal_loss_and_grad(x, labels, avg_factor=1000.0))
-        wall = triton_focal.time_ms(count) if DEVICE == "cuda" else float("nan")
-        roofline = (2 * x.nbytes + labels.nbytes) / bandwidth * 1e3
-        rows.append({"pred MiB": size, "roofline ms": roofline, "triton wall ms": wall, "triton kernels ms": kernel,
-                     "triton kernels % roofline": 100 * roofline / kernel})  # fmt: skip
+        row: dict[str, Any] = {"pred MiB": size, "roofline ms": (2 * x.nbytes + labels.nbytes) / bandwidth * 1e3}
+        for two in (False, True):
+            name = "gamma 2 specialised" if two else "general"
+
+            def run(x=x, labels=labels, two=two) -> None:
+                triton_focal.focal_loss_and_grad(x, labels, avg_factor=1000.0, gamma_two=two)
+
+            kernel = kernel_ms(run)
+            row[f"{name} wall ms"] = triton_focal.time_ms(count, gamma_two=two) if DEVICE == "cuda" else float("nan")
+            row[f"{name} kernels ms"] = kernel
+            row[f"{name} kernels % roofline"] = 100 * row["roofline ms"] / kernel
+        rows.append(row)
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -403,7 +411,7 @@ def main() -> None:
                 "tests.log"), None),
         "compute": ("compute: loss + gradient of one term", lambda: section_compute(sizes, bandwidth, losses),
                     COMPUTE_COLUMNS),
-        "triton": ("prototype: FocalLoss as one hand-written Triton kernel", lambda: section_triton(sizes, bandwidth),
+        "triton": ("FocalLoss's Triton kernel, gamma = 2 specialised or not", lambda: section_triton(sizes, bandwidth),
                    None),
         "staging": ("host <-> device copies: pageable, pinned, staged (GB/s)", section_staging, None),
         "roundtrip": ("same-host round trip, FocalLoss 64 MiB", section_roundtrip, None),
