@@ -79,6 +79,21 @@ ENV PATH=/opt/venv/bin:$PATH \
     LOSSWIRE_METRICS_PORT=9464
 RUN groupadd --system --gid 10001 losswire \
     && useradd --system --uid 10001 --gid losswire --no-log-init --create-home --home-dir /home/losswire losswire
+# The GPU kernels' toolchain: Triton builds a small C launcher for each GPU kernel at its first call, with
+# the system's C compiler and Python's headers (python:*-slim carries its headers; a Debian python3 needs
+# libpython3.X-dev). Without them the fused kernels answer on a GPU, 2-12x slower (docs/deployment.md);
+# GPU_KERNEL_TOOLCHAIN=no leaves them out of an image that will never see a GPU.
+ARG GPU_KERNEL_TOOLCHAIN=yes
+# DL3008: Debian's gcc of the base's release (a pin would break with each point release)
+# hadolint ignore=DL3008
+RUN if [ "$GPU_KERNEL_TOOLCHAIN" = yes ]; then \
+        include="$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"; \
+        headers=""; \
+        [ -f "$include/Python.h" ] || headers="libpython$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')-dev"; \
+        apt-get update \
+        && apt-get install -y --no-install-recommends gcc libc6-dev ${headers:+"$headers"} \
+        && apt-get clean && rm -rf /var/lib/apt/lists/*; \
+    fi
 # The venv is root-owned, read-only to the server; dependencies and the package are separate layers.
 COPY --from=deps /opt/venv /opt/venv
 RUN --mount=type=bind,from=build,source=/dist,target=/dist \

@@ -263,6 +263,27 @@ check_non_root() {
     log "non-root: the server runs as uid $uid"
 }
 
+# What Triton needs to build its launcher for a GPU kernel (the image's GPU_KERNEL_TOOLCHAIN): a C compiler
+# that builds a Python extension against the image's Python, as the server's user, in /tmp. No GPU here:
+# this is the part of a GPU kernel's first call that a CPU can check.
+check_gpu_kernel_toolchain() {
+    "$DOCKER" exec "$CONTAINER" python3 -c '
+import importlib.util, os, shutil, subprocess, sysconfig, tempfile
+cc = shutil.which("gcc") or shutil.which("cc")
+assert cc, "no C compiler on PATH"
+folder = tempfile.mkdtemp()
+source, library = os.path.join(folder, "probe.c"), os.path.join(folder, "probe.so")
+with open(source, "w") as file:
+    file.write("#include <Python.h>\nstatic struct PyModuleDef d = {PyModuleDef_HEAD_INIT, \"probe\", NULL, -1, NULL};\n"
+               "PyMODINIT_FUNC PyInit_probe(void) { return PyModule_Create(&d); }\n")
+include = sysconfig.get_paths()["include"]
+subprocess.run([cc, source, "-O3", "-shared", "-fPIC", "-I" + include, "-o", library], check=True)
+module = importlib.util.module_from_spec(importlib.util.spec_from_file_location("probe", library))
+print(cc, include)
+' || fail "the image cannot build a Python extension (GPU kernels would be off): see GPU_KERNEL_TOOLCHAIN"
+    log "GPU kernel toolchain: a C compiler builds a Python extension in the image"
+}
+
 check_from_host() {
     local started
     started=$(now)
@@ -298,6 +319,7 @@ main() {
     start_container
     check_healthcheck_can_fail
     check_non_root
+    check_gpu_kernel_toolchain
     check_from_host
     check_clean_stop
     record "total" "$started"
