@@ -193,6 +193,8 @@ class LosswireServer:
         # counted whether or not the endpoint is served: tests and embedders read .metrics.registry
         self.metrics = ServerMetrics(self.device, __version__, registry.names, lambda: len(self.sessions))
         self.metrics.watch_staging(lambda: None if self.staging is None else self.staging.pool)
+        evaluator = self.dataplane.evaluator
+        self.metrics.watch_kernels(lambda: (evaluator.fused_answers(), evaluator.gpu_kernels_off()))
         self.call_slots = CallSlots(config.max_concurrent_rpcs, self._calls_per_token())
         self.stream_guard = StreamGuardInterceptor(
             self._open_streams_bound(),

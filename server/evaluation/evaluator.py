@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import threading
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -126,6 +128,9 @@ class Evaluator:
         self.sessions = sessions if sessions is not None else SessionStore(registry)
         self.fused = fused
         self.one_pass = OnePass() if gpu_kernels else None
+        # terms each fused kernel's own torch ops answered (a closed form counts its own: OnePass.calls)
+        self.family_calls: Counter[str] = Counter()
+        self._family_lock = threading.Lock()
         # built modules of configs seen before, for the loss classes that keep nothing between calls
         # (building one costs ~30-50 us per call, a tenth of a small call's compute); see _module
         self._modules: BoundedCache[nn.Module] = BoundedCache(MODULE_CACHE_SIZE, MODULE_CACHE_BYTES)
@@ -244,6 +249,9 @@ class Evaluator:
             result = None
             if self.one_pass is not None and not recompute:  # on a GPU: the compiled closed form, if any
                 result = self.one_pass.answer(kernel, module, kwargs, term.pred)
+            if result is None:
+                with self._family_lock:
+                    self.family_calls[kernel.name] += 1
             if result is None and kernel.rows is not None and not recompute:  # block by block, in one pass
                 rows = kernel.rows(module, kwargs, out, True, term.scratch)
                 rows.advance(term.pred.shape[0])
@@ -255,6 +263,22 @@ class Evaluator:
         check_cancelled(cancelled, "the backward")
         with _answered_as_input_errors(description):  # the gradient's closed form runs here
             return self.fused_outcome(kernel.name, term, module, description, result, out)
+
+    def fused_answers(self) -> dict[tuple[str, str], int]:
+        """Terms answered by each fused kernel (every kernel, 0 included), by loss and way: ``family`` (its
+        torch ops), ``compiled`` (its closed form, compiled) or ``by hand`` (its hand-written GPU kernel)."""
+        one_pass = self.one_pass
+        answers = {}
+        for name in sorted(k.name for k in fused_kernels.FUSED_KERNELS.values()):
+            by_hand = one_pass.calls_by_hand[name] if one_pass else 0
+            answers[name, "family"] = self.family_calls[name]
+            answers[name, "compiled"] = (one_pass.calls[name] if one_pass else 0) - by_hand
+            answers[name, "by hand"] = by_hand
+        return answers
+
+    def gpu_kernels_off(self) -> frozenset[str]:
+        """The losses whose GPU kernel failed and is off for this process (the family kernel answers)."""
+        return self.one_pass.off if self.one_pass else frozenset()
 
     def fused_outcome(
         self,

@@ -23,6 +23,10 @@ servicers stay free of bookkeeping:
 - ``losswire_pinned_staging_bytes{state=held|lent}`` and ``losswire_staged_copies_total{path=pinned|pageable}``:
   the pinned host memory a CUDA server stages big tensors in, and the copies that went through it or, the
   bound reached, the pageable way (zero on a CPU device: nothing is staged);
+- ``losswire_fused_terms_total{loss, kernel=family|compiled|by hand}`` and ``losswire_gpu_kernel_off{loss}``:
+  terms each fused kernel answered, by its torch ops, its compiled closed form or its hand-written GPU
+  kernel, and (1) where a loss's GPU kernel failed and is off for the process; one series per fused
+  kernel, from the start;
 - ``losswire_device_memory_bytes{device, kind}``: CUDA allocated / reserved / peak, or on the CPU
   the process's resident memory (host memory is where the CPU's losses live);
 - the standard ``process_*`` and ``python_*`` collectors, and ``losswire_build_info``.
@@ -45,7 +49,7 @@ import socket
 import socketserver
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -160,6 +164,35 @@ class StagingCollector(Collector):
         copies.add_metric(["pageable"], pool.refused if pool else 0)
         yield held
         yield copies
+
+
+class KernelsCollector(Collector):
+    """Reads the evaluator's fused-kernel counts at scrape time (``Evaluator.fused_answers`` and
+    ``gpu_kernels_off``): whether a GPU server's kernels answer, or have switched themselves off."""
+
+    def __init__(self, read: Callable[[], tuple[Mapping[tuple[str, str], int], Iterable[str]]]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        answers, off = self.read()
+        terms = CounterMetricFamily(
+            "losswire_fused_terms",
+            "Terms a fused kernel answered, by loss and kernel: its torch ops (family), its closed form "
+            "compiled (compiled) or its hand-written GPU kernel (by hand)",
+            labels=["loss", "kernel"],
+        )
+        disabled = GaugeMetricFamily(
+            "losswire_gpu_kernel_off",
+            "1 where a loss's GPU kernel failed (no C compiler, a compiler error) and is off for the process",
+            labels=["loss"],
+        )
+        off = set(off)
+        for (loss, kernel), count in answers.items():
+            terms.add_metric([loss, kernel], count)
+        for loss in sorted({loss for loss, _ in answers}):
+            disabled.add_metric([loss], int(loss in off))
+        yield terms
+        yield disabled
 
 
 def _resident_bytes() -> int:
@@ -286,6 +319,10 @@ class ServerMetrics:
     def watch_staging(self, read: Callable[[], StagingCounts | None]) -> None:
         """Expose ``read()``'s pinned staging counts at every scrape (None: no staging, zeros)."""
         self.registry.register(StagingCollector(read))
+
+    def watch_kernels(self, read: Callable[[], tuple[Mapping[tuple[str, str], int], Iterable[str]]]) -> None:
+        """Expose ``read()``'s fused-kernel answers and GPU kernels off at every scrape."""
+        self.registry.register(KernelsCollector(read))
 
     def interceptor(self) -> MetricsInterceptor:
         return MetricsInterceptor(self)

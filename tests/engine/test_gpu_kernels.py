@@ -279,3 +279,41 @@ def test_a_config_value_past_the_dtype_gets_the_family_kernel_s_answer_and_the_c
     assert evaluator.one_pass.calls[name] == 0 and not evaluator.one_pass._broken
     evaluator.evaluate(_closed_form_terms()[name])
     assert evaluator.one_pass.calls[name] == 1
+
+
+def test_the_evaluator_counts_which_kernel_answered():
+    """What ``losswire_fused_terms_total`` reads: a closed form's answers as ``compiled``, the family
+    kernel's as ``family``; no GPU kernel off."""
+    evaluator = _one_pass_evaluator("cpu", "plain")
+    pred, labels = _logits("cpu", torch.float32), torch.randint(0, C + 1, (N,), generator=_gen(1))
+    evaluator.evaluate(TermRequest(name="t", config={"type": "FocalLoss"}, pred=pred.clone(), target=labels))
+    evaluator.evaluate(TermRequest(name="t", config={"type": "L1Loss"}, pred=pred.clone(), target=pred + 1))
+    answers = evaluator.fused_answers()
+    assert answers["FocalLoss", "compiled"] == 1 and answers["FocalLoss", "family"] == 0
+    assert answers["L1Loss", "family"] == 1 and answers["L1Loss", "compiled"] == 0
+    assert {kernel for _, kernel in answers} == {"family", "compiled", "by hand"}
+    assert evaluator.gpu_kernels_off() == frozenset()
+
+
+@pytest.mark.skipif(
+    not TRITON or os.environ.get("TRITON_INTERPRET") == "1" or CUDA,
+    reason="needs Triton installed on a machine without CUDA, outside its interpreter",
+)
+def test_a_gpu_kernel_that_fails_is_off_for_the_process_and_the_family_kernel_answers(caplog):
+    """The hand-written kernel launched on CPU tensors without Triton's interpreter fails as a kernel does
+    where its toolchain is missing: the call gets the family kernel's answer, one warning names the loss,
+    and the kernel stays off (``losswire_gpu_kernel_off``)."""
+    evaluator = Evaluator(fused=True)
+    evaluator.one_pass = OnePass(compile=False, devices=("cpu",), handwritten=True)
+    pred, labels = _logits("cpu", torch.float32), torch.randint(0, C + 1, (N,), generator=_gen(1))
+
+    def term() -> TermRequest:
+        return TermRequest(name="t", config={"type": "FocalLoss"}, pred=pred.clone(), target=labels.clone())
+
+    with caplog.at_level("WARNING"):
+        got = evaluator.evaluate(term())
+    torch.testing.assert_close(got.loss, AUTOGRAD.evaluate(term()).loss)
+    assert evaluator.gpu_kernels_off() == {"FocalLoss"}
+    assert [r for r in caplog.records if "FocalLoss is off for this process" in r.getMessage()]
+    evaluator.evaluate(term())
+    assert evaluator.fused_answers()["FocalLoss", "family"] == 2 and evaluator.one_pass.calls["FocalLoss"] == 0

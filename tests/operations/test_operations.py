@@ -128,6 +128,28 @@ def test_metrics_count_requests_losses_statuses_and_bytes(metered_server: Server
     assert value(after, "losswire_build_info", version=_version(), device="cpu") == 1
 
 
+def test_metrics_say_which_fused_kernel_answered(metered_server: ServerProcess):
+    """Every fused kernel has its series from the start; a CPU server's terms are its family kernels' (the
+    closed forms and hand-written kernels answer on a GPU), and no GPU kernel is off."""
+    client = LossClient(metered_server.target, timeout=CALL_TIMEOUT)
+    before = scrape(metered_server.metrics_port)
+    try:
+        for n in (4, 8, 16):
+            client.evaluate(focal_request(n))
+    finally:
+        client.close()
+    after = scrape(metered_server.metrics_port)
+    fused = {labels for name, labels in after if name == "losswire_fused_terms_total"}
+    losses = {dict(labels)["loss"] for labels in fused}
+    assert {"FocalLoss", "QualityFocalLoss", "GIoULoss", "CrossEntropyLoss", "L1Loss", "SmoothL1Loss"} <= losses
+    assert {dict(labels)["kernel"] for labels in fused} == {"family", "compiled", "by hand"}
+    assert change(before, after, "losswire_fused_terms_total", loss="FocalLoss", kernel="family") == 3
+    for kernel in ("compiled", "by hand"):
+        assert value(after, "losswire_fused_terms_total", loss="FocalLoss", kernel=kernel) == 0
+    off = {dict(labels)["loss"]: after[name, labels] for name, labels in after if name == "losswire_gpu_kernel_off"}
+    assert set(off) == losses and not any(off.values())
+
+
 def test_metrics_count_streamed_calls(metered_server: ServerProcess):
     """EvaluateStream is one call: its status, its terms, its chunks' bytes, its answer's stages."""
     client = LossClient(metered_server.target, timeout=CALL_TIMEOUT, stream_threshold=0, shared_memory="off")

@@ -108,6 +108,11 @@ class OnePass:
                         kernel.name, error)  # fmt: skip
             return None
 
+    @property
+    def off(self) -> frozenset[str]:
+        """The kernels whose closed form failed, off for this process."""
+        return frozenset(self._broken)
+
     def _by_hand_kernel(self, stem: str | None) -> Callable | None:
         """The hand-written kernel in module ``stem``, or None: none, not wanted, or no Triton here."""
         if stem is None or not self.handwritten:
