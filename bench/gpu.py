@@ -3,6 +3,7 @@ out-of-memory, the same-host round trip with CUDA tensors, and the parity suites
 
     python bench/gpu.py --out DIR                    # everything (a few minutes on an H200)
     python bench/gpu.py --out DIR --sections compute --sizes 64
+    WHEELS=.whl bash bench/gpu_host.sh python3 bench/gpu.py --out DIR    # a GPU host without our dependencies
 
 Writes DIR/gpu.json (every figure) and DIR/gpu.md (the tables docs/performance.md shows), and prints the
 tables last. Every ratio is measured in this run, on this GPU.
