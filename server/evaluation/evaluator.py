@@ -113,8 +113,8 @@ class Evaluator:
 
     ``fused``: answer the terms a fused kernel supports (``losses.fused``) without autograd
     (``losswire serve --fused-kernels off`` turns it off: every term then runs under autograd).
-    ``gpu_kernels``: on a GPU, answer them with their closed forms compiled (``losses.fused.compiled``;
-    ``--gpu-kernels off``: the family kernels' torch ops).
+    ``gpu_kernels``: on a GPU, answer them with their closed forms, compiled or written by hand
+    (``losses.fused.compiled``; ``--gpu-kernels off``: the family kernels' torch ops).
     """
 
     def __init__(
@@ -247,17 +247,17 @@ class Evaluator:
         # errors of the kernel's own code are answered as autograd's path answers the module's (_forward)
         with _answered_as_input_errors(description):
             result = None
-            if self.one_pass is not None and not recompute:  # on a GPU: the compiled closed form, if any
+            if self.one_pass is not None and not recompute:  # on a GPU: the loss's closed form, if any
                 result = self.one_pass.answer(kernel, module, kwargs, term.pred)
-            if result is None:
+            if result is None:  # the family kernel's torch ops
                 with self._family_lock:
                     self.family_calls[kernel.name] += 1
-            if result is None and kernel.rows is not None and not recompute:  # block by block, in one pass
-                rows = kernel.rows(module, kwargs, out, True, term.scratch)
-                rows.advance(term.pred.shape[0])
-                result = rows.finish()
-            elif result is None:
-                result = kernel.run(module, kwargs)
+                if kernel.rows is not None and not recompute:  # block by block, in one pass
+                    rows = kernel.rows(module, kwargs, out, True, term.scratch)
+                    rows.advance(term.pred.shape[0])
+                    result = rows.finish()
+                else:
+                    result = kernel.run(module, kwargs)
         fused_kernels.count_call(kernel.name)
         log.debug("term %r: %s answered by its fused kernel", term.name, kernel.name)
         check_cancelled(cancelled, "the backward")
