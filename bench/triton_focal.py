@@ -6,22 +6,24 @@ not use yet.
     TRITON_INTERPRET=1 python bench/triton_focal.py    # on the CPU: Triton's interpreter, checks only
 
 The kernel reads the config from 0-d tensors and returns partial sums of the weighted loss (or the
-element-wise loss for 'none'); ``focal_loss_and_grad`` turns that into the module's answer, as the
-server's bind does (``losses/fused/focal.py``). ``bench/gpu.py``'s ``triton`` section runs ``check`` and
+element-wise loss for 'none'); ``focal_loss_and_grad`` turns that into the module's answer with the
+server's own bind (``losses/fused/focal.py``). ``bench/gpu.py``'s ``triton`` section runs ``check`` and
 ``time_ms``.
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
 import torch
 from torch import Tensor
 
+from losswire.server.losses import build_loss
+from losswire.server.losses.focal import FocalLoss
+from losswire.server.losses.fused.focal import bind
 from losswire.server.losses.fused.focal_triton import closed_form
-
-AVG_FACTOR_EPS = torch.finfo(torch.float32).eps  # mmdet divides by avg_factor + eps
 
 
 def focal_loss_and_grad(
@@ -34,29 +36,20 @@ def focal_loss_and_grad(
     reduction: str = "mean",
     avg_factor: float | None = None,
     gamma_two: bool = False,
+    module: FocalLoss | None = None,
 ) -> tuple[Tensor, Tensor]:
     """mmdet's ``FocalLoss(gamma, alpha, loss_weight, reduction)(x, labels, weight, avg_factor)`` and its
-    gradient with respect to ``x`` (for an upstream of ones), by the kernel."""
-    numel, rows = x.numel(), reduction != "none"
-    if weight is not None and weight.numel() == x.shape[0]:
-        weight = weight.reshape(-1, 1)  # mmdet's [N] focal weight, per row
-    weights = x.new_ones(()) if weight is None else weight.reshape(x.shape[0], -1)
-    divisor = (numel if avg_factor is None else avg_factor + AVG_FACTOR_EPS) if reduction == "mean" else 1.0
-
-    def scalar(value: float) -> Tensor:
-        return torch.tensor(value, dtype=x.dtype, device=x.device)
-
-    scale = scalar(loss_weight / divisor if rows else loss_weight)
-    loss, grad = closed_form(x, labels, weights, scalar(gamma), scalar(alpha), scale, rows, gamma_two=gamma_two)
-    if not rows:
-        return loss_weight * (loss if weight is None else loss * weights), grad
-    return loss_weight * (loss.sum() / divisor), grad
+    gradient with respect to ``x`` (for an upstream of ones), by the kernel through the server's own
+    ``bind`` (``module``: one built already, so that a timing leaves building out)."""
+    if module is None:
+        module = build_loss({"type": "FocalLoss", "gamma": gamma, "alpha": alpha, "loss_weight": loss_weight})
+    call = {"pred": x, "target": labels, "weight": weight, "avg_factor": avg_factor, "reduction_override": reduction}
+    answer = bind(module, call, functools.partial(closed_form, gamma_two=gamma_two))
+    return answer.loss, answer.gradient(None)
 
 
 def autograd_reference(x: Tensor, labels: Tensor, weight: Tensor | None, **config) -> tuple[Tensor, Tensor]:
     """The same through losswire's own FocalLoss module under autograd (itself checked against mmdet)."""
-    from losswire.server.losses import build_loss
-
     reduction, avg_factor = config.pop("reduction", "mean"), config.pop("avg_factor", None)
     module = build_loss({"type": "FocalLoss", **config})
     pred = x.detach().clone().requires_grad_()
@@ -91,8 +84,10 @@ def time_ms(rows: int, classes: int = 80, repeats: int = 20, gamma_two: bool = F
     x = torch.randn(rows, classes, device="cuda") * 3
     labels = torch.randint(0, classes + 1, (rows,), device="cuda")
 
+    module = build_loss({"type": "FocalLoss"})
+
     def run() -> None:
-        focal_loss_and_grad(x, labels, avg_factor=1000.0, gamma_two=gamma_two)
+        focal_loss_and_grad(x, labels, avg_factor=1000.0, gamma_two=gamma_two, module=module)
 
     for _ in range(3):
         run()
