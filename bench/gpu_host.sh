@@ -25,18 +25,28 @@ LAYOUT=${LAYOUT:-/tmp/losswire-layout}
 PYTHON=${PYTHON:-python3}
 
 mkdir -p "$SITE" "$LAYOUT/losswire" "$LAYOUT/bin"
-for wheel in "$WHEELS"/*.whl; do
-    [[ -e "$wheel" ]] || break
-    name=$(basename "$wheel")
-    module=${name%%-*}
-    case "$module" in
-    numpy | pytest | pytest_xdist | execnet | pluggy | iniconfig | packaging | prometheus_client)
-        [[ "$module" == pytest_xdist ]] && module=xdist
-        "$PYTHON" -c "import $module" 2>/dev/null && continue
-        ;;
-    esac
-    "$PYTHON" -m pip install --quiet --no-deps --upgrade --target "$SITE" "$wheel"
-done
+# once per $SITE (a second command on the same host starts at once), in one pip call: wheels that share a
+# top-level package (protobuf's and googleapis-common-protos' google/) are merged, where one --target
+# install per wheel would replace the folder the previous one made
+if [[ ! -e "$SITE/.losswire-wheels" ]]; then
+    wanted=()
+    for wheel in "$WHEELS"/*.whl; do
+        [[ -e "$wheel" ]] || break
+        name=$(basename "$wheel")
+        module=${name%%-*}
+        case "$module" in
+        numpy | pytest | pytest_xdist | execnet | pluggy | iniconfig | packaging | prometheus_client)
+            [[ "$module" == pytest_xdist ]] && module=xdist
+            "$PYTHON" -c "import $module" 2>/dev/null && continue
+            ;;
+        esac
+        wanted+=("$wheel")
+    done
+    if ((${#wanted[@]})); then
+        "$PYTHON" -m pip install --quiet --no-deps --target "$SITE" "${wanted[@]}"
+    fi
+    touch "$SITE/.losswire-wheels"
+fi
 # the package's layout (pyproject.toml's package-dir)
 ln -sfn "$ROOT/server" "$LAYOUT/losswire/server"
 ln -sfn "$ROOT/client" "$LAYOUT/losswire/client"
