@@ -22,7 +22,8 @@ Sections:
   (tests/service/test_gpu_server.py), the one-pass kernels' tests, and the reference and service suites.
 * ``triton``: FocalLoss's hand-written Triton kernel (``bench/triton_focal.py``): its largest difference
   from autograd, and its time and share of the roofline at the same sizes, general and with gamma = 2
-  specialised (which the server does not use yet).
+  specialised (what the server runs where gamma is 2), and at the largest size over launch shapes
+  (blocks of 1024-8192 elements, 4-16 warps).
 * ``staging``: ``bench/staging.py``'s host <-> device copies at 64 and 256 MiB: pageable, pinned, and the
   server's staged path (``--pinned-staging-bytes``, on by default since it measured faster).
 * ``roundtrip``: a server on this GPU, in process; a caller on the same host sends FocalLoss at 64 MiB,
@@ -33,6 +34,7 @@ Sections:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -251,6 +253,32 @@ def section_triton(sizes: list[int], bandwidth: float) -> list[dict[str, Any]]:
             row[f"{name} kernels % roofline"] = 100 * row["roofline ms"] / kernel
         rows.append(row)
         print(json.dumps(rows[-1]), flush=True)
+    rows.extend(_launch_shapes(max(sizes), bandwidth))
+    return rows
+
+
+def _launch_shapes(size: int, bandwidth: float) -> list[dict[str, Any]]:
+    """The gamma = 2 kernel at other blocks and warps than the server's (``focal_triton.BLOCK``, ``NUM_WARPS``)."""
+    import triton_focal
+
+    _, fields = workload("FocalLoss", size * MIB // (80 * 4))
+    x, labels = fields["pred"], fields["target"]
+    roofline = (2 * x.nbytes + labels.nbytes) / bandwidth * 1e3
+    rows = []
+    for block, warps in itertools.product((1024, 2048, 4096, 8192), (4, 8, 16)):
+
+        def run(block=block, warps=warps) -> None:
+            triton_focal.focal_loss_and_grad(x, labels, avg_factor=1000.0, gamma_two=True, block=block, num_warps=warps)
+
+        try:
+            run()  # compiled for this shape, outside the profile
+            kernel = min(kernel_ms(run) for _ in range(3))
+        except Exception as error:  # a shape Triton refuses is reported, the others still run
+            rows.append({"pred MiB": size, "block": block, "warps": warps, "error": repr(error)[:200]})
+            continue
+        rows.append({"pred MiB": size, "block": block, "warps": warps, "gamma 2 specialised kernels ms": kernel,
+                     "gamma 2 specialised kernels % roofline": 100 * roofline / kernel})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -379,6 +407,7 @@ def main() -> None:
     parser.add_argument("--losses", default=",".join(WIDTH), help="the compute section's losses")
     parser.add_argument("--tests-timeout", type=int, default=240, help="seconds for the CUDA tests")
     parser.add_argument("--parity-timeout", type=int, default=240, help="seconds for the parity suites")
+    parser.add_argument("--parity-workers", type=int, default=12, help="pytest-xdist workers of the parity suites")
     parser.add_argument("--dry-run", action="store_true", help="on the CPU, to check the script itself")
     args = parser.parse_args()
     global DEVICE
@@ -407,9 +436,9 @@ def main() -> None:
 
     # name -> (title, measure, table columns); run in this order, those --sections names
     parts: dict[str, tuple[str, Callable[[], Any], list[str] | None]] = {
-        "oom": ("tests on CUDA", tests("out-of-memory and compiled closed forms",
-                ["tests/service/test_gpu_server.py", "tests/engine/test_gpu_kernels.py"], args.tests_timeout,
-                "tests.log"), None),
+        "oom": ("tests on CUDA", tests("out-of-memory, GPU kernels, host <-> device copies",
+                ["tests/service/test_gpu_server.py", "tests/engine/test_gpu_kernels.py",
+                 "tests/service/test_pinned_staging.py"], args.tests_timeout, "tests.log"), None),
         "compute": ("compute: loss + gradient of one term", lambda: section_compute(sizes, bandwidth, losses),
                     COMPUTE_COLUMNS),
         "triton": ("FocalLoss's Triton kernel, gamma = 2 specialised or not", lambda: section_triton(sizes, bandwidth),
@@ -417,8 +446,8 @@ def main() -> None:
         "staging": ("host <-> device copies: pageable, pinned, staged (GB/s)", section_staging, None),
         "roundtrip": ("same-host round trip, FocalLoss 64 MiB", section_roundtrip, None),
         "parity": ("parity on CUDA", tests("service and engine suites",
-                   ["tests/service", "tests/engine", "-m", "not slow", "-n", "12"], args.parity_timeout,
-                   "parity.log"), None),
+                   ["tests/service", "tests/engine", "-m", "not slow", "-n", str(args.parity_workers)],
+                   args.parity_timeout, "parity.log"), None),
     }  # fmt: skip
     for name, (title, measure, columns) in parts.items():
         if name not in sections:

@@ -1,6 +1,6 @@
 """FocalLoss's hand-written Triton kernel (``losses/fused/focal_triton.py``), by hand: checked against
-autograd, and timed with and without its gamma = 2 specialisation (``gamma_two``), which the server does
-not use yet.
+autograd, and timed with and without its gamma = 2 specialisation (``gamma_two``, which the server passes
+where the module's gamma is 2), and at other launch shapes (``block``, ``num_warps``).
 
     python bench/triton_focal.py                       # on a GPU: check against autograd, time it
     TRITON_INTERPRET=1 python bench/triton_focal.py    # on the CPU: Triton's interpreter, checks only
@@ -37,14 +37,16 @@ def focal_loss_and_grad(
     avg_factor: float | None = None,
     gamma_two: bool = False,
     module: FocalLoss | None = None,
+    **launch: int,
 ) -> tuple[Tensor, Tensor]:
     """mmdet's ``FocalLoss(gamma, alpha, loss_weight, reduction)(x, labels, weight, avg_factor)`` and its
     gradient with respect to ``x`` (for an upstream of ones), by the kernel through the server's own
-    ``bind`` (``module``: one built already, so that a timing leaves building out)."""
+    ``bind`` (``module``: one built already, so that a timing leaves building out; ``launch``: the kernel's
+    ``block`` and ``num_warps``)."""
     if module is None:
         module = build_loss({"type": "FocalLoss", "gamma": gamma, "alpha": alpha, "loss_weight": loss_weight})
     call = {"pred": x, "target": labels, "weight": weight, "avg_factor": avg_factor, "reduction_override": reduction}
-    answer = bind(module, call, functools.partial(closed_form, gamma_two=gamma_two))
+    answer = bind(module, call, functools.partial(closed_form, gamma_two=gamma_two, **launch))
     return answer.loss, answer.gradient(None)
 
 

@@ -175,9 +175,9 @@ class Evaluator:
         kwargs = bind_inputs(description, term)
         with self._module(term, config, sessions) as (module, step):
             check_cancelled(cancelled, "the forward")
-            kernel = self._fused_kernel(term, sampler_config, module, kwargs)
+            kernel, answer = self._fused_kernel(term, sampler_config, module, description, kwargs)
             if kernel is not None:
-                return self._evaluate_fused(kernel, term, module, description, kwargs, cancelled)
+                return self._evaluate_fused(kernel, term, module, description, kwargs, cancelled, answer)
             if description.stochastic and term.seed is not None:
                 module.rng = np.random.RandomState(term.seed % 2**32)  # numpy seeds are 32-bit
             sampled = None
@@ -187,7 +187,7 @@ class Evaluator:
             output = self._forward(module, description, kwargs)
             structure, parts = _parts(output, description.name)
             check_cancelled(cancelled, "the backward")
-            recompute = term.grad_output is not None or bool(term.grad_outputs)
+            recompute = _recompute(term)
             if recompute:
                 gradients = self._backward(parts, leaves, self._upstream(structure, parts, term))
                 per_part: list[dict[str, Tensor]] = [{} for _ in parts]
@@ -210,20 +210,33 @@ class Evaluator:
         )
 
     def _fused_kernel(
-        self, term: TermRequest, sampler_config: Any, module: nn.Module, kwargs: dict[str, Any]
-    ) -> fused_kernels.FusedKernel | None:
+        self,
+        term: TermRequest,
+        sampler_config: Any,
+        module: nn.Module,
+        description: LossDescription,
+        kwargs: dict[str, Any],
+    ) -> tuple[fused_kernels.FusedKernel | None, fused_kernels.Fused | None]:
         """The fused kernel for this term, or None where autograd's path must run: a session or a
-        sampler, gradients other than pred's alone, or inputs/config the kernel does not cover."""
+        sampler, gradients other than pred's alone, or inputs/config the kernel does not cover. With it,
+        its answer where a GPU kernel that checks the values as it runs gave one before ``supports``
+        would read them (``OnePass.answer_unchecked``), else None."""
         if not self._may_fuse(term, sampler_config):
-            return None
+            return None, None
+        kernel = fused_kernels.FUSED_KERNELS.get(type(module))
+        if kernel is not None and self.one_pass is not None and not _recompute(term):
+            with _answered_as_input_errors(description):
+                answer = self.one_pass.answer_unchecked(kernel, module, kwargs, term.pred)
+            if answer is not None:
+                return kernel, answer
         try:
-            return fused_kernels.select(module, kwargs)
+            return fused_kernels.select(module, kwargs), None
         except FORWARD_ERRORS as error:
             if not _inputs_fault(error):
                 raise
             # ``supports`` is a conservative predicate: inputs it cannot judge are autograd's to answer
             log.debug("term %r: fused kernel selection failed (%r); autograd's path answers", term.name, error)
-            return None
+            return None, None
 
     def _may_fuse(self, term: TermRequest, sampler_config: Any) -> bool:
         """Fused kernels are on and the term is theirs: no session, no sampler, pred's gradient alone."""
@@ -237,17 +250,18 @@ class Evaluator:
         description: LossDescription,
         kwargs: dict[str, Any],
         cancelled: Callable[[], bool] | None,
+        result: fused_kernels.Fused | None = None,
     ) -> TermOutcome:
-        """The autograd path's TermOutcome, from a kernel that gives loss and gradient in one pass.
+        """The autograd path's TermOutcome, from a kernel that gives loss and gradient in one pass
+        (``result``: its answer, where it answered already).
 
         With an upstream gradient (a recompute) the gradient is ``upstream * local derivative``,
         exact for the element-wise ('none') and scalar outputs these losses have."""
-        recompute = term.grad_output is not None or term.grad_outputs
+        recompute = _recompute(term)
         out = _gradient_out(term) if kernel.writes_into else None
         # errors of the kernel's own code are answered as autograd's path answers the module's (_forward)
         with _answered_as_input_errors(description):
-            result = None
-            if self.one_pass is not None and not recompute:  # on a GPU: the loss's closed form, if any
+            if result is None and self.one_pass is not None and not recompute:  # a GPU's closed form, if any
                 result = self.one_pass.answer(kernel, module, kwargs, term.pred)
             if result is None:  # the family kernel's torch ops
                 with self._family_lock:
@@ -467,6 +481,11 @@ class Evaluator:
             [t for t, _ in live], tensors, [g for _, g in live], allow_unused=True, retain_graph=keep_graph
         )
         return {key: torch.zeros_like(t) if g is None else g for (key, t), g in zip(leaves.items(), grads, strict=True)}
+
+
+def _recompute(term: TermRequest) -> bool:
+    """The term carries an upstream gradient: a recompute (the family kernels' and autograd's to answer)."""
+    return term.grad_output is not None or bool(term.grad_outputs)
 
 
 def _gradient_out(term: TermRequest) -> Tensor | None:

@@ -212,8 +212,10 @@ def test_fused_selection_that_fails_leaves_the_term_to_autograd():
     module = build_loss(dict(type="CrossEntropyLoss"))
     term = ce_term("CrossEntropyLoss", 2**70)
     kwargs = {"cls_score": term.pred, "label": term.target, "ignore_index": 2**70}
-    assert evaluator._fused_kernel(term, None, module, kwargs) is None
-    assert evaluator._fused_kernel(term, None, module, {**kwargs, "ignore_index": -100}) is not None
+    description = LOSSES.describe("CrossEntropyLoss")
+    assert evaluator._fused_kernel(term, None, module, description, kwargs) == (None, None)
+    kernel, _ = evaluator._fused_kernel(term, None, module, description, {**kwargs, "ignore_index": -100})
+    assert kernel is not None
 
 
 BOX_PRED = torch.tensor([[0.0, 0, 2, 2], [1, 1, 3, 4], [0, 0, 1, 1], [2, 2, 5, 5]])

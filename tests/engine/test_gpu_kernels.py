@@ -317,3 +317,107 @@ def test_a_gpu_kernel_that_fails_is_off_for_the_process_and_the_family_kernel_an
     assert [r for r in caplog.records if "FocalLoss is off for this process" in r.getMessage()]
     evaluator.evaluate(term())
     assert evaluator.fused_answers()["FocalLoss", "family"] == 2 and evaluator.one_pass.calls["FocalLoss"] == 0
+
+
+def _uncovered_values() -> dict[str, dict[str, Any]]:
+    """Inputs whose shapes, dtypes and config the kernel covers, and one value it does not."""
+    pred, labels = _logits("cpu", torch.float32, 4), torch.randint(0, C + 1, (N,), generator=_gen(5))
+    weight = _rand((N,), "cpu", torch.float32, 6)
+
+    def with_value(tensor: Tensor, index: tuple[int, ...], value: float) -> Tensor:
+        changed = tensor.clone()
+        changed[index] = value
+        return changed
+
+    fields = {"pred": pred, "target": labels, "weight": weight}
+    return {
+        "NaN logit": {**fields, "pred": with_value(pred, (3, 2), float("nan"))},
+        "+Inf logit": {**fields, "pred": with_value(pred, (N - 1, C - 1), float("inf"))},
+        "-Inf logit": {**fields, "pred": with_value(pred, (0, 0), float("-inf"))},
+        "Inf weight": {**fields, "weight": with_value(weight, (7,), float("inf"))},
+        "NaN weight": {**fields, "weight": with_value(weight, (8,), float("nan"))},
+        "label past C": {**fields, "target": with_value(labels, (5,), C + 1)},
+        "negative label": {**fields, "target": with_value(labels, (N - 1,), -1)},
+        "no classes": {"pred": torch.empty(N, 0), "target": torch.ones(N, dtype=torch.long)},
+    }
+
+
+@pytest.mark.skipif(
+    not TRITON or not (CUDA or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="needs Triton and CUDA, or Triton's interpreter (TRITON_INTERPRET=1)",
+)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("case", list(_uncovered_values()))
+def test_values_the_hand_written_kernel_does_not_cover_get_autograd_s_answer(case, reduction):
+    """The hand-written kernel answers before ``supports`` reads the values: a NaN or Inf in pred or weight,
+    or a label out of range, it finds as it runs, and the call gets autograd's answer (a NaN, or the
+    module's error), as on the family kernel's path; the kernel stays on and answers the next call."""
+    device = "cuda" if CUDA else "cpu"
+    evaluator = _evaluator(device, "by hand")
+    fields = {name: value.to(device) for name, value in _uncovered_values()[case].items()}
+    config = {"type": "FocalLoss", "gamma": 2.0}
+
+    def outcome(which: Evaluator) -> Any:
+        term = TermRequest(name="t", config=dict(config), reduction_override=reduction, **cloned(fields))
+        try:
+            got = which.evaluate(term)
+        except Exception as error:  # the module's own refusal, compared by kind and message
+            return type(error), str(error)
+        return got.loss, _gradient(got)
+
+    before = evaluator.one_pass.calls_by_hand["FocalLoss"]
+    got, expected = outcome(evaluator), outcome(AUTOGRAD)
+    if isinstance(expected[0], type):
+        assert got == expected
+    else:
+        torch.testing.assert_close(got, expected, equal_nan=True)
+    assert evaluator.one_pass.calls_by_hand["FocalLoss"] == before, "the kernel answered a value it does not cover"
+    assert evaluator.gpu_kernels_off() == frozenset()
+    good = {"pred": _logits(device, torch.float32), "target": torch.zeros(N, dtype=torch.long, device=device)}
+    evaluator.evaluate(TermRequest(name="t", config=dict(config), **good))
+    assert evaluator.one_pass.calls_by_hand["FocalLoss"] == before + 1
+
+
+@pytest.mark.skipif(
+    not TRITON or not (CUDA or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="needs Triton and CUDA, or Triton's interpreter (TRITON_INTERPRET=1)",
+)
+def test_the_hand_written_kernel_answers_without_supports_reading_the_values(monkeypatch):
+    """``supports``'s passes over pred and weight and its label range check (each a host sync) are what the
+    hand-written kernel saves: they run on the family kernel's path and not on the kernel's."""
+    from losswire.server.losses.fused import focal
+
+    reads: list[str] = []
+    finite, labels_in_range = focal.finite, focal.labels_in_range
+    monkeypatch.setattr(focal, "finite", lambda *t: reads.append("finite") or finite(*t))
+    monkeypatch.setattr(focal, "labels_in_range", lambda *a: reads.append("labels") or labels_in_range(*a))
+    device = "cuda" if CUDA else "cpu"
+    fields = {"pred": _logits(device, torch.float32), "target": torch.zeros(N, dtype=torch.long, device=device)}
+
+    def term() -> TermRequest:
+        return TermRequest(name="t", config={"type": "FocalLoss"}, **cloned(fields))
+
+    by_hand = _evaluator(device, "by hand")
+    before = by_hand.one_pass.calls_by_hand["FocalLoss"]
+    by_hand.evaluate(term())
+    assert by_hand.one_pass.calls_by_hand["FocalLoss"] == before + 1 and reads == []
+    Evaluator(fused=True, gpu_kernels=False).evaluate(term())
+    assert sorted(set(reads)) == ["finite", "labels"]
+
+
+@pytest.mark.parametrize("rows,classes", [(700, 9), (300, 41), (3, 3000), (5000, 1), (129, 80)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_the_hand_written_kernel_across_its_blocks(rows, classes, reduction):
+    """Rows that straddle the hand-written kernel's blocks of 2048 elements, a row longer than a block, one
+    class, a class count whose 1/C rounds down in float32 (41): each element finds its row and column (its
+    label, its row's weight) as autograd does."""
+    if BY_HAND.marks[0].args[0]:
+        pytest.skip(BY_HAND.marks[0].kwargs["reason"])
+    device = "cuda" if CUDA else "cpu"
+    gen = _gen(rows)
+    pred = (torch.randn(rows, classes, generator=gen) * 4).to(device)
+    labels = torch.randint(0, classes + 1, (rows,), generator=gen).to(device)
+    weight = torch.rand(rows, generator=gen).to(device)
+    config = {"type": "FocalLoss", "gamma": 2.0, "alpha": 0.25}
+    check("FocalLoss", config, device, torch.float32, "by hand", pred=pred, target=labels, weight=weight,
+          reduction_override=reduction)  # fmt: skip

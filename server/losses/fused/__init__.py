@@ -128,13 +128,32 @@ class ClosedForm:
     (scalars come as 0-d tensors, so that one compilation serves every config value).
     ``bind(module, kwargs, function) -> Fused``: the module's config and a call's inputs (those
     ``supports`` accepted) to ``function``'s arguments, and its result to the module's output.
-    ``handwritten``: the stem of a module beside this one whose ``closed_form`` is ``function`` written
-    by hand for the GPU (Triton), for float32; it takes the same arguments, and its results are what
-    ``bind`` reads. On CUDA it answers instead of the compiled ``function`` where it imports."""
+    ``handwritten``: ``function`` written by hand for the GPU (see ``HandWritten``); on CUDA it answers
+    float32 terms instead of the compiled ``function`` where it imports."""
 
     function: Callable[..., tuple[Tensor, Tensor]]
     bind: Callable[[nn.Module, Mapping[str, Any], Callable[..., tuple[Tensor, Tensor]]], Fused]
-    handwritten: str | None = None
+    handwritten: HandWritten | None = None
+
+
+def _no_hints(module: nn.Module) -> dict[str, Any]:
+    return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class HandWritten:
+    """A closed form written by hand for the GPU (Triton), for float32: the ``closed_form`` of the module
+    ``stem`` beside this one.
+
+    It takes the closed form's arguments, plus the keywords ``hints(module)`` gives (config values it
+    specialises on, known on the host: FocalLoss's gamma = 2), and its results are what ``bind`` reads.
+    It checks, as it runs, the values ``supports`` would read (NaN or Inf in pred and weight, labels out
+    of range) and raises ``ValuesNotCovered`` afterwards where one is not its: so on a GPU the evaluator
+    asks ``covers`` alone before it (``compiled.OnePass.answer_unchecked``), and saves ``supports``'s
+    passes over the inputs and their host syncs."""
+
+    stem: str
+    hints: Callable[[nn.Module], dict[str, Any]] = _no_hints
 
 
 # The selection table, filled by ``register`` as the kernel modules are imported.
@@ -411,6 +430,11 @@ def one_hot(labels: Tensor, like: Tensor) -> Tensor:
 class DeclinedError(Exception):
     """A closed form does not take these inputs: the family kernel answers them (and refuses what it
     refuses), and the closed form stays on for every other call."""
+
+
+class ValuesNotCovered(DeclinedError):  # noqa: N818 (a signal to the evaluator, not the caller's error)
+    """A hand-written kernel, which checks the values as it runs, met one that is not its (a NaN or Inf,
+    a label out of range, a sum past the dtype): ``supports`` decides the call, as it decides any other."""
 
 
 def scalar(value: float, like: Tensor) -> Tensor:

@@ -26,6 +26,7 @@ float32 terms wherever it imports, with the same fallback; float64 terms keep th
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import logging
 import threading
@@ -54,7 +55,7 @@ def compiled_source(cls: type) -> tuple[Path, ...]:
     if kernel is None or kernel.one_pass is None:
         return ()
     handwritten, here = kernel.one_pass.handwritten, Path(__file__).resolve()
-    return (here,) + ((here.with_name(f"{handwritten}.py"),) if handwritten else ())
+    return (here,) + ((here.with_name(f"{handwritten.stem}.py"),) if handwritten else ())
 
 
 class OnePass:
@@ -80,21 +81,59 @@ class OnePass:
         self.calls_by_hand: Counter[str] = Counter()  # ... of them, by its hand-written kernel
 
     def answer(self, kernel: FusedKernel, module: nn.Module, kwargs: Mapping[str, Any], pred: Tensor) -> Fused | None:
-        """``kernel``'s closed form's answer to a term on ``pred``'s device, or None: a device it does not
-        answer on, no closed form, one that failed before or fails now (then it is off for the process, and
-        the family kernel answers), inputs it declines, or a term evaluated on an event loop. Out of memory
-        is raised: it is the server's condition, not the kernel's."""
-        form = kernel.one_pass
-        if form is None or pred.device.type not in self.devices or kernel.name in self._broken:
+        """``kernel``'s closed form's answer to a term ``kernel.supports``, on ``pred``'s device, or None: a
+        device it does not answer on, no closed form, one that failed before or fails now (then it is off
+        for the process, and the family kernel answers), inputs it declines, or a term evaluated on an
+        event loop. Out of memory is raised: it is the server's condition, not the kernel's."""
+        if not self._may_answer(kernel, pred):
             return None
-        if _on_event_loop():
-            # a quick call, evaluated where it arrived: a first call compiles for seconds (11 s measured) and
-            # the lock may wait for another call's compilation; the loop would stall every call and probe
+        return self._run(kernel, module, kwargs, self._kernel_by_hand(kernel, pred))
+
+    def answer_unchecked(
+        self, kernel: FusedKernel, module: nn.Module, kwargs: Mapping[str, Any], pred: Tensor
+    ) -> Fused | None:
+        """``answer`` before ``kernel.supports`` has read the values, where a hand-written kernel answers:
+        it checks them as it runs (``HandWritten``), so ``covers`` (shapes, dtypes, config) is asked here
+        instead. None where no such kernel answers this term, or where the values are not its: the caller
+        then asks ``supports``, and the paths it chooses answer."""
+        if kernel.covers is None or not self._may_answer(kernel, pred):
+            return None
+        by_hand = self._kernel_by_hand(kernel, pred)
+        if by_hand is None:
             return None
         try:
+            if not kernel.covers(module, kwargs):
+                return None
+        except LossError:
+            return None
+        return self._run(kernel, module, kwargs, by_hand)
+
+    def _may_answer(self, kernel: FusedKernel, pred: Tensor) -> bool:
+        form = kernel.one_pass
+        if form is None or pred.device.type not in self.devices or kernel.name in self._broken:
+            return False
+        # a quick call, evaluated where it arrived: a first call compiles for seconds (11 s measured) and
+        # the lock may wait for another call's compilation; the loop would stall every call and probe
+        return not _on_event_loop()
+
+    def _kernel_by_hand(self, kernel: FusedKernel, pred: Tensor) -> Callable | None:
+        """The hand-written kernel that answers ``kernel``'s float32 terms, or None."""
+        handwritten = kernel.one_pass.handwritten
+        if handwritten is None or pred.dtype != torch.float32:
+            return None
+        return self._by_hand_kernel(handwritten.stem)
+
+    def _run(
+        self, kernel: FusedKernel, module: nn.Module, kwargs: Mapping[str, Any], by_hand: Callable | None
+    ) -> Fused | None:
+        form = kernel.one_pass
+        try:
             with self._lock:
-                by_hand = self._by_hand_kernel(form.handwritten) if pred.dtype == torch.float32 else None
-                answer = form.bind(module, kwargs, by_hand or self._compiled_form(form.function))
+                if by_hand is not None:
+                    function = functools.partial(by_hand, **form.handwritten.hints(module))
+                else:
+                    function = self._compiled_form(form.function)
+                answer = form.bind(module, kwargs, function)
                 self.calls[kernel.name] += 1
                 self.calls_by_hand[kernel.name] += by_hand is not None
             return answer
@@ -102,7 +141,7 @@ class OnePass:
             return None  # the caller's inputs, not the kernel: the family kernel answers (or refuses) this call
         except torch.OutOfMemoryError:
             raise
-        except Exception as error:  # a compiler's failure (no Triton, a backend error); the inputs are checked
+        except Exception as error:  # a compiler's failure (no Triton, a backend error); covers checked the inputs
             self._broken.add(kernel.name)
             log.warning("the compiled kernel of %s is off for this process (%r); its family kernel answers",
                         kernel.name, error)  # fmt: skip

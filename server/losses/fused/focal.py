@@ -17,6 +17,7 @@ from . import (
     ClosedForm,
     Fused,
     FusedKernel,
+    HandWritten,
     RowBlocks,
     Scratch,
     answered,
@@ -270,6 +271,11 @@ def _reduced(module: FocalLoss, reducer: Reducer, row_losses: Tensor, numel: int
     return module.loss_weight * (total if divisor is None else total / divisor)
 
 
+def _kernel_hints(module: FocalLoss) -> dict[str, Any]:
+    """What the hand-written kernel specialises on: gamma = 2 (mmdet's default) squares."""
+    return {"gamma_two": float(module.gamma) == 2.0}
+
+
 register(
     FocalLoss,
     FusedKernel(
@@ -279,6 +285,6 @@ register(
         writes_into=True,
         rows=rows,
         covers=covers,
-        one_pass=ClosedForm(closed_form, bind, handwritten="focal_triton"),
+        one_pass=ClosedForm(closed_form, bind, handwritten=HandWritten("focal_triton", _kernel_hints)),
     ),
 )

@@ -3,40 +3,50 @@
 ``torch.compile`` turned the closed form into a per-row kernel that reached 8 % of the HBM roofline on an
 H200 (80 classes in 128 lanes, a tensor-exponent ``pow``). This kernel is one pass over the flat
 [N * C] logits: each program reads its block of logits (and the labels and weights of its rows, which
-stay in cache), writes the gradient, and writes one partial sum of the weighted loss (or, for 'none', the
-element-wise loss). 8 bytes per element for a float32 pred: the roofline's count. On an H200 it ran at
-46 % of the roofline at 1 GiB (1.12 ms against the compiled kernel's 6.33), the whole term 12x autograd
-(docs/performance.md, "On a GPU").
+stay in cache), writes the gradient, and writes one partial sum of the weighted loss (and, for 'none',
+the element-wise loss). 8 bytes per element for a float32 pred: the roofline's count. On an H200 its
+kernels ran at 61 % of the roofline at 1 GiB (0.86 ms against the compiled kernel's 6.33), the whole term
+19x autograd (docs/performance.md, "On a GPU"; blocks of 1024 elements and 4 warps were the fastest shape
+there).
 
-Same arguments and results as ``focal.closed_form`` (``ClosedForm.handwritten``), with one difference
+Same arguments and results as ``focal.closed_form`` (``ClosedForm.handwritten``), with two differences
 its ``bind`` allows: for a reduced loss the first result is one partial sum per program, not per row
-(``bind`` only adds them). Config values stay 0-d tensors, read by the kernel, so nothing is copied to the
-host and no value compiles anew. This module imports Triton: the engine loads it only on a GPU
-(``compiled.OnePass``), and a CPU install never does.
+(``bind`` only adds them); and the keyword ``gamma_two`` (``HandWritten.hints``: gamma is 2, known on
+the host) squares instead of ``exp2(gamma log2 q)``, as mmdet's default config asks. Config values stay
+0-d tensors, read by the kernel, so nothing is copied to the host and no value compiles anew.
+
+It checks the values ``focal.supports`` reads as it computes (``HandWritten``): a NaN or Inf in pred or
+weight makes its element's ``L * weight`` NaN (an infinite logit gives ``inf - inf`` or ``inf * 0`` in the
+BCE; an infinite weight ``inf * 0`` or ``inf``), and so does a label outside [0, C]; each program writes
+its partial sum of ``L * weight`` whatever the reduction, and a sum that is not finite raises
+``ValuesNotCovered`` (one host sync, where ``supports`` took two and read pred once more). This module
+imports Triton: the engine loads it only on a GPU (``compiled.OnePass``), and a CPU install never does.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-BLOCK = 2048
-# offsets past int32 need 64-bit index arithmetic, which is slower: only where the tensor needs it
-INT32_ELEMENTS = 2**31 - BLOCK
+from . import ValuesNotCovered
+
+BLOCK, NUM_WARPS = 1024, 4
 WEIGHT_NONE, WEIGHT_ROW, WEIGHT_ELEMENT = 0, 1, 2
 
 
 @triton.jit
 def _focal_kernel(
-    x_ptr, labels_ptr, weight_ptr, gamma_ptr, alpha_ptr, scale_ptr, grad_ptr, loss_ptr,
+    x_ptr, labels_ptr, weight_ptr, gamma_ptr, alpha_ptr, scale_ptr, grad_ptr, loss_ptr, partials_ptr,
     numel, num_classes,
     weight_kind: tl.constexpr, elementwise: tl.constexpr, wide: tl.constexpr, gamma_two: tl.constexpr,
     block: tl.constexpr,
 ):  # fmt: skip
     program = tl.program_id(0)
-    if wide:
+    if wide:  # offsets past int32 need 64-bit index arithmetic, which is slower: only where the tensor needs it
         program = program.to(tl.int64)
     offsets = program * block + tl.arange(0, block)
     inside = offsets < numel
@@ -59,7 +69,8 @@ def _focal_kernel(
         q_gamma = tl.where(q > 0.0, tl.exp2(gamma * log_q), tl.where(gamma == 0.0, 1.0, 0.0))
         d_q_gamma = tl.where(q > 0.0, gamma * tl.exp2((gamma - 1.0) * log_q), tl.where(gamma == 1.0, 1.0, 0.0))
         d_q_gamma = tl.where(gamma == 0.0, 0.0, d_q_gamma)
-    loss = a * q_gamma * bce
+    # a label outside [0, C] (C: background) is the module's error to raise: NaN marks it (see the docstring)
+    loss = tl.where((label < 0) | (label > num_classes), float("nan"), a * q_gamma * bce)
     local = a * ((p - t) * q_gamma + bce * d_q_gamma * (1.0 - 2.0 * t) * p * (1.0 - p))
     if weight_kind == 1:
         w = tl.load(weight_ptr + row, mask=inside, other=0.0)
@@ -70,8 +81,7 @@ def _focal_kernel(
     tl.store(grad_ptr + offsets, local * (scale * w), mask=inside)
     if elementwise:
         tl.store(loss_ptr + offsets, loss, mask=inside)
-    else:
-        tl.store(loss_ptr + program, tl.sum(tl.where(inside, loss * w, 0.0), axis=0))
+    tl.store(partials_ptr + program, tl.sum(tl.where(inside, loss * w, 0.0), axis=0))
 
 
 def closed_form(
@@ -84,17 +94,21 @@ def closed_form(
     rows: bool,
     *,
     gamma_two: bool = False,
+    block: int = BLOCK,
+    num_warps: int = NUM_WARPS,
 ) -> tuple[Tensor, Tensor]:
     """``focal.closed_form`` in one kernel: ``x`` [N, C] float32, ``labels`` [N] (C: background),
     ``weight`` 0-d (none), [N, 1] or [N, C]; ``gamma``, ``alpha``, ``scale`` 0-d. ``rows``: the first
     result holds partial sums of ``L * weight`` (one per program), else it is ``L`` [N, C].
+    ``gamma_two``: gamma is 2 (the caller knows it on the host), and the kernel squares. ``block`` (a power
+    of two) and ``num_warps``: the launch's shape, which ``bench/gpu.py`` sweeps.
 
-    ``gamma_two``: the caller knows on the host that gamma is 2, and the kernel squares instead of
-    ``exp2(gamma log2 q)``. The server does not pass it yet (its bind has gamma as a tensor): the
-    prototype this kernel grew from ran 1.45x faster with it on an H200, in another run than the
-    server's kernel; ``bench/triton_focal.py`` times both in one run."""
+    Raises ``ValuesNotCovered`` where pred or weight holds a NaN or Inf, a label is outside [0, C], or the
+    partial sums overflow: ``supports`` then decides the call."""
     x, labels = x.contiguous(), labels.contiguous()
     numel, num_classes = x.numel(), x.shape[1]
+    if not numel and labels.numel():
+        raise ValuesNotCovered("no logits to check the labels against (C = 0): supports reads them")
     if weight.dim() == 0:
         kind = WEIGHT_NONE
     elif weight.numel() == x.shape[0]:
@@ -103,12 +117,16 @@ def closed_form(
         kind = WEIGHT_ELEMENT
         weight = weight.expand_as(x)
     weight = weight.contiguous()
-    grid = (triton.cdiv(numel, BLOCK),)
+    grid = (triton.cdiv(numel, block),)
     grad = torch.empty_like(x)
-    loss = torch.empty_like(x) if not rows else x.new_empty(grid[0])
+    partials = x.new_empty(grid[0])
+    loss = torch.empty_like(x) if not rows else partials
     if numel:
         _focal_kernel[grid](
-            x, labels, weight, gamma, alpha, scale.reshape(()), grad, loss, numel, num_classes,
-            weight_kind=kind, elementwise=not rows, wide=numel > INT32_ELEMENTS, gamma_two=gamma_two, block=BLOCK,
+            x, labels, weight, gamma, alpha, scale.reshape(()), grad, loss, partials, numel, num_classes,
+            weight_kind=kind, elementwise=not rows, wide=numel > 2**31 - block - num_classes, gamma_two=gamma_two,
+            block=block, num_warps=num_warps,
         )  # fmt: skip
+    if not math.isfinite(partials.sum().item()):
+        raise ValuesNotCovered("a NaN or Inf in pred or weight, a label outside [0, C], or a sum past float32")
     return loss, grad
