@@ -41,6 +41,8 @@ class StreamSink:
 
     :func:`encode_tensor` records here every tensor of at least ``min_bytes`` (its message gets dtype
     and shape, no data) with a flat uint8 view of its bytes: nothing is copied until a chunk is cut.
+    A device tensor's view stays on its device: ``place`` copies it into shared memory from there, and
+    it comes to the host once where its bytes are read (a chunk, ``inline``).
     """
 
     def __init__(self, min_bytes: int = STREAM_MIN_TENSOR_BYTES) -> None:
@@ -54,7 +56,7 @@ class StreamSink:
     @property
     def nbytes(self) -> int:
         """Bytes held back for streaming."""
-        return sum(_byte_view(data).nbytes for _, data in self.entries)
+        return sum(byte_count(data) for _, data in self.entries)
 
     def inline(self, placed: bool = True) -> None:
         """Put every held-back tensor's bytes into its message after all (a unary call, a resend),
@@ -119,7 +121,7 @@ def byte_count(data: Any) -> int:
 
 def _byte_view(data: Any) -> memoryview:
     if isinstance(data, Tensor):
-        data = data.numpy()
+        data = data.cpu().numpy()  # a device tensor's bytes, copied to the host once; a host one, as it is
     return memoryview(data).cast("B")
 
 

@@ -44,7 +44,8 @@ def _gradient(target: str, pred: torch.Tensor, labels: torch.Tensor, shared_memo
 def cuda_servers():
     """(a server staging through pinned memory, one copying the pageable way), both on cuda."""
     base = ServerConfig(host="127.0.0.1", port=0, device="cuda", max_workers=4)
-    servers = [LosswireServer(dataclasses.replace(base, pinned_staging_bytes=1 << 30)), LosswireServer(base)]
+    staged, pageable = (dataclasses.replace(base, pinned_staging_bytes=size) for size in (1 << 30, 0))
+    servers = [LosswireServer(staged), LosswireServer(pageable)]
     for server in servers:
         server.start()
     yield servers
@@ -73,3 +74,20 @@ def test_a_big_call_on_cuda_is_the_pageable_paths_bit_for_bit(cuda_servers, mib:
     _gradient(f"127.0.0.1:{pinned.port}", pred, labels, shared_memory)
     assert pool.held_bytes == resting and pool.lent_bytes == 0  # reused, not grown
     assert 0 < resting <= pool.max_bytes and _staged(pinned, "held") == resting
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shared_memory", ["off", "auto"])
+def test_a_caller_s_big_cuda_pred_gets_its_cpu_copy_s_answer_bit_for_bit(cuda_servers, shared_memory: str):
+    """A caller's CUDA pred is held back on its device and copied once, to where it goes (a shared-memory
+    segment, or chunks by gRPC): the answer is the same pred's from the host, its gradient on CUDA."""
+    pinned, _ = cuda_servers
+    rows, classes = 64 * MiB // 4 // 64, 64
+    generator = torch.Generator().manual_seed(7)
+    pred = torch.randn(rows, classes, generator=generator)
+    labels = torch.randint(0, classes + 1, (rows,), generator=generator)
+    target = f"127.0.0.1:{pinned.port}"
+    loss, grad = _gradient(target, pred.cuda(), labels.cuda(), shared_memory)
+    host_loss, host_grad = _gradient(target, pred, labels, shared_memory)
+    assert loss.is_cuda and grad.is_cuda
+    assert torch.equal(loss.cpu(), host_loss) and torch.equal(grad.cpu(), host_grad)
