@@ -104,11 +104,12 @@ class StreamSink:
         return sink
 
     def paths(self, root: Message) -> list[tuple[str, Any]]:
-        """(field path in ``root``, bytes) of every held-back tensor, in ``root``'s order."""
+        """(field path in ``root``, bytes on the host) of every held-back tensor, in ``root``'s order. A
+        device tensor is copied to the host here, once, however many streams then cut it into chunks."""
         # the protobuf runtime hands out one Python object per sub-message while it is referenced
         # (the sink holds them), so identity finds each recorded message in the walk
         held = {id(message): data for message, data in self.entries}
-        found = [(path, held.pop(id(tensor))) for path, tensor in tensors_of(root) if id(tensor) in held]
+        found = [(path, _on_host(held.pop(id(tensor)))) for path, tensor in tensors_of(root) if id(tensor) in held]
         if held:
             raise CodecError(f"{len(held)} streamed tensor(s) are not inside the message being sent")
         return found
@@ -117,6 +118,11 @@ class StreamSink:
 def byte_count(data: Any) -> int:
     """Bytes of a held-back tensor's data (a uint8 tensor or any bytes-like)."""
     return data.numel() if isinstance(data, Tensor) else memoryview(data).nbytes
+
+
+def _on_host(data: Any) -> Any:
+    """A held-back device tensor's bytes copied to the host; anything else as it is."""
+    return data.cpu() if isinstance(data, Tensor) and data.device.type != "cpu" else data
 
 
 def _byte_view(data: Any) -> memoryview:

@@ -29,8 +29,8 @@ def test_a_cpu_server_stages_nothing_and_pins_nothing():
     assert server.metrics.registry.get_sample_value("losswire_staged_copies_total", {"path": "pinned"}) == 0
 
 
-def _gradient(target: str, pred: torch.Tensor, labels: torch.Tensor, shared_memory: str) -> tuple:
-    client = LossClient(target, timeout=120, shared_memory=shared_memory)
+def _gradient(target: str, pred: torch.Tensor, labels: torch.Tensor, shared_memory: str, lanes: int = 0) -> tuple:
+    client = LossClient(target, timeout=120, shared_memory=shared_memory, lanes=lanes)
     try:
         leaf = pred.clone().requires_grad_()
         loss = RemoteLoss(FOCAL, client=client)(leaf, labels)
@@ -77,17 +77,18 @@ def test_a_big_call_on_cuda_is_the_pageable_paths_bit_for_bit(cuda_servers, mib:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("shared_memory", ["off", "auto"])
-def test_a_caller_s_big_cuda_pred_gets_its_cpu_copy_s_answer_bit_for_bit(cuda_servers, shared_memory: str):
+@pytest.mark.parametrize(("shared_memory", "lanes"), [("off", 0), ("off", 2), ("auto", 0)])
+def test_a_caller_s_big_cuda_pred_gets_its_cpu_copy_s_answer_bit_for_bit(cuda_servers, shared_memory: str, lanes):
     """A caller's CUDA pred is held back on its device and copied once, to where it goes (a shared-memory
-    segment, or chunks by gRPC): the answer is the same pred's from the host, its gradient on CUDA."""
+    segment, or chunks by gRPC, on one stream or several lanes): the answer is the same pred's from the
+    host, its gradient on CUDA."""
     pinned, _ = cuda_servers
     rows, classes = 64 * MiB // 4 // 64, 64
     generator = torch.Generator().manual_seed(7)
     pred = torch.randn(rows, classes, generator=generator)
     labels = torch.randint(0, classes + 1, (rows,), generator=generator)
     target = f"127.0.0.1:{pinned.port}"
-    loss, grad = _gradient(target, pred.cuda(), labels.cuda(), shared_memory)
-    host_loss, host_grad = _gradient(target, pred, labels, shared_memory)
+    loss, grad = _gradient(target, pred.cuda(), labels.cuda(), shared_memory, lanes)
+    host_loss, host_grad = _gradient(target, pred, labels, shared_memory, lanes)
     assert loss.is_cuda and grad.is_cuda
     assert torch.equal(loss.cpu(), host_loss) and torch.equal(grad.cpu(), host_grad)
