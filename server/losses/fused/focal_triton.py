@@ -124,7 +124,7 @@ def closed_form(
     if numel:
         _focal_kernel[grid](
             x, labels, weight, gamma, alpha, scale.reshape(()), grad, loss, partials, numel, num_classes,
-            weight_kind=kind, elementwise=not rows, wide=numel > 2**31 - block - num_classes, gamma_two=gamma_two,
+            weight_kind=kind, elementwise=not rows, wide=numel > 2**31 - block, gamma_two=gamma_two,
             block=block, num_warps=num_warps,
         )  # fmt: skip
     if not math.isfinite(partials.sum().item()):
