@@ -409,8 +409,9 @@ def test_the_hand_written_kernel_answers_without_supports_reading_the_values(mon
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_the_hand_written_kernel_across_its_blocks(rows, classes, reduction):
     """Rows that straddle the hand-written kernel's blocks of 2048 elements, a row longer than a block, one
-    class, a class count whose 1/C rounds down in float32 (41): each element finds its row and column (its
-    label, its row's weight) as autograd does."""
+    class, a class count whose 1/C rounds down in float32 (41: a row found by reciprocal instead of a division
+    would need a correction there): each element finds its row and column (its label, its row's weight) as
+    autograd does."""
     if BY_HAND.marks[0].args[0]:
         pytest.skip(BY_HAND.marks[0].kwargs["reason"])
     device = "cuda" if CUDA else "cpu"
