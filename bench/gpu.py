@@ -17,7 +17,10 @@ Sections:
   one-pass kernels (the default). ``kernels ms`` is the sum of the device's kernel times in one call
   (torch.profiler), ``wall ms`` the median wall time of the call. Roofline = the least bytes the pass
   moves (its inputs once, the gradient and loss once) / the device-to-device copy bandwidth measured now
-  (bytes read + written). The first one-pass call of each loss (compilation) is reported apart.
+  (bytes read + written). The first one-pass call of each loss (compilation) is reported apart. ``host ops
+  ms``: the one-pass call's host time inside torch ops and CUDA runtime calls (launches, allocations, the
+  syncs that wait for the device), and the largest of them; the wall time less that and the kernels is
+  Python.
 * ``oom``, ``parity``: pytest on CUDA (``LOSSWIRE_TEST_DEVICE=cuda``): the out-of-memory test
   (tests/service/test_gpu_server.py), the one-pass kernels' tests, and the reference and service suites.
 * ``triton``: FocalLoss's hand-written Triton kernel (``bench/triton_focal.py``): its largest difference
@@ -125,6 +128,19 @@ def kernel_times(fn: Callable[[], Any]) -> dict[str, float]:
     return {e.key: e.device_time_total / 1e3 for e in prof.key_averages() if e.device_time_total}
 
 
+def host_times(fn: Callable[[], Any]) -> dict[str, float]:
+    """The host's own time in ms per torch op and CUDA runtime call in one call of ``fn`` (torch.profiler's
+    CPU activity, self time): where a path's wall time beyond its kernels goes (launches, allocations, the
+    syncs that wait for the device: ``aten::_local_scalar_dense``, ``cudaStreamSynchronize``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync()
+    return {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages() if e.self_cpu_time_total}
+
+
 def top_kernels(times: dict[str, float], count: int = 6) -> str:
     ranked = sorted(times.items(), key=lambda item: -item[1])[:count]
     return "; ".join(f"{name[:60]} {ms:.3f}" for name, ms in ranked)
@@ -190,6 +206,8 @@ def compute_cell(name: str, size_mib: int, paths: dict[str, Evaluator], bandwidt
         times = kernel_times(lambda evaluator=evaluator: evaluator.evaluate(term()))
         cell[f"{path} kernels ms"] = sum(times.values())
         cell[f"{path} top kernels ms"] = top_kernels(times)
+    host = host_times(lambda: paths["one-pass"].evaluate(term()))
+    cell["one-pass host ops ms"], cell["one-pass top host ops ms"] = sum(host.values()), top_kernels(host, 8)
     one_pass = paths["one-pass"]
     cell["one-pass answered"] = one_pass.one_pass.calls[name] > 0 and name not in one_pass.one_pass._broken
     auto, fast = outcomes["autograd"], outcomes["one-pass"]
