@@ -19,8 +19,8 @@ Sections:
   moves (its inputs once, the gradient and loss once) / the device-to-device copy bandwidth measured now
   (bytes read + written). The first one-pass call of each loss (compilation) is reported apart. ``host ops
   ms``: the one-pass call's host time inside torch ops and CUDA runtime calls (launches, allocations, the
-  syncs that wait for the device), and the largest of them; the wall time less that and the kernels is
-  Python.
+  syncs that wait for the device, which hold the kernels' time), and the largest of them; the wall time
+  less that is the Python around them.
 * ``oom``, ``parity``: pytest on CUDA (``LOSSWIRE_TEST_DEVICE=cuda``): the out-of-memory test
   (tests/service/test_gpu_server.py), the one-pass kernels' tests, and the reference and service suites.
 * ``triton``: FocalLoss's hand-written Triton kernel (``bench/triton_focal.py``): its largest difference
