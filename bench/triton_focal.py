@@ -5,7 +5,7 @@ where the module's gamma is 2), and at other launch shapes (``block``, ``num_war
     python bench/triton_focal.py                       # on a GPU: check against autograd, time it
     TRITON_INTERPRET=1 python bench/triton_focal.py    # on the CPU: Triton's interpreter, checks only
 
-The kernel reads the config from 0-d tensors and returns partial sums of the weighted loss (or the
+The kernel reads the config from 0-d tensors and returns the sum of the weighted loss (or the
 element-wise loss for 'none'); ``focal_loss_and_grad`` turns that into the module's answer with the
 server's own bind (``losses/fused/focal.py``). ``bench/gpu.py``'s ``triton`` section runs ``check`` and
 ``time_ms``.

@@ -263,7 +263,7 @@ def bind(module: FocalLoss, kwargs: Mapping[str, Any], function: Callable[..., t
 
 
 def _reduced(module: FocalLoss, reducer: Reducer, row_losses: Tensor, numel: int) -> Tensor:
-    """``loss_weight * reduce(L * weight)`` from partial sums of ``L * weight`` (per row, or per block of the
+    """``loss_weight * reduce(L * weight)`` from partial sums of ``L * weight`` (per row, or the one sum of the
     hand-written kernel; ``numel``: L's elements): what the module's ``finish`` gives, added in another
     order."""
     total = row_losses.sum()

@@ -10,8 +10,8 @@ kernels ran at 61 % of the roofline at 1 GiB (0.86 ms against the compiled kerne
 there).
 
 Same arguments and results as ``focal.closed_form`` (``ClosedForm.handwritten``), with two differences
-its ``bind`` allows: for a reduced loss the first result is one partial sum per program, not per row
-(``bind`` only adds them); and the keyword ``gamma_two`` (``HandWritten.hints``: gamma is 2, known on
+its ``bind`` allows: for a reduced loss the first result is the whole sum of ``L * weight`` (one element,
+not one per row: ``bind`` adds what it gets); and the keyword ``gamma_two`` (``HandWritten.hints``: gamma is 2, known on
 the host) squares instead of ``exp2(gamma log2 q)``, as mmdet's default config asks. Config values stay
 0-d tensors, read by the kernel, so nothing is copied to the host and no value compiles anew.
 
@@ -99,7 +99,8 @@ def closed_form(
 ) -> tuple[Tensor, Tensor]:
     """``focal.closed_form`` in one kernel: ``x`` [N, C] float32, ``labels`` [N] (C: background),
     ``weight`` 0-d (none), [N, 1] or [N, C]; ``gamma``, ``alpha``, ``scale`` 0-d. ``rows``: the first
-    result holds partial sums of ``L * weight`` (one per program), else it is ``L`` [N, C].
+    result is the sum of ``L * weight`` [1] (the programs' partial sums, added once for the check and the
+    loss), else it is ``L`` [N, C].
     ``gamma_two``: gamma is 2 (the caller knows it on the host), and the kernel squares. ``block`` (a power
     of two) and ``num_warps``: the launch's shape, which ``bench/gpu.py`` sweeps.
 
@@ -120,13 +121,14 @@ def closed_form(
     grid = (triton.cdiv(numel, block),)
     grad = torch.empty_like(x)
     partials = x.new_empty(grid[0])
-    loss = torch.empty_like(x) if not rows else partials
+    loss = torch.empty_like(x) if not rows else partials  # the kernel writes no element-wise loss then
     if numel:
         _focal_kernel[grid](
             x, labels, weight, gamma, alpha, scale.reshape(()), grad, loss, partials, numel, num_classes,
             weight_kind=kind, elementwise=not rows, wide=numel > 2**31 - block, gamma_two=gamma_two,
             block=block, num_warps=num_warps,
         )  # fmt: skip
-    if not math.isfinite(partials.sum().item()):
+    total = partials.sum()
+    if not math.isfinite(total.item()):
         raise ValuesNotCovered("a NaN or Inf in pred or weight, a label outside [0, C], or a sum past float32")
-    return loss, grad
+    return (total.reshape(1) if rows else loss), grad
