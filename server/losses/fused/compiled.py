@@ -117,11 +117,19 @@ class OnePass:
         return not _on_event_loop()
 
     def _kernel_by_hand(self, kernel: FusedKernel, pred: Tensor) -> Callable | None:
-        """The hand-written kernel that answers ``kernel``'s float32 terms, or None."""
+        """The hand-written kernel that answers ``kernel``'s float32 terms, or None: none, not wanted, or no
+        Triton here (its module is imported once)."""
         handwritten = kernel.one_pass.handwritten
-        if handwritten is None or pred.dtype != torch.float32:
+        if handwritten is None or not self.handwritten or pred.dtype != torch.float32:
             return None
-        return self._by_hand_kernel(handwritten.stem)
+        stem = handwritten.stem
+        if stem not in self._by_hand:
+            try:
+                self._by_hand[stem] = importlib.import_module(f"{__package__}.{stem}").closed_form
+            except ImportError as error:
+                log.warning("no hand-written kernel %s (%r): the compiled closed form answers", stem, error)
+                self._by_hand[stem] = None
+        return self._by_hand[stem]
 
     def _run(
         self, kernel: FusedKernel, module: nn.Module, kwargs: Mapping[str, Any], by_hand: Callable | None
@@ -151,18 +159,6 @@ class OnePass:
     def off(self) -> frozenset[str]:
         """The kernels whose closed form failed, off for this process."""
         return frozenset(self._broken)
-
-    def _by_hand_kernel(self, stem: str | None) -> Callable | None:
-        """The hand-written kernel in module ``stem``, or None: none, not wanted, or no Triton here."""
-        if stem is None or not self.handwritten:
-            return None
-        if stem not in self._by_hand:
-            try:
-                self._by_hand[stem] = importlib.import_module(f"{__package__}.{stem}").closed_form
-            except ImportError as error:
-                log.warning("no hand-written kernel %s (%r): the compiled closed form answers", stem, error)
-                self._by_hand[stem] = None
-        return self._by_hand[stem]
 
     def _compiled_form(self, function: Callable) -> Callable:
         if not self.compile:
