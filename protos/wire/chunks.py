@@ -127,7 +127,7 @@ def _on_host(data: Any) -> Any:
 
 def _byte_view(data: Any) -> memoryview:
     if isinstance(data, Tensor):
-        data = data.cpu().numpy()  # a device tensor's bytes, copied to the host once; a host one, as it is
+        data = _on_host(data).numpy()
     return memoryview(data).cast("B")
 
 

@@ -163,28 +163,26 @@ def encode_tensor(
         with stage.to_host(flat.contiguous()) as (host, lent):
             _fill(message, host.reshape(-1).view(torch.uint8), sink, allocate if lent else None, lent)
         return message
-    if sink is not None and flat.device.type != "cpu" and flat.numel() * flat.element_size() >= sink.min_bytes:
-        # held back on its device: the sink copies it once, to where it goes (a shared-memory segment,
-        # straight from the device), not first into fresh host memory (a CUDA pred of 64 MiB cost 55 ms
-        # more than a CPU one, on an H200 host, against some 15 ms for the copies themselves)
-        sink.add(message, flat.contiguous().reshape(-1).view(torch.uint8))
-        return message
-    _fill(message, flat.to("cpu").contiguous().reshape(-1).view(torch.uint8), sink)  # bytes: bfloat16 too
+    # bytes (bfloat16 too), where they are: a device tensor the sink holds back stays there, and is copied
+    # once to where it goes (a shared-memory segment, straight from the device), not first into fresh host
+    # memory (a CUDA pred of 64 MiB cost 55 ms more than a CPU one, on an H200 host, against some 15 ms for
+    # the copies themselves)
+    _fill(message, flat.contiguous().reshape(-1).view(torch.uint8), sink)
     return message
 
 
 def _fill(
     message: pb.Tensor, data: Tensor, sink: Sink | None, allocate: Allocate | None = None, lent: bool = False
 ) -> None:
-    """``data`` (a tensor's bytes, uint8 on the host) into ``message``, or held back in ``sink``. ``lent``: the
-    memory goes back to its pool after this, so what the sink keeps (to send later, at its caller's pace) is
-    copied out first, into ``allocate``'s memory when given."""
+    """``data`` (a tensor's bytes, uint8, on the host or a device) into ``message``, or held back in ``sink``
+    where it is. ``lent``: the memory goes back to its pool after this, so what the sink keeps (to send
+    later, at its caller's pace) is copied out first, into ``allocate``'s memory when given."""
     if sink is not None and data.numel() >= sink.min_bytes:
         if lent:
             data = (torch.empty_like(data) if allocate is None else allocate(data.numel())).copy_(data)
         sink.add(message, data)
     else:
-        message.data = data.numpy().tobytes()  # numpy: torch has no bytes of its own (bfloat16 viewed as uint8)
+        message.data = data.cpu().numpy().tobytes()  # numpy: torch has no bytes of its own (bfloat16 as uint8)
 
 
 def encode_shared(tensor: Tensor, out: pb.Tensor, region: str, offset: int) -> pb.Tensor:
