@@ -39,16 +39,11 @@ SETUPS = [("cpu", torch.float64, "plain"), ("cpu", torch.float32, "plain")]
 if CUDA:
     SETUPS.append(("cuda", torch.float32, "compiled"))
 TRITON = importlib.util.find_spec("triton") is not None
-BY_HAND = pytest.param(
-    "cuda" if CUDA else "cpu",
-    torch.float32,
-    "by hand",
-    marks=pytest.mark.skipif(
-        not TRITON or not (CUDA or os.environ.get("TRITON_INTERPRET") == "1"),
-        reason="needs Triton and CUDA, or Triton's interpreter (TRITON_INTERPRET=1)",
-    ),
-    id="by hand",
+NEEDS_KERNEL_BY_HAND = pytest.mark.skipif(
+    not TRITON or not (CUDA or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="needs Triton and CUDA, or Triton's interpreter (TRITON_INTERPRET=1)",
 )
+BY_HAND = pytest.param("cuda" if CUDA else "cpu", torch.float32, "by hand", marks=NEEDS_KERNEL_BY_HAND, id="by hand")
 LOSS_RTOL = {torch.float64: 1e-12, torch.float32: 2e-5}
 GRAD_RTOL = {torch.float64: 1e-11, torch.float32: 5e-5}
 
@@ -342,10 +337,7 @@ def _uncovered_values() -> dict[str, dict[str, Any]]:
     }
 
 
-@pytest.mark.skipif(
-    not TRITON or not (CUDA or os.environ.get("TRITON_INTERPRET") == "1"),
-    reason="needs Triton and CUDA, or Triton's interpreter (TRITON_INTERPRET=1)",
-)
+@NEEDS_KERNEL_BY_HAND
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("case", list(_uncovered_values()))
 def test_values_the_hand_written_kernel_does_not_cover_get_autograd_s_answer(case, reduction):
@@ -378,10 +370,7 @@ def test_values_the_hand_written_kernel_does_not_cover_get_autograd_s_answer(cas
     assert evaluator.one_pass.calls_by_hand["FocalLoss"] == before + 1
 
 
-@pytest.mark.skipif(
-    not TRITON or not (CUDA or os.environ.get("TRITON_INTERPRET") == "1"),
-    reason="needs Triton and CUDA, or Triton's interpreter (TRITON_INTERPRET=1)",
-)
+@NEEDS_KERNEL_BY_HAND
 def test_the_hand_written_kernel_answers_without_supports_reading_the_values(monkeypatch):
     """``supports``'s passes over pred and weight and its label range check (each a host sync) are what the
     hand-written kernel saves: they run on the family kernel's path and not on the kernel's."""
@@ -405,6 +394,7 @@ def test_the_hand_written_kernel_answers_without_supports_reading_the_values(mon
     assert sorted(set(reads)) == ["finite", "labels"]
 
 
+@NEEDS_KERNEL_BY_HAND
 @pytest.mark.parametrize("rows,classes", [(700, 9), (300, 41), (3, 3000), (5000, 1), (129, 80)])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_the_hand_written_kernel_across_its_blocks(rows, classes, reduction):
@@ -412,8 +402,6 @@ def test_the_hand_written_kernel_across_its_blocks(rows, classes, reduction):
     class, a class count whose 1/C rounds down in float32 (41: a row found by reciprocal instead of a division
     would need a correction there): each element finds its row and column (its label, its row's weight) as
     autograd does."""
-    if BY_HAND.marks[0].args[0]:
-        pytest.skip(BY_HAND.marks[0].kwargs["reason"])
     device = "cuda" if CUDA else "cpu"
     gen = _gen(rows)
     pred = (torch.randn(rows, classes, generator=gen) * 4).to(device)
