@@ -118,27 +118,30 @@ def kernel_ms(fn: Callable[[], Any]) -> float:
 def kernel_times(fn: Callable[[], Any]) -> dict[str, float]:
     """The device's time in ms per kernel name in one call of ``fn`` (torch.profiler): where a path's time
     goes, for the kernels that are far from the roofline."""
-    from torch.profiler import ProfilerActivity, profile
-
     if DEVICE == "cpu":  # --dry-run
         return {"(no device)": float("nan")}
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        sync()
-    return {e.key: e.device_time_total / 1e3 for e in prof.key_averages() if e.device_time_total}
+    return _profiled(fn, "cuda", "device_time_total")
 
 
 def host_times(fn: Callable[[], Any]) -> dict[str, float]:
     """The host's own time in ms per torch op and CUDA runtime call in one call of ``fn`` (torch.profiler's
     CPU activity, self time): where a path's wall time beyond its kernels goes (launches, allocations, the
     syncs that wait for the device: ``aten::_local_scalar_dense``, ``cudaStreamSynchronize``)."""
+    return _profiled(fn, "cpu", "self_cpu_time_total")
+
+
+def _profiled(fn: Callable[[], Any], activity: str, time_us: str) -> dict[str, float]:
+    """One call of ``fn`` under torch.profiler with the ``activity`` ("cuda" or "cpu") recorded: ms of
+    each event's ``time_us`` attribute by event name."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
-    with profile(activities=activities) as prof:
+    activities = {ProfilerActivity.CPU if activity == "cpu" else ProfilerActivity.CUDA}
+    if DEVICE == "cuda":
+        activities.add(ProfilerActivity.CUDA)  # the CUDA runtime calls (launches, syncs) come with it
+    with profile(activities=list(activities)) as prof:
         fn()
         sync()
-    return {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages() if e.self_cpu_time_total}
+    return {e.key: getattr(e, time_us) / 1e3 for e in prof.key_averages() if getattr(e, time_us)}
 
 
 def top_kernels(times: dict[str, float], count: int = 6) -> str:
@@ -258,7 +261,7 @@ def section_triton(sizes: list[int], bandwidth: float) -> list[dict[str, Any]]:
         count = size * MIB // (80 * 4)
         _, fields = workload("FocalLoss", count)
         x, labels = fields["pred"], fields["target"]
-        row: dict[str, Any] = {"pred MiB": size, "roofline ms": (2 * x.nbytes + labels.nbytes) / bandwidth * 1e3}
+        row: dict[str, Any] = {"pred MiB": size, "roofline ms": _focal_roofline_ms(x, labels, bandwidth)}
         for two in (False, True):
             name = "gamma 2 specialised" if two else "general"
 
@@ -275,13 +278,18 @@ def section_triton(sizes: list[int], bandwidth: float) -> list[dict[str, Any]]:
     return rows
 
 
+def _focal_roofline_ms(x: torch.Tensor, labels: torch.Tensor, bandwidth: float) -> float:
+    """The least time a FocalLoss pass over logits ``x`` can take: read x and the labels, write the gradient."""
+    return (2 * x.nbytes + labels.nbytes) / bandwidth * 1e3
+
+
 def _launch_shapes(size: int, bandwidth: float) -> list[dict[str, Any]]:
     """The gamma = 2 kernel at other blocks and warps than the server's (``focal_triton.BLOCK``, ``NUM_WARPS``)."""
     import triton_focal
 
     _, fields = workload("FocalLoss", size * MIB // (80 * 4))
     x, labels = fields["pred"], fields["target"]
-    roofline = (2 * x.nbytes + labels.nbytes) / bandwidth * 1e3
+    roofline = _focal_roofline_ms(x, labels, bandwidth)
     rows = []
     for block, warps in itertools.product((1024, 2048, 4096, 8192), (4, 8, 16)):
 
