@@ -8,9 +8,10 @@ server under test and then against the bare grpcio echo. Both servers' CPU time 
 ``/proc/<pid>/stat`` around the window: CPU ms per call shows whether the server's cost of a call stays
 flat as connections are added (fixed per-call overhead) or grows (contention, hand-offs, polling).
 
-Then (with a server it starts, not ``--target``) two ``losswire serve --reuse-port on`` processes share
-one port with 8 callers: the kernel splits connections between them, which is how a node with several
-cores serves more callers than one server process can (a server answers small calls on one event loop).
+Then (with a server it starts, not ``--target``) two (``--reuse-port-servers``) ``losswire serve
+--reuse-port on`` processes share one port with the most callers: the kernel splits connections between
+them, which is how a node with several cores serves more callers than one server process can (a server
+answers small calls on one event loop).
 
 The caller processes are started once (spawned, one torch thread each) and kept for the whole section:
 a process imports torch in seconds on a small machine, which must not fall inside a window.
@@ -39,7 +40,6 @@ from losswire.client import RemoteLoss
 START_MARGIN = 0.5  # seconds from "go" to the window's start: every caller has read its command by then
 WARMUP_CALLS = 5
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-REUSE_PORT_SERVERS = 2  # servers sharing one port in the last row (as many as this machine's cores)
 
 
 # -- one caller process (runs in the child) -----------------------------------------------------------
@@ -221,13 +221,15 @@ def section_callers(run: Run) -> dict[str, Any]:
     counts = run.args.processes
     callers = Callers(max(counts), run.args.transport, sizes, run.args.duration)
     try:
-        rows = []
+        rows, echoes = [], {}
         for n in counts:
             losswire = callers.measure(n, "losswire", run.target, server_pids)
-            bare = callers.measure(n, "echo", f"127.0.0.1:{echo.port}", [echo.process.pid])
-            rows.append(_row(str(n), "1", losswire, bare))
+            echoes[n] = callers.measure(n, "echo", f"127.0.0.1:{echo.port}", [echo.process.pid])
+            rows.append(_row(str(n), "1", losswire, echoes[n]))
         if not run.args.target:  # servers it starts itself
-            rows.append(_reuse_port_row(run, callers, max(counts), rows[-1]))
+            one = rows[-1]
+            for servers in run.args.reuse_port_servers:
+                rows.append(_reuse_port_row(run, callers, servers, max(counts), one, echoes[max(counts)]))
     finally:
         callers.stop()
     return {"title": "Callers: small calls from N client processes", "rows": rows, "notes": _notes(run, sizes)}
@@ -251,11 +253,15 @@ def _row(processes: str, servers: str, losswire: Window, echo: Window | None) ->
     }
 
 
-def _reuse_port_row(run: Run, callers: Callers, n: int, one: dict[str, Any]) -> dict[str, Any]:
-    """``n`` callers against ``REUSE_PORT_SERVERS`` servers on one port, against one server's row."""
-    with reuse_port_servers(REUSE_PORT_SERVERS, run.args.device) as (target, pids):
+def _reuse_port_row(
+    run: Run, callers: Callers, servers: int, n: int, one: dict[str, Any], echo: Window
+) -> dict[str, Any]:
+    """``n`` callers against ``servers`` servers on one port, against one server's row and the one echo
+    process's window with the same callers (the node's whole answer against the echo's)."""
+    with reuse_port_servers(servers, run.args.device) as (target, pids):
         window = callers.measure(n, "losswire", target, pids)
-    row = _row(str(n), f"{len(pids)}, --reuse-port", window, None)
+    row = _row(str(n), f"{len(pids)}, --reuse-port", window, echo)
+    row["echo calls/s"] = row["echo p99 ms"] = row["echo CPU ms/call"] = row["echo callers CPU ms/call"] = ""
     row["calls/s vs 1 server"] = _ratio(window.rate, one["losswire calls/s"])
     return row
 
@@ -280,7 +286,8 @@ def _notes(run: Run, sizes: tuple[int, int]) -> str:
         "saturated, calls/s ≈ 1000 / server CPU ms/call) and by the machine's cores (calls/s ≈ cores * 1000 "
         "/ (server + callers CPU ms/call)), so calls/s here is a floor of what a server with cores of its own "
         "does. Targets: calls/s vs echo ≥ 0.4 at 8 processes; server CPU "
-        f"ms/call flat or falling from 1 to 8. The '--reuse-port' row (not with --target): {REUSE_PORT_SERVERS} "
-        "servers on one port (SO_REUSEPORT: the kernel gives each connection to one of them), against the "
-        "one-server row above it."
+        f"ms/call flat or falling from 1 to 8. The '--reuse-port' rows (not with --target): "
+        f"{', '.join(map(str, run.args.reuse_port_servers)) or 'no'} servers on one port (SO_REUSEPORT: the kernel "
+        "gives each connection to one of them), against the one-server row above them; their 'calls/s vs echo' "
+        "is against the one echo process's window with as many callers."
     )

@@ -472,6 +472,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--clients", default="1,4,16", help="client thread counts for the concurrency section")
     parser.add_argument("--processes", default="1,2,4,8", help="client process counts for the callers section")
+    parser.add_argument(
+        "--reuse-port-servers",
+        default="2",
+        help="server process counts sharing one port in the callers section's last rows (a node's cores)",
+    )
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per concurrency or callers cell")
     parser.add_argument(
         "--rpc-transport",
@@ -486,6 +491,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.sections = [s for s in args.sections.split(",") if s]
     args.clients = [int(n) for n in args.clients.split(",")]
     args.processes = [int(n) for n in args.processes.split(",")]
+    args.reuse_port_servers = [int(n) for n in args.reuse_port_servers.split(",") if int(n) > 1]
     unknown = set(args.sections) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")

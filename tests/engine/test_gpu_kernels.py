@@ -27,6 +27,7 @@ from support.loss_cases import cloned
 from torch import Tensor
 
 from losswire.server.evaluation import Evaluator, TermOutcome, TermRequest
+from losswire.server.losses import fused
 from losswire.server.losses.fused.compiled import OnePass
 
 N, C = 53, 9
@@ -246,6 +247,26 @@ def test_config_values_reach_a_closed_form_as_tensors():
         for args in calls:
             loose = [type(a).__name__ for a in args if not isinstance(a, (Tensor, bool))]
             assert not loose, f"{family}'s closed form was passed {loose}"
+
+
+def test_a_config_value_is_made_once_per_dtype_and_device_and_the_table_is_bounded(monkeypatch):
+    """On a GPU each new config tensor is a copy the host waits for, so a value is kept: the same object
+    for the same value, dtype and device, a new one for any other (-0.0 is not 0.0), never more than
+    ``SCALARS_KEPT`` of them."""
+    monkeypatch.setattr(fused, "_scalars", {})
+    like = torch.zeros(3)
+    gamma = fused.scalar(2.0, like)
+    assert fused.scalar(2, like) is gamma and gamma.dtype == torch.float32 and float(gamma) == 2.0
+    as_double = fused.scalar(2.0, like.double())
+    assert as_double is not gamma and as_double.dtype == torch.float64
+    assert torch.signbit(fused.scalar(-0.0, like)) and not torch.signbit(fused.scalar(0.0, like))
+    assert fused.scalar(float("nan"), like).isnan() and fused.scalar(float("inf"), like).isinf()
+    with pytest.raises(fused.DeclinedError, match="does not fit"):
+        fused.scalar(1e39, like)
+    monkeypatch.setattr(fused, "SCALARS_KEPT", 4)
+    for value in range(10):
+        assert float(fused.scalar(value + 0.5, like)) == value + 0.5
+        assert len(fused._scalars) <= 4
 
 
 @pytest.mark.parametrize(

@@ -437,15 +437,31 @@ class ValuesNotCovered(DeclinedError):  # noqa: N818 (a signal to the evaluator,
     a label out of range, a sum past the dtype): ``supports`` decides the call, as it decides any other."""
 
 
+SCALARS_KEPT = 256  # config values kept on their devices; past it the table starts again (a bound, not an LRU)
+_scalars: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
+
+
 def scalar(value: float, like: Tensor) -> Tensor:
     """``value`` as a 0-d tensor of ``like``'s dtype and device (a closed form's config value: a tensor, so
     that one compilation serves every value). A finite value past the dtype's range is declined:
     ``torch.tensor`` would make it inf silently, where the family kernel's ops refuse it (``clamp(x,
-    1e39)`` on float32: "cannot be converted ... without overflow")."""
+    1e39)`` on float32: "cannot be converted ... without overflow").
+
+    Kept per value, dtype and device: on a GPU each new one is a host-to-device copy the host waits for,
+    and a config's values are the same call after call. The closed forms only read them. The key is the
+    value's hex form, so -0.0 and 0.0 stay apart and a NaN finds its own."""
     value = float(value)
+    key = (value.hex(), like.dtype, like.device)
+    kept = _scalars.get(key)
+    if kept is not None:
+        return kept
     if math.isfinite(value) and abs(value) > torch.finfo(like.dtype).max:
         raise DeclinedError(f"{value!r} does not fit {like.dtype}")
-    return torch.tensor(value, dtype=like.dtype, device=like.device)
+    made = torch.tensor(value, dtype=like.dtype, device=like.device)
+    if len(_scalars) >= SCALARS_KEPT:
+        _scalars.clear()
+    _scalars[key] = made
+    return made
 
 
 def answered(value: Tensor, grad: Tensor) -> Fused:
