@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+from support.in_process import DEVICE
 
 from losswire.server import __version__
 from losswire.server.app import LosswireServer
@@ -53,7 +54,9 @@ def test_describe_says_whether_a_config_keeps_state(client, config, stateful):
 
 
 def test_fused_kernels_off_is_another_implementation(client):
-    server = LosswireServer(ServerConfig(host="127.0.0.1", port=0, device="cpu", fused_kernels=False))
+    # on the device the client's server runs on: a digest names the device type, so a CPU server's would
+    # differ from a GPU server's for every loss
+    server = LosswireServer(ServerConfig(host="127.0.0.1", port=0, device=DEVICE, fused_kernels=False))
     try:
         off = server.dataplane.implementation
         on = {info.name: info.implementation for info in client.list_losses().losses}
