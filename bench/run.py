@@ -440,7 +440,7 @@ def plot(results: dict[str, Any], path: Path) -> str:
     middle.set(title="big tensors: pred bytes / round trip", ylabel="GB/s", xlabel="pred", yscale="log")
     middle.legend()
     rows = [r for r in results.get("peers", {}).get("rows", []) if "error" not in r]
-    for column in ("losswire ms", "torch rpc ms", "plain grpcio ms"):
+    for column in ("losswire gRPC ms", "losswire shm ms", "torch rpc ms", "plain grpcio ms"):
         right.plot([r["pred"] for r in rows], [r[column] for r in rows], marker="o", label=column[:-3])
     right.set(title="peers: FocalLoss loss + gradient", ylabel="ms (median round trip)", xlabel="pred", yscale="log")
     right.legend()
