@@ -309,8 +309,8 @@ def _row_pieces(root: Message, paths: list[tuple[str, Any]], chunk_bytes: int) -
     shapes = dict((path, list(message.shape)) for path, message in tensors_of(root))
     sizes = {path: byte_count(data) for path, data in paths}
     pred = "terms[0].pred"
-    if len(getattr(root, "terms", ())) != 1 or pred not in sizes or not shapes[pred]:
-        return None
+    if len(getattr(root, "terms", ())) != 1 or pred not in sizes or not shapes[pred] or shapes[pred][0] <= 0:
+        return None  # no rows to follow (bytes a message declares none of go tensor after tensor, refused there)
     rows = shapes[pred][0]
     aligned = [path for path in sizes if shapes[path] and shapes[path][0] == rows and sizes[path] % rows == 0]
     step = max(1, chunk_bytes // max(1, sizes[pred] // rows))  # rows per turn

@@ -15,7 +15,7 @@ from support.paths import ROOT
 from losswire.client import LossClient
 from losswire.server.losses import LOSSES
 from losswire.v1 import loss_service_pb2 as pb
-from losswire.wire import codec
+from losswire.wire import chunks, codec
 
 PROTO = ROOT / "protos" / "losswire" / "v1" / "loss_service.proto"
 
@@ -178,3 +178,25 @@ def test_a_streamed_tensor_must_be_what_its_message_declares():
     for wrong in (torch.zeros(16, dtype=torch.uint8), torch.zeros(3, dtype=torch.float64)):
         with pytest.raises(codec.CodecError, match=r"x declares 2 elements of torch.float64, but"):
             codec.decode_tensor(message, "x", streamed={"x": wrong})
+
+
+@pytest.mark.parametrize("declared", [[0, 4], [-3, 4], [4], [2, 2], []], ids=str)
+def test_chunks_with_early_gradients_cover_every_byte_whatever_pred_declares(declared):
+    """The chunker runs on any message (the fuzzing tests feed it hostile ones): pred declaring no rows,
+    negative ones or a shape its bytes do not fill still goes out whole, byte for byte, for the server to
+    refuse or answer as it would without early gradients."""
+    request = pb.EvaluateRequest()
+    term = request.terms.add(config=codec.encode_config({"type": "FocalLoss"}))
+    codec.encode_tensor(torch.arange(16, dtype=torch.float32).reshape(4, 4), term.pred)
+    codec.encode_tensor(torch.zeros(4, dtype=torch.int64), term.target.tensor)
+    term.pred.shape[:] = declared
+    sink = chunks.StreamSink.take(request, min_bytes=1)
+    messages = list(chunks.stream_chunks(request, sink, raw=False, chunk_bytes=24, early_gradients=True))
+    assert messages[0].request.early_gradients
+    received: dict[str, bytearray] = {}
+    for message in messages[1:]:
+        piece = received.setdefault(message.chunk.tensor, bytearray())
+        assert message.chunk.offset == len(piece)  # in order, no gap, no overlap
+        piece += message.chunk.data
+    assert bytes(received["terms[0].pred"]) == torch.arange(16, dtype=torch.float32).numpy().tobytes()
+    assert bytes(received["terms[0].target"]) == bytes(32)
