@@ -58,8 +58,8 @@ def dense_quality_target(pred: Tensor, target: tuple[Tensor, ...] | list[Tensor]
     for name, value in (("target[0] (label)", label), ("target[1] (score)", score)):
         if value.shape != (num,):
             raise LossInputError(f"{name} must have shape [N] = [{num}], got {list(value.shape)}", field="target")
-    positive = ((label >= 0) & (label < num_classes)).unsqueeze(1)
-    positive = positive & F.one_hot(label.clamp(0, num_classes - 1), num_classes).bool()
+    # a label outside [0, C) matches no column: its row is all negative (mmdet's pos mask), also for C = 0
+    positive = label.unsqueeze(1) == torch.arange(num_classes, device=label.device)
     dense = score.to(pred.dtype).unsqueeze(1) * positive
     return dense, positive
 

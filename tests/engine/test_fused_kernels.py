@@ -162,6 +162,29 @@ def test_qfl_matches_autograd(dtype, beta, reduction):
         compare(make, expect_fused=not (reduction == "sum" and avg_factor is not None))
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1e30])
+def test_qfl_reads_a_score_only_where_its_row_has_a_positive_column(value):
+    """mmdet's quality_focal_loss reads ``score[pos]`` alone: a row whose label is the background, or out of
+    range, is all negative whatever its score. So a NaN or Inf there changes nothing (a NaN or Inf in a
+    positive row does, as in mmdet)."""
+    pred, labels = _logits(torch.float64), _labels(high=C + 2) - 1
+    scores = torch.rand(N, generator=_gen(3), dtype=torch.float64)
+    negative = [i for i in range(N) if not 0 <= int(labels[i]) < C][:3]
+    positive = next(i for i in range(N) if 0 <= int(labels[i]) < C)
+    changed = scores.clone()
+    changed[negative] = value
+    cfg = {"type": "QualityFocalLoss", "beta": 2.0}
+    for evaluator in (AUTOGRAD, FUSED):
+        want = evaluator.evaluate(_term(cfg, pred, (labels, scores), reduction_override="none"))
+        got = evaluator.evaluate(_term(cfg, pred, (labels, changed), reduction_override="none"))
+        torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=0)
+        torch.testing.assert_close(_gradient(got), _gradient(want), rtol=0, atol=0)
+        changed_positive = scores.clone()
+        changed_positive[positive] = float("nan")
+        loss = evaluator.evaluate(_term(cfg, pred, (labels, changed_positive), reduction_override="none")).loss
+        assert loss[positive].isnan() and loss.isnan().sum() == 1
+
+
 # -- CrossEntropyLoss ----------------------------------------------------------------------------------
 
 
