@@ -26,7 +26,8 @@ Sections:
 * ``triton``: FocalLoss's hand-written Triton kernel (``bench/triton_focal.py``): its largest difference
   from autograd, and its time and share of the roofline at the same sizes, general and with gamma = 2
   specialised (what the server runs where gamma is 2), and at the largest size over launch shapes
-  (blocks of 1024-8192 elements, 4-16 warps).
+  (blocks of 1024-8192 elements, 4-16 warps); QualityFocalLoss's hand-written kernel (the server's
+  ``gfocal_triton``) over its launch shapes (tiles of 1024-8192 elements, 4-16 warps) at the largest size.
 * ``staging``: ``bench/staging.py``'s host <-> device copies at 64 and 256 MiB: pageable, pinned, and the
   server's staged path (``--pinned-staging-bytes``, on by default since it measured faster).
 * ``roundtrip``: a server on this GPU, in process; a caller on the same host sends FocalLoss at 64 MiB,
@@ -213,6 +214,7 @@ def compute_cell(name: str, size_mib: float, paths: dict[str, Evaluator], bandwi
     cell["one-pass host ops ms"], cell["one-pass top host ops ms"] = sum(host.values()), top_kernels(host, 8)
     one_pass = paths["one-pass"]
     cell["one-pass answered"] = one_pass.one_pass.calls[name] > 0 and name not in one_pass.one_pass._broken
+    cell["one-pass by hand"] = one_pass.one_pass.calls_by_hand[name] > 0
     auto, fast = outcomes["autograd"], outcomes["one-pass"]
     cell["loss rel err"] = relative_error(fast.loss, auto.loss)
     grad = "pred"
@@ -275,6 +277,7 @@ def section_triton(sizes: list[float], bandwidth: float) -> list[dict[str, Any]]
         rows.append(row)
         print(json.dumps(rows[-1]), flush=True)
     rows.extend(_launch_shapes(max(sizes), bandwidth))
+    rows.extend(_quality_launch_shapes(max(sizes), bandwidth))
     return rows
 
 
@@ -304,6 +307,35 @@ def _launch_shapes(size: int, bandwidth: float) -> list[dict[str, Any]]:
             continue
         rows.append({"pred MiB": size, "block": block, "warps": warps, "gamma 2 specialised kernels ms": kernel,
                      "gamma 2 specialised kernels % roofline": 100 * roofline / kernel})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _quality_launch_shapes(size: float, bandwidth: float) -> list[dict[str, Any]]:
+    """QualityFocalLoss's hand-written kernel (the server's ``gfocal_triton``), beta = 2, at tiles of
+    1024-8192 elements (rows x 128 padded classes) and 4-16 warps; the server's is ``TILE_ELEMENTS`` x
+    ``NUM_WARPS``."""
+    from losswire.server.losses.fused import gfocal_triton
+
+    _, fields = workload("QualityFocalLoss", int(size * MIB) // (80 * 4))
+    x, (labels, score) = fields["pred"], fields["target"]
+    beta, scale = torch.tensor(2.0, device=DEVICE), torch.tensor(1e-3, device=DEVICE)
+    roofline = (2 * x.nbytes + labels.nbytes + 2 * score.nbytes) / bandwidth * 1e3  # and the row losses out
+    rows = []
+    for tile, warps in itertools.product((1024, 2048, 4096, 8192), (4, 8, 16)):
+
+        def run(tile=tile, warps=warps) -> None:
+            gfocal_triton.closed_form(x, labels, score, beta, scale, beta_two=True, tile_elements=tile, num_warps=warps)
+
+        try:
+            run()  # compiled for this shape, outside the profile
+            kernel = min(kernel_ms(run) for _ in range(3))
+        except Exception as error:  # a shape Triton refuses is reported, the others still run
+            rows.append({"loss": "QualityFocalLoss", "pred MiB": size, "tile": tile, "warps": warps,
+                         "error": repr(error)[:200]})  # fmt: skip
+            continue
+        rows.append({"loss": "QualityFocalLoss", "pred MiB": size, "tile": tile, "warps": warps,
+                     "beta 2 kernels ms": kernel, "beta 2 kernels % roofline": 100 * roofline / kernel})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

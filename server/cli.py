@@ -351,9 +351,9 @@ KNOBS: tuple[Knob, ...] = (
         "gpu_kernels",
         _on_off,
         _DEFAULT.gpu_kernels,
-        "on a GPU, with --fused-kernels on: Focal terms by a hand-written Triton kernel (float32), QFL and GIoU "
-        "terms by their closed forms compiled into one pass (torch.compile; the first call of each loss and "
-        "input layout compiles, up to ~11 s); off: the fused kernels' torch ops",
+        "on a GPU, with --fused-kernels on: Focal and QFL terms by hand-written Triton kernels (float32), GIoU "
+        "terms (and float64 Focal and QFL) by their closed forms compiled into one pass (torch.compile; the "
+        "first call of each loss and input layout compiles, up to ~11 s); off: the fused kernels' torch ops",
     ),
     Knob(
         "overlap_transfer",

@@ -183,7 +183,8 @@ class KernelsCollector(Collector):
         )
         disabled = GaugeMetricFamily(
             "losswire_gpu_kernel_off",
-            "1 where a loss's GPU kernel failed (no C compiler, a compiler error) and is off for the process",
+            "1 where a loss's GPU kernel (hand-written or compiled) failed (no C compiler, a compiler error) and "
+            "is off for the process",
             labels=["loss"],
         )
         off = set(off)

@@ -45,6 +45,7 @@ NEEDS_KERNEL_BY_HAND = pytest.mark.skipif(
     reason="needs Triton and CUDA, or Triton's interpreter (TRITON_INTERPRET=1)",
 )
 BY_HAND = pytest.param("cuda" if CUDA else "cpu", torch.float32, "by hand", marks=NEEDS_KERNEL_BY_HAND, id="by hand")
+BY_HAND_LOSSES = ("FocalLoss", "QualityFocalLoss")  # the losses with a hand-written kernel
 LOSS_RTOL = {torch.float64: 1e-12, torch.float32: 2e-5}
 GRAD_RTOL = {torch.float64: 1e-11, torch.float32: 5e-5}
 
@@ -83,7 +84,7 @@ def check(name: str, config: dict, device: str, dtype: torch.dtype, path: str, *
     before, by_hand = evaluator.one_pass.calls[name], evaluator.one_pass.calls_by_hand[name]
     fast, auto = evaluator.evaluate(term()), AUTOGRAD.evaluate(term())
     assert evaluator.one_pass.calls[name] == before + 1, f"{name}'s one-pass kernel did not answer {config}"
-    expected_by_hand = by_hand + (path == "by hand" and name == "FocalLoss")
+    expected_by_hand = by_hand + (path == "by hand" and name in BY_HAND_LOSSES)
     assert evaluator.one_pass.calls_by_hand[name] == expected_by_hand, f"{name} by hand: {config}"
     assert (fast.loss.shape, fast.loss.dtype) == (auto.loss.shape, auto.loss.dtype)
     scale = float(auto.loss.abs().max()) if auto.loss.numel() else 0.0
@@ -138,7 +139,7 @@ def test_focal(device, dtype, path):
         )  # fmt: skip
 
 
-@pytest.mark.parametrize("device,dtype,path", SETUPS, ids=str)
+@pytest.mark.parametrize("device,dtype,path", [*SETUPS, BY_HAND], ids=str)
 def test_quality_focal(device, dtype, path):
     pred = _logits(device, dtype)
     labels = (torch.randint(0, C + 2, (N,), generator=_gen(1)) - 1).to(device)  # -1 and C + 1: negatives
@@ -297,6 +298,27 @@ def test_a_config_value_past_the_dtype_gets_the_family_kernel_s_answer_and_the_c
     assert evaluator.one_pass.calls[name] == 1
 
 
+@pytest.mark.parametrize("name", ["FocalLoss", "QualityFocalLoss"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_a_pred_without_classes_gets_the_module_s_answer_and_the_closed_form_stays_on(name, reduction):
+    """pred [N, 0] passes ``covers`` (its shapes agree): a closed form's binding that indexed a column of
+    it failed, and the failure, taken for the compiler's, switched the kernel off for every caller."""
+    evaluator = _one_pass_evaluator("cpu", "plain")
+    labels = torch.ones(N, dtype=torch.long)
+    target = labels if name == "FocalLoss" else (labels, _rand((N,), "cpu", torch.float32, 3))
+    fields = {"pred": torch.empty(N, 0), "target": target, "weight": _rand((N,), "cpu", torch.float32, 4)}
+    got = _outcome(evaluator, {"type": name}, fields, reduction)
+    expected = _outcome(AUTOGRAD, {"type": name}, fields, reduction)
+    if isinstance(expected[0], type):
+        assert got == expected
+    else:
+        torch.testing.assert_close(got, expected)
+    assert not evaluator.one_pass._broken, "a caller's input switched the closed form off"
+    before = evaluator.one_pass.calls[name]
+    evaluator.evaluate(_closed_form_terms()[name])
+    assert evaluator.one_pass.calls[name] == before + 1
+
+
 def test_the_evaluator_counts_which_kernel_answered():
     """What ``losswire_fused_terms_total`` reads: a closed form's answers as ``compiled``, the family
     kernel's as ``family``; no GPU kernel off."""
@@ -315,10 +337,11 @@ def test_the_evaluator_counts_which_kernel_answered():
     not TRITON or os.environ.get("TRITON_INTERPRET") == "1" or CUDA,
     reason="needs Triton installed on a machine without CUDA, outside its interpreter",
 )
-def test_a_gpu_kernel_that_fails_is_off_for_the_process_and_the_family_kernel_answers(caplog):
+def test_a_hand_written_kernel_that_fails_is_off_for_the_process_and_the_compiled_form_answers(caplog):
     """The hand-written kernel launched on CPU tensors without Triton's interpreter fails as a kernel does
-    where its toolchain is missing: the call gets the family kernel's answer, one warning names the loss,
-    and the kernel stays off (``losswire_gpu_kernel_off``)."""
+    that its compiler refuses: the call gets the (here uncompiled) closed form's answer, one warning names
+    the loss, and the hand-written kernel stays off (``losswire_gpu_kernel_off``) while the closed form
+    answers every call."""
     evaluator = Evaluator(fused=True)
     evaluator.one_pass = OnePass(compile=False, devices=("cpu",), handwritten=True)
     pred, labels = _logits("cpu", torch.float32), torch.randint(0, C + 1, (N,), generator=_gen(1))
@@ -330,104 +353,209 @@ def test_a_gpu_kernel_that_fails_is_off_for_the_process_and_the_family_kernel_an
         got = evaluator.evaluate(term())
     torch.testing.assert_close(got.loss, AUTOGRAD.evaluate(term()).loss)
     assert evaluator.gpu_kernels_off() == {"FocalLoss"}
-    assert [r for r in caplog.records if "FocalLoss is off for this process" in r.getMessage()]
+    assert [r for r in caplog.records if "hand-written kernel of FocalLoss is off" in r.getMessage()]
     evaluator.evaluate(term())
-    assert evaluator.fused_answers()["FocalLoss", "family"] == 2 and evaluator.one_pass.calls["FocalLoss"] == 0
+    assert evaluator.one_pass.calls["FocalLoss"] == 2 and evaluator.one_pass.calls_by_hand["FocalLoss"] == 0
+    assert evaluator.fused_answers()["FocalLoss", "family"] == 0
 
 
-def _uncovered_values() -> dict[str, dict[str, Any]]:
-    """Inputs whose shapes, dtypes and config the kernel covers, and one value it does not."""
+def test_a_closed_form_that_fails_is_off_for_the_process_and_the_family_kernel_answers(caplog, monkeypatch):
+    """A closed form whose compilation fails (no C compiler, a backend error: here a stand-in that raises)
+    is off for the process: the call gets the family kernel's answer, one warning names the loss."""
+    evaluator = _one_pass_evaluator("cpu", "plain")
+
+    def failing(function):
+        def compiled(*args, **kwargs):
+            raise RuntimeError("a backend compiler error")
+
+        return compiled
+
+    monkeypatch.setattr(evaluator.one_pass, "_compiled_form", failing)
+    term = _closed_form_terms()["QualityFocalLoss"]
+    with caplog.at_level("WARNING"):
+        got = evaluator.evaluate(term)
+    torch.testing.assert_close(got.loss, AUTOGRAD.evaluate(_closed_form_terms()["QualityFocalLoss"]).loss)
+    assert evaluator.gpu_kernels_off() == {"QualityFocalLoss"}
+    assert [r for r in caplog.records if "compiled kernel of QualityFocalLoss is off" in r.getMessage()]
+    evaluator.evaluate(_closed_form_terms()["QualityFocalLoss"])
+    assert evaluator.fused_answers()["QualityFocalLoss", "family"] == 2
+    assert evaluator.one_pass.calls["QualityFocalLoss"] == 0
+
+
+def _with_value(tensor: Tensor, index: tuple[int, ...], value: float) -> Tensor:
+    changed = tensor.clone()
+    changed[index] = value
+    return changed
+
+
+def _uncovered_focal_values() -> dict[str, dict[str, Any]]:
+    """FocalLoss inputs whose shapes, dtypes and config the kernel covers, and one value it does not."""
     pred, labels = _logits("cpu", torch.float32, 4), torch.randint(0, C + 1, (N,), generator=_gen(5))
     weight = _rand((N,), "cpu", torch.float32, 6)
-
-    def with_value(tensor: Tensor, index: tuple[int, ...], value: float) -> Tensor:
-        changed = tensor.clone()
-        changed[index] = value
-        return changed
-
     fields = {"pred": pred, "target": labels, "weight": weight}
     return {
-        "NaN logit": {**fields, "pred": with_value(pred, (3, 2), float("nan"))},
-        "+Inf logit": {**fields, "pred": with_value(pred, (N - 1, C - 1), float("inf"))},
-        "-Inf logit": {**fields, "pred": with_value(pred, (0, 0), float("-inf"))},
-        "Inf weight": {**fields, "weight": with_value(weight, (7,), float("inf"))},
-        "NaN weight": {**fields, "weight": with_value(weight, (8,), float("nan"))},
-        "label past C": {**fields, "target": with_value(labels, (5,), C + 1)},
-        "negative label": {**fields, "target": with_value(labels, (N - 1,), -1)},
+        "NaN logit": {**fields, "pred": _with_value(pred, (3, 2), float("nan"))},
+        "+Inf logit": {**fields, "pred": _with_value(pred, (N - 1, C - 1), float("inf"))},
+        "-Inf logit": {**fields, "pred": _with_value(pred, (0, 0), float("-inf"))},
+        "Inf weight": {**fields, "weight": _with_value(weight, (7,), float("inf"))},
+        "NaN weight": {**fields, "weight": _with_value(weight, (8,), float("nan"))},
+        "label past C": {**fields, "target": _with_value(labels, (5,), C + 1)},
+        "negative label": {**fields, "target": _with_value(labels, (N - 1,), -1)},
         "no classes": {"pred": torch.empty(N, 0), "target": torch.ones(N, dtype=torch.long)},
     }
 
 
+def _uncovered_quality_values() -> dict[str, dict[str, Any]]:
+    """The same for QualityFocalLoss: a score is read at a row's positive column only (row 3's here)."""
+    pred, labels = _logits("cpu", torch.float32, 4), torch.randint(0, C + 1, (N,), generator=_gen(5))
+    labels[3] = 2
+    scores, weight = _rand((N,), "cpu", torch.float32, 7), _rand((N,), "cpu", torch.float32, 6)
+    fields = {"pred": pred, "target": (labels, scores), "weight": weight}
+    return {
+        "NaN logit": {**fields, "pred": _with_value(pred, (3, 2), float("nan"))},
+        "+Inf logit": {**fields, "pred": _with_value(pred, (N - 1, C - 1), float("inf"))},
+        "-Inf logit": {**fields, "pred": _with_value(pred, (0, 0), float("-inf"))},
+        "NaN score": {**fields, "target": (labels, _with_value(scores, (3,), float("nan")))},
+        "Inf score": {**fields, "target": (labels, _with_value(scores, (3,), float("inf")))},
+        "Inf weight": {**fields, "weight": _with_value(weight, (7,), float("inf"))},
+        "NaN weight": {**fields, "weight": _with_value(weight, (8,), float("nan"))},
+        "no classes": {"pred": torch.empty(N, 0), "target": (torch.ones(N, dtype=torch.long), scores)},
+    }
+
+
+UNCOVERED = {  # loss: (its config, its uncovered values)
+    "FocalLoss": ({"gamma": 2.0}, _uncovered_focal_values),
+    "QualityFocalLoss": ({"beta": 2.0}, _uncovered_quality_values),
+}
+
+
+def _on(device: str, fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(t.to(device) for t in v) if isinstance(v, tuple) else v.to(device) for k, v in fields.items()}
+
+
+def _good_fields(name: str, device: str) -> dict[str, Any]:
+    labels = torch.zeros(N, dtype=torch.long, device=device)
+    target = labels if name == "FocalLoss" else (labels, torch.full((N,), 0.5, device=device))
+    return {"pred": _logits(device, torch.float32), "target": target}
+
+
 @NEEDS_KERNEL_BY_HAND
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("case", list(_uncovered_values()))
-def test_values_the_hand_written_kernel_does_not_cover_get_autograd_s_answer(case, reduction):
-    """The hand-written kernel answers before ``supports`` reads the values: a NaN or Inf in pred or weight,
-    or a label out of range, it finds as it runs, and the call gets autograd's answer (a NaN, or the
-    module's error), as on the family kernel's path; the kernel stays on and answers the next call."""
+@pytest.mark.parametrize("name,case", [(name, case) for name, (_, values) in UNCOVERED.items() for case in values()])
+def test_values_the_hand_written_kernel_does_not_cover_get_autograd_s_answer(name, case, reduction):
+    """The hand-written kernel answers before ``supports`` reads the values: a NaN or Inf in pred, weight or
+    a read score, or a label out of range, it finds as it runs, and the call gets autograd's answer (a NaN,
+    or the module's error), as on the family kernel's path; the kernel stays on and answers the next call."""
     device = "cuda" if CUDA else "cpu"
     evaluator = _evaluator(device, "by hand")
-    fields = {name: value.to(device) for name, value in _uncovered_values()[case].items()}
-    config = {"type": "FocalLoss", "gamma": 2.0}
-
-    def outcome(which: Evaluator) -> Any:
-        term = TermRequest(name="t", config=dict(config), reduction_override=reduction, **cloned(fields))
-        try:
-            got = which.evaluate(term)
-        except Exception as error:  # the module's own refusal, compared by kind and message
-            return type(error), str(error)
-        return got.loss, _gradient(got)
-
-    before = evaluator.one_pass.calls_by_hand["FocalLoss"]
-    got, expected = outcome(evaluator), outcome(AUTOGRAD)
+    settings, values = UNCOVERED[name]
+    fields, config = _on(device, values()[case]), {"type": name, **settings}
+    before = evaluator.one_pass.calls_by_hand[name]
+    got, expected = _outcome(evaluator, config, fields, reduction), _outcome(AUTOGRAD, config, fields, reduction)
     if isinstance(expected[0], type):
         assert got == expected
     else:
         torch.testing.assert_close(got, expected, equal_nan=True)
-    assert evaluator.one_pass.calls_by_hand["FocalLoss"] == before, "the kernel answered a value it does not cover"
+    assert evaluator.one_pass.calls_by_hand[name] == before, "the kernel answered a value it does not cover"
     assert evaluator.gpu_kernels_off() == frozenset()
-    good = {"pred": _logits(device, torch.float32), "target": torch.zeros(N, dtype=torch.long, device=device)}
-    evaluator.evaluate(TermRequest(name="t", config=dict(config), **good))
-    assert evaluator.one_pass.calls_by_hand["FocalLoss"] == before + 1
+    evaluator.evaluate(TermRequest(name="t", config=dict(config), **_good_fields(name, device)))
+    assert evaluator.one_pass.calls_by_hand[name] == before + 1
+
+
+def _outcome(which: Evaluator, config: dict, fields: dict[str, Any], reduction: str) -> Any:
+    """The loss and pred's gradient of ``fields``, or the error's kind and message."""
+    term = TermRequest(name="t", config=dict(config), reduction_override=reduction, **cloned(fields))
+    try:
+        got = which.evaluate(term)
+    except Exception as error:  # the module's own refusal, compared by kind and message
+        return type(error), str(error)
+    return got.loss, _gradient(got)
 
 
 @NEEDS_KERNEL_BY_HAND
-def test_the_hand_written_kernel_answers_without_supports_reading_the_values(monkeypatch):
-    """``supports``'s passes over pred and weight and its label range check (each a host sync) are what the
-    hand-written kernel saves: they run on the family kernel's path and not on the kernel's."""
-    from losswire.server.losses.fused import focal
-
-    reads: list[str] = []
-    finite, labels_in_range = focal.finite, focal.labels_in_range
-    monkeypatch.setattr(focal, "finite", lambda *t: reads.append("finite") or finite(*t))
-    monkeypatch.setattr(focal, "labels_in_range", lambda *a: reads.append("labels") or labels_in_range(*a))
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_score_the_module_never_reads_is_the_quality_kernel_s_to_answer(value):
+    """A NaN or Inf score in a row without a positive column (label C, -1 or past C) is never read, by
+    mmdet's loss or ours: the hand-written kernel answers, with the module's finite answer."""
     device = "cuda" if CUDA else "cpu"
-    fields = {"pred": _logits(device, torch.float32), "target": torch.zeros(N, dtype=torch.long, device=device)}
+    evaluator = _evaluator(device, "by hand")
+    fields = _uncovered_quality_values()["NaN score"]
+    labels, scores = fields["target"]
+    labels, scores = _with_value(labels, (3,), C), _with_value(scores, (3,), value)
+    fields = _on(device, {**fields, "target": (labels, scores)})
+    config = {"type": "QualityFocalLoss", "beta": 2.0}
+    before = evaluator.one_pass.calls_by_hand["QualityFocalLoss"]
+    got, expected = _outcome(evaluator, config, fields, "none"), _outcome(AUTOGRAD, config, fields, "none")
+    assert evaluator.one_pass.calls_by_hand["QualityFocalLoss"] == before + 1
+    assert not expected[0].isnan().any()
+    torch.testing.assert_close(got, expected, rtol=LOSS_RTOL[torch.float32], atol=1e-6)
+
+
+@NEEDS_KERNEL_BY_HAND
+@pytest.mark.parametrize("name", BY_HAND_LOSSES)
+def test_the_hand_written_kernel_answers_without_supports_reading_the_values(name, monkeypatch):
+    """``supports``'s passes over pred, weight and score and FocalLoss's label range check (each a host
+    sync) are what a hand-written kernel saves: they run on the family kernel's path, not on the kernel's."""
+    from losswire.server.losses.fused import focal, gfocal
+
+    family = focal if name == "FocalLoss" else gfocal
+    reads: list[str] = []
+    finite = family.finite
+    monkeypatch.setattr(family, "finite", lambda *t: reads.append("finite") or finite(*t))
+    if name == "FocalLoss":
+        labels_in_range = focal.labels_in_range
+        monkeypatch.setattr(focal, "labels_in_range", lambda *a: reads.append("labels") or labels_in_range(*a))
+    device = "cuda" if CUDA else "cpu"
+    fields = _good_fields(name, device)
 
     def term() -> TermRequest:
-        return TermRequest(name="t", config={"type": "FocalLoss"}, **cloned(fields))
+        return TermRequest(name="t", config={"type": name}, **cloned(fields))
 
     by_hand = _evaluator(device, "by hand")
-    before = by_hand.one_pass.calls_by_hand["FocalLoss"]
+    before = by_hand.one_pass.calls_by_hand[name]
     by_hand.evaluate(term())
-    assert by_hand.one_pass.calls_by_hand["FocalLoss"] == before + 1 and reads == []
+    assert by_hand.one_pass.calls_by_hand[name] == before + 1 and reads == []
     Evaluator(fused=True, gpu_kernels=False).evaluate(term())
-    assert sorted(set(reads)) == ["finite", "labels"]
+    assert sorted(set(reads)) == (["finite", "labels"] if name == "FocalLoss" else ["finite"])
 
 
 @NEEDS_KERNEL_BY_HAND
+@pytest.mark.parametrize("name", BY_HAND_LOSSES)
 @pytest.mark.parametrize("rows,classes", [(700, 9), (300, 41), (3, 3000), (5000, 1), (129, 80)])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_the_hand_written_kernel_across_its_blocks(rows, classes, reduction):
-    """Rows that straddle the hand-written kernel's blocks of 2048 elements, a row longer than a block, one
-    class, a class count whose 1/C rounds down in float32 (41: a row found by reciprocal instead of a division
-    would need a correction there): each element finds its row and column (its label, its row's weight) as
-    autograd does."""
+def test_the_hand_written_kernel_across_its_blocks(name, rows, classes, reduction):
+    """Rows that straddle the hand-written kernels' blocks (FocalLoss: 1024 elements of the flat logits;
+    QualityFocalLoss: tiles of whole rows, the classes padded to a power of two), a row longer than a
+    block, one class, a class count whose 1/C rounds down in float32 (41: a row found by reciprocal instead
+    of a division would need a correction there): each element finds its row and column (its label, its
+    score, its row's weight) as autograd does."""
     device = "cuda" if CUDA else "cpu"
     gen = _gen(rows)
     pred = (torch.randn(rows, classes, generator=gen) * 4).to(device)
     labels = torch.randint(0, classes + 1, (rows,), generator=gen).to(device)
     weight = torch.rand(rows, generator=gen).to(device)
-    config = {"type": "FocalLoss", "gamma": 2.0, "alpha": 0.25}
-    check("FocalLoss", config, device, torch.float32, "by hand", pred=pred, target=labels, weight=weight,
+    if name == "FocalLoss":
+        config, target = {"type": name, "gamma": 2.0, "alpha": 0.25}, labels
+    else:
+        config, target = {"type": name, "beta": 2.0}, (labels, torch.rand(rows, generator=gen).to(device))
+    check(name, config, device, torch.float32, "by hand", pred=pred, target=target, weight=weight,
           reduction_override=reduction)  # fmt: skip
+
+
+@NEEDS_KERNEL_BY_HAND
+def test_rows_wider_than_the_quality_kernel_s_tile_are_the_compiled_closed_form_s():
+    """Past ``MAX_CLASSES`` a row's tile would not fit the registers: the kernel declines before it
+    launches, the compiled closed form answers, and the kernel stays on."""
+    from losswire.server.losses.fused import gfocal_triton
+
+    device = "cuda" if CUDA else "cpu"
+    evaluator = _evaluator(device, "by hand")
+    classes = gfocal_triton.MAX_CLASSES + 1
+    gen = _gen(classes)
+    labels = torch.tensor([0, classes - 1, classes]).to(device)
+    fields = {"pred": torch.randn(3, classes, generator=gen).to(device), "target": (labels, torch.rand(3).to(device))}
+    before = evaluator.one_pass.calls_by_hand["QualityFocalLoss"], evaluator.one_pass.calls["QualityFocalLoss"]
+    got = _outcome(evaluator, {"type": "QualityFocalLoss"}, fields, "none")
+    torch.testing.assert_close(got, _outcome(AUTOGRAD, {"type": "QualityFocalLoss"}, fields, "none"))
+    after = evaluator.one_pass.calls_by_hand["QualityFocalLoss"], evaluator.one_pass.calls["QualityFocalLoss"]
+    assert after == (before[0], before[1] + 1) and not evaluator.gpu_kernels_off()

@@ -40,6 +40,7 @@ FUSED_KERNEL_FAMILY = {
     "focal": "focal",
     "focal_triton": "focal",  # focal's closed form by hand (Triton): loaded on a GPU only, by compiled.py
     "gfocal": "gfocal",
+    "gfocal_triton": "gfocal",  # QualityFocalLoss's closed form by hand, as focal_triton
     "iou": "iou",
     "regression": "smooth_l1",
 }

@@ -18,9 +18,10 @@ compile (no Triton, a compiler error) is off for the process after one warning, 
 answers. A config value the inputs' dtype cannot hold is declined (``DeclinedError``): the family kernel
 answers that call, as it answers it on the CPU, and the closed form stays on.
 
-A closed form may also be written by hand (``ClosedForm.handwritten``, FocalLoss's ``focal_triton``): one
-Triton kernel that moves the fewest bytes, 8x the compiled one's speed for FocalLoss on an H200. It answers
-float32 terms wherever it imports, with the same fallback; float64 terms keep the compiled closed form.
+A closed form may also be written by hand (``ClosedForm.handwritten``: FocalLoss's ``focal_triton``,
+QualityFocalLoss's ``gfocal_triton``): one Triton kernel that moves the fewest bytes, 8x the compiled one's
+speed for FocalLoss on an H200. It answers float32 terms wherever it imports, with the same fallback; float64
+terms, and shapes it declines before launching (``DeclinedError``), keep the compiled closed form.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LossError
-from . import FUSED_KERNELS, DeclinedError, Fused, FusedKernel
+from . import FUSED_KERNELS, ClosedForm, DeclinedError, Fused, FusedKernel, ValuesNotCovered
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,8 @@ class OnePass:
         self.handwritten = compile if handwritten is None else handwritten
         self._compiled: dict[Callable, Callable] = {}
         self._by_hand: dict[str, Callable | None] = {}
-        self._broken: set[str] = set()
+        self._broken: set[str] = set()  # losses whose closed form failed: the family kernel answers them
+        self._off_by_hand: set[str] = set()  # losses whose hand-written kernel failed: the compiled form answers
         # one caller at a time: compiling is not thread-safe, and a call only launches the GPU's work
         self._lock = threading.Lock()
         self.calls: Counter[str] = Counter()  # terms each closed form answered (tests and benchmarks)
@@ -122,6 +124,8 @@ class OnePass:
         handwritten = kernel.one_pass.handwritten
         if handwritten is None or not self.handwritten or pred.dtype != torch.float32:
             return None
+        if kernel.name in self._off_by_hand:
+            return None
         stem = handwritten.stem
         if stem not in self._by_hand:
             try:
@@ -137,11 +141,17 @@ class OnePass:
         form = kernel.one_pass
         try:
             with self._lock:
-                if by_hand is not None:
-                    function = functools.partial(by_hand, **form.handwritten.hints(module))
-                else:
-                    function = self._compiled_form(form.function)
-                answer = form.bind(module, kwargs, function)
+                try:
+                    answer = form.bind(module, kwargs, self._function(form, module, by_hand))
+                except ValuesNotCovered:
+                    raise
+                except DeclinedError:
+                    if by_hand is None:
+                        raise
+                    # shapes or dtypes the hand-written kernel does not take (said before it launched):
+                    # the compiled closed form's, and the hand-written kernel stays on for other calls
+                    by_hand = None
+                    answer = form.bind(module, kwargs, self._function(form, module, None))
                 self.calls[kernel.name] += 1
                 self.calls_by_hand[kernel.name] += by_hand is not None
             return answer
@@ -150,6 +160,11 @@ class OnePass:
         except torch.OutOfMemoryError:
             raise
         except Exception as error:  # a compiler's failure (no Triton, a backend error); covers checked the inputs
+            if by_hand is not None:  # the compiled closed form may still build: it answers from the next try on
+                self._off_by_hand.add(kernel.name)
+                log.warning("the hand-written kernel of %s is off for this process (%r); its compiled closed form "
+                            "answers", kernel.name, error)  # fmt: skip
+                return None
             self._broken.add(kernel.name)
             log.warning("the compiled kernel of %s is off for this process (%r); its family kernel answers",
                         kernel.name, error)  # fmt: skip
@@ -157,8 +172,14 @@ class OnePass:
 
     @property
     def off(self) -> frozenset[str]:
-        """The kernels whose closed form failed, off for this process."""
-        return frozenset(self._broken)
+        """The losses whose hand-written kernel or compiled closed form failed, off for this process."""
+        return frozenset(self._broken | self._off_by_hand)
+
+    def _function(self, form: ClosedForm, module: nn.Module, by_hand: Callable | None) -> Callable:
+        """What ``form.bind`` calls: the hand-written kernel with its hints, else the compiled closed form."""
+        if by_hand is not None:
+            return functools.partial(by_hand, **form.handwritten.hints(module))
+        return self._compiled_form(form.function)
 
     def _compiled_form(self, function: Callable) -> Callable:
         if not self.compile:

@@ -15,6 +15,7 @@ from . import (
     ClosedForm,
     Fused,
     FusedKernel,
+    HandWritten,
     RowBlocks,
     Scratch,
     answered,
@@ -223,9 +224,15 @@ def closed_form(x: Tensor, labels: Tensor, score: Tensor, beta: Tensor, row_scal
 def bind(module: QualityFocalLoss, kwargs: Mapping[str, Any], function: Callable[..., tuple[Tensor, Tensor]]) -> Fused:
     x, (labels, score) = kwargs["pred"].detach(), kwargs["target"]
     reducer, weight = plain_reducer(module, kwargs), kwargs.get("weight")
-    row_scale = reducer.gradient_scale(module.loss_weight, weight, None, x[:, 0])  # x[:, 0]: the loss's shape
+    # the per-sample loss's shape, dtype and device (not x[:, 0], which C = 0 has not)
+    row_scale = reducer.gradient_scale(module.loss_weight, weight, None, x.new_empty(x.shape[:1]))
     loss, grad = function(x, labels, score.detach(), scalar(module.beta, x), row_scale)
     return answered(module.finish(loss, weight, reducer.mode, reducer.avg_factor), grad)
+
+
+def _kernel_hints(module: QualityFocalLoss) -> dict[str, Any]:
+    """What the hand-written kernel specialises on: beta = 2 (mmdet's default) squares."""
+    return {"beta_two": float(module.beta) == 2.0}
 
 
 register(
@@ -237,6 +244,6 @@ register(
         writes_into=True,
         rows=rows,
         covers=covers,
-        one_pass=ClosedForm(closed_form, bind),
+        one_pass=ClosedForm(closed_form, bind, handwritten=HandWritten("gfocal_triton", _kernel_hints)),
     ),
 )
