@@ -24,7 +24,8 @@ Sections (``--sections``, all by default; docs/performance.md explains every col
 * ``hosts`` (root): FocalLoss at 16, 64, 256 MiB over a 10 Gbit/s link between two network namespaces
   (bench/hosts.py): share of the link against a raw socket and a bare grpcio stream; bfloat16 transfer.
 * ``callers``: 1, 2, 4, 8 client processes (``--processes``, each its own LossClient, as training
-  workers) making small calls: throughput, p99, server CPU per call, against the echo (bench/callers.py).
+  workers) making small calls: throughput, p99, server CPU per call, against the echo (bench/callers.py);
+  then the most callers against 2 (``--reuse-port-servers``) server processes sharing one port.
 
 Prints markdown tables, writes JSON (``--out``, default bench/results/latest.json) and a PNG beside
 it when matplotlib is importable. The servers it starts: ``losswire serve`` (CPU unless ``--device``)
