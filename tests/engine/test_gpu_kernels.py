@@ -559,3 +559,9 @@ def test_rows_wider_than_the_quality_kernel_s_tile_are_the_compiled_closed_form_
     torch.testing.assert_close(got, _outcome(AUTOGRAD, {"type": "QualityFocalLoss"}, fields, "none"))
     after = evaluator.one_pass.calls_by_hand["QualityFocalLoss"], evaluator.one_pass.calls["QualityFocalLoss"]
     assert after == (before[0], before[1] + 1) and not evaluator.gpu_kernels_off()
+    # declined before ``supports`` read the values: the compiled form, which does not check them, must not
+    # answer a NaN (autograd does, as on the family kernel's path)
+    fields = {**fields, "pred": _with_value(fields["pred"], (1, 5), float("nan"))}
+    term = TermRequest(name="t", config={"type": "QualityFocalLoss"}, reduction_override="none", **cloned(fields))
+    assert evaluator.evaluate(term).fused == ""
+    assert evaluator.one_pass.calls["QualityFocalLoss"] == after[1]

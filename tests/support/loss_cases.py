@@ -30,12 +30,14 @@ class Sample:
 
 
 def cloned(value: Any) -> Any:
-    """A loss input cloned, so that one call cannot change what the next sees: a tensor, or a tuple of them
-    (a ``(labels, score)`` target); anything else as it is."""
+    """A loss input cloned, so that one call cannot change what the next sees: a tensor, a tuple of them
+    (a ``(labels, score)`` target), or a dict of inputs by name; anything else as it is."""
     if isinstance(value, Tensor):
         return value.clone()
     if isinstance(value, tuple):
         return tuple(cloned(v) for v in value)
+    if isinstance(value, dict):
+        return {name: cloned(v) for name, v in value.items()}
     return value
 
 

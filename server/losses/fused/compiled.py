@@ -89,7 +89,7 @@ class OnePass:
         event loop. Out of memory is raised: it is the server's condition, not the kernel's."""
         if not self._may_answer(kernel, pred):
             return None
-        return self._run(kernel, module, kwargs, self._kernel_by_hand(kernel, pred))
+        return self._run(kernel, module, kwargs, self._kernel_by_hand(kernel, pred), checked=True)
 
     def answer_unchecked(
         self, kernel: FusedKernel, module: nn.Module, kwargs: Mapping[str, Any], pred: Tensor
@@ -108,7 +108,7 @@ class OnePass:
                 return None
         except LossError:
             return None
-        return self._run(kernel, module, kwargs, by_hand)
+        return self._run(kernel, module, kwargs, by_hand, checked=False)
 
     def _may_answer(self, kernel: FusedKernel, pred: Tensor) -> bool:
         form = kernel.one_pass
@@ -136,8 +136,15 @@ class OnePass:
         return self._by_hand[stem]
 
     def _run(
-        self, kernel: FusedKernel, module: nn.Module, kwargs: Mapping[str, Any], by_hand: Callable | None
+        self,
+        kernel: FusedKernel,
+        module: nn.Module,
+        kwargs: Mapping[str, Any],
+        by_hand: Callable | None,
+        checked: bool,
     ) -> Fused | None:
+        """``kernel``'s closed form bound and run: by hand where ``by_hand``, else compiled. ``checked``:
+        ``supports`` has read the values (the compiled form, which does not check them, may answer)."""
         form = kernel.one_pass
         try:
             with self._lock:
@@ -146,7 +153,7 @@ class OnePass:
                 except ValuesNotCovered:
                     raise
                 except DeclinedError:
-                    if by_hand is None:
+                    if by_hand is None or not checked:
                         raise
                     # shapes or dtypes the hand-written kernel does not take (said before it launched):
                     # the compiled closed form's, and the hand-written kernel stays on for other calls
