@@ -319,6 +319,72 @@ def test_a_pred_without_classes_gets_the_module_s_answer_and_the_closed_form_sta
     assert evaluator.one_pass.calls[name] == before + 1
 
 
+def _odd_inputs() -> dict[str, tuple[str, dict[str, Any]]]:
+    """Inputs the closed forms cover that are easy to get wrong: no rows, one row, narrow label dtypes, a
+    transposed pred, weights of one element, a tensor avg_factor, a score in another dtype, batched boxes."""
+    gen = _gen(11)
+    labels = torch.randint(0, C + 1, (N,), generator=gen)
+    cases: dict[str, tuple[str, dict[str, Any]]] = {}
+    for name in ("FocalLoss", "QualityFocalLoss"):
+
+        def target(labels: Tensor, name: str = name) -> Any:
+            return labels if name == "FocalLoss" else (labels, torch.rand(labels.shape[0], generator=gen))
+
+        def logits(rows: int = N) -> Tensor:
+            return torch.randn(rows, C, generator=gen) * 3
+
+        cases |= {
+            f"{name}, no rows": (name, {"pred": torch.empty(0, C), "target": target(labels[:0])}),
+            f"{name}, one row": (name, {"pred": logits(1), "target": target(labels[:1])}),
+            f"{name}, int32 labels": (name, {"pred": logits(), "target": target(labels.int())}),
+            f"{name}, uint8 labels": (name, {"pred": logits(), "target": target(labels.to(torch.uint8))}),
+            f"{name}, transposed pred": (name, {"pred": logits().t().contiguous().t(), "target": target(labels)}),
+            f"{name}, weight [1]": (name, {"pred": logits(), "target": target(labels), "weight": torch.rand(1)}),
+            f"{name}, 0-d weight": (name, {"pred": logits(), "target": target(labels), "weight": torch.rand(())}),
+            f"{name}, tensor avg_factor": (
+                name,
+                {"pred": logits(), "target": target(labels), "avg_factor": torch.tensor(3.5)},
+            ),
+        }
+    for dtype in (torch.float64, torch.float16):
+        score = torch.rand(N, generator=gen).to(dtype)
+        cases[f"QualityFocalLoss, {dtype} score"] = (
+            "QualityFocalLoss",
+            {"pred": torch.randn(N, C, generator=gen), "target": (labels, score)},
+        )
+    boxes = _boxes("cpu", torch.float32, 12), _boxes("cpu", torch.float32, 14)
+    cases |= {
+        "GIoULoss, no rows": ("GIoULoss", {"pred": torch.empty(0, 4), "target": torch.empty(0, 4)}),
+        "GIoULoss, batched": (
+            "GIoULoss",
+            {"pred": boxes[0][:52].reshape(4, 13, 4), "target": boxes[1][:52].reshape(4, 13, 4)},
+        ),
+        "GIoULoss, [N, 4] weight": ("GIoULoss", {"pred": boxes[0], "target": boxes[1], "weight": torch.rand(N, 4)}),
+    }
+    return cases
+
+
+@pytest.mark.parametrize("path", ["plain", pytest.param("by hand", marks=NEEDS_KERNEL_BY_HAND)])
+@pytest.mark.parametrize("case", list(_odd_inputs()))
+def test_odd_inputs_get_autograd_s_answer_in_its_dtypes_and_leave_the_closed_forms_on(case, path):
+    """Each closed form (and hand-written kernel) answers these as autograd does, in the same dtype (a
+    float64 score made QFL's closed form answer a float32 pred in float64), and none of them switches a
+    kernel off for the other callers."""
+    device = "cuda" if CUDA and path == "by hand" else "cpu"
+    evaluator = _one_pass_evaluator(device, path)
+    name, fields = _odd_inputs()[case]
+    fields = _on(device, fields)
+    for reduction in ("mean", "none"):
+        got = _outcome(evaluator, {"type": name}, fields, reduction)
+        expected = _outcome(AUTOGRAD, {"type": name}, fields, reduction)
+        if isinstance(expected[0], type):
+            assert got == expected
+            continue
+        assert [t.dtype for t in got] == [t.dtype for t in expected], reduction
+        torch.testing.assert_close(got, expected, rtol=2e-5, atol=1e-6, msg=reduction)
+    assert not evaluator.gpu_kernels_off()  # (a closed form that does not cover one leaves it to the others)
+
+
 def test_the_evaluator_counts_which_kernel_answered():
     """What ``losswire_fused_terms_total`` reads: a closed form's answers as ``compiled``, the family
     kernel's as ``family``; no GPU kernel off."""

@@ -226,7 +226,8 @@ def bind(module: QualityFocalLoss, kwargs: Mapping[str, Any], function: Callable
     reducer, weight = plain_reducer(module, kwargs), kwargs.get("weight")
     # the per-sample loss's shape, dtype and device (not x[:, 0], which C = 0 has not)
     row_scale = reducer.gradient_scale(module.loss_weight, weight, None, x.new_empty(x.shape[:1]))
-    loss, grad = function(x, labels, score.detach(), scalar(module.beta, x), row_scale)
+    # the score in pred's dtype, as the module takes it: a float64 score made the whole answer float64
+    loss, grad = function(x, labels, score.detach().to(x.dtype), scalar(module.beta, x), row_scale)
     return answered(module.finish(loss, weight, reducer.mode, reducer.avg_factor), grad)
 
 
