@@ -26,8 +26,8 @@ read, by this kernel or the module, and the answer is the module's.
 
 Same arguments and results as ``gfocal.closed_form`` (``ClosedForm.handwritten``), plus the keyword
 ``beta_two`` (``HandWritten.hints``: beta is 2, mmdet's default, known on the host), which squares instead of
-``exp2(beta log2 m)``. Rows wider than ``MAX_CLASSES`` (a tile past the registers), and a score in another
-dtype than the logits, are declined: the compiled closed form answers those. This module imports Triton:
+``exp2(beta log2 m)``. Rows wider than ``MAX_CLASSES`` (a tile past the registers) are declined: the
+compiled closed form answers those. ``bind`` gives the score in pred's dtype. This module imports Triton:
 the engine loads it only on a GPU (``compiled.OnePass``).
 """
 
@@ -104,19 +104,19 @@ def closed_form(
     tile_elements: int = TILE_ELEMENTS,
     num_warps: int = NUM_WARPS,
 ) -> tuple[Tensor, Tensor]:
-    """``gfocal.closed_form`` in one kernel: ``x`` [N, C] float32, ``labels`` [N] int64, ``score`` [N],
-    ``beta`` 0-d, ``row_scale`` 0-d, [1] or [N]; returns the per-sample loss [N] and the gradient [N, C].
+    """``gfocal.closed_form`` in one kernel: ``x`` [N, C] float32, ``labels`` [N] int64, ``score`` [N] in
+    x's dtype, ``beta`` 0-d, ``row_scale`` 0-d, [1] or [N]; returns the per-sample loss [N] and the
+    gradient [N, C].
     ``beta_two``: beta is 2 (the caller knows it on the host), and the kernel squares. ``tile_elements``
     (a power of two) and ``num_warps``: the launch's shape.
 
     Raises ``ValuesNotCovered`` where pred, a positive row's score or the row factor (the weight) holds a
-    NaN or Inf, or the sums overflow; ``DeclinedError`` for rows past ``MAX_CLASSES`` or a score dtype
-    other than pred's."""
+    NaN or Inf, or the sums overflow; ``DeclinedError`` for rows past ``MAX_CLASSES``."""
     num_rows, num_classes = x.shape
     if not num_classes and num_rows:
         raise ValuesNotCovered("no logits to read the labels against (C = 0): supports reads them")
-    if num_classes > MAX_CLASSES or score.dtype != x.dtype:
-        raise DeclinedError(f"C = {num_classes}, score {score.dtype}: the compiled closed form's")
+    if num_classes > MAX_CLASSES:
+        raise DeclinedError(f"C = {num_classes}: rows past the tile, the compiled closed form's")
     x, labels, score = x.contiguous(), labels.contiguous(), score.contiguous()
     scale_per_row = row_scale.numel() != 1
     row_scale = row_scale.contiguous() if scale_per_row else row_scale.reshape(())
