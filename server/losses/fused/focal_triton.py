@@ -33,6 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import ValuesNotCovered
+from .by_hand import power_and_derivative
 
 BLOCK, NUM_WARPS = 1024, 4
 WEIGHT_NONE, WEIGHT_ROW, WEIGHT_ELEMENT = 0, 1, 2
@@ -60,15 +61,7 @@ def _focal_kernel(
     q = p + t * (1.0 - 2.0 * p)
     a = (1.0 - alpha) + t * (2.0 * alpha - 1.0)
     bce = tl.maximum(x, 0.0) - x * t + tl.log(1.0 + tl.exp(-tl.abs(x)))
-    if gamma_two:  # mmdet's default, by multiplies
-        q_gamma = q * q
-        d_q_gamma = 2.0 * q
-    else:  # by exp2/log2, with torch's values at q = 0 (0^0 = 1; the fused kernels take gamma = 0 or
-        # gamma >= 1 only, where the derivative is finite)
-        log_q = tl.log2(q)
-        q_gamma = tl.where(q > 0.0, tl.exp2(gamma * log_q), tl.where(gamma == 0.0, 1.0, 0.0))
-        d_q_gamma = tl.where(q > 0.0, gamma * tl.exp2((gamma - 1.0) * log_q), tl.where(gamma == 1.0, 1.0, 0.0))
-        d_q_gamma = tl.where(gamma == 0.0, 0.0, d_q_gamma)
+    q_gamma, d_q_gamma = power_and_derivative(q, gamma, gamma_two)
     # a label outside [0, C] (C: background) is the module's error to raise: NaN marks it (see the docstring)
     loss = tl.where((label < 0) | (label > num_classes), float("nan"), a * q_gamma * bce)
     local = a * ((p - t) * q_gamma + bce * d_q_gamma * (1.0 - 2.0 * t) * p * (1.0 - p))

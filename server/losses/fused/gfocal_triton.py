@@ -41,6 +41,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import DeclinedError, ValuesNotCovered
+from .by_hand import power_and_derivative
 
 TILE_ELEMENTS, NUM_WARPS = 2048, 4  # a program's rows x padded classes, and its warps
 MAX_CLASSES = 8192  # one row's tile in registers; wider rows are the compiled closed form's
@@ -70,15 +71,7 @@ def _quality_kernel(
     gap = y - p
     m = tl.where(positive, tl.abs(gap), p)
     bce = tl.maximum(x, 0.0) - x * y + tl.log(1.0 + tl.exp(-tl.abs(x)))
-    if beta_two:  # mmdet's default, by multiplies
-        m_beta = m * m
-        d_m_beta = 2.0 * m
-    else:  # by exp2/log2, with torch's values at m = 0 (0^0 = 1; beta is 0 or >= 1, ``supported_exponent``)
-        beta = tl.load(beta_ptr)
-        log_m = tl.log2(m)
-        m_beta = tl.where(m > 0.0, tl.exp2(beta * log_m), tl.where(beta == 0.0, 1.0, 0.0))
-        d_m_beta = tl.where(m > 0.0, beta * tl.exp2((beta - 1.0) * log_m), tl.where(beta == 1.0, 1.0, 0.0))
-        d_m_beta = tl.where(beta == 0.0, 0.0, d_m_beta)
+    m_beta, d_m_beta = power_and_derivative(m, tl.load(beta_ptr), beta_two)
     sign = tl.where(gap > 0.0, 1.0, tl.where(gap < 0.0, -1.0, 0.0))
     d_m = tl.where(positive, -sign, 1.0) * p * (1.0 - p)
     local = (p - y) * m_beta + bce * d_m_beta * d_m
