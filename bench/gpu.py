@@ -38,6 +38,7 @@ Sections:
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -292,23 +293,12 @@ def _launch_shapes(size: int, bandwidth: float) -> list[dict[str, Any]]:
 
     _, fields = workload("FocalLoss", int(size * MIB) // (80 * 4))
     x, labels = fields["pred"], fields["target"]
+
+    def run(block: int, warps: int) -> None:
+        triton_focal.focal_loss_and_grad(x, labels, avg_factor=1000.0, gamma_two=True, block=block, num_warps=warps)
+
     roofline = _focal_roofline_ms(x, labels, bandwidth)
-    rows = []
-    for block, warps in itertools.product((1024, 2048, 4096, 8192), (4, 8, 16)):
-
-        def run(block=block, warps=warps) -> None:
-            triton_focal.focal_loss_and_grad(x, labels, avg_factor=1000.0, gamma_two=True, block=block, num_warps=warps)
-
-        try:
-            run()  # compiled for this shape, outside the profile
-            kernel = min(kernel_ms(run) for _ in range(3))
-        except Exception as error:  # a shape Triton refuses is reported, the others still run
-            rows.append({"pred MiB": size, "block": block, "warps": warps, "error": repr(error)[:200]})
-            continue
-        rows.append({"pred MiB": size, "block": block, "warps": warps, "gamma 2 specialised kernels ms": kernel,
-                     "gamma 2 specialised kernels % roofline": 100 * roofline / kernel})  # fmt: skip
-        print(json.dumps(rows[-1]), flush=True)
-    return rows
+    return _sweep({"pred MiB": size}, "block", run, roofline, "gamma 2 specialised kernels")
 
 
 def _quality_launch_shapes(size: float, bandwidth: float) -> list[dict[str, Any]]:
@@ -320,22 +310,30 @@ def _quality_launch_shapes(size: float, bandwidth: float) -> list[dict[str, Any]
     _, fields = workload("QualityFocalLoss", int(size * MIB) // (80 * 4))
     x, (labels, score) = fields["pred"], fields["target"]
     beta, scale = torch.tensor(2.0, device=DEVICE), torch.tensor(1e-3, device=DEVICE)
+
+    def run(tile: int, warps: int) -> None:
+        gfocal_triton.closed_form(x, labels, score, beta, scale, beta_two=True, tile_elements=tile, num_warps=warps)
+
     roofline = (2 * x.nbytes + labels.nbytes + 2 * score.nbytes) / bandwidth * 1e3  # and the row losses out
+    return _sweep({"loss": "QualityFocalLoss", "pred MiB": size}, "tile", run, roofline, "beta 2 kernels")
+
+
+def _sweep(
+    row: dict[str, Any], shape: str, run: Callable[[int, int], None], roofline: float, measured: str
+) -> list[dict[str, Any]]:
+    """``run(elements, warps)`` at 1024-8192 elements (``shape``: what they are called) x 4-16 warps: each
+    shape's least kernel time of 3 profiled calls, after one to compile it, as a row of ``row``'s fields."""
     rows = []
-    for tile, warps in itertools.product((1024, 2048, 4096, 8192), (4, 8, 16)):
-
-        def run(tile=tile, warps=warps) -> None:
-            gfocal_triton.closed_form(x, labels, score, beta, scale, beta_two=True, tile_elements=tile, num_warps=warps)
-
+    for elements, warps in itertools.product((1024, 2048, 4096, 8192), (4, 8, 16)):
+        cell = {**row, shape: elements, "warps": warps}
         try:
-            run()  # compiled for this shape, outside the profile
-            kernel = min(kernel_ms(run) for _ in range(3))
+            shaped = functools.partial(run, elements, warps)
+            shaped()  # compiled for this shape, outside the profile
+            kernel = min(kernel_ms(shaped) for _ in range(3))
         except Exception as error:  # a shape Triton refuses is reported, the others still run
-            rows.append({"loss": "QualityFocalLoss", "pred MiB": size, "tile": tile, "warps": warps,
-                         "error": repr(error)[:200]})  # fmt: skip
+            rows.append({**cell, "error": repr(error)[:200]})
             continue
-        rows.append({"loss": "QualityFocalLoss", "pred MiB": size, "tile": tile, "warps": warps,
-                     "beta 2 kernels ms": kernel, "beta 2 kernels % roofline": 100 * roofline / kernel})  # fmt: skip
+        rows.append({**cell, f"{measured} ms": kernel, f"{measured} % roofline": 100 * roofline / kernel})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
