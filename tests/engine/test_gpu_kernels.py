@@ -153,6 +153,40 @@ def test_quality_focal(device, dtype, path):
         )  # fmt: skip
 
 
+SATURATED = 800.0  # a logit whose sigmoid is exactly 1 (and -800's exactly 0) in float64 as in float32
+EXPONENTS = {"FocalLoss": "gamma", "QualityFocalLoss": "beta"}
+
+
+def _base_zero_fields(name: str, device: str, dtype: torch.dtype) -> dict[str, Any]:
+    """Half the logits saturated on their label's side: FocalLoss's base q (1 - p at the label, p elsewhere)
+    and QFL's m (p at a negative column) exactly 0. QFL's positive columns: +-SATURATED with a score of
+    exactly 1 or 0, and 0 with a score of 0.5, where m = |score - p| is 0 and BCE log 2 (not 0)."""
+    labels = torch.randint(0, C + 1, (N,), generator=_gen(1))
+    t = torch.nn.functional.one_hot(labels, C + 1)[:, :C].bool()
+    saturated = _rand((N, C), "cpu", torch.float64, 2) < 0.5
+    pred = torch.where(saturated, torch.where(t, SATURATED, -SATURATED), _logits("cpu", torch.float64))
+    if name == "FocalLoss":
+        return _on(device, {"pred": pred.to(dtype), "target": labels})
+    cycle = torch.arange(N) % 3
+    at_label, score = torch.tensor([SATURATED, -SATURATED, 0.0])[cycle], torch.tensor([1.0, 0.0, 0.5])[cycle]
+    pred = torch.where(t, at_label[:, None], pred)
+    return _on(device, {"pred": pred.to(dtype), "target": (labels, score.to(dtype))})
+
+
+@pytest.mark.parametrize("device,dtype,path", [*SETUPS, BY_HAND], ids=str)
+@pytest.mark.parametrize("exponent", [0.0, 1.0, 2.0])
+@pytest.mark.parametrize("name", BY_HAND_LOSSES)
+def test_a_base_of_zero_takes_torch_s_powers(name, exponent, device, dtype, path):
+    """A base exactly 0 (a saturated sigmoid; QFL's score equal to it) with exponent 0 or 1, which random
+    logits never reach: ``power_and_derivative``'s values there (0^0 = 1, and no NaN from 0 * log2 0 in
+    the power or derivative) against autograd's. QFL's logit 0 with score 0.5 reads 0^0 into the loss;
+    elsewhere every factor of the power and its derivative is 0 there, so only a NaN would show."""
+    fields = _base_zero_fields(name, device, dtype)
+    config = {"type": name, EXPONENTS[name]: exponent}
+    for reduction, avg_factor in _reductions():
+        check(name, config, device, dtype, path, **fields, avg_factor=avg_factor, reduction_override=reduction)
+
+
 @pytest.mark.parametrize("device,dtype,path", SETUPS, ids=str)
 def test_giou(device, dtype, path):
     pred, target = _boxes(device, dtype, 2), _boxes(device, dtype, 4)
