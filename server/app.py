@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from losswire.wire.buffers import BufferPool
-from losswire.wire.protocol import SERVICE_NAME
+from losswire.wire.protocol import EVALUATE_STREAM_METHOD, SERVICE_NAME
 from losswire.wire.staging import PinnedPool, Staging
 
 from . import __version__
@@ -263,6 +263,8 @@ class LosswireServer:
                     on_refused=self._count_refused,
                     answer_seconds=self.config.stream_idle_seconds,
                     answer_min_rate=self.config.stream_min_rate,
+                    # a streamed call's request may carry tensors inline, and the call holds it to its end
+                    roomed_streams=frozenset({EVALUATE_STREAM_METHOD}),
                 ),
                 MalformedRequestInterceptor(self._count_malformed),
                 self.metrics.interceptor(),

@@ -37,6 +37,11 @@ interceptor sees it (``on_refused`` counts it).
 
 A caller that resets its call while it waits for room gives its place up: a burst of such resets
 (HTTP/2 "rapid reset") leaves nothing held.
+
+A streamed call's first message is its request too, and may carry tensors inline (``roomed_streams``):
+once it has arrived it keeps room for its bytes until the call ends, waiting for room at most
+``read_seconds`` (else RESOURCE_EXHAUSTED). It is asked for at once, without room: a stream opened and
+left silent holds only its open stream (``--max-open-streams``), as before.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from .calls import answers_or_failure_alone, fail, send_failure_alone
 from .hangup import hang_up_unread
 from .shares import FairShares
 from .status import gone_code, refusal
+from .streams import message_bytes
 
 # A unary request comes right behind its call's headers; one that has not arrived within this grace, plus
 # a second per UNARY_MIN_RATE bytes of the largest request, is a caller holding room without sending.
@@ -160,13 +166,17 @@ class IntakeInterceptor(grpc.aio.ServerInterceptor):
         on_refused: Callable[[str, grpc.StatusCode], None] = lambda _method, _code: None,
         answer_seconds: float | None = None,
         answer_min_rate: float | None = None,
+        roomed_streams: frozenset[str] = frozenset(),
     ) -> None:
         """``room_of(call)``: the room its request is read in and who it is read for (None: its connection);
         None: the call is refused unread (the token check refuses it). ``largest``: the largest request, at
         most any room's capacity. ``uncounted``: methods (``/service/Method``) whose calls take no slot
         (they are bounded by their own service). ``answer_seconds``, ``answer_min_rate``: how long a caller
-        may leave a unary answer untaken, plus a second per that many bytes of it (None: no bound)."""
+        may leave a unary answer untaken, plus a second per that many bytes of it (None: no bound).
+        ``roomed_streams``: request-streaming methods whose first message keeps room for its bytes until
+        the call ends, as a unary request does (``_first_in_room``)."""
         self.room_of, self.largest, self.read_seconds = room_of, largest, read_seconds
+        self.roomed_streams = roomed_streams
         self.answer_seconds, self.answer_min_rate = answer_seconds, answer_min_rate
         self.slots, self.uncounted = slots, uncounted
         self._unbounded = CallSlots(None)  # the slots of uncounted calls: nothing bounds them here
@@ -184,7 +194,8 @@ class IntakeInterceptor(grpc.aio.ServerInterceptor):
             slots = self.slots if place is None or place[0].slots is None else place[0].slots
         caller = place[1] if place is not None else None  # a token (None without tokens: callers are not told apart)
         if handler.request_streaming:
-            return self._counted_stream(handler, method, slots, caller)
+            roomed = handler_call_details.method in self.roomed_streams and place is not None
+            return self._counted_stream(handler, method, slots, caller, place if roomed else None)
         deserialize = handler.request_deserializer
         inner = handler.unary_stream if handler.response_streaming else handler.unary_unary
         # closures, not partials: gRPC inspects each call's handler, and a partial costs it more
@@ -217,22 +228,25 @@ class IntakeInterceptor(grpc.aio.ServerInterceptor):
         return grpc.stream_stream_rpc_method_handler(behaviour, None, handler.response_serializer)
 
     def _counted_stream(
-        self, handler: grpc.RpcMethodHandler, method: str, slots: CallSlots, caller: str | None
+        self, handler: grpc.RpcMethodHandler, method: str, slots: CallSlots, caller: str | None, place: Place | None
     ) -> grpc.RpcMethodHandler:
         """A request-streaming ``handler`` whose calls each take a slot of ``caller``'s (their requests are
-        read by it)."""
+        read by it); with a ``place``, their first message keeps room there (``_first_in_room``)."""
         inner = handler.stream_stream or handler.stream_unary
 
+        def read(requests: AsyncIterator[Any], held: Held | None) -> AsyncIterator[Any]:
+            return requests if held is None else self._first_in_room(requests, place, held)
+
         async def awaited(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-            async with Admitted(self, slots, caller, method, context, reads=False):
-                answer = await inner(requests, context)
+            async with Admitted(self, slots, caller, method, context, reads=place is not None) as held:
+                answer = await inner(read(requests, held), context)
                 if answer is None:
                     await send_failure_alone(context)
                 return answer
 
         async def yielded(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            async with Admitted(self, slots, caller, method, context, reads=False):
-                async for message in answers_or_failure_alone(inner(requests, context), context):
+            async with Admitted(self, slots, caller, method, context, reads=place is not None) as held:
+                async for message in answers_or_failure_alone(inner(read(requests, held), context), context):
                     yield message
 
         serializers = (handler.request_deserializer, handler.response_serializer)
@@ -241,6 +255,35 @@ class IntakeInterceptor(grpc.aio.ServerInterceptor):
         return grpc.stream_stream_rpc_method_handler(
             yielded if inspect.isasyncgenfunction(inner) else awaited, *serializers
         )
+
+    async def _first_in_room(self, requests: AsyncIterator[Any], place: Place, held: Held) -> AsyncIterator[Any]:
+        """``requests``, the first of which keeps room for its bytes in ``place`` until the call ends.
+
+        A stream's first message is its call's request, which may carry tensors inline, and the call holds it
+        as long as it lasts: a silent stream held a 60 MB one for the whole idle timeout, outside every bound
+        but the number of open streams. It is asked for at once (a silent stream holds no room, only its
+        open stream), and once arrived it waits for room at most ``read_seconds``, else ServerBusyError;
+        meanwhile it is one message of an open stream, as any chunk is."""
+        source = aiter(requests)
+        try:
+            first = await anext(source)
+        except StopAsyncIteration:
+            return
+        room, caller = place
+        nbytes = message_bytes(first)
+        try:
+            async with asyncio.timeout(self.read_seconds):
+                await held.take(room, nbytes, caller)
+        except TimeoutError:
+            raise ServerBusyError(
+                f"the stream's first message ({nbytes} bytes) found no room among the requests this server holds "
+                f"at once in {self.read_seconds:g} s ({room.capacity} bytes, an eighth of losswire serve "
+                "--memory-budget); retry later"
+            ) from None
+        held.keep(nbytes)
+        yield first
+        async for message in source:
+            yield message
 
     async def _turn_away(self, method: str, context: grpc.aio.ServicerContext, why: str) -> NoReturn:
         """End a call that finds no slot: RESOURCE_EXHAUSTED, sent at once and alone (gRPC's retry policies
@@ -366,7 +409,7 @@ class Admitted:
         context: grpc.aio.ServicerContext,
         reads: bool = True,
     ) -> None:
-        """``reads``: the call's request is read here, in request room (a streamed request is not)."""
+        """``reads``: the call holds request room (``Held``): for its unary request, or a stream's first message."""
         self.intake, self.slots, self.caller, self.method, self.context = intake, slots, caller, method, context
         self.held: Held | None = None
         self.reads, self.sending, self.released = reads, False, False

@@ -19,7 +19,7 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support.in_process import running_server
+from support.in_process import nothing_held, running_server
 from support.polling import eventually
 
 from losswire.client import Credentials, LossClient, RemoteLoss, RemoteLossError
@@ -27,18 +27,18 @@ from losswire.server.app import LosswireServer
 from losswire.server.rpc.intake import RequestRoom
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.wire import codec
-from losswire.wire.protocol import NO_RETRY, SERVICE_NAME
+from losswire.wire.protocol import EVALUATE_STREAM_METHOD, NO_RETRY, SERVICE_NAME
 
 EVALUATE = f"/{SERVICE_NAME}/Evaluate"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 TOKENS = ("token-a-0123456789",)
 
 
-def focal_request() -> bytes:
+def focal_request(rows: int = 16) -> bytes:
     request = pb.EvaluateRequest()
     term = request.terms.add(config=codec.encode_config({"type": "FocalLoss"}))
-    codec.encode_tensor(torch.randn(16, 4), term.pred)
-    codec.encode_value(torch.randint(0, 5, (16,)), term.target)
+    codec.encode_tensor(torch.randn(rows, 4), term.pred)
+    codec.encode_value(torch.randint(0, 5, (rows,)), term.target)
     return request.SerializeToString()
 
 
@@ -133,6 +133,58 @@ def test_a_request_that_does_not_arrive_in_time_is_refused_and_its_room_given_ba
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, late.value.details()
         assert "--max-request-message-bytes" in late.value.details() and "5.0625 s" in late.value.details()
         assert eventually(lambda: room_of(server).held == 0, 10)
+
+
+class SilentStreams:
+    """``count`` EvaluateStream calls on one connection (named ``connection``) whose first message is ``first``
+    and then nothing, until ``close``."""
+
+    def __init__(self, target: str, count: int, first: pb.EvaluateChunk, connection: str) -> None:
+        self.release = threading.Event()
+        options = [("grpc.enable_retries", 0), ("losswire.test.connection", connection)]
+        self.channel = grpc.insecure_channel(target, options=options)
+        stream = self.channel.stream_stream(
+            EVALUATE_STREAM_METHOD, request_serializer=pb.EvaluateChunk.SerializeToString
+        )
+        self.calls = [stream(self._first_then_nothing(first), timeout=60) for _ in range(count)]
+
+    def _first_then_nothing(self, first: pb.EvaluateChunk) -> Iterator[pb.EvaluateChunk]:
+        yield first
+        self.release.wait(60)
+
+    def close(self) -> None:
+        self.release.set()
+        for call in self.calls:
+            call.cancel()
+        self.channel.close()
+
+
+def test_a_stream_s_first_message_keeps_room_until_its_call_ends():
+    """A streamed call's first message is its request, which may carry tensors inline, and the call holds it
+    as long as it lasts: it keeps room for its bytes, as a unary request does (a silent stream held a 60 MB
+    one for the whole idle timeout, outside every bound but the open streams). Room for 4 MiB of requests
+    of up to 1 MiB: four silent streams whose first message carries 0.9 MiB inline hold four of those; a
+    fifth's waits for room, and is refused as busy once the unary read bound (5.06 s) has passed; a stream
+    that ends gives its room back."""
+    first = pb.EvaluateChunk(request=pb.EvaluateRequest.FromString(focal_request(rows=39_000)))
+    nbytes = first.ByteSize()
+    assert 0.85 * (1 << 20) < nbytes < 1 << 20
+    with running_server(max_request_message_bytes=1 << 20, memory_budget=4 << 20) as server:
+        target, room = f"127.0.0.1:{server.port}", room_of(server)
+        holders = SilentStreams(target, 4, first, "holders")
+        late = SilentStreams(target, 1, first, "late")
+        try:
+            assert eventually(lambda: room.held == 4 * nbytes and room.waiting == 1, 10), (room.held, room.waiting)
+            assert late.calls[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED, late.calls[0].details()
+            assert f"first message ({nbytes} bytes) found no room" in late.calls[0].details()
+            assert room.held == 4 * nbytes and room.waiting == 0
+            holders.calls[0].cancel()
+            assert eventually(lambda: room.held == 3 * nbytes, 10), room.held
+        finally:
+            holders.close()
+            late.close()
+        assert eventually(lambda: room.held == 0, 10), room.held
+        assert nothing_held(server)
 
 
 def test_one_connection_has_at_most_four_requests_being_received():
