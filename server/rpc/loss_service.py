@@ -22,7 +22,7 @@ from losswire.wire import chunks
 from losswire.wire.protocol import SERVICE_NAME
 
 from ..dataplane import Answer, Caller, Dataplane, StreamIntake
-from ..errors import RequestError
+from ..errors import RequestError, StreamIdleError
 from ..evaluation import CallCancelledError
 from .authentication import caller_of
 from .calls import CallWatch, attempt, fail, release_after, unary
@@ -123,23 +123,28 @@ class LossService(pb_grpc.LossServiceServicer):
     async def _lane(self, lane: pb.StreamLane, token: str, requests: AsyncIterator[Any]) -> None:
         """A lane of another stream's call (see ``lanes``): its chunks into that call's intake. A lane whose
         stream ends while it still owes stripes of the call fails (INVALID_ARGUMENT naming it), and so does
-        its call."""
+        its call, whether its caller half-closed it or cancelled it (the two race: gRPC ends a cancelled
+        call's pending read as the stream's end); a lane cancelled once it had sent everything fails
+        nothing."""
         call = await self.lanes.join(token, lane)
-        error: BaseException | None = CallCancelledError(f"lane {lane.lane} of the call went away")
+        error: BaseException | None = None
+        ended = False  # still False in ``finally``: the handler was cancelled (its caller went away)
         number = 1
         try:
             async for message in requests:
                 number += 1
                 call.add(lane.lane, _chunk_of(message, number, f"lane {lane.lane}'s stream"))
+            ended = True
             owing = call.owing(lane.lane)  # its stream has ended: stripes it still owes would never come
             if owing is not None:
                 raise owing  # to the lane's caller, and (finally) to its call's
-            error = None
         except Exception as failure:
-            error = failure
+            ended, error = True, failure
             raise
         finally:
-            call.end(lane.lane, error)
+            if not ended:
+                error = call.owing(lane.lane)
+            call.end(lane.lane, _as_its_call_tells(lane.lane, error))
             log.debug("EvaluateStream lane %d: %d chunks, %s", lane.lane, number - 1, "in" if error is None else error)
 
     async def _overlapped(
@@ -253,6 +258,14 @@ class LossService(pb_grpc.LossServiceServicer):
     ) -> pb.UnregisterSharedMemoryResponse:
         self.dataplane.unregister_shared_memory(request, self.callers(context))
         return pb.UnregisterSharedMemoryResponse()
+
+
+def _as_its_call_tells(lane: int, error: BaseException | None) -> BaseException | None:
+    """A lane's failure as its call's caller is told it: the idle guard's words ("the caller sent nothing
+    for ...") are the lane's, so the call's say which lane, and name ``lanes``."""
+    if isinstance(error, StreamIdleError) and error.field is None:
+        return StreamIdleError(f"lane {lane}'s stream: {error}", field="lanes")
+    return error
 
 
 async def _first_message(requests: AsyncIterator[Any]) -> pb.EvaluateChunk:

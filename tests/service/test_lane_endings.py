@@ -22,6 +22,7 @@ import pytest
 import torch
 from support.calls import evaluate_stream, field_of, plain_channel
 from support.in_process import nothing_held, running_server
+from support.polling import eventually
 
 from losswire.server.app import LosswireServer
 from losswire.v1 import loss_service_pb2 as pb
@@ -175,3 +176,88 @@ def test_lanes_that_deliver_everything_end_ok_and_the_call_answers_as_unary(serv
         unary = pb_grpc.LossServiceStub(channel).Evaluate(request, timeout=60)
     assert list(_answer(main).results) == list(unary.results)
     assert nothing_held(server)
+
+
+class LeftOpen:
+    """A lane sent by hand on a connection of its own: ``messages``, then its stream stays open (neither
+    half-closed nor cancelled) until ``cancel`` or ``close``."""
+
+    def __init__(self, target: str, messages: list) -> None:
+        self.release = threading.Event()
+        self.channel = grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)])
+        self.call = evaluate_stream(self.channel)(self._then_open(messages), timeout=60)
+
+    def _then_open(self, messages: list) -> Iterator:
+        yield from messages
+        self.release.wait(60)
+
+    def cancel(self) -> None:
+        self.call.cancel()
+
+    def close(self) -> None:
+        self.release.set()
+        self.call.cancel()
+        self.channel.close()
+
+
+def _owed_by(server: LosswireServer, stream: int) -> list:
+    """What ``stream`` of the one call open for lanes still owes (``StreamIntake.owed``)."""
+    (call,) = server.lanes._open.values()
+    return call.intake.owed(stream)
+
+
+@pytest.mark.parametrize("sent", ["half its stripes", "every stripe"])
+def test_a_lane_its_caller_cancels_fails_its_call_only_if_it_owed_stripes(server, sent):
+    """A lane's caller cancels it: owing stripes, its call fails as for a lane that ended owing them
+    (INVALID_ARGUMENT naming the tensor; it was CANCELLED, or that, as the cancellation and the stream's end
+    raced); having sent everything, the call is answered. The call's caller cancelled nothing."""
+    request = _request(4)
+    streams = _streams(request)
+    kept = streams[1][: 1 + len(streams[1][1:]) // 2] if sent == "half its stripes" else streams[1]
+    calls, lanes_ended = Streams(f"127.0.0.1:{server.port}"), threading.Event()
+    main = calls.start(_held_open(streams[0], lanes_ended))
+    other = calls.start(streams[2])
+    lane = LeftOpen(f"127.0.0.1:{server.port}", kept)
+    try:
+        assert calls.outcome(other) == []
+        owed_after = 7 * STRIPE if sent == "half its stripes" else 0  # pred's 7 stripes and weight's 7
+        assert eventually(lambda: sum(count for _, count, _ in _owed_by(server, 1)) == owed_after, 10)
+        lane.cancel()
+    finally:
+        lane.close()
+    lanes_ended.set()
+    outcome = calls.outcome(main)
+    if sent == "every stripe":
+        assert not isinstance(outcome, grpc.RpcError), outcome
+        with plain_channel(f"127.0.0.1:{server.port}") as channel:
+            unary = pb_grpc.LossServiceStub(channel).Evaluate(request, timeout=60)
+        assert list(_answer(outcome).results) == list(unary.results)
+    else:
+        assert _refused(outcome, "terms[0].weight.data").startswith(f"lane 1 ended its stream owing {owed_after} bytes")
+    assert nothing_held(server)
+
+
+def test_a_silent_lane_fails_its_call_naming_the_lane():
+    """A lane that sends part of its stripes and then nothing: the idle guard ends it, telling its caller it
+    sent nothing; its call's caller, which sent everything, is told which lane was silent (field ``lanes``),
+    not that it was silent itself."""
+    with running_server(max_workers=2, stream_idle_seconds=1, lane_join_seconds=5) as server:
+        streams = _streams(_request(5))
+        calls, lanes_ended = Streams(f"127.0.0.1:{server.port}"), threading.Event()
+        main = calls.start(_held_open(streams[0], lanes_ended))
+        other = calls.start(streams[2])
+        lane = LeftOpen(f"127.0.0.1:{server.port}", streams[1][:3])
+        try:
+            assert calls.outcome(other) == []
+            with pytest.raises(grpc.RpcError) as silent:
+                list(lane.call)
+        finally:
+            lane.close()
+        lanes_ended.set()
+        assert silent.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert silent.value.details().startswith("the caller sent nothing for 1 s"), silent.value.details()
+        outcome = calls.outcome(main)
+        assert isinstance(outcome, grpc.RpcError) and outcome.code() == grpc.StatusCode.DEADLINE_EXCEEDED, outcome
+        assert field_of(outcome) == "lanes"
+        assert outcome.details() == f"lane 1's stream: {silent.value.details()}"
+        assert nothing_held(server)

@@ -297,6 +297,18 @@ def test_a_lane_that_names_no_call_is_not_found(quick_joins):
     assert nothing_held(quick_joins)
 
 
+@pytest.mark.parametrize("length", [3, 65, 4 << 20])
+def test_a_lane_whose_call_name_no_call_can_have_is_refused_at_once(quick_joins, length):
+    """``lane.call`` outside a call name's 16 to 64 bytes: INVALID_ARGUMENT at once, not NOT_FOUND after the
+    join timeout with the name held meanwhile."""
+    lane = pb.EvaluateChunk(lane=pb.StreamLane(call=b"n" * length, lane=1))
+    calls = Calls(_target(quick_joins))
+    error = calls.outcome(calls.start(iter([lane])))
+    assert isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
+    assert field_of(error) == "lane.call" and f"got {length}" in error.details()
+    assert nothing_held(quick_joins)
+
+
 def test_a_lane_that_comes_after_its_call_has_ended_is_not_found(quick_joins):
     """The server keeps nothing of a call that is over: a lane that opens once its call has been answered
     is one that names no call, NOT_FOUND after the join timeout (not CANCELLED)."""
