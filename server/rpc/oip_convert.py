@@ -224,8 +224,11 @@ class Conversion:
                 self._tensor(self._slot(key), _path(key), tensor, raw, index)
         for key, parts in members.items():
             if sorted(parts) != list(range(len(parts))):
+                missing = min(set(range(len(parts))) - set(parts))
                 raise RequestError(
-                    f"input {key!r} has members {sorted(parts)}; send {key}[0] ... {key}[{len(parts) - 1}]", field=key
+                    f"input {key!r} has members {sorted(parts)}: they are numbered from 0 without a gap, and "
+                    f"{key}[{missing}] is missing",
+                    field=key,
                 )
             value = self.term.target if key == TARGET else self.term.inputs[key]
             value.tensors.SetInParent()

@@ -395,7 +395,7 @@ BAD_REQUESTS = {
         lambda r: setattr(r.inputs[1], "name", "target[1]"),
         INVALID,
         "target",
-        "send target[0] ... target[0]",
+        "input 'target' has members [1]: they are numbered from 0 without a gap, and target[0] is missing",
     ),
     "bad JSON config": (set_config('{"gamma": 2'), INVALID, "parameters[config]", "not valid JSON"),
     "config not an object": (set_config("[2.0]"), INVALID, "parameters[config]", "must be a JSON object"),
