@@ -82,6 +82,11 @@ def gradient_leaves(
     names = [i.name for i in description.inputs]
     aliases = {PRED: names[0], TARGET: names[1] if len(names) > 1 else TARGET}
     leaves: dict[str, Tensor] = {}
+    if "none" in requested and set(requested) != {"none"}:
+        raise LossInputError(
+            f"gradients: 'none' asks for the loss alone, so it comes alone; got {list(requested)[:8]}",
+            field="gradients",
+        )
     for key in requested:
         if key == "none":
             continue

@@ -202,6 +202,12 @@ CASES = {
         "terms[0].gradients",
         "gradient of 'weight' requested but that input was not sent",
     ),
+    "gradients none with a name": (
+        term({"type": "FocalLoss"}, logits(), labels(), gradients=["none", "pred"]),
+        INVALID,
+        "terms[0].gradients",
+        "'none' asks for the loss alone, so it comes alone; got ['none', 'pred']",
+    ),
     "grad_output of the wrong shape": (
         term({"type": "L1Loss", "reduction": "none"}, torch.ones(2, 3), torch.zeros(2, 3), grad_output=torch.ones(3)),
         INVALID,
