@@ -413,7 +413,7 @@ def test_uncovered_inputs_fall_back_to_autograd():
         ({"type": "FocalLoss", "gamma": 0.5}, pred, labels, {}),  # d q^gamma / dq infinite at 0
         ({"type": "FocalLoss", "activated": True}, torch.sigmoid(pred), labels, {}),
         ({"type": "FocalLoss"}, pred, labels, {"weight": torch.rand(N, dtype=torch.float64)}),  # promotes the loss
-        ({"type": "FocalLoss"}, pred, labels, {"gradients": ["pred", "none"]}),
+        ({"type": "FocalLoss"}, pred, labels, {"gradients": ["pred", "pred"]}),  # not exactly ["pred"]
         ({"type": "QualityFocalLoss"}, pred, soft, {}),
         ({"type": "CrossEntropyLoss", "use_sigmoid": True}, pred, labels, {}),
         ({"type": "CrossEntropyLoss"}, pred, soft.softmax(dim=1), {}),  # probability labels
