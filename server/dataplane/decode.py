@@ -83,6 +83,13 @@ def decode_term(
     if not message.HasField("pred"):
         raise RequestError(f"{field}.pred is missing; every term needs its prediction tensor", field=f"{field}.pred")
     check_forward_id(message.forward_id, f"{field}.forward_id")
+    for name in ("sample_labels", "sample_groups"):  # else the term would be answered unsampled, silently
+        if message.HasField(name) and "sampler" not in config:
+            raise RequestError(
+                f"{field}.{name} is read only with config.sampler, and this term's config has none: add the "
+                f"sampler, or leave {name} out",
+                field=f"{field}.{name}",
+            )
 
     def tensor(value: pb.Tensor, path: str) -> torch.Tensor:
         return codec.decode_tensor(value, path, device, max_elements, arrived, allocate, stage)

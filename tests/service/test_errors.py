@@ -62,6 +62,13 @@ def in_session(request: pb.EvaluateRequest) -> pb.EvaluateRequest:
 BOXES = torch.tensor([[0.0, 0, 2, 2], [1, 1, 3, 4], [0, 0, 1, 1], [2, 2, 5, 5]])
 
 
+def without_sampler(name: str) -> pb.EvaluateRequest:
+    """A FocalLoss term without config.sampler that sends ``name`` (sample_labels or sample_groups)."""
+    request = term({"type": "FocalLoss"}, logits(), labels())
+    codec.encode_tensor(torch.zeros(4, dtype=torch.long), getattr(request.terms[0], name))
+    return request
+
+
 def raw(mutate) -> pb.EvaluateRequest:
     """A good L1 request, then `mutate(term)` breaks it at the protobuf level."""
     request = term({"type": "L1Loss"}, torch.ones(2, 3), torch.zeros(2, 3))
@@ -208,6 +215,15 @@ CASES = {
         "terms[0].gradients",
         "'none' asks for the loss alone, so it comes alone; got ['none', 'pred']",
     ),
+    **{
+        f"{name} without a sampler": (
+            without_sampler(name),
+            INVALID,
+            f"terms[0].{name}",
+            f"terms[0].{name} is read only with config.sampler, and this term's config has none",
+        )
+        for name in ("sample_labels", "sample_groups")
+    },
     "grad_output of the wrong shape": (
         term({"type": "L1Loss", "reduction": "none"}, torch.ones(2, 3), torch.zeros(2, 3), grad_output=torch.ones(3)),
         INVALID,
