@@ -38,6 +38,7 @@ import os
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -92,6 +93,16 @@ class _Held:
     peer: Peer  # the connection it was handed over on
     caller: Caller | None = None
     since: float = dataclasses.field(default_factory=time.monotonic)
+
+
+@dataclasses.dataclass
+class _Dropped:
+    """A region unregistered (or whose connection closed) that a call may still read: mapped until the last
+    view of it goes (``Segment``'s array, which every view keeps: ``bytes_at``)."""
+
+    array: weakref.ref
+    size: int
+    caller: Caller | None
 
 
 # allocate(nbytes, field path) -> uint8 memory for the copy of that input
@@ -153,6 +164,11 @@ def _adopted(peer: Peer, fd: int, byte_size: int) -> Segment | tuple[int, str]:
         return wire_memory.RESOURCE_EXHAUSTED, f"shared memory: cannot map {byte_size} bytes: {error.strerror}"
 
 
+def _read_on(viewed: list[_Dropped]) -> str:
+    """The clause a refusal adds for regions dropped that calls in flight still read (they still count)."""
+    return f" ({len(viewed)} of them unregistered, still read by calls in flight)" if viewed else ""
+
+
 def _over(limit: int | None, value: int) -> bool:
     return limit is not None and value > limit
 
@@ -170,6 +186,8 @@ class SharedMemoryRegistry:
         self.limits = limits if limits is not None else SharedMemoryLimits()
         self._regions: dict[str, _Held] = {}  # by handle
         self._pending: dict[str, _Held] = {}  # by claim
+        # dropped regions calls still read: they stay mapped, so they count against the bounds until let go
+        self._dropped: list[_Dropped] = []
         self._adopting = _Room()  # reserved by handoffs being adopted (handoff workers, side by side)
         self._lock = threading.Lock()
         self._listener = (
@@ -249,13 +267,14 @@ class SharedMemoryRegistry:
                 "register them (RegisterSharedMemory) before handing more over"
             )
         held = [*self._regions.values(), *self._pending.values()]
-        segments = len(held) + self._adopting.regions
+        viewed = self._still_viewed()
+        segments = len(held) + len(viewed) + self._adopting.regions
         if _over(self.limits.regions, segments + 1):
             return (
                 f"shared memory: this server holds {segments} segments, its most (losswire serve "
                 "--max-shared-memory-total-regions); unregister some, or send tensors inline"
             )
-        mapped = sum(h.segment.size for h in held) + self._adopting.bytes
+        mapped = sum(h.segment.size for h in held) + sum(d.size for d in viewed) + self._adopting.bytes
         if _over(self.limits.bytes, mapped + byte_size):
             return (
                 f"shared memory: {byte_size} more bytes would map {mapped + byte_size} bytes; this server maps at "
@@ -268,6 +287,8 @@ class SharedMemoryRegistry:
         with self._lock:
             gone = [h for h, held in self._regions.items() if held.peer is peer]
             regions = [self._regions.pop(h) for h in gone]
+            for held in regions:
+                self._drop(held)
             claims = [t for t, held in self._pending.items() if held.peer is peer]
             for claim in claims:
                 del self._pending[claim]
@@ -311,17 +332,19 @@ class SharedMemoryRegistry:
             del self._pending[claim]
             held.peer.pending -= 1
             own = [h for h in self._regions.values() if h.caller == caller]
-            if _over(self.limits.regions_per_caller, len(own) + 1):
+            viewed = [d for d in self._still_viewed() if d.caller == caller]
+            if _over(self.limits.regions_per_caller, len(own) + len(viewed) + 1):
                 raise LimitExceededError(
-                    f"this caller holds {len(own)} shared-memory regions, its most (losswire serve "
-                    "--max-shared-memory-regions); unregister some first",
+                    f"this caller holds {len(own) + len(viewed)} shared-memory regions{_read_on(viewed)}, its most "
+                    "(losswire serve --max-shared-memory-regions); unregister some first",
                     field="claim",
                 )
-            mine = sum(h.segment.size for h in own)
+            mine = sum(h.segment.size for h in own) + sum(d.size for d in viewed)
             if _over(self.limits.bytes_per_caller, mine + size):
                 raise LimitExceededError(
-                    f"{size} more bytes would give this caller {mine + size} bytes of shared memory; a caller may "
-                    f"register at most {self.limits.bytes_per_caller} (losswire serve --max-shared-memory-per-caller)",
+                    f"{size} more bytes would give this caller {mine + size} bytes of shared memory{_read_on(viewed)}; "
+                    f"a caller may register at most {self.limits.bytes_per_caller} (losswire serve "
+                    "--max-shared-memory-per-caller)",
                     field="byte_size",
                 )
             self._check_token_share(caller, size)
@@ -340,13 +363,15 @@ class SharedMemoryRegistry:
         if not caller.token:
             return
         token = [h for h in self._regions.values() if h.caller is not None and h.caller.token == caller.token]
-        if _over(_share(self.limits.regions), len(token) + 1):
+        viewed = [d for d in self._still_viewed() if d.caller is not None and d.caller.token == caller.token]
+        if _over(_share(self.limits.regions), len(token) + len(viewed) + 1):
             raise LimitExceededError(
-                f"this token holds {len(token)} shared-memory regions, its most (all but a quarter of losswire serve "
-                "--max-shared-memory-total-regions, which leaves other tokens room); unregister some first",
+                f"this token holds {len(token) + len(viewed)} shared-memory regions{_read_on(viewed)}, its most (all "
+                "but a quarter of losswire serve --max-shared-memory-total-regions, which leaves other tokens room); "
+                "unregister some first",
                 field="claim",
             )
-        held = sum(h.segment.size for h in token)
+        held = sum(h.segment.size for h in token) + sum(d.size for d in viewed)
         if _over(_share(self.limits.bytes), held + size):
             raise LimitExceededError(
                 f"{size} more bytes would give this token {held + size} bytes of shared memory; one token may "
@@ -362,6 +387,17 @@ class SharedMemoryRegistry:
             if held is None or held.caller != caller:
                 raise NotFoundError("region names no shared-memory region of this caller's on this server", "region")
             del self._regions[region]
+            self._drop(held)
+
+    def _drop(self, held: _Held) -> None:
+        """``held`` is no region any more; while a call still reads it, it stays mapped and counted. Under
+        the lock."""
+        self._dropped.append(_Dropped(weakref.ref(held.segment.array), held.segment.size, held.caller))
+
+    def _still_viewed(self) -> list[_Dropped]:
+        """The dropped regions some call still reads (the others are forgotten here). Under the lock."""
+        self._dropped = [dropped for dropped in self._dropped if dropped.array() is not None]
+        return self._dropped
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -439,7 +475,14 @@ class SharedMemoryRegistry:
     @property
     def mapped_bytes(self) -> int:
         with self._lock:
-            return sum(h.segment.size for h in (*self._regions.values(), *self._pending.values()))
+            held = sum(h.segment.size for h in (*self._regions.values(), *self._pending.values()))
+            return held + sum(dropped.size for dropped in self._still_viewed())
+
+    @property
+    def still_viewed(self) -> int:
+        """Regions dropped (unregistered, or their connection closed) that calls in flight still read."""
+        with self._lock:
+            return len(self._still_viewed())
 
     @property
     def connections(self) -> int:

@@ -678,6 +678,46 @@ def test_bytes_are_bounded_per_caller_and_in_all():
             instance.stop(grace=1)
 
 
+def test_a_region_unregistered_while_a_call_reads_it_counts_until_the_call_ends():
+    """A region unregistered while an open EvaluateStream's header reads it stays mapped until that call ends:
+    it keeps counting against the caller's bytes meanwhile. (It left the counts at once: a caller with a
+    1 MiB share kept 12 MiB mapped by unregistering under twelve open streams.)"""
+    instance, segments = (
+        fresh_server(max_shared_memory_per_caller=1 << 20),
+        [shm.Segment.create(1 << 20) for _ in "abc"],
+    )
+    try:
+        with plain_channel(f"127.0.0.1:{instance.port}") as channel, Handoff(pb_grpc.LossServiceStub(channel)) as h:
+            region = h.register(segments[0])
+            rows = (1 << 20) // 328  # pred [rows, 80] and the labels in the segment (copied out: budget taken)
+            header = shm_request(region, rows=rows)
+            labels = header.terms[0].target.tensor
+            labels.ClearField("data")
+            labels.shm.region, labels.shm.offset, labels.shm.byte_size = region, shm.align(rows * 320), rows * 8
+            weight = header.terms[0].weight  # to come in chunks: never sent, so the call stays open
+            weight.dtype, weight.shape[:] = pb.FLOAT32, [rows]
+            release = threading.Event()
+
+            def header_then_nothing() -> Iterator[pb.EvaluateChunk]:
+                yield pb.EvaluateChunk(request=header)
+                release.wait(30)
+
+            call = evaluate_stream(channel)(header_then_nothing(), timeout=60)
+            assert eventually(lambda: instance.dataplane.budget.held > 0, 10)  # the header read: labels copied
+            h.stub.UnregisterSharedMemory(pb.UnregisterSharedMemoryRequest(region=region), timeout=10)
+            assert instance.shared_memory.still_viewed == 1 and instance.shared_memory.mapped_bytes == 1 << 20
+            details = expect(lambda: h.register(segments[1]), grpc.StatusCode.RESOURCE_EXHAUSTED)
+            assert "(1 of them unregistered, still read by calls in flight)" in details, details
+            release.set()
+            call.cancel()
+            assert eventually(lambda: instance.shared_memory.still_viewed == 0, 10)
+            assert h.register(segments[2])  # the call's end let it go (a refused segment is sealed: another one)
+    finally:
+        for segment in segments:
+            segment.close()
+        instance.stop(grace=1)
+
+
 def test_one_token_leaves_other_tokens_shared_memory_whatever_connections_it_opens():
     """Tokens on, 4 regions on the server: token a registers over two gRPC connections (each a caller of
     its own, with its own per-caller bounds) and its fourth region is refused, naming the token's share
