@@ -277,8 +277,8 @@ class IntakeInterceptor(grpc.aio.ServerInterceptor):
         except TimeoutError:
             raise ServerBusyError(
                 f"the stream's first message ({nbytes} bytes) found no room among the requests this server holds "
-                f"at once in {self.read_seconds:g} s ({room.capacity} bytes, an eighth of losswire serve "
-                "--memory-budget); retry later"
+                f"at once in {self.read_seconds:g} s ({room.capacity} bytes: an eighth of losswire serve "
+                "--memory-budget, four of the largest message at least); retry later"
             ) from None
         held.keep(nbytes)
         yield first
