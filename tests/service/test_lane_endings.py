@@ -243,8 +243,8 @@ def test_a_silent_lane_fails_its_call_naming_the_lane():
     not that it was silent itself."""
     with running_server(max_workers=2, stream_idle_seconds=1, lane_join_seconds=5) as server:
         streams = _streams(_request(5))
-        calls, lanes_ended = Streams(f"127.0.0.1:{server.port}"), threading.Event()
-        main = calls.start(_held_open(streams[0], lanes_ended))
+        calls = Streams(f"127.0.0.1:{server.port}")
+        main = calls.start(streams[0])  # half-closed at once: only its lanes keep it waiting, not its own silence
         other = calls.start(streams[2])
         lane = LeftOpen(f"127.0.0.1:{server.port}", streams[1][:3])
         try:
@@ -253,7 +253,6 @@ def test_a_silent_lane_fails_its_call_naming_the_lane():
                 list(lane.call)
         finally:
             lane.close()
-        lanes_ended.set()
         assert silent.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert silent.value.details().startswith("the caller sent nothing for 1 s"), silent.value.details()
         outcome = calls.outcome(main)
