@@ -172,9 +172,11 @@ def test_a_stream_s_first_message_keeps_room_until_its_call_ends():
     with running_server(max_request_message_bytes=1 << 20, memory_budget=4 << 20) as server:
         target, room = f"127.0.0.1:{server.port}", room_of(server)
         holders = SilentStreams(target, 4, first, "holders")
-        late = SilentStreams(target, 1, first, "late")
+        late: SilentStreams | None = None
         try:
-            assert eventually(lambda: room.held == 4 * nbytes and room.waiting == 1, 10), (room.held, room.waiting)
+            assert eventually(lambda: room.held == 4 * nbytes, 10), room.held
+            late = SilentStreams(target, 1, first, "late")  # once the four hold their room: it is the one waiting
+            assert eventually(lambda: room.waiting == 1, 10), (room.held, room.waiting)
             assert late.calls[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED, late.calls[0].details()
             assert f"first message ({nbytes} bytes) found no room" in late.calls[0].details()
             assert room.held == 4 * nbytes and room.waiting == 0
@@ -182,7 +184,8 @@ def test_a_stream_s_first_message_keeps_room_until_its_call_ends():
             assert eventually(lambda: room.held == 3 * nbytes, 10), room.held
         finally:
             holders.close()
-            late.close()
+            if late is not None:
+                late.close()
         assert eventually(lambda: room.held == 0, 10), room.held
         assert nothing_held(server)
 
