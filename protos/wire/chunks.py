@@ -115,6 +115,16 @@ class StreamSink:
         return found
 
 
+def check_call_name(call: bytes, field: str) -> None:
+    """A CodecError naming ``field`` unless ``call`` has a call name's size (``StreamLanes.call``): a request's
+    own, or the one a lane names to join."""
+    if not LANE_CALL_MIN_BYTES <= len(call) <= LANE_CALL_MAX_BYTES:
+        raise CodecError(
+            f"{field} must be {LANE_CALL_MIN_BYTES} to {LANE_CALL_MAX_BYTES} random bytes; got {len(call)}",
+            field=field,
+        )
+
+
 def byte_count(data: Any) -> int:
     """Bytes of a held-back tensor's data (a uint8 tensor or any bytes-like)."""
     return data.numel() if isinstance(data, Tensor) else memoryview(data).nbytes
@@ -357,12 +367,7 @@ class Stripes:
         if not request.HasField("lanes"):
             return cls()
         lanes = request.lanes
-        if not LANE_CALL_MIN_BYTES <= len(lanes.call) <= LANE_CALL_MAX_BYTES:
-            raise CodecError(
-                f"lanes.call must be {LANE_CALL_MIN_BYTES} to {LANE_CALL_MAX_BYTES} random bytes; "
-                f"got {len(lanes.call)}",
-                field="lanes.call",
-            )
+        check_call_name(lanes.call, "lanes.call")
         if not 1 <= lanes.count <= MAX_STREAM_LANES:
             raise CodecError(f"lanes.count must be 1 to {MAX_STREAM_LANES}; got {lanes.count}", field="lanes.count")
         size = lanes.stripe_bytes

@@ -22,8 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from losswire.v1 import loss_service_pb2 as pb
-from losswire.wire.chunks import Stripes
-from losswire.wire.protocol import LANE_CALL_MAX_BYTES, LANE_CALL_MIN_BYTES
+from losswire.wire.chunks import Stripes, check_call_name
 
 from ..dataplane import StreamIntake
 from ..errors import NotFoundError, RequestError, StreamIdleError
@@ -185,12 +184,7 @@ class Lanes:
 
     async def join(self, token: str, lane: pb.StreamLane) -> CallLanes:
         """The call that ``lane`` names, once its request has arrived (NotFoundError after the join timeout)."""
-        if not LANE_CALL_MIN_BYTES <= len(lane.call) <= LANE_CALL_MAX_BYTES:  # no such call: none is waited for
-            raise RequestError(
-                f"lane.call must be {LANE_CALL_MIN_BYTES} to {LANE_CALL_MAX_BYTES} bytes, as its call's lanes.call; "
-                f"got {len(lane.call)}",
-                field="lane.call",
-            )
+        check_call_name(lane.call, "lane.call")  # no call has such a name: none is waited for
         key = (token, lane.call)
         if key not in self._open:
             awaited = self._opened.setdefault(key, _Awaited())
