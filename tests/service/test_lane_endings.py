@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 import grpc
 import pytest
 import torch
-from support.calls import evaluate_stream, field_of, plain_channel
+from support.calls import HeldOpen, evaluate_stream, field_of, plain_channel
 from support.in_process import nothing_held, running_server
 from support.polling import eventually
 
@@ -178,28 +178,6 @@ def test_lanes_that_deliver_everything_end_ok_and_the_call_answers_as_unary(serv
     assert nothing_held(server)
 
 
-class LeftOpen:
-    """A lane sent by hand on a connection of its own: ``messages``, then its stream stays open (neither
-    half-closed nor cancelled) until ``cancel`` or ``close``."""
-
-    def __init__(self, target: str, messages: list) -> None:
-        self.release = threading.Event()
-        self.channel = grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)])
-        self.call = evaluate_stream(self.channel)(self._then_open(messages), timeout=60)
-
-    def _then_open(self, messages: list) -> Iterator:
-        yield from messages
-        self.release.wait(60)
-
-    def cancel(self) -> None:
-        self.call.cancel()
-
-    def close(self) -> None:
-        self.release.set()
-        self.call.cancel()
-        self.channel.close()
-
-
 def _owed_by(server: LosswireServer, stream: int) -> list:
     """What ``stream`` of the one call open for lanes still owes (``StreamIntake.owed``)."""
     (call,) = server.lanes._open.values()
@@ -217,14 +195,15 @@ def test_a_lane_its_caller_cancels_fails_its_call_only_if_it_owed_stripes(server
     calls, lanes_ended = Streams(f"127.0.0.1:{server.port}"), threading.Event()
     main = calls.start(_held_open(streams[0], lanes_ended))
     other = calls.start(streams[2])
-    lane = LeftOpen(f"127.0.0.1:{server.port}", kept)
-    try:
-        assert calls.outcome(other) == []
-        owed_after = 7 * STRIPE if sent == "half its stripes" else 0  # pred's 7 stripes and weight's 7
-        assert eventually(lambda: sum(count for _, count, _ in _owed_by(server, 1)) == owed_after, 10)
-        lane.cancel()
-    finally:
-        lane.close()
+    with plain_channel(f"127.0.0.1:{server.port}", "lane 1") as channel:
+        lane = HeldOpen(channel, kept)
+        try:
+            assert calls.outcome(other) == []
+            owed_after = 7 * STRIPE if sent == "half its stripes" else 0  # pred's 7 stripes and weight's 7
+            assert eventually(lambda: sum(count for _, count, _ in _owed_by(server, 1)) == owed_after, 10)
+            lane.calls[0].cancel()
+        finally:
+            lane.close()
     lanes_ended.set()
     outcome = calls.outcome(main)
     if sent == "every stripe":
@@ -246,13 +225,14 @@ def test_a_silent_lane_fails_its_call_naming_the_lane():
         calls = Streams(f"127.0.0.1:{server.port}")
         main = calls.start(streams[0])  # half-closed at once: only its lanes keep it waiting, not its own silence
         other = calls.start(streams[2])
-        lane = LeftOpen(f"127.0.0.1:{server.port}", streams[1][:3])
-        try:
-            assert calls.outcome(other) == []
-            with pytest.raises(grpc.RpcError) as silent:
-                list(lane.call)
-        finally:
-            lane.close()
+        with plain_channel(f"127.0.0.1:{server.port}", "lane 1") as channel:
+            lane = HeldOpen(channel, streams[1][:3])
+            try:
+                assert calls.outcome(other) == []
+                with pytest.raises(grpc.RpcError) as silent:
+                    list(lane.calls[0])
+            finally:
+                lane.close()
         assert silent.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert silent.value.details().startswith("the caller sent nothing for 1 s"), silent.value.details()
         outcome = calls.outcome(main)

@@ -19,6 +19,7 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support.calls import HeldOpen, plain_channel
 from support.in_process import nothing_held, running_server
 from support.polling import eventually
 
@@ -27,7 +28,7 @@ from losswire.server.app import LosswireServer
 from losswire.server.rpc.intake import RequestRoom
 from losswire.v1 import loss_service_pb2 as pb
 from losswire.wire import codec
-from losswire.wire.protocol import EVALUATE_STREAM_METHOD, NO_RETRY, SERVICE_NAME
+from losswire.wire.protocol import NO_RETRY, SERVICE_NAME
 
 EVALUATE = f"/{SERVICE_NAME}/Evaluate"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
@@ -135,30 +136,6 @@ def test_a_request_that_does_not_arrive_in_time_is_refused_and_its_room_given_ba
         assert eventually(lambda: room_of(server).held == 0, 10)
 
 
-class SilentStreams:
-    """``count`` EvaluateStream calls on one connection (named ``connection``) whose first message is ``first``
-    and then nothing, until ``close``."""
-
-    def __init__(self, target: str, count: int, first: pb.EvaluateChunk, connection: str) -> None:
-        self.release = threading.Event()
-        options = [("grpc.enable_retries", 0), ("losswire.test.connection", connection)]
-        self.channel = grpc.insecure_channel(target, options=options)
-        stream = self.channel.stream_stream(
-            EVALUATE_STREAM_METHOD, request_serializer=pb.EvaluateChunk.SerializeToString
-        )
-        self.calls = [stream(self._first_then_nothing(first), timeout=60) for _ in range(count)]
-
-    def _first_then_nothing(self, first: pb.EvaluateChunk) -> Iterator[pb.EvaluateChunk]:
-        yield first
-        self.release.wait(60)
-
-    def close(self) -> None:
-        self.release.set()
-        for call in self.calls:
-            call.cancel()
-        self.channel.close()
-
-
 def test_a_stream_s_first_message_keeps_room_until_its_call_ends():
     """A streamed call's first message is its request, which may carry tensors inline, and the call holds it
     as long as it lasts: it keeps room for its bytes, as a unary request does (a silent stream held a 60 MB
@@ -171,21 +148,22 @@ def test_a_stream_s_first_message_keeps_room_until_its_call_ends():
     assert 0.85 * (1 << 20) < nbytes < 1 << 20
     with running_server(max_request_message_bytes=1 << 20, memory_budget=4 << 20) as server:
         target, room = f"127.0.0.1:{server.port}", room_of(server)
-        holders = SilentStreams(target, 4, first, "holders")
-        late: SilentStreams | None = None
-        try:
-            assert eventually(lambda: room.held == 4 * nbytes, 10), room.held
-            late = SilentStreams(target, 1, first, "late")  # once the four hold their room: it is the one waiting
-            assert eventually(lambda: room.waiting == 1, 10), (room.held, room.waiting)
-            assert late.calls[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED, late.calls[0].details()
-            assert f"first message ({nbytes} bytes) found no room" in late.calls[0].details()
-            assert room.held == 4 * nbytes and room.waiting == 0
-            holders.calls[0].cancel()
-            assert eventually(lambda: room.held == 3 * nbytes, 10), room.held
-        finally:
-            holders.close()
-            if late is not None:
-                late.close()
+        with plain_channel(target, "holders") as to_hold, plain_channel(target, "late") as to_wait:
+            holders = HeldOpen(to_hold, [first], count=4)
+            late: HeldOpen | None = None
+            try:
+                assert eventually(lambda: room.held == 4 * nbytes, 10), room.held
+                late = HeldOpen(to_wait, [first])  # once the four hold their room: it is the one waiting
+                assert eventually(lambda: room.waiting == 1, 10), (room.held, room.waiting)
+                assert late.calls[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED, late.calls[0].details()
+                assert f"first message ({nbytes} bytes) found no room" in late.calls[0].details()
+                assert room.held == 4 * nbytes and room.waiting == 0
+                holders.calls[0].cancel()
+                assert eventually(lambda: room.held == 3 * nbytes, 10), room.held
+            finally:
+                holders.close()
+                if late is not None:
+                    late.close()
         assert eventually(lambda: room.held == 0, 10), room.held
         assert nothing_held(server)
 

@@ -39,7 +39,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 import torch
-from support.calls import dice_recompute_gradients, evaluate_stream, field_of, plain_channel
+from support.calls import HeldOpen, dice_recompute_gradients, evaluate_stream, field_of, plain_channel
 from support.faults import load_fault_losses
 from support.in_process import DEVICE
 from support.polling import eventually
@@ -696,20 +696,13 @@ def test_a_region_unregistered_while_a_call_reads_it_counts_until_the_call_ends(
             labels.shm.region, labels.shm.offset, labels.shm.byte_size = region, shm.align(rows * 320), rows * 8
             weight = header.terms[0].weight  # to come in chunks: never sent, so the call stays open
             weight.dtype, weight.shape[:] = pb.FLOAT32, [rows]
-            release = threading.Event()
-
-            def header_then_nothing() -> Iterator[pb.EvaluateChunk]:
-                yield pb.EvaluateChunk(request=header)
-                release.wait(30)
-
-            call = evaluate_stream(channel)(header_then_nothing(), timeout=60)
+            held = HeldOpen(channel, [pb.EvaluateChunk(request=header)])  # the region's caller: its connection
             assert eventually(lambda: instance.dataplane.budget.held > 0, 10)  # the header read: labels copied
             h.stub.UnregisterSharedMemory(pb.UnregisterSharedMemoryRequest(region=region), timeout=10)
             assert instance.shared_memory.still_viewed == 1 and instance.shared_memory.mapped_bytes == 1 << 20
             details = expect(lambda: h.register(segments[1]), grpc.StatusCode.RESOURCE_EXHAUSTED)
             assert "(1 of them unregistered, still read by calls in flight)" in details, details
-            release.set()
-            call.cancel()
+            held.close()
             assert eventually(lambda: gc.collect() >= 0 and instance.shared_memory.still_viewed == 0, 10)
             assert h.register(segments[2])  # the call's end let it go (a refused segment is sealed: another one)
     finally:

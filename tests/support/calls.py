@@ -1,12 +1,14 @@
-"""Calls in tests: a channel without retries, EvaluateStream on it, L1Loss streams sent by hand, the field a
-refusal names, a recompute through a client, a server's log read up to now, this host's connections to a port."""
+"""Calls in tests: a channel without retries, EvaluateStream on it (and streams held open there), L1Loss
+streams sent by hand, the field a refusal names, a recompute through a client, a server's log read up to
+now, this host's connections to a port."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import socket
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 
 import grpc
 import torch
@@ -60,10 +62,14 @@ RETRYING_RESOURCE_EXHAUSTED = [
 
 
 @contextlib.contextmanager
-def plain_channel(target: str) -> Iterator[grpc.Channel]:
+def plain_channel(target: str, connection: str | None = None) -> Iterator[grpc.Channel]:
     """A channel without losswire's retry policy (nor gRPC's transparent retries): each call is one
-    attempt, answered as the server answered it."""
-    channel = grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)])
+    attempt, answered as the server answered it. ``connection``: a name of its own, so that gRPC gives it a
+    connection of its own (channels of the same options may share one)."""
+    options = [("grpc.enable_retries", 0)]
+    if connection is not None:
+        options.append(("losswire.test.connection", connection))
+    channel = grpc.insecure_channel(target, options=options)
     try:
         yield channel
     finally:
@@ -77,6 +83,25 @@ def evaluate_stream(channel: grpc.Channel) -> grpc.StreamStreamMultiCallable:
         request_serializer=chunks.serialize_chunk,
         response_deserializer=pb.EvaluateChunk.FromString,
     )
+
+
+class HeldOpen:
+    """``count`` EvaluateStream calls on ``channel``, each sending ``messages`` and then nothing, neither
+    half-closed nor cancelled, until ``close`` (the channel stays its owner's)."""
+
+    def __init__(self, channel: grpc.Channel, messages: Sequence, count: int = 1) -> None:
+        self.release = threading.Event()
+        stream = evaluate_stream(channel)
+        self.calls = [stream(self._then_open(messages), timeout=60) for _ in range(count)]
+
+    def _then_open(self, messages: Sequence) -> Iterator:
+        yield from messages
+        self.release.wait(60)
+
+    def close(self) -> None:
+        self.release.set()
+        for call in self.calls:
+            call.cancel()
 
 
 def l1_header(elements: int, reduction: str = "mean") -> pb.EvaluateChunk:
