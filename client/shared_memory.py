@@ -1,9 +1,10 @@
 """The caller's side of shared memory: sealed segments handed to the server, reused call after call.
 
 :class:`SharedMemoryPool` lends segments (``losswire.wire.shared_memory``) one call at a time
-(:class:`Lease`). It asks the server's endpoint once, keeps one Unix connection to it for the process's
-life (the server's sign that this process lives: when it closes, the server drops what it handed over),
-hands each new segment over on it and registers the claim it got back.
+(:class:`Lease`). It asks the server's endpoint and a ticket once, keeps one Unix connection to it for
+the process's life (the server's sign that this process lives: when it closes, the server drops what it
+handed over), sends the ticket first, hands each new segment over on it and registers the claim it got
+back.
 
 A segment returns to the pool once its call ended with an answer and no tensor of that answer is alive
 any more (a finalizer on the numpy array the answer's views are cut from). A call that did not end
@@ -84,7 +85,7 @@ class Lease:
         self.pool.retire(self.segment)
 
 
-Endpoint = Callable[[], str]  # the server's handoff socket address (SharedMemoryEndpoint)
+Endpoint = Callable[[], "tuple[str, int]"]  # the server's handoff socket and a ticket for it (SharedMemoryEndpoint)
 Register = Callable[[str, int], str]  # (claim, byte_size) -> region (RegisterSharedMemory)
 Unregister = Callable[[str, bool], None]  # (region, wait): UnregisterSharedMemory; wait=False: send and go on
 
@@ -138,7 +139,8 @@ class SharedMemoryPool:
                 except ConnectionError:  # the server restarted, or dropped this connection
                     self._link.close()
                     self._link = None
-            self._link = Link(self._endpoint(), self.timeout)
+            address, ticket = self._endpoint()
+            self._link = Link(address, ticket, self.timeout)
             return self._link.hand_over(segment)
 
     def give_back(self, segment: Segment) -> None:

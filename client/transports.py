@@ -241,8 +241,9 @@ class Transports:
     def _shared_memory_pool(self) -> shm.SharedMemoryPool:
         connection, timeout = self.connection, self.timeout
 
-        def endpoint() -> str:
-            return connection.call("SharedMemoryEndpoint", pb.SharedMemoryEndpointRequest(), timeout).address
+        def endpoint() -> tuple[str, int]:
+            answer = connection.call("SharedMemoryEndpoint", pb.SharedMemoryEndpointRequest(), timeout)
+            return answer.address, answer.ticket
 
         def register(claim: str, byte_size: int) -> str:
             request = pb.RegisterSharedMemoryRequest(claim=claim, byte_size=byte_size)

@@ -61,8 +61,9 @@ TMPFS_MAGIC = 0x01021994  # statfs f_type of shmem, where memfds live (hugetlbfs
 # -- the handoff's framing over the Unix socket (documented in loss_service.proto) ------------------
 MAGIC = b"LWSM"
 VERSION = 1
-HANDOFF = 1  # the kind of a handoff message
-HANDOFF_FRAME = struct.Struct("!4sBBHQ")  # magic, version, kind, zero, byte_size: 16 bytes, one fd attached
+HANDOFF = 1  # the kind of a handoff message: its value is the segment's byte_size, one fd attached
+TICKET = 2  # the kind of a connection's first message: its value is the ticket SharedMemoryEndpoint answered
+HANDOFF_FRAME = struct.Struct("!4sBBHQ")  # magic, version, kind, zero, value: 16 bytes
 ANSWER_HEAD = struct.Struct("!4sBBH")  # magic, version, status, length of the UTF-8 text that follows
 MAX_ANSWER_TEXT = 4096
 PEERCRED = struct.Struct("3i")  # struct ucred (SO_PEERCRED): pid, uid, gid
@@ -302,15 +303,19 @@ def handoff_frame(byte_size: int) -> bytes:
     return HANDOFF_FRAME.pack(MAGIC, VERSION, HANDOFF, 0, byte_size)
 
 
-def parse_handoff(frame: bytes) -> int:
-    """The byte_size a handoff message declares; ValueError for anything but a version-1 handoff."""
-    magic, version, kind, zero, byte_size = HANDOFF_FRAME.unpack(frame)
-    if magic != MAGIC or version != VERSION or kind != HANDOFF or zero:
+def ticket_frame(ticket: int) -> bytes:
+    return HANDOFF_FRAME.pack(MAGIC, VERSION, TICKET, 0, ticket)
+
+
+def parse_frame(frame: bytes) -> tuple[int, int]:
+    """A caller's message: (its kind, HANDOFF or TICKET; its value); ValueError for anything else."""
+    magic, version, kind, zero, value = HANDOFF_FRAME.unpack(frame)
+    if magic != MAGIC or version != VERSION or kind not in (HANDOFF, TICKET) or zero:
         raise ValueError(
-            f"not a version-{VERSION} handoff message (magic {magic!r}, version {version}, kind {kind}); "
+            f"not a version-{VERSION} handoff or ticket message (magic {magic!r}, version {version}, kind {kind}); "
             "see loss_service.proto, RegisterSharedMemory"
         )
-    return byte_size
+    return kind, value
 
 
 def _receive_exactly(sock: socket.socket, count: int) -> bytes:
@@ -333,10 +338,11 @@ def read_answer(sock: socket.socket) -> tuple[int, str]:
 
 class Link:
     """The caller's end of the handoff connection: connected once, kept open for the process's life
-    (the server drops the regions handed over on it when it closes). ``hand_over`` is thread-safe
-    when the caller serializes it (the pool holds a lock)."""
+    (the server drops the regions handed over on it when it closes), its first message the ``ticket``
+    SharedMemoryEndpoint answered (it ties the connection to the caller's token). ``hand_over`` is
+    thread-safe when the caller serializes it (the pool holds a lock)."""
 
-    def __init__(self, address: str, timeout: float | None = 30.0) -> None:
+    def __init__(self, address: str, ticket: int, timeout: float | None = 30.0) -> None:
         self.address = address
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -350,21 +356,24 @@ class Link:
                     f"the shared-memory socket {address} belongs to uid {uid}, this caller runs as uid {os.geteuid()}; "
                     "memory is handed only to a server of the caller's own user",
                 )
-            status, text = read_answer(self.sock)  # the greeting: accepted, or refused and closed
-            if status != OK:
-                raise HandoffRefusedError(status, text)
+            self._answered()  # the greeting: accepted, or refused and closed
+            self.sock.sendall(ticket_frame(ticket))
+            self._answered()  # the ticket: taken, or refused and closed
         except BaseException:
             self.sock.close()
             raise
+
+    def _answered(self) -> str:
+        status, text = read_answer(self.sock)
+        if status != OK:
+            raise HandoffRefusedError(status, text)
+        return text
 
     def hand_over(self, segment: Segment) -> str:
         """Send ``segment``'s descriptor; the server's one-time claim for RegisterSharedMemory
         (HandoffRefusedError when the server refuses the segment)."""
         socket.send_fds(self.sock, [handoff_frame(segment.size)], [segment.fd])
-        status, text = read_answer(self.sock)
-        if status != OK:
-            raise HandoffRefusedError(status, text)
-        return text
+        return self._answered()
 
     def fileno(self) -> int:
         return self.sock.fileno()

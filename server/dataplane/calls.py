@@ -451,8 +451,9 @@ class Dataplane:
 
     # -- shared memory ----------------------------------------------------------------------------
 
-    def shared_memory_endpoint(self) -> pb.SharedMemoryEndpointResponse:
-        return pb.SharedMemoryEndpointResponse(address=self.shared_memory.endpoint())
+    def shared_memory_endpoint(self, caller: Caller) -> pb.SharedMemoryEndpointResponse:
+        address = self.shared_memory.endpoint()
+        return pb.SharedMemoryEndpointResponse(address=address, ticket=self.shared_memory.ticket(caller))
 
     def register_shared_memory(
         self, request: pb.RegisterSharedMemoryRequest, caller: Caller

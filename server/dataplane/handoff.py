@@ -1,9 +1,11 @@
 """The Unix socket that takes callers' shared-memory segments (the framing: ``losswire.wire.shared_memory``).
 
 One thread serves the socket and every connection (``selectors``): a same-host caller connects once,
-keeps the connection for its process's life, and sends each new segment's descriptor (``SCM_RIGHTS``)
-with a 16-byte handoff message; the server answers each with a one-time claim or a refusal. A connection
-that closes is a caller that exited or died: the registry drops what it handed over.
+keeps the connection for its process's life, sends the ticket ``SharedMemoryEndpoint`` gave it first,
+then each new segment's descriptor (``SCM_RIGHTS``) with a 16-byte handoff message; the server answers
+the ticket (``admit``: the connection is its token's from then on) and each handoff with a one-time claim
+or a refusal. A connection that closes is a caller that exited or died: the registry drops what it handed
+over.
 
 Adopting a segment takes time (its every page is checked allocated: 0.2 s a GiB or more), so that thread
 only reads and writes: handoffs are handled (``handle``: adopted or refused) by ``ADOPTION_WORKERS``
@@ -16,7 +18,9 @@ from it: what it sends next waits in its socket.
 Only callers running as the server's own user are accepted (``SO_PEERCRED``): another user's
 connection gets a refusal (PERMISSION_DENIED, naming both uids) and is closed before it can send
 anything, so no descriptor of theirs ever enters the server. Connections are bounded
-(``max_connections``; beyond, RESOURCE_EXHAUSTED), and so are descriptors: at most ``MAX_FDS_PER_READ``
+(``max_connections``; beyond, RESOURCE_EXHAUSTED), and so are those still waiting for their ticket: at
+most a quarter of them, each for ``TICKET_WAIT_SECONDS`` (then refused and closed). Descriptors are
+bounded too: at most ``MAX_FDS_PER_READ``
 come in with one read, and none is read from a connection until those are handled (each adopted:
 mapped, then closed; or closed at once); a caller that sends descriptors without handoff messages,
 or garbage, is disconnected.
@@ -40,6 +44,7 @@ import secrets
 import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -51,6 +56,7 @@ MAX_FDS_PER_READ = 4  # more descriptors in one message are never installed here
 MAX_BUFFERED = 64 * wire_memory.HANDOFF_FRAME.size  # a caller this far ahead of its answers is disconnected
 ADOPTION_WORKERS = 4  # handoffs handled at once, each of another connection (a few cores' worth of page walks)
 TICK_SECONDS = 1.0
+TICKET_WAIT_SECONDS = 10.0  # a connection that has not sent its ticket by then is refused and closed
 
 
 class Peer:
@@ -58,6 +64,8 @@ class Peer:
 
     def __init__(self, sock: socket.socket, pid: int, uid: int) -> None:
         self.sock, self.pid, self.uid = sock, pid, uid
+        self.token: str | None = None  # its ticket's token (a digest, "" without tokens); None: no ticket yet
+        self.since = time.monotonic()  # connected
         self.data = bytearray()  # bytes of handoff messages not yet complete
         self.fds: list[int] = []  # descriptors received, not yet paired with their message
         self.waiting: collections.deque[tuple[int, int | None]] = collections.deque()  # (byte_size, fd), in order
@@ -72,21 +80,25 @@ class Peer:
 
 # handle(peer, byte_size, fd or None) -> (status, claim or message); the callee owns fd (closes it)
 Handle = Callable[[Peer, int, "int | None"], tuple[int, str]]
+# admit(peer, ticket) -> (status, message): OK sets peer.token; anything else closes the connection
+Admit = Callable[[Peer, int], tuple[int, str]]
 
 
 class HandoffListener:
-    """Accepts handoffs on ``address`` in a thread of its own; ``handle`` answers each (on a worker
-    thread, one at a time per connection), ``closed(peer)`` is told of each connection that ends (once
-    no ``handle`` of its runs), ``tick()`` runs about every second (expiry)."""
+    """Accepts handoffs on ``address`` in a thread of its own; ``admit`` answers each connection's ticket
+    (on this thread), ``handle`` each handoff (on a worker thread, one at a time per connection),
+    ``closed(peer)`` is told of each connection that ends (once no ``handle`` of its runs), ``tick()``
+    runs about every second (expiry)."""
 
     def __init__(
         self,
+        admit: Admit,
         handle: Handle,
         closed: Callable[[Peer], None],
         tick: Callable[[], None],
         max_connections: int,
     ) -> None:
-        self.handle, self.closed, self.tick = handle, closed, tick
+        self.admit, self.handle, self.closed, self.tick = admit, handle, closed, tick
         self.max_connections = max_connections
         self.address = f"@losswire-shm-{secrets.token_hex(12)}"
         self.peers: dict[int, Peer] = {}  # by socket fd
@@ -144,6 +156,7 @@ class HandoffListener:
                     else:
                         self._serve(key.data)
                 self._deliver()
+                self._expire_unticketed()
                 self.tick()
         except Exception:  # never expected: log it, and let callers notice the closed connections
             log.exception("shared memory: the handoff listener failed; shared memory stops taking segments")
@@ -180,6 +193,16 @@ class HandoffListener:
                 wire_memory.RESOURCE_EXHAUSTED,
                 f"shared memory: {len(self.peers)} callers are connected to this server already, its most "
                 "(losswire serve --max-shared-memory-connections)",
+            )
+            return
+        unticketed = sum(peer.token is None for peer in self.peers.values())
+        if unticketed >= self.max_unticketed:
+            log.warning("shared memory: refused pid %d: %d connections wait for their ticket", pid, unticketed)
+            _refuse(
+                sock,
+                wire_memory.RESOURCE_EXHAUSTED,
+                f"shared memory: {unticketed} connections to this server wait for their ticket, its most (a quarter "
+                f"of losswire serve --max-shared-memory-connections, each for at most {TICKET_WAIT_SECONDS:.0f} s)",
             )
             return
         sock.setblocking(False)
@@ -220,18 +243,54 @@ class HandoffListener:
         while len(peer.data) >= frame:
             message = bytes(peer.data[:frame])
             del peer.data[:frame]
-            fd = peer.fds.pop(0) if peer.fds else None
             try:
-                byte_size = wire_memory.parse_handoff(message)
+                kind, value = wire_memory.parse_frame(message)
             except ValueError as error:
-                _close_fd(fd)
                 self._violation(peer, str(error))
                 return
-            peer.waiting.append((byte_size, fd))
+            if peer.token is None:
+                if not self._admitted(peer, kind, value):
+                    return
+            elif kind == wire_memory.TICKET:
+                self._violation(peer, "a connection sends one ticket, as its first message")
+                return
+            else:
+                peer.waiting.append((value, peer.fds.pop(0) if peer.fds else None))
         if len(peer.fds) > (1 if peer.data else 0):  # descriptors without a handoff message each
             self._violation(peer, "descriptors came without a handoff message each")
             return
         self._next(peer)
+
+    def _admitted(self, peer: Peer, kind: int, ticket: int) -> bool:
+        """``peer``'s first message: its ticket, taken (True) or refused (False: its connection closed)."""
+        if kind != wire_memory.TICKET:
+            status, text = (
+                wire_memory.PERMISSION_DENIED,
+                "shared memory: a connection's first message is the ticket SharedMemoryEndpoint answered (kind "
+                f"{wire_memory.TICKET}); this one was kind {kind}",
+            )
+        else:
+            status, text = self.admit(peer, ticket)
+        if status != wire_memory.OK:
+            log.info("shared memory: disconnected pid %d: %s", peer.pid, text)
+        if not self._send(peer, wire_memory.answer_frame(status, text)) or status != wire_memory.OK:
+            self._disconnect(peer)
+            return False
+        return True
+
+    def _expire_unticketed(self) -> None:
+        """Refuse and close the connections that sent no ticket within ``TICKET_WAIT_SECONDS``."""
+        now = time.monotonic()
+        for peer in [p for p in self.peers.values() if p.token is None and now - p.since > TICKET_WAIT_SECONDS]:
+            text = f"shared memory: no ticket within {TICKET_WAIT_SECONDS:.0f} s of connecting (SharedMemoryEndpoint)"
+            log.info("shared memory: disconnected pid %d: %s", peer.pid, text)
+            self._send(peer, wire_memory.answer_frame(wire_memory.PERMISSION_DENIED, text))
+            self._disconnect(peer)
+
+    @property
+    def max_unticketed(self) -> int:
+        """How many connections may wait for their ticket at once: a quarter of them (at least one)."""
+        return max(1, self.max_connections // 4)
 
     # -- handling on the workers, answers on this thread --------------------------------------------
 

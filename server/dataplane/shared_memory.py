@@ -1,7 +1,9 @@
 """The server's shared-memory regions (see ``losswire.wire.shared_memory`` and client/shared_memory.py).
 
-A caller on the server's host hands a sealed memfd over the Unix socket of :mod:`.handoff` and gets a
-one-time claim; ``RegisterSharedMemory(claim)`` turns it into a region, named by a random handle.
+A caller on the server's host asks ``SharedMemoryEndpoint`` for the Unix socket of :mod:`.handoff` and a
+ticket, connects and sends the ticket first (it makes the connection its token's), then hands a sealed
+memfd over and gets a one-time claim; ``RegisterSharedMemory(claim)`` turns it into a region, named by a
+random handle.
 Requests then name tensors by (region, offset, byte_size): the inputs a loss reads only as values (each
 term's pred; a box loss's target and weight: ``LossDescription.value_inputs``) are viewed in place, every
 other input copied once (see ``SharedMemoryRegistry.inputs``), and the answer's big tensors are written into
@@ -14,13 +16,15 @@ that does not exist; handles and claims never appear in logs or in another calle
 **Bounded** (:class:`SharedMemoryLimits`): regions and bytes per caller, regions and bytes in total
 (handoffs not yet registered count too, and so do those being adopted: a handoff reserves its room
 before its adoption begins, so handoffs adopted side by side never pass a bound together),
-connections, and handoffs waiting per connection. A region costs the server no descriptor (it is
-mapped, then its descriptor closed).
+connections, unused tickets, and handoffs waiting per connection. With tokens on, one token's regions,
+handoffs, connections and unused tickets take at most all but a quarter of the server's (``_share``),
+however many gRPC connections and processes it uses: another token always finds room. A region costs
+the server no descriptor (it is mapped, then its descriptor closed).
 
 **Released** on UnregisterSharedMemory, when the connection it was handed over on closes (its process
 exited or died: every region it handed over is dropped at once), when a claim is not registered within
-``PENDING_SECONDS``, and when the server stops. A dropped region's mapping lives on while a running
-call still views it, and is unmapped with that call's last view.
+``PENDING_SECONDS`` (a ticket not used by then is forgotten too), and when the server stops. A dropped
+region's mapping lives on while a running call still views it, and is unmapped with that call's last view.
 
 Safety: the server maps a segment only once it is sealed against shrinking and growing, every page
 allocated, and then seals it against hole punching itself (``Segment.adopt``): a caller cannot make the
@@ -52,7 +56,7 @@ from ..losses import LossError, Registry
 from .handoff import HandoffListener, Peer
 
 log = logging.getLogger("losswire.server")
-PENDING_SECONDS = 60.0  # a claim not registered by then is dropped with its segment
+PENDING_SECONDS = 60.0  # a claim not registered by then is dropped with its segment; so is an unused ticket
 MAX_PENDING_PER_CONNECTION = 8  # handoffs one connection may have answered and not yet registered
 
 
@@ -83,6 +87,14 @@ class _Room:
 
     regions: int = 0
     bytes: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ticket:
+    """A pass for one connection to the handoff socket, given to a token by ``SharedMemoryEndpoint``."""
+
+    token: str
+    since: float = dataclasses.field(default_factory=time.monotonic)
 
 
 @dataclasses.dataclass
@@ -164,9 +176,9 @@ def _adopted(peer: Peer, fd: int, byte_size: int) -> Segment | tuple[int, str]:
         return wire_memory.RESOURCE_EXHAUSTED, f"shared memory: cannot map {byte_size} bytes: {error.strerror}"
 
 
-def _read_on(viewed: list[_Dropped]) -> str:
+def _read_on(viewed: int) -> str:
     """The clause a refusal adds for regions dropped that calls in flight still read (they still count)."""
-    return f" ({len(viewed)} of them unregistered, still read by calls in flight)" if viewed else ""
+    return f" ({viewed} of them unregistered, still read by calls in flight)" if viewed else ""
 
 
 def _over(limit: int | None, value: int) -> bool:
@@ -188,10 +200,13 @@ class SharedMemoryRegistry:
         self._pending: dict[str, _Held] = {}  # by claim
         # dropped regions calls still read: they stay mapped, so they count against the bounds until let go
         self._dropped: list[_Dropped] = []
-        self._adopting = _Room()  # reserved by handoffs being adopted (handoff workers, side by side)
+        self._adopting: dict[str, _Room] = {}  # by token: reserved by handoffs being adopted (side by side)
+        self._tickets: dict[int, _Ticket] = {}  # given, not yet used by a connection
         self._lock = threading.Lock()
         self._listener = (
-            HandoffListener(self._handoff, self._closed, self._expire, self.limits.connections) if enabled else None
+            HandoffListener(self._admit, self._handoff, self._closed, self._expire, self.limits.connections)
+            if enabled
+            else None
         )
         self._started = False
 
@@ -210,6 +225,7 @@ class SharedMemoryRegistry:
         with self._lock:
             self._regions.clear()
             self._pending.clear()
+            self._tickets.clear()
 
     def _check_enabled(self) -> None:
         if not self.enabled:
@@ -224,7 +240,52 @@ class SharedMemoryRegistry:
             raise NotAvailableError("shared memory is not running on this server yet; send tensors inline")
         return self._listener.address
 
-    # -- the handoff socket's side (its workers, side by side) -----------------------------------
+    def ticket(self, caller: Caller) -> int:
+        """A pass for one connection of ``caller``'s token to the handoff socket (one use, within
+        ``PENDING_SECONDS``). At most as many unused as connections the server takes, and with tokens on,
+        one token's at most all but a quarter of them."""
+        self.endpoint()
+        with self._lock:
+            unused = len(self._tickets)
+            if unused >= self.limits.connections:
+                raise LimitExceededError(
+                    f"this server holds {unused} unused shared-memory tickets, as many as the connections it takes "
+                    f"(losswire serve --max-shared-memory-connections); each is forgotten {PENDING_SECONDS:.0f} s "
+                    "after it was given, or send tensors inline"
+                )
+            own = sum(t.token == caller.token for t in self._tickets.values())
+            if caller.token and _over(_share(self.limits.connections), own + 1):
+                raise LimitExceededError(
+                    f"this token holds {own} unused shared-memory tickets, its most (all but a quarter of losswire "
+                    "serve --max-shared-memory-connections, which leaves other tokens room); connect with them, or "
+                    f"wait {PENDING_SECONDS:.0f} s for them to be forgotten"
+                )
+            ticket = secrets.randbits(64)
+            while ticket in self._tickets:
+                ticket = secrets.randbits(64)
+            self._tickets[ticket] = _Ticket(caller.token)
+        return ticket
+
+    # -- the handoff socket's side (its thread for tickets; its workers, side by side, for handoffs) ---
+
+    def _admit(self, peer: Peer, ticket: int) -> tuple[int, str]:
+        """``peer``'s ticket taken (the connection is its token's from now on), or the refusal. On the
+        socket's thread, which alone changes its peers."""
+        with self._lock:
+            given = self._tickets.pop(ticket, None)
+        if given is None or time.monotonic() - given.since > PENDING_SECONDS:
+            return wire_memory.PERMISSION_DENIED, (
+                "shared memory: the ticket is none this server gave, or was used already or expired (a ticket from "
+                f"SharedMemoryEndpoint is good for one connection, within {PENDING_SECONDS:.0f} s)"
+            )
+        connected = sum(other.token == given.token for other in self._listener.peers.values())
+        if given.token and _over(_share(self.limits.connections), connected + 1):
+            return wire_memory.RESOURCE_EXHAUSTED, (
+                f"shared memory: this token has {connected} connections to the server's socket, its most (all but a "
+                "quarter of losswire serve --max-shared-memory-connections, which leaves other tokens room)"
+            )
+        peer.token = given.token
+        return wire_memory.OK, ""
 
     def _handoff(self, peer: Peer, byte_size: int, fd: int | None) -> tuple[int, str]:
         """A segment handed over: a claim, or a refusal (status, message). Owns ``fd``."""
@@ -254,8 +315,11 @@ class SharedMemoryRegistry:
 
     def _reserve(self, peer: Peer, byte_size: int, count: int) -> None:
         """Take (count 1) or give back (-1) the room of a handoff being adopted. Under the lock."""
-        self._adopting.regions += count
-        self._adopting.bytes += count * byte_size
+        room = self._adopting.setdefault(peer.token, _Room())
+        room.regions += count
+        room.bytes += count * byte_size
+        if not room.regions:
+            del self._adopting[peer.token]
         peer.pending += count  # a connection's handoff counts against its pending handoffs from the start
 
     def _no_room(self, peer: Peer, byte_size: int) -> str | None:
@@ -266,21 +330,30 @@ class SharedMemoryRegistry:
                 f"shared memory: this connection holds {peer.pending} handoffs not yet registered, its most; "
                 "register them (RegisterSharedMemory) before handing more over"
             )
-        held = [*self._regions.values(), *self._pending.values()]
-        viewed = self._still_viewed()
-        segments = len(held) + len(viewed) + self._adopting.regions
+        segments, mapped, _ = self._holds(lambda token: True)
         if _over(self.limits.regions, segments + 1):
             return (
                 f"shared memory: this server holds {segments} segments, its most (losswire serve "
                 "--max-shared-memory-total-regions); unregister some, or send tensors inline"
             )
-        mapped = sum(h.segment.size for h in held) + sum(d.size for d in viewed) + self._adopting.bytes
         if _over(self.limits.bytes, mapped + byte_size):
             return (
                 f"shared memory: {byte_size} more bytes would map {mapped + byte_size} bytes; this server maps at "
                 f"most {self.limits.bytes} (losswire serve --max-shared-memory)"
             )
-        return None
+        return self._over_token_share(peer.token, byte_size)
+
+    def _holds(self, whose: Callable[[str | None], bool]) -> tuple[int, int, int]:
+        """The segments and bytes the server holds for the tokens ``whose`` accepts (regions registered,
+        handoffs pending or being adopted, dropped regions calls still read), and how many of them are
+        dropped regions calls still read. Under the lock."""
+        held = [h for h in self._regions.values() if whose(h.caller.token)]
+        held += [h for h in self._pending.values() if whose(h.peer.token)]
+        viewed = [d for d in self._still_viewed() if whose(d.caller.token if d.caller is not None else None)]
+        adopting = [room for token, room in self._adopting.items() if whose(token)]
+        segments = len(held) + len(viewed) + sum(room.regions for room in adopting)
+        nbytes = sum(h.segment.size for h in held) + sum(d.size for d in viewed) + sum(r.bytes for r in adopting)
+        return segments, nbytes, len(viewed)
 
     def _closed(self, peer: Peer) -> None:
         """``peer``'s connection closed (its process exited or died): drop everything it handed over."""
@@ -303,12 +376,15 @@ class SharedMemoryRegistry:
             )
 
     def _expire(self) -> None:
-        """Drop handoffs whose claims were not registered within ``PENDING_SECONDS``."""
+        """Drop handoffs whose claims were not registered, and forget tickets not used, within
+        ``PENDING_SECONDS``."""
         now = time.monotonic()
         with self._lock:
             old = [t for t, held in self._pending.items() if now - held.since > PENDING_SECONDS]
             for claim in old:
                 self._pending.pop(claim).peer.pending -= 1
+            for ticket in [t for t, given in self._tickets.items() if now - given.since > PENDING_SECONDS]:
+                del self._tickets[ticket]
 
     # -- the RPCs --------------------------------------------------------------------------------
 
@@ -316,11 +392,13 @@ class SharedMemoryRegistry:
         """The segment a pending ``claim`` stands for, as a region of ``caller``'s: its handle. A wrong
         ``byte_size`` leaves the claim pending, to be registered again corrected until it expires (the memory
         is sealed by now and could never be handed over again); a refusal by the caller's limits drops it,
-        as the pending memory would count against the very limits the caller must first get under."""
+        as the pending memory would count against the very limits the caller must first get under. A claim
+        answers only the token whose ticket opened its connection; that token's share was checked at the
+        handoff, since when the claim counts against it."""
         self._check_enabled()
         with self._lock:
             held = self._pending.get(claim)
-            if held is None:
+            if held is None or held.peer.token != caller.token:  # another token's claim reads as no claim
                 raise NotFoundError(
                     "claim names no pending shared-memory handoff on this server: a claim registers once, within "
                     f"{PENDING_SECONDS:.0f} s of its handoff, while the connection it came over is open",
@@ -333,21 +411,21 @@ class SharedMemoryRegistry:
             held.peer.pending -= 1
             own = [h for h in self._regions.values() if h.caller == caller]
             viewed = [d for d in self._still_viewed() if d.caller == caller]
+            read_on = _read_on(len(viewed))
             if _over(self.limits.regions_per_caller, len(own) + len(viewed) + 1):
                 raise LimitExceededError(
-                    f"this caller holds {len(own) + len(viewed)} shared-memory regions{_read_on(viewed)}, its most "
+                    f"this caller holds {len(own) + len(viewed)} shared-memory regions{read_on}, its most "
                     "(losswire serve --max-shared-memory-regions); unregister some first",
                     field="claim",
                 )
             mine = sum(h.segment.size for h in own) + sum(d.size for d in viewed)
             if _over(self.limits.bytes_per_caller, mine + size):
                 raise LimitExceededError(
-                    f"{size} more bytes would give this caller {mine + size} bytes of shared memory{_read_on(viewed)}; "
+                    f"{size} more bytes would give this caller {mine + size} bytes of shared memory{read_on}; "
                     f"a caller may register at most {self.limits.bytes_per_caller} (losswire serve "
                     "--max-shared-memory-per-caller)",
                     field="byte_size",
                 )
-            self._check_token_share(caller, size)
             handle = secrets.token_hex(16)
             own.append(held)
             held.caller = caller
@@ -355,30 +433,28 @@ class SharedMemoryRegistry:
         log.info("shared memory: %d bytes registered by pid %d (its caller's region %d)", size, held.peer.pid, len(own))
         return handle
 
-    def _check_token_share(self, caller: Caller, size: int) -> None:
-        """With tokens, one token's regions (whatever connections registered them) hold at most all but a
-        quarter of the server's regions and bytes, so that another token's handoff always finds room; the
-        per-caller bounds count connections, which one token may open as many of as it likes. The caller
-        holds ``_lock``."""
-        if not caller.token:
-            return
-        token = [h for h in self._regions.values() if h.caller is not None and h.caller.token == caller.token]
-        viewed = [d for d in self._still_viewed() if d.caller is not None and d.caller.token == caller.token]
-        if _over(_share(self.limits.regions), len(token) + len(viewed) + 1):
-            raise LimitExceededError(
-                f"this token holds {len(token) + len(viewed)} shared-memory regions{_read_on(viewed)}, its most (all "
-                "but a quarter of losswire serve --max-shared-memory-total-regions, which leaves other tokens room); "
-                "unregister some first",
-                field="claim",
+    def _over_token_share(self, token: str | None, size: int) -> str | None:
+        """With tokens, why a handoff of ``size`` bytes would pass ``token``'s share (None: it would not).
+        One token's segments (regions registered over whatever connections, handoffs pending or being
+        adopted, regions calls still read) hold at most all but a quarter of the server's segments and
+        bytes, so that another token's handoff always finds room; the per-caller and per-connection bounds
+        count connections, which one token may open many of. Under the lock."""
+        if not token:
+            return None
+        segments, nbytes, viewed = self._holds(lambda other: other == token)
+        if _over(_share(self.limits.regions), segments + 1):
+            return (
+                f"shared memory: this token holds {segments} shared-memory regions and handoffs{_read_on(viewed)}, "
+                "its most (all but a quarter of losswire serve --max-shared-memory-total-regions, which leaves other "
+                "tokens room); unregister some, or register the handoffs first"
             )
-        held = sum(h.segment.size for h in token) + sum(d.size for d in viewed)
-        if _over(_share(self.limits.bytes), held + size):
-            raise LimitExceededError(
-                f"{size} more bytes would give this token {held + size} bytes of shared memory; one token may "
-                f"register at most {_share(self.limits.bytes)} (all but a quarter of losswire serve "
-                "--max-shared-memory, which leaves other tokens room)",
-                field="byte_size",
+        if _over(_share(self.limits.bytes), nbytes + size):
+            return (
+                f"shared memory: {size} more bytes would give this token {nbytes + size} bytes of shared memory"
+                f"{_read_on(viewed)}; one token may hold at most {_share(self.limits.bytes)} (all but a quarter of "
+                "losswire serve --max-shared-memory, which leaves other tokens room)"
             )
+        return None
 
     def unregister(self, caller: Caller, region: str) -> None:
         self._check_enabled()

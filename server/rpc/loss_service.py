@@ -244,7 +244,7 @@ class LossService(pb_grpc.LossServiceServicer):
     async def SharedMemoryEndpoint(
         self, request: pb.SharedMemoryEndpointRequest, context: grpc.aio.ServicerContext
     ) -> pb.SharedMemoryEndpointResponse:
-        return self.dataplane.shared_memory_endpoint()
+        return self.dataplane.shared_memory_endpoint(self.callers(context))
 
     @unary("RegisterSharedMemory")
     async def RegisterSharedMemory(

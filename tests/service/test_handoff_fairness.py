@@ -73,8 +73,10 @@ def segments() -> Iterator[Callable[[int], shm.Segment]]:
         segment.close()
 
 
-def endpoint(stub: pb_grpc.LossServiceStub) -> str:
-    return stub.SharedMemoryEndpoint(pb.SharedMemoryEndpointRequest(), timeout=30).address
+def endpoint(stub: pb_grpc.LossServiceStub) -> tuple[str, int]:
+    """The handoff socket's address and a ticket for one connection to it."""
+    answer = stub.SharedMemoryEndpoint(pb.SharedMemoryEndpointRequest(), timeout=30)
+    return answer.address, answer.ticket
 
 
 def mappings_of(size: int) -> int:
@@ -147,8 +149,7 @@ def test_a_tiny_handoff_is_answered_while_another_callers_big_one_is_adopted(fre
     the whole adoption of A's segment on the one handoff thread."""
     big, a_tiny, b_tiny = segments(BIG), segments(TINY), segments(TINY)
     done: Done = []
-    address = endpoint(stub)
-    with contextlib.closing(shm.Link(address)) as a, contextlib.closing(shm.Link(address)) as b:
+    with contextlib.closing(shm.Link(*endpoint(stub))) as a, contextlib.closing(shm.Link(*endpoint(stub))) as b:
         before = mappings_of(BIG)
         socket.send_fds(a.sock, [shm.handoff_frame(big.size)], [big.fd])
         socket.send_fds(a.sock, [shm.handoff_frame(a_tiny.size)], [a_tiny.fd])
@@ -183,8 +184,8 @@ def test_two_callers_at_once_where_one_fits_one_is_adopted_and_the_other_refused
     done: Done = []
     try:
         with plain_channel(f"127.0.0.1:{instance.port}") as channel:
-            address = endpoint(pb_grpc.LossServiceStub(channel))
-        with contextlib.closing(shm.Link(address)) as a, contextlib.closing(shm.Link(address)) as b:
+            tickets = [endpoint(pb_grpc.LossServiceStub(channel)) for _ in range(2)]
+        with contextlib.closing(shm.Link(*tickets[0])) as a, contextlib.closing(shm.Link(*tickets[1])) as b:
             start = threading.Barrier(2)
             threads = [
                 in_background(functools.partial(together, start, link, segment, instance.shared_memory), who, done)
@@ -216,8 +217,8 @@ def test_stopping_during_an_adoption_closes_the_connection_and_leaves_nothing_be
     stopped = False
     try:
         with plain_channel(f"127.0.0.1:{instance.port}") as channel:
-            address = endpoint(pb_grpc.LossServiceStub(channel))
-        with contextlib.closing(shm.Link(address, timeout=60)) as link:
+            address, ticket = endpoint(pb_grpc.LossServiceStub(channel))
+        with contextlib.closing(shm.Link(address, ticket, timeout=60)) as link:
             before = mappings_of(BIG)
             caller = in_background(lambda: link.hand_over(big), "caller", done)
             wait_for_adoption(BIG, before)

@@ -556,7 +556,7 @@ def _as_nobody(address: str, write: int) -> None:  # pragma: no cover - runs in 
         except OSError as error:
             report.append(f"push: {error.strerror}")
     try:
-        shm.Link(address).close()
+        shm.Link(address, 0).close()  # refused at the greeting, before any ticket
         report.append("link accepted")
     except shm.HandoffRefusedError as refused:
         report.append(f"link {refused.status}")
@@ -713,7 +713,7 @@ def test_a_region_unregistered_while_a_call_reads_it_counts_until_the_call_ends(
 
 def test_one_token_leaves_other_tokens_shared_memory_whatever_connections_it_opens():
     """Tokens on, 4 regions on the server: token a registers over two gRPC connections (each a caller of
-    its own, with its own per-caller bounds) and its fourth region is refused, naming the token's share
+    its own, with its own per-caller bounds) and its fourth handoff is refused, naming the token's share
     (all but a quarter); token b's region is then registered. (Token a took all four, and b was refused.)"""
     tokens = ("token-a-0123456789", "token-b-0123456789")
     as_a, as_b = ((("authorization", f"Bearer {token}"),) for token in tokens)
@@ -732,8 +732,10 @@ def test_one_token_leaves_other_tokens_shared_memory_whatever_connections_it_ope
             for handoff, segment in zip((over_first, over_first, over_second), segments, strict=False):
                 handoff.register(segment)
             flag = "all but a quarter of losswire serve --max-shared-memory-total-regions"
-            details = expect(lambda: over_second.register(segments[3]), grpc.StatusCode.RESOURCE_EXHAUSTED, flag)
-            assert "this token holds 3" in details, details
+            with pytest.raises(shm.HandoffRefusedError) as refused:
+                over_second.claim(segments[3])
+            assert refused.value.status == RESOURCE_EXHAUSTED, refused.value.message
+            assert "this token holds 3" in refused.value.message and flag in refused.value.message
             assert for_b.register(segments[4])
             assert instance.shared_memory.regions == 4
     finally:
@@ -1245,8 +1247,9 @@ def test_a_forked_child_starts_afresh(server, stub):
     connection: the child starts afresh instead, with its own connection (so the parent's death is still
     noticed while the child lives) and its own segments. Registration stands in for the RPC (gRPC is not
     used across a fork); the handoffs are real."""
-    address = stub.SharedMemoryEndpoint(pb.SharedMemoryEndpointRequest(), timeout=30).address
-    pool = SharedMemoryPool(lambda: address, lambda claim, size: claim, lambda region, wait: None)
+    answers = [stub.SharedMemoryEndpoint(pb.SharedMemoryEndpointRequest(), timeout=30) for _ in range(2)]
+    tickets = [(answer.address, answer.ticket) for answer in answers]  # the parent's, then the child's copy's
+    pool = SharedMemoryPool(lambda: tickets.pop(0), lambda claim, size: claim, lambda region, wait: None)
     lease = pool.lease(1 << 20)
     parents, parent_address = lease.region, lease.segment.array.ctypes.data
     lease.done()  # idle in the parent

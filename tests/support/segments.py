@@ -16,8 +16,9 @@ class Handoff:
     def __init__(self, stub: Any, metadata: Any = None) -> None:
         self.stub, self.metadata = stub, metadata
         request = pb.SharedMemoryEndpointRequest()
-        self.address = stub.SharedMemoryEndpoint(request, timeout=30, metadata=metadata).address
-        self.link = shm.Link(self.address)
+        answer = stub.SharedMemoryEndpoint(request, timeout=30, metadata=metadata)
+        self.address = answer.address
+        self.link = shm.Link(answer.address, answer.ticket)
 
     def claim(self, segment: shm.Segment) -> str:
         """``segment`` handed over: the server's claim (HandoffRefusedError when refused)."""

@@ -276,10 +276,12 @@ class SharedMemoryEndpointRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SharedMemoryEndpointResponse(_message.Message):
-    __slots__ = ("address",)
+    __slots__ = ("address", "ticket")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
     address: str
-    def __init__(self, address: _Optional[str] = ...) -> None: ...
+    ticket: int
+    def __init__(self, address: _Optional[str] = ..., ticket: _Optional[int] = ...) -> None: ...
 
 class RegisterSharedMemoryRequest(_message.Message):
     __slots__ = ("byte_size", "claim")

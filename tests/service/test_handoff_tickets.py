@@ -1,0 +1,206 @@
+"""Tickets on the shared-memory handoff socket: a connection takes handoffs only once it has sent the
+ticket ``SharedMemoryEndpoint`` gave (one use), which makes it its token's. With tokens on, one token's
+connections, unused tickets and handoffs not yet registered take at most all but a quarter of the
+server's, so another token always finds room, whatever processes and connections the first one uses.
+
+Every test runs a real server of its own on loopback, with real memfds handed over on its Unix socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from support.calls import plain_channel
+from support.polling import eventually
+from support.segments import Handoff
+
+from losswire.server.app import LosswireServer
+from losswire.server.config import ServerConfig
+from losswire.server.dataplane import handoff as handoff_socket
+from losswire.v1 import loss_service_pb2 as pb
+from losswire.v1 import loss_service_pb2_grpc as pb_grpc
+from losswire.wire import shared_memory as shm
+
+pytestmark = pytest.mark.skipif(not shm.supported(), reason="needs memfd shared memory and descriptor passing")
+
+TOKENS = ("token-a-0123456789", "token-b-0123456789")
+AS_A, AS_B = ((("authorization", f"Bearer {token}"),) for token in TOKENS)
+PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED.value[0]
+RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
+@contextlib.contextmanager
+def serving(**config: object) -> Iterator[tuple[LosswireServer, pb_grpc.LossServiceStub]]:
+    instance = LosswireServer(ServerConfig(host="127.0.0.1", port=0, device="cpu", max_workers=2, **config))
+    instance.start()
+    try:
+        with plain_channel(f"127.0.0.1:{instance.port}") as channel:
+            yield instance, pb_grpc.LossServiceStub(channel)
+    finally:
+        instance.stop(grace=1)
+
+
+@pytest.fixture()
+def segments() -> Iterator[list[shm.Segment]]:
+    made = [shm.Segment.create(1 << 20) for _ in range(6)]
+    yield made
+    for segment in made:
+        segment.close()
+
+
+def endpoint(stub: pb_grpc.LossServiceStub, metadata: object = None) -> tuple[str, int]:
+    answer = stub.SharedMemoryEndpoint(pb.SharedMemoryEndpointRequest(), timeout=30, metadata=metadata)
+    return answer.address, answer.ticket
+
+
+def greeted(address: str) -> socket.socket:
+    """A connection to the handoff socket whose greeting accepted it, and nothing sent yet."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(30)
+    sock.connect(shm.socket_address(address))
+    assert shm.read_answer(sock) == (shm.OK, "losswire shared memory")
+    return sock
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    return sock.recv(1) == b""
+
+
+def descriptors_on(fd: int) -> int:
+    """Descriptors open in this process (the in-process server's included) on the file ``fd`` is."""
+    mine = os.fstat(fd)
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            other = os.stat(f"/proc/self/fd/{name}")
+            count += (other.st_dev, other.st_ino) == (mine.st_dev, mine.st_ino)
+    return count
+
+
+def test_a_handoff_before_the_ticket_is_refused_and_its_descriptor_not_kept(segments):
+    """A connection whose first message is a handoff (what a caller of before tickets sent) gets
+    PERMISSION_DENIED naming the ticket and is closed; the server keeps nothing of it, its descriptor
+    included."""
+    segment = segments[0]
+    with serving() as (server, stub):
+        address, _ = endpoint(stub)
+        with greeted(address) as sock:
+            socket.send_fds(sock, [shm.handoff_frame(segment.size)], [segment.fd])
+            status, text = shm.read_answer(sock)
+            assert status == PERMISSION_DENIED and "first message is the ticket SharedMemoryEndpoint" in text, text
+            assert closed_by_server(sock)
+        assert eventually(lambda: server.shared_memory.connections == 0)
+        assert server.shared_memory.pending == 0 and server.shared_memory.mapped_bytes == 0
+        assert eventually(lambda: descriptors_on(segment.fd) == 1)  # ours alone
+
+
+def test_a_ticket_opens_one_connection_and_only_its_own_server_gave_it(segments):
+    """A ticket used once more, or one the server never gave, is PERMISSION_DENIED and the connection
+    closed; the connection it opened hands over and registers as before. A second ticket on a connection
+    is a violation of the framing."""
+    with serving() as (server, stub):
+        address, ticket = endpoint(stub)
+        with contextlib.closing(shm.Link(address, ticket)) as link:
+            for wrong in (ticket, ticket ^ 1):
+                with pytest.raises(shm.HandoffRefusedError) as refused:
+                    shm.Link(address, wrong)
+                assert refused.value.status == PERMISSION_DENIED, refused.value.message
+                assert "none this server gave, or was used already or expired" in refused.value.message
+            claim = link.hand_over(segments[0])
+            request = pb.RegisterSharedMemoryRequest(claim=claim, byte_size=segments[0].size)
+            assert stub.RegisterSharedMemory(request, timeout=30).region
+            _, another = endpoint(stub)
+            link.sock.sendall(shm.ticket_frame(another))
+            status, text = shm.read_answer(link.sock)
+            assert status == INVALID_ARGUMENT and "one ticket, as its first message" in text, text
+            assert closed_by_server(link.sock)
+        assert eventually(lambda: server.shared_memory.regions == 0)  # its connection closed: dropped
+
+
+def test_a_connection_that_sends_no_ticket_is_closed_after_the_wait(monkeypatch):
+    """A connection that says nothing after its greeting is refused (PERMISSION_DENIED, naming the wait)
+    and closed once the ticket's wait is over, so it stops counting against the connections."""
+    monkeypatch.setattr(handoff_socket, "TICKET_WAIT_SECONDS", 1.0)
+    with serving() as (server, stub):
+        address, _ = endpoint(stub)
+        with greeted(address) as sock:
+            assert server.shared_memory.connections == 1
+            status, text = shm.read_answer(sock)  # waits for the server's tick
+            assert status == PERMISSION_DENIED and "no ticket within 1 s of connecting" in text, text
+            assert closed_by_server(sock)
+        assert eventually(lambda: server.shared_memory.connections == 0)
+
+
+def test_connections_waiting_for_their_ticket_are_a_quarter_at_most():
+    """--max-shared-memory-connections 4: one connection may wait for its ticket at a time. A second
+    connection meanwhile is refused RESOURCE_EXHAUSTED naming the wait; once the first has sent its
+    ticket, the next connection is accepted."""
+    with serving(max_shared_memory_connections=4) as (server, stub):
+        address, ticket = endpoint(stub)
+        with greeted(address) as silent:
+            with pytest.raises(shm.HandoffRefusedError) as refused:
+                shm.Link(*endpoint(stub))
+            assert refused.value.status == RESOURCE_EXHAUSTED, refused.value.message
+            assert "1 connections to this server wait for their ticket" in refused.value.message
+            silent.sendall(shm.ticket_frame(ticket))
+            assert shm.read_answer(silent) == (shm.OK, "")
+            with contextlib.closing(shm.Link(*endpoint(stub))):
+                assert server.shared_memory.connections == 2
+
+
+def test_one_token_leaves_another_tokens_room_on_the_socket():
+    """Tokens on, --max-shared-memory-connections 4: token a's unused tickets and its connections are each
+    at most 3 (all but a quarter); beyond, RESOURCE_EXHAUSTED naming the share. Token b then still gets a
+    ticket and a connection. (Before tickets, one process could take every connection.)"""
+    with serving(auth_tokens=TOKENS, max_shared_memory_connections=4) as (server, stub):
+        tickets = [endpoint(stub, AS_A) for _ in range(3)]
+        with pytest.raises(grpc.RpcError) as refused:
+            endpoint(stub, AS_A)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
+        assert "this token holds 3 unused shared-memory tickets" in refused.value.details()
+        with contextlib.ExitStack() as links:
+            for address, ticket in tickets:
+                links.enter_context(contextlib.closing(shm.Link(address, ticket)))
+            with pytest.raises(shm.HandoffRefusedError) as over:
+                shm.Link(*endpoint(stub, AS_A))
+            assert over.value.status == RESOURCE_EXHAUSTED, over.value.message
+            assert "this token has 3 connections" in over.value.message
+            assert "--max-shared-memory-connections" in over.value.message
+            with contextlib.closing(shm.Link(*endpoint(stub, AS_B))):
+                assert server.shared_memory.connections == 4
+
+
+def test_one_tokens_unregistered_handoffs_leave_another_token_room(segments):
+    """Tokens on, --max-shared-memory-total-regions 4: token a hands three segments over and registers
+    none; its fourth handoff is RESOURCE_EXHAUSTED naming the token's share, and token b's handoff is then
+    registered. A claim answers only the token whose connection it came over (NOT_FOUND for b, word for
+    word as for no claim), and a's own registration of it goes through. (Before tickets, the socket knew no
+    token: a's pending handoffs took all four, and b's first handoff was refused.)"""
+    with (
+        serving(auth_tokens=TOKENS, max_shared_memory_total_regions=4) as (server, stub),
+        Handoff(stub, AS_A) as a,
+        Handoff(stub, AS_B) as b,
+    ):
+        claims = [a.claim(segment) for segment in segments[:3]]
+        with pytest.raises(shm.HandoffRefusedError) as refused:
+            a.claim(segments[3])
+        assert refused.value.status == RESOURCE_EXHAUSTED, refused.value.message
+        assert "this token holds 3 shared-memory regions and handoffs" in refused.value.message
+        assert "--max-shared-memory-total-regions" in refused.value.message
+        assert b.register(segments[4])
+        request = pb.RegisterSharedMemoryRequest(claim=claims[0], byte_size=segments[0].size)
+        with pytest.raises(grpc.RpcError) as not_b:
+            stub.RegisterSharedMemory(request, timeout=30, metadata=AS_B)
+        nobody = pb.RegisterSharedMemoryRequest(claim="0" * 32, byte_size=segments[0].size)
+        with pytest.raises(grpc.RpcError) as none:
+            stub.RegisterSharedMemory(nobody, timeout=30, metadata=AS_B)
+        assert not_b.value.code() == none.value.code() == grpc.StatusCode.NOT_FOUND
+        assert not_b.value.details() == none.value.details()
+        assert stub.RegisterSharedMemory(request, timeout=30, metadata=AS_A).region
+        assert (server.shared_memory.regions, server.shared_memory.pending) == (2, 2)
