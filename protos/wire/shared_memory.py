@@ -25,6 +25,7 @@ Linux only (memfd, seals, descriptor passing); :func:`supported` says whether th
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -356,8 +357,12 @@ class Link:
                     f"the shared-memory socket {address} belongs to uid {uid}, this caller runs as uid {os.geteuid()}; "
                     "memory is handed only to a server of the caller's own user",
                 )
+            # the ticket at once, before the greeting: it is then there when the server accepts, which takes it
+            # before anything can make this connection wait (or make way for a newer one). Refused and closed
+            # already (a broken pipe): the greeting, still to be read, says why.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self.sock.sendall(ticket_frame(ticket))
             self._answered()  # the greeting: accepted, or refused and closed
-            self.sock.sendall(ticket_frame(ticket))
             self._answered()  # the ticket: taken, or refused and closed
         except BaseException:
             self.sock.close()

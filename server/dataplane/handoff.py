@@ -18,9 +18,12 @@ from it: what it sends next waits in its socket.
 Only callers running as the server's own user are accepted (``SO_PEERCRED``): another user's
 connection gets a refusal (PERMISSION_DENIED, naming both uids) and is closed before it can send
 anything, so no descriptor of theirs ever enters the server. Connections are bounded
-(``max_connections``; beyond, RESOURCE_EXHAUSTED), and so are those still waiting for their ticket: at
-most a quarter of them, each for ``TICKET_WAIT_SECONDS`` (then refused and closed). Descriptors are
-bounded too: at most ``MAX_FDS_PER_READ``
+(``max_connections``), and so are those still waiting for their ticket: at most a quarter of them, each
+for ``TICKET_WAIT_SECONDS`` (then refused and closed). A new connection that finds either bound reached
+takes the place of the oldest connection still waiting for its ticket (refused and closed), so that
+connections that never send one cannot keep out those that do; only when every connection has sent
+its ticket is a new one refused (RESOURCE_EXHAUSTED). A ticket sent right after connecting is taken
+as the connection is accepted. Descriptors are bounded too: at most ``MAX_FDS_PER_READ``
 come in with one read, and none is read from a connection until those are handled (each adopted:
 mapped, then closed; or closed at once); a caller that sends descriptors without handoff messages,
 or garbage, is disconnected.
@@ -186,23 +189,13 @@ class HandoffListener:
                 "the server's user may hand memory over (tensors go over gRPC instead)",
             )
             return
-        if len(self.peers) >= self.max_connections:
+        if not self._make_room():
             log.warning("shared memory: refused pid %d: %d callers connected already", pid, len(self.peers))
             _refuse(
                 sock,
                 wire_memory.RESOURCE_EXHAUSTED,
                 f"shared memory: {len(self.peers)} callers are connected to this server already, its most "
                 "(losswire serve --max-shared-memory-connections)",
-            )
-            return
-        unticketed = sum(peer.token is None for peer in self.peers.values())
-        if unticketed >= self.max_unticketed:
-            log.warning("shared memory: refused pid %d: %d connections wait for their ticket", pid, unticketed)
-            _refuse(
-                sock,
-                wire_memory.RESOURCE_EXHAUSTED,
-                f"shared memory: {unticketed} connections to this server wait for their ticket, its most (a quarter "
-                f"of losswire serve --max-shared-memory-connections, each for at most {TICKET_WAIT_SECONDS:.0f} s)",
             )
             return
         sock.setblocking(False)
@@ -212,6 +205,26 @@ class HandoffListener:
             return
         self.peers[sock.fileno()] = peer
         self._resume(peer)
+        self._serve(peer)  # a ticket sent right after connecting is here already: taken now
+
+    def _make_room(self) -> bool:
+        """Room for one more connection (False: every place is taken by a connection that sent its ticket).
+        Where the connections, or those waiting for their ticket, are at their most, the oldest one waiting
+        makes way."""
+        waiting = [peer for peer in self.peers.values() if peer.token is None]
+        if len(self.peers) < self.max_connections and len(waiting) < self.max_unticketed:
+            return True
+        if not waiting:
+            return False
+        oldest = min(waiting, key=lambda peer: peer.since)
+        text = (
+            f"shared memory: this connection sent no ticket, and made way for a newer one ({len(waiting)} waited for "
+            f"theirs, {len(self.peers)} connected; losswire serve --max-shared-memory-connections)"
+        )
+        log.info("shared memory: disconnected pid %d: %s", oldest.pid, text)
+        self._send(oldest, wire_memory.answer_frame(wire_memory.RESOURCE_EXHAUSTED, text))
+        self._disconnect(oldest)
+        return True
 
     def _serve(self, peer: Peer) -> None:
         """Read what ``peer`` sent; a failure of ours costs that connection only, never the others'."""

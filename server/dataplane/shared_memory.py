@@ -16,10 +16,11 @@ that does not exist; handles and claims never appear in logs or in another calle
 **Bounded** (:class:`SharedMemoryLimits`): regions and bytes per caller, regions and bytes in total
 (handoffs not yet registered count too, and so do those being adopted: a handoff reserves its room
 before its adoption begins, so handoffs adopted side by side never pass a bound together),
-connections, unused tickets, and handoffs waiting per connection. With tokens on, one token's regions,
-handoffs, connections and unused tickets take at most all but a quarter of the server's (``_share``),
-however many gRPC connections and processes it uses: another token always finds room. A region costs
-the server no descriptor (it is mapped, then its descriptor closed).
+connections, unused tickets (a new one beyond them forgets the oldest), and handoffs waiting per
+connection. With tokens on, one token's regions, handoffs, connections and unused tickets take at most
+all but a quarter of the server's (``_share``), however many gRPC connections and processes it uses:
+one token never takes it all. A region costs the server no descriptor (it is mapped, then its
+descriptor closed).
 
 **Released** on UnregisterSharedMemory, when the connection it was handed over on closes (its process
 exited or died: every region it handed over is dropped at once), when a claim is not registered within
@@ -242,24 +243,16 @@ class SharedMemoryRegistry:
 
     def ticket(self, caller: Caller) -> int:
         """A pass for one connection of ``caller``'s token to the handoff socket (one use, within
-        ``PENDING_SECONDS``). At most as many unused as connections the server takes, and with tokens on,
-        one token's at most all but a quarter of them."""
+        ``PENDING_SECONDS``). Never refused: unused tickets are at most as many as the connections the
+        server takes, and with tokens on one token's at most all but a quarter of them; a new one beyond
+        either forgets the oldest unused one of the token's (of anyone's, where the token has none), since
+        a ticket is used within moments of being given, and one whose connection was refused never is."""
         self.endpoint()
         with self._lock:
-            unused = len(self._tickets)
-            if unused >= self.limits.connections:
-                raise LimitExceededError(
-                    f"this server holds {unused} unused shared-memory tickets, as many as the connections it takes "
-                    f"(losswire serve --max-shared-memory-connections); each is forgotten {PENDING_SECONDS:.0f} s "
-                    "after it was given, or send tensors inline"
-                )
-            own = sum(t.token == caller.token for t in self._tickets.values())
-            if caller.token and _over(_share(self.limits.connections), own + 1):
-                raise LimitExceededError(
-                    f"this token holds {own} unused shared-memory tickets, its most (all but a quarter of losswire "
-                    "serve --max-shared-memory-connections, which leaves other tokens room); connect with them, or "
-                    f"wait {PENDING_SECONDS:.0f} s for them to be forgotten"
-                )
+            own = [number for number, given in self._tickets.items() if given.token == caller.token]
+            token_full = caller.token and _over(_share(self.limits.connections), len(own) + 1)
+            if token_full or len(self._tickets) >= self.limits.connections:
+                del self._tickets[own[0] if own else next(iter(self._tickets))]  # given in order: oldest first
             ticket = secrets.randbits(64)
             while ticket in self._tickets:
                 ticket = secrets.randbits(64)

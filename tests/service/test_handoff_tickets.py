@@ -130,49 +130,85 @@ def test_a_connection_that_sends_no_ticket_is_closed_after_the_wait(monkeypatch)
     with serving() as (server, stub):
         address, _ = endpoint(stub)
         with greeted(address) as sock:
-            assert server.shared_memory.connections == 1
+            assert eventually(lambda: server.shared_memory.connections == 1)  # counted just after its greeting
             status, text = shm.read_answer(sock)  # waits for the server's tick
             assert status == PERMISSION_DENIED and "no ticket within 1 s of connecting" in text, text
             assert closed_by_server(sock)
         assert eventually(lambda: server.shared_memory.connections == 0)
 
 
-def test_connections_waiting_for_their_ticket_are_a_quarter_at_most():
-    """--max-shared-memory-connections 4: one connection may wait for its ticket at a time. A second
-    connection meanwhile is refused RESOURCE_EXHAUSTED naming the wait; once the first has sent its
-    ticket, the next connection is accepted."""
+def test_a_connection_waiting_for_its_ticket_makes_way_for_a_newer_one():
+    """--max-shared-memory-connections 4: one connection may wait for its ticket at a time. A client that
+    connects meanwhile (its ticket sent at once) is taken, and the silent one is refused RESOURCE_EXHAUSTED
+    and closed, so silent connections reopened over and over cannot keep callers out. (Refusing the
+    newcomer instead let a process that kept two silent connections open shut every other caller out.)"""
     with serving(max_shared_memory_connections=4) as (server, stub):
-        address, ticket = endpoint(stub)
-        with greeted(address) as silent:
+        address, _ = endpoint(stub)
+        with greeted(address) as silent, contextlib.closing(shm.Link(*endpoint(stub))):
+            status, text = shm.read_answer(silent)
+            assert status == RESOURCE_EXHAUSTED and "made way for a newer one" in text, text
+            assert closed_by_server(silent)
+            assert eventually(lambda: server.shared_memory.connections == 1)
+
+
+def test_a_full_socket_still_takes_a_connection_in_place_of_one_without_its_ticket():
+    """Every place taken, one by a connection that has not sent its ticket: a new client takes its place.
+    Once every place is a client's that sent its ticket, a new connection is refused at the greeting."""
+    with serving(max_shared_memory_connections=4) as (server, stub), contextlib.ExitStack() as links:
+        for _ in range(3):
+            links.enter_context(contextlib.closing(shm.Link(*endpoint(stub))))
+        address, _ = endpoint(stub)
+        silent = links.enter_context(greeted(address))
+        links.enter_context(contextlib.closing(shm.Link(*endpoint(stub))))
+        assert shm.read_answer(silent)[0] == RESOURCE_EXHAUSTED and closed_by_server(silent)
+        assert eventually(lambda: server.shared_memory.connections == 4)
+        with pytest.raises(shm.HandoffRefusedError) as refused:
+            shm.Link(*endpoint(stub))
+        assert refused.value.status == RESOURCE_EXHAUSTED, refused.value.message
+        assert "4 callers are connected to this server already" in refused.value.message
+
+
+def test_tickets_are_never_refused_and_the_oldest_unused_are_forgotten():
+    """--max-shared-memory-connections 4, every place taken: connections refused at the greeting leave
+    their tickets unused, over and over; SharedMemoryEndpoint still answers, and once a place is free
+    the next ticket opens a connection. Unused tickets stay bounded: beyond four, the oldest is forgotten
+    (using it is PERMISSION_DENIED, as for a ticket the server never gave)."""
+    with serving(max_shared_memory_connections=4) as (server, stub), contextlib.ExitStack() as links:
+        held = [links.enter_context(contextlib.closing(shm.Link(*endpoint(stub)))) for _ in range(4)]
+        for _ in range(12):
             with pytest.raises(shm.HandoffRefusedError) as refused:
                 shm.Link(*endpoint(stub))
             assert refused.value.status == RESOURCE_EXHAUSTED, refused.value.message
-            assert "1 connections to this server wait for their ticket" in refused.value.message
-            silent.sendall(shm.ticket_frame(ticket))
-            assert shm.read_answer(silent) == (shm.OK, "")
-            with contextlib.closing(shm.Link(*endpoint(stub))):
-                assert server.shared_memory.connections == 2
+        oldest = endpoint(stub)
+        newer = [endpoint(stub) for _ in range(4)]
+        held[0].close()
+        assert eventually(lambda: server.shared_memory.connections == 3)
+        with pytest.raises(shm.HandoffRefusedError) as forgotten:
+            shm.Link(*oldest)
+        assert forgotten.value.status == PERMISSION_DENIED, forgotten.value.message
+        links.enter_context(contextlib.closing(shm.Link(*newer[-1])))
+        assert server.shared_memory.connections == 4
 
 
 def test_one_token_leaves_another_tokens_room_on_the_socket():
-    """Tokens on, --max-shared-memory-connections 4: token a's unused tickets and its connections are each
-    at most 3 (all but a quarter); beyond, RESOURCE_EXHAUSTED naming the share. Token b then still gets a
-    ticket and a connection. (Before tickets, one process could take every connection.)"""
+    """Tokens on, --max-shared-memory-connections 4: token a's connections are at most 3 (all but a
+    quarter); beyond, RESOURCE_EXHAUSTED naming the share, and token b then still gets a connection. Token
+    a's unused tickets are at most 3 too: its fourth forgets its own oldest, never b's."""
     with serving(auth_tokens=TOKENS, max_shared_memory_connections=4) as (server, stub):
-        tickets = [endpoint(stub, AS_A) for _ in range(3)]
-        with pytest.raises(grpc.RpcError) as refused:
-            endpoint(stub, AS_A)
-        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
-        assert "this token holds 3 unused shared-memory tickets" in refused.value.details()
+        for_b = endpoint(stub, AS_B)
+        tickets = [endpoint(stub, AS_A) for _ in range(4)]
+        with pytest.raises(shm.HandoffRefusedError) as forgotten:
+            shm.Link(*tickets[0])
+        assert forgotten.value.status == PERMISSION_DENIED, forgotten.value.message
         with contextlib.ExitStack() as links:
-            for address, ticket in tickets:
+            for address, ticket in tickets[1:]:
                 links.enter_context(contextlib.closing(shm.Link(address, ticket)))
             with pytest.raises(shm.HandoffRefusedError) as over:
                 shm.Link(*endpoint(stub, AS_A))
             assert over.value.status == RESOURCE_EXHAUSTED, over.value.message
             assert "this token has 3 connections" in over.value.message
             assert "--max-shared-memory-connections" in over.value.message
-            with contextlib.closing(shm.Link(*endpoint(stub, AS_B))):
+            with contextlib.closing(shm.Link(*for_b)):
                 assert server.shared_memory.connections == 4
 
 

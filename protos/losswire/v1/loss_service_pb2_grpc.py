@@ -213,7 +213,7 @@ class LossServiceServicer:
         the server where to write the answer's big tensors. Only handles cross gRPC.
 
         1. SharedMemoryEndpoint: the server's Unix socket for handoffs (an abstract-namespace name)
-        and a ticket for one connection to it. The caller connects once, sends the ticket first,
+        and a ticket for one connection to it. The caller connects once, sends the ticket at once,
         and keeps the connection open for its process's life: when it closes (the process exited
         or died), the server drops every region handed over on it. The ticket ties the connection
         to the caller's bearer token, so that a token's connections and handoffs count against
@@ -240,20 +240,24 @@ class LossServiceServicer:
         Socket framing (all integers big-endian). On accepting a connection the server sends an
         answer: "LWSM", u8 version (1), u8 status, u16 length, then `length` bytes of UTF-8 text.
         Status 0 accepts the connection; any other status is a google.rpc code (PERMISSION_DENIED for
-        another user, RESOURCE_EXHAUSTED when too many callers are connected, or waiting for their
-        ticket) with a message, and the server closes the connection. Every message of the caller's
-        is 16 bytes: "LWSM", u8 version (1), u8 kind, u16 zero, u64 value. The first is the ticket
-        (kind 2, value SharedMemoryEndpointResponse.ticket), sent within 10 seconds of connecting;
-        the server answers status 0, or PERMISSION_DENIED (not a ticket it gave, used already or
-        expired) or RESOURCE_EXHAUSTED (the token's share of connections is taken) and closes the
-        connection. Each handoff after it (kind 1, value byte_size) is sent in one sendmsg with
+        another user, RESOURCE_EXHAUSTED when every connection is taken) with a message, and the
+        server closes the connection. Every message of the caller's is 16 bytes: "LWSM", u8 version
+        (1), u8 kind, u16 zero, u64 value. The first is the ticket (kind 2, value
+        SharedMemoryEndpointResponse.ticket): send it right after connecting (once SO_PEERCRED says
+        the socket is your own user's), before reading the greeting. The server answers it after the
+        greeting: status 0, or PERMISSION_DENIED (not a ticket it gave, used already or expired) or
+        RESOURCE_EXHAUSTED (the token's share of connections is taken), closing the connection. A
+        connection that has sent no ticket within 10 seconds is refused and closed (PERMISSION_DENIED),
+        and one still waiting for its ticket when the socket is full makes way for a newer connection
+        (RESOURCE_EXHAUSTED). Each handoff after it (kind 1, value byte_size) is sent in one sendmsg with
         exactly one descriptor attached (SCM_RIGHTS). The server answers each in order: status 0 and
         the claim as text, or a code and a message (INVALID_ARGUMENT: not a sealed, fully allocated
         memfd of that size; RESOURCE_EXHAUSTED: over the server's bounds, or the token's share of
         them). Claims not registered within a minute are dropped.
 
         Errors of SharedMemoryEndpoint: FAILED_PRECONDITION (shared memory is off: losswire serve
-        --shared-memory off), RESOURCE_EXHAUSTED (the token's share of unused tickets is taken).
+        --shared-memory off). Unused tickets are bounded by forgetting the oldest: as many as the
+        server takes connections, and with tokens on one token's all but a quarter of them.
         Of RegisterSharedMemory: NOT_FOUND (no such pending claim: registered
         already, expired, its connection closed, or handed over on another token's connection), INVALID_ARGUMENT (byte_size is not the segment's
         size), RESOURCE_EXHAUSTED (over --max-shared-memory-regions or --max-shared-memory-per-caller
