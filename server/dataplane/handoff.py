@@ -216,14 +216,11 @@ class HandoffListener:
             return True
         if not waiting:
             return False
-        oldest = min(waiting, key=lambda peer: peer.since)
         text = (
             f"shared memory: this connection sent no ticket, and made way for a newer one ({len(waiting)} waited for "
             f"theirs, {len(self.peers)} connected; losswire serve --max-shared-memory-connections)"
         )
-        log.info("shared memory: disconnected pid %d: %s", oldest.pid, text)
-        self._send(oldest, wire_memory.answer_frame(wire_memory.RESOURCE_EXHAUSTED, text))
-        self._disconnect(oldest)
+        self._turn_away(min(waiting, key=lambda peer: peer.since), wire_memory.RESOURCE_EXHAUSTED, text)
         return True
 
     def _serve(self, peer: Peer) -> None:
@@ -285,8 +282,9 @@ class HandoffListener:
         else:
             status, text = self.admit(peer, ticket)
         if status != wire_memory.OK:
-            log.info("shared memory: disconnected pid %d: %s", peer.pid, text)
-        if not self._send(peer, wire_memory.answer_frame(status, text)) or status != wire_memory.OK:
+            self._turn_away(peer, status, text)
+            return False
+        if not self._send(peer, wire_memory.answer_frame(status, text)):
             self._disconnect(peer)
             return False
         return True
@@ -294,11 +292,9 @@ class HandoffListener:
     def _expire_unticketed(self) -> None:
         """Refuse and close the connections that sent no ticket within ``TICKET_WAIT_SECONDS``."""
         now = time.monotonic()
+        text = f"shared memory: no ticket within {TICKET_WAIT_SECONDS:.0f} s of connecting (SharedMemoryEndpoint)"
         for peer in [p for p in self.peers.values() if p.token is None and now - p.since > TICKET_WAIT_SECONDS]:
-            text = f"shared memory: no ticket within {TICKET_WAIT_SECONDS:.0f} s of connecting (SharedMemoryEndpoint)"
-            log.info("shared memory: disconnected pid %d: %s", peer.pid, text)
-            self._send(peer, wire_memory.answer_frame(wire_memory.PERMISSION_DENIED, text))
-            self._disconnect(peer)
+            self._turn_away(peer, wire_memory.PERMISSION_DENIED, text)
 
     @property
     def max_unticketed(self) -> int:
@@ -373,8 +369,12 @@ class HandoffListener:
             peer.reading = True
 
     def _violation(self, peer: Peer, what: str) -> None:
-        log.info("shared memory: disconnected pid %d: %s", peer.pid, what)
-        self._send(peer, wire_memory.answer_frame(wire_memory.INVALID_ARGUMENT, f"shared memory: {what}"))
+        self._turn_away(peer, wire_memory.INVALID_ARGUMENT, f"shared memory: {what}")
+
+    def _turn_away(self, peer: Peer, status: int, text: str) -> None:
+        """Answer ``peer`` with a refusal and close its connection."""
+        log.info("shared memory: disconnected pid %d: %s", peer.pid, text)
+        self._send(peer, wire_memory.answer_frame(status, text))
         self._disconnect(peer)
 
     @staticmethod

@@ -430,7 +430,7 @@ class SharedMemoryRegistry:
         """With tokens, why a handoff of ``size`` bytes would pass ``token``'s share (None: it would not).
         One token's segments (regions registered over whatever connections, handoffs pending or being
         adopted, regions calls still read) hold at most all but a quarter of the server's segments and
-        bytes, so that another token's handoff always finds room; the per-caller and per-connection bounds
+        bytes, so that one token never takes them all; the per-caller and per-connection bounds
         count connections, which one token may open many of. Under the lock."""
         if not token:
             return None
