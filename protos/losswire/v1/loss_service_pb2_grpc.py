@@ -249,8 +249,8 @@ class LossServiceServicer:
         RESOURCE_EXHAUSTED (the token's share of connections is taken), closing the connection. A
         connection that has sent no ticket within 10 seconds is refused and closed (PERMISSION_DENIED),
         and one still waiting for its ticket when the socket is full makes way for a newer connection
-        (RESOURCE_EXHAUSTED). Each handoff after it (kind 1, value byte_size) is sent in one sendmsg with
-        exactly one descriptor attached (SCM_RIGHTS). The server answers each in order: status 0 and
+        (RESOURCE_EXHAUSTED). Each handoff after the ticket (kind 1, value byte_size) is sent in one
+        sendmsg with exactly one descriptor attached (SCM_RIGHTS). The server answers each in order: status 0 and
         the claim as text, or a code and a message (INVALID_ARGUMENT: not a sealed, fully allocated
         memfd of that size; RESOURCE_EXHAUSTED: over the server's bounds, or the token's share of
         them). Claims not registered within a minute are dropped.
@@ -258,10 +258,11 @@ class LossServiceServicer:
         Errors of SharedMemoryEndpoint: FAILED_PRECONDITION (shared memory is off: losswire serve
         --shared-memory off). Unused tickets are bounded by forgetting the oldest: as many as the
         server takes connections, and with tokens on one token's all but a quarter of them.
-        Of RegisterSharedMemory: NOT_FOUND (no such pending claim: registered
-        already, expired, its connection closed, or handed over on another token's connection), INVALID_ARGUMENT (byte_size is not the segment's
-        size), RESOURCE_EXHAUSTED (over --max-shared-memory-regions or --max-shared-memory-per-caller
-        for this caller, or the server's totals), FAILED_PRECONDITION (shared memory is off).
+        Of RegisterSharedMemory: NOT_FOUND (no such pending claim: registered already, expired, its
+        connection closed, or handed over on another token's connection), INVALID_ARGUMENT (byte_size
+        is not the segment's size), RESOURCE_EXHAUSTED (over --max-shared-memory-regions or
+        --max-shared-memory-per-caller for this caller; the server's totals and the token's share
+        were checked at the handoff), FAILED_PRECONDITION (shared memory is off).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
