@@ -104,6 +104,8 @@ def check_argument(loss: str, spec: pb.InputInfo, value: Any) -> None:
         raise ArgumentError(loss, spec.name, f"must be {describe_kind(spec)}, got {_described(value)}")
     for tensor in _tensors(value):
         _check_sendable(loss, spec.name, tensor)
+    if value == "" and spec.name == "reduction_override":
+        return  # mmdet's ``reduction_override if reduction_override else self.reduction``: "" keeps the config's
     choices = [codec.python_value(choice) for choice in spec.choices]
     if choices and value not in choices:
         raise ArgumentError(loss, spec.name, f"must be {describe_kind(spec)}, got {value!r}")

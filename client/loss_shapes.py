@@ -11,6 +11,8 @@ tuple or dict):
 * output "scalar" (TripletLoss, EQLV2Loss, AssociativeEmbeddingLoss's parts; CrossEntropyLoss with
   ``use_mask=True``, whose mmdet loss is of shape [1]), whatever the reduction: shape [] or [1];
 * reduction 'mean' or 'sum' (the override, else the config's, else the described default): shape [];
+  under 'mean' with a tensor ``avg_factor``, also that tensor's shape (mmdet's ``loss.sum() /
+  (avg_factor + eps)`` broadcasts: a head's ``avg_factor`` of shape [1] gives a loss of shape [1]);
 * reduction 'none', output "element": pred's shape;
 * reduction 'none', output "sample": pred's shape without its axis ``sample_axis`` ([N, 5] logits give
   [N]; [N, C, H, W] give [N, H, W]), or a leading part of that of one axis or more (DiceLoss's
@@ -103,6 +105,7 @@ class LossShape:
     pred: tuple[int, ...]
     sample_axis: int  # of pred, normalised (>= 0); for "sample"
     zero_d: bool  # under 'none', a 0-d loss is possible (a weight or a sampler, or an empty pred)
+    avg_factor: tuple[int, ...] = ()  # a tensor avg_factor's shape: under 'mean', the loss's broadcasts to it
 
     @property
     def rows(self) -> list[int]:
@@ -118,7 +121,10 @@ class LossShape:
                 return None
             return f"shape [] or [1] ({self.loss}'s output is 'scalar')"
         if self.reduction != "none":
-            return None if shape == [] else f"shape [] (reduction {self.reduction!r})"
+            if shape == [] or (self.reduction == "mean" and shape == list(self.avg_factor)):
+                return None
+            over = f" or avg_factor's {list(self.avg_factor)}" if self.reduction == "mean" and self.avg_factor else ""
+            return f"shape []{over} (reduction {self.reduction!r})"
         if shape == [] and (self.zero_d or several):
             return None
         zero = " or []" if self.zero_d or several else ""
@@ -157,6 +163,7 @@ def expected_shape(term: pb.LossTerm, descriptions: Descriptions | None) -> Loss
     if kind == "sample" and not 0 <= axis < len(pred):
         return None  # a "sample" axis pred does not have: the loss refuses it, or answers in a way not described
     sends_weight = term.HasField("weight") or "weight" in term.inputs or "sampler" in term.config.fields
+    avg_factor = term.inputs.get("avg_factor")  # a tensor one (a number travels in its own field)
     return LossShape(
         loss=described.name,
         kind=kind,
@@ -164,6 +171,7 @@ def expected_shape(term: pb.LossTerm, descriptions: Descriptions | None) -> Loss
         pred=pred,
         sample_axis=axis,
         zero_d=sends_weight or 0 in pred,
+        avg_factor=tuple(avg_factor.tensor.shape) if avg_factor is not None and avg_factor.HasField("tensor") else (),
     )
 
 

@@ -161,14 +161,24 @@ def encode_tensor(
         message.data_dtype = transfer_dtype
     if stage is not None and flat.device.type != "cpu":
         with stage.to_host(flat.contiguous()) as (host, lent):
-            _fill(message, host.reshape(-1).view(torch.uint8), sink, allocate if lent else None, lent)
+            _fill(message, _bytes_of(host), sink, allocate if lent else None, lent)
         return message
     # bytes (bfloat16 too), where they are: a device tensor the sink holds back stays there, and is copied
     # once to where it goes (a shared-memory segment, straight from the device), not first into fresh host
     # memory (a CUDA pred of 64 MiB cost 55 ms more than a CPU one, on an H200 host, against some 15 ms for
     # the copies themselves)
-    _fill(message, flat.contiguous().reshape(-1).view(torch.uint8), sink)
+    _fill(message, _bytes_of(flat), sink)
     return message
+
+
+def _bytes_of(tensor: Tensor) -> Tensor:
+    """``tensor``'s bytes, uint8, in order (a copy only where it is not contiguous). A tensor of one element
+    or none may be "contiguous" with stride 0 (``torch.tensor(1.).expand(1)``), which ``view`` refuses:
+    its one element is laid out as a stride-1 vector first."""
+    flat = tensor.contiguous().reshape(-1)
+    if flat.numel() <= 1 and flat.stride(0) != 1:
+        flat = flat.as_strided((flat.numel(),), (1,))
+    return flat.view(torch.uint8)
 
 
 def _fill(

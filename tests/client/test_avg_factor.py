@@ -60,3 +60,25 @@ def test_a_float64_tensor_avg_factor_too(target):
     pred, goal = heatmaps()
     avg_factor = torch.tensor(5.5, dtype=torch.float64)
     assert torch.equal(remote(pred, goal, avg_factor=avg_factor), local(pred, goal, avg_factor=avg_factor))
+
+
+def test_an_avg_factor_of_shape_one_gives_the_local_modules_loss_of_that_shape(target):
+    """A head's count as a one-element tensor (``reduce_mean(torch.tensor([num_pos]))``): mmdet's mean is
+    ``loss.sum() / (avg_factor + eps)``, which broadcasts to avg_factor's shape [1] (or [1, 1]). The server
+    answered that shape, and the client refused it as a malformed answer (DATA_LOSS, "must have shape []").
+    Now: the local module's value, shape and gradient."""
+    torch.manual_seed(0)
+    cases = [
+        (dict(type="L1Loss"), torch.randn(6, 4), torch.randn(6, 4)),
+        (dict(type="FocalLoss", gamma=2.0, alpha=0.25), torch.randn(6, 5), torch.randint(0, 6, (6,))),
+    ]
+    for config, pred, goal in cases:
+        for avg_factor in (torch.tensor([3.5]), torch.tensor([[3.5]])):
+            mine, theirs = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+            remote = RemoteLoss(config, target)(mine, goal, avg_factor=avg_factor)
+            local = LOSSES.build(config)(theirs, goal, avg_factor=avg_factor)
+            assert remote.shape == local.shape == avg_factor.shape, (config, remote.shape, local.shape)
+            torch.testing.assert_close(remote, local)
+            (remote * 2).sum().backward()
+            (local * 2).sum().backward()
+            torch.testing.assert_close(mine.grad, theirs.grad)

@@ -135,6 +135,32 @@ def test_a_meta_tensor_is_refused_by_name(sl1):
         sl1(torch.empty(6, 4, device="meta"), TARGET)
 
 
+def test_a_one_element_tensor_expanded_from_a_scalar_is_sent(target):
+    """``torch.tensor(x).expand(1, 1)`` is contiguous with stride 0, which a byte view refuses: torch's
+    "stride(-1) must be 1" came out of the encoder, for a weight or pred, and out of backward() for the
+    upstream gradient of ``loss.sum()`` over one row (or none). Now each is the ordinary call's answer."""
+    l1 = RemoteLoss(dict(type="L1Loss"), target)
+    pred, goal = torch.randn(1, 4), torch.randn(1, 4)
+    torch.testing.assert_close(l1(pred, goal, weight=torch.tensor(1.0).expand(1, 1)), l1(pred, goal))
+    scalar = torch.tensor(0.3).expand(1, 1)
+    torch.testing.assert_close(l1(scalar, torch.zeros(1, 1)), l1(torch.full((1, 1), 0.3), torch.zeros(1, 1)))
+    dice = RemoteLoss(dict(type="DiceLoss"), target)
+    for rows in (1, 0):
+        masks, goal = torch.randn(rows, 3, 4, 4), (torch.rand(rows, 3, 4, 4) > 0.5).float()
+        summed, upstream = masks.clone().requires_grad_(True), masks.clone().requires_grad_(True)
+        dice(summed, goal, reduction_override="none").sum().backward()  # its upstream: ones, stride 0
+        dice(upstream, goal, reduction_override="none").backward(torch.ones(rows))
+        torch.testing.assert_close(summed.grad, upstream.grad)
+
+
+def test_an_empty_reduction_override_keeps_the_configs_reduction(target):
+    """mmdet: ``reduction_override if reduction_override else self.reduction``, so "" is the config's (as
+    docs/semantics.md says); the client and the server refused it, naming the three reductions."""
+    l1 = RemoteLoss(dict(type="L1Loss", reduction="sum"), target)
+    torch.testing.assert_close(l1(PRED, TARGET, reduction_override=""), l1(PRED, TARGET))
+    torch.testing.assert_close(l1(PRED, TARGET, reduction_override=""), (PRED - TARGET).abs().sum())
+
+
 # -- numpy where the local module takes it, and where it does not --------------------------------------------
 
 
