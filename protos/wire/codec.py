@@ -333,6 +333,10 @@ def encode_value(
         message.number = value
     elif isinstance(value, str):
         message.text = value
+    elif isinstance(value, np.integer):  # an index read from an array (np.int64): the int it holds
+        message.integer = _int64(int(value))
+    elif isinstance(value, np.floating):
+        message.number = float(value)
     else:
         try:
             json_format.ParseDict(_jsonable(value), message.json)

@@ -186,6 +186,16 @@ def test_numpy_numbers_in_the_config_are_plain_numbers(target, focal):
         RemoteLoss(dict(type="FocalLoss", gamma=object()), target)
 
 
+def test_a_numpy_integer_forward_argument_is_the_int_it_holds(target):
+    """CrossEntropyLoss's forward ``ignore_index`` read from an array (np.int64(255)) works locally; the
+    encoder used to refuse it with protobuf's "unexpected type <class 'numpy.int64'>"."""
+    loss = RemoteLoss(dict(type="CrossEntropyLoss"), target)
+    labels = LABELS.clone()
+    labels[:3] = 255
+    expected = loss(SCORES, labels, ignore_index=255)
+    torch.testing.assert_close(loss(SCORES, labels, ignore_index=np.int64(255)), expected)
+
+
 # -- what is not a config, a target or a term ----------------------------------------------------------------
 
 
