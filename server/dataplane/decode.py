@@ -111,7 +111,7 @@ def decode_term(
         target=optional("target", value),
         weight=optional("weight", tensor),
         avg_factor=optional("avg_factor"),
-        reduction_override=optional("reduction_override") or None,  # mmdet's: "" keeps the config's, as None
+        reduction_override=optional("reduction_override"),
         inputs={k: value(v, f"{field}.inputs[{k}]") for k, v in message.inputs.items()},
         gradients=list(message.gradients) or ["pred"],
         grad_output=optional("grad_output", tensor),

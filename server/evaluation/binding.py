@@ -34,7 +34,9 @@ def _check_kind(description: LossDescription, name: str, value: Any) -> Any:
     if spec.kind == "str":
         if not isinstance(value, str):
             raise LossInputError(f"{where} must be a string, got {type(value).__name__} {value!r}", field=name)
-        if spec.choices and value not in spec.choices:
+        # "" is mmdet's "no override" (``reduction_override if reduction_override else self.reduction``)
+        empty_override = value == "" and name == "reduction_override"
+        if spec.choices and value not in spec.choices and not empty_override:
             raise LossInputError(f"{where} must be one of {list(spec.choices)}, got {value!r}", field=name)
     return value
 

@@ -309,9 +309,9 @@ def _refused(evaluate, request: pb.EvaluateRequest) -> grpc.RpcError:
 def _contract_refuses(term: pb.LossTerm) -> str | None:
     """The field the contract refuses this term for, where it is stricter than the loss module.
 
-    The module ignores its override (EQLV2Loss), and mmdet's modules take "" as "no override"; the
-    contract refuses an input the loss's description does not list (unless its forward takes
-    ``**kwargs``, as GHMC's does: it accepts and ignores an avg_factor) and an override outside
+    The module ignores its override (EQLV2Loss); mmdet's modules take "" as "no override", and so does
+    the contract. The contract refuses an input the loss's description does not list (unless its forward
+    takes ``**kwargs``, as GHMC's does: it accepts and ignores an avg_factor) and an override outside
     none/mean/sum. Checked in the server's order:
     the config, then the inputs weight, avg_factor, reduction_override.
     """
@@ -321,7 +321,7 @@ def _contract_refuses(term: pb.LossTerm) -> str | None:
         return None  # the module cannot be built either: the engine raises too
     if term.HasField("avg_factor") and "avg_factor" not in names and not description.extra_inputs:
         return "terms[0].avg_factor"
-    override = term.reduction_override if term.HasField("reduction_override") else None
+    override = term.reduction_override or None  # "" is no override
     if override is not None and ("reduction_override" not in names or override not in REDUCTIONS[1:4]):
         return "terms[0].reduction_override"
     return None
