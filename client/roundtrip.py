@@ -154,13 +154,16 @@ class RoundTrip:
         for i, leaf in enumerate(self.leaves):
             if leaf.term in resent:
                 result = resent[leaf.term]
-                grads[i] = self._gradient(result.gradients, leaf, f"term {result.name!r}", "", {})[0]
+                if leaf.key not in result.constant:  # else: no gradient, as autograd gives a detached input
+                    grads[i] = self._gradient(result.gradients, leaf, f"term {result.name!r}", "", {})[0]
                 continue
             result = self.results[leaf.term]
             for output, upstream in zip(self.outputs, grad_outputs, strict=True):
                 if output.term != leaf.term or upstream is None:
                     continue
-                gradients, path = self._part_gradients(output)
+                gradients, path, constant = self._part_gradients(output)
+                if leaf.key in constant:
+                    continue
                 where = f"term {result.name!r} part {output.key!r}"
                 local, field = self._gradient(gradients, leaf, where, path, self.streamed)
                 contribution = self._lend(local, field, upstream, leaf.tensor)
@@ -212,13 +215,14 @@ class RoundTrip:
         # as .grad without copying it only when nothing else references that object
         return local.detach()
 
-    def _part_gradients(self, output: _Output) -> tuple[Mapping[str, pb.Tensor], str]:
-        """The gradients of one output and their path in the response (for streamed tensors)."""
+    def _part_gradients(self, output: _Output) -> tuple[Mapping[str, pb.Tensor], str, Sequence[str]]:
+        """The gradients of one output, their path in the response (for streamed tensors), and the keys of
+        those of inputs it does not depend on."""
         result = self.results[output.term]
         if self.structures[output.term] == "tensor":
-            return result.gradients, f"results[{output.term}]"
+            return result.gradients, f"results[{output.term}]", result.constant
         j, part = next((j, p) for j, p in enumerate(result.parts) if p.key == output.key)
-        return part.gradients, f"results[{output.term}].parts[{j}]"
+        return part.gradients, f"results[{output.term}].parts[{j}]", part.constant
 
     def _resend(self, grad_outputs: Sequence[Tensor | None]) -> dict[int, pb.TermResult]:
         """Non-separable terms: evaluate again with the upstream gradients (an exact VJP). A session

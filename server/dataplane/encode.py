@@ -92,14 +92,17 @@ def encode_outcome(
         encode(part.loss, out.loss)
         for key, grad in {**part.gradients, **outcome.gradients}.items():
             encode(grad, out.gradients[key])
+        out.constant.extend(sorted(part.constant | outcome.constant))
     else:
         for part in outcome.parts:
             encoded = out.parts.add(key=part.key, output=part.output.value)
             encode(part.loss, encoded.loss)
             for key, grad in part.gradients.items():
                 encode(grad, encoded.gradients[key])
+            encoded.constant.extend(sorted(part.constant))
         for key, grad in outcome.gradients.items():
             encode(grad, out.gradients[key])
+        out.constant.extend(sorted(outcome.constant))
     out.output = outcome.parts[0].output.value
     out.separable = outcome.separable
     out.sample_axis = outcome.sample_axis

@@ -189,20 +189,21 @@ class Evaluator:
             check_cancelled(cancelled, "the backward")
             recompute = _recompute(term)
             if recompute:
-                gradients = self._backward(parts, leaves, self._upstream(structure, parts, term))
-                per_part: list[dict[str, Tensor]] = [{} for _ in parts]
+                gradients, constant = self._backward(parts, leaves, self._upstream(structure, parts, term))
+                per_part: list[tuple[dict[str, Tensor], frozenset[str]]] = [({}, frozenset()) for _ in parts]
             else:
-                gradients = {}
+                gradients, constant = {}, frozenset()
                 per_part = [self._backward([part], leaves, None, keep_graph=len(parts) > 1) for part in parts]
         kind = output_kind_of(module, description)
         return TermOutcome(
             name=term.name,
             structure=structure,
             parts=[
-                PartOutcome(key, tensor.detach(), grads, OutputKind.SCALAR if tensor.dim() == 0 else kind)
-                for (key, tensor), grads in zip(parts, per_part, strict=True)
+                PartOutcome(key, tensor.detach(), grads, OutputKind.SCALAR if tensor.dim() == 0 else kind, unused)
+                for (key, tensor), (grads, unused) in zip(parts, per_part, strict=True)
             ],
             gradients=gradients,
+            constant=constant,
             separable=description.separable,
             sample_axis=description.sample_axis,
             session_step=step,
@@ -468,19 +469,24 @@ class Evaluator:
         leaves: dict[str, Tensor],
         upstream: list[Tensor] | None,
         keep_graph: bool = False,
-    ) -> dict[str, Tensor]:
+    ) -> tuple[dict[str, Tensor], frozenset[str]]:
+        """The gradients of ``leaves``, and the keys of those the parts do not depend on (autograd finds no
+        path: an input the loss detaches), whose gradients are zeros: the client gives those inputs no
+        gradient, as a local module does."""
         if not leaves:
-            return {}
+            return {}, frozenset()
         if upstream is None:
             upstream = [torch.ones_like(t) for _, t in parts]
         live = [(t, g) for (_, t), g in zip(parts, upstream, strict=True) if t.requires_grad]
         if not live:
-            return {key: torch.zeros_like(t) for key, t in leaves.items()}
+            return {key: torch.zeros_like(t) for key, t in leaves.items()}, frozenset()
         tensors = list(leaves.values())
         grads = torch.autograd.grad(
             [t for t, _ in live], tensors, [g for _, g in live], allow_unused=True, retain_graph=keep_graph
         )
-        return {key: torch.zeros_like(t) if g is None else g for (key, t), g in zip(leaves.items(), grads, strict=True)}
+        pairs = list(zip(leaves.items(), grads, strict=True))
+        gradients = {key: torch.zeros_like(t) if g is None else g for (key, t), g in pairs}
+        return gradients, frozenset(key for (key, _), g in pairs if g is None)
 
 
 def _recompute(term: TermRequest) -> bool:

@@ -95,6 +95,7 @@ class PartOutcome:
     loss: Tensor
     gradients: dict[str, Tensor]
     output: OutputKind
+    constant: frozenset[str] = frozenset()  # gradients of inputs the part does not depend on (zeros)
 
 
 @dataclasses.dataclass
@@ -109,6 +110,7 @@ class TermOutcome:
     session_step: int = 0
     sampled: Sample | None = None
     fused: str = ""  # the fused kernel that computed this term (losses/fused.py); "" under autograd
+    constant: frozenset[str] = frozenset()  # of ``gradients``, those of inputs no part depends on (zeros)
 
     @property
     def loss(self) -> Tensor:

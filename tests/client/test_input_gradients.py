@@ -97,3 +97,25 @@ def test_no_gradient_is_asked_for_what_does_not_require_it(target):
     assert pred.grad is not None
     with torch.no_grad():
         assert not loss(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), torch.ones(4, requires_grad=True)).requires_grad
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_an_input_the_loss_detaches_gets_no_gradient_as_locally(target, reduction):
+    """KnowledgeDistillationKLDivLoss detaches its soft_label (the teacher's logits). Computed outside
+    ``torch.no_grad()``, it requires grad: locally the teacher then gets no gradient at all (``.grad`` stays
+    None); remotely it got zeros, which an optimizer with weight decay or momentum would act on. The
+    student's gradient is the local module's either way."""
+    config = dict(type="KnowledgeDistillationKLDivLoss", T=2, reduction=reduction)
+    generator = torch.Generator().manual_seed(0)
+    features, student = torch.randn(6, 8, generator=generator), torch.randn(6, 5, generator=generator)
+    grads = []
+    for loss in (RemoteLoss(config, target), LOSSES.build(config)):
+        teacher = torch.nn.Linear(8, 5)
+        torch.nn.init.constant_(teacher.weight, 0.1)
+        torch.nn.init.constant_(teacher.bias, -0.2)
+        pred = student.clone().requires_grad_(True)
+        out = loss(pred, teacher(features))
+        out.backward(torch.rand(out.shape, generator=torch.Generator().manual_seed(1)))
+        assert teacher.weight.grad is None and teacher.bias.grad is None, type(loss).__name__
+        grads.append(pred.grad)
+    torch.testing.assert_close(*grads)

@@ -198,7 +198,7 @@ class Timings(_message.Message):
     def __init__(self, decode_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ...) -> None: ...
 
 class TermResult(_message.Message):
-    __slots__ = ("name", "loss", "gradients", "output", "separable", "sample_axis", "structure", "parts", "session_step", "sampled", "implementation")
+    __slots__ = ("name", "loss", "gradients", "output", "separable", "sample_axis", "structure", "parts", "session_step", "sampled", "implementation", "constant")
     class GradientsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +217,7 @@ class TermResult(_message.Message):
     SESSION_STEP_FIELD_NUMBER: _ClassVar[int]
     SAMPLED_FIELD_NUMBER: _ClassVar[int]
     IMPLEMENTATION_FIELD_NUMBER: _ClassVar[int]
+    CONSTANT_FIELD_NUMBER: _ClassVar[int]
     name: str
     loss: Tensor
     gradients: _containers.MessageMap[str, Tensor]
@@ -228,10 +229,11 @@ class TermResult(_message.Message):
     session_step: int
     sampled: SampleCounts
     implementation: str
-    def __init__(self, name: _Optional[str] = ..., loss: _Optional[_Union[Tensor, _Mapping]] = ..., gradients: _Optional[_Mapping[str, Tensor]] = ..., output: _Optional[str] = ..., separable: _Optional[bool] = ..., sample_axis: _Optional[int] = ..., structure: _Optional[str] = ..., parts: _Optional[_Iterable[_Union[LossPart, _Mapping]]] = ..., session_step: _Optional[int] = ..., sampled: _Optional[_Union[SampleCounts, _Mapping]] = ..., implementation: _Optional[str] = ...) -> None: ...
+    constant: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., loss: _Optional[_Union[Tensor, _Mapping]] = ..., gradients: _Optional[_Mapping[str, Tensor]] = ..., output: _Optional[str] = ..., separable: _Optional[bool] = ..., sample_axis: _Optional[int] = ..., structure: _Optional[str] = ..., parts: _Optional[_Iterable[_Union[LossPart, _Mapping]]] = ..., session_step: _Optional[int] = ..., sampled: _Optional[_Union[SampleCounts, _Mapping]] = ..., implementation: _Optional[str] = ..., constant: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LossPart(_message.Message):
-    __slots__ = ("key", "loss", "gradients", "output")
+    __slots__ = ("key", "loss", "gradients", "output", "constant")
     class GradientsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -243,11 +245,13 @@ class LossPart(_message.Message):
     LOSS_FIELD_NUMBER: _ClassVar[int]
     GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    CONSTANT_FIELD_NUMBER: _ClassVar[int]
     key: str
     loss: Tensor
     gradients: _containers.MessageMap[str, Tensor]
     output: str
-    def __init__(self, key: _Optional[str] = ..., loss: _Optional[_Union[Tensor, _Mapping]] = ..., gradients: _Optional[_Mapping[str, Tensor]] = ..., output: _Optional[str] = ...) -> None: ...
+    constant: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, key: _Optional[str] = ..., loss: _Optional[_Union[Tensor, _Mapping]] = ..., gradients: _Optional[_Mapping[str, Tensor]] = ..., output: _Optional[str] = ..., constant: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SampleCounts(_message.Message):
     __slots__ = ("positives", "negatives")
