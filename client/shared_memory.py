@@ -1,9 +1,9 @@
 """The caller's side of shared memory: sealed segments handed to the server, reused call after call.
 
 :class:`SharedMemoryPool` lends segments (``losswire.wire.shared_memory``) one call at a time
-(:class:`Lease`). It asks the server's endpoint and a ticket once, keeps one Unix connection to it for
+(:class:`Lease`). It asks the server's endpoint and a connection key once, keeps one Unix connection to it for
 the process's life (the server's sign that this process lives: when it closes, the server drops what it
-handed over), sends the ticket first, hands each new segment over on it and registers the claim it got
+handed over), sends the connection key first, hands each new segment over on it and registers the claim it got
 back.
 
 A segment returns to the pool once its call ended with an answer and no tensor of that answer is alive
@@ -85,7 +85,7 @@ class Lease:
         self.pool.retire(self.segment)
 
 
-Endpoint = Callable[[], "tuple[str, int]"]  # the server's handoff socket and a ticket for it (SharedMemoryEndpoint)
+Endpoint = Callable[[], "tuple[str, int]"]  # the handoff socket and a connection key for it (SharedMemoryEndpoint)
 Register = Callable[[str, int], str]  # (claim, byte_size) -> region (RegisterSharedMemory)
 Unregister = Callable[[str, bool], None]  # (region, wait): UnregisterSharedMemory; wait=False: send and go on
 
@@ -139,8 +139,8 @@ class SharedMemoryPool:
                 except ConnectionError:  # the server restarted, or dropped this connection
                     self._link.close()
                     self._link = None
-            address, ticket = self._endpoint()
-            self._link = Link(address, ticket, self.timeout)
+            address, connection_key = self._endpoint()
+            self._link = Link(address, connection_key, self.timeout)
             return self._link.hand_over(segment)
 
     def give_back(self, segment: Segment) -> None:

@@ -243,7 +243,7 @@ class Transports:
 
         def endpoint() -> tuple[str, int]:
             answer = connection.call("SharedMemoryEndpoint", pb.SharedMemoryEndpointRequest(), timeout)
-            return answer.address, answer.ticket
+            return answer.address, answer.connection_key
 
         def register(claim: str, byte_size: int) -> str:
             request = pb.RegisterSharedMemoryRequest(claim=claim, byte_size=byte_size)

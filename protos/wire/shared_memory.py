@@ -63,7 +63,7 @@ TMPFS_MAGIC = 0x01021994  # statfs f_type of shmem, where memfds live (hugetlbfs
 MAGIC = b"LWSM"
 VERSION = 1
 HANDOFF = 1  # the kind of a handoff message: its value is the segment's byte_size, one fd attached
-TICKET = 2  # the kind of a connection's first message: its value is the ticket SharedMemoryEndpoint answered
+CONNECTION_KEY = 2  # the kind of a connection's first message: the key SharedMemoryEndpoint answered
 HANDOFF_FRAME = struct.Struct("!4sBBHQ")  # magic, version, kind, zero, value: 16 bytes
 ANSWER_HEAD = struct.Struct("!4sBBH")  # magic, version, status, length of the UTF-8 text that follows
 MAX_ANSWER_TEXT = 4096
@@ -304,16 +304,17 @@ def handoff_frame(byte_size: int) -> bytes:
     return HANDOFF_FRAME.pack(MAGIC, VERSION, HANDOFF, 0, byte_size)
 
 
-def ticket_frame(ticket: int) -> bytes:
-    return HANDOFF_FRAME.pack(MAGIC, VERSION, TICKET, 0, ticket)
+def connection_key_frame(connection_key: int) -> bytes:
+    return HANDOFF_FRAME.pack(MAGIC, VERSION, CONNECTION_KEY, 0, connection_key)
 
 
 def parse_frame(frame: bytes) -> tuple[int, int]:
-    """A caller's message: (its kind, HANDOFF or TICKET; its value); ValueError for anything else."""
+    """A caller's message: (its kind, HANDOFF or CONNECTION_KEY; its value); ValueError for anything else."""
     magic, version, kind, zero, value = HANDOFF_FRAME.unpack(frame)
-    if magic != MAGIC or version != VERSION or kind not in (HANDOFF, TICKET) or zero:
+    if magic != MAGIC or version != VERSION or kind not in (HANDOFF, CONNECTION_KEY) or zero:
         raise ValueError(
-            f"not a version-{VERSION} handoff or ticket message (magic {magic!r}, version {version}, kind {kind}); "
+            f"not a version-{VERSION} handoff or connection-key message (magic {magic!r}, version {version}, "
+            f"kind {kind}); "
             "see loss_service.proto, RegisterSharedMemory"
         )
     return kind, value
@@ -339,11 +340,11 @@ def read_answer(sock: socket.socket) -> tuple[int, str]:
 
 class Link:
     """The caller's end of the handoff connection: connected once, kept open for the process's life
-    (the server drops the regions handed over on it when it closes), its first message the ``ticket``
+    (the server drops the regions handed over on it when it closes), its first message the ``connection_key``
     SharedMemoryEndpoint answered (it ties the connection to the caller's token). ``hand_over`` is
     thread-safe when the caller serializes it (the pool holds a lock)."""
 
-    def __init__(self, address: str, ticket: int, timeout: float | None = 30.0) -> None:
+    def __init__(self, address: str, connection_key: int, timeout: float | None = 30.0) -> None:
         self.address = address
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -357,13 +358,13 @@ class Link:
                     f"the shared-memory socket {address} belongs to uid {uid}, this caller runs as uid {os.geteuid()}; "
                     "memory is handed only to a server of the caller's own user",
                 )
-            # the ticket at once, before the greeting: it is then there when the server accepts, which takes it
+            # the connection key at once, before the greeting: it is then there when the server accepts, which takes it
             # before anything can make this connection wait (or make way for a newer one). Refused and closed
             # already (a broken pipe): the greeting, still to be read, says why.
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                self.sock.sendall(ticket_frame(ticket))
+                self.sock.sendall(connection_key_frame(connection_key))
             self._answered()  # the greeting: accepted, or refused and closed
-            self._answered()  # the ticket: taken, or refused and closed
+            self._answered()  # the connection key: taken, or refused and closed
         except BaseException:
             self.sock.close()
             raise

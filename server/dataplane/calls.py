@@ -452,8 +452,8 @@ class Dataplane:
     # -- shared memory ----------------------------------------------------------------------------
 
     def shared_memory_endpoint(self, caller: Caller) -> pb.SharedMemoryEndpointResponse:
-        address = self.shared_memory.endpoint()
-        return pb.SharedMemoryEndpointResponse(address=address, ticket=self.shared_memory.ticket(caller))
+        address, key = self.shared_memory.endpoint(), self.shared_memory.connection_key(caller)
+        return pb.SharedMemoryEndpointResponse(address=address, connection_key=key)
 
     def register_shared_memory(
         self, request: pb.RegisterSharedMemoryRequest, caller: Caller

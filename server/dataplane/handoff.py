@@ -1,9 +1,9 @@
 """The Unix socket that takes callers' shared-memory segments (the framing: ``losswire.wire.shared_memory``).
 
 One thread serves the socket and every connection (``selectors``): a same-host caller connects once,
-keeps the connection for its process's life, sends the ticket ``SharedMemoryEndpoint`` gave it first,
+keeps the connection for its process's life, sends the connection key ``SharedMemoryEndpoint`` gave it first,
 then each new segment's descriptor (``SCM_RIGHTS``) with a 16-byte handoff message; the server answers
-the ticket (``admit``: the connection is its token's from then on) and each handoff with a one-time claim
+the connection key (``admit``: the connection is its token's from then on) and each handoff with a one-time claim
 or a refusal. A connection that closes is a caller that exited or died: the registry drops what it handed
 over.
 
@@ -18,11 +18,11 @@ from it: what it sends next waits in its socket.
 Only callers running as the server's own user are accepted (``SO_PEERCRED``): another user's
 connection gets a refusal (PERMISSION_DENIED, naming both uids) and is closed before it can send
 anything, so no descriptor of theirs ever enters the server. Connections are bounded
-(``max_connections``), and so are those still waiting for their ticket: at most a quarter of them, each
-for ``TICKET_WAIT_SECONDS`` (then refused and closed). A new connection that finds either bound reached
-takes the place of the oldest connection still waiting for its ticket (refused and closed), so that
+(``max_connections``), and so are those still waiting for their connection key: at most a quarter of them, each
+for ``KEY_WAIT_SECONDS`` (then refused and closed). A new connection that finds either bound reached
+takes the place of the oldest connection still waiting for its connection key (refused and closed), so that
 connections that never send one cannot keep out those that do; only when every connection has sent
-its ticket is a new one refused (RESOURCE_EXHAUSTED). A ticket sent right after connecting is taken
+its connection key is a new one refused (RESOURCE_EXHAUSTED). A connection key sent right after connecting is taken
 as the connection is accepted. Descriptors are bounded too: at most ``MAX_FDS_PER_READ``
 come in with one read, and none is read from a connection until those are handled (each adopted:
 mapped, then closed; or closed at once); a caller that sends descriptors without handoff messages,
@@ -59,7 +59,7 @@ MAX_FDS_PER_READ = 4  # more descriptors in one message are never installed here
 MAX_BUFFERED = 64 * wire_memory.HANDOFF_FRAME.size  # a caller this far ahead of its answers is disconnected
 ADOPTION_WORKERS = 4  # handoffs handled at once, each of another connection (a few cores' worth of page walks)
 TICK_SECONDS = 1.0
-TICKET_WAIT_SECONDS = 10.0  # a connection that has not sent its ticket by then is refused and closed
+KEY_WAIT_SECONDS = 10.0  # a connection that has not sent its connection key by then is refused and closed
 
 
 class Peer:
@@ -67,7 +67,7 @@ class Peer:
 
     def __init__(self, sock: socket.socket, pid: int, uid: int) -> None:
         self.sock, self.pid, self.uid = sock, pid, uid
-        self.token: str | None = None  # its ticket's token (a digest, "" without tokens); None: no ticket yet
+        self.token: str | None = None  # its connection key's token (a digest, "" without tokens); None: no key yet
         self.since = time.monotonic()  # connected
         self.data = bytearray()  # bytes of handoff messages not yet complete
         self.fds: list[int] = []  # descriptors received, not yet paired with their message
@@ -83,12 +83,12 @@ class Peer:
 
 # handle(peer, byte_size, fd or None) -> (status, claim or message); the callee owns fd (closes it)
 Handle = Callable[[Peer, int, "int | None"], tuple[int, str]]
-# admit(peer, ticket) -> (status, message): OK sets peer.token; anything else closes the connection
+# admit(peer, connection key) -> (status, message): OK sets peer.token; anything else closes the connection
 Admit = Callable[[Peer, int], tuple[int, str]]
 
 
 class HandoffListener:
-    """Accepts handoffs on ``address`` in a thread of its own; ``admit`` answers each connection's ticket
+    """Accepts handoffs on ``address`` in a thread of its own; ``admit`` answers each connection's connection key
     (on this thread), ``handle`` each handoff (on a worker thread, one at a time per connection),
     ``closed(peer)`` is told of each connection that ends (once no ``handle`` of its runs), ``tick()``
     runs about every second (expiry)."""
@@ -159,7 +159,7 @@ class HandoffListener:
                     else:
                         self._serve(key.data)
                 self._deliver()
-                self._expire_unticketed()
+                self._expire_keyless()
                 self.tick()
         except Exception:  # never expected: log it, and let callers notice the closed connections
             log.exception("shared memory: the handoff listener failed; shared memory stops taking segments")
@@ -205,20 +205,20 @@ class HandoffListener:
             return
         self.peers[sock.fileno()] = peer
         self._resume(peer)
-        self._serve(peer)  # a ticket sent right after connecting is here already: taken now
+        self._serve(peer)  # a connection key sent right after connecting is here already: taken now
 
     def _make_room(self) -> bool:
-        """Room for one more connection (False: every place is taken by a connection that sent its ticket).
-        Where the connections, or those waiting for their ticket, are at their most, the oldest one waiting
+        """Room for one more connection (False: every place is taken by a connection that sent its connection key).
+        Where the connections, or those waiting for their connection key, are at their most, the oldest one waiting
         makes way."""
         waiting = [peer for peer in self.peers.values() if peer.token is None]
-        if len(self.peers) < self.max_connections and len(waiting) < self.max_unticketed:
+        if len(self.peers) < self.max_connections and len(waiting) < self.max_keyless:
             return True
         if not waiting:
             return False
         text = (
-            f"shared memory: this connection sent no ticket, and made way for a newer one ({len(waiting)} waited for "
-            f"theirs, {len(self.peers)} connected; losswire serve --max-shared-memory-connections)"
+            f"shared memory: this connection sent no connection key, and made way for a newer one ({len(waiting)} "
+            f"waited for theirs, {len(self.peers)} connected; losswire serve --max-shared-memory-connections)"
         )
         self._turn_away(min(waiting, key=lambda peer: peer.since), wire_memory.RESOURCE_EXHAUSTED, text)
         return True
@@ -261,8 +261,8 @@ class HandoffListener:
             if peer.token is None:
                 if not self._admitted(peer, kind, value):
                     return
-            elif kind == wire_memory.TICKET:
-                self._violation(peer, "a connection sends one ticket, as its first message")
+            elif kind == wire_memory.CONNECTION_KEY:
+                self._violation(peer, "a connection sends one connection key, as its first message")
                 return
             else:
                 peer.waiting.append((value, peer.fds.pop(0) if peer.fds else None))
@@ -271,16 +271,16 @@ class HandoffListener:
             return
         self._next(peer)
 
-    def _admitted(self, peer: Peer, kind: int, ticket: int) -> bool:
-        """``peer``'s first message: its ticket, taken (True) or refused (False: its connection closed)."""
-        if kind != wire_memory.TICKET:
+    def _admitted(self, peer: Peer, kind: int, connection_key: int) -> bool:
+        """``peer``'s first message: its connection key, taken (True) or refused (False: its connection closed)."""
+        if kind != wire_memory.CONNECTION_KEY:
             status, text = (
                 wire_memory.PERMISSION_DENIED,
-                "shared memory: a connection's first message is the ticket SharedMemoryEndpoint answered (kind "
-                f"{wire_memory.TICKET}); this one was kind {kind}",
+                "shared memory: a connection's first message is the connection key SharedMemoryEndpoint answered (kind "
+                f"{wire_memory.CONNECTION_KEY}); this one was kind {kind}",
             )
         else:
-            status, text = self.admit(peer, ticket)
+            status, text = self.admit(peer, connection_key)
         if status != wire_memory.OK:
             self._turn_away(peer, status, text)
             return False
@@ -289,16 +289,16 @@ class HandoffListener:
             return False
         return True
 
-    def _expire_unticketed(self) -> None:
-        """Refuse and close the connections that sent no ticket within ``TICKET_WAIT_SECONDS``."""
+    def _expire_keyless(self) -> None:
+        """Refuse and close the connections that sent no connection key within ``KEY_WAIT_SECONDS``."""
         now = time.monotonic()
-        text = f"shared memory: no ticket within {TICKET_WAIT_SECONDS:.0f} s of connecting (SharedMemoryEndpoint)"
-        for peer in [p for p in self.peers.values() if p.token is None and now - p.since > TICKET_WAIT_SECONDS]:
+        text = f"shared memory: no connection key within {KEY_WAIT_SECONDS:.0f} s of connecting (SharedMemoryEndpoint)"
+        for peer in [p for p in self.peers.values() if p.token is None and now - p.since > KEY_WAIT_SECONDS]:
             self._turn_away(peer, wire_memory.PERMISSION_DENIED, text)
 
     @property
-    def max_unticketed(self) -> int:
-        """How many connections may wait for their ticket at once: a quarter of them (at least one)."""
+    def max_keyless(self) -> int:
+        """How many connections may wait for their connection key at once: a quarter of them (at least one)."""
         return max(1, self.max_connections // 4)
 
     # -- handling on the workers, answers on this thread --------------------------------------------

@@ -1,7 +1,7 @@
 """The server's shared-memory regions (see ``losswire.wire.shared_memory`` and client/shared_memory.py).
 
 A caller on the server's host asks ``SharedMemoryEndpoint`` for the Unix socket of :mod:`.handoff` and a
-ticket, connects and sends the ticket first (it makes the connection its token's), then hands a sealed
+connection key, connects and sends the connection key first (it makes the connection its token's), then hands a sealed
 memfd over and gets a one-time claim; ``RegisterSharedMemory(claim)`` turns it into a region, named by a
 random handle.
 Requests then name tensors by (region, offset, byte_size): the inputs a loss reads only as values (each
@@ -16,15 +16,15 @@ that does not exist; handles and claims never appear in logs or in another calle
 **Bounded** (:class:`SharedMemoryLimits`): regions and bytes per caller, regions and bytes in total
 (handoffs not yet registered count too, and so do those being adopted: a handoff reserves its room
 before its adoption begins, so handoffs adopted side by side never pass a bound together),
-connections, unused tickets (a new one beyond them forgets the oldest), and handoffs waiting per
-connection. With tokens on, one token's regions, handoffs, connections and unused tickets take at most
+connections, unused connection keys (a new one beyond them forgets the oldest), and handoffs waiting per
+connection. With tokens on, one token's regions, handoffs, connections and unused connection keys take at most
 all but a quarter of the server's (``_share``), however many gRPC connections and processes it uses:
 one token never takes it all. A region costs the server no descriptor (it is mapped, then its
 descriptor closed).
 
 **Released** on UnregisterSharedMemory, when the connection it was handed over on closes (its process
 exited or died: every region it handed over is dropped at once), when a claim is not registered within
-``PENDING_SECONDS`` (a ticket not used by then is forgotten too), and when the server stops. A dropped
+``PENDING_SECONDS`` (a connection key not used by then is forgotten too), and when the server stops. A dropped
 region's mapping lives on while a running call still views it, and is unmapped with that call's last view.
 
 Safety: the server maps a segment only once it is sealed against shrinking and growing, every page
@@ -57,7 +57,7 @@ from ..losses import LossError, Registry
 from .handoff import HandoffListener, Peer
 
 log = logging.getLogger("losswire.server")
-PENDING_SECONDS = 60.0  # a claim not registered by then is dropped with its segment; so is an unused ticket
+PENDING_SECONDS = 60.0  # a claim not registered by then is dropped with its segment; so is an unused connection key
 MAX_PENDING_PER_CONNECTION = 8  # handoffs one connection may have answered and not yet registered
 
 
@@ -91,7 +91,7 @@ class _Room:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Ticket:
+class _ConnectionKey:
     """A pass for one connection to the handoff socket, given to a token by ``SharedMemoryEndpoint``."""
 
     token: str
@@ -202,7 +202,7 @@ class SharedMemoryRegistry:
         # dropped regions calls still read: they stay mapped, so they count against the bounds until let go
         self._dropped: list[_Dropped] = []
         self._adopting: dict[str, _Room] = {}  # by token: reserved by handoffs being adopted (side by side)
-        self._tickets: dict[int, _Ticket] = {}  # given, not yet used by a connection
+        self._connection_keys: dict[int, _ConnectionKey] = {}  # given, not yet used by a connection
         self._lock = threading.Lock()
         self._listener = (
             HandoffListener(self._admit, self._handoff, self._closed, self._expire, self.limits.connections)
@@ -226,7 +226,7 @@ class SharedMemoryRegistry:
         with self._lock:
             self._regions.clear()
             self._pending.clear()
-            self._tickets.clear()
+            self._connection_keys.clear()
 
     def _check_enabled(self) -> None:
         if not self.enabled:
@@ -241,35 +241,37 @@ class SharedMemoryRegistry:
             raise NotAvailableError("shared memory is not running on this server yet; send tensors inline")
         return self._listener.address
 
-    def ticket(self, caller: Caller) -> int:
+    def connection_key(self, caller: Caller) -> int:
         """A pass for one connection of ``caller``'s token to the handoff socket (one use, within
-        ``PENDING_SECONDS``). Never refused: unused tickets are at most as many as the connections the
+        ``PENDING_SECONDS``). Never refused: unused connection keys are at most as many as the connections the
         server takes, and with tokens on one token's at most all but a quarter of them; a new one beyond
         either forgets the oldest unused one of the token's (of anyone's, where the token has none), since
-        a ticket is used within moments of being given, and one whose connection was refused never is."""
+        a connection key is used within moments of being given, and one whose connection was refused never is."""
         self.endpoint()
         with self._lock:
-            own = [number for number, given in self._tickets.items() if given.token == caller.token]
+            own = [number for number, given in self._connection_keys.items() if given.token == caller.token]
             token_full = caller.token and _over(_share(self.limits.connections), len(own) + 1)
-            if token_full or len(self._tickets) >= self.limits.connections:
-                del self._tickets[own[0] if own else next(iter(self._tickets))]  # given in order: oldest first
-            ticket = secrets.randbits(64)
-            while ticket in self._tickets:
-                ticket = secrets.randbits(64)
-            self._tickets[ticket] = _Ticket(caller.token)
-        return ticket
+            if token_full or len(self._connection_keys) >= self.limits.connections:
+                del self._connection_keys[
+                    own[0] if own else next(iter(self._connection_keys))
+                ]  # given in order: oldest first
+            connection_key = secrets.randbits(64)
+            while connection_key in self._connection_keys:
+                connection_key = secrets.randbits(64)
+            self._connection_keys[connection_key] = _ConnectionKey(caller.token)
+        return connection_key
 
-    # -- the handoff socket's side (its thread for tickets; its workers, side by side, for handoffs) ---
+    # -- the handoff socket's side (its thread for connection keys; its workers, side by side, for handoffs) ---
 
-    def _admit(self, peer: Peer, ticket: int) -> tuple[int, str]:
-        """``peer``'s ticket taken (the connection is its token's from now on), or the refusal. On the
+    def _admit(self, peer: Peer, connection_key: int) -> tuple[int, str]:
+        """``peer``'s connection key taken (the connection is its token's from now on), or the refusal. On the
         socket's thread, which alone changes its peers."""
         with self._lock:
-            given = self._tickets.pop(ticket, None)
+            given = self._connection_keys.pop(connection_key, None)
         if given is None or time.monotonic() - given.since > PENDING_SECONDS:
             return wire_memory.PERMISSION_DENIED, (
-                "shared memory: the ticket is none this server gave, or was used already or expired (a ticket from "
-                f"SharedMemoryEndpoint is good for one connection, within {PENDING_SECONDS:.0f} s)"
+                "shared memory: the connection key is none this server gave, or was used already or expired (a "
+                f"connection key from SharedMemoryEndpoint is good for one connection, within {PENDING_SECONDS:.0f} s)"
             )
         connected = sum(other.token == given.token for other in self._listener.peers.values())
         if given.token and _over(_share(self.limits.connections), connected + 1):
@@ -369,15 +371,17 @@ class SharedMemoryRegistry:
             )
 
     def _expire(self) -> None:
-        """Drop handoffs whose claims were not registered, and forget tickets not used, within
+        """Drop handoffs whose claims were not registered, and forget connection keys not used, within
         ``PENDING_SECONDS``."""
         now = time.monotonic()
         with self._lock:
             old = [t for t, held in self._pending.items() if now - held.since > PENDING_SECONDS]
             for claim in old:
                 self._pending.pop(claim).peer.pending -= 1
-            for ticket in [t for t, given in self._tickets.items() if now - given.since > PENDING_SECONDS]:
-                del self._tickets[ticket]
+            for connection_key in [
+                t for t, given in self._connection_keys.items() if now - given.since > PENDING_SECONDS
+            ]:
+                del self._connection_keys[connection_key]
 
     # -- the RPCs --------------------------------------------------------------------------------
 
@@ -386,7 +390,7 @@ class SharedMemoryRegistry:
         ``byte_size`` leaves the claim pending, to be registered again corrected until it expires (the memory
         is sealed by now and could never be handed over again); a refusal by the caller's limits drops it,
         as the pending memory would count against the very limits the caller must first get under. A claim
-        answers only the token whose ticket opened its connection; that token's share was checked at the
+        answers only the token whose connection key opened its connection; that token's share was checked at the
         handoff, since when the claim counts against it."""
         self._check_enabled()
         with self._lock:

@@ -74,9 +74,9 @@ def segments() -> Iterator[Callable[[int], shm.Segment]]:
 
 
 def endpoint(stub: pb_grpc.LossServiceStub) -> tuple[str, int]:
-    """The handoff socket's address and a ticket for one connection to it."""
+    """The handoff socket's address and a connection key for one connection to it."""
     answer = stub.SharedMemoryEndpoint(pb.SharedMemoryEndpointRequest(), timeout=30)
-    return answer.address, answer.ticket
+    return answer.address, answer.connection_key
 
 
 def mappings_of(size: int) -> int:
@@ -184,8 +184,11 @@ def test_two_callers_at_once_where_one_fits_one_is_adopted_and_the_other_refused
     done: Done = []
     try:
         with plain_channel(f"127.0.0.1:{instance.port}") as channel:
-            tickets = [endpoint(pb_grpc.LossServiceStub(channel)) for _ in range(2)]
-        with contextlib.closing(shm.Link(*tickets[0])) as a, contextlib.closing(shm.Link(*tickets[1])) as b:
+            connection_keys = [endpoint(pb_grpc.LossServiceStub(channel)) for _ in range(2)]
+        with (
+            contextlib.closing(shm.Link(*connection_keys[0])) as a,
+            contextlib.closing(shm.Link(*connection_keys[1])) as b,
+        ):
             start = threading.Barrier(2)
             threads = [
                 in_background(functools.partial(together, start, link, segment, instance.shared_memory), who, done)
@@ -217,8 +220,8 @@ def test_stopping_during_an_adoption_closes_the_connection_and_leaves_nothing_be
     stopped = False
     try:
         with plain_channel(f"127.0.0.1:{instance.port}") as channel:
-            address, ticket = endpoint(pb_grpc.LossServiceStub(channel))
-        with contextlib.closing(shm.Link(address, ticket, timeout=60)) as link:
+            address, connection_key = endpoint(pb_grpc.LossServiceStub(channel))
+        with contextlib.closing(shm.Link(address, connection_key, timeout=60)) as link:
             before = mappings_of(BIG)
             caller = in_background(lambda: link.hand_over(big), "caller", done)
             wait_for_adoption(BIG, before)

@@ -556,7 +556,7 @@ def _as_nobody(address: str, write: int) -> None:  # pragma: no cover - runs in 
         except OSError as error:
             report.append(f"push: {error.strerror}")
     try:
-        shm.Link(address, 0).close()  # refused at the greeting, before any ticket
+        shm.Link(address, 0).close()  # refused at the greeting, before any connection key
         report.append("link accepted")
     except shm.HandoffRefusedError as refused:
         report.append(f"link {refused.status}")
@@ -1248,8 +1248,10 @@ def test_a_forked_child_starts_afresh(server, stub):
     noticed while the child lives) and its own segments. Registration stands in for the RPC (gRPC is not
     used across a fork); the handoffs are real."""
     answers = [stub.SharedMemoryEndpoint(pb.SharedMemoryEndpointRequest(), timeout=30) for _ in range(2)]
-    tickets = [(answer.address, answer.ticket) for answer in answers]  # the parent's, then the child's copy's
-    pool = SharedMemoryPool(lambda: tickets.pop(0), lambda claim, size: claim, lambda region, wait: None)
+    connection_keys = [
+        (answer.address, answer.connection_key) for answer in answers
+    ]  # the parent's, then the child's copy's
+    pool = SharedMemoryPool(lambda: connection_keys.pop(0), lambda claim, size: claim, lambda region, wait: None)
     lease = pool.lease(1 << 20)
     parents, parent_address = lease.region, lease.segment.array.ctypes.data
     lease.done()  # idle in the parent

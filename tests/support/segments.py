@@ -18,7 +18,7 @@ class Handoff:
         request = pb.SharedMemoryEndpointRequest()
         answer = stub.SharedMemoryEndpoint(request, timeout=30, metadata=metadata)
         self.address = answer.address
-        self.link = shm.Link(answer.address, answer.ticket)
+        self.link = shm.Link(answer.address, answer.connection_key)
 
     def claim(self, segment: shm.Segment) -> str:
         """``segment`` handed over: the server's claim (HandoffRefusedError when refused)."""

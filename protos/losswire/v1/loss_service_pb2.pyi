@@ -280,12 +280,12 @@ class SharedMemoryEndpointRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SharedMemoryEndpointResponse(_message.Message):
-    __slots__ = ("address", "ticket")
+    __slots__ = ("address", "connection_key")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
-    TICKET_FIELD_NUMBER: _ClassVar[int]
+    CONNECTION_KEY_FIELD_NUMBER: _ClassVar[int]
     address: str
-    ticket: int
-    def __init__(self, address: _Optional[str] = ..., ticket: _Optional[int] = ...) -> None: ...
+    connection_key: int
+    def __init__(self, address: _Optional[str] = ..., connection_key: _Optional[int] = ...) -> None: ...
 
 class RegisterSharedMemoryRequest(_message.Message):
     __slots__ = ("byte_size", "claim")

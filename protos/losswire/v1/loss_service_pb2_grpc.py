@@ -213,9 +213,9 @@ class LossServiceServicer:
         the server where to write the answer's big tensors. Only handles cross gRPC.
 
         1. SharedMemoryEndpoint: the server's Unix socket for handoffs (an abstract-namespace name)
-        and a ticket for one connection to it. The caller connects once, sends the ticket at once,
+        and a connection key for one connection to it. The caller connects once, sends the connection key at once,
         and keeps the connection open for its process's life: when it closes (the process exited
-        or died), the server drops every region handed over on it. The ticket ties the connection
+        or died), the server drops every region handed over on it. The connection key ties the connection
         to the caller's bearer token, so that a token's connections and handoffs count against
         its share of the server's bounds, and its claims register only for the same token.
         2. The caller creates a segment: a memfd (memfd_create with MFD_ALLOW_SEALING), sized with
@@ -242,21 +242,21 @@ class LossServiceServicer:
         Status 0 accepts the connection; any other status is a google.rpc code (PERMISSION_DENIED for
         another user, RESOURCE_EXHAUSTED when every connection is taken) with a message, and the
         server closes the connection. Every message of the caller's is 16 bytes: "LWSM", u8 version
-        (1), u8 kind, u16 zero, u64 value. The first is the ticket (kind 2, value
-        SharedMemoryEndpointResponse.ticket): send it right after connecting (once SO_PEERCRED says
+        (1), u8 kind, u16 zero, u64 value. The first is the connection key (kind 2, value
+        SharedMemoryEndpointResponse.connection_key): send it right after connecting (once SO_PEERCRED says
         the socket is your own user's), before reading the greeting. The server answers it after the
-        greeting: status 0, or PERMISSION_DENIED (not a ticket it gave, used already or expired) or
+        greeting: status 0, or PERMISSION_DENIED (not a connection key it gave, used already or expired) or
         RESOURCE_EXHAUSTED (the token's share of connections is taken), closing the connection. A
-        connection that has sent no ticket within 10 seconds is refused and closed (PERMISSION_DENIED),
-        and one still waiting for its ticket when the socket is full makes way for a newer connection
-        (RESOURCE_EXHAUSTED). Each handoff after the ticket (kind 1, value byte_size) is sent in one
+        connection that has sent no connection key within 10 seconds is refused and closed (PERMISSION_DENIED),
+        and one still waiting for its connection key when the socket is full makes way for a newer connection
+        (RESOURCE_EXHAUSTED). Each handoff after the connection key (kind 1, value byte_size) is sent in one
         sendmsg with exactly one descriptor attached (SCM_RIGHTS). The server answers each in order: status 0 and
         the claim as text, or a code and a message (INVALID_ARGUMENT: not a sealed, fully allocated
         memfd of that size; RESOURCE_EXHAUSTED: over the server's bounds, or the token's share of
         them). Claims not registered within a minute are dropped.
 
         Errors of SharedMemoryEndpoint: FAILED_PRECONDITION (shared memory is off: losswire serve
-        --shared-memory off). Unused tickets are bounded by forgetting the oldest: as many as the
+        --shared-memory off). Unused connection keys are bounded by forgetting the oldest: as many as the
         server takes connections, and with tokens on one token's all but a quarter of them.
         Of RegisterSharedMemory: NOT_FOUND (no such pending claim: registered already, expired, its
         connection closed, or handed over on another token's connection), INVALID_ARGUMENT (byte_size

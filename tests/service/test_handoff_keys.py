@@ -1,6 +1,6 @@
-"""Tickets on the shared-memory handoff socket: a connection takes handoffs only once it has sent the
-ticket ``SharedMemoryEndpoint`` gave (one use), which makes it its token's. With tokens on, one token's
-connections, unused tickets and handoffs not yet registered take at most all but a quarter of the
+"""Connection keys on the shared-memory handoff socket: a connection takes handoffs only once it has sent the
+connection key ``SharedMemoryEndpoint`` gave (one use), which makes it its token's. With tokens on, one token's
+connections, unused connection keys and handoffs not yet registered take at most all but a quarter of the
 server's, so another token always finds room, whatever processes and connections the first one uses.
 
 Every test runs a real server of its own on loopback, with real memfds handed over on its Unix socket.
@@ -56,7 +56,7 @@ def segments() -> Iterator[list[shm.Segment]]:
 
 def endpoint(stub: pb_grpc.LossServiceStub, metadata: object = None) -> tuple[str, int]:
     answer = stub.SharedMemoryEndpoint(pb.SharedMemoryEndpointRequest(), timeout=30, metadata=metadata)
-    return answer.address, answer.ticket
+    return answer.address, answer.connection_key
 
 
 def greeted(address: str) -> socket.socket:
@@ -83,9 +83,9 @@ def descriptors_on(fd: int) -> int:
     return count
 
 
-def test_a_handoff_before_the_ticket_is_refused_and_its_descriptor_not_kept(segments):
-    """A connection whose first message is a handoff (what a caller of before tickets sent) gets
-    PERMISSION_DENIED naming the ticket and is closed; the server keeps nothing of it, its descriptor
+def test_a_handoff_before_the_connection_key_is_refused_and_its_descriptor_not_kept(segments):
+    """A connection whose first message is a handoff (what a caller of before connection keys sent) gets
+    PERMISSION_DENIED naming the connection key and is closed; the server keeps nothing of it, its descriptor
     included."""
     segment = segments[0]
     with serving() as (server, stub):
@@ -93,21 +93,23 @@ def test_a_handoff_before_the_ticket_is_refused_and_its_descriptor_not_kept(segm
         with greeted(address) as sock:
             socket.send_fds(sock, [shm.handoff_frame(segment.size)], [segment.fd])
             status, text = shm.read_answer(sock)
-            assert status == PERMISSION_DENIED and "first message is the ticket SharedMemoryEndpoint" in text, text
+            assert status == PERMISSION_DENIED and "first message is the connection key SharedMemoryEndpoint" in text, (
+                text
+            )
             assert closed_by_server(sock)
         assert eventually(lambda: server.shared_memory.connections == 0)
         assert server.shared_memory.pending == 0 and server.shared_memory.mapped_bytes == 0
         assert eventually(lambda: descriptors_on(segment.fd) == 1)  # ours alone
 
 
-def test_a_ticket_opens_one_connection_and_only_its_own_server_gave_it(segments):
-    """A ticket used once more, or one the server never gave, is PERMISSION_DENIED and the connection
-    closed; the connection it opened hands over and registers as before. A second ticket on a connection
+def test_a_connection_key_opens_one_connection_and_only_its_own_server_gave_it(segments):
+    """A connection key used once more, or one the server never gave, is PERMISSION_DENIED and the connection
+    closed; the connection it opened hands over and registers as before. A second connection key on a connection
     is a violation of the framing."""
     with serving() as (server, stub):
-        address, ticket = endpoint(stub)
-        with contextlib.closing(shm.Link(address, ticket)) as link:
-            for wrong in (ticket, ticket ^ 1):
+        address, connection_key = endpoint(stub)
+        with contextlib.closing(shm.Link(address, connection_key)) as link:
+            for wrong in (connection_key, connection_key ^ 1):
                 with pytest.raises(shm.HandoffRefusedError) as refused:
                     shm.Link(address, wrong)
                 assert refused.value.status == PERMISSION_DENIED, refused.value.message
@@ -116,30 +118,30 @@ def test_a_ticket_opens_one_connection_and_only_its_own_server_gave_it(segments)
             request = pb.RegisterSharedMemoryRequest(claim=claim, byte_size=segments[0].size)
             assert stub.RegisterSharedMemory(request, timeout=30).region
             _, another = endpoint(stub)
-            link.sock.sendall(shm.ticket_frame(another))
+            link.sock.sendall(shm.connection_key_frame(another))
             status, text = shm.read_answer(link.sock)
-            assert status == INVALID_ARGUMENT and "one ticket, as its first message" in text, text
+            assert status == INVALID_ARGUMENT and "one connection key, as its first message" in text, text
             assert closed_by_server(link.sock)
         assert eventually(lambda: server.shared_memory.regions == 0)  # its connection closed: dropped
 
 
-def test_a_connection_that_sends_no_ticket_is_closed_after_the_wait(monkeypatch):
+def test_a_connection_that_sends_no_connection_key_is_closed_after_the_wait(monkeypatch):
     """A connection that says nothing after its greeting is refused (PERMISSION_DENIED, naming the wait)
-    and closed once the ticket's wait is over, so it stops counting against the connections."""
-    monkeypatch.setattr(handoff_socket, "TICKET_WAIT_SECONDS", 1.0)
+    and closed once the connection key's wait is over, so it stops counting against the connections."""
+    monkeypatch.setattr(handoff_socket, "KEY_WAIT_SECONDS", 1.0)
     with serving() as (server, stub):
         address, _ = endpoint(stub)
         with greeted(address) as sock:
             assert eventually(lambda: server.shared_memory.connections == 1)  # counted just after its greeting
             status, text = shm.read_answer(sock)  # waits for the server's tick
-            assert status == PERMISSION_DENIED and "no ticket within 1 s of connecting" in text, text
+            assert status == PERMISSION_DENIED and "no connection key within 1 s of connecting" in text, text
             assert closed_by_server(sock)
         assert eventually(lambda: server.shared_memory.connections == 0)
 
 
-def test_a_connection_waiting_for_its_ticket_makes_way_for_a_newer_one():
-    """--max-shared-memory-connections 4: one connection may wait for its ticket at a time. A client that
-    connects meanwhile (its ticket sent at once) is taken, and the silent one is refused RESOURCE_EXHAUSTED
+def test_a_connection_waiting_for_its_connection_key_makes_way_for_a_newer_one():
+    """--max-shared-memory-connections 4: one connection may wait for its connection key at a time. A client that
+    connects meanwhile (its connection key sent at once) is taken, and the silent one is refused RESOURCE_EXHAUSTED
     and closed, so silent connections reopened over and over cannot keep callers out. (Refusing the
     newcomer instead let a process that kept two silent connections open shut every other caller out.)"""
     with serving(max_shared_memory_connections=4) as (server, stub):
@@ -151,9 +153,9 @@ def test_a_connection_waiting_for_its_ticket_makes_way_for_a_newer_one():
             assert eventually(lambda: server.shared_memory.connections == 1)
 
 
-def test_a_full_socket_still_takes_a_connection_in_place_of_one_without_its_ticket():
-    """Every place taken, one by a connection that has not sent its ticket: a new client takes its place.
-    Once every place is a client's that sent its ticket, a new connection is refused at the greeting."""
+def test_a_full_socket_still_takes_a_connection_in_place_of_one_without_its_connection_key():
+    """Every place taken, one by a connection that has not sent its connection key: a new client takes its place.
+    Once every place is a client's that sent its connection key, a new connection is refused at the greeting."""
     with serving(max_shared_memory_connections=4) as (server, stub), contextlib.ExitStack() as links:
         for _ in range(3):
             links.enter_context(contextlib.closing(shm.Link(*endpoint(stub))))
@@ -168,11 +170,11 @@ def test_a_full_socket_still_takes_a_connection_in_place_of_one_without_its_tick
         assert "4 callers are connected to this server already" in refused.value.message
 
 
-def test_tickets_are_never_refused_and_the_oldest_unused_are_forgotten():
+def test_connection_keys_are_never_refused_and_the_oldest_unused_are_forgotten():
     """--max-shared-memory-connections 4, every place taken: connections refused at the greeting leave
-    their tickets unused, over and over; SharedMemoryEndpoint still answers, and once a place is free
-    the next ticket opens a connection. Unused tickets stay bounded: beyond four, the oldest is forgotten
-    (using it is PERMISSION_DENIED, as for a ticket the server never gave)."""
+    their connection keys unused, over and over; SharedMemoryEndpoint still answers, and once a place is
+    free the next key opens a connection. Unused keys stay bounded: beyond four, the oldest is forgotten
+    (using it is PERMISSION_DENIED, as for a key the server never gave)."""
     with serving(max_shared_memory_connections=4) as (server, stub), contextlib.ExitStack() as links:
         held = [links.enter_context(contextlib.closing(shm.Link(*endpoint(stub)))) for _ in range(4)]
         for _ in range(12):
@@ -193,16 +195,16 @@ def test_tickets_are_never_refused_and_the_oldest_unused_are_forgotten():
 def test_one_token_leaves_another_tokens_room_on_the_socket():
     """Tokens on, --max-shared-memory-connections 4: token a's connections are at most 3 (all but a
     quarter); beyond, RESOURCE_EXHAUSTED naming the share, and token b then still gets a connection. Token
-    a's unused tickets are at most 3 too: its fourth forgets its own oldest, never b's."""
+    a's unused connection keys are at most 3 too: its fourth forgets its own oldest, never b's."""
     with serving(auth_tokens=TOKENS, max_shared_memory_connections=4) as (server, stub):
         for_b = endpoint(stub, AS_B)
-        tickets = [endpoint(stub, AS_A) for _ in range(4)]
+        connection_keys = [endpoint(stub, AS_A) for _ in range(4)]
         with pytest.raises(shm.HandoffRefusedError) as forgotten:
-            shm.Link(*tickets[0])
+            shm.Link(*connection_keys[0])
         assert forgotten.value.status == PERMISSION_DENIED, forgotten.value.message
         with contextlib.ExitStack() as links:
-            for address, ticket in tickets[1:]:
-                links.enter_context(contextlib.closing(shm.Link(address, ticket)))
+            for address, connection_key in connection_keys[1:]:
+                links.enter_context(contextlib.closing(shm.Link(address, connection_key)))
             with pytest.raises(shm.HandoffRefusedError) as over:
                 shm.Link(*endpoint(stub, AS_A))
             assert over.value.status == RESOURCE_EXHAUSTED, over.value.message
@@ -216,7 +218,7 @@ def test_one_tokens_unregistered_handoffs_leave_another_token_room(segments):
     """Tokens on, --max-shared-memory-total-regions 4: token a hands three segments over and registers
     none; its fourth handoff is RESOURCE_EXHAUSTED naming the token's share, and token b's handoff is then
     registered. A claim answers only the token whose connection it came over (NOT_FOUND for b, word for
-    word as for no claim), and a's own registration of it goes through. (Before tickets, the socket knew no
+    word as for no claim), and a's own registration of it goes through. (Before connection keys, the socket knew no
     token: a's pending handoffs took all four, and b's first handoff was refused.)"""
     with (
         serving(auth_tokens=TOKENS, max_shared_memory_total_regions=4) as (server, stub),
